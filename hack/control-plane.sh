@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# Builds the real control plane used by hookrelay's tests from published Go modules:
+# kube-apiserver and kubectl (k8s.io/kubernetes), etcd (go.etcd.io/etcd/server/v3) and helm.
+# The binaries are cached in a directory keyed by their versions, so a machine builds them once.
+#
+#   hack/control-plane.sh build                 build what is missing, print the bin directory
+#   hack/control-plane.sh bindir                print the bin directory (no build)
+#   hack/control-plane.sh start DIR [OWNER_PID] start etcd + kube-apiserver on free loopback ports,
+#                                               write DIR/kubeconfig; with OWNER_PID, stop them
+#                                               when that process exits
+#   hack/control-plane.sh stop DIR              stop what `start DIR` started
+set -euo pipefail
+
+K8S_VERSION=${K8S_VERSION:-1.36.3}
+ETCD_VERSION=${ETCD_VERSION:-3.6.16}
+HELM_VERSION=${HELM_VERSION:-3.22.0}
+CACHE_ROOT=${HOOKRELAY_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hookrelay/tools}
+KEY="k8s-v${K8S_VERSION}_etcd-v${ETCD_VERSION}_helm-v${HELM_VERSION}"
+SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+BIN="$CACHE_ROOT/$KEY/bin"
+SRC="$CACHE_ROOT/$KEY/src"
+
+export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+log() { printf '[control-plane] %s\n' "$*" >&2; }
+
+build_kubernetes() {
+  local dir="$SRC/kubernetes" minor=${K8S_VERSION#*.}
+  minor=${minor%%.*}
+  mkdir -p "$dir"
+  cd "$dir"
+  if [ ! -f go.mod ]; then
+    go mod init hookrelay.dev/control-plane >/dev/null 2>&1
+    go mod edit -go=1.26.0
+    local gomod
+    gomod=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    # k8s.io/kubernetes maps its staging modules with local replace lines that a consumer does
+    # not inherit; map each one to its published version.
+    sed -n 's|^\s*\(k8s.io/[^ ]*\) => ./staging/.*|\1|p' "$gomod" | while read -r m; do
+      go mod edit -replace="$m=$m@v0.${K8S_VERSION#1.}"
+    done
+    go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@v$K8S_VERSION" "k8s.io/kubernetes/cmd/kubectl@v$K8S_VERSION"
+  fi
+  local ldf="" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldf="$ldf -X $pkg.gitVersion=v$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldf="$ldf -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  for cmd in kube-apiserver kubectl; do
+    if [ ! -x "$BIN/$cmd" ]; then
+      log "building $cmd v$K8S_VERSION"
+      go build -p 2 -trimpath -ldflags "-s -w $ldf" -o "$BIN/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
+      mv "$BIN/$cmd.tmp" "$BIN/$cmd"
+    fi
+  done
+}
+
+build_etcd() {
+  local dir="$SRC/etcd"
+  mkdir -p "$dir"
+  cd "$dir"
+  if [ ! -f go.mod ]; then
+    go mod init hookrelay.dev/etcd >/dev/null 2>&1
+    go get -tool "go.etcd.io/etcd/server/v3@v$ETCD_VERSION"
+  fi
+  log "building etcd v$ETCD_VERSION"
+  go build -p 2 -trimpath -ldflags "-s -w" -o "$BIN/etcd.tmp" go.etcd.io/etcd/server/v3
+  mv "$BIN/etcd.tmp" "$BIN/etcd"
+}
+
+build_helm() {
+  log "building helm v$HELM_VERSION"
+  GOBIN="$SRC/helm-bin" go install -p 2 -trimpath \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION" \
+    "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
+  mv "$SRC/helm-bin/helm" "$BIN/helm"
+}
+
+free_port() {
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 40000))
+    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+  done
+}
+
+make_certs() {
+  local d=$1
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=hookrelay-test-ca" \
+    -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
+    -keyout "$d/server.key" -out "$d/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$d/server.ext"
+  openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$d/server.ext" -out "$d/server.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=admin/O=system:masters" \
+    -keyout "$d/admin.key" -out "$d/admin.csr" 2>/dev/null
+  printf 'extendedKeyUsage=clientAuth\n' >"$d/admin.ext"
+  openssl x509 -req -in "$d/admin.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$d/admin.ext" -out "$d/admin.crt" 2>/dev/null
+  openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
+}
+
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local deadline=$((SECONDS + $1)) what=$2
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then log "timed out waiting for $what"; return 1; fi
+    sleep 0.2
+  done
+}
+
+start() {
+  local d=$1 owner=${2:-}
+  [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/etcd" ] || { log "not built: run $0 build"; exit 1; }
+  mkdir -p "$d"
+  d=$(cd "$d" && pwd)
+  make_certs "$d"
+  local etcd_port peer_port api_port
+  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
+  "$BIN/etcd" --name default --data-dir "$d/etcd" --unsafe-no-fsync \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "default=http://127.0.0.1:$peer_port" >"$d/etcd.log" 2>&1 </dev/null &
+  echo $! >"$d/etcd.pid"
+  wait_for 60 etcd curl -sf "http://127.0.0.1:$etcd_port/health"
+  "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --secure-port "$api_port" --advertise-address 127.0.0.1 \
+    --tls-cert-file "$d/server.crt" --tls-private-key-file "$d/server.key" --client-ca-file "$d/ca.crt" \
+    --authorization-mode RBAC --service-account-issuer https://kubernetes.default.svc \
+    --service-account-key-file "$d/sa.pub" --service-account-signing-key-file "$d/sa.key" \
+    --api-audiences https://kubernetes.default.svc \
+    --service-cluster-ip-range 10.0.0.0/24 --disable-admission-plugins ServiceAccount \
+    --allow-privileged=true >"$d/kube-apiserver.log" 2>&1 </dev/null &
+  echo $! >"$d/kube-apiserver.pid"
+  local curl_auth=(--cacert "$d/ca.crt" --cert "$d/admin.crt" --key "$d/admin.key")
+  wait_for 120 kube-apiserver curl -sf "${curl_auth[@]}" "https://127.0.0.1:$api_port/readyz" \
+    || { tail -20 "$d/kube-apiserver.log" >&2; stop "$d"; exit 1; }
+  cat >"$d/kubeconfig" <<KCFG
+apiVersion: v1
+kind: Config
+clusters:
+- name: hookrelay-test
+  cluster:
+    server: https://127.0.0.1:$api_port
+    certificate-authority-data: $(base64 -w0 <"$d/ca.crt")
+users:
+- name: admin
+  user:
+    client-certificate-data: $(base64 -w0 <"$d/admin.crt")
+    client-key-data: $(base64 -w0 <"$d/admin.key")
+contexts:
+- name: hookrelay-test
+  context: {cluster: hookrelay-test, user: admin}
+current-context: hookrelay-test
+KCFG
+  if [ -n "$owner" ]; then
+    # A watchdog, so that a test process that dies without cleaning up leaves nothing behind.
+    setsid bash -c "while kill -0 $owner 2>/dev/null && [ -f '$d/kubeconfig' ]; do sleep 1; done; '$SELF' stop '$d'" \
+      >/dev/null 2>&1 </dev/null &
+  fi
+  log "kube-apiserver ready at https://127.0.0.1:$api_port (kubeconfig: $d/kubeconfig)"
+}
+
+stop() {
+  local d=$1 pid
+  for f in kube-apiserver etcd; do
+    [ -f "$d/$f.pid" ] || continue
+    pid=$(cat "$d/$f.pid")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$d/$f.pid"
+  done
+  rm -f "$d/kubeconfig"
+}
+
+case "${1:-build}" in
+  start) start "${2:?usage: $0 start DIR [OWNER_PID]}" "${3:-}" ;;
+  stop) stop "${2:?usage: $0 stop DIR}" ;;
+  bindir) echo "$BIN" ;;
+  build)
+    mkdir -p "$BIN"
+    { [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kubectl" ]; } || build_kubernetes
+    [ -x "$BIN/etcd" ] || build_etcd
+    [ -x "$BIN/helm" ] || build_helm
+    echo "$BIN"
+    ;;
+  *) echo "usage: $0 [build|bindir]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,101 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::EventType;
+
+/// A document event to deliver to the matching Webhooks of its namespace.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "hookrelay.dev",
+    version = "v1alpha1",
+    kind = "DocumentEvent",
+    namespaced,
+    status = "DocumentEventStatus",
+    shortname = "docevent",
+    shortname = "de",
+    category = "hookrelay",
+    doc = "A document event delivered to the matching Webhooks of its namespace",
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: create a new DocumentEvent"))]
+pub struct DocumentEventSpec {
+    /// The event type.
+    #[serde(rename = "type")]
+    pub type_: EventType,
+    /// RFC 3339 time of the event, sent as is; defaults to the resource's creation time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), extend("format" = "date-time"))]
+    pub timestamp: Option<String>,
+    /// The event's `data` object, delivered unchanged.
+    #[schemars(schema_with = "any_object")]
+    pub data: serde_json::Map<String, serde_json::Value>,
+}
+
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+        "description": "The event's data object, delivered unchanged."
+    })
+}
+
+/// Where the delivery of an event stands.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DocumentEventStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<EventPhase>,
+    /// One entry per target Webhook, fixed when the event is first routed.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["webhook".into()]))]
+    pub deliveries: Vec<TargetDelivery>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum EventPhase {
+    Pending,
+    Delivering,
+    Delivered,
+    Failed,
+    NoSubscribers,
+}
+
+/// The delivery of one event to one Webhook.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetDelivery {
+    /// Name of the target Webhook.
+    pub webhook: String,
+    /// Delivery id, stable across retries.
+    pub id: String,
+    pub state: TargetState,
+    pub attempts: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TargetState {
+    /// Waiting for its next attempt.
+    Pending,
+    /// Held while the Webhook is paused.
+    Held,
+    Succeeded,
+    Failed,
+}

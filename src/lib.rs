@@ -1,0 +1,17 @@
+//! hookrelay: a Kubernetes operator that delivers signed webhooks for document events.
+//!
+//! ```text
+//!  Secret <-- secretRef -- Webhook            DocumentEvent / POST /api/events
+//!                            |                          |
+//!                    controller (resolve,               |
+//!                    validate, route)                   v
+//!                            |                    routing table lookup
+//!                            v                    (namespace, event type)
+//!                      RoutingTable ----------------->  |
+//!                                                       v
+//!                                       dispatcher: sign, POST, retry
+//!                                                       |
+//!                                       status writer --> Webhook / DocumentEvent status
+//! ```
+
+pub mod crd;
