@@ -172,7 +172,7 @@ stop() {
     kill -9 "$pid" 2>/dev/null || true
     rm -f "$d/$f.pid"
   done
-  rm -f "$d/kubeconfig"
+  rm -rf "$d/kubeconfig" "$d/etcd"
 }
 
 case "${1:-build}" in

@@ -15,3 +15,5 @@
 //! ```
 
 pub mod crd;
+pub mod http;
+pub mod operator;

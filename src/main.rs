@@ -1,4 +1,7 @@
 use clap::{Parser, Subcommand};
+use hookrelay::operator::{self, RunArgs};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::{EnvFilter, fmt};
 
 /// A Kubernetes operator that delivers signed webhooks for document events.
 #[derive(Parser, Debug)]
@@ -10,16 +13,90 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Print the CustomResourceDefinitions as YAML (what crds/ holds).
-    Crds,
+    /// Run the operator against the cluster kubectl would use (KUBECONFIG, then in-cluster).
+    Run {
+        #[command(flatten)]
+        args: RunArgs,
+        /// Log format.
+        #[arg(long, env = "HOOKRELAY_LOG_FORMAT", value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Print the CustomResourceDefinitions as YAML, or write one file per CRD into a directory.
+    Crds {
+        /// Write `<crd name>.yaml` files into this directory instead of printing.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
     /// Print the version.
     Version,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Crds => print!("{}", hookrelay::crd::crds_yaml()),
-        Command::Version => println!("hookrelay {}", env!("CARGO_PKG_VERSION")),
+        Command::Run { args, log_format } => {
+            init_tracing(log_format);
+            tokio::runtime::Runtime::new()?.block_on(run(args))
+        }
+        Command::Crds { dir: None } => {
+            print!("{}", hookrelay::crd::crds_yaml());
+            Ok(())
+        }
+        Command::Crds { dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)?;
+            for (name, yaml) in hookrelay::crd::crd_files() {
+                std::fs::write(dir.join(name), yaml)?;
+            }
+            Ok(())
+        }
+        Command::Version => {
+            println!("hookrelay {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
     }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_on_signal(shutdown.clone()));
+    operator::run(client, args, shutdown).await?;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// One shutdown signal shared by every task: the first SIGTERM or Ctrl-C.
+async fn shutdown_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }

@@ -24,11 +24,62 @@ use kube::CustomResourceExt;
 /// API group of every hookrelay resource.
 pub const GROUP: &str = "hookrelay.dev";
 
-/// Both CRDs as one multi-document YAML stream, in a stable order.
-pub fn crds_yaml() -> String {
+/// Each CRD as `(file name, YAML)`, in a stable order: what `crds/` holds.
+pub fn crd_files() -> Vec<(String, String)> {
     [Webhook::crd(), DocumentEvent::crd()]
         .iter()
-        .map(|crd| serde_saphyr::to_string(crd).expect("a CRD always serializes to YAML"))
+        .map(|crd| {
+            let name = format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or_default());
+            let yaml = serde_saphyr::to_string(crd).expect("a CRD always serializes to YAML");
+            (name, yaml)
+        })
+        .collect()
+}
+
+/// Both CRDs as one multi-document YAML stream.
+pub fn crds_yaml() -> String {
+    crd_files()
+        .into_iter()
+        .map(|(_, yaml)| yaml)
         .collect::<Vec<_>>()
         .join("---\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// crds/ is generated from these types; regenerate with `cargo run -- crds --dir crds`.
+    #[test]
+    fn crds_directory_matches_the_rust_types() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+        for (name, yaml) in crd_files() {
+            let on_disk = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
+            assert!(
+                on_disk == yaml,
+                "crds/{name} is out of date with src/crd: run `cargo run -- crds --dir crds`"
+            );
+        }
+    }
+
+    #[test]
+    fn crds_carry_names_columns_and_status_subresource() {
+        let wh = Webhook::crd();
+        assert_eq!(wh.spec.names.short_names, Some(vec!["wh".to_string()]));
+        assert_eq!(wh.spec.names.categories, Some(vec!["hookrelay".to_string()]));
+        let version = &wh.spec.versions[0];
+        assert!(version.subresources.as_ref().unwrap().status.is_some());
+        let columns: Vec<_> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(columns, ["URL", "Events", "Ready", "Last Delivery", "Age"]);
+        let de = DocumentEvent::crd();
+        assert_eq!(
+            de.spec.names.short_names,
+            Some(vec!["docevent".to_string(), "de".to_string()])
+        );
+    }
 }

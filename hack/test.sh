@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, lints, unit tests, and the end-to-end tests against a real
+# kube-apiserver + etcd (built once per machine by hack/control-plane.sh, then cached).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "control plane binaries"
+BIN=$(hack/control-plane.sh build)
+export PATH="$BIN:$PATH"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "build tests"
+cargo test --locked --no-run
+
+step "start kube-apiserver + etcd"
+RUN_DIR=$(mktemp -d -t hookrelay-test.XXXXXX)
+trap 'hack/control-plane.sh stop "$RUN_DIR"' EXIT
+hack/control-plane.sh start "$RUN_DIR" $$
+echo "kube-apiserver /version: $(kubectl --kubeconfig "$RUN_DIR/kubeconfig" get --raw /version | tr -d ' \n')"
+echo "etcd: $("$BIN/etcd" --version | head -1)"
+echo "kubectl: $(kubectl version --client | head -1)  helm: $(helm version --short)"
+
+step "cargo test"
+HOOKRELAY_TEST_KUBECONFIG="$RUN_DIR/kubeconfig" cargo test --locked -- --nocapture

@@ -1,0 +1,68 @@
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+};
+
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+
+/// Readiness as a set of components still pending. `/readyz` answers 200 only once every
+/// component registered at start (one per watch) has reported its initial sync.
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    pending: Arc<Mutex<BTreeSet<&'static str>>>,
+}
+
+impl Readiness {
+    pub fn new(components: &[&'static str]) -> Self {
+        Self { pending: Arc::new(Mutex::new(components.iter().copied().collect())) }
+    }
+
+    pub fn mark_ready(&self, component: &'static str) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.remove(component) {
+            tracing::info!(component, "initial sync done");
+        }
+    }
+
+    /// Components that have not synced yet; empty when ready.
+    pub fn pending(&self) -> Vec<&'static str> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.pending().is_empty()
+    }
+}
+
+/// `/healthz` and `/readyz`.
+pub fn metrics_router(readiness: Readiness) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(readiness)
+}
+
+async fn readyz(State(readiness): State<Readiness>) -> (StatusCode, String) {
+    match readiness.pending() {
+        pending if pending.is_empty() => (StatusCode::OK, "ok\n".into()),
+        pending => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("waiting for initial sync of: {}\n", pending.join(", ")),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_after_every_component() {
+        let r = Readiness::new(&["webhooks", "secrets"]);
+        assert!(!r.is_ready());
+        r.mark_ready("webhooks");
+        assert_eq!(r.pending(), ["secrets"]);
+        r.mark_ready("secrets");
+        assert!(r.is_ready());
+    }
+}

@@ -1,0 +1,4 @@
+//! End-to-end tests against a real kube-apiserver and etcd (see `support`).
+
+mod crds;
+mod support;

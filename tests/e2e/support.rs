@@ -1,0 +1,167 @@
+//! The test harness: one real etcd + kube-apiserver per test run, a namespace per test.
+//!
+//! The control plane comes from `hack/control-plane.sh` (built once per machine, cached by version).
+//! When `HOOKRELAY_TEST_KUBECONFIG` names a running one (as `hack/test.sh` does), it is shared;
+//! otherwise this process starts its own, and a watchdog stops it when the process exits.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client, Config,
+    api::PostParams,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+
+pub struct ControlPlane {
+    pub kubeconfig: PathBuf,
+    pub bin: PathBuf,
+}
+
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn script() -> PathBuf {
+    repo_root().join("hack/control-plane.sh")
+}
+
+/// The control plane of this test run, started on first use.
+pub fn control_plane() -> &'static ControlPlane {
+    static CP: OnceLock<ControlPlane> = OnceLock::new();
+    CP.get_or_init(|| {
+        let bin = PathBuf::from(run_ok(Command::new(script()).arg("bindir")).trim());
+        let kubeconfig = match std::env::var_os("HOOKRELAY_TEST_KUBECONFIG") {
+            Some(path) => PathBuf::from(path),
+            None => {
+                run_ok(Command::new(script()).arg("build"));
+                let dir = std::env::temp_dir().join(format!("hookrelay-cp-{}", std::process::id()));
+                run_ok(
+                    Command::new(script())
+                        .arg("start")
+                        .arg(&dir)
+                        .arg(std::process::id().to_string()),
+                );
+                dir.join("kubeconfig")
+            }
+        };
+        let cp = ControlPlane { kubeconfig, bin };
+        cp.install_crds();
+        cp
+    })
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A kubectl invocation's result.
+pub struct Kubectl {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Kubectl {
+    fn from(out: Output) -> Self {
+        Self {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl ControlPlane {
+    /// Runs the real kubectl (built with the control plane) against this API server.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Kubectl {
+        use std::io::Write;
+        let mut cmd = Command::new(self.bin.join("kubectl"));
+        cmd.args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("kubectl starts");
+        if let Some(input) = stdin {
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        }
+        child.wait_with_output().expect("kubectl runs").into()
+    }
+
+    /// Like `kubectl` but the command must succeed.
+    pub fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl(args, stdin);
+        assert!(out.success, "kubectl {args:?} failed: {}{}", out.stdout, out.stderr);
+        out.stdout
+    }
+
+    fn install_crds(&self) {
+        let crds = repo_root().join("crds");
+        self.kubectl_ok(&["apply", "--server-side", "-f", crds.to_str().unwrap()], None);
+        self.kubectl_ok(
+            &[
+                "wait", "--for=condition=Established", "--timeout=60s",
+                "crd/webhooks.hookrelay.dev", "crd/documentevents.hookrelay.dev",
+            ],
+            None,
+        );
+    }
+
+    /// A kube client with admin rights.
+    pub async fn client(&self) -> Client {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig readable");
+        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("kubeconfig valid");
+        Client::try_from(config).expect("client builds")
+    }
+
+    /// Creates a fresh namespace for one test. Namespaces are never reused: without a
+    /// kube-controller-manager their deletion would not finish.
+    pub async fn namespace(&self, prefix: &str) -> String {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+        let name = format!("{prefix}-{:x}{}", nanos, SEQ.fetch_add(1, Ordering::Relaxed));
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(self.client().await)
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("namespace created");
+        name
+    }
+}
+
+/// Polls `check` until it returns Some, or panics after `timeout` naming what was awaited.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
