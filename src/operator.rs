@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 
 use clap::Args;
-use kube::{Client, api::Api, core::crd::CustomResourceExt};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{Client, api::Api, core::crd::CustomResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -26,20 +26,32 @@ pub struct RunArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the {crd} CRD is not installed: install crds/ (kubectl apply -f crds/) or the Helm chart first")]
+    #[error(
+        "the {crd} CRD is not installed: install crds/ (kubectl apply -f crds/) or the Helm chart first"
+    )]
     CrdMissing { crd: String },
     #[error("cannot reach the Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("cannot serve on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the operator until `shutdown` fires.
 pub async fn run(client: Client, args: RunArgs, shutdown: CancellationToken) -> Result<(), Error> {
     check_crds(&client).await?;
     let readiness = http::Readiness::new(&[]);
-    let metrics = http::serve(args.metrics_addr, http::metrics_router(readiness.clone()), shutdown.clone());
-    metrics.await.map_err(|source| Error::Listen { addr: args.metrics_addr, source })
+    let metrics = http::serve(
+        args.metrics_addr,
+        http::metrics_router(readiness.clone()),
+        shutdown.clone(),
+    );
+    metrics.await.map_err(|source| Error::Listen {
+        addr: args.metrics_addr,
+        source,
+    })
 }
 
 /// Fails early, with a message saying what to do, when the CRDs are not installed.
@@ -47,7 +59,9 @@ async fn check_crds(client: &Client) -> Result<(), Error> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for name in [Webhook::crd_name(), DocumentEvent::crd_name()] {
         if crds.get_opt(name).await?.is_none() {
-            return Err(Error::CrdMissing { crd: name.to_owned() });
+            return Err(Error::CrdMissing {
+                crd: name.to_owned(),
+            });
         }
     }
     Ok(())

@@ -66,7 +66,10 @@ mod tests {
     fn crds_carry_names_columns_and_status_subresource() {
         let wh = Webhook::crd();
         assert_eq!(wh.spec.names.short_names, Some(vec!["wh".to_string()]));
-        assert_eq!(wh.spec.names.categories, Some(vec!["hookrelay".to_string()]));
+        assert_eq!(
+            wh.spec.names.categories,
+            Some(vec!["hookrelay".to_string()])
+        );
         let version = &wh.spec.versions[0];
         assert!(version.subresources.as_ref().unwrap().status.is_some());
         let columns: Vec<_> = version

@@ -1,3 +1,6 @@
+// `printcolumn(...)` repeats `type_ = ...` by design; clippy reads it as a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;

@@ -14,7 +14,9 @@ pub struct Readiness {
 
 impl Readiness {
     pub fn new(components: &[&'static str]) -> Self {
-        Self { pending: Arc::new(Mutex::new(components.iter().copied().collect())) }
+        Self {
+            pending: Arc::new(Mutex::new(components.iter().copied().collect())),
+        }
     }
 
     pub fn mark_ready(&self, component: &'static str) {
@@ -26,7 +28,12 @@ impl Readiness {
 
     /// Components that have not synced yet; empty when ready.
     pub fn pending(&self) -> Vec<&'static str> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied()
+            .collect()
     }
 
     pub fn is_ready(&self) -> bool {

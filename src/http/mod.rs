@@ -10,7 +10,11 @@ use std::net::SocketAddr;
 use tokio_util::sync::CancellationToken;
 
 /// Serves `router` on `addr` until `shutdown` fires.
-pub async fn serve(addr: SocketAddr, router: axum::Router, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "listening");
     axum::serve(listener, router)

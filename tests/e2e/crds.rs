@@ -3,7 +3,11 @@
 use crate::support::{control_plane, repo_root};
 
 fn example(name: &str) -> String {
-    repo_root().join("examples").join(name).to_string_lossy().into_owned()
+    repo_root()
+        .join("examples")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[test]
@@ -11,15 +15,30 @@ fn both_crds_are_established() {
     let cp = control_plane();
     for crd in ["webhooks.hookrelay.dev", "documentevents.hookrelay.dev"] {
         let status = cp.kubectl_ok(
-            &["get", "crd", crd, "-o", r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#],
+            &[
+                "get",
+                "crd",
+                crd,
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#,
+            ],
             None,
         );
         assert_eq!(status, "True", "{crd} not established");
     }
     // Short names and the category resolve through discovery.
-    let resources = cp.kubectl_ok(&["api-resources", "--api-group=hookrelay.dev", "-o", "wide"], None);
-    assert!(resources.contains("wh") && resources.contains("docevent,de"), "{resources}");
-    assert!(resources.contains("hookrelay"), "category missing: {resources}");
+    let resources = cp.kubectl_ok(
+        &["api-resources", "--api-group=hookrelay.dev", "-o", "wide"],
+        None,
+    );
+    assert!(
+        resources.contains("wh") && resources.contains("docevent,de"),
+        "{resources}"
+    );
+    assert!(
+        resources.contains("hookrelay"),
+        "category missing: {resources}"
+    );
 }
 
 #[tokio::test]
@@ -28,27 +47,59 @@ async fn examples_apply_cleanly_and_get_their_defaults() {
     let ns = cp.namespace("examples").await;
     let applied = cp.kubectl_ok(
         &[
-            "apply", "-n", &ns,
-            "-f", &example("secret.yaml"),
-            "-f", &example("webhook.yaml"),
-            "-f", &example("webhook-all-events.yaml"),
+            "apply",
+            "-n",
+            &ns,
+            "-f",
+            &example("secret.yaml"),
+            "-f",
+            &example("webhook.yaml"),
+            "-f",
+            &example("webhook-all-events.yaml"),
         ],
         None,
     );
-    assert!(applied.contains("webhook.hookrelay.dev/file-conversion created"), "{applied}");
-    assert!(applied.contains("webhook.hookrelay.dev/audit-log created"), "{applied}");
+    assert!(
+        applied.contains("webhook.hookrelay.dev/file-conversion created"),
+        "{applied}"
+    );
+    assert!(
+        applied.contains("webhook.hookrelay.dev/audit-log created"),
+        "{applied}"
+    );
     for file in ["document-event-completed.yaml", "document-event-error.yaml"] {
         let created = cp.kubectl_ok(&["create", "-n", &ns, "-f", &example(file)], None);
-        assert!(created.contains("documentevent.hookrelay.dev/doc-12"), "{created}");
+        assert!(
+            created.contains("documentevent.hookrelay.dev/doc-12"),
+            "{created}"
+        );
     }
     // The API server fills in the schema defaults.
     let delivery = cp.kubectl_ok(
-        &["get", "wh", "file-conversion", "-n", &ns, "-o", "jsonpath={.spec.delivery.maxAttempts} {.spec.secretRef.key} {.spec.paused}"],
+        &[
+            "get",
+            "wh",
+            "file-conversion",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.spec.delivery.maxAttempts} {.spec.secretRef.key} {.spec.paused}",
+        ],
         None,
     );
     assert_eq!(delivery, "8 secret false");
     // `data` is kept exactly as written.
-    let data = cp.kubectl_ok(&["get", "de", "-n", &ns, "-o", "jsonpath={.items[*].spec.data.document_id}"], None);
+    let data = cp.kubectl_ok(
+        &[
+            "get",
+            "de",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.items[*].spec.data.document_id}",
+        ],
+        None,
+    );
     let mut ids: Vec<_> = data.split_whitespace().collect();
     ids.sort();
     assert_eq!(ids, ["123", "124"]);
@@ -60,11 +111,28 @@ async fn kubectl_get_webhooks_shows_the_printer_columns() {
     let ns = cp.namespace("columns").await;
     cp.kubectl_ok(&["apply", "-n", &ns, "-f", &example("webhook.yaml")], None);
     let table = cp.kubectl_ok(&["get", "webhooks", "-n", &ns], None);
-    let header: Vec<_> = table.lines().next().unwrap().split("  ").map(str::trim).filter(|s| !s.is_empty()).collect();
-    assert_eq!(header, ["NAME", "URL", "EVENTS", "READY", "LAST DELIVERY", "AGE"], "{table}");
+    let header: Vec<_> = table
+        .lines()
+        .next()
+        .unwrap()
+        .split("  ")
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "URL", "EVENTS", "READY", "LAST DELIVERY", "AGE"],
+        "{table}"
+    );
     let row = table.lines().nth(1).unwrap();
-    assert!(row.contains("https://your-application.com/webhooks/file-conversion"), "{row}");
-    assert!(row.contains(r#"["document.completed","document.error"]"#), "{row}");
+    assert!(
+        row.contains("https://your-application.com/webhooks/file-conversion"),
+        "{row}"
+    );
+    assert!(
+        row.contains(r#"["document.completed","document.error"]"#),
+        "{row}"
+    );
     // The category lists both kinds.
     let all = cp.kubectl_ok(&["get", "hookrelay", "-n", &ns, "-o", "name"], None);
     assert_eq!(all.trim(), "webhook.hookrelay.dev/file-conversion");
@@ -86,7 +154,9 @@ fn webhook_with(from: &str, to: &str) -> String {
 }
 
 fn document_event(spec: &str) -> String {
-    format!("apiVersion: hookrelay.dev/v1alpha1\nkind: DocumentEvent\nmetadata: {{name: bad}}\nspec:\n{spec}")
+    format!(
+        "apiVersion: hookrelay.dev/v1alpha1\nkind: DocumentEvent\nmetadata: {{name: bad}}\nspec:\n{spec}"
+    )
 }
 
 #[tokio::test]
@@ -94,27 +164,119 @@ async fn bad_manifests_are_refused_with_a_message_naming_the_field() {
     let cp = control_plane();
     let ns = cp.namespace("refused").await;
     // Sanity: the unmodified fixture is valid, so each refusal below is due to its one change.
-    cp.kubectl_ok(&["apply", "--dry-run=server", "-n", &ns, "-f", "-"], Some(WEBHOOK));
+    cp.kubectl_ok(
+        &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
+        Some(WEBHOOK),
+    );
 
     let cases: Vec<(&str, String, &[&str])> = vec![
-        ("missing url", webhook_with("  url: https://example.com/hooks\n", ""), &["spec.url", "Required value"]),
-        ("relative url", webhook_with("https://example.com/hooks", "/hooks"), &["spec.url", "absolute http or https URL"]),
-        ("ftp url", webhook_with("https://example.com/hooks", "ftp://example.com/hooks"), &["spec.url", "absolute http or https URL"]),
-        ("url without host", webhook_with("https://example.com/hooks", "https:///hooks"), &["spec.url", "absolute http or https URL"]),
-        ("unknown event", webhook_with("[document.completed]", "[document.archived]"), &["spec.events[0]", "Unsupported value", "document.archived"]),
-        ("empty events", webhook_with("[document.completed]", "[]"), &["spec.events", "at least 1 item"]),
-        ("duplicate events", webhook_with("[document.completed]", "[document.error, document.error]"), &["spec.events[1]", "Duplicate value"]),
-        ("missing events", webhook_with("  events: [document.completed]\n", ""), &["spec.events", "Required value"]),
-        ("secretRef without name", webhook_with("{name: s}", "{key: secret}"), &["spec.secretRef.name", "Required value"]),
-        ("missing secretRef", webhook_with("  secretRef: {name: s}\n", ""), &["spec.secretRef", "Required value"]),
-        ("negative timeout", webhook_with("  secretRef: {name: s}\n", "  secretRef: {name: s}\n  delivery: {timeoutSeconds: -1}\n"), &["spec.delivery.timeoutSeconds", "greater than or equal to 1"]),
-        ("zero attempts", webhook_with("  secretRef: {name: s}\n", "  secretRef: {name: s}\n  delivery: {maxAttempts: 0}\n"), &["spec.delivery.maxAttempts", "greater than or equal to 1"]),
-        ("backoff bounds inverted", webhook_with("  secretRef: {name: s}\n", "  secretRef: {name: s}\n  delivery: {initialBackoffSeconds: 60, maxBackoffSeconds: 10}\n"), &["spec.delivery", "maxBackoffSeconds must not be less than initialBackoffSeconds"]),
-        ("url too long", webhook_with("https://example.com/hooks", &format!("https://example.com/{}", "a".repeat(2100))), &["spec.url", "Too long"]),
-        ("event with unknown type", document_event("  type: document.archived\n  data: {document_id: 1}\n"), &["spec.type", "Unsupported value"]),
-        ("event without data", document_event("  type: document.completed\n"), &["spec.data", "Required value"]),
-        ("event with array data", document_event("  type: document.completed\n  data: [1, 2]\n"), &["spec.data", "must be of type object"]),
-        ("event with bad timestamp", document_event("  type: document.completed\n  timestamp: yesterday\n  data: {document_id: 1}\n"), &["spec.timestamp", "date-time"]),
+        (
+            "missing url",
+            webhook_with("  url: https://example.com/hooks\n", ""),
+            &["spec.url", "Required value"],
+        ),
+        (
+            "relative url",
+            webhook_with("https://example.com/hooks", "/hooks"),
+            &["spec.url", "absolute http or https URL"],
+        ),
+        (
+            "ftp url",
+            webhook_with("https://example.com/hooks", "ftp://example.com/hooks"),
+            &["spec.url", "absolute http or https URL"],
+        ),
+        (
+            "url without host",
+            webhook_with("https://example.com/hooks", "https:///hooks"),
+            &["spec.url", "absolute http or https URL"],
+        ),
+        (
+            "unknown event",
+            webhook_with("[document.completed]", "[document.archived]"),
+            &["spec.events[0]", "Unsupported value", "document.archived"],
+        ),
+        (
+            "empty events",
+            webhook_with("[document.completed]", "[]"),
+            &["spec.events", "at least 1 item"],
+        ),
+        (
+            "duplicate events",
+            webhook_with("[document.completed]", "[document.error, document.error]"),
+            &["spec.events[1]", "Duplicate value"],
+        ),
+        (
+            "missing events",
+            webhook_with("  events: [document.completed]\n", ""),
+            &["spec.events", "Required value"],
+        ),
+        (
+            "secretRef without name",
+            webhook_with("{name: s}", "{key: secret}"),
+            &["spec.secretRef.name", "Required value"],
+        ),
+        (
+            "missing secretRef",
+            webhook_with("  secretRef: {name: s}\n", ""),
+            &["spec.secretRef", "Required value"],
+        ),
+        (
+            "negative timeout",
+            webhook_with(
+                "  secretRef: {name: s}\n",
+                "  secretRef: {name: s}\n  delivery: {timeoutSeconds: -1}\n",
+            ),
+            &["spec.delivery.timeoutSeconds", "greater than or equal to 1"],
+        ),
+        (
+            "zero attempts",
+            webhook_with(
+                "  secretRef: {name: s}\n",
+                "  secretRef: {name: s}\n  delivery: {maxAttempts: 0}\n",
+            ),
+            &["spec.delivery.maxAttempts", "greater than or equal to 1"],
+        ),
+        (
+            "backoff bounds inverted",
+            webhook_with(
+                "  secretRef: {name: s}\n",
+                "  secretRef: {name: s}\n  delivery: {initialBackoffSeconds: 60, maxBackoffSeconds: 10}\n",
+            ),
+            &[
+                "spec.delivery",
+                "maxBackoffSeconds must not be less than initialBackoffSeconds",
+            ],
+        ),
+        (
+            "url too long",
+            webhook_with(
+                "https://example.com/hooks",
+                &format!("https://example.com/{}", "a".repeat(2100)),
+            ),
+            &["spec.url", "Too long"],
+        ),
+        (
+            "event with unknown type",
+            document_event("  type: document.archived\n  data: {document_id: 1}\n"),
+            &["spec.type", "Unsupported value"],
+        ),
+        (
+            "event without data",
+            document_event("  type: document.completed\n"),
+            &["spec.data", "Required value"],
+        ),
+        (
+            "event with array data",
+            document_event("  type: document.completed\n  data: [1, 2]\n"),
+            &["spec.data", "must be of type object"],
+        ),
+        (
+            "event with bad timestamp",
+            document_event(
+                "  type: document.completed\n  timestamp: yesterday\n  data: {document_id: 1}\n",
+            ),
+            &["spec.timestamp", "date-time"],
+        ),
     ];
     let mut failures = Vec::new();
     for (name, manifest, expected) in &cases {
@@ -125,13 +287,25 @@ async fn bad_manifests_are_refused_with_a_message_naming_the_field() {
         }
         for needle in *expected {
             if !out.stderr.contains(needle) {
-                failures.push(format!("{name}: message lacks {needle:?}: {}", out.stderr.trim()));
+                failures.push(format!(
+                    "{name}: message lacks {needle:?}: {}",
+                    out.stderr.trim()
+                ));
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases wrong:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases wrong:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
     // Nothing was stored.
-    let left = cp.kubectl_ok(&["get", "webhooks,documentevents", "-n", &ns, "-o", "name"], None);
+    let left = cp.kubectl_ok(
+        &["get", "webhooks,documentevents", "-n", &ns, "-o", "name"],
+        None,
+    );
     assert_eq!(left.trim(), "", "refused manifests left objects behind");
 }
 
@@ -139,9 +313,23 @@ async fn bad_manifests_are_refused_with_a_message_naming_the_field() {
 async fn a_document_event_spec_is_immutable() {
     let cp = control_plane();
     let ns = cp.namespace("immutable").await;
-    cp.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&document_event("  type: document.completed\n  data: {document_id: 1}\n")));
+    cp.kubectl_ok(
+        &["apply", "-n", &ns, "-f", "-"],
+        Some(&document_event(
+            "  type: document.completed\n  data: {document_id: 1}\n",
+        )),
+    );
     let out = cp.kubectl(
-        &["patch", "de", "bad", "-n", &ns, "--type=merge", "-p", r#"{"spec":{"type":"document.error"}}"#],
+        &[
+            "patch",
+            "de",
+            "bad",
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"type":"document.error"}}"#,
+        ],
         None,
     );
     assert!(!out.success, "spec change accepted");

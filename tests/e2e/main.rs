@@ -1,4 +1,5 @@
 //! End-to-end tests against a real kube-apiserver and etcd (see `support`).
 
 mod crds;
+mod operator;
 mod support;

@@ -60,7 +60,9 @@ pub fn control_plane() -> &'static ControlPlane {
 }
 
 fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}{}",
@@ -94,12 +96,21 @@ impl ControlPlane {
         let mut cmd = Command::new(self.bin.join("kubectl"));
         cmd.args(args)
             .env("KUBECONFIG", &self.kubeconfig)
-            .stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+            .stdin(if stdin.is_some() {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn().expect("kubectl starts");
         if let Some(input) = stdin {
-            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
         }
         child.wait_with_output().expect("kubectl runs").into()
     }
@@ -107,17 +118,27 @@ impl ControlPlane {
     /// Like `kubectl` but the command must succeed.
     pub fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
         let out = self.kubectl(args, stdin);
-        assert!(out.success, "kubectl {args:?} failed: {}{}", out.stdout, out.stderr);
+        assert!(
+            out.success,
+            "kubectl {args:?} failed: {}{}",
+            out.stdout, out.stderr
+        );
         out.stdout
     }
 
     fn install_crds(&self) {
         let crds = repo_root().join("crds");
-        self.kubectl_ok(&["apply", "--server-side", "-f", crds.to_str().unwrap()], None);
+        self.kubectl_ok(
+            &["apply", "--server-side", "-f", crds.to_str().unwrap()],
+            None,
+        );
         self.kubectl_ok(
             &[
-                "wait", "--for=condition=Established", "--timeout=60s",
-                "crd/webhooks.hookrelay.dev", "crd/documentevents.hookrelay.dev",
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/webhooks.hookrelay.dev",
+                "crd/documentevents.hookrelay.dev",
             ],
             None,
         );
@@ -136,8 +157,15 @@ impl ControlPlane {
     /// kube-controller-manager their deletion would not finish.
     pub async fn namespace(&self, prefix: &str) -> String {
         static SEQ: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-        let name = format!("{prefix}-{:x}{}", nanos, SEQ.fetch_add(1, Ordering::Relaxed));
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!(
+            "{prefix}-{:x}{}",
+            nanos,
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name}
         }))
@@ -161,7 +189,71 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A free loopback port (bound, then released) for a server a test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A minimal HTTP/1.1 GET to a loopback server: (status code, body). None if not reachable.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// The operator binary as a child process, killed on drop.
+pub struct Operator {
+    pub child: tokio::process::Child,
+    pub metrics_addr: std::net::SocketAddr,
+}
+
+impl Operator {
+    pub fn start(cp: &ControlPlane, args: &[&str]) -> Operator {
+        let metrics_addr: std::net::SocketAddr =
+            format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+            .arg("run")
+            .arg("--metrics-addr")
+            .arg(metrics_addr.to_string())
+            .args(args)
+            .env("KUBECONFIG", &cp.kubeconfig)
+            .env("RUST_LOG", "info,hookrelay=debug")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("operator starts");
+        Operator {
+            child,
+            metrics_addr,
+        }
+    }
+
+    /// Waits until /readyz answers 200.
+    pub async fn wait_ready(&self) {
+        let addr = self.metrics_addr;
+        eventually("operator /readyz to answer 200", Duration::from_secs(30), || async move {
+            matches!(http_get(addr, "/readyz").await, Some((200, _))).then_some(())
+        })
+        .await
     }
 }
