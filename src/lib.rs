@@ -14,6 +14,10 @@
 //!                                       status writer --> Webhook / DocumentEvent status
 //! ```
 
+pub mod controller;
 pub mod crd;
+pub mod delivery;
 pub mod http;
 pub mod operator;
+pub mod routing;
+pub mod status;

@@ -5,18 +5,18 @@ mod health;
 
 pub use health::{Readiness, metrics_router};
 
-use std::net::SocketAddr;
-
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Serves `router` on `addr` until `shutdown` fires.
+/// Serves `router` on `listener` until `shutdown` fires.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     router: axum::Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "listening");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "listening");
+    }
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -1,0 +1,8 @@
+//! Reconcilers. The Webhook controller turns Webhooks (and the Secrets they name) into routes
+//! and `Ready` conditions: resolve -> validate -> update routing -> status.
+
+mod resolve;
+mod webhook;
+
+pub use resolve::{Resolution, ready_reason, resolve};
+pub use webhook::{Scope, WebhookController};

@@ -1,0 +1,477 @@
+//! The Webhook controller: one task that consumes the Webhook and Secret watches, keeps the
+//! routing table, and sends `Ready` conditions to the status writer.
+//!
+//! It is a state machine over watch events rather than a kube `Controller`: a deleted Webhook
+//! must leave the routing table at once (without a finalizer), and a re-list must drop the
+//! Webhooks not seen again, which needs the watcher's `Init`/`InitDone` markers. Secrets are
+//! synced before the first Webhook is resolved so that startup never reports a Secret missing
+//! that merely was not listed yet.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use futures::{StreamExt, stream::BoxStream};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ObjectReference, Secret},
+    apimachinery::pkg::apis::meta::v1::Condition,
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    core::DeserializeGuard,
+    runtime::{WatchStreamExt, watcher},
+};
+use tokio_util::sync::CancellationToken;
+
+use super::resolve::{ready_reason, resolve};
+use crate::{
+    crd::{Webhook, merge_condition},
+    delivery::EgressPolicy,
+    http::Readiness,
+    routing::{Route, Routes, WebhookKey},
+    status::{ReadyUpdate, StatusSender, TransitionEvent, Update},
+};
+
+/// Which namespaces the operator watches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Namespaces(Vec<String>),
+}
+
+impl Scope {
+    pub fn new(namespaces: &[String]) -> Self {
+        if namespaces.is_empty() {
+            Scope::All
+        } else {
+            Scope::Namespaces(namespaces.to_vec())
+        }
+    }
+
+    /// One Api per watched namespace (or one for all), each tagged with the namespace it covers.
+    pub fn apis<K>(&self, client: &Client) -> Vec<(Option<Arc<str>>, Api<K>)>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match self {
+            Scope::All => vec![(None, Api::all(client.clone()))],
+            Scope::Namespaces(list) => list
+                .iter()
+                .map(|ns| {
+                    (
+                        Some(Arc::from(ns.as_str())),
+                        Api::namespaced(client.clone(), ns),
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+type SecretData = BTreeMap<String, ByteString>;
+type NamespacedName = (Arc<str>, Arc<str>);
+
+/// Watch events tagged with the index of the stream (one per watched namespace) they came from.
+enum Input {
+    Secret(usize, watcher::Event<DeserializeGuard<Secret>>),
+    Webhook(usize, watcher::Event<DeserializeGuard<Webhook>>),
+}
+
+/// A re-list in progress on one stream.
+#[derive(Default)]
+struct Relist<T> {
+    buffer: T,
+}
+
+pub struct WebhookController {
+    routes: Routes,
+    egress: EgressPolicy,
+    status: StatusSender,
+    readiness: Readiness,
+    /// The namespace each stream covers (None: all).
+    coverage: Vec<Option<Arc<str>>>,
+    secrets: HashMap<NamespacedName, SecretData>,
+    /// The latest Webhook objects, for re-resolving them when their Secret changes.
+    webhooks: HashMap<WebhookKey, Arc<Webhook>>,
+    /// Secret -> names of the Webhooks that reference it.
+    by_secret: HashMap<NamespacedName, BTreeSet<Arc<str>>>,
+    secret_relists: Vec<Option<Relist<HashMap<NamespacedName, SecretData>>>>,
+    webhook_relists: Vec<Option<Relist<Vec<Route>>>>,
+    secrets_synced: Vec<bool>,
+    webhooks_synced: Vec<bool>,
+}
+
+impl WebhookController {
+    pub fn new(
+        scope: &Scope,
+        routes: Routes,
+        egress: EgressPolicy,
+        status: StatusSender,
+        readiness: Readiness,
+    ) -> Self {
+        let coverage: Vec<Option<Arc<str>>> = match scope {
+            Scope::All => vec![None],
+            Scope::Namespaces(list) => list.iter().map(|ns| Some(Arc::from(ns.as_str()))).collect(),
+        };
+        let n = coverage.len();
+        Self {
+            routes,
+            egress,
+            status,
+            readiness,
+            coverage,
+            secrets: HashMap::new(),
+            webhooks: HashMap::new(),
+            by_secret: HashMap::new(),
+            secret_relists: (0..n).map(|_| None).collect(),
+            webhook_relists: (0..n).map(|_| None).collect(),
+            secrets_synced: vec![false; n],
+            webhooks_synced: vec![false; n],
+        }
+    }
+
+    /// Runs until `shutdown` fires.
+    pub async fn run(mut self, client: Client, scope: Scope, shutdown: CancellationToken) {
+        let mut secrets = tagged(
+            scope.apis::<DeserializeGuard<Secret>>(&client),
+            strip_secret,
+            Input::Secret,
+        );
+        let mut webhooks = tagged(
+            scope.apis::<DeserializeGuard<Webhook>>(&client),
+            |_| {},
+            Input::Webhook,
+        );
+        loop {
+            let synced = self.secrets_synced.iter().all(|s| *s);
+            let input = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                Some(input) = secrets.next() => input,
+                Some(input) = webhooks.next(), if synced => input,
+            };
+            match input {
+                Input::Secret(i, event) => self.on_secret(i, event).await,
+                Input::Webhook(i, event) => self.on_webhook(i, event).await,
+            }
+        }
+    }
+
+    async fn on_secret(&mut self, stream: usize, event: watcher::Event<DeserializeGuard<Secret>>) {
+        match event {
+            watcher::Event::Init => self.secret_relists[stream] = Some(Relist::default()),
+            watcher::Event::InitApply(DeserializeGuard(Ok(secret))) => {
+                if let Some(relist) = &mut self.secret_relists[stream] {
+                    relist
+                        .buffer
+                        .insert(secret_key(&secret), secret.data.unwrap_or_default());
+                }
+            }
+            watcher::Event::InitDone => {
+                let listed = self.secret_relists[stream]
+                    .take()
+                    .map(|r| r.buffer)
+                    .unwrap_or_default();
+                let covered = self.coverage[stream].clone();
+                let in_scope = |k: &NamespacedName| covered.as_ref().is_none_or(|ns| *ns == k.0);
+                let mut changed: Vec<NamespacedName> = self
+                    .secrets
+                    .keys()
+                    .filter(|k| in_scope(k) && !listed.contains_key(*k))
+                    .cloned()
+                    .collect();
+                changed.extend(
+                    listed
+                        .iter()
+                        .filter(|(k, v)| self.secrets.get(*k) != Some(v))
+                        .map(|(k, _)| k.clone()),
+                );
+                self.secrets.retain(|k, _| !in_scope(k));
+                self.secrets.extend(listed);
+                if !std::mem::replace(&mut self.secrets_synced[stream], true)
+                    && self.secrets_synced.iter().all(|s| *s)
+                {
+                    self.readiness.mark_ready("secrets");
+                }
+                for key in changed {
+                    self.secret_changed(&key).await;
+                }
+            }
+            watcher::Event::Apply(DeserializeGuard(Ok(secret))) => {
+                let key = secret_key(&secret);
+                let data = secret.data.unwrap_or_default();
+                if self.secrets.get(&key) != Some(&data) {
+                    self.secrets.insert(key.clone(), data);
+                    self.secret_changed(&key).await;
+                }
+            }
+            watcher::Event::Delete(DeserializeGuard(Ok(secret))) => {
+                let key = secret_key(&secret);
+                if self.secrets.remove(&key).is_some() {
+                    self.secret_changed(&key).await;
+                }
+            }
+            watcher::Event::InitApply(DeserializeGuard(Err(e)))
+            | watcher::Event::Apply(DeserializeGuard(Err(e)))
+            | watcher::Event::Delete(DeserializeGuard(Err(e))) => {
+                tracing::warn!(secret = ?e.metadata.name, error = %e.error, "skipping a Secret that cannot be read");
+            }
+        }
+    }
+
+    /// Re-resolves the Webhooks that reference `secret`.
+    async fn secret_changed(&mut self, secret: &NamespacedName) {
+        let names: Vec<Arc<str>> = self
+            .by_secret
+            .get(secret)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        for name in names {
+            let key = WebhookKey {
+                namespace: secret.0.clone(),
+                name,
+            };
+            if let Some(webhook) = self.webhooks.get(&key).cloned() {
+                let route = self.reconcile(&webhook).await;
+                self.routes.update(|t| t.apply(route));
+            }
+        }
+    }
+
+    async fn on_webhook(
+        &mut self,
+        stream: usize,
+        event: watcher::Event<DeserializeGuard<Webhook>>,
+    ) {
+        match event {
+            watcher::Event::Init => self.webhook_relists[stream] = Some(Relist::default()),
+            watcher::Event::InitApply(DeserializeGuard(Ok(webhook))) => {
+                let webhook = Arc::new(webhook);
+                self.remember(&webhook);
+                let route = self.reconcile(&webhook).await;
+                if let Some(relist) = &mut self.webhook_relists[stream] {
+                    relist.buffer.push(route);
+                }
+            }
+            watcher::Event::InitDone => {
+                let listed = self.webhook_relists[stream]
+                    .take()
+                    .map(|r| r.buffer)
+                    .unwrap_or_default();
+                let covered = self.coverage[stream].clone();
+                let gone = self.routes.update(|t| t.reset(covered.as_deref(), listed));
+                for key in gone {
+                    self.forget(&key);
+                }
+                if !std::mem::replace(&mut self.webhooks_synced[stream], true)
+                    && self.webhooks_synced.iter().all(|s| *s)
+                {
+                    self.readiness.mark_ready("webhooks");
+                    tracing::info!(
+                        routes = self.routes.snapshot().len(),
+                        "routing table synced"
+                    );
+                }
+            }
+            watcher::Event::Apply(DeserializeGuard(Ok(webhook))) => {
+                let webhook = Arc::new(webhook);
+                self.remember(&webhook);
+                let route = self.reconcile(&webhook).await;
+                self.routes.update(|t| t.apply(route));
+            }
+            watcher::Event::Delete(DeserializeGuard(Ok(webhook))) => {
+                let key = webhook_key(&webhook);
+                self.routes.update(|t| t.delete(&key));
+                self.forget(&key);
+                tracing::info!(webhook = %key, "deleted; route removed");
+            }
+            watcher::Event::InitApply(DeserializeGuard(Err(e)))
+            | watcher::Event::Apply(DeserializeGuard(Err(e)))
+            | watcher::Event::Delete(DeserializeGuard(Err(e))) => {
+                // A Webhook the schema should have refused (written under an older CRD, say):
+                // skip it rather than stall the watch, and stop routing to it.
+                let key = WebhookKey::new(
+                    e.metadata.namespace.as_deref().unwrap_or_default(),
+                    e.metadata.name.as_deref().unwrap_or_default(),
+                );
+                tracing::warn!(webhook = %key, error = %e.error, "skipping a Webhook that cannot be read");
+                self.routes.update(|t| t.delete(&key));
+                self.forget(&key);
+            }
+        }
+    }
+
+    fn remember(&mut self, webhook: &Arc<Webhook>) {
+        let key = webhook_key(webhook);
+        if let Some(old) = self.webhooks.insert(key.clone(), webhook.clone()) {
+            self.unindex(&key, &old);
+        }
+        let secret = (
+            key.namespace.clone(),
+            Arc::from(webhook.spec.secret_ref.name.as_str()),
+        );
+        self.by_secret
+            .entry(secret)
+            .or_default()
+            .insert(key.name.clone());
+    }
+
+    fn forget(&mut self, key: &WebhookKey) {
+        if let Some(old) = self.webhooks.remove(key) {
+            self.unindex(key, &old);
+        }
+    }
+
+    fn unindex(&mut self, key: &WebhookKey, webhook: &Webhook) {
+        let secret = (
+            key.namespace.clone(),
+            Arc::from(webhook.spec.secret_ref.name.as_str()),
+        );
+        if let Some(names) = self.by_secret.get_mut(&secret) {
+            names.remove(&key.name);
+            if names.is_empty() {
+                self.by_secret.remove(&secret);
+            }
+        }
+    }
+
+    /// resolve -> validate -> (the caller updates routing) -> status.
+    async fn reconcile(&self, webhook: &Webhook) -> Route {
+        let key = webhook_key(webhook);
+        let secret = self.secrets.get(&(
+            key.namespace.clone(),
+            Arc::from(webhook.spec.secret_ref.name.as_str()),
+        ));
+        let gone = endpoint_gone(webhook);
+        let resolution = resolve(webhook, secret, &self.egress, gone.as_deref());
+        if let Some(update) = ready_update(webhook, &resolution.ready, Timestamp::now()) {
+            tracing::info!(
+                webhook = %key,
+                ready = resolution.ready.status,
+                reason = %resolution.ready.reason,
+                message = %resolution.ready.message,
+                "Ready condition changed"
+            );
+            self.status.send(Update::WebhookReady { key, update }).await;
+        }
+        resolution.route
+    }
+}
+
+/// The `EndpointGone` verdict, while it still applies: the delivery engine set it for this
+/// generation, and a spec change (a new URL, say) clears it.
+fn endpoint_gone(webhook: &Webhook) -> Option<String> {
+    let ready = webhook
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")?;
+    (ready.reason == ready_reason::ENDPOINT_GONE
+        && ready.observed_generation == webhook.metadata.generation)
+        .then(|| ready.message.clone())
+}
+
+/// The status update for a decided `Ready` condition, or None when the status already says so
+/// (which is what keeps our own status writes from triggering more writes).
+pub(crate) fn ready_update(
+    webhook: &Webhook,
+    ready: &crate::crd::ConditionState,
+    now: Timestamp,
+) -> Option<ReadyUpdate> {
+    let status = webhook.status.clone().unwrap_or_default();
+    let generation = webhook.metadata.generation.unwrap_or_default();
+    let current = status.conditions.iter().find(|c| c.type_ == ready.type_);
+    let unchanged = current.is_some_and(|c| {
+        c.status == if ready.status { "True" } else { "False" }
+            && c.reason == ready.reason
+            && c.message == ready.message
+            && c.observed_generation == Some(generation)
+    }) && status.observed_generation == Some(generation);
+    if unchanged {
+        return None;
+    }
+    let mut conditions: Vec<Condition> = status.conditions;
+    let flipped = merge_condition(&mut conditions, ready, Some(generation), now);
+    let condition = conditions.into_iter().find(|c| c.type_ == ready.type_)?;
+    let event = flipped.then(|| TransitionEvent {
+        warning: !ready.status,
+        reason: ready.reason.clone(),
+        note: ready.message.clone(),
+        object: object_ref(webhook),
+    });
+    Some(ReadyUpdate {
+        generation,
+        condition,
+        event,
+    })
+}
+
+fn object_ref(webhook: &Webhook) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("hookrelay.dev/v1alpha1".into()),
+        kind: Some("Webhook".into()),
+        name: webhook.metadata.name.clone(),
+        namespace: webhook.metadata.namespace.clone(),
+        uid: webhook.metadata.uid.clone(),
+        resource_version: webhook.metadata.resource_version.clone(),
+        ..Default::default()
+    }
+}
+
+fn webhook_key(webhook: &Webhook) -> WebhookKey {
+    WebhookKey::new(
+        webhook.namespace().as_deref().unwrap_or_default(),
+        &webhook.name_any(),
+    )
+}
+
+fn secret_key(secret: &Secret) -> NamespacedName {
+    (
+        Arc::from(secret.namespace().unwrap_or_default().as_str()),
+        Arc::from(secret.name_any().as_str()),
+    )
+}
+
+/// Keeps only what resolution needs of a Secret: its name and data.
+fn strip_secret(guard: &mut DeserializeGuard<Secret>) {
+    if let Ok(secret) = &mut guard.0 {
+        secret.metadata.managed_fields = None;
+        secret.metadata.annotations = None;
+        secret.metadata.labels = None;
+        secret.string_data = None;
+    }
+}
+
+/// Merges one watch per Api into a single stream, each event tagged with its stream's index.
+fn tagged<K>(
+    apis: Vec<(Option<Arc<str>>, Api<K>)>,
+    map: fn(&mut K),
+    tag: fn(usize, watcher::Event<K>) -> Input,
+) -> BoxStream<'static, Input>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    let streams = apis.into_iter().enumerate().map(move |(i, (_, api))| {
+        watcher(api, watcher::Config::default())
+            .default_backoff()
+            .filter_map(move |event| async move {
+                match event {
+                    Ok(event) => Some(tag(i, event.modify(map))),
+                    Err(error) => {
+                        tracing::warn!(%error, "watch failed; retrying with backoff");
+                        None
+                    }
+                }
+            })
+            .boxed()
+    });
+    futures::stream::select_all(streams).boxed()
+}

@@ -1,0 +1,247 @@
+//! The egress guard: which addresses deliveries may reach.
+//!
+//! Loopback, link-local (cloud metadata), private and other special-purpose ranges are refused
+//! unless an `--allow-cidr` covers the address; plain http only with `--allow-http`. URLs are
+//! checked when a Webhook is reconciled (scheme, literal addresses), and every resolved address is
+//! checked again at connect time, so DNS cannot rebind a name to a blocked address.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use url::{Host, Url};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EgressDenied {
+    #[error("not an absolute http(s) URL: {0}")]
+    InvalidUrl(String),
+    #[error("plain http is not allowed (the operator runs without --allow-http); use https")]
+    PlainHttp,
+    #[error("{ip} is a {range} address, refused unless --allow-cidr covers it")]
+    BlockedAddress { ip: IpAddr, range: &'static str },
+}
+
+/// Egress policy from `--allow-http` and `--allow-cidr`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EgressPolicy {
+    pub allow_http: bool,
+    pub allow_cidrs: Vec<IpNet>,
+}
+
+impl EgressPolicy {
+    pub fn new(allow_http: bool, allow_cidrs: Vec<IpNet>) -> Self {
+        Self {
+            allow_http,
+            allow_cidrs,
+        }
+    }
+
+    /// Checks what can be known before connecting: the scheme, and the host when it is an
+    /// address (or `localhost`). Names are checked on their resolved addresses by [`Self::check_ip`].
+    pub fn check_url(&self, url: &str) -> Result<Url, EgressDenied> {
+        let parsed = Url::parse(url).map_err(|e| EgressDenied::InvalidUrl(e.to_string()))?;
+        match parsed.scheme() {
+            "https" => {}
+            "http" if self.allow_http => {}
+            "http" => return Err(EgressDenied::PlainHttp),
+            other => {
+                return Err(EgressDenied::InvalidUrl(format!(
+                    "scheme {other} is not http(s)"
+                )));
+            }
+        }
+        match parsed.host() {
+            Some(Host::Ipv4(ip)) => self.check_ip(ip.into())?,
+            Some(Host::Ipv6(ip)) => self.check_ip(ip.into())?,
+            Some(Host::Domain(d))
+                if d.eq_ignore_ascii_case("localhost")
+                    || d.to_ascii_lowercase().ends_with(".localhost") =>
+            {
+                self.check_ip(Ipv4Addr::LOCALHOST.into())?
+            }
+            Some(Host::Domain(_)) => {}
+            None => return Err(EgressDenied::InvalidUrl("no host".into())),
+        }
+        Ok(parsed)
+    }
+
+    /// The connect-time decision for one resolved address.
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), EgressDenied> {
+        let ip = canonical(ip);
+        if self.allow_cidrs.iter().any(|net| net.contains(&ip)) {
+            return Ok(());
+        }
+        match special_range(ip) {
+            Some(range) => Err(EgressDenied::BlockedAddress { ip, range }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// IPv4-mapped and NAT64 IPv6 addresses are judged as the IPv4 address they carry.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let s = v6.segments();
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let [a, b] = s[6].to_be_bytes();
+                let [c, d] = s[7].to_be_bytes();
+                return IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+            }
+            IpAddr::V6(v6)
+        }
+        v4 => v4,
+    }
+}
+
+const V4_RANGES: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "\"this network\""),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "shared (carrier-grade NAT)"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local (cloud metadata)"),
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "IETF protocol assignment"),
+    ("192.0.2.0/24", "documentation"),
+    ("192.88.99.0/24", "6to4 relay"),
+    ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+];
+
+const V6_RANGES: &[(&str, &str)] = &[
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("100::/64", "discard-only"),
+    ("2001::/23", "IETF protocol assignment"),
+    ("2001:db8::/32", "documentation"),
+    ("2002::/16", "6to4"),
+    ("fc00::/7", "unique local (private)"),
+    ("fe80::/10", "link-local"),
+    ("ff00::/8", "multicast"),
+];
+
+/// The special-purpose range `ip` falls in, if any (IANA special-purpose registries).
+pub fn special_range(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => V4_RANGES
+            .iter()
+            .find(|(net, _)| net.parse::<Ipv4Net>().is_ok_and(|n| n.contains(&v4)))
+            .map(|(_, name)| *name),
+        IpAddr::V6(v6) => V6_RANGES
+            .iter()
+            .find(|(net, _)| net.parse::<Ipv6Net>().is_ok_and(|n| n.contains(&v6)))
+            .map(|(_, name)| *name)
+            .or_else(|| (v6 == Ipv6Addr::UNSPECIFIED).then_some("unspecified")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn special_ranges_are_refused_and_public_addresses_allowed() {
+        let policy = EgressPolicy::default();
+        for (addr, range) in [
+            ("127.0.0.1", "loopback"),
+            ("10.1.2.3", "private"),
+            ("172.31.255.255", "private"),
+            ("192.168.1.1", "private"),
+            ("169.254.169.254", "link-local (cloud metadata)"),
+            ("100.100.1.1", "shared (carrier-grade NAT)"),
+            ("0.0.0.0", "\"this network\""),
+            ("224.0.0.1", "multicast"),
+            ("255.255.255.255", "reserved"),
+            ("::1", "loopback"),
+            ("fd00::1", "unique local (private)"),
+            ("fe80::1", "link-local"),
+            ("::ffff:10.0.0.1", "private"),
+            ("::ffff:169.254.169.254", "link-local (cloud metadata)"),
+            ("64:ff9b::a9fe:a9fe", "link-local (cloud metadata)"),
+            ("::", "unspecified"),
+        ] {
+            match policy.check_ip(ip(addr)) {
+                Err(EgressDenied::BlockedAddress { range: r, .. }) => {
+                    assert_eq!(r, range, "{addr}")
+                }
+                other => panic!("{addr}: {other:?}"),
+            }
+        }
+        for addr in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "2606:4700::1111",
+            "172.32.0.1",
+            "11.0.0.1",
+        ] {
+            assert_eq!(policy.check_ip(ip(addr)), Ok(()), "{addr}");
+        }
+    }
+
+    #[test]
+    fn allow_cidr_opens_exactly_its_range() {
+        let policy = EgressPolicy::new(
+            true,
+            vec![
+                "127.0.0.0/8".parse().unwrap(),
+                "10.1.0.0/16".parse().unwrap(),
+            ],
+        );
+        assert_eq!(policy.check_ip(ip("127.0.0.1")), Ok(()));
+        assert_eq!(policy.check_ip(ip("::ffff:127.0.0.1")), Ok(()));
+        assert_eq!(policy.check_ip(ip("10.1.200.3")), Ok(()));
+        assert!(policy.check_ip(ip("10.2.0.1")).is_err());
+        assert!(
+            policy.check_ip(ip("::1")).is_err(),
+            "IPv6 loopback needs its own --allow-cidr"
+        );
+    }
+
+    #[test]
+    fn urls_are_checked_for_scheme_and_literal_hosts() {
+        let strict = EgressPolicy::default();
+        assert_eq!(
+            strict.check_url("http://example.com/x"),
+            Err(EgressDenied::PlainHttp)
+        );
+        assert!(strict.check_url("https://example.com/x").is_ok());
+        assert!(matches!(
+            strict.check_url("https://169.254.169.254/latest"),
+            Err(EgressDenied::BlockedAddress { .. })
+        ));
+        assert!(matches!(
+            strict.check_url("https://[::1]:8443/"),
+            Err(EgressDenied::BlockedAddress { .. })
+        ));
+        assert!(matches!(
+            strict.check_url("https://localhost/"),
+            Err(EgressDenied::BlockedAddress { .. })
+        ));
+        assert!(matches!(
+            strict.check_url("ftp://example.com/"),
+            Err(EgressDenied::InvalidUrl(_))
+        ));
+        assert!(matches!(
+            strict.check_url("/relative"),
+            Err(EgressDenied::InvalidUrl(_))
+        ));
+
+        let local = EgressPolicy::new(true, vec!["127.0.0.0/8".parse().unwrap()]);
+        assert!(local.check_url("http://127.0.0.1:8080/hook").is_ok());
+        assert!(local.check_url("http://localhost:8080/hook").is_ok());
+        assert!(matches!(
+            local.check_url("http://10.0.0.1/"),
+            Err(EgressDenied::BlockedAddress { .. })
+        ));
+    }
+}

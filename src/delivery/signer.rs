@@ -1,0 +1,198 @@
+//! Signatures of the wire contract.
+//!
+//! - `X-Webhook-Signature`: lowercase hex HMAC-SHA256 of the raw body, keyed by the secret's UTF-8
+//!   bytes: what the seed's Python and Node.js verification code computes.
+//! - Standard Webhooks `webhook-signature`: `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`,
+//!   keyed by the decoded bytes of a `whsec_<base64>` secret; sent only for secrets of that form,
+//!   once per key while a `previous` key is present (rotation).
+
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Why a secret cannot sign.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SecretError {
+    #[error("the secret is empty")]
+    Empty,
+    #[error("the secret starts with whsec_ but the rest is not valid base64")]
+    InvalidStandardKey,
+}
+
+/// One signing secret, never printed.
+#[derive(Clone, PartialEq, Eq)]
+struct Key {
+    /// The secret as written: keys `X-Webhook-Signature`.
+    raw: Vec<u8>,
+    /// The decoded `whsec_` payload: keys `webhook-signature`.
+    standard: Option<Vec<u8>>,
+}
+
+impl Key {
+    fn parse(raw: &[u8]) -> Result<Self, SecretError> {
+        if raw.is_empty() {
+            return Err(SecretError::Empty);
+        }
+        let standard = match raw.strip_prefix(b"whsec_") {
+            Some(b64) => Some(
+                BASE64
+                    .decode(b64)
+                    .map_err(|_| SecretError::InvalidStandardKey)?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            raw: raw.to_vec(),
+            standard,
+        })
+    }
+}
+
+/// The signing keys of one Webhook: the current one and, during a rotation, the previous one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Signer {
+    current: Key,
+    previous: Option<Key>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("standard_webhooks", &self.current.standard.is_some())
+            .field("rotating", &self.previous.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The signature headers of one attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Signatures {
+    /// `X-Webhook-Signature`.
+    pub hex: String,
+    /// `webhook-signature`, when the secret is a Standard Webhooks secret.
+    pub standard: Option<String>,
+}
+
+impl Signer {
+    /// `previous` is ignored when it cannot sign: a rotation must not break the current key.
+    pub fn new(current: &[u8], previous: Option<&[u8]>) -> Result<Self, SecretError> {
+        Ok(Self {
+            current: Key::parse(current)?,
+            previous: previous.and_then(|p| Key::parse(p).ok()),
+        })
+    }
+
+    /// Signs `body` for the attempt with delivery id `id` at unix time `timestamp`.
+    pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> Signatures {
+        let standard: Vec<String> = std::iter::once(&self.current)
+            .chain(self.previous.as_ref())
+            .filter_map(|k| k.standard.as_deref())
+            .map(|key| {
+                format!(
+                    "v1,{}",
+                    BASE64.encode(standard_mac(key, id, timestamp, body))
+                )
+            })
+            .collect();
+        Signatures {
+            hex: hex::encode(hmac(&self.current.raw, &[body])),
+            standard: (!standard.is_empty()).then(|| standard.join(" ")),
+        }
+    }
+}
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+fn standard_mac(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> [u8; 32] {
+    let ts = timestamp.to_string();
+    hmac(key, &[id.as_bytes(), b".", ts.as_bytes(), b".", body])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BODY: &[u8] = br#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":123}}"#;
+
+    #[test]
+    fn hex_signature_is_hmac_sha256_of_the_body_keyed_by_the_secret_text() {
+        // Known answer from RFC 4231 test case 2 (key "Jefe").
+        let s = Signer::new(b"Jefe", None).unwrap();
+        let sig = s.sign("id", 0, b"what do ya want for nothing?");
+        assert_eq!(
+            sig.hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert_eq!(
+            sig.standard, None,
+            "plain secrets send no Standard Webhooks header"
+        );
+    }
+
+    #[test]
+    fn standard_webhooks_signature_matches_the_specification_example() {
+        // The test vector of the Standard Webhooks reference libraries.
+        let s = Signer::new(b"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", None).unwrap();
+        let sig = s.sign(
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            br#"{"test": 2432232314}"#,
+        );
+        assert_eq!(
+            sig.standard.as_deref(),
+            Some("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=")
+        );
+        // The hex signature is keyed by the whole secret text, as the seed's code verifies.
+        assert_eq!(
+            sig.hex,
+            hex::encode(hmac(
+                b"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                &[br#"{"test": 2432232314}"#]
+            ))
+        );
+    }
+
+    #[test]
+    fn rotation_signs_with_both_keys_but_hex_with_the_current_one() {
+        let current = b"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let previous = b"whsec_c2VjcmV0LXByZXZpb3Vz";
+        let both = Signer::new(current, Some(previous))
+            .unwrap()
+            .sign("id1", 42, BODY);
+        let only = Signer::new(current, None).unwrap().sign("id1", 42, BODY);
+        let old = Signer::new(previous, None).unwrap().sign("id1", 42, BODY);
+        assert_eq!(both.hex, only.hex);
+        assert_eq!(
+            both.standard.unwrap(),
+            format!("{} {}", only.standard.unwrap(), old.standard.unwrap())
+        );
+    }
+
+    #[test]
+    fn different_secret_or_body_changes_the_signature() {
+        let a = Signer::new(b"secret-a", None).unwrap().sign("id", 1, BODY);
+        let b = Signer::new(b"secret-b", None).unwrap().sign("id", 1, BODY);
+        let tampered = Signer::new(b"secret-a", None).unwrap().sign("id", 1, b"{}");
+        assert_ne!(a.hex, b.hex);
+        assert_ne!(a.hex, tampered.hex);
+    }
+
+    #[test]
+    fn unusable_secrets_are_refused_and_never_printed() {
+        assert_eq!(Signer::new(b"", None), Err(SecretError::Empty));
+        assert_eq!(
+            Signer::new(b"whsec_***", None),
+            Err(SecretError::InvalidStandardKey)
+        );
+        let s = Signer::new(b"super-secret-value", Some(b"")).unwrap();
+        assert!(!format!("{s:?}").contains("super-secret"));
+    }
+}

@@ -1,0 +1,187 @@
+//! The routing table: which Webhooks receive an event of a type in a namespace.
+//!
+//! [`RoutingTable`] is a plain state machine (`apply` / `delete` / `reset` / `lookup`), written by
+//! one task (the Webhook controller) and read by many (the delivery paths). It is built from
+//! persistent maps, so a copy costs O(1) and a change O(log n): [`Routes`] publishes a new
+//! snapshot on every change and readers load the current one without locking.
+
+use std::{collections::HashSet, sync::Arc};
+
+use arc_swap::ArcSwap;
+use imbl::{HashMap, OrdMap};
+
+use crate::{
+    crd::{DeliveryPolicy, EventType, WebhookEvent},
+    delivery::Signer,
+};
+
+/// Identifies a Webhook: namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WebhookKey {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl WebhookKey {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for WebhookKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Where deliveries to a Webhook stand.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteState {
+    /// Deliveries are sent.
+    Active,
+    /// `spec.paused`: deliveries are held until unpaused.
+    Paused,
+    /// The Webhook cannot be delivered to until its cause is fixed; deliveries wait and retry.
+    Blocked {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Everything the delivery path needs to deliver to one Webhook.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub key: WebhookKey,
+    pub uid: String,
+    pub generation: i64,
+    pub url: String,
+    pub events: Vec<WebhookEvent>,
+    /// Absent when the signing secret could not be resolved.
+    pub signer: Option<Arc<Signer>>,
+    pub delivery: DeliveryPolicy,
+    pub state: RouteState,
+}
+
+impl Route {
+    fn event_types(&self) -> impl Iterator<Item = EventType> + '_ {
+        let mut seen = [false; EventType::ALL.len()];
+        self.events
+            .iter()
+            .flat_map(|e| e.types().iter().copied())
+            .filter(move |t| !std::mem::replace(&mut seen[*t as usize], true))
+    }
+}
+
+/// Routes of one namespace, indexed by event type.
+#[derive(Clone, Default, Debug)]
+struct NamespaceRoutes {
+    by_type: [OrdMap<Arc<str>, Arc<Route>>; EventType::ALL.len()],
+}
+
+/// Namespace + event type -> target routes.
+#[derive(Clone, Default, Debug)]
+pub struct RoutingTable {
+    routes: HashMap<WebhookKey, Arc<Route>>,
+    namespaces: HashMap<Arc<str>, NamespaceRoutes>,
+}
+
+impl RoutingTable {
+    /// Adds or replaces the route of `route.key`.
+    pub fn apply(&mut self, route: Route) {
+        self.delete(&route.key);
+        let route = Arc::new(route);
+        let ns = self
+            .namespaces
+            .entry(route.key.namespace.clone())
+            .or_default();
+        for t in route.event_types() {
+            ns.by_type[t as usize].insert(route.key.name.clone(), route.clone());
+        }
+        self.routes.insert(route.key.clone(), route);
+    }
+
+    /// Removes the route of `key`, returning it.
+    pub fn delete(&mut self, key: &WebhookKey) -> Option<Arc<Route>> {
+        let old = self.routes.remove(key)?;
+        if let Some(ns) = self.namespaces.get_mut(&key.namespace) {
+            for t in old.event_types() {
+                ns.by_type[t as usize].remove(&key.name);
+            }
+            if ns.by_type.iter().all(OrdMap::is_empty) {
+                self.namespaces.remove(&key.namespace);
+            }
+        }
+        Some(old)
+    }
+
+    /// After a re-list of `namespace` (None: of every namespace): applies `routes` and removes
+    /// every route of that scope not among them, returning the keys removed.
+    pub fn reset(&mut self, namespace: Option<&str>, routes: Vec<Route>) -> Vec<WebhookKey> {
+        let keep: HashSet<WebhookKey> = routes.iter().map(|r| r.key.clone()).collect();
+        let gone: Vec<WebhookKey> = self
+            .routes
+            .keys()
+            .filter(|k| namespace.is_none_or(|ns| *k.namespace == *ns) && !keep.contains(*k))
+            .cloned()
+            .collect();
+        for key in &gone {
+            self.delete(key);
+        }
+        for route in routes {
+            self.apply(route);
+        }
+        gone
+    }
+
+    /// The routes that receive an event of type `event` in `namespace`, ordered by name.
+    /// O(matches).
+    pub fn lookup<'a>(
+        &'a self,
+        namespace: &str,
+        event: EventType,
+    ) -> impl Iterator<Item = &'a Arc<Route>> + 'a {
+        self.namespaces
+            .get(namespace)
+            .into_iter()
+            .flat_map(move |ns| ns.by_type[event as usize].values())
+    }
+
+    pub fn get(&self, key: &WebhookKey) -> Option<&Arc<Route>> {
+        self.routes.get(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+/// The published routing table: one writer, any number of lock-free readers.
+#[derive(Clone, Default)]
+pub struct Routes {
+    current: Arc<ArcSwap<RoutingTable>>,
+}
+
+impl Routes {
+    /// The current table; later changes do not affect the returned snapshot.
+    pub fn snapshot(&self) -> Arc<RoutingTable> {
+        self.current.load_full()
+    }
+
+    /// Applies `change` to a copy of the table and publishes it.
+    pub fn update<R>(&self, change: impl FnOnce(&mut RoutingTable) -> R) -> R {
+        let mut table = RoutingTable::clone(&self.current.load());
+        let result = change(&mut table);
+        self.current.store(Arc::new(table));
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,274 @@
+//! The one status writer. Reconcilers and (later) the delivery engine send what changed; the
+//! writer coalesces it per object, patches each object at most once per `min_interval`, with a
+//! timeout on every patch and a bounded number in flight, and records a Kubernetes Event when a
+//! condition flips. Status is written with server-side apply, one field manager per owner of a
+//! part of the status, so the parts never overwrite each other.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, stream::FuturesUnordered};
+use k8s_openapi::{api::core::v1::ObjectReference, apimachinery::pkg::apis::meta::v1::Condition};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+    runtime::events::{Event, EventType, Recorder, Reporter},
+};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::routing::WebhookKey;
+
+/// Field manager of the conditions the Webhook controller decides.
+pub const CONTROLLER_MANAGER: &str = "hookrelay-controller";
+
+/// A Kubernetes Event to record once the patch that carries it has landed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TransitionEvent {
+    pub warning: bool,
+    pub reason: String,
+    pub note: String,
+    pub object: ObjectReference,
+}
+
+/// The `Ready` condition of a Webhook as the controller decided it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReadyUpdate {
+    pub generation: i64,
+    pub condition: Condition,
+    pub event: Option<TransitionEvent>,
+}
+
+/// What a status writer is told.
+#[derive(Debug)]
+pub enum Update {
+    WebhookReady {
+        key: WebhookKey,
+        update: ReadyUpdate,
+    },
+}
+
+/// The sending side, cloned by every producer. A full channel makes producers wait, which is the
+/// back-pressure we want: status is never dropped.
+#[derive(Clone, Debug)]
+pub struct StatusSender {
+    tx: mpsc::Sender<Update>,
+}
+
+impl StatusSender {
+    pub async fn send(&self, update: Update) {
+        if self.tx.send(update).await.is_err() {
+            tracing::debug!("status writer stopped; update dropped at shutdown");
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    /// At most one patch per object per this interval.
+    pub min_interval: Duration,
+    /// Time allowed for one patch.
+    pub patch_timeout: Duration,
+    /// Patches in flight at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            min_interval: Duration::from_secs(1),
+            patch_timeout: Duration::from_secs(10),
+            max_in_flight: 16,
+        }
+    }
+}
+
+/// Pending status of one Webhook.
+#[derive(Default)]
+struct Slot {
+    ready: Option<ReadyUpdate>,
+    last_patch: Option<Instant>,
+    not_before: Option<Instant>,
+    in_flight: bool,
+    failures: u32,
+}
+
+impl Slot {
+    fn is_due(&self, now: Instant, min_interval: Duration) -> bool {
+        !self.in_flight
+            && self.ready.is_some()
+            && self.not_before.is_none_or(|t| now >= t)
+            && self.last_patch.is_none_or(|t| now >= t + min_interval)
+    }
+}
+
+pub struct StatusWriter {
+    client: Client,
+    recorder: Recorder,
+    rx: mpsc::Receiver<Update>,
+    config: WriterConfig,
+    slots: HashMap<WebhookKey, Slot>,
+}
+
+type PatchResult = (WebhookKey, ReadyUpdate, Result<(), kube::Error>);
+
+/// A writer and the sender that feeds it; `capacity` bounds the channel.
+pub fn channel(
+    client: Client,
+    config: WriterConfig,
+    capacity: usize,
+) -> (StatusSender, StatusWriter) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let reporter = Reporter {
+        controller: "hookrelay".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
+    (
+        StatusSender { tx },
+        StatusWriter {
+            client,
+            recorder,
+            rx,
+            config,
+            slots: HashMap::new(),
+        },
+    )
+}
+
+impl StatusWriter {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut in_flight = FuturesUnordered::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                update = self.rx.recv() => match update {
+                    Some(update) => self.merge(update),
+                    None => break,
+                },
+                Some(done) = in_flight.next() => self.finish(done),
+                _ = tick.tick() => {}
+            }
+            let now = Instant::now();
+            let due: Vec<WebhookKey> = self
+                .slots
+                .iter()
+                .filter(|(_, s)| s.is_due(now, self.config.min_interval))
+                .map(|(k, _)| k.clone())
+                .take(self.config.max_in_flight.saturating_sub(in_flight.len()))
+                .collect();
+            for key in due {
+                let slot = self.slots.get_mut(&key).expect("due keys exist");
+                let update = slot.ready.take().expect("due slots have content");
+                slot.in_flight = true;
+                slot.last_patch = Some(now);
+                in_flight.push(patch_ready(
+                    self.client.clone(),
+                    self.recorder.clone(),
+                    self.config.patch_timeout,
+                    key,
+                    update,
+                ));
+            }
+        }
+        // Let patches already sent finish, within their timeout.
+        while let Some(done) = in_flight.next().await {
+            self.finish(done);
+        }
+    }
+
+    fn merge(&mut self, update: Update) {
+        match update {
+            Update::WebhookReady { key, update } => {
+                let slot = self.slots.entry(key).or_default();
+                // The latest decision wins, but an event not yet recorded is kept.
+                let event = update
+                    .event
+                    .clone()
+                    .or_else(|| slot.ready.take().and_then(|u| u.event));
+                slot.ready = Some(ReadyUpdate { event, ..update });
+            }
+        }
+    }
+
+    fn finish(&mut self, (key, update, result): PatchResult) {
+        let Some(slot) = self.slots.get_mut(&key) else {
+            return;
+        };
+        slot.in_flight = false;
+        match result {
+            Ok(()) => {
+                slot.failures = 0;
+                slot.not_before = None;
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                tracing::debug!(webhook = %key, "gone before its status was written");
+            }
+            Err(error) => {
+                slot.failures += 1;
+                let backoff = Duration::from_millis(200 * 2u64.pow(slot.failures.min(7)));
+                tracing::warn!(webhook = %key, %error, ?backoff, "status patch failed; retrying");
+                slot.not_before = Some(Instant::now() + backoff);
+                if slot.ready.is_none() {
+                    slot.ready = Some(update);
+                }
+            }
+        }
+        if slot.ready.is_none() && !slot.in_flight && slot.failures == 0 {
+            self.slots.remove(&key);
+        }
+    }
+}
+
+async fn patch_ready(
+    client: Client,
+    recorder: Recorder,
+    timeout: Duration,
+    key: WebhookKey,
+    update: ReadyUpdate,
+) -> PatchResult {
+    let api: Api<crate::crd::Webhook> = Api::namespaced(client, &key.namespace);
+    let body = json!({
+        "apiVersion": "hookrelay.dev/v1alpha1",
+        "kind": "Webhook",
+        "status": {
+            "observedGeneration": update.generation,
+            "conditions": [update.condition],
+        }
+    });
+    let params = PatchParams::apply(CONTROLLER_MANAGER).force();
+    let result = match tokio::time::timeout(
+        timeout,
+        api.patch_status(&key.name, &params, &Patch::Apply(&body)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(kube::Error::Service(
+            format!("status patch timed out after {timeout:?}").into(),
+        )),
+    };
+    if let (Ok(()), Some(event)) = (&result, &update.event) {
+        let ev = Event {
+            type_: if event.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: event.reason.clone(),
+            note: Some(event.note.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(error) = recorder.publish(&ev, &event.object).await {
+            tracing::warn!(webhook = %key, %error, "recording the Kubernetes Event failed");
+        }
+    }
+    (key, update, result)
+}
