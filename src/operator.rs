@@ -13,6 +13,7 @@ use crate::{
     crd::{DocumentEvent, Webhook},
     delivery::EgressPolicy,
     http,
+    metrics::Metrics,
     routing::Routes,
     status::{self, WriterConfig},
 };
@@ -74,6 +75,7 @@ pub enum Error {
 pub struct Operator {
     pub routes: Routes,
     pub readiness: http::Readiness,
+    pub metrics: Metrics,
     pub metrics_addr: SocketAddr,
 }
 
@@ -107,7 +109,13 @@ pub async fn start(
         source,
     })?;
 
-    let (status, writer) = status::channel(client.clone(), WriterConfig::default(), 1024);
+    let metrics = Metrics::default();
+    let (status, writer) = status::channel(
+        client.clone(),
+        metrics.clone(),
+        WriterConfig::default(),
+        1024,
+    );
     let controller =
         WebhookController::new(&scope, routes.clone(), egress, status, readiness.clone());
 
@@ -115,13 +123,14 @@ pub async fn start(
     let controller = tokio::spawn(controller.run(client, scope, shutdown.clone()));
     let server = http::serve(
         listener,
-        http::metrics_router(readiness.clone()),
+        http::metrics_router(readiness.clone(), metrics.clone()),
         shutdown.clone(),
     );
 
     let operator = Operator {
         routes,
         readiness,
+        metrics,
         metrics_addr,
     };
     let task = async move {

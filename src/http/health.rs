@@ -3,7 +3,14 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use axum::{Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    routing::get,
+};
+
+use crate::metrics::Metrics;
 
 /// Readiness as a set of components still pending. `/readyz` answers 200 only once every
 /// component registered at start (one per watch) has reported its initial sync.
@@ -41,12 +48,24 @@ impl Readiness {
     }
 }
 
-/// `/healthz` and `/readyz`.
-pub fn metrics_router(readiness: Readiness) -> Router {
+/// `/metrics`, `/healthz` and `/readyz`.
+pub fn metrics_router(readiness: Readiness, metrics: Metrics) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(readiness)
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }),
+        )
 }
 
 async fn readyz(State(readiness): State<Readiness>) -> (StatusCode, String) {

@@ -20,7 +20,10 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::routing::WebhookKey;
+use crate::{
+    metrics::{Metrics, ObjectKind, PatchResult, StatusPatchLabels},
+    routing::WebhookKey,
+};
 
 /// Field manager of the conditions the Webhook controller decides.
 pub const CONTROLLER_MANAGER: &str = "hookrelay-controller";
@@ -107,17 +110,19 @@ impl Slot {
 
 pub struct StatusWriter {
     client: Client,
+    metrics: Metrics,
     recorder: Recorder,
     rx: mpsc::Receiver<Update>,
     config: WriterConfig,
     slots: HashMap<WebhookKey, Slot>,
 }
 
-type PatchResult = (WebhookKey, ReadyUpdate, Result<(), kube::Error>);
+type PatchOutcome = (WebhookKey, ReadyUpdate, Result<(), kube::Error>);
 
 /// A writer and the sender that feeds it; `capacity` bounds the channel.
 pub fn channel(
     client: Client,
+    metrics: Metrics,
     config: WriterConfig,
     capacity: usize,
 ) -> (StatusSender, StatusWriter) {
@@ -131,6 +136,7 @@ pub fn channel(
         StatusSender { tx },
         StatusWriter {
             client,
+            metrics,
             recorder,
             rx,
             config,
@@ -196,7 +202,19 @@ impl StatusWriter {
         }
     }
 
-    fn finish(&mut self, (key, update, result): PatchResult) {
+    fn finish(&mut self, (key, update, result): PatchOutcome) {
+        let result_label = if result.is_ok() {
+            PatchResult::Ok
+        } else {
+            PatchResult::Error
+        };
+        self.metrics
+            .status_patches
+            .get_or_create(&StatusPatchLabels {
+                kind: ObjectKind::Webhook,
+                result: result_label,
+            })
+            .inc();
         let Some(slot) = self.slots.get_mut(&key) else {
             return;
         };
@@ -231,7 +249,7 @@ async fn patch_ready(
     timeout: Duration,
     key: WebhookKey,
     update: ReadyUpdate,
-) -> PatchResult {
+) -> PatchOutcome {
     let api: Api<crate::crd::Webhook> = Api::namespaced(client, &key.namespace);
     let body = json!({
         "apiVersion": "hookrelay.dev/v1alpha1",

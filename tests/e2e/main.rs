@@ -3,3 +3,4 @@
 mod crds;
 mod operator;
 mod support;
+mod webhook_controller;

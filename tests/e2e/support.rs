@@ -257,3 +257,46 @@ impl Operator {
         .await
     }
 }
+
+/// The operator running inside the test process, watching one namespace, stopped on drop.
+pub struct InProcess {
+    pub op: hookrelay::operator::Operator,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl InProcess {
+    /// Starts it with local demo settings (plain http and 127.0.0.0/8 allowed) and waits until
+    /// its watches have synced.
+    pub async fn start(client: Client, namespace: &str) -> InProcess {
+        let mut args = hookrelay::operator::RunArgs::for_tests();
+        args.namespaces = vec![namespace.to_owned()];
+        args.allow_http = true;
+        args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+        Self::start_with(client, args).await
+    }
+
+    pub async fn start_with(client: Client, args: hookrelay::operator::RunArgs) -> InProcess {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (op, task) = hookrelay::operator::start(client, args, shutdown.clone())
+            .await
+            .expect("operator starts");
+        tokio::spawn(task);
+        let readiness = op.readiness.clone();
+        eventually(
+            "the operator's watches to sync",
+            Duration::from_secs(30),
+            || {
+                let ready = readiness.is_ready();
+                async move { ready.then_some(()) }
+            },
+        )
+        .await;
+        InProcess { op, shutdown }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
