@@ -1,5 +1,6 @@
 //! End-to-end tests against a real kube-apiserver and etcd (see `support`).
 
+mod control_plane;
 mod crds;
 mod operator;
 mod support;

@@ -300,3 +300,51 @@ impl Drop for InProcess {
         self.shutdown.cancel();
     }
 }
+
+impl ControlPlane {
+    /// A ServiceAccount token from the TokenRequest API (`kubectl create token`).
+    pub fn service_account_token(&self, namespace: &str, service_account: &str) -> String {
+        let exists = self.kubectl(
+            &["get", "serviceaccount", service_account, "-n", namespace],
+            None,
+        );
+        if !exists.success {
+            self.kubectl_ok(
+                &["create", "serviceaccount", service_account, "-n", namespace],
+                None,
+            );
+        }
+        self.kubectl_ok(&["create", "token", service_account, "-n", namespace], None)
+            .trim()
+            .to_owned()
+    }
+
+    /// A kubeconfig that authenticates with `token` only (no client certificate).
+    pub fn token_kubeconfig(&self, token: &str) -> PathBuf {
+        let admin = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig readable");
+        let cluster = admin.clusters[0].cluster.clone().expect("a cluster");
+        let yaml = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
+            cluster.server.expect("a server"),
+            cluster.certificate_authority_data.expect("CA data"),
+        );
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "hookrelay-token-{}-{}.kubeconfig",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, yaml).expect("kubeconfig written");
+        path
+    }
+
+    /// kubectl with another kubeconfig (a token's, say).
+    pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Kubectl {
+        Command::new(self.bin.join("kubectl"))
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .output()
+            .expect("kubectl runs")
+            .into()
+    }
+}
