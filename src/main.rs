@@ -62,10 +62,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await?;
+    let config = kube::Config::infer().await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
-    operator::run(client, args, shutdown).await?;
+    operator::run(config, args, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }

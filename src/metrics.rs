@@ -4,9 +4,11 @@ use std::sync::Arc;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, text::encode},
-    metrics::{counter::Counter, family::Family},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+
+use crate::routing::StateCounts;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum ObjectKind {
@@ -26,11 +28,25 @@ pub struct StatusPatchLabels {
     pub result: PatchResult,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookStateLabels {
+    /// `Active`, `Paused` or `Blocked` (see the Ready condition for why).
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KubeRequestLabels {
+    /// The HTTP method, or `WATCH` for watch requests.
+    pub verb: &'static str,
+}
+
 /// Every metric the operator exports, cheap to clone into each task.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
     pub status_patches: Family<StatusPatchLabels, Counter>,
+    pub webhooks: Family<WebhookStateLabels, Gauge>,
+    pub kube_requests: Family<KubeRequestLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -48,9 +64,23 @@ impl Default for Metrics {
             "Status patches sent to the API server",
             status_patches.clone(),
         );
+        let webhooks = Family::<WebhookStateLabels, Gauge>::default();
+        registry.register(
+            "webhooks",
+            "Webhooks in the routing table by state",
+            webhooks.clone(),
+        );
+        let kube_requests = Family::<KubeRequestLabels, Counter>::default();
+        registry.register(
+            "kube_api_requests",
+            "Requests sent to the Kubernetes API server",
+            kube_requests.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             status_patches,
+            webhooks,
+            kube_requests,
         }
     }
 }
@@ -61,6 +91,44 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+
+    pub fn set_route_counts(&self, counts: StateCounts) {
+        for (state, n) in [
+            ("Active", counts.active),
+            ("Paused", counts.paused),
+            ("Blocked", counts.blocked),
+        ] {
+            self.webhooks
+                .get_or_create(&WebhookStateLabels { state })
+                .set(n as i64);
+        }
+    }
+
+    /// A kube client whose every request is counted in `hookrelay_kube_api_requests_total`.
+    pub fn instrumented_client(&self, config: kube::Config) -> Result<kube::Client, kube::Error> {
+        let counter = self.kube_requests.clone();
+        let count =
+            tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+                let watch = req
+                    .uri()
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+                let verb = match *req.method() {
+                    _ if watch => "WATCH",
+                    http::Method::GET => "GET",
+                    http::Method::POST => "POST",
+                    http::Method::PUT => "PUT",
+                    http::Method::PATCH => "PATCH",
+                    http::Method::DELETE => "DELETE",
+                    _ => "OTHER",
+                };
+                counter.get_or_create(&KubeRequestLabels { verb }).inc();
+                req
+            });
+        Ok(kube::client::ClientBuilder::try_from(config)?
+            .with_layer(&count)
+            .build())
     }
 
     /// Status patches so far of `kind` with `result`.

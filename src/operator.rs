@@ -80,18 +80,24 @@ pub struct Operator {
 }
 
 /// Runs the operator until `shutdown` fires.
-pub async fn run(client: Client, args: RunArgs, shutdown: CancellationToken) -> Result<(), Error> {
-    let (_, task) = start(client, args, shutdown).await?;
+pub async fn run(
+    config: kube::Config,
+    args: RunArgs,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let (_, task) = start(config, args, shutdown).await?;
     task.await
 }
 
 /// Checks the cluster, binds the servers and starts every task; the returned future completes
 /// when they have all stopped after `shutdown`.
 pub async fn start(
-    client: Client,
+    config: kube::Config,
     args: RunArgs,
     shutdown: CancellationToken,
 ) -> Result<(Operator, impl Future<Output = Result<(), Error>>), Error> {
+    let metrics = Metrics::default();
+    let client = metrics.instrumented_client(config)?;
     check_crds(&client).await?;
     let readiness = http::Readiness::new(&["secrets", "webhooks"]);
     let routes = Routes::default();
@@ -109,15 +115,20 @@ pub async fn start(
         source,
     })?;
 
-    let metrics = Metrics::default();
     let (status, writer) = status::channel(
         client.clone(),
         metrics.clone(),
         WriterConfig::default(),
         1024,
     );
-    let controller =
-        WebhookController::new(&scope, routes.clone(), egress, status, readiness.clone());
+    let controller = WebhookController::new(
+        &scope,
+        routes.clone(),
+        egress,
+        status,
+        readiness.clone(),
+        metrics.clone(),
+    );
 
     let writer = tokio::spawn(writer.run(shutdown.clone()));
     let controller = tokio::spawn(controller.run(client, scope, shutdown.clone()));

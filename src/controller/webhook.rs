@@ -31,7 +31,8 @@ use crate::{
     crd::{Webhook, merge_condition},
     delivery::EgressPolicy,
     http::Readiness,
-    routing::{Route, Routes, WebhookKey},
+    metrics::Metrics,
+    routing::{Route, Routes, RoutingTable, WebhookKey},
     status::{ReadyUpdate, StatusSender, TransitionEvent, Update},
 };
 
@@ -92,6 +93,7 @@ pub struct WebhookController {
     egress: EgressPolicy,
     status: StatusSender,
     readiness: Readiness,
+    metrics: Metrics,
     /// The namespace each stream covers (None: all).
     coverage: Vec<Option<Arc<str>>>,
     secrets: HashMap<NamespacedName, SecretData>,
@@ -112,6 +114,7 @@ impl WebhookController {
         egress: EgressPolicy,
         status: StatusSender,
         readiness: Readiness,
+        metrics: Metrics,
     ) -> Self {
         let coverage: Vec<Option<Arc<str>>> = match scope {
             Scope::All => vec![None],
@@ -123,6 +126,7 @@ impl WebhookController {
             egress,
             status,
             readiness,
+            metrics,
             coverage,
             secrets: HashMap::new(),
             webhooks: HashMap::new(),
@@ -239,7 +243,7 @@ impl WebhookController {
             };
             if let Some(webhook) = self.webhooks.get(&key).cloned() {
                 let route = self.reconcile(&webhook).await;
-                self.routes.update(|t| t.apply(route));
+                self.update_routes(|t| t.apply(route));
             }
         }
     }
@@ -265,7 +269,7 @@ impl WebhookController {
                     .map(|r| r.buffer)
                     .unwrap_or_default();
                 let covered = self.coverage[stream].clone();
-                let gone = self.routes.update(|t| t.reset(covered.as_deref(), listed));
+                let gone = self.update_routes(|t| t.reset(covered.as_deref(), listed));
                 for key in gone {
                     self.forget(&key);
                 }
@@ -283,11 +287,11 @@ impl WebhookController {
                 let webhook = Arc::new(webhook);
                 self.remember(&webhook);
                 let route = self.reconcile(&webhook).await;
-                self.routes.update(|t| t.apply(route));
+                self.update_routes(|t| t.apply(route));
             }
             watcher::Event::Delete(DeserializeGuard(Ok(webhook))) => {
                 let key = webhook_key(&webhook);
-                self.routes.update(|t| t.delete(&key));
+                self.update_routes(|t| t.delete(&key));
                 self.forget(&key);
                 tracing::info!(webhook = %key, "deleted; route removed");
             }
@@ -301,10 +305,20 @@ impl WebhookController {
                     e.metadata.name.as_deref().unwrap_or_default(),
                 );
                 tracing::warn!(webhook = %key, error = %e.error, "skipping a Webhook that cannot be read");
-                self.routes.update(|t| t.delete(&key));
+                self.update_routes(|t| t.delete(&key));
                 self.forget(&key);
             }
         }
+    }
+
+    /// Changes the routing table and the metrics that count it.
+    fn update_routes<R>(&self, change: impl FnOnce(&mut RoutingTable) -> R) -> R {
+        let (result, counts) = self.routes.update(|t| {
+            let result = change(t);
+            (result, t.counts())
+        });
+        self.metrics.set_route_counts(counts);
+        result
     }
 
     fn remember(&mut self, webhook: &Arc<Webhook>) {

@@ -51,6 +51,33 @@ pub enum RouteState {
     },
 }
 
+impl RouteState {
+    /// A bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RouteState::Active => "Active",
+            RouteState::Paused => "Paused",
+            RouteState::Blocked { .. } => "Blocked",
+        }
+    }
+
+    fn index(&self) -> usize {
+        match self {
+            RouteState::Active => 0,
+            RouteState::Paused => 1,
+            RouteState::Blocked { .. } => 2,
+        }
+    }
+}
+
+/// Number of routes in each state, kept as the table changes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    pub active: usize,
+    pub paused: usize,
+    pub blocked: usize,
+}
+
 /// Everything the delivery path needs to deliver to one Webhook.
 #[derive(Clone, Debug)]
 pub struct Route {
@@ -86,6 +113,7 @@ struct NamespaceRoutes {
 pub struct RoutingTable {
     routes: HashMap<WebhookKey, Arc<Route>>,
     namespaces: HashMap<Arc<str>, NamespaceRoutes>,
+    by_state: [usize; 3],
 }
 
 impl RoutingTable {
@@ -100,12 +128,14 @@ impl RoutingTable {
         for t in route.event_types() {
             ns.by_type[t as usize].insert(route.key.name.clone(), route.clone());
         }
+        self.by_state[route.state.index()] += 1;
         self.routes.insert(route.key.clone(), route);
     }
 
     /// Removes the route of `key`, returning it.
     pub fn delete(&mut self, key: &WebhookKey) -> Option<Arc<Route>> {
         let old = self.routes.remove(key)?;
+        self.by_state[old.state.index()] -= 1;
         if let Some(ns) = self.namespaces.get_mut(&key.namespace) {
             for t in old.event_types() {
                 ns.by_type[t as usize].remove(&key.name);
@@ -151,6 +181,16 @@ impl RoutingTable {
 
     pub fn get(&self, key: &WebhookKey) -> Option<&Arc<Route>> {
         self.routes.get(key)
+    }
+
+    /// Routes by state, O(1).
+    pub fn counts(&self) -> StateCounts {
+        let [active, paused, blocked] = self.by_state;
+        StateCounts {
+            active,
+            paused,
+            blocked,
+        }
     }
 
     pub fn len(&self) -> usize {

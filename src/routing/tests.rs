@@ -141,3 +141,43 @@ fn reset_of_one_namespace_keeps_the_others() {
     assert_eq!(gone, [WebhookKey::new("a", "x")]);
     assert_eq!(names(&t, "b", EventType::Completed), ["y"]);
 }
+
+#[test]
+fn counts_follow_apply_and_delete() {
+    let mut t = RoutingTable::default();
+    t.apply(route("docs", "a", &[WebhookEvent::All]));
+    let mut paused = route("docs", "b", &[WebhookEvent::All]);
+    paused.state = RouteState::Paused;
+    t.apply(paused);
+    assert_eq!(
+        t.counts(),
+        StateCounts {
+            active: 1,
+            paused: 1,
+            blocked: 0
+        }
+    );
+    let mut blocked = route("docs", "a", &[WebhookEvent::All]);
+    blocked.state = RouteState::Blocked {
+        reason: "SecretNotFound",
+        message: String::new(),
+    };
+    t.apply(blocked);
+    assert_eq!(
+        t.counts(),
+        StateCounts {
+            active: 0,
+            paused: 1,
+            blocked: 1
+        }
+    );
+    t.delete(&WebhookKey::new("docs", "b"));
+    assert_eq!(
+        t.counts(),
+        StateCounts {
+            active: 0,
+            paused: 0,
+            blocked: 1
+        }
+    );
+}

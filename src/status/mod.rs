@@ -151,35 +151,42 @@ impl StatusWriter {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let touched = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 update = self.rx.recv() => match update {
-                    Some(update) => self.merge(update),
+                    Some(update) => Some(self.merge(update)),
                     None => break,
                 },
-                Some(done) = in_flight.next() => self.finish(done),
-                _ = tick.tick() => {}
-            }
+                Some(done) = in_flight.next() => {
+                    self.finish(done);
+                    None
+                }
+                _ = tick.tick() => {
+                    // Everything rate-limited or retried earlier starts from here.
+                    let now = Instant::now();
+                    self.forget_idle(now);
+                    let room = self.config.max_in_flight.saturating_sub(in_flight.len());
+                    let due: Vec<WebhookKey> = self
+                        .slots
+                        .iter()
+                        .filter(|(_, s)| s.is_due(now, self.config.min_interval))
+                        .map(|(k, _)| k.clone())
+                        .take(room)
+                        .collect();
+                    in_flight.extend(due.into_iter().map(|key| self.start(key, now)));
+                    None
+                }
+            };
+            // A new update for an object not written lately goes out at once.
             let now = Instant::now();
-            let due: Vec<WebhookKey> = self
-                .slots
-                .iter()
-                .filter(|(_, s)| s.is_due(now, self.config.min_interval))
-                .map(|(k, _)| k.clone())
-                .take(self.config.max_in_flight.saturating_sub(in_flight.len()))
-                .collect();
-            for key in due {
-                let slot = self.slots.get_mut(&key).expect("due keys exist");
-                let update = slot.ready.take().expect("due slots have content");
-                slot.in_flight = true;
-                slot.last_patch = Some(now);
-                in_flight.push(patch_ready(
-                    self.client.clone(),
-                    self.recorder.clone(),
-                    self.config.patch_timeout,
-                    key,
-                    update,
-                ));
+            if let Some(key) = touched
+                && in_flight.len() < self.config.max_in_flight
+                && self
+                    .slots
+                    .get(&key)
+                    .is_some_and(|s| s.is_due(now, self.config.min_interval))
+            {
+                in_flight.push(self.start(key, now));
             }
         }
         // Let patches already sent finish, within their timeout.
@@ -188,16 +195,37 @@ impl StatusWriter {
         }
     }
 
-    fn merge(&mut self, update: Update) {
+    /// Takes the pending content of `key` into a patch.
+    fn start(
+        &mut self,
+        key: WebhookKey,
+        now: Instant,
+    ) -> impl Future<Output = PatchOutcome> + use<> {
+        let slot = self.slots.get_mut(&key).expect("started keys exist");
+        let update = slot.ready.take().expect("started slots have content");
+        slot.in_flight = true;
+        slot.last_patch = Some(now);
+        patch_ready(
+            self.client.clone(),
+            self.recorder.clone(),
+            self.config.patch_timeout,
+            key,
+            update,
+        )
+    }
+
+    /// Merges `update` into the pending content of its object, returning the object's key.
+    fn merge(&mut self, update: Update) -> WebhookKey {
         match update {
             Update::WebhookReady { key, update } => {
-                let slot = self.slots.entry(key).or_default();
+                let slot = self.slots.entry(key.clone()).or_default();
                 // The latest decision wins, but an event not yet recorded is kept.
                 let event = update
                     .event
                     .clone()
                     .or_else(|| slot.ready.take().and_then(|u| u.event));
                 slot.ready = Some(ReadyUpdate { event, ..update });
+                key
             }
         }
     }
@@ -237,9 +265,15 @@ impl StatusWriter {
                 }
             }
         }
-        if slot.ready.is_none() && !slot.in_flight && slot.failures == 0 {
-            self.slots.remove(&key);
-        }
+    }
+
+    /// Forgets objects with nothing pending once their rate limit has passed, keeping the map
+    /// as small as the set of recently written objects.
+    fn forget_idle(&mut self, now: Instant) {
+        let min_interval = self.config.min_interval;
+        self.slots.retain(|_, s| {
+            s.in_flight || s.ready.is_some() || s.last_patch.is_some_and(|t| now < t + min_interval)
+        });
     }
 }
 
@@ -259,6 +293,7 @@ async fn patch_ready(
             "conditions": [update.condition],
         }
     });
+    tracing::debug!(webhook = %key, reason = %update.condition.reason, "patching status");
     let params = PatchParams::apply(CONTROLLER_MANAGER).force();
     let result = match tokio::time::timeout(
         timeout,

@@ -146,11 +146,15 @@ impl ControlPlane {
 
     /// A kube client with admin rights.
     pub async fn client(&self) -> Client {
+        Client::try_from(self.config().await).expect("client builds")
+    }
+
+    /// The admin client configuration.
+    pub async fn config(&self) -> Config {
         let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig readable");
-        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
-            .expect("kubeconfig valid");
-        Client::try_from(config).expect("client builds")
+            .expect("kubeconfig valid")
     }
 
     /// Creates a fresh namespace for one test. Namespaces are never reused: without a
@@ -267,17 +271,25 @@ pub struct InProcess {
 impl InProcess {
     /// Starts it with local demo settings (plain http and 127.0.0.0/8 allowed) and waits until
     /// its watches have synced.
-    pub async fn start(client: Client, namespace: &str) -> InProcess {
+    pub async fn start(config: Config, namespace: &str) -> InProcess {
         let mut args = hookrelay::operator::RunArgs::for_tests();
         args.namespaces = vec![namespace.to_owned()];
         args.allow_http = true;
         args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-        Self::start_with(client, args).await
+        Self::start_with(config, args).await
     }
 
-    pub async fn start_with(client: Client, args: hookrelay::operator::RunArgs) -> InProcess {
+    pub async fn start_with(config: Config, args: hookrelay::operator::RunArgs) -> InProcess {
+        // Operator logs in test output (shown for failing tests), filtered by RUST_LOG.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "hookrelay=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let (op, task) = hookrelay::operator::start(client, args, shutdown.clone())
+        let (op, task) = hookrelay::operator::start(config, args, shutdown.clone())
             .await
             .expect("operator starts");
         tokio::spawn(task);

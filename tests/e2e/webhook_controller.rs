@@ -64,12 +64,12 @@ fn expected_signature(secret: &str) -> String {
         .hex
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_follows_its_secret_without_a_restart() {
     let cp = control_plane();
     let ns = cp.namespace("secret-later").await;
     let client = cp.client().await;
-    let op = InProcess::start(client.clone(), &ns).await;
+    let op = InProcess::start(cp.config().await, &ns).await;
     let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
 
@@ -213,12 +213,12 @@ async fn a_webhook_follows_its_secret_without_a_restart() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lookups_follow_changes_of_events_and_url() {
     let cp = control_plane();
     let ns = cp.namespace("follow").await;
     let client = cp.client().await;
-    let op = InProcess::start(client.clone(), &ns).await;
+    let op = InProcess::start(cp.config().await, &ns).await;
     let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     secrets
@@ -284,7 +284,7 @@ async fn lookups_follow_changes_of_events_and_url() {
     .await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_egress_policy_is_reported_in_the_ready_condition() {
     let cp = control_plane();
     let ns = cp.namespace("egress").await;
@@ -292,7 +292,7 @@ async fn the_egress_policy_is_reported_in_the_ready_condition() {
     // Default policy: https only, no private ranges.
     let mut args = hookrelay::operator::RunArgs::for_tests();
     args.namespaces = vec![ns.clone()];
-    let _op = InProcess::start_with(client.clone(), args).await;
+    let _op = InProcess::start_with(cp.config().await, args).await;
     let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     for (name, url) in [
@@ -333,7 +333,7 @@ async fn the_egress_policy_is_reported_in_the_ready_condition() {
     wait_ready(&webhooks, "plain", "True", "Routed").await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_means_every_existing_webhook_is_in_the_table() {
     let cp = control_plane();
     let ns = cp.namespace("presync").await;
@@ -358,7 +358,7 @@ async fn ready_means_every_existing_webhook_is_in_the_table() {
             .unwrap();
     }
     // InProcess::start returns once /readyz would say ready: no waiting after that.
-    let op = InProcess::start(client.clone(), &ns).await;
+    let op = InProcess::start(cp.config().await, &ns).await;
     let table = op.op.routes.snapshot();
     assert_eq!(table.lookup(&ns, EventType::Uploaded).count(), 20);
     // Secrets were synced first, so none was reported missing on the way.
@@ -369,12 +369,12 @@ async fn ready_means_every_existing_webhook_is_in_the_table() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_writes_do_not_retrigger_status_writes() {
     let cp = control_plane();
     let ns = cp.namespace("noloop").await;
     let client = cp.client().await;
-    let op = InProcess::start(client.clone(), &ns).await;
+    let op = InProcess::start(cp.config().await, &ns).await;
     let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     secrets
