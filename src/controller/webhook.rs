@@ -147,7 +147,7 @@ impl WebhookController {
         );
         let mut webhooks = tagged(
             scope.apis::<DeserializeGuard<Webhook>>(&client),
-            |_| {},
+            strip_webhook,
             Input::Webhook,
         );
         loop {
@@ -460,6 +460,18 @@ fn strip_secret(guard: &mut DeserializeGuard<Secret>) {
         secret.metadata.annotations = None;
         secret.metadata.labels = None;
         secret.string_data = None;
+    }
+}
+
+/// Keeps what the controller reads of a Webhook: metadata without managedFields, the spec,
+/// and the conditions (not the delivery history).
+fn strip_webhook(guard: &mut DeserializeGuard<Webhook>) {
+    if let Ok(webhook) = &mut guard.0 {
+        webhook.metadata.managed_fields = None;
+        webhook.metadata.annotations = None;
+        if let Some(status) = &mut webhook.status {
+            status.recent_deliveries = Vec::new();
+        }
     }
 }
 

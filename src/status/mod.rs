@@ -6,6 +6,7 @@
 
 use std::{
     collections::HashMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -17,7 +18,7 @@ use kube::{
     runtime::events::{Event, EventType, Recorder, Reporter},
 };
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -84,7 +85,7 @@ impl Default for WriterConfig {
         Self {
             min_interval: Duration::from_secs(1),
             patch_timeout: Duration::from_secs(10),
-            max_in_flight: 16,
+            max_in_flight: 32,
         }
     }
 }
@@ -112,6 +113,8 @@ pub struct StatusWriter {
     client: Client,
     metrics: Metrics,
     recorder: Recorder,
+    /// Bounds the Kubernetes Events being recorded at once.
+    events: Arc<Semaphore>,
     rx: mpsc::Receiver<Update>,
     config: WriterConfig,
     slots: HashMap<WebhookKey, Slot>,
@@ -138,6 +141,7 @@ pub fn channel(
             client,
             metrics,
             recorder,
+            events: Arc::new(Semaphore::new(8)),
             rx,
             config,
             slots: HashMap::new(),
@@ -208,6 +212,7 @@ impl StatusWriter {
         patch_ready(
             self.client.clone(),
             self.recorder.clone(),
+            self.events.clone(),
             self.config.patch_timeout,
             key,
             update,
@@ -280,6 +285,7 @@ impl StatusWriter {
 async fn patch_ready(
     client: Client,
     recorder: Recorder,
+    events: Arc<Semaphore>,
     timeout: Duration,
     key: WebhookKey,
     update: ReadyUpdate,
@@ -319,9 +325,16 @@ async fn patch_ready(
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(error) = recorder.publish(&ev, &event.object).await {
-            tracing::warn!(webhook = %key, %error, "recording the Kubernetes Event failed");
-        }
+        // Events are informational: recorded beside the status patches, bounded, never waited on.
+        let (object, name) = (event.object.clone(), key.to_string());
+        tokio::spawn(async move {
+            let Ok(_permit) = events.acquire_owned().await else {
+                return;
+            };
+            if let Err(error) = recorder.publish(&ev, &object).await {
+                tracing::warn!(webhook = %name, %error, "recording the Kubernetes Event failed");
+            }
+        });
     }
     (key, update, result)
 }

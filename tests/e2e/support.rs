@@ -230,12 +230,17 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, St
 pub struct Operator {
     pub child: tokio::process::Child,
     pub metrics_addr: std::net::SocketAddr,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
 }
 
 impl Operator {
     pub fn start(cp: &ControlPlane, args: &[&str]) -> Operator {
         let metrics_addr: std::net::SocketAddr =
             format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log =
+            std::env::temp_dir().join(format!("hookrelay-operator-{}.log", metrics_addr.port()));
+        let out = std::fs::File::create(&log).expect("log file");
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookrelay"))
             .arg("run")
             .arg("--metrics-addr")
@@ -243,19 +248,26 @@ impl Operator {
             .args(args)
             .env("KUBECONFIG", &cp.kubeconfig)
             .env("RUST_LOG", "info,hookrelay=debug")
+            .stdout(out.try_clone().expect("log file"))
+            .stderr(out)
             .kill_on_drop(true)
             .spawn()
             .expect("operator starts");
         Operator {
             child,
             metrics_addr,
+            log,
         }
     }
 
     /// Waits until /readyz answers 200.
     pub async fn wait_ready(&self) {
         let addr = self.metrics_addr;
-        eventually("operator /readyz to answer 200", Duration::from_secs(30), || async move {
+        let what = format!(
+            "operator /readyz to answer 200 (log: {})",
+            self.log.display()
+        );
+        eventually(&what, Duration::from_secs(60), || async move {
             matches!(http_get(addr, "/readyz").await, Some((200, _))).then_some(())
         })
         .await
