@@ -1,0 +1,221 @@
+//! What an attempt's result means, and when the next attempt goes out. Pure.
+
+use std::time::Duration;
+
+use crate::crd::DeliveryPolicy;
+
+/// How one attempt ended, as the HTTP client saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// The endpoint answered with this status; `retry_after` from a `Retry-After` header.
+    Status {
+        code: u16,
+        retry_after: Option<Duration>,
+    },
+    /// No answer: connect error, timeout, refused by the egress guard, ...
+    Error { message: String, permanent: bool },
+}
+
+/// The verdict on a delivery after an attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Succeeded,
+    /// Try again after this delay.
+    Retry(Duration),
+    /// Stop: attempts exhausted or a permanent error.
+    Failed,
+    /// 410 Gone: stop, and stop delivering to this webhook.
+    Gone,
+}
+
+/// Exponential backoff with jitter from a Webhook's `delivery` settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl From<&DeliveryPolicy> for RetryPolicy {
+    fn from(p: &DeliveryPolicy) -> Self {
+        Self {
+            max_attempts: p.max_attempts.max(1) as u32,
+            initial_backoff: Duration::from_secs(p.initial_backoff_seconds.max(1) as u64),
+            max_backoff: Duration::from_secs(p.max_backoff_seconds.max(1) as u64),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The verdict after attempt number `attempt` (1-based) ended with `result`. `jitter` in
+    /// [0, 1) picks the point in the jitter window (pass a random number; tests pass fixed ones).
+    pub fn verdict(&self, attempt: u32, result: &AttemptResult, jitter: f64) -> Verdict {
+        let retry_after = match result {
+            AttemptResult::Status { code, .. } if (200..300).contains(code) => {
+                return Verdict::Succeeded;
+            }
+            AttemptResult::Status { code: 410, .. } => return Verdict::Gone,
+            AttemptResult::Status {
+                code: 429 | 503,
+                retry_after,
+            } => *retry_after,
+            AttemptResult::Error {
+                permanent: true, ..
+            } => return Verdict::Failed,
+            _ => None,
+        };
+        if attempt >= self.max_attempts {
+            return Verdict::Failed;
+        }
+        let delay = match retry_after {
+            // Honoured, but never beyond the Webhook's own maximum backoff.
+            Some(after) => after.min(self.max_backoff),
+            None => self.backoff(attempt, jitter),
+        };
+        Verdict::Retry(delay)
+    }
+
+    /// "Equal jitter": half of the exponential step fixed, half random. Until the cap, each window
+    /// starts where the previous one ended, so gaps grow; concurrent retries spread out.
+    pub fn backoff(&self, attempt: u32, jitter: f64) -> Duration {
+        let exp = self
+            .initial_backoff
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(31)));
+        let step = exp.min(self.max_backoff);
+        step / 2 + step.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
+    }
+}
+
+/// Parses a `Retry-After` header: delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(now).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+
+    fn status(code: u16) -> AttemptResult {
+        AttemptResult::Status {
+            code,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn any_2xx_succeeds() {
+        for code in [200, 201, 202, 204, 299] {
+            assert_eq!(policy().verdict(1, &status(code), 0.5), Verdict::Succeeded);
+        }
+    }
+
+    #[test]
+    fn failures_and_redirects_retry_until_attempts_run_out() {
+        for code in [301, 302, 400, 404, 500, 502] {
+            assert!(
+                matches!(policy().verdict(1, &status(code), 0.5), Verdict::Retry(_)),
+                "{code}"
+            );
+            assert_eq!(
+                policy().verdict(5, &status(code), 0.5),
+                Verdict::Failed,
+                "{code}"
+            );
+        }
+        let timeout = AttemptResult::Error {
+            message: "timed out".into(),
+            permanent: false,
+        };
+        assert!(matches!(
+            policy().verdict(4, &timeout, 0.5),
+            Verdict::Retry(_)
+        ));
+        let blocked = AttemptResult::Error {
+            message: "egress".into(),
+            permanent: true,
+        };
+        assert_eq!(policy().verdict(1, &blocked, 0.5), Verdict::Failed);
+    }
+
+    #[test]
+    fn gone_stops_at_once() {
+        assert_eq!(policy().verdict(1, &status(410), 0.5), Verdict::Gone);
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let p = policy();
+        // Attempt n waits within [step/2, step], step = 2s * 2^(n-1) capped at 10s.
+        assert_eq!(p.backoff(1, 0.0), Duration::from_secs(1));
+        assert_eq!(p.backoff(1, 1.0), Duration::from_secs(2));
+        assert_eq!(p.backoff(2, 0.0), Duration::from_secs(2));
+        assert_eq!(p.backoff(3, 0.5), Duration::from_secs(6));
+        assert_eq!(p.backoff(4, 1.0), Duration::from_secs(10));
+        assert_eq!(p.backoff(30, 1.0), Duration::from_secs(10));
+        // Below the cap, whatever the jitter, a later gap is never shorter than an earlier one.
+        for n in 1..3 {
+            assert!(p.backoff(n + 1, 0.0) >= p.backoff(n, 0.999), "attempt {n}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_capped() {
+        let p = policy();
+        let r = |secs| AttemptResult::Status {
+            code: 429,
+            retry_after: Some(Duration::from_secs(secs)),
+        };
+        assert_eq!(
+            p.verdict(1, &r(7), 0.5),
+            Verdict::Retry(Duration::from_secs(7))
+        );
+        assert_eq!(
+            p.verdict(1, &r(3600), 0.5),
+            Verdict::Retry(Duration::from_secs(10))
+        );
+        let unavailable = AttemptResult::Status {
+            code: 503,
+            retry_after: Some(Duration::from_secs(4)),
+        };
+        assert_eq!(
+            p.verdict(2, &unavailable, 0.5),
+            Verdict::Retry(Duration::from_secs(4))
+        );
+        // Retry-After on other codes is not a promise the endpoint made.
+        let other = AttemptResult::Status {
+            code: 500,
+            retry_after: Some(Duration::from_secs(9)),
+        };
+        assert_eq!(
+            p.verdict(1, &other, 0.0),
+            Verdict::Retry(Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn retry_after_parses_seconds_and_dates() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}
