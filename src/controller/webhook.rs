@@ -372,7 +372,12 @@ impl WebhookController {
                 message = %resolution.ready.message,
                 "Ready condition changed"
             );
-            self.status.send(Update::WebhookReady { key, update }).await;
+            self.status
+                .send(Update::WebhookReady {
+                    key,
+                    update: Box::new(update),
+                })
+                .await;
         }
         resolution.route
     }

@@ -1,8 +1,14 @@
-//! The one status writer. Reconcilers and (later) the delivery engine send what changed; the
-//! writer coalesces it per object, patches each object at most once per `min_interval`, with a
-//! timeout on every patch and a bounded number in flight, and records a Kubernetes Event when a
-//! condition flips. Status is written with server-side apply, one field manager per owner of a
-//! part of the status, so the parts never overwrite each other.
+//! The one status writer. The Webhook controller and the delivery engine send what changed; the
+//! writer coalesces it per object and part, patches each at most once per `min_interval`, with
+//! a timeout on every patch and a bounded number in flight, and records a Kubernetes Event when
+//! a condition flips. Status is written with server-side apply, one field manager per owner of
+//! a part of the status (the controller owns `Ready`, the delivery engine the delivery history
+//! and `Degraded`), so the parts never overwrite each other.
+
+mod delivery_log;
+mod patch;
+
+pub use delivery_log::{DEGRADED_AFTER, DeliveryLog, MAX_ERROR_CHARS, RECENT_DELIVERIES, now_time};
 
 use std::{
     collections::HashMap,
@@ -13,21 +19,22 @@ use std::{
 use futures::{StreamExt, stream::FuturesUnordered};
 use k8s_openapi::{api::core::v1::ObjectReference, apimachinery::pkg::apis::meta::v1::Condition};
 use kube::{
-    Api, Client,
-    api::{Patch, PatchParams},
-    runtime::events::{Event, EventType, Recorder, Reporter},
+    Client,
+    runtime::events::{Recorder, Reporter},
 };
-use serde_json::json;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    crd::{DeliveryRecord, DocumentEventStatus},
     metrics::{Metrics, ObjectKind, PatchResult, StatusPatchLabels},
     routing::WebhookKey,
 };
 
 /// Field manager of the conditions the Webhook controller decides.
 pub const CONTROLLER_MANAGER: &str = "hookrelay-controller";
+/// Field manager of what the delivery engine records.
+pub const DELIVERY_MANAGER: &str = "hookrelay-delivery";
 
 /// A Kubernetes Event to record once the patch that carries it has landed.
 #[derive(Clone, Debug, PartialEq)]
@@ -46,12 +53,37 @@ pub struct ReadyUpdate {
     pub event: Option<TransitionEvent>,
 }
 
+/// A DocumentEvent, identified down to its uid so a recreated one is never written by mistake.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EventKey {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl std::fmt::Display for EventKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 /// What a status writer is told.
 #[derive(Debug)]
 pub enum Update {
+    /// The controller decided a Webhook's `Ready` condition.
     WebhookReady {
         key: WebhookKey,
-        update: ReadyUpdate,
+        update: Box<ReadyUpdate>,
+    },
+    /// An attempt to deliver to a Webhook ended.
+    DeliveryAttempt {
+        key: WebhookKey,
+        record: Box<DeliveryRecord>,
+    },
+    /// The full delivery status of a DocumentEvent.
+    EventStatus {
+        key: EventKey,
+        uid: String,
+        status: DocumentEventStatus,
     },
 }
 
@@ -72,8 +104,11 @@ impl StatusSender {
 
 #[derive(Clone, Debug)]
 pub struct WriterConfig {
-    /// At most one patch per object per this interval.
+    /// At most one patch per object (and status part) per this interval.
     pub min_interval: Duration,
+    /// A new DocumentEvent's first status waits this long, so that a fast delivery is written
+    /// once, with its result.
+    pub event_first_delay: Duration,
     /// Time allowed for one patch.
     pub patch_timeout: Duration,
     /// Patches in flight at once.
@@ -84,16 +119,35 @@ impl Default for WriterConfig {
     fn default() -> Self {
         Self {
             min_interval: Duration::from_secs(1),
+            event_first_delay: Duration::from_millis(300),
             patch_timeout: Duration::from_secs(10),
             max_in_flight: 32,
         }
     }
 }
 
-/// Pending status of one Webhook.
+/// One part of one object's status, patched on its own.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum SlotKey {
+    Ready(WebhookKey),
+    Deliveries(WebhookKey),
+    Event(EventKey),
+}
+
+/// What is waiting to be written to a slot.
+#[derive(Debug)]
+enum Content {
+    Ready(Box<ReadyUpdate>),
+    Deliveries(Vec<DeliveryRecord>),
+    Event {
+        uid: String,
+        status: DocumentEventStatus,
+    },
+}
+
 #[derive(Default)]
 struct Slot {
-    ready: Option<ReadyUpdate>,
+    content: Option<Content>,
     last_patch: Option<Instant>,
     not_before: Option<Instant>,
     in_flight: bool,
@@ -103,10 +157,20 @@ struct Slot {
 impl Slot {
     fn is_due(&self, now: Instant, min_interval: Duration) -> bool {
         !self.in_flight
-            && self.ready.is_some()
+            && self.content.is_some()
             && self.not_before.is_none_or(|t| now >= t)
             && self.last_patch.is_none_or(|t| now >= t + min_interval)
     }
+}
+
+/// What a finished patch hands back.
+struct Finished {
+    key: SlotKey,
+    /// Content to write again if the patch failed.
+    retry: Option<Content>,
+    /// The delivery log, returned after a Deliveries patch.
+    log: Option<(WebhookKey, DeliveryLog)>,
+    result: Result<(), kube::Error>,
 }
 
 pub struct StatusWriter {
@@ -117,10 +181,10 @@ pub struct StatusWriter {
     events: Arc<Semaphore>,
     rx: mpsc::Receiver<Update>,
     config: WriterConfig,
-    slots: HashMap<WebhookKey, Slot>,
+    slots: HashMap<SlotKey, Slot>,
+    /// Delivery logs of Webhooks, seeded from their status on first use.
+    logs: HashMap<WebhookKey, DeliveryLog>,
 }
-
-type PatchOutcome = (WebhookKey, ReadyUpdate, Result<(), kube::Error>);
 
 /// A writer and the sender that feeds it; `capacity` bounds the channel.
 pub fn channel(
@@ -135,18 +199,17 @@ pub fn channel(
         instance: std::env::var("POD_NAME").ok(),
     };
     let recorder = Recorder::new(client.clone(), reporter);
-    (
-        StatusSender { tx },
-        StatusWriter {
-            client,
-            metrics,
-            recorder,
-            events: Arc::new(Semaphore::new(8)),
-            rx,
-            config,
-            slots: HashMap::new(),
-        },
-    )
+    let writer = StatusWriter {
+        client,
+        metrics,
+        recorder,
+        events: Arc::new(Semaphore::new(8)),
+        rx,
+        config,
+        slots: HashMap::new(),
+        logs: HashMap::new(),
+    };
+    (StatusSender { tx }, writer)
 }
 
 impl StatusWriter {
@@ -154,10 +217,19 @@ impl StatusWriter {
         let mut in_flight = FuturesUnordered::new();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stopping = false;
         loop {
             let touched = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                update = self.rx.recv() => match update {
+                _ = shutdown.cancelled(), if !stopping => {
+                    // Write what is pending once more, without waiting out rate limits.
+                    stopping = true;
+                    for slot in self.slots.values_mut() {
+                        slot.last_patch = None;
+                        slot.not_before = None;
+                    }
+                    None
+                }
+                update = self.rx.recv(), if !stopping => match update {
                     Some(update) => Some(self.merge(update)),
                     None => break,
                 },
@@ -166,11 +238,10 @@ impl StatusWriter {
                     None
                 }
                 _ = tick.tick() => {
-                    // Everything rate-limited or retried earlier starts from here.
                     let now = Instant::now();
                     self.forget_idle(now);
                     let room = self.config.max_in_flight.saturating_sub(in_flight.len());
-                    let due: Vec<WebhookKey> = self
+                    let due: Vec<SlotKey> = self
                         .slots
                         .iter()
                         .filter(|(_, s)| s.is_due(now, self.config.min_interval))
@@ -178,6 +249,9 @@ impl StatusWriter {
                         .take(room)
                         .collect();
                     in_flight.extend(due.into_iter().map(|key| self.start(key, now)));
+                    if stopping && in_flight.is_empty() && !self.slots.values().any(|s| s.content.is_some() && s.failures == 0) {
+                        break;
+                    }
                     None
                 }
             };
@@ -193,148 +267,162 @@ impl StatusWriter {
                 in_flight.push(self.start(key, now));
             }
         }
-        // Let patches already sent finish, within their timeout.
         while let Some(done) = in_flight.next().await {
             self.finish(done);
         }
     }
 
+    /// Merges `update` into its slot, returning the slot's key.
+    fn merge(&mut self, update: Update) -> SlotKey {
+        let (key, content) = match update {
+            Update::WebhookReady { key, update } => (SlotKey::Ready(key), Content::Ready(update)),
+            Update::DeliveryAttempt { key, record } => {
+                (SlotKey::Deliveries(key), Content::Deliveries(vec![*record]))
+            }
+            Update::EventStatus { key, uid, status } => {
+                (SlotKey::Event(key), Content::Event { uid, status })
+            }
+        };
+        let first_delay = self.config.event_first_delay;
+        let slot = self.slots.entry(key.clone()).or_insert_with(|| Slot {
+            not_before: matches!(key, SlotKey::Event(_)).then(|| Instant::now() + first_delay),
+            ..Slot::default()
+        });
+        slot.content = Some(match (slot.content.take(), content) {
+            // The latest decision wins, but an Event not yet recorded is kept.
+            (Some(Content::Ready(old)), Content::Ready(new)) => {
+                let event = new.event.clone().or(old.event);
+                Content::Ready(Box::new(ReadyUpdate { event, ..*new }))
+            }
+            (Some(Content::Deliveries(mut old)), Content::Deliveries(new)) => {
+                old.extend(new);
+                Content::Deliveries(old)
+            }
+            (_, new) => new,
+        });
+        key
+    }
+
     /// Takes the pending content of `key` into a patch.
-    fn start(
-        &mut self,
-        key: WebhookKey,
-        now: Instant,
-    ) -> impl Future<Output = PatchOutcome> + use<> {
+    fn start(&mut self, key: SlotKey, now: Instant) -> impl Future<Output = Finished> + use<> {
         let slot = self.slots.get_mut(&key).expect("started keys exist");
-        let update = slot.ready.take().expect("started slots have content");
+        let content = slot.content.take().expect("started slots have content");
         slot.in_flight = true;
         slot.last_patch = Some(now);
-        patch_ready(
+        let log = match &key {
+            SlotKey::Deliveries(webhook) => Some(self.logs.remove(webhook)),
+            _ => None,
+        };
+        let (client, recorder, events, timeout) = (
             self.client.clone(),
             self.recorder.clone(),
             self.events.clone(),
             self.config.patch_timeout,
-            key,
-            update,
-        )
-    }
-
-    /// Merges `update` into the pending content of its object, returning the object's key.
-    fn merge(&mut self, update: Update) -> WebhookKey {
-        match update {
-            Update::WebhookReady { key, update } => {
-                let slot = self.slots.entry(key.clone()).or_default();
-                // The latest decision wins, but an event not yet recorded is kept.
-                let event = update
-                    .event
-                    .clone()
-                    .or_else(|| slot.ready.take().and_then(|u| u.event));
-                slot.ready = Some(ReadyUpdate { event, ..update });
-                key
+        );
+        async move {
+            match (key, content) {
+                (SlotKey::Ready(webhook), Content::Ready(update)) => {
+                    let result = patch::ready(&client, &webhook, &update, timeout).await;
+                    if let (Ok(()), Some(event)) = (&result, &update.event) {
+                        patch::record_event(recorder, events, event.clone());
+                    }
+                    let retry = result.is_err().then_some(Content::Ready(update));
+                    Finished {
+                        key: SlotKey::Ready(webhook),
+                        retry,
+                        log: None,
+                        result,
+                    }
+                }
+                (SlotKey::Deliveries(webhook), Content::Deliveries(records)) => {
+                    let (log, result) =
+                        patch::deliveries(&client, &webhook, log.flatten(), records, timeout).await;
+                    // The records are in the log either way; a failed patch writes it again.
+                    let retry = result.is_err().then(|| Content::Deliveries(Vec::new()));
+                    Finished {
+                        key: SlotKey::Deliveries(webhook.clone()),
+                        retry,
+                        log: log.map(|l| (webhook, l)),
+                        result,
+                    }
+                }
+                (SlotKey::Event(event), Content::Event { uid, status }) => {
+                    let result = patch::event(&client, &event, &uid, &status, timeout).await;
+                    let retry = result.is_err().then_some(Content::Event { uid, status });
+                    Finished {
+                        key: SlotKey::Event(event),
+                        retry,
+                        log: None,
+                        result,
+                    }
+                }
+                (key, _) => Finished {
+                    key,
+                    retry: None,
+                    log: None,
+                    result: Ok(()),
+                },
             }
         }
     }
 
-    fn finish(&mut self, (key, update, result): PatchOutcome) {
-        let result_label = if result.is_ok() {
+    fn finish(&mut self, done: Finished) {
+        let kind = match done.key {
+            SlotKey::Event(_) => ObjectKind::DocumentEvent,
+            _ => ObjectKind::Webhook,
+        };
+        let result = if done.result.is_ok() {
             PatchResult::Ok
         } else {
             PatchResult::Error
         };
         self.metrics
             .status_patches
-            .get_or_create(&StatusPatchLabels {
-                kind: ObjectKind::Webhook,
-                result: result_label,
-            })
+            .get_or_create(&StatusPatchLabels { kind, result })
             .inc();
-        let Some(slot) = self.slots.get_mut(&key) else {
+        if let Some((webhook, log)) = done.log {
+            self.logs.insert(webhook, log);
+        }
+        let Some(slot) = self.slots.get_mut(&done.key) else {
             return;
         };
         slot.in_flight = false;
-        match result {
+        match done.result {
             Ok(()) => {
                 slot.failures = 0;
                 slot.not_before = None;
             }
-            Err(kube::Error::Api(e)) if e.code == 404 => {
-                tracing::debug!(webhook = %key, "gone before its status was written");
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {
+                // Deleted, or recreated under the same name (uid precondition): nothing to write.
+                tracing::debug!(object = ?done.key, code = e.code, "status not written: object gone");
+                if let SlotKey::Deliveries(webhook) | SlotKey::Ready(webhook) = &done.key {
+                    self.logs.remove(webhook);
+                }
             }
             Err(error) => {
                 slot.failures += 1;
                 let backoff = Duration::from_millis(200 * 2u64.pow(slot.failures.min(7)));
-                tracing::warn!(webhook = %key, %error, ?backoff, "status patch failed; retrying");
+                tracing::warn!(object = ?done.key, %error, ?backoff, "status patch failed; retrying");
                 slot.not_before = Some(Instant::now() + backoff);
-                if slot.ready.is_none() {
-                    slot.ready = Some(update);
+                if let Some(retry) = done.retry {
+                    slot.content = Some(match slot.content.take() {
+                        // Newer content supersedes, except delivery records which accumulate.
+                        Some(Content::Deliveries(newer)) => Content::Deliveries(newer),
+                        Some(newer) => newer,
+                        None => retry,
+                    });
                 }
             }
         }
     }
 
-    /// Forgets objects with nothing pending once their rate limit has passed, keeping the map
-    /// as small as the set of recently written objects.
+    /// Forgets slots with nothing pending once their rate limit has passed.
     fn forget_idle(&mut self, now: Instant) {
         let min_interval = self.config.min_interval;
         self.slots.retain(|_, s| {
-            s.in_flight || s.ready.is_some() || s.last_patch.is_some_and(|t| now < t + min_interval)
+            s.in_flight
+                || s.content.is_some()
+                || s.last_patch.is_some_and(|t| now < t + min_interval)
         });
     }
-}
-
-async fn patch_ready(
-    client: Client,
-    recorder: Recorder,
-    events: Arc<Semaphore>,
-    timeout: Duration,
-    key: WebhookKey,
-    update: ReadyUpdate,
-) -> PatchOutcome {
-    let api: Api<crate::crd::Webhook> = Api::namespaced(client, &key.namespace);
-    let body = json!({
-        "apiVersion": "hookrelay.dev/v1alpha1",
-        "kind": "Webhook",
-        "status": {
-            "observedGeneration": update.generation,
-            "conditions": [update.condition],
-        }
-    });
-    tracing::debug!(webhook = %key, reason = %update.condition.reason, "patching status");
-    let params = PatchParams::apply(CONTROLLER_MANAGER).force();
-    let result = match tokio::time::timeout(
-        timeout,
-        api.patch_status(&key.name, &params, &Patch::Apply(&body)),
-    )
-    .await
-    {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(kube::Error::Service(
-            format!("status patch timed out after {timeout:?}").into(),
-        )),
-    };
-    if let (Ok(()), Some(event)) = (&result, &update.event) {
-        let ev = Event {
-            type_: if event.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: event.reason.clone(),
-            note: Some(event.note.clone()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        // Events are informational: recorded beside the status patches, bounded, never waited on.
-        let (object, name) = (event.object.clone(), key.to_string());
-        tokio::spawn(async move {
-            let Ok(_permit) = events.acquire_owned().await else {
-                return;
-            };
-            if let Err(error) = recorder.publish(&ev, &object).await {
-                tracing::warn!(webhook = %name, %error, "recording the Kubernetes Event failed");
-            }
-        });
-    }
-    (key, update, result)
 }
