@@ -8,7 +8,38 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::routing::StateCounts;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+use crate::{crd::Outcome, routing::StateCounts};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    /// `Succeeded`, `Retrying` or `Failed`.
+    pub outcome: &'static str,
+    /// `2xx`, `3xx`, `4xx`, `5xx`, or `none` when no answer came.
+    pub status_class: &'static str,
+}
+
+impl DeliveryLabels {
+    pub fn new(outcome: Outcome, http_status: Option<i32>) -> Self {
+        let outcome = match outcome {
+            Outcome::Succeeded => "Succeeded",
+            Outcome::Retrying => "Retrying",
+            Outcome::Failed => "Failed",
+        };
+        let status_class = match http_status {
+            Some(200..=299) => "2xx",
+            Some(300..=399) => "3xx",
+            Some(400..=499) => "4xx",
+            Some(_) => "5xx",
+            None => "none",
+        };
+        Self {
+            outcome,
+            status_class,
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum ObjectKind {
@@ -47,6 +78,10 @@ pub struct Metrics {
     pub status_patches: Family<StatusPatchLabels, Counter>,
     pub webhooks: Family<WebhookStateLabels, Gauge>,
     pub kube_requests: Family<KubeRequestLabels, Counter>,
+    pub deliveries: Family<DeliveryLabels, Counter>,
+    pub delivery_duration: Histogram,
+    /// Deliveries (event x webhook) not finished yet.
+    pub pending_deliveries: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -76,11 +111,32 @@ impl Default for Metrics {
             "Requests sent to the Kubernetes API server",
             kube_requests.clone(),
         );
+        let deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "delivery_attempts",
+            "Delivery attempts by outcome and HTTP status class",
+            deliveries.clone(),
+        );
+        let delivery_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register(
+            "delivery_duration_seconds",
+            "Time of one delivery attempt, request to response",
+            delivery_duration.clone(),
+        );
+        let pending_deliveries = Gauge::default();
+        registry.register(
+            "pending_deliveries",
+            "Deliveries (event x webhook) not finished yet",
+            pending_deliveries.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             status_patches,
             webhooks,
             kube_requests,
+            deliveries,
+            delivery_duration,
+            pending_deliveries,
         }
     }
 }
@@ -129,6 +185,11 @@ impl Metrics {
         Ok(kube::client::ClientBuilder::try_from(config)?
             .with_layer(&count)
             .build())
+    }
+
+    pub fn observe_delivery(&self, labels: DeliveryLabels, duration: std::time::Duration) {
+        self.deliveries.get_or_create(&labels).inc();
+        self.delivery_duration.observe(duration.as_secs_f64());
     }
 
     /// Status patches so far of `kind` with `result`.

@@ -1,17 +1,18 @@
 //! `hookrelay run`: the operator's flags and the wiring of its tasks.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use clap::Args;
 use ipnet::IpNet;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Client, api::Api, core::crd::CustomResourceExt};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    controller::{Scope, WebhookController},
+    controller::{DocumentEventController, Retention, Scope, WebhookController},
     crd::{DocumentEvent, Webhook},
-    delivery::EgressPolicy,
+    delivery::{Dispatcher, DispatcherConfig, EgressPolicy, HttpSender},
     http,
     metrics::Metrics,
     routing::Routes,
@@ -33,6 +34,14 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_ALLOW_HTTP")]
     pub allow_http: bool,
 
+    /// Delete delivered DocumentEvents this long after completion; 0 keeps them.
+    #[arg(long, env = "HOOKRELAY_EVENT_RETENTION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub event_retention: Duration,
+
+    /// Delete DocumentEvents whose delivery failed this long after completion; 0 keeps them.
+    #[arg(long, env = "HOOKRELAY_FAILED_EVENT_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub failed_event_retention: Duration,
+
     /// A private or special range deliveries may reach, e.g. 10.0.0.0/8 (repeatable).
     #[arg(
         long = "allow-cidr",
@@ -51,6 +60,8 @@ impl RunArgs {
             namespaces: Vec::new(),
             allow_http: false,
             allow_cidrs: Vec::new(),
+            event_retention: Duration::from_secs(600),
+            failed_event_retention: Duration::from_secs(86400),
         }
     }
 }
@@ -99,39 +110,65 @@ pub async fn start(
     let metrics = Metrics::default();
     let client = metrics.instrumented_client(config)?;
     check_crds(&client).await?;
-    let readiness = http::Readiness::new(&["secrets", "webhooks"]);
+    let readiness = http::Readiness::new(&["secrets", "webhooks", "documentevents"]);
     let routes = Routes::default();
     let scope = Scope::new(&args.namespaces);
     let egress = EgressPolicy::new(args.allow_http, args.allow_cidrs.clone());
 
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: args.metrics_addr,
-            source,
-        })?;
-    let metrics_addr = listener.local_addr().map_err(|source| Error::Listen {
+    let listen_error = |source| Error::Listen {
         addr: args.metrics_addr,
         source,
-    })?;
+    };
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(listen_error)?;
+    let metrics_addr = listener.local_addr().map_err(listen_error)?;
 
     let (status, writer) = status::channel(
         client.clone(),
         metrics.clone(),
         WriterConfig::default(),
-        1024,
+        4096,
     );
-    let controller = WebhookController::new(
+    let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+    let dispatcher = Arc::new(Dispatcher::new(
+        HttpSender::new(egress.clone()),
+        status.clone(),
+        gone_tx,
+        metrics.clone(),
+        DispatcherConfig::default(),
+    ));
+    let webhooks = WebhookController::new(
         &scope,
         routes.clone(),
         egress,
-        status,
+        status.clone(),
         readiness.clone(),
         metrics.clone(),
     );
+    let events = DocumentEventController::new(
+        client.clone(),
+        &scope,
+        routes.clone(),
+        dispatcher,
+        status,
+        readiness.clone(),
+        metrics.clone(),
+        Retention {
+            delivered: nonzero(args.event_retention),
+            failed: nonzero(args.failed_event_retention),
+        },
+    );
 
-    let writer = tokio::spawn(writer.run(shutdown.clone()));
-    let controller = tokio::spawn(controller.run(client, scope, shutdown.clone()));
+    // The writer stops last, after the producers, so that what they sent is written.
+    let writer_stop = CancellationToken::new();
+    let writer = tokio::spawn(writer.run(writer_stop.clone()));
+    let routes_synced = {
+        let readiness = readiness.clone();
+        async move { readiness.synced("webhooks").await }
+    };
+    let webhooks = tokio::spawn(webhooks.run(client, scope.clone(), gone_rx, shutdown.clone()));
+    let events = tokio::spawn(events.run(scope, routes_synced, shutdown.clone()));
     let server = http::serve(
         listener,
         http::metrics_router(readiness.clone(), metrics.clone()),
@@ -146,8 +183,9 @@ pub async fn start(
     };
     let task = async move {
         let served = server.await;
-        // The controller stops first so that the writer can drain what it sent.
-        let _ = controller.await;
+        let _ = events.await;
+        let _ = webhooks.await;
+        writer_stop.cancel();
         let _ = writer.await;
         served.map_err(|source| Error::Listen {
             addr: metrics_addr,
@@ -155,6 +193,10 @@ pub async fn start(
         })
     };
     Ok((operator, task))
+}
+
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
 }
 
 /// Fails early, with a message saying what to do, when the CRDs are not installed.

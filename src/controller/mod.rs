@@ -1,8 +1,10 @@
 //! Reconcilers. The Webhook controller turns Webhooks (and the Secrets they name) into routes
 //! and `Ready` conditions: resolve -> validate -> update routing -> status.
 
+mod document_event;
 mod resolve;
 mod webhook;
 
+pub use document_event::{DocumentEventController, Retention};
 pub use resolve::{Resolution, ready_reason, resolve};
 pub use webhook::{Scope, WebhookController};

@@ -24,12 +24,13 @@ use kube::{
     core::DeserializeGuard,
     runtime::{WatchStreamExt, watcher},
 };
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::resolve::{ready_reason, resolve};
 use crate::{
     crd::{Webhook, merge_condition},
-    delivery::EgressPolicy,
+    delivery::{EgressPolicy, GoneNotice},
     http::Readiness,
     metrics::Metrics,
     routing::{Route, Routes, RoutingTable, WebhookKey},
@@ -49,6 +50,14 @@ impl Scope {
             Scope::All
         } else {
             Scope::Namespaces(namespaces.to_vec())
+        }
+    }
+
+    /// The namespace each watch stream covers (None: all), in the order of [`Scope::apis`].
+    pub fn coverage(&self) -> Vec<Option<Arc<str>>> {
+        match self {
+            Scope::All => vec![None],
+            Scope::Namespaces(list) => list.iter().map(|ns| Some(Arc::from(ns.as_str()))).collect(),
         }
     }
 
@@ -101,6 +110,8 @@ pub struct WebhookController {
     webhooks: HashMap<WebhookKey, Arc<Webhook>>,
     /// Secret -> names of the Webhooks that reference it.
     by_secret: HashMap<NamespacedName, BTreeSet<Arc<str>>>,
+    /// 410 verdicts by generation, until the status carries them.
+    gone: HashMap<WebhookKey, (i64, String)>,
     secret_relists: Vec<Option<Relist<HashMap<NamespacedName, SecretData>>>>,
     webhook_relists: Vec<Option<Relist<Vec<Route>>>>,
     secrets_synced: Vec<bool>,
@@ -116,10 +127,7 @@ impl WebhookController {
         readiness: Readiness,
         metrics: Metrics,
     ) -> Self {
-        let coverage: Vec<Option<Arc<str>>> = match scope {
-            Scope::All => vec![None],
-            Scope::Namespaces(list) => list.iter().map(|ns| Some(Arc::from(ns.as_str()))).collect(),
-        };
+        let coverage = scope.coverage();
         let n = coverage.len();
         Self {
             routes,
@@ -131,6 +139,7 @@ impl WebhookController {
             secrets: HashMap::new(),
             webhooks: HashMap::new(),
             by_secret: HashMap::new(),
+            gone: HashMap::new(),
             secret_relists: (0..n).map(|_| None).collect(),
             webhook_relists: (0..n).map(|_| None).collect(),
             secrets_synced: vec![false; n],
@@ -139,7 +148,14 @@ impl WebhookController {
     }
 
     /// Runs until `shutdown` fires.
-    pub async fn run(mut self, client: Client, scope: Scope, shutdown: CancellationToken) {
+    /// Runs until `shutdown` fires. `gone` brings the 410 verdicts of the delivery engine.
+    pub async fn run(
+        mut self,
+        client: Client,
+        scope: Scope,
+        mut gone: mpsc::UnboundedReceiver<GoneNotice>,
+        shutdown: CancellationToken,
+    ) {
         let mut secrets = tagged(
             scope.apis::<DeserializeGuard<Secret>>(&client),
             strip_secret,
@@ -157,6 +173,10 @@ impl WebhookController {
                 _ = shutdown.cancelled() => return,
                 Some(input) = secrets.next() => input,
                 Some(input) = webhooks.next(), if synced => input,
+                Some(notice) = gone.recv() => {
+                    self.on_gone(notice).await;
+                    continue;
+                }
             };
             match input {
                 Input::Secret(i, event) => self.on_secret(i, event).await,
@@ -225,6 +245,20 @@ impl WebhookController {
                 tracing::warn!(secret = ?e.metadata.name, error = %e.error, "skipping a Secret that cannot be read");
             }
         }
+    }
+
+    /// The endpoint answered 410 Gone: not Ready, and no more deliveries, until the spec changes.
+    async fn on_gone(&mut self, notice: GoneNotice) {
+        let Some(webhook) = self.webhooks.get(&notice.webhook).cloned() else {
+            return;
+        };
+        if webhook.metadata.generation != Some(notice.generation) {
+            return;
+        }
+        self.gone
+            .insert(notice.webhook.clone(), (notice.generation, notice.message));
+        let route = self.reconcile(&webhook).await;
+        self.update_routes(|t| t.apply(route));
     }
 
     /// Re-resolves the Webhooks that reference `secret`.
@@ -337,6 +371,7 @@ impl WebhookController {
     }
 
     fn forget(&mut self, key: &WebhookKey) {
+        self.gone.remove(key);
         if let Some(old) = self.webhooks.remove(key) {
             self.unindex(key, &old);
         }
@@ -362,7 +397,12 @@ impl WebhookController {
             key.namespace.clone(),
             Arc::from(webhook.spec.secret_ref.name.as_str()),
         ));
-        let gone = endpoint_gone(webhook);
+        let gone = self
+            .gone
+            .get(&key)
+            .filter(|(generation, _)| webhook.metadata.generation == Some(*generation))
+            .map(|(_, message)| message.clone())
+            .or_else(|| endpoint_gone(webhook));
         let resolution = resolve(webhook, secret, &self.egress, gone.as_deref());
         if let Some(update) = ready_update(webhook, &resolution.ready, Timestamp::now()) {
             tracing::info!(

@@ -1,7 +1,6 @@
-use std::{
-    collections::BTreeSet,
-    sync::{Arc, Mutex},
-};
+use std::collections::BTreeSet;
+
+use tokio::sync::watch;
 
 use axum::{
     Router,
@@ -16,31 +15,34 @@ use crate::metrics::Metrics;
 /// component registered at start (one per watch) has reported its initial sync.
 #[derive(Clone, Debug)]
 pub struct Readiness {
-    pending: Arc<Mutex<BTreeSet<&'static str>>>,
+    pending: watch::Sender<BTreeSet<&'static str>>,
 }
 
 impl Readiness {
     pub fn new(components: &[&'static str]) -> Self {
         Self {
-            pending: Arc::new(Mutex::new(components.iter().copied().collect())),
+            pending: watch::Sender::new(components.iter().copied().collect()),
         }
     }
 
     pub fn mark_ready(&self, component: &'static str) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if pending.remove(component) {
+        if self
+            .pending
+            .send_if_modified(|pending| pending.remove(component))
+        {
             tracing::info!(component, "initial sync done");
         }
     }
 
     /// Components that have not synced yet; empty when ready.
     pub fn pending(&self) -> Vec<&'static str> {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .collect()
+        self.pending.borrow().iter().copied().collect()
+    }
+
+    /// Waits until `component` has synced.
+    pub async fn synced(&self, component: &'static str) {
+        let mut rx = self.pending.subscribe();
+        let _ = rx.wait_for(|pending| !pending.contains(component)).await;
     }
 
     pub fn is_ready(&self) -> bool {

@@ -2,6 +2,7 @@
 
 mod control_plane;
 mod crds;
+mod delivery;
 mod operator;
 mod support;
 mod webhook_controller;

@@ -2,10 +2,13 @@
 
 use crate::support::{Operator, control_plane, http_get};
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_starts_and_reports_healthy_and_ready() {
     let cp = control_plane();
-    let mut op = Operator::start(cp, &[]);
+    // Scoped to its own namespace: other tests create Webhooks with public example URLs, and
+    // no test may deliver beyond loopback.
+    let ns = cp.namespace("process").await;
+    let mut op = Operator::start(cp, &["--namespace", &ns]);
     op.wait_ready().await;
     let (status, body) = http_get(op.metrics_addr, "/healthz")
         .await

@@ -372,3 +372,187 @@ impl ControlPlane {
             .into()
     }
 }
+
+/// Which of the seed-derived receivers to run (tests/receivers).
+#[derive(Clone, Copy, Debug)]
+pub enum ReceiverKind {
+    Python,
+    Node,
+}
+
+/// A receiver process built from the seed's verification code, on a loopback port.
+pub struct Receiver {
+    _child: tokio::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+/// One request a receiver got, with its verdict.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct Received {
+    pub received_at: f64,
+    pub delivery_id: Option<String>,
+    pub event: Option<String>,
+    pub path: String,
+    pub hex_ok: bool,
+    pub standard_ok: Option<bool>,
+    pub status: u16,
+    pub body: String,
+    pub user_agent: Option<String>,
+    pub content_type: Option<String>,
+}
+
+impl Receiver {
+    pub async fn start(kind: ReceiverKind, secret: &str, extra: &[&str]) -> Receiver {
+        use tokio::io::AsyncBufReadExt;
+        static SETUP: OnceLock<()> = OnceLock::new();
+        SETUP.get_or_init(|| {
+            run_ok(&mut Command::new(repo_root().join("hack/receivers.sh")));
+        });
+        let dir = repo_root().join("tests/receivers");
+        let mut cmd = match kind {
+            ReceiverKind::Python => {
+                let mut c = tokio::process::Command::new(dir.join(".venv/bin/python"));
+                c.arg(dir.join("receiver.py"));
+                c
+            }
+            ReceiverKind::Node => {
+                let mut c = tokio::process::Command::new("node");
+                c.arg(dir.join("receiver.js"));
+                c
+            }
+        };
+        let mut child = cmd
+            .args(["--port", "0", "--secret", secret])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("receiver starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        tokio::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .await
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("receiver said {line:?}"))
+            .parse()
+            .unwrap();
+        Receiver {
+            _child: child,
+            addr,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn results(&self) -> Vec<Received> {
+        let (status, body) = http_get(self.addr, "/results")
+            .await
+            .expect("receiver reachable");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("results are JSON")
+    }
+
+    /// Waits until `n` requests were answered 200, returning everything received.
+    pub async fn wait_ok(&self, n: usize) -> Vec<Received> {
+        eventually(
+            &format!("{n} accepted deliveries at {}", self.addr),
+            Duration::from_secs(60),
+            || async {
+                let all = self.results().await;
+                (all.iter().filter(|r| r.status == 200).count() >= n).then_some(all)
+            },
+        )
+        .await
+    }
+}
+
+/// A minimal HTTP/1.1 POST: status code, or None if unreachable.
+pub async fn http_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A loopback endpoint that accepts connections and never answers.
+pub struct Blackhole {
+    pub addr: std::net::SocketAddr,
+    pub connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Blackhole {
+    pub async fn start() -> Blackhole {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = connections.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                held.push(socket);
+            }
+        });
+        Blackhole { addr, connections }
+    }
+}
+
+/// An in-process receiver that counts deliveries by delivery id, answering 200 (no
+/// verification: for volume tests; the seed receivers prove the signatures).
+#[derive(Clone, Default)]
+pub struct CountingReceiver {
+    pub seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl CountingReceiver {
+    pub async fn start() -> (CountingReceiver, std::net::SocketAddr) {
+        let receiver = CountingReceiver::default();
+        let seen = receiver.seen.clone();
+        let app = axum::Router::new().fallback(axum::routing::post(
+            move |headers: axum::http::HeaderMap| {
+                let seen = seen.clone();
+                async move {
+                    let id = headers
+                        .get("x-webhook-delivery")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    *seen.lock().unwrap().entry(id).or_default() += 1;
+                    "ok"
+                }
+            },
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (receiver, addr)
+    }
+
+    /// (distinct deliveries, total requests)
+    pub fn counts(&self) -> (usize, usize) {
+        let seen = self.seen.lock().unwrap();
+        (seen.len(), seen.values().sum())
+    }
+}

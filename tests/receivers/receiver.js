@@ -138,6 +138,7 @@ app.post('*', (req, res) => {
     reason = hexReason || standardReason;
   }
   records.push({
+    received_at: Date.now() / 1000,
     delivery_id: req.headers['x-webhook-delivery'] ?? null,
     event: req.headers['x-webhook-event'] ?? null,
     path: req.originalUrl,

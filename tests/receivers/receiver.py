@@ -45,6 +45,7 @@ import ipaddress
 import json
 import socket
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -170,6 +171,7 @@ class Handler(BaseHTTPRequestHandler):
                 status, reason = HTTPStatus.UNAUTHORIZED, hex_reason or standard_reason
             state.records.append(
                 {
+                    "received_at": time.time(),
                     "delivery_id": self.headers.get("X-Webhook-Delivery"),
                     "event": self.headers.get("X-Webhook-Event"),
                     "path": self.path,

@@ -1,0 +1,577 @@
+//! Delivery end to end: real API server, real receivers built from the seed's code.
+
+use std::time::{Duration, Instant};
+
+use hookrelay::crd::{DocumentEvent, Webhook};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::{Value, json};
+
+use crate::support::{
+    Blackhole, CountingReceiver, InProcess, Receiver, ReceiverKind, control_plane, eventually,
+    http_post, repo_root,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+const STANDARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+async fn create_webhook(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    url: &str,
+    secret: &str,
+    delivery: Value,
+) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let s: Secret = serde_json::from_value(
+        json!({"metadata": {"name": format!("{name}-secret")}, "stringData": {"secret": secret}}),
+    )
+    .unwrap();
+    secrets.create(&PostParams::default(), &s).await.unwrap();
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let w: Webhook = serde_json::from_value(json!({
+        "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "metadata": {"name": name},
+        "spec": {"url": url, "events": ["*"], "secretRef": {"name": format!("{name}-secret")}, "delivery": delivery}
+    }))
+    .unwrap();
+    webhooks.create(&PostParams::default(), &w).await.unwrap();
+    eventually(&format!("webhook {name} Ready"), WAIT, || async {
+        let w = webhooks.get(name).await.ok()?;
+        w.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+}
+
+async fn create_event(client: &kube::Client, ns: &str, name: &str, type_: &str, data: Value) {
+    let events: Api<DocumentEvent> = Api::namespaced(client.clone(), ns);
+    let e: DocumentEvent = serde_json::from_value(json!({
+        "apiVersion": "hookrelay.dev/v1alpha1", "kind": "DocumentEvent", "metadata": {"name": name},
+        "spec": {"type": type_, "timestamp": "2023-06-15T10:35:00Z", "data": data}
+    }))
+    .unwrap();
+    events.create(&PostParams::default(), &e).await.unwrap();
+}
+
+async fn wait_phase(client: &kube::Client, ns: &str, name: &str, phase: &str) -> DocumentEvent {
+    let events: Api<DocumentEvent> = Api::namespaced(client.clone(), ns);
+    eventually(&format!("{name} phase {phase}"), WAIT, || async {
+        let e = events.get(name).await.ok()?;
+        let p = serde_json::to_value(e.status.as_ref()?.phase?).ok()?;
+        (p == phase).then_some(e)
+    })
+    .await
+}
+
+fn seed_payload(file: &str) -> Value {
+    let text = std::fs::read_to_string(repo_root().join("examples").join(file)).unwrap();
+    let start = text.find("  data:").unwrap();
+    let yaml: Value = serde_saphyr::from_str(
+        &text[start..]
+            .replace("\n    ", "\n  ")
+            .replacen("  data:", "data:", 1),
+    )
+    .unwrap();
+    yaml["data"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receivers_from_the_seed_and_standard_webhooks_verify_every_delivery() {
+    let cp = control_plane();
+    let ns = cp.namespace("seed-receivers").await;
+    let client = cp.client().await;
+    let _op = InProcess::start(cp.config().await, &ns).await;
+
+    let python = Receiver::start(ReceiverKind::Python, STANDARD_SECRET, &[]).await;
+    let node = Receiver::start(ReceiverKind::Node, STANDARD_SECRET, &[]).await;
+    let plain = Receiver::start(ReceiverKind::Python, "your_webhook_secret", &[]).await;
+    let wrong = Receiver::start(ReceiverKind::Node, "not-the-secret", &[]).await;
+    create_webhook(
+        &client,
+        &ns,
+        "python",
+        &python.url("/webhooks/file-conversion"),
+        STANDARD_SECRET,
+        json!({}),
+    )
+    .await;
+    create_webhook(
+        &client,
+        &ns,
+        "node",
+        &node.url("/webhooks/file-conversion"),
+        STANDARD_SECRET,
+        json!({}),
+    )
+    .await;
+    create_webhook(
+        &client,
+        &ns,
+        "plain",
+        &plain.url("/webhooks/file-conversion"),
+        "your_webhook_secret",
+        json!({}),
+    )
+    .await;
+    create_webhook(
+        &client,
+        &ns,
+        "wrong",
+        &wrong.url("/hook"),
+        "the-real-secret",
+        json!({"maxAttempts": 1}),
+    )
+    .await;
+
+    // The seed's two payloads, as DocumentEvents.
+    let completed = seed_payload("document-event-completed.yaml");
+    let error = seed_payload("document-event-error.yaml");
+    create_event(
+        &client,
+        &ns,
+        "doc-123",
+        "document.completed",
+        completed.clone(),
+    )
+    .await;
+    create_event(&client, &ns, "doc-124", "document.error", error.clone()).await;
+
+    for (name, receiver, standard) in [
+        ("python", &python, Some(true)),
+        ("node", &node, Some(true)),
+        ("plain", &plain, None),
+    ] {
+        let got = receiver.wait_ok(2).await;
+        assert_eq!(
+            got.len(),
+            2,
+            "{name}: exactly one request per event: {got:?}"
+        );
+        for r in &got {
+            assert!(r.hex_ok, "{name}: X-Webhook-Signature rejected: {r:?}");
+            assert_eq!(r.standard_ok, standard, "{name}: webhook-signature: {r:?}");
+            assert_eq!(r.path, "/webhooks/file-conversion");
+            assert_eq!(r.content_type.as_deref(), Some("application/json"));
+            assert_eq!(
+                r.user_agent.as_deref(),
+                Some(concat!("hookrelay/", env!("CARGO_PKG_VERSION")))
+            );
+            let body: Value = serde_json::from_str(&r.body).unwrap();
+            let expected = if r.event.as_deref() == Some("document.completed") {
+                &completed
+            } else {
+                &error
+            };
+            assert_eq!(
+                body,
+                json!({"event": r.event, "timestamp": "2023-06-15T10:35:00Z", "data": expected}),
+                "{name}"
+            );
+            assert!(
+                r.body.starts_with(r#"{"event":"#) && serde_json::to_string(&body).unwrap() == r.body,
+                "compact, event first: {}",
+                r.body
+            );
+        }
+    }
+
+    // The checks can fail: a receiver with another secret refuses, and the failure is recorded.
+    let refused = wrong.results().await;
+    assert!(
+        refused.iter().all(|r| r.status == 401 && !r.hex_ok),
+        "{refused:?}"
+    );
+    let doc = wait_phase(&client, &ns, "doc-123", "Failed").await;
+    let to_wrong = doc
+        .status
+        .unwrap()
+        .deliveries
+        .into_iter()
+        .find(|d| d.webhook == "wrong")
+        .unwrap();
+    assert_eq!((to_wrong.http_status, to_wrong.attempts), (Some(401), 1));
+    // ... and a tampered body with a genuine signature is rejected by both libraries.
+    let genuine = &python.results().await[0];
+    let tampered = genuine.body.replace("123", "999").replace("124", "999");
+    let sig_hex = hookrelay::delivery::Signer::new(STANDARD_SECRET.as_bytes(), None)
+        .unwrap()
+        .sign("x", 0, genuine.body.as_bytes())
+        .hex;
+    let status = http_post(
+        python.addr,
+        "/webhooks/file-conversion",
+        &[
+            ("X-Webhook-Signature", &sig_hex),
+            ("Content-Type", "application/json"),
+        ],
+        &tampered,
+    )
+    .await;
+    assert_eq!(status, Some(401), "tampered body accepted");
+    let status = http_post(
+        python.addr,
+        "/webhooks/file-conversion",
+        &[
+            ("X-Webhook-Signature", &sig_hex),
+            ("Content-Type", "application/json"),
+        ],
+        &genuine.body,
+    )
+    .await;
+    assert_eq!(
+        status,
+        Some(200),
+        "the same signature over the genuine body is accepted"
+    );
+
+    // Both Webhooks' status tells what happened; `kubectl get` shows the last delivery.
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+    let python_status = eventually("python's delivery history", WAIT, || async {
+        let s = webhooks.get("python").await.ok()?.status?;
+        (s.delivery_stats.succeeded == 2).then_some(s)
+    })
+    .await;
+    assert_eq!(python_status.recent_deliveries.len(), 2);
+    assert!(
+        python_status
+            .recent_deliveries
+            .iter()
+            .all(|r| r.http_status == Some(200))
+    );
+    let table = cp.kubectl_ok(&["get", "webhooks", "-n", &ns, "python"], None);
+    let row = table.lines().nth(1).unwrap();
+    assert!(!row.contains("<none>"), "LAST DELIVERY shown: {table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_gets_retries_with_the_same_id_and_growing_gaps() {
+    let cp = control_plane();
+    let ns = cp.namespace("retries").await;
+    let client = cp.client().await;
+    let _op = InProcess::start(cp.config().await, &ns).await;
+    let receiver = Receiver::start(ReceiverKind::Python, "s3cret", &["--fail-first", "2"]).await;
+    create_webhook(
+        &client,
+        &ns,
+        "flaky",
+        &receiver.url("/h"),
+        "s3cret",
+        json!({"initialBackoffSeconds": 1}),
+    )
+    .await;
+    create_event(
+        &client,
+        &ns,
+        "doc-1",
+        "document.uploaded",
+        json!({"document_id": 1}),
+    )
+    .await;
+
+    let got = receiver.wait_ok(1).await;
+    let statuses: Vec<u16> = got.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [500, 500, 200]);
+    let ids: Vec<_> = got.iter().map(|r| r.delivery_id.clone().unwrap()).collect();
+    assert!(
+        ids.iter().all(|id| *id == ids[0]),
+        "one delivery id across retries: {ids:?}"
+    );
+    let (gap1, gap2) = (
+        got[1].received_at - got[0].received_at,
+        got[2].received_at - got[1].received_at,
+    );
+    println!("retry gaps: {gap1:.3}s then {gap2:.3}s");
+    assert!(gap1 >= 0.45 && gap2 > gap1, "gaps grow: {gap1} then {gap2}");
+
+    let doc = wait_phase(&client, &ns, "doc-1", "Delivered").await;
+    let target = &doc.status.unwrap().deliveries[0];
+    assert_eq!(
+        (target.attempts, target.http_status, target.id.as_str()),
+        (3, Some(200), ids[0].as_str())
+    );
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+    let status = eventually("three attempts in the Webhook status", WAIT, || async {
+        let s = webhooks.get("flaky").await.ok()?.status?;
+        (s.recent_deliveries.len() == 3).then_some(s)
+    })
+    .await;
+    let history: Vec<_> = status
+        .recent_deliveries
+        .iter()
+        .map(|r| {
+            (
+                r.attempt,
+                serde_json::to_value(r.outcome).unwrap(),
+                r.http_status,
+            )
+        })
+        .collect();
+    assert_eq!(
+        history,
+        [
+            (3, json!("Succeeded"), Some(200)),
+            (2, json!("Retrying"), Some(500)),
+            (1, json!("Retrying"), Some(500))
+        ]
+    );
+    assert_eq!(
+        (
+            status.delivery_stats.succeeded,
+            status.delivery_stats.consecutive_failures
+        ),
+        (1, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_does_not_delay_another() {
+    let cp = control_plane();
+    let ns = cp.namespace("isolation").await;
+    let client = cp.client().await;
+    let _op = InProcess::start(cp.config().await, &ns).await;
+    let dead = Blackhole::start().await;
+    let (fast, fast_addr) = CountingReceiver::start().await;
+    create_webhook(
+        &client,
+        &ns,
+        "dead",
+        &format!("http://{}/h", dead.addr),
+        "s",
+        json!({"timeoutSeconds": 30}),
+    )
+    .await;
+    create_webhook(
+        &client,
+        &ns,
+        "fast",
+        &format!("http://{fast_addr}/h"),
+        "s",
+        json!({}),
+    )
+    .await;
+
+    let n = 60;
+    let started = Instant::now();
+    for i in 0..n {
+        create_event(
+            &client,
+            &ns,
+            &format!("doc-{i}"),
+            "document.completed",
+            json!({"document_id": i}),
+        )
+        .await;
+    }
+    eventually("every event at the live endpoint", WAIT, || async {
+        (fast.counts().0 == n).then_some(())
+    })
+    .await;
+    let elapsed = started.elapsed();
+    println!(
+        "{n} events reached the live endpoint {elapsed:.2?} after the first create while the dead one held {} connections",
+        dead.connections.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    // No attempt to the dead endpoint has ended yet (each waits 30s for an answer), so the live
+    // endpoint was served while the dead one's lane was full.
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "the live endpoint waited for the dead one's timeout"
+    );
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+    let dead_status = webhooks.get("dead").await.unwrap().status.unwrap();
+    assert_eq!(
+        dead_status.recent_deliveries.len(),
+        0,
+        "no attempt to the dead endpoint has finished"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_webhooks_hold_deliveries_and_gone_endpoints_stop_them() {
+    let cp = control_plane();
+    let ns = cp.namespace("hold-gone").await;
+    let client = cp.client().await;
+    let _op = InProcess::start(cp.config().await, &ns).await;
+    let (receiver, addr) = CountingReceiver::start().await;
+    create_webhook(
+        &client,
+        &ns,
+        "paused",
+        &format!("http://{addr}/h"),
+        "s",
+        json!({}),
+    )
+    .await;
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+    webhooks
+        .patch(
+            "paused",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": true}})),
+        )
+        .await
+        .unwrap();
+    eventually("Paused", WAIT, || async {
+        let w = webhooks.get("paused").await.ok()?;
+        w.status?
+            .conditions
+            .iter()
+            .any(|c| c.reason == "Paused")
+            .then_some(())
+    })
+    .await;
+    create_event(
+        &client,
+        &ns,
+        "held",
+        "document.deleted",
+        json!({"document_id": 7}),
+    )
+    .await;
+    let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);
+    eventually("the delivery held", WAIT, || async {
+        let e = events.get("held").await.ok()?;
+        let d = e.status?.deliveries.into_iter().next()?;
+        (serde_json::to_value(d.state).ok()? == "Held").then_some(())
+    })
+    .await;
+    assert_eq!(receiver.counts(), (0, 0), "nothing sent while paused");
+    webhooks
+        .patch(
+            "paused",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": false}})),
+        )
+        .await
+        .unwrap();
+    wait_phase(&client, &ns, "held", "Delivered").await;
+    assert_eq!(receiver.counts(), (1, 1));
+
+    // 410 Gone: the delivery fails at once and the Webhook is not Ready until its spec changes.
+    let gone = axum::Router::new().fallback(axum::routing::post(|| async {
+        axum::http::StatusCode::GONE
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gone_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, gone).await });
+    create_webhook(
+        &client,
+        &ns,
+        "gone",
+        &format!("http://{gone_addr}/h"),
+        "s",
+        json!({}),
+    )
+    .await;
+    create_event(
+        &client,
+        &ns,
+        "to-gone",
+        "document.error",
+        json!({"document_id": 8}),
+    )
+    .await;
+    let e = wait_phase(&client, &ns, "to-gone", "Failed").await;
+    let to_gone = e
+        .status
+        .unwrap()
+        .deliveries
+        .into_iter()
+        .find(|d| d.webhook == "gone")
+        .unwrap();
+    assert_eq!((to_gone.attempts, to_gone.http_status), (1, Some(410)));
+    let message = eventually("EndpointGone", WAIT, || async {
+        let w = webhooks.get("gone").await.ok()?;
+        w.status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready" && c.reason == "EndpointGone")
+            .map(|c| c.message)
+    })
+    .await;
+    assert!(message.contains("410 Gone"), "{message}");
+    // A new URL clears it.
+    webhooks
+        .patch(
+            "gone",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"url": format!("http://{addr}/new")}})),
+        )
+        .await
+        .unwrap();
+    eventually("Ready again after the URL changed", WAIT, || async {
+        let w = webhooks.get("gone").await.ok()?;
+        w.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_events_are_deleted_after_their_retention() {
+    let cp = control_plane();
+    let ns = cp.namespace("retention").await;
+    let client = cp.client().await;
+    let mut args = hookrelay::operator::RunArgs::for_tests();
+    args.namespaces = vec![ns.clone()];
+    args.allow_http = true;
+    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+    args.event_retention = Duration::from_secs(2);
+    let _op = InProcess::start_with(cp.config().await, args).await;
+    let (_receiver, addr) = CountingReceiver::start().await;
+    create_webhook(
+        &client,
+        &ns,
+        "w",
+        &format!("http://{addr}/h"),
+        "s",
+        json!({}),
+    )
+    .await;
+    create_event(
+        &client,
+        &ns,
+        "short-lived",
+        "document.completed",
+        json!({"document_id": 1}),
+    )
+    .await;
+    create_event(
+        &client,
+        &ns,
+        "second",
+        "document.processing",
+        json!({"document_id": 2}),
+    )
+    .await;
+    wait_phase(&client, &ns, "short-lived", "Delivered").await;
+    let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);
+    eventually("both events deleted after 2s", WAIT, || async {
+        let left = events.list(&Default::default()).await.ok()?;
+        left.items.is_empty().then_some(())
+    })
+    .await;
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+    let history = webhooks
+        .get("w")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .recent_deliveries;
+    assert_eq!(
+        history.len(),
+        2,
+        "the Webhook keeps the history after the events are gone"
+    );
+}
