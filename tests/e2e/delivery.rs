@@ -175,7 +175,8 @@ async fn receivers_from_the_seed_and_standard_webhooks_verify_every_delivery() {
                 "{name}"
             );
             assert!(
-                r.body.starts_with(r#"{"event":"#) && serde_json::to_string(&body).unwrap() == r.body,
+                r.body.starts_with(r#"{"event":"#)
+                    && serde_json::to_string(&body).unwrap() == r.body,
                 "compact, event first: {}",
                 r.body
             );

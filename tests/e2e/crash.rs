@@ -1,0 +1,129 @@
+//! At-least-once across a crash: SIGKILL the operator with deliveries in flight.
+
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use hookrelay::crd::{DocumentEvent, EventPhase, Webhook};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api,
+    api::{ListParams, PostParams},
+};
+use serde_json::json;
+
+use crate::support::{CountingReceiver, Operator, control_plane, eventually};
+
+const EVENTS: usize = 500;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_event_is_lost_when_the_operator_is_killed_mid_delivery() {
+    let cp = control_plane();
+    let ns = cp.namespace("sigkill").await;
+    let client = cp.client().await;
+    let (receiver, addr) = CountingReceiver::start().await;
+    let args = [
+        "--namespace",
+        ns.as_str(),
+        "--allow-http",
+        "--allow-cidr",
+        "127.0.0.0/8",
+    ];
+    let mut first = Operator::start(cp, &args);
+    first.wait_ready().await;
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "s"}, "stringData": {"secret": "s"}}))
+            .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+    let webhook: Webhook = serde_json::from_value(json!({
+        "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "metadata": {"name": "w"},
+        "spec": {"url": format!("http://{addr}/h"), "events": ["*"], "secretRef": {"name": "s"}, "delivery": {"initialBackoffSeconds": 1}}
+    }))
+    .unwrap();
+    webhooks
+        .create(&PostParams::default(), &webhook)
+        .await
+        .unwrap();
+    eventually("webhook Ready", Duration::from_secs(30), || async {
+        let w = webhooks.get("w").await.ok()?;
+        w.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+
+    // Create the events in the background, and kill the operator while they are delivered.
+    let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);
+    let creator = {
+        let events = events.clone();
+        tokio::spawn(async move {
+            futures::stream::iter(0..EVENTS)
+                .map(|i| {
+                    let events = events.clone();
+                    async move {
+                        let e: DocumentEvent = serde_json::from_value(json!({
+                            "apiVersion": "hookrelay.dev/v1alpha1", "kind": "DocumentEvent",
+                            "metadata": {"name": format!("doc-{i:03}")},
+                            "spec": {"type": "document.completed", "data": {"document_id": i}}
+                        }))
+                        .unwrap();
+                        events.create(&PostParams::default(), &e).await.map(|_| ())
+                    }
+                })
+                .buffer_unordered(16)
+                .try_collect::<Vec<_>>()
+                .await
+        })
+    };
+    eventually(
+        "100 deliveries before the kill",
+        Duration::from_secs(60),
+        || async { (receiver.counts().0 >= 100).then_some(()) },
+    )
+    .await;
+    first.child.start_kill().expect("SIGKILL sent");
+    first.child.wait().await.unwrap();
+    let at_kill = receiver.counts();
+    assert!(
+        at_kill.0 < EVENTS,
+        "the kill came after every delivery: {at_kill:?}"
+    );
+
+    let second = Operator::start(cp, &args);
+    second.wait_ready().await;
+    creator.await.unwrap().expect("every event created");
+    eventually(
+        "every event delivered after the restart",
+        Duration::from_secs(120),
+        || async { (receiver.counts().0 == EVENTS).then_some(()) },
+    )
+    .await;
+    let (distinct, total) = receiver.counts();
+    println!(
+        "SIGKILL with {} of {EVENTS} delivered: after restart {distinct} distinct deliveries, {total} requests, {} duplicates",
+        at_kill.0,
+        total - distinct
+    );
+    // And the resources say so.
+    eventually(
+        "every DocumentEvent Delivered",
+        Duration::from_secs(60),
+        || async {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            let delivered = list
+                .items
+                .iter()
+                .filter(|e| e.status.as_ref().and_then(|s| s.phase) == Some(EventPhase::Delivered))
+                .count();
+            (delivered == EVENTS).then_some(())
+        },
+    )
+    .await;
+}
