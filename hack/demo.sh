@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, on this machine alone: a local kube-apiserver + etcd, the CRDs, the hookrelay
-# operator, and the examples. Set KEEP=1 to leave everything running until Ctrl-C.
+# operator, the examples, and a receiver built from the seed's verification code that shows the
+# signed deliveries arriving. Set KEEP=1 to leave everything running until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +19,10 @@ RUN_DIR=$(pwd)/.run/demo
 rm -rf "$RUN_DIR"
 mkdir -p "$RUN_DIR"
 OPERATOR_PID=
+RECEIVER_PID=
 cleanup() {
   [ -z "$OPERATOR_PID" ] || kill "$OPERATOR_PID" 2>/dev/null || true
+  [ -z "$RECEIVER_PID" ] || kill "$RECEIVER_PID" 2>/dev/null || true
   hack/control-plane.sh stop "$RUN_DIR/cluster"
 }
 trap cleanup EXIT
@@ -33,9 +36,21 @@ step "install the CRDs (generated from the Rust types: $HOOKRELAY crds)"
 kubectl apply --server-side -f crds/
 kubectl wait --for=condition=Established crd/webhooks.hookrelay.dev crd/documentevents.hookrelay.dev
 
+step "start a local receiver built from the seed's Python verification code"
+hack/receivers.sh >/dev/null
+SECRET=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+tests/receivers/.venv/bin/python tests/receivers/receiver.py --port "${RECEIVER_PORT:-18080}" --secret "$SECRET" \
+  >"$RUN_DIR/receiver.out" 2>"$RUN_DIR/receiver.log" &
+RECEIVER_PID=$!
+for _ in $(seq 50); do grep -q listening "$RUN_DIR/receiver.out" && break; sleep 0.1; done
+RECEIVER=$(sed -n 's/^listening on //p' "$RUN_DIR/receiver.out")
+echo "receiver listening on $RECEIVER (verifies X-Webhook-Signature and webhook-signature)"
+
 step "start the operator (log: $RUN_DIR/operator.log)"
 METRICS_ADDR=127.0.0.1:${METRICS_PORT:-19090}
-"$HOOKRELAY" run --metrics-addr "$METRICS_ADDR" >"$RUN_DIR/operator.log" 2>&1 &
+# Local demo: plain http to loopback is allowed explicitly; only namespace demo is watched.
+"$HOOKRELAY" run --metrics-addr "$METRICS_ADDR" --namespace demo --allow-http --allow-cidr 127.0.0.0/8 \
+  >"$RUN_DIR/operator.log" 2>&1 &
 OPERATOR_PID=$!
 for _ in $(seq 150); do
   curl -sf "http://$METRICS_ADDR/readyz" >/dev/null && break
@@ -44,15 +59,40 @@ for _ in $(seq 150); do
 done
 echo "operator ready: $(curl -s "http://$METRICS_ADDR/readyz")"
 
-step "apply the examples into namespace docs"
+step "the public examples validate (server-side dry run; nothing is ever sent to their URLs)"
 kubectl create namespace docs
-# These Webhooks point at public example URLs: the operator in this demo watches only the
-# namespace "demo" for deliveries later on, so nothing is ever sent to them.
-kubectl apply -n docs -f examples/secret.yaml -f examples/webhook.yaml -f examples/webhook-all-events.yaml
-kubectl create -n docs -f examples/document-event-completed.yaml -f examples/document-event-error.yaml
+kubectl apply --dry-run=server -n docs -f examples/secret.yaml -f examples/webhook.yaml -f examples/webhook-all-events.yaml
 
-step "kubectl get hookrelay -n docs"
-kubectl get webhooks,documentevents -n docs
+step "a Webhook for the local receiver, and the seed's two events as DocumentEvents"
+kubectl create namespace demo
+kubectl create secret generic file-conversion-webhook -n demo --from-literal=secret="$SECRET"
+kubectl apply -n demo -f - <<YAML
+apiVersion: hookrelay.dev/v1alpha1
+kind: Webhook
+metadata:
+  name: file-conversion
+spec:
+  url: http://$RECEIVER/webhooks/file-conversion
+  events: [document.completed, document.error]
+  description: Notification endpoint for document processing events
+  secretRef:
+    name: file-conversion-webhook
+YAML
+kubectl wait -n demo --for=condition=Ready webhook/file-conversion --timeout=60s
+kubectl create -n demo -f examples/document-event-completed.yaml -f examples/document-event-error.yaml
+kubectl wait -n demo --for=jsonpath='{.status.phase}'=Delivered documentevents --all --timeout=60s
+
+step "what the receiver got"
+curl -s "http://$RECEIVER/results" | python3 -c "
+import json, sys
+for r in json.load(sys.stdin):
+    print(r['status'], r['event'], 'id=' + r['delivery_id'],
+          'X-Webhook-Signature ok=%s webhook-signature ok=%s' % (r['hex_ok'], r['standard_ok']))
+    print('   ', r['body'])"
+
+step "kubectl get webhooks,documentevents -n demo"
+sleep 1.5 # the status writer patches each object at most once a second
+kubectl get webhooks,documentevents -n demo
 
 if [ "${KEEP:-0}" = 1 ]; then
   step "running; export KUBECONFIG=$KUBECONFIG to look around; Ctrl-C stops everything"

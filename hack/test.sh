@@ -10,6 +10,10 @@ step "control plane binaries"
 BIN=$(hack/control-plane.sh build)
 export PATH="$BIN:$PATH"
 
+step "test receivers (Python and Node, from the seed's verification code)"
+hack/receivers.sh
+tests/receivers/.venv/bin/python tests/receivers/selftest.py
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
