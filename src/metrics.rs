@@ -71,6 +71,14 @@ pub struct KubeRequestLabels {
     pub verb: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    /// The route template, such as `/api/webhooks/{id}`: bounded.
+    pub route: String,
+    pub code: u16,
+}
+
 /// Every metric the operator exports, cheap to clone into each task.
 #[derive(Clone)]
 pub struct Metrics {
@@ -82,6 +90,7 @@ pub struct Metrics {
     pub delivery_duration: Histogram,
     /// Deliveries (event x webhook) not finished yet.
     pub pending_deliveries: Gauge,
+    pub http_requests: Family<HttpLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -129,6 +138,12 @@ impl Default for Metrics {
             "Deliveries (event x webhook) not finished yet",
             pending_deliveries.clone(),
         );
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "Requests to the REST API and ingest by route and status code",
+            http_requests.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             status_patches,
@@ -137,6 +152,7 @@ impl Default for Metrics {
             deliveries,
             delivery_duration,
             pending_deliveries,
+            http_requests,
         }
     }
 }
@@ -185,6 +201,15 @@ impl Metrics {
         Ok(kube::client::ClientBuilder::try_from(config)?
             .with_layer(&count)
             .build())
+    }
+
+    pub fn observe_request(&self, method: &str, route: &str, code: u16) {
+        let labels = HttpLabels {
+            method: method.to_owned(),
+            route: route.to_owned(),
+            code,
+        };
+        self.http_requests.get_or_create(&labels).inc();
     }
 
     pub fn observe_delivery(&self, labels: DeliveryLabels, duration: std::time::Duration) {

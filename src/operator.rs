@@ -22,6 +22,28 @@ use crate::{
 /// Flags of `hookrelay run`; each also reads an environment variable.
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
+    /// Address of the REST API and event ingest.
+    #[arg(long, env = "HOOKRELAY_LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen_addr: SocketAddr,
+
+    /// `durable`: store ingested events as DocumentEvents before replying (at-least-once);
+    /// `direct`: dispatch them from memory (lowest latency, at-most-once across a restart).
+    #[arg(
+        long,
+        env = "HOOKRELAY_INGEST_MODE",
+        value_enum,
+        default_value = "durable"
+    )]
+    pub ingest_mode: http::IngestMode,
+
+    /// Deliveries direct ingest may hold before it answers 429.
+    #[arg(long, env = "HOOKRELAY_DIRECT_QUEUE", default_value_t = 10_000)]
+    pub direct_queue: usize,
+
+    /// DEVELOPMENT ONLY: serve the REST API and ingest without authentication or authorization.
+    #[arg(long, env = "HOOKRELAY_DISABLE_AUTH")]
+    pub disable_auth: bool,
+
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "HOOKRELAY_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
@@ -56,6 +78,10 @@ impl RunArgs {
     /// The defaults, with the metrics server on an ephemeral loopback port (for tests).
     pub fn for_tests() -> Self {
         Self {
+            listen_addr: "127.0.0.1:0".parse().expect("a valid address"),
+            ingest_mode: http::IngestMode::Durable,
+            direct_queue: 10_000,
+            disable_auth: false,
             metrics_addr: "127.0.0.1:0".parse().expect("a valid address"),
             namespaces: Vec::new(),
             allow_http: false,
@@ -88,6 +114,7 @@ pub struct Operator {
     pub readiness: http::Readiness,
     pub metrics: Metrics,
     pub metrics_addr: SocketAddr,
+    pub listen_addr: SocketAddr,
 }
 
 /// Runs the operator until `shutdown` fires.
@@ -115,14 +142,8 @@ pub async fn start(
     let scope = Scope::new(&args.namespaces);
     let egress = EgressPolicy::new(args.allow_http, args.allow_cidrs.clone());
 
-    let listen_error = |source| Error::Listen {
-        addr: args.metrics_addr,
-        source,
-    };
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .map_err(listen_error)?;
-    let metrics_addr = listener.local_addr().map_err(listen_error)?;
+    let (metrics_listener, metrics_addr) = bind(args.metrics_addr).await?;
+    let (api_listener, listen_addr) = bind(args.listen_addr).await?;
 
     let (status, writer) = status::channel(
         client.clone(),
@@ -138,6 +159,23 @@ pub async fn start(
         metrics.clone(),
         DispatcherConfig::default(),
     ));
+    let auth = if args.disable_auth {
+        tracing::warn!(
+            "AUTHENTICATION IS DISABLED (--disable-auth): anyone who reaches {listen_addr} can manage webhooks and send events. Development only."
+        );
+        http::Authorizer::Disabled
+    } else {
+        http::Authorizer::kubernetes(client.clone())
+    };
+    let api_state = Arc::new(http::ApiState {
+        client: client.clone(),
+        auth,
+        routes: routes.clone(),
+        dispatcher: dispatcher.clone(),
+        ingest_mode: args.ingest_mode,
+        direct_queue: Arc::new(tokio::sync::Semaphore::new(args.direct_queue)),
+        metrics: metrics.clone(),
+    });
     let webhooks = WebhookController::new(
         &scope,
         routes.clone(),
@@ -169,30 +207,48 @@ pub async fn start(
     };
     let webhooks = tokio::spawn(webhooks.run(client, scope.clone(), gone_rx, shutdown.clone()));
     let events = tokio::spawn(events.run(scope, routes_synced, shutdown.clone()));
-    let server = http::serve(
-        listener,
+    let metrics_server = tokio::spawn(http::serve(
+        metrics_listener,
         http::metrics_router(readiness.clone(), metrics.clone()),
         shutdown.clone(),
-    );
+    ));
+    let api_server = tokio::spawn(http::serve(
+        api_listener,
+        http::api_router(api_state),
+        shutdown.clone(),
+    ));
 
     let operator = Operator {
         routes,
         readiness,
         metrics,
         metrics_addr,
+        listen_addr,
     };
     let task = async move {
-        let served = server.await;
+        let served = [metrics_server.await, api_server.await];
         let _ = events.await;
         let _ = webhooks.await;
         writer_stop.cancel();
         let _ = writer.await;
-        served.map_err(|source| Error::Listen {
-            addr: metrics_addr,
-            source,
-        })
+        for (result, addr) in served.into_iter().zip([metrics_addr, listen_addr]) {
+            if let Ok(Err(source)) = result {
+                return Err(Error::Listen { addr, source });
+            }
+        }
+        Ok(())
     };
     Ok((operator, task))
+}
+
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), Error> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| Error::Listen { addr, source })?;
+    Ok((listener, bound))
 }
 
 fn nonzero(d: Duration) -> Option<Duration> {

@@ -419,7 +419,8 @@ fn set_phase(status: &mut DocumentEventStatus) -> bool {
     status.phase.replace(phase) != Some(phase)
 }
 
-/// Delivers one event to one Webhook until it succeeds or fails for good, reporting each step.
+/// Delivers one event to one Webhook until it succeeds or fails for good, reporting each step
+/// to the controller.
 async fn deliver(
     ctx: Arc<TaskContext>,
     key: EventKey,
@@ -428,47 +429,113 @@ async fn deliver(
     mut target: TargetDelivery,
     cancel: CancellationToken,
 ) {
-    let report = |target: &TargetDelivery| Progress {
-        key: key.clone(),
-        uid: uid.clone(),
-        target: target.clone(),
+    let report = Reporter::Event {
+        tx: ctx.progress.clone(),
+        key,
+        uid,
     };
+    deliver_with_retries(
+        &ctx.routes,
+        &ctx.dispatcher,
+        &delivery,
+        &mut target,
+        &cancel,
+        &report,
+    )
+    .await;
+    ctx.metrics.pending_deliveries.dec();
+}
+
+/// Delivers an event nothing stores (direct ingest): the same attempts and retries, recorded
+/// only in the Webhook's history.
+pub async fn deliver_untracked(routes: Routes, dispatcher: Arc<Dispatcher>, delivery: Delivery) {
+    let mut target = TargetDelivery {
+        webhook: delivery.webhook.name.to_string(),
+        id: delivery.id.clone(),
+        state: TargetState::Pending,
+        attempts: 0,
+        http_status: None,
+        last_attempt_time: None,
+        next_attempt_time: None,
+        error: None,
+    };
+    let never = CancellationToken::new();
+    deliver_with_retries(
+        &routes,
+        &dispatcher,
+        &delivery,
+        &mut target,
+        &never,
+        &Reporter::Nobody,
+    )
+    .await;
+}
+
+/// Where a delivery's progress goes.
+enum Reporter {
+    Event {
+        tx: mpsc::Sender<Progress>,
+        key: EventKey,
+        uid: String,
+    },
+    Nobody,
+}
+
+impl Reporter {
+    async fn report(&self, target: &TargetDelivery) {
+        if let Reporter::Event { tx, key, uid } = self {
+            let _ = tx
+                .send(Progress {
+                    key: key.clone(),
+                    uid: uid.clone(),
+                    target: target.clone(),
+                })
+                .await;
+        }
+    }
+}
+
+/// The attempt loop: waits for the scheduled time, holds while the Webhook is paused, attempts,
+/// and schedules the next attempt, until the target is final or `cancel` fires.
+async fn deliver_with_retries(
+    routes: &Routes,
+    dispatcher: &Dispatcher,
+    delivery: &Delivery,
+    target: &mut TargetDelivery,
+    cancel: &CancellationToken,
+    reporter: &Reporter,
+) {
+    let now = Timestamp::now();
     let mut wait = target
         .next_attempt_time
         .as_ref()
-        .map(|t| t.0.duration_since(Timestamp::now()).unsigned_abs());
-    if target
-        .next_attempt_time
-        .as_ref()
-        .is_some_and(|t| t.0 < Timestamp::now())
-    {
-        wait = None;
-    }
+        .filter(|t| t.0 > now)
+        .map(|t| t.0.duration_since(now).unsigned_abs());
     loop {
         if let Some(wait) = wait.take() {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = cancel.cancelled() => break,
+                _ = cancel.cancelled() => return,
             }
         }
-        let route = ctx.routes.snapshot().get(&delivery.webhook).cloned();
+        let route = routes.snapshot().get(&delivery.webhook).cloned();
         let Some(route) = route else {
             target.state = TargetState::Failed;
             target.next_attempt_time = None;
             target.error = Some(format!("webhook {} was deleted", delivery.webhook.name));
-            let _ = ctx.progress.send(report(&target)).await;
-            break;
+            reporter.report(target).await;
+            return;
         };
         if route.state == RouteState::Paused {
             if target.state != TargetState::Held {
                 target.state = TargetState::Held;
-                let _ = ctx.progress.send(report(&target)).await;
+                reporter.report(target).await;
             }
             wait = Some(HELD_RECHECK);
             continue;
         }
         let attempt = target.attempts as u32 + 1;
-        let result = ctx.dispatcher.attempt(&route, &delivery, attempt).await;
+        let result = dispatcher.attempt(&route, delivery, attempt).await;
         target.attempts = attempt as i32;
         target.http_status = result.http_status;
         target.last_attempt_time = Some(result.time.clone());
@@ -491,12 +558,11 @@ async fn deliver(
                 target.next_attempt_time = None;
             }
         }
-        let _ = ctx.progress.send(report(&target)).await;
+        reporter.report(target).await;
         if is_final(target.state) {
-            break;
+            return;
         }
     }
-    ctx.metrics.pending_deliveries.dec();
 }
 
 fn event_key(de: &DocumentEvent) -> EventKey {

@@ -5,6 +5,6 @@ mod document_event;
 mod resolve;
 mod webhook;
 
-pub use document_event::{DocumentEventController, Retention};
+pub use document_event::{DocumentEventController, Retention, deliver_untracked};
 pub use resolve::{Resolution, ready_reason, resolve};
 pub use webhook::{Scope, WebhookController};

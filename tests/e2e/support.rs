@@ -245,6 +245,8 @@ impl Operator {
             .arg("run")
             .arg("--metrics-addr")
             .arg(metrics_addr.to_string())
+            .arg("--listen-addr")
+            .arg(&listen_addr)
             .args(args)
             .env("KUBECONFIG", &cp.kubeconfig)
             .env("RUST_LOG", "info,hookrelay=debug")
@@ -555,4 +557,26 @@ impl CountingReceiver {
         let seen = self.seen.lock().unwrap();
         (seen.len(), seen.values().sum())
     }
+}
+
+/// A JSON HTTP call to the operator's API: (status, parsed body or Null).
+pub async fn api_call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let client = reqwest::Client::new();
+    let mut req = client.request(method.parse().unwrap(), format!("http://{addr}{path}"));
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        req = req.header("content-type", "application/json").body(body.to_owned());
+    }
+    let response = req.send().await.expect("the API answers");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
 }
