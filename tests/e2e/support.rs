@@ -238,6 +238,7 @@ impl Operator {
     pub fn start(cp: &ControlPlane, args: &[&str]) -> Operator {
         let metrics_addr: std::net::SocketAddr =
             format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let listen_addr = format!("127.0.0.1:{}", free_port());
         let log =
             std::env::temp_dir().join(format!("hookrelay-operator-{}.log", metrics_addr.port()));
         let out = std::fs::File::create(&log).expect("log file");
