@@ -1,5 +1,6 @@
 //! End-to-end tests against a real kube-apiserver and etcd (see `support`).
 
+mod api;
 mod control_plane;
 mod crash;
 mod crds;

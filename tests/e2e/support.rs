@@ -574,10 +574,15 @@ pub async fn api_call(
         req = req.bearer_auth(token);
     }
     if let Some(body) = body {
-        req = req.header("content-type", "application/json").body(body.to_owned());
+        req = req
+            .header("content-type", "application/json")
+            .body(body.to_owned());
     }
     let response = req.send().await.expect("the API answers");
     let status = response.status().as_u16();
     let text = response.text().await.unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
 }
