@@ -82,6 +82,20 @@ kubectl wait -n demo --for=condition=Ready webhook/file-conversion --timeout=60s
 kubectl create -n demo -f examples/document-event-completed.yaml -f examples/document-event-error.yaml
 kubectl wait -n demo --for=jsonpath='{.status.phase}'=Delivered documentevents --all --timeout=60s
 
+step "the same through the HTTP ingest, with a ServiceAccount token that may only create documentevents"
+kubectl create serviceaccount ingest -n demo
+kubectl create role ingest -n demo --verb=create --resource=documentevents.hookrelay.dev
+kubectl create rolebinding ingest -n demo --role=ingest --serviceaccount=demo:ingest
+TOKEN=$(kubectl create token ingest -n demo)
+curl -sS -X POST "http://127.0.0.1:${API_PORT:-18081}/api/events" -H "Authorization: Bearer $TOKEN" \
+  -H 'Content-Type: application/json' \
+  -d '{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":125,"filename":"report.pdf","status":"completed"}}'
+echo
+echo "without a token:"
+curl -sS -X POST "http://127.0.0.1:${API_PORT:-18081}/api/events" -d '{}'
+echo
+kubectl wait -n demo --for=jsonpath='{.status.phase}'=Delivered documentevents --all --timeout=60s
+
 step "what the receiver got"
 curl -s "http://$RECEIVER/results" | python3 -c "
 import json, sys

@@ -14,5 +14,11 @@ async fn the_operator_starts_and_reports_healthy_and_ready() {
         .await
         .expect("healthz reachable");
     assert_eq!((status, body.trim()), (200, "ok"));
+    // The REST API port serves the OpenAPI document without authentication.
+    let (status, body) = http_get(op.listen_addr, "/openapi.json")
+        .await
+        .expect("API reachable");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"/api/events\""), "{body}");
     assert!(op.child.try_wait().unwrap().is_none(), "operator exited");
 }

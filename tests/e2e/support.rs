@@ -230,6 +230,8 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, St
 pub struct Operator {
     pub child: tokio::process::Child,
     pub metrics_addr: std::net::SocketAddr,
+    /// The REST API and ingest.
+    pub listen_addr: std::net::SocketAddr,
     /// Where its stdout and stderr go.
     pub log: PathBuf,
 }
@@ -238,7 +240,8 @@ impl Operator {
     pub fn start(cp: &ControlPlane, args: &[&str]) -> Operator {
         let metrics_addr: std::net::SocketAddr =
             format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let listen_addr = format!("127.0.0.1:{}", free_port());
+        let listen_addr: std::net::SocketAddr =
+            format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log =
             std::env::temp_dir().join(format!("hookrelay-operator-{}.log", metrics_addr.port()));
         let out = std::fs::File::create(&log).expect("log file");
@@ -247,7 +250,7 @@ impl Operator {
             .arg("--metrics-addr")
             .arg(metrics_addr.to_string())
             .arg("--listen-addr")
-            .arg(&listen_addr)
+            .arg(listen_addr.to_string())
             .args(args)
             .env("KUBECONFIG", &cp.kubeconfig)
             .env("RUST_LOG", "info,hookrelay=debug")
@@ -259,6 +262,7 @@ impl Operator {
         Operator {
             child,
             metrics_addr,
+            listen_addr,
             log,
         }
     }
