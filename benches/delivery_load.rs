@@ -18,7 +18,7 @@ use hookrelay::crd::{DocumentEvent, Webhook};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, api::PostParams};
 use serde_json::json;
-use support::{Blackhole, CountingReceiver, Operator, control_plane, eventually, http_get};
+use support::{Blackhole, CountingReceiver, Operator, control_plane, eventually, metric};
 
 const WEBHOOKS: usize = 10;
 const EVENTS_PER_SECOND: usize = 50;
@@ -173,10 +173,4 @@ async fn run(seconds: u64, with_dead: bool) -> Duration {
 
 fn targets_len(with_dead: bool) -> usize {
     WEBHOOKS + usize::from(with_dead)
-}
-
-async fn metric(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
-    let (_, body) = http_get(addr, "/metrics").await?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }

@@ -23,7 +23,7 @@ use kube::{
     api::{ListParams, PostParams},
 };
 use serde_json::json;
-use support::{Operator, control_plane, eventually, http_get};
+use support::{Operator, control_plane, eventually, http_get, metric};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -183,13 +183,6 @@ async fn ready_count(webhooks: &Api<Webhook>) -> usize {
             })
         })
         .count()
-}
-
-/// One sample of the operator's /metrics.
-async fn metric(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
-    let (_, body) = http_get(addr, "/metrics").await?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
 /// API requests by verb, as the operator counted them.

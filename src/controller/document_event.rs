@@ -226,18 +226,7 @@ impl DocumentEventController {
             if status.deliveries.is_empty() {
                 status.deliveries = self.route(&key, &uid, &de);
             }
-            let timestamp = de
-                .spec
-                .timestamp
-                .clone()
-                .or_else(|| {
-                    de.metadata
-                        .creation_timestamp
-                        .as_ref()
-                        .map(|t| t.0.to_string())
-                })
-                .unwrap_or_else(|| Timestamp::now().to_string());
-            let body = Arc::new(EventBody::new(de.spec.type_, &timestamp, &de.spec.data));
+            let body = Arc::new(EventBody::from(&de));
             for target in status.deliveries.iter().filter(|t| !is_final(t.state)) {
                 let webhook = WebhookKey {
                     namespace: key.namespace.clone(),

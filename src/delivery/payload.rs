@@ -3,7 +3,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::crd::EventType;
+use crate::crd::{DocumentEvent, EventType};
 
 /// One document event, ready to be delivered to any number of webhooks.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +30,20 @@ impl EventBody {
         };
         let body = serde_json::to_vec(&wire).expect("a JSON object always serializes");
         Self { event, body }
+    }
+}
+
+impl From<&DocumentEvent> for EventBody {
+    /// A DocumentEvent's body: its `spec.timestamp`, or else the time it was created.
+    fn from(de: &DocumentEvent) -> Self {
+        let created = de.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let timestamp = match &de.spec.timestamp {
+            Some(t) => t.clone(),
+            None => created
+                .unwrap_or_else(k8s_openapi::jiff::Timestamp::now)
+                .to_string(),
+        };
+        Self::new(de.spec.type_, &timestamp, &de.spec.data)
     }
 }
 

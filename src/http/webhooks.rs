@@ -48,6 +48,16 @@ struct Caller {
     api: Api<Webhook>,
 }
 
+impl Caller {
+    /// The Webhook `id` of the caller's namespace; 404 when there is none.
+    async fn webhook(&self, id: &str) -> Result<Webhook, ApiError> {
+        self.api
+            .get(id)
+            .await
+            .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))
+    }
+}
+
 async fn caller(
     state: &ApiState,
     query: &NamespaceQuery,
@@ -124,11 +134,7 @@ pub async fn get(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let c = caller(&state, &q, &headers, "get").await?;
-    let w = c
-        .api
-        .get(&id)
-        .await
-        .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
+    let w = c.webhook(&id).await?;
     Ok(Json(to_json(&w)))
 }
 
@@ -190,10 +196,7 @@ pub async fn update(
 ) -> Result<Json<Value>, ApiError> {
     let c = caller(&state, &q, &headers, "update").await?;
     let spec = spec_fields(&body, false)?;
-    c.api
-        .get(&id)
-        .await
-        .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
+    c.webhook(&id).await?;
     let patch = json!({"spec": spec});
     let updated = c
         .api
@@ -210,11 +213,7 @@ pub async fn delete(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let c = caller(&state, &q, &headers, "delete").await?;
-    let w = c
-        .api
-        .get(&id)
-        .await
-        .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
+    let w = c.webhook(&id).await?;
     c.api
         .delete(&id, &DeleteParams::default())
         .await
@@ -241,11 +240,7 @@ pub async fn deliveries(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let c = caller(&state, &q, &headers, "get").await?;
-    let w = c
-        .api
-        .get(&id)
-        .await
-        .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
+    let w = c.webhook(&id).await?;
     let status = w.status.unwrap_or_default();
     let deliveries: Vec<Value> = status
         .recent_deliveries
@@ -278,11 +273,7 @@ pub async fn test(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let c = caller(&state, &q, &headers, "update").await?;
-    let w = c
-        .api
-        .get(&id)
-        .await
-        .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
+    let w = c.webhook(&id).await?;
     let event = w
         .spec
         .events
@@ -314,11 +305,7 @@ pub async fn redeliver(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let c = caller(&state, &q, &headers, "update").await?;
-    let w = c
-        .api
-        .get(&id)
-        .await
-        .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
+    let w = c.webhook(&id).await?;
     let record = w
         .status
         .unwrap_or_default()
@@ -337,18 +324,7 @@ pub async fn redeliver(
             record.source
         ))
     })?;
-    let timestamp = de
-        .spec
-        .timestamp
-        .clone()
-        .or_else(|| {
-            de.metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0.to_string())
-        })
-        .unwrap_or_default();
-    let body = EventBody::new(de.spec.type_, &timestamp, &de.spec.data);
+    let body = EventBody::from(&de);
     let report = attempt_once(
         &state,
         &c.namespace,

@@ -1,6 +1,6 @@
 //! The operator process itself against the real API server.
 
-use crate::support::{Operator, control_plane, http_get};
+use crate::support::{Operator, control_plane, http_get, metric};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_starts_and_reports_healthy_and_ready() {
@@ -14,6 +14,11 @@ async fn the_operator_starts_and_reports_healthy_and_ready() {
         .await
         .expect("healthz reachable");
     assert_eq!((status, body.trim()), (200, "ok"));
+    // Metrics are exported, with the (empty) routing table counted.
+    assert_eq!(
+        metric(op.metrics_addr, "hookrelay_webhooks{state=\"Active\"}").await,
+        Some(0.0)
+    );
     // The REST API port serves the OpenAPI document without authentication.
     let (status, body) = http_get(op.listen_addr, "/openapi.json")
         .await

@@ -226,6 +226,14 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, St
     Some((status, body))
 }
 
+/// One sample of a series of an operator's /metrics, such as
+/// `hookrelay_webhooks{state="Active"}`.
+pub async fn metric(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics").await?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
 /// The operator binary as a child process, killed on drop.
 pub struct Operator {
     pub child: tokio::process::Child,
