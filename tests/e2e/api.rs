@@ -156,7 +156,7 @@ async fn the_seeds_requests_behave_as_the_seed_says() {
     );
     cp.kubectl_ok(
         &["apply", "-n", &ns, "-f", "-"],
-        Some("apiVersion: hookrelay.dev/v1alpha1\nkind: Webhook\nmetadata: {name: applied}\nspec: {url: 'https://example.com/h', events: ['*'], secretRef: {name: s}}\n"),
+        Some("apiVersion: hookrelay.dev/v1alpha1\nkind: Webhook\nmetadata: {name: applied}\nspec: {url: 'https://example.com/h', events: ['*'], secretRef: {name: s}, paused: true}\n"),
     );
     let (status, list) =
         api_call(api, "GET", &format!("/api/webhooks{q}"), Some(&token), None).await;
@@ -358,7 +358,7 @@ async fn bad_requests_get_their_status_codes_and_change_nothing() {
     );
     cp.kubectl_ok(
         &["apply", "-n", &ns, "-f", "-"],
-        Some("apiVersion: hookrelay.dev/v1alpha1\nkind: Webhook\nmetadata: {name: existing}\nspec: {url: 'https://example.com/h', events: ['*'], secretRef: {name: s}}\n"),
+        Some("apiVersion: hookrelay.dev/v1alpha1\nkind: Webhook\nmetadata: {name: existing}\nspec: {url: 'https://example.com/h', events: ['*'], secretRef: {name: s}, paused: true}\n"),
     );
     let snapshot = || {
         cp.kubectl_ok(&["get", "webhooks,documentevents,secrets", "-n", &ns, "-o", "jsonpath={range .items[*]}{.kind}/{.metadata.name}@{.metadata.resourceVersion} {end}"], None)
