@@ -24,7 +24,7 @@ use kube::{
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, time::DelayQueue};
 
-use super::Scope;
+use super::{Scope, ready_reason};
 use crate::{
     crd::{DocumentEvent, DocumentEventStatus, EventPhase, TargetDelivery, TargetState},
     delivery::{Delivery, Dispatcher, EventBody, Verdict, delivery_id},
@@ -41,7 +41,10 @@ pub struct Retention {
     pub failed: Option<Duration>,
 }
 
-/// How often a held delivery checks whether its Webhook was unpaused.
+/// Time allowed for deleting one finished DocumentEvent.
+const DELETE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a held delivery checks whether its Webhook was unpaused or fixed.
 const HELD_RECHECK: Duration = Duration::from_secs(1);
 
 /// A target's progress, reported by its delivery task.
@@ -159,6 +162,10 @@ impl DocumentEventController {
         for tracked in self.tracked.values() {
             tracked.cancel.cancel();
         }
+        // Progress already reported still goes to the status writer.
+        while let Ok(progress) = self.progress.try_recv() {
+            self.on_progress(progress).await;
+        }
     }
 
     async fn on_event(
@@ -273,10 +280,10 @@ impl DocumentEventController {
             .map(|route| TargetDelivery {
                 webhook: route.key.name.to_string(),
                 id: delivery_id(uid, &route.uid),
-                state: if route.state == RouteState::Paused {
-                    TargetState::Held
-                } else {
+                state: if route.state == RouteState::Active {
                     TargetState::Pending
+                } else {
+                    TargetState::Held
                 },
                 attempts: 0,
                 http_status: None,
@@ -359,7 +366,11 @@ impl DocumentEventController {
             }),
             ..DeleteParams::default()
         };
-        match api.delete(&key.name, &params).await {
+        // Bounded, so that a slow API server cannot stall the controller loop for long.
+        let deleted = tokio::time::timeout(DELETE_TIMEOUT, api.delete(&key.name, &params))
+            .await
+            .unwrap_or_else(|_| Err(kube::Error::Service("delete timed out".into())));
+        match deleted {
             Ok(_) => tracing::debug!(event = %key, "retention over: deleted"),
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
             Err(error) => {
@@ -515,15 +526,37 @@ async fn deliver_with_retries(
             reporter.report(target).await;
             return;
         };
-        if route.state == RouteState::Paused {
-            if target.state != TargetState::Held {
+        // Paused, or blocked by something a person fixes (a Secret, the egress policy): held,
+        // without spending attempts, until it is fixed. Only 410 Gone ends deliveries.
+        let held_because = match &route.state {
+            RouteState::Active => None,
+            RouteState::Paused => Some("held: the webhook is paused".to_owned()),
+            RouteState::Blocked { reason, .. } if *reason == ready_reason::ENDPOINT_GONE => {
+                target.state = TargetState::Failed;
+                target.next_attempt_time = None;
+                target.error = Some("the endpoint answered 410 Gone".into());
+                reporter.report(target).await;
+                return;
+            }
+            RouteState::Blocked { reason, message } => {
+                Some(format!("held: webhook not ready ({reason}): {message}"))
+            }
+        };
+        if let Some(why) = held_because {
+            if target.state != TargetState::Held || target.error.as_ref() != Some(&why) {
                 target.state = TargetState::Held;
+                target.error = Some(why);
                 reporter.report(target).await;
             }
             wait = Some(HELD_RECHECK);
             continue;
         }
-        let attempt = target.attempts as u32 + 1;
+        if target.state == TargetState::Held {
+            target.state = TargetState::Pending;
+            target.error = None;
+            reporter.report(target).await;
+        }
+        let attempt = target.attempts.max(0) as u32 + 1;
         let result = dispatcher.attempt(&route, delivery, attempt).await;
         target.attempts = attempt as i32;
         target.http_status = result.http_status;

@@ -118,8 +118,8 @@ impl Dispatcher {
     /// Makes attempt number `attempt` (1-based) of `delivery` to `route`, and records it.
     pub async fn attempt(&self, route: &Route, delivery: &Delivery, attempt: u32) -> AttemptReport {
         let lane = self.lane(&route.key);
-        let _lane = lane.acquire_owned().await.expect("lanes are never closed");
-        let _global = self
+        let lane_permit = lane.acquire_owned().await.expect("lanes are never closed");
+        let global_permit = self
             .global
             .clone()
             .acquire_owned()
@@ -161,6 +161,8 @@ impl Dispatcher {
                 self.sender.send(attempt).await
             }
         };
+        // The slots are for talking to the endpoint, not for recording what it said.
+        drop((lane_permit, global_permit));
         let policy = RetryPolicy::from(&route.delivery);
         let verdict = policy.verdict(attempt, &result, rand::random());
         let (http_status, error) = match &result {
@@ -193,6 +195,7 @@ impl Dispatcher {
         self.status
             .send(Update::DeliveryAttempt {
                 key: route.key.clone(),
+                uid: route.uid.clone(),
                 record: Box::new(record),
             })
             .await;

@@ -117,6 +117,11 @@ const V4_RANGES: &[(&str, &str)] = &[
 const V6_RANGES: &[(&str, &str)] = &[
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
+    // Forms that carry an IPv4 address: deprecated IPv4-compatible, IPv4-translated, and the
+    // local-use NAT64 prefix (RFC 8215), which can reach private IPv4 through a gateway.
+    ("::/96", "IPv4-compatible"),
+    ("::ffff:0:0:0/96", "IPv4-translated"),
+    ("64:ff9b:1::/48", "local-use NAT64"),
     ("100::/64", "discard-only"),
     ("2001::/23", "IETF protocol assignment"),
     ("2001:db8::/32", "documentation"),
@@ -169,6 +174,9 @@ mod tests {
             ("::ffff:169.254.169.254", "link-local (cloud metadata)"),
             ("64:ff9b::a9fe:a9fe", "link-local (cloud metadata)"),
             ("::", "unspecified"),
+            ("::7f00:1", "IPv4-compatible"),
+            ("::ffff:0:a00:1", "IPv4-translated"),
+            ("64:ff9b:1::a00:1", "local-use NAT64"),
         ] {
             match policy.check_ip(ip(addr)) {
                 Err(EgressDenied::BlockedAddress { range: r, .. }) => {

@@ -48,8 +48,15 @@ impl Caller {
     }
 }
 
-/// (user, verb, resource, namespace)
-type Question = (String, &'static str, &'static str, String);
+/// (user, uid, groups, verb, resource, namespace): everything the review is asked about.
+type Question = (
+    String,
+    Option<String>,
+    Vec<String>,
+    &'static str,
+    &'static str,
+    String,
+);
 type CachedCaller = (Option<Caller>, Instant);
 
 #[derive(Clone)]
@@ -184,8 +191,12 @@ impl KubeAuth {
         resource: &'static str,
         namespace: &str,
     ) -> Result<bool, ApiError> {
+        let mut groups = caller.groups.clone();
+        groups.sort();
         let key = (
             caller.username.clone(),
+            caller.uid.clone(),
+            groups,
             verb,
             resource,
             namespace.to_owned(),

@@ -77,6 +77,8 @@ pub enum Update {
     /// An attempt to deliver to a Webhook ended.
     DeliveryAttempt {
         key: WebhookKey,
+        /// The uid of the Webhook the attempt was made for.
+        uid: String,
         record: Box<DeliveryRecord>,
     },
     /// The full delivery status of a DocumentEvent.
@@ -138,7 +140,10 @@ enum SlotKey {
 #[derive(Debug)]
 enum Content {
     Ready(Box<ReadyUpdate>),
-    Deliveries(Vec<DeliveryRecord>),
+    Deliveries {
+        uid: String,
+        records: Vec<DeliveryRecord>,
+    },
     Event {
         uid: String,
         status: DocumentEventStatus,
@@ -169,7 +174,7 @@ struct Finished {
     /// Content to write again if the patch failed.
     retry: Option<Content>,
     /// The delivery log, returned after a Deliveries patch.
-    log: Option<(WebhookKey, DeliveryLog)>,
+    log: Option<(WebhookKey, String, DeliveryLog)>,
     result: Result<(), kube::Error>,
 }
 
@@ -182,8 +187,8 @@ pub struct StatusWriter {
     rx: mpsc::Receiver<Update>,
     config: WriterConfig,
     slots: HashMap<SlotKey, Slot>,
-    /// Delivery logs of Webhooks, seeded from their status on first use.
-    logs: HashMap<WebhookKey, DeliveryLog>,
+    /// Delivery logs of Webhooks (by uid), seeded from their status on first use.
+    logs: HashMap<WebhookKey, (String, DeliveryLog)>,
 }
 
 /// A writer and the sender that feeds it; `capacity` bounds the channel.
@@ -221,7 +226,11 @@ impl StatusWriter {
         loop {
             let touched = tokio::select! {
                 _ = shutdown.cancelled(), if !stopping => {
-                    // Write what is pending once more, without waiting out rate limits.
+                    // Take what the producers already sent, then write everything pending once
+                    // more without waiting out rate limits.
+                    while let Ok(update) = self.rx.try_recv() {
+                        self.merge(update);
+                    }
                     stopping = true;
                     for slot in self.slots.values_mut() {
                         slot.last_patch = None;
@@ -276,9 +285,13 @@ impl StatusWriter {
     fn merge(&mut self, update: Update) -> SlotKey {
         let (key, content) = match update {
             Update::WebhookReady { key, update } => (SlotKey::Ready(key), Content::Ready(update)),
-            Update::DeliveryAttempt { key, record } => {
-                (SlotKey::Deliveries(key), Content::Deliveries(vec![*record]))
-            }
+            Update::DeliveryAttempt { key, uid, record } => (
+                SlotKey::Deliveries(key),
+                Content::Deliveries {
+                    uid,
+                    records: vec![*record],
+                },
+            ),
             Update::EventStatus { key, uid, status } => {
                 (SlotKey::Event(key), Content::Event { uid, status })
             }
@@ -294,9 +307,16 @@ impl StatusWriter {
                 let event = new.event.clone().or(old.event);
                 Content::Ready(Box::new(ReadyUpdate { event, ..*new }))
             }
-            (Some(Content::Deliveries(mut old)), Content::Deliveries(new)) => {
-                old.extend(new);
-                Content::Deliveries(old)
+            // Records accumulate; those of a Webhook since deleted and recreated are dropped.
+            (
+                Some(Content::Deliveries { uid, mut records }),
+                Content::Deliveries {
+                    uid: new_uid,
+                    records: new,
+                },
+            ) if uid == new_uid => {
+                records.extend(new);
+                Content::Deliveries { uid, records }
             }
             (_, new) => new,
         });
@@ -309,8 +329,13 @@ impl StatusWriter {
         let content = slot.content.take().expect("started slots have content");
         slot.in_flight = true;
         slot.last_patch = Some(now);
-        let log = match &key {
-            SlotKey::Deliveries(webhook) => Some(self.logs.remove(webhook)),
+        // The cached log, if it is of the same Webhook object.
+        let log = match (&key, &content) {
+            (SlotKey::Deliveries(webhook), Content::Deliveries { uid, .. }) => self
+                .logs
+                .remove(webhook)
+                .filter(|(cached, _)| cached == uid)
+                .map(|(_, log)| log),
             _ => None,
         };
         let (client, recorder, events, timeout) = (
@@ -334,16 +359,20 @@ impl StatusWriter {
                         result,
                     }
                 }
-                (SlotKey::Deliveries(webhook), Content::Deliveries(records)) => {
-                    let (log, result) =
-                        patch::deliveries(&client, &webhook, log.flatten(), records, timeout).await;
-                    // The records are in the log either way; a failed patch writes it again.
-                    let retry = result.is_err().then(|| Content::Deliveries(Vec::new()));
+                (SlotKey::Deliveries(webhook), Content::Deliveries { uid, records }) => {
+                    let outcome =
+                        patch::deliveries(&client, &webhook, &uid, log, records, timeout).await;
+                    // Records in the log are written again from it; records that never made it
+                    // into a log (seeding failed) are carried over.
+                    let retry = outcome.result.is_err().then(|| Content::Deliveries {
+                        uid: uid.clone(),
+                        records: outcome.unrecorded,
+                    });
                     Finished {
                         key: SlotKey::Deliveries(webhook.clone()),
                         retry,
-                        log: log.map(|l| (webhook, l)),
-                        result,
+                        log: outcome.log.map(|l| (webhook, uid, l)),
+                        result: outcome.result,
                     }
                 }
                 (SlotKey::Event(event), Content::Event { uid, status }) => {
@@ -380,8 +409,8 @@ impl StatusWriter {
             .status_patches
             .get_or_create(&StatusPatchLabels { kind, result })
             .inc();
-        if let Some((webhook, log)) = done.log {
-            self.logs.insert(webhook, log);
+        if let Some((webhook, uid, log)) = done.log {
+            self.logs.insert(webhook, (uid, log));
         }
         let Some(slot) = self.slots.get_mut(&done.key) else {
             return;
@@ -405,11 +434,26 @@ impl StatusWriter {
                 tracing::warn!(object = ?done.key, %error, ?backoff, "status patch failed; retrying");
                 slot.not_before = Some(Instant::now() + backoff);
                 if let Some(retry) = done.retry {
-                    slot.content = Some(match slot.content.take() {
-                        // Newer content supersedes, except delivery records which accumulate.
-                        Some(Content::Deliveries(newer)) => Content::Deliveries(newer),
-                        Some(newer) => newer,
-                        None => retry,
+                    slot.content = Some(match (slot.content.take(), retry) {
+                        // Delivery records accumulate, older first; other content is superseded.
+                        (
+                            Some(Content::Deliveries {
+                                uid,
+                                records: newer,
+                            }),
+                            Content::Deliveries {
+                                uid: old_uid,
+                                records: mut older,
+                            },
+                        ) if uid == old_uid => {
+                            older.extend(newer);
+                            Content::Deliveries {
+                                uid,
+                                records: older,
+                            }
+                        }
+                        (Some(newer), _) => newer,
+                        (None, retry) => retry,
                     });
                 }
             }

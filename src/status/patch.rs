@@ -64,27 +64,62 @@ pub(super) async fn ready(
     apply_status(&api, &key.name, CONTROLLER_MANAGER, body, timeout).await
 }
 
-/// Seeds the log from the Webhook's status when needed, adds `records`, and writes it. Returns
-/// the log (None when it could not be seeded) with the result.
+/// How a Deliveries patch ended.
+pub(super) struct DeliveriesOutcome {
+    /// The log with the records in it; None when it could not be seeded.
+    pub log: Option<DeliveryLog>,
+    /// Records not yet in any log (seeding failed): to be written again.
+    pub unrecorded: Vec<DeliveryRecord>,
+    pub result: Result<(), kube::Error>,
+}
+
+/// Seeds the log from the status of the Webhook with `uid` when needed, adds `records`, and
+/// writes it (to that very object: a recreated namesake answers 409).
 pub(super) async fn deliveries(
     client: &Client,
     key: &WebhookKey,
+    uid: &str,
     log: Option<DeliveryLog>,
     records: Vec<DeliveryRecord>,
     timeout: Duration,
-) -> (Option<DeliveryLog>, Result<(), kube::Error>) {
+) -> DeliveriesOutcome {
     let api: Api<Webhook> = Api::namespaced(client.clone(), &key.namespace);
     let mut log = match log {
         Some(log) => log,
         None => match with_timeout(timeout, api.get_status(&key.name)).await {
-            Ok(webhook) => DeliveryLog::from_status(webhook.status.as_ref()),
-            Err(e) => return (None, Err(e)),
+            Ok(webhook) if webhook.metadata.uid.as_deref() == Some(uid) => {
+                DeliveryLog::from_status(webhook.status.as_ref())
+            }
+            // Deleted and recreated since: the records belong to an object that is gone.
+            Ok(_) => {
+                return DeliveriesOutcome {
+                    log: None,
+                    unrecorded: Vec::new(),
+                    result: Ok(()),
+                };
+            }
+            Err(e) => {
+                return DeliveriesOutcome {
+                    log: None,
+                    unrecorded: records,
+                    result: Err(e),
+                };
+            }
         },
     };
     log.record(records, k8s_openapi::jiff::Timestamp::now());
-    let body = json!({"apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "status": log.to_status()});
+    let body = json!({
+        "apiVersion": "hookrelay.dev/v1alpha1",
+        "kind": "Webhook",
+        "metadata": {"uid": uid},
+        "status": log.to_status(),
+    });
     let result = apply_status(&api, &key.name, DELIVERY_MANAGER, body, timeout).await;
-    (Some(log), result)
+    DeliveriesOutcome {
+        log: Some(log),
+        unrecorded: Vec::new(),
+        result,
+    }
 }
 
 pub(super) async fn event(
