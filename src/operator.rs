@@ -174,6 +174,7 @@ pub async fn start(
         dispatcher: dispatcher.clone(),
         ingest_mode: args.ingest_mode,
         direct_queue: Arc::new(tokio::sync::Semaphore::new(args.direct_queue)),
+        direct_capacity: args.direct_queue,
         metrics: metrics.clone(),
     });
     let webhooks = WebhookController::new(

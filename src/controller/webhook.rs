@@ -27,7 +27,7 @@ use kube::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::resolve::{ready_reason, resolve};
+use super::resolve::{Resolution, ready_reason, resolve};
 use crate::{
     crd::{Webhook, merge_condition},
     delivery::{EgressPolicy, GoneNotice},
@@ -113,7 +113,9 @@ pub struct WebhookController {
     /// 410 verdicts by generation, until the status carries them.
     gone: HashMap<WebhookKey, (i64, String)>,
     secret_relists: Vec<Option<Relist<HashMap<NamespacedName, SecretData>>>>,
-    webhook_relists: Vec<Option<Relist<Vec<Route>>>>,
+    /// Keys listed so far in a re-list; resolved when it is done, against the Secrets as they
+    /// are then.
+    webhook_relists: Vec<Option<Relist<Vec<WebhookKey>>>>,
     secrets_synced: Vec<bool>,
     webhooks_synced: Vec<bool>,
 }
@@ -294,14 +296,18 @@ impl WebhookController {
                 self.remember(&webhook);
                 let route = self.reconcile(&webhook).await;
                 if let Some(relist) = &mut self.webhook_relists[stream] {
-                    relist.buffer.push(route);
+                    relist.buffer.push(route.key);
                 }
             }
             watcher::Event::InitDone => {
-                let listed = self.webhook_relists[stream]
+                let listed: Vec<Route> = self.webhook_relists[stream]
                     .take()
                     .map(|r| r.buffer)
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|key| self.webhooks.get(key))
+                    .map(|webhook| self.resolution(webhook).route)
+                    .collect();
                 let covered = self.coverage[stream].clone();
                 let gone = self.update_routes(|t| t.reset(covered.as_deref(), listed));
                 for key in gone {
@@ -390,8 +396,8 @@ impl WebhookController {
         }
     }
 
-    /// resolve -> validate -> (the caller updates routing) -> status.
-    async fn reconcile(&self, webhook: &Webhook) -> Route {
+    /// resolve -> validate, against what the controller knows now. Pure.
+    fn resolution(&self, webhook: &Webhook) -> Resolution {
         let key = webhook_key(webhook);
         let secret = self.secrets.get(&(
             key.namespace.clone(),
@@ -403,7 +409,13 @@ impl WebhookController {
             .filter(|(generation, _)| webhook.metadata.generation == Some(*generation))
             .map(|(_, message)| message.clone())
             .or_else(|| endpoint_gone(webhook));
-        let resolution = resolve(webhook, secret, &self.egress, gone.as_deref());
+        resolve(webhook, secret, &self.egress, gone.as_deref())
+    }
+
+    /// resolve -> validate -> (the caller updates routing) -> status.
+    async fn reconcile(&self, webhook: &Webhook) -> Route {
+        let key = webhook_key(webhook);
+        let resolution = self.resolution(webhook);
         if let Some(update) = ready_update(webhook, &resolution.ready, Timestamp::now()) {
             tracing::info!(
                 webhook = %key,

@@ -12,7 +12,7 @@ use axum::{
     extract::{Query, State},
     http::{HeaderMap, StatusCode},
 };
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use kube::{Api, api::PostParams};
 use serde_json::{Map, Value, json};
 
@@ -80,7 +80,7 @@ pub fn parse_events(body: &[u8]) -> Result<Vec<IngestEvent>, ApiError> {
             };
             let timestamp = match obj.remove("timestamp") {
                 None | Some(Value::Null) => None,
-                Some(Value::String(s)) if s.parse::<k8s_openapi::jiff::Timestamp>().is_ok() => Some(s),
+                Some(Value::String(s)) if is_rfc3339(&s) => Some(s),
                 Some(other) => {
                     return Err(ApiError::invalid(format!("{at}timestamp must be an RFC 3339 time such as 2023-06-15T10:35:00Z, got {other}")));
                 }
@@ -93,6 +93,17 @@ pub fn parse_events(body: &[u8]) -> Result<Vec<IngestEvent>, ApiError> {
             Ok(IngestEvent { event, timestamp, data })
         })
         .collect()
+}
+
+/// RFC 3339 as the CRD's `date-time` takes it: at most 64 characters, a `T`, an offset, no
+/// RFC 9557 annotations.
+fn is_rfc3339(s: &str) -> bool {
+    s.len() <= 64
+        && !s.contains('[')
+        && s.as_bytes()
+            .get(10)
+            .is_some_and(|b| b.eq_ignore_ascii_case(&b'T'))
+        && s.parse::<k8s_openapi::jiff::Timestamp>().is_ok()
 }
 
 pub async fn ingest(
@@ -120,7 +131,7 @@ async fn durable(
     events: Vec<IngestEvent>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let api: Api<DocumentEvent> = Api::namespaced(state.client.clone(), namespace);
-    let created: Vec<String> = futures::stream::iter(events)
+    let results: Vec<Result<String, kube::Error>> = futures::stream::iter(events)
         .map(|e| {
             let api = api.clone();
             async move {
@@ -141,9 +152,19 @@ async fn durable(
             }
         })
         .buffered(16)
-        .try_collect()
-        .await
-        .map_err(|e| ApiError::from_kube(e, "namespace"))?;
+        .collect()
+        .await;
+    let (created, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+    let created: Vec<String> = created.into_iter().filter_map(Result::ok).collect();
+    if let Some(Err(error)) = failed.into_iter().next() {
+        // All or nothing: take back what was stored, so that a retry does not deliver twice.
+        for name in &created {
+            let _ = api.delete(name, &Default::default()).await;
+        }
+        let mut error = ApiError::from_kube(error, "namespace");
+        error.message = format!("{} (no event of this request was stored)", error.message);
+        return Err(error);
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({
@@ -174,6 +195,17 @@ fn direct(
                 .lookup(namespace, e.event)
                 .map(|route| (route.clone(), body.clone(), event_id.clone())),
         );
+    }
+    if deliveries.len() > state.direct_capacity {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_deliveries",
+            format!(
+                "this request makes {} deliveries, more than the direct queue holds ({}); send fewer events per request",
+                deliveries.len(),
+                state.direct_capacity
+            ),
+        ));
     }
     let permits = u32::try_from(deliveries.len()).unwrap_or(u32::MAX);
     let Ok(permit) = state.direct_queue.clone().try_acquire_many_owned(permits) else {

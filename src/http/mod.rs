@@ -61,6 +61,8 @@ pub struct ApiState {
     pub ingest_mode: IngestMode,
     /// Direct-mode deliveries not finished yet; full means 429.
     pub direct_queue: Arc<Semaphore>,
+    /// The size of `direct_queue`: a request needing more is refused outright.
+    pub direct_capacity: usize,
     pub metrics: Metrics,
 }
 

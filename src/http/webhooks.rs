@@ -324,6 +324,17 @@ pub async fn redeliver(
             record.source
         ))
     })?;
+    // The stored event must be the very one of this delivery (a direct-ingest or test delivery
+    // has no stored event; a namesake must not be sent under its id).
+    let expected = crate::delivery::delivery_id(
+        de.metadata.uid.as_deref().unwrap_or_default(),
+        w.metadata.uid.as_deref().unwrap_or_default(),
+    );
+    if expected != delivery_id {
+        return Err(ApiError::not_found(format!(
+            "the event of delivery {delivery_id} is not stored, so it cannot be sent again"
+        )));
+    }
     let body = EventBody::from(&de);
     let report = attempt_once(
         &state,

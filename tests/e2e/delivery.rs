@@ -578,3 +578,63 @@ async fn finished_events_are_deleted_after_their_retention() {
         "the Webhook keeps the history after the events are gone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_waiting_for_its_secret_holds_deliveries_without_spending_attempts() {
+    let cp = control_plane();
+    let ns = cp.namespace("held-secret").await;
+    let client = cp.client().await;
+    let _op = InProcess::start(cp.config().await, &ns).await;
+    let (receiver, addr) = CountingReceiver::start().await;
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+    let w: Webhook = serde_json::from_value(json!({
+        "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "metadata": {"name": "later"},
+        "spec": {"url": format!("http://{addr}/h"), "events": ["*"], "secretRef": {"name": "later-secret"},
+                 "delivery": {"maxAttempts": 1}}
+    }))
+    .unwrap();
+    webhooks.create(&PostParams::default(), &w).await.unwrap();
+    create_event(
+        &client,
+        &ns,
+        "waiting",
+        "document.uploaded",
+        json!({"document_id": 3}),
+    )
+    .await;
+    let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);
+    let held = eventually("the delivery held for the Secret", WAIT, || async {
+        let d = events
+            .get("waiting")
+            .await
+            .ok()?
+            .status?
+            .deliveries
+            .into_iter()
+            .next()?;
+        (serde_json::to_value(d.state).ok()? == "Held").then_some(d)
+    })
+    .await;
+    assert_eq!(held.attempts, 0, "no attempt spent while blocked");
+    assert!(
+        held.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("SecretNotFound"),
+        "{held:?}"
+    );
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let s: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "later-secret"}, "stringData": {"secret": "s"}}),
+    )
+    .unwrap();
+    secrets.create(&PostParams::default(), &s).await.unwrap();
+    let delivered = wait_phase(&client, &ns, "waiting", "Delivered").await;
+    assert_eq!(
+        delivered.status.unwrap().deliveries[0].attempts,
+        1,
+        "one attempt, once the Secret existed"
+    );
+    assert_eq!(receiver.counts(), (1, 1));
+}
