@@ -3,15 +3,14 @@
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use hookrelay::crd::{DocumentEvent, EventPhase, Webhook};
-use k8s_openapi::api::core::v1::Secret;
+use hookrelay::crd::{DocumentEvent, EventPhase};
 use kube::{
     Api,
     api::{ListParams, PostParams},
 };
 use serde_json::json;
 
-use crate::support::{CountingReceiver, Operator, control_plane, eventually};
+use crate::support::{CountingReceiver, Operator, control_plane, create_webhook, eventually};
 
 const EVENTS: usize = 500;
 
@@ -31,32 +30,14 @@ async fn no_event_is_lost_when_the_operator_is_killed_mid_delivery() {
     let mut first = Operator::start(cp, &args);
     first.wait_ready().await;
 
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let secret: Secret =
-        serde_json::from_value(json!({"metadata": {"name": "s"}, "stringData": {"secret": "s"}}))
-            .unwrap();
-    secrets
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
-    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
-    let webhook: Webhook = serde_json::from_value(json!({
-        "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "metadata": {"name": "w"},
-        "spec": {"url": format!("http://{addr}/h"), "events": ["*"], "secretRef": {"name": "s"}, "delivery": {"initialBackoffSeconds": 1}}
-    }))
-    .unwrap();
-    webhooks
-        .create(&PostParams::default(), &webhook)
-        .await
-        .unwrap();
-    eventually("webhook Ready", Duration::from_secs(30), || async {
-        let w = webhooks.get("w").await.ok()?;
-        w.status?
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-            .then_some(())
-    })
+    create_webhook(
+        &client,
+        &ns,
+        "w",
+        &format!("http://{addr}/h"),
+        "s",
+        json!({"initialBackoffSeconds": 1}),
+    )
     .await;
 
     // Create the events in the background, and kill the operator while they are delivered.

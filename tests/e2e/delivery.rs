@@ -11,64 +11,12 @@ use kube::{
 use serde_json::{Value, json};
 
 use crate::support::{
-    Blackhole, CountingReceiver, InProcess, Receiver, ReceiverKind, control_plane, eventually,
-    http_post, repo_root,
+    Blackhole, CountingReceiver, InProcess, Receiver, ReceiverKind, control_plane, create_event,
+    create_webhook, eventually, http_post, repo_root, wait_phase,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
 const STANDARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
-async fn create_webhook(
-    client: &kube::Client,
-    ns: &str,
-    name: &str,
-    url: &str,
-    secret: &str,
-    delivery: Value,
-) {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let s: Secret = serde_json::from_value(
-        json!({"metadata": {"name": format!("{name}-secret")}, "stringData": {"secret": secret}}),
-    )
-    .unwrap();
-    secrets.create(&PostParams::default(), &s).await.unwrap();
-    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), ns);
-    let w: Webhook = serde_json::from_value(json!({
-        "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "metadata": {"name": name},
-        "spec": {"url": url, "events": ["*"], "secretRef": {"name": format!("{name}-secret")}, "delivery": delivery}
-    }))
-    .unwrap();
-    webhooks.create(&PostParams::default(), &w).await.unwrap();
-    eventually(&format!("webhook {name} Ready"), WAIT, || async {
-        let w = webhooks.get(name).await.ok()?;
-        w.status?
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-            .then_some(())
-    })
-    .await;
-}
-
-async fn create_event(client: &kube::Client, ns: &str, name: &str, type_: &str, data: Value) {
-    let events: Api<DocumentEvent> = Api::namespaced(client.clone(), ns);
-    let e: DocumentEvent = serde_json::from_value(json!({
-        "apiVersion": "hookrelay.dev/v1alpha1", "kind": "DocumentEvent", "metadata": {"name": name},
-        "spec": {"type": type_, "timestamp": "2023-06-15T10:35:00Z", "data": data}
-    }))
-    .unwrap();
-    events.create(&PostParams::default(), &e).await.unwrap();
-}
-
-async fn wait_phase(client: &kube::Client, ns: &str, name: &str, phase: &str) -> DocumentEvent {
-    let events: Api<DocumentEvent> = Api::namespaced(client.clone(), ns);
-    eventually(&format!("{name} phase {phase}"), WAIT, || async {
-        let e = events.get(name).await.ok()?;
-        let p = serde_json::to_value(e.status.as_ref()?.phase?).ok()?;
-        (p == phase).then_some(e)
-    })
-    .await
-}
 
 fn seed_payload(file: &str) -> Value {
     let text = std::fs::read_to_string(repo_root().join("examples").join(file)).unwrap();

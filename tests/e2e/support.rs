@@ -598,3 +598,78 @@ pub async fn api_call(
         serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// A Secret `<name>-secret` holding `secret`, and a Webhook `name` for every event type that
+/// signs with it; waits until it is Ready.
+pub async fn create_webhook(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    url: &str,
+    secret: &str,
+    delivery: serde_json::Value,
+) {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
+    let s: k8s_openapi::api::core::v1::Secret = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": format!("{name}-secret")}, "stringData": {"secret": secret}}),
+    )
+    .unwrap();
+    secrets.create(&PostParams::default(), &s).await.unwrap();
+    let webhooks: Api<hookrelay::crd::Webhook> = Api::namespaced(client.clone(), ns);
+    let w: hookrelay::crd::Webhook = serde_json::from_value(serde_json::json!({
+        "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "metadata": {"name": name},
+        "spec": {"url": url, "events": ["*"], "secretRef": {"name": format!("{name}-secret")}, "delivery": delivery}
+    }))
+    .unwrap();
+    webhooks.create(&PostParams::default(), &w).await.unwrap();
+    eventually(
+        &format!("webhook {name} Ready"),
+        Duration::from_secs(60),
+        || async {
+            let w = webhooks.get(name).await.ok()?;
+            w.status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// A DocumentEvent with the seed's timestamp.
+pub async fn create_event(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    data: serde_json::Value,
+) {
+    let events: Api<hookrelay::crd::DocumentEvent> = Api::namespaced(client.clone(), ns);
+    let e: hookrelay::crd::DocumentEvent = serde_json::from_value(serde_json::json!({
+        "apiVersion": "hookrelay.dev/v1alpha1", "kind": "DocumentEvent", "metadata": {"name": name},
+        "spec": {"type": type_, "timestamp": "2023-06-15T10:35:00Z", "data": data}
+    }))
+    .unwrap();
+    events.create(&PostParams::default(), &e).await.unwrap();
+}
+
+/// Waits until the DocumentEvent reaches `phase`.
+pub async fn wait_phase(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    phase: &str,
+) -> hookrelay::crd::DocumentEvent {
+    let events: Api<hookrelay::crd::DocumentEvent> = Api::namespaced(client.clone(), ns);
+    eventually(
+        &format!("{name} phase {phase}"),
+        Duration::from_secs(60),
+        || async {
+            let e = events.get(name).await.ok()?;
+            let p = serde_json::to_value(e.status.as_ref()?.phase?).ok()?;
+            (p == phase).then_some(e)
+        },
+    )
+    .await
+}
