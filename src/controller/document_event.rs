@@ -19,7 +19,7 @@ use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, Preconditions},
     core::DeserializeGuard,
-    runtime::{WatchStreamExt, watcher},
+    runtime::watcher,
 };
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, time::DelayQueue};
@@ -133,21 +133,7 @@ impl DocumentEventController {
             _ = routes_synced => {},
             _ = shutdown.cancelled() => return,
         }
-        let streams = scope.apis::<DeserializeGuard<DocumentEvent>>(&self.client).into_iter().enumerate().map(|(i, (_, api))| {
-            watcher(api, watcher::Config::default())
-                .default_backoff()
-                .filter_map(move |event| async move {
-                    match event {
-                        Ok(event) => Some((i, event)),
-                        Err(error) => {
-                            tracing::warn!(%error, "DocumentEvent watch failed; retrying with backoff");
-                            None
-                        }
-                    }
-                })
-                .boxed()
-        });
-        let mut events = futures::stream::select_all(streams);
+        let mut events = scope.watch::<DeserializeGuard<DocumentEvent>>(&self.client, |_| {});
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,

@@ -3,8 +3,10 @@
 
 mod document_event;
 mod resolve;
+mod scope;
 mod webhook;
 
 pub use document_event::{DocumentEventController, Retention, deliver_untracked};
 pub use resolve::{Resolution, ready_reason, resolve};
-pub use webhook::{Scope, WebhookController};
+pub use scope::Scope;
+pub use webhook::WebhookController;

@@ -12,22 +12,21 @@ use std::{
     sync::Arc,
 };
 
-use futures::{StreamExt, stream::BoxStream};
+use futures::StreamExt;
 use k8s_openapi::{
     ByteString,
     api::core::v1::{ObjectReference, Secret},
     apimachinery::pkg::apis::meta::v1::Condition,
     jiff::Timestamp,
 };
-use kube::{
-    Api, Client, Resource, ResourceExt,
-    core::DeserializeGuard,
-    runtime::{WatchStreamExt, watcher},
-};
+use kube::{Client, ResourceExt, core::DeserializeGuard, runtime::watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::resolve::{Resolution, ready_reason, resolve};
+use super::{
+    Scope,
+    resolve::{Resolution, ready_reason, resolve},
+};
 use crate::{
     crd::{Webhook, merge_condition},
     delivery::{EgressPolicy, GoneNotice},
@@ -37,51 +36,6 @@ use crate::{
     status::{ReadyUpdate, StatusSender, TransitionEvent, Update},
 };
 
-/// Which namespaces the operator watches.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Scope {
-    All,
-    Namespaces(Vec<String>),
-}
-
-impl Scope {
-    pub fn new(namespaces: &[String]) -> Self {
-        if namespaces.is_empty() {
-            Scope::All
-        } else {
-            Scope::Namespaces(namespaces.to_vec())
-        }
-    }
-
-    /// The namespace each watch stream covers (None: all), in the order of [`Scope::apis`].
-    pub fn coverage(&self) -> Vec<Option<Arc<str>>> {
-        match self {
-            Scope::All => vec![None],
-            Scope::Namespaces(list) => list.iter().map(|ns| Some(Arc::from(ns.as_str()))).collect(),
-        }
-    }
-
-    /// One Api per watched namespace (or one for all), each tagged with the namespace it covers.
-    pub fn apis<K>(&self, client: &Client) -> Vec<(Option<Arc<str>>, Api<K>)>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-        K::DynamicType: Default,
-    {
-        match self {
-            Scope::All => vec![(None, Api::all(client.clone()))],
-            Scope::Namespaces(list) => list
-                .iter()
-                .map(|ns| {
-                    (
-                        Some(Arc::from(ns.as_str())),
-                        Api::namespaced(client.clone(), ns),
-                    )
-                })
-                .collect(),
-        }
-    }
-}
-
 type SecretData = BTreeMap<String, ByteString>;
 type NamespacedName = (Arc<str>, Arc<str>);
 
@@ -89,12 +43,6 @@ type NamespacedName = (Arc<str>, Arc<str>);
 enum Input {
     Secret(usize, watcher::Event<DeserializeGuard<Secret>>),
     Webhook(usize, watcher::Event<DeserializeGuard<Webhook>>),
-}
-
-/// A re-list in progress on one stream.
-#[derive(Default)]
-struct Relist<T> {
-    buffer: T,
 }
 
 pub struct WebhookController {
@@ -112,10 +60,10 @@ pub struct WebhookController {
     by_secret: HashMap<NamespacedName, BTreeSet<Arc<str>>>,
     /// 410 verdicts by generation, until the status carries them.
     gone: HashMap<WebhookKey, (i64, String)>,
-    secret_relists: Vec<Option<Relist<HashMap<NamespacedName, SecretData>>>>,
+    secret_relists: Vec<Option<HashMap<NamespacedName, SecretData>>>,
     /// Keys listed so far in a re-list; resolved when it is done, against the Secrets as they
     /// are then.
-    webhook_relists: Vec<Option<Relist<Vec<WebhookKey>>>>,
+    webhook_relists: Vec<Option<Vec<WebhookKey>>>,
     secrets_synced: Vec<bool>,
     webhooks_synced: Vec<bool>,
 }
@@ -158,16 +106,12 @@ impl WebhookController {
         mut gone: mpsc::UnboundedReceiver<GoneNotice>,
         shutdown: CancellationToken,
     ) {
-        let mut secrets = tagged(
-            scope.apis::<DeserializeGuard<Secret>>(&client),
-            strip_secret,
-            Input::Secret,
-        );
-        let mut webhooks = tagged(
-            scope.apis::<DeserializeGuard<Webhook>>(&client),
-            strip_webhook,
-            Input::Webhook,
-        );
+        let mut secrets = scope
+            .watch(&client, strip_secret)
+            .map(|(i, e)| Input::Secret(i, e));
+        let mut webhooks = scope
+            .watch(&client, strip_webhook)
+            .map(|(i, e)| Input::Webhook(i, e));
         loop {
             let synced = self.secrets_synced.iter().all(|s| *s);
             let input = tokio::select! {
@@ -189,19 +133,14 @@ impl WebhookController {
 
     async fn on_secret(&mut self, stream: usize, event: watcher::Event<DeserializeGuard<Secret>>) {
         match event {
-            watcher::Event::Init => self.secret_relists[stream] = Some(Relist::default()),
+            watcher::Event::Init => self.secret_relists[stream] = Some(Default::default()),
             watcher::Event::InitApply(DeserializeGuard(Ok(secret))) => {
                 if let Some(relist) = &mut self.secret_relists[stream] {
-                    relist
-                        .buffer
-                        .insert(secret_key(&secret), secret.data.unwrap_or_default());
+                    relist.insert(secret_key(&secret), secret.data.unwrap_or_default());
                 }
             }
             watcher::Event::InitDone => {
-                let listed = self.secret_relists[stream]
-                    .take()
-                    .map(|r| r.buffer)
-                    .unwrap_or_default();
+                let listed = self.secret_relists[stream].take().unwrap_or_default();
                 let covered = self.coverage[stream].clone();
                 let in_scope = |k: &NamespacedName| covered.as_ref().is_none_or(|ns| *ns == k.0);
                 let mut changed: Vec<NamespacedName> = self
@@ -290,19 +229,18 @@ impl WebhookController {
         event: watcher::Event<DeserializeGuard<Webhook>>,
     ) {
         match event {
-            watcher::Event::Init => self.webhook_relists[stream] = Some(Relist::default()),
+            watcher::Event::Init => self.webhook_relists[stream] = Some(Default::default()),
             watcher::Event::InitApply(DeserializeGuard(Ok(webhook))) => {
                 let webhook = Arc::new(webhook);
                 self.remember(&webhook);
                 let route = self.reconcile(&webhook).await;
                 if let Some(relist) = &mut self.webhook_relists[stream] {
-                    relist.buffer.push(route.key);
+                    relist.push(route.key);
                 }
             }
             watcher::Event::InitDone => {
                 let listed: Vec<Route> = self.webhook_relists[stream]
                     .take()
-                    .map(|r| r.buffer)
                     .unwrap_or_default()
                     .iter()
                     .filter_map(|key| self.webhooks.get(key))
@@ -530,31 +468,4 @@ fn strip_webhook(guard: &mut DeserializeGuard<Webhook>) {
             status.recent_deliveries = Vec::new();
         }
     }
-}
-
-/// Merges one watch per Api into a single stream, each event tagged with its stream's index.
-fn tagged<K>(
-    apis: Vec<(Option<Arc<str>>, Api<K>)>,
-    map: fn(&mut K),
-    tag: fn(usize, watcher::Event<K>) -> Input,
-) -> BoxStream<'static, Input>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-    K::DynamicType: Default,
-{
-    let streams = apis.into_iter().enumerate().map(move |(i, (_, api))| {
-        watcher(api, watcher::Config::default())
-            .default_backoff()
-            .filter_map(move |event| async move {
-                match event {
-                    Ok(event) => Some(tag(i, event.modify(map))),
-                    Err(error) => {
-                        tracing::warn!(%error, "watch failed; retrying with backoff");
-                        None
-                    }
-                }
-            })
-            .boxed()
-    });
-    futures::stream::select_all(streams).boxed()
 }

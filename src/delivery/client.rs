@@ -31,7 +31,7 @@ pub struct Attempt<'a> {
     /// Unix seconds of this attempt, as signed.
     pub timestamp: i64,
     pub signatures: Signatures,
-    pub body: Vec<u8>,
+    pub body: bytes::Bytes,
     pub timeout: Duration,
 }
 

@@ -17,7 +17,7 @@ use crate::{
     crd::{DeliveryRecord, Outcome},
     metrics::{DeliveryLabels, Metrics},
     routing::{Route, RouteState, WebhookKey},
-    status::{MAX_ERROR_CHARS, StatusSender, Update},
+    status::{StatusSender, Update, truncate_error},
 };
 
 /// Tells the Webhook controller that an endpoint answered 410 Gone.
@@ -155,7 +155,7 @@ impl Dispatcher {
                     delivery_id: &delivery.id,
                     timestamp: now.as_second(),
                     signatures,
-                    body: delivery.event.body.clone(),
+                    body: delivery.event.body.clone(), // a reference count, not a copy
                     timeout: Duration::from_secs(route.delivery.timeout_seconds.max(1) as u64),
                 };
                 self.sender.send(attempt).await
@@ -172,7 +172,11 @@ impl Dispatcher {
             AttemptResult::Status { code, .. } => {
                 (Some(*code as i32), Some(format!("HTTP {code}")))
             }
-            AttemptResult::Error { message, .. } => (None, Some(truncated(message))),
+            AttemptResult::Error { message, .. } => {
+                let mut message = message.clone();
+                truncate_error(&mut message);
+                (None, Some(message))
+            }
         };
         let outcome = match verdict {
             Verdict::Succeeded => Outcome::Succeeded,
@@ -216,13 +220,6 @@ impl Dispatcher {
             time: Time(now),
             duration,
         }
-    }
-}
-
-fn truncated(message: &str) -> String {
-    match message.char_indices().nth(MAX_ERROR_CHARS) {
-        Some((i, _)) => format!("{}…", &message[..i]),
-        None => message.to_owned(),
     }
 }
 

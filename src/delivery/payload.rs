@@ -1,5 +1,6 @@
 //! The body of a delivery: exactly the seed's shape, compact, keys in the seed's order.
 
+use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -9,8 +10,8 @@ use crate::crd::{DocumentEvent, EventType};
 #[derive(Clone, Debug, PartialEq)]
 pub struct EventBody {
     pub event: EventType,
-    /// The bytes POSTed, signed as they are.
-    pub body: Vec<u8>,
+    /// The bytes POSTed, signed as they are; shared by every attempt to every webhook.
+    pub body: Bytes,
 }
 
 #[derive(Serialize)]
@@ -29,7 +30,10 @@ impl EventBody {
             data,
         };
         let body = serde_json::to_vec(&wire).expect("a JSON object always serializes");
-        Self { event, body }
+        Self {
+            event,
+            body: body.into(),
+        }
     }
 }
 
@@ -60,7 +64,7 @@ mod tests {
         .unwrap();
         let body = EventBody::new(EventType::Completed, "2023-06-15T10:35:00Z", &data);
         assert_eq!(
-            String::from_utf8(body.body).unwrap(),
+            String::from_utf8(body.body.to_vec()).unwrap(),
             r#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":123,"filename":"important_document.pdf","status":"completed","processing_time_ms":5200,"content_type":"pdf","folder_id":1}}"#
         );
     }

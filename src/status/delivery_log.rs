@@ -54,7 +54,7 @@ impl DeliveryLog {
     pub fn record(&mut self, records: impl IntoIterator<Item = DeliveryRecord>, now: Timestamp) {
         for mut record in records {
             if let Some(error) = &mut record.error {
-                truncate(error, MAX_ERROR_CHARS);
+                truncate_error(error);
             }
             match record.outcome {
                 Outcome::Succeeded => {
@@ -118,8 +118,10 @@ impl DeliveryLog {
     }
 }
 
-fn truncate(s: &mut String, max: usize) {
-    if let Some((i, _)) = s.char_indices().nth(max) {
+/// Shortens an attempt's error to `MAX_ERROR_CHARS` characters (marked with an ellipsis), as
+/// kept in both resources' status.
+pub fn truncate_error(s: &mut String) {
+    if let Some((i, _)) = s.char_indices().nth(MAX_ERROR_CHARS) {
         s.truncate(i);
         s.push('…');
     }

@@ -8,7 +8,9 @@
 mod delivery_log;
 mod patch;
 
-pub use delivery_log::{DEGRADED_AFTER, DeliveryLog, MAX_ERROR_CHARS, RECENT_DELIVERIES, now_time};
+pub use delivery_log::{
+    DEGRADED_AFTER, DeliveryLog, MAX_ERROR_CHARS, RECENT_DELIVERIES, now_time, truncate_error,
+};
 
 use std::{
     collections::HashMap,
