@@ -41,7 +41,12 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run { args, log_format } => {
             init_tracing(log_format);
-            tokio::runtime::Runtime::new()?.block_on(run(args))
+            let runtime = tokio::runtime::Runtime::new()?;
+            let result = runtime.block_on(run(args));
+            // Tasks still running (a blocking DNS lookup, a patch past the deadline) must not
+            // keep the process alive: the shutdown deadline was the wait.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result
         }
         Command::Crds { dir: None } => {
             print!("{}", hookrelay::crd::crds_yaml());

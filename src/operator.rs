@@ -56,13 +56,33 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_ALLOW_HTTP")]
     pub allow_http: bool,
 
-    /// Delete delivered DocumentEvents this long after completion; 0 keeps them.
-    #[arg(long, env = "HOOKRELAY_EVENT_RETENTION", default_value = "10m", value_parser = humantime::parse_duration)]
+    /// Delete delivered DocumentEvents this long after completion; 0 keeps them (at most 365d).
+    #[arg(long, env = "HOOKRELAY_EVENT_RETENTION", default_value = "10m", value_parser = parse_period)]
     pub event_retention: Duration,
 
-    /// Delete DocumentEvents whose delivery failed this long after completion; 0 keeps them.
-    #[arg(long, env = "HOOKRELAY_FAILED_EVENT_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    /// Delete DocumentEvents whose delivery failed this long after completion; 0 keeps them
+    /// (at most 365d).
+    #[arg(long, env = "HOOKRELAY_FAILED_EVENT_RETENTION", default_value = "24h", value_parser = parse_period)]
     pub failed_event_retention: Duration,
+
+    /// A delivery held this long (its Webhook paused, or not Ready for a reason a person fixes)
+    /// fails, so that its DocumentEvent finishes and retention applies (at most 365d).
+    #[arg(long, env = "HOOKRELAY_MAX_HOLD", default_value = "168h", value_parser = parse_period)]
+    pub max_hold: Duration,
+
+    /// Delivery attempts in flight at once, in all.
+    #[arg(long, env = "HOOKRELAY_MAX_IN_FLIGHT", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_in_flight: u32,
+
+    /// Delivery attempts in flight at once to the Webhooks of one namespace, so that one
+    /// namespace's slow or dead endpoints cannot stall the others.
+    #[arg(long, env = "HOOKRELAY_MAX_IN_FLIGHT_PER_NAMESPACE", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_in_flight_per_namespace: u32,
+
+    /// On SIGTERM, time allowed to stop delivering and write pending status before exiting;
+    /// what is not written by then is redone by the next run (at-least-once).
+    #[arg(long, env = "HOOKRELAY_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
 
     /// A private or special range deliveries may reach, e.g. 10.0.0.0/8 (repeatable).
     #[arg(
@@ -88,8 +108,28 @@ impl RunArgs {
             allow_cidrs: Vec::new(),
             event_retention: Duration::from_secs(600),
             failed_event_retention: Duration::from_secs(86400),
+            max_hold: Duration::from_secs(168 * 3600),
+            max_in_flight: 512,
+            max_in_flight_per_namespace: 128,
+            shutdown_timeout: Duration::from_secs(20),
         }
     }
+}
+
+/// The longest retention or hold accepted: timers (tokio's wheel, `DelayQueue`) hold about two
+/// years, and a longer value is a typo more often than a plan.
+pub const MAX_PERIOD: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A duration such as `10m`, `24h` or `0`, at most [`MAX_PERIOD`].
+pub fn parse_period(value: &str) -> Result<Duration, String> {
+    let period = humantime::parse_duration(value).map_err(|e| e.to_string())?;
+    if period > MAX_PERIOD {
+        return Err(format!(
+            "{value} is longer than the longest period accepted ({}); use 0 to keep events",
+            humantime::format_duration(MAX_PERIOD)
+        ));
+    }
+    Ok(period)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +145,8 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("the {task} task ended unexpectedly ({why}); stopping so that a restart recovers")]
+    TaskEnded { task: &'static str, why: String },
 }
 
 /// What a running operator shares with its callers (the binary, in-process tests).
@@ -112,6 +154,7 @@ pub enum Error {
 pub struct Operator {
     pub routes: Routes,
     pub readiness: http::Readiness,
+    pub liveness: http::Liveness,
     pub metrics: Metrics,
     pub metrics_addr: SocketAddr,
     pub listen_addr: SocketAddr,
@@ -138,6 +181,7 @@ pub async fn start(
     let client = metrics.instrumented_client(config)?;
     check_crds(&client).await?;
     let readiness = http::Readiness::new(&["secrets", "webhooks", "documentevents"]);
+    let liveness = http::Liveness::default();
     let routes = Routes::default();
     let scope = Scope::new(&args.namespaces);
     let egress = EgressPolicy::new(args.allow_http, args.allow_cidrs.clone());
@@ -154,10 +198,15 @@ pub async fn start(
     let (gone_tx, gone_rx) = mpsc::unbounded_channel();
     let dispatcher = Arc::new(Dispatcher::new(
         HttpSender::new(egress.clone()),
+        routes.clone(),
         status.clone(),
         gone_tx,
         metrics.clone(),
-        DispatcherConfig::default(),
+        DispatcherConfig {
+            global: args.max_in_flight as usize,
+            per_namespace: args.max_in_flight_per_namespace as usize,
+            ..DispatcherConfig::default()
+        },
     ));
     let auth = if args.disable_auth {
         tracing::warn!(
@@ -197,6 +246,7 @@ pub async fn start(
             delivered: nonzero(args.event_retention),
             failed: nonzero(args.failed_event_retention),
         },
+        args.max_hold,
     );
 
     // The writer stops last, after the producers, so that what they sent is written.
@@ -210,7 +260,7 @@ pub async fn start(
     let events = tokio::spawn(events.run(scope, routes_synced, shutdown.clone()));
     let metrics_server = tokio::spawn(http::serve(
         metrics_listener,
-        http::metrics_router(readiness.clone(), metrics.clone()),
+        http::metrics_router(readiness.clone(), liveness.clone(), metrics.clone()),
         shutdown.clone(),
     ));
     let api_server = tokio::spawn(http::serve(
@@ -222,24 +272,141 @@ pub async fn start(
     let operator = Operator {
         routes,
         readiness,
+        liveness: liveness.clone(),
         metrics,
         metrics_addr,
         listen_addr,
     };
-    let task = async move {
-        let served = [metrics_server.await, api_server.await];
-        let _ = events.await;
-        let _ = webhooks.await;
-        writer_stop.cancel();
-        let _ = writer.await;
-        for (result, addr) in served.into_iter().zip([metrics_addr, listen_addr]) {
-            if let Ok(Err(source)) = result {
-                return Err(Error::Listen { addr, source });
+    // In the order they stop: the servers and the controllers on `shutdown`, then the writer.
+    let tasks = vec![
+        Essential::new("metrics server", metrics_server, Some(metrics_addr)),
+        Essential::new("API server", api_server, Some(listen_addr)),
+        Essential::new("DocumentEvent controller", events, None),
+        Essential::new("Webhook controller", webhooks, None),
+        Essential::new("status writer", writer, None).stopped_by(writer_stop),
+    ];
+    let task = supervise(tasks, shutdown, liveness, args.shutdown_timeout);
+    Ok((operator, task))
+}
+
+/// A task the operator cannot work without.
+pub struct Essential {
+    name: &'static str,
+    handle: tokio::task::JoinHandle<Result<(), Error>>,
+    /// Stops the task when its turn comes at shutdown; None: it stops on the shutdown signal.
+    stop: Option<CancellationToken>,
+}
+
+impl Essential {
+    /// `addr`: the address a server task serves, named in its error.
+    pub fn new<T: IntoTaskResult + Send + 'static>(
+        name: &'static str,
+        handle: tokio::task::JoinHandle<T>,
+        addr: Option<SocketAddr>,
+    ) -> Self {
+        let handle = tokio::spawn(async move {
+            match handle.await {
+                Ok(output) => output.into_task_result(addr),
+                Err(e) if e.is_panic() => Err(Error::TaskEnded {
+                    task: name,
+                    why: "it panicked".into(),
+                }),
+                Err(_) => Err(Error::TaskEnded {
+                    task: name,
+                    why: "it was cancelled".into(),
+                }),
+            }
+        });
+        Self {
+            name,
+            handle,
+            stop: None,
+        }
+    }
+
+    pub fn stopped_by(mut self, stop: CancellationToken) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+}
+
+/// What a task's output means for the operator.
+pub trait IntoTaskResult {
+    fn into_task_result(self, addr: Option<SocketAddr>) -> Result<(), Error>;
+}
+
+impl IntoTaskResult for () {
+    fn into_task_result(self, _: Option<SocketAddr>) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+impl IntoTaskResult for std::io::Result<()> {
+    fn into_task_result(self, addr: Option<SocketAddr>) -> Result<(), Error> {
+        self.map_err(|source| Error::Listen {
+            addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            source,
+        })
+    }
+}
+
+/// Runs until `shutdown` fires or an essential task ends. A task that ends first (returns,
+/// fails or panics) marks the operator not alive (`/healthz` fails), starts the shutdown, and is
+/// the error returned, so the process exits non-zero and is restarted. Stopping is bounded by
+/// `deadline`: producers stop, then the writer flushes what they sent; whatever is left when the
+/// deadline passes is redone by the next run.
+pub async fn supervise(
+    mut tasks: Vec<Essential>,
+    shutdown: CancellationToken,
+    liveness: http::Liveness,
+    deadline: Duration,
+) -> Result<(), Error> {
+    let ended_first = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        (result, index, _) = futures::future::select_all(tasks.iter_mut().map(|t| &mut t.handle)) => {
+            Some((index, result))
+        }
+    };
+    let mut failure = None;
+    if let Some((index, result)) = ended_first {
+        let task = tasks.remove(index);
+        let error = match result {
+            Ok(Err(error)) => error,
+            Ok(Ok(())) | Err(_) => Error::TaskEnded {
+                task: task.name,
+                why: "it returned before shutdown".into(),
+            },
+        };
+        tracing::error!(task = task.name, %error, "an essential task ended; stopping");
+        liveness.fail(format!("{}: {error}", task.name));
+        shutdown.cancel();
+        failure = Some(error);
+    }
+    let drain = async {
+        let mut first_error = None;
+        for task in tasks {
+            if let Some(stop) = &task.stop {
+                stop.cancel();
+            }
+            if let Ok(Err(error)) = task.handle.await {
+                first_error.get_or_insert(error);
             }
         }
-        Ok(())
+        first_error
     };
-    Ok((operator, task))
+    let drained = tokio::time::timeout(deadline, drain).await;
+    match (failure, drained) {
+        (Some(error), _) => Err(error),
+        (None, Ok(Some(error))) => Err(error),
+        (None, Ok(None)) => Ok(()),
+        (None, Err(_)) => {
+            tracing::warn!(
+                ?deadline,
+                "shutdown deadline passed with status still being written; exiting (the next run redoes it)"
+            );
+            Ok(())
+        }
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), Error> {
@@ -267,4 +434,74 @@ async fn check_crds(client: &Client) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spawn<F: Future<Output = ()> + Send + 'static>(name: &'static str, f: F) -> Essential {
+        Essential::new(name, tokio::spawn(f), None)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_task_fails_liveness_stops_the_rest_and_is_the_error() {
+        let shutdown = CancellationToken::new();
+        let liveness = http::Liveness::default();
+        let stop = shutdown.clone();
+        let tasks = vec![
+            spawn("controller", async { panic!("boom") }),
+            spawn("server", async move { stop.cancelled().await }),
+        ];
+        let result = supervise(tasks, shutdown.clone(), liveness.clone(), Duration::from_secs(5)).await;
+        assert!(
+            matches!(&result, Err(Error::TaskEnded { task: "controller", why }) if why.contains("panicked")),
+            "{result:?}"
+        );
+        assert!(shutdown.is_cancelled(), "the others are told to stop");
+        assert!(liveness.failure().unwrap().contains("controller"));
+    }
+
+    #[tokio::test]
+    async fn a_task_that_returns_early_is_an_error_too() {
+        let shutdown = CancellationToken::new();
+        let liveness = http::Liveness::default();
+        let tasks = vec![spawn("watch", async {})];
+        let result = supervise(tasks, shutdown, liveness.clone(), Duration::from_secs(5)).await;
+        assert!(matches!(result, Err(Error::TaskEnded { task: "watch", .. })));
+        assert!(liveness.failure().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_is_bounded_by_the_deadline() {
+        let shutdown = CancellationToken::new();
+        let liveness = http::Liveness::default();
+        let writer_stop = CancellationToken::new();
+        let stop = writer_stop.clone();
+        // A writer that never finishes flushing once told to stop.
+        let tasks = vec![
+            spawn("writer", async move {
+                stop.cancelled().await;
+                std::future::pending::<()>().await
+            })
+            .stopped_by(writer_stop.clone()),
+        ];
+        shutdown.cancel();
+        let started = tokio::time::Instant::now();
+        let result = supervise(tasks, shutdown, liveness.clone(), Duration::from_secs(20)).await;
+        assert!(result.is_ok(), "{result:?}");
+        assert!(writer_stop.is_cancelled());
+        assert_eq!(started.elapsed(), Duration::from_secs(20));
+        assert!(liveness.failure().is_none(), "a requested stop is not a failure");
+    }
+
+    #[test]
+    fn periods_beyond_what_timers_hold_are_refused() {
+        assert_eq!(parse_period("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_period("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_period("365d"), Ok(MAX_PERIOD));
+        let error = parse_period("100y").unwrap_err();
+        assert!(error.contains("longer than the longest period"), "{error}");
+        assert!(parse_period("soon").is_err());
+    }
 }

@@ -24,10 +24,10 @@ use kube::{
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, time::DelayQueue};
 
-use super::{Scope, ready_reason};
+use super::Scope;
 use crate::{
     crd::{DocumentEvent, DocumentEventStatus, EventPhase, TargetDelivery, TargetState},
-    delivery::{Delivery, Dispatcher, EventBody, Verdict, delivery_id},
+    delivery::{self, Delivery, Dispatcher, EventBody, Report, delivery_id, is_final},
     http::Readiness,
     metrics::Metrics,
     routing::{RouteState, Routes, WebhookKey},
@@ -43,9 +43,6 @@ pub struct Retention {
 
 /// Time allowed for deleting one finished DocumentEvent.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How often a held delivery checks whether its Webhook was unpaused or fixed.
-const HELD_RECHECK: Duration = Duration::from_secs(1);
 
 /// A target's progress, reported by its delivery task.
 struct Progress {
@@ -65,10 +62,10 @@ struct Tracked {
 
 /// Everything a delivery task needs, shared.
 struct TaskContext {
-    routes: Routes,
     dispatcher: Arc<Dispatcher>,
     progress: mpsc::Sender<Progress>,
     metrics: Metrics,
+    max_hold: Duration,
 }
 
 pub struct DocumentEventController {
@@ -97,21 +94,22 @@ impl DocumentEventController {
         readiness: Readiness,
         metrics: Metrics,
         retention: Retention,
+        max_hold: Duration,
     ) -> Self {
         let (tx, rx) = mpsc::channel(4096);
         let coverage = scope.coverage();
         let n = coverage.len();
         Self {
             client,
-            routes: routes.clone(),
+            routes,
             status,
             readiness,
             retention,
             tasks: Arc::new(TaskContext {
-                routes,
                 dispatcher,
                 progress: tx,
                 metrics,
+                max_hold,
             }),
             progress: rx,
             tracked: HashMap::new(),
@@ -220,22 +218,35 @@ impl DocumentEventController {
                 status.deliveries = self.route(&key, &uid, &de);
             }
             let body = Arc::new(EventBody::from(&de));
+            let table = self.routes.snapshot();
             for target in status.deliveries.iter().filter(|t| !is_final(t.state)) {
                 let webhook = WebhookKey {
                     namespace: key.namespace.clone(),
                     name: target.webhook.as_str().into(),
                 };
+                // The Webhook the target was routed to is the one whose uid gives its delivery
+                // id; a namesake created since is not (the engine then fails the target).
+                let webhook_uid: Arc<str> = table
+                    .get(&webhook)
+                    .filter(|route| delivery_id(&uid, &route.uid) == target.id)
+                    .map_or_else(|| Arc::from(""), |route| Arc::from(route.uid.as_str()));
                 let delivery = Delivery {
                     webhook,
+                    webhook_uid,
                     id: target.id.clone(),
                     event: body.clone(),
                     source: key.name.to_string(),
+                    manual: false,
+                };
+                let progress = EventProgress {
+                    tx: self.tasks.progress.clone(),
+                    key: key.clone(),
+                    uid: uid.clone(),
                 };
                 self.tasks.metrics.pending_deliveries.inc();
                 tokio::spawn(deliver(
                     self.tasks.clone(),
-                    key.clone(),
-                    uid.clone(),
+                    progress,
                     delivery,
                     target.clone(),
                     cancel.clone(),
@@ -275,6 +286,7 @@ impl DocumentEventController {
                 http_status: None,
                 last_attempt_time: None,
                 next_attempt_time: None,
+                held_since: None,
                 error: None,
             })
             .collect();
@@ -379,10 +391,6 @@ impl DocumentEventController {
     }
 }
 
-fn is_final(state: TargetState) -> bool {
-    matches!(state, TargetState::Succeeded | TargetState::Failed)
-}
-
 /// Derives `phase` and `completionTime` from the targets; returns whether the phase changed.
 fn set_phase(status: &mut DocumentEventStatus) -> bool {
     let phase = if status.deliveries.is_empty() {
@@ -409,167 +417,40 @@ fn set_phase(status: &mut DocumentEventStatus) -> bool {
 /// to the controller.
 async fn deliver(
     ctx: Arc<TaskContext>,
-    key: EventKey,
-    uid: String,
+    progress: EventProgress,
     delivery: Delivery,
     mut target: TargetDelivery,
     cancel: CancellationToken,
 ) {
-    let report = Reporter::Event {
-        tx: ctx.progress.clone(),
-        key,
-        uid,
-    };
-    deliver_with_retries(
-        &ctx.routes,
+    delivery::deliver(
         &ctx.dispatcher,
         &delivery,
         &mut target,
+        ctx.max_hold,
         &cancel,
-        &report,
+        &progress,
     )
     .await;
     ctx.metrics.pending_deliveries.dec();
 }
 
-/// Delivers an event nothing stores (direct ingest): the same attempts and retries, recorded
-/// only in the Webhook's history.
-pub async fn deliver_untracked(routes: Routes, dispatcher: Arc<Dispatcher>, delivery: Delivery) {
-    let mut target = TargetDelivery {
-        webhook: delivery.webhook.name.to_string(),
-        id: delivery.id.clone(),
-        state: TargetState::Pending,
-        attempts: 0,
-        http_status: None,
-        last_attempt_time: None,
-        next_attempt_time: None,
-        error: None,
-    };
-    let never = CancellationToken::new();
-    deliver_with_retries(
-        &routes,
-        &dispatcher,
-        &delivery,
-        &mut target,
-        &never,
-        &Reporter::Nobody,
-    )
-    .await;
+/// A delivery's progress goes to the controller, which owns the event's status.
+struct EventProgress {
+    tx: mpsc::Sender<Progress>,
+    key: EventKey,
+    uid: String,
 }
 
-/// Where a delivery's progress goes.
-enum Reporter {
-    Event {
-        tx: mpsc::Sender<Progress>,
-        key: EventKey,
-        uid: String,
-    },
-    Nobody,
-}
-
-impl Reporter {
+impl Report for EventProgress {
     async fn report(&self, target: &TargetDelivery) {
-        if let Reporter::Event { tx, key, uid } = self {
-            let _ = tx
-                .send(Progress {
-                    key: key.clone(),
-                    uid: uid.clone(),
-                    target: target.clone(),
-                })
-                .await;
-        }
-    }
-}
-
-/// The attempt loop: waits for the scheduled time, holds while the Webhook is paused, attempts,
-/// and schedules the next attempt, until the target is final or `cancel` fires.
-async fn deliver_with_retries(
-    routes: &Routes,
-    dispatcher: &Dispatcher,
-    delivery: &Delivery,
-    target: &mut TargetDelivery,
-    cancel: &CancellationToken,
-    reporter: &Reporter,
-) {
-    let now = Timestamp::now();
-    let mut wait = target
-        .next_attempt_time
-        .as_ref()
-        .filter(|t| t.0 > now)
-        .map(|t| t.0.duration_since(now).unsigned_abs());
-    loop {
-        if let Some(wait) = wait.take() {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = cancel.cancelled() => return,
-            }
-        }
-        let route = routes.snapshot().get(&delivery.webhook).cloned();
-        let Some(route) = route else {
-            target.state = TargetState::Failed;
-            target.next_attempt_time = None;
-            target.error = Some(format!("webhook {} was deleted", delivery.webhook.name));
-            reporter.report(target).await;
-            return;
-        };
-        // Paused, or blocked by something a person fixes (a Secret, the egress policy): held,
-        // without spending attempts, until it is fixed. Only 410 Gone ends deliveries.
-        let held_because = match &route.state {
-            RouteState::Active => None,
-            RouteState::Paused => Some("held: the webhook is paused".to_owned()),
-            RouteState::Blocked { reason, .. } if *reason == ready_reason::ENDPOINT_GONE => {
-                target.state = TargetState::Failed;
-                target.next_attempt_time = None;
-                target.error = Some("the endpoint answered 410 Gone".into());
-                reporter.report(target).await;
-                return;
-            }
-            RouteState::Blocked { reason, message } => {
-                Some(format!("held: webhook not ready ({reason}): {message}"))
-            }
-        };
-        if let Some(why) = held_because {
-            if target.state != TargetState::Held || target.error.as_ref() != Some(&why) {
-                target.state = TargetState::Held;
-                target.error = Some(why);
-                reporter.report(target).await;
-            }
-            wait = Some(HELD_RECHECK);
-            continue;
-        }
-        if target.state == TargetState::Held {
-            target.state = TargetState::Pending;
-            target.error = None;
-            reporter.report(target).await;
-        }
-        let attempt = target.attempts.max(0) as u32 + 1;
-        let result = dispatcher.attempt(&route, delivery, attempt).await;
-        target.attempts = attempt as i32;
-        target.http_status = result.http_status;
-        target.last_attempt_time = Some(result.time.clone());
-        target.error = result.error.clone();
-        match result.verdict {
-            Verdict::Succeeded => {
-                target.state = TargetState::Succeeded;
-                target.next_attempt_time = None;
-            }
-            Verdict::Retry(after) => {
-                target.state = TargetState::Pending;
-                let next = Timestamp::now()
-                    .checked_add(after)
-                    .unwrap_or_else(|_| Timestamp::now());
-                target.next_attempt_time = Some(Time(next));
-                wait = Some(after);
-            }
-            Verdict::Failed | Verdict::Gone => {
-                target.state = TargetState::Failed;
-                target.next_attempt_time = None;
-            }
-        }
-        reporter.report(target).await;
-        if is_final(target.state) {
-            return;
-        }
+        let _ = self
+            .tx
+            .send(Progress {
+                key: self.key.clone(),
+                uid: self.uid.clone(),
+                target: target.clone(),
+            })
+            .await;
     }
 }
 
@@ -593,6 +474,7 @@ mod tests {
             http_status: None,
             last_attempt_time: None,
             next_attempt_time: None,
+            held_since: None,
             error: None,
         }
     }

@@ -6,7 +6,7 @@ mod resolve;
 mod scope;
 mod webhook;
 
-pub use document_event::{DocumentEventController, Retention, deliver_untracked};
+pub use document_event::{DocumentEventController, Retention};
 pub use resolve::{Resolution, ready_reason, resolve};
 pub use scope::Scope;
 pub use webhook::WebhookController;

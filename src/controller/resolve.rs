@@ -7,7 +7,7 @@ use k8s_openapi::ByteString;
 
 use crate::{
     crd::{ConditionState, Webhook},
-    delivery::{EgressPolicy, Signer},
+    delivery::{EgressPolicy, Signer, redact_url},
     routing::{Route, RouteState, WebhookKey},
 };
 
@@ -24,6 +24,10 @@ pub mod ready_reason {
 
 /// The key a Secret may hold besides the current one, signing too during a rotation.
 pub const PREVIOUS_KEY: &str = "previous";
+
+/// Only Secrets with this label set to "true" sign deliveries: whoever may write a Webhook must
+/// not be able to make hookrelay sign with (or probe for) any other Secret of the namespace.
+pub const SIGNING_SECRET_LABEL: &str = "hookrelay.dev/signing-secret";
 
 /// What a Webhook resolves to.
 #[derive(Debug)]
@@ -49,7 +53,10 @@ pub fn resolve(
     let signer = match secret {
         None => Err((
             SECRET_NOT_FOUND,
-            format!("Secret {ns}/{} not found", secret_ref.name),
+            format!(
+                "Secret {ns}/{} labelled {SIGNING_SECRET_LABEL}=true not found: only Secrets with that label sign deliveries",
+                secret_ref.name
+            ),
         )),
         Some(data) => match data.get(&secret_ref.key) {
             None => Err((
@@ -75,10 +82,11 @@ pub fn resolve(
         },
     };
     let egress = egress.check_url(&spec.url);
+    let shown_url = redact_url(&spec.url);
 
     let (state, ready) = match (&signer, egress, gone) {
         (Err((reason, message)), _, _) => blocked(reason, message.clone()),
-        (_, Err(denied), _) => blocked(EGRESS_NOT_ALLOWED, format!("{}: {denied}", spec.url)),
+        (_, Err(denied), _) => blocked(EGRESS_NOT_ALLOWED, format!("{shown_url}: {denied}")),
         (_, _, Some(message)) => blocked(ENDPOINT_GONE, message.to_owned()),
         _ if spec.paused => (
             RouteState::Paused,
@@ -95,7 +103,7 @@ pub fn resolve(
                 "Ready",
                 true,
                 ROUTED,
-                format!("delivering {} to {}", describe_events(webhook), spec.url),
+                format!("delivering {} to {shown_url}", describe_events(webhook)),
             ),
         ),
     };
@@ -110,6 +118,7 @@ pub fn resolve(
             signer: signer.ok(),
             delivery: spec.delivery.clone(),
             state,
+            superseded: Default::default(),
         },
         ready,
     }

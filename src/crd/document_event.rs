@@ -89,6 +89,10 @@ pub struct TargetDelivery {
     pub last_attempt_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_time: Option<Time>,
+    /// Since when the delivery has been held (its Webhook paused or not Ready); it fails once
+    /// held longer than the operator's `--max-hold`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_since: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -97,7 +101,7 @@ pub struct TargetDelivery {
 pub enum TargetState {
     /// Waiting for its next attempt.
     Pending,
-    /// Held while the Webhook is paused.
+    /// Held while the Webhook is paused or not Ready for a reason a person fixes.
     Held,
     Succeeded,
     Failed,

@@ -2,21 +2,21 @@
 //! slow or dead endpoint only ever occupies its own slots), a global limit, signing at send
 //! time, and every attempt recorded in the Webhook's status.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc};
 
-use super::{Attempt, AttemptResult, EventBody, HttpSender, RetryPolicy, Verdict};
+use super::{
+    Attempt, AttemptResult, EventBody, HttpSender, RetryPolicy, Verdict, limits::KeyedLimits,
+    redact_url,
+};
 use crate::{
+    controller::ready_reason,
     crd::{DeliveryRecord, Outcome},
     metrics::{DeliveryLabels, Metrics},
-    routing::{Route, RouteState, WebhookKey},
+    routing::{Route, RouteState, Routes, WebhookKey},
     status::{StatusSender, Update, truncate_error},
 };
 
@@ -32,11 +32,37 @@ pub struct GoneNotice {
 #[derive(Clone, Debug)]
 pub struct Delivery {
     pub webhook: WebhookKey,
+    /// The uid of the Webhook the event was routed to: a namesake created since is another
+    /// Webhook, and never gets this delivery (nor its id).
+    pub webhook_uid: Arc<str>,
     /// Stable across retries: receivers deduplicate on it.
     pub id: String,
     pub event: Arc<EventBody>,
     /// Where the event came from (a DocumentEvent's name, `ingest`, `test`), for the history.
     pub source: String,
+    /// A manual delivery (`/test`, `/redeliver`): one attempt, also to a paused Webhook.
+    pub manual: bool,
+}
+
+/// What the routing table says about a delivery now.
+#[derive(Debug)]
+pub enum RouteCheck {
+    /// Send it, to this route.
+    Deliver(Arc<Route>),
+    /// Wait without spending attempts until `route` changes (paused, or blocked by something a
+    /// person fixes: the Secret, the egress policy).
+    Hold { route: Arc<Route>, why: String },
+    /// Never deliverable: the Webhook was deleted (or recreated), or its endpoint is gone.
+    Gone(String),
+}
+
+/// How a call to [`Dispatcher::attempt`] ended.
+#[derive(Debug)]
+pub enum Attempted {
+    Sent(AttemptReport),
+    /// The route changed while the attempt waited for its slots: nothing was sent and no
+    /// attempt spent; check the route again.
+    NotSent,
 }
 
 /// The delivery id of an event for a webhook: the same on every retry and after restarts,
@@ -64,6 +90,9 @@ pub struct AttemptReport {
 pub struct DispatcherConfig {
     /// Attempts in flight to one webhook at once.
     pub per_webhook: usize,
+    /// Attempts in flight to the Webhooks of one namespace at once, so that one tenant's dead
+    /// endpoints cannot take every global slot.
+    pub per_namespace: usize,
     /// Attempts in flight in all.
     pub global: usize,
 }
@@ -72,82 +101,107 @@ impl Default for DispatcherConfig {
     fn default() -> Self {
         Self {
             per_webhook: 8,
+            per_namespace: 128,
             global: 512,
         }
     }
 }
 
+/// Sends attempts: waits for a slot of the Webhook, of its namespace and a global one, checks
+/// the route again (it may have changed while waiting), signs, POSTs and records the attempt.
 pub struct Dispatcher {
     sender: HttpSender,
+    routes: Routes,
     status: StatusSender,
     gone: mpsc::UnboundedSender<GoneNotice>,
     metrics: Metrics,
-    config: DispatcherConfig,
     global: Arc<Semaphore>,
-    lanes: Mutex<HashMap<WebhookKey, Arc<Semaphore>>>,
+    lanes: KeyedLimits<WebhookKey>,
+    namespaces: KeyedLimits<Arc<str>>,
 }
 
 impl Dispatcher {
     pub fn new(
         sender: HttpSender,
+        routes: Routes,
         status: StatusSender,
         gone: mpsc::UnboundedSender<GoneNotice>,
         metrics: Metrics,
         config: DispatcherConfig,
     ) -> Self {
-        let global = Arc::new(Semaphore::new(config.global));
         Self {
             sender,
+            routes,
             status,
             gone,
             metrics,
-            config,
-            global,
-            lanes: Mutex::new(HashMap::new()),
+            global: Arc::new(Semaphore::new(config.global.max(1))),
+            lanes: KeyedLimits::new(config.per_webhook),
+            namespaces: KeyedLimits::new(config.per_namespace),
         }
     }
 
-    fn lane(&self, webhook: &WebhookKey) -> Arc<Semaphore> {
-        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        lanes
-            .entry(webhook.clone())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.config.per_webhook)))
-            .clone()
+    /// What the current routing table says about `delivery`.
+    pub fn check(&self, delivery: &Delivery) -> RouteCheck {
+        let Some(route) = self.routes.snapshot().get(&delivery.webhook).cloned() else {
+            return RouteCheck::Gone(format!("webhook {} was deleted", delivery.webhook.name));
+        };
+        if *route.uid != *delivery.webhook_uid {
+            return RouteCheck::Gone(format!(
+                "webhook {} was deleted and created again: the new one does not get the old one's deliveries",
+                delivery.webhook.name
+            ));
+        }
+        match &route.state {
+            RouteState::Active => RouteCheck::Deliver(route),
+            RouteState::Paused if delivery.manual => RouteCheck::Deliver(route),
+            RouteState::Paused => RouteCheck::Hold {
+                route,
+                why: "held: the webhook is paused".into(),
+            },
+            RouteState::Blocked { reason, .. } if *reason == ready_reason::ENDPOINT_GONE => {
+                RouteCheck::Gone("the endpoint answered 410 Gone".into())
+            }
+            RouteState::Blocked { reason, message } => {
+                let why = format!("held: webhook not ready ({reason}): {message}");
+                RouteCheck::Hold { route, why }
+            }
+        }
     }
 
-    /// Makes attempt number `attempt` (1-based) of `delivery` to `route`, and records it.
-    pub async fn attempt(&self, route: &Route, delivery: &Delivery, attempt: u32) -> AttemptReport {
-        let lane = self.lane(&route.key);
-        let lane_permit = lane.acquire_owned().await.expect("lanes are never closed");
-        let global_permit = self
-            .global
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("never closed");
+    /// Makes attempt number `attempt` (1-based) of `delivery` and records it, unless the route
+    /// no longer allows it once the slots are had.
+    pub async fn attempt(&self, delivery: &Delivery, attempt: u32) -> Attempted {
+        let table = self.routes.snapshot();
+        let lane = self
+            .lanes
+            .get(&delivery.webhook, table.len(), |k| table.get(k).is_some());
+        let namespace = self.namespaces.get(&delivery.webhook.namespace, table.len(), |ns| {
+            table.has_namespace(ns)
+        });
+        drop(table);
+        let (Ok(_lane), Ok(_namespace), Ok(_global)) = (
+            lane.acquire_owned().await,
+            namespace.acquire_owned().await,
+            self.global.clone().acquire_owned().await,
+        ) else {
+            unreachable!("delivery semaphores are never closed")
+        };
+        // Waiting for slots can take minutes: the Webhook may have been paused, changed its URL
+        // or secret, or been replaced by a namesake since the delivery was routed.
+        let RouteCheck::Deliver(route) = self.check(delivery) else {
+            return Attempted::NotSent;
+        };
         let now = Timestamp::now();
-        let (result, duration) = match (&route.state, &route.signer) {
-            (RouteState::Blocked { reason, message }, _) => {
-                let message = format!("not sent: webhook not ready ({reason}): {message}");
-                (
-                    AttemptResult::Error {
-                        message,
-                        permanent: false,
-                    },
-                    Duration::ZERO,
-                )
-            }
-            (_, None) => {
-                let message = "not sent: no signing secret".to_owned();
-                (
-                    AttemptResult::Error {
-                        message,
-                        permanent: false,
-                    },
-                    Duration::ZERO,
-                )
-            }
-            (_, Some(signer)) => {
+        let (result, duration) = match &route.signer {
+            None => (
+                AttemptResult::Error {
+                    message: "not sent: no signing secret".into(),
+                    permanent: false,
+                },
+                Duration::ZERO,
+            ),
+            Some(signer) => {
                 let signatures = signer.sign(&delivery.id, now.as_second(), &delivery.event.body);
                 let attempt = Attempt {
                     url: &route.url,
@@ -162,8 +216,11 @@ impl Dispatcher {
             }
         };
         // The slots are for talking to the endpoint, not for recording what it said.
-        drop((lane_permit, global_permit));
-        let policy = RetryPolicy::from(&route.delivery);
+        drop((_lane, _namespace, _global));
+        let mut policy = RetryPolicy::from(&route.delivery);
+        if delivery.manual {
+            policy.max_attempts = 1;
+        }
         let verdict = policy.verdict(attempt, &result, rand::random());
         let (http_status, error) = match &result {
             AttemptResult::Status { code, .. } if (200..300).contains(code) => {
@@ -209,17 +266,22 @@ impl Dispatcher {
                 generation: route.generation,
                 message: format!(
                     "{} answered 410 Gone: deliveries stopped until the spec changes",
-                    route.url
+                    redact_url(&route.url)
                 ),
             });
         }
-        AttemptReport {
+        Attempted::Sent(AttemptReport {
             verdict,
             http_status,
             error,
             time: Time(now),
             duration,
-        }
+        })
+    }
+
+    /// Entries of the per-Webhook and per-namespace limit maps (bounded by what exists).
+    pub fn limit_entries(&self) -> (usize, usize) {
+        (self.lanes.len(), self.namespaces.len())
     }
 }
 

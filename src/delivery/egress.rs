@@ -5,7 +5,10 @@
 //! checked when a Webhook is reconciled (scheme, literal addresses), and every resolved address is
 //! checked again at connect time, so DNS cannot rebind a name to a blocked address.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::LazyLock,
+};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use url::{Host, Url};
@@ -18,6 +21,37 @@ pub enum EgressDenied {
     PlainHttp,
     #[error("{ip} is a {range} address, refused unless --allow-cidr covers it")]
     BlockedAddress { ip: IpAddr, range: &'static str },
+}
+
+/// A URL as it may be shown in conditions, Events and logs: credentials in the userinfo and
+/// every query value are replaced by `***` (a URL with a token in it is a secret too).
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut parsed) = Url::parse(url) else {
+        // Not parseable: keep the scheme and host part only, as text.
+        let without_query = url.split(['?', '#']).next().unwrap_or_default();
+        return match without_query.split_once("://") {
+            Some((scheme, rest)) => {
+                let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+                format!("{scheme}://{host}")
+            }
+            None => without_query.to_owned(),
+        };
+    };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        let _ = parsed.set_username("***");
+        let _ = parsed.set_password(None);
+    }
+    if parsed.query().is_some() {
+        let keys: Vec<String> = parsed.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        parsed
+            .query_pairs_mut()
+            .clear()
+            .extend_pairs(keys.iter().map(|k| (k.as_str(), "***")));
+    }
+    if parsed.fragment().is_some() {
+        parsed.set_fragment(None);
+    }
+    parsed.to_string()
 }
 
 /// Egress policy from `--allow-http` and `--allow-cidr`.
@@ -52,12 +86,7 @@ impl EgressPolicy {
         match parsed.host() {
             Some(Host::Ipv4(ip)) => self.check_ip(ip.into())?,
             Some(Host::Ipv6(ip)) => self.check_ip(ip.into())?,
-            Some(Host::Domain(d))
-                if d.eq_ignore_ascii_case("localhost")
-                    || d.to_ascii_lowercase().ends_with(".localhost") =>
-            {
-                self.check_ip(Ipv4Addr::LOCALHOST.into())?
-            }
+            Some(Host::Domain(d)) if is_localhost(d) => self.check_ip(Ipv4Addr::LOCALHOST.into())?,
             Some(Host::Domain(_)) => {}
             None => return Err(EgressDenied::InvalidUrl("no host".into())),
         }
@@ -75,6 +104,13 @@ impl EgressPolicy {
             None => Ok(()),
         }
     }
+}
+
+/// `localhost` and every name under it, with or without the trailing dot of a fully qualified
+/// name (RFC 6761: they are loopback whatever a resolver says).
+fn is_localhost(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    host == "localhost" || host.ends_with(".localhost")
 }
 
 /// IPv4-mapped and NAT64 IPv6 addresses are judged as the IPv4 address they carry.
@@ -126,21 +162,36 @@ const V6_RANGES: &[(&str, &str)] = &[
     ("2001::/23", "IETF protocol assignment"),
     ("2001:db8::/32", "documentation"),
     ("2002::/16", "6to4"),
+    ("3fff::/20", "documentation"),
+    ("5f00::/16", "segment routing (SRv6) SID"),
     ("fc00::/7", "unique local (private)"),
     ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local (deprecated private)"),
     ("ff00::/8", "multicast"),
 ];
+
+/// The range tables, parsed once (an entry that does not parse is a bug: the test below
+/// parses every one).
+static PARSED_V4: LazyLock<Vec<(Ipv4Net, &'static str)>> = LazyLock::new(|| parse(V4_RANGES));
+static PARSED_V6: LazyLock<Vec<(Ipv6Net, &'static str)>> = LazyLock::new(|| parse(V6_RANGES));
+
+fn parse<N: std::str::FromStr>(table: &[(&str, &'static str)]) -> Vec<(N, &'static str)> {
+    table
+        .iter()
+        .filter_map(|(net, name)| net.parse().ok().map(|n| (n, *name)))
+        .collect()
+}
 
 /// The special-purpose range `ip` falls in, if any (IANA special-purpose registries).
 pub fn special_range(ip: IpAddr) -> Option<&'static str> {
     match ip {
-        IpAddr::V4(v4) => V4_RANGES
+        IpAddr::V4(v4) => PARSED_V4
             .iter()
-            .find(|(net, _)| net.parse::<Ipv4Net>().is_ok_and(|n| n.contains(&v4)))
+            .find(|(net, _)| net.contains(&v4))
             .map(|(_, name)| *name),
-        IpAddr::V6(v6) => V6_RANGES
+        IpAddr::V6(v6) => PARSED_V6
             .iter()
-            .find(|(net, _)| net.parse::<Ipv6Net>().is_ok_and(|n| n.contains(&v6)))
+            .find(|(net, _)| net.contains(&v6))
             .map(|(_, name)| *name)
             .or_else(|| (v6 == Ipv6Addr::UNSPECIFIED).then_some("unspecified")),
     }
@@ -177,6 +228,11 @@ mod tests {
             ("::7f00:1", "IPv4-compatible"),
             ("::ffff:0:a00:1", "IPv4-translated"),
             ("64:ff9b:1::a00:1", "local-use NAT64"),
+            ("fec0::1", "site-local (deprecated private)"),
+            ("feff:ffff::1", "site-local (deprecated private)"),
+            ("3fff::1", "documentation"),
+            ("3fff:fff::1", "documentation"),
+            ("5f00::1", "segment routing (SRv6) SID"),
         ] {
             match policy.check_ip(ip(addr)) {
                 Err(EgressDenied::BlockedAddress { range: r, .. }) => {
@@ -194,6 +250,56 @@ mod tests {
         ] {
             assert_eq!(policy.check_ip(ip(addr)), Ok(()), "{addr}");
         }
+    }
+
+    #[test]
+    fn every_range_of_the_tables_parses() {
+        assert_eq!(PARSED_V4.len(), V4_RANGES.len());
+        assert_eq!(PARSED_V6.len(), V6_RANGES.len());
+        // Just outside the new IPv6 ranges is public.
+        let policy = EgressPolicy::default();
+        for addr in ["3fff:1000::1", "5f01::1", "ff00::1"] {
+            let blocked = policy.check_ip(ip(addr)).is_err();
+            assert_eq!(blocked, addr == "ff00::1", "{addr}");
+        }
+    }
+
+    #[test]
+    fn localhost_names_are_loopback_with_or_without_the_trailing_dot() {
+        let strict = EgressPolicy::new(true, vec![]);
+        for url in [
+            "http://localhost./x",
+            "http://LOCALHOST.:8080/x",
+            "http://a.localhost./x",
+            "http://a.b.localhost/x",
+        ] {
+            assert!(
+                matches!(
+                    strict.check_url(url),
+                    Err(EgressDenied::BlockedAddress { range: "loopback", .. })
+                ),
+                "{url}"
+            );
+        }
+        assert!(strict.check_url("http://localhost.example.com/x").is_ok());
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("https://user:hunter2@example.com/hook?token=abc&x=1#frag"),
+            "https://***@example.com/hook?token=***&x=***"
+        );
+        assert_eq!(
+            redact_url("https://example.com/hook"),
+            "https://example.com/hook"
+        );
+        assert_eq!(
+            redact_url("https://:pw@example.com/"),
+            "https://***@example.com/"
+        );
+        let unparsable = redact_url("https://user:pw@exa mple.com/x?t=1");
+        assert!(!unparsable.contains("pw") && !unparsable.contains("t=1"), "{unparsable}");
     }
 
     #[test]

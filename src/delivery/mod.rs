@@ -4,15 +4,20 @@
 mod client;
 mod dispatcher;
 mod egress;
+mod engine;
+mod limits;
 mod payload;
 mod retry;
 mod signer;
 
 pub use client::{Attempt, HttpSender, USER_AGENT};
 pub use dispatcher::{
-    AttemptReport, Delivery, Dispatcher, DispatcherConfig, GoneNotice, delivery_id,
+    AttemptReport, Attempted, Delivery, Dispatcher, DispatcherConfig, GoneNotice, RouteCheck,
+    delivery_id,
 };
-pub use egress::{EgressDenied, EgressPolicy, special_range};
+pub use engine::{Report, Unrecorded, deliver, deliver_unrecorded, is_final, new_target};
+pub use limits::KeyedLimits;
+pub use egress::{EgressDenied, EgressPolicy, redact_url, special_range};
 pub use payload::EventBody;
 pub use retry::{AttemptResult, RetryPolicy, Verdict, parse_retry_after};
-pub use signer::{SecretError, Signatures, Signer};
+pub use signer::{MIN_SECRET_BYTES, SecretError, Signatures, Signer};

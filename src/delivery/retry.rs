@@ -28,6 +28,9 @@ pub enum Verdict {
     Gone,
 }
 
+/// The shortest wait a `Retry-After` answer can ask for.
+pub const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 /// Exponential backoff with jitter from a Webhook's `delivery` settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -68,21 +71,24 @@ impl RetryPolicy {
             return Verdict::Failed;
         }
         let delay = match retry_after {
-            // Honoured, but never beyond the Webhook's own maximum backoff.
-            Some(after) => after.min(self.max_backoff),
+            // Honoured, but never sooner than a second (`Retry-After: 0` or a past date would
+            // spend every attempt at once) nor beyond the Webhook's own maximum backoff.
+            Some(after) => after.max(MIN_RETRY_AFTER).min(self.max_backoff),
             None => self.backoff(attempt, jitter),
         };
         Verdict::Retry(delay)
     }
 
-    /// "Equal jitter": half of the exponential step fixed, half random. Until the cap, each window
-    /// starts where the previous one ended, so gaps grow; concurrent retries spread out.
+    /// The exponential step (`initialBackoffSeconds`, doubling) plus up to half of it at random
+    /// on top, never more than `maxBackoffSeconds`. The jitter goes on top, so no retry comes
+    /// before its step (the first never before `initialBackoffSeconds`); until the cap each
+    /// window [step, 1.5 step] ends before the next begins, so gaps grow and concurrent retries
+    /// spread out.
     pub fn backoff(&self, attempt: u32, jitter: f64) -> Duration {
-        let exp = self
+        let step = self
             .initial_backoff
             .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(31)));
-        let step = exp.min(self.max_backoff);
-        step / 2 + step.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
+        (step + step.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)).min(self.max_backoff)
     }
 }
 
@@ -156,19 +162,46 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_with_jitter_and_is_capped() {
+    fn backoff_doubles_with_jitter_on_top_and_is_capped() {
         let p = policy();
-        // Attempt n waits within [step/2, step], step = 2s * 2^(n-1) capped at 10s.
-        assert_eq!(p.backoff(1, 0.0), Duration::from_secs(1));
-        assert_eq!(p.backoff(1, 1.0), Duration::from_secs(2));
-        assert_eq!(p.backoff(2, 0.0), Duration::from_secs(2));
-        assert_eq!(p.backoff(3, 0.5), Duration::from_secs(6));
-        assert_eq!(p.backoff(4, 1.0), Duration::from_secs(10));
+        // Attempt n waits within [step, 1.5 step], step = 2s * 2^(n-1), never beyond 10s.
+        assert_eq!(p.backoff(1, 0.0), Duration::from_secs(2));
+        assert_eq!(p.backoff(1, 1.0), Duration::from_secs(3));
+        assert_eq!(p.backoff(2, 0.0), Duration::from_secs(4));
+        assert_eq!(p.backoff(2, 1.0), Duration::from_secs(6));
+        assert_eq!(p.backoff(3, 0.5), Duration::from_secs(10));
+        assert_eq!(p.backoff(3, 0.0), Duration::from_secs(8));
+        assert_eq!(p.backoff(4, 0.0), Duration::from_secs(10));
         assert_eq!(p.backoff(30, 1.0), Duration::from_secs(10));
+        // The first retry never comes before initialBackoffSeconds, whatever the jitter.
+        for j in [0.0, 0.25, 0.5, 0.999] {
+            assert!(p.backoff(1, j) >= p.initial_backoff, "jitter {j}");
+            assert!(p.backoff(40, j) <= p.max_backoff, "jitter {j}");
+        }
         // Below the cap, whatever the jitter, a later gap is never shorter than an earlier one.
         for n in 1..3 {
             assert!(p.backoff(n + 1, 0.0) >= p.backoff(n, 0.999), "attempt {n}");
         }
+    }
+
+    #[test]
+    fn retry_after_zero_or_in_the_past_waits_at_least_a_second() {
+        let p = policy();
+        for after in [Duration::ZERO, Duration::from_millis(10)] {
+            let r = AttemptResult::Status {
+                code: 503,
+                retry_after: Some(after),
+            };
+            assert_eq!(p.verdict(1, &r, 0.5), Verdict::Retry(MIN_RETRY_AFTER));
+        }
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        let past = parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now);
+        assert_eq!(past, Some(Duration::ZERO));
+        let r = AttemptResult::Status {
+            code: 429,
+            retry_after: past,
+        };
+        assert_eq!(p.verdict(1, &r, 0.5), Verdict::Retry(MIN_RETRY_AFTER));
     }
 
     #[test]
@@ -201,7 +234,7 @@ mod tests {
         };
         assert_eq!(
             p.verdict(1, &other, 0.0),
-            Verdict::Retry(Duration::from_secs(1))
+            Verdict::Retry(Duration::from_secs(2))
         );
     }
 

@@ -17,9 +17,18 @@ type HmacSha256 = Hmac<Sha256>;
 pub enum SecretError {
     #[error("the secret is empty")]
     Empty,
+    #[error(
+        "the secret is {0} bytes long; use at least {MIN_SECRET_BYTES} random bytes (for example: echo whsec_$(head -c 32 /dev/urandom | base64))"
+    )]
+    TooShort(usize),
     #[error("the secret starts with whsec_ but the rest is not valid base64")]
     InvalidStandardKey,
+    #[error("the secret is whsec_ with nothing after it: the key is empty")]
+    EmptyStandardKey,
 }
+
+/// The shortest secret that signs: shorter ones are guessable.
+pub const MIN_SECRET_BYTES: usize = 16;
 
 /// One signing secret, never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -36,6 +45,7 @@ impl Key {
             return Err(SecretError::Empty);
         }
         let standard = match raw.strip_prefix(b"whsec_") {
+            Some([]) => return Err(SecretError::EmptyStandardKey),
             Some(b64) => Some(
                 BASE64
                     .decode(b64)
@@ -43,6 +53,9 @@ impl Key {
             ),
             None => None,
         };
+        if raw.len() < MIN_SECRET_BYTES {
+            return Err(SecretError::TooShort(raw.len()));
+        }
         Ok(Self {
             raw: raw.to_vec(),
             standard,
@@ -124,12 +137,16 @@ mod tests {
 
     #[test]
     fn hex_signature_is_hmac_sha256_of_the_body_keyed_by_the_secret_text() {
-        // Known answer from RFC 4231 test case 2 (key "Jefe").
-        let s = Signer::new(b"Jefe", None).unwrap();
-        let sig = s.sign("id", 0, b"what do ya want for nothing?");
+        // Known answer from RFC 4231 test case 2 (key "Jefe", too short for a Signer).
+        assert_eq!(
+            hex::encode(hmac(b"Jefe", &[b"what do ya want for nothing?"])),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        let s = Signer::new(b"a-plain-secret-of-32-characters!", None).unwrap();
+        let sig = s.sign("id", 0, BODY);
         assert_eq!(
             sig.hex,
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            hex::encode(hmac(b"a-plain-secret-of-32-characters!", &[BODY]))
         );
         assert_eq!(
             sig.standard, None,
@@ -178,9 +195,15 @@ mod tests {
 
     #[test]
     fn different_secret_or_body_changes_the_signature() {
-        let a = Signer::new(b"secret-a", None).unwrap().sign("id", 1, BODY);
-        let b = Signer::new(b"secret-b", None).unwrap().sign("id", 1, BODY);
-        let tampered = Signer::new(b"secret-a", None).unwrap().sign("id", 1, b"{}");
+        let a = Signer::new(b"secret-a-0123456789", None)
+            .unwrap()
+            .sign("id", 1, BODY);
+        let b = Signer::new(b"secret-b-0123456789", None)
+            .unwrap()
+            .sign("id", 1, BODY);
+        let tampered = Signer::new(b"secret-a-0123456789", None)
+            .unwrap()
+            .sign("id", 1, b"{}");
         assert_ne!(a.hex, b.hex);
         assert_ne!(a.hex, tampered.hex);
     }
@@ -194,5 +217,29 @@ mod tests {
         );
         let s = Signer::new(b"super-secret-value", Some(b"")).unwrap();
         assert!(!format!("{s:?}").contains("super-secret"));
+    }
+
+    #[test]
+    fn short_secrets_and_empty_standard_keys_are_refused() {
+        assert_eq!(
+            Signer::new(b"your_secret", None),
+            Err(SecretError::TooShort(11))
+        );
+        assert_eq!(
+            Signer::new(b"0123456789abcde", None),
+            Err(SecretError::TooShort(15))
+        );
+        assert!(Signer::new(b"0123456789abcdef", None).is_ok());
+        assert_eq!(
+            Signer::new(b"whsec_", None),
+            Err(SecretError::EmptyStandardKey)
+        );
+        // A short previous key is ignored rather than breaking the current one.
+        let s = Signer::new(b"0123456789abcdef", Some(b"short")).unwrap();
+        assert_eq!(s.sign("id", 1, BODY).standard, None);
+        assert!(
+            SecretError::TooShort(3).to_string().contains("at least 16"),
+            "the message says what to do"
+        );
     }
 }

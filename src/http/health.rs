@@ -50,10 +50,36 @@ impl Readiness {
     }
 }
 
+/// Liveness: fails for good once an essential task has ended, so that `/healthz` tells the
+/// kubelet to restart a process that would otherwise look healthy while delivering nothing.
+#[derive(Clone, Debug, Default)]
+pub struct Liveness {
+    failure: std::sync::Arc<std::sync::OnceLock<String>>,
+}
+
+impl Liveness {
+    pub fn fail(&self, why: String) {
+        let _ = self.failure.set(why);
+    }
+
+    /// Why the operator is not alive; None while it is.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+}
+
 /// `/metrics`, `/healthz` and `/readyz`.
-pub fn metrics_router(readiness: Readiness, metrics: Metrics) -> Router {
+pub fn metrics_router(readiness: Readiness, liveness: Liveness, metrics: Metrics) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(move || async move {
+                match liveness.failure() {
+                    None => (StatusCode::OK, "ok\n".to_owned()),
+                    Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("failed: {why}\n")),
+                }
+            }),
+        )
         .route("/readyz", get(readyz))
         .with_state(readiness)
         .route(

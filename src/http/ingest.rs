@@ -22,6 +22,9 @@ use crate::{
     delivery::EventBody,
 };
 
+/// How long a direct delivery may wait for a paused or blocked Webhook (it holds queue room).
+const DIRECT_MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Events accepted in one request.
 pub const MAX_EVENTS_PER_REQUEST: usize = 1000;
 
@@ -222,17 +225,15 @@ fn direct(
     for (route, body, event_id) in deliveries {
         let delivery = crate::delivery::Delivery {
             webhook: route.key.clone(),
+            webhook_uid: route.uid.as_str().into(),
             id: crate::delivery::delivery_id(&event_id, &route.uid),
             event: body,
             source: "ingest".into(),
+            manual: false,
         };
-        let (routes, dispatcher, permit) = (
-            state.routes.clone(),
-            state.dispatcher.clone(),
-            permit.clone(),
-        );
+        let (dispatcher, permit) = (state.dispatcher.clone(), permit.clone());
         tokio::spawn(async move {
-            crate::controller::deliver_untracked(routes, dispatcher, delivery).await;
+            crate::delivery::deliver_unrecorded(&dispatcher, delivery, DIRECT_MAX_HOLD).await;
             drop(permit);
         });
     }

@@ -9,7 +9,7 @@ mod webhooks;
 
 pub use auth::{Authorizer, Caller};
 pub use error::ApiError;
-pub use health::{Readiness, metrics_router};
+pub use health::{Liveness, Readiness, metrics_router};
 pub use ingest::{IngestEvent, IngestMode, MAX_EVENTS_PER_REQUEST, parse_events};
 
 use std::sync::Arc;

@@ -21,7 +21,7 @@ use serde_json::{Map, Value, json};
 use super::{ApiState, NamespaceQuery, error::ApiError, namespace_for};
 use crate::{
     crd::{DocumentEvent, EventType, Webhook},
-    delivery::{AttemptReport, Delivery, EventBody, Verdict},
+    delivery::{AttemptReport, Attempted, Delivery, EventBody, Verdict},
 };
 
 /// The seed's representation of a Webhook.
@@ -368,14 +368,21 @@ async fn attempt_once(
         })?;
     let delivery = Delivery {
         webhook: route.key.clone(),
+        webhook_uid: route.uid.as_str().into(),
         id: delivery_id,
         event: Arc::new(body),
         source: source.into(),
+        manual: true,
     };
     // One attempt: a manual delivery is not retried.
-    let mut single = (*route).clone();
-    single.delivery.max_attempts = 1;
-    Ok(state.dispatcher.attempt(&single, &delivery, 1).await)
+    match state.dispatcher.attempt(&delivery, 1).await {
+        Attempted::Sent(report) => Ok(report),
+        Attempted::NotSent => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "webhook_changed",
+            format!("webhook {id} changed or is not Ready; nothing was sent, try again"),
+        )),
+    }
 }
 
 fn attempt_json(delivery_id: &str, report: &AttemptReport) -> Value {

@@ -9,6 +9,7 @@ use std::{collections::HashSet, sync::Arc};
 
 use arc_swap::ArcSwap;
 use imbl::{HashMap, OrdMap};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     crd::{DeliveryPolicy, EventType, WebhookEvent},
@@ -90,6 +91,9 @@ pub struct Route {
     pub signer: Option<Arc<Signer>>,
     pub delivery: DeliveryPolicy,
     pub state: RouteState,
+    /// Cancelled once this route is replaced or removed and the new table is published: what
+    /// waits on a Webhook (a held delivery) wakes exactly when that Webhook changes.
+    pub superseded: CancellationToken,
 }
 
 impl Route {
@@ -114,6 +118,9 @@ pub struct RoutingTable {
     routes: HashMap<WebhookKey, Arc<Route>>,
     namespaces: HashMap<Arc<str>, NamespaceRoutes>,
     by_state: [usize; 3],
+    /// Routes replaced or removed by the change in progress; [`Routes::update`] signals them
+    /// once the new table is visible.
+    retired: Vec<Arc<Route>>,
 }
 
 impl RoutingTable {
@@ -135,6 +142,7 @@ impl RoutingTable {
     /// Removes the route of `key`, returning it.
     pub fn delete(&mut self, key: &WebhookKey) -> Option<Arc<Route>> {
         let old = self.routes.remove(key)?;
+        self.retired.push(old.clone());
         self.by_state[old.state.index()] -= 1;
         if let Some(ns) = self.namespaces.get_mut(&key.namespace) {
             for t in old.event_types() {
@@ -179,6 +187,11 @@ impl RoutingTable {
             .flat_map(move |ns| ns.by_type[event as usize].values())
     }
 
+    /// Whether any Webhook of `namespace` is routed.
+    pub fn has_namespace(&self, namespace: &str) -> bool {
+        self.namespaces.contains_key(namespace)
+    }
+
     pub fn get(&self, key: &WebhookKey) -> Option<&Arc<Route>> {
         self.routes.get(key)
     }
@@ -214,11 +227,16 @@ impl Routes {
         self.current.load_full()
     }
 
-    /// Applies `change` to a copy of the table and publishes it.
+    /// Applies `change` to a copy of the table, publishes it, then tells the routes it replaced
+    /// or removed (after publishing, so that whoever wakes reads the new table).
     pub fn update<R>(&self, change: impl FnOnce(&mut RoutingTable) -> R) -> R {
         let mut table = RoutingTable::clone(&self.current.load());
         let result = change(&mut table);
+        let retired = std::mem::take(&mut table.retired);
         self.current.store(Arc::new(table));
+        for route in retired {
+            route.superseded.cancel();
+        }
         result
     }
 }

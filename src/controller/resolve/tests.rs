@@ -37,7 +37,7 @@ fn local() -> EgressPolicy {
 fn a_resolvable_webhook_is_routed_and_ready() {
     let r = resolve(
         &webhook("http://127.0.0.1:9/h", false),
-        Some(&data(&[("secret", "abc")])),
+        Some(&data(&[("secret", "abcdefghijklmnopqrstuvwx")])),
         &local(),
         None,
     );
@@ -50,7 +50,7 @@ fn a_resolvable_webhook_is_routed_and_ready() {
     assert_eq!(r.route.state, RouteState::Active);
     assert_eq!(r.route.key, WebhookKey::new("docs", "w"));
     assert_eq!((r.route.uid.as_str(), r.route.generation), ("u1", 3));
-    let expected = Signer::new(b"abc", None).unwrap();
+    let expected = Signer::new(b"abcdefghijklmnopqrstuvwx", None).unwrap();
     assert_eq!(r.route.signer.as_deref(), Some(&expected));
 }
 
@@ -62,7 +62,7 @@ fn missing_secret_key_or_bad_value_block_the_route() {
         (
             None,
             ready_reason::SECRET_NOT_FOUND,
-            "Secret docs/s not found",
+            "Secret docs/s labelled hookrelay.dev/signing-secret=true not found",
         ),
         (
             Some(data(&[("other", "x")])),
@@ -73,6 +73,16 @@ fn missing_secret_key_or_bad_value_block_the_route() {
             Some(data(&[("secret", "")])),
             ready_reason::SECRET_INVALID,
             "the secret is empty",
+        ),
+        (
+            Some(data(&[("secret", "your_secret")])),
+            ready_reason::SECRET_INVALID,
+            "use at least 16 random bytes",
+        ),
+        (
+            Some(data(&[("secret", "whsec_")])),
+            ready_reason::SECRET_INVALID,
+            "the key is empty",
         ),
     ];
     for (secret, reason, message) in cases {
@@ -87,7 +97,7 @@ fn missing_secret_key_or_bad_value_block_the_route() {
 
 #[test]
 fn egress_policy_blocks_plain_http_and_private_addresses() {
-    let secret = data(&[("secret", "abc")]);
+    let secret = data(&[("secret", "abcdefghijklmnopqrstuvwx")]);
     let strict = EgressPolicy::default();
     let r = resolve(
         &webhook("http://example.com/h", false),
@@ -132,7 +142,7 @@ fn secret_problems_come_before_egress_and_paused() {
 fn paused_webhooks_are_routed_but_held() {
     let r = resolve(
         &webhook("http://127.0.0.1:9/h", true),
-        Some(&data(&[("secret", "abc")])),
+        Some(&data(&[("secret", "abcdefghijklmnopqrstuvwx")])),
         &local(),
         None,
     );
@@ -147,7 +157,7 @@ fn paused_webhooks_are_routed_but_held() {
 fn endpoint_gone_holds_until_the_spec_changes() {
     let r = resolve(
         &webhook("http://127.0.0.1:9/h", false),
-        Some(&data(&[("secret", "abc")])),
+        Some(&data(&[("secret", "abcdefghijklmnopqrstuvwx")])),
         &local(),
         Some("the endpoint answered 410 Gone"),
     );

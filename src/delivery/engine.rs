@@ -1,0 +1,175 @@
+//! What happens to one delivery, whatever its source: wait for the scheduled time, check the
+//! route (deliver, hold or give up), attempt, and schedule the next attempt, until the target
+//! is final. Sources (the DocumentEvent controller, direct ingest) only say where progress goes.
+
+use std::time::Duration;
+
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use tokio_util::sync::CancellationToken;
+
+use super::{Attempted, Delivery, Dispatcher, RouteCheck, Verdict};
+use crate::crd::{TargetDelivery, TargetState};
+
+/// Where a delivery's progress goes.
+pub trait Report: Send + Sync {
+    fn report(&self, target: &TargetDelivery) -> impl Future<Output = ()> + Send;
+}
+
+/// Progress that nothing records (direct ingest): the Webhook's history has the attempts.
+pub struct Unrecorded;
+
+impl Report for Unrecorded {
+    async fn report(&self, _: &TargetDelivery) {}
+}
+
+pub fn is_final(state: TargetState) -> bool {
+    matches!(state, TargetState::Succeeded | TargetState::Failed)
+}
+
+/// A target that has not been attempted yet.
+pub fn new_target(delivery: &Delivery) -> TargetDelivery {
+    TargetDelivery {
+        webhook: delivery.webhook.name.to_string(),
+        id: delivery.id.clone(),
+        state: TargetState::Pending,
+        attempts: 0,
+        http_status: None,
+        last_attempt_time: None,
+        next_attempt_time: None,
+        held_since: None,
+        error: None,
+    }
+}
+
+/// Delivers `delivery` until `target` is final or `cancel` fires, reporting every change.
+///
+/// A delivery whose Webhook is paused or blocked by something a person fixes is `Held` without
+/// spending attempts; it wakes when that Webhook's route changes (not by polling), and fails
+/// once it has been held for `max_hold`, so that it finishes and retention applies. `held_since`
+/// is kept in the target, so a resumed delivery keeps its deadline.
+pub async fn deliver(
+    dispatcher: &Dispatcher,
+    delivery: &Delivery,
+    target: &mut TargetDelivery,
+    max_hold: Duration,
+    cancel: &CancellationToken,
+    reporter: &impl Report,
+) {
+    let now = Timestamp::now();
+    let mut wait = target
+        .next_attempt_time
+        .as_ref()
+        .filter(|t| t.0 > now)
+        .map(|t| t.0.duration_since(now).unsigned_abs());
+    loop {
+        if let Some(wait) = wait.take() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+        match dispatcher.check(delivery) {
+            RouteCheck::Gone(why) => {
+                fail(target, why);
+                reporter.report(target).await;
+                return;
+            }
+            RouteCheck::Hold { route, why } => {
+                let now = Timestamp::now();
+                let since = target.held_since.get_or_insert_with(|| Time(now)).0;
+                let held_for = now.duration_since(since).unsigned_abs();
+                if held_for >= max_hold {
+                    fail(
+                        target,
+                        format!(
+                            "held for {} (the limit, --max-hold, is {}): {why}",
+                            humantime::format_duration(round_secs(held_for)),
+                            humantime::format_duration(max_hold)
+                        ),
+                    );
+                    reporter.report(target).await;
+                    return;
+                }
+                if target.state != TargetState::Held || target.error.as_ref() != Some(&why) {
+                    target.state = TargetState::Held;
+                    target.error = Some(why);
+                    target.next_attempt_time = None;
+                    reporter.report(target).await;
+                }
+                tokio::select! {
+                    _ = route.superseded.cancelled() => {}
+                    _ = tokio::time::sleep(max_hold - held_for) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                continue;
+            }
+            RouteCheck::Deliver(_) => {}
+        }
+        if target.state == TargetState::Held {
+            target.state = TargetState::Pending;
+            target.error = None;
+            target.held_since = None;
+            reporter.report(target).await;
+        }
+        let attempt = target.attempts.max(0) as u32 + 1;
+        let result = tokio::select! {
+            result = dispatcher.attempt(delivery, attempt) => result,
+            _ = cancel.cancelled() => return,
+        };
+        let Attempted::Sent(result) = result else {
+            continue;
+        };
+        target.attempts = attempt as i32;
+        target.http_status = result.http_status;
+        target.last_attempt_time = Some(result.time.clone());
+        target.error = result.error.clone();
+        match result.verdict {
+            Verdict::Succeeded => {
+                target.state = TargetState::Succeeded;
+                target.next_attempt_time = None;
+            }
+            Verdict::Retry(after) => {
+                target.state = TargetState::Pending;
+                let next = Timestamp::now()
+                    .checked_add(after)
+                    .unwrap_or_else(|_| Timestamp::now());
+                target.next_attempt_time = Some(Time(next));
+                wait = Some(after);
+            }
+            Verdict::Failed | Verdict::Gone => {
+                target.state = TargetState::Failed;
+                target.next_attempt_time = None;
+            }
+        }
+        reporter.report(target).await;
+        if is_final(target.state) {
+            return;
+        }
+    }
+}
+
+/// Delivers an event nothing stores (direct ingest): the same attempts and retries, recorded
+/// only in the Webhook's history; held for at most `max_hold`.
+pub async fn deliver_unrecorded(dispatcher: &Dispatcher, delivery: Delivery, max_hold: Duration) {
+    let mut target = new_target(&delivery);
+    let never = CancellationToken::new();
+    deliver(
+        dispatcher,
+        &delivery,
+        &mut target,
+        max_hold,
+        &never,
+        &Unrecorded,
+    )
+    .await;
+}
+
+fn fail(target: &mut TargetDelivery, why: String) {
+    target.state = TargetState::Failed;
+    target.next_attempt_time = None;
+    target.error = Some(why);
+}
+
+fn round_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
+}
