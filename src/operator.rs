@@ -453,7 +453,13 @@ mod tests {
             spawn("controller", async { panic!("boom") }),
             spawn("server", async move { stop.cancelled().await }),
         ];
-        let result = supervise(tasks, shutdown.clone(), liveness.clone(), Duration::from_secs(5)).await;
+        let result = supervise(
+            tasks,
+            shutdown.clone(),
+            liveness.clone(),
+            Duration::from_secs(5),
+        )
+        .await;
         assert!(
             matches!(&result, Err(Error::TaskEnded { task: "controller", why }) if why.contains("panicked")),
             "{result:?}"
@@ -468,7 +474,10 @@ mod tests {
         let liveness = http::Liveness::default();
         let tasks = vec![spawn("watch", async {})];
         let result = supervise(tasks, shutdown, liveness.clone(), Duration::from_secs(5)).await;
-        assert!(matches!(result, Err(Error::TaskEnded { task: "watch", .. })));
+        assert!(matches!(
+            result,
+            Err(Error::TaskEnded { task: "watch", .. })
+        ));
         assert!(liveness.failure().is_some());
     }
 
@@ -492,7 +501,10 @@ mod tests {
         assert!(result.is_ok(), "{result:?}");
         assert!(writer_stop.is_cancelled());
         assert_eq!(started.elapsed(), Duration::from_secs(20));
-        assert!(liveness.failure().is_none(), "a requested stop is not a failure");
+        assert!(
+            liveness.failure().is_none(),
+            "a requested stop is not a failure"
+        );
     }
 
     #[test]

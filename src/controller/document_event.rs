@@ -131,7 +131,11 @@ impl DocumentEventController {
             _ = routes_synced => {},
             _ = shutdown.cancelled() => return,
         }
-        let mut events = scope.watch::<DeserializeGuard<DocumentEvent>>(&self.client, |_| {});
+        let mut events = scope.watch::<DeserializeGuard<DocumentEvent>>(
+            &self.client,
+            watcher::Config::default(),
+            |_| {},
+        );
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,

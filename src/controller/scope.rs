@@ -34,11 +34,12 @@ impl Scope {
 
     /// One watch per watched namespace (or one over all of them), merged into one stream; each
     /// event carries the index of its stream (see [`Scope::coverage`]) and has been passed
-    /// through `trim`, which drops what the consumer does not keep. Watch errors are logged and
+    /// through `trim`, which drops what the consumer does not keep; `config` selects (labels). Watch errors are logged and
     /// retried with backoff, never ending the stream.
     pub fn watch<K>(
         &self,
         client: &Client,
+        config: watcher::Config,
         trim: fn(&mut K),
     ) -> BoxStream<'static, (usize, watcher::Event<K>)>
     where
@@ -58,7 +59,7 @@ impl Scope {
                 .collect(),
         };
         let streams = apis.into_iter().enumerate().map(move |(i, api)| {
-            watcher(api, watcher::Config::default())
+            watcher(api, config.clone())
                 .default_backoff()
                 .filter_map(move |event| async move {
                     match event {

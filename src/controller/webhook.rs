@@ -8,7 +8,7 @@
 //! that merely was not listed yet.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Scope,
-    resolve::{Resolution, ready_reason, resolve},
+    resolve::{Resolution, SIGNING_SECRET_LABEL, ready_reason, resolve},
 };
 use crate::{
     crd::{Webhook, merge_condition},
@@ -66,6 +66,10 @@ pub struct WebhookController {
     webhook_relists: Vec<Option<Vec<WebhookKey>>>,
     secrets_synced: Vec<bool>,
     webhooks_synced: Vec<bool>,
+    /// For the upgrade warnings (a Secret that exists without the signing label); set by `run`.
+    client: Option<Client>,
+    /// Webhooks (by uid) already warned about, so that each is warned about once.
+    warned: HashSet<String>,
 }
 
 impl WebhookController {
@@ -94,6 +98,8 @@ impl WebhookController {
             webhook_relists: (0..n).map(|_| None).collect(),
             secrets_synced: vec![false; n],
             webhooks_synced: vec![false; n],
+            client: None,
+            warned: HashSet::new(),
         }
     }
 
@@ -106,12 +112,16 @@ impl WebhookController {
         mut gone: mpsc::UnboundedReceiver<GoneNotice>,
         shutdown: CancellationToken,
     ) {
+        // Only Secrets that opted in: others are never read, so a Webhook cannot name (or probe
+        // for) any Secret of its namespace, and the operator does not hold every Secret.
+        let signing = watcher::Config::default().labels(&format!("{SIGNING_SECRET_LABEL}=true"));
         let mut secrets = scope
-            .watch(&client, strip_secret)
+            .watch(&client, signing, strip_secret)
             .map(|(i, e)| Input::Secret(i, e));
         let mut webhooks = scope
-            .watch(&client, strip_webhook)
+            .watch(&client, watcher::Config::default(), strip_webhook)
             .map(|(i, e)| Input::Webhook(i, e));
+        self.client = Some(client);
         loop {
             let synced = self.secrets_synced.iter().all(|s| *s);
             let input = tokio::select! {
@@ -249,7 +259,7 @@ impl WebhookController {
                 let covered = self.coverage[stream].clone();
                 let gone = self.update_routes(|t| t.reset(covered.as_deref(), listed));
                 for key in gone {
-                    self.forget(&key);
+                    self.forget(&key).await;
                 }
                 if !std::mem::replace(&mut self.webhooks_synced[stream], true)
                     && self.webhooks_synced.iter().all(|s| *s)
@@ -270,7 +280,7 @@ impl WebhookController {
             watcher::Event::Delete(DeserializeGuard(Ok(webhook))) => {
                 let key = webhook_key(&webhook);
                 self.update_routes(|t| t.delete(&key));
-                self.forget(&key);
+                self.forget(&key).await;
                 tracing::info!(webhook = %key, "deleted; route removed");
             }
             watcher::Event::InitApply(DeserializeGuard(Err(e)))
@@ -284,7 +294,7 @@ impl WebhookController {
                 );
                 tracing::warn!(webhook = %key, error = %e.error, "skipping a Webhook that cannot be read");
                 self.update_routes(|t| t.delete(&key));
-                self.forget(&key);
+                self.forget(&key).await;
             }
         }
     }
@@ -314,10 +324,17 @@ impl WebhookController {
             .insert(key.name.clone());
     }
 
-    fn forget(&mut self, key: &WebhookKey) {
+    /// Drops what is kept for a Webhook that no longer exists, here and in the status writer.
+    async fn forget(&mut self, key: &WebhookKey) {
         self.gone.remove(key);
         if let Some(old) = self.webhooks.remove(key) {
             self.unindex(key, &old);
+            if let Some(uid) = &old.metadata.uid {
+                self.warned.remove(uid);
+            }
+            self.status
+                .send(Update::WebhookDeleted { key: key.clone() })
+                .await;
         }
     }
 
@@ -351,9 +368,10 @@ impl WebhookController {
     }
 
     /// resolve -> validate -> (the caller updates routing) -> status.
-    async fn reconcile(&self, webhook: &Webhook) -> Route {
+    async fn reconcile(&mut self, webhook: &Webhook) -> Route {
         let key = webhook_key(webhook);
         let resolution = self.resolution(webhook);
+        self.warn_after_upgrade(webhook, &resolution);
         if let Some(update) = ready_update(webhook, &resolution.ready, Timestamp::now()) {
             tracing::info!(
                 webhook = %key,
@@ -370,6 +388,49 @@ impl WebhookController {
                 .await;
         }
         resolution.route
+    }
+}
+
+impl WebhookController {
+    /// One warning per Webhook that stopped working because of the hardening of its signing
+    /// Secret: one that exists without the opt-in label (found with a GET on a task, never in
+    /// the loop; the condition itself does not say, so a Webhook's author cannot probe for
+    /// Secrets), or one shorter than 16 bytes.
+    fn warn_after_upgrade(&mut self, webhook: &Webhook, resolution: &Resolution) {
+        let uid = webhook.metadata.uid.clone().unwrap_or_default();
+        let reason = resolution.ready.reason.as_str();
+        if self.warned.contains(&uid) {
+            return;
+        }
+        let key = webhook_key(webhook);
+        let secret = webhook.spec.secret_ref.name.clone();
+        if reason == ready_reason::SECRET_INVALID
+            && resolution.ready.message.contains("at least 16")
+        {
+            self.warned.insert(uid);
+            tracing::warn!(
+                webhook = %key,
+                secret,
+                "this Webhook's signing secret is shorter than 16 bytes and no longer signs: replace it with a strong one (see the README's upgrade notes)"
+            );
+        } else if reason == ready_reason::SECRET_NOT_FOUND
+            && let Some(client) = self.client.clone()
+        {
+            self.warned.insert(uid);
+            tokio::spawn(async move {
+                let api: kube::Api<Secret> = kube::Api::namespaced(client, &key.namespace);
+                if let Ok(Some(found)) = api.get_metadata_opt(&secret).await
+                    && found.labels().get(SIGNING_SECRET_LABEL).map(String::as_str) != Some("true")
+                {
+                    tracing::warn!(
+                        webhook = %key,
+                        secret,
+                        "this Webhook's Secret exists but lacks the label {SIGNING_SECRET_LABEL}=true, so it no longer signs: kubectl label secret -n {} {secret} {SIGNING_SECRET_LABEL}=true",
+                        key.namespace
+                    );
+                }
+            });
+        }
     }
 }
 

@@ -176,9 +176,11 @@ impl Dispatcher {
         let lane = self
             .lanes
             .get(&delivery.webhook, table.len(), |k| table.get(k).is_some());
-        let namespace = self.namespaces.get(&delivery.webhook.namespace, table.len(), |ns| {
-            table.has_namespace(ns)
-        });
+        let namespace = self
+            .namespaces
+            .get(&delivery.webhook.namespace, table.len(), |ns| {
+                table.has_namespace(ns)
+            });
         drop(table);
         let (Ok(_lane), Ok(_namespace), Ok(_global)) = (
             lane.acquire_owned().await,

@@ -86,7 +86,9 @@ impl EgressPolicy {
         match parsed.host() {
             Some(Host::Ipv4(ip)) => self.check_ip(ip.into())?,
             Some(Host::Ipv6(ip)) => self.check_ip(ip.into())?,
-            Some(Host::Domain(d)) if is_localhost(d) => self.check_ip(Ipv4Addr::LOCALHOST.into())?,
+            Some(Host::Domain(d)) if is_localhost(d) => {
+                self.check_ip(Ipv4Addr::LOCALHOST.into())?
+            }
             Some(Host::Domain(_)) => {}
             None => return Err(EgressDenied::InvalidUrl("no host".into())),
         }
@@ -276,7 +278,10 @@ mod tests {
             assert!(
                 matches!(
                     strict.check_url(url),
-                    Err(EgressDenied::BlockedAddress { range: "loopback", .. })
+                    Err(EgressDenied::BlockedAddress {
+                        range: "loopback",
+                        ..
+                    })
                 ),
                 "{url}"
             );
@@ -299,7 +304,10 @@ mod tests {
             "https://***@example.com/"
         );
         let unparsable = redact_url("https://user:pw@exa mple.com/x?t=1");
-        assert!(!unparsable.contains("pw") && !unparsable.contains("t=1"), "{unparsable}");
+        assert!(
+            !unparsable.contains("pw") && !unparsable.contains("t=1"),
+            "{unparsable}"
+        );
     }
 
     #[test]

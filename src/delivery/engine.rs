@@ -76,7 +76,7 @@ pub async fn deliver(
             }
             RouteCheck::Hold { route, why } => {
                 let now = Timestamp::now();
-                let since = target.held_since.get_or_insert_with(|| Time(now)).0;
+                let since = target.held_since.get_or_insert(Time(now)).0;
                 let held_for = now.duration_since(since).unsigned_abs();
                 if held_for >= max_hold {
                     fail(

@@ -26,12 +26,7 @@ impl<K: Eq + Hash + Clone> KeyedLimits<K> {
     /// The semaphore of `key`. When a new key would make the map larger than twice the number
     /// of `live_count` keys (plus slack), entries that are not in use and not `is_live` go:
     /// amortised O(1) per call, and the map stays proportional to what exists.
-    pub fn get(
-        &self,
-        key: &K,
-        live_count: usize,
-        is_live: impl Fn(&K) -> bool,
-    ) -> Arc<Semaphore> {
+    pub fn get(&self, key: &K, live_count: usize, is_live: impl Fn(&K) -> bool) -> Arc<Semaphore> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(semaphore) = map.get(key) {
             return semaphore.clone();
@@ -85,6 +80,9 @@ mod tests {
             limits.get(&i, 0, |_| false);
         }
         let again = limits.get(&0u32, 0, |_| false);
-        assert!(Arc::ptr_eq(&held, &again), "a lane someone holds is never replaced");
+        assert!(
+            Arc::ptr_eq(&held, &again),
+            "a lane someone holds is never replaced"
+        );
     }
 }

@@ -15,9 +15,9 @@ pub use dispatcher::{
     AttemptReport, Attempted, Delivery, Dispatcher, DispatcherConfig, GoneNotice, RouteCheck,
     delivery_id,
 };
+pub use egress::{EgressDenied, EgressPolicy, redact_url, special_range};
 pub use engine::{Report, Unrecorded, deliver, deliver_unrecorded, is_final, new_target};
 pub use limits::KeyedLimits;
-pub use egress::{EgressDenied, EgressPolicy, redact_url, special_range};
 pub use payload::EventBody;
 pub use retry::{AttemptResult, RetryPolicy, Verdict, parse_retry_after};
 pub use signer::{MIN_SECRET_BYTES, SecretError, Signatures, Signer};

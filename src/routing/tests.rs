@@ -190,8 +190,16 @@ fn replaced_and_removed_routes_are_signalled_after_the_new_table_is_published() 
         t.apply(route("docs", "a", &[WebhookEvent::Completed]));
         t.apply(route("docs", "b", &[WebhookEvent::Completed]));
     });
-    let a = routes.snapshot().get(&WebhookKey::new("docs", "a")).cloned().unwrap();
-    let b = routes.snapshot().get(&WebhookKey::new("docs", "b")).cloned().unwrap();
+    let a = routes
+        .snapshot()
+        .get(&WebhookKey::new("docs", "a"))
+        .cloned()
+        .unwrap();
+    let b = routes
+        .snapshot()
+        .get(&WebhookKey::new("docs", "b"))
+        .cloned()
+        .unwrap();
     assert!(!a.superseded.is_cancelled() && !b.superseded.is_cancelled());
 
     let mut paused = route("docs", "a", &[WebhookEvent::Completed]);
@@ -201,14 +209,28 @@ fn replaced_and_removed_routes_are_signalled_after_the_new_table_is_published() 
     // Whoever wakes on the signal reads the table that replaced the route.
     let now = routes.snapshot();
     assert_eq!(
-        now.get(&WebhookKey::new("docs", "a")).map(|r| r.state.clone()),
+        now.get(&WebhookKey::new("docs", "a"))
+            .map(|r| r.state.clone()),
         Some(RouteState::Paused)
     );
-    assert!(!b.superseded.is_cancelled(), "only the changed Webhook is woken");
+    assert!(
+        !b.superseded.is_cancelled(),
+        "only the changed Webhook is woken"
+    );
 
     routes.update(|t| t.delete(&WebhookKey::new("docs", "b")));
-    assert!(b.superseded.is_cancelled(), "a deleted route is signalled too");
-    let a2 = routes.snapshot().get(&WebhookKey::new("docs", "a")).cloned().unwrap();
+    assert!(
+        b.superseded.is_cancelled(),
+        "a deleted route is signalled too"
+    );
+    let a2 = routes
+        .snapshot()
+        .get(&WebhookKey::new("docs", "a"))
+        .cloned()
+        .unwrap();
     routes.update(|t| t.reset(Some("docs"), vec![]));
-    assert!(a2.superseded.is_cancelled(), "a re-list that drops a route signals it");
+    assert!(
+        a2.superseded.is_cancelled(),
+        "a re-list that drops a route signals it"
+    );
 }

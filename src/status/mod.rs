@@ -89,6 +89,8 @@ pub enum Update {
         uid: String,
         status: DocumentEventStatus,
     },
+    /// The Webhook was deleted: forget what is kept for it.
+    WebhookDeleted { key: WebhookKey },
 }
 
 /// The sending side, cloned by every producer. A full channel makes producers wait, which is the
@@ -241,7 +243,7 @@ impl StatusWriter {
                     None
                 }
                 update = self.rx.recv(), if !stopping => match update {
-                    Some(update) => Some(self.merge(update)),
+                    Some(update) => self.merge(update),
                     None => break,
                 },
                 Some(done) = in_flight.next() => {
@@ -283,9 +285,18 @@ impl StatusWriter {
         }
     }
 
-    /// Merges `update` into its slot, returning the slot's key.
-    fn merge(&mut self, update: Update) -> SlotKey {
+    /// Merges `update` into its slot, returning the slot's key (None: nothing to write).
+    fn merge(&mut self, update: Update) -> Option<SlotKey> {
         let (key, content) = match update {
+            Update::WebhookDeleted { key } => {
+                self.logs.remove(&key);
+                for slot in [SlotKey::Ready(key.clone()), SlotKey::Deliveries(key)] {
+                    if self.slots.get(&slot).is_some_and(|s| !s.in_flight) {
+                        self.slots.remove(&slot);
+                    }
+                }
+                return None;
+            }
             Update::WebhookReady { key, update } => (SlotKey::Ready(key), Content::Ready(update)),
             Update::DeliveryAttempt { key, uid, record } => (
                 SlotKey::Deliveries(key),
@@ -322,7 +333,7 @@ impl StatusWriter {
             }
             (_, new) => new,
         });
-        key
+        Some(key)
     }
 
     /// Takes the pending content of `key` into a patch.
@@ -423,8 +434,10 @@ impl StatusWriter {
                 slot.failures = 0;
                 slot.not_before = None;
             }
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {
-                // Deleted, or recreated under the same name (uid precondition): nothing to write.
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                // Deleted, or recreated under the same name (the uid precondition failed and the
+                // object has another uid): nothing to write. Any other error, a 409 conflict
+                // included, is written again below.
                 tracing::debug!(object = ?done.key, code = e.code, "status not written: object gone");
                 if let SlotKey::Deliveries(webhook) | SlotKey::Ready(webhook) = &done.key {
                     self.logs.remove(webhook);
@@ -470,5 +483,187 @@ impl StatusWriter {
                 || s.content.is_some()
                 || s.last_patch.is_some_and(|t| now < t + min_interval)
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{EventPhase, TargetDelivery, TargetState};
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn writer() -> (StatusSender, StatusWriter, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let config = WriterConfig {
+            min_interval: Duration::ZERO,
+            event_first_delay: Duration::ZERO,
+            patch_timeout: Duration::from_secs(5),
+            max_in_flight: 4,
+        };
+        let (tx, writer) = channel(client, Metrics::default(), config, 16);
+        (tx, writer, handle)
+    }
+
+    fn respond(
+        send: tower_test::mock::SendResponse<Response<Body>>,
+        code: u16,
+        body: serde_json::Value,
+    ) {
+        send.send_response(
+            Response::builder()
+                .status(code)
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+    }
+
+    /// The next request the writer sends; None when it sends none within 5 s.
+    async fn next(
+        handle: &mut Handle,
+    ) -> Option<(
+        Request<Body>,
+        tower_test::mock::SendResponse<Response<Body>>,
+    )> {
+        tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    fn event_object(uid: &str) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "hookrelay.dev/v1alpha1", "kind": "DocumentEvent",
+            "metadata": {"name": "e1", "namespace": "docs", "uid": uid},
+            "spec": {"type": "document.completed", "data": {}},
+        })
+    }
+
+    fn conflict() -> serde_json::Value {
+        serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 409,
+            "reason": "Conflict",
+            "message": "Operation cannot be fulfilled on documentevents.hookrelay.dev \"e1\": the object has been modified; please apply your changes to the latest version and try again",
+        })
+    }
+
+    fn delivered() -> DocumentEventStatus {
+        DocumentEventStatus {
+            phase: Some(EventPhase::Delivered),
+            deliveries: vec![TargetDelivery {
+                webhook: "w".into(),
+                id: "msg_1".into(),
+                state: TargetState::Succeeded,
+                attempts: 1,
+                http_status: Some(200),
+                last_attempt_time: None,
+                next_attempt_time: None,
+                held_since: None,
+                error: None,
+            }],
+            completion_time: None,
+        }
+    }
+
+    fn key() -> EventKey {
+        EventKey {
+            namespace: "docs".into(),
+            name: "e1".into(),
+        }
+    }
+
+    /// A 409 that is a conflict with another writer (same uid) is written again, so the final
+    /// status of a DocumentEvent is not lost.
+    #[tokio::test]
+    async fn a_conflict_is_retried_until_the_final_status_lands() {
+        let (tx, writer, mut handle) = writer();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(writer.run(stop.clone()));
+        tx.send(Update::EventStatus {
+            key: key(),
+            uid: "uid-1".into(),
+            status: delivered(),
+        })
+        .await;
+
+        let (request, send) = next(&mut handle).await.expect("the first patch");
+        assert_eq!(request.method(), "PATCH");
+        respond(send, 409, conflict());
+        let (request, send) = next(&mut handle).await.expect("a look at the object");
+        assert_eq!(request.method(), "GET");
+        respond(send, 200, event_object("uid-1"));
+        let (request, send) = next(&mut handle).await.expect("the patch again");
+        assert_eq!(request.method(), "PATCH");
+        assert!(request.uri().path().ends_with("/documentevents/e1/status"));
+        let body = http_body_util::BodyExt::collect(request.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["status"]["phase"], "Delivered");
+        assert_eq!(body["metadata"]["uid"], "uid-1");
+        respond(send, 200, event_object("uid-1"));
+        stop.cancel();
+        run.await.unwrap();
+    }
+
+    /// A 409 because the object was recreated (another uid) drops what was pending for the old one.
+    #[tokio::test]
+    async fn a_recreated_object_is_not_written() {
+        let (tx, writer, mut handle) = writer();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(writer.run(stop.clone()));
+        tx.send(Update::EventStatus {
+            key: key(),
+            uid: "uid-old".into(),
+            status: delivered(),
+        })
+        .await;
+        let (_, send) = next(&mut handle).await.expect("the patch");
+        respond(send, 409, conflict());
+        let (_, send) = next(&mut handle).await.expect("a look at the object");
+        respond(send, 200, event_object("uid-new"));
+        stop.cancel();
+        // The writer stops without writing the old object's status to the new one.
+        run.await.unwrap();
+        assert!(
+            handle.next_request().await.is_none(),
+            "nothing more was sent"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_deleted_webhook_is_forgotten() {
+        let (_tx, mut writer, _handle) = writer();
+        let webhook = WebhookKey::new("docs", "w");
+        writer
+            .logs
+            .insert(webhook.clone(), ("uid".into(), DeliveryLog::default()));
+        writer.merge(Update::WebhookReady {
+            key: webhook.clone(),
+            update: Box::new(ReadyUpdate {
+                generation: 1,
+                condition: Condition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    reason: "Routed".into(),
+                    message: String::new(),
+                    last_transition_time: crate::status::now_time(),
+                    observed_generation: Some(1),
+                },
+                event: None,
+            }),
+        });
+        assert_eq!((writer.logs.len(), writer.slots.len()), (1, 1));
+        assert_eq!(
+            writer.merge(Update::WebhookDeleted {
+                key: webhook.clone()
+            }),
+            None
+        );
+        assert_eq!((writer.logs.len(), writer.slots.len()), (0, 0));
     }
 }

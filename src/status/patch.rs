@@ -41,12 +41,35 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let params = PatchParams::apply(manager).force();
-    with_timeout(
+    let result = with_timeout(
         timeout,
         api.patch_status(name, &params, &Patch::Apply(&body)),
     )
     .await
-    .map(|_| ())
+    .map(|_| ());
+    // A 409 is the uid precondition failing (the object was deleted and recreated: what we
+    // hold belongs to the old one) or a plain conflict (write again). Only the object says.
+    match (result, body["metadata"]["uid"].as_str()) {
+        (Err(kube::Error::Api(e)), Some(uid)) if e.code == 409 => {
+            match with_timeout(timeout, api.get_metadata_opt(name)).await {
+                Ok(Some(current)) if current.metadata.uid.as_deref() == Some(uid) => {
+                    Err(kube::Error::Api(e))
+                }
+                Ok(_) => Err(object_gone(name)),
+                Err(error) => Err(error),
+            }
+        }
+        (result, _) => result,
+    }
+}
+
+/// What a write to an object that no longer exists (as the object written for) answers.
+fn object_gone(name: &str) -> kube::Error {
+    kube::Error::Api(
+        kube::core::Status::failure(&format!("{name} was deleted or recreated"), "NotFound")
+            .with_code(404)
+            .boxed(),
+    )
 }
 
 pub(super) async fn ready(
