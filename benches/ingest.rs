@@ -58,7 +58,7 @@ async fn run(mode: &str, n: usize, batch: usize) -> f64 {
     );
     op.wait_ready().await;
     let listen = op.listen_addr;
-    let token = cp.service_account_token(&ns, "bench");
+    let token = cp.service_account_token(&ns, "bench").await;
     cp.kubectl_ok(
         &[
             "create",
@@ -70,7 +70,8 @@ async fn run(mode: &str, n: usize, batch: usize) -> f64 {
             &ns,
         ],
         None,
-    );
+    )
+    .await;
     cp.kubectl_ok(
         &[
             "create",
@@ -82,11 +83,13 @@ async fn run(mode: &str, n: usize, batch: usize) -> f64 {
             &ns,
         ],
         None,
-    );
+    )
+    .await;
     let manifest = format!(
         "apiVersion: hookrelay.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: w}}\nspec: {{url: 'http://{addr}/h', events: ['*'], secretRef: {{name: s}}}}\n"
     );
-    cp.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&manifest));
+    cp.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&manifest))
+        .await;
     cp.kubectl_ok(
         &[
             "wait",
@@ -97,7 +100,8 @@ async fn run(mode: &str, n: usize, batch: usize) -> f64 {
             "--timeout=60s",
         ],
         None,
-    );
+    )
+    .await;
 
     let client = reqwest::Client::new();
     let url = format!("http://{listen}/api/events?namespace={ns}");

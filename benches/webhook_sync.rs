@@ -38,6 +38,7 @@ async fn main() {
     println!(
         "webhook_sync: kube-apiserver {}",
         cp.kubectl_ok(&["version", "-o", "json"], None)
+            .await
             .lines()
             .find(|l| l.contains("gitVersion"))
             .unwrap_or_default()

@@ -12,8 +12,8 @@ use crate::support::{
 };
 
 /// A ServiceAccount token whose Role in `ns` allows exactly `rules` (kubectl create role syntax).
-fn token_with(cp: &ControlPlane, ns: &str, sa: &str, verbs: &str, resources: &str) -> String {
-    let token = cp.service_account_token(ns, sa);
+async fn token_with(cp: &ControlPlane, ns: &str, sa: &str, verbs: &str, resources: &str) -> String {
+    let token = cp.service_account_token(ns, sa).await;
     cp.kubectl_ok(
         &[
             "create",
@@ -25,7 +25,8 @@ fn token_with(cp: &ControlPlane, ns: &str, sa: &str, verbs: &str, resources: &st
             ns,
         ],
         None,
-    );
+    )
+    .await;
     cp.kubectl_ok(
         &[
             "create",
@@ -37,7 +38,8 @@ fn token_with(cp: &ControlPlane, ns: &str, sa: &str, verbs: &str, resources: &st
             ns,
         ],
         None,
-    );
+    )
+    .await;
     token
 }
 
@@ -59,7 +61,7 @@ async fn the_seeds_requests_behave_as_the_seed_says() {
     let ns = cp.namespace("seed-api").await;
     let op = operator(cp, &ns, IngestMode::Durable, 100).await;
     let api = op.op.listen_addr;
-    let token = token_with(cp, &ns, "admin", "*", ALL);
+    let token = token_with(cp, &ns, "admin", "*", ALL).await;
     let q = format!("?namespace={ns}");
 
     // POST /api/webhooks with the seed's request body, verbatim.
@@ -101,34 +103,38 @@ async fn the_seeds_requests_behave_as_the_seed_says() {
     );
 
     // It is a Webhook resource that kubectl shows, with its Secret.
-    let shown = cp.kubectl_ok(
-        &[
-            "get",
-            "webhook",
-            &id,
-            "-n",
-            &ns,
-            "-o",
-            "jsonpath={.spec.url} {.spec.secretRef.name}",
-        ],
-        None,
-    );
+    let shown = cp
+        .kubectl_ok(
+            &[
+                "get",
+                "webhook",
+                &id,
+                "-n",
+                &ns,
+                "-o",
+                "jsonpath={.spec.url} {.spec.secretRef.name}",
+            ],
+            None,
+        )
+        .await;
     assert_eq!(
         shown,
         format!("https://your-application.com/webhooks/file-conversion {id}-secret")
     );
-    let stored = cp.kubectl_ok(
-        &[
-            "get",
-            "secret",
-            &format!("{id}-secret"),
-            "-n",
-            &ns,
-            "-o",
-            "jsonpath={.data.secret}",
-        ],
-        None,
-    );
+    let stored = cp
+        .kubectl_ok(
+            &[
+                "get",
+                "secret",
+                &format!("{id}-secret"),
+                "-n",
+                &ns,
+                "-o",
+                "jsonpath={.data.secret}",
+            ],
+            None,
+        )
+        .await;
     assert!(!stored.is_empty());
     // The secret is never shown again.
     let (_, got) = api_call(
@@ -153,11 +159,12 @@ async fn the_seeds_requests_behave_as_the_seed_says() {
             &ns,
         ],
         None,
-    );
+    )
+    .await;
     cp.kubectl_ok(
         &["apply", "-n", &ns, "-f", "-"],
         Some("apiVersion: hookrelay.dev/v1alpha1\nkind: Webhook\nmetadata: {name: applied}\nspec: {url: 'https://example.com/h', events: ['*'], secretRef: {name: s}, paused: true}\n"),
-    );
+    ).await;
     let (status, list) =
         api_call(api, "GET", &format!("/api/webhooks{q}"), Some(&token), None).await;
     assert_eq!(status, 200);
@@ -196,18 +203,20 @@ async fn the_seeds_requests_behave_as_the_seed_says() {
         json!(["document.completed", "document.error", "document.deleted"])
     );
     assert_eq!(updated["description"], "Updated notification endpoint");
-    let shown = cp.kubectl_ok(
-        &[
-            "get",
-            "webhook",
-            &id,
-            "-n",
-            &ns,
-            "-o",
-            "jsonpath={.spec.url}",
-        ],
-        None,
-    );
+    let shown = cp
+        .kubectl_ok(
+            &[
+                "get",
+                "webhook",
+                &id,
+                "-n",
+                &ns,
+                "-o",
+                "jsonpath={.spec.url}",
+            ],
+            None,
+        )
+        .await;
     assert_eq!(shown, "https://your-application.com/webhooks/new-endpoint");
 
     let (status, deliveries) = api_call(
@@ -232,10 +241,12 @@ async fn the_seeds_requests_behave_as_the_seed_says() {
     assert_eq!(status, 204);
     assert!(
         !cp.kubectl(&["get", "webhook", &id, "-n", &ns], None)
+            .await
             .success
     );
     assert!(
         !cp.kubectl(&["get", "secret", &format!("{id}-secret"), "-n", &ns], None)
+            .await
             .success
     );
     let (status, _) = api_call(
@@ -268,7 +279,8 @@ async fn rbac_decides_who_may_ingest_and_manage_webhooks() {
         "ingester",
         "create",
         "documentevents.hookrelay.dev",
-    );
+    )
+    .await;
     let event = r#"{"event":"document.uploaded","data":{"document_id":5}}"#;
 
     // Its own namespace (from the token), and by name.
@@ -277,18 +289,20 @@ async fn rbac_decides_who_may_ingest_and_manage_webhooks() {
     assert_eq!(reply["namespace"], ns_a.as_str());
     let name = reply["document_events"][0].as_str().unwrap().to_owned();
     // Durable: the DocumentEvent exists by the time of the reply.
-    let stored = cp.kubectl_ok(
-        &[
-            "get",
-            "de",
-            &name,
-            "-n",
-            &ns_a,
-            "-o",
-            "jsonpath={.spec.type}",
-        ],
-        None,
-    );
+    let stored = cp
+        .kubectl_ok(
+            &[
+                "get",
+                "de",
+                &name,
+                "-n",
+                &ns_a,
+                "-o",
+                "jsonpath={.spec.type}",
+            ],
+            None,
+        )
+        .await;
     assert_eq!(stored, "document.uploaded");
     let (status, _) = api_call(
         api,
@@ -333,7 +347,9 @@ async fn rbac_decides_who_may_ingest_and_manage_webhooks() {
     assert_eq!(status, 401);
 
     // Nothing reached namespace B.
-    let left = cp.kubectl_ok(&["get", "de,webhooks", "-n", &ns_b, "-o", "name"], None);
+    let left = cp
+        .kubectl_ok(&["get", "de,webhooks", "-n", &ns_b, "-o", "name"], None)
+        .await;
     assert_eq!(left.trim(), "");
 }
 
@@ -343,7 +359,7 @@ async fn bad_requests_get_their_status_codes_and_change_nothing() {
     let ns = cp.namespace("bad-requests").await;
     let op = operator(cp, &ns, IngestMode::Durable, 100).await;
     let api = op.op.listen_addr;
-    let token = token_with(cp, &ns, "admin", "*", ALL);
+    let token = token_with(cp, &ns, "admin", "*", ALL).await;
     cp.kubectl_ok(
         &[
             "create",
@@ -355,15 +371,16 @@ async fn bad_requests_get_their_status_codes_and_change_nothing() {
             &ns,
         ],
         None,
-    );
+    )
+    .await;
     cp.kubectl_ok(
         &["apply", "-n", &ns, "-f", "-"],
         Some("apiVersion: hookrelay.dev/v1alpha1\nkind: Webhook\nmetadata: {name: existing}\nspec: {url: 'https://example.com/h', events: ['*'], secretRef: {name: s}, paused: true}\n"),
-    );
-    let snapshot = || {
-        cp.kubectl_ok(&["get", "webhooks,documentevents,secrets", "-n", &ns, "-o", "jsonpath={range .items[*]}{.kind}/{.metadata.name}@{.metadata.resourceVersion} {end}"], None)
+    ).await;
+    let snapshot = || async {
+        cp.kubectl_ok(&["get", "webhooks,documentevents,secrets", "-n", &ns, "-o", "jsonpath={range .items[*]}{.kind}/{.metadata.name}@{.metadata.resourceVersion} {end}"], None).await
     };
-    let before = snapshot();
+    let before = snapshot().await;
 
     let q = format!("?namespace={ns}");
     let big = format!(
@@ -579,7 +596,11 @@ async fn bad_requests_get_their_status_codes_and_change_nothing() {
         cases.len(),
         failures.join("\n")
     );
-    assert_eq!(snapshot(), before, "a refused request changed the cluster");
+    assert_eq!(
+        snapshot().await,
+        before,
+        "a refused request changed the cluster"
+    );
     // And never a 500.
     let metrics = op.op.metrics.encode();
     assert!(!metrics.contains("code=\"500\""), "{metrics}");
@@ -592,7 +613,7 @@ async fn test_and_redeliver_send_signed_deliveries_now() {
     let client = cp.client().await;
     let op = operator(cp, &ns, IngestMode::Durable, 100).await;
     let api = op.op.listen_addr;
-    let token = token_with(cp, &ns, "admin", "*", ALL);
+    let token = token_with(cp, &ns, "admin", "*", ALL).await;
     let q = format!("?namespace={ns}");
     // Create through the API; the receiver learns the generated secret from the reply.
     let placeholder = Receiver::start(ReceiverKind::Python, "unused", &[]).await;
@@ -730,7 +751,7 @@ async fn direct_ingest_delivers_from_memory_and_answers_429_when_full() {
     let ns = cp.namespace("direct").await;
     let op = operator(cp, &ns, IngestMode::Direct, 3).await;
     let api = op.op.listen_addr;
-    let token = token_with(cp, &ns, "admin", "*", ALL);
+    let token = token_with(cp, &ns, "admin", "*", ALL).await;
     let q = format!("?namespace={ns}");
     let (receiver, addr) = CountingReceiver::start().await;
     let dead = crate::support::Blackhole::start().await;
@@ -745,7 +766,8 @@ async fn direct_ingest_delivers_from_memory_and_answers_429_when_full() {
             &ns,
         ],
         None,
-    );
+    )
+    .await;
     for (name, url, events) in [
         ("live", format!("http://{addr}/h"), "document.completed"),
         ("dead", format!("http://{}/h", dead.addr), "document.error"),
@@ -753,7 +775,8 @@ async fn direct_ingest_delivers_from_memory_and_answers_429_when_full() {
         let manifest = format!(
             "apiVersion: hookrelay.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: {name}}}\nspec: {{url: '{url}', events: [{events}], secretRef: {{name: s}}, delivery: {{timeoutSeconds: 30}}}}\n"
         );
-        cp.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&manifest));
+        cp.kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&manifest))
+            .await;
     }
     eventually("both routed", Duration::from_secs(30), || async {
         (op.op.routes.snapshot().len() == 2).then_some(())
@@ -786,6 +809,7 @@ async fn direct_ingest_delivers_from_memory_and_answers_429_when_full() {
     // Nothing was stored.
     assert_eq!(
         cp.kubectl_ok(&["get", "de", "-n", &ns, "-o", "name"], None)
+            .await
             .trim(),
         ""
     );

@@ -6,26 +6,30 @@ use crate::support::control_plane;
 async fn service_account_tokens_work_and_rbac_decides() {
     let cp = control_plane();
     let ns = cp.namespace("rbac").await;
-    let token = cp.service_account_token(&ns, "reader");
+    let token = cp.service_account_token(&ns, "reader").await;
     let as_reader = cp.token_kubeconfig(&token);
 
     // Authenticated as the ServiceAccount, and nothing allowed yet.
-    let whoami = cp.kubectl_as(
-        &as_reader,
-        &[
-            "auth",
-            "whoami",
-            "-o",
-            "jsonpath={.status.userInfo.username}",
-        ],
-    );
+    let whoami = cp
+        .kubectl_as(
+            &as_reader,
+            &[
+                "auth",
+                "whoami",
+                "-o",
+                "jsonpath={.status.userInfo.username}",
+            ],
+        )
+        .await;
     assert_eq!(
         whoami.stdout,
         format!("system:serviceaccount:{ns}:reader"),
         "{}",
         whoami.stderr
     );
-    let denied = cp.kubectl_as(&as_reader, &["get", "webhooks", "-n", &ns]);
+    let denied = cp
+        .kubectl_as(&as_reader, &["get", "webhooks", "-n", &ns])
+        .await;
     assert!(!denied.success);
     assert!(denied.stderr.contains("Forbidden"), "{}", denied.stderr);
 
@@ -41,7 +45,8 @@ async fn service_account_tokens_work_and_rbac_decides() {
             &ns,
         ],
         None,
-    );
+    )
+    .await;
     cp.kubectl_ok(
         &[
             "create",
@@ -53,10 +58,15 @@ async fn service_account_tokens_work_and_rbac_decides() {
             &ns,
         ],
         None,
-    );
-    let allowed = cp.kubectl_as(&as_reader, &["get", "webhooks", "-n", &ns]);
+    )
+    .await;
+    let allowed = cp
+        .kubectl_as(&as_reader, &["get", "webhooks", "-n", &ns])
+        .await;
     assert!(allowed.success, "{}", allowed.stderr);
-    let still_denied = cp.kubectl_as(&as_reader, &["get", "documentevents", "-n", &ns]);
+    let still_denied = cp
+        .kubectl_as(&as_reader, &["get", "documentevents", "-n", &ns])
+        .await;
     assert!(
         still_denied.stderr.contains("Forbidden"),
         "{}",
@@ -65,7 +75,7 @@ async fn service_account_tokens_work_and_rbac_decides() {
 
     // A bad token is not authenticated.
     let bogus = cp.token_kubeconfig("not-a-token");
-    let unauthorized = cp.kubectl_as(&bogus, &["get", "webhooks", "-n", &ns]);
+    let unauthorized = cp.kubectl_as(&bogus, &["get", "webhooks", "-n", &ns]).await;
     assert!(
         unauthorized.stderr.contains("Unauthorized")
             || unauthorized.stderr.contains("provide credentials"),

@@ -19,7 +19,9 @@ async fn no_event_is_lost_when_the_operator_is_killed_mid_delivery() {
     let cp = control_plane();
     let ns = cp.namespace("sigkill").await;
     let client = cp.client().await;
-    let (receiver, addr) = CountingReceiver::start().await;
+    // A slow endpoint (each answer takes 25 ms, 8 in flight) keeps deliveries outstanding
+    // long enough for the kill to land among them.
+    let (receiver, addr) = CountingReceiver::start_slow(Duration::from_millis(25)).await;
     let args = [
         "--namespace",
         ns.as_str(),
@@ -71,10 +73,14 @@ async fn no_event_is_lost_when_the_operator_is_killed_mid_delivery() {
     .await;
     first.child.start_kill().expect("SIGKILL sent");
     first.child.wait().await.unwrap();
+    // The receiver counts a request on arrival, and the first operator is dead: at most a
+    // request still in transit on loopback is counted after this.
     let at_kill = receiver.counts();
     assert!(
-        at_kill.0 < EVENTS,
-        "the kill came after every delivery: {at_kill:?}"
+        (1..EVENTS).contains(&at_kill.0),
+        "the test proves nothing unless the kill lands with deliveries outstanding: {} of {EVENTS} \
+         had arrived at the kill; slow the receiver down or create more events",
+        at_kill.0
     );
 
     let second = Operator::start(cp, &args);

@@ -10,27 +10,31 @@ fn example(name: &str) -> String {
         .into_owned()
 }
 
-#[test]
-fn both_crds_are_established() {
+#[tokio::test]
+async fn both_crds_are_established() {
     let cp = control_plane();
     for crd in ["webhooks.hookrelay.dev", "documentevents.hookrelay.dev"] {
-        let status = cp.kubectl_ok(
-            &[
-                "get",
-                "crd",
-                crd,
-                "-o",
-                r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#,
-            ],
-            None,
-        );
+        let status = cp
+            .kubectl_ok(
+                &[
+                    "get",
+                    "crd",
+                    crd,
+                    "-o",
+                    r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#,
+                ],
+                None,
+            )
+            .await;
         assert_eq!(status, "True", "{crd} not established");
     }
     // Short names and the category resolve through discovery.
-    let resources = cp.kubectl_ok(
-        &["api-resources", "--api-group=hookrelay.dev", "-o", "wide"],
-        None,
-    );
+    let resources = cp
+        .kubectl_ok(
+            &["api-resources", "--api-group=hookrelay.dev", "-o", "wide"],
+            None,
+        )
+        .await;
     assert!(
         resources.contains("wh") && resources.contains("docevent,de"),
         "{resources}"
@@ -45,20 +49,22 @@ fn both_crds_are_established() {
 async fn examples_apply_cleanly_and_get_their_defaults() {
     let cp = control_plane();
     let ns = cp.namespace("examples").await;
-    let applied = cp.kubectl_ok(
-        &[
-            "apply",
-            "-n",
-            &ns,
-            "-f",
-            &example("secret.yaml"),
-            "-f",
-            &example("webhook.yaml"),
-            "-f",
-            &example("webhook-all-events.yaml"),
-        ],
-        None,
-    );
+    let applied = cp
+        .kubectl_ok(
+            &[
+                "apply",
+                "-n",
+                &ns,
+                "-f",
+                &example("secret.yaml"),
+                "-f",
+                &example("webhook.yaml"),
+                "-f",
+                &example("webhook-all-events.yaml"),
+            ],
+            None,
+        )
+        .await;
     assert!(
         applied.contains("webhook.hookrelay.dev/file-conversion created"),
         "{applied}"
@@ -68,38 +74,44 @@ async fn examples_apply_cleanly_and_get_their_defaults() {
         "{applied}"
     );
     for file in ["document-event-completed.yaml", "document-event-error.yaml"] {
-        let created = cp.kubectl_ok(&["create", "-n", &ns, "-f", &example(file)], None);
+        let created = cp
+            .kubectl_ok(&["create", "-n", &ns, "-f", &example(file)], None)
+            .await;
         assert!(
             created.contains("documentevent.hookrelay.dev/doc-12"),
             "{created}"
         );
     }
     // The API server fills in the schema defaults.
-    let delivery = cp.kubectl_ok(
-        &[
-            "get",
-            "wh",
-            "file-conversion",
-            "-n",
-            &ns,
-            "-o",
-            "jsonpath={.spec.delivery.maxAttempts} {.spec.secretRef.key} {.spec.paused}",
-        ],
-        None,
-    );
+    let delivery = cp
+        .kubectl_ok(
+            &[
+                "get",
+                "wh",
+                "file-conversion",
+                "-n",
+                &ns,
+                "-o",
+                "jsonpath={.spec.delivery.maxAttempts} {.spec.secretRef.key} {.spec.paused}",
+            ],
+            None,
+        )
+        .await;
     assert_eq!(delivery, "8 secret false");
     // `data` is kept exactly as written.
-    let data = cp.kubectl_ok(
-        &[
-            "get",
-            "de",
-            "-n",
-            &ns,
-            "-o",
-            "jsonpath={.items[*].spec.data.document_id}",
-        ],
-        None,
-    );
+    let data = cp
+        .kubectl_ok(
+            &[
+                "get",
+                "de",
+                "-n",
+                &ns,
+                "-o",
+                "jsonpath={.items[*].spec.data.document_id}",
+            ],
+            None,
+        )
+        .await;
     let mut ids: Vec<_> = data.split_whitespace().collect();
     ids.sort();
     assert_eq!(ids, ["123", "124"]);
@@ -109,8 +121,9 @@ async fn examples_apply_cleanly_and_get_their_defaults() {
 async fn kubectl_get_webhooks_shows_the_printer_columns() {
     let cp = control_plane();
     let ns = cp.namespace("columns").await;
-    cp.kubectl_ok(&["apply", "-n", &ns, "-f", &example("webhook.yaml")], None);
-    let table = cp.kubectl_ok(&["get", "webhooks", "-n", &ns], None);
+    cp.kubectl_ok(&["apply", "-n", &ns, "-f", &example("webhook.yaml")], None)
+        .await;
+    let table = cp.kubectl_ok(&["get", "webhooks", "-n", &ns], None).await;
     let header: Vec<_> = table
         .lines()
         .next()
@@ -134,7 +147,9 @@ async fn kubectl_get_webhooks_shows_the_printer_columns() {
         "{row}"
     );
     // The category lists both kinds.
-    let all = cp.kubectl_ok(&["get", "hookrelay", "-n", &ns, "-o", "name"], None);
+    let all = cp
+        .kubectl_ok(&["get", "hookrelay", "-n", &ns, "-o", "name"], None)
+        .await;
     assert_eq!(all.trim(), "webhook.hookrelay.dev/file-conversion");
 }
 
@@ -167,7 +182,8 @@ async fn bad_manifests_are_refused_with_a_message_naming_the_field() {
     cp.kubectl_ok(
         &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
         Some(WEBHOOK),
-    );
+    )
+    .await;
 
     let cases: Vec<(&str, String, &[&str])> = vec![
         (
@@ -280,7 +296,9 @@ async fn bad_manifests_are_refused_with_a_message_naming_the_field() {
     ];
     let mut failures = Vec::new();
     for (name, manifest, expected) in &cases {
-        let out = cp.kubectl(&["apply", "-n", &ns, "-f", "-"], Some(manifest));
+        let out = cp
+            .kubectl(&["apply", "-n", &ns, "-f", "-"], Some(manifest))
+            .await;
         if out.success {
             failures.push(format!("{name}: accepted\n{manifest}"));
             continue;
@@ -302,10 +320,12 @@ async fn bad_manifests_are_refused_with_a_message_naming_the_field() {
         failures.join("\n")
     );
     // Nothing was stored.
-    let left = cp.kubectl_ok(
-        &["get", "webhooks,documentevents", "-n", &ns, "-o", "name"],
-        None,
-    );
+    let left = cp
+        .kubectl_ok(
+            &["get", "webhooks,documentevents", "-n", &ns, "-o", "name"],
+            None,
+        )
+        .await;
     assert_eq!(left.trim(), "", "refused manifests left objects behind");
 }
 
@@ -318,20 +338,23 @@ async fn a_document_event_spec_is_immutable() {
         Some(&document_event(
             "  type: document.completed\n  data: {document_id: 1}\n",
         )),
-    );
-    let out = cp.kubectl(
-        &[
-            "patch",
-            "de",
-            "bad",
-            "-n",
-            &ns,
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"type":"document.error"}}"#,
-        ],
-        None,
-    );
+    )
+    .await;
+    let out = cp
+        .kubectl(
+            &[
+                "patch",
+                "de",
+                "bad",
+                "-n",
+                &ns,
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"type":"document.error"}}"#,
+            ],
+            None,
+        )
+        .await;
     assert!(!out.success, "spec change accepted");
     assert!(out.stderr.contains("spec is immutable"), "{}", out.stderr);
 }

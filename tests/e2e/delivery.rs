@@ -91,17 +91,39 @@ async fn receivers_from_the_seed_and_standard_webhooks_verify_every_delivery() {
     .await;
     create_event(&client, &ns, "doc-124", "document.error", error.clone()).await;
 
+    // A duplicate would come after the first copy: wait until both events are finished (the
+    // "wrong" Webhook fails them after its one attempt), then for a marker event created
+    // afterwards to arrive at every receiver, before counting what arrived.
+    wait_phase(&client, &ns, "doc-123", "Failed").await;
+    wait_phase(&client, &ns, "doc-124", "Failed").await;
+    create_event(
+        &client,
+        &ns,
+        "marker",
+        "document.uploaded",
+        json!({"document_id": 1}),
+    )
+    .await;
+    wait_phase(&client, &ns, "marker", "Failed").await;
     for (name, receiver, standard) in [
         ("python", &python, Some(true)),
         ("node", &node, Some(true)),
         ("plain", &plain, None),
     ] {
-        let got = receiver.wait_ok(2).await;
+        let all = receiver.wait_ok(3).await;
         assert_eq!(
-            got.len(),
-            2,
-            "{name}: exactly one request per event: {got:?}"
+            all.len(),
+            3,
+            "{name}: exactly one request per event: {all:?}"
         );
+        let ids: std::collections::HashSet<_> = all.iter().map(|r| r.delivery_id.clone()).collect();
+        assert_eq!(ids.len(), 3, "{name}: distinct delivery ids: {all:?}");
+        assert!(ids.iter().all(Option::is_some), "{name}: {all:?}");
+        let got: Vec<_> = all
+            .into_iter()
+            .filter(|r| r.event.as_deref() != Some("document.uploaded"))
+            .collect();
+        assert_eq!(got.len(), 2, "{name}: the two seed events: {got:?}");
         for r in &got {
             assert!(r.hex_ok, "{name}: X-Webhook-Signature rejected: {r:?}");
             assert_eq!(r.standard_ok, standard, "{name}: webhook-signature: {r:?}");
@@ -147,7 +169,11 @@ async fn receivers_from_the_seed_and_standard_webhooks_verify_every_delivery() {
         .unwrap();
     assert_eq!((to_wrong.http_status, to_wrong.attempts), (Some(401), 1));
     // ... and a tampered body with a genuine signature is rejected by both libraries.
-    let genuine = &python.results().await[0];
+    let python_results = python.results().await;
+    let genuine = python_results
+        .iter()
+        .find(|r| r.event.as_deref() == Some("document.completed"))
+        .unwrap();
     let tampered = genuine.body.replace("123", "999").replace("124", "999");
     let sig_hex = hookrelay::delivery::Signer::new(STANDARD_SECRET.as_bytes(), None)
         .unwrap()
@@ -184,17 +210,19 @@ async fn receivers_from_the_seed_and_standard_webhooks_verify_every_delivery() {
     let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
     let python_status = eventually("python's delivery history", WAIT, || async {
         let s = webhooks.get("python").await.ok()?.status?;
-        (s.delivery_stats.succeeded == 2).then_some(s)
+        (s.delivery_stats.succeeded == 3).then_some(s)
     })
     .await;
-    assert_eq!(python_status.recent_deliveries.len(), 2);
+    assert_eq!(python_status.recent_deliveries.len(), 3);
     assert!(
         python_status
             .recent_deliveries
             .iter()
             .all(|r| r.http_status == Some(200))
     );
-    let table = cp.kubectl_ok(&["get", "webhooks", "-n", &ns, "python"], None);
+    let table = cp
+        .kubectl_ok(&["get", "webhooks", "-n", &ns, "python"], None)
+        .await;
     let row = table.lines().nth(1).unwrap();
     assert!(!row.contains("<none>"), "LAST DELIVERY shown: {table}");
 }
@@ -237,9 +265,21 @@ async fn a_failing_endpoint_gets_retries_with_the_same_id_and_growing_gaps() {
         got[2].received_at - got[1].received_at,
     );
     println!("retry gaps: {gap1:.3}s then {gap2:.3}s");
-    assert!(gap1 >= 0.45 && gap2 > gap1, "gaps grow: {gap1} then {gap2}");
+    // Each gap against its own window (initialBackoffSeconds 1, maxBackoffSeconds 3600): the
+    // n-th retry waits initial * 2^(n-1) and jitter goes on top, up to half of that again.
+    // Scheduling can only add time; 50 ms below allows for the receiver's clock reading.
+    for (n, gap) in [(1, gap1), (2, gap2)] {
+        let step = 2f64.powi(n - 1);
+        assert!(
+            (step - 0.05..=1.5 * step + 0.4).contains(&gap),
+            "retry {n} came {gap:.3}s after the previous attempt, outside [{step}s, {}s]",
+            1.5 * step
+        );
+    }
 
     let doc = wait_phase(&client, &ns, "doc-1", "Delivered").await;
+    // Finished: no attempt may follow the success.
+    assert_eq!(receiver.results().await.len(), 3);
     let target = &doc.status.unwrap().deliveries[0];
     assert_eq!(
         (target.attempts, target.http_status, target.id.as_str()),
@@ -512,18 +552,25 @@ async fn finished_events_are_deleted_after_their_retention() {
         left.items.is_empty().then_some(())
     })
     .await;
+    // The Webhook keeps the history after the events are gone (written at most once a second,
+    // so it may land after the deletions).
     let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
-    let history = webhooks
-        .get("w")
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .recent_deliveries;
+    let history = eventually("both deliveries in the Webhook's history", WAIT, || async {
+        let s = webhooks.get("w").await.ok()?.status?;
+        (s.recent_deliveries.len() == 2).then_some(s.recent_deliveries)
+    })
+    .await;
+    let mut events: Vec<_> = history
+        .iter()
+        .map(|r| (r.event.as_str(), serde_json::to_value(r.outcome).unwrap()))
+        .collect();
+    events.sort_by_key(|(e, _)| e.to_string());
     assert_eq!(
-        history.len(),
-        2,
-        "the Webhook keeps the history after the events are gone"
+        events,
+        [
+            ("document.completed", json!("Succeeded")),
+            ("document.processing", json!("Succeeded"))
+        ]
     );
 }
 

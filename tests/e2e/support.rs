@@ -89,35 +89,45 @@ impl From<Output> for Kubectl {
     }
 }
 
+async fn run_kubectl(
+    kubectl: PathBuf,
+    kubeconfig: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Kubectl {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(kubectl)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl starts");
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input.as_bytes()).await.unwrap();
+        // Closed, so that kubectl sees the end of its input.
+        drop(pipe);
+    }
+    child.wait_with_output().await.expect("kubectl runs").into()
+}
+
 impl ControlPlane {
-    /// Runs the real kubectl (built with the control plane) against this API server.
-    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Kubectl {
-        use std::io::Write;
-        let mut cmd = Command::new(self.bin.join("kubectl"));
-        cmd.args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .stdin(if stdin.is_some() {
-                std::process::Stdio::piped()
-            } else {
-                std::process::Stdio::null()
-            })
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().expect("kubectl starts");
-        if let Some(input) = stdin {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(input.as_bytes())
-                .unwrap();
-        }
-        child.wait_with_output().expect("kubectl runs").into()
+    /// Runs the real kubectl (built with the control plane) against this API server, without
+    /// blocking a worker of the runtime that may also run an in-process operator.
+    pub async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Kubectl {
+        run_kubectl(self.bin.join("kubectl"), &self.kubeconfig, args, stdin).await
     }
 
     /// Like `kubectl` but the command must succeed.
-    pub fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.kubectl(args, stdin);
+    pub async fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl(args, stdin).await;
         assert!(
             out.success,
             "kubectl {args:?} failed: {}{}",
@@ -126,22 +136,25 @@ impl ControlPlane {
         out.stdout
     }
 
+    /// `kubectl_ok` for the one-time set-up outside any runtime (`control_plane()`).
+    fn kubectl_ok_blocking(&self, args: &[&str]) -> String {
+        run_ok(
+            Command::new(self.bin.join("kubectl"))
+                .args(args)
+                .env("KUBECONFIG", &self.kubeconfig),
+        )
+    }
+
     fn install_crds(&self) {
         let crds = repo_root().join("crds");
-        self.kubectl_ok(
-            &["apply", "--server-side", "-f", crds.to_str().unwrap()],
-            None,
-        );
-        self.kubectl_ok(
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/webhooks.hookrelay.dev",
-                "crd/documentevents.hookrelay.dev",
-            ],
-            None,
-        );
+        self.kubectl_ok_blocking(&["apply", "--server-side", "-f", crds.to_str().unwrap()]);
+        self.kubectl_ok_blocking(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/webhooks.hookrelay.dev",
+            "crd/documentevents.hookrelay.dev",
+        ]);
     }
 
     /// A kube client with admin rights.
@@ -293,6 +306,7 @@ impl Operator {
 pub struct InProcess {
     pub op: hookrelay::operator::Operator,
     shutdown: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), hookrelay::operator::Error>>>,
 }
 
 impl InProcess {
@@ -319,7 +333,7 @@ impl InProcess {
         let (op, task) = hookrelay::operator::start(config, args, shutdown.clone())
             .await
             .expect("operator starts");
-        tokio::spawn(task);
+        let task = Some(tokio::spawn(task));
         let readiness = op.readiness.clone();
         eventually(
             "the operator's watches to sync",
@@ -330,7 +344,19 @@ impl InProcess {
             },
         )
         .await;
-        InProcess { op, shutdown }
+        InProcess { op, shutdown, task }
+    }
+
+    /// Shuts it down and waits until every task has ended, the status writer last: what the
+    /// metrics count from then on is final.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let task = self.task.take().expect("stopped once");
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("the operator stops within 60s")
+            .expect("the operator task did not panic")
+            .expect("the operator ran without error");
     }
 }
 
@@ -342,18 +368,22 @@ impl Drop for InProcess {
 
 impl ControlPlane {
     /// A ServiceAccount token from the TokenRequest API (`kubectl create token`).
-    pub fn service_account_token(&self, namespace: &str, service_account: &str) -> String {
-        let exists = self.kubectl(
-            &["get", "serviceaccount", service_account, "-n", namespace],
-            None,
-        );
+    pub async fn service_account_token(&self, namespace: &str, service_account: &str) -> String {
+        let exists = self
+            .kubectl(
+                &["get", "serviceaccount", service_account, "-n", namespace],
+                None,
+            )
+            .await;
         if !exists.success {
             self.kubectl_ok(
                 &["create", "serviceaccount", service_account, "-n", namespace],
                 None,
-            );
+            )
+            .await;
         }
         self.kubectl_ok(&["create", "token", service_account, "-n", namespace], None)
+            .await
             .trim()
             .to_owned()
     }
@@ -378,13 +408,8 @@ impl ControlPlane {
     }
 
     /// kubectl with another kubeconfig (a token's, say).
-    pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Kubectl {
-        Command::new(self.bin.join("kubectl"))
-            .args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .output()
-            .expect("kubectl runs")
-            .into()
+    pub async fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Kubectl {
+        run_kubectl(self.bin.join("kubectl"), kubeconfig, args, None).await
     }
 }
 
@@ -543,6 +568,12 @@ pub struct CountingReceiver {
 
 impl CountingReceiver {
     pub async fn start() -> (CountingReceiver, std::net::SocketAddr) {
+        Self::start_slow(Duration::ZERO).await
+    }
+
+    /// A receiver that counts each request on arrival and answers only after `delay`, like a
+    /// slow endpoint: deliveries stay outstanding longer.
+    pub async fn start_slow(delay: Duration) -> (CountingReceiver, std::net::SocketAddr) {
         let receiver = CountingReceiver::default();
         let seen = receiver.seen.clone();
         let app = axum::Router::new().fallback(axum::routing::post(
@@ -555,6 +586,9 @@ impl CountingReceiver {
                         .unwrap_or_default()
                         .to_owned();
                     *seen.lock().unwrap().entry(id).or_default() += 1;
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     "ok"
                 }
             },
@@ -611,7 +645,8 @@ pub async fn create_webhook(
 ) {
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
     let s: k8s_openapi::api::core::v1::Secret = serde_json::from_value(
-        serde_json::json!({"metadata": {"name": format!("{name}-secret")}, "stringData": {"secret": secret}}),
+        // Labelled as a signing Secret, which hardening item 6 will require.
+        serde_json::json!({"metadata": {"name": format!("{name}-secret"), "labels": {"hookrelay.dev/signing-secret": "true"}}, "stringData": {"secret": secret}}),
     )
     .unwrap();
     secrets.create(&PostParams::default(), &s).await.unwrap();

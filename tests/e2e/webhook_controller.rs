@@ -31,7 +31,8 @@ fn webhook(name: &str, url: &str, events: &[&str]) -> Webhook {
 
 fn secret(name: &str, value: &str) -> Secret {
     serde_json::from_value(json!({
-        "metadata": {"name": name},
+        // Labelled as a signing Secret, which hardening item 6 will require.
+        "metadata": {"name": name, "labels": {"hookrelay.dev/signing-secret": "true"}},
         "stringData": {"secret": value}
     }))
     .unwrap()
@@ -113,7 +114,8 @@ async fn a_webhook_follows_its_secret_without_a_restart() {
             "--timeout=30s",
         ],
         None,
-    );
+    )
+    .await;
     assert_eq!(
         signature_of(&op, &ns, "w"),
         Some(expected_signature("first-secret"))
@@ -166,17 +168,19 @@ async fn a_webhook_follows_its_secret_without_a_restart() {
     wait_ready(&webhooks, "w", "True", "Routed").await;
 
     // Each transition was recorded as a Kubernetes Event.
-    let events = cp.kubectl_ok(
-        &[
-            "get",
-            "events.events.k8s.io",
-            "-n",
-            &ns,
-            "-o",
-            "jsonpath={range .items[*]}{.reason}/{.type} {end}",
-        ],
-        None,
-    );
+    let events = cp
+        .kubectl_ok(
+            &[
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                &ns,
+                "-o",
+                "jsonpath={range .items[*]}{.reason}/{.type} {end}",
+            ],
+            None,
+        )
+        .await;
     for expected in [
         "SecretNotFound/Warning",
         "Routed/Normal",
@@ -429,10 +433,32 @@ async fn status_writes_do_not_retrigger_status_writes() {
         "the flips moved lastTransitionTime"
     );
 
-    // Ready, Paused, Ready again: exactly three patches, whatever the watch echoed back.
-    let patches = op
-        .op
-        .metrics
-        .status_patch_count(ObjectKind::Webhook, PatchResult::Ok);
-    assert_eq!(patches, 3, "status patches for three transitions");
+    // A write that the echo of the last patch would trigger comes before anything caused by a
+    // later change: a second Webhook made Ready after it is the marker (the controller handles
+    // its watch events in order).
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("marker-secret", "marker-signing-secret-0123456789"),
+        )
+        .await
+        .unwrap();
+    webhooks
+        .create(
+            &PostParams::default(),
+            &webhook("marker", "http://127.0.0.1:9/h", &["*"]),
+        )
+        .await
+        .unwrap();
+    wait_ready(&webhooks, "marker", "True", "Routed").await;
+    // Stopped, its status writer has written everything it was sent: the count is final.
+    let metrics = op.op.metrics.clone();
+    op.stop().await;
+    // Ready, Paused, Ready again, and the marker Ready: exactly four patches, whatever the
+    // watch echoed back.
+    let patches = metrics.status_patch_count(ObjectKind::Webhook, PatchResult::Ok);
+    assert_eq!(
+        patches, 4,
+        "status patches for three transitions and the marker"
+    );
 }
