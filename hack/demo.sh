@@ -66,6 +66,7 @@ kubectl apply --dry-run=server -n docs -f examples/secret.yaml -f examples/webho
 step "a Webhook for the local receiver, and the seed's two events as DocumentEvents"
 kubectl create namespace demo
 kubectl create secret generic file-conversion-webhook -n demo --from-literal=secret="$SECRET"
+kubectl label secret file-conversion-webhook -n demo hookrelay.dev/signing-secret=true
 kubectl apply -n demo -f - <<YAML
 apiVersion: hookrelay.dev/v1alpha1
 kind: Webhook
