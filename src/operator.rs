@@ -40,6 +40,16 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_DIRECT_QUEUE", default_value_t = 10_000)]
     pub direct_queue: usize,
 
+    /// Deliveries one namespace may hold in the direct queue, so that one tenant (a paused
+    /// Webhook, a dead endpoint) cannot take it all; default: a quarter of --direct-queue.
+    #[arg(long, env = "HOOKRELAY_DIRECT_QUEUE_PER_NAMESPACE")]
+    pub direct_queue_per_namespace: Option<usize>,
+
+    /// How long a direct delivery is held for a paused or blocked Webhook before it gives up
+    /// (and frees its place in the queue).
+    #[arg(long, env = "HOOKRELAY_DIRECT_MAX_HOLD", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub direct_max_hold: Duration,
+
     /// DEVELOPMENT ONLY: serve the REST API and ingest without authentication or authorization.
     #[arg(long, env = "HOOKRELAY_DISABLE_AUTH")]
     pub disable_auth: bool,
@@ -101,6 +111,8 @@ impl RunArgs {
             listen_addr: "127.0.0.1:0".parse().expect("a valid address"),
             ingest_mode: http::IngestMode::Durable,
             direct_queue: 10_000,
+            direct_queue_per_namespace: None,
+            direct_max_hold: Duration::from_secs(60),
             disable_auth: false,
             metrics_addr: "127.0.0.1:0".parse().expect("a valid address"),
             namespaces: Vec::new(),
@@ -222,8 +234,14 @@ pub async fn start(
         routes: routes.clone(),
         dispatcher: dispatcher.clone(),
         ingest_mode: args.ingest_mode,
-        direct_queue: Arc::new(tokio::sync::Semaphore::new(args.direct_queue)),
-        direct_capacity: args.direct_queue,
+        direct: http::DirectIngest::new(
+            args.direct_queue,
+            args.direct_queue_per_namespace
+                .unwrap_or(args.direct_queue / 4)
+                .max(1),
+        ),
+        direct_max_hold: args.direct_max_hold,
+        readiness: readiness.clone(),
         metrics: metrics.clone(),
     });
     let webhooks = WebhookController::new(

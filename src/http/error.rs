@@ -5,7 +5,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -13,6 +13,9 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<u64>,
+    /// Extra fields merged into the error object (for example which events of a batch were
+    /// stored), so that a client knows exactly what to retry. Boxed: errors stay small.
+    pub details: Option<Box<Value>>,
 }
 
 impl ApiError {
@@ -22,7 +25,14 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            details: None,
         }
+    }
+
+    /// Adds the fields of `details` (a JSON object) to the error object.
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = Some(Box::new(details));
+        self
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -74,7 +84,16 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let (Some(Value::Object(details)), Some(fields)) =
+            (self.details.map(|d| *d), error.as_object_mut())
+        {
+            for (k, v) in details {
+                // `code` and `message` stay what they are.
+                fields.entry(k).or_insert(v);
+            }
+        }
+        let body = Json(json!({ "error": error }));
         let mut response = (self.status, body).into_response();
         if let Some(secs) = self.retry_after {
             response
@@ -82,5 +101,29 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn details_are_merged_into_the_error_object() {
+        let response = ApiError::new(StatusCode::CONFLICT, "conflict", "no")
+            .with_details(
+                json!({"stored": [{"index": 0, "name": "a"}], "not_stored": [1], "code": "x"}),
+            )
+            .into_response();
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body,
+            json!({"error": {"code": "conflict", "message": "no",
+                "stored": [{"index": 0, "name": "a"}], "not_stored": [1]}})
+        );
     }
 }

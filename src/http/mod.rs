@@ -10,7 +10,10 @@ mod webhooks;
 pub use auth::{Authorizer, Caller};
 pub use error::ApiError;
 pub use health::{Liveness, Readiness, metrics_router};
-pub use ingest::{IngestEvent, IngestMode, MAX_EVENTS_PER_REQUEST, parse_events};
+pub use ingest::{
+    DirectIngest, IngestEvent, IngestMode, MAX_EVENTS_PER_REQUEST, check_idempotency_key,
+    keyed_event_name, parse_events,
+};
 
 use std::sync::Arc;
 
@@ -24,7 +27,7 @@ use axum::{
 };
 use kube::Client;
 use serde::Deserialize;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{delivery::Dispatcher, metrics::Metrics, routing::Routes};
@@ -59,10 +62,12 @@ pub struct ApiState {
     pub routes: Routes,
     pub dispatcher: Arc<Dispatcher>,
     pub ingest_mode: IngestMode,
-    /// Direct-mode deliveries not finished yet; full means 429.
-    pub direct_queue: Arc<Semaphore>,
-    /// The size of `direct_queue`: a request needing more is refused outright.
-    pub direct_capacity: usize,
+    /// Direct mode: its queue (global and per namespace) and recent idempotency keys.
+    pub direct: DirectIngest,
+    /// How long a direct delivery may be held for a paused or blocked Webhook.
+    pub direct_max_hold: std::time::Duration,
+    /// Direct ingest waits for the routing table's first full sync.
+    pub readiness: Readiness,
     pub metrics: Metrics,
 }
 

@@ -52,6 +52,7 @@ async fn operator(cp: &ControlPlane, ns: &str, mode: IngestMode, queue: usize) -
     args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
     args.ingest_mode = mode;
     args.direct_queue = queue;
+    args.direct_queue_per_namespace = Some(queue);
     InProcess::start_with(cp.config().await, args).await
 }
 
