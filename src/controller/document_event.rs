@@ -278,20 +278,17 @@ impl DocumentEventController {
         let table = self.routes.snapshot();
         let targets: Vec<TargetDelivery> = table
             .lookup(&key.namespace, de.spec.type_)
-            .map(|route| TargetDelivery {
-                webhook: route.key.name.to_string(),
-                id: delivery_id(uid, &route.uid),
-                state: if route.state == RouteState::Active {
+            .map(|route| {
+                let state = if route.state == RouteState::Active {
                     TargetState::Pending
                 } else {
                     TargetState::Held
-                },
-                attempts: 0,
-                http_status: None,
-                last_attempt_time: None,
-                next_attempt_time: None,
-                held_since: None,
-                error: None,
+                };
+                TargetDelivery::new(
+                    route.key.name.to_string(),
+                    delivery_id(uid, &route.uid),
+                    state,
+                )
             })
             .collect();
         tracing::debug!(event = %key, targets = targets.len(), "routed");

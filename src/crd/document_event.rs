@@ -97,6 +97,23 @@ pub struct TargetDelivery {
     pub error: Option<String>,
 }
 
+impl TargetDelivery {
+    /// A delivery to `webhook` not attempted yet.
+    pub fn new(webhook: String, id: String, state: TargetState) -> Self {
+        Self {
+            webhook,
+            id,
+            state,
+            attempts: 0,
+            http_status: None,
+            last_attempt_time: None,
+            next_attempt_time: None,
+            held_since: None,
+            error: None,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum TargetState {
     /// Waiting for its next attempt.

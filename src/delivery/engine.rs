@@ -28,17 +28,11 @@ pub fn is_final(state: TargetState) -> bool {
 
 /// A target that has not been attempted yet.
 pub fn new_target(delivery: &Delivery) -> TargetDelivery {
-    TargetDelivery {
-        webhook: delivery.webhook.name.to_string(),
-        id: delivery.id.clone(),
-        state: TargetState::Pending,
-        attempts: 0,
-        http_status: None,
-        last_attempt_time: None,
-        next_attempt_time: None,
-        held_since: None,
-        error: None,
-    }
+    TargetDelivery::new(
+        delivery.webhook.name.to_string(),
+        delivery.id.clone(),
+        TargetState::Pending,
+    )
 }
 
 /// Delivers `delivery` until `target` is final or `cancel` fires, reporting every change.
