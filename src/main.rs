@@ -16,7 +16,7 @@ enum Command {
     /// Run the operator against the cluster kubectl would use (KUBECONFIG, then in-cluster).
     Run {
         #[command(flatten)]
-        args: RunArgs,
+        args: Box<RunArgs>,
         /// Log format.
         #[arg(long, env = "HOOKRELAY_LOG_FORMAT", value_enum, default_value = "text")]
         log_format: LogFormat,
@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run { args, log_format } => {
             init_tracing(log_format);
             let runtime = tokio::runtime::Runtime::new()?;
-            let result = runtime.block_on(run(args));
+            let result = runtime.block_on(run(*args));
             // Tasks still running (a blocking DNS lookup, a patch past the deadline) must not
             // keep the process alive: the shutdown deadline was the wait.
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
