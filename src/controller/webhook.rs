@@ -70,6 +70,9 @@ pub struct WebhookController {
     client: Option<Client>,
     /// Webhooks (by uid) already warned about, so that each is warned about once.
     warned: HashSet<String>,
+    /// Bounds the Secret look-ups behind those warnings (after an upgrade, every Webhook may
+    /// need one at once).
+    lookups: Arc<tokio::sync::Semaphore>,
 }
 
 impl WebhookController {
@@ -100,6 +103,7 @@ impl WebhookController {
             webhooks_synced: vec![false; n],
             client: None,
             warned: HashSet::new(),
+            lookups: Arc::new(tokio::sync::Semaphore::new(4)),
         }
     }
 
@@ -417,7 +421,11 @@ impl WebhookController {
             && let Some(client) = self.client.clone()
         {
             self.warned.insert(uid);
+            let lookups = self.lookups.clone();
             tokio::spawn(async move {
+                let Ok(_slot) = lookups.acquire_owned().await else {
+                    return;
+                };
                 let api: kube::Api<Secret> = kube::Api::namespaced(client, &key.namespace);
                 if let Ok(Some(found)) = api.get_metadata_opt(&secret).await
                     && found.labels().get(SIGNING_SECRET_LABEL).map(String::as_str) != Some("true")
