@@ -16,7 +16,7 @@ enum Command {
     /// Run the operator against the cluster kubectl would use (KUBECONFIG, then in-cluster).
     Run {
         #[command(flatten)]
-        args: RunArgs,
+        args: Box<RunArgs>,
         /// Log format.
         #[arg(long, env = "HOOKRELAY_LOG_FORMAT", value_enum, default_value = "text")]
         log_format: LogFormat,
@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run { args, log_format } => {
             init_tracing(log_format);
-            tokio::runtime::Runtime::new()?.block_on(run(args))
+            tokio::runtime::Runtime::new()?.block_on(run(*args))
         }
         Command::Crds { dir: None } => {
             print!("{}", hookrelay::crd::crds_yaml());

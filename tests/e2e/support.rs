@@ -341,8 +341,28 @@ impl Drop for InProcess {
 }
 
 impl ControlPlane {
-    /// A ServiceAccount token from the TokenRequest API (`kubectl create token`).
+    /// A ServiceAccount token for hookrelay's API (`kubectl create token SA --audience
+    /// hookrelay`); the API server itself does not accept it.
     pub fn service_account_token(&self, namespace: &str, service_account: &str) -> String {
+        self.service_account_token_for(namespace, service_account, Some("hookrelay"))
+    }
+
+    /// A ServiceAccount token for the API server's own audience (plain `kubectl create
+    /// token`): what kubectl uses, and what hookrelay refuses unless `--token-audience ""`.
+    pub fn service_account_token_without_audience(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> String {
+        self.service_account_token_for(namespace, service_account, None)
+    }
+
+    fn service_account_token_for(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audience: Option<&str>,
+    ) -> String {
         let exists = self.kubectl(
             &["get", "serviceaccount", service_account, "-n", namespace],
             None,
@@ -353,9 +373,11 @@ impl ControlPlane {
                 None,
             );
         }
-        self.kubectl_ok(&["create", "token", service_account, "-n", namespace], None)
-            .trim()
-            .to_owned()
+        let mut args = vec!["create", "token", service_account, "-n", namespace];
+        if let Some(audience) = audience {
+            args.extend(["--audience", audience]);
+        }
+        self.kubectl_ok(&args, None).trim().to_owned()
     }
 
     /// A kubeconfig that authenticates with `token` only (no client certificate).
