@@ -106,29 +106,34 @@ impl ReloadingCertificate {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let now = match (std::fs::read(&self.files.0), std::fs::read(&self.files.1)) {
-                (Ok(cert), Ok(key)) => (cert, key),
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::error!(error = %e, files = ?self.files, "cannot read the TLS certificate files; still serving the previous certificate");
-                    continue;
-                }
-            };
-            if now == seen {
-                continue;
-            }
-            match certified_key(&now.0, &now.1) {
-                Ok(key) => {
-                    self.current.store(Arc::new(key));
-                    tracing::info!(files = ?self.files, "TLS certificate reloaded");
-                }
-                // Remembered as seen either way: a half-written pair is retried when it changes
-                // again, without an error every few seconds meanwhile.
-                Err(e) => {
-                    tracing::error!(error = %e, files = ?self.files, "the new TLS certificate does not load; still serving the previous one")
-                }
-            }
-            seen = now;
+            self.reload(&mut seen);
         }
+    }
+
+    /// One look at the files: a changed pair that loads replaces the certificate.
+    fn reload(&self, seen: &mut PemPair) {
+        let now = match (std::fs::read(&self.files.0), std::fs::read(&self.files.1)) {
+            (Ok(cert), Ok(key)) => (cert, key),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, files = ?self.files, "cannot read the TLS certificate files; still serving the previous certificate");
+                return;
+            }
+        };
+        if now == *seen {
+            return;
+        }
+        match certified_key(&now.0, &now.1) {
+            Ok(key) => {
+                self.current.store(Arc::new(key));
+                tracing::info!(files = ?self.files, "TLS certificate reloaded");
+            }
+            // Remembered as seen either way: a half-written pair is retried when it changes
+            // again, without an error every few seconds meanwhile.
+            Err(e) => {
+                tracing::error!(error = %e, files = ?self.files, "the new TLS certificate does not load; still serving the previous one")
+            }
+        }
+        *seen = now;
     }
 }
 
@@ -248,5 +253,42 @@ mod tests {
         assert!(mismatch.contains("do not go together"), "{mismatch}");
         assert!(certified_key(b"", key.as_bytes()).is_err());
         assert!(certified_key(cert.as_bytes(), b"junk").is_err());
+    }
+
+    #[test]
+    fn a_rotation_is_taken_and_a_broken_pair_keeps_the_old_certificate() {
+        let dir = std::env::temp_dir().join(format!("hookrelay-serve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = (dir.join("tls.crt"), dir.join("tls.key"));
+        let write = |(cert, key): &(String, String)| {
+            std::fs::write(&files.0, cert).unwrap();
+            std::fs::write(&files.1, key).unwrap();
+        };
+        let (first, second) = (pair("localhost"), pair("localhost"));
+        write(&first);
+        let (mut seen, loaded) = read_pair(&files).unwrap();
+        let reloading = ReloadingCertificate {
+            current: ArcSwap::from_pointee(loaded),
+            files: files.clone(),
+        };
+        let presented = || reloading.current.load().cert[0].to_vec();
+        let der = |(cert, _): &(String, String)| {
+            CertificateDer::from_pem_slice(cert.as_bytes())
+                .unwrap()
+                .to_vec()
+        };
+        reloading.reload(&mut seen);
+        assert_eq!(presented(), der(&first));
+        // Half-way through a rotation: the new key beside the old certificate.
+        std::fs::write(&files.1, &second.1).unwrap();
+        reloading.reload(&mut seen);
+        assert_eq!(presented(), der(&first), "a mismatched pair was taken");
+        std::fs::write(&files.0, "garbage").unwrap();
+        reloading.reload(&mut seen);
+        assert_eq!(presented(), der(&first), "a broken file was taken");
+        write(&second);
+        reloading.reload(&mut seen);
+        assert_eq!(presented(), der(&second), "the rotation was not taken");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
