@@ -346,6 +346,19 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn bodies_are_read_up_to_the_limit_then_413() {
+        let fits = vec![b'x'; MAX_BODY_BYTES];
+        assert_eq!(
+            read_body(Body::from(fits.clone())).await.unwrap().len(),
+            MAX_BODY_BYTES
+        );
+        let over = vec![b'x'; MAX_BODY_BYTES + 1];
+        let refused = read_body(Body::from(over)).await.unwrap_err();
+        assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(refused.code, "payload_too_large");
+    }
+
     #[test]
     fn only_watched_namespaces_are_served() {
         let watched = ["a".to_owned(), "b".to_owned()];

@@ -15,23 +15,29 @@ use crate::support::{
 
 const ALL: &[&str] = &["webhooks", "documentevents"];
 
-/// A ServiceAccount token for hookrelay whose Role in `ns` allows every verb on `resources`.
+/// A ServiceAccount token for hookrelay whose Role in `ns` allows every verb on its resources.
+async fn grant(client: &Client, ns: &str, sa: &str) {
+    grant_in(client, ns, ns, sa).await
+}
+
 async fn token_with(cp: &ControlPlane, client: &Client, ns: &str, sa: &str) -> String {
     let token = cp.service_account_token(ns, sa);
     grant(client, ns, sa).await;
     token
 }
 
-async fn grant(client: &Client, ns: &str, sa: &str) {
+/// Every verb on hookrelay's resources in `ns` for the ServiceAccount `sa_ns`/`sa`.
+async fn grant_in(client: &Client, ns: &str, sa_ns: &str, sa: &str) {
+    let name = format!("{sa_ns}-{sa}");
     let role: Role = serde_json::from_value(json!({
-        "metadata": {"name": sa},
+        "metadata": {"name": name},
         "rules": [{"apiGroups": ["hookrelay.dev"], "resources": ALL, "verbs": ["*"]}],
     }))
     .unwrap();
     let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": sa},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
-        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}],
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": sa_ns}],
     }))
     .unwrap();
     Api::<Role>::namespaced(client.clone(), ns)
@@ -412,6 +418,8 @@ async fn namespaces_not_watched_are_refused_with_422() {
     let ns = cp.namespace("watched").await;
     let op = InProcess::start(cp.config().await, &ns).await;
     let token = token_with(cp, &client, &ns, "admin").await;
+    // RBAC would allow it: only the watched set refuses it.
+    grant_in(&client, "default", &ns, "admin").await;
     let api = op.op.listen_addr;
     let marker = format!("unwatched-{ns}");
     let event = json!({"event": "document.completed", "data": {"marker": marker}}).to_string();
@@ -510,4 +518,31 @@ async fn test_deliveries_are_rate_limited_per_webhook() {
     assert!(limited >= 1, "5 test deliveries at once were all sent");
     assert!(delivered >= 3, "the burst of 3 was refused: {delivered}");
     assert_eq!(receiver.counts().1, delivered);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_finishes_gets_408() {
+    let cp = control_plane();
+    let ns = cp.namespace("slow-body").await;
+    let mut args = args_for(&ns);
+    args.request_timeout = Duration::from_secs(1);
+    args.disable_auth = true;
+    let op = InProcess::start_with(cp.config().await, args).await;
+    let mut s = tokio::net::TcpStream::connect(op.op.listen_addr)
+        .await
+        .unwrap();
+    s.write_all(
+        format!(
+            "POST /api/webhooks?namespace={ns} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"url\":"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = response_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await;
+    let response = format!("{head}{}", String::from_utf8_lossy(&rest));
+    assert!(response.contains("\"request_timeout\""), "{response}");
 }
