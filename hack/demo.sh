@@ -87,7 +87,7 @@ step "the same through the HTTP ingest, with a ServiceAccount token that may onl
 kubectl create serviceaccount ingest -n demo
 kubectl create role ingest -n demo --verb=create --resource=documentevents.hookrelay.dev
 kubectl create rolebinding ingest -n demo --role=ingest --serviceaccount=demo:ingest
-TOKEN=$(kubectl create token ingest -n demo)
+TOKEN=$(kubectl create token ingest -n demo --audience hookrelay)
 curl -sS -X POST "http://127.0.0.1:${API_PORT:-18081}/api/events" -H "Authorization: Bearer $TOKEN" \
   -H 'Content-Type: application/json' \
   -d '{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":125,"filename":"report.pdf","status":"completed"}}'

@@ -73,7 +73,8 @@ pub struct KubeRequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
-    pub method: String,
+    /// One of the standard methods, else `other`: a client cannot mint series.
+    pub method: &'static str,
     /// The route template, such as `/api/webhooks/{id}`: bounded.
     pub route: String,
     pub code: u16,
@@ -203,9 +204,10 @@ impl Metrics {
             .build())
     }
 
-    pub fn observe_request(&self, method: &str, route: &str, code: u16) {
+    /// Counts one request; `route` must be a route template or `unmatched`, never a raw path.
+    pub fn observe_request(&self, method: &http::Method, route: &str, code: u16) {
         let labels = HttpLabels {
-            method: method.to_owned(),
+            method: method_label(method),
             route: route.to_owned(),
             code,
         };
@@ -225,9 +227,48 @@ impl Metrics {
     }
 }
 
+/// The `method` label: the methods the API knows, everything else `other`.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_method_labels_are_bounded() {
+        assert_eq!(method_label(&http::Method::POST), "POST");
+        assert_eq!(method_label(&http::Method::OPTIONS), "OPTIONS");
+        for raw in ["AAAAA1", "AAAAA2", "TRACE", "CONNECT", "get"] {
+            let method = http::Method::from_bytes(raw.as_bytes()).unwrap();
+            assert_eq!(method_label(&method), "other", "{raw}");
+        }
+        let m = Metrics::default();
+        for raw in ["AAAAA1", "AAAAA2", "AAAAA3"] {
+            let method = http::Method::from_bytes(raw.as_bytes()).unwrap();
+            m.observe_request(&method, "unmatched", 405);
+        }
+        let text = m.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("hookrelay_http_requests_total{"))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            series,
+            [r#"hookrelay_http_requests_total{method="other",route="unmatched",code="405"} 3"#],
+            "{text}"
+        );
+    }
 
     #[test]
     fn counts_are_exported_in_text_format() {

@@ -1,6 +1,6 @@
 //! `hookrelay run`: the operator's flags and the wiring of its tasks.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Args;
 use ipnet::IpNet;
@@ -102,6 +102,38 @@ pub struct RunArgs {
         value_name = "CIDR"
     )]
     pub allow_cidrs: Vec<IpNet>,
+
+    /// Close a connection whose request headers (or TLS handshake) take longer than this.
+    #[arg(long, env = "HOOKRELAY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Answer 408 to a request not handled within this, reading its body included.
+    #[arg(long, env = "HOOKRELAY_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Connections served at once per port; beyond, new ones wait until one closes.
+    #[arg(long, env = "HOOKRELAY_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// TokenReviews and SubjectAccessReviews in flight at once; a caller that finds no slot
+    /// within half a second gets 503 with Retry-After.
+    #[arg(long, env = "HOOKRELAY_MAX_CONCURRENT_REVIEWS", default_value_t = 16)]
+    pub max_concurrent_reviews: usize,
+
+    /// The audience API tokens must be minted for (`kubectl create token SA --audience
+    /// hookrelay`). Empty accepts tokens for the API server itself: weaker, as a token that
+    /// works against hookrelay then also works against the Kubernetes API.
+    #[arg(long, env = "HOOKRELAY_TOKEN_AUDIENCE", default_value = "hookrelay")]
+    pub token_audience: String,
+
+    /// PEM certificate (chain) to serve the API over TLS; with --tls-key-file. Reloaded when
+    /// the file changes. Without both, the API is plain HTTP.
+    #[arg(long, env = "HOOKRELAY_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, env = "HOOKRELAY_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -124,6 +156,13 @@ impl RunArgs {
             max_in_flight: 512,
             max_in_flight_per_namespace: 128,
             shutdown_timeout: Duration::from_secs(20),
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            max_concurrent_reviews: 16,
+            token_audience: "hookrelay".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -152,6 +191,10 @@ pub enum Error {
     CrdMissing { crd: String },
     #[error("cannot reach the Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error(
+        "TLS: {0} (--tls-cert-file and --tls-key-file take PEM files, a certificate and its key)"
+    )]
+    Tls(String),
     #[error("cannot serve on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -170,6 +213,8 @@ pub struct Operator {
     pub metrics: Metrics,
     pub metrics_addr: SocketAddr,
     pub listen_addr: SocketAddr,
+    /// The API's authenticator (its review counts, for tests).
+    pub auth: http::Authorizer,
 }
 
 /// Runs the operator until `shutdown` fires.
@@ -198,6 +243,17 @@ pub async fn start(
     let scope = Scope::new(&args.namespaces);
     let egress = EgressPolicy::new(args.allow_http, args.allow_cidrs.clone());
 
+    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            Some(http::Tls::load(cert, key, shutdown.clone()).map_err(Error::Tls)?)
+        }
+        (None, None) => None,
+        _ => {
+            return Err(Error::Tls(
+                "give both --tls-cert-file and --tls-key-file, or neither".into(),
+            ));
+        }
+    };
     let (metrics_listener, metrics_addr) = bind(args.metrics_addr).await?;
     let (api_listener, listen_addr) = bind(args.listen_addr).await?;
 
@@ -224,13 +280,30 @@ pub async fn start(
         tracing::warn!(
             "AUTHENTICATION IS DISABLED (--disable-auth): anyone who reaches {listen_addr} can manage webhooks and send events. Development only."
         );
-        http::Authorizer::Disabled
+        http::Authorizer::disabled()
     } else {
-        http::Authorizer::kubernetes(client.clone())
-    };
+        http::Authorizer::kubernetes(
+            client.clone(),
+            http::AuthSettings {
+                audience: Some(args.token_audience.clone()),
+                max_concurrent_reviews: args.max_concurrent_reviews,
+            },
+        )
+    }
+    .watching(&args.namespaces);
+    if tls.is_none() {
+        tracing::info!(
+            "the API on {listen_addr} is plain HTTP (development, or behind a TLS-terminating proxy); give --tls-cert-file and --tls-key-file to serve HTTPS"
+        );
+    }
+    if args.token_audience.is_empty() && !args.disable_auth {
+        tracing::warn!(
+            "--token-audience is empty: tokens for the Kubernetes API itself are accepted, so a token sent to hookrelay can also be used against the API server"
+        );
+    }
     let api_state = Arc::new(http::ApiState {
         client: client.clone(),
-        auth,
+        auth: auth.clone(),
         routes: routes.clone(),
         dispatcher: dispatcher.clone(),
         ingest_mode: args.ingest_mode,
@@ -243,7 +316,13 @@ pub async fn start(
         direct_max_hold: args.direct_max_hold,
         readiness: readiness.clone(),
         metrics: metrics.clone(),
+        request_timeout: args.request_timeout,
+        test_limiter: http::test_limiter(),
     });
+    let limits = http::ServeLimits {
+        header_read_timeout: args.header_read_timeout,
+        max_connections: args.max_connections,
+    };
     let webhooks = WebhookController::new(
         &scope,
         routes.clone(),
@@ -279,11 +358,15 @@ pub async fn start(
     let metrics_server = tokio::spawn(http::serve(
         metrics_listener,
         http::metrics_router(readiness.clone(), liveness.clone(), metrics.clone()),
+        limits,
+        None,
         shutdown.clone(),
     ));
     let api_server = tokio::spawn(http::serve(
         api_listener,
         http::api_router(api_state),
+        limits,
+        tls,
         shutdown.clone(),
     ));
 
@@ -294,6 +377,7 @@ pub async fn start(
         metrics,
         metrics_addr,
         listen_addr,
+        auth,
     };
     // In the order they stop: the servers and the controllers on `shutdown`, then the writer.
     let tasks = vec![

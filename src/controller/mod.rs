@@ -7,6 +7,6 @@ mod scope;
 mod webhook;
 
 pub use document_event::{DocumentEventController, Retention};
-pub use resolve::{Resolution, ready_reason, resolve};
+pub use resolve::{PREVIOUS_KEY, Resolution, SIGNING_SECRET_LABEL, ready_reason, resolve};
 pub use scope::Scope;
 pub use webhook::WebhookController;

@@ -1,26 +1,38 @@
-//! Who may call the API: a Kubernetes bearer token, checked by the API server (TokenReview),
-//! then a SubjectAccessReview for the verb, resource and namespace, so cluster RBAC decides as
-//! it does for kubectl. Both answers are cached briefly.
+//! Who may call the API: a Kubernetes bearer token, checked by the API server (TokenReview)
+//! for hookrelay's audience, then a SubjectAccessReview for the verb, resource and namespace,
+//! so cluster RBAC decides as it does for kubectl. Both answers are cached briefly in bounded
+//! caches, and the reviews in flight are limited so that a flood of bogus tokens cannot use up
+//! the operator's share of the API server (API Priority and Fairness) that its watches need.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use axum::http::HeaderMap;
 use k8s_openapi::api::{
-    authentication::v1::{TokenReview, TokenReviewSpec, UserInfo},
+    authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus, UserInfo},
     authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
 };
 use kube::{Api, Client, api::PostParams};
+use moka::future::Cache;
 use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::error::ApiError;
+use super::{error::ApiError, refuse_unwatched};
 
+/// How long a valid token's identity is reused.
 const TOKEN_TTL: Duration = Duration::from_secs(30);
+/// How long a refused token stays refused without asking again: short, so that a token
+/// minted a moment later (or a fixed RBAC binding) works quickly, yet a sprayer pays.
+const INVALID_TOKEN_TTL: Duration = Duration::from_secs(5);
 const DECISION_TTL: Duration = Duration::from_secs(10);
-const MAX_CACHED: usize = 10_000;
+const MAX_CACHED: u64 = 10_000;
+/// How long a request waits for a review slot before it is told to come back.
+const REVIEW_SLOT_WAIT: Duration = Duration::from_millis(500);
 
 /// The caller, as the API server knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,36 +69,78 @@ type Question = (
     &'static str,
     String,
 );
-type CachedCaller = (Option<Caller>, Instant);
 
+/// How the API authenticates and authorizes, and which namespaces it serves.
 #[derive(Clone)]
-pub enum Authorizer {
-    Kubernetes(Arc<KubeAuth>),
-    /// `--disable-auth`: everyone may do everything. Development only.
-    Disabled,
+pub struct Authorizer {
+    /// None: `--disable-auth`, everyone may do everything. Development only.
+    kube: Option<Arc<KubeAuth>>,
+    /// The watched namespaces; empty: all.
+    watched: Arc<[String]>,
+}
+
+/// Settings of the Kubernetes-backed authorizer.
+#[derive(Clone, Debug)]
+pub struct AuthSettings {
+    /// The audience tokens must be minted for; None accepts the API server's own audience.
+    pub audience: Option<String>,
+    /// TokenReviews and SubjectAccessReviews in flight at most.
+    pub max_concurrent_reviews: usize,
 }
 
 pub struct KubeAuth {
     client: Client,
-    /// sha256(token) -> who it is (None: not valid), and when that was learned.
-    tokens: Mutex<HashMap<[u8; 32], CachedCaller>>,
-    decisions: Mutex<HashMap<Question, (bool, Instant)>>,
+    audience: Option<String>,
+    tokens: TokenCache,
+    decisions: Cache<Question, bool>,
+    reviews: Semaphore,
+    /// TokenReviews sent, for tests and the curious.
+    token_reviews: AtomicU64,
 }
 
 impl Authorizer {
-    pub fn kubernetes(client: Client) -> Self {
-        Authorizer::Kubernetes(Arc::new(KubeAuth {
-            client,
-            tokens: Mutex::new(HashMap::new()),
-            decisions: Mutex::new(HashMap::new()),
-        }))
+    pub fn kubernetes(client: Client, settings: AuthSettings) -> Self {
+        Self {
+            kube: Some(Arc::new(KubeAuth {
+                client,
+                audience: settings.audience.filter(|a| !a.is_empty()),
+                tokens: TokenCache::new(),
+                decisions: Cache::builder()
+                    .max_capacity(MAX_CACHED)
+                    .time_to_live(DECISION_TTL)
+                    .build(),
+                reviews: Semaphore::new(settings.max_concurrent_reviews.max(1)),
+                token_reviews: AtomicU64::new(0),
+            })),
+            watched: Arc::new([]),
+        }
+    }
+
+    /// `--disable-auth`.
+    pub fn disabled() -> Self {
+        Self {
+            kube: None,
+            watched: Arc::new([]),
+        }
+    }
+
+    /// Refuse namespaces outside `namespaces` (empty: all are watched).
+    pub fn watching(mut self, namespaces: &[String]) -> Self {
+        self.watched = namespaces.into();
+        self
+    }
+
+    /// TokenReviews sent to the API server so far (0 with auth disabled).
+    pub fn token_reviews(&self) -> u64 {
+        self.kube
+            .as_ref()
+            .map_or(0, |k| k.token_reviews.load(Ordering::Relaxed))
     }
 
     /// Who is calling; 401 without a valid bearer token.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
-        let auth = match self {
-            Authorizer::Disabled => return Ok(Caller::anonymous_dev()),
-            Authorizer::Kubernetes(auth) => auth,
+        let Some(auth) = &self.kube else {
+            return Ok(Caller::anonymous_dev());
         };
         let token = headers
             .get(axum::http::header::AUTHORIZATION)
@@ -98,14 +152,16 @@ impl Authorizer {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
-                ApiError::unauthorized(
-                    "a Kubernetes bearer token is required (Authorization: Bearer <token>)",
-                )
+                ApiError::unauthorized(format!(
+                    "a Kubernetes bearer token is required (Authorization: Bearer <token>); {}",
+                    auth.how_to_mint()
+                ))
             })?;
         auth.review_token(token).await
     }
 
-    /// 403 unless RBAC lets `caller` do `verb` on `resource` in `namespace`.
+    /// 422 for a namespace this operator does not watch, else 403 unless RBAC lets `caller`
+    /// do `verb` on `resource` in `namespace`.
     pub async fn authorize(
         &self,
         caller: &Caller,
@@ -113,75 +169,145 @@ impl Authorizer {
         resource: &'static str,
         namespace: &str,
     ) -> Result<(), ApiError> {
-        match self {
-            Authorizer::Disabled => Ok(()),
-            Authorizer::Kubernetes(auth) => {
-                if auth
-                    .review_access(caller, verb, resource, namespace)
-                    .await?
-                {
-                    Ok(())
-                } else {
-                    Err(ApiError::forbidden(format!(
-                        "{} may not {verb} {resource}.hookrelay.dev in namespace {namespace}",
-                        caller.username
-                    )))
+        // Before any review: what is refused here costs the API server nothing.
+        refuse_unwatched(namespace, &self.watched)?;
+        let Some(auth) = &self.kube else {
+            return Ok(());
+        };
+        if auth
+            .review_access(caller, verb, resource, namespace)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "{} may not {verb} {resource}.hookrelay.dev in namespace {namespace}",
+                caller.username
+            )))
+        }
+    }
+}
+
+/// sha256(token) -> who it is. Valid identities (30 s) and refused tokens (5 s) are kept in
+/// two bounded caches, so that a flood of bogus tokens can only push out other bogus tokens,
+/// never the identity of a caller who keeps coming.
+struct TokenCache {
+    valid: Cache<[u8; 32], Caller>,
+    refused: Cache<[u8; 32], ()>,
+}
+
+/// Why no identity came back, shared by the callers of one coalesced review.
+#[derive(Clone)]
+enum NoCaller {
+    Refused,
+    Failed(ApiError),
+}
+
+impl TokenCache {
+    fn new() -> Self {
+        Self {
+            valid: Cache::builder()
+                .max_capacity(MAX_CACHED)
+                .time_to_live(TOKEN_TTL)
+                .build(),
+            refused: Cache::builder()
+                .max_capacity(MAX_CACHED)
+                .time_to_live(INVALID_TOKEN_TTL)
+                .build(),
+        }
+    }
+
+    /// The cached answer for `token`, else `review`'s (None: refused); concurrent callers with
+    /// the same token share one review. Errors (API server unavailable) are not cached.
+    async fn get_or_review<F>(&self, token: &str, review: F) -> Result<Option<Caller>, ApiError>
+    where
+        F: Future<Output = Result<Option<Caller>, ApiError>>,
+    {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if self.refused.contains_key(&key) {
+            return Ok(None);
+        }
+        let found = self
+            .valid
+            .try_get_with(key, async {
+                match review.await {
+                    Ok(Some(caller)) => Ok(caller),
+                    Ok(None) => {
+                        self.refused.insert(key, ()).await;
+                        Err(NoCaller::Refused)
+                    }
+                    Err(e) => Err(NoCaller::Failed(e)),
                 }
-            }
+            })
+            .await;
+        match found {
+            Ok(caller) => Ok(Some(caller)),
+            Err(e) => match &*e {
+                NoCaller::Refused => Ok(None),
+                NoCaller::Failed(e) => Err(e.clone()),
+            },
         }
     }
 }
 
 impl KubeAuth {
+    fn how_to_mint(&self) -> String {
+        match &self.audience {
+            Some(audience) => format!(
+                "mint one with `kubectl create token <serviceaccount> --audience {audience}` (in-cluster: a projected ServiceAccount token with that audience)"
+            ),
+            None => "mint one with `kubectl create token <serviceaccount>`".into(),
+        }
+    }
+
+    /// A slot for one review, or 503 + Retry-After when too many are in flight.
+    async fn review_slot(&self) -> Result<SemaphorePermit<'_>, ApiError> {
+        match tokio::time::timeout(REVIEW_SLOT_WAIT, self.reviews.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                let mut error = ApiError::unavailable(
+                    "too many authentication reviews are in progress; retry in a second",
+                );
+                error.retry_after = Some(1);
+                Err(error)
+            }
+        }
+    }
+
     async fn review_token(&self, token: &str) -> Result<Caller, ApiError> {
-        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let now = Instant::now();
-        if let Some((caller, at)) = self
+        let caller = self
             .tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            && now < *at + TOKEN_TTL
-        {
-            return caller
-                .clone()
-                .ok_or_else(|| ApiError::unauthorized("the bearer token is not valid"));
-        }
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_owned()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let answer = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| ApiError::unavailable(format!("cannot review the token: {e}")))?;
-        let status = answer.status.unwrap_or_default();
-        let caller = match (status.authenticated, status.user) {
-            (
-                Some(true),
-                Some(UserInfo {
-                    username: Some(username),
-                    uid,
-                    groups,
-                    extra,
-                }),
-            ) => Some(Caller {
-                username,
-                uid,
-                groups: groups.unwrap_or_default(),
-                extra,
-            }),
-            _ => None,
-        };
-        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        if tokens.len() >= MAX_CACHED {
-            tokens.clear();
-        }
-        tokens.insert(key, (caller.clone(), now));
-        caller.ok_or_else(|| ApiError::unauthorized("the bearer token is not valid"))
+            .get_or_review(token, async {
+                let _slot = self.review_slot().await?;
+                self.token_reviews.fetch_add(1, Ordering::Relaxed);
+                let review = TokenReview {
+                    spec: TokenReviewSpec {
+                        token: Some(token.to_owned()),
+                        audiences: self.audience.clone().map(|a| vec![a]),
+                    },
+                    ..Default::default()
+                };
+                let answer = Api::<TokenReview>::all(self.client.clone())
+                    .create(&PostParams::default(), &review)
+                    .await
+                    .map_err(|e| ApiError::unavailable(format!("cannot review the token: {e}")))?;
+                Ok(reviewed_caller(
+                    answer.status.unwrap_or_default(),
+                    self.audience.as_deref(),
+                ))
+            })
+            .await?;
+        caller.ok_or_else(|| {
+            let audience = self
+                .audience
+                .as_deref()
+                .map(|a| format!(" for audience {a:?}"))
+                .unwrap_or_default();
+            ApiError::unauthorized(format!(
+                "the bearer token is not valid{audience}: {}",
+                self.how_to_mint()
+            ))
+        })
     }
 
     async fn review_access(
@@ -201,66 +327,251 @@ impl KubeAuth {
             resource,
             namespace.to_owned(),
         );
-        let now = Instant::now();
-        if let Some((allowed, at)) = self
-            .decisions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            && now < *at + DECISION_TTL
-        {
-            return Ok(*allowed);
-        }
-        let review = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: Some(caller.username.clone()),
-                uid: caller.uid.clone(),
-                groups: Some(caller.groups.clone()),
-                extra: caller.extra.clone(),
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some(crate::crd::GROUP.into()),
-                    resource: Some(resource.into()),
-                    verb: Some(verb.into()),
-                    namespace: Some(namespace.to_owned()),
+        let review = async {
+            let _slot = self.review_slot().await?;
+            let review = SubjectAccessReview {
+                spec: SubjectAccessReviewSpec {
+                    user: Some(caller.username.clone()),
+                    uid: caller.uid.clone(),
+                    groups: Some(caller.groups.clone()),
+                    extra: caller.extra.clone(),
+                    resource_attributes: Some(ResourceAttributes {
+                        group: Some(crate::crd::GROUP.into()),
+                        resource: Some(resource.into()),
+                        verb: Some(verb.into()),
+                        namespace: Some(namespace.to_owned()),
+                        ..Default::default()
+                    }),
                     ..Default::default()
-                }),
+                },
                 ..Default::default()
-            },
-            ..Default::default()
+            };
+            let answer = Api::<SubjectAccessReview>::all(self.client.clone())
+                .create(&PostParams::default(), &review)
+                .await
+                .map_err(|e| ApiError::unavailable(format!("cannot review access: {e}")))?;
+            Ok::<_, ApiError>(answer.status.is_some_and(|s| s.allowed))
         };
-        let answer = Api::<SubjectAccessReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
+        self.decisions
+            .try_get_with(key, review)
             .await
-            .map_err(|e| ApiError::unavailable(format!("cannot review access: {e}")))?;
-        let allowed = answer.status.is_some_and(|s| s.allowed);
-        let mut decisions = self.decisions.lock().unwrap_or_else(|e| e.into_inner());
-        if decisions.len() >= MAX_CACHED {
-            decisions.clear();
-        }
-        decisions.insert(key, (allowed, now));
-        Ok(allowed)
+            .map_err(|e| (*e).clone())
+    }
+}
+
+/// The caller a TokenReview answer names, if it authenticated the token for `audience`.
+fn reviewed_caller(status: TokenReviewStatus, audience: Option<&str>) -> Option<Caller> {
+    // The API server answers for the audiences it was asked about; check, do not assume.
+    let for_us = audience.is_none_or(|a| {
+        status
+            .audiences
+            .as_ref()
+            .is_some_and(|auds| auds.iter().any(|x| x == a))
+    });
+    match (status.authenticated, status.user) {
+        (
+            Some(true),
+            Some(UserInfo {
+                username: Some(username),
+                uid,
+                groups,
+                extra,
+            }),
+        ) if for_us => Some(Caller {
+            username,
+            uid,
+            groups: groups.unwrap_or_default(),
+            extra,
+        }),
+        _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
+
+    fn user(name: &str) -> Caller {
+        Caller {
+            username: name.into(),
+            uid: None,
+            groups: vec![],
+            extra: None,
+        }
+    }
 
     #[test]
     fn service_account_namespace_comes_from_the_username() {
-        let sa = Caller {
-            username: "system:serviceaccount:docs:ingest".into(),
-            uid: None,
-            groups: vec![],
-            extra: None,
+        assert_eq!(
+            user("system:serviceaccount:docs:ingest").service_account_namespace(),
+            Some("docs")
+        );
+        assert_eq!(user("jane").service_account_namespace(), None);
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_bogus_tokens_does_not_evict_a_caller_who_keeps_coming() {
+        let cache = TokenCache::new();
+        let reviews = AtomicUsize::new(0);
+        // Counts reviews made, not futures built: a cache hit never polls its review.
+        let review = |valid: bool| {
+            let reviews = &reviews;
+            async move {
+                reviews.fetch_add(1, Ordering::Relaxed);
+                Ok(valid.then(|| user("system:serviceaccount:docs:ingest")))
+            }
         };
-        assert_eq!(sa.service_account_namespace(), Some("docs"));
-        let user = Caller {
-            username: "jane".into(),
-            uid: None,
-            groups: vec![],
-            extra: None,
+        for _ in 0..5 {
+            assert!(
+                cache
+                    .get_or_review("good", review(true))
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+        }
+        // More distinct bogus tokens than the cache holds (the old map was cleared whole at
+        // 10,000), while the valid caller keeps calling as usual.
+        for i in 0..(MAX_CACHED as usize * 2) {
+            let bogus = format!("bogus-{i}");
+            assert_eq!(cache.get_or_review(&bogus, review(false)).await, Ok(None));
+            if i % 100 == 0 {
+                assert!(
+                    cache
+                        .get_or_review("good", review(true))
+                        .await
+                        .unwrap()
+                        .is_some()
+                );
+            }
+        }
+        cache.refused.run_pending_tasks().await;
+        assert!(cache.refused.entry_count() <= MAX_CACHED);
+        let before = reviews.load(Ordering::Relaxed);
+        assert_eq!(
+            before,
+            1 + MAX_CACHED as usize * 2,
+            "the valid token was reviewed once, each bogus one once"
+        );
+        let again = cache
+            .get_or_review("good", async {
+                panic!("the valid caller's entry was evicted by the flood")
+            })
+            .await;
+        assert_eq!(again, Ok(Some(user("system:serviceaccount:docs:ingest"))));
+        assert_eq!(reviews.load(Ordering::Relaxed), before);
+    }
+
+    #[tokio::test]
+    async fn concurrent_lookups_of_one_token_share_one_review_and_errors_are_not_cached() {
+        let cache = Arc::new(TokenCache::new());
+        let reviews = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let lookups: Vec<_> = (0..20)
+            .map(|_| {
+                let (cache, reviews, gate) = (cache.clone(), reviews.clone(), gate.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_review("same", async move {
+                            reviews.fetch_add(1, Ordering::Relaxed);
+                            gate.notified().await;
+                            Ok(Some(user("jane")))
+                        })
+                        .await
+                })
+            })
+            .collect();
+        // Lets the one review finish once it has started (the others wait on it).
+        while reviews.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        gate.notify_waiters();
+        gate.notify_one();
+        for lookup in lookups {
+            assert_eq!(lookup.await.unwrap(), Ok(Some(user("jane"))));
+        }
+        assert_eq!(reviews.load(Ordering::Relaxed), 1);
+
+        let down = cache
+            .get_or_review("other", async { Err(ApiError::unavailable("down")) })
+            .await;
+        assert_eq!(down.unwrap_err().code, "unavailable");
+        let up = cache
+            .get_or_review("other", async { Ok(Some(user("joe"))) })
+            .await;
+        assert_eq!(up, Ok(Some(user("joe"))));
+    }
+
+    #[tokio::test]
+    async fn refusals_are_remembered_apart_from_identities() {
+        let cache = TokenCache::new();
+        assert_eq!(
+            cache.get_or_review("bogus", async { Ok(None) }).await,
+            Ok(None)
+        );
+        let again = cache
+            .get_or_review("bogus", async {
+                panic!("a refusal is remembered for a while")
+            })
+            .await;
+        assert_eq!(again, Ok(None));
+        assert_eq!(
+            cache.valid.entry_count() + cache.valid.iter().count() as u64,
+            0
+        );
+        assert!(INVALID_TOKEN_TTL < TOKEN_TTL);
+    }
+
+    #[test]
+    fn a_token_is_valid_only_for_the_audience_asked_about() {
+        let status = |audiences: Option<Vec<&str>>| TokenReviewStatus {
+            authenticated: Some(true),
+            audiences: audiences.map(|a| a.into_iter().map(String::from).collect()),
+            user: Some(UserInfo {
+                username: Some("jane".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
         };
-        assert_eq!(user.service_account_namespace(), None);
+        assert_eq!(
+            reviewed_caller(status(Some(vec!["hookrelay"])), Some("hookrelay")),
+            Some(user("jane"))
+        );
+        assert_eq!(
+            reviewed_caller(
+                status(Some(vec!["https://kubernetes.default.svc"])),
+                Some("hookrelay")
+            ),
+            None
+        );
+        assert_eq!(reviewed_caller(status(None), Some("hookrelay")), None);
+        assert_eq!(reviewed_caller(status(None), None), Some(user("jane")));
+        let refused = TokenReviewStatus {
+            authenticated: Some(false),
+            ..status(Some(vec!["hookrelay"]))
+        };
+        assert_eq!(reviewed_caller(refused, Some("hookrelay")), None);
+    }
+
+    #[tokio::test]
+    async fn unwatched_namespaces_are_refused_before_any_review() {
+        let auth = Authorizer::disabled().watching(&["a".to_owned()]);
+        let caller = user("jane");
+        auth.authorize(&caller, "create", "documentevents", "a")
+            .await
+            .unwrap();
+        let refused = auth
+            .authorize(&caller, "create", "documentevents", "default")
+            .await
+            .unwrap_err();
+        assert_eq!(refused.status.as_u16(), 422);
+        assert_eq!(refused.code, "namespace_not_watched");
+        let everything = Authorizer::disabled();
+        everything
+            .authorize(&caller, "create", "documentevents", "default")
+            .await
+            .unwrap();
     }
 }

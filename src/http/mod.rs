@@ -5,21 +5,24 @@ mod auth;
 mod error;
 mod health;
 mod ingest;
+mod serve;
 mod webhooks;
 
-pub use auth::{Authorizer, Caller};
+pub use auth::{AuthSettings, Authorizer, Caller};
 pub use error::ApiError;
 pub use health::{Liveness, Readiness, metrics_router};
 pub use ingest::{
     DirectIngest, IngestEvent, IngestMode, MAX_EVENTS_PER_REQUEST, check_idempotency_key,
     keyed_event_name, parse_events,
 };
+pub use serve::{ServeLimits, Tls, serve};
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, MatchedPath, Request},
+    body::{Body, Bytes},
+    extract::{DefaultBodyLimit, MatchedPath, Request, State},
     http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -27,8 +30,6 @@ use axum::{
 };
 use kube::Client;
 use serde::Deserialize;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::{delivery::Dispatcher, metrics::Metrics, routing::Routes};
 
@@ -69,6 +70,81 @@ pub struct ApiState {
     /// Direct ingest waits for the routing table's first full sync.
     pub readiness: Readiness,
     pub metrics: Metrics,
+    /// Longest a request may take, body included; then 408.
+    pub request_timeout: Duration,
+    /// `POST /api/webhooks/{id}/test` per Webhook (`namespace/name`), so it is no port scanner.
+    pub test_limiter: TestLimiter,
+}
+
+/// The rate limit of test deliveries, one bucket per Webhook.
+pub type TestLimiter = Arc<governor::DefaultKeyedRateLimiter<String>>;
+
+/// One test delivery a second per Webhook, in bursts of up to three.
+pub fn test_limiter() -> TestLimiter {
+    let quota = governor::Quota::per_second(std::num::NonZeroU32::new(1).expect("1 > 0"))
+        .allow_burst(std::num::NonZeroU32::new(3).expect("3 > 0"));
+    Arc::new(governor::RateLimiter::keyed(quota))
+}
+
+/// The body of a request, read only now (after authentication); 413 when over
+/// [`MAX_BODY_BYTES`].
+pub async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!(
+                        "the body is larger than {MAX_BODY_BYTES} bytes; send less per request"
+                    ),
+                )
+            } else {
+                ApiError::bad_request(format!("the body could not be read: {e}"))
+            }
+        })
+}
+
+/// 422 unless `namespace` is one of `watched` (empty: every namespace is watched): an event
+/// accepted there would never be delivered.
+pub fn refuse_unwatched(namespace: &str, watched: &[String]) -> Result<(), ApiError> {
+    if watched.is_empty() || watched.iter().any(|w| w == namespace) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "namespace_not_watched",
+        format!(
+            "namespace {namespace:?} is not watched by this hookrelay (it watches {}): nothing there would be delivered; use one of those namespaces (?namespace=) or add it to hookrelay's --namespace flag",
+            watched.join(", ")
+        ),
+    ))
+}
+
+/// A Kubernetes object name (DNS-1123 subdomain): at most 253 characters of lowercase letters,
+/// digits, '-' and '.', starting and ending with a letter or digit.
+pub fn is_object_name(name: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 253
+        && bytes.iter().all(|&b| alnum(b) || b == b'-' || b == b'.')
+        && alnum(bytes[0])
+        && alnum(bytes[bytes.len() - 1])
+}
+
+/// A delivery id as hookrelay makes them: `msg_` and lowercase hex or `_`.
+pub fn is_delivery_id(id: &str) -> bool {
+    id.len() <= 64
+        && id.strip_prefix("msg_").is_some_and(|rest| {
+            !rest.is_empty()
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b == b'_')
+        })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +178,7 @@ pub fn namespace_for(query: &NamespaceQuery, caller: &Caller) -> Result<String, 
 /// The listen port's router.
 pub fn api_router(state: Arc<ApiState>) -> Router {
     let metrics = state.metrics.clone();
+    let request_timeout = state.request_timeout;
     Router::new()
         .route("/api/events", post(ingest::ingest))
         .route("/api/webhooks", get(webhooks::list).post(webhooks::create))
@@ -117,6 +194,11 @@ pub fn api_router(state: Arc<ApiState>) -> Router {
             "/api/webhooks/{id}/deliveries/{delivery_id}/redeliver",
             post(webhooks::redeliver),
         )
+        // Every /api route authenticates before any extractor reads the body.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            authenticate_first,
+        ))
         .route(
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
@@ -132,9 +214,41 @@ pub fn api_router(state: Arc<ApiState>) -> Router {
         .layer(middleware::from_fn(json_body_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(move |req, next| {
+            limit_request_time(request_timeout, req, next)
+        }))
+        .layer(middleware::from_fn(move |req, next| {
             count_requests(metrics.clone(), req, next)
         }))
         .with_state(state)
+}
+
+/// 401 before the body is read: an unauthenticated client cannot make the operator read (or
+/// wait for) a megabyte. The handlers' own `authenticate` is then a cache hit.
+async fn authenticate_first(
+    State(state): State<Arc<ApiState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match state.auth.authenticate(req.headers()).await {
+        Ok(_) => next.run(req).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// 408 when the whole request (reading the body included) takes longer than `limit`.
+async fn limit_request_time(limit: Duration, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request took longer than {}s (hookrelay's --request-timeout); send the body at once and retry",
+                limit.as_secs_f64()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 /// Turns axum's plain-text refusals (body too large, ...) into the API's JSON errors.
@@ -171,25 +285,11 @@ async fn count_requests(metrics: Metrics, req: Request, next: Next) -> Response 
     let method = req.method().clone();
     let response = next.run(req).await;
     metrics.observe_request(
-        method.as_str(),
+        &method,
         route.as_deref().unwrap_or("unmatched"),
         response.status().as_u16(),
     );
     response
-}
-
-/// Serves `router` on `listener` until `shutdown` fires.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "listening");
-    }
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
 }
 
 #[cfg(test)]
@@ -248,5 +348,65 @@ mod tests {
             namespace_for(&q(Some("Bad_NS")), &user).unwrap_err().status,
             StatusCode::UNPROCESSABLE_ENTITY
         );
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_up_to_the_limit_then_413() {
+        let fits = vec![b'x'; MAX_BODY_BYTES];
+        assert_eq!(
+            read_body(Body::from(fits.clone())).await.unwrap().len(),
+            MAX_BODY_BYTES
+        );
+        let over = vec![b'x'; MAX_BODY_BYTES + 1];
+        let refused = read_body(Body::from(over)).await.unwrap_err();
+        assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(refused.code, "payload_too_large");
+    }
+
+    #[test]
+    fn only_watched_namespaces_are_served() {
+        let watched = ["a".to_owned(), "b".to_owned()];
+        assert!(refuse_unwatched("a", &watched).is_ok());
+        assert!(refuse_unwatched("default", &[]).is_ok());
+        let refused = refuse_unwatched("default", &watched).unwrap_err();
+        assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(refused.code, "namespace_not_watched");
+        assert!(
+            refused.message.contains("a, b") && refused.message.contains("--namespace"),
+            "{}",
+            refused.message
+        );
+    }
+
+    #[test]
+    fn ids_in_paths_must_be_object_names() {
+        for good in ["x", "wh-2bcdfghjkl", "a.b-c", &"a".repeat(253)] {
+            assert!(is_object_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "x/status",
+            "..",
+            ".x",
+            "x-",
+            "X",
+            "a b",
+            "a%2Fb",
+            "é",
+            &"a".repeat(254),
+        ] {
+            assert!(!is_object_name(bad), "{bad}");
+        }
+        assert!(is_delivery_id("msg_0123456789abcdef0123456789abcdef"));
+        assert!(is_delivery_id("msg_test_0123456789abcdef01234567"));
+        for bad in [
+            "msg_",
+            "x",
+            "msg_../status",
+            "msg_A",
+            &format!("msg_{}", "a".repeat(61)),
+        ] {
+            assert!(!is_delivery_id(bad), "{bad}");
+        }
     }
 }

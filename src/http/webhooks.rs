@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::{
     Json,
-    body::Bytes,
+    body::Body,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode},
 };
@@ -18,7 +18,10 @@ use kube::{
 };
 use serde_json::{Map, Value, json};
 
-use super::{ApiState, NamespaceQuery, error::ApiError, namespace_for};
+use super::{
+    ApiState, NamespaceQuery, error::ApiError, is_delivery_id, is_object_name, namespace_for,
+    read_body,
+};
 use crate::{
     crd::{DocumentEvent, EventType, Webhook},
     delivery::{AttemptReport, Attempted, Delivery, EventBody, Verdict},
@@ -49,8 +52,13 @@ struct Caller {
 }
 
 impl Caller {
-    /// The Webhook `id` of the caller's namespace; 404 when there is none.
+    /// The Webhook `id` of the caller's namespace; 404 when there is none. An id that is no
+    /// object name is 404 before it can reach an API path (`x%2Fstatus` is decoded to a
+    /// subresource).
     async fn webhook(&self, id: &str) -> Result<Webhook, ApiError> {
+        if !is_object_name(id) {
+            return Err(no_such_webhook(id));
+        }
         self.api
             .get(id)
             .await
@@ -74,6 +82,12 @@ async fn caller(
         api: Api::namespaced(state.client.clone(), &namespace),
         namespace,
     })
+}
+
+fn no_such_webhook(id: &str) -> ApiError {
+    ApiError::not_found(format!(
+        "no webhook {id:?}: ids are Kubernetes object names (lowercase letters, digits, '-' and '.')"
+    ))
 }
 
 /// The writable fields of a request body: `url`, `events`, `description` (and `paused`).
@@ -142,10 +156,10 @@ pub async fn create(
     State(state): State<Arc<ApiState>>,
     Query(q): Query<NamespaceQuery>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let c = caller(&state, &q, &headers, "create").await?;
-    let mut spec = spec_fields(&body, true)?;
+    let mut spec = spec_fields(&read_body(body).await?, true)?;
     let id = format!("wh-{}", random_name(10));
     let secret_name = format!("{id}-secret");
     spec.insert(
@@ -171,7 +185,8 @@ pub async fn create(
     });
     let secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": secret_name, "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
-                     "labels": {"app.kubernetes.io/managed-by": "hookrelay-api"}},
+                     "labels": {"app.kubernetes.io/managed-by": "hookrelay-api",
+                                (crate::controller::SIGNING_SECRET_LABEL): "true"}},
         "type": "Opaque",
         "stringData": {"secret": secret_value},
     }))
@@ -192,10 +207,10 @@ pub async fn update(
     Path(id): Path<String>,
     Query(q): Query<NamespaceQuery>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let c = caller(&state, &q, &headers, "update").await?;
-    let spec = spec_fields(&body, false)?;
+    let spec = spec_fields(&read_body(body).await?, false)?;
     c.webhook(&id).await?;
     let patch = json!({"spec": spec});
     let updated = c
@@ -274,6 +289,27 @@ pub async fn test(
 ) -> Result<Json<Value>, ApiError> {
     let c = caller(&state, &q, &headers, "update").await?;
     let w = c.webhook(&id).await?;
+    // Keyed by Webhooks that exist; the buckets of deleted ones are dropped now and then.
+    if state.test_limiter.len() > 1024 {
+        state.test_limiter.retain_recent();
+    }
+    if let Err(not_until) = state
+        .test_limiter
+        .check_key(&format!("{}/{id}", c.namespace))
+    {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        let mut error = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "test deliveries to webhook {id} are limited to 1 a second (bursts of 3); retry later"
+            ),
+        );
+        error.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+        return Err(error);
+    }
     let event = w
         .spec
         .events
@@ -306,6 +342,11 @@ pub async fn redeliver(
 ) -> Result<Json<Value>, ApiError> {
     let c = caller(&state, &q, &headers, "update").await?;
     let w = c.webhook(&id).await?;
+    if !is_delivery_id(&delivery_id) {
+        return Err(ApiError::not_found(format!(
+            "no delivery {delivery_id:?}: delivery ids look like msg_0123abcd..."
+        )));
+    }
     let record = w
         .status
         .unwrap_or_default()

@@ -6,7 +6,9 @@ use crate::support::control_plane;
 async fn service_account_tokens_work_and_rbac_decides() {
     let cp = control_plane();
     let ns = cp.namespace("rbac").await;
-    let token = cp.service_account_token(&ns, "reader").await;
+    let token = cp
+        .service_account_token_without_audience(&ns, "reader")
+        .await;
     let as_reader = cp.token_kubeconfig(&token);
 
     // Authenticated as the ServiceAccount, and nothing allowed yet.

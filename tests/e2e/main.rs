@@ -1,6 +1,7 @@
 //! End-to-end tests against a real kube-apiserver and etcd (see `support`).
 
 mod api;
+mod api_hardening;
 mod control_plane;
 mod crash;
 mod crds;

@@ -367,8 +367,30 @@ impl Drop for InProcess {
 }
 
 impl ControlPlane {
-    /// A ServiceAccount token from the TokenRequest API (`kubectl create token`).
+    /// A ServiceAccount token for hookrelay's API (`kubectl create token SA --audience
+    /// hookrelay`); the API server itself does not accept it.
     pub async fn service_account_token(&self, namespace: &str, service_account: &str) -> String {
+        self.service_account_token_for(namespace, service_account, Some("hookrelay"))
+            .await
+    }
+
+    /// A ServiceAccount token for the API server's own audience (plain `kubectl create
+    /// token`): what kubectl uses, and what hookrelay refuses unless `--token-audience ""`.
+    pub async fn service_account_token_without_audience(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> String {
+        self.service_account_token_for(namespace, service_account, None)
+            .await
+    }
+
+    async fn service_account_token_for(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        audience: Option<&str>,
+    ) -> String {
         let exists = self
             .kubectl(
                 &["get", "serviceaccount", service_account, "-n", namespace],
@@ -382,10 +404,11 @@ impl ControlPlane {
             )
             .await;
         }
-        self.kubectl_ok(&["create", "token", service_account, "-n", namespace], None)
-            .await
-            .trim()
-            .to_owned()
+        let mut args = vec!["create", "token", service_account, "-n", namespace];
+        if let Some(audience) = audience {
+            args.extend(["--audience", audience]);
+        }
+        self.kubectl_ok(&args, None).await.trim().to_owned()
     }
 
     /// A kubeconfig that authenticates with `token` only (no client certificate).
