@@ -5,6 +5,7 @@ mod control_plane;
 mod crash;
 mod crds;
 mod delivery;
+mod hardening;
 mod operator;
 mod support;
 mod webhook_controller;
