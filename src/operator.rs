@@ -363,6 +363,9 @@ pub async fn supervise(
     deadline: Duration,
 ) -> Result<(), Error> {
     let ended_first = tokio::select! {
+        // On SIGTERM the servers end at once too: shutdown first, or a clean stop would be
+        // reported as a task that ended (exit code 1) whenever select! happened to poll it first.
+        biased;
         _ = shutdown.cancelled() => None,
         (result, index, _) = futures::future::select_all(tasks.iter_mut().map(|t| &mut t.handle)) => {
             Some((index, result))
