@@ -171,7 +171,7 @@ pub async fn create(
     });
     let secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": secret_name, "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
-                     "labels": {"app.kubernetes.io/managed-by": "hookrelay-api"}},
+                     "labels": {"app.kubernetes.io/managed-by": "hookrelay-api", "hookrelay.dev/signing-secret": "true"}},
         "type": "Opaque",
         "stringData": {"secret": secret_value},
     }))
