@@ -176,8 +176,9 @@ pub fn parse_period(value: &str) -> Result<Duration, String> {
     let period = humantime::parse_duration(value).map_err(|e| e.to_string())?;
     if period > MAX_PERIOD {
         return Err(format!(
-            "{value} is longer than the longest period accepted ({}); use 0 to keep events",
-            humantime::format_duration(MAX_PERIOD)
+            // In days: humantime would say "11months 30days 3h 50m 24s" (its year is 365.25d).
+            "{value} is longer than the longest period accepted ({}d)",
+            MAX_PERIOD.as_secs() / 86_400
         ));
     }
     Ok(period)
@@ -464,6 +465,9 @@ pub async fn supervise(
     deadline: Duration,
 ) -> Result<(), Error> {
     let ended_first = tokio::select! {
+        // On SIGTERM the servers end at once too: shutdown first, or a clean stop would be
+        // reported as a task that ended (exit code 1) whenever select! happened to poll it first.
+        biased;
         _ = shutdown.cancelled() => None,
         (result, index, _) = futures::future::select_all(tasks.iter_mut().map(|t| &mut t.handle)) => {
             Some((index, result))
@@ -615,7 +619,7 @@ mod tests {
         assert_eq!(parse_period("10m"), Ok(Duration::from_secs(600)));
         assert_eq!(parse_period("365d"), Ok(MAX_PERIOD));
         let error = parse_period("100y").unwrap_err();
-        assert!(error.contains("longer than the longest period"), "{error}");
+        assert!(error.contains("longest period accepted (365d)"), "{error}");
         assert!(parse_period("soon").is_err());
     }
 }

@@ -68,8 +68,9 @@ pub struct WebhookController {
     webhooks_synced: Vec<bool>,
     /// For the upgrade warnings (a Secret that exists without the signing label); set by `run`.
     client: Option<Client>,
-    /// Webhooks (by uid) already warned about, so that each is warned about once.
-    warned: HashSet<String>,
+    /// Webhooks (by uid) already warned about, so that each is warned about once (shared with
+    /// the look-ups, which record what they warned about).
+    warned: Arc<std::sync::Mutex<HashSet<String>>>,
     /// Bounds the Secret look-ups behind those warnings (after an upgrade, every Webhook may
     /// need one at once).
     lookups: Arc<tokio::sync::Semaphore>,
@@ -102,7 +103,7 @@ impl WebhookController {
             secrets_synced: vec![false; n],
             webhooks_synced: vec![false; n],
             client: None,
-            warned: HashSet::new(),
+            warned: Default::default(),
             lookups: Arc::new(tokio::sync::Semaphore::new(4)),
         }
     }
@@ -334,7 +335,10 @@ impl WebhookController {
         if let Some(old) = self.webhooks.remove(key) {
             self.unindex(key, &old);
             if let Some(uid) = &old.metadata.uid {
-                self.warned.remove(uid);
+                self.warned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(uid);
             }
             self.status
                 .send(Update::WebhookDeleted { key: key.clone() })
@@ -403,7 +407,12 @@ impl WebhookController {
     fn warn_after_upgrade(&mut self, webhook: &Webhook, resolution: &Resolution) {
         let uid = webhook.metadata.uid.clone().unwrap_or_default();
         let reason = resolution.ready.reason.as_str();
-        if self.warned.contains(&uid) {
+        let warned = self.warned.clone();
+        if warned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&uid)
+        {
             return;
         }
         let key = webhook_key(webhook);
@@ -411,7 +420,7 @@ impl WebhookController {
         if reason == ready_reason::SECRET_INVALID
             && resolution.ready.message.contains("at least 16")
         {
-            self.warned.insert(uid);
+            warned.lock().unwrap_or_else(|e| e.into_inner()).insert(uid);
             tracing::warn!(
                 webhook = %key,
                 secret,
@@ -420,16 +429,21 @@ impl WebhookController {
         } else if reason == ready_reason::SECRET_NOT_FOUND
             && let Some(client) = self.client.clone()
         {
-            self.warned.insert(uid);
+            // Looked up on every re-resolution while the Secret is missing (rare: a change of
+            // the Webhook or of a labelled Secret), so that one created later without the label
+            // is still warned about; bounded by `lookups`.
             let lookups = self.lookups.clone();
             tokio::spawn(async move {
                 let Ok(_slot) = lookups.acquire_owned().await else {
                     return;
                 };
                 let api: kube::Api<Secret> = kube::Api::namespaced(client, &key.namespace);
-                if let Ok(Some(found)) = api.get_metadata_opt(&secret).await
-                    && found.labels().get(SIGNING_SECRET_LABEL).map(String::as_str) != Some("true")
-                {
+                let Ok(Some(found)) = api.get_metadata_opt(&secret).await else {
+                    return;
+                };
+                let labelled =
+                    found.labels().get(SIGNING_SECRET_LABEL).map(String::as_str) == Some("true");
+                if !labelled && warned.lock().unwrap_or_else(|e| e.into_inner()).insert(uid) {
                     tracing::warn!(
                         webhook = %key,
                         secret,

@@ -149,13 +149,26 @@ async fn the_seeds_requests_behave_as_the_seed_says() {
     assert!(got.get("secret").is_none(), "{got}");
 
     // One applied with kubectl is listed by GET /api/webhooks.
+    // A strong value, labelled as a signing Secret (hardening items 19 and 6).
     cp.kubectl_ok(
         &[
             "create",
             "secret",
             "generic",
             "s",
-            "--from-literal=secret=x",
+            "--from-literal=secret=signing-secret-0123456789",
+            "-n",
+            &ns,
+        ],
+        None,
+    )
+    .await;
+    cp.kubectl_ok(
+        &[
+            "label",
+            "secret",
+            "s",
+            "hookrelay.dev/signing-secret=true",
             "-n",
             &ns,
         ],
@@ -361,13 +374,26 @@ async fn bad_requests_get_their_status_codes_and_change_nothing() {
     let op = operator(cp, &ns, IngestMode::Durable, 100).await;
     let api = op.op.listen_addr;
     let token = token_with(cp, &ns, "admin", "*", ALL).await;
+    // A strong value, labelled as a signing Secret (hardening items 19 and 6).
     cp.kubectl_ok(
         &[
             "create",
             "secret",
             "generic",
             "s",
-            "--from-literal=secret=x",
+            "--from-literal=secret=signing-secret-0123456789",
+            "-n",
+            &ns,
+        ],
+        None,
+    )
+    .await;
+    cp.kubectl_ok(
+        &[
+            "label",
+            "secret",
+            "s",
+            "hookrelay.dev/signing-secret=true",
             "-n",
             &ns,
         ],
@@ -756,13 +782,26 @@ async fn direct_ingest_delivers_from_memory_and_answers_429_when_full() {
     let q = format!("?namespace={ns}");
     let (receiver, addr) = CountingReceiver::start().await;
     let dead = crate::support::Blackhole::start().await;
+    // A strong value, labelled as a signing Secret (hardening items 19 and 6).
     cp.kubectl_ok(
         &[
             "create",
             "secret",
             "generic",
             "s",
-            "--from-literal=secret=x",
+            "--from-literal=secret=signing-secret-0123456789",
+            "-n",
+            &ns,
+        ],
+        None,
+    )
+    .await;
+    cp.kubectl_ok(
+        &[
+            "label",
+            "secret",
+            "s",
+            "hookrelay.dev/signing-secret=true",
             "-n",
             &ns,
         ],

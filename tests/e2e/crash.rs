@@ -37,7 +37,7 @@ async fn no_event_is_lost_when_the_operator_is_killed_mid_delivery() {
         &ns,
         "w",
         &format!("http://{addr}/h"),
-        "s",
+        "signing-secret-0123456789",
         json!({"initialBackoffSeconds": 1}),
     )
     .await;

@@ -73,7 +73,7 @@ async fn receivers_from_the_seed_and_standard_webhooks_verify_every_delivery() {
         &ns,
         "wrong",
         &wrong.url("/hook"),
-        "the-real-secret",
+        "the-real-signing-secret",
         json!({"maxAttempts": 1}),
     )
     .await;
@@ -233,13 +233,18 @@ async fn a_failing_endpoint_gets_retries_with_the_same_id_and_growing_gaps() {
     let ns = cp.namespace("retries").await;
     let client = cp.client().await;
     let _op = InProcess::start(cp.config().await, &ns).await;
-    let receiver = Receiver::start(ReceiverKind::Python, "s3cret", &["--fail-first", "2"]).await;
+    let receiver = Receiver::start(
+        ReceiverKind::Python,
+        "s3cret-signing-secret-0123",
+        &["--fail-first", "2"],
+    )
+    .await;
     create_webhook(
         &client,
         &ns,
         "flaky",
         &receiver.url("/h"),
-        "s3cret",
+        "s3cret-signing-secret-0123",
         json!({"initialBackoffSeconds": 1}),
     )
     .await;
@@ -332,7 +337,7 @@ async fn a_dead_endpoint_does_not_delay_another() {
         &ns,
         "dead",
         &format!("http://{}/h", dead.addr),
-        "s",
+        "signing-secret-0123456789",
         json!({"timeoutSeconds": 30}),
     )
     .await;
@@ -341,7 +346,7 @@ async fn a_dead_endpoint_does_not_delay_another() {
         &ns,
         "fast",
         &format!("http://{fast_addr}/h"),
-        "s",
+        "signing-secret-0123456789",
         json!({}),
     )
     .await;
@@ -396,7 +401,7 @@ async fn paused_webhooks_hold_deliveries_and_gone_endpoints_stop_them() {
         &ns,
         "paused",
         &format!("http://{addr}/h"),
-        "s",
+        "signing-secret-0123456789",
         json!({}),
     )
     .await;
@@ -457,7 +462,7 @@ async fn paused_webhooks_hold_deliveries_and_gone_endpoints_stop_them() {
         &ns,
         "gone",
         &format!("http://{gone_addr}/h"),
-        "s",
+        "signing-secret-0123456789",
         json!({}),
     )
     .await;
@@ -525,7 +530,7 @@ async fn finished_events_are_deleted_after_their_retention() {
         &ns,
         "w",
         &format!("http://{addr}/h"),
-        "s",
+        "signing-secret-0123456789",
         json!({}),
     )
     .await;
@@ -621,7 +626,7 @@ async fn a_webhook_waiting_for_its_secret_holds_deliveries_without_spending_atte
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let s: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "later-secret"}, "stringData": {"secret": "s"}}),
+        json!({"metadata": {"name": "later-secret", "labels": {"hookrelay.dev/signing-secret": "true"}}, "stringData": {"secret": "signing-secret-0123456789"}}),
     )
     .unwrap();
     secrets.create(&PostParams::default(), &s).await.unwrap();

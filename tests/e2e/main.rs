@@ -6,6 +6,7 @@ mod control_plane;
 mod crash;
 mod crds;
 mod delivery;
+mod hardening;
 mod ingest;
 mod operator;
 mod support;

@@ -622,10 +622,48 @@ impl CountingReceiver {
         (receiver, addr)
     }
 
+    /// A receiver that counts each request on arrival and answers only once `open` is called:
+    /// deliveries stay in flight exactly as long as a test needs, without timing.
+    pub async fn start_gated() -> (CountingReceiver, std::net::SocketAddr, Gate) {
+        let receiver = CountingReceiver::default();
+        let seen = receiver.seen.clone();
+        let (gate, opened) = tokio::sync::watch::channel(false);
+        let app = axum::Router::new().fallback(axum::routing::post(
+            move |headers: axum::http::HeaderMap| {
+                let seen = seen.clone();
+                let mut opened = opened.clone();
+                async move {
+                    let id = headers
+                        .get("x-webhook-delivery")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    *seen.lock().unwrap().entry(id).or_default() += 1;
+                    let _ = opened.wait_for(|open| *open).await;
+                    "ok"
+                }
+            },
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (receiver, addr, Gate(gate))
+    }
+
     /// (distinct deliveries, total requests)
     pub fn counts(&self) -> (usize, usize) {
         let seen = self.seen.lock().unwrap();
         (seen.len(), seen.values().sum())
+    }
+}
+
+/// Holds the answers of a gated [`CountingReceiver`] until opened.
+pub struct Gate(tokio::sync::watch::Sender<bool>);
+
+impl Gate {
+    /// Lets every request held so far, and every later one, be answered 200.
+    pub fn open(&self) {
+        self.0.send_replace(true);
     }
 }
 
@@ -668,7 +706,7 @@ pub async fn create_webhook(
 ) {
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
     let s: k8s_openapi::api::core::v1::Secret = serde_json::from_value(
-        // Labelled as a signing Secret, which hardening item 6 will require.
+        // Labelled as a signing Secret, which hardening item 6 requires.
         serde_json::json!({"metadata": {"name": format!("{name}-secret"), "labels": {"hookrelay.dev/signing-secret": "true"}}, "stringData": {"secret": secret}}),
     )
     .unwrap();
@@ -730,4 +768,39 @@ pub async fn wait_phase(
         },
     )
     .await
+}
+
+/// Waits until the Webhook's Ready condition has `status` and `reason` for its current
+/// generation; returns the condition's message.
+pub async fn wait_ready_reason(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    status: &str,
+    reason: &str,
+) -> String {
+    let webhooks: Api<hookrelay::crd::Webhook> = Api::namespaced(client.clone(), ns);
+    eventually(
+        &format!("webhook {name} Ready={status}/{reason}"),
+        Duration::from_secs(60),
+        || async {
+            let w = webhooks.get(name).await.ok()?;
+            let generation = w.metadata.generation;
+            let c = w
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready")?;
+            (c.status == status && c.reason == reason && c.observed_generation == generation)
+                .then_some(c.message)
+        },
+    )
+    .await
+}
+
+impl Operator {
+    /// Its log so far (stdout and stderr).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }

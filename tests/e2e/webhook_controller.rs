@@ -31,7 +31,7 @@ fn webhook(name: &str, url: &str, events: &[&str]) -> Webhook {
 
 fn secret(name: &str, value: &str) -> Secret {
     serde_json::from_value(json!({
-        // Labelled as a signing Secret, which hardening item 6 will require.
+        // Labelled as a signing Secret, which hardening item 6 requires.
         "metadata": {"name": name, "labels": {"hookrelay.dev/signing-secret": "true"}},
         "stringData": {"secret": value}
     }))
@@ -83,7 +83,12 @@ async fn a_webhook_follows_its_secret_without_a_restart() {
         .await
         .unwrap();
     let message = wait_ready(&webhooks, "w", "False", "SecretNotFound").await;
-    assert_eq!(message, format!("Secret {ns}/w-secret not found"));
+    assert_eq!(
+        message,
+        format!(
+            "Secret {ns}/w-secret labelled hookrelay.dev/signing-secret=true not found: only Secrets with that label sign deliveries"
+        )
+    );
     let route = op
         .op
         .routes
@@ -101,7 +106,10 @@ async fn a_webhook_follows_its_secret_without_a_restart() {
 
     // The Secret arrives: Ready, with `kubectl wait` as a user would check it.
     secrets
-        .create(&PostParams::default(), &secret("w-secret", "first-secret"))
+        .create(
+            &PostParams::default(),
+            &secret("w-secret", "first-signing-secret-0123456789"),
+        )
         .await
         .unwrap();
     cp.kubectl_ok(
@@ -118,7 +126,7 @@ async fn a_webhook_follows_its_secret_without_a_restart() {
     .await;
     assert_eq!(
         signature_of(&op, &ns, "w"),
-        Some(expected_signature("first-secret"))
+        Some(expected_signature("first-signing-secret-0123456789"))
     );
     let w = webhooks.get("w").await.unwrap();
     assert_eq!(
@@ -131,11 +139,11 @@ async fn a_webhook_follows_its_secret_without_a_restart() {
         .patch(
             "w-secret",
             &PatchParams::default(),
-            &Patch::Merge(json!({"stringData": {"secret": "second-secret"}})),
+            &Patch::Merge(json!({"stringData": {"secret": "second-signing-secret-0123456789"}})),
         )
         .await
         .unwrap();
-    let expected = expected_signature("second-secret");
+    let expected = expected_signature("second-signing-secret-0123456789");
     eventually(
         "the route to sign with the rotated secret",
         WAIT,
@@ -161,7 +169,7 @@ async fn a_webhook_follows_its_secret_without_a_restart() {
         .patch(
             "w-secret",
             &PatchParams::default(),
-            &Patch::Merge(json!({"stringData": {"secret": "third"}})),
+            &Patch::Merge(json!({"stringData": {"secret": "third-signing-secret-0123456789"}})),
         )
         .await
         .unwrap();
@@ -226,7 +234,10 @@ async fn lookups_follow_changes_of_events_and_url() {
     let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     secrets
-        .create(&PostParams::default(), &secret("w-secret", "s"))
+        .create(
+            &PostParams::default(),
+            &secret("w-secret", "signing-secret-0123456789"),
+        )
         .await
         .unwrap();
     webhooks
@@ -307,7 +318,7 @@ async fn the_egress_policy_is_reported_in_the_ready_condition() {
         secrets
             .create(
                 &PostParams::default(),
-                &secret(&format!("{name}-secret"), "s"),
+                &secret(&format!("{name}-secret"), "signing-secret-0123456789"),
             )
             .await
             .unwrap();
@@ -349,7 +360,7 @@ async fn ready_means_every_existing_webhook_is_in_the_table() {
         secrets
             .create(
                 &PostParams::default(),
-                &secret(&format!("{name}-secret"), "s"),
+                &secret(&format!("{name}-secret"), "signing-secret-0123456789"),
             )
             .await
             .unwrap();
@@ -382,7 +393,10 @@ async fn status_writes_do_not_retrigger_status_writes() {
     let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     secrets
-        .create(&PostParams::default(), &secret("w-secret", "s"))
+        .create(
+            &PostParams::default(),
+            &secret("w-secret", "signing-secret-0123456789"),
+        )
         .await
         .unwrap();
     webhooks
