@@ -18,6 +18,7 @@ pub mod controller;
 pub mod crd;
 pub mod delivery;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod routing;

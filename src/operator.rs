@@ -14,6 +14,7 @@ use crate::{
     crd::{DocumentEvent, Webhook},
     delivery::{Dispatcher, DispatcherConfig, EgressPolicy, HttpSender},
     http,
+    leader::{self, ElectionConfig, Leadership},
     metrics::Metrics,
     routing::Routes,
     status::{self, WriterConfig},
@@ -94,6 +95,29 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Run several replicas: only the holder of the Lease `hookrelay` delivers DocumentEvents
+    /// and writes status and Events; every replica serves the API and keeps its routing table
+    /// warm.
+    #[arg(long, env = "HOOKRELAY_LEADER_ELECT")]
+    pub leader_elect: bool,
+
+    /// Namespace of the Lease; default: the pod's own namespace, else `default`.
+    #[arg(long, env = "HOOKRELAY_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// How long a Lease not renewed stays with its holder before a standby takes it.
+    #[arg(long, env = "HOOKRELAY_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+
+    /// The leader gives up (and the process restarts) when it could not renew for this long;
+    /// shorter than --lease-duration.
+    #[arg(long, env = "HOOKRELAY_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub renew_deadline: Duration,
+
+    /// How often the Lease is renewed, or tried by a standby.
+    #[arg(long, env = "HOOKRELAY_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub retry_period: Duration,
+
     /// A private or special range deliveries may reach, e.g. 10.0.0.0/8 (repeatable).
     #[arg(
         long = "allow-cidr",
@@ -156,6 +180,11 @@ impl RunArgs {
             max_in_flight: 512,
             max_in_flight_per_namespace: 128,
             shutdown_timeout: Duration::from_secs(20),
+            leader_elect: false,
+            lease_namespace: None,
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_connections: 1024,
@@ -201,6 +230,14 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "leader election needs --retry-period < --renew-deadline < --lease-duration (got {retry:?}, {renew:?}, {lease:?})"
+    )]
+    LeaseTimings {
+        retry: Duration,
+        renew: Duration,
+        lease: Duration,
+    },
     #[error("the {task} task ended unexpectedly ({why}); stopping so that a restart recovers")]
     TaskEnded { task: &'static str, why: String },
 }
@@ -209,6 +246,7 @@ pub enum Error {
 #[derive(Clone)]
 pub struct Operator {
     pub routes: Routes,
+    pub leadership: Leadership,
     pub readiness: http::Readiness,
     pub liveness: http::Liveness,
     pub metrics: Metrics,
@@ -238,7 +276,28 @@ pub async fn start(
     let metrics = Metrics::default();
     let client = metrics.instrumented_client(config)?;
     check_crds(&client).await?;
-    let readiness = http::Readiness::new(&["secrets", "webhooks", "documentevents"]);
+    if args.leader_elect
+        && !(args.retry_period < args.renew_deadline && args.renew_deadline < args.lease_duration)
+    {
+        return Err(Error::LeaseTimings {
+            retry: args.retry_period,
+            renew: args.renew_deadline,
+            lease: args.lease_duration,
+        });
+    }
+    // With leader election, a standby never syncs DocumentEvents: it is ready once it can
+    // route (and so serve the API).
+    let readiness = if args.leader_elect {
+        http::Readiness::new(&["secrets", "webhooks"])
+    } else {
+        http::Readiness::new(&["secrets", "webhooks", "documentevents"])
+    };
+    let (leading, leadership) = if args.leader_elect {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (Some(tx), Leadership::from(rx))
+    } else {
+        (None, Leadership::always())
+    };
     let liveness = http::Liveness::default();
     let routes = Routes::default();
     let scope = Scope::new(&args.namespaces);
@@ -263,6 +322,7 @@ pub async fn start(
         metrics.clone(),
         WriterConfig::default(),
         4096,
+        leadership.clone(),
     );
     let (gone_tx, gone_rx) = mpsc::unbounded_channel();
     let dispatcher = Arc::new(Dispatcher::new(
@@ -316,6 +376,7 @@ pub async fn start(
         ),
         direct_max_hold: args.direct_max_hold,
         readiness: readiness.clone(),
+        leadership: leadership.clone(),
         metrics: metrics.clone(),
         request_timeout: args.request_timeout,
         test_limiter: http::test_limiter(),
@@ -350,11 +411,37 @@ pub async fn start(
     // The writer stops last, after the producers, so that what they sent is written.
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(writer.run(writer_stop.clone()));
+    // Events are routed against a complete table only, and delivered by the leader only.
     let routes_synced = {
-        let readiness = readiness.clone();
-        async move { readiness.synced("webhooks").await }
+        let (readiness, mut leadership) = (readiness.clone(), leadership.clone());
+        async move {
+            readiness.synced("webhooks").await;
+            leadership.acquired().await;
+        }
     };
-    let webhooks = tokio::spawn(webhooks.run(client, scope.clone(), gone_rx, shutdown.clone()));
+    let elector = leading.map(|leading| {
+        let config = ElectionConfig {
+            namespace: args
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(leader::default_lease_namespace),
+            identity: leader::identity(),
+            lease_duration: args.lease_duration,
+            renew_deadline: args.renew_deadline,
+            retry_period: args.retry_period,
+        };
+        tracing::info!(identity = %config.identity, lease = %format!("{}/{}", config.namespace, leader::LEASE_NAME), "leader election on");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(leader::run(client.clone(), config, leading, stop.clone()));
+        (task, stop)
+    });
+    let webhooks = tokio::spawn(webhooks.run(
+        client,
+        scope.clone(),
+        gone_rx,
+        leadership.clone(),
+        shutdown.clone(),
+    ));
     let events = tokio::spawn(events.run(scope, routes_synced, shutdown.clone()));
     let metrics_server = tokio::spawn(http::serve(
         metrics_listener,
@@ -373,6 +460,7 @@ pub async fn start(
 
     let operator = Operator {
         routes,
+        leadership,
         readiness,
         liveness: liveness.clone(),
         metrics,
@@ -380,14 +468,18 @@ pub async fn start(
         listen_addr,
         auth,
     };
-    // In the order they stop: the servers and the controllers on `shutdown`, then the writer.
-    let tasks = vec![
+    // In the order they stop: the servers and the controllers on `shutdown`, then the writer,
+    // then (once status is written) the Lease is released, so a standby takes over at once.
+    let mut tasks = vec![
         Essential::new("metrics server", metrics_server, Some(metrics_addr)),
         Essential::new("API server", api_server, Some(listen_addr)),
         Essential::new("DocumentEvent controller", events, None),
         Essential::new("Webhook controller", webhooks, None),
         Essential::new("status writer", writer, None).stopped_by(writer_stop),
     ];
+    if let Some((task, stop)) = elector {
+        tasks.push(Essential::new("leader election", task, None).stopped_by(stop));
+    }
     let task = supervise(tasks, shutdown, liveness, args.shutdown_timeout);
     Ok((operator, task))
 }
@@ -441,6 +533,15 @@ pub trait IntoTaskResult {
 impl IntoTaskResult for () {
     fn into_task_result(self, _: Option<SocketAddr>) -> Result<(), Error> {
         Ok(())
+    }
+}
+
+impl IntoTaskResult for Result<(), leader::ElectionError> {
+    fn into_task_result(self, _: Option<SocketAddr>) -> Result<(), Error> {
+        self.map_err(|e| Error::TaskEnded {
+            task: "leader election",
+            why: e.to_string(),
+        })
     }
 }
 

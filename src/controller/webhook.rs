@@ -31,6 +31,7 @@ use crate::{
     crd::{Webhook, merge_condition},
     delivery::{EgressPolicy, GoneNotice},
     http::Readiness,
+    leader::Leadership,
     metrics::Metrics,
     routing::{Route, Routes, RoutingTable, WebhookKey},
     status::{ReadyUpdate, StatusSender, TransitionEvent, Update},
@@ -115,6 +116,7 @@ impl WebhookController {
         client: Client,
         scope: Scope,
         mut gone: mpsc::UnboundedReceiver<GoneNotice>,
+        mut leadership: Leadership,
         shutdown: CancellationToken,
     ) {
         // Only Secrets that opted in: others are never read, so a Webhook cannot name (or probe
@@ -136,6 +138,12 @@ impl WebhookController {
                 Some(input) = webhooks.next(), if synced => input,
                 Some(notice) = gone.recv() => {
                     self.on_gone(notice).await;
+                    continue;
+                }
+                true = leadership.changed() => {
+                    if leadership.is_leader() {
+                        self.resync().await;
+                    }
                     continue;
                 }
             };
@@ -200,6 +208,21 @@ impl WebhookController {
             | watcher::Event::Delete(DeserializeGuard(Err(e))) => {
                 tracing::warn!(secret = ?e.metadata.name, error = %e.error, "skipping a Secret that cannot be read");
             }
+        }
+    }
+
+    /// A replica that just became the leader decides every Webhook's `Ready` again, against the
+    /// status as the previous leader left it: only what differs is written, and an Event only
+    /// for a flip that nobody recorded.
+    async fn resync(&mut self) {
+        let webhooks: Vec<Arc<Webhook>> = self.webhooks.values().cloned().collect();
+        tracing::info!(
+            webhooks = webhooks.len(),
+            "leading: checking every Webhook's status"
+        );
+        for webhook in webhooks {
+            let route = self.reconcile(&webhook).await;
+            self.update_routes(|t| t.apply(route));
         }
     }
 

@@ -234,7 +234,10 @@ pub async fn ingest(
     let events = parse_events(&body, key)?;
     match state.ingest_mode {
         IngestMode::Durable => durable(&state, &namespace, events).await,
-        IngestMode::Direct => direct(&state, &namespace, events),
+        IngestMode::Direct => {
+            super::require_leader(&state, "direct ingest")?;
+            direct(&state, &namespace, events)
+        }
     }
 }
 

@@ -69,6 +69,9 @@ pub struct ApiState {
     pub direct_max_hold: std::time::Duration,
     /// Direct ingest waits for the routing table's first full sync.
     pub readiness: Readiness,
+    /// Direct ingest, `/test` and `/redeliver` deliver from this replica, which only the leader
+    /// may (it alone records attempts); a standby answers 503 `not_leader`.
+    pub leadership: crate::leader::Leadership,
     pub metrics: Metrics,
     /// Longest a request may take, body included; then 408.
     pub request_timeout: Duration,
@@ -173,6 +176,22 @@ pub fn namespace_for(query: &NamespaceQuery, caller: &Caller) -> Result<String, 
             "{namespace:?} is not a valid namespace name"
         )))
     }
+}
+
+/// 503 `not_leader` on a standby, for what only the leader may do.
+pub fn require_leader(state: &ApiState, what: &str) -> Result<(), ApiError> {
+    if state.leadership.is_leader() {
+        return Ok(());
+    }
+    let mut error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not_leader",
+        format!(
+            "this replica is a standby: {what} runs on the leader only (the holder of the Lease hookrelay); retry, or send it to the leader"
+        ),
+    );
+    error.retry_after = Some(1);
+    Err(error)
 }
 
 /// The listen port's router.

@@ -397,6 +397,7 @@ async fn attempt_once(
     body: EventBody,
     source: &str,
 ) -> Result<AttemptReport, ApiError> {
+    super::require_leader(state, "a manual delivery")?;
     let route = state
         .routes
         .snapshot()

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     crd::{DeliveryRecord, DocumentEventStatus},
+    leader::Leadership,
     metrics::{Metrics, ObjectKind, PatchResult, StatusPatchLabels},
     routing::WebhookKey,
 };
@@ -193,6 +194,9 @@ pub struct StatusWriter {
     slots: HashMap<SlotKey, Slot>,
     /// Delivery logs of Webhooks (by uid), seeded from their status on first use.
     logs: HashMap<WebhookKey, (String, DeliveryLog)>,
+    /// Only the leader writes: a standby drops what it is told (the Webhook controller decides
+    /// again against the live status when this replica becomes the leader).
+    leadership: Leadership,
 }
 
 /// A writer and the sender that feeds it; `capacity` bounds the channel.
@@ -201,6 +205,7 @@ pub fn channel(
     metrics: Metrics,
     config: WriterConfig,
     capacity: usize,
+    leadership: Leadership,
 ) -> (StatusSender, StatusWriter) {
     let (tx, rx) = mpsc::channel(capacity);
     let reporter = Reporter {
@@ -217,6 +222,7 @@ pub fn channel(
         config,
         slots: HashMap::new(),
         logs: HashMap::new(),
+        leadership,
     };
     (StatusSender { tx }, writer)
 }
@@ -287,6 +293,9 @@ impl StatusWriter {
 
     /// Merges `update` into its slot, returning the slot's key (None: nothing to write).
     fn merge(&mut self, update: Update) -> Option<SlotKey> {
+        if !self.leadership.is_leader() {
+            return None;
+        }
         let (key, content) = match update {
             Update::WebhookDeleted { key } => {
                 self.logs.remove(&key);
@@ -504,7 +513,7 @@ mod tests {
             patch_timeout: Duration::from_secs(5),
             max_in_flight: 4,
         };
-        let (tx, writer) = channel(client, Metrics::default(), config, 16);
+        let (tx, writer) = channel(client, Metrics::default(), config, 16, Leadership::always());
         (tx, writer, handle)
     }
 
@@ -633,6 +642,32 @@ mod tests {
             handle.next_request().await.is_none(),
             "nothing more was sent"
         );
+    }
+
+    #[tokio::test]
+    async fn a_standby_writes_nothing() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (leading, rx) = tokio::sync::watch::channel(false);
+        let (tx, writer) = channel(
+            client,
+            Metrics::default(),
+            WriterConfig::default(),
+            16,
+            Leadership::from(rx),
+        );
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(writer.run(stop.clone()));
+        tx.send(Update::EventStatus {
+            key: key(),
+            uid: "uid-1".into(),
+            status: delivered(),
+        })
+        .await;
+        stop.cancel();
+        run.await.unwrap();
+        assert!(next(&mut handle).await.is_none(), "a standby sent a patch");
+        drop(leading);
     }
 
     #[tokio::test]
