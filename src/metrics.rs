@@ -92,6 +92,8 @@ pub struct Metrics {
     /// Deliveries (event x webhook) not finished yet.
     pub pending_deliveries: Gauge,
     pub http_requests: Family<HttpLabels, Counter>,
+    /// 1 while this replica leads (always, without leader election).
+    pub leader: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -145,6 +147,12 @@ impl Default for Metrics {
             "Requests to the REST API and ingest by route and status code",
             http_requests.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the Lease (delivers and writes status), else 0",
+            leader.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             status_patches,
@@ -154,6 +162,7 @@ impl Default for Metrics {
             delivery_duration,
             pending_deliveries,
             http_requests,
+            leader,
         }
     }
 }

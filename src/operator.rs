@@ -411,6 +411,17 @@ pub async fn start(
     // The writer stops last, after the producers, so that what they sent is written.
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(writer.run(writer_stop.clone()));
+    {
+        let (mut leadership, gauge) = (leadership.clone(), metrics.leader.clone());
+        tokio::spawn(async move {
+            loop {
+                gauge.set(i64::from(leadership.is_leader()));
+                if !leadership.changed().await {
+                    break;
+                }
+            }
+        });
+    }
     // Events are routed against a complete table only, and delivered by the leader only.
     let routes_synced = {
         let (readiness, mut leadership) = (readiness.clone(), leadership.clone());

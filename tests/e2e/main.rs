@@ -8,6 +8,7 @@ mod crds;
 mod delivery;
 mod hardening;
 mod ingest;
+mod leader;
 mod operator;
 mod support;
 mod webhook_controller;
