@@ -1,96 +1,25 @@
-//! `POST /api/events`: document events from services that do not speak the Kubernetes API.
-//!
-//! Durable (default): each event is stored as a DocumentEvent before the 202, so accepted means
-//! delivered (at least once). Direct: dispatched from memory for the lowest latency, bounded by a
-//! queue that answers 429 when full; at-most-once across an operator restart.
+//! Direct ingest: admission to a bounded queue (global, and a share per namespace), the window
+//! of recent idempotency keys, and the dispatch of admitted deliveries.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
-use axum::{
-    Json,
-    body::Bytes,
-    extract::{Query, State},
-    http::{HeaderMap, StatusCode},
-};
-use futures::StreamExt;
-use kube::{Api, api::PostParams};
-use serde_json::{Map, Value, json};
+use axum::{Json, http::StatusCode};
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{ApiState, NamespaceQuery, Readiness, error::ApiError, namespace_for};
+use super::{
+    DIRECT_KEY_LIFETIME, DIRECT_KEY_WINDOW, DIRECT_KEYS_REMEMBERED, IngestEvent,
+    idempotency_conflict,
+};
 use crate::{
-    crd::{DocumentEvent, DocumentEventSpec, EventType},
     delivery::{Delivery, EventBody},
+    http::{ApiError, ApiState, Readiness},
     routing::RoutingTable,
 };
-
-/// Events accepted in one request.
-pub const MAX_EVENTS_PER_REQUEST: usize = 1000;
-
-/// Longest idempotency key, in characters.
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
-
-/// The header naming the one event of a request.
-pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
-
-/// The annotation holding the idempotency key on a DocumentEvent created with one.
-pub const IDEMPOTENCY_KEY_ANNOTATION: &str = "hookrelay.dev/idempotency-key";
-
-/// Direct mode remembers at most this many idempotency keys ...
-pub const DIRECT_KEYS_REMEMBERED: u64 = 100_000;
-/// ... for this long.
-pub const DIRECT_KEY_WINDOW: Duration = Duration::from_secs(600);
-
-const DURABLE_KEY_LIFETIME: &str = "an idempotency key lasts as long as its DocumentEvent is retained (--event-retention after delivery, --failed-event-retention after a failure)";
-const DIRECT_KEY_LIFETIME: &str = "direct mode remembers an idempotency key in memory for 10 minutes (at most 100000 keys, not across a restart); a repeat after that is delivered again, with the same delivery ids";
-
-/// One event of a request, validated.
-#[derive(Clone, Debug, PartialEq)]
-pub struct IngestEvent {
-    pub event: EventType,
-    pub timestamp: Option<String>,
-    pub data: Map<String, Value>,
-    /// The client's name for the event (`id`, or the `Idempotency-Key` header of a single
-    /// event): a repeat of the same key creates nothing twice.
-    pub key: Option<String>,
-}
-
-/// How accepted events are handled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum IngestMode {
-    /// Stored as DocumentEvents before the reply: at-least-once.
-    Durable,
-    /// Dispatched from memory: lowest latency, at-most-once across a restart.
-    Direct,
-}
-
-/// An idempotency key must be 1 to 200 printable ASCII characters, so that it fits an
-/// annotation and a log line unchanged.
-pub fn check_idempotency_key(key: &str) -> Result<(), String> {
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-        return Err(format!(
-            "must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters, got {}",
-            key.len()
-        ));
-    }
-    if let Some(c) = key.chars().find(|c| !(' '..='~').contains(c)) {
-        return Err(format!(
-            "must be printable ASCII, got {c:?}; use a UUID or a similar token"
-        ));
-    }
-    Ok(())
-}
-
-/// The DocumentEvent name of a keyed event: deterministic, so that a retried request finds
-/// what the first one stored instead of storing it again.
-pub fn keyed_event_name(key: &str) -> String {
-    format!("ev-{}", &hex::encode(Sha256::digest(key.as_bytes()))[..40])
-}
 
 /// The event id of a keyed direct event (delivery ids derive from it): deterministic, so that a
 /// repeat outside the in-memory window still carries the same delivery ids.
@@ -102,273 +31,6 @@ fn keyed_direct_event_id(namespace: &str, key: &str) -> String {
         .chain_update(key)
         .finalize();
     hex::encode(&digest[..16])
-}
-
-/// Parses a request body: one seed-shaped event or an array of them, with the request's
-/// `Idempotency-Key` header if any. Pure, so every refusal is a unit test; nothing is created
-/// unless every event is valid.
-pub fn parse_events(
-    body: &[u8],
-    idempotency_key: Option<&[u8]>,
-) -> Result<Vec<IngestEvent>, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
-    let (items, array) = match value {
-        Value::Array(items) => (items, true),
-        Value::Object(_) => (vec![value], false),
-        _ => {
-            return Err(ApiError::invalid(
-                "expected an event object or an array of event objects",
-            ));
-        }
-    };
-    let header_key = match idempotency_key {
-        None => None,
-        Some(_) if array => {
-            return Err(ApiError::invalid(
-                "the Idempotency-Key header names a single event; in an array give each event an \"id\" field instead",
-            ));
-        }
-        Some(bytes) => {
-            let key = std::str::from_utf8(bytes).map_err(|_| {
-                ApiError::invalid("the Idempotency-Key header must be printable ASCII")
-            })?;
-            check_idempotency_key(key)
-                .map_err(|e| ApiError::invalid(format!("the Idempotency-Key header {e}")))?;
-            Some(key.to_owned())
-        }
-    };
-    if items.is_empty() {
-        return Err(ApiError::invalid("the array holds no events"));
-    }
-    if items.len() > MAX_EVENTS_PER_REQUEST {
-        return Err(ApiError::invalid(format!(
-            "at most {MAX_EVENTS_PER_REQUEST} events per request, got {}",
-            items.len()
-        )));
-    }
-    let mut events = items
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| {
-            let at = if array { format!("events[{i}].") } else { String::new() };
-            let Value::Object(mut obj) = item else {
-                return Err(ApiError::invalid(format!("events[{i}] must be an object")));
-            };
-            let event = match obj.remove("event") {
-                Some(Value::String(s)) => s.parse::<EventType>().map_err(|e| ApiError::invalid(format!("{at}event: {e}")))?,
-                Some(_) => return Err(ApiError::invalid(format!("{at}event must be a string"))),
-                None => return Err(ApiError::invalid(format!("{at}event is required"))),
-            };
-            let timestamp = match obj.remove("timestamp") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) if is_rfc3339(&s) => Some(s),
-                Some(other) => {
-                    return Err(ApiError::invalid(format!("{at}timestamp must be an RFC 3339 time such as 2023-06-15T10:35:00Z, got {other}")));
-                }
-            };
-            let data = match obj.remove("data") {
-                Some(Value::Object(data)) => data,
-                Some(_) => return Err(ApiError::invalid(format!("{at}data must be a JSON object"))),
-                None => return Err(ApiError::invalid(format!("{at}data is required"))),
-            };
-            let key = match obj.remove("id") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(key)) => {
-                    check_idempotency_key(&key).map_err(|e| ApiError::invalid(format!("{at}id {e}")))?;
-                    Some(key)
-                }
-                Some(_) => return Err(ApiError::invalid(format!("{at}id must be a string"))),
-            };
-            Ok(IngestEvent { event, timestamp, data, key })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    if let Some(header_key) = header_key {
-        let event = &mut events[0];
-        match &event.key {
-            Some(id) if *id != header_key => {
-                return Err(ApiError::invalid(
-                    "the Idempotency-Key header and the event's \"id\" differ; send one of them",
-                ));
-            }
-            _ => event.key = Some(header_key),
-        }
-    }
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for (i, e) in events.iter().enumerate() {
-        if let Some(key) = &e.key
-            && let Some(first) = seen.insert(key, i)
-        {
-            return Err(ApiError::invalid(format!(
-                "events[{i}].id repeats events[{first}].id; each event needs its own id"
-            )));
-        }
-    }
-    Ok(events)
-}
-
-/// RFC 3339 as the CRD's `date-time` takes it: at most 64 characters, a `T`, an offset, no
-/// RFC 9557 annotations.
-fn is_rfc3339(s: &str) -> bool {
-    s.len() <= 64
-        && !s.contains('[')
-        && s.as_bytes()
-            .get(10)
-            .is_some_and(|b| b.eq_ignore_ascii_case(&b'T'))
-        && s.parse::<k8s_openapi::jiff::Timestamp>().is_ok()
-}
-
-pub async fn ingest(
-    State(state): State<Arc<ApiState>>,
-    Query(query): Query<NamespaceQuery>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let caller = state.auth.authenticate(&headers).await?;
-    let namespace = namespace_for(&query, &caller)?;
-    state
-        .auth
-        .authorize(&caller, "create", "documentevents", &namespace)
-        .await?;
-    let key = headers.get(IDEMPOTENCY_KEY_HEADER).map(|v| v.as_bytes());
-    let events = parse_events(&body, key)?;
-    match state.ingest_mode {
-        IngestMode::Durable => durable(&state, &namespace, events).await,
-        IngestMode::Direct => {
-            super::require_leader(&state, "direct ingest")?;
-            direct(&state, &namespace, events)
-        }
-    }
-}
-
-/// What became of one event of a durable request.
-struct Stored {
-    name: String,
-    /// The key's DocumentEvent existed already, with the same content.
-    duplicate: bool,
-}
-
-async fn durable(
-    state: &ApiState,
-    namespace: &str,
-    events: Vec<IngestEvent>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let api: Api<DocumentEvent> = Api::namespaced(state.client.clone(), namespace);
-    let keyed = events.iter().any(|e| e.key.is_some());
-    let total = events.len();
-    let results: Vec<Result<Stored, ApiError>> = futures::stream::iter(events)
-        .map(|e| store(api.clone(), e))
-        .buffered(16)
-        .collect()
-        .await;
-    let mut stored = Vec::new();
-    let mut not_stored = Vec::new();
-    let mut first_error = None;
-    let mut duplicates = Vec::new();
-    let mut names = Vec::new();
-    for (index, result) in results.into_iter().enumerate() {
-        match result {
-            Ok(s) => {
-                stored.push(json!({"index": index, "name": s.name}));
-                if s.duplicate {
-                    duplicates.push(index);
-                }
-                names.push(s.name);
-            }
-            Err(e) => {
-                not_stored.push(index);
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(mut error) = first_error {
-        // Nothing is taken back: what was stored may be delivered already. The client learns
-        // exactly which events to send again.
-        error.message = format!(
-            "{}; {} of {total} events were stored (\"stored\"), retry only those in \"not_stored\"{}",
-            error.message,
-            stored.len(),
-            if keyed {
-                ""
-            } else {
-                " (or give each event an \"id\", so that a whole request can be retried safely)"
-            }
-        );
-        return Err(error.with_details(json!({"stored": stored, "not_stored": not_stored})));
-    }
-    let mut reply = json!({
-        "mode": "durable",
-        "namespace": namespace,
-        "accepted": names.len(),
-        "document_events": names,
-        "duplicates": duplicates,
-    });
-    if keyed {
-        reply["idempotency"] = DURABLE_KEY_LIFETIME.into();
-    }
-    Ok((StatusCode::ACCEPTED, Json(reply)))
-}
-
-/// Stores one event: with a key under the name derived from it, so that a repeat finds the
-/// first one (same uid, so the same delivery ids); without one under a generated name.
-async fn store(api: Api<DocumentEvent>, e: IngestEvent) -> Result<Stored, ApiError> {
-    let spec = DocumentEventSpec {
-        type_: e.event,
-        timestamp: e.timestamp,
-        data: e.data,
-    };
-    let mut de = DocumentEvent::new("", spec.clone());
-    let Some(key) = e.key else {
-        de.metadata.name = None;
-        de.metadata.generate_name = Some(format!("{}-", e.event.as_str().replace('.', "-")));
-        return match api.create(&PostParams::default(), &de).await {
-            Ok(de) => Ok(Stored {
-                name: de.metadata.name.unwrap_or_default(),
-                duplicate: false,
-            }),
-            Err(error) => Err(ApiError::from_kube(error, "namespace")),
-        };
-    };
-    let name = keyed_event_name(&key);
-    de.metadata.name = Some(name.clone());
-    de.metadata.annotations = Some([(IDEMPOTENCY_KEY_ANNOTATION.to_owned(), key.clone())].into());
-    // Twice at most: the existing one may be deleted (retention) between create and get.
-    for _ in 0..2 {
-        match api.create(&PostParams::default(), &de).await {
-            Ok(_) => {
-                return Ok(Stored {
-                    name,
-                    duplicate: false,
-                });
-            }
-            Err(kube::Error::Api(status)) if status.code == 409 => {}
-            Err(error) => return Err(ApiError::from_kube(error, "namespace")),
-        }
-        match api.get_opt(&name).await {
-            Ok(Some(existing)) if existing.spec == spec => {
-                return Ok(Stored {
-                    name,
-                    duplicate: true,
-                });
-            }
-            Ok(Some(_)) => return Err(idempotency_conflict(&key)),
-            Ok(None) => continue,
-            Err(error) => return Err(ApiError::from_kube(error, "namespace")),
-        }
-    }
-    Err(ApiError::unavailable(format!(
-        "the DocumentEvent {name} of idempotency key {key:?} was being deleted; retry"
-    )))
-}
-
-fn idempotency_conflict(key: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "idempotency_conflict",
-        format!(
-            "idempotency key {key:?} was already used for a different event (type, timestamp or data differ); use a new key for a new event"
-        ),
-    )
 }
 
 /// Direct-mode admission: the queue (global and per namespace) and the window of recent
@@ -661,7 +323,7 @@ fn fingerprint(e: &IngestEvent) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-fn direct(
+pub(super) fn direct(
     state: &ApiState,
     namespace: &str,
     events: Vec<IngestEvent>,
@@ -700,71 +362,7 @@ fn direct(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn code(body: &str) -> u16 {
-        parse_events(body.as_bytes(), None)
-            .err()
-            .map(|e| e.status.as_u16())
-            .unwrap_or(202)
-    }
-
-    #[test]
-    fn the_seed_payload_is_accepted_alone_or_in_an_array() {
-        let one = r#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":123}}"#;
-        let parsed = parse_events(one.as_bytes(), None).unwrap();
-        assert_eq!(parsed[0].event, EventType::Completed);
-        assert_eq!(parsed[0].timestamp.as_deref(), Some("2023-06-15T10:35:00Z"));
-        assert_eq!(
-            parse_events(format!("[{one},{one}]").as_bytes(), None)
-                .unwrap()
-                .len(),
-            2
-        );
-        assert_eq!(
-            code(r#"{"event":"document.error","data":{}}"#),
-            202,
-            "timestamp is optional"
-        );
-    }
-
-    #[test]
-    fn bad_bodies_get_400_or_422_with_the_field_named() {
-        assert_eq!(code("{"), 400);
-        assert_eq!(code(""), 400);
-        assert_eq!(code("42"), 422);
-        assert_eq!(code("[]"), 422);
-        assert_eq!(code("[1]"), 422);
-        assert_eq!(code(r#"{"data":{}}"#), 422);
-        assert_eq!(code(r#"{"event":"document.archived","data":{}}"#), 422);
-        assert_eq!(code(r#"{"event":7,"data":{}}"#), 422);
-        assert_eq!(code(r#"{"event":"document.error"}"#), 422);
-        assert_eq!(code(r#"{"event":"document.error","data":[1]}"#), 422);
-        assert_eq!(
-            code(r#"{"event":"document.error","timestamp":"yesterday","data":{}}"#),
-            422
-        );
-        let e = parse_events(
-            br#"[{"event":"document.error","data":{}},{"event":"nope","data":{}}]"#,
-            None,
-        )
-        .unwrap_err();
-        assert!(
-            e.message
-                .starts_with("events[1].event: unknown event type \"nope\""),
-            "{}",
-            e.message
-        );
-        let many = format!(
-            "[{}]",
-            vec![r#"{"event":"document.error","data":{}}"#; MAX_EVENTS_PER_REQUEST + 1].join(",")
-        );
-        assert_eq!(code(&many), 422);
-    }
-}
-
-#[cfg(test)]
-mod idempotency_and_direct_tests {
-    use super::*;
+    use crate::http::ingest::parse_events;
     use crate::{
         crd::{DeliveryPolicy, WebhookEvent},
         routing::{Route, RouteState, WebhookKey},
@@ -796,80 +394,6 @@ mod idempotency_and_direct_tests {
         let r = Readiness::new(&["webhooks"]);
         r.mark_ready("webhooks");
         r
-    }
-
-    #[test]
-    fn idempotency_keys_are_1_to_200_printable_ascii_characters() {
-        assert!(check_idempotency_key("a").is_ok());
-        assert!(check_idempotency_key("order-123/attempt 1:~").is_ok());
-        assert!(check_idempotency_key(&"k".repeat(200)).is_ok());
-        assert!(check_idempotency_key("").is_err());
-        assert!(check_idempotency_key(&"k".repeat(201)).is_err());
-        assert!(check_idempotency_key("tab\there").is_err());
-        assert!(check_idempotency_key("caf\u{e9}").is_err());
-    }
-
-    #[test]
-    fn a_key_names_one_document_event_deterministically() {
-        let name = keyed_event_name("order-123");
-        assert_eq!(name, keyed_event_name("order-123"));
-        assert_ne!(name, keyed_event_name("order-124"));
-        assert!(name.starts_with("ev-") && name.len() == 43, "{name}");
-        assert!(
-            name[3..]
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        );
-        // The longest key still makes a valid object name.
-        assert_eq!(keyed_event_name(&"~".repeat(200)).len(), 43);
-    }
-
-    #[test]
-    fn keys_come_from_the_header_for_one_event_or_an_id_per_event() {
-        let one = r#"{"event":"document.error","data":{}}"#;
-        let parsed = parse_events(one.as_bytes(), Some(b"k1")).unwrap();
-        assert_eq!(parsed[0].key.as_deref(), Some("k1"));
-        let with_id = r#"{"event":"document.error","id":"k1","data":{}}"#;
-        assert_eq!(
-            parse_events(with_id.as_bytes(), Some(b"k1")).unwrap()[0]
-                .key
-                .as_deref(),
-            Some("k1")
-        );
-        let batch = r#"[{"event":"document.error","id":"a","data":{}},{"event":"document.error","data":{}}]"#;
-        let parsed = parse_events(batch.as_bytes(), None).unwrap();
-        assert_eq!(
-            (parsed[0].key.as_deref(), parsed[1].key.as_deref()),
-            (Some("a"), None)
-        );
-
-        let refused = |body: &str, header: Option<&[u8]>| {
-            let e = parse_events(body.as_bytes(), header).unwrap_err();
-            assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-            e.message
-        };
-        assert!(refused(&format!("[{one}]"), Some(b"k1")).contains("\"id\" field"));
-        assert!(refused(with_id, Some(b"k2")).contains("differ"));
-        assert!(refused(one, Some(b"")).contains("Idempotency-Key"));
-        assert!(refused(one, Some(&[0xff])).contains("Idempotency-Key"));
-        assert!(refused(r#"{"event":"document.error","id":7,"data":{}}"#, None).contains("id"));
-        assert!(
-            refused(
-                &format!(
-                    r#"{{"event":"document.error","id":"{}","data":{{}}}}"#,
-                    "x".repeat(201)
-                ),
-                None
-            )
-            .contains("id must be 1 to 200")
-        );
-        assert!(
-            refused(
-                r#"[{"event":"document.error","id":"a","data":{}},{"event":"document.error","id":"a","data":{}}]"#,
-                None
-            )
-            .contains("events[1].id repeats events[0].id")
-        );
     }
 
     #[test]

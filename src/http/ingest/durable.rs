@@ -1,0 +1,136 @@
+//! Durable ingest: each event a DocumentEvent before the reply; keyed events by a name derived
+//! from their key, so that a retry stores nothing twice.
+
+use axum::{Json, http::StatusCode};
+use futures::StreamExt;
+use kube::{Api, api::PostParams};
+use serde_json::{Value, json};
+
+use super::{
+    DURABLE_KEY_LIFETIME, IDEMPOTENCY_KEY_ANNOTATION, IngestEvent, idempotency_conflict,
+    keyed_event_name,
+};
+use crate::{
+    crd::{DocumentEvent, DocumentEventSpec},
+    http::{ApiError, ApiState},
+};
+
+/// What became of one event of a durable request.
+struct Stored {
+    name: String,
+    /// The key's DocumentEvent existed already, with the same content.
+    duplicate: bool,
+}
+
+pub(super) async fn durable(
+    state: &ApiState,
+    namespace: &str,
+    events: Vec<IngestEvent>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let api: Api<DocumentEvent> = Api::namespaced(state.client.clone(), namespace);
+    let keyed = events.iter().any(|e| e.key.is_some());
+    let total = events.len();
+    let results: Vec<Result<Stored, ApiError>> = futures::stream::iter(events)
+        .map(|e| store(api.clone(), e))
+        .buffered(16)
+        .collect()
+        .await;
+    let mut stored = Vec::new();
+    let mut not_stored = Vec::new();
+    let mut first_error = None;
+    let mut duplicates = Vec::new();
+    let mut names = Vec::new();
+    for (index, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(s) => {
+                stored.push(json!({"index": index, "name": s.name}));
+                if s.duplicate {
+                    duplicates.push(index);
+                }
+                names.push(s.name);
+            }
+            Err(e) => {
+                not_stored.push(index);
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(mut error) = first_error {
+        // Nothing is taken back: what was stored may be delivered already. The client learns
+        // exactly which events to send again.
+        error.message = format!(
+            "{}; {} of {total} events were stored (\"stored\"), retry only those in \"not_stored\"{}",
+            error.message,
+            stored.len(),
+            if keyed {
+                ""
+            } else {
+                " (or give each event an \"id\", so that a whole request can be retried safely)"
+            }
+        );
+        return Err(error.with_details(json!({"stored": stored, "not_stored": not_stored})));
+    }
+    let mut reply = json!({
+        "mode": "durable",
+        "namespace": namespace,
+        "accepted": names.len(),
+        "document_events": names,
+        "duplicates": duplicates,
+    });
+    if keyed {
+        reply["idempotency"] = DURABLE_KEY_LIFETIME.into();
+    }
+    Ok((StatusCode::ACCEPTED, Json(reply)))
+}
+
+/// Stores one event: with a key under the name derived from it, so that a repeat finds the
+/// first one (same uid, so the same delivery ids); without one under a generated name.
+async fn store(api: Api<DocumentEvent>, e: IngestEvent) -> Result<Stored, ApiError> {
+    let spec = DocumentEventSpec {
+        type_: e.event,
+        timestamp: e.timestamp,
+        data: e.data,
+    };
+    let mut de = DocumentEvent::new("", spec.clone());
+    let Some(key) = e.key else {
+        de.metadata.name = None;
+        de.metadata.generate_name = Some(format!("{}-", e.event.as_str().replace('.', "-")));
+        return match api.create(&PostParams::default(), &de).await {
+            Ok(de) => Ok(Stored {
+                name: de.metadata.name.unwrap_or_default(),
+                duplicate: false,
+            }),
+            Err(error) => Err(ApiError::from_kube(error, "namespace")),
+        };
+    };
+    let name = keyed_event_name(&key);
+    de.metadata.name = Some(name.clone());
+    de.metadata.annotations = Some([(IDEMPOTENCY_KEY_ANNOTATION.to_owned(), key.clone())].into());
+    // Twice at most: the existing one may be deleted (retention) between create and get.
+    for _ in 0..2 {
+        match api.create(&PostParams::default(), &de).await {
+            Ok(_) => {
+                return Ok(Stored {
+                    name,
+                    duplicate: false,
+                });
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(error) => return Err(ApiError::from_kube(error, "namespace")),
+        }
+        match api.get_opt(&name).await {
+            Ok(Some(existing)) if existing.spec == spec => {
+                return Ok(Stored {
+                    name,
+                    duplicate: true,
+                });
+            }
+            Ok(Some(_)) => return Err(idempotency_conflict(&key)),
+            Ok(None) => continue,
+            Err(error) => return Err(ApiError::from_kube(error, "namespace")),
+        }
+    }
+    Err(ApiError::unavailable(format!(
+        "the DocumentEvent {name} of idempotency key {key:?} was being deleted; retry"
+    )))
+}
