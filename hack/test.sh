@@ -20,6 +20,13 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 
+step "release binary, built as the Dockerfile builds it (no container engine here)"
+cargo build --release --locked --bin hookrelay
+
+step "helm lint (defaults, and every option on)"
+helm lint --strict charts/hookrelay
+helm lint --strict charts/hookrelay -f charts/hookrelay/ci/all-on-values.yaml
+
 step "build tests"
 cargo test --locked --no-run
 

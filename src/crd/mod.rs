@@ -49,16 +49,29 @@ pub fn crds_yaml() -> String {
 mod tests {
     use super::*;
 
-    /// crds/ is generated from these types; regenerate with `cargo run -- crds --dir crds`.
+    /// crds/ and the Helm chart's copy are generated from these types; regenerate with
+    /// `cargo run -- crds --dir crds` and `cargo run -- crds --dir charts/hookrelay/crds`.
     #[test]
     fn crds_directory_matches_the_rust_types() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
-        for (name, yaml) in crd_files() {
-            let on_disk = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
-            assert!(
-                on_disk == yaml,
-                "crds/{name} is out of date with src/crd: run `cargo run -- crds --dir crds`"
-            );
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        for copy in ["crds", "charts/hookrelay/crds"] {
+            let dir = root.join(copy);
+            for (name, yaml) in crd_files() {
+                let on_disk = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
+                assert!(
+                    on_disk == yaml,
+                    "{copy}/{name} is out of date with src/crd: run `cargo run -- crds --dir {copy}`"
+                );
+            }
+            // Nothing else either: a file there that no type generates would be applied too.
+            let mut files: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("{copy}: {e}"))
+                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            files.sort();
+            let mut expected: Vec<String> = crd_files().into_iter().map(|(name, _)| name).collect();
+            expected.sort();
+            assert_eq!(files, expected, "{copy} holds exactly the generated CRDs");
         }
     }
 

@@ -2,6 +2,7 @@
 
 mod api;
 mod api_hardening;
+mod chart;
 mod control_plane;
 mod crash;
 mod crds;

@@ -1,0 +1,18 @@
+# hookrelay's image: the release binary on a distroless glibc base, run as a non-root user.
+# The `cc` variant carries glibc (with its NSS, which the resolver needs) and libgcc; no shell.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY benches ./benches
+COPY docs ./docs
+# --locked: exactly the dependencies of Cargo.lock, as CI builds them (hack/test.sh).
+RUN cargo build --release --locked --bin hookrelay
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/hookrelay /hookrelay
+# 65532 is distroless' nonroot user; numeric so that runAsNonRoot can verify it.
+USER 65532:65532
+EXPOSE 8080 9090
+ENTRYPOINT ["/hookrelay"]
+CMD ["run"]
