@@ -48,9 +48,9 @@ impl Leadership {
         *self.0.borrow()
     }
 
-    /// Waits until this replica leads.
-    pub async fn acquired(&mut self) {
-        let _ = self.0.wait_for(|leads| *leads).await;
+    /// Waits until this replica leads; false when it never will (the election ended).
+    pub async fn acquired(&mut self) -> bool {
+        self.0.wait_for(|leads| *leads).await.is_ok()
     }
 
     /// Waits for the next change; false once it can no longer change.
@@ -155,43 +155,67 @@ pub async fn run(
 ) -> Result<(), ElectionError> {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let mut observed: Option<Observed> = None;
-    let mut last_renewal = Instant::now();
+    // While leading: when the last successful renewal *started*. The API server's record is at
+    // least that recent, so a standby cannot take over before this + lease duration; leading
+    // ends hard at this + renew deadline, which is earlier.
+    let mut renewed_at = Instant::now();
+    let round_timeout = config.retry_period.max(Duration::from_secs(1));
+    let lost = |last_error: String| {
+        // Stop everything that acts as the leader before anything else happens.
+        leading.send_replace(false);
+        Err(ElectionError::Lost {
+            namespace: config.namespace.clone(),
+            deadline: config.renew_deadline,
+            last_error,
+        })
+    };
     loop {
         let leads = *leading.borrow();
-        match try_acquire_or_renew(&api, &config, &mut observed).await {
+        let started = Instant::now();
+        let deadline = renewed_at + config.renew_deadline;
+        if leads && started >= deadline {
+            return lost("the renew deadline passed".into());
+        }
+        // A leader's round never outlives its deadline.
+        let budget = if leads {
+            round_timeout.min(deadline - started)
+        } else {
+            round_timeout
+        };
+        let round =
+            tokio::time::timeout(budget, try_acquire_or_renew(&api, &config, &mut observed))
+                .await
+                .unwrap_or_else(|_| Err(kube::Error::Service("the Lease round timed out".into())));
+        match round {
             Ok(true) => {
-                last_renewal = Instant::now();
+                renewed_at = started;
                 if !leads {
                     tracing::info!(identity = %config.identity, lease = %format!("{}/{LEASE_NAME}", config.namespace), "became the leader");
                     leading.send_replace(true);
                 }
             }
-            Ok(false) => {
-                if leads {
-                    // Someone else took it: we must already have stopped.
-                    return Err(ElectionError::Lost {
-                        namespace: config.namespace.clone(),
-                        deadline: config.renew_deadline,
-                        last_error: "another replica holds the Lease".into(),
-                    });
-                }
-            }
+            Ok(false) if leads => return lost("another replica holds the Lease".into()),
+            Ok(false) => {}
             // Another candidate wrote the Lease first: normal for a candidate, worth a retry
             // (until the renew deadline) for the leader.
             Err(kube::Error::Api(e)) if e.code == 409 && !leads => {}
             Err(error) => {
                 tracing::warn!(%error, "leader election: cannot read or write the Lease");
-                if leads && last_renewal.elapsed() >= config.renew_deadline {
-                    return Err(ElectionError::Lost {
-                        namespace: config.namespace.clone(),
-                        deadline: config.renew_deadline,
-                        last_error: error.to_string(),
-                    });
+                if leads && Instant::now() >= deadline {
+                    return lost(error.to_string());
                 }
             }
         }
+        // A leader wakes at its deadline at the latest.
+        let pause = if *leading.borrow() {
+            config
+                .retry_period
+                .min((renewed_at + config.renew_deadline).saturating_duration_since(Instant::now()))
+        } else {
+            config.retry_period
+        };
         tokio::select! {
-            _ = tokio::time::sleep(config.retry_period) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stop.cancelled() => break,
         }
     }
@@ -207,10 +231,7 @@ async fn try_acquire_or_renew(
     config: &ElectionConfig,
     observed: &mut Option<Observed>,
 ) -> Result<bool, kube::Error> {
-    let timeout = config.retry_period.max(Duration::from_secs(1));
-    let current = tokio::time::timeout(timeout, api.get_opt(LEASE_NAME))
-        .await
-        .map_err(|_| kube::Error::Service("reading the Lease timed out".into()))??;
+    let current = api.get_opt(LEASE_NAME).await?;
     let now = Instant::now();
     let spec = current.as_ref().and_then(|l| l.spec.clone());
     let record = (
@@ -260,11 +281,7 @@ async fn try_acquire_or_renew(
             }
         }
     };
-    match tokio::time::timeout(timeout, write).await {
-        Ok(Ok(_)) => Ok(true),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(kube::Error::Service("writing the Lease timed out".into())),
-    }
+    write.await.map(|_| true)
 }
 
 /// Gives the Lease up at once: no holder, a one-second duration.

@@ -427,7 +427,10 @@ pub async fn start(
         let (readiness, mut leadership) = (readiness.clone(), leadership.clone());
         async move {
             readiness.synced("webhooks").await;
-            leadership.acquired().await;
+            if !leadership.acquired().await {
+                // The election ended without this replica leading: never deliver.
+                std::future::pending::<()>().await;
+            }
         }
     };
     let elector = leading.map(|leading| {
@@ -479,11 +482,11 @@ pub async fn start(
         listen_addr,
         auth,
     };
-    // In the order they stop: the servers and the controllers on `shutdown`, then the writer,
-    // then (once status is written) the Lease is released, so a standby takes over at once.
+    // In the order they stop: the controllers on `shutdown`, then the writer, then (once status
+    // is written) the Lease is released, so a standby takes over at once.
+    // The servers drain last, so that an API request in flight does not hold up the flush and
+    // the Lease release.
     let mut tasks = vec![
-        Essential::new("metrics server", metrics_server, Some(metrics_addr)),
-        Essential::new("API server", api_server, Some(listen_addr)),
         Essential::new("DocumentEvent controller", events, None),
         Essential::new("Webhook controller", webhooks, None),
         Essential::new("status writer", writer, None).stopped_by(writer_stop),
@@ -491,6 +494,12 @@ pub async fn start(
     if let Some((task, stop)) = elector {
         tasks.push(Essential::new("leader election", task, None).stopped_by(stop));
     }
+    tasks.push(Essential::new("API server", api_server, Some(listen_addr)));
+    tasks.push(Essential::new(
+        "metrics server",
+        metrics_server,
+        Some(metrics_addr),
+    ));
     let task = supervise(tasks, shutdown, liveness, args.shutdown_timeout);
     Ok((operator, task))
 }

@@ -22,7 +22,7 @@ use kube::{
     runtime::watcher,
 };
 use tokio::sync::mpsc;
-use tokio_util::{sync::CancellationToken, time::DelayQueue};
+use tokio_util::{sync::CancellationToken, task::TaskTracker, time::DelayQueue};
 
 use super::Scope;
 use crate::{
@@ -78,6 +78,8 @@ pub struct DocumentEventController {
     progress: mpsc::Receiver<Progress>,
     tracked: HashMap<EventKey, Tracked>,
     cleanup: DelayQueue<(EventKey, String)>,
+    /// Every delivery task, waited for on shutdown.
+    deliveries: TaskTracker,
     coverage: Vec<Option<Arc<str>>>,
     relists: Vec<Option<HashSet<EventKey>>>,
     synced: Vec<bool>,
@@ -114,6 +116,7 @@ impl DocumentEventController {
             progress: rx,
             tracked: HashMap::new(),
             cleanup: DelayQueue::new(),
+            deliveries: TaskTracker::new(),
             coverage,
             relists: vec![None; n],
             synced: vec![false; n],
@@ -147,10 +150,19 @@ impl DocumentEventController {
                 }
             }
         }
+        // Stop: deliveries waiting (for their time, a slot, or a held Webhook) end now; attempts
+        // being sent finish, and what every delivery reported goes to the status writer, so
+        // that the next leader does not send them again.
         for tracked in self.tracked.values() {
             tracked.cancel.cancel();
         }
-        // Progress already reported still goes to the status writer.
+        self.deliveries.close();
+        loop {
+            tokio::select! {
+                Some(progress) = self.progress.recv() => self.on_progress(progress).await,
+                _ = self.deliveries.wait() => break,
+            }
+        }
         while let Ok(progress) = self.progress.try_recv() {
             self.on_progress(progress).await;
         }
@@ -248,7 +260,7 @@ impl DocumentEventController {
                     uid: uid.clone(),
                 };
                 self.tasks.metrics.pending_deliveries.inc();
-                tokio::spawn(deliver(
+                self.deliveries.spawn(deliver(
                     self.tasks.clone(),
                     progress,
                     delivery,

@@ -75,6 +75,11 @@ pub struct WebhookController {
     /// Bounds the Secret look-ups behind those warnings (after an upgrade, every Webhook may
     /// need one at once).
     lookups: Arc<tokio::sync::Semaphore>,
+    /// (uid, generation) of the Webhooks looked up already: one look-up per spec, not one per
+    /// re-resolution.
+    looked_up: HashSet<(String, i64)>,
+    /// Only the leader looks Secrets up (and warns); set by `run`.
+    leadership: Leadership,
 }
 
 impl WebhookController {
@@ -106,6 +111,8 @@ impl WebhookController {
             client: None,
             warned: Default::default(),
             lookups: Arc::new(tokio::sync::Semaphore::new(4)),
+            looked_up: HashSet::new(),
+            leadership: Leadership::always(),
         }
     }
 
@@ -129,6 +136,7 @@ impl WebhookController {
             .watch(&client, watcher::Config::default(), strip_webhook)
             .map(|(i, e)| Input::Webhook(i, e));
         self.client = Some(client);
+        self.leadership = leadership.clone();
         loop {
             let synced = self.secrets_synced.iter().all(|s| *s);
             let input = tokio::select! {
@@ -450,11 +458,14 @@ impl WebhookController {
                 "this Webhook's signing secret is shorter than 16 bytes and no longer signs: replace it with a strong one (see the README's upgrade notes)"
             );
         } else if reason == ready_reason::SECRET_NOT_FOUND
+            && self.leadership.is_leader()
+            && self
+                .looked_up
+                .insert((uid.clone(), webhook.metadata.generation.unwrap_or_default()))
             && let Some(client) = self.client.clone()
         {
-            // Looked up on every re-resolution while the Secret is missing (rare: a change of
-            // the Webhook or of a labelled Secret), so that one created later without the label
-            // is still warned about; bounded by `lookups`.
+            // Once per generation of the Webhook (a change of its spec, say a new secretRef,
+            // looks again); bounded by `lookups`.
             let lookups = self.lookups.clone();
             tokio::spawn(async move {
                 let Ok(_slot) = lookups.acquire_owned().await else {

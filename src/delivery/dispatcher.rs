@@ -56,6 +56,12 @@ pub enum RouteCheck {
     Gone(String),
 }
 
+/// The slots an attempt holds while it talks to the endpoint.
+#[derive(Debug)]
+pub struct Slots {
+    _permits: [tokio::sync::OwnedSemaphorePermit; 3],
+}
+
 /// How a call to [`Dispatcher::attempt`] ended.
 #[derive(Debug)]
 pub enum Attempted {
@@ -63,6 +69,8 @@ pub enum Attempted {
     /// The route changed while the attempt waited for its slots: nothing was sent and no
     /// attempt spent; check the route again.
     NotSent,
+    /// No slot within the time allowed: nothing was sent.
+    Busy,
 }
 
 /// The delivery id of an event for a webhook: the same on every retry and after restarts,
@@ -172,6 +180,27 @@ impl Dispatcher {
     /// Makes attempt number `attempt` (1-based) of `delivery` and records it, unless the route
     /// no longer allows it once the slots are had.
     pub async fn attempt(&self, delivery: &Delivery, attempt: u32) -> Attempted {
+        let slots = self.reserve(delivery).await;
+        self.send(delivery, attempt, slots).await
+    }
+
+    /// [`Self::attempt`], giving up with [`Attempted::Busy`] when the slots are not had within
+    /// `wait` (for a person waiting on a manual delivery).
+    pub async fn attempt_within(
+        &self,
+        delivery: &Delivery,
+        attempt: u32,
+        wait: Duration,
+    ) -> Attempted {
+        match tokio::time::timeout(wait, self.reserve(delivery)).await {
+            Ok(slots) => self.send(delivery, attempt, slots).await,
+            Err(_) => Attempted::Busy,
+        }
+    }
+
+    /// Waits for a slot of the delivery's Webhook, of its namespace and a global one. Waiting
+    /// can be abandoned (dropped) at any time; sending cannot, once started.
+    pub async fn reserve(&self, delivery: &Delivery) -> Slots {
         let table = self.routes.snapshot();
         let lane = self
             .lanes
@@ -182,13 +211,20 @@ impl Dispatcher {
                 table.has_namespace(ns)
             });
         drop(table);
-        let (Ok(_lane), Ok(_namespace), Ok(_global)) = (
+        let (Ok(lane), Ok(namespace), Ok(global)) = (
             lane.acquire_owned().await,
             namespace.acquire_owned().await,
             self.global.clone().acquire_owned().await,
         ) else {
             unreachable!("delivery semaphores are never closed")
         };
+        Slots {
+            _permits: [lane, namespace, global],
+        }
+    }
+
+    /// Sends attempt number `attempt` with the `slots` reserved for it, and records it.
+    pub async fn send(&self, delivery: &Delivery, attempt: u32, slots: Slots) -> Attempted {
         // Waiting for slots can take minutes: the Webhook may have been paused, changed its URL
         // or secret, or been replaced by a namesake since the delivery was routed.
         let RouteCheck::Deliver(route) = self.check(delivery) else {
@@ -218,7 +254,7 @@ impl Dispatcher {
             }
         };
         // The slots are for talking to the endpoint, not for recording what it said.
-        drop((_lane, _namespace, _global));
+        drop(slots);
         let mut policy = RetryPolicy::from(&route.delivery);
         if delivery.manual {
             policy.max_attempts = 1;

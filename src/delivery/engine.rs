@@ -106,10 +106,13 @@ pub async fn deliver(
             reporter.report(target).await;
         }
         let attempt = target.attempts.max(0) as u32 + 1;
-        let result = tokio::select! {
-            result = dispatcher.attempt(delivery, attempt) => result,
+        // Waiting for a slot stops when cancelled; an attempt being sent is finished and
+        // recorded (its outcome is what the next run would otherwise redo).
+        let slots = tokio::select! {
+            slots = dispatcher.reserve(delivery) => slots,
             _ = cancel.cancelled() => return,
         };
+        let result = dispatcher.send(delivery, attempt, slots).await;
         let Attempted::Sent(result) = result else {
             continue;
         };

@@ -13,7 +13,7 @@ mod signer;
 pub use client::{Attempt, HttpSender, USER_AGENT};
 pub use dispatcher::{
     AttemptReport, Attempted, Delivery, Dispatcher, DispatcherConfig, GoneNotice, RouteCheck,
-    delivery_id,
+    Slots, delivery_id,
 };
 pub use egress::{EgressDenied, EgressPolicy, redact_url, special_range};
 pub use engine::{Report, Unrecorded, deliver, deliver_unrecorded, is_final, new_target};

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     crd::{DocumentEvent, EventType, Webhook},
-    delivery::{AttemptReport, Attempted, Delivery, EventBody, Verdict},
+    delivery::{AttemptReport, Attempted, Delivery, EventBody, RouteCheck, Verdict},
 };
 
 /// The seed's representation of a Webhook.
@@ -416,16 +416,43 @@ async fn attempt_once(
         source: source.into(),
         manual: true,
     };
+    // A person is waiting: say at once why nothing can be sent rather than "try again".
+    if let RouteCheck::Hold { why, .. } | RouteCheck::Gone(why) = state.dispatcher.check(&delivery)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "webhook_not_ready",
+            format!("nothing was sent to webhook {id}: {why}"),
+        ));
+    }
     // One attempt: a manual delivery is not retried.
-    match state.dispatcher.attempt(&delivery, 1).await {
+    match state
+        .dispatcher
+        .attempt_within(&delivery, 1, MANUAL_SLOT_WAIT)
+        .await
+    {
         Attempted::Sent(report) => Ok(report),
         Attempted::NotSent => Err(ApiError::new(
             StatusCode::CONFLICT,
             "webhook_changed",
-            format!("webhook {id} changed or is not Ready; nothing was sent, try again"),
+            format!("webhook {id} changed while the delivery waited; nothing was sent, try again"),
         )),
+        Attempted::Busy => {
+            let mut error = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                format!(
+                    "every delivery slot of webhook {id} (or of its namespace) is taken; nothing was sent, retry later"
+                ),
+            );
+            error.retry_after = Some(5);
+            Err(error)
+        }
     }
 }
+
+/// How long a manual delivery waits for a delivery slot before answering 503.
+const MANUAL_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn attempt_json(delivery_id: &str, report: &AttemptReport) -> Value {
     json!({

@@ -242,15 +242,18 @@ impl StatusWriter {
                         self.merge(update);
                     }
                     stopping = true;
-                    for slot in self.slots.values_mut() {
-                        slot.last_patch = None;
-                        slot.not_before = None;
-                    }
+                    self.flush_now();
                     None
                 }
                 update = self.rx.recv(), if !stopping => match update {
                     Some(update) => self.merge(update),
-                    None => break,
+                    // Every producer has stopped (they may, before `shutdown`): what they sent
+                    // is still written before the writer ends.
+                    None => {
+                        stopping = true;
+                        self.flush_now();
+                        None
+                    }
                 },
                 Some(done) = in_flight.next() => {
                     self.finish(done);
@@ -258,6 +261,14 @@ impl StatusWriter {
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
+                    if !self.leadership.is_leader() {
+                        // Leadership was lost: what is pending is the old leader's view, and the
+                        // new leader writes its own. Writing it now would overwrite newer status.
+                        for slot in self.slots.values_mut() {
+                            slot.content = None;
+                        }
+                        self.logs.clear();
+                    }
                     self.forget_idle(now);
                     let room = self.config.max_in_flight.saturating_sub(in_flight.len());
                     let due: Vec<SlotKey> = self
@@ -484,6 +495,14 @@ impl StatusWriter {
         }
     }
 
+    /// Lifts the rate limits: everything pending goes out at the next tick.
+    fn flush_now(&mut self) {
+        for slot in self.slots.values_mut() {
+            slot.last_patch = None;
+            slot.not_before = None;
+        }
+    }
+
     /// Forgets slots with nothing pending once their rate limit has passed.
     fn forget_idle(&mut self, now: Instant) {
         let min_interval = self.config.min_interval;
@@ -668,6 +687,62 @@ mod tests {
         run.await.unwrap();
         assert!(next(&mut handle).await.is_none(), "a standby sent a patch");
         drop(leading);
+    }
+
+    /// When every producer has stopped before the writer is told to stop, what they sent is
+    /// still written (it used to be dropped, and the next run delivered those events again).
+    #[tokio::test]
+    async fn what_producers_sent_is_written_when_they_all_stop_first() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let config = WriterConfig {
+            event_first_delay: Duration::from_secs(30),
+            ..WriterConfig::default()
+        };
+        let (tx, writer) = channel(client, Metrics::default(), config, 16, Leadership::always());
+        let run = tokio::spawn(writer.run(CancellationToken::new()));
+        tx.send(Update::EventStatus {
+            key: key(),
+            uid: "uid-1".into(),
+            status: delivered(),
+        })
+        .await;
+        drop(tx);
+        let (request, send) = next(&mut handle)
+            .await
+            .expect("the pending status is written");
+        assert_eq!(request.method(), "PATCH");
+        respond(send, 200, event_object("uid-1"));
+        run.await.unwrap();
+    }
+
+    /// What a leader had pending when it lost the Lease is not written: it would overwrite what
+    /// the new leader writes.
+    #[tokio::test]
+    async fn pending_status_is_dropped_when_leadership_is_lost() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (leading, rx) = tokio::sync::watch::channel(true);
+        let config = WriterConfig {
+            event_first_delay: Duration::from_millis(500),
+            ..WriterConfig::default()
+        };
+        let (tx, writer) = channel(client, Metrics::default(), config, 16, Leadership::from(rx));
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(writer.run(stop.clone()));
+        tx.send(Update::EventStatus {
+            key: key(),
+            uid: "uid-1".into(),
+            status: delivered(),
+        })
+        .await;
+        leading.send_replace(false);
+        assert!(
+            next(&mut handle).await.is_none(),
+            "the old leader wrote after losing the Lease"
+        );
+        stop.cancel();
+        run.await.unwrap();
     }
 
     #[tokio::test]

@@ -548,3 +548,48 @@ async fn a_body_that_never_finishes_gets_408() {
     let response = format!("{head}{}", String::from_utf8_lossy(&rest));
     assert!(response.contains("\"request_timeout\""), "{response}");
 }
+
+// A manual delivery to a Webhook that cannot be delivered to says why at once (409 with the
+// Ready reason), instead of "try again" or a 408 after waiting for a slot that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_delivery_to_a_webhook_that_is_not_ready_says_why() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace("test-not-ready").await;
+    let op = InProcess::start(cp.config().await, &ns).await;
+    let token = token_with(cp, &client, &ns, "admin").await;
+    let webhooks: kube::Api<hookrelay::crd::Webhook> = kube::Api::namespaced(client.clone(), &ns);
+    let w: hookrelay::crd::Webhook = serde_json::from_value(json!({
+        "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "metadata": {"name": "nosecret"},
+        "spec": {"url": "http://127.0.0.1:9/hook", "events": ["*"], "secretRef": {"name": "missing"}}
+    }))
+    .unwrap();
+    webhooks
+        .create(&kube::api::PostParams::default(), &w)
+        .await
+        .unwrap();
+    let addr = op.op.listen_addr;
+    let body = eventually(
+        "the webhook routed (not Ready)",
+        Duration::from_secs(60),
+        || {
+            let token = token.clone();
+            let ns = ns.clone();
+            async move {
+                let (status, body) = api_call(
+                    addr,
+                    "POST",
+                    &format!("/api/webhooks/nosecret/test?namespace={ns}"),
+                    Some(&token),
+                    None,
+                )
+                .await;
+                (status == 409).then_some(body)
+            }
+        },
+    )
+    .await;
+    assert_eq!(body["error"]["code"], "webhook_not_ready", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("SecretNotFound"), "{message}");
+}

@@ -203,6 +203,19 @@ async fn handover(stop: Stop) -> Figures {
         delivered_before < EVENTS,
         "the leader must stop with events outstanding ({delivered_before} of {EVENTS} delivered)"
     );
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), &ns);
+    let holder = || async {
+        leases
+            .get("hookrelay")
+            .await
+            .unwrap()
+            .spec
+            .and_then(|s| s.holder_identity)
+            .unwrap_or_default()
+    };
+    let holder_before = holder().await;
+    assert!(!holder_before.is_empty(), "the leader holds the Lease");
     let stopped_at = Instant::now();
     match stop {
         Stop::Kill => leader.child.start_kill().expect("SIGKILL"),
@@ -220,6 +233,19 @@ async fn handover(stop: Stop) -> Figures {
         .await
         .expect("the old leader ends")
         .unwrap();
+    // SIGTERM releases the Lease on the way out (so the standby need not wait out the lease
+    // duration); SIGKILL cannot.
+    let holder_after = holder().await;
+    match stop {
+        Stop::Term => assert_ne!(
+            holder_after, holder_before,
+            "the Lease was not released by the stopped leader"
+        ),
+        Stop::Kill => assert!(
+            holder_after == holder_before || stopped_at.elapsed() >= LEASE,
+            "a killed leader's Lease changed hands before it expired"
+        ),
+    }
     // Requests the old leader had sent can still be read by the receiver for a moment.
     let settled = Instant::now().max(stopped_at + Duration::from_millis(200));
     wait_leader(&standby, true).await;
@@ -291,6 +317,12 @@ async fn killing_the_leader_loses_no_event_and_the_standby_takes_over_after_the_
 async fn a_leader_stopped_with_sigterm_releases_the_lease_for_the_standby() {
     let figures = handover(Stop::Term).await;
     assert_eq!(figures.delivered, EVENTS);
+    // Attempts being sent finish and every outcome is written before the Lease goes: the
+    // standby sends nothing twice.
+    assert_eq!(
+        figures.requests, figures.delivered,
+        "a graceful hand-over made duplicates"
+    );
     assert!(
         figures.takeover <= RETRY + MARGIN,
         "took {:?}, more than the retry period + {MARGIN:?}: was the Lease released?",
