@@ -139,8 +139,10 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
-    /// TokenReviews and SubjectAccessReviews in flight at once; a caller that finds no slot
-    /// within half a second gets 503 with Retry-After.
+    /// Reviews in flight at once, twice over: TokenReviews of tokens never seen valid, and
+    /// SubjectAccessReviews plus re-reviews of tokens seen valid (so a flood of bogus tokens
+    /// cannot starve known callers); a caller that finds no slot within half a second gets 503
+    /// with Retry-After.
     #[arg(long, env = "HOOKRELAY_MAX_CONCURRENT_REVIEWS", default_value_t = 16)]
     pub max_concurrent_reviews: usize,
 

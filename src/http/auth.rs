@@ -30,6 +30,8 @@ const TOKEN_TTL: Duration = Duration::from_secs(30);
 /// minted a moment later (or a fixed RBAC binding) works quickly, yet a sprayer pays.
 const INVALID_TOKEN_TTL: Duration = Duration::from_secs(5);
 const DECISION_TTL: Duration = Duration::from_secs(10);
+/// How long a token seen valid keeps its reviews apart from unknown tokens'.
+const KNOWN_TTL: Duration = Duration::from_secs(600);
 const MAX_CACHED: u64 = 10_000;
 /// How long a request waits for a review slot before it is told to come back.
 const REVIEW_SLOT_WAIT: Duration = Duration::from_millis(500);
@@ -93,7 +95,13 @@ pub struct KubeAuth {
     audience: Option<String>,
     tokens: TokenCache,
     decisions: Cache<Question, bool>,
-    reviews: Semaphore,
+    /// Slots for TokenReviews of tokens never seen valid: all a flood of bogus tokens can use.
+    unknown_token_reviews: Semaphore,
+    /// Slots for SubjectAccessReviews and for reviewing again a token seen valid lately, so
+    /// that callers who authenticated before keep being served during such a flood.
+    known_caller_reviews: Semaphore,
+    /// sha256 of tokens seen valid in the last [`KNOWN_TTL`].
+    known_tokens: Cache<[u8; 32], ()>,
     /// TokenReviews sent, for tests and the curious.
     token_reviews: AtomicU64,
 }
@@ -109,7 +117,12 @@ impl Authorizer {
                     .max_capacity(MAX_CACHED)
                     .time_to_live(DECISION_TTL)
                     .build(),
-                reviews: Semaphore::new(settings.max_concurrent_reviews.max(1)),
+                unknown_token_reviews: Semaphore::new(settings.max_concurrent_reviews.max(1)),
+                known_caller_reviews: Semaphore::new(settings.max_concurrent_reviews.max(1)),
+                known_tokens: Cache::builder()
+                    .max_capacity(MAX_CACHED)
+                    .time_to_live(KNOWN_TTL)
+                    .build(),
                 token_reviews: AtomicU64::new(0),
             })),
             watched: Arc::new([]),
@@ -261,8 +274,8 @@ impl KubeAuth {
     }
 
     /// A slot for one review, or 503 + Retry-After when too many are in flight.
-    async fn review_slot(&self) -> Result<SemaphorePermit<'_>, ApiError> {
-        match tokio::time::timeout(REVIEW_SLOT_WAIT, self.reviews.acquire()).await {
+    async fn review_slot<'a>(&self, slots: &'a Semaphore) -> Result<SemaphorePermit<'a>, ApiError> {
+        match tokio::time::timeout(REVIEW_SLOT_WAIT, slots.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => {
                 let mut error = ApiError::unavailable(
@@ -275,10 +288,16 @@ impl KubeAuth {
     }
 
     async fn review_token(&self, token: &str) -> Result<Caller, ApiError> {
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let slots = if self.known_tokens.contains_key(&hash) {
+            &self.known_caller_reviews
+        } else {
+            &self.unknown_token_reviews
+        };
         let caller = self
             .tokens
             .get_or_review(token, async {
-                let _slot = self.review_slot().await?;
+                let _slot = self.review_slot(slots).await?;
                 self.token_reviews.fetch_add(1, Ordering::Relaxed);
                 let review = TokenReview {
                     spec: TokenReviewSpec {
@@ -297,6 +316,9 @@ impl KubeAuth {
                 ))
             })
             .await?;
+        if caller.is_some() {
+            self.known_tokens.insert(hash, ()).await;
+        }
         caller.ok_or_else(|| {
             let audience = self
                 .audience
@@ -328,7 +350,7 @@ impl KubeAuth {
             namespace.to_owned(),
         );
         let review = async {
-            let _slot = self.review_slot().await?;
+            let _slot = self.review_slot(&self.known_caller_reviews).await?;
             let review = SubjectAccessReview {
                 spec: SubjectAccessReviewSpec {
                     user: Some(caller.username.clone()),
@@ -392,6 +414,50 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
+
+    /// A flood of unknown tokens holding every review slot for them does not stop a caller whose
+    /// token was valid before from being reviewed again.
+    #[tokio::test]
+    async fn callers_seen_valid_are_reviewed_apart_from_unknown_tokens() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let auth = Authorizer::kubernetes(
+            Client::new(service, "default"),
+            AuthSettings {
+                audience: Some("hookrelay".into()),
+                max_concurrent_reviews: 1,
+            },
+        );
+        let kube = auth.kube.clone().unwrap();
+        let known: [u8; 32] = Sha256::digest(b"known-token").into();
+        kube.known_tokens.insert(known, ()).await;
+        // The flood: every slot for unknown tokens is taken.
+        let _flood = kube.unknown_token_reviews.acquire().await.unwrap();
+        let unknown = kube.review_token("never-seen").await.unwrap_err();
+        assert_eq!(unknown.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+
+        let server = tokio::spawn(async move {
+            let (_, send) = handle.next_request().await.expect("a TokenReview");
+            send.send_response(
+                Response::builder()
+                    .status(201)
+                    .body(Body::from(
+                        serde_json::to_vec(&serde_json::json!({
+                            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                            "spec": {},
+                            "status": {"authenticated": true, "audiences": ["hookrelay"],
+                                       "user": {"username": "system:serviceaccount:a:b"}},
+                        }))
+                        .unwrap(),
+                    ))
+                    .unwrap(),
+            );
+        });
+        let caller = kube.review_token("known-token").await.expect("reviewed");
+        assert_eq!(caller.username, "system:serviceaccount:a:b");
+        server.await.unwrap();
+    }
 
     fn user(name: &str) -> Caller {
         Caller {
