@@ -406,3 +406,36 @@ async fn a_held_direct_delivery_gives_its_place_back_after_direct_max_hold() {
     })
     .await;
 }
+
+// A retry of a body whose numbers the API server gives back normalised (10.0 as 10) is the same
+// event: compared by the fingerprint stored with it, not by the spec read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exact_retry_with_numbers_the_api_server_normalises_is_a_duplicate() {
+    let cp = control_plane();
+    let ns = cp.namespace("idem-float").await;
+    let op = operator(cp, &[&ns], IngestMode::Durable).await;
+    let client = cp.client().await;
+    let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);
+    let float = r#"{"event":"document.completed","data":{"amount":10.0,"ratio":1e2}}"#;
+    let (status, first) = post(&op, &ns, Some("order-float"), float).await;
+    assert_eq!(status, 202, "{first}");
+    let stored = events
+        .get(first["document_events"][0].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.spec.data["amount"],
+        json!(10),
+        "the API server normalises numbers (what makes this test needed)"
+    );
+    let (status, again) = post(&op, &ns, Some("order-float"), float).await;
+    assert_eq!(
+        (status, &again["duplicates"]),
+        (202, &json!([0])),
+        "an exact retry is a duplicate: {again}"
+    );
+    let other = r#"{"event":"document.completed","data":{"amount":11.0,"ratio":1e2}}"#;
+    let (status, conflict) = post(&op, &ns, Some("order-float"), other).await;
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(event_names(&events).await.len(), 1);
+}

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{
-    DIRECT_KEY_LIFETIME, DIRECT_KEY_WINDOW, DIRECT_KEYS_REMEMBERED, IngestEvent,
+    DIRECT_KEY_LIFETIME, DIRECT_KEY_WINDOW, DIRECT_KEYS_REMEMBERED, IngestEvent, fingerprint,
     idempotency_conflict,
 };
 use crate::{
@@ -285,42 +285,6 @@ fn queue_full(code: &'static str, message: String) -> ApiError {
     let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message);
     error.retry_after = Some(1);
     error
-}
-
-/// What makes two events with the same key the same event: type, timestamp and data, with
-/// object keys in any order (as the durable path compares them).
-fn fingerprint(e: &IngestEvent) -> [u8; 32] {
-    fn feed(hasher: &mut Sha256, value: &Value) {
-        match value {
-            Value::Object(map) => {
-                let mut keys: Vec<&String> = map.keys().collect();
-                keys.sort_unstable();
-                hasher.update(b"{");
-                for k in keys {
-                    feed(hasher, &Value::String(k.clone()));
-                    hasher.update(b":");
-                    feed(hasher, &map[k]);
-                }
-                hasher.update(b"}");
-            }
-            Value::Array(items) => {
-                hasher.update(b"[");
-                for item in items {
-                    feed(hasher, item);
-                    hasher.update(b",");
-                }
-                hasher.update(b"]");
-            }
-            scalar => hasher.update(scalar.to_string().as_bytes()),
-        }
-    }
-    let mut hasher = Sha256::new();
-    hasher.update(e.event.as_str());
-    hasher.update(b"\0");
-    hasher.update(e.timestamp.as_deref().unwrap_or("-"));
-    hasher.update(b"\0");
-    feed(&mut hasher, &Value::Object(e.data.clone()));
-    hasher.finalize().into()
 }
 
 pub(super) fn direct(

@@ -7,8 +7,8 @@ use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 
 use super::{
-    DURABLE_KEY_LIFETIME, IDEMPOTENCY_KEY_ANNOTATION, IngestEvent, idempotency_conflict,
-    keyed_event_name,
+    CONTENT_ANNOTATION, DURABLE_KEY_LIFETIME, IDEMPOTENCY_KEY_ANNOTATION, IngestEvent, fingerprint,
+    idempotency_conflict, keyed_event_name,
 };
 use crate::{
     crd::{DocumentEvent, DocumentEventSpec},
@@ -86,6 +86,7 @@ pub(super) async fn durable(
 /// Stores one event: with a key under the name derived from it, so that a repeat finds the
 /// first one (same uid, so the same delivery ids); without one under a generated name.
 async fn store(api: Api<DocumentEvent>, e: IngestEvent) -> Result<Stored, ApiError> {
+    let content = hex::encode(fingerprint(&e));
     let spec = DocumentEventSpec {
         type_: e.event,
         timestamp: e.timestamp,
@@ -105,7 +106,13 @@ async fn store(api: Api<DocumentEvent>, e: IngestEvent) -> Result<Stored, ApiErr
     };
     let name = keyed_event_name(&key);
     de.metadata.name = Some(name.clone());
-    de.metadata.annotations = Some([(IDEMPOTENCY_KEY_ANNOTATION.to_owned(), key.clone())].into());
+    de.metadata.annotations = Some(
+        [
+            (IDEMPOTENCY_KEY_ANNOTATION.to_owned(), key.clone()),
+            (CONTENT_ANNOTATION.to_owned(), content.clone()),
+        ]
+        .into(),
+    );
     // Twice at most: the existing one may be deleted (retention) between create and get.
     for _ in 0..2 {
         match api.create(&PostParams::default(), &de).await {
@@ -119,7 +126,7 @@ async fn store(api: Api<DocumentEvent>, e: IngestEvent) -> Result<Stored, ApiErr
             Err(error) => return Err(ApiError::from_kube(error, "namespace")),
         }
         match api.get_opt(&name).await {
-            Ok(Some(existing)) if existing.spec == spec => {
+            Ok(Some(existing)) if same_content(&existing, &content, &spec) => {
                 return Ok(Stored {
                     name,
                     duplicate: true,
@@ -133,4 +140,18 @@ async fn store(api: Api<DocumentEvent>, e: IngestEvent) -> Result<Stored, ApiErr
     Err(ApiError::unavailable(format!(
         "the DocumentEvent {name} of idempotency key {key:?} was being deleted; retry"
     )))
+}
+
+/// Whether a stored keyed event has the content of a request: by the fingerprint stored with it
+/// (the spec read back has its numbers normalised), else by the spec.
+fn same_content(existing: &DocumentEvent, content: &str, spec: &DocumentEventSpec) -> bool {
+    match existing
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CONTENT_ANNOTATION))
+    {
+        Some(stored) => stored == content,
+        None => existing.spec == *spec,
+    }
 }

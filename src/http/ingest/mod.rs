@@ -37,6 +37,9 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// The annotation holding the idempotency key on a DocumentEvent created with one.
 pub const IDEMPOTENCY_KEY_ANNOTATION: &str = "hookrelay.dev/idempotency-key";
 
+/// The annotation with the fingerprint of a keyed event's content, as it was sent.
+pub const CONTENT_ANNOTATION: &str = "hookrelay.dev/content-sha256";
+
 /// Direct mode remembers at most this many idempotency keys ...
 pub const DIRECT_KEYS_REMEMBERED: u64 = 100_000;
 /// ... for this long.
@@ -233,6 +236,43 @@ pub(super) fn idempotency_conflict(key: &str) -> ApiError {
             "idempotency key {key:?} was already used for a different event (type, timestamp or data differ); use a new key for a new event"
         ),
     )
+}
+
+/// What makes two events with the same key the same event: type, timestamp and data as the
+/// client sent them, with object keys in any order. Kept with a durable event (an annotation)
+/// because the API server gives numbers back normalised (`10.0` as `10`).
+pub(super) fn fingerprint(e: &IngestEvent) -> [u8; 32] {
+    fn feed(hasher: &mut Sha256, value: &Value) {
+        match value {
+            Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort_unstable();
+                hasher.update(b"{");
+                for k in keys {
+                    feed(hasher, &Value::String(k.clone()));
+                    hasher.update(b":");
+                    feed(hasher, &map[k]);
+                }
+                hasher.update(b"}");
+            }
+            Value::Array(items) => {
+                hasher.update(b"[");
+                for item in items {
+                    feed(hasher, item);
+                    hasher.update(b",");
+                }
+                hasher.update(b"]");
+            }
+            scalar => hasher.update(scalar.to_string().as_bytes()),
+        }
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(e.event.as_str());
+    hasher.update(b"\0");
+    hasher.update(e.timestamp.as_deref().unwrap_or("-"));
+    hasher.update(b"\0");
+    feed(&mut hasher, &Value::Object(e.data.clone()));
+    hasher.finalize().into()
 }
 
 #[cfg(test)]
