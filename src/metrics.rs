@@ -94,6 +94,8 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     /// 1 while this replica leads (always, without leader election).
     pub leader: Gauge,
+    /// Webhooks whose `Degraded` condition is True, as the watch shows them.
+    pub webhooks_degraded: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -153,6 +155,12 @@ impl Default for Metrics {
             "1 while this replica holds the Lease (delivers and writes status), else 0",
             leader.clone(),
         );
+        let webhooks_degraded = Gauge::default();
+        registry.register(
+            "webhooks_degraded",
+            "Webhooks whose Degraded condition is True (consecutive failed attempts)",
+            webhooks_degraded.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             status_patches,
@@ -163,6 +171,7 @@ impl Default for Metrics {
             pending_deliveries,
             http_requests,
             leader,
+            webhooks_degraded,
         }
     }
 }

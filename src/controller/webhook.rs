@@ -75,6 +75,8 @@ pub struct WebhookController {
     /// Bounds the Secret look-ups behind those warnings (after an upgrade, every Webhook may
     /// need one at once).
     lookups: Arc<tokio::sync::Semaphore>,
+    /// Webhooks whose `Degraded` condition is True (for `hookrelay_webhooks_degraded`).
+    degraded: HashSet<WebhookKey>,
     /// (uid, generation) of the Webhooks looked up already: one look-up per spec, not one per
     /// re-resolution.
     looked_up: HashSet<(String, i64)>,
@@ -112,6 +114,7 @@ impl WebhookController {
             warned: Default::default(),
             lookups: Arc::new(tokio::sync::Semaphore::new(4)),
             looked_up: HashSet::new(),
+            degraded: HashSet::new(),
             leadership: Leadership::always(),
         }
     }
@@ -358,11 +361,29 @@ impl WebhookController {
             .entry(secret)
             .or_default()
             .insert(key.name.clone());
+        let degraded = webhook.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Degraded" && c.status == "True")
+        });
+        if degraded {
+            self.degraded.insert(key);
+        } else {
+            self.degraded.remove(&key);
+        }
+        self.metrics
+            .webhooks_degraded
+            .set(self.degraded.len() as i64);
     }
 
     /// Drops what is kept for a Webhook that no longer exists, here and in the status writer.
     async fn forget(&mut self, key: &WebhookKey) {
         self.gone.remove(key);
+        if self.degraded.remove(key) {
+            self.metrics
+                .webhooks_degraded
+                .set(self.degraded.len() as i64);
+        }
         if let Some(old) = self.webhooks.remove(key) {
             self.unindex(key, &old);
             if let Some(uid) = &old.metadata.uid {

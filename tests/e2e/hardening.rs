@@ -644,3 +644,54 @@ async fn localhost_with_a_dot_or_a_subdomain_is_loopback() {
         assert!(!message.is_empty(), "{url}");
     }
 }
+
+// A Webhook whose endpoint keeps failing turns Degraded, and hookrelay_webhooks_degraded
+// (which the chart's HookrelayWebhooksDegraded alert reads) counts it, then stops counting it
+// once it is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_webhook_is_counted_in_the_metrics() {
+    let cp = control_plane();
+    let ns = cp.namespace("degraded").await;
+    let client = cp.client().await;
+    let op = InProcess::start(cp.config().await, &ns).await;
+    let failing = axum::Router::new().fallback(axum::routing::post(|| async {
+        (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "no")
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, failing).await });
+    create_webhook(
+        &client,
+        &ns,
+        "failing",
+        &format!("http://{addr}/hook"),
+        SECRET,
+        json!({"maxAttempts": 6, "initialBackoffSeconds": 1, "maxBackoffSeconds": 1}),
+    )
+    .await;
+    assert_eq!(op.op.metrics.webhooks_degraded.get(), 0);
+    create_event(
+        &client,
+        &ns,
+        "doc-1",
+        "document.completed",
+        json!({"document_id": 1}),
+    )
+    .await;
+    let metrics = op.op.metrics.clone();
+    eventually("hookrelay_webhooks_degraded 1", WAIT, || {
+        let n = metrics.webhooks_degraded.get();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+    webhooks
+        .delete("failing", &Default::default())
+        .await
+        .unwrap();
+    eventually("hookrelay_webhooks_degraded 0", WAIT, || {
+        let n = metrics.webhooks_degraded.get();
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
+}
