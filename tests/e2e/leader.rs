@@ -4,18 +4,15 @@
 //! replicas"); the bounds asserted are the issue's: lease duration + retry period (+ margin)
 //! after a kill, retry period (+ margin) after a SIGTERM, which releases the Lease.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use hookrelay::crd::DocumentEvent;
 use kube::{Api, api::PostParams};
 use serde_json::json;
 
 use crate::support::{
-    Operator, api_call, control_plane, create_webhook, eventually, http_get, metric,
+    CountingReceiver, Operator, api_call, control_plane, create_webhook, eventually, http_get,
+    metric,
 };
 
 const SECRET: &str = "a-signing-secret-for-leader-tests";
@@ -24,61 +21,6 @@ const RETRY: Duration = Duration::from_secs(1);
 /// Scheduling, the first watch list of the new leader and the first attempt.
 const MARGIN: Duration = Duration::from_secs(5);
 const EVENTS: usize = 300;
-
-/// Counts every request by delivery id, with its arrival time.
-#[derive(Clone, Default)]
-struct TimedReceiver {
-    arrivals: Arc<Mutex<Vec<(String, Instant)>>>,
-}
-
-impl TimedReceiver {
-    async fn start() -> (TimedReceiver, std::net::SocketAddr) {
-        let receiver = TimedReceiver::default();
-        let arrivals = receiver.arrivals.clone();
-        let app = axum::Router::new().fallback(axum::routing::post(
-            move |headers: axum::http::HeaderMap| {
-                let arrivals = arrivals.clone();
-                async move {
-                    let id = headers
-                        .get("x-webhook-delivery")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_owned();
-                    arrivals.lock().unwrap().push((id, Instant::now()));
-                    "ok"
-                }
-            },
-        ));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (receiver, addr)
-    }
-
-    fn distinct(&self) -> usize {
-        let arrivals = self.arrivals.lock().unwrap();
-        let mut seen: HashMap<&str, ()> = HashMap::new();
-        for (id, _) in arrivals.iter() {
-            seen.insert(id, ());
-        }
-        seen.len()
-    }
-
-    fn total(&self) -> usize {
-        self.arrivals.lock().unwrap().len()
-    }
-
-    /// The first arrival at or after `t`.
-    fn first_after(&self, t: Instant) -> Option<Instant> {
-        self.arrivals
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, at)| *at)
-            .filter(|at| *at >= t)
-            .min()
-    }
-}
 
 fn start(ns: &str) -> Operator {
     let cp = control_plane();
@@ -136,7 +78,7 @@ async fn handover(stop: Stop) -> Figures {
         })
         .await;
     let client = cp.client().await;
-    let (receiver, addr) = TimedReceiver::start().await;
+    let (receiver, addr) = CountingReceiver::start().await;
 
     let mut leader = start(&ns);
     wait_leader(&leader, true).await;
@@ -193,12 +135,12 @@ async fn handover(stop: Stop) -> Figures {
         "a third of the stream delivered",
         Duration::from_secs(60),
         || {
-            let n = receiver.distinct();
+            let n = receiver.counts().0;
             async move { (n >= EVENTS / 3).then_some(()) }
         },
     )
     .await;
-    let delivered_before = receiver.distinct();
+    let delivered_before = receiver.counts().0;
     assert!(
         delivered_before < EVENTS,
         "the leader must stop with events outstanding ({delivered_before} of {EVENTS} delivered)"
@@ -273,7 +215,7 @@ async fn handover(stop: Stop) -> Figures {
     )
     .await;
     assert_eq!(
-        receiver.distinct(),
+        receiver.counts().0,
         EVENTS,
         "every event reached the receiver"
     );
@@ -283,8 +225,8 @@ async fn handover(stop: Stop) -> Figures {
     let takeover = first.duration_since(stopped_at);
     let figures = Figures {
         takeover,
-        delivered: receiver.distinct(),
-        requests: receiver.total(),
+        delivered: receiver.counts().0,
+        requests: receiver.counts().1,
     };
     let kind = match stop {
         Stop::Kill => "SIGKILL",

@@ -587,6 +587,8 @@ impl Blackhole {
 #[derive(Clone, Default)]
 pub struct CountingReceiver {
     pub seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    /// When each request arrived.
+    pub arrivals: std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
 }
 
 impl CountingReceiver {
@@ -598,11 +600,12 @@ impl CountingReceiver {
     /// slow endpoint: deliveries stay outstanding longer.
     pub async fn start_slow(delay: Duration) -> (CountingReceiver, std::net::SocketAddr) {
         let receiver = CountingReceiver::default();
-        let seen = receiver.seen.clone();
+        let (seen, arrivals) = (receiver.seen.clone(), receiver.arrivals.clone());
         let app = axum::Router::new().fallback(axum::routing::post(
             move |headers: axum::http::HeaderMap| {
-                let seen = seen.clone();
+                let (seen, arrivals) = (seen.clone(), arrivals.clone());
                 async move {
+                    arrivals.lock().unwrap().push(std::time::Instant::now());
                     let id = headers
                         .get("x-webhook-delivery")
                         .and_then(|v| v.to_str().ok())
@@ -654,6 +657,17 @@ impl CountingReceiver {
     pub fn counts(&self) -> (usize, usize) {
         let seen = self.seen.lock().unwrap();
         (seen.len(), seen.values().sum())
+    }
+
+    /// The first request that arrived at or after `t`.
+    pub fn first_after(&self, t: std::time::Instant) -> Option<std::time::Instant> {
+        self.arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .filter(|at| *at >= t)
+            .min()
     }
 }
 
