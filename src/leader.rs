@@ -108,7 +108,10 @@ fn decide(
     now: Instant,
     wall: Timestamp,
 ) -> Decision {
-    let seconds = i32::try_from(lease_duration.as_secs().max(1)).unwrap_or(i32::MAX);
+    // Rounded up: a standby waits out the written value, which must not be shorter than the
+    // leader's own renew deadline allows for.
+    let seconds =
+        i32::try_from(lease_duration.as_millis().div_ceil(1000).max(1)).unwrap_or(i32::MAX);
     let Some(spec) = current else {
         return Decision::Write(LeaseSpec {
             holder_identity: Some(me.to_owned()),
@@ -408,6 +411,16 @@ mod tests {
         };
         assert_eq!(spec.holder_identity.as_deref(), Some("a"));
         assert_eq!(spec.lease_transitions, Some(4));
+    }
+
+    #[test]
+    fn the_written_duration_is_rounded_up() {
+        let now = Instant::now();
+        let d = Duration::from_millis(1500);
+        let Decision::Write(spec) = decide(None, "a", d, now, now, Timestamp::UNIX_EPOCH) else {
+            panic!("should create");
+        };
+        assert_eq!(spec.lease_duration_seconds, Some(2));
     }
 
     #[test]

@@ -240,6 +240,8 @@ pub enum Error {
         renew: Duration,
         lease: Duration,
     },
+    #[error("{0}; exiting at once so that only the new leader delivers")]
+    LeadershipLost(leader::ElectionError),
     #[error("the {task} task ended unexpectedly ({why}); stopping so that a restart recovers")]
     TaskEnded { task: &'static str, why: String },
 }
@@ -379,6 +381,7 @@ pub async fn start(
         direct_max_hold: args.direct_max_hold,
         readiness: readiness.clone(),
         leadership: leadership.clone(),
+        shutdown: shutdown.clone(),
         metrics: metrics.clone(),
         request_timeout: args.request_timeout,
         test_limiter: http::test_limiter(),
@@ -510,6 +513,8 @@ pub async fn start(
 pub struct Essential {
     name: &'static str,
     handle: tokio::task::JoinHandle<Result<(), Error>>,
+    /// Ends the task itself at its next await (not the wrapper that reports how it ended).
+    abort: tokio::task::AbortHandle,
     /// Stops the task when its turn comes at shutdown; None: it stops on the shutdown signal.
     stop: Option<CancellationToken>,
 }
@@ -521,6 +526,7 @@ impl Essential {
         handle: tokio::task::JoinHandle<T>,
         addr: Option<SocketAddr>,
     ) -> Self {
+        let abort = handle.abort_handle();
         let handle = tokio::spawn(async move {
             match handle.await {
                 Ok(output) => output.into_task_result(addr),
@@ -537,6 +543,7 @@ impl Essential {
         Self {
             name,
             handle,
+            abort,
             stop: None,
         }
     }
@@ -560,10 +567,7 @@ impl IntoTaskResult for () {
 
 impl IntoTaskResult for Result<(), leader::ElectionError> {
     fn into_task_result(self, _: Option<SocketAddr>) -> Result<(), Error> {
-        self.map_err(|e| Error::TaskEnded {
-            task: "leader election",
-            why: e.to_string(),
-        })
+        self.map_err(Error::LeadershipLost)
     }
 }
 
@@ -609,6 +613,14 @@ pub async fn supervise(
         tracing::error!(task = task.name, %error, "an essential task ended; stopping");
         liveness.fail(format!("{}: {error}", task.name));
         shutdown.cancel();
+        if matches!(error, Error::LeadershipLost(_)) {
+            // Another replica leads, or soon will: no attempt, status patch or Lease write of
+            // this one may land beside it, so nothing is drained; the process exits now.
+            for task in &tasks {
+                task.abort.abort();
+            }
+            return Err(error);
+        }
         failure = Some(error);
     }
     let drain = async {
@@ -734,6 +746,43 @@ mod tests {
             liveness.failure().is_none(),
             "a requested stop is not a failure"
         );
+    }
+
+    #[tokio::test]
+    async fn lost_leadership_ends_everything_at_once_without_draining() {
+        let shutdown = CancellationToken::new();
+        let liveness = http::Liveness::default();
+        let (sent, mut attempts) = tokio::sync::mpsc::unbounded_channel();
+        // A delivery task that would keep sending through any drain.
+        let deliveries = Essential::new(
+            "DocumentEvent controller",
+            tokio::spawn(async move {
+                while sent.send(()).is_ok() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }),
+            None,
+        );
+        let lost: tokio::task::JoinHandle<Result<(), leader::ElectionError>> =
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(leader::ElectionError::Lost {
+                    namespace: "ns".into(),
+                    deadline: Duration::from_secs(10),
+                    last_error: "another replica holds the Lease".into(),
+                })
+            });
+        let tasks = vec![deliveries, Essential::new("leader election", lost, None)];
+        let result = supervise(tasks, shutdown, liveness, Duration::from_secs(60)).await;
+        assert!(
+            matches!(result, Err(Error::LeadershipLost(_))),
+            "{result:?}"
+        );
+        // The delivery task was ended, not left to drain: nothing more arrives.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while attempts.try_recv().is_ok() {}
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(attempts.try_recv().is_err(), "the task kept running");
     }
 
     #[test]

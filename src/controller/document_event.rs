@@ -253,6 +253,7 @@ impl DocumentEventController {
                     event: body.clone(),
                     source: key.name.to_string(),
                     manual: false,
+                    timeout_cap: None,
                 };
                 let progress = EventProgress {
                     tx: self.tasks.progress.clone(),

@@ -79,7 +79,7 @@ pub struct WebhookController {
     degraded: HashSet<WebhookKey>,
     /// (uid, generation) of the Webhooks looked up already: one look-up per spec, not one per
     /// re-resolution.
-    looked_up: HashSet<(String, i64)>,
+    looked_up: Arc<std::sync::Mutex<HashMap<String, i64>>>,
     /// Only the leader looks Secrets up (and warns); set by `run`.
     leadership: Leadership,
 }
@@ -113,7 +113,7 @@ impl WebhookController {
             client: None,
             warned: Default::default(),
             lookups: Arc::new(tokio::sync::Semaphore::new(4)),
-            looked_up: HashSet::new(),
+            looked_up: Default::default(),
             degraded: HashSet::new(),
             leadership: Leadership::always(),
         }
@@ -391,6 +391,10 @@ impl WebhookController {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(uid);
+                self.looked_up
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(uid);
             }
             self.status
                 .send(Update::WebhookDeleted { key: key.clone() })
@@ -480,21 +484,35 @@ impl WebhookController {
             );
         } else if reason == ready_reason::SECRET_NOT_FOUND
             && self.leadership.is_leader()
-            && self
-                .looked_up
-                .insert((uid.clone(), webhook.metadata.generation.unwrap_or_default()))
             && let Some(client) = self.client.clone()
         {
             // Once per generation of the Webhook (a change of its spec, say a new secretRef,
-            // looks again); bounded by `lookups`.
+            // looks again), again after a failed look-up; bounded by `lookups`.
+            let generation = webhook.metadata.generation.unwrap_or_default();
+            let looked_up = self.looked_up.clone();
+            let previous = looked_up
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(uid.clone(), generation);
+            if previous == Some(generation) {
+                return;
+            }
             let lookups = self.lookups.clone();
             tokio::spawn(async move {
                 let Ok(_slot) = lookups.acquire_owned().await else {
                     return;
                 };
                 let api: kube::Api<Secret> = kube::Api::namespaced(client, &key.namespace);
-                let Ok(Some(found)) = api.get_metadata_opt(&secret).await else {
-                    return;
+                let found = match api.get_metadata_opt(&secret).await {
+                    Ok(Some(found)) => found,
+                    Ok(None) => return,
+                    Err(_) => {
+                        looked_up
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&uid);
+                        return;
+                    }
                 };
                 let labelled =
                     found.labels().get(SIGNING_SECRET_LABEL).map(String::as_str) == Some("true");

@@ -42,6 +42,9 @@ pub struct Delivery {
     pub source: String,
     /// A manual delivery (`/test`, `/redeliver`): one attempt, also to a paused Webhook.
     pub manual: bool,
+    /// At most this long for the attempt, whatever the Webhook's `timeoutSeconds` (a manual
+    /// delivery must answer within the API's request timeout, with its outcome).
+    pub timeout_cap: Option<Duration>,
 }
 
 /// What the routing table says about a delivery now.
@@ -248,7 +251,8 @@ impl Dispatcher {
                     timestamp: now.as_second(),
                     signatures,
                     body: delivery.event.body.clone(), // a reference count, not a copy
-                    timeout: Duration::from_secs(route.delivery.timeout_seconds.max(1) as u64),
+                    timeout: Duration::from_secs(route.delivery.timeout_seconds.max(1) as u64)
+                        .min(delivery.timeout_cap.unwrap_or(Duration::MAX)),
                 };
                 self.sender.send(attempt).await
             }

@@ -109,8 +109,10 @@ pub async fn deliver(
         // Waiting for a slot stops when cancelled; an attempt being sent is finished and
         // recorded (its outcome is what the next run would otherwise redo).
         let slots = tokio::select! {
-            slots = dispatcher.reserve(delivery) => slots,
+            // A cancelled delivery never starts an attempt, even when a slot is free at once.
+            biased;
             _ = cancel.cancelled() => return,
+            slots = dispatcher.reserve(delivery) => slots,
         };
         let result = dispatcher.send(delivery, attempt, slots).await;
         let Attempted::Sent(result) = result else {

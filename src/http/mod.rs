@@ -72,6 +72,9 @@ pub struct ApiState {
     /// Direct ingest, `/test` and `/redeliver` deliver from this replica, which only the leader
     /// may (it alone records attempts); a standby answers 503 `not_leader`.
     pub leadership: crate::leader::Leadership,
+    /// Fired on SIGTERM: no new direct or manual delivery starts (its record could not be
+    /// written any more).
+    pub shutdown: tokio_util::sync::CancellationToken,
     pub metrics: Metrics,
     /// Longest a request may take, body included; then 408.
     pub request_timeout: Duration,
@@ -180,6 +183,15 @@ pub fn namespace_for(query: &NamespaceQuery, caller: &Caller) -> Result<String, 
 
 /// 503 `not_leader` on a standby, for what only the leader may do.
 pub fn require_leader(state: &ApiState, what: &str) -> Result<(), ApiError> {
+    if state.shutdown.is_cancelled() {
+        let mut error = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            format!("this replica is stopping: {what} is not started; retry"),
+        );
+        error.retry_after = Some(1);
+        return Err(error);
+    }
     if state.leadership.is_leader() {
         return Ok(());
     }

@@ -415,6 +415,14 @@ async fn attempt_once(
         event: Arc::new(body),
         source: source.into(),
         manual: true,
+        // Room for the slot wait and the reply within the request timeout: the caller gets the
+        // outcome (a timeout included), never a 408 for an attempt that went out.
+        timeout_cap: Some(
+            state
+                .request_timeout
+                .saturating_sub(MANUAL_SLOT_WAIT + std::time::Duration::from_secs(2))
+                .max(std::time::Duration::from_secs(1)),
+        ),
     };
     // A person is waiting: say at once why nothing can be sent rather than "try again".
     if let RouteCheck::Hold { why, .. } | RouteCheck::Gone(why) = state.dispatcher.check(&delivery)

@@ -266,6 +266,7 @@ impl DirectIngest {
                 event: body.clone(),
                 source: "ingest".into(),
                 manual: false,
+                timeout_cap: None,
             }));
         }
         Ok(Admission {
