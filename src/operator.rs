@@ -411,7 +411,9 @@ pub async fn start(
             failed: nonzero(args.failed_event_retention),
         },
         args.max_hold,
-    );
+    )
+    // Half the shutdown deadline for attempts being sent; the rest for status and the Lease.
+    .with_in_flight_grace(args.shutdown_timeout / 2);
 
     // The writer stops last, after the producers, so that what they sent is written.
     let writer_stop = CancellationToken::new();

@@ -80,6 +80,9 @@ pub struct DocumentEventController {
     cleanup: DelayQueue<(EventKey, String)>,
     /// Every delivery task, waited for on shutdown.
     deliveries: TaskTracker,
+    /// Ends the delivery tasks still sending once `in_flight_grace` has passed on shutdown.
+    abandon: CancellationToken,
+    in_flight_grace: Duration,
     coverage: Vec<Option<Arc<str>>>,
     relists: Vec<Option<HashSet<EventKey>>>,
     synced: Vec<bool>,
@@ -117,10 +120,18 @@ impl DocumentEventController {
             tracked: HashMap::new(),
             cleanup: DelayQueue::new(),
             deliveries: TaskTracker::new(),
+            abandon: CancellationToken::new(),
+            in_flight_grace: Duration::from_secs(10),
             coverage,
             relists: vec![None; n],
             synced: vec![false; n],
         }
+    }
+
+    /// How long attempts being sent may finish on shutdown (default 10 s).
+    pub fn with_in_flight_grace(mut self, grace: Duration) -> Self {
+        self.in_flight_grace = grace;
+        self
     }
 
     pub async fn run(
@@ -157,10 +168,18 @@ impl DocumentEventController {
             tracked.cancel.cancel();
         }
         self.deliveries.close();
+        // An attempt to an endpoint that hangs may not use up the whole shutdown deadline: the
+        // status still has to be written and the Lease released after it.
+        let grace = tokio::time::sleep(self.in_flight_grace);
+        tokio::pin!(grace);
         loop {
             tokio::select! {
                 Some(progress) = self.progress.recv() => self.on_progress(progress).await,
                 _ = self.deliveries.wait() => break,
+                _ = &mut grace, if !self.abandon.is_cancelled() => {
+                    tracing::warn!(in_flight = self.deliveries.len(), "attempts still being sent are abandoned; the next run makes them again");
+                    self.abandon.cancel();
+                }
             }
         }
         while let Ok(progress) = self.progress.try_recv() {
@@ -261,13 +280,22 @@ impl DocumentEventController {
                     uid: uid.clone(),
                 };
                 self.tasks.metrics.pending_deliveries.inc();
-                self.deliveries.spawn(deliver(
-                    self.tasks.clone(),
-                    progress,
-                    delivery,
-                    target.clone(),
-                    cancel.clone(),
-                ));
+                let (task, abandon) = (
+                    deliver(
+                        self.tasks.clone(),
+                        progress,
+                        delivery,
+                        target.clone(),
+                        cancel.clone(),
+                    ),
+                    self.abandon.clone(),
+                );
+                self.deliveries.spawn(async move {
+                    tokio::select! {
+                        _ = task => {}
+                        _ = abandon.cancelled() => {}
+                    }
+                });
             }
             let changed = set_phase(&mut status);
             if changed || de.status.is_none() {

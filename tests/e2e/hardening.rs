@@ -528,6 +528,19 @@ async fn sigterm_stops_a_busy_operator_with_exit_code_zero() {
         "exit after SIGTERM (log: {})",
         op.log.display()
     );
+    // The attempt that never ends was abandoned after half the shutdown deadline, so that what
+    // else was pending could still be written and the process end in time.
+    let log = op.log_text();
+    assert!(
+        log.contains("attempts still being sent are abandoned"),
+        "the hanging attempt held up the shutdown (log: {})",
+        op.log.display()
+    );
+    assert!(
+        !log.contains("shutdown deadline passed"),
+        "status was still being written at the deadline (log: {})",
+        op.log.display()
+    );
 }
 
 // Item 19 (a): a secret shorter than 16 bytes does not sign.
