@@ -8,6 +8,24 @@ use serde::{Deserialize, Serialize};
 
 use super::WebhookEvent;
 
+/// `Ready` condition reasons.
+pub mod ready_reason {
+    pub const ROUTED: &str = "Routed";
+    pub const PAUSED: &str = "Paused";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const SECRET_KEY_NOT_FOUND: &str = "SecretKeyNotFound";
+    pub const SECRET_INVALID: &str = "SecretInvalid";
+    pub const EGRESS_NOT_ALLOWED: &str = "EgressNotAllowed";
+    pub const ENDPOINT_GONE: &str = "EndpointGone";
+}
+
+/// The key a Secret may hold besides the current one, signing too during a rotation.
+pub const PREVIOUS_KEY: &str = "previous";
+
+/// Only Secrets with this label set to "true" sign deliveries: whoever may write a Webhook must
+/// not be able to make hookrelay sign with (or probe for) any other Secret of the namespace.
+pub const SIGNING_SECRET_LABEL: &str = "hookrelay.dev/signing-secret";
+
 /// A webhook endpoint and the document events it receives.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(

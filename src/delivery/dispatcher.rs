@@ -13,8 +13,7 @@ use super::{
     redact_url,
 };
 use crate::{
-    controller::ready_reason,
-    crd::{DeliveryRecord, Outcome},
+    crd::{DeliveryRecord, Outcome, ready_reason},
     metrics::{DeliveryLabels, Metrics},
     routing::{Route, RouteState, Routes, WebhookKey},
     status::{StatusSender, Update, truncate_error},

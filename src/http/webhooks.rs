@@ -186,7 +186,7 @@ pub async fn create(
     let secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": secret_name, "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
                      "labels": {"app.kubernetes.io/managed-by": "hookrelay-api",
-                                (crate::controller::SIGNING_SECRET_LABEL): "true"}},
+                                (crate::crd::SIGNING_SECRET_LABEL): "true"}},
         "type": "Opaque",
         "stringData": {"secret": secret_value},
     }))
