@@ -46,6 +46,7 @@ use support::{Operator, control_plane, create_webhook};
 /// The Webhook's signing secret, which the receiver verifies with.
 const SECRET: &str = "bench-secret-0123456789abcdef";
 const SIGNATURE_HEADER: &str = "x-webhook-signature";
+const CEILING: &str = "ceiling: generator -> receiver";
 /// A run ends when no delivery arrived for this long after the load stopped.
 const DRAIN_IDLE: Duration = Duration::from_secs(10);
 
@@ -262,8 +263,10 @@ struct Figure {
     /// Events accepted and delivered with a valid signature, per second from the first POST to
     /// the last arrival.
     events_per_s: f64,
-    /// `events_per_s` over the same run's ceiling.
+    /// `events_per_s` over the same run's ceiling (saturation runs only).
     ratio_to_ceiling: Option<f64>,
+    /// `events_per_s` over the same run's API-server write ceiling (durable saturation only).
+    ratio_to_api_writes: Option<f64>,
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
     sent: usize,
@@ -334,6 +337,7 @@ async fn measure(
         scenario: scenario.to_owned(),
         events_per_s,
         ratio_to_ceiling: None,
+        ratio_to_api_writes: None,
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
         sent: sent.len(),
@@ -429,6 +433,70 @@ async fn operator_scenarios(
     figures
 }
 
+/// The API server's own ceiling for what the durable mode does per event: plain creates of a
+/// small object (a ConfigMap about the size of a DocumentEvent), closed loop, with the same
+/// number of concurrent clients.
+async fn api_write_ceiling(settings: &Settings) -> Figure {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cp = control_plane();
+    let ns = cp.namespace("throughput-writes").await;
+    let configmaps: kube::Api<ConfigMap> = kube::Api::namespaced(cp.client().await, &ns);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let end = started + settings.seconds;
+    let workers: Vec<_> = (0..settings.connections)
+        .map(|_| {
+            let (configmaps, next) = (configmaps.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                while Instant::now() < end {
+                    let seq = next.fetch_add(1, Ordering::Relaxed);
+                    let object: ConfigMap = serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": format!("write-{seq}")},
+                        "data": {"event": event_body(seq)},
+                    }))
+                    .unwrap();
+                    let at = Instant::now();
+                    let created = configmaps
+                        .create(&kube::api::PostParams::default(), &object)
+                        .await;
+                    done.push((at.elapsed(), created.is_ok()));
+                }
+                done
+            })
+        })
+        .collect();
+    let mut done = Vec::new();
+    for worker in workers {
+        done.extend(worker.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    let mut latencies: Vec<_> = done.iter().filter(|d| d.1).map(|d| d.0).collect();
+    latencies.sort_unstable();
+    let errors = done.len() - latencies.len();
+    eprintln!(
+        "API-server creates: {} sent, {} created, {errors} failed",
+        done.len(),
+        latencies.len()
+    );
+    Figure {
+        scenario: "ceiling: API-server creates (ConfigMap)".to_owned(),
+        events_per_s: latencies.len() as f64 / elapsed.as_secs_f64(),
+        ratio_to_ceiling: None,
+        ratio_to_api_writes: None,
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        sent: done.len(),
+        delivered: latencies.len(),
+        too_many_requests: 0,
+        errors,
+    }
+}
+
+fn ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".to_owned(), |r| format!("{:.1}%", r * 100.0))
+}
+
 fn ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"))
 }
@@ -452,15 +520,9 @@ async fn main() {
         next_seq.clone(),
         settings.connections,
     ));
-    let ceiling = measure(
-        "ceiling: generator -> receiver",
-        &ceiling_load,
-        &arrivals,
-        None,
-        &settings,
-    )
-    .await;
-    let mut figures = vec![ceiling];
+    let ceiling = measure(CEILING, &ceiling_load, &arrivals, None, &settings).await;
+    let api_writes = api_write_ceiling(&settings).await;
+    let mut figures = vec![ceiling, api_writes];
     figures.extend(
         operator_scenarios(
             "direct",
@@ -475,9 +537,15 @@ async fn main() {
     figures.extend(
         operator_scenarios("durable", &[200], receiver, &arrivals, &next_seq, &settings).await,
     );
-    let ceiling_rate = figures[0].events_per_s;
+    let (ceiling_rate, api_write_rate) = (figures[0].events_per_s, figures[1].events_per_s);
     for f in &mut figures {
-        f.ratio_to_ceiling = (ceiling_rate > 0.0).then(|| f.events_per_s / ceiling_rate);
+        // A fixed rate is the rate asked for: only saturation compares with a ceiling.
+        if f.scenario.ends_with("saturation") || f.scenario == CEILING {
+            f.ratio_to_ceiling = (ceiling_rate > 0.0).then(|| f.events_per_s / ceiling_rate);
+        }
+        if f.scenario == "durable, saturation" {
+            f.ratio_to_api_writes = (api_write_rate > 0.0).then(|| f.events_per_s / api_write_rate);
+        }
     }
 
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -486,16 +554,16 @@ async fn main() {
         settings.connections, settings.seconds, settings.rate_seconds
     );
     println!(
-        "| scenario | events/s | vs ceiling | p50 ms | p99 ms | sent | delivered | 429 | errors |"
+        "| scenario | events/s | vs ceiling | vs API writes | p50 ms | p99 ms | sent | delivered | 429 | errors |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for f in &figures {
         println!(
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
             f.scenario,
             f.events_per_s,
-            f.ratio_to_ceiling
-                .map_or_else(|| "-".to_owned(), |r| format!("{:.1}%", r * 100.0)),
+            ratio(f.ratio_to_ceiling),
+            ratio(f.ratio_to_api_writes),
             ms(f.p50_ms),
             ms(f.p99_ms),
             f.sent,
