@@ -1,0 +1,591 @@
+//! Events per second and latency end to end through `POST /api/events`, each next to a ceiling
+//! measured in the same run (issue 10, "Benchmark harness").
+//!
+//! - One load generator (16 keep-alive connections by default) posts seed-shaped bodies, one
+//!   event per request, each with a unique `data.seq`.
+//! - One in-process receiver verifies the `X-Webhook-Signature` of every request (HMAC-SHA256 of
+//!   the raw body with the Webhook's secret) and records when each `seq` arrived.
+//! - Ceiling: the generator posts the same bodies, signed by itself, straight to the receiver.
+//! - The operator runs as a release process against a real kube-apiserver + etcd, in `direct`
+//!   and then in `durable` mode, with one Webhook to the receiver; saturation is a closed loop,
+//!   fixed rates an open loop (sent at the rate whatever the answers). Latency is from the POST
+//!   being sent to the receiver's arrival.
+//!
+//! Prints a table and writes it as JSON to `target/bench/throughput.json`.
+//!
+//! Run: `cargo bench --bench throughput`. Knobs (environment):
+//! `HOOKRELAY_BENCH_SECONDS` (each saturation run, default 10),
+//! `HOOKRELAY_BENCH_RATE_SECONDS` (each fixed-rate run, default 10),
+//! `HOOKRELAY_BENCH_CONNECTIONS` (default 16),
+//! `HOOKRELAY_BENCH_DRAIN_SECONDS` (longest wait for the last deliveries, default 60).
+
+#[path = "../tests/e2e/support.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    serve::ListenerExt,
+};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use support::{Operator, control_plane, create_webhook};
+
+/// The Webhook's signing secret, which the receiver verifies with.
+const SECRET: &str = "bench-secret-0123456789abcdef";
+const SIGNATURE_HEADER: &str = "x-webhook-signature";
+const CEILING: &str = "ceiling: generator -> receiver";
+/// A run ends when no delivery arrived for this long after the load stopped.
+const DRAIN_IDLE: Duration = Duration::from_secs(10);
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The seed's `document.completed` event with a sequence number in its data.
+fn event_body(seq: u64) -> String {
+    format!(
+        r#"{{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{{"document_id":123,"filename":"important_document.pdf","status":"completed","processing_time_ms":5200,"content_type":"pdf","folder_id":1,"seq":{seq}}}}}"#
+    )
+}
+
+fn mac() -> Hmac<Sha256> {
+    Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("HMAC takes any key length")
+}
+
+fn sign(body: &[u8]) -> String {
+    let mut mac = mac();
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// What the receiver saw since it was last drained.
+#[derive(Default)]
+struct Arrivals {
+    /// (seq, when) of every request whose signature was valid.
+    valid: Mutex<Vec<(u64, Instant)>>,
+    /// Requests with a missing or wrong signature, or without a `data.seq`.
+    invalid: AtomicU64,
+}
+
+impl Arrivals {
+    fn take(&self) -> (Vec<(u64, Instant)>, u64) {
+        (
+            std::mem::take(&mut *self.valid.lock().unwrap()),
+            self.invalid.swap(0, Ordering::Relaxed),
+        )
+    }
+
+    fn len(&self) -> usize {
+        self.valid.lock().unwrap().len()
+    }
+}
+
+async fn receive(
+    State(arrivals): State<Arc<Arrivals>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let at = Instant::now();
+    let signed = headers
+        .get(SIGNATURE_HEADER)
+        .and_then(|v| hex::decode(v.as_bytes()).ok())
+        .is_some_and(|signature| {
+            let mut mac = mac();
+            mac.update(&body);
+            mac.verify_slice(&signature).is_ok()
+        });
+    let seq = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["data"]["seq"].as_u64());
+    match (signed, seq) {
+        (true, Some(seq)) => {
+            arrivals.valid.lock().unwrap().push((seq, at));
+            StatusCode::OK
+        }
+        _ => {
+            arrivals.invalid.fetch_add(1, Ordering::Relaxed);
+            StatusCode::UNAUTHORIZED
+        }
+    }
+}
+
+async fn start_receiver() -> (Arc<Arrivals>, std::net::SocketAddr) {
+    let arrivals = Arc::new(Arrivals::default());
+    let app = axum::Router::new()
+        .fallback(axum::routing::post(receive))
+        .with_state(arrivals.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Small requests and answers: no Nagle delay on either side.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (arrivals, addr)
+}
+
+/// How the server answered one POST.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    Accepted,
+    TooManyRequests,
+    Failed,
+}
+
+/// One request the generator sent.
+struct Sent {
+    seq: u64,
+    at: Instant,
+    reply: Reply,
+}
+
+/// The load generator: keep-alive connections to one URL.
+struct Load {
+    client: reqwest::Client,
+    url: String,
+    /// Sign the bodies itself (the ceiling, where there is no operator to sign).
+    sign: bool,
+    next_seq: Arc<AtomicU64>,
+    first_failure: Mutex<Option<String>>,
+}
+
+impl Load {
+    fn new(url: String, sign: bool, next_seq: Arc<AtomicU64>, connections: usize) -> Load {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(connections)
+            .tcp_nodelay(true)
+            .build()
+            .expect("client builds");
+        Load {
+            client,
+            url,
+            sign,
+            next_seq,
+            first_failure: Mutex::new(None),
+        }
+    }
+
+    async fn post(&self) -> Sent {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let body = event_body(seq);
+        let mut request = self
+            .client
+            .post(&self.url)
+            .header("content-type", "application/json");
+        if self.sign {
+            request = request.header(SIGNATURE_HEADER, sign(body.as_bytes()));
+        }
+        let at = Instant::now();
+        let reply = match request.body(body).send().await {
+            Ok(response) => {
+                let status = response.status();
+                // Read to the end, so that the connection goes back to the pool.
+                let text = response.text().await.unwrap_or_default();
+                if status.is_success() {
+                    Reply::Accepted
+                } else if status == StatusCode::TOO_MANY_REQUESTS {
+                    Reply::TooManyRequests
+                } else {
+                    self.failed(format!("{status}: {text}"));
+                    Reply::Failed
+                }
+            }
+            Err(e) => {
+                self.failed(e.to_string());
+                Reply::Failed
+            }
+        };
+        Sent { seq, at, reply }
+    }
+
+    fn failed(&self, why: String) {
+        self.first_failure.lock().unwrap().get_or_insert(why);
+    }
+
+    /// `connections` clients, each sending its next request when the last one was answered.
+    async fn closed_loop(self: &Arc<Self>, connections: usize, duration: Duration) -> Vec<Sent> {
+        let end = Instant::now() + duration;
+        let workers: Vec<_> = (0..connections)
+            .map(|_| {
+                let load = self.clone();
+                tokio::spawn(async move {
+                    let mut sent = Vec::new();
+                    while Instant::now() < end {
+                        sent.push(load.post().await);
+                    }
+                    sent
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for worker in workers {
+            all.extend(worker.await.unwrap());
+        }
+        all
+    }
+
+    /// `rate` requests per second for `duration`, each sent on time whether or not earlier ones
+    /// were answered.
+    async fn open_loop(self: &Arc<Self>, rate: u32, duration: Duration) -> Vec<Sent> {
+        let start = tokio::time::Instant::now();
+        let total = (f64::from(rate) * duration.as_secs_f64()) as u64;
+        let mut requests = tokio::task::JoinSet::new();
+        for i in 0..total {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / f64::from(rate)))
+                .await;
+            let load = self.clone();
+            requests.spawn(async move { load.post().await });
+        }
+        requests.join_all().await
+    }
+}
+
+/// One line of the table.
+#[derive(serde::Serialize)]
+struct Figure {
+    scenario: String,
+    /// Events accepted and delivered with a valid signature, per second from the first POST to
+    /// the last arrival.
+    events_per_s: f64,
+    /// `events_per_s` over the same run's ceiling (saturation runs only).
+    ratio_to_ceiling: Option<f64>,
+    /// `events_per_s` over the same run's API-server write ceiling (durable saturation only).
+    ratio_to_api_writes: Option<f64>,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    sent: usize,
+    delivered: usize,
+    /// Answered 429 (not an error: back-pressure).
+    too_many_requests: usize,
+    /// Other failed requests, invalid signatures, and accepted events never delivered.
+    errors: usize,
+}
+
+/// Waits until every accepted event arrived, or nothing arrived for `DRAIN_IDLE`, or `limit`.
+async fn drain(arrivals: &Arrivals, accepted: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let (mut seen, mut progress_at) = (arrivals.len(), Instant::now());
+    while seen < accepted && Instant::now() < deadline && progress_at.elapsed() < DRAIN_IDLE {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now_seen = arrivals.len();
+        if now_seen > seen {
+            (seen, progress_at) = (now_seen, Instant::now());
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Option<f64> {
+    let i = ((p * sorted.len() as f64).ceil() as usize).checked_sub(1)?;
+    sorted.get(i).map(|d| d.as_secs_f64() * 1000.0)
+}
+
+async fn measure(
+    scenario: &str,
+    load: &Arc<Load>,
+    arrivals: &Arrivals,
+    rate: Option<u32>,
+    settings: &Settings,
+) -> Figure {
+    arrivals.take();
+    let sent = match rate {
+        None => {
+            load.closed_loop(settings.connections, settings.seconds)
+                .await
+        }
+        Some(rate) => load.open_loop(rate, settings.rate_seconds).await,
+    };
+    let accepted = sent.iter().filter(|s| s.reply == Reply::Accepted).count();
+    drain(arrivals, accepted, settings.drain).await;
+    let (valid, invalid) = arrivals.take();
+    let mut first_arrival: HashMap<u64, Instant> = HashMap::with_capacity(valid.len());
+    for (seq, at) in valid {
+        first_arrival.entry(seq).or_insert(at);
+    }
+    let mut latencies = Vec::with_capacity(accepted);
+    let mut last_arrival = None;
+    for s in sent.iter().filter(|s| s.reply == Reply::Accepted) {
+        if let Some(&at) = first_arrival.get(&s.seq) {
+            latencies.push(at.saturating_duration_since(s.at));
+            last_arrival = last_arrival.max(Some(at));
+        }
+    }
+    latencies.sort_unstable();
+    let delivered = latencies.len();
+    let first_sent = sent.iter().map(|s| s.at).min();
+    let events_per_s = match (first_sent, last_arrival) {
+        (Some(first), Some(last)) => delivered as f64 / (last - first).as_secs_f64(),
+        _ => 0.0,
+    };
+    let failed = sent.iter().filter(|s| s.reply == Reply::Failed).count();
+    let figure = Figure {
+        scenario: scenario.to_owned(),
+        events_per_s,
+        ratio_to_ceiling: None,
+        ratio_to_api_writes: None,
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        sent: sent.len(),
+        delivered,
+        too_many_requests: sent
+            .iter()
+            .filter(|s| s.reply == Reply::TooManyRequests)
+            .count(),
+        errors: failed + invalid as usize + (accepted - delivered),
+    };
+    eprintln!(
+        "{scenario}: {} sent, {accepted} accepted, {delivered} delivered, {} x 429, {failed} failed, {invalid} invalid signatures",
+        figure.sent, figure.too_many_requests
+    );
+    if let Some(why) = load.first_failure.lock().unwrap().take() {
+        eprintln!("  first failure: {why}");
+    }
+    figure
+}
+
+struct Settings {
+    seconds: Duration,
+    rate_seconds: Duration,
+    connections: usize,
+    drain: Duration,
+}
+
+/// The operator in `mode`, watching a fresh namespace with one Webhook to the receiver; the
+/// figures of its scenarios.
+async fn operator_scenarios(
+    mode: &str,
+    rates: &[u32],
+    receiver: std::net::SocketAddr,
+    arrivals: &Arrivals,
+    next_seq: &Arc<AtomicU64>,
+    settings: &Settings,
+) -> Vec<Figure> {
+    let cp = control_plane();
+    let ns = cp.namespace(&format!("throughput-{mode}")).await;
+    let op = Operator::start(
+        cp,
+        &[
+            "--ingest-mode",
+            mode,
+            "--disable-auth",
+            "--direct-queue",
+            "100000",
+            "--allow-http",
+            "--allow-cidr",
+            "127.0.0.0/8",
+            "--namespace",
+            &ns,
+        ],
+    );
+    op.wait_ready().await;
+    create_webhook(
+        &cp.client().await,
+        &ns,
+        "receiver",
+        &format!("http://{receiver}/hook"),
+        SECRET,
+        serde_json::json!({}),
+    )
+    .await;
+    let load = Arc::new(Load::new(
+        format!("http://{}/api/events?namespace={ns}", op.listen_addr),
+        false,
+        next_seq.clone(),
+        settings.connections,
+    ));
+    let mut figures = vec![
+        measure(
+            &format!("{mode}, saturation"),
+            &load,
+            arrivals,
+            None,
+            settings,
+        )
+        .await,
+    ];
+    for &rate in rates {
+        figures.push(
+            measure(
+                &format!("{mode}, {rate}/s"),
+                &load,
+                arrivals,
+                Some(rate),
+                settings,
+            )
+            .await,
+        );
+    }
+    figures
+}
+
+/// The API server's own ceiling for what the durable mode does per event: plain creates of a
+/// small object (a ConfigMap about the size of a DocumentEvent), closed loop, with the same
+/// number of concurrent clients.
+async fn api_write_ceiling(settings: &Settings) -> Figure {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cp = control_plane();
+    let ns = cp.namespace("throughput-writes").await;
+    let configmaps: kube::Api<ConfigMap> = kube::Api::namespaced(cp.client().await, &ns);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let end = started + settings.seconds;
+    let workers: Vec<_> = (0..settings.connections)
+        .map(|_| {
+            let (configmaps, next) = (configmaps.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut done = Vec::new();
+                while Instant::now() < end {
+                    let seq = next.fetch_add(1, Ordering::Relaxed);
+                    let object: ConfigMap = serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": format!("write-{seq}")},
+                        "data": {"event": event_body(seq)},
+                    }))
+                    .unwrap();
+                    let at = Instant::now();
+                    let created = configmaps
+                        .create(&kube::api::PostParams::default(), &object)
+                        .await;
+                    done.push((at.elapsed(), created.is_ok()));
+                }
+                done
+            })
+        })
+        .collect();
+    let mut done = Vec::new();
+    for worker in workers {
+        done.extend(worker.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    let mut latencies: Vec<_> = done.iter().filter(|d| d.1).map(|d| d.0).collect();
+    latencies.sort_unstable();
+    let errors = done.len() - latencies.len();
+    eprintln!(
+        "API-server creates: {} sent, {} created, {errors} failed",
+        done.len(),
+        latencies.len()
+    );
+    Figure {
+        scenario: "ceiling: API-server creates (ConfigMap)".to_owned(),
+        events_per_s: latencies.len() as f64 / elapsed.as_secs_f64(),
+        ratio_to_ceiling: None,
+        ratio_to_api_writes: None,
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        sent: done.len(),
+        delivered: latencies.len(),
+        too_many_requests: 0,
+        errors,
+    }
+}
+
+fn ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".to_owned(), |r| format!("{:.1}%", r * 100.0))
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // reqwest is built without a default TLS provider (the operator installs ring at start).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let settings = Settings {
+        seconds: Duration::from_secs(env_or("HOOKRELAY_BENCH_SECONDS", 10)),
+        rate_seconds: Duration::from_secs(env_or("HOOKRELAY_BENCH_RATE_SECONDS", 10)),
+        connections: env_or("HOOKRELAY_BENCH_CONNECTIONS", 16),
+        drain: Duration::from_secs(env_or("HOOKRELAY_BENCH_DRAIN_SECONDS", 60)),
+    };
+    let next_seq = Arc::new(AtomicU64::new(0));
+    let (arrivals, receiver) = start_receiver().await;
+
+    let ceiling_load = Arc::new(Load::new(
+        format!("http://{receiver}/hook"),
+        true,
+        next_seq.clone(),
+        settings.connections,
+    ));
+    let ceiling = measure(CEILING, &ceiling_load, &arrivals, None, &settings).await;
+    let api_writes = api_write_ceiling(&settings).await;
+    let mut figures = vec![ceiling, api_writes];
+    figures.extend(
+        operator_scenarios(
+            "direct",
+            &[200, 1000],
+            receiver,
+            &arrivals,
+            &next_seq,
+            &settings,
+        )
+        .await,
+    );
+    figures.extend(
+        operator_scenarios("durable", &[200], receiver, &arrivals, &next_seq, &settings).await,
+    );
+    let (ceiling_rate, api_write_rate) = (figures[0].events_per_s, figures[1].events_per_s);
+    for f in &mut figures {
+        // A fixed rate is the rate asked for: only saturation compares with a ceiling.
+        if f.scenario.ends_with("saturation") || f.scenario == CEILING {
+            f.ratio_to_ceiling = (ceiling_rate > 0.0).then(|| f.events_per_s / ceiling_rate);
+        }
+        if f.scenario == "durable, saturation" {
+            f.ratio_to_api_writes = (api_write_rate > 0.0).then(|| f.events_per_s / api_write_rate);
+        }
+    }
+
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "\n{cpus} CPUs, {} connections, saturation {:?}, fixed rates {:?} each\n",
+        settings.connections, settings.seconds, settings.rate_seconds
+    );
+    println!(
+        "| scenario | events/s | vs ceiling | vs API writes | p50 ms | p99 ms | sent | delivered | 429 | errors |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for f in &figures {
+        println!(
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            f.scenario,
+            f.events_per_s,
+            ratio(f.ratio_to_ceiling),
+            ratio(f.ratio_to_api_writes),
+            ms(f.p50_ms),
+            ms(f.p99_ms),
+            f.sent,
+            f.delivered,
+            f.too_many_requests,
+            f.errors
+        );
+    }
+
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| support::repo_root().join("target"))
+        .join("bench");
+    std::fs::create_dir_all(&dir).expect("target/bench can be created");
+    let path = dir.join("throughput.json");
+    let json = serde_json::json!({
+        "cpus": cpus,
+        "connections": settings.connections,
+        "saturation_seconds": settings.seconds.as_secs(),
+        "rate_seconds": settings.rate_seconds.as_secs(),
+        "figures": figures,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).expect("JSON written");
+    println!("\nwritten to {}", path.display());
+}
