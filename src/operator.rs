@@ -313,6 +313,10 @@ pub async fn start(
     args: RunArgs,
     shutdown: CancellationToken,
 ) -> Result<(Operator, impl Future<Output = Result<(), Error>>), Error> {
+    // Before touching the cluster: a flag mistake is reported as such.
+    if args.ingest_mode == http::IngestMode::JetStream && args.nats_url.is_none() {
+        return Err(Error::NatsUrlMissing);
+    }
     let metrics = Metrics::default();
     let client = metrics.instrumented_client(config)?;
     check_crds(&client).await?;
@@ -326,7 +330,6 @@ pub async fn start(
         });
     }
     let bus = match (args.ingest_mode, &args.nats_url) {
-        (http::IngestMode::JetStream, None) => return Err(Error::NatsUrlMissing),
         (http::IngestMode::JetStream, Some(url)) => Some(
             jetstream::connect(&jetstream::BusConfig {
                 url: url.clone(),
@@ -869,6 +872,19 @@ mod tests {
         while attempts.try_recv().is_ok() {}
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(attempts.try_recv().is_err(), "the task kept running");
+    }
+
+    #[tokio::test]
+    async fn jetstream_mode_without_a_nats_url_is_refused_at_start_saying_what_to_set() {
+        let mut args = RunArgs::for_tests();
+        args.ingest_mode = http::IngestMode::JetStream;
+        // Nothing listens there: the flag is checked before any connection.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let Err(error) = start(config, args, CancellationToken::new()).await else {
+            panic!("the operator started without --nats-url");
+        };
+        assert!(matches!(error, Error::NatsUrlMissing), "{error}");
+        assert!(error.to_string().contains("--nats-url"), "{error}");
     }
 
     #[test]
