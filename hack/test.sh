@@ -10,6 +10,9 @@ step "control plane binaries"
 BIN=$(hack/control-plane.sh build)
 export PATH="$BIN:$PATH"
 
+step "nats-server (JetStream, for --ingest-mode jetstream)"
+hack/nats.sh build
+
 step "test receivers (Python and Node, from the seed's verification code)"
 hack/receivers.sh
 tests/receivers/.venv/bin/python tests/receivers/selftest.py

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     controller::{DocumentEventController, Retention, Scope, WebhookController},
     crd::{DocumentEvent, Webhook},
-    delivery::{Dispatcher, DispatcherConfig, EgressPolicy, HttpSender},
+    delivery::{Dispatcher, DispatcherConfig, EgressPolicy, HttpSender, jetstream},
     http,
     leader::{self, ElectionConfig, Leadership},
     metrics::Metrics,
@@ -28,7 +28,9 @@ pub struct RunArgs {
     pub listen_addr: SocketAddr,
 
     /// `durable`: store ingested events as DocumentEvents before replying (at-least-once);
-    /// `direct`: dispatch them from memory (lowest latency, at-most-once across a restart).
+    /// `direct`: dispatch them from memory (lowest latency, at-most-once across a restart);
+    /// `jetstream`: publish them to NATS JetStream (--nats-url) before replying, every replica
+    /// delivering (at-least-once).
     #[arg(
         long,
         env = "HOOKRELAY_INGEST_MODE",
@@ -36,6 +38,29 @@ pub struct RunArgs {
         default_value = "durable"
     )]
     pub ingest_mode: http::IngestMode,
+
+    /// NATS server(s) of `--ingest-mode jetstream`, e.g. nats://nats.nats:4222 (required in
+    /// that mode).
+    #[arg(long, env = "HOOKRELAY_NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// NATS credentials file (a user JWT and its NKey seed), if the server requires one.
+    #[arg(long, env = "HOOKRELAY_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// The JetStream stream holding events and deliveries (created or updated at start).
+    #[arg(long, env = "HOOKRELAY_NATS_STREAM", default_value = "HOOKRELAY")]
+    pub nats_stream: String,
+
+    /// How long the stream keeps events and deliveries, delivered or not (limits retention);
+    /// a delivery still held or retrying after this is lost.
+    #[arg(long, env = "HOOKRELAY_NATS_MAX_AGE", default_value = "24h", value_parser = parse_period)]
+    pub nats_max_age: Duration,
+
+    /// Events and deliveries one consumer may have handed out and not yet acknowledged, across
+    /// all replicas.
+    #[arg(long, env = "HOOKRELAY_NATS_MAX_ACK_PENDING", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
+    pub nats_max_ack_pending: i64,
 
     /// Deliveries direct ingest may hold before it answers 429.
     #[arg(long, env = "HOOKRELAY_DIRECT_QUEUE", default_value_t = 10_000)]
@@ -168,6 +193,11 @@ impl RunArgs {
         Self {
             listen_addr: "127.0.0.1:0".parse().expect("a valid address"),
             ingest_mode: http::IngestMode::Durable,
+            nats_url: None,
+            nats_creds: None,
+            nats_stream: "HOOKRELAY".into(),
+            nats_max_age: Duration::from_secs(86400),
+            nats_max_ack_pending: 1000,
             direct_queue: 10_000,
             direct_queue_per_namespace: None,
             direct_max_hold: Duration::from_secs(60),
@@ -242,6 +272,12 @@ pub enum Error {
     },
     #[error("{0}; exiting at once so that only the new leader delivers")]
     LeadershipLost(leader::ElectionError),
+    #[error(
+        "--ingest-mode jetstream needs --nats-url (HOOKRELAY_NATS_URL), for example nats://nats.nats:4222"
+    )]
+    NatsUrlMissing,
+    #[error("JetStream: {0}")]
+    Bus(#[from] jetstream::BusError),
     #[error("the {task} task ended unexpectedly ({why}); stopping so that a restart recovers")]
     TaskEnded { task: &'static str, why: String },
 }
@@ -277,6 +313,10 @@ pub async fn start(
     args: RunArgs,
     shutdown: CancellationToken,
 ) -> Result<(Operator, impl Future<Output = Result<(), Error>>), Error> {
+    // Before touching the cluster: a flag mistake is reported as such.
+    if args.ingest_mode == http::IngestMode::JetStream && args.nats_url.is_none() {
+        return Err(Error::NatsUrlMissing);
+    }
     let metrics = Metrics::default();
     let client = metrics.instrumented_client(config)?;
     check_crds(&client).await?;
@@ -289,6 +329,19 @@ pub async fn start(
             lease: args.lease_duration,
         });
     }
+    let bus = match (args.ingest_mode, &args.nats_url) {
+        (http::IngestMode::JetStream, Some(url)) => Some(
+            jetstream::connect(&jetstream::BusConfig {
+                url: url.clone(),
+                creds: args.nats_creds.clone(),
+                stream: args.nats_stream.clone(),
+                max_age: args.nats_max_age,
+                max_ack_pending: args.nats_max_ack_pending,
+            })
+            .await?,
+        ),
+        _ => None,
+    };
     // With leader election, a standby never syncs DocumentEvents: it is ready once it can
     // route (and so serve the API).
     let readiness = if args.leader_elect {
@@ -372,6 +425,7 @@ pub async fn start(
         routes: routes.clone(),
         dispatcher: dispatcher.clone(),
         ingest_mode: args.ingest_mode,
+        bus: bus.clone(),
         direct: http::DirectIngest::new(
             args.direct_queue,
             args.direct_queue_per_namespace
@@ -398,6 +452,29 @@ pub async fn start(
         readiness.clone(),
         metrics.clone(),
     );
+    // JetStream consumers run on every replica, independent of leadership: the stream shares
+    // the work. A follower's attempt records are not written (only the leader's writer writes).
+    let bus_tasks = bus.map(|bus| {
+        // They stop on the shutdown signal, like the controllers, before the writer flushes.
+        let stop = shutdown.clone();
+        let synced = |readiness: http::Readiness| async move { readiness.synced("webhooks").await };
+        let router = tokio::spawn(jetstream::route_events(
+            bus.clone(),
+            routes.clone(),
+            synced(readiness.clone()),
+            stop.clone(),
+        ));
+        let deliverer = tokio::spawn(jetstream::deliver_work(
+            bus,
+            dispatcher.clone(),
+            // Nothing held outlives the stream's retention.
+            args.max_hold.min(args.nats_max_age),
+            synced(readiness.clone()),
+            stop.clone(),
+            args.shutdown_timeout / 2,
+        ));
+        (router, deliverer)
+    });
     let events = DocumentEventController::new(
         client.clone(),
         &scope,
@@ -493,11 +570,15 @@ pub async fn start(
     // is written) the Lease is released, so a standby takes over at once.
     // The servers drain last, so that an API request in flight does not hold up the flush and
     // the Lease release.
-    let mut tasks = vec![
-        Essential::new("DocumentEvent controller", events, None),
+    let mut tasks = vec![Essential::new("DocumentEvent controller", events, None)];
+    if let Some((router, deliverer)) = bus_tasks {
+        tasks.push(Essential::new("JetStream router", router, None));
+        tasks.push(Essential::new("JetStream deliverer", deliverer, None));
+    }
+    tasks.extend([
         Essential::new("Webhook controller", webhooks, None),
         Essential::new("status writer", writer, None).stopped_by(writer_stop),
-    ];
+    ]);
     if let Some((task, stop)) = elector {
         tasks.push(Essential::new("leader election", task, None).stopped_by(stop));
     }
@@ -570,6 +651,12 @@ impl IntoTaskResult for () {
 impl IntoTaskResult for Result<(), leader::ElectionError> {
     fn into_task_result(self, _: Option<SocketAddr>) -> Result<(), Error> {
         self.map_err(Error::LeadershipLost)
+    }
+}
+
+impl IntoTaskResult for Result<(), jetstream::BusError> {
+    fn into_task_result(self, _: Option<SocketAddr>) -> Result<(), Error> {
+        self.map_err(Error::Bus)
     }
 }
 
@@ -785,6 +872,19 @@ mod tests {
         while attempts.try_recv().is_ok() {}
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(attempts.try_recv().is_err(), "the task kept running");
+    }
+
+    #[tokio::test]
+    async fn jetstream_mode_without_a_nats_url_is_refused_at_start_saying_what_to_set() {
+        let mut args = RunArgs::for_tests();
+        args.ingest_mode = http::IngestMode::JetStream;
+        // Nothing listens there: the flag is checked before any connection.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let Err(error) = start(config, args, CancellationToken::new()).await else {
+            panic!("the operator started without --nats-url");
+        };
+        assert!(matches!(error, Error::NatsUrlMissing), "{error}");
+        assert!(error.to_string().contains("--nats-url"), "{error}");
     }
 
     #[test]

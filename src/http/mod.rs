@@ -63,6 +63,8 @@ pub struct ApiState {
     pub routes: Routes,
     pub dispatcher: Arc<Dispatcher>,
     pub ingest_mode: IngestMode,
+    /// JetStream mode: where ingest publishes.
+    pub bus: Option<crate::delivery::jetstream::Bus>,
     /// Direct mode: its queue (global and per namespace) and recent idempotency keys.
     pub direct: DirectIngest,
     /// How long a direct delivery may be held for a paused or blocked Webhook.

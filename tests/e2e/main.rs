@@ -9,6 +9,7 @@ mod crds;
 mod delivery;
 mod hardening;
 mod ingest;
+mod jetstream;
 mod leader;
 mod operator;
 mod support;

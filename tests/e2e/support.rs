@@ -818,3 +818,52 @@ impl Operator {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+/// A nats-server with JetStream on a free loopback port and its own store, stopped on drop.
+/// Built by `hack/nats.sh build` (hack/test.sh does it first).
+pub struct NatsServer {
+    child: std::process::Child,
+    pub url: String,
+    store: PathBuf,
+}
+
+impl NatsServer {
+    pub async fn start() -> NatsServer {
+        let bin = std::process::Command::new(repo_root().join("hack/nats.sh"))
+            .arg("build")
+            .output()
+            .expect("hack/nats.sh runs");
+        assert!(bin.status.success(), "hack/nats.sh build failed: {bin:?}");
+        let bin = PathBuf::from(String::from_utf8(bin.stdout).unwrap().trim()).join("nats-server");
+        let port = free_port();
+        let store = std::env::temp_dir().join(format!("hookrelay-nats-{port}"));
+        let _ = std::fs::remove_dir_all(&store);
+        let child = std::process::Command::new(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(&store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        eventually(
+            "nats-server to listen",
+            Duration::from_secs(30),
+            || async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) },
+        )
+        .await;
+        NatsServer {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            store,
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}

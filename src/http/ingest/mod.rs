@@ -2,7 +2,8 @@
 //!
 //! Durable (default): each event is stored as a DocumentEvent before the 202, so accepted means
 //! delivered (at least once). Direct: dispatched from memory for the lowest latency, bounded by a
-//! queue that answers 429 when full; at-most-once across an operator restart.
+//! queue that answers 429 when full; at-most-once across an operator restart. JetStream: each
+//! event stored in a NATS JetStream stream before the 202, delivered by every replica.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -17,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 mod direct;
 mod durable;
+mod jetstream;
 
 pub use direct::DirectIngest;
 
@@ -24,6 +26,7 @@ use super::{ApiState, NamespaceQuery, error::ApiError, namespace_for};
 use crate::crd::EventType;
 use direct::direct;
 use durable::durable;
+use jetstream::jetstream;
 
 /// Events accepted in one request.
 pub const MAX_EVENTS_PER_REQUEST: usize = 1000;
@@ -66,6 +69,10 @@ pub enum IngestMode {
     Durable,
     /// Dispatched from memory: lowest latency, at-most-once across a restart.
     Direct,
+    /// Published to a NATS JetStream stream before the reply: at-least-once, and every replica
+    /// delivers.
+    #[value(name = "jetstream")]
+    JetStream,
 }
 
 /// An idempotency key must be 1 to 200 printable ASCII characters, so that it fits an
@@ -225,6 +232,7 @@ pub async fn ingest(
             super::require_leader(&state, "direct ingest")?;
             direct(&state, &namespace, events)
         }
+        IngestMode::JetStream => jetstream(&state, &namespace, events).await,
     }
 }
 

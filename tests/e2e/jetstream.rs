@@ -1,0 +1,342 @@
+//! `--ingest-mode jetstream` against a real nats-server (JetStream on a loopback port), a real
+//! API server and loopback receivers.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::TryStreamExt;
+use hookrelay::http::IngestMode;
+use serde_json::{Value, json};
+
+use crate::support::{
+    ControlPlane, CountingReceiver, InProcess, NatsServer, Operator, Receiver, ReceiverKind,
+    control_plane, create_webhook, eventually, metric,
+};
+
+const SECRET: &str = "a-strong-signing-secret-for-jetstream-tests";
+const EVENT: &str = r#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":123,"filename":"important_document.pdf"}}"#;
+
+async fn operator(cp: &ControlPlane, ns: &str, nats: &NatsServer) -> InProcess {
+    let mut args = hookrelay::operator::RunArgs::for_tests();
+    args.namespaces = vec![ns.to_owned()];
+    args.allow_http = true;
+    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+    args.disable_auth = true;
+    args.ingest_mode = IngestMode::JetStream;
+    args.nats_url = Some(nats.url.clone());
+    InProcess::start_with(cp.config().await, args).await
+}
+
+/// The operator binary in jetstream mode (so that it can be killed with SIGKILL).
+fn operator_process(cp: &ControlPlane, ns: &str, nats: &NatsServer) -> Operator {
+    Operator::start(
+        cp,
+        &[
+            "--namespace",
+            ns,
+            "--allow-http",
+            "--allow-cidr",
+            "127.0.0.0/8",
+            "--disable-auth",
+            "--ingest-mode",
+            "jetstream",
+            "--nats-url",
+            &nats.url,
+        ],
+    )
+}
+
+async fn post(addr: std::net::SocketAddr, ns: &str, key: Option<&str>, body: &str) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("http://{addr}/api/events?namespace={ns}"))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    let response = req.send().await.expect("the API answers");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Messages per subject in the stream.
+async fn subjects(nats: &NatsServer) -> std::collections::HashMap<String, usize> {
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let js = jetstream::new(client);
+    let stream = js.get_stream("HOOKRELAY").await.unwrap();
+    stream
+        .info_with_subjects("hookrelay.>")
+        .await
+        .unwrap()
+        .try_fold(
+            Default::default(),
+            |mut all: std::collections::HashMap<_, _>, (s, n)| {
+                all.insert(s, n);
+                std::future::ready(Ok(all))
+            },
+        )
+        .await
+        .unwrap()
+}
+
+/// Whether the deliverer consumer has nothing pending, handed out or waiting to be redelivered.
+async fn deliverer_idle(nats: &NatsServer) -> bool {
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let js = jetstream::new(client);
+    let stream = js.get_stream("HOOKRELAY").await.unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer =
+        stream.get_consumer("deliverer").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    info.num_pending == 0 && info.num_ack_pending == 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_ingest_answers_after_the_publish_and_delivers_a_signed_event() {
+    let cp = control_plane();
+    let ns = cp.namespace("js-ingest").await;
+    let nats = NatsServer::start().await;
+    let op = operator(cp, &ns, &nats).await;
+    let client = cp.client().await;
+    let receiver = Receiver::start(ReceiverKind::Python, SECRET, &[]).await;
+    create_webhook(&client, &ns, "w", &receiver.url("/h"), SECRET, json!({})).await;
+
+    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    assert_eq!(status, 202, "{reply}");
+    assert_eq!(reply["mode"], "jetstream", "{reply}");
+    assert_eq!(reply["accepted"], 1, "{reply}");
+    // Stored before the reply.
+    assert_eq!(
+        subjects(&nats).await.get(&format!("hookrelay.events.{ns}")),
+        Some(&1)
+    );
+
+    let received = receiver.wait_ok(1).await;
+    assert_eq!(received.len(), 1, "{received:?}");
+    let r = &received[0];
+    assert!(
+        r.hex_ok,
+        "the seed's verification accepts the signature: {r:?}"
+    );
+    assert_eq!(r.event.as_deref(), Some("document.completed"));
+    let body: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(body, serde_json::from_str::<Value>(EVENT).unwrap());
+    assert!(r.delivery_id.as_deref().unwrap().starts_with("msg_"));
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_event_sent_twice_with_one_key_is_stored_and_delivered_once() {
+    let cp = control_plane();
+    let ns = cp.namespace("js-idem").await;
+    let nats = NatsServer::start().await;
+    let op = operator(cp, &ns, &nats).await;
+    let client = cp.client().await;
+    let (receiver, addr) = CountingReceiver::start().await;
+    create_webhook(
+        &client,
+        &ns,
+        "w",
+        &format!("http://{addr}/h"),
+        SECRET,
+        json!({}),
+    )
+    .await;
+
+    let (status, first) = post(op.op.listen_addr, &ns, Some("order-1"), EVENT).await;
+    assert_eq!(status, 202, "{first}");
+    assert_eq!(first["duplicates"], json!([]), "{first}");
+    let (status, again) = post(op.op.listen_addr, &ns, Some("order-1"), EVENT).await;
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(again["duplicates"], json!([0]), "{again}");
+    assert_eq!(again["events"], first["events"], "the same event id");
+    let other = EVENT.replace("123", "124");
+    let (status, conflict) = post(op.op.listen_addr, &ns, Some("order-1"), &other).await;
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(conflict["error"]["code"], "idempotency_conflict");
+
+    eventually("one delivery", Duration::from_secs(60), || async {
+        (receiver.counts() == (1, 1)).then_some(())
+    })
+    .await;
+    eventually(
+        "the deliverer to be idle",
+        Duration::from_secs(60),
+        || async { deliverer_idle(&nats).await.then_some(()) },
+    )
+    .await;
+    let subjects = subjects(&nats).await;
+    assert_eq!(
+        subjects.get(&format!("hookrelay.events.{ns}")),
+        Some(&1),
+        "{subjects:?}"
+    );
+    assert_eq!(
+        subjects.get(&format!("hookrelay.deliveries.{ns}.w")),
+        Some(&1),
+        "{subjects:?}"
+    );
+    assert_eq!(receiver.counts(), (1, 1), "delivered once");
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_delivery_is_retried_through_the_stream_with_one_delivery_id() {
+    let cp = control_plane();
+    let ns = cp.namespace("js-retry").await;
+    let nats = NatsServer::start().await;
+    let op = operator(cp, &ns, &nats).await;
+    let client = cp.client().await;
+    let receiver = Receiver::start(ReceiverKind::Python, SECRET, &["--fail-first", "2"]).await;
+    create_webhook(
+        &client,
+        &ns,
+        "w",
+        &receiver.url("/h"),
+        SECRET,
+        json!({"initialBackoffSeconds": 1, "maxBackoffSeconds": 2}),
+    )
+    .await;
+
+    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    assert_eq!(status, 202, "{reply}");
+    let received = receiver.wait_ok(1).await;
+    let statuses: Vec<u16> = received.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [500, 500, 200], "{received:?}");
+    let ids: std::collections::HashSet<_> =
+        received.iter().map(|r| r.delivery_id.clone()).collect();
+    assert_eq!(ids.len(), 1, "one delivery id for every attempt: {ids:?}");
+
+    // The attempts are numbered 1, 2, 3 in the Webhook's history.
+    let webhooks: kube::Api<hookrelay::crd::Webhook> = kube::Api::namespaced(client, &ns);
+    let attempts = eventually(
+        "three attempts recorded",
+        Duration::from_secs(60),
+        || async {
+            let w = webhooks.get("w").await.ok()?;
+            let mut attempts: Vec<i32> = w
+                .status?
+                .recent_deliveries
+                .iter()
+                .map(|r| r.attempt)
+                .collect();
+            attempts.sort();
+            (attempts.len() == 3).then_some(attempts)
+        },
+    )
+    .await;
+    assert_eq!(attempts, [1, 2, 3]);
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_jetstream_operator_loses_no_event() {
+    let cp = control_plane();
+    let ns = cp.namespace("js-kill").await;
+    let nats = NatsServer::start().await;
+    let client = cp.client().await;
+    let (receiver, addr) = CountingReceiver::start_slow(Duration::from_millis(100)).await;
+    let mut first = operator_process(cp, &ns, &nats);
+    first.wait_ready().await;
+    create_webhook(
+        &client,
+        &ns,
+        "w",
+        &format!("http://{addr}/h"),
+        SECRET,
+        json!({}),
+    )
+    .await;
+
+    const EVENTS: usize = 100;
+    let batch = format!("[{}]", vec![EVENT; EVENTS].join(","));
+    let (status, reply) = post(first.listen_addr, &ns, None, &batch).await;
+    assert_eq!(status, 202, "{reply}");
+    eventually("some deliveries", Duration::from_secs(60), || async {
+        (receiver.counts().0 >= 10).then_some(())
+    })
+    .await;
+    first.child.start_kill().unwrap(); // SIGKILL
+    first.child.wait().await.unwrap();
+    let at_kill = receiver.counts().0;
+    assert!(at_kill < EVENTS, "events were outstanding at the kill");
+
+    let second = operator_process(cp, &ns, &nats);
+    second.wait_ready().await;
+    eventually(
+        "every event delivered",
+        Duration::from_secs(120),
+        || async { (receiver.counts().0 == EVENTS).then_some(()) },
+    )
+    .await;
+    let (distinct, total) = receiver.counts();
+    println!(
+        "kill -9 with {} of {EVENTS} delivered: none lost, {} duplicates",
+        at_kill,
+        total - distinct
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_jetstream_operators_share_the_deliveries() {
+    let cp = control_plane();
+    let ns = cp.namespace("js-share").await;
+    let nats = NatsServer::start().await;
+    let client = cp.client().await;
+    let (receiver, addr) = CountingReceiver::start_slow(Duration::from_millis(20)).await;
+    let a = operator_process(cp, &ns, &nats);
+    let b = operator_process(cp, &ns, &nats);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    create_webhook(
+        &client,
+        &ns,
+        "w",
+        &format!("http://{addr}/h"),
+        SECRET,
+        json!({}),
+    )
+    .await;
+    // Both replicas route: wait until each has the Webhook.
+    for op in [&a, &b] {
+        let addr = op.metrics_addr;
+        eventually(
+            "the webhook routed",
+            Duration::from_secs(60),
+            || async move {
+                (metric(addr, "hookrelay_webhooks{state=\"Active\"}").await == Some(1.0))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    const EVENTS: usize = 200;
+    for chunk in 0..EVENTS / 20 {
+        let batch = format!("[{}]", vec![EVENT; 20].join(","));
+        let target = if chunk % 2 == 0 {
+            a.listen_addr
+        } else {
+            b.listen_addr
+        };
+        let (status, reply) = post(target, &ns, None, &batch).await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    eventually(
+        "every event delivered",
+        Duration::from_secs(120),
+        || async { (receiver.counts().0 == EVENTS).then_some(()) },
+    )
+    .await;
+    let series = "hookrelay_delivery_attempts_total{outcome=\"Succeeded\",status_class=\"2xx\"}";
+    let (by_a, by_b) = (
+        metric(a.metrics_addr, series).await.unwrap_or(0.0),
+        metric(b.metrics_addr, series).await.unwrap_or(0.0),
+    );
+    println!("attempts: {by_a} by one replica, {by_b} by the other");
+    assert!(
+        by_a > 0.0 && by_b > 0.0,
+        "each replica delivered some: {by_a} / {by_b}"
+    );
+    assert!(by_a + by_b >= EVENTS as f64);
+}
