@@ -314,21 +314,10 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<(Operator, impl Future<Output = Result<(), Error>>), Error> {
     // Before touching the cluster: a flag mistake is reported as such.
-    if args.ingest_mode == http::IngestMode::JetStream && args.nats_url.is_none() {
-        return Err(Error::NatsUrlMissing);
-    }
+    check_flags(&args)?;
     let metrics = Metrics::default();
     let client = metrics.instrumented_client(config)?;
     check_crds(&client).await?;
-    if args.leader_elect
-        && !(args.retry_period < args.renew_deadline && args.renew_deadline < args.lease_duration)
-    {
-        return Err(Error::LeaseTimings {
-            retry: args.retry_period,
-            renew: args.renew_deadline,
-            lease: args.lease_duration,
-        });
-    }
     let bus = match (args.ingest_mode, &args.nats_url) {
         (http::IngestMode::JetStream, Some(url)) => Some(
             jetstream::connect(&jetstream::BusConfig {
@@ -360,17 +349,7 @@ pub async fn start(
     let scope = Scope::new(&args.namespaces);
     let egress = EgressPolicy::new(args.allow_http, args.allow_cidrs.clone());
 
-    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
-        (Some(cert), Some(key)) => {
-            Some(http::Tls::load(cert, key, shutdown.clone()).map_err(Error::Tls)?)
-        }
-        (None, None) => None,
-        _ => {
-            return Err(Error::Tls(
-                "give both --tls-cert-file and --tls-key-file, or neither".into(),
-            ));
-        }
-    };
+    let tls = load_tls(&args, &shutdown)?;
     let (metrics_listener, metrics_addr) = bind(args.metrics_addr).await?;
     let (api_listener, listen_addr) = bind(args.listen_addr).await?;
 
@@ -394,29 +373,10 @@ pub async fn start(
             ..DispatcherConfig::default()
         },
     ));
-    let auth = if args.disable_auth {
-        tracing::warn!(
-            "AUTHENTICATION IS DISABLED (--disable-auth): anyone who reaches {listen_addr} can manage webhooks and send events. Development only."
-        );
-        http::Authorizer::disabled()
-    } else {
-        http::Authorizer::kubernetes(
-            client.clone(),
-            http::AuthSettings {
-                audience: Some(args.token_audience.clone()),
-                max_concurrent_reviews: args.max_concurrent_reviews,
-            },
-        )
-    }
-    .watching(&args.namespaces);
+    let auth = authorizer(&args, &client, listen_addr);
     if tls.is_none() {
         tracing::info!(
             "the API on {listen_addr} is plain HTTP (development, or behind a TLS-terminating proxy); give --tls-cert-file and --tls-key-file to serve HTTPS"
-        );
-    }
-    if args.token_audience.is_empty() && !args.disable_auth {
-        tracing::warn!(
-            "--token-audience is empty: tokens for the Kubernetes API itself are accepted, so a token sent to hookrelay can also be used against the API server"
         );
     }
     let api_state = Arc::new(http::ApiState {
@@ -495,44 +455,12 @@ pub async fn start(
     // The writer stops last, after the producers, so that what they sent is written.
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(writer.run(writer_stop.clone()));
-    {
-        let (mut leadership, gauge) = (leadership.clone(), metrics.leader.clone());
-        tokio::spawn(async move {
-            loop {
-                gauge.set(i64::from(leadership.is_leader()));
-                if !leadership.changed().await {
-                    break;
-                }
-            }
-        });
-    }
-    // Events are routed against a complete table only, and delivered by the leader only.
-    let routes_synced = {
-        let (readiness, mut leadership) = (readiness.clone(), leadership.clone());
-        async move {
-            readiness.synced("webhooks").await;
-            if !leadership.acquired().await {
-                // The election ended without this replica leading: never deliver.
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    let elector = leading.map(|leading| {
-        let config = ElectionConfig {
-            namespace: args
-                .lease_namespace
-                .clone()
-                .unwrap_or_else(leader::default_lease_namespace),
-            identity: leader::identity(),
-            lease_duration: args.lease_duration,
-            renew_deadline: args.renew_deadline,
-            retry_period: args.retry_period,
-        };
-        tracing::info!(identity = %config.identity, lease = %format!("{}/{}", config.namespace, leader::LEASE_NAME), "leader election on");
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(leader::run(client.clone(), config, leading, stop.clone()));
-        (task, stop)
-    });
+    tokio::spawn(publish_leadership(
+        leadership.clone(),
+        metrics.leader.clone(),
+    ));
+    let routes_synced = synced_and_leading(readiness.clone(), leadership.clone());
+    let elector = leading.map(|leading| start_election(&args, &client, leading));
     let webhooks = tokio::spawn(webhooks.run(
         client,
         scope.clone(),
@@ -590,6 +518,110 @@ pub async fn start(
     ));
     let task = supervise(tasks, shutdown, liveness, args.shutdown_timeout);
     Ok((operator, task))
+}
+
+/// Flag combinations clap cannot check; refused before the cluster is contacted.
+fn check_flags(args: &RunArgs) -> Result<(), Error> {
+    if args.ingest_mode == http::IngestMode::JetStream && args.nats_url.is_none() {
+        return Err(Error::NatsUrlMissing);
+    }
+    if args.leader_elect
+        && !(args.retry_period < args.renew_deadline && args.renew_deadline < args.lease_duration)
+    {
+        return Err(Error::LeaseTimings {
+            retry: args.retry_period,
+            renew: args.renew_deadline,
+            lease: args.lease_duration,
+        });
+    }
+    Ok(())
+}
+
+/// The API's TLS, reloaded as its files change, when both files are given.
+fn load_tls(args: &RunArgs, shutdown: &CancellationToken) -> Result<Option<http::Tls>, Error> {
+    match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => http::Tls::load(cert, key, shutdown.clone())
+            .map(Some)
+            .map_err(Error::Tls),
+        (None, None) => Ok(None),
+        _ => Err(Error::Tls(
+            "give both --tls-cert-file and --tls-key-file, or neither".into(),
+        )),
+    }
+}
+
+/// Who may call the API: the API server decides (TokenReview, SubjectAccessReview), unless
+/// `--disable-auth`; both weaker settings say so in the log.
+fn authorizer(args: &RunArgs, client: &Client, listen_addr: SocketAddr) -> http::Authorizer {
+    if args.disable_auth {
+        tracing::warn!(
+            "AUTHENTICATION IS DISABLED (--disable-auth): anyone who reaches {listen_addr} can manage webhooks and send events. Development only."
+        );
+    } else if args.token_audience.is_empty() {
+        tracing::warn!(
+            "--token-audience is empty: tokens for the Kubernetes API itself are accepted, so a token sent to hookrelay can also be used against the API server"
+        );
+    }
+    let auth = if args.disable_auth {
+        http::Authorizer::disabled()
+    } else {
+        http::Authorizer::kubernetes(
+            client.clone(),
+            http::AuthSettings {
+                audience: Some(args.token_audience.clone()),
+                max_concurrent_reviews: args.max_concurrent_reviews,
+            },
+        )
+    };
+    auth.watching(&args.namespaces)
+}
+
+/// The election task and the token that stops it (releasing the Lease).
+fn start_election(
+    args: &RunArgs,
+    client: &Client,
+    leading: tokio::sync::watch::Sender<bool>,
+) -> (
+    tokio::task::JoinHandle<Result<(), leader::ElectionError>>,
+    CancellationToken,
+) {
+    let config = ElectionConfig {
+        namespace: args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(leader::default_lease_namespace),
+        identity: leader::identity(),
+        lease_duration: args.lease_duration,
+        renew_deadline: args.renew_deadline,
+        retry_period: args.retry_period,
+    };
+    tracing::info!(identity = %config.identity, lease = %format!("{}/{}", config.namespace, leader::LEASE_NAME), "leader election on");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(leader::run(client.clone(), config, leading, stop.clone()));
+    (task, stop)
+}
+
+/// Keeps `hookrelay_leader` equal to this replica's leadership.
+async fn publish_leadership(
+    mut leadership: Leadership,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+) {
+    loop {
+        gauge.set(i64::from(leadership.is_leader()));
+        if !leadership.changed().await {
+            break;
+        }
+    }
+}
+
+/// Resolves once the routing table is complete and this replica leads: DocumentEvents are
+/// routed against a complete table only, and delivered by the leader only. Never resolves if
+/// the election ends without this replica leading.
+async fn synced_and_leading(readiness: http::Readiness, mut leadership: Leadership) {
+    readiness.synced("webhooks").await;
+    if !leadership.acquired().await {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// A task the operator cannot work without.
