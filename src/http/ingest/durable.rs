@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::{
     CONTENT_ANNOTATION, DURABLE_KEY_LIFETIME, IDEMPOTENCY_KEY_ANNOTATION, IngestEvent, fingerprint,
-    idempotency_conflict, keyed_event_name,
+    idempotency_conflict, keyed_event_name, partly_stored,
 };
 use crate::{
     crd::{DocumentEvent, DocumentEventSpec},
@@ -55,20 +55,8 @@ pub(super) async fn durable(
             }
         }
     }
-    if let Some(mut error) = first_error {
-        // Nothing is taken back: what was stored may be delivered already. The client learns
-        // exactly which events to send again.
-        error.message = format!(
-            "{}; {} of {total} events were stored (\"stored\"), retry only those in \"not_stored\"{}",
-            error.message,
-            stored.len(),
-            if keyed {
-                ""
-            } else {
-                " (or give each event an \"id\", so that a whole request can be retried safely)"
-            }
-        );
-        return Err(error.with_details(json!({"stored": stored, "not_stored": not_stored})));
+    if let Some(error) = first_error {
+        return Err(partly_stored(error, stored, not_stored, total, keyed));
     }
     let mut reply = json!({
         "mode": "durable",

@@ -4,7 +4,7 @@
 use axum::{Json, http::StatusCode};
 use serde_json::{Value, json};
 
-use super::{IngestEvent, fingerprint, idempotency_conflict};
+use super::{IngestEvent, fingerprint, idempotency_conflict, partly_stored};
 use crate::{
     delivery::{
         EventBody,
@@ -96,18 +96,8 @@ pub(super) async fn jetstream(
             }
         }
     }
-    if let Some(mut error) = first_error {
-        error.message = format!(
-            "{}; {} of {total} events were stored (\"stored\"), retry only those in \"not_stored\"{}",
-            error.message,
-            stored.len(),
-            if keyed {
-                ""
-            } else {
-                " (or give each event an \"id\", so that a whole request can be retried safely)"
-            }
-        );
-        return Err(error.with_details(json!({"stored": stored, "not_stored": not_stored})));
+    if let Some(error) = first_error {
+        return Err(partly_stored(error, stored, not_stored, total, keyed));
     }
     let mut reply = json!({
         "mode": "jetstream",

@@ -283,6 +283,28 @@ pub(super) fn fingerprint(e: &IngestEvent) -> [u8; 32] {
     hasher.finalize().into()
 }
 
+/// The answer to a request refused midway: nothing is taken back (what was stored may be
+/// delivered already), and the client learns exactly which events to send again.
+pub(super) fn partly_stored(
+    mut error: ApiError,
+    stored: Vec<Value>,
+    not_stored: Vec<usize>,
+    total: usize,
+    keyed: bool,
+) -> ApiError {
+    error.message = format!(
+        "{}; {} of {total} events were stored (\"stored\"), retry only those in \"not_stored\"{}",
+        error.message,
+        stored.len(),
+        if keyed {
+            ""
+        } else {
+            " (or give each event an \"id\", so that a whole request can be retried safely)"
+        }
+    );
+    error.with_details(serde_json::json!({"stored": stored, "not_stored": not_stored}))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
