@@ -523,17 +523,35 @@ mod tests {
 
     type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
+    /// A writer without rate limits, talking to a mock API server.
     fn writer() -> (StatusSender, StatusWriter, Handle) {
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
         let config = WriterConfig {
             min_interval: Duration::ZERO,
             event_first_delay: Duration::ZERO,
             patch_timeout: Duration::from_secs(5),
             max_in_flight: 4,
         };
-        let (tx, writer) = channel(client, Metrics::default(), config, 16, Leadership::always());
+        writer_with(config, Leadership::always())
+    }
+
+    fn writer_with(
+        config: WriterConfig,
+        leadership: Leadership,
+    ) -> (StatusSender, StatusWriter, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (tx, writer) = channel(client, Metrics::default(), config, 16, leadership);
         (tx, writer, handle)
+    }
+
+    /// Tells the writer that event e1 (of object `uid`) was delivered.
+    async fn send_delivered(tx: &StatusSender, uid: &str) {
+        tx.send(Update::EventStatus {
+            key: key(),
+            uid: uid.into(),
+            status: delivered(),
+        })
+        .await;
     }
 
     fn respond(
@@ -610,12 +628,7 @@ mod tests {
         let (tx, writer, mut handle) = writer();
         let stop = CancellationToken::new();
         let run = tokio::spawn(writer.run(stop.clone()));
-        tx.send(Update::EventStatus {
-            key: key(),
-            uid: "uid-1".into(),
-            status: delivered(),
-        })
-        .await;
+        send_delivered(&tx, "uid-1").await;
 
         let (request, send) = next(&mut handle).await.expect("the first patch");
         assert_eq!(request.method(), "PATCH");
@@ -644,12 +657,7 @@ mod tests {
         let (tx, writer, mut handle) = writer();
         let stop = CancellationToken::new();
         let run = tokio::spawn(writer.run(stop.clone()));
-        tx.send(Update::EventStatus {
-            key: key(),
-            uid: "uid-old".into(),
-            status: delivered(),
-        })
-        .await;
+        send_delivered(&tx, "uid-old").await;
         let (_, send) = next(&mut handle).await.expect("the patch");
         respond(send, 409, conflict());
         let (_, send) = next(&mut handle).await.expect("a look at the object");
@@ -665,24 +673,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_standby_writes_nothing() {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
         let (leading, rx) = tokio::sync::watch::channel(false);
-        let (tx, writer) = channel(
-            client,
-            Metrics::default(),
-            WriterConfig::default(),
-            16,
-            Leadership::from(rx),
-        );
+        let (tx, writer, mut handle) = writer_with(WriterConfig::default(), Leadership::from(rx));
         let stop = CancellationToken::new();
         let run = tokio::spawn(writer.run(stop.clone()));
-        tx.send(Update::EventStatus {
-            key: key(),
-            uid: "uid-1".into(),
-            status: delivered(),
-        })
-        .await;
+        send_delivered(&tx, "uid-1").await;
         stop.cancel();
         run.await.unwrap();
         assert!(next(&mut handle).await.is_none(), "a standby sent a patch");
@@ -693,20 +688,13 @@ mod tests {
     /// still written (it used to be dropped, and the next run delivered those events again).
     #[tokio::test]
     async fn what_producers_sent_is_written_when_they_all_stop_first() {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
         let config = WriterConfig {
             event_first_delay: Duration::from_secs(30),
             ..WriterConfig::default()
         };
-        let (tx, writer) = channel(client, Metrics::default(), config, 16, Leadership::always());
+        let (tx, writer, mut handle) = writer_with(config, Leadership::always());
         let run = tokio::spawn(writer.run(CancellationToken::new()));
-        tx.send(Update::EventStatus {
-            key: key(),
-            uid: "uid-1".into(),
-            status: delivered(),
-        })
-        .await;
+        send_delivered(&tx, "uid-1").await;
         drop(tx);
         let (request, send) = next(&mut handle)
             .await
@@ -720,22 +708,15 @@ mod tests {
     /// the new leader writes.
     #[tokio::test]
     async fn pending_status_is_dropped_when_leadership_is_lost() {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
         let (leading, rx) = tokio::sync::watch::channel(true);
         let config = WriterConfig {
             event_first_delay: Duration::from_millis(500),
             ..WriterConfig::default()
         };
-        let (tx, writer) = channel(client, Metrics::default(), config, 16, Leadership::from(rx));
+        let (tx, writer, mut handle) = writer_with(config, Leadership::from(rx));
         let stop = CancellationToken::new();
         let run = tokio::spawn(writer.run(stop.clone()));
-        tx.send(Update::EventStatus {
-            key: key(),
-            uid: "uid-1".into(),
-            status: delivered(),
-        })
-        .await;
+        send_delivered(&tx, "uid-1").await;
         leading.send_replace(false);
         assert!(
             next(&mut handle).await.is_none(),
