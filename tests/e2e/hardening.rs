@@ -17,6 +17,7 @@ use kube::{
 };
 use serde_json::json;
 
+use crate::support::counting_webhook;
 use crate::support::{
     Blackhole, CountingReceiver, InProcess, Operator, control_plane, create_event, create_webhook,
     eventually, wait_phase, wait_ready_reason,
@@ -382,16 +383,7 @@ async fn a_delivery_held_longer_than_max_hold_fails_and_its_event_is_retired() {
     args.max_hold = Duration::from_secs(8);
     args.failed_event_retention = Duration::from_secs(5);
     let _op = InProcess::start_with(cp.config().await, args).await;
-    let (receiver, addr) = CountingReceiver::start().await;
-    create_webhook(
-        &client,
-        &ns,
-        "w",
-        &format!("http://{addr}/h"),
-        SECRET,
-        json!({}),
-    )
-    .await;
+    let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
     patch_webhook(&client, &ns, "w", json!({"spec": {"paused": true}})).await;
     wait_ready_reason(&client, &ns, "w", "False", "Paused").await;
 

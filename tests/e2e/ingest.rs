@@ -14,6 +14,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 
+use crate::support::counting_webhook;
 use crate::support::{
     ControlPlane, CountingReceiver, InProcess, control_plane, create_webhook, eventually,
     wait_phase,
@@ -69,16 +70,7 @@ async fn a_durable_event_sent_twice_with_one_key_is_stored_and_delivered_once() 
     let ns = cp.namespace("idem-durable").await;
     let op = operator(cp, &[&ns], IngestMode::Durable).await;
     let client = cp.client().await;
-    let (receiver, addr) = CountingReceiver::start().await;
-    create_webhook(
-        &client,
-        &ns,
-        "w",
-        &format!("http://{addr}/h"),
-        SECRET,
-        json!({}),
-    )
-    .await;
+    let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
     let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);
 
     let body = r#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":1,"status":"completed"}}"#;
@@ -150,16 +142,7 @@ async fn a_batch_refused_midway_says_what_was_stored_and_its_retry_stores_nothin
     let ns = cp.namespace("idem-batch").await;
     let op = operator(cp, &[&ns], IngestMode::Durable).await;
     let client = cp.client().await;
-    let (receiver, addr) = CountingReceiver::start().await;
-    create_webhook(
-        &client,
-        &ns,
-        "w",
-        &format!("http://{addr}/h"),
-        SECRET,
-        json!({}),
-    )
-    .await;
+    let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
     let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);
 
     let (status, reply) = post(
@@ -232,16 +215,7 @@ async fn a_direct_event_sent_twice_with_one_key_is_delivered_once() {
     let ns = cp.namespace("idem-direct").await;
     let op = operator(cp, &[&ns], IngestMode::Direct).await;
     let client = cp.client().await;
-    let (receiver, addr) = CountingReceiver::start().await;
-    create_webhook(
-        &client,
-        &ns,
-        "w",
-        &format!("http://{addr}/h"),
-        SECRET,
-        json!({}),
-    )
-    .await;
+    let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
     eventually("the webhook routed", Duration::from_secs(30), || async {
         (!op.op.routes.snapshot().is_empty()).then_some(())
     })

@@ -8,6 +8,7 @@ use futures::TryStreamExt;
 use hookrelay::http::IngestMode;
 use serde_json::{Value, json};
 
+use crate::support::counting_webhook;
 use crate::support::{
     ControlPlane, CountingReceiver, InProcess, NatsServer, Operator, Receiver, ReceiverKind,
     control_plane, create_webhook, eventually, metric,
@@ -132,16 +133,7 @@ async fn a_jetstream_event_sent_twice_with_one_key_is_stored_and_delivered_once(
     let nats = NatsServer::start().await;
     let op = operator(cp, &ns, &nats).await;
     let client = cp.client().await;
-    let (receiver, addr) = CountingReceiver::start().await;
-    create_webhook(
-        &client,
-        &ns,
-        "w",
-        &format!("http://{addr}/h"),
-        SECRET,
-        json!({}),
-    )
-    .await;
+    let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
 
     let (status, first) = post(op.op.listen_addr, &ns, Some("order-1"), EVENT).await;
     assert_eq!(status, 202, "{first}");

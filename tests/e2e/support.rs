@@ -747,6 +747,26 @@ pub async fn create_webhook(
     .await;
 }
 
+/// A counting receiver and a Ready Webhook `name` for every event type that delivers to it.
+pub async fn counting_webhook(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    secret: &str,
+) -> CountingReceiver {
+    let (receiver, addr) = CountingReceiver::start().await;
+    create_webhook(
+        client,
+        ns,
+        name,
+        &format!("http://{addr}/h"),
+        secret,
+        serde_json::json!({}),
+    )
+    .await;
+    receiver
+}
+
 /// A DocumentEvent with the seed's timestamp.
 pub async fn create_event(
     client: &Client,
