@@ -17,7 +17,8 @@
 //! `HOOKRELAY_BENCH_SECONDS` (each saturation run, default 10),
 //! `HOOKRELAY_BENCH_RATE_SECONDS` (each fixed-rate run, default 10),
 //! `HOOKRELAY_BENCH_CONNECTIONS` (default 16),
-//! `HOOKRELAY_BENCH_DRAIN_SECONDS` (longest wait for the last deliveries, default 60).
+//! `HOOKRELAY_BENCH_DRAIN_SECONDS` (longest wait for the last deliveries, default 60),
+//! `HOOKRELAY_BENCH_MODES` (the ingest modes to measure, comma-separated, default all).
 
 #[path = "../tests/e2e/support.rs"]
 #[allow(dead_code)]
@@ -523,20 +524,16 @@ async fn main() {
     let ceiling = measure(CEILING, &ceiling_load, &arrivals, None, &settings).await;
     let api_writes = api_write_ceiling(&settings).await;
     let mut figures = vec![ceiling, api_writes];
-    figures.extend(
-        operator_scenarios(
-            "direct",
-            &[200, 1000],
-            receiver,
-            &arrivals,
-            &next_seq,
-            &settings,
-        )
-        .await,
-    );
-    figures.extend(
-        operator_scenarios("durable", &[200], receiver, &arrivals, &next_seq, &settings).await,
-    );
+    let modes = std::env::var("HOOKRELAY_BENCH_MODES").unwrap_or_else(|_| "direct,durable".into());
+    let modes: Vec<&str> = modes.split(',').map(str::trim).collect();
+    let scenarios: [(&str, &[u32]); 2] = [("direct", &[200, 1000]), ("durable", &[200])];
+    for (mode, rates) in scenarios {
+        if modes.contains(&mode) {
+            figures.extend(
+                operator_scenarios(mode, rates, receiver, &arrivals, &next_seq, &settings).await,
+            );
+        }
+    }
     let (ceiling_rate, api_write_rate) = (figures[0].events_per_s, figures[1].events_per_s);
     for f in &mut figures {
         // A fixed rate is the rate asked for: only saturation compares with a ceiling.
