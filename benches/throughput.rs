@@ -42,7 +42,7 @@ use axum::{
 };
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use support::{Operator, control_plane, create_webhook};
+use support::{NatsServer, Operator, control_plane, create_webhook};
 
 /// The Webhook's signing secret, which the receiver verifies with.
 const SECRET: &str = "bench-secret-0123456789abcdef";
@@ -378,21 +378,28 @@ async fn operator_scenarios(
 ) -> Vec<Figure> {
     let cp = control_plane();
     let ns = cp.namespace(&format!("throughput-{mode}")).await;
-    let op = Operator::start(
-        cp,
-        &[
-            "--ingest-mode",
-            mode,
-            "--disable-auth",
-            "--direct-queue",
-            "100000",
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            "--namespace",
-            &ns,
-        ],
-    );
+    // JetStream mode gets a nats-server of its own (stopped with the scenario).
+    let nats = if mode == "jetstream" {
+        Some(NatsServer::start().await)
+    } else {
+        None
+    };
+    let mut args = vec![
+        "--ingest-mode",
+        mode,
+        "--disable-auth",
+        "--direct-queue",
+        "100000",
+        "--allow-http",
+        "--allow-cidr",
+        "127.0.0.0/8",
+        "--namespace",
+        &ns,
+    ];
+    if let Some(nats) = &nats {
+        args.extend(["--nats-url", nats.url.as_str()]);
+    }
+    let op = Operator::start(cp, &args);
     op.wait_ready().await;
     create_webhook(
         &cp.client().await,
@@ -524,9 +531,14 @@ async fn main() {
     let ceiling = measure(CEILING, &ceiling_load, &arrivals, None, &settings).await;
     let api_writes = api_write_ceiling(&settings).await;
     let mut figures = vec![ceiling, api_writes];
-    let modes = std::env::var("HOOKRELAY_BENCH_MODES").unwrap_or_else(|_| "direct,durable".into());
+    let modes = std::env::var("HOOKRELAY_BENCH_MODES")
+        .unwrap_or_else(|_| "direct,durable,jetstream".into());
     let modes: Vec<&str> = modes.split(',').map(str::trim).collect();
-    let scenarios: [(&str, &[u32]); 2] = [("direct", &[200, 1000]), ("durable", &[200])];
+    let scenarios: [(&str, &[u32]); 3] = [
+        ("direct", &[200, 1000]),
+        ("durable", &[200]),
+        ("jetstream", &[200, 1000]),
+    ];
     for (mode, rates) in scenarios {
         if modes.contains(&mode) {
             figures.extend(
