@@ -76,6 +76,12 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_DIRECT_MAX_HOLD", default_value = "60s", value_parser = humantime::parse_duration)]
     pub direct_max_hold: Duration,
 
+    /// Direct ingest answers 429 for a Webhook whose oldest delivery in line has waited longer
+    /// than this: back-pressure while latency is still low, not seconds later when the queue
+    /// is full.
+    #[arg(long, env = "HOOKRELAY_DIRECT_MAX_QUEUE_DELAY", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub direct_max_queue_delay: Duration,
+
     /// DEVELOPMENT ONLY: serve the REST API and ingest without authentication or authorization.
     #[arg(long, env = "HOOKRELAY_DISABLE_AUTH")]
     pub disable_auth: bool,
@@ -201,6 +207,7 @@ impl RunArgs {
             direct_queue: 10_000,
             direct_queue_per_namespace: None,
             direct_max_hold: Duration::from_secs(60),
+            direct_max_queue_delay: Duration::from_millis(100),
             disable_auth: false,
             metrics_addr: "127.0.0.1:0".parse().expect("a valid address"),
             namespaces: Vec::new(),
@@ -391,7 +398,8 @@ pub async fn start(
             args.direct_queue_per_namespace
                 .unwrap_or(args.direct_queue / 4)
                 .max(1),
-        ),
+        )
+        .with_max_queue_delay(args.direct_max_queue_delay),
         direct_max_hold: args.direct_max_hold,
         readiness: readiness.clone(),
         leadership: leadership.clone(),

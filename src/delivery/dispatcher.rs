@@ -126,6 +126,7 @@ pub struct Dispatcher {
     gone: mpsc::UnboundedSender<GoneNotice>,
     metrics: Metrics,
     global: Arc<Semaphore>,
+    per_webhook: usize,
     lanes: KeyedLimits<WebhookKey>,
     namespaces: KeyedLimits<Arc<str>>,
 }
@@ -146,6 +147,7 @@ impl Dispatcher {
             gone,
             metrics,
             global: Arc::new(Semaphore::new(config.global.max(1))),
+            per_webhook: config.per_webhook.max(1),
             lanes: KeyedLimits::new(config.per_webhook),
             namespaces: KeyedLimits::new(config.per_namespace),
         }
@@ -318,6 +320,11 @@ impl Dispatcher {
             time: Time(now),
             duration,
         })
+    }
+
+    /// Attempts in flight to one Webhook at once.
+    pub fn per_webhook(&self) -> usize {
+        self.per_webhook
     }
 
     /// Entries of the per-Webhook and per-namespace limit maps (bounded by what exists).

@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use tokio_util::sync::CancellationToken;
 
-use super::{Attempted, Delivery, Dispatcher, RouteCheck, Verdict};
+use super::{AttemptReport, Attempted, Delivery, Dispatcher, RouteCheck, Verdict};
 use crate::crd::{TargetDelivery, TargetState};
 
 /// Where a delivery's progress goes.
@@ -118,28 +118,7 @@ pub async fn deliver(
         let Attempted::Sent(result) = result else {
             continue;
         };
-        target.attempts = attempt as i32;
-        target.http_status = result.http_status;
-        target.last_attempt_time = Some(result.time.clone());
-        target.error = result.error.clone();
-        match result.verdict {
-            Verdict::Succeeded => {
-                target.state = TargetState::Succeeded;
-                target.next_attempt_time = None;
-            }
-            Verdict::Retry(after) => {
-                target.state = TargetState::Pending;
-                let next = Timestamp::now()
-                    .checked_add(after)
-                    .unwrap_or_else(|_| Timestamp::now());
-                target.next_attempt_time = Some(Time(next));
-                wait = Some(after);
-            }
-            Verdict::Failed | Verdict::Gone => {
-                target.state = TargetState::Failed;
-                target.next_attempt_time = None;
-            }
-        }
+        wait = apply(target, attempt, &result);
         reporter.report(target).await;
         if is_final(target.state) {
             return;
@@ -161,6 +140,71 @@ pub async fn deliver_unrecorded(dispatcher: &Dispatcher, delivery: Delivery, max
         &Unrecorded,
     )
     .await;
+}
+
+/// What a source that runs its own workers (direct ingest) learns from [`attempt_first`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum FirstAttempt {
+    /// The target is final: nothing more to do.
+    Done,
+    /// Held, retrying or not sent: continue with [`deliver`] (it waits for
+    /// `next_attempt_time`), in a task of its own, so that the worker takes the next delivery.
+    Continue,
+}
+
+/// The first attempt of a new delivery, sent at once by the caller's own task: no task, no
+/// wait in line behind a semaphore. Unrecorded progress, as [`deliver_unrecorded`].
+pub async fn attempt_first(
+    dispatcher: &Dispatcher,
+    delivery: &Delivery,
+    target: &mut TargetDelivery,
+) -> FirstAttempt {
+    match dispatcher.check(delivery) {
+        RouteCheck::Gone(why) => {
+            fail(target, why);
+            return FirstAttempt::Done;
+        }
+        RouteCheck::Hold { .. } => return FirstAttempt::Continue,
+        RouteCheck::Deliver(_) => {}
+    }
+    let slots = dispatcher.reserve(delivery).await;
+    let Attempted::Sent(result) = dispatcher.send(delivery, 1, slots).await else {
+        return FirstAttempt::Continue;
+    };
+    apply(target, 1, &result);
+    if is_final(target.state) {
+        FirstAttempt::Done
+    } else {
+        FirstAttempt::Continue
+    }
+}
+
+/// Records how attempt number `attempt` ended in `target`; the wait before the next one.
+fn apply(target: &mut TargetDelivery, attempt: u32, result: &AttemptReport) -> Option<Duration> {
+    target.attempts = attempt as i32;
+    target.http_status = result.http_status;
+    target.last_attempt_time = Some(result.time.clone());
+    target.error = result.error.clone();
+    match result.verdict {
+        Verdict::Succeeded => {
+            target.state = TargetState::Succeeded;
+            target.next_attempt_time = None;
+            None
+        }
+        Verdict::Retry(after) => {
+            target.state = TargetState::Pending;
+            let next = Timestamp::now()
+                .checked_add(after)
+                .unwrap_or_else(|_| Timestamp::now());
+            target.next_attempt_time = Some(Time(next));
+            Some(after)
+        }
+        Verdict::Failed | Verdict::Gone => {
+            target.state = TargetState::Failed;
+            target.next_attempt_time = None;
+            None
+        }
+    }
 }
 
 fn fail(target: &mut TargetDelivery, why: String) {

@@ -17,7 +17,10 @@ pub use dispatcher::{
     Slots, delivery_id,
 };
 pub use egress::{EgressDenied, EgressPolicy, redact_url, special_range};
-pub use engine::{Report, Unrecorded, deliver, deliver_unrecorded, is_final, new_target};
+pub use engine::{
+    FirstAttempt, Report, Unrecorded, attempt_first, deliver, deliver_unrecorded, is_final,
+    new_target,
+};
 pub use limits::KeyedLimits;
 pub use payload::EventBody;
 pub use retry::{AttemptResult, RetryPolicy, Verdict, parse_retry_after};

@@ -2,8 +2,9 @@
 //! of recent idempotency keys, and the dispatch of admitted deliveries.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use axum::{Json, http::StatusCode};
@@ -16,10 +17,15 @@ use super::{
     idempotency_conflict,
 };
 use crate::{
-    delivery::{Delivery, EventBody},
+    delivery::{Delivery, Dispatcher, EventBody, FirstAttempt},
     http::{ApiError, ApiState, Readiness},
-    routing::RoutingTable,
+    routing::{RoutingTable, WebhookKey},
 };
+
+/// The longest a direct delivery may wait in its Webhook's line before new events for that
+/// Webhook get 429: past it the line does not drain in time, and accepting more would only
+/// turn the excess into seconds of latency before refusing anyway.
+pub const DEFAULT_MAX_QUEUE_DELAY: Duration = Duration::from_millis(100);
 
 /// The event id of a keyed direct event (delivery ids derive from it): deterministic, so that a
 /// repeat outside the in-memory window still carries the same delivery ids.
@@ -46,6 +52,108 @@ pub struct DirectIngest {
     in_use: Arc<Mutex<HashMap<Arc<str>, usize>>>,
     /// (namespace, key) -> what was accepted under it.
     recent: moka::sync::Cache<(Arc<str>, Arc<str>), RecentEvent>,
+    /// Admitted deliveries waiting for a worker, per Webhook.
+    lanes: Arc<Lanes>,
+    /// Refuse events for a Webhook whose oldest waiting delivery has waited longer than this.
+    max_queue_delay: Duration,
+}
+
+/// Direct deliveries in line, one FIFO per Webhook, each drained by at most the dispatcher's
+/// per-Webhook limit of workers. A worker sends the next delivery as soon as the last one is
+/// answered: no task per delivery parked on semaphores, no wake-up hop between them.
+#[derive(Default)]
+struct Lanes {
+    lines: Mutex<HashMap<WebhookKey, Lane>>,
+}
+
+#[derive(Default)]
+struct Lane {
+    waiting: VecDeque<Queued>,
+    workers: usize,
+}
+
+struct Queued {
+    delivery: Delivery,
+    /// The request's queue space, given back when its last delivery ends.
+    permit: Arc<DirectPermit>,
+    since: Instant,
+}
+
+impl Lanes {
+    /// How long the oldest delivery in `webhook`'s line has waited (zero for an empty line).
+    fn oldest_wait(&self, webhook: &WebhookKey, now: Instant) -> Duration {
+        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        lines
+            .get(webhook)
+            .and_then(|lane| lane.waiting.front())
+            .map_or(Duration::ZERO, |q| now.saturating_duration_since(q.since))
+    }
+
+    /// Puts `queued` in line and starts a worker if the line has fewer than the limit.
+    fn push(self: &Arc<Self>, queued: Queued, dispatcher: &Arc<Dispatcher>, max_hold: Duration) {
+        let key = queued.delivery.webhook.clone();
+        let start = {
+            let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+            let lane = lines.entry(key.clone()).or_default();
+            lane.waiting.push_back(queued);
+            let start = lane.workers < dispatcher.per_webhook();
+            if start {
+                lane.workers += 1;
+            }
+            start
+        };
+        if start {
+            tokio::spawn(self.clone().work(key, dispatcher.clone(), max_hold));
+        }
+    }
+
+    /// The next delivery of `webhook`'s line; None (and one worker fewer) when it is empty.
+    fn next(&self, webhook: &WebhookKey) -> Option<Queued> {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let lane = lines.get_mut(webhook)?;
+        if let Some(queued) = lane.waiting.pop_front() {
+            return Some(queued);
+        }
+        lane.workers -= 1;
+        if lane.workers == 0 {
+            // Idle lines leave the map, so that it stays as small as the busy Webhooks.
+            lines.remove(webhook);
+        }
+        None
+    }
+
+    /// One worker: first attempts, in order. A delivery that is held or must be retried goes
+    /// on in a task of its own (the usual engine), so it never blocks the line.
+    async fn work(
+        self: Arc<Self>,
+        webhook: WebhookKey,
+        dispatcher: Arc<Dispatcher>,
+        max_hold: Duration,
+    ) {
+        while let Some(Queued {
+            delivery, permit, ..
+        }) = self.next(&webhook)
+        {
+            let mut target = crate::delivery::new_target(&delivery);
+            let first = crate::delivery::attempt_first(&dispatcher, &delivery, &mut target).await;
+            if first == FirstAttempt::Continue {
+                let dispatcher = dispatcher.clone();
+                tokio::spawn(async move {
+                    let never = tokio_util::sync::CancellationToken::new();
+                    crate::delivery::deliver(
+                        &dispatcher,
+                        &delivery,
+                        &mut target,
+                        max_hold,
+                        &never,
+                        &crate::delivery::Unrecorded,
+                    )
+                    .await;
+                    drop(permit);
+                });
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,7 +211,16 @@ impl DirectIngest {
                 .max_capacity(DIRECT_KEYS_REMEMBERED)
                 .time_to_live(DIRECT_KEY_WINDOW)
                 .build(),
+            lanes: Arc::default(),
+            max_queue_delay: DEFAULT_MAX_QUEUE_DELAY,
         }
+    }
+
+    /// Refuse events for a Webhook whose oldest waiting delivery has waited longer than
+    /// `delay` (`--direct-max-queue-delay`).
+    pub fn with_max_queue_delay(mut self, delay: Duration) -> Self {
+        self.max_queue_delay = delay;
+        self
     }
 
     /// Deliveries held by `namespace` now.
@@ -166,7 +283,9 @@ impl DirectIngest {
         let mut duplicates = Vec::new();
         let mut new_events = Vec::new();
         for (index, e) in events.into_iter().enumerate() {
-            let fingerprint = fingerprint(&e);
+            // Only a keyed event is ever compared: hashing every event's data costs as much as
+            // parsing it.
+            let fingerprint = e.key.as_ref().map(|_| fingerprint(&e)).unwrap_or_default();
             if let Some(key) = &e.key {
                 match self.recent.get(&(ns.clone(), Arc::from(key.as_str()))) {
                     Some(r) if r.fingerprint == fingerprint => {
@@ -200,6 +319,25 @@ impl DirectIngest {
                         "this request makes {needed} deliveries, more than {what} ({limit}); send fewer events per request"
                     ),
                 ));
+            }
+        }
+        // A line that does not drain in time: refuse now, while latency is still low, rather
+        // than fill the queue and refuse seconds later.
+        let now = Instant::now();
+        for e in &new_events {
+            for route in table.lookup(namespace, e.1.event) {
+                let waited = self.lanes.oldest_wait(&route.key, now);
+                if waited > self.max_queue_delay {
+                    return Err(queue_full(
+                        "queue_slow",
+                        format!(
+                            "deliveries to webhook {} wait {} ms in line, more than {} ms (--direct-max-queue-delay): it cannot take events this fast; retry later or use durable ingest",
+                            route.key.name,
+                            waited.as_millis(),
+                            self.max_queue_delay.as_millis()
+                        ),
+                    ));
+                }
             }
         }
         let permits = u32::try_from(needed).unwrap_or(u32::MAX);
@@ -299,16 +437,17 @@ pub(super) fn direct(
         .admit(&state.readiness, &table, namespace, events)?;
     let count = admission.deliveries.len();
     let permit = Arc::new(admission.permit);
+    let since = Instant::now();
     for delivery in admission.deliveries {
-        let (dispatcher, permit, max_hold) = (
-            state.dispatcher.clone(),
-            permit.clone(),
-            state.direct_max_hold,
-        );
-        tokio::spawn(async move {
-            crate::delivery::deliver_unrecorded(&dispatcher, delivery, max_hold).await;
-            drop(permit);
-        });
+        let queued = Queued {
+            delivery,
+            permit: permit.clone(),
+            since,
+        };
+        state
+            .direct
+            .lanes
+            .push(queued, &state.dispatcher, state.direct_max_hold);
     }
     let mut reply = json!({
         "mode": "direct",
@@ -522,6 +661,78 @@ mod tests {
                 .collect::<Vec<_>>(),
             ids
         );
+    }
+
+    /// Puts the deliveries of `admission` in their lines as if they had waited `waited`,
+    /// without a worker to drain them.
+    fn waiting(direct: &DirectIngest, admission: Admission, waited: Duration) {
+        let permit = Arc::new(admission.permit);
+        let mut lines = direct.lanes.lines.lock().unwrap();
+        for delivery in admission.deliveries {
+            lines
+                .entry(delivery.webhook.clone())
+                .or_default()
+                .waiting
+                .push_back(Queued {
+                    delivery,
+                    permit: permit.clone(),
+                    since: Instant::now() - waited,
+                });
+        }
+    }
+
+    #[test]
+    fn events_for_a_webhook_whose_line_does_not_drain_in_time_get_429_early() {
+        let direct = DirectIngest::new(100, 100).with_max_queue_delay(Duration::from_millis(100));
+        let t = table(&[("a", "slow"), ("b", "fast")]);
+        let one = || vec![event(r#"{"event":"document.error","data":{}}"#)];
+        let admit = |ns| {
+            direct
+                .admit(&ready(), &t, ns, one())
+                .unwrap_or_else(|e| panic!("{e:?}"))
+        };
+        // A line whose oldest delivery has waited less than the target still takes events.
+        waiting(&direct, admit("a"), Duration::from_millis(10));
+        waiting(&direct, admit("b"), Duration::from_millis(10));
+        let queued = admit("a");
+        waiting(&direct, queued, Duration::ZERO);
+        // The oldest has now waited longer: 429 while the queue itself has room (3 of 100).
+        direct
+            .lanes
+            .lines
+            .lock()
+            .unwrap()
+            .get_mut(&WebhookKey::new("a", "slow"))
+            .unwrap()
+            .waiting
+            .front_mut()
+            .unwrap()
+            .since -= Duration::from_millis(200);
+        let e = direct
+            .admit(&ready(), &t, "a", one())
+            .err()
+            .expect("the line of a/slow does not drain in time");
+        assert_eq!(
+            (e.status, e.code, e.retry_after),
+            (StatusCode::TOO_MANY_REQUESTS, "queue_slow", Some(1))
+        );
+        assert!(
+            e.message.contains("slow") && e.message.contains("--direct-max-queue-delay"),
+            "{}",
+            e.message
+        );
+        // Another Webhook's line is not affected, and a refused request holds no space.
+        assert_eq!(admit("b").deliveries.len(), 1);
+        assert_eq!(direct.held_by("a"), 2);
+        // Once the old deliveries are taken by a worker, the line takes events again.
+        let taken = direct
+            .lanes
+            .lines
+            .lock()
+            .unwrap()
+            .remove(&WebhookKey::new("a", "slow"));
+        drop(taken);
+        assert_eq!(admit("a").deliveries.len(), 1);
     }
 
     #[test]
