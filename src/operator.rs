@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    controller::{DocumentEventController, Retention, Scope, WebhookController},
+    controller::{CreatedEvents, DocumentEventController, Retention, Scope, WebhookController},
     crd::{DocumentEvent, Webhook},
     delivery::{Dispatcher, DispatcherConfig, EgressPolicy, HttpSender, jetstream},
     http,
@@ -386,8 +386,10 @@ pub async fn start(
             "the API on {listen_addr} is plain HTTP (development, or behind a TLS-terminating proxy); give --tls-cert-file and --tls-key-file to serve HTTPS"
         );
     }
+    let (created_events, created) = CreatedEvents::channel();
     let api_state = Arc::new(http::ApiState {
         client: client.clone(),
+        created_events,
         auth: auth.clone(),
         routes: routes.clone(),
         dispatcher: dispatcher.clone(),
@@ -457,6 +459,7 @@ pub async fn start(
         },
         args.max_hold,
     )
+    .with_created_events(created)
     // Half the shutdown deadline for attempts being sent; the rest for status and the Lease.
     .with_in_flight_grace(args.shutdown_timeout / 2);
 

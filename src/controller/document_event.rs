@@ -8,9 +8,9 @@
 //! on the delivery id, which is derived from the event's and the webhook's uids).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
@@ -21,7 +21,7 @@ use kube::{
     core::DeserializeGuard,
     runtime::watcher,
 };
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::{sync::CancellationToken, task::TaskTracker, time::DelayQueue};
 
 use super::Scope;
@@ -44,6 +44,35 @@ pub struct Retention {
 /// Time allowed for deleting one finished DocumentEvent.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Deletes of finished DocumentEvents in flight at once; the rest wait their turn.
+const DELETES_IN_FLIGHT: usize = 8;
+
+/// A created event handed over by ingest older than this is left to the watch: by then the
+/// watch has brought it, and an old one could even have been delivered and deleted already.
+const CREATED_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// Events that durable ingest on this replica has just created, handed to the DocumentEvent
+/// controller so that it starts delivering at once rather than when the watch brings them (the
+/// watch still does, and then changes nothing: same uid). Only a shortcut: when the queue is
+/// full, or the controller is not running here (a standby), the watch alone brings them.
+#[derive(Clone, Debug)]
+pub struct CreatedEvents {
+    tx: mpsc::Sender<(Instant, DocumentEvent)>,
+}
+
+impl CreatedEvents {
+    /// The handle for ingest and the receiver for [`DocumentEventController::with_created_events`].
+    pub fn channel() -> (Self, mpsc::Receiver<(Instant, DocumentEvent)>) {
+        let (tx, rx) = mpsc::channel(4096);
+        (Self { tx }, rx)
+    }
+
+    /// `de` as the API server answered its create.
+    pub fn created(&self, de: DocumentEvent) {
+        let _ = self.tx.try_send((Instant::now(), de));
+    }
+}
+
 /// A target's progress, reported by its delivery task.
 struct Progress {
     key: EventKey,
@@ -58,6 +87,8 @@ struct Tracked {
     /// Cancels the event's delivery tasks (on delete, or when the operator stops).
     cancel: CancellationToken,
     cleanup: Option<tokio_util::time::delay_queue::Key>,
+    /// When it was adopted: a relist forgets only what it should have listed.
+    adopted: Instant,
 }
 
 /// Everything a delivery task needs, shared.
@@ -77,14 +108,28 @@ pub struct DocumentEventController {
     tasks: Arc<TaskContext>,
     progress: mpsc::Receiver<Progress>,
     tracked: HashMap<EventKey, Tracked>,
+    /// Events whose status is to be sent to the writer, oldest first, each once: the loop never
+    /// waits for the writer with an update in hand (watch events would queue behind it); what
+    /// waits here is sent as the writer takes it, coalesced, never dropped.
+    unsent: VecDeque<EventKey>,
+    unsent_keys: HashSet<EventKey>,
     cleanup: DelayQueue<(EventKey, String)>,
+    /// Finished events whose retention ran out, waiting for a delete slot.
+    to_delete: VecDeque<(EventKey, String)>,
+    deletes: JoinSet<(EventKey, String, Result<(), kube::Error>)>,
+    /// Events created by ingest on this replica (see [`CreatedEvents`]).
+    created: mpsc::Receiver<(Instant, DocumentEvent)>,
+    /// Keeps `created` open when nothing hands events over.
+    _created: CreatedEvents,
+    /// How old a handed-over event may be (under the retentions: see [`CREATED_MAX_AGE`]).
+    created_max_age: Duration,
     /// Every delivery task, waited for on shutdown.
     deliveries: TaskTracker,
     /// Ends the delivery tasks still sending once `in_flight_grace` has passed on shutdown.
     abandon: CancellationToken,
     in_flight_grace: Duration,
     coverage: Vec<Option<Arc<str>>>,
-    relists: Vec<Option<HashSet<EventKey>>>,
+    relists: Vec<Option<(Instant, HashSet<EventKey>)>>,
     synced: Vec<bool>,
 }
 
@@ -104,6 +149,12 @@ impl DocumentEventController {
         let (tx, rx) = mpsc::channel(4096);
         let coverage = scope.coverage();
         let n = coverage.len();
+        let (created_tx, created) = CreatedEvents::channel();
+        let created_max_age = [retention.delivered, retention.failed]
+            .into_iter()
+            .flatten()
+            .map(|r| r / 2)
+            .fold(CREATED_MAX_AGE, Duration::min);
         Self {
             client,
             routes,
@@ -118,7 +169,14 @@ impl DocumentEventController {
             }),
             progress: rx,
             tracked: HashMap::new(),
+            unsent: VecDeque::new(),
+            unsent_keys: HashSet::new(),
             cleanup: DelayQueue::new(),
+            to_delete: VecDeque::new(),
+            deletes: JoinSet::new(),
+            created,
+            _created: created_tx,
+            created_max_age,
             deliveries: TaskTracker::new(),
             abandon: CancellationToken::new(),
             in_flight_grace: Duration::from_secs(10),
@@ -126,6 +184,15 @@ impl DocumentEventController {
             relists: vec![None; n],
             synced: vec![false; n],
         }
+    }
+
+    /// Takes the events that ingest on this replica creates (see [`CreatedEvents`]).
+    pub fn with_created_events(
+        mut self,
+        created: mpsc::Receiver<(Instant, DocumentEvent)>,
+    ) -> Self {
+        self.created = created;
+        self
     }
 
     /// How long attempts being sent may finish on shutdown (default 10 s).
@@ -150,14 +217,27 @@ impl DocumentEventController {
             watcher::Config::default(),
             |_| {},
         );
+        let status = self.status.clone();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some((i, event)) = events.next() => self.on_event(i, event).await,
-                Some(progress) = self.progress.recv() => self.on_progress(progress).await,
+                Some((i, event)) = events.next() => self.on_event(i, event),
+                Some((at, de)) = self.created.recv() => self.on_created(at, de),
+                Some(progress) = self.progress.recv() => self.on_progress(progress),
+                Some(permit) = status.reserve(), if !self.unsent.is_empty() => {
+                    if let Some(update) = self.next_unsent() {
+                        permit.send(update);
+                    }
+                }
                 Some(expired) = self.cleanup.next() => {
-                    let (key, uid) = expired.into_inner();
-                    self.delete(key, uid).await;
+                    self.to_delete.push_back(expired.into_inner());
+                    self.start_deletes();
+                }
+                Some(deleted) = self.deletes.join_next() => {
+                    if let Ok((key, uid, result)) = deleted {
+                        self.deleted(key, uid, result);
+                    }
+                    self.start_deletes();
                 }
             }
         }
@@ -174,7 +254,12 @@ impl DocumentEventController {
         tokio::pin!(grace);
         loop {
             tokio::select! {
-                Some(progress) = self.progress.recv() => self.on_progress(progress).await,
+                Some(progress) = self.progress.recv() => self.on_progress(progress),
+                Some(permit) = status.reserve(), if !self.unsent.is_empty() => {
+                    if let Some(update) = self.next_unsent() {
+                        permit.send(update);
+                    }
+                }
                 _ = self.deliveries.wait() => break,
                 _ = &mut grace, if !self.abandon.is_cancelled() => {
                     tracing::warn!(in_flight = self.deliveries.len(), "attempts still being sent are abandoned; the next run makes them again");
@@ -183,42 +268,63 @@ impl DocumentEventController {
             }
         }
         while let Ok(progress) = self.progress.try_recv() {
-            self.on_progress(progress).await;
+            self.on_progress(progress);
+        }
+        while let Some(update) = self.next_unsent() {
+            status.send(update).await;
         }
     }
 
-    async fn on_event(
-        &mut self,
-        stream: usize,
-        event: watcher::Event<DeserializeGuard<DocumentEvent>>,
-    ) {
+    /// An event ingest has just created: adopted now unless the watch brought it already.
+    fn on_created(&mut self, at: Instant, de: DocumentEvent) {
+        if at.elapsed() > self.created_max_age {
+            return;
+        }
+        let key = event_key(&de);
+        let uid = de.uid().unwrap_or_default();
+        if self.tracked.get(&key).is_none_or(|t| t.uid != uid) {
+            self.adopt(key, uid, de);
+        }
+    }
+
+    fn on_event(&mut self, stream: usize, event: watcher::Event<DeserializeGuard<DocumentEvent>>) {
         match event {
-            watcher::Event::Init => self.relists[stream] = Some(HashSet::new()),
+            watcher::Event::Init => {
+                self.relists[stream] = Some((Instant::now(), HashSet::new()));
+            }
             watcher::Event::InitApply(DeserializeGuard(Ok(de)))
             | watcher::Event::Apply(DeserializeGuard(Ok(de))) => {
                 let key = event_key(&de);
-                if let Some(seen) = &mut self.relists[stream] {
+                if let Some((_, seen)) = &mut self.relists[stream] {
                     seen.insert(key.clone());
                 }
                 let uid = de.uid().unwrap_or_default();
                 match self.tracked.get(&key) {
                     // Our own status writes echo back; the spec is immutable.
                     Some(t) if t.uid == uid => {}
-                    _ => self.adopt(key, uid, de).await,
+                    _ => self.adopt(key, uid, de),
                 }
             }
-            watcher::Event::Delete(DeserializeGuard(Ok(de))) => self.forget(&event_key(&de)),
+            watcher::Event::Delete(DeserializeGuard(Ok(de))) => {
+                // Only that very object: a namesake created since may be tracked already.
+                let key = event_key(&de);
+                if self.tracked.get(&key).map(|t| t.uid.as_str()) == de.uid().as_deref() {
+                    self.forget(&key);
+                }
+            }
             watcher::Event::InitDone => {
-                if let Some(seen) = self.relists[stream].take() {
+                if let Some((started, seen)) = self.relists[stream].take() {
                     let covered = self.coverage[stream].clone();
+                    // An event ingest handed over during the relist may be newer than the list.
                     let gone: Vec<EventKey> = self
                         .tracked
-                        .keys()
-                        .filter(|k| {
+                        .iter()
+                        .filter(|(k, t)| {
                             covered.as_ref().is_none_or(|ns| *ns == k.namespace)
                                 && !seen.contains(*k)
+                                && t.adopted < started
                         })
-                        .cloned()
+                        .map(|(k, _)| k.clone())
                         .collect();
                     for key in gone {
                         self.forget(&key);
@@ -240,7 +346,7 @@ impl DocumentEventController {
 
     /// Takes over an event: new ones are routed, unfinished ones resumed, finished ones only
     /// wait for their retention.
-    async fn adopt(&mut self, key: EventKey, uid: String, de: DocumentEvent) {
+    fn adopt(&mut self, key: EventKey, uid: String, de: DocumentEvent) {
         self.forget(&key);
         let mut status = de.status.clone().unwrap_or_default();
         let cancel = CancellationToken::new();
@@ -299,7 +405,7 @@ impl DocumentEventController {
             }
             let changed = set_phase(&mut status);
             if changed || de.status.is_none() {
-                self.write(&key, &uid, &status).await;
+                self.write(&key);
             }
         }
         let cleanup = self.schedule_cleanup(&key, &uid, &status);
@@ -310,6 +416,7 @@ impl DocumentEventController {
                 status,
                 cancel,
                 cleanup,
+                adopted: Instant::now(),
             },
         );
     }
@@ -336,7 +443,7 @@ impl DocumentEventController {
         targets
     }
 
-    async fn on_progress(&mut self, Progress { key, uid, target }: Progress) {
+    fn on_progress(&mut self, Progress { key, uid, target }: Progress) {
         let Some(tracked) = self.tracked.get_mut(&key).filter(|t| t.uid == uid) else {
             return;
         };
@@ -349,9 +456,13 @@ impl DocumentEventController {
             *slot = target;
         }
         set_phase(&mut tracked.status);
-        let status = tracked.status.clone();
-        self.write(&key, &uid, &status).await;
-        if status.completion_time.is_some() {
+        let finished = tracked
+            .status
+            .completion_time
+            .is_some()
+            .then(|| tracked.status.clone());
+        self.write(&key);
+        if let Some(status) = finished {
             let cleanup = self.schedule_cleanup(&key, &uid, &status);
             if let Some(tracked) = self.tracked.get_mut(&key) {
                 tracked.cleanup = cleanup;
@@ -359,13 +470,27 @@ impl DocumentEventController {
         }
     }
 
-    async fn write(&self, key: &EventKey, uid: &str, status: &DocumentEventStatus) {
-        let update = Update::EventStatus {
-            key: key.clone(),
-            uid: uid.to_owned(),
-            status: status.clone(),
-        };
-        self.status.send(update).await;
+    /// Marks the event's status as to be sent to the writer (see `unsent`).
+    fn write(&mut self, key: &EventKey) {
+        if self.unsent_keys.insert(key.clone()) {
+            self.unsent.push_back(key.clone());
+        }
+    }
+
+    /// The status to send next: the event's status as it is now (None when nothing is left).
+    fn next_unsent(&mut self) -> Option<Update> {
+        while let Some(key) = self.unsent.pop_front() {
+            self.unsent_keys.remove(&key);
+            // Forgotten (deleted) since: nothing to write.
+            if let Some(tracked) = self.tracked.get(&key) {
+                return Some(Update::EventStatus {
+                    key,
+                    uid: tracked.uid.clone(),
+                    status: tracked.status.clone(),
+                });
+            }
+        }
+        None
     }
 
     fn schedule_cleanup(
@@ -396,27 +521,38 @@ impl DocumentEventController {
         }
     }
 
-    /// Deletes a finished event whose retention ran out (only the very object: uid precondition).
-    async fn delete(&mut self, key: EventKey, uid: String) {
-        let api: Api<DocumentEvent> = Api::namespaced(self.client.clone(), &key.namespace);
-        let params = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: Some(uid),
-                resource_version: None,
-            }),
-            ..DeleteParams::default()
-        };
-        // Bounded, so that a slow API server cannot stall the controller loop for long.
-        let deleted = tokio::time::timeout(DELETE_TIMEOUT, api.delete(&key.name, &params))
-            .await
-            .unwrap_or_else(|_| Err(kube::Error::Service("delete timed out".into())));
-        match deleted {
-            Ok(_) => tracing::debug!(event = %key, "retention over: deleted"),
+    /// Starts deletes of events whose retention ran out, a bounded number at once, each of
+    /// only the very object (uid precondition), in tasks: the loop never waits for them.
+    fn start_deletes(&mut self) {
+        while self.deletes.len() < DELETES_IN_FLIGHT {
+            let Some((key, uid)) = self.to_delete.pop_front() else {
+                return;
+            };
+            let api: Api<DocumentEvent> = Api::namespaced(self.client.clone(), &key.namespace);
+            self.deletes.spawn(async move {
+                let params = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: Some(uid.clone()),
+                        resource_version: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                let deleted = tokio::time::timeout(DELETE_TIMEOUT, api.delete(&key.name, &params))
+                    .await
+                    .unwrap_or_else(|_| Err(kube::Error::Service("delete timed out".into())));
+                (key, uid, deleted.map(|_| ()))
+            });
+        }
+    }
+
+    /// What became of a delete.
+    fn deleted(&mut self, key: EventKey, uid: String, result: Result<(), kube::Error>) {
+        match result {
+            Ok(()) => tracing::debug!(event = %key, "retention over: deleted"),
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
             Err(error) => {
                 tracing::warn!(event = %key, %error, "deleting a finished DocumentEvent failed; retrying in a minute");
-                let uid = self.tracked.get(&key).map(|t| t.uid.clone());
-                if let Some(uid) = uid {
+                if self.tracked.get(&key).is_some_and(|t| t.uid == uid) {
                     let retry = self
                         .cleanup
                         .insert((key.clone(), uid), Duration::from_secs(60));
@@ -427,7 +563,9 @@ impl DocumentEventController {
                 return;
             }
         }
-        if let Some(t) = self.tracked.remove(&key) {
+        if self.tracked.get(&key).is_some_and(|t| t.uid == uid)
+            && let Some(t) = self.tracked.remove(&key)
+        {
             t.cancel.cancel();
         }
     }
@@ -506,6 +644,147 @@ fn event_key(de: &DocumentEvent) -> EventKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        crd::{DeliveryPolicy, DocumentEventSpec, EventType, WebhookEvent},
+        delivery::{DispatcherConfig, EgressPolicy, HttpSender},
+        routing::Route,
+    };
+
+    /// The mock API server: kept, never answered.
+    type ApiServer = tower_test::mock::Handle<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >;
+
+    /// A controller for namespace `docs` with one active Webhook `w` (without a signing secret:
+    /// each attempt ends at once, "not sent", and is retried later), whose API server never
+    /// answers: its watch brings nothing. Status goes to the returned receiver.
+    fn controller(
+        status_capacity: usize,
+    ) -> (
+        DocumentEventController,
+        CreatedEvents,
+        mpsc::Receiver<Update>,
+        Metrics,
+        ApiServer,
+    ) {
+        // reqwest is built without a default TLS provider (the binary installs ring).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (service, handle) = tower_test::mock::pair();
+        let client = Client::new(service, "default");
+        let routes = Routes::default();
+        routes.update(|t| {
+            t.apply(Route {
+                key: WebhookKey::new("docs", "w"),
+                uid: "uid-w".into(),
+                generation: 1,
+                url: "http://127.0.0.1:9/h".into(),
+                events: vec![WebhookEvent::All],
+                signer: None,
+                delivery: DeliveryPolicy::default(),
+                state: RouteState::Active,
+                superseded: Default::default(),
+            })
+        });
+        let (status, updates) = crate::status::test_channel(status_capacity);
+        let metrics = Metrics::default();
+        let (gone, _) = mpsc::unbounded_channel();
+        let dispatcher = Arc::new(Dispatcher::new(
+            HttpSender::new(EgressPolicy::new(false, Vec::new())),
+            routes.clone(),
+            status.clone(),
+            gone,
+            metrics.clone(),
+            DispatcherConfig::default(),
+        ));
+        let (created, rx) = CreatedEvents::channel();
+        let controller = DocumentEventController::new(
+            client,
+            &Scope::new(&["docs".to_owned()]),
+            routes,
+            dispatcher,
+            status,
+            Readiness::new(&["documentevents"]),
+            metrics.clone(),
+            Retention {
+                delivered: None,
+                failed: None,
+            },
+            Duration::from_secs(60),
+        )
+        .with_created_events(rx);
+        (controller, created, updates, metrics, handle)
+    }
+
+    fn document_event(name: &str) -> DocumentEvent {
+        let mut de = DocumentEvent::new(
+            name,
+            DocumentEventSpec {
+                type_: EventType::Completed,
+                timestamp: None,
+                data: Default::default(),
+            },
+        );
+        de.metadata.namespace = Some("docs".into());
+        de.metadata.uid = Some(format!("uid-{name}"));
+        de
+    }
+
+    /// An event ingest created here is delivered without waiting for the watch to bring it.
+    #[tokio::test]
+    async fn an_event_ingest_created_is_delivered_before_the_watch_brings_it() {
+        let (controller, created, mut updates, _metrics, _api) = controller(64);
+        let stop = CancellationToken::new();
+        let run =
+            tokio::spawn(controller.run(Scope::new(&["docs".to_owned()]), async {}, stop.clone()));
+        created.created(document_event("e1"));
+        let attempted = loop {
+            match updates.recv().await.expect("the controller runs") {
+                Update::EventStatus { key, uid, status }
+                    if status.deliveries.first().is_some_and(|t| t.attempts == 1) =>
+                {
+                    break (key.name.to_string(), uid);
+                }
+                _ => {}
+            }
+        };
+        assert_eq!(attempted, ("e1".to_owned(), "uid-e1".to_owned()));
+        // A writer that has stopped: nothing waits for it on shutdown.
+        drop(updates);
+        stop.cancel();
+        run.await.unwrap();
+    }
+
+    /// A status writer that takes nothing does not stop the controller from taking up new
+    /// events (it used to wait with the first event's status in hand, and watch events queued).
+    #[tokio::test]
+    async fn a_busy_status_writer_does_not_stall_the_controller() {
+        let (controller, created, mut updates, metrics, _api) = controller(1);
+        let stop = CancellationToken::new();
+        let run =
+            tokio::spawn(controller.run(Scope::new(&["docs".to_owned()]), async {}, stop.clone()));
+        for i in 0..20 {
+            created.created(document_event(&format!("e{i}")));
+        }
+        // Nothing reads `updates` meanwhile: the one place in the channel is soon taken.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while metrics.pending_deliveries.get() < 20 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("all 20 events taken up while the status writer is busy");
+        // And every event's status reaches the writer once it takes them.
+        let mut written = HashSet::new();
+        while written.len() < 20 {
+            if let Update::EventStatus { key, .. } = updates.recv().await.unwrap() {
+                written.insert(key.name.to_string());
+            }
+        }
+        drop(updates);
+        stop.cancel();
+        run.await.unwrap();
+    }
 
     fn target(state: TargetState) -> TargetDelivery {
         TargetDelivery {

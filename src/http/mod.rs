@@ -63,6 +63,8 @@ pub struct ApiState {
     pub routes: Routes,
     pub dispatcher: Arc<Dispatcher>,
     pub ingest_mode: IngestMode,
+    /// Durable mode: events created here go straight to this replica's DocumentEvent controller.
+    pub created_events: crate::controller::CreatedEvents,
     /// JetStream mode: where ingest publishes.
     pub bus: Option<crate::delivery::jetstream::Bus>,
     /// Direct mode: its queue (global and per namespace) and recent idempotency keys.

@@ -107,6 +107,13 @@ impl StatusSender {
             tracing::debug!("status writer stopped; update dropped at shutdown");
         }
     }
+
+    /// A place in the channel, for producers that must not wait with an update in hand (the
+    /// DocumentEvent controller keeps what it has to write and sends it once it has a place).
+    /// None when the writer has stopped.
+    pub async fn reserve(&self) -> Option<mpsc::Permit<'_, Update>> {
+        self.tx.reserve().await.ok()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -120,6 +127,10 @@ pub struct WriterConfig {
     pub patch_timeout: Duration,
     /// Patches in flight at once.
     pub max_in_flight: usize,
+    /// Of those, DocumentEvent status patches: they cost the API server about twice a create,
+    /// and ingest's creates (which a client waits for) must not queue behind them. What waits
+    /// is coalesced per event meanwhile, never dropped.
+    pub max_event_patches_in_flight: usize,
 }
 
 impl Default for WriterConfig {
@@ -129,6 +140,7 @@ impl Default for WriterConfig {
             event_first_delay: Duration::from_millis(300),
             patch_timeout: Duration::from_secs(10),
             max_in_flight: 32,
+            max_event_patches_in_flight: 8,
         }
     }
 }
@@ -192,11 +204,20 @@ pub struct StatusWriter {
     rx: mpsc::Receiver<Update>,
     config: WriterConfig,
     slots: HashMap<SlotKey, Slot>,
+    /// DocumentEvent status patches in flight (see `max_event_patches_in_flight`).
+    event_patches_in_flight: usize,
     /// Delivery logs of Webhooks (by uid), seeded from their status on first use.
     logs: HashMap<WebhookKey, (String, DeliveryLog)>,
     /// Only the leader writes: a standby drops what it is told (the Webhook controller decides
     /// again against the live status when this replica becomes the leader).
     leadership: Leadership,
+}
+
+/// A sender whose updates a test reads itself.
+#[cfg(test)]
+pub(crate) fn test_channel(capacity: usize) -> (StatusSender, mpsc::Receiver<Update>) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (StatusSender { tx }, rx)
 }
 
 /// A writer and the sender that feeds it; `capacity` bounds the channel.
@@ -221,6 +242,7 @@ pub fn channel(
         rx,
         config,
         slots: HashMap::new(),
+        event_patches_in_flight: 0,
         logs: HashMap::new(),
         leadership,
     };
@@ -270,14 +292,7 @@ impl StatusWriter {
                         self.logs.clear();
                     }
                     self.forget_idle(now);
-                    let room = self.config.max_in_flight.saturating_sub(in_flight.len());
-                    let due: Vec<SlotKey> = self
-                        .slots
-                        .iter()
-                        .filter(|(_, s)| s.is_due(now, self.config.min_interval))
-                        .map(|(k, _)| k.clone())
-                        .take(room)
-                        .collect();
+                    let due = self.due(now, in_flight.len());
                     in_flight.extend(due.into_iter().map(|key| self.start(key, now)));
                     if stopping && in_flight.is_empty() && !self.slots.values().any(|s| s.content.is_some() && s.failures == 0) {
                         break;
@@ -293,6 +308,8 @@ impl StatusWriter {
                     .slots
                     .get(&key)
                     .is_some_and(|s| s.is_due(now, self.config.min_interval))
+                && (!matches!(key, SlotKey::Event(_))
+                    || self.event_patches_in_flight() < self.config.max_event_patches_in_flight)
             {
                 in_flight.push(self.start(key, now));
             }
@@ -300,6 +317,37 @@ impl StatusWriter {
         while let Some(done) = in_flight.next().await {
             self.finish(done);
         }
+    }
+
+    /// The slots to patch now, within the bounds on patches in flight (`in_flight` of them).
+    fn due(&self, now: Instant, in_flight: usize) -> Vec<SlotKey> {
+        let mut room = self.config.max_in_flight.saturating_sub(in_flight);
+        let mut event_room = self
+            .config
+            .max_event_patches_in_flight
+            .saturating_sub(self.event_patches_in_flight());
+        let mut due = Vec::new();
+        for (key, slot) in &self.slots {
+            if room == 0 {
+                break;
+            }
+            if !slot.is_due(now, self.config.min_interval) {
+                continue;
+            }
+            if matches!(key, SlotKey::Event(_)) {
+                if event_room == 0 {
+                    continue;
+                }
+                event_room -= 1;
+            }
+            room -= 1;
+            due.push(key.clone());
+        }
+        due
+    }
+
+    fn event_patches_in_flight(&self) -> usize {
+        self.event_patches_in_flight
     }
 
     /// Merges `update` into its slot, returning the slot's key (None: nothing to write).
@@ -362,6 +410,9 @@ impl StatusWriter {
         let content = slot.content.take().expect("started slots have content");
         slot.in_flight = true;
         slot.last_patch = Some(now);
+        if matches!(key, SlotKey::Event(_)) {
+            self.event_patches_in_flight += 1;
+        }
         // The cached log, if it is of the same Webhook object.
         let log = match (&key, &content) {
             (SlotKey::Deliveries(webhook), Content::Deliveries { uid, .. }) => self
@@ -444,6 +495,9 @@ impl StatusWriter {
             .inc();
         if let Some((webhook, uid, log)) = done.log {
             self.logs.insert(webhook, (uid, log));
+        }
+        if matches!(done.key, SlotKey::Event(_)) {
+            self.event_patches_in_flight -= 1;
         }
         let Some(slot) = self.slots.get_mut(&done.key) else {
             return;
@@ -530,6 +584,7 @@ mod tests {
             event_first_delay: Duration::ZERO,
             patch_timeout: Duration::from_secs(5),
             max_in_flight: 4,
+            max_event_patches_in_flight: 4,
         };
         writer_with(config, Leadership::always())
     }
@@ -724,6 +779,62 @@ mod tests {
         );
         stop.cancel();
         run.await.unwrap();
+    }
+
+    /// DocumentEvent patches stay within their own bound, so that ingest's creates do not queue
+    /// behind them; Webhook status still goes out beside them.
+    #[tokio::test]
+    async fn event_patches_in_flight_are_bounded_apart() {
+        let config = WriterConfig {
+            min_interval: Duration::ZERO,
+            event_first_delay: Duration::ZERO,
+            max_in_flight: 32,
+            max_event_patches_in_flight: 2,
+            ..WriterConfig::default()
+        };
+        let (_tx, mut writer, _handle) = writer_with(config, Leadership::always());
+        for i in 0..5 {
+            writer.merge(Update::EventStatus {
+                key: EventKey {
+                    namespace: "docs".into(),
+                    name: format!("e{i}").into(),
+                },
+                uid: format!("uid-{i}"),
+                status: delivered(),
+            });
+        }
+        writer.merge(Update::DeliveryAttempt {
+            key: WebhookKey::new("docs", "w"),
+            uid: "uid-w".into(),
+            record: Box::new(DeliveryRecord {
+                id: "msg_1".into(),
+                event: "document.completed".into(),
+                source: "e0".into(),
+                attempt: 1,
+                outcome: crate::crd::Outcome::Succeeded,
+                http_status: Some(200),
+                duration_ms: 1,
+                time: crate::status::now_time(),
+                error: None,
+            }),
+        });
+        let now = Instant::now();
+        let due = writer.due(now, 0);
+        let events = due
+            .iter()
+            .filter(|k| matches!(k, SlotKey::Event(_)))
+            .count();
+        assert_eq!((events, due.len()), (2, 3), "{due:?}");
+        // Two event patches in flight: only the Webhook's goes out.
+        let _started: Vec<_> = due
+            .iter()
+            .filter(|k| matches!(k, SlotKey::Event(_)))
+            .map(|k| writer.start(k.clone(), now))
+            .collect();
+        assert_eq!(
+            writer.due(now, 2),
+            vec![SlotKey::Deliveries(WebhookKey::new("docs", "w"))]
+        );
     }
 
     #[tokio::test]

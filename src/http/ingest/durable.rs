@@ -11,6 +11,7 @@ use super::{
     idempotency_conflict, keyed_event_name, partly_stored,
 };
 use crate::{
+    controller::CreatedEvents,
     crd::{DocumentEvent, DocumentEventSpec},
     http::{ApiError, ApiState},
 };
@@ -30,8 +31,13 @@ pub(super) async fn durable(
     let api: Api<DocumentEvent> = Api::namespaced(state.client.clone(), namespace);
     let keyed = events.iter().any(|e| e.key.is_some());
     let total = events.len();
+    // Only the leader delivers: elsewhere the controller is not running to take them.
+    let created = state
+        .leadership
+        .is_leader()
+        .then(|| state.created_events.clone());
     let results: Vec<Result<Stored, ApiError>> = futures::stream::iter(events)
-        .map(|e| store(api.clone(), e))
+        .map(|e| store(api.clone(), e, created.clone()))
         .buffered(16)
         .collect()
         .await;
@@ -73,7 +79,16 @@ pub(super) async fn durable(
 
 /// Stores one event: with a key under the name derived from it, so that a repeat finds the
 /// first one (same uid, so the same delivery ids); without one under a generated name.
-async fn store(api: Api<DocumentEvent>, e: IngestEvent) -> Result<Stored, ApiError> {
+async fn store(
+    api: Api<DocumentEvent>,
+    e: IngestEvent,
+    created: Option<CreatedEvents>,
+) -> Result<Stored, ApiError> {
+    let hand_over = |de: DocumentEvent| {
+        if let Some(created) = &created {
+            created.created(de);
+        }
+    };
     let content = hex::encode(fingerprint(&e));
     let spec = DocumentEventSpec {
         type_: e.event,
@@ -85,10 +100,14 @@ async fn store(api: Api<DocumentEvent>, e: IngestEvent) -> Result<Stored, ApiErr
         de.metadata.name = None;
         de.metadata.generate_name = Some(format!("{}-", e.event.as_str().replace('.', "-")));
         return match api.create(&PostParams::default(), &de).await {
-            Ok(de) => Ok(Stored {
-                name: de.metadata.name.unwrap_or_default(),
-                duplicate: false,
-            }),
+            Ok(de) => {
+                let name = de.metadata.name.clone().unwrap_or_default();
+                hand_over(de);
+                Ok(Stored {
+                    name,
+                    duplicate: false,
+                })
+            }
             Err(error) => Err(ApiError::from_kube(error, "namespace")),
         };
     };
@@ -104,7 +123,8 @@ async fn store(api: Api<DocumentEvent>, e: IngestEvent) -> Result<Stored, ApiErr
     // Twice at most: the existing one may be deleted (retention) between create and get.
     for _ in 0..2 {
         match api.create(&PostParams::default(), &de).await {
-            Ok(_) => {
+            Ok(de) => {
+                hand_over(de);
                 return Ok(Stored {
                     name,
                     duplicate: false,
