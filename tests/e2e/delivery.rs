@@ -11,8 +11,8 @@ use kube::{
 use serde_json::{Value, json};
 
 use crate::support::{
-    Blackhole, CountingReceiver, InProcess, Receiver, ReceiverKind, control_plane, create_event,
-    create_webhook, eventually, http_post, repo_root, wait_phase,
+    Blackhole, CountingReceiver, INGEST_MODES, InProcess, ModeOperator, Receiver, ReceiverKind,
+    control_plane, create_event, create_webhook, eventually, http_post, repo_root, wait_phase,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -322,6 +322,69 @@ async fn a_failing_endpoint_gets_retries_with_the_same_id_and_growing_gaps() {
         ),
         (1, 0)
     );
+}
+
+// Issue 10: the same retries whatever the ingest mode, events posted to /api/events. Direct
+// mode records no DocumentEvent, so what every mode shows is the receiver and the Webhook's
+// history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_gets_retries_in_every_ingest_mode() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    for mode in INGEST_MODES {
+        let ns = cp.namespace("retries-mode").await;
+        let op = ModeOperator::start(cp, mode, &[&ns], |_| {}).await;
+        let secret = "s3cret-signing-secret-0123";
+        let receiver = Receiver::start(ReceiverKind::Python, secret, &["--fail-first", "2"]).await;
+        create_webhook(
+            &client,
+            &ns,
+            "flaky",
+            &receiver.url("/h"),
+            secret,
+            json!({"initialBackoffSeconds": 1}),
+        )
+        .await;
+        op.post_event(&ns, "document.uploaded", json!({"document_id": 1}))
+            .await;
+
+        let got = receiver.wait_ok(1).await;
+        let statuses: Vec<u16> = got.iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [500, 500, 200], "{mode:?}");
+        assert!(got.iter().all(|r| r.hex_ok), "{mode:?}: {got:?}");
+        let ids: std::collections::HashSet<_> = got.iter().map(|r| r.delivery_id.clone()).collect();
+        assert_eq!(ids.len(), 1, "{mode:?}: one delivery id across retries");
+        let gaps = [
+            got[1].received_at - got[0].received_at,
+            got[2].received_at - got[1].received_at,
+        ];
+        println!("{mode:?}: retry gaps {gaps:?}");
+        // The second gap is the larger window (jitter can make the first up to 1.5 s).
+        assert!(
+            gaps[0] >= 0.95 && gaps[1] >= 1.95,
+            "{mode:?}: gaps {gaps:?}"
+        );
+        let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+        let history = eventually("three attempts in the Webhook status", WAIT, || async {
+            let s = webhooks.get("flaky").await.ok()?.status?;
+            (s.recent_deliveries.len() == 3).then_some(s.recent_deliveries)
+        })
+        .await;
+        let history: Vec<_> = history
+            .iter()
+            .map(|r| (r.attempt, serde_json::to_value(r.outcome).unwrap()))
+            .collect();
+        assert_eq!(
+            history,
+            [
+                (3, json!("Succeeded")),
+                (2, json!("Retrying")),
+                (1, json!("Retrying"))
+            ],
+            "{mode:?}"
+        );
+        op.op.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
