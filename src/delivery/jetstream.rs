@@ -108,6 +108,10 @@ const HOLD_RECHECK: Duration = Duration::from_secs(30);
 /// PARK_MIN, doubling each time it is parked again, up to PARK_MAX.
 const PARK_MIN: Duration = Duration::from_secs(1);
 const PARK_MAX: Duration = Duration::from_secs(30);
+/// Events one replica routes at once.
+const ROUTING_AT_ONCE: usize = 256;
+/// On stop, how long events being routed may take to finish.
+const ROUTING_DRAIN: Duration = Duration::from_secs(5);
 /// Ack wait of both consumers; a message in hand is kept alive well within it.
 const ACK_WAIT: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
@@ -286,13 +290,17 @@ pub async fn route_events(
         .messages()
         .await
         .map_err(|e| failed(e.to_string()))?;
-    loop {
+    // Events are routed concurrently: each waits for its work items' PubAcks, a round trip to
+    // the stream, and one at a time that round trip would bound the whole bus's throughput.
+    let mut routing = JoinSet::new();
+    let ended = loop {
         let message = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            m = messages.next() => m,
+            _ = stop.cancelled() => break Ok(()),
+            Some(_) = routing.join_next(), if !routing.is_empty() => continue,
+            m = messages.next(), if routing.len() < ROUTING_AT_ONCE => m,
         };
         let message = match message {
-            None => return Err(failed("the message stream ended".into())),
+            None => break Err(failed("the message stream ended".into())),
             Some(Err(e)) => {
                 // Missed heartbeats and the like: the client reconnects and resumes.
                 tracing::warn!(error = %e, "JetStream router: fetching events");
@@ -300,15 +308,26 @@ pub async fn route_events(
             }
             Some(Ok(m)) => m,
         };
-        if let Err(e) = route_one(&bus.context, &routes, &message).await {
-            // Not acked: the stream redelivers it after the ack wait, and the work items
-            // already stored are deduplicated by their ids.
-            tracing::warn!(subject = %message.subject, error = %e, "JetStream router: event not routed; it is redelivered");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-        }
+        let (context, routes) = (bus.context.clone(), routes.clone());
+        routing.spawn(async move {
+            if let Err(e) = route_one(&context, &routes, &message).await {
+                // Not acked: the stream redelivers it, and the work items already stored are
+                // deduplicated by their ids.
+                tracing::warn!(subject = %message.subject, error = %e, "JetStream router: event not routed; it is redelivered");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        });
+    };
+    drop(messages);
+    // Events being routed finish (a PubAck away); one cut short is redelivered, and its work
+    // items deduplicated.
+    let drain = async { while routing.join_next().await.is_some() {} };
+    if tokio::time::timeout(ROUTING_DRAIN, drain).await.is_err() {
+        routing.abort_all();
     }
+    ended
 }
 
 async fn route_one(
