@@ -437,6 +437,10 @@ pub async fn start(
         let deliverer = tokio::spawn(jetstream::deliver_work(
             bus,
             dispatcher.clone(),
+            jetstream::InHandLimits::new(
+                args.max_in_flight_per_namespace as usize,
+                args.nats_max_ack_pending,
+            ),
             // Nothing held outlives the stream's retention.
             args.max_hold.min(args.nats_max_age),
             synced(readiness.clone()),

@@ -6,12 +6,42 @@
 //!   and acks the event once every work item is stored.
 //! - `hookrelay.deliveries.<namespace>.<webhook>`: one work item per target (the body, the
 //!   delivery id, the Webhook's name and uid in headers). The `deliverer` consumer makes one
-//!   attempt per delivery of the message: success or a final failure acks it, a retry naks it
-//!   with the retry policy's delay, so that the retry schedule lives in the stream and survives
-//!   a kill -9 of any replica.
+//!   attempt per hand-out of the message.
 //!
 //! Both publishes carry `Nats-Msg-Id` (the idempotency key, or the delivery id), so a retried
 //! publish, or the router redoing an event after a crash, is deduplicated by the stream.
+//!
+//! ## Fairness: nothing waits in the consumer
+//!
+//! A consumer hands out at most `max_ack_pending` messages not yet acked, all replicas together.
+//! What counts (nats-server's `o.pending`, checked against a real server): every message handed
+//! out and not acked, including those nak'd with a delay, which stay pending until redelivered
+//! and acked. So a delivery that waits (a retry's backoff, a hold of a paused or blocked
+//! Webhook) would keep its place whether it is kept in hand or nak'd, and a few hundred of them
+//! in one namespace would stop the consumer for everybody. Hence:
+//!
+//! - **Waiting is parked**: the message is acked and the same work item is published again to
+//!   `hookrelay.schedules.<namespace>.<webhook>.<delivery id>` with `Nats-Schedule: @at <time>`
+//!   and `Nats-Schedule-Target: <its work item subject>`; the stream itself publishes it back when
+//!   due (message schedules, stream setting `allow_msg_schedules`), so the retry schedule still
+//!   lives in the stream and survives a kill -9. Its `Nats-Msg-Id` is the delivery id and the
+//!   parked message's sequence, so parking again after a crash is a duplicate. A retry is
+//!   parked for the retry policy's delay; a hold for 1 s, doubling up to 30 s while it stays
+//!   held. The headers carry what the message count no longer tells: the attempts spent
+//!   (`Hookrelay-Attempts`; the attempt number is that plus the hand-outs of this message, so
+//!   holds spend none), since when it is held (`Hookrelay-Held-Since`, for `--max-hold`) and how
+//!   often it was parked in a row (`Hookrelay-Parked`, for the backoff).
+//! - **A bound per namespace on what one replica keeps in hand**: twice
+//!   `--max-in-flight-per-namespace`, never more than half of `max_ack_pending`; a message of a
+//!   namespace that has them all (endpoints that never answer, a storm) is parked the same way.
+//!   Of those places a quarter may hold deliveries in hand, which wake the moment their Webhook
+//!   changes (a resumed Webhook's first deliveries go at once, the parked ones within their
+//!   recheck, at most 30 s).
+//!
+//! Pending therefore holds only messages being attempted or about to be, at most a bounded
+//! share per namespace, so one namespace (a paused Webhook with any number of events, dead
+//! endpoints, a retry storm) cannot take the consumer. The price is a publish per retry and per
+//! recheck of a long hold (each at most every 30 s), kept in the stream until `--nats-max-age`.
 
 use std::{
     path::PathBuf,
@@ -33,7 +63,9 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{Attempted, Delivery, Dispatcher, EventBody, RouteCheck, Verdict, delivery_id};
+use super::{
+    Attempted, Delivery, Dispatcher, EventBody, KeyedLimits, RouteCheck, Verdict, delivery_id,
+};
 use crate::{crd::EventType, routing::Routes, routing::WebhookKey};
 
 /// Subjects of ingested events: `hookrelay.events.<namespace>`.
@@ -55,13 +87,31 @@ pub const CONTENT_HEADER: &str = "Hookrelay-Content-Sha256";
 pub const DELIVERY_ID_HEADER: &str = "Hookrelay-Delivery-Id";
 /// Header of a work item: the uid of the Webhook it was routed to.
 pub const WEBHOOK_UID_HEADER: &str = "Hookrelay-Webhook-Uid";
+/// Header of a parked work item: attempts made before it was published (absent: none).
+pub const ATTEMPTS_HEADER: &str = "Hookrelay-Attempts";
+/// Header of a parked work item: times it was parked in a row without an attempt.
+pub const PARKED_HEADER: &str = "Hookrelay-Parked";
+/// Header of a parked work item: since when it is held (unix milliseconds).
+pub const HELD_SINCE_HEADER: &str = "Hookrelay-Held-Since";
+/// Subjects of parked work items waiting for their time:
+/// `hookrelay.schedules.<namespace>.<webhook>.<delivery id>`. No consumer reads them: the
+/// stream publishes each to its work item subject when it is due, and purges it.
+pub const SCHEDULES_SUBJECT: &str = "hookrelay.schedules";
 
 /// How long the stream remembers message ids: a retried publish within it is a duplicate.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
 
-/// A held delivery checks its Webhook again at least this often, and keeps its message
-/// meanwhile (progress acks), so that holding spends no attempt.
+/// A held delivery kept in hand checks its Webhook again at least this often (it wakes at once
+/// when the Webhook changes).
 const HOLD_RECHECK: Duration = Duration::from_secs(30);
+/// A work item parked without an attempt (held, or its namespace busy) comes back after
+/// PARK_MIN, doubling each time it is parked again, up to PARK_MAX.
+const PARK_MIN: Duration = Duration::from_secs(1);
+const PARK_MAX: Duration = Duration::from_secs(30);
+/// Events one replica routes at once.
+const ROUTING_AT_ONCE: usize = 256;
+/// On stop, how long events being routed may take to finish.
+const ROUTING_DRAIN: Duration = Duration::from_secs(5);
 /// Ack wait of both consumers; a message in hand is kept alive well within it.
 const ACK_WAIT: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
@@ -128,6 +178,8 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
         max_age: config.max_age,
         storage: StorageType::File,
         duplicate_window: DUPLICATE_WINDOW.min(config.max_age),
+        // Parked work items (retries, holds) are scheduled by the stream itself.
+        allow_message_schedules: true,
         ..Default::default()
     };
     let setup = |what: &str, e: &dyn std::fmt::Display| BusError::Setup {
@@ -238,13 +290,17 @@ pub async fn route_events(
         .messages()
         .await
         .map_err(|e| failed(e.to_string()))?;
-    loop {
+    // Events are routed concurrently: each waits for its work items' PubAcks, a round trip to
+    // the stream, and one at a time that round trip would bound the whole bus's throughput.
+    let mut routing = JoinSet::new();
+    let ended = loop {
         let message = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            m = messages.next() => m,
+            _ = stop.cancelled() => break Ok(()),
+            Some(_) = routing.join_next(), if !routing.is_empty() => continue,
+            m = messages.next(), if routing.len() < ROUTING_AT_ONCE => m,
         };
         let message = match message {
-            None => return Err(failed("the message stream ended".into())),
+            None => break Err(failed("the message stream ended".into())),
             Some(Err(e)) => {
                 // Missed heartbeats and the like: the client reconnects and resumes.
                 tracing::warn!(error = %e, "JetStream router: fetching events");
@@ -252,15 +308,26 @@ pub async fn route_events(
             }
             Some(Ok(m)) => m,
         };
-        if let Err(e) = route_one(&bus.context, &routes, &message).await {
-            // Not acked: the stream redelivers it after the ack wait, and the work items
-            // already stored are deduplicated by their ids.
-            tracing::warn!(subject = %message.subject, error = %e, "JetStream router: event not routed; it is redelivered");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-        }
+        let (context, routes) = (bus.context.clone(), routes.clone());
+        routing.spawn(async move {
+            if let Err(e) = route_one(&context, &routes, &message).await {
+                // Not acked: the stream redelivers it, and the work items already stored are
+                // deduplicated by their ids.
+                tracing::warn!(subject = %message.subject, error = %e, "JetStream router: event not routed; it is redelivered");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        });
+    };
+    drop(messages);
+    // Events being routed finish (a PubAck away); one cut short is redelivered, and its work
+    // items deduplicated.
+    let drain = async { while routing.join_next().await.is_some() {} };
+    if tokio::time::timeout(ROUTING_DRAIN, drain).await.is_err() {
+        routing.abort_all();
     }
+    ended
 }
 
 async fn route_one(
@@ -303,12 +370,39 @@ async fn route_one(
     message.ack().await.map_err(|e| e.to_string())
 }
 
+/// How many work items one replica keeps in hand, so that no namespace (nor held deliveries)
+/// can take the consumer's `max_ack_pending` places from the others.
+#[derive(Clone, Copy, Debug)]
+pub struct InHandLimits {
+    /// Messages of one namespace in hand (waiting for slots, sending or holding); the excess is
+    /// parked. Twice the namespace's in-flight limit, so that a fast namespace always has the
+    /// next attempts ready, but never more than half of `max_ack_pending`.
+    pub per_namespace: usize,
+    /// Held messages of one namespace kept in hand, waking the moment their Webhook changes;
+    /// the others are parked and rechecked.
+    pub held_per_namespace: usize,
+}
+
+impl InHandLimits {
+    pub fn new(max_in_flight_per_namespace: usize, max_ack_pending: i64) -> Self {
+        let half = usize::try_from(max_ack_pending / 2)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let per_namespace = (2 * max_in_flight_per_namespace).clamp(1, half);
+        Self {
+            per_namespace,
+            held_per_namespace: (per_namespace / 4).max(1),
+        }
+    }
+}
+
 /// Delivers work items until `stop`, on every replica; starts once the routing table is
 /// complete. Attempts being sent when `stop` fires get `grace`, then are abandoned (their
 /// messages are redelivered after the ack wait).
 pub async fn deliver_work(
     bus: Bus,
     dispatcher: Arc<Dispatcher>,
+    limits: InHandLimits,
     max_hold: Duration,
     routes_synced: impl Future<Output = ()>,
     stop: CancellationToken,
@@ -327,6 +421,14 @@ pub async fn deliver_work(
         .messages()
         .await
         .map_err(|e| failed(e.to_string()))?;
+    let deliverer = Arc::new(Deliverer {
+        context: bus.context.clone(),
+        dispatcher,
+        max_hold,
+        in_hand: KeyedLimits::new(limits.per_namespace),
+        held: KeyedLimits::new(limits.held_per_namespace),
+        stop: stop.clone(),
+    });
     let mut in_flight = JoinSet::new();
     let ended = loop {
         let message = tokio::select! {
@@ -339,13 +441,11 @@ pub async fn deliver_work(
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "JetStream deliverer: fetching work items");
             }
-            // The consumer's max_ack_pending bounds how many are in hand at once.
+            // The consumer's max_ack_pending bounds how many are in hand at once, the
+            // per-namespace limits how many of them one namespace has.
             Some(Ok(message)) => {
-                let dispatcher = dispatcher.clone();
-                let stop = stop.clone();
-                in_flight.spawn(async move {
-                    deliver_one(&dispatcher, message, max_hold, &stop).await;
-                });
+                let deliverer = deliverer.clone();
+                in_flight.spawn(async move { deliverer.deliver_one(message).await });
             }
         }
     };
@@ -357,8 +457,23 @@ pub async fn deliver_work(
     ended
 }
 
+/// A work item's delivery and what it carries from earlier hand-outs.
+struct WorkItem {
+    delivery: Delivery,
+    /// Attempts made before this message was published (by the messages it replaced).
+    attempts_before: u32,
+    /// Times it was parked in a row without an attempt, for the recheck backoff.
+    parked: u32,
+    /// Since when it is held (unix milliseconds), when it is.
+    held_since: Option<u64>,
+}
+
+fn header_number<T: std::str::FromStr>(headers: Option<&HeaderMap>, name: &str) -> Option<T> {
+    header(headers, name)?.parse().ok()
+}
+
 /// The delivery a work item describes, or None if it is not one.
-fn delivery_of(message: &jetstream::Message) -> Option<Delivery> {
+fn delivery_of(message: &jetstream::Message) -> Option<WorkItem> {
     let headers = message.headers.as_ref();
     let rest = message
         .subject
@@ -368,7 +483,7 @@ fn delivery_of(message: &jetstream::Message) -> Option<Delivery> {
     let event = header(headers, EVENT_TYPE_HEADER)?
         .parse::<EventType>()
         .ok()?;
-    Some(Delivery {
+    let delivery = Delivery {
         webhook: WebhookKey {
             namespace: namespace.into(),
             name: name.into(),
@@ -382,6 +497,12 @@ fn delivery_of(message: &jetstream::Message) -> Option<Delivery> {
         source: "jetstream".into(),
         manual: false,
         timeout_cap: None,
+    };
+    Some(WorkItem {
+        delivery,
+        attempts_before: header_number(headers, ATTEMPTS_HEADER).unwrap_or(0),
+        parked: header_number(headers, PARKED_HEADER).unwrap_or(0),
+        held_since: header_number(headers, HELD_SINCE_HEADER),
     })
 }
 
@@ -389,99 +510,226 @@ fn delivery_of(message: &jetstream::Message) -> Option<Delivery> {
 #[derive(Debug, PartialEq)]
 enum Settle {
     Ack,
-    Retry(Duration),
+    /// Attempt `attempt` asks for another after `after`.
+    Retry {
+        attempt: u32,
+        after: Duration,
+    },
+    /// Held (Webhook paused or blocked) since then (unix milliseconds): recheck later.
+    Held {
+        since: u64,
+    },
     /// Stopping: leave it to be redelivered.
     Abandon,
 }
 
-async fn deliver_one(
-    dispatcher: &Dispatcher,
-    message: jetstream::Message,
-    max_hold: Duration,
-    stop: &CancellationToken,
-) {
-    let Some(delivery) = delivery_of(&message) else {
-        tracing::warn!(subject = %message.subject, "JetStream deliverer: dropping a message that is not a work item");
-        let _ = message.ack_with(AckKind::Term).await;
-        return;
-    };
-    let (attempt, published) = match message.info() {
-        Ok(info) => (
-            info.delivered.max(1) as u32,
-            UNIX_EPOCH + Duration::from_nanos(info.published.unix_timestamp_nanos().max(0) as u64),
+/// Why a work item leaves the consumer for a while: the message is acked and the same work item
+/// is published again, scheduled by the stream, so that it does not count against
+/// `max_ack_pending` meanwhile.
+#[derive(Debug, PartialEq)]
+enum Park {
+    /// A retry of the delivery after `after`, `attempts` spent so far.
+    Retry { attempts: u32, after: Duration },
+    /// Held since then: rechecked later, spending no attempt.
+    Held { since: u64 },
+    /// Its namespace has all its places in hand: tried again later.
+    Busy,
+}
+
+/// The delay before a parked work item comes back, and the headers it comes back with.
+fn park_plan(item: &WorkItem, park: &Park) -> (Duration, u32, u32, Option<u64>) {
+    // Parked without an attempt: back off, so that a long hold or a namespace stuck on dead
+    // endpoints republishes each of its messages at most every PARK_MAX.
+    let backoff = |parked: u32| PARK_MIN.saturating_mul(1 << parked.min(16)).min(PARK_MAX);
+    match *park {
+        Park::Retry { attempts, after } => (after, attempts, 0, None),
+        Park::Held { since } => (
+            backoff(item.parked),
+            item.attempts_before,
+            item.parked + 1,
+            Some(since),
         ),
-        Err(_) => (1, SystemTime::now()),
-    };
-    // Keep the message in hand while waiting for slots, holding or sending, so that it is not
-    // redelivered to another replica meanwhile.
-    let settle = {
-        let work = attempt_once(dispatcher, &delivery, attempt, published, max_hold, stop);
-        tokio::pin!(work);
-        let mut progress = tokio::time::interval(PROGRESS_EVERY);
-        progress.tick().await;
-        loop {
-            tokio::select! {
-                settle = &mut work => break settle,
-                _ = progress.tick() => {
-                    let _ = message.ack_with(AckKind::Progress).await;
-                }
-            }
-        }
-    };
-    let result = match settle {
-        Settle::Ack => message.ack().await,
-        Settle::Retry(after) => message.ack_with(AckKind::Nak(Some(after))).await,
-        Settle::Abandon => Ok(()),
-    };
-    if let Err(e) = result {
-        tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+        Park::Busy => (
+            backoff(item.parked),
+            item.attempts_before,
+            item.parked + 1,
+            item.held_since,
+        ),
     }
 }
 
-/// One attempt of `delivery` (number `attempt`: the message's delivery count), after checking
-/// its route. Holding waits for the route to change without spending an attempt.
-async fn attempt_once(
-    dispatcher: &Dispatcher,
-    delivery: &Delivery,
-    attempt: u32,
-    published: SystemTime,
+fn unix_millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+struct Deliverer {
+    context: Context,
+    dispatcher: Arc<Dispatcher>,
     max_hold: Duration,
-    stop: &CancellationToken,
-) -> Settle {
-    loop {
-        match dispatcher.check(delivery) {
-            RouteCheck::Gone(why) => {
-                tracing::info!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream delivery failed");
-                return Settle::Ack;
+    /// Messages in hand per namespace on this replica.
+    in_hand: KeyedLimits<Arc<str>>,
+    /// Held messages in hand per namespace on this replica.
+    held: KeyedLimits<Arc<str>>,
+    stop: CancellationToken,
+}
+
+impl Deliverer {
+    async fn deliver_one(&self, message: jetstream::Message) {
+        let Some(item) = delivery_of(&message) else {
+            tracing::warn!(subject = %message.subject, "JetStream deliverer: dropping a message that is not a work item");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        };
+        let (delivered, sequence) = match message.info() {
+            Ok(info) => (info.delivered.max(1) as u32, info.stream_sequence),
+            Err(_) => (1, 0),
+        };
+        let namespace = item.delivery.webhook.namespace.clone();
+        let places = self.in_hand.get(&namespace, 0, |_| false);
+        let Ok(_place) = places.try_acquire_owned() else {
+            return self.park(&message, sequence, &item, Park::Busy).await;
+        };
+        // Hand-outs of this message beyond the first that made no attempt (a replica stopped
+        // or crashed in between) count as attempts: at most one too many, never one too few.
+        let attempt = item.attempts_before + delivered;
+        // Kept in hand while waiting for slots, holding or sending, so that it is not
+        // redelivered to another replica meanwhile.
+        let settle = {
+            let work = self.attempt_once(&item, attempt);
+            tokio::pin!(work);
+            let mut progress = tokio::time::interval(PROGRESS_EVERY);
+            progress.tick().await;
+            loop {
+                tokio::select! {
+                    settle = &mut work => break settle,
+                    _ = progress.tick() => {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
+                }
             }
-            RouteCheck::Hold { route, why } => {
-                let held_for = published.elapsed().unwrap_or_default();
-                if held_for >= max_hold {
-                    tracing::warn!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream delivery failed: held longer than --max-hold");
+        };
+        let result = match settle {
+            Settle::Ack => message.ack().await,
+            Settle::Retry { attempt, after } => {
+                let park = Park::Retry {
+                    attempts: attempt,
+                    after,
+                };
+                return self.park(&message, sequence, &item, park).await;
+            }
+            Settle::Held { since } => {
+                return self
+                    .park(&message, sequence, &item, Park::Held { since })
+                    .await;
+            }
+            Settle::Abandon => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(delivery = %item.delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+        }
+    }
+
+    /// One attempt (number `attempt`) of the item's delivery, after checking its route. A held
+    /// delivery waits in hand for its route to change while its namespace has a held place,
+    /// and is parked otherwise.
+    async fn attempt_once(&self, item: &WorkItem, attempt: u32) -> Settle {
+        let delivery = &item.delivery;
+        let mut held_since = item.held_since;
+        let mut held_place = None;
+        loop {
+            match self.dispatcher.check(delivery) {
+                RouteCheck::Gone(why) => {
+                    tracing::info!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream delivery failed");
                     return Settle::Ack;
                 }
-                tokio::select! {
-                    _ = route.superseded.cancelled() => {}
-                    _ = tokio::time::sleep(HOLD_RECHECK.min(max_hold - held_for)) => {}
-                    _ = stop.cancelled() => return Settle::Abandon,
+                RouteCheck::Hold { route, why } => {
+                    let now = unix_millis(SystemTime::now());
+                    let since = *held_since.get_or_insert(now);
+                    let held_for = Duration::from_millis(now.saturating_sub(since));
+                    if held_for >= self.max_hold {
+                        tracing::warn!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream delivery failed: held longer than --max-hold");
+                        return Settle::Ack;
+                    }
+                    if held_place.is_none() {
+                        let places = self.held.get(&delivery.webhook.namespace, 0, |_| false);
+                        match places.try_acquire_owned() {
+                            Ok(place) => held_place = Some(place),
+                            Err(_) => return Settle::Held { since },
+                        }
+                    }
+                    tokio::select! {
+                        _ = route.superseded.cancelled() => {}
+                        _ = tokio::time::sleep(HOLD_RECHECK.min(self.max_hold - held_for)) => {}
+                        _ = self.stop.cancelled() => return Settle::Abandon,
+                    }
+                    continue;
                 }
-                continue;
+                RouteCheck::Deliver(_) => {}
             }
-            RouteCheck::Deliver(_) => {}
+            held_place = None;
+            let slots = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return Settle::Abandon,
+                slots = self.dispatcher.reserve(delivery) => slots,
+            };
+            match self.dispatcher.send(delivery, attempt, slots).await {
+                Attempted::Sent(report) => {
+                    return match report.verdict {
+                        Verdict::Retry(after) => Settle::Retry { attempt, after },
+                        Verdict::Succeeded | Verdict::Failed | Verdict::Gone => Settle::Ack,
+                    };
+                }
+                Attempted::NotSent | Attempted::Busy => continue,
+            }
         }
-        let slots = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return Settle::Abandon,
-            slots = dispatcher.reserve(delivery) => slots,
+    }
+
+    /// Publishes the work item again, scheduled by the stream after the park's delay, then acks
+    /// this message. If the stream does not take it, the message is nak'd with the delay
+    /// instead (kept in the consumer's pending meanwhile: correct, only less fair).
+    async fn park(&self, message: &jetstream::Message, sequence: u64, item: &WorkItem, park: Park) {
+        let (after, attempts, parked, held_since) = park_plan(item, &park);
+        let at = k8s_openapi::jiff::Timestamp::now()
+            .checked_add(after)
+            .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now());
+        let delivery = &item.delivery;
+        let mut headers = HeaderMap::new();
+        // One scheduled copy per message parked: parking it again after a crash is a duplicate.
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{}/{sequence}", delivery.id).as_str(),
+        );
+        headers.insert("Nats-Schedule", format!("@at {at}").as_str());
+        headers.insert("Nats-Schedule-Target", message.subject.as_str());
+        headers.insert(DELIVERY_ID_HEADER, delivery.id.as_str());
+        headers.insert(WEBHOOK_UID_HEADER, &*delivery.webhook_uid);
+        headers.insert(EVENT_TYPE_HEADER, delivery.event.event.as_str());
+        headers.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
+        headers.insert(PARKED_HEADER, parked.to_string().as_str());
+        if let Some(since) = held_since {
+            headers.insert(HELD_SINCE_HEADER, since.to_string().as_str());
+        }
+        let subject = format!(
+            "{SCHEDULES_SUBJECT}.{}.{}.{}",
+            delivery.webhook.namespace, delivery.webhook.name, delivery.id
+        );
+        let stored = async {
+            let ack = self
+                .context
+                .publish_with_headers(subject, headers, message.payload.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            ack.await.map_err(|e| e.to_string())
         };
-        match dispatcher.send(delivery, attempt, slots).await {
-            Attempted::Sent(report) => {
-                return match report.verdict {
-                    Verdict::Retry(after) => Settle::Retry(after),
-                    Verdict::Succeeded | Verdict::Failed | Verdict::Gone => Settle::Ack,
-                };
+        let result = match stored.await {
+            Ok(_) => message.ack().await,
+            Err(e) => {
+                tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not park a work item; it waits in the consumer instead");
+                message.ack_with(AckKind::Nak(Some(after))).await
             }
-            Attempted::NotSent | Attempted::Busy => continue,
+        };
+        if let Err(e) = result {
+            tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
         }
     }
 }
@@ -489,6 +737,62 @@ async fn attempt_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn item(attempts_before: u32, parked: u32, held_since: Option<u64>) -> WorkItem {
+        let body = EventBody::new(
+            EventType::Completed,
+            "2023-06-15T10:35:00Z",
+            &Default::default(),
+        );
+        WorkItem {
+            delivery: Delivery {
+                webhook: WebhookKey::new("docs", "w"),
+                webhook_uid: "uid".into(),
+                id: "msg_1".into(),
+                event: Arc::new(body),
+                source: "jetstream".into(),
+                manual: false,
+                timeout_cap: None,
+            },
+            attempts_before,
+            parked,
+            held_since,
+        }
+    }
+
+    #[test]
+    fn parking_keeps_the_attempts_and_backs_off_rechecks_without_spending_any() {
+        // A retry: the policy's delay, the attempts spent, the park count and hold cleared.
+        let plan = park_plan(
+            &item(1, 3, Some(5)),
+            &Park::Retry {
+                attempts: 2,
+                after: Duration::from_secs(7),
+            },
+        );
+        assert_eq!(plan, (Duration::from_secs(7), 2, 0, None));
+        // A hold: no attempt spent, 1 s doubling per park up to 30 s, since when kept.
+        let held = |parked| park_plan(&item(2, parked, None), &Park::Held { since: 42 });
+        assert_eq!(held(0), (PARK_MIN, 2, 1, Some(42)));
+        assert_eq!(held(3).0, Duration::from_secs(8));
+        assert_eq!(held(40).0, PARK_MAX);
+        // Busy: the same backoff, the hold (if any) carried on.
+        let busy = park_plan(&item(0, 1, Some(9)), &Park::Busy);
+        assert_eq!(busy, (Duration::from_secs(2), 0, 2, Some(9)));
+    }
+
+    #[test]
+    fn a_namespace_keeps_at_most_half_of_max_ack_pending_in_hand() {
+        let defaults = InHandLimits::new(128, 1000);
+        assert_eq!(
+            (defaults.per_namespace, defaults.held_per_namespace),
+            (256, 64)
+        );
+        let low = InHandLimits::new(128, 20);
+        assert_eq!((low.per_namespace, low.held_per_namespace), (10, 2));
+        let tiny = InHandLimits::new(4, 1);
+        assert_eq!((tiny.per_namespace, tiny.held_per_namespace), (1, 1));
+    }
 
     #[test]
     fn keyed_event_ids_are_stable_and_scoped_to_the_namespace() {

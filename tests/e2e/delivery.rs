@@ -11,8 +11,9 @@ use kube::{
 use serde_json::{Value, json};
 
 use crate::support::{
-    Blackhole, CountingReceiver, InProcess, Receiver, ReceiverKind, control_plane, create_event,
-    create_webhook, eventually, http_post, repo_root, wait_phase,
+    Blackhole, CountingReceiver, INGEST_MODES, InProcess, ModeOperator, Receiver, ReceiverKind,
+    control_plane, counting_webhook, create_event, create_webhook, eventually, http_post,
+    repo_root, wait_phase, wait_ready_reason,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -324,6 +325,69 @@ async fn a_failing_endpoint_gets_retries_with_the_same_id_and_growing_gaps() {
     );
 }
 
+// Issue 10: the same retries whatever the ingest mode, events posted to /api/events. Direct
+// mode records no DocumentEvent, so what every mode shows is the receiver and the Webhook's
+// history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_gets_retries_in_every_ingest_mode() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    for mode in INGEST_MODES {
+        let ns = cp.namespace("retries-mode").await;
+        let op = ModeOperator::start(cp, mode, &[&ns], |_| {}).await;
+        let secret = "s3cret-signing-secret-0123";
+        let receiver = Receiver::start(ReceiverKind::Python, secret, &["--fail-first", "2"]).await;
+        create_webhook(
+            &client,
+            &ns,
+            "flaky",
+            &receiver.url("/h"),
+            secret,
+            json!({"initialBackoffSeconds": 1}),
+        )
+        .await;
+        op.post_event(&ns, "document.uploaded", json!({"document_id": 1}))
+            .await;
+
+        let got = receiver.wait_ok(1).await;
+        let statuses: Vec<u16> = got.iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [500, 500, 200], "{mode:?}");
+        assert!(got.iter().all(|r| r.hex_ok), "{mode:?}: {got:?}");
+        let ids: std::collections::HashSet<_> = got.iter().map(|r| r.delivery_id.clone()).collect();
+        assert_eq!(ids.len(), 1, "{mode:?}: one delivery id across retries");
+        let gaps = [
+            got[1].received_at - got[0].received_at,
+            got[2].received_at - got[1].received_at,
+        ];
+        println!("{mode:?}: retry gaps {gaps:?}");
+        // The second gap is the larger window (jitter can make the first up to 1.5 s).
+        assert!(
+            gaps[0] >= 0.95 && gaps[1] >= 1.95,
+            "{mode:?}: gaps {gaps:?}"
+        );
+        let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+        let history = eventually("three attempts in the Webhook status", WAIT, || async {
+            let s = webhooks.get("flaky").await.ok()?.status?;
+            (s.recent_deliveries.len() == 3).then_some(s.recent_deliveries)
+        })
+        .await;
+        let history: Vec<_> = history
+            .iter()
+            .map(|r| (r.attempt, serde_json::to_value(r.outcome).unwrap()))
+            .collect();
+        assert_eq!(
+            history,
+            [
+                (3, json!("Succeeded")),
+                (2, json!("Retrying")),
+                (1, json!("Retrying"))
+            ],
+            "{mode:?}"
+        );
+        op.op.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_endpoint_does_not_delay_another() {
     let cp = control_plane();
@@ -511,6 +575,337 @@ async fn paused_webhooks_hold_deliveries_and_gone_endpoints_stop_them() {
             .then_some(())
     })
     .await;
+}
+
+/// A Webhook's delivery history once it holds `n` records: (attempt, outcome, HTTP status),
+/// newest first.
+async fn history(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    n: usize,
+) -> Vec<(i32, Value, Option<i32>)> {
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let records = eventually(
+        &format!("{n} attempts in {name}'s history"),
+        WAIT,
+        || async {
+            let s = webhooks.get(name).await.ok()?.status?;
+            (s.recent_deliveries.len() == n).then_some(s.recent_deliveries)
+        },
+    )
+    .await;
+    records
+        .iter()
+        .map(|r| {
+            (
+                r.attempt,
+                serde_json::to_value(r.outcome).unwrap(),
+                r.http_status,
+            )
+        })
+        .collect()
+}
+
+// Issue 10: the seed's receivers verify every delivery whatever the ingest mode, the seed's
+// payloads posted to /api/events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_receivers_verify_every_delivery_in_every_ingest_mode() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let completed = seed_payload("document-event-completed.yaml");
+    let error = seed_payload("document-event-error.yaml");
+    let event = |type_: &str, data: &Value| json!({"event": type_, "timestamp": "2023-06-15T10:35:00Z", "data": data});
+    for mode in INGEST_MODES {
+        let ns = cp.namespace("seed-mode").await;
+        let op = ModeOperator::start(cp, mode, &[&ns], |_| {}).await;
+        let python = Receiver::start(ReceiverKind::Python, STANDARD_SECRET, &[]).await;
+        let node = Receiver::start(ReceiverKind::Node, STANDARD_SECRET, &[]).await;
+        let plain = Receiver::start(ReceiverKind::Python, "your_webhook_secret", &[]).await;
+        let wrong = Receiver::start(ReceiverKind::Node, "not-the-secret", &[]).await;
+        for (name, url, secret, delivery) in [
+            (
+                "python",
+                python.url("/webhooks/file-conversion"),
+                STANDARD_SECRET,
+                json!({}),
+            ),
+            (
+                "node",
+                node.url("/webhooks/file-conversion"),
+                STANDARD_SECRET,
+                json!({}),
+            ),
+            (
+                "plain",
+                plain.url("/webhooks/file-conversion"),
+                "your_webhook_secret",
+                json!({}),
+            ),
+            (
+                "wrong",
+                wrong.url("/hook"),
+                "the-real-signing-secret",
+                json!({"maxAttempts": 1}),
+            ),
+        ] {
+            create_webhook(&client, &ns, name, &url, secret, delivery).await;
+        }
+        op.post_events(
+            &ns,
+            &[
+                event("document.completed", &completed),
+                event("document.error", &error),
+            ],
+        )
+        .await;
+
+        // A duplicate would come after the first copy: wait until both events are finished at
+        // every Webhook, then for a marker posted afterwards to arrive, before counting.
+        for name in ["python", "node", "plain"] {
+            let done = history(&client, &ns, name, 2).await;
+            assert!(
+                done.iter()
+                    .all(|r| r == &(1, json!("Succeeded"), Some(200))),
+                "{mode:?} {name}: {done:?}"
+            );
+        }
+        // The checks can fail: a receiver with another secret refuses, and it is recorded.
+        let refused = history(&client, &ns, "wrong", 2).await;
+        assert!(
+            refused
+                .iter()
+                .all(|r| r == &(1, json!("Failed"), Some(401))),
+            "{mode:?}: {refused:?}"
+        );
+        let results = wrong.results().await;
+        assert!(
+            results.iter().all(|r| r.status == 401 && !r.hex_ok),
+            "{mode:?}: {results:?}"
+        );
+        op.post_event(&ns, "document.uploaded", json!({"document_id": 1}))
+            .await;
+        for (name, receiver, standard) in [
+            ("python", &python, Some(true)),
+            ("node", &node, Some(true)),
+            ("plain", &plain, None),
+        ] {
+            let all = receiver.wait_ok(3).await;
+            assert_eq!(
+                all.len(),
+                3,
+                "{mode:?} {name}: exactly one request per event: {all:?}"
+            );
+            let ids: std::collections::HashSet<_> =
+                all.iter().map(|r| r.delivery_id.clone()).collect();
+            assert_eq!(
+                ids.len(),
+                3,
+                "{mode:?} {name}: distinct delivery ids: {all:?}"
+            );
+            assert!(ids.iter().all(Option::is_some), "{mode:?} {name}: {all:?}");
+            let got: Vec<_> = all
+                .into_iter()
+                .filter(|r| r.event.as_deref() != Some("document.uploaded"))
+                .collect();
+            assert_eq!(
+                got.len(),
+                2,
+                "{mode:?} {name}: the two seed events: {got:?}"
+            );
+            for r in &got {
+                assert!(
+                    r.hex_ok,
+                    "{mode:?} {name}: X-Webhook-Signature rejected: {r:?}"
+                );
+                assert_eq!(
+                    r.standard_ok, standard,
+                    "{mode:?} {name}: webhook-signature: {r:?}"
+                );
+                assert_eq!(r.path, "/webhooks/file-conversion");
+                assert_eq!(r.content_type.as_deref(), Some("application/json"));
+                let body: Value = serde_json::from_str(&r.body).unwrap();
+                let expected = if r.event.as_deref() == Some("document.completed") {
+                    &completed
+                } else {
+                    &error
+                };
+                assert_eq!(
+                    body,
+                    event(r.event.as_deref().unwrap(), expected),
+                    "{mode:?} {name}"
+                );
+                assert_eq!(
+                    serde_json::to_string(&body).unwrap(),
+                    r.body,
+                    "{mode:?}: compact, event first"
+                );
+            }
+        }
+        op.op.stop().await;
+    }
+}
+
+// Issue 10: the same isolation whatever the ingest mode, events posted to /api/events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_does_not_delay_another_in_every_ingest_mode() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let lanes = hookrelay::delivery::DispatcherConfig::default().per_webhook;
+    for mode in INGEST_MODES {
+        let ns = cp.namespace("isolation-mode").await;
+        // The dead endpoint's attempts are cut short on stop.
+        let op = ModeOperator::start(cp, mode, &[&ns], |args| {
+            args.shutdown_timeout = Duration::from_secs(2);
+        })
+        .await;
+        let dead = Blackhole::start().await;
+        create_webhook(
+            &client,
+            &ns,
+            "dead",
+            &format!("http://{}/h", dead.addr),
+            "signing-secret-0123456789",
+            json!({"timeoutSeconds": 30}),
+        )
+        .await;
+        let fast = counting_webhook(&client, &ns, "fast", "signing-secret-0123456789").await;
+
+        let n = 60;
+        let events: Vec<Value> = (0..n)
+            .map(|i| json!({"event": "document.completed", "data": {"document_id": i}}))
+            .collect();
+        op.post_events(&ns, &events).await;
+        eventually("every event at the live endpoint", WAIT, || async {
+            (fast.counts() == (n, n)).then_some(())
+        })
+        .await;
+        // The dead endpoint holds one connection per lane of its Webhook, and no more ...
+        eventually("the dead endpoint's lanes full", WAIT, || async {
+            (dead.connections.load(std::sync::atomic::Ordering::Relaxed) == lanes).then_some(())
+        })
+        .await;
+        // ... and no attempt to it has ended yet (each waits 30s for an answer): the live
+        // endpoint was served while the dead one's lanes were all taken.
+        let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+        let dead_status = webhooks
+            .get("dead")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        assert_eq!(
+            dead_status.recent_deliveries.len(),
+            0,
+            "{mode:?}: no attempt to the dead endpoint has finished"
+        );
+        op.op.stop().await;
+    }
+}
+
+// Issue 10: holds and 410 whatever the ingest mode, events posted to /api/events. Direct mode
+// records no DocumentEvent: what every mode shows is the receivers and the Webhook's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_webhooks_hold_deliveries_and_gone_endpoints_stop_them_in_every_ingest_mode() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let secret = "signing-secret-0123456789";
+    for mode in INGEST_MODES {
+        let ns = cp.namespace("hold-gone-mode").await;
+        let op = ModeOperator::start(cp, mode, &[&ns], |_| {}).await;
+        let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+        let paused = counting_webhook(&client, &ns, "paused", secret).await;
+        let set_paused = |paused: bool| {
+            let webhooks = webhooks.clone();
+            async move {
+                webhooks
+                    .patch(
+                        "paused",
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"spec": {"paused": paused}})),
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        set_paused(true).await;
+        wait_ready_reason(&client, &ns, "paused", "False", "Paused").await;
+        let live = counting_webhook(&client, &ns, "live", secret).await;
+        op.post_event(&ns, "document.deleted", json!({"document_id": 7}))
+            .await;
+        eventually("the event at the live Webhook", WAIT, || async {
+            (live.counts() == (1, 1)).then_some(())
+        })
+        .await;
+        assert_eq!(
+            paused.counts(),
+            (0, 0),
+            "{mode:?}: nothing sent while paused"
+        );
+        set_paused(false).await;
+        eventually("the held delivery sent once resumed", WAIT, || async {
+            (paused.counts() == (1, 1)).then_some(())
+        })
+        .await;
+        // Holding spent no attempt.
+        assert_eq!(
+            history(&client, &ns, "paused", 1).await,
+            [(1, json!("Succeeded"), Some(200))],
+            "{mode:?}"
+        );
+
+        // 410 Gone: the delivery fails at once, the Webhook is not Ready and gets nothing more
+        // until its spec changes.
+        let gone_requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = gone_requests.clone();
+        let gone = axum::Router::new().fallback(axum::routing::post(move || async move {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            axum::http::StatusCode::GONE
+        }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone_addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, gone).await });
+        create_webhook(
+            &client,
+            &ns,
+            "gone",
+            &format!("http://{gone_addr}/h"),
+            secret,
+            json!({}),
+        )
+        .await;
+        op.post_event(&ns, "document.error", json!({"document_id": 8}))
+            .await;
+        assert_eq!(
+            history(&client, &ns, "gone", 1).await,
+            [(1, json!("Failed"), Some(410))],
+            "{mode:?}"
+        );
+        let message = wait_ready_reason(&client, &ns, "gone", "False", "EndpointGone").await;
+        assert!(message.contains("410 Gone"), "{mode:?}: {message}");
+        op.post_event(&ns, "document.error", json!({"document_id": 9}))
+            .await;
+        eventually("the next event at the live Webhook", WAIT, || async {
+            (live.counts() == (3, 3)).then_some(())
+        })
+        .await;
+        assert_eq!(
+            gone_requests.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "{mode:?}: nothing sent after 410"
+        );
+        // A new URL clears it.
+        webhooks
+            .patch(
+                "gone",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"url": format!("http://{gone_addr}/new")}})),
+            )
+            .await
+            .unwrap();
+        wait_ready_reason(&client, &ns, "gone", "True", "Routed").await;
+        op.op.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

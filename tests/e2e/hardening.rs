@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use hookrelay::{
     crd::{DocumentEvent, EventPhase, TargetState, Webhook},
+    http::IngestMode,
     operator::RunArgs,
     routing::{RouteState, WebhookKey},
 };
@@ -19,8 +20,8 @@ use serde_json::json;
 
 use crate::support::counting_webhook;
 use crate::support::{
-    Blackhole, CountingReceiver, InProcess, Operator, control_plane, create_event, create_webhook,
-    eventually, wait_phase, wait_ready_reason,
+    Blackhole, CountingReceiver, InProcess, ModeOperator, Operator, control_plane, create_event,
+    create_webhook, eventually, wait_phase, wait_ready_reason,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -201,20 +202,40 @@ async fn only_secrets_labelled_for_signing_sign_and_the_upgrade_warning_comes_on
 }
 
 // Item 12: a namespace whose endpoints never answer holds at most its share of the slots, and
-// another namespace's events all go out meanwhile.
+// another namespace's events all go out meanwhile. Issue 10: the same in jetstream mode, where
+// the tarpit namespace also has a paused Webhook with many held deliveries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_of_dead_endpoints_cannot_take_every_slot() {
+    dead_endpoints_cannot_take_every_slot(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_of_dead_endpoints_cannot_take_every_slot_in_jetstream_mode() {
+    dead_endpoints_cannot_take_every_slot(Some(IngestMode::JetStream)).await;
+}
+
+/// Events created as DocumentEvents (`ingest` None) or posted in that ingest mode.
+async fn dead_endpoints_cannot_take_every_slot(ingest: Option<IngestMode>) {
     let cp = control_plane();
     let tarpit_ns = cp.namespace("tarpit").await;
     let other_ns = cp.namespace("neighbour").await;
     let client = cp.client().await;
-    let mut args = RunArgs::for_tests();
-    args.namespaces = vec![tarpit_ns.clone(), other_ns.clone()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-    args.max_in_flight = 8;
-    args.max_in_flight_per_namespace = 4;
-    let _op = InProcess::start_with(cp.config().await, args).await;
+    let mode = ingest.unwrap_or(IngestMode::Durable);
+    let op = ModeOperator::start(cp, mode, &[&tarpit_ns, &other_ns], |args| {
+        args.max_in_flight = 8;
+        args.max_in_flight_per_namespace = 4;
+    })
+    .await;
+    let send = |ns: &str, prefix: &str, i: usize| {
+        let (client, ns, name, op) = (client.clone(), ns.to_owned(), format!("{prefix}-{i}"), &op);
+        async move {
+            let data = json!({"document_id": i});
+            match ingest {
+                None => create_event(&client, &ns, &name, "document.completed", data).await,
+                Some(_) => op.post_event(&ns, "document.completed", data).await,
+            }
+        }
+    };
 
     // Two Webhooks (8 lanes each) and 6 events: 12 attempts want to go, more than all 8 slots.
     let blackhole = Blackhole::start().await;
@@ -230,15 +251,19 @@ async fn a_namespace_of_dead_endpoints_cannot_take_every_slot() {
         )
         .await;
     }
-    for i in 0..6 {
-        create_event(
-            &client,
-            &tarpit_ns,
-            &format!("stuck-{i}"),
-            "document.completed",
-            json!({"document_id": i}),
-        )
-        .await;
+    // ... and a paused Webhook holding every event sent to the namespace.
+    let paused = counting_webhook(&client, &tarpit_ns, "paused", SECRET).await;
+    patch_webhook(
+        &client,
+        &tarpit_ns,
+        "paused",
+        json!({"spec": {"paused": true}}),
+    )
+    .await;
+    wait_ready_reason(&client, &tarpit_ns, "paused", "False", "Paused").await;
+    let stuck = if ingest.is_some() { 30 } else { 6 };
+    for i in 0..stuck {
+        send(&tarpit_ns, "stuck", i).await;
     }
     let held = || {
         blackhole
@@ -263,24 +288,30 @@ async fn a_namespace_of_dead_endpoints_cannot_take_every_slot() {
     .await;
     const N: usize = 10;
     for i in 0..N {
-        create_event(
-            &client,
-            &other_ns,
-            &format!("doc-{i}"),
-            "document.completed",
-            json!({"document_id": i}),
-        )
-        .await;
+        send(&other_ns, "doc", i).await;
     }
-    for i in 0..N {
-        wait_phase(&client, &other_ns, &format!("doc-{i}"), "Delivered").await;
+    if ingest.is_none() {
+        for i in 0..N {
+            wait_phase(&client, &other_ns, &format!("doc-{i}"), "Delivered").await;
+        }
     }
+    eventually(
+        "every event of the other namespace delivered",
+        WAIT,
+        || async { (receiver.counts() == (N, N)).then_some(()) },
+    )
+    .await;
     assert_eq!(receiver.counts(), (N, N));
     // The count only grows: 4 now means never more than the namespace's 4.
     assert_eq!(
         held(),
         4,
         "connections the tarpit namespace opened (its cap is 4)"
+    );
+    assert_eq!(
+        paused.counts(),
+        (0, 0),
+        "nothing sent to the paused Webhook"
     );
 }
 

@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 
 use crate::support::counting_webhook;
 use crate::support::{
-    ControlPlane, CountingReceiver, InProcess, NatsServer, Operator, Receiver, ReceiverKind,
-    control_plane, create_webhook, eventually, metric,
+    ControlPlane, CountingReceiver, InProcess, ModeOperator, NatsServer, Operator, Receiver,
+    ReceiverKind, control_plane, create_webhook, eventually, metric, wait_ready_reason,
 };
 
 const SECRET: &str = "a-strong-signing-secret-for-jetstream-tests";
@@ -219,6 +219,75 @@ async fn a_jetstream_delivery_is_retried_through_the_stream_with_one_delivery_id
     .await;
     assert_eq!(attempts, [1, 2, 3]);
     op.stop().await;
+}
+
+// Fairness (issue 10): held deliveries are parked in the stream, not kept in the consumer's
+// pending, so a paused Webhook with more of them than max_ack_pending does not stop the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_webhook_holding_more_than_max_ack_pending_does_not_stop_the_others() {
+    let cp = control_plane();
+    let ns = cp.namespace("js-held").await;
+    let client = cp.client().await;
+    let op = ModeOperator::start(cp, IngestMode::JetStream, &[&ns], |args| {
+        args.nats_max_ack_pending = 20;
+    })
+    .await;
+    let paused = counting_webhook(&client, &ns, "paused", SECRET).await;
+    let webhooks: kube::Api<hookrelay::crd::Webhook> = kube::Api::namespaced(client.clone(), &ns);
+    webhooks
+        .patch(
+            "paused",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"paused": true}})),
+        )
+        .await
+        .unwrap();
+    wait_ready_reason(&client, &ns, "paused", "False", "Paused").await;
+    let live = counting_webhook(&client, &ns, "live", SECRET).await;
+
+    // Every event goes to both: 50 held deliveries, more than twice max_ack_pending.
+    const EVENTS: usize = 50;
+    let events: Vec<Value> = (0..EVENTS)
+        .map(|i| json!({"event": "document.completed", "data": {"document_id": i}}))
+        .collect();
+    op.post_events(&ns, &events).await;
+    eventually(
+        "every event at the live Webhook",
+        Duration::from_secs(60),
+        || async { (live.counts() == (EVENTS, EVENTS)).then_some(()) },
+    )
+    .await;
+    assert_eq!(paused.counts(), (0, 0), "nothing sent while paused");
+
+    webhooks
+        .patch(
+            "paused",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"paused": false}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "every held delivery sent once resumed",
+        Duration::from_secs(120),
+        || async { (paused.counts().0 == EVENTS).then_some(()) },
+    )
+    .await;
+    // Holding spent no attempt: each held delivery went out as its first attempt.
+    let attempts = eventually(
+        "the resumed Webhook's history",
+        Duration::from_secs(60),
+        || async {
+            let s = webhooks.get("paused").await.ok()?.status?;
+            (s.recent_deliveries.len() >= 20).then_some(s.recent_deliveries)
+        },
+    )
+    .await;
+    assert!(
+        attempts.iter().all(|r| r.attempt == 1),
+        "{:?}",
+        attempts.iter().map(|r| r.attempt).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -887,3 +887,80 @@ impl Drop for NatsServer {
         let _ = std::fs::remove_dir_all(&self.store);
     }
 }
+
+/// An in-process operator taking events through `POST /api/events` in one ingest mode (with a
+/// nats-server of its own for jetstream), so that one test body runs in every mode.
+pub struct ModeOperator {
+    pub mode: hookrelay::http::IngestMode,
+    pub op: InProcess,
+    /// Kept running as long as the operator.
+    _nats: Option<NatsServer>,
+}
+
+/// The three ingest modes, for tests that run in each.
+pub const INGEST_MODES: [hookrelay::http::IngestMode; 3] = [
+    hookrelay::http::IngestMode::Direct,
+    hookrelay::http::IngestMode::Durable,
+    hookrelay::http::IngestMode::JetStream,
+];
+
+impl ModeOperator {
+    /// Starts the operator in `mode` watching `namespaces` (plain http and 127.0.0.0/8 allowed,
+    /// auth off), after `tune` adjusted its flags.
+    pub async fn start(
+        cp: &ControlPlane,
+        mode: hookrelay::http::IngestMode,
+        namespaces: &[&str],
+        tune: impl FnOnce(&mut hookrelay::operator::RunArgs),
+    ) -> ModeOperator {
+        let mut args = hookrelay::operator::RunArgs::for_tests();
+        args.namespaces = namespaces.iter().map(|ns| ns.to_string()).collect();
+        args.allow_http = true;
+        args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+        args.disable_auth = true;
+        args.ingest_mode = mode;
+        let nats = match mode {
+            hookrelay::http::IngestMode::JetStream => {
+                let nats = NatsServer::start().await;
+                args.nats_url = Some(nats.url.clone());
+                Some(nats)
+            }
+            _ => None,
+        };
+        tune(&mut args);
+        let op = InProcess::start_with(cp.config().await, args).await;
+        ModeOperator {
+            mode,
+            op,
+            _nats: nats,
+        }
+    }
+
+    /// Posts `events` (seed-shaped) in one request to namespace `ns`; they must be accepted.
+    pub async fn post_events(&self, ns: &str, events: &[serde_json::Value]) -> serde_json::Value {
+        let body = serde_json::Value::Array(events.to_vec()).to_string();
+        let (status, reply) = api_call(
+            self.op.op.listen_addr,
+            "POST",
+            &format!("/api/events?namespace={ns}"),
+            None,
+            Some(&body),
+        )
+        .await;
+        assert_eq!(
+            status, 202,
+            "{:?} ingest refused the events: {reply}",
+            self.mode
+        );
+        reply
+    }
+
+    /// Posts one event of `type_` with the seed's timestamp and `data`.
+    pub async fn post_event(&self, ns: &str, type_: &str, data: serde_json::Value) {
+        self.post_events(
+            ns,
+            &[serde_json::json!({"event": type_, "timestamp": "2023-06-15T10:35:00Z", "data": data})],
+        )
+        .await;
+    }
+}
