@@ -11,14 +11,22 @@
 //!   fixed rates an open loop (sent at the rate whatever the answers). Latency is from the POST
 //!   being sent to the receiver's arrival.
 //!
-//! Prints a table and writes it as JSON to `target/bench/throughput.json`.
+//! Also (BENCHMARKS.md, "How it works"): the operator's CPU, memory and status patches per
+//! run (`throughput/cost.rs`), fan-out of one event to 1, 100 and 1,000 Webhooks
+//! (`throughput/fanout.rs`), and N Webhooks to Ready (`throughput/webhooks.rs`).
+//!
+//! Prints two tables and writes them as JSON to `target/bench/throughput.json`.
 //!
 //! Run: `cargo bench --bench throughput`. Knobs (environment):
 //! `HOOKRELAY_BENCH_SECONDS` (each saturation run, default 10),
 //! `HOOKRELAY_BENCH_RATE_SECONDS` (each fixed-rate run, default 10),
 //! `HOOKRELAY_BENCH_CONNECTIONS` (default 16),
 //! `HOOKRELAY_BENCH_DRAIN_SECONDS` (longest wait for the last deliveries, default 60),
-//! `HOOKRELAY_BENCH_MODES` (the ingest modes to measure, comma-separated, default all).
+//! `HOOKRELAY_BENCH_MODES` (the ingest modes to measure, comma-separated, default all),
+//! `HOOKRELAY_BENCH_RATES` (default 200,1000,5000), `HOOKRELAY_BENCH_MAX_IN_FLIGHT` (512),
+//! `HOOKRELAY_BENCH_SCENARIOS` (modes,fanout,webhooks), `HOOKRELAY_BENCH_FANOUT` (1,100,1000),
+//! `HOOKRELAY_BENCH_FANOUT_EVENTS` (20), `HOOKRELAY_BENCH_FANOUT_MODES` (the modes),
+//! `HOOKRELAY_BENCH_WEBHOOKS` (10000).
 
 #[path = "../tests/e2e/support.rs"]
 #[allow(dead_code)]
