@@ -60,9 +60,13 @@ async fn run(seconds: u64, with_dead: bool) -> Duration {
     op.wait_ready().await;
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let s: Secret =
-        serde_json::from_value(json!({"metadata": {"name": "s"}, "stringData": {"secret": "s"}}))
-            .unwrap();
+    // Labelled and 16 bytes at least, or the Webhooks are not Ready (SecretNotFound,
+    // SecretInvalid) and nothing is delivered.
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "s", "labels": {"hookrelay.dev/signing-secret": "true"}},
+        "stringData": {"secret": "delivery-load-secret-0123456789"}
+    }))
+    .unwrap();
     secrets.create(&PostParams::default(), &s).await.unwrap();
     let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
     let mut targets: Vec<(String, String)> = (0..WEBHOOKS)

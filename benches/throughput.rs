@@ -11,18 +11,33 @@
 //!   fixed rates an open loop (sent at the rate whatever the answers). Latency is from the POST
 //!   being sent to the receiver's arrival.
 //!
-//! Prints a table and writes it as JSON to `target/bench/throughput.json`.
+//! Also (BENCHMARKS.md, "How it works"): the operator's CPU, memory and status patches per
+//! run (`throughput/cost.rs`), fan-out of one event to 1, 100 and 1,000 Webhooks
+//! (`throughput/fanout.rs`), and N Webhooks to Ready (`throughput/webhooks.rs`).
+//!
+//! Prints two tables and writes them as JSON to `target/bench/throughput.json`.
 //!
 //! Run: `cargo bench --bench throughput`. Knobs (environment):
 //! `HOOKRELAY_BENCH_SECONDS` (each saturation run, default 10),
 //! `HOOKRELAY_BENCH_RATE_SECONDS` (each fixed-rate run, default 10),
 //! `HOOKRELAY_BENCH_CONNECTIONS` (default 16),
 //! `HOOKRELAY_BENCH_DRAIN_SECONDS` (longest wait for the last deliveries, default 60),
-//! `HOOKRELAY_BENCH_MODES` (the ingest modes to measure, comma-separated, default all).
+//! `HOOKRELAY_BENCH_MODES` (the ingest modes to measure, comma-separated, default all),
+//! `HOOKRELAY_BENCH_RATES` (default 200,1000,5000), `HOOKRELAY_BENCH_MAX_IN_FLIGHT` (512),
+//! `HOOKRELAY_BENCH_SCENARIOS` (modes,fanout,webhooks), `HOOKRELAY_BENCH_FANOUT` (1,100,1000),
+//! `HOOKRELAY_BENCH_FANOUT_EVENTS` (20), `HOOKRELAY_BENCH_FANOUT_MODES` (the modes),
+//! `HOOKRELAY_BENCH_WEBHOOKS` (10000).
 
 #[path = "../tests/e2e/support.rs"]
 #[allow(dead_code)]
 mod support;
+
+#[path = "throughput/cost.rs"]
+mod cost;
+#[path = "throughput/fanout.rs"]
+mod fanout;
+#[path = "throughput/webhooks.rs"]
+mod webhooks;
 
 use std::{
     collections::HashMap,
@@ -147,6 +162,9 @@ enum Reply {
     Accepted,
     TooManyRequests,
     Failed,
+    /// Not sent: at its time, `HOOKRELAY_BENCH_MAX_IN_FLIGHT` earlier requests were still
+    /// unanswered (a fixed rate the server cannot hold).
+    Unsent,
 }
 
 /// One request the generator sent.
@@ -242,18 +260,41 @@ impl Load {
     }
 
     /// `rate` requests per second for `duration`, each sent on time whether or not earlier ones
-    /// were answered.
-    async fn open_loop(self: &Arc<Self>, rate: u32, duration: Duration) -> Vec<Sent> {
+    /// were answered, as long as fewer than `max_in_flight` are unanswered; a request due while
+    /// that many are is not sent (`Reply::Unsent`), so that a rate the server cannot hold ends
+    /// on time and within the file descriptors and the operator's `--max-connections`.
+    async fn open_loop(
+        self: &Arc<Self>,
+        rate: u32,
+        duration: Duration,
+        max_in_flight: usize,
+    ) -> Vec<Sent> {
         let start = tokio::time::Instant::now();
         let total = (f64::from(rate) * duration.as_secs_f64()) as u64;
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
         let mut requests = tokio::task::JoinSet::new();
+        let mut unsent = Vec::new();
         for i in 0..total {
             tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / f64::from(rate)))
                 .await;
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                unsent.push(Sent {
+                    seq: u64::MAX,
+                    at: Instant::now(),
+                    reply: Reply::Unsent,
+                });
+                continue;
+            };
             let load = self.clone();
-            requests.spawn(async move { load.post().await });
+            requests.spawn(async move {
+                let sent = load.post().await;
+                drop(permit);
+                sent
+            });
         }
-        requests.join_all().await
+        let mut sent = requests.join_all().await;
+        sent.extend(unsent);
+        sent
     }
 }
 
@@ -271,6 +312,8 @@ struct Figure {
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
     sent: usize,
+    /// Fixed rates: requests due while `HOOKRELAY_BENCH_MAX_IN_FLIGHT` were unanswered.
+    unsent: usize,
     delivered: usize,
     /// Answered 429 (not an error: back-pressure).
     too_many_requests: usize,
@@ -304,13 +347,18 @@ async fn measure(
     settings: &Settings,
 ) -> Figure {
     arrivals.take();
-    let sent = match rate {
+    let mut sent = match rate {
         None => {
             load.closed_loop(settings.connections, settings.seconds)
                 .await
         }
-        Some(rate) => load.open_loop(rate, settings.rate_seconds).await,
+        Some(rate) => {
+            load.open_loop(rate, settings.rate_seconds, settings.max_in_flight)
+                .await
+        }
     };
+    let unsent = sent.iter().filter(|s| s.reply == Reply::Unsent).count();
+    sent.retain(|s| s.reply != Reply::Unsent);
     let accepted = sent.iter().filter(|s| s.reply == Reply::Accepted).count();
     drain(arrivals, accepted, settings.drain).await;
     let (valid, invalid) = arrivals.take();
@@ -342,6 +390,7 @@ async fn measure(
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
         sent: sent.len(),
+        unsent,
         delivered,
         too_many_requests: sent
             .iter()
@@ -350,7 +399,7 @@ async fn measure(
         errors: failed + invalid as usize + (accepted - delivered),
     };
     eprintln!(
-        "{scenario}: {} sent, {accepted} accepted, {delivered} delivered, {} x 429, {failed} failed, {invalid} invalid signatures",
+        "{scenario}: {} sent, {unsent} unsent, {accepted} accepted, {delivered} delivered, {} x 429, {failed} failed, {invalid} invalid signatures",
         figure.sent, figure.too_many_requests
     );
     if let Some(why) = load.first_failure.lock().unwrap().take() {
@@ -364,6 +413,8 @@ struct Settings {
     rate_seconds: Duration,
     connections: usize,
     drain: Duration,
+    /// Fixed rates: the most requests unanswered at once (`HOOKRELAY_BENCH_MAX_IN_FLIGHT`).
+    max_in_flight: usize,
 }
 
 /// The operator in `mode`, watching a fresh namespace with one Webhook to the receiver; the
@@ -375,6 +426,7 @@ async fn operator_scenarios(
     arrivals: &Arrivals,
     next_seq: &Arc<AtomicU64>,
     settings: &Settings,
+    costs: &mut Vec<cost::OperatorCost>,
 ) -> Vec<Figure> {
     let cp = control_plane();
     let ns = cp.namespace(&format!("throughput-{mode}")).await;
@@ -416,27 +468,16 @@ async fn operator_scenarios(
         next_seq.clone(),
         settings.connections,
     ));
-    let mut figures = vec![
-        measure(
-            &format!("{mode}, saturation"),
-            &load,
-            arrivals,
-            None,
-            settings,
-        )
-        .await,
-    ];
-    for &rate in rates {
-        figures.push(
-            measure(
-                &format!("{mode}, {rate}/s"),
-                &load,
-                arrivals,
-                Some(rate),
-                settings,
-            )
-            .await,
-        );
+    let mut figures = Vec::new();
+    for rate in std::iter::once(None).chain(rates.iter().copied().map(Some)) {
+        let scenario = match rate {
+            None => format!("{mode}, saturation"),
+            Some(rate) => format!("{mode}, {rate}/s"),
+        };
+        let probe = cost::Probe::start(&op).await;
+        let figure = measure(&scenario, &load, arrivals, rate, settings).await;
+        costs.push(probe.finish(&scenario, figure.delivered, 1).await);
+        figures.push(figure);
     }
     figures
 }
@@ -495,6 +536,7 @@ async fn api_write_ceiling(settings: &Settings) -> Figure {
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
         sent: done.len(),
+        unsent: 0,
         delivered: latencies.len(),
         too_many_requests: 0,
         errors,
@@ -509,6 +551,26 @@ fn ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"))
 }
 
+/// A comma-separated list from the environment, or `default`.
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn env_numbers<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T> {
+    env_list(name, default)
+        .iter()
+        .map(|s| {
+            s.parse()
+                .unwrap_or_else(|_| panic!("{name}: {s:?} is not a number"))
+        })
+        .collect()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // reqwest is built without a default TLS provider (the operator installs ring at start).
@@ -518,69 +580,87 @@ async fn main() {
         rate_seconds: Duration::from_secs(env_or("HOOKRELAY_BENCH_RATE_SECONDS", 10)),
         connections: env_or("HOOKRELAY_BENCH_CONNECTIONS", 16),
         drain: Duration::from_secs(env_or("HOOKRELAY_BENCH_DRAIN_SECONDS", 60)),
+        max_in_flight: env_or("HOOKRELAY_BENCH_MAX_IN_FLIGHT", 512),
     };
+    let scenarios = env_list("HOOKRELAY_BENCH_SCENARIOS", "modes,fanout,webhooks");
+    let modes = env_list("HOOKRELAY_BENCH_MODES", "direct,durable,jetstream");
+    let rates: Vec<u32> = env_numbers("HOOKRELAY_BENCH_RATES", "200,1000,5000");
     let next_seq = Arc::new(AtomicU64::new(0));
     let (arrivals, receiver) = start_receiver().await;
 
-    let ceiling_load = Arc::new(Load::new(
-        format!("http://{receiver}/hook"),
-        true,
-        next_seq.clone(),
-        settings.connections,
-    ));
-    let ceiling = measure(CEILING, &ceiling_load, &arrivals, None, &settings).await;
-    let api_writes = api_write_ceiling(&settings).await;
-    let mut figures = vec![ceiling, api_writes];
-    let modes = std::env::var("HOOKRELAY_BENCH_MODES")
-        .unwrap_or_else(|_| "direct,durable,jetstream".into());
-    let modes: Vec<&str> = modes.split(',').map(str::trim).collect();
-    let scenarios: [(&str, &[u32]); 3] = [
-        ("direct", &[200, 1000]),
-        ("durable", &[200]),
-        ("jetstream", &[200, 1000]),
-    ];
-    for (mode, rates) in scenarios {
-        if modes.contains(&mode) {
-            figures.extend(
-                operator_scenarios(mode, rates, receiver, &arrivals, &next_seq, &settings).await,
-            );
+    let mut figures = Vec::new();
+    let mut costs = Vec::new();
+    let mut generator_cpu_per_1000 = None;
+    if scenarios.iter().any(|s| s == "modes") {
+        let ceiling_load = Arc::new(Load::new(
+            format!("http://{receiver}/hook"),
+            true,
+            next_seq.clone(),
+            settings.connections,
+        ));
+        let cpu_before = cost::cpu_time(std::process::id());
+        let ceiling = measure(CEILING, &ceiling_load, &arrivals, None, &settings).await;
+        // What sending, receiving and verifying costs in this process: the reference for the
+        // operator's CPU per 1,000 deliveries.
+        let cpu_ms = (cost::cpu_time(std::process::id()) - cpu_before).as_secs_f64() * 1000.0;
+        generator_cpu_per_1000 =
+            (ceiling.delivered > 0).then(|| cpu_ms / ceiling.delivered as f64 * 1000.0);
+        let api_writes = api_write_ceiling(&settings).await;
+        figures.extend([ceiling, api_writes]);
+        for mode in ["direct", "durable", "jetstream"] {
+            if modes.iter().any(|m| m == mode) {
+                figures.extend(
+                    operator_scenarios(
+                        mode, &rates, receiver, &arrivals, &next_seq, &settings, &mut costs,
+                    )
+                    .await,
+                );
+            }
+        }
+        let (ceiling_rate, api_write_rate) = (figures[0].events_per_s, figures[1].events_per_s);
+        for f in &mut figures {
+            // A fixed rate is the rate asked for: only saturation compares with a ceiling.
+            if f.scenario.ends_with("saturation") || f.scenario == CEILING {
+                f.ratio_to_ceiling = (ceiling_rate > 0.0).then(|| f.events_per_s / ceiling_rate);
+            }
+            if f.scenario == "durable, saturation" {
+                f.ratio_to_api_writes =
+                    (api_write_rate > 0.0).then(|| f.events_per_s / api_write_rate);
+            }
         }
     }
-    let (ceiling_rate, api_write_rate) = (figures[0].events_per_s, figures[1].events_per_s);
-    for f in &mut figures {
-        // A fixed rate is the rate asked for: only saturation compares with a ceiling.
-        if f.scenario.ends_with("saturation") || f.scenario == CEILING {
-            f.ratio_to_ceiling = (ceiling_rate > 0.0).then(|| f.events_per_s / ceiling_rate);
-        }
-        if f.scenario == "durable, saturation" {
-            f.ratio_to_api_writes = (api_write_rate > 0.0).then(|| f.events_per_s / api_write_rate);
-        }
-    }
+    let fanout = if scenarios.iter().any(|s| s == "fanout") {
+        let fanout_modes = env_list("HOOKRELAY_BENCH_FANOUT_MODES", &modes.join(","));
+        let fanout_modes: Vec<&str> = fanout_modes.iter().map(String::as_str).collect();
+        let fanout_settings = fanout::FanoutSettings {
+            sizes: env_numbers("HOOKRELAY_BENCH_FANOUT", "1,100,1000"),
+            events: env_or("HOOKRELAY_BENCH_FANOUT_EVENTS", 20),
+            connections: settings.connections,
+        };
+        fanout::fanout(&fanout_modes, &fanout_settings).await
+    } else {
+        Vec::new()
+    };
+    let webhook_sync = if scenarios.iter().any(|s| s == "webhooks") {
+        Some(webhooks::sync(env_or("HOOKRELAY_BENCH_WEBHOOKS", 10_000)).await)
+    } else {
+        None
+    };
 
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "\n{cpus} CPUs, {} connections, saturation {:?}, fixed rates {:?} each\n",
-        settings.connections, settings.seconds, settings.rate_seconds
+        "\n{cpus} CPUs, {} connections, saturation {:?}, fixed rates {:?} each (at most {} requests in flight)\n",
+        settings.connections, settings.seconds, settings.rate_seconds, settings.max_in_flight
     );
-    println!(
-        "| scenario | events/s | vs ceiling | vs API writes | p50 ms | p99 ms | sent | delivered | 429 | errors |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for f in &figures {
-        println!(
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            f.scenario,
-            f.events_per_s,
-            ratio(f.ratio_to_ceiling),
-            ratio(f.ratio_to_api_writes),
-            ms(f.p50_ms),
-            ms(f.p99_ms),
-            f.sent,
-            f.delivered,
-            f.too_many_requests,
-            f.errors
-        );
+    if !figures.is_empty() {
+        print_throughput_table(&figures);
     }
+    print_second_table(
+        &fanout,
+        webhook_sync.as_ref(),
+        &costs,
+        generator_cpu_per_1000,
+    );
 
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -593,8 +673,102 @@ async fn main() {
         "connections": settings.connections,
         "saturation_seconds": settings.seconds.as_secs(),
         "rate_seconds": settings.rate_seconds.as_secs(),
+        "max_in_flight": settings.max_in_flight,
         "figures": figures,
+        "generator_cpu_ms_per_1000_requests": generator_cpu_per_1000,
+        "operator_costs": costs,
+        "fanout": fanout,
+        "webhook_sync": webhook_sync,
     });
     std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).expect("JSON written");
     println!("\nwritten to {}", path.display());
+}
+
+fn print_throughput_table(figures: &[Figure]) {
+    println!(
+        "| scenario | events/s | vs ceiling | vs API writes | p50 ms | p99 ms | sent | unsent | delivered | 429 | errors |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for f in figures {
+        println!(
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            f.scenario,
+            f.events_per_s,
+            ratio(f.ratio_to_ceiling),
+            ratio(f.ratio_to_api_writes),
+            ms(f.p50_ms),
+            ms(f.p99_ms),
+            f.sent,
+            f.unsent,
+            f.delivered,
+            f.too_many_requests,
+            f.errors
+        );
+    }
+}
+
+/// Fan-out, N Webhooks, status patches and the operator's CPU and memory: one line each, with
+/// the same-run ceiling it compares with and issue 10's target.
+fn print_second_table(
+    fanout: &[fanout::FanoutFigure],
+    sync: Option<&webhooks::SyncFigure>,
+    costs: &[cost::OperatorCost],
+    generator_cpu_per_1000: Option<f64>,
+) {
+    println!("\n| scenario | figure | same-run ceiling | target | notes |");
+    println!("|---|---|---|---|---|");
+    for f in fanout.iter().filter(|f| !f.scenario.starts_with("ceiling")) {
+        let ceiling = fanout
+            .iter()
+            .find(|c| c.scenario.starts_with("ceiling") && c.webhooks == f.webhooks);
+        println!(
+            "| {} | p50 {} / p99 {} ms to the last arrival | {} | {} | {} of {} events complete, {} errors; first arrival p50 {} ms; set-up {:.1} s |",
+            f.scenario,
+            ms(f.p50_ms),
+            ms(f.p99_ms),
+            ceiling.map_or_else(
+                || "-".to_owned(),
+                |c| format!("p50 {} / p99 {} ms", ms(c.p50_ms), ms(c.p99_ms))
+            ),
+            if f.webhooks == 1000 { "< 250 ms" } else { "-" },
+            f.complete,
+            f.events,
+            f.errors,
+            ms(f.first_p50_ms),
+            f.setup_s.unwrap_or(0.0),
+        );
+    }
+    if let Some(s) = sync {
+        println!(
+            "| {} Webhooks: first create to all Ready | {:.1} s (all routed {:.1} s) | created in {:.1} s | < 30 s | operator CPU {:.1} s, {} status patches, {} API requests |",
+            s.webhooks,
+            s.ready_s,
+            s.routed_s,
+            s.created_s,
+            s.cpu_s,
+            s.status_patches,
+            s.kube_api_requests
+        );
+        println!(
+            "| {} Webhooks: operator RSS | {:.1} MiB (peak {:.1} MiB) | - | < 150 MB | a restarted operator: /readyz in {:.1} s, RSS {:.1} MiB |",
+            s.webhooks, s.rss_mib, s.peak_rss_mib, s.restart_ready_s, s.restart_rss_mib
+        );
+    }
+    for c in costs {
+        println!(
+            "| {}: operator | {} CPU-ms per 1,000 deliveries, peak RSS {:.1} MiB | generator + receiver: {} CPU-ms per 1,000 | - | {} deliveries in {:.1} s, {:.2} cores; RSS {:.1} -> {:.1} MiB; {:.2} Webhook status patches/s per Webhook, {} DocumentEvent patches, {} API requests |",
+            c.scenario,
+            ms(c.cpu_ms_per_1000_deliveries),
+            c.peak_rss_mib,
+            ms(generator_cpu_per_1000),
+            c.deliveries,
+            c.seconds,
+            c.cores,
+            c.rss_before_mib,
+            c.rss_after_mib,
+            c.webhook_patches_per_webhook_per_s,
+            c.event_status_patches,
+            c.kube_api_requests
+        );
+    }
 }
