@@ -562,10 +562,13 @@ pub(crate) fn ready_update(
     if unchanged {
         return None;
     }
+    let first = current.is_none();
     let mut conditions: Vec<Condition> = status.conditions;
     let flipped = merge_condition(&mut conditions, ready, Some(generation), now);
     let condition = conditions.into_iter().find(|c| c.type_ == ready.type_)?;
-    let event = flipped.then(|| TransitionEvent {
+    // A new Webhook that is Ready at once is no news: applying 10,000 of them would otherwise
+    // write 10,000 Events beside their 10,000 status patches. A first verdict of not Ready is.
+    let event = (flipped && !(first && ready.status)).then(|| TransitionEvent {
         warning: !ready.status,
         reason: ready.reason.clone(),
         note: ready.message.clone(),
@@ -623,5 +626,60 @@ fn strip_webhook(guard: &mut DeserializeGuard<Webhook>) {
         if let Some(status) = &mut webhook.status {
             status.recent_deliveries = Vec::new();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::ConditionState;
+
+    fn webhook(ready: Option<&str>) -> Webhook {
+        let mut w: Webhook = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hookrelay.dev/v1alpha1",
+            "kind": "Webhook",
+            "metadata": {"name": "w", "namespace": "docs", "uid": "u1", "generation": 2},
+            "spec": {"url": "https://example.com/h", "events": ["*"], "secretRef": {"name": "s"}}
+        }))
+        .unwrap();
+        if let Some(status) = ready {
+            w.status = serde_json::from_value(serde_json::json!({
+                "observedGeneration": 1,
+                "conditions": [{"type": "Ready", "status": status, "reason": "Before",
+                    "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]
+            }))
+            .unwrap();
+        }
+        w
+    }
+
+    fn event_of(w: &Webhook, ready: bool) -> Option<(bool, String)> {
+        let state = ConditionState::new(
+            "Ready",
+            ready,
+            if ready { "Routed" } else { "SecretNotFound" },
+            "m",
+        );
+        let update = ready_update(w, &state, Timestamp::now()).expect("a status update");
+        update.event.map(|e| (e.warning, e.reason))
+    }
+
+    #[test]
+    fn a_new_webhook_ready_at_once_records_no_event_but_every_other_flip_does() {
+        assert_eq!(event_of(&webhook(None), true), None);
+        assert_eq!(
+            event_of(&webhook(None), false),
+            Some((true, "SecretNotFound".into()))
+        );
+        assert_eq!(
+            event_of(&webhook(Some("False")), true),
+            Some((false, "Routed".into()))
+        );
+        assert_eq!(
+            event_of(&webhook(Some("True")), false),
+            Some((true, "SecretNotFound".into()))
+        );
+        // The same verdict for a new generation is a status update without an Event.
+        assert_eq!(event_of(&webhook(Some("True")), true), None);
     }
 }

@@ -760,7 +760,19 @@ async fn the_operator_does_its_whole_job_with_the_charts_rbac_and_nothing_more()
     wait_phase(&admin, &app, &name, "Delivered").await;
     assert_eq!(receiver.counts().0, 2, "two events delivered");
 
-    // Events (events.k8s.io) on the Webhook: the Recorder needs no core `events`.
+    // Events (events.k8s.io) on a Webhook whose Secret is missing: the Recorder needs no core
+    // `events`. (A Webhook Ready at once records none.)
+    let unready: hookrelay::crd::Webhook = serde_json::from_value(json!({
+        "apiVersion": "hookrelay.dev/v1alpha1",
+        "kind": "Webhook",
+        "metadata": {"name": "rbac-unready", "namespace": app},
+        "spec": {"url": format!("http://{addr}/h"), "events": ["*"], "secretRef": {"name": "missing"}}
+    }))
+    .unwrap();
+    Api::<hookrelay::crd::Webhook>::namespaced(admin.clone(), &app)
+        .create(&Default::default(), &unready)
+        .await
+        .unwrap();
     let events = eventually("an Event on the Webhook", WAIT, || async {
         let out = cp
             .kubectl(
@@ -773,7 +785,9 @@ async fn the_operator_does_its_whole_job_with_the_charts_rbac_and_nothing_more()
         items
             .iter()
             .any(|e| {
-                e["regarding"]["name"] == "rbac" && e["reportingInstance"] == "hookrelay-rbac-test"
+                e["regarding"]["name"] == "rbac-unready"
+                    && e["reason"] == "SecretNotFound"
+                    && e["reportingInstance"] == "hookrelay-rbac-test"
             })
             .then_some(items)
     })
