@@ -7,6 +7,7 @@
 
 mod delivery_log;
 mod patch;
+pub mod relay;
 
 pub use delivery_log::{
     DEGRADED_AFTER, DeliveryLog, MAX_ERROR_CHARS, RECENT_DELIVERIES, now_time, truncate_error,
@@ -99,12 +100,32 @@ pub enum Update {
 #[derive(Clone, Debug)]
 pub struct StatusSender {
     tx: mpsc::Sender<Update>,
+    /// In jetstream mode: where attempt records go instead (see [`relay`]).
+    attempts: Option<mpsc::Sender<Update>>,
 }
 
 impl StatusSender {
     pub async fn send(&self, update: Update) {
+        let update = match (&self.attempts, update) {
+            (Some(relay), update @ Update::DeliveryAttempt { .. }) => {
+                match relay.send(update).await {
+                    Ok(()) => return,
+                    // The relay has stopped (shutdown): the local writer takes it.
+                    Err(mpsc::error::SendError(update)) => update,
+                }
+            }
+            (_, update) => update,
+        };
         if self.tx.send(update).await.is_err() {
             tracing::debug!("status writer stopped; update dropped at shutdown");
+        }
+    }
+
+    /// This sender, with attempt records sent to `relay` instead.
+    fn relaying_attempts(&self, relay: mpsc::Sender<Update>) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            attempts: Some(relay),
         }
     }
 }
@@ -224,7 +245,7 @@ pub fn channel(
         logs: HashMap::new(),
         leadership,
     };
-    (StatusSender { tx }, writer)
+    (StatusSender { tx, attempts: None }, writer)
 }
 
 impl StatusWriter {
