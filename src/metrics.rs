@@ -60,6 +60,13 @@ pub struct StatusPatchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptRecordLabels {
+    /// `published` to JetStream, `local_fallback` (the publish failed), or `received` from
+    /// JetStream by the leader.
+    pub path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WebhookStateLabels {
     /// `Active`, `Paused` or `Blocked` (see the Ready condition for why).
     pub state: &'static str,
@@ -96,6 +103,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Webhooks whose `Degraded` condition is True, as the watch shows them.
     pub webhooks_degraded: Gauge,
+    /// Attempt records relayed through JetStream (`--ingest-mode jetstream`).
+    pub attempt_records: Family<AttemptRecordLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -161,6 +170,12 @@ impl Default for Metrics {
             "Webhooks whose Degraded condition is True (consecutive failed attempts)",
             webhooks_degraded.clone(),
         );
+        let attempt_records = Family::<AttemptRecordLabels, Counter>::default();
+        registry.register(
+            "attempt_records",
+            "JetStream mode: attempt records published to the stream, given to the local status writer because the publish failed (local_fallback), or received by the leader",
+            attempt_records.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             status_patches,
@@ -172,6 +187,7 @@ impl Default for Metrics {
             http_requests,
             leader,
             webhooks_degraded,
+            attempt_records,
         }
     }
 }

@@ -48,6 +48,28 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
 
+    /// PEM CA certificate(s) the NATS server's certificate must chain to; any --nats-tls-*
+    /// flag makes TLS required (without this one, the system's roots are trusted).
+    #[arg(long, env = "HOOKRELAY_NATS_TLS_CA_FILE")]
+    pub nats_tls_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate for a NATS server that verifies clients; with
+    /// --nats-tls-key-file.
+    #[arg(
+        long,
+        env = "HOOKRELAY_NATS_TLS_CERT_FILE",
+        requires = "nats_tls_key_file"
+    )]
+    pub nats_tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of --nats-tls-cert-file.
+    #[arg(
+        long,
+        env = "HOOKRELAY_NATS_TLS_KEY_FILE",
+        requires = "nats_tls_cert_file"
+    )]
+    pub nats_tls_key_file: Option<PathBuf>,
+
     /// The JetStream stream holding events and deliveries (created or updated at start).
     #[arg(long, env = "HOOKRELAY_NATS_STREAM", default_value = "HOOKRELAY")]
     pub nats_stream: String,
@@ -201,6 +223,9 @@ impl RunArgs {
             ingest_mode: http::IngestMode::Durable,
             nats_url: None,
             nats_creds: None,
+            nats_tls_ca_file: None,
+            nats_tls_cert_file: None,
+            nats_tls_key_file: None,
             nats_stream: "HOOKRELAY".into(),
             nats_max_age: Duration::from_secs(86400),
             nats_max_ack_pending: 1000,
@@ -330,6 +355,11 @@ pub async fn start(
             jetstream::connect(&jetstream::BusConfig {
                 url: url.clone(),
                 creds: args.nats_creds.clone(),
+                tls: jetstream::NatsTls {
+                    ca_file: args.nats_tls_ca_file.clone(),
+                    cert_file: args.nats_tls_cert_file.clone(),
+                    key_file: args.nats_tls_key_file.clone(),
+                },
                 stream: args.nats_stream.clone(),
                 max_age: args.nats_max_age,
                 max_ack_pending: args.nats_max_ack_pending,
@@ -360,13 +390,27 @@ pub async fn start(
     let (metrics_listener, metrics_addr) = bind(args.metrics_addr).await?;
     let (api_listener, listen_addr) = bind(args.listen_addr).await?;
 
-    let (status, writer) = status::channel(
+    let (local_status, writer) = status::channel(
         client.clone(),
         metrics.clone(),
         WriterConfig::default(),
         4096,
         leadership.clone(),
     );
+    // In jetstream mode every replica delivers: attempt records go through the stream to the
+    // leader's writer (status::relay). Everything else goes to the local writer.
+    let (status, relay) = match &bus {
+        Some(bus) => {
+            let (status, relay) = status::relay::relay(
+                bus.context.clone(),
+                local_status.clone(),
+                metrics.clone(),
+                4096,
+            );
+            (status, Some(relay))
+        }
+        None => (local_status.clone(), None),
+    };
     let (gone_tx, gone_rx) = mpsc::unbounded_channel();
     let dispatcher = Arc::new(Dispatcher::new(
         HttpSender::new(egress.clone()),
@@ -423,7 +467,22 @@ pub async fn start(
         metrics.clone(),
     );
     // JetStream consumers run on every replica, independent of leadership: the stream shares
-    // the work. A follower's attempt records are not written (only the leader's writer writes).
+    // the work. Attempt records reach the leader's writer through the stream (`recorder`).
+    let recorder = bus.as_ref().map(|bus| {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(status::relay::record_attempts(
+            bus.recorder.clone(),
+            local_status.clone(),
+            leadership.clone(),
+            metrics.clone(),
+            stop.clone(),
+        ));
+        (task, stop)
+    });
+    let relay = relay.map(|relay| {
+        let stop = CancellationToken::new();
+        (tokio::spawn(relay.run(stop.clone())), stop)
+    });
     let bus_tasks = bus.map(|bus| {
         // They stop on the shutdown signal, like the controllers, before the writer flushes.
         let stop = shutdown.clone();
@@ -518,10 +577,16 @@ pub async fn start(
         tasks.push(Essential::new("JetStream router", router, None));
         tasks.push(Essential::new("JetStream deliverer", deliverer, None));
     }
-    tasks.extend([
-        Essential::new("Webhook controller", webhooks, None),
-        Essential::new("status writer", writer, None).stopped_by(writer_stop),
-    ]);
+    tasks.push(Essential::new("Webhook controller", webhooks, None));
+    // Once the deliverers have stopped: the relay publishes their last records, the recorder
+    // takes what comes, then the writer writes.
+    if let Some((task, stop)) = relay {
+        tasks.push(Essential::new("JetStream attempt relay", task, None).stopped_by(stop));
+    }
+    if let Some((task, stop)) = recorder {
+        tasks.push(Essential::new("JetStream recorder", task, None).stopped_by(stop));
+    }
+    tasks.push(Essential::new("status writer", writer, None).stopped_by(writer_stop));
     if let Some((task, stop)) = elector {
         tasks.push(Essential::new("leader election", task, None).stopped_by(stop));
     }

@@ -8,6 +8,11 @@
 //!   delivery id, the Webhook's name and uid in headers). The `deliverer` consumer makes one
 //!   attempt per hand-out of the message.
 //!
+//! - `hookrelay.attempts.<namespace>.<webhook>`: the record of every attempt, from every
+//!   replica (`crate::status::relay`). The `recorder` consumer is read by the leader only, which
+//!   hands each record to its status writer, so that the Webhook's history has every replica's
+//!   attempts.
+//!
 //! Both publishes carry `Nats-Msg-Id` (the idempotency key, or the delivery id), so a retried
 //! publish, or the router redoing an event after a crash, is deduplicated by the stream.
 //!
@@ -72,10 +77,14 @@ use crate::{crd::EventType, routing::Routes, routing::WebhookKey};
 pub const EVENTS_SUBJECT: &str = "hookrelay.events";
 /// Subjects of work items: `hookrelay.deliveries.<namespace>.<webhook>`.
 pub const DELIVERIES_SUBJECT: &str = "hookrelay.deliveries";
+/// Subjects of attempt records: `hookrelay.attempts.<namespace>.<webhook>`.
+pub const ATTEMPTS_SUBJECT: &str = "hookrelay.attempts";
 /// The consumer that turns events into work items.
 pub const ROUTER: &str = "router";
 /// The consumer that delivers work items.
 pub const DELIVERER: &str = "deliverer";
+/// The consumer of attempt records, read by the leader's status writer.
+pub const RECORDER: &str = "recorder";
 
 /// Header: the event id (delivery ids derive from it).
 pub const EVENT_ID_HEADER: &str = "Hookrelay-Event-Id";
@@ -113,7 +122,7 @@ const ROUTING_AT_ONCE: usize = 256;
 /// On stop, how long events being routed may take to finish.
 const ROUTING_DRAIN: Duration = Duration::from_secs(5);
 /// Ack wait of both consumers; a message in hand is kept alive well within it.
-const ACK_WAIT: Duration = Duration::from_secs(30);
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// How to reach JetStream and what to create there.
@@ -121,17 +130,76 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 pub struct BusConfig {
     pub url: String,
     pub creds: Option<PathBuf>,
+    pub tls: NatsTls,
     pub stream: String,
     pub max_age: Duration,
     pub max_ack_pending: i64,
 }
 
+/// TLS towards NATS: any file given makes TLS required.
+#[derive(Clone, Debug, Default)]
+pub struct NatsTls {
+    /// PEM CA certificate(s) the server's certificate must chain to (else the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and its key, for servers that verify clients.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl NatsTls {
+    fn required(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+
+    /// Reads every file given, so that a missing or wrong file is reported as such at start
+    /// rather than as a failed handshake.
+    fn check(&self) -> Result<(), BusError> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let unreadable = |flag: &'static str, path: &PathBuf, why: String| BusError::Tls {
+            flag,
+            path: path.display().to_string(),
+            why,
+        };
+        for (flag, path) in [
+            ("--nats-tls-ca-file", &self.ca_file),
+            ("--nats-tls-cert-file", &self.cert_file),
+        ] {
+            let Some(path) = path else { continue };
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| unreadable(flag, path, e.to_string()))?;
+            if certs.is_empty() {
+                return Err(unreadable(flag, path, "no PEM certificate in it".into()));
+            }
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), Some(path)) => {
+                PrivateKeyDer::from_pem_file(path)
+                    .map_err(|e| unreadable("--nats-tls-key-file", path, e.to_string()))?;
+            }
+            (None, None) => {}
+            _ => return Err(BusError::TlsPair),
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    #[error("cannot connect to NATS at {url}: {why} (check --nats-url and --nats-creds)")]
+    #[error(
+        "cannot connect to NATS at {url}: {why} (check --nats-url and --nats-creds; a server with a private CA needs --nats-tls-ca-file)"
+    )]
     Connect { url: String, why: String },
     #[error("cannot read the NATS credentials file {path}: {why}")]
     Creds { path: String, why: String },
+    #[error("cannot use {flag} {path}: {why} (a readable PEM file is needed)")]
+    Tls {
+        flag: &'static str,
+        path: String,
+        why: String,
+    },
+    #[error("give both --nats-tls-cert-file and --nats-tls-key-file, or neither")]
+    TlsPair,
     #[error(
         "cannot create or update the JetStream {what}: {why} (is JetStream enabled on the server?)"
     )]
@@ -148,6 +216,8 @@ pub struct Bus {
     pub stream: jetstream::stream::Stream,
     router: jetstream::consumer::Consumer<pull::Config>,
     deliverer: jetstream::consumer::Consumer<pull::Config>,
+    /// Attempt records of every replica, for the leader's status writer.
+    pub recorder: jetstream::consumer::Consumer<pull::Config>,
 }
 
 /// Connects and creates (or updates) the stream and both durable consumers.
@@ -161,6 +231,16 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
                 path: path.display().to_string(),
                 why: e.to_string(),
             })?;
+    }
+    if config.tls.required() {
+        config.tls.check()?;
+        options = options.require_tls(true);
+        if let Some(ca) = &config.tls.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
     }
     let client = options
         .connect(config.url.as_str())
@@ -210,11 +290,16 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
         .create_consumer(consumer(DELIVERER, format!("{DELIVERIES_SUBJECT}.>")))
         .await
         .map_err(|e| setup(&format!("consumer {DELIVERER}"), &e))?;
+    let recorder = stream
+        .create_consumer(consumer(RECORDER, format!("{ATTEMPTS_SUBJECT}.>")))
+        .await
+        .map_err(|e| setup(&format!("consumer {RECORDER}"), &e))?;
     Ok(Bus {
         context,
         stream,
         router,
         deliverer,
+        recorder,
     })
 }
 

@@ -7,6 +7,7 @@
 
 mod delivery_log;
 mod patch;
+pub mod relay;
 
 pub use delivery_log::{
     DEGRADED_AFTER, DeliveryLog, MAX_ERROR_CHARS, RECENT_DELIVERIES, now_time, truncate_error,
@@ -99,10 +100,22 @@ pub enum Update {
 #[derive(Clone, Debug)]
 pub struct StatusSender {
     tx: mpsc::Sender<Update>,
+    /// In jetstream mode: where attempt records go instead (see [`relay`]).
+    attempts: Option<mpsc::Sender<Update>>,
 }
 
 impl StatusSender {
     pub async fn send(&self, update: Update) {
+        let update = match (&self.attempts, update) {
+            (Some(relay), update @ Update::DeliveryAttempt { .. }) => {
+                match relay.send(update).await {
+                    Ok(()) => return,
+                    // The relay has stopped (shutdown): the local writer takes it.
+                    Err(mpsc::error::SendError(update)) => update,
+                }
+            }
+            (_, update) => update,
+        };
         if self.tx.send(update).await.is_err() {
             tracing::debug!("status writer stopped; update dropped at shutdown");
         }
@@ -113,6 +126,14 @@ impl StatusSender {
     /// None when the writer has stopped.
     pub async fn reserve(&self) -> Option<mpsc::Permit<'_, Update>> {
         self.tx.reserve().await.ok()
+    }
+
+    /// This sender, with attempt records sent to `relay` instead.
+    fn relaying_attempts(&self, relay: mpsc::Sender<Update>) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            attempts: Some(relay),
+        }
     }
 }
 
@@ -217,7 +238,7 @@ pub struct StatusWriter {
 #[cfg(test)]
 pub(crate) fn test_channel(capacity: usize) -> (StatusSender, mpsc::Receiver<Update>) {
     let (tx, rx) = mpsc::channel(capacity);
-    (StatusSender { tx }, rx)
+    (StatusSender { tx, attempts: None }, rx)
 }
 
 /// A writer and the sender that feeds it; `capacity` bounds the channel.
@@ -246,7 +267,7 @@ pub fn channel(
         logs: HashMap::new(),
         leadership,
     };
-    (StatusSender { tx }, writer)
+    (StatusSender { tx, attempts: None }, writer)
 }
 
 impl StatusWriter {

@@ -258,10 +258,52 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
         "--tls-cert-file=/etc/hookrelay/tls/tls.crt".to_owned(),
         "--leader-elect".to_owned(),
         format!("--lease-namespace={ns}"),
-        "--ingest-mode=direct".to_owned(),
+        "--ingest-mode=jetstream".to_owned(),
+        "--nats-url=nats://nats.nats:4222".to_owned(),
+        "--nats-stream=DOCS".to_owned(),
+        "--nats-max-age=12h".to_owned(),
+        "--nats-max-ack-pending=500".to_owned(),
+        "--nats-creds=/etc/hookrelay/nats/creds/hookrelay.creds".to_owned(),
+        "--nats-tls-ca-file=/etc/hookrelay/nats/tls/ca.crt".to_owned(),
+        "--nats-tls-cert-file=/etc/hookrelay/nats/tls/tls.crt".to_owned(),
+        "--nats-tls-key-file=/etc/hookrelay/nats/tls/tls.key".to_owned(),
     ] {
         assert!(args.contains(&expected), "{expected} in {args:?}");
     }
+    // The NATS files the flags name are the Secrets' keys, mounted.
+    let pod = &deployment(&every_objects)["spec"]["template"]["spec"];
+    let mounts = &pod["containers"][0]["volumeMounts"];
+    for (volume, path, secret) in [
+        (
+            "nats-creds",
+            "/etc/hookrelay/nats/creds",
+            "hookrelay-nats-creds",
+        ),
+        ("nats-tls", "/etc/hookrelay/nats/tls", "hookrelay-nats-tls"),
+    ] {
+        assert!(
+            mounts
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == volume && m["mountPath"] == path),
+            "{volume} at {path}: {mounts}"
+        );
+        let volumes = pod["volumes"].as_array().unwrap();
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v["name"] == volume && v["secret"]["secretName"] == secret),
+            "{volume} from {secret}: {volumes:?}"
+        );
+    }
+    // Outside jetstream mode the NATS values are not used.
+    assert!(
+        !container_args(deployment(&default_objects))
+            .iter()
+            .any(|a| a.starts_with("--nats")),
+        "{defaults}"
+    );
     let out = cp
         .kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&every))
         .await;
@@ -316,6 +358,25 @@ async fn the_values_schema_refuses_a_wrong_type_and_an_unknown_key() {
         not_an_enum.stderr.contains("at '/config/ingestMode'"),
         "{}",
         not_an_enum.stderr
+    );
+    let no_nats_url = helm(
+        cp,
+        &[
+            "template",
+            "x",
+            &chart(),
+            "--set",
+            "config.ingestMode=jetstream",
+        ],
+    )
+    .await;
+    assert!(!no_nats_url.success);
+    assert!(
+        no_nats_url
+            .stderr
+            .contains("config.ingestMode=jetstream needs nats.url"),
+        "{}",
+        no_nats_url.stderr
     );
 }
 

@@ -401,3 +401,248 @@ async fn two_jetstream_operators_share_the_deliveries() {
     );
     assert!(by_a + by_b >= EVENTS as f64);
 }
+
+/// Issue 10: "The Webhook status stays correct and bounded in patches when several replicas
+/// deliver". Two replicas (leader election on) share 200 deliveries; every attempt, the
+/// follower's included, is counted in the Webhook's `deliveryStats` and the newest are in
+/// `recentDeliveries`, while only the leader patches, at most once a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_record_every_attempt_in_the_webhook_status() {
+    let cp = control_plane();
+    let ns = cp.namespace("js-status").await;
+    let nats = NatsServer::start().await;
+    let client = cp.client().await;
+    let (receiver, addr) = CountingReceiver::start_slow(Duration::from_millis(20)).await;
+    let start = || {
+        Operator::start(
+            cp,
+            &[
+                "--namespace",
+                &ns,
+                "--allow-http",
+                "--allow-cidr",
+                "127.0.0.0/8",
+                "--disable-auth",
+                "--ingest-mode",
+                "jetstream",
+                "--nats-url",
+                &nats.url,
+                "--leader-elect",
+                "--lease-namespace",
+                &ns,
+                "--lease-duration",
+                "6s",
+                "--renew-deadline",
+                "4s",
+                "--retry-period",
+                "1s",
+            ],
+        )
+    };
+    let (a, b) = (start(), start());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let (ra, rb) = (&a, &b);
+    let (leader, follower) =
+        eventually("one leader", Duration::from_secs(60), move || async move {
+            let leader = |op: &Operator| metric(op.metrics_addr, "hookrelay_leader");
+            match (leader(ra).await?, leader(rb).await?) {
+                (1.0, 0.0) => Some((ra, rb)),
+                (0.0, 1.0) => Some((rb, ra)),
+                _ => None,
+            }
+        })
+        .await;
+    let started = std::time::Instant::now();
+    create_webhook(
+        &client,
+        &ns,
+        "w",
+        &format!("http://{addr}/h"),
+        SECRET,
+        json!({}),
+    )
+    .await;
+    for op in [&a, &b] {
+        let addr = op.metrics_addr;
+        eventually(
+            "the webhook routed",
+            Duration::from_secs(60),
+            || async move {
+                (metric(addr, "hookrelay_webhooks{state=\"Active\"}").await == Some(1.0))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    const EVENTS: usize = 200;
+    for chunk in 0..EVENTS / 20 {
+        let batch = format!("[{}]", vec![EVENT; 20].join(","));
+        let target = [a.listen_addr, b.listen_addr][chunk % 2];
+        let (status, reply) = post(target, &ns, None, &batch).await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    eventually(
+        "every event delivered",
+        Duration::from_secs(120),
+        || async { (receiver.counts().0 == EVENTS).then_some(()) },
+    )
+    .await;
+    // A replica counts an attempt once the answer is back, just after the receiver counted it.
+    let attempts = "hookrelay_delivery_attempts_total{outcome=\"Succeeded\",status_class=\"2xx\"}";
+    let (by_leader, by_follower) = eventually(
+        "every request counted as an attempt",
+        Duration::from_secs(30),
+        || async {
+            let by_leader = metric(leader.metrics_addr, attempts).await.unwrap_or(0.0);
+            let by_follower = metric(follower.metrics_addr, attempts).await.unwrap_or(0.0);
+            (by_leader + by_follower == receiver.counts().1 as f64)
+                .then_some((by_leader, by_follower))
+        },
+    )
+    .await;
+    assert!(
+        by_leader > 0.0 && by_follower > 0.0,
+        "each replica delivered some: {by_leader} / {by_follower}"
+    );
+    let total = by_leader + by_follower;
+
+    let webhooks: kube::Api<hookrelay::crd::Webhook> = kube::Api::namespaced(client, &ns);
+    let status = eventually(
+        "every attempt counted in the Webhook's status",
+        Duration::from_secs(60),
+        || async {
+            let status = webhooks.get("w").await.ok()?.status?;
+            (status.delivery_stats.succeeded as f64 == total).then_some(status)
+        },
+    )
+    .await;
+    let elapsed = started.elapsed();
+    assert_eq!(status.delivery_stats.failed, 0);
+    let recent = &status.recent_deliveries;
+    assert_eq!(
+        recent.len(),
+        hookrelay::status::RECENT_DELIVERIES,
+        "{recent:?}"
+    );
+    let ids: std::collections::HashSet<_> = recent.iter().map(|r| &r.id).collect();
+    assert_eq!(
+        ids.len(),
+        recent.len(),
+        "one record per delivery: {recent:?}"
+    );
+    assert!(
+        recent
+            .iter()
+            .all(|r| r.outcome == hookrelay::crd::Outcome::Succeeded && r.attempt == 1),
+        "{recent:?}"
+    );
+
+    // Every record went through the stream, and the leader took them all.
+    let records = |path: &str| format!("hookrelay_attempt_records_total{{path=\"{path}\"}}");
+    let (published, received) = (records("published"), records("received"));
+    // The follower counts a publish once its acknowledgement is back, which can be after the
+    // leader has taken the record.
+    eventually(
+        "the follower's records counted as published",
+        Duration::from_secs(30),
+        || async {
+            (metric(follower.metrics_addr, &published).await == Some(by_follower)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(metric(leader.metrics_addr, &received).await, Some(total));
+    assert_eq!(
+        metric(follower.metrics_addr, &records("received")).await,
+        Some(0.0),
+        "a follower takes no record"
+    );
+
+    // Only the leader patches the Webhook, at most once a second for its history (plus its
+    // Ready condition), however many replicas deliver.
+    let patches = |addr| async move {
+        let mut n = 0.0;
+        for result in ["Ok", "Error"] {
+            let series =
+                format!("hookrelay_status_patches_total{{kind=\"Webhook\",result=\"{result}\"}}");
+            n += metric(addr, &series).await.unwrap_or(0.0);
+        }
+        n
+    };
+    assert_eq!(patches(follower.metrics_addr).await, 0.0);
+    let by_leader_patches = patches(leader.metrics_addr).await;
+    let bound = elapsed.as_secs_f64().ceil() + 3.0;
+    println!(
+        "{total} attempts ({by_leader} by the leader, {by_follower} by the follower) in {elapsed:?}: {by_leader_patches} Webhook patches (bound {bound})"
+    );
+    assert!(
+        by_leader_patches <= bound,
+        "{by_leader_patches} patches in {elapsed:?}"
+    );
+}
+
+/// `--nats-tls-ca-file`: the operator reaches a nats-server that requires TLS with the CA of its
+/// certificate, and delivers; without it, or with an unreadable file, it refuses to start
+/// saying which flag to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_over_tls_needs_the_servers_ca() {
+    let cp = control_plane();
+    let ns = cp.namespace("js-tls").await;
+    let (nats, certs) = NatsServer::start_tls().await;
+    let client = cp.client().await;
+    let args = || {
+        let mut args = hookrelay::operator::RunArgs::for_tests();
+        args.namespaces = vec![ns.clone()];
+        args.allow_http = true;
+        args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+        args.disable_auth = true;
+        args.ingest_mode = IngestMode::JetStream;
+        args.nats_url = Some(nats.url.clone());
+        args
+    };
+    let refused = |args| async {
+        let config = cp.config().await;
+        match hookrelay::operator::start(config, args, Default::default()).await {
+            Ok(_) => panic!("the operator started"),
+            Err(error) => error.to_string(),
+        }
+    };
+
+    let error = refused(args()).await;
+    assert!(error.contains("cannot connect to NATS"), "{error}");
+    assert!(error.contains("--nats-tls-ca-file"), "{error}");
+
+    let mut missing = args();
+    missing.nats_tls_ca_file = Some(certs.ca.with_file_name("absent.crt"));
+    let error = refused(missing).await;
+    assert!(
+        error.contains("cannot use --nats-tls-ca-file") && error.contains("absent.crt"),
+        "{error}"
+    );
+    let mut not_pem = args();
+    not_pem.nats_tls_ca_file = Some(certs.key.clone());
+    let error = refused(not_pem).await;
+    assert!(error.contains("no PEM certificate"), "{error}");
+
+    let mut with_ca = args();
+    with_ca.nats_tls_ca_file = Some(certs.ca.clone());
+    let op = InProcess::start_with(cp.config().await, with_ca).await;
+    let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
+    let addr = op.op.metrics_addr;
+    eventually(
+        "the webhook routed",
+        Duration::from_secs(60),
+        || async move {
+            (metric(addr, "hookrelay_webhooks{state=\"Active\"}").await == Some(1.0)).then_some(())
+        },
+    )
+    .await;
+    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    assert_eq!(status, 202, "{reply}");
+    eventually("the event delivered", Duration::from_secs(60), || async {
+        (receiver.counts() == (1, 1)).then_some(())
+    })
+    .await;
+    op.stop().await;
+}

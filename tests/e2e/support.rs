@@ -847,8 +847,65 @@ pub struct NatsServer {
     store: PathBuf,
 }
 
+/// A CA and a serving certificate for 127.0.0.1 it signed, as PEM files in `dir`.
+pub struct NatsCerts {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl NatsCerts {
+    pub fn new(dir: &Path) -> NatsCerts {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let certs = NatsCerts {
+            ca: dir.join("ca.crt"),
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        };
+        std::fs::write(&certs.ca, issuer.pem()).unwrap();
+        std::fs::write(&certs.cert, cert.pem()).unwrap();
+        std::fs::write(&certs.key, key.serialize_pem()).unwrap();
+        certs
+    }
+}
+
 impl NatsServer {
     pub async fn start() -> NatsServer {
+        Self::start_with(|_| Vec::new()).await
+    }
+
+    /// A nats-server that requires TLS, with a certificate for 127.0.0.1 signed by its own CA
+    /// (in the returned [`NatsCerts`]).
+    pub async fn start_tls() -> (NatsServer, NatsCerts) {
+        let mut certs = None;
+        let server = Self::start_with(|store| {
+            let made = NatsCerts::new(&store.join("certs"));
+            let args = vec![
+                "--tls".into(),
+                "--tlscert".into(),
+                made.cert.display().to_string(),
+                "--tlskey".into(),
+                made.key.display().to_string(),
+            ];
+            certs = Some(made);
+            args
+        })
+        .await;
+        (server, certs.unwrap())
+    }
+
+    /// `extra`: more arguments, given the server's store directory.
+    async fn start_with(extra: impl FnOnce(&Path) -> Vec<String>) -> NatsServer {
         let bin = std::process::Command::new(repo_root().join("hack/nats.sh"))
             .arg("build")
             .output()
@@ -858,9 +915,11 @@ impl NatsServer {
         let port = free_port();
         let store = std::env::temp_dir().join(format!("hookrelay-nats-{port}"));
         let _ = std::fs::remove_dir_all(&store);
+        let extra = extra(&store);
         let child = std::process::Command::new(bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(&store)
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
