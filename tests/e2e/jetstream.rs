@@ -390,10 +390,15 @@ async fn two_jetstream_operators_share_the_deliveries() {
     )
     .await;
     let series = "hookrelay_delivery_attempts_total{outcome=\"Succeeded\",status_class=\"2xx\"}";
-    let (by_a, by_b) = (
-        metric(a.metrics_addr, series).await.unwrap_or(0.0),
-        metric(b.metrics_addr, series).await.unwrap_or(0.0),
-    );
+    // An attempt is counted once its answer is read, a moment after the receiver counted it.
+    let (by_a, by_b) = eventually("every attempt counted", Duration::from_secs(60), || async {
+        let (by_a, by_b) = (
+            metric(a.metrics_addr, series).await.unwrap_or(0.0),
+            metric(b.metrics_addr, series).await.unwrap_or(0.0),
+        );
+        (by_a + by_b >= EVENTS as f64).then_some((by_a, by_b))
+    })
+    .await;
     println!("attempts: {by_a} by one replica, {by_b} by the other");
     assert!(
         by_a > 0.0 && by_b > 0.0,
