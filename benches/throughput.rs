@@ -417,20 +417,13 @@ struct Settings {
     max_in_flight: usize,
 }
 
-/// The operator in `mode`, watching a fresh namespace with one Webhook to the receiver; the
-/// figures of its scenarios.
-async fn operator_scenarios(
+/// The operator in `mode` watching `ns`, with the flags of every scenario; JetStream mode gets a
+/// nats-server of its own, stopped when the returned handle is dropped.
+async fn start_operator(
+    cp: &support::ControlPlane,
     mode: &str,
-    rates: &[u32],
-    receiver: std::net::SocketAddr,
-    arrivals: &Arrivals,
-    next_seq: &Arc<AtomicU64>,
-    settings: &Settings,
-    costs: &mut Vec<cost::OperatorCost>,
-) -> Vec<Figure> {
-    let cp = control_plane();
-    let ns = cp.namespace(&format!("throughput-{mode}")).await;
-    // JetStream mode gets a nats-server of its own (stopped with the scenario).
+    ns: &str,
+) -> (Operator, Option<NatsServer>) {
     let nats = if mode == "jetstream" {
         Some(NatsServer::start().await)
     } else {
@@ -446,13 +439,30 @@ async fn operator_scenarios(
         "--allow-cidr",
         "127.0.0.0/8",
         "--namespace",
-        &ns,
+        ns,
     ];
     if let Some(nats) = &nats {
         args.extend(["--nats-url", nats.url.as_str()]);
     }
     let op = Operator::start(cp, &args);
     op.wait_ready().await;
+    (op, nats)
+}
+
+/// The operator in `mode`, watching a fresh namespace with one Webhook to the receiver; the
+/// figures of its scenarios.
+async fn operator_scenarios(
+    mode: &str,
+    rates: &[u32],
+    receiver: std::net::SocketAddr,
+    arrivals: &Arrivals,
+    next_seq: &Arc<AtomicU64>,
+    settings: &Settings,
+    costs: &mut Vec<cost::OperatorCost>,
+) -> Vec<Figure> {
+    let cp = control_plane();
+    let ns = cp.namespace(&format!("throughput-{mode}")).await;
+    let (op, _nats) = start_operator(cp, mode, &ns).await;
     create_webhook(
         &cp.client().await,
         &ns,

@@ -80,8 +80,8 @@ pub struct RunArgs {
     pub nats_max_age: Duration,
 
     /// Events and deliveries one consumer may have handed out and not yet acknowledged, across
-    /// all replicas.
-    #[arg(long, env = "HOOKRELAY_NATS_MAX_ACK_PENDING", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
+    /// all replicas; one replica keeps at most half of it in hand for one namespace.
+    #[arg(long, env = "HOOKRELAY_NATS_MAX_ACK_PENDING", default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
     pub nats_max_ack_pending: i64,
 
     /// Deliveries direct ingest may hold before it answers 429.
@@ -228,7 +228,7 @@ impl RunArgs {
             nats_tls_key_file: None,
             nats_stream: "HOOKRELAY".into(),
             nats_max_age: Duration::from_secs(86400),
-            nats_max_ack_pending: 1000,
+            nats_max_ack_pending: 10_000,
             direct_queue: 10_000,
             direct_queue_per_namespace: None,
             direct_max_hold: Duration::from_secs(60),
@@ -496,10 +496,7 @@ pub async fn start(
         let deliverer = tokio::spawn(jetstream::deliver_work(
             bus,
             dispatcher.clone(),
-            jetstream::InHandLimits::new(
-                args.max_in_flight_per_namespace as usize,
-                args.nats_max_ack_pending,
-            ),
+            jetstream::InHandLimits::new(args.nats_max_ack_pending),
             // Nothing held outlives the stream's retention.
             args.max_hold.min(args.nats_max_age),
             synced(readiness.clone()),

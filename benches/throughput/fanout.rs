@@ -25,7 +25,7 @@ use futures::StreamExt;
 
 use crate::{
     SIGNATURE_HEADER, event_body, mac, percentile, sign,
-    support::{NatsServer, Operator, control_plane},
+    support::control_plane,
     webhooks::{ReadyWatch, create_webhooks, signing_secret, wait_routed},
 };
 
@@ -252,25 +252,7 @@ async fn operator(
     let cp = control_plane();
     let client = cp.client().await;
     let ns = cp.namespace(&format!("fanout-{mode}")).await;
-    // The flags of the throughput scenarios.
-    let nats = (mode == "jetstream").then_some(NatsServer::start().await);
-    let mut args = vec![
-        "--ingest-mode",
-        mode,
-        "--disable-auth",
-        "--direct-queue",
-        "100000",
-        "--allow-http",
-        "--allow-cidr",
-        "127.0.0.0/8",
-        "--namespace",
-        &ns,
-    ];
-    if let Some(nats) = &nats {
-        args.extend(["--nats-url", nats.url.as_str()]);
-    }
-    let op = Operator::start(cp, &args);
-    op.wait_ready().await;
+    let (op, _nats) = crate::start_operator(cp, mode, &ns).await;
     signing_secret(&client, &ns, "fanout", crate::SECRET).await;
     let mut ready = ReadyWatch::start(&client, &ns);
     let http = reqwest::Client::builder()

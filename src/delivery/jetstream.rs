@@ -460,8 +460,10 @@ async fn route_one(
 #[derive(Clone, Copy, Debug)]
 pub struct InHandLimits {
     /// Messages of one namespace in hand (waiting for slots, sending or holding); the excess is
-    /// parked. Twice the namespace's in-flight limit, so that a fast namespace always has the
-    /// next attempts ready, but never more than half of `max_ack_pending`.
+    /// parked. Half of `max_ack_pending`: one tenant's dead endpoints leave the other half to
+    /// the others, while a burst to healthy endpoints (a fan-out to 1,000 Webhooks) waits in
+    /// hand for its slots instead of going round the stream (parking it is a republish and at
+    /// least a second).
     pub per_namespace: usize,
     /// Held messages of one namespace kept in hand, waking the moment their Webhook changes;
     /// the others are parked and rechecked.
@@ -469,11 +471,10 @@ pub struct InHandLimits {
 }
 
 impl InHandLimits {
-    pub fn new(max_in_flight_per_namespace: usize, max_ack_pending: i64) -> Self {
-        let half = usize::try_from(max_ack_pending / 2)
+    pub fn new(max_ack_pending: i64) -> Self {
+        let per_namespace = usize::try_from(max_ack_pending / 2)
             .unwrap_or(usize::MAX)
             .max(1);
-        let per_namespace = (2 * max_in_flight_per_namespace).clamp(1, half);
         Self {
             per_namespace,
             held_per_namespace: (per_namespace / 4).max(1),
@@ -868,14 +869,14 @@ mod tests {
 
     #[test]
     fn a_namespace_keeps_at_most_half_of_max_ack_pending_in_hand() {
-        let defaults = InHandLimits::new(128, 1000);
+        let defaults = InHandLimits::new(10_000);
         assert_eq!(
             (defaults.per_namespace, defaults.held_per_namespace),
-            (256, 64)
+            (5_000, 1_250)
         );
-        let low = InHandLimits::new(128, 20);
+        let low = InHandLimits::new(20);
         assert_eq!((low.per_namespace, low.held_per_namespace), (10, 2));
-        let tiny = InHandLimits::new(4, 1);
+        let tiny = InHandLimits::new(1);
         assert_eq!((tiny.per_namespace, tiny.held_per_namespace), (1, 1));
     }
 
