@@ -76,9 +76,11 @@ build_helm() {
 }
 
 free_port() {
+  # Below the kernel's ephemeral range (32768 and up by default), so that no outgoing
+  # connection holds the port between this check and the server binding it.
   local p
   while :; do
-    p=$((20000 + RANDOM % 40000))
+    p=$((20000 + RANDOM % 12000))
     (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
   done
 }
@@ -101,10 +103,11 @@ make_certs() {
   openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
 }
 
-wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
-  local deadline=$((SECONDS + $1)) what=$2
-  shift 2
+wait_up() { # wait_up PID SECONDS DESCRIPTION COMMAND...: 0 up, 1 timed out, 2 PID exited
+  local pid=$1 deadline=$((SECONDS + $2)) what=$3
+  shift 3
   until "$@" >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || { log "$what exited"; return 2; }
     if [ $SECONDS -ge $deadline ]; then log "timed out waiting for $what"; return 1; fi
     sleep 0.2
   done
@@ -116,26 +119,43 @@ start() {
   mkdir -p "$d"
   d=$(cd "$d" && pwd)
   make_certs "$d"
-  local etcd_port peer_port api_port
-  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
-  "$BIN/etcd" --name default --data-dir "$d/etcd" --unsafe-no-fsync \
-    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-    --initial-cluster "default=http://127.0.0.1:$peer_port" >"$d/etcd.log" 2>&1 </dev/null &
-  echo $! >"$d/etcd.pid"
-  wait_for 60 etcd curl -sf "http://127.0.0.1:$etcd_port/health"
-  "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --secure-port "$api_port" --advertise-address 127.0.0.1 \
-    --tls-cert-file "$d/server.crt" --tls-private-key-file "$d/server.key" --client-ca-file "$d/ca.crt" \
-    --authorization-mode RBAC --service-account-issuer https://kubernetes.default.svc \
-    --service-account-key-file "$d/sa.pub" --service-account-signing-key-file "$d/sa.key" \
-    --api-audiences https://kubernetes.default.svc \
-    --service-cluster-ip-range 10.0.0.0/24 --disable-admission-plugins ServiceAccount \
-    --allow-privileged=true >"$d/kube-apiserver.log" 2>&1 </dev/null &
-  echo $! >"$d/kube-apiserver.pid"
+  local etcd_port peer_port api_port attempt up
   local curl_auth=(--cacert "$d/ca.crt" --cert "$d/admin.crt" --key "$d/admin.key")
-  wait_for 120 kube-apiserver curl -sf "${curl_auth[@]}" "https://127.0.0.1:$api_port/readyz" \
-    || { tail -20 "$d/kube-apiserver.log" >&2; stop "$d"; exit 1; }
+  # A port picked free can be taken before it is bound (a busy machine opens thousands of
+  # connections a second): a server that exits at once is started again on other ports.
+  for attempt in 1 2 3; do
+    etcd_port=$(free_port); peer_port=$(free_port)
+    rm -rf "$d/etcd"
+    "$BIN/etcd" --name default --data-dir "$d/etcd" --unsafe-no-fsync \
+      --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+      --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+      --initial-cluster "default=http://127.0.0.1:$peer_port" >"$d/etcd.log" 2>&1 </dev/null &
+    echo $! >"$d/etcd.pid"
+    up=0; wait_up "$(cat "$d/etcd.pid")" 60 etcd curl -sf "http://127.0.0.1:$etcd_port/health" || up=$?
+    [ $up -eq 0 ] && break
+    cp "$d/etcd.log" "$d/etcd.$attempt.log"
+    [ $up -eq 2 ] && [ $attempt -lt 3 ] && continue
+    tail -20 "$d/etcd.log" >&2; stop "$d"; exit 1
+  done
+  for attempt in 1 2 3; do
+    api_port=$(free_port)
+    "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
+      --bind-address 127.0.0.1 --secure-port "$api_port" --advertise-address 127.0.0.1 \
+      --tls-cert-file "$d/server.crt" --tls-private-key-file "$d/server.key" --client-ca-file "$d/ca.crt" \
+      --authorization-mode RBAC --service-account-issuer https://kubernetes.default.svc \
+      --service-account-key-file "$d/sa.pub" --service-account-signing-key-file "$d/sa.key" \
+      --api-audiences https://kubernetes.default.svc \
+      --service-cluster-ip-range 10.0.0.0/24 --disable-admission-plugins ServiceAccount \
+      --allow-privileged=true >"$d/kube-apiserver.log" 2>&1 </dev/null &
+    echo $! >"$d/kube-apiserver.pid"
+    up=0
+    wait_up "$(cat "$d/kube-apiserver.pid")" 120 kube-apiserver \
+      curl -sf "${curl_auth[@]}" "https://127.0.0.1:$api_port/readyz" || up=$?
+    [ $up -eq 0 ] && break
+    cp "$d/kube-apiserver.log" "$d/kube-apiserver.$attempt.log"
+    [ $up -eq 2 ] && [ $attempt -lt 3 ] && continue
+    tail -20 "$d/kube-apiserver.log" >&2; stop "$d"; exit 1
+  done
   cat >"$d/kubeconfig" <<KCFG
 apiVersion: v1
 kind: Config
