@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    controller::{CreatedEvents, DocumentEventController, Retention, Scope, WebhookController},
-    crd::{DocumentEvent, Webhook},
+    controller::{DocumentEventController, Retention, Scope, WebhookController},
+    crd::{CreatedEvents, DocumentEvent, Webhook},
     delivery::{Dispatcher, DispatcherConfig, EgressPolicy, HttpSender, jetstream},
     http,
     leader::{self, ElectionConfig, Leadership},

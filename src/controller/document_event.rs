@@ -26,7 +26,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker, time::DelayQueue};
 
 use super::Scope;
 use crate::{
-    crd::{DocumentEvent, DocumentEventStatus, EventPhase, TargetDelivery, TargetState},
+    crd::{
+        CreatedEvents, DocumentEvent, DocumentEventStatus, EventPhase, TargetDelivery, TargetState,
+    },
     delivery::{self, Delivery, Dispatcher, EventBody, Report, delivery_id, is_final},
     http::Readiness,
     metrics::Metrics,
@@ -50,28 +52,6 @@ const DELETES_IN_FLIGHT: usize = 8;
 /// A created event handed over by ingest older than this is left to the watch: by then the
 /// watch has brought it, and an old one could even have been delivered and deleted already.
 const CREATED_MAX_AGE: Duration = Duration::from_secs(1);
-
-/// Events that durable ingest on this replica has just created, handed to the DocumentEvent
-/// controller so that it starts delivering at once rather than when the watch brings them (the
-/// watch still does, and then changes nothing: same uid). Only a shortcut: when the queue is
-/// full, or the controller is not running here (a standby), the watch alone brings them.
-#[derive(Clone, Debug)]
-pub struct CreatedEvents {
-    tx: mpsc::Sender<(Instant, DocumentEvent)>,
-}
-
-impl CreatedEvents {
-    /// The handle for ingest and the receiver for [`DocumentEventController::with_created_events`].
-    pub fn channel() -> (Self, mpsc::Receiver<(Instant, DocumentEvent)>) {
-        let (tx, rx) = mpsc::channel(4096);
-        (Self { tx }, rx)
-    }
-
-    /// `de` as the API server answered its create.
-    pub fn created(&self, de: DocumentEvent) {
-        let _ = self.tx.try_send((Instant::now(), de));
-    }
-}
 
 /// A target's progress, reported by its delivery task.
 struct Progress {

@@ -6,7 +6,7 @@ mod resolve;
 mod scope;
 mod webhook;
 
-pub use document_event::{CreatedEvents, DocumentEventController, Retention};
+pub use document_event::{DocumentEventController, Retention};
 pub use resolve::{PREVIOUS_KEY, Resolution, SIGNING_SECRET_LABEL, ready_reason, resolve};
 pub use scope::Scope;
 pub use webhook::WebhookController;

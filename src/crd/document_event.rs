@@ -1,10 +1,13 @@
 // `printcolumn(...)` repeats `type_ = ...` by design; clippy reads it as a duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
+use std::time::Instant;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 use super::EventType;
 
@@ -122,4 +125,26 @@ pub enum TargetState {
     Held,
     Succeeded,
     Failed,
+}
+
+/// Events that durable ingest on this replica has just created, handed to the DocumentEvent
+/// controller so that it starts delivering at once rather than when the watch brings them (the
+/// watch still does, and then changes nothing: same uid). Only a shortcut: when the queue is
+/// full, or the controller is not running here (a standby), the watch alone brings them.
+#[derive(Clone, Debug)]
+pub struct CreatedEvents {
+    tx: mpsc::Sender<(Instant, DocumentEvent)>,
+}
+
+impl CreatedEvents {
+    /// The handle for ingest and the receiver for the DocumentEvent controller.
+    pub fn channel() -> (Self, mpsc::Receiver<(Instant, DocumentEvent)>) {
+        let (tx, rx) = mpsc::channel(4096);
+        (Self { tx }, rx)
+    }
+
+    /// `de` as the API server answered its create.
+    pub fn created(&self, de: DocumentEvent) {
+        let _ = self.tx.try_send((Instant::now(), de));
+    }
 }

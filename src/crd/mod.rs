@@ -11,7 +11,8 @@ mod webhook;
 
 pub use condition::{ConditionState, is_true, merge_condition};
 pub use document_event::{
-    DocumentEvent, DocumentEventSpec, DocumentEventStatus, EventPhase, TargetDelivery, TargetState,
+    CreatedEvents, DocumentEvent, DocumentEventSpec, DocumentEventStatus, EventPhase,
+    TargetDelivery, TargetState,
 };
 pub use event_type::{EventType, UnknownEventType, WebhookEvent};
 pub use webhook::{

@@ -64,7 +64,7 @@ pub struct ApiState {
     pub dispatcher: Arc<Dispatcher>,
     pub ingest_mode: IngestMode,
     /// Durable mode: events created here go straight to this replica's DocumentEvent controller.
-    pub created_events: crate::controller::CreatedEvents,
+    pub created_events: crate::crd::CreatedEvents,
     /// JetStream mode: where ingest publishes.
     pub bus: Option<crate::delivery::jetstream::Bus>,
     /// Direct mode: its queue (global and per namespace) and recent idempotency keys.

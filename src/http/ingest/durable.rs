@@ -11,8 +11,7 @@ use super::{
     idempotency_conflict, keyed_event_name, partly_stored,
 };
 use crate::{
-    controller::CreatedEvents,
-    crd::{DocumentEvent, DocumentEventSpec},
+    crd::{CreatedEvents, DocumentEvent, DocumentEventSpec},
     http::{ApiError, ApiState},
 };
 
