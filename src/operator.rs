@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     controller::{DocumentEventController, Retention, Scope, WebhookController},
     crd::{CreatedEvents, DocumentEvent, Webhook},
-    delivery::{Dispatcher, DispatcherConfig, EgressPolicy, HttpSender, jetstream},
+    delivery::{self, Dispatcher, DispatcherConfig, EgressPolicy, HttpSender, jetstream},
     http,
     leader::{self, ElectionConfig, Leadership},
     metrics::Metrics,
@@ -398,10 +398,10 @@ pub async fn start(
         leadership.clone(),
     );
     // In jetstream mode every replica delivers: attempt records go through the stream to the
-    // leader's writer (status::relay). Everything else goes to the local writer.
+    // leader's writer (delivery::records). Everything else goes to the local writer.
     let (status, relay) = match &bus {
         Some(bus) => {
-            let (status, relay) = status::relay::relay(
+            let (status, relay) = delivery::records::relay(
                 bus.context.clone(),
                 local_status.clone(),
                 metrics.clone(),
@@ -470,7 +470,7 @@ pub async fn start(
     // the work. Attempt records reach the leader's writer through the stream (`recorder`).
     let recorder = bus.as_ref().map(|bus| {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(status::relay::record_attempts(
+        let task = tokio::spawn(delivery::records::record_attempts(
             bus.recorder.clone(),
             local_status.clone(),
             leadership.clone(),

@@ -9,7 +9,7 @@
 //!   attempt per hand-out of the message.
 //!
 //! - `hookrelay.attempts.<namespace>.<webhook>`: the record of every attempt, from every
-//!   replica (`crate::status::relay`). The `recorder` consumer is read by the leader only, which
+//!   replica (`crate::delivery::records`). The `recorder` consumer is read by the leader only, which
 //!   hands each record to its status writer, so that the Webhook's history has every replica's
 //!   attempts.
 //!

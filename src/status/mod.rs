@@ -7,7 +7,6 @@
 
 mod delivery_log;
 mod patch;
-pub mod relay;
 
 pub use delivery_log::{
     DEGRADED_AFTER, DeliveryLog, MAX_ERROR_CHARS, RECENT_DELIVERIES, now_time, truncate_error,
@@ -100,7 +99,7 @@ pub enum Update {
 #[derive(Clone, Debug)]
 pub struct StatusSender {
     tx: mpsc::Sender<Update>,
-    /// In jetstream mode: where attempt records go instead (see [`relay`]).
+    /// In jetstream mode: where attempt records go instead (see [`crate::delivery::records`]).
     attempts: Option<mpsc::Sender<Update>>,
 }
 
@@ -129,7 +128,7 @@ impl StatusSender {
     }
 
     /// This sender, with attempt records sent to `relay` instead.
-    fn relaying_attempts(&self, relay: mpsc::Sender<Update>) -> Self {
+    pub(crate) fn relaying_attempts(&self, relay: mpsc::Sender<Update>) -> Self {
         Self {
             tx: self.tx.clone(),
             attempts: Some(relay),

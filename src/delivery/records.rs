@@ -20,13 +20,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{StatusSender, Update};
+use super::jetstream::{ATTEMPTS_SUBJECT, BusError, RECORDER};
 use crate::{
     crd::DeliveryRecord,
-    delivery::jetstream::{ATTEMPTS_SUBJECT, BusError, RECORDER},
     leader::Leadership,
     metrics::{AttemptRecordLabels, Metrics},
     routing::WebhookKey,
+    status::{StatusSender, Update},
 };
 
 /// Publishes awaiting their acknowledgement at once, per replica.
