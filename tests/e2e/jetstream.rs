@@ -234,14 +234,20 @@ async fn a_paused_webhook_holding_more_than_max_ack_pending_does_not_stop_the_ot
     .await;
     let paused = counting_webhook(&client, &ns, "paused", SECRET).await;
     let webhooks: kube::Api<hookrelay::crd::Webhook> = kube::Api::namespaced(client.clone(), &ns);
-    webhooks
-        .patch(
-            "paused",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(json!({"spec": {"paused": true}})),
-        )
-        .await
-        .unwrap();
+    let set_paused = |paused: bool| {
+        let webhooks = webhooks.clone();
+        async move {
+            webhooks
+                .patch(
+                    "paused",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(json!({"spec": {"paused": paused}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    set_paused(true).await;
     wait_ready_reason(&client, &ns, "paused", "False", "Paused").await;
     let live = counting_webhook(&client, &ns, "live", SECRET).await;
 
@@ -259,14 +265,7 @@ async fn a_paused_webhook_holding_more_than_max_ack_pending_does_not_stop_the_ot
     .await;
     assert_eq!(paused.counts(), (0, 0), "nothing sent while paused");
 
-    webhooks
-        .patch(
-            "paused",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(json!({"spec": {"paused": false}})),
-        )
-        .await
-        .unwrap();
+    set_paused(false).await;
     eventually(
         "every held delivery sent once resumed",
         Duration::from_secs(120),
