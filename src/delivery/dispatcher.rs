@@ -126,7 +126,6 @@ pub struct Dispatcher {
     gone: mpsc::UnboundedSender<GoneNotice>,
     metrics: Metrics,
     global: Arc<Semaphore>,
-    per_webhook: usize,
     lanes: KeyedLimits<WebhookKey>,
     namespaces: KeyedLimits<Arc<str>>,
 }
@@ -147,7 +146,6 @@ impl Dispatcher {
             gone,
             metrics,
             global: Arc::new(Semaphore::new(config.global.max(1))),
-            per_webhook: config.per_webhook.max(1),
             lanes: KeyedLimits::new(config.per_webhook),
             namespaces: KeyedLimits::new(config.per_namespace),
         }
@@ -324,7 +322,7 @@ impl Dispatcher {
 
     /// Attempts in flight to one Webhook at once.
     pub fn per_webhook(&self) -> usize {
-        self.per_webhook
+        self.lanes.permits()
     }
 
     /// Entries of the per-Webhook and per-namespace limit maps (bounded by what exists).

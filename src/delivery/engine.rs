@@ -127,13 +127,18 @@ pub async fn deliver(
 }
 
 /// Delivers an event nothing stores (direct ingest): the same attempts and retries, recorded
-/// only in the Webhook's history; held for at most `max_hold`.
-pub async fn deliver_unrecorded(dispatcher: &Dispatcher, delivery: Delivery, max_hold: Duration) {
-    let mut target = new_target(&delivery);
+/// only in the Webhook's history; held for at most `max_hold`. `target` is where it stands
+/// (after [`attempt_first`], say).
+pub async fn deliver_unrecorded(
+    dispatcher: &Dispatcher,
+    delivery: &Delivery,
+    mut target: TargetDelivery,
+    max_hold: Duration,
+) {
     let never = CancellationToken::new();
     deliver(
         dispatcher,
-        &delivery,
+        delivery,
         &mut target,
         max_hold,
         &never,

@@ -40,6 +40,11 @@ impl<K: Eq + Hash + Clone> KeyedLimits<K> {
             .clone()
     }
 
+    /// The permits of every key's semaphore.
+    pub fn permits(&self) -> usize {
+        self.permits
+    }
+
     pub fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
     }

@@ -139,16 +139,8 @@ impl Lanes {
             if first == FirstAttempt::Continue {
                 let dispatcher = dispatcher.clone();
                 tokio::spawn(async move {
-                    let never = tokio_util::sync::CancellationToken::new();
-                    crate::delivery::deliver(
-                        &dispatcher,
-                        &delivery,
-                        &mut target,
-                        max_hold,
-                        &never,
-                        &crate::delivery::Unrecorded,
-                    )
-                    .await;
+                    crate::delivery::deliver_unrecorded(&dispatcher, &delivery, target, max_hold)
+                        .await;
                     drop(permit);
                 });
             }
@@ -299,11 +291,22 @@ impl DirectIngest {
             new_events.push((index, e, fingerprint));
         }
 
-        // Capacity first: count the deliveries, build them only once there is room.
-        let needed: usize = new_events
-            .iter()
-            .map(|(_, e, _)| table.lookup(namespace, e.event).count())
-            .sum();
+        // Capacity first: count the deliveries, build them only once there is room. The same
+        // pass finds a line that does not drain in time.
+        let now = Instant::now();
+        let mut needed = 0;
+        let mut slow = None;
+        for (_, e, _) in &new_events {
+            for route in table.lookup(namespace, e.event) {
+                needed += 1;
+                if slow.is_none() {
+                    let waited = self.lanes.oldest_wait(&route.key, now);
+                    if waited > self.max_queue_delay {
+                        slow = Some((route.key.name.clone(), waited));
+                    }
+                }
+            }
+        }
         for (limit, what) in [
             (self.capacity, "the direct queue holds"),
             (
@@ -323,22 +326,15 @@ impl DirectIngest {
         }
         // A line that does not drain in time: refuse now, while latency is still low, rather
         // than fill the queue and refuse seconds later.
-        let now = Instant::now();
-        for e in &new_events {
-            for route in table.lookup(namespace, e.1.event) {
-                let waited = self.lanes.oldest_wait(&route.key, now);
-                if waited > self.max_queue_delay {
-                    return Err(queue_full(
-                        "queue_slow",
-                        format!(
-                            "deliveries to webhook {} wait {} ms in line, more than {} ms (--direct-max-queue-delay): it cannot take events this fast; retry later or use durable ingest",
-                            route.key.name,
-                            waited.as_millis(),
-                            self.max_queue_delay.as_millis()
-                        ),
-                    ));
-                }
-            }
+        if let Some((webhook, waited)) = slow {
+            return Err(queue_full(
+                "queue_slow",
+                format!(
+                    "deliveries to webhook {webhook} wait {} ms in line, more than {} ms (--direct-max-queue-delay): it cannot take events this fast; retry later or use durable ingest",
+                    waited.as_millis(),
+                    self.max_queue_delay.as_millis()
+                ),
+            ));
         }
         let permits = u32::try_from(needed).unwrap_or(u32::MAX);
         let Ok(global) = self.queue.clone().try_acquire_many_owned(permits) else {
