@@ -114,9 +114,12 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
 /// when the Webhook changes).
 const HOLD_RECHECK: Duration = Duration::from_secs(30);
 /// A work item parked without an attempt (held, or its namespace busy) comes back after
-/// PARK_MIN, doubling each time it is parked again, up to PARK_MAX.
+/// PARK_MIN, doubling each time it is parked again, up to PARK_MAX; each delay is spread over
+/// its second half so that items parked together do not come back together.
 const PARK_MIN: Duration = Duration::from_secs(1);
 const PARK_MAX: Duration = Duration::from_secs(30);
+/// Times a parked work item is published before it is nak'd instead.
+const PARK_PUBLISH_TRIES: usize = 3;
 /// Events one replica routes at once.
 const ROUTING_AT_ONCE: usize = 256;
 /// On stop, how long events being routed may take to finish.
@@ -623,10 +626,16 @@ enum Park {
 }
 
 /// The delay before a parked work item comes back, and the headers it comes back with.
-fn park_plan(item: &WorkItem, park: &Park) -> (Duration, u32, u32, Option<u64>) {
+/// `jitter` in [0, 1) picks the point in the second half of a recheck's backoff.
+fn park_plan(item: &WorkItem, park: &Park, jitter: f64) -> (Duration, u32, u32, Option<u64>) {
     // Parked without an attempt: back off, so that a long hold or a namespace stuck on dead
     // endpoints republishes each of its messages at most every PARK_MAX.
-    let backoff = |parked: u32| PARK_MIN.saturating_mul(1 << parked.min(16)).min(PARK_MAX);
+    let backoff = |parked: u32| {
+        PARK_MIN
+            .saturating_mul(1 << parked.min(16))
+            .min(PARK_MAX)
+            .mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0)
+    };
     match *park {
         Park::Retry { attempts, after } => (after, attempts, 0, None),
         Park::Held { since } => (
@@ -661,7 +670,7 @@ struct Deliverer {
 
 impl Deliverer {
     async fn deliver_one(&self, message: jetstream::Message) {
-        let Some(item) = delivery_of(&message) else {
+        let Some(mut item) = delivery_of(&message) else {
             tracing::warn!(subject = %message.subject, "JetStream deliverer: dropping a message that is not a work item");
             let _ = message.ack_with(AckKind::Term).await;
             return;
@@ -670,6 +679,17 @@ impl Deliverer {
             Ok(info) => (info.delivered.max(1) as u32, info.stream_sequence),
             Err(_) => (1, 0),
         };
+        // A held item whose Webhook can take it again starts its recheck backoff over: if its
+        // namespace is busy now, it comes back in about a second, not after the hold's backoff.
+        if item.held_since.is_some()
+            && matches!(
+                self.dispatcher.check(&item.delivery),
+                RouteCheck::Deliver(_)
+            )
+        {
+            item.held_since = None;
+            item.parked = 0;
+        }
         let namespace = item.delivery.webhook.namespace.clone();
         let places = self.in_hand.get(&namespace, 0, |_| false);
         let Ok(_place) = places.try_acquire_owned() else {
@@ -774,7 +794,7 @@ impl Deliverer {
     /// this message. If the stream does not take it, the message is nak'd with the delay
     /// instead (kept in the consumer's pending meanwhile: correct, only less fair).
     async fn park(&self, message: &jetstream::Message, sequence: u64, item: &WorkItem, park: Park) {
-        let (after, attempts, parked, held_since) = park_plan(item, &park);
+        let (after, attempts, parked, held_since) = park_plan(item, &park, rand::random());
         let at = k8s_openapi::jiff::Timestamp::now()
             .checked_add(after)
             .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now());
@@ -799,15 +819,24 @@ impl Deliverer {
             "{SCHEDULES_SUBJECT}.{}.{}.{}",
             delivery.webhook.namespace, delivery.webhook.name, delivery.id
         );
-        let stored = async {
-            let ack = self
-                .context
-                .publish_with_headers(subject, headers, message.payload.clone())
-                .await
-                .map_err(|e| e.to_string())?;
-            ack.await.map_err(|e| e.to_string())
-        };
-        let result = match stored.await {
+        // Published again if the stream's answer does not come (its message id makes a second
+        // copy a duplicate): a nak would count as a hand-out, so as an attempt.
+        let mut stored = Err(String::new());
+        for _ in 0..PARK_PUBLISH_TRIES {
+            stored = async {
+                let ack = self
+                    .context
+                    .publish_with_headers(subject.clone(), headers.clone(), message.payload.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ack.await.map_err(|e| e.to_string())
+            }
+            .await;
+            if stored.is_ok() || self.stop.is_cancelled() {
+                break;
+            }
+        }
+        let result = match stored {
             Ok(_) => message.ack().await,
             Err(e) => {
                 tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not park a work item; it waits in the consumer instead");
@@ -855,15 +884,20 @@ mod tests {
                 attempts: 2,
                 after: Duration::from_secs(7),
             },
+            0.9,
         );
         assert_eq!(plan, (Duration::from_secs(7), 2, 0, None));
-        // A hold: no attempt spent, 1 s doubling per park up to 30 s, since when kept.
-        let held = |parked| park_plan(&item(2, parked, None), &Park::Held { since: 42 });
-        assert_eq!(held(0), (PARK_MIN, 2, 1, Some(42)));
-        assert_eq!(held(3).0, Duration::from_secs(8));
-        assert_eq!(held(40).0, PARK_MAX);
+        // A hold: no attempt spent, 1 s doubling per park up to 30 s, spread over the second
+        // half of each step, since when kept.
+        let held =
+            |parked, jitter| park_plan(&item(2, parked, None), &Park::Held { since: 42 }, jitter);
+        assert_eq!(held(0, 1.0), (PARK_MIN, 2, 1, Some(42)));
+        assert_eq!(held(0, 0.0).0, PARK_MIN / 2);
+        assert_eq!(held(3, 0.5).0, Duration::from_secs(6));
+        assert_eq!(held(40, 1.0).0, PARK_MAX);
+        assert_eq!(held(40, 0.0).0, PARK_MAX / 2);
         // Busy: the same backoff, the hold (if any) carried on.
-        let busy = park_plan(&item(0, 1, Some(9)), &Park::Busy);
+        let busy = park_plan(&item(0, 1, Some(9)), &Park::Busy, 1.0);
         assert_eq!(busy, (Duration::from_secs(2), 0, 2, Some(9)));
     }
 
