@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     controller::{DocumentEventController, Retention, Scope, WebhookController},
-    crd::{CreatedEvents, DocumentEvent, Webhook},
+    crd::{CreatedEvents, DocumentEvent, Recoveries, Webhook},
     delivery::{self, Dispatcher, DispatcherConfig, EgressPolicy, HttpSender, jetstream},
     http,
     leader::{self, ElectionConfig, Leadership},
@@ -431,9 +431,11 @@ pub async fn start(
         );
     }
     let (created_events, created) = CreatedEvents::channel();
+    let (recoveries, recoveries_rx) = Recoveries::channel();
     let api_state = Arc::new(http::ApiState {
         client: client.clone(),
         created_events,
+        recoveries,
         auth: auth.clone(),
         routes: routes.clone(),
         dispatcher: dispatcher.clone(),
@@ -520,6 +522,7 @@ pub async fn start(
         args.max_hold,
     )
     .with_created_events(created)
+    .with_recoveries(recoveries_rx)
     // Half the shutdown deadline for attempts being sent; the rest for status and the Lease.
     .with_in_flight_grace(args.shutdown_timeout / 2);
 

@@ -27,7 +27,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker, time::DelayQueue};
 use super::Scope;
 use crate::{
     crd::{
-        CreatedEvents, DocumentEvent, DocumentEventStatus, EventPhase, TargetDelivery, TargetState,
+        CreatedEvents, DocumentEvent, DocumentEventStatus, EventPhase, Recoveries, Recovery,
+        TargetDelivery, TargetState,
     },
     delivery::{self, Delivery, Dispatcher, EventBody, Report, delivery_id, is_final},
     http::Readiness,
@@ -101,6 +102,9 @@ pub struct DocumentEventController {
     created: mpsc::Receiver<(Instant, DocumentEvent)>,
     /// Keeps `created` open when nothing hands events over.
     _created: CreatedEvents,
+    /// Failed deliveries to send again (`POST .../recover`, see [`Recovery`]).
+    recoveries: mpsc::Receiver<Recovery>,
+    _recoveries: Recoveries,
     /// How old a handed-over event may be (under the retentions: see [`CREATED_MAX_AGE`]).
     created_max_age: Duration,
     /// Every delivery task, waited for on shutdown.
@@ -130,6 +134,7 @@ impl DocumentEventController {
         let coverage = scope.coverage();
         let n = coverage.len();
         let (created_tx, created) = CreatedEvents::channel();
+        let (recoveries_tx, recoveries) = Recoveries::channel();
         let created_max_age = [retention.delivered, retention.failed]
             .into_iter()
             .flatten()
@@ -156,6 +161,8 @@ impl DocumentEventController {
             deletes: JoinSet::new(),
             created,
             _created: created_tx,
+            recoveries,
+            _recoveries: recoveries_tx,
             created_max_age,
             deliveries: TaskTracker::new(),
             abandon: CancellationToken::new(),
@@ -172,6 +179,12 @@ impl DocumentEventController {
         created: mpsc::Receiver<(Instant, DocumentEvent)>,
     ) -> Self {
         self.created = created;
+        self
+    }
+
+    /// Takes the failed deliveries the API asks to send again (see [`Recovery`]).
+    pub fn with_recoveries(mut self, recoveries: mpsc::Receiver<Recovery>) -> Self {
+        self.recoveries = recoveries;
         self
     }
 
@@ -203,6 +216,7 @@ impl DocumentEventController {
                 _ = shutdown.cancelled() => break,
                 Some((i, event)) = events.next() => self.on_event(i, event),
                 Some((at, de)) = self.created.recv() => self.on_created(at, de),
+                Some(recovery) = self.recoveries.recv() => self.on_recovery(recovery),
                 Some(progress) = self.progress.recv() => self.on_progress(progress),
                 Some(permit) = status.reserve(), if !self.unsent.is_empty() => {
                     if let Some(update) = self.next_unsent() {
@@ -339,49 +353,8 @@ impl DocumentEventController {
                 status.deliveries = self.route(&key, &uid, &de);
             }
             let body = Arc::new(EventBody::from(&de));
-            let table = self.routes.snapshot();
             for target in status.deliveries.iter().filter(|t| !is_final(t.state)) {
-                let webhook = WebhookKey {
-                    namespace: key.namespace.clone(),
-                    name: target.webhook.as_str().into(),
-                };
-                // The Webhook the target was routed to is the one whose uid gives its delivery
-                // id; a namesake created since is not (the engine then fails the target).
-                let webhook_uid: Arc<str> = table
-                    .get(&webhook)
-                    .filter(|route| delivery_id(&uid, &route.uid) == target.id)
-                    .map_or_else(|| Arc::from(""), |route| Arc::from(route.uid.as_str()));
-                let delivery = Delivery {
-                    webhook,
-                    webhook_uid,
-                    id: target.id.clone(),
-                    event: body.clone(),
-                    source: key.name.to_string(),
-                    manual: false,
-                    timeout_cap: None,
-                };
-                let progress = EventProgress {
-                    tx: self.tasks.progress.clone(),
-                    key: key.clone(),
-                    uid: uid.clone(),
-                };
-                self.tasks.metrics.pending_deliveries.inc();
-                let (task, abandon) = (
-                    deliver(
-                        self.tasks.clone(),
-                        progress,
-                        delivery,
-                        target.clone(),
-                        cancel.clone(),
-                    ),
-                    self.abandon.clone(),
-                );
-                self.deliveries.spawn(async move {
-                    tokio::select! {
-                        _ = task => {}
-                        _ = abandon.cancelled() => {}
-                    }
-                });
+                self.spawn_delivery(&key, &uid, &body, target.clone(), &cancel);
             }
             let changed = set_phase(&mut status);
             if changed || de.status.is_none() {
@@ -399,6 +372,91 @@ impl DocumentEventController {
                 adopted: Instant::now(),
             },
         );
+    }
+
+    /// Starts the delivery task of one target of a tracked (or being adopted) event.
+    fn spawn_delivery(
+        &self,
+        key: &EventKey,
+        uid: &str,
+        body: &Arc<EventBody>,
+        target: TargetDelivery,
+        cancel: &CancellationToken,
+    ) {
+        let webhook = WebhookKey {
+            namespace: key.namespace.clone(),
+            name: target.webhook.as_str().into(),
+        };
+        // The Webhook the target was routed to is the one whose uid gives its delivery id; a
+        // namesake created since is not (the engine then fails the target).
+        let webhook_uid: Arc<str> = self
+            .routes
+            .snapshot()
+            .get(&webhook)
+            .filter(|route| delivery_id(uid, &route.uid) == target.id)
+            .map_or_else(|| Arc::from(""), |route| Arc::from(route.uid.as_str()));
+        let delivery = Delivery {
+            webhook,
+            webhook_uid,
+            id: target.id.clone(),
+            event: body.clone(),
+            source: key.name.to_string(),
+            manual: false,
+            timeout_cap: None,
+        };
+        let progress = EventProgress {
+            tx: self.tasks.progress.clone(),
+            key: key.clone(),
+            uid: uid.to_owned(),
+        };
+        self.tasks.metrics.pending_deliveries.inc();
+        let (task, abandon) = (
+            deliver(
+                self.tasks.clone(),
+                progress,
+                delivery,
+                target,
+                cancel.clone(),
+            ),
+            self.abandon.clone(),
+        );
+        self.deliveries.spawn(async move {
+            tokio::select! {
+                _ = task => {}
+                _ = abandon.cancelled() => {}
+            }
+        });
+    }
+
+    /// Sends failed deliveries again (`POST .../recover`): each target still `Failed` starts a
+    /// new attempt sequence with the same delivery id, through the normal path (retries, holds),
+    /// and its event is `Delivering` again, so that its retention starts over when it ends.
+    fn on_recovery(&mut self, recovery: Recovery) {
+        let mut queued = 0;
+        for (de, id) in recovery.deliveries {
+            let key = event_key(&de);
+            let uid = de.uid().unwrap_or_default();
+            let Some(tracked) = self.tracked.get_mut(&key).filter(|t| t.uid == uid) else {
+                continue;
+            };
+            let Some(target) = tracked.status.deliveries.iter_mut().find(|t| {
+                t.webhook == recovery.webhook && t.id == id && t.state == TargetState::Failed
+            }) else {
+                continue;
+            };
+            *target = TargetDelivery::new(target.webhook.clone(), id, TargetState::Pending);
+            let target = target.clone();
+            tracked.status.completion_time = None;
+            set_phase(&mut tracked.status);
+            let (cancel, cleanup) = (tracked.cancel.clone(), tracked.cleanup.take());
+            if let Some(cleanup) = cleanup {
+                self.cleanup.try_remove(&cleanup);
+            }
+            self.spawn_delivery(&key, &uid, &Arc::new(EventBody::from(&de)), target, &cancel);
+            self.write(&key);
+            queued += 1;
+        }
+        let _ = recovery.queued.send(queued);
     }
 
     /// Fixes the event's targets: every Webhook of its namespace that takes its type.

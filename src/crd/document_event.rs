@@ -148,3 +148,34 @@ impl CreatedEvents {
         let _ = self.tx.try_send((Instant::now(), de));
     }
 }
+
+/// Failed deliveries of retained DocumentEvents to send again (`POST .../recover`), handed to
+/// the DocumentEvent controller, which owns their status: it resets each target that is still
+/// `Failed` to a new attempt sequence and delivers it through the normal path (retries apply).
+pub struct Recovery {
+    /// The target Webhook's name.
+    pub webhook: String,
+    /// Each event as listed, and the id of its failed delivery to `webhook`.
+    pub deliveries: Vec<(DocumentEvent, String)>,
+    /// How many the controller queued (those still failed when it took them).
+    pub queued: tokio::sync::oneshot::Sender<usize>,
+}
+
+/// The handle for the API and the receiver for the DocumentEvent controller, like
+/// [`CreatedEvents`]. Only the leader runs the controller, so only the leader recovers.
+#[derive(Clone, Debug)]
+pub struct Recoveries {
+    tx: mpsc::Sender<Recovery>,
+}
+
+impl Recoveries {
+    pub fn channel() -> (Self, mpsc::Receiver<Recovery>) {
+        let (tx, rx) = mpsc::channel(16);
+        (Self { tx }, rx)
+    }
+
+    /// Hands `recovery` over; false when the controller is not taking any (not running here).
+    pub async fn send(&self, recovery: Recovery) -> bool {
+        self.tx.send(recovery).await.is_ok()
+    }
+}

@@ -5,6 +5,7 @@ mod client;
 mod dispatcher;
 mod egress;
 mod engine;
+pub mod history;
 pub mod jetstream;
 mod limits;
 mod payload;

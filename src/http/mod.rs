@@ -5,6 +5,7 @@ mod auth;
 mod error;
 mod health;
 mod ingest;
+mod recover;
 mod serve;
 mod webhooks;
 
@@ -49,6 +50,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/api/webhooks/{id}"),
     ("get", "/api/webhooks/{id}/deliveries"),
     ("post", "/api/webhooks/{id}/test"),
+    ("post", "/api/webhooks/{id}/recover"),
     (
         "post",
         "/api/webhooks/{id}/deliveries/{delivery_id}/redeliver",
@@ -65,6 +67,9 @@ pub struct ApiState {
     pub ingest_mode: IngestMode,
     /// Durable mode: events created here go straight to this replica's DocumentEvent controller.
     pub created_events: crate::crd::CreatedEvents,
+    /// Failed deliveries of DocumentEvents to send again go to this replica's DocumentEvent
+    /// controller (`POST .../recover`; it runs on the leader).
+    pub recoveries: crate::crd::Recoveries,
     /// JetStream mode: where ingest publishes.
     pub bus: Option<crate::delivery::jetstream::Bus>,
     /// Direct mode: its queue (global and per namespace) and recent idempotency keys.
@@ -225,6 +230,7 @@ pub fn api_router(state: Arc<ApiState>) -> Router {
         )
         .route("/api/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route("/api/webhooks/{id}/test", post(webhooks::test))
+        .route("/api/webhooks/{id}/recover", post(recover::recover))
         .route(
             "/api/webhooks/{id}/deliveries/{delivery_id}/redeliver",
             post(webhooks::redeliver),

@@ -46,8 +46,8 @@ fn to_json(w: &Webhook) -> Value {
     })
 }
 
-struct Caller {
-    namespace: String,
+pub(super) struct Caller {
+    pub(super) namespace: String,
     api: Api<Webhook>,
 }
 
@@ -55,7 +55,7 @@ impl Caller {
     /// The Webhook `id` of the caller's namespace; 404 when there is none. An id that is no
     /// object name is 404 before it can reach an API path (`x%2Fstatus` is decoded to a
     /// subresource).
-    async fn webhook(&self, id: &str) -> Result<Webhook, ApiError> {
+    pub(super) async fn webhook(&self, id: &str) -> Result<Webhook, ApiError> {
         if !is_object_name(id) {
             return Err(no_such_webhook(id));
         }
@@ -66,7 +66,7 @@ impl Caller {
     }
 }
 
-async fn caller(
+pub(super) async fn caller(
     state: &ApiState,
     query: &NamespaceQuery,
     headers: &HeaderMap,
@@ -252,10 +252,16 @@ pub async fn deliveries(
     State(state): State<Arc<ApiState>>,
     Path(id): Path<String>,
     Query(q): Query<NamespaceQuery>,
+    Query(search): Query<super::recover::SearchQuery>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let c = caller(&state, &q, &headers, "get").await?;
+    let lookup = search.lookup()?;
     let w = c.webhook(&id).await?;
+    // `?document_id=` or `?delivery_id=`: beyond the recent deliveries, in what is retained.
+    if let Some(lookup) = lookup {
+        return super::recover::search(&state, &c, &w, lookup).await;
+    }
     let status = w.status.unwrap_or_default();
     let deliveries: Vec<Value> = status
         .recent_deliveries

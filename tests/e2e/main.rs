@@ -12,5 +12,6 @@ mod ingest;
 mod jetstream;
 mod leader;
 mod operator;
+mod recover;
 mod support;
 mod webhook_controller;

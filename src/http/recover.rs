@@ -1,0 +1,325 @@
+//! `POST /api/webhooks/{id}/recover?since=` sends again every delivery to the Webhook that
+//! failed for good since then, and `GET /api/webhooks/{id}/deliveries?document_id=` (or
+//! `?delivery_id=`) finds deliveries beyond its 20 recent ones, both from what is retained
+//! (see `crate::delivery::history`).
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Json,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode},
+};
+use k8s_openapi::jiff::Timestamp;
+use kube::{Api, ResourceExt, api::ListParams};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    ApiState, NamespaceQuery,
+    error::ApiError,
+    is_delivery_id, require_leader,
+    webhooks::{Caller, caller},
+};
+use crate::{
+    crd::{DeliveryRecord, DocumentEvent, Outcome, Recovery, TargetDelivery, TargetState, Webhook},
+    delivery::history::{self, Lookup, MAX_FOUND, MAX_RECOVERED, MAX_SCANNED},
+    routing::WebhookKey,
+};
+
+/// DocumentEvents listed per request to the API server.
+const LIST_PAGE: u32 = 500;
+/// How long the DocumentEvent controller may take to queue what it is handed.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RecoverQuery {
+    pub since: Option<String>,
+}
+
+/// `since`: an RFC 3339 time; 400 saying how to write one otherwise.
+fn parse_since(since: Option<&str>) -> Result<Timestamp, ApiError> {
+    const FORMAT: &str =
+        "an RFC 3339 time such as 2026-01-31T12:00:00Z (UTC, or an offset written %2B01:00)";
+    let bad = |why: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", why);
+    match since {
+        None | Some("") => Err(bad(format!(
+            "give ?since= with {FORMAT}: deliveries that failed since then are sent again"
+        ))),
+        Some(text) => text
+            .parse::<Timestamp>()
+            .map_err(|_| bad(format!("since={text:?} is not {FORMAT}"))),
+    }
+}
+
+/// Reads the namespace's DocumentEvents page by page, handing each to `visit` until it returns
+/// false; at most [`MAX_SCANNED`]. Whether every one was read.
+async fn scan_events(
+    api: &Api<DocumentEvent>,
+    mut visit: impl FnMut(DocumentEvent) -> bool,
+) -> Result<bool, ApiError> {
+    let mut params = ListParams::default().limit(LIST_PAGE);
+    let mut read = 0;
+    loop {
+        let page = api
+            .list(&params)
+            .await
+            .map_err(|e| ApiError::from_kube(e, "document events"))?;
+        for de in page.items {
+            read += 1;
+            if !visit(de) {
+                return Ok(false);
+            }
+        }
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => {
+                if read >= MAX_SCANNED {
+                    return Ok(false);
+                }
+                params = params.continue_token(&token);
+            }
+            _ => return Ok(true),
+        }
+    }
+}
+
+fn stream_unavailable(why: String) -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "jetstream_unavailable",
+        format!("the JetStream stream could not be read: {why}; retry"),
+    );
+    error.retry_after = Some(1);
+    error
+}
+
+/// `POST /api/webhooks/{id}/recover?since=RFC3339`.
+pub async fn recover(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Query<NamespaceQuery>,
+    Query(r): Query<RecoverQuery>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let c = caller(&state, &q, &headers, "update").await?;
+    let since = parse_since(r.since.as_deref())?;
+    let w = c.webhook(&id).await?;
+    // The DocumentEvent controller owns their status and runs on the leader only.
+    require_leader(&state, "recover")?;
+    let webhook_uid = w.metadata.uid.clone().unwrap_or_default();
+
+    let mut failed = Vec::new();
+    let mut truncated = false;
+    let complete = scan_events(&Api::namespaced(state.client.clone(), &c.namespace), |de| {
+        if let Some(target) = history::failed_delivery(&de, &id, &webhook_uid, since) {
+            if failed.len() == MAX_RECOVERED {
+                truncated = true;
+                return false;
+            }
+            let delivery_id = target.id.clone();
+            failed.push((de, delivery_id));
+        }
+        true
+    })
+    .await?;
+    truncated |= !complete;
+    let mut queued = 0;
+    if !failed.is_empty() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let recovery = Recovery {
+            webhook: id.clone(),
+            deliveries: failed,
+            queued: tx,
+        };
+        let not_taken = || {
+            let mut error = ApiError::unavailable(
+                "the delivery of DocumentEvents is not running on this replica yet; retry",
+            );
+            error.retry_after = Some(1);
+            error
+        };
+        if !state.recoveries.send(recovery).await {
+            return Err(not_taken());
+        }
+        queued = tokio::time::timeout(HAND_OVER_TIMEOUT, rx)
+            .await
+            .map_err(|_| not_taken())?
+            .map_err(|_| not_taken())?;
+    }
+    if let Some(bus) = &state.bus
+        && queued < MAX_RECOVERED
+    {
+        let key = WebhookKey::new(&c.namespace, &id);
+        let from_stream = history::recover_from_stream(
+            &bus.context,
+            &bus.stream,
+            &key,
+            &webhook_uid,
+            since,
+            MAX_RECOVERED - queued,
+        )
+        .await
+        .map_err(stream_unavailable)?;
+        queued += from_stream.queued;
+        truncated |= from_stream.truncated;
+    }
+    tracing::info!(webhook = %id, namespace = %c.namespace, %since, queued, "recover: failed deliveries queued again");
+    Ok(Json(json!({"queued": queued, "truncated": truncated})))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SearchQuery {
+    pub document_id: Option<String>,
+    pub delivery_id: Option<String>,
+}
+
+impl SearchQuery {
+    /// None: no search asked (the recent deliveries); a bad query is 400.
+    pub fn lookup(&self) -> Result<Option<Lookup>, ApiError> {
+        let bad = |why: &str| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", why);
+        match (self.document_id.as_deref(), self.delivery_id.as_deref()) {
+            (None, None) => Ok(None),
+            (Some(_), Some(_)) => Err(bad("give either document_id or delivery_id, not both")),
+            (Some(document_id), None) => {
+                if document_id.is_empty() || document_id.len() > 253 {
+                    return Err(bad(
+                        "document_id must be 1 to 253 characters: the event's data.document_id",
+                    ));
+                }
+                Ok(Some(Lookup::DocumentId(document_id.to_owned())))
+            }
+            (None, Some(delivery_id)) => {
+                if !is_delivery_id(delivery_id) {
+                    return Err(bad(
+                        "delivery_id must be a delivery id as sent in X-Webhook-Delivery, such as msg_0123abcd...",
+                    ));
+                }
+                Ok(Some(Lookup::DeliveryId(delivery_id.to_owned())))
+            }
+        }
+    }
+}
+
+/// A delivery record in the shape of the recent deliveries.
+pub fn record_json(r: &DeliveryRecord) -> Value {
+    json!({
+        "id": r.id,
+        "event": r.event,
+        "source": r.source,
+        "attempt": r.attempt,
+        "outcome": r.outcome,
+        "success": r.outcome == Outcome::Succeeded,
+        "status_code": r.http_status,
+        "response_time_ms": r.duration_ms,
+        "created_at": r.time.0.to_string(),
+        "error": r.error,
+    })
+}
+
+/// A DocumentEvent's delivery in the same shape: where it stands now (`state`), after
+/// `attempt` attempts.
+fn target_json(de: &DocumentEvent, t: &TargetDelivery) -> Value {
+    let outcome = match t.state {
+        TargetState::Succeeded => Some(Outcome::Succeeded),
+        TargetState::Failed => Some(Outcome::Failed),
+        TargetState::Pending if t.attempts > 0 => Some(Outcome::Retrying),
+        TargetState::Pending | TargetState::Held => None,
+    };
+    json!({
+        "id": t.id,
+        "event": de.spec.type_.as_str(),
+        "source": de.name_any(),
+        "attempt": t.attempts,
+        "outcome": outcome,
+        "success": t.state == TargetState::Succeeded,
+        "status_code": t.http_status,
+        "response_time_ms": null,
+        "created_at": t.last_attempt_time.as_ref().map(|t| t.0.to_string()),
+        "error": t.error,
+        "state": t.state,
+        "document_event": de.name_any(),
+        "document_id": de.spec.data.get("document_id"),
+    })
+}
+
+/// `GET /api/webhooks/{id}/deliveries?document_id=` or `?delivery_id=`: the deliveries to `w`
+/// that match, from the retained DocumentEvents and (JetStream mode) the stream's attempt
+/// records, at most [`MAX_FOUND`].
+pub async fn search(
+    state: &ApiState,
+    c: &Caller,
+    w: &Webhook,
+    lookup: Lookup,
+) -> Result<Json<Value>, ApiError> {
+    let name = w.name_any();
+    let webhook_uid = w.metadata.uid.clone().unwrap_or_default();
+    let mut found = Vec::new();
+    let complete = scan_events(&Api::namespaced(state.client.clone(), &c.namespace), |de| {
+        if let Some(t) = history::matching_delivery(&de, &name, &webhook_uid, &lookup) {
+            found.push(target_json(&de, t));
+        }
+        found.len() < MAX_FOUND
+    })
+    .await?;
+    let mut truncated = !complete;
+    if let Some(bus) = &state.bus
+        && found.len() < MAX_FOUND
+    {
+        let key = WebhookKey::new(&c.namespace, &name);
+        let (records, complete) = history::search_stream(&bus.stream, &key, &webhook_uid, &lookup)
+            .await
+            .map_err(stream_unavailable)?;
+        truncated |= !complete;
+        found.extend(
+            records
+                .iter()
+                .take(MAX_FOUND - found.len())
+                .map(record_json),
+        );
+    }
+    Ok(Json(json!({"deliveries": found, "truncated": truncated})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_must_be_an_rfc3339_time() {
+        assert_eq!(
+            parse_since(Some("2026-11-30T16:00:00Z")).unwrap(),
+            "2026-11-30T16:00:00Z".parse::<Timestamp>().unwrap()
+        );
+        assert!(parse_since(Some("2026-11-30T17:00:00+01:00")).is_ok());
+        for bad in [None, Some(""), Some("yesterday"), Some("2026-11-30")] {
+            let e = parse_since(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad:?}");
+            assert!(e.message.contains("RFC 3339"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn a_search_takes_one_of_document_id_and_delivery_id() {
+        let q = |document_id: Option<&str>, delivery_id: Option<&str>| SearchQuery {
+            document_id: document_id.map(str::to_owned),
+            delivery_id: delivery_id.map(str::to_owned),
+        };
+        assert_eq!(q(None, None).lookup().unwrap(), None);
+        assert_eq!(
+            q(Some("123"), None).lookup().unwrap(),
+            Some(Lookup::DocumentId("123".into()))
+        );
+        assert_eq!(
+            q(None, Some("msg_ab12")).lookup().unwrap(),
+            Some(Lookup::DeliveryId("msg_ab12".into()))
+        );
+        for bad in [
+            q(Some("1"), Some("msg_1")),
+            q(Some(""), None),
+            q(None, Some("nope")),
+            q(None, Some("")),
+        ] {
+            assert_eq!(bad.lookup().unwrap_err().status, StatusCode::BAD_REQUEST);
+        }
+    }
+}
