@@ -23,3 +23,4 @@ pub mod metrics;
 pub mod operator;
 pub mod routing;
 pub mod status;
+pub mod telemetry;

@@ -1,7 +1,7 @@
 use clap::{Parser, Subcommand};
 use hookrelay::operator::{self, RunArgs};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::{EnvFilter, fmt};
+use tracing_subscriber::{EnvFilter, Layer, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
 /// A Kubernetes operator that delivers signed webhooks for document events.
 #[derive(Parser, Debug)]
@@ -40,9 +40,22 @@ enum LogFormat {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run { args, log_format } => {
-            init_tracing(log_format);
             let runtime = tokio::runtime::Runtime::new()?;
+            // OpenTelemetry's batch exporter is a task of the runtime.
+            let traces = {
+                let _runtime = runtime.enter();
+                hookrelay::telemetry::provider().map_err(anyhow::Error::msg)?
+            };
+            init_tracing(log_format, traces.as_ref());
             let result = runtime.block_on(run(*args));
+            if let Some(traces) = traces {
+                // The last spans are sent before the process exits (bounded: a dead collector
+                // does not hold the exit up).
+                runtime.block_on(async {
+                    let flush = tokio::task::spawn_blocking(move || traces.shutdown());
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), flush).await;
+                });
+            }
             // Tasks still running (a blocking DNS lookup, a patch past the deadline) must not
             // keep the process alive: the shutdown deadline was the wait.
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -97,13 +110,18 @@ async fn shutdown_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_tracing(format: LogFormat, traces: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
+    let filter = hookrelay::telemetry::log_filter(
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    );
     // Colours only for a person at a terminal, never in files or pipes that are grepped.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = fmt().with_env_filter(filter).with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let logs = match format {
+        LogFormat::Text => fmt::layer().with_ansi(ansi).boxed(),
+        LogFormat::Json => fmt::layer().json().with_ansi(ansi).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(traces.map(hookrelay::telemetry::layer))
+        .init();
 }

@@ -353,8 +353,20 @@ impl DocumentEventController {
                 status.deliveries = self.route(&key, &uid, &de);
             }
             let body = Arc::new(EventBody::from(&de));
+            // The route span continues the ingest trace (the event's annotation), when traces
+            // are exported; each attempt's span is its child.
+            let span = tracing::info_span!(
+                target: crate::telemetry::TARGET,
+                "route",
+                hookrelay.namespace = %key.namespace,
+                hookrelay.document_event = %key.name,
+                hookrelay.event = de.spec.type_.as_str(),
+                hookrelay.targets = status.deliveries.len(),
+            );
+            crate::telemetry::continue_trace(&span, event_trace(&de));
+            let trace: Option<Arc<str>> = crate::telemetry::traceparent(&span).map(Arc::from);
             for target in status.deliveries.iter().filter(|t| !is_final(t.state)) {
-                self.spawn_delivery(&key, &uid, &body, target.clone(), &cancel);
+                self.spawn_delivery(&key, &uid, &body, target.clone(), &cancel, trace.clone());
             }
             let changed = set_phase(&mut status);
             if changed || de.status.is_none() {
@@ -382,6 +394,7 @@ impl DocumentEventController {
         body: &Arc<EventBody>,
         target: TargetDelivery,
         cancel: &CancellationToken,
+        trace: Option<Arc<str>>,
     ) {
         let webhook = WebhookKey {
             namespace: key.namespace.clone(),
@@ -403,6 +416,7 @@ impl DocumentEventController {
             source: key.name.to_string(),
             manual: false,
             timeout_cap: None,
+            trace,
         };
         let progress = EventProgress {
             tx: self.tasks.progress.clone(),
@@ -452,7 +466,9 @@ impl DocumentEventController {
             if let Some(cleanup) = cleanup {
                 self.cleanup.try_remove(&cleanup);
             }
-            self.spawn_delivery(&key, &uid, &Arc::new(EventBody::from(&de)), target, &cancel);
+            let trace = event_trace(&de).map(Arc::from);
+            let body = Arc::new(EventBody::from(&de));
+            self.spawn_delivery(&key, &uid, &body, target, &cancel, trace);
             self.write(&key);
             queued += 1;
         }
@@ -670,6 +686,15 @@ impl Report for EventProgress {
             })
             .await;
     }
+}
+
+/// The `traceparent` ingest left on the event (see `crate::telemetry`).
+fn event_trace(de: &DocumentEvent) -> Option<&str> {
+    de.metadata
+        .annotations
+        .as_ref()?
+        .get(crate::telemetry::TRACEPARENT_ANNOTATION)
+        .map(String::as_str)
 }
 
 fn event_key(de: &DocumentEvent) -> EventKey {

@@ -33,6 +33,8 @@ pub struct Attempt<'a> {
     pub signatures: Signatures,
     pub body: bytes::Bytes,
     pub timeout: Duration,
+    /// The W3C `traceparent` of the attempt's span, when traces are exported.
+    pub traceparent: Option<String>,
 }
 
 /// Sends attempts: keep-alive pool, no redirects, no proxies, every address checked.
@@ -117,6 +119,9 @@ fn headers(attempt: &Attempt<'_>) -> HeaderMap {
         put("webhook-id", attempt.delivery_id);
         put("webhook-timestamp", &attempt.timestamp.to_string());
         put("webhook-signature", standard);
+    }
+    if let Some(traceparent) = &attempt.traceparent {
+        put("traceparent", traceparent);
     }
     h
 }

@@ -7,6 +7,7 @@ use std::{sync::Arc, time::Duration};
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc};
+use tracing::Instrument;
 
 use super::{
     Attempt, AttemptResult, EventBody, HttpSender, RetryPolicy, Verdict, limits::KeyedLimits,
@@ -44,6 +45,9 @@ pub struct Delivery {
     /// At most this long for the attempt, whatever the Webhook's `timeoutSeconds` (a manual
     /// delivery must answer within the API's request timeout, with its outcome).
     pub timeout_cap: Option<Duration>,
+    /// The W3C `traceparent` of the span this delivery continues (its route span), whose
+    /// child each attempt's span is; None when traces are not exported.
+    pub trace: Option<Arc<str>>,
 }
 
 /// What the routing table says about a delivery now.
@@ -233,6 +237,20 @@ impl Dispatcher {
             return Attempted::NotSent;
         };
         let now = Timestamp::now();
+        // Disabled (and free) unless traces are exported: see crate::telemetry.
+        let span = tracing::info_span!(
+            target: crate::telemetry::TARGET,
+            "attempt",
+            otel.kind = "client",
+            hookrelay.delivery_id = %delivery.id,
+            hookrelay.webhook = %delivery.webhook,
+            hookrelay.event = delivery.event.event.as_str(),
+            hookrelay.attempt = attempt,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            error.message = tracing::field::Empty,
+        );
+        crate::telemetry::continue_trace(&span, delivery.trace.as_deref());
         let (result, duration) = match &route.signer {
             None => (
                 AttemptResult::Error {
@@ -252,8 +270,9 @@ impl Dispatcher {
                     body: delivery.event.body.clone(), // a reference count, not a copy
                     timeout: Duration::from_secs(route.delivery.timeout_seconds.max(1) as u64)
                         .min(delivery.timeout_cap.unwrap_or(Duration::MAX)),
+                    traceparent: crate::telemetry::traceparent(&span),
                 };
-                self.sender.send(attempt).await
+                self.sender.send(attempt).instrument(span.clone()).await
             }
         };
         // The slots are for talking to the endpoint, not for recording what it said.
@@ -281,6 +300,14 @@ impl Dispatcher {
             Verdict::Retry(_) => Outcome::Retrying,
             Verdict::Failed | Verdict::Gone => Outcome::Failed,
         };
+        if let Some(code) = http_status {
+            span.record("http.response.status_code", code);
+        }
+        if let Some(error) = &error {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.message", error.as_str());
+        }
+        drop(span);
         self.metrics
             .observe_delivery(DeliveryLabels::new(outcome, http_status), duration);
         let record = DeliveryRecord {

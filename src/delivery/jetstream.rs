@@ -71,7 +71,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Attempted, Delivery, Dispatcher, EventBody, KeyedLimits, RouteCheck, Verdict, delivery_id,
 };
-use crate::{crd::EventType, routing::Routes, routing::WebhookKey};
+use crate::{crd::EventType, routing::Routes, routing::WebhookKey, telemetry::TRACEPARENT};
 
 /// Subjects of ingested events: `hookrelay.events.<namespace>`.
 pub const EVENTS_SUBJECT: &str = "hookrelay.events";
@@ -345,6 +345,10 @@ impl EventMessage {
         if let Some(fingerprint) = fingerprint {
             headers.insert(CONTENT_HEADER, fingerprint);
         }
+        // Ingest's span, when traces are exported: the router's span continues it.
+        if let Some(trace) = crate::telemetry::traceparent(&tracing::Span::current()) {
+            headers.insert(TRACEPARENT, trace.as_str());
+        }
         Self {
             subject: format!("{EVENTS_SUBJECT}.{namespace}"),
             headers,
@@ -436,6 +440,16 @@ async fn route_one(
         return message.ack().await.map_err(|e| e.to_string());
     };
     let table = routes.snapshot();
+    // The route span continues the ingest trace; each work item carries it to its attempts.
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "route",
+        hookrelay.namespace = namespace,
+        hookrelay.event = event.as_str(),
+        hookrelay.event_id = event_id,
+    );
+    crate::telemetry::continue_trace(&span, header(headers, TRACEPARENT));
+    let trace = crate::telemetry::traceparent(&span);
     let mut acks = Vec::new();
     for route in table.lookup(namespace, event) {
         let id = delivery_id(event_id, &route.uid);
@@ -444,6 +458,9 @@ async fn route_one(
         headers.insert(DELIVERY_ID_HEADER, id.as_str());
         headers.insert(WEBHOOK_UID_HEADER, route.uid.as_str());
         headers.insert(EVENT_TYPE_HEADER, event.as_str());
+        if let Some(trace) = &trace {
+            headers.insert(TRACEPARENT, trace.as_str());
+        }
         let subject = format!("{DELIVERIES_SUBJECT}.{namespace}.{}", route.key.name);
         let ack = context
             .publish_with_headers(subject, headers, message.payload.clone())
@@ -586,6 +603,7 @@ fn delivery_of(message: &jetstream::Message) -> Option<WorkItem> {
         source: "jetstream".into(),
         manual: false,
         timeout_cap: None,
+        trace: header(headers, TRACEPARENT).map(Arc::from),
     };
     Some(WorkItem {
         delivery,
@@ -812,6 +830,9 @@ impl Deliverer {
         headers.insert(EVENT_TYPE_HEADER, delivery.event.event.as_str());
         headers.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
         headers.insert(PARKED_HEADER, parked.to_string().as_str());
+        if let Some(trace) = &delivery.trace {
+            headers.insert(TRACEPARENT, &**trace);
+        }
         if let Some(since) = held_since {
             headers.insert(HELD_SINCE_HEADER, since.to_string().as_str());
         }
@@ -868,6 +889,7 @@ mod tests {
                 source: "jetstream".into(),
                 manual: false,
                 timeout_cap: None,
+                trace: None,
             },
             attempts_before,
             parked,

@@ -429,6 +429,7 @@ async fn attempt_once(
                 .saturating_sub(MANUAL_SLOT_WAIT + std::time::Duration::from_secs(2))
                 .max(std::time::Duration::from_secs(1)),
         ),
+        trace: None,
     };
     // A person is waiting: say at once why nothing can be sent rather than "try again".
     if let RouteCheck::Hold { why, .. } | RouteCheck::Gone(why) = state.dispatcher.check(&delivery)

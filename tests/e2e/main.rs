@@ -14,4 +14,5 @@ mod leader;
 mod operator;
 mod recover;
 mod support;
+mod telemetry;
 mod webhook_controller;

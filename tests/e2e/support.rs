@@ -259,6 +259,11 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(cp: &ControlPlane, args: &[&str]) -> Operator {
+        Self::start_with_env(cp, args, &[])
+    }
+
+    /// [`Operator::start`] with more environment variables.
+    pub fn start_with_env(cp: &ControlPlane, args: &[&str], env: &[(&str, &str)]) -> Operator {
         let metrics_addr: std::net::SocketAddr =
             format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let listen_addr: std::net::SocketAddr =
@@ -275,6 +280,7 @@ impl Operator {
             .args(args)
             .env("KUBECONFIG", &cp.kubeconfig)
             .env("RUST_LOG", "info,hookrelay=debug")
+            .envs(env.iter().copied())
             .stdout(out.try_clone().expect("log file"))
             .stderr(out)
             .kill_on_drop(true)

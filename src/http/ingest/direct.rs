@@ -393,6 +393,15 @@ impl DirectIngest {
                 Some(key) => keyed_direct_event_id(namespace, key),
                 None => hex::encode(rand::random::<[u8; 16]>()),
             };
+            // A child of the ingest span (the current one); its attempts are its children.
+            let span = tracing::info_span!(
+                target: crate::telemetry::TARGET,
+                "route",
+                hookrelay.namespace = namespace,
+                hookrelay.event = e.event.as_str(),
+                hookrelay.event_id = event_id.as_str(),
+            );
+            let trace: Option<Arc<str>> = crate::telemetry::traceparent(&span).map(Arc::from);
             deliveries.extend(table.lookup(namespace, e.event).map(|route| Delivery {
                 webhook: route.key.clone(),
                 webhook_uid: route.uid.as_str().into(),
@@ -401,6 +410,7 @@ impl DirectIngest {
                 source: "ingest".into(),
                 manual: false,
                 timeout_cap: None,
+                trace: trace.clone(),
             }));
         }
         Ok(Admission {

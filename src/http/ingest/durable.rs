@@ -95,6 +95,17 @@ async fn store(
         data: e.data,
     };
     let mut de = DocumentEvent::new("", spec.clone());
+    // Ingest's span (the current one), when traces are exported: delivery continues it.
+    let trace = crate::telemetry::traceparent(&tracing::Span::current());
+    if let Some(trace) = &trace {
+        de.metadata.annotations = Some(
+            [(
+                crate::telemetry::TRACEPARENT_ANNOTATION.to_owned(),
+                trace.clone(),
+            )]
+            .into(),
+        );
+    }
     let Some(key) = e.key else {
         de.metadata.name = None;
         de.metadata.generate_name = Some(format!("{}-", e.event.as_str().replace('.', "-")));
@@ -112,13 +123,10 @@ async fn store(
     };
     let name = keyed_event_name(&key);
     de.metadata.name = Some(name.clone());
-    de.metadata.annotations = Some(
-        [
-            (IDEMPOTENCY_KEY_ANNOTATION.to_owned(), key.clone()),
-            (CONTENT_ANNOTATION.to_owned(), content.clone()),
-        ]
-        .into(),
-    );
+    de.metadata.annotations.get_or_insert_default().extend([
+        (IDEMPOTENCY_KEY_ANNOTATION.to_owned(), key.clone()),
+        (CONTENT_ANNOTATION.to_owned(), content.clone()),
+    ]);
     // Twice at most: the existing one may be deleted (retention) between create and get.
     for _ in 0..2 {
         match api.create(&PostParams::default(), &de).await {

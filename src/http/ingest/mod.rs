@@ -226,14 +226,32 @@ pub async fn ingest(
         .await?;
     let key = headers.get(IDEMPOTENCY_KEY_HEADER).map(|v| v.as_bytes());
     let events = parse_events(&body, key)?;
-    match state.ingest_mode {
-        IngestMode::Durable => durable(&state, &namespace, events).await,
-        IngestMode::Direct => {
-            super::require_leader(&state, "direct ingest")?;
-            direct(&state, &namespace, events)
+    // Disabled (and free) unless traces are exported; a client's `traceparent` is its parent.
+    let span = tracing::info_span!(
+        target: crate::telemetry::TARGET,
+        "ingest",
+        otel.kind = "server",
+        hookrelay.namespace = namespace.as_str(),
+        hookrelay.ingest_mode = ?state.ingest_mode,
+        hookrelay.events = events.len(),
+    );
+    crate::telemetry::continue_trace(
+        &span,
+        headers
+            .get(crate::telemetry::TRACEPARENT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let accepted = async {
+        match state.ingest_mode {
+            IngestMode::Durable => durable(&state, &namespace, events).await,
+            IngestMode::Direct => {
+                super::require_leader(&state, "direct ingest")?;
+                direct(&state, &namespace, events)
+            }
+            IngestMode::JetStream => jetstream(&state, &namespace, events).await,
         }
-        IngestMode::JetStream => jetstream(&state, &namespace, events).await,
-    }
+    };
+    tracing::Instrument::instrument(accepted, span).await
 }
 
 pub(super) fn idempotency_conflict(key: &str) -> ApiError {
