@@ -280,3 +280,63 @@ async fn a_delivery_older_than_the_recent_ones_is_found_by_document_id_and_deliv
         op.op.stop().await;
     }
 }
+
+/// Direct ingest keeps no event: its failed deliveries cannot be recovered (the README says
+/// so), while a DocumentEvent created beside it in the same mode can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_ingest_keeps_nothing_to_recover_but_document_events_are() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace("recover-direct").await;
+    let op = ModeOperator::start(cp, IngestMode::Direct, &[&ns], |_| {}).await;
+    let api = op.op.op.listen_addr;
+    let (flaky, addr) = Flaky::start().await;
+    create_webhook(
+        &client,
+        &ns,
+        "flaky",
+        &format!("http://{addr}/h"),
+        "recover-signing-secret-0123",
+        json!({"maxAttempts": 1}),
+    )
+    .await;
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+    let before = k8s_openapi::jiff::Timestamp::now()
+        .checked_sub(Duration::from_secs(1))
+        .unwrap();
+    op.post_event(
+        &ns,
+        "document.completed",
+        json!({"document_id": 1, "fail": true}),
+    )
+    .await;
+    crate::support::create_event(
+        &client,
+        &ns,
+        "kept",
+        "document.completed",
+        json!({"document_id": 2, "fail": true}),
+    )
+    .await;
+    eventually("both failed", WAIT, || async {
+        (stats(&webhooks, "flaky").await? == (0, 2)).then_some(())
+    })
+    .await;
+    flaky.fixed.store(true, Ordering::SeqCst);
+    let (status, body) = api_call(
+        api,
+        "POST",
+        &format!("/api/webhooks/flaky/recover?since={before}&namespace={ns}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((status, &body["queued"]), (200, &json!(1)), "{body}");
+    eventually("the DocumentEvent's delivery sent again", WAIT, || async {
+        (stats(&webhooks, "flaky").await? == (1, 2)).then_some(())
+    })
+    .await;
+    let again: Vec<i64> = flaky.got()[2..].iter().map(|(_, d, _)| *d).collect();
+    assert_eq!(again, [2]);
+    op.op.stop().await;
+}
