@@ -252,6 +252,8 @@ impl Dispatcher {
                     body: delivery.event.body.clone(), // a reference count, not a copy
                     timeout: Duration::from_secs(route.delivery.timeout_seconds.max(1) as u64)
                         .min(delivery.timeout_cap.unwrap_or(Duration::MAX)),
+                    headers: &route.headers,
+                    service: route.service.as_deref(),
                 };
                 self.sender.send(attempt).await
             }
