@@ -214,8 +214,9 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
 
-    /// TEST SEAM, never for production (hidden from --help): FROM=TO pairs of IP addresses;
-    /// a delivery the egress policy allowed to FROM connects to TO instead (tests map a
+    /// TEST SEAM, never for production (hidden from --help): FROM=TO pairs, FROM an IP address
+    /// or CIDR range, TO an IP address; a delivery the egress policy allowed to an address FROM
+    /// covers connects to TO instead (tests map a
     /// Service's ClusterIP onto a loopback receiver, as there is no kube-proxy there). The
     /// operator logs a warning at start while it is set.
     #[arg(
@@ -226,7 +227,7 @@ pub struct RunArgs {
         value_parser = delivery::AddressMap::parse_pair,
         hide = true
     )]
-    pub test_address_map: Vec<(std::net::IpAddr, std::net::IpAddr)>,
+    pub test_address_map: Vec<(IpNet, std::net::IpAddr)>,
 }
 
 impl RunArgs {

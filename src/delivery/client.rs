@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use ipnet::IpNet;
 use reqwest::{
     dns::{Addrs, Name, Resolve, Resolving},
     header::{HeaderMap, HeaderName, HeaderValue},
@@ -61,10 +62,10 @@ pub struct ServiceTarget {
 /// ([`AddressMap::connect_to`]), so the policy still judges the real address. Empty in
 /// production; the operator warns loudly when it is not.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AddressMap(Arc<HashMap<IpAddr, IpAddr>>);
+pub struct AddressMap(Arc<Vec<(IpNet, IpAddr)>>);
 
 impl AddressMap {
-    pub fn new(pairs: impl IntoIterator<Item = (IpAddr, IpAddr)>) -> Self {
+    pub fn new(pairs: impl IntoIterator<Item = (IpNet, IpAddr)>) -> Self {
         Self(Arc::new(pairs.into_iter().collect()))
     }
 
@@ -72,22 +73,31 @@ impl AddressMap {
         self.0.is_empty()
     }
 
-    /// Where a connection to `ip`, already allowed by the egress policy, really goes.
+    /// Where a connection to `ip`, already allowed by the egress policy, really goes: the
+    /// first mapping whose FROM covers it.
     pub fn connect_to(&self, ip: IpAddr) -> IpAddr {
-        self.0.get(&ip).copied().unwrap_or(ip)
+        self.0
+            .iter()
+            .find(|(from, _)| from.contains(&ip))
+            .map_or(ip, |(_, to)| *to)
     }
 
-    /// One `FROM=TO` pair of `--test-address-map`.
-    pub fn parse_pair(s: &str) -> Result<(IpAddr, IpAddr), String> {
+    /// One `FROM=TO` pair of `--test-address-map`: FROM an address or a CIDR range (a test
+    /// cannot know the ClusterIP a Service will get), TO an address.
+    pub fn parse_pair(s: &str) -> Result<(IpNet, IpAddr), String> {
         let (from, to) = s
             .split_once('=')
-            .ok_or_else(|| format!("{s:?}: expected FROM=TO, such as 10.0.0.12=127.0.0.1"))?;
-        let parse = |a: &str| {
-            a.trim()
-                .parse::<IpAddr>()
-                .map_err(|e| format!("{a:?}: {e} (expected an IP address)"))
-        };
-        Ok((parse(from)?, parse(to)?))
+            .ok_or_else(|| format!("{s:?}: expected FROM=TO, such as 10.0.0.0/24=127.0.0.1"))?;
+        let from = from.trim();
+        let from = from
+            .parse::<IpNet>()
+            .or_else(|_| from.parse::<IpAddr>().map(IpNet::from))
+            .map_err(|_| format!("{from:?}: expected an IP address or a CIDR range"))?;
+        let to = to
+            .trim()
+            .parse::<IpAddr>()
+            .map_err(|e| format!("{to:?}: {e} (expected an IP address)"))?;
+        Ok((from, to))
     }
 }
 
@@ -351,7 +361,12 @@ mod tests {
     #[test]
     fn the_test_address_map_parses_pairs_and_maps_only_what_it_names() {
         let pair = AddressMap::parse_pair("10.0.0.12=127.0.0.1").unwrap();
-        let map = AddressMap::new([pair]);
+        let range = AddressMap::parse_pair("10.1.0.0/24=127.0.0.2").unwrap();
+        let map = AddressMap::new([pair, range]);
+        assert_eq!(
+            map.connect_to("10.1.0.200".parse().unwrap()),
+            "127.0.0.2".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(
             map.connect_to("10.0.0.12".parse().unwrap()),
             "127.0.0.1".parse::<IpAddr>().unwrap()
