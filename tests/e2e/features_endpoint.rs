@@ -229,6 +229,19 @@ async fn bad_service_refs_and_headers_are_refused_by_the_api_server() {
         )
         .await;
     }
+    let example = crate::support::repo_root().join("examples/webhook-service-ref.yaml");
+    cp.kubectl_ok(
+        &[
+            "apply",
+            "--dry-run=server",
+            "-n",
+            &ns,
+            "-f",
+            example.to_str().unwrap(),
+        ],
+        None,
+    )
+    .await;
     let cases: Vec<(&str, String, &[&str])> = vec![
         (
             "url and serviceRef",
@@ -461,4 +474,52 @@ async fn static_and_secret_headers_reach_the_receiver_and_follow_the_secret() {
         );
         op.op.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_api_takes_and_returns_service_ref_and_headers() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace("svc-api").await;
+    let receiver = Receiver::start(ReceiverKind::Python, "unused-secret-0123456789", &[]).await;
+    let port = receiver.addr.port();
+    create_service(&client, &ns, "receiver", cluster_ip_service(port)).await;
+    let op = operator(cp, IngestMode::Durable, &ns).await;
+    let api = op.op.op.listen_addr;
+    let body = json!({
+        "service_ref": {"name": "receiver", "port": "http", "path": "/from-api"},
+        "headers": {"X-Env": "prod"},
+        "events": ["document.completed"]
+    })
+    .to_string();
+    let path = format!("/api/webhooks?namespace={ns}");
+    let (status, created) = crate::support::api_call(api, "POST", &path, None, Some(&body)).await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["url"], Value::Null, "{created}");
+    assert_eq!(
+        created["service_ref"],
+        json!({"name": "receiver", "port": "http", "path": "/from-api", "ca_bundle": null})
+    );
+    assert_eq!(created["headers"], json!({"X-Env": "prod"}));
+    let id = created["id"].as_str().unwrap().to_owned();
+    wait_ready_reason(&client, &ns, &id, "True", "Routed").await;
+
+    // Both endpoints at once: the API server's message.
+    let both = json!({"url": "https://example.com/h", "service_ref": {"name": "receiver", "port": 80}, "events": ["*"]});
+    let (status, refused) =
+        crate::support::api_call(api, "POST", &path, None, Some(&both.to_string())).await;
+    assert_eq!(status, 422, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("set exactly one of url"), "{refused}");
+
+    // Back to a url: the serviceRef goes.
+    let put = json!({"url": format!("http://127.0.0.1:{port}/h")}).to_string();
+    let one = format!("/api/webhooks/{id}?namespace={ns}");
+    let (status, updated) = crate::support::api_call(api, "PUT", &one, None, Some(&put)).await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["url"], json!(format!("http://127.0.0.1:{port}/h")));
+    assert!(updated.get("service_ref").is_none(), "{updated}");
+    // This operator allows no private range: the loopback url is refused.
+    wait_ready_reason(&client, &ns, &id, "False", "EgressNotAllowed").await;
+    op.op.stop().await;
 }
