@@ -97,6 +97,18 @@ async fn a_service_ref_webhook_delivers_to_its_service_in_every_ingest_mode() {
             )),
             "{message}"
         );
+        // `kubectl get` shows the Service where a url Webhook shows its URL.
+        let table = cp
+            .kubectl_ok(&["get", "webhook", "to-service", "-n", &ns], None)
+            .await;
+        let header = table.lines().next().unwrap_or_default();
+        let row = table.lines().nth(1).unwrap_or_default();
+        let service_column = header.find("SERVICE").unwrap();
+        assert_eq!(
+            row.get(service_column..service_column + 8),
+            Some("receiver"),
+            "{table}"
+        );
         op.post_event(&ns, "document.completed", json!({"document_id": 7}))
             .await;
         let got = receiver.wait_ok(1).await;
