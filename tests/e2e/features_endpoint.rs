@@ -484,6 +484,30 @@ async fn static_and_secret_headers_reach_the_receiver_and_follow_the_secret() {
             seen.lock().unwrap().iter().all(|r| r.signature_ok),
             "{mode:?}: every request signed by hookrelay"
         );
+
+        // A Secret without the headers label gives no headers, whatever it holds.
+        let plain: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "plain", "labels": {"hookrelay.dev/signing-secret": "true"}},
+            "stringData": {"Authorization": "Bearer not-for-headers"}
+        }))
+        .unwrap();
+        secrets
+            .create(&PostParams::default(), &plain)
+            .await
+            .unwrap();
+        create_webhook_with(
+            &client,
+            &ns,
+            "unlabelled",
+            json!({"url": format!("http://{addr}/h"), "headersFrom": {"secretRef": {"name": "plain"}}}),
+        )
+        .await;
+        let message =
+            wait_ready_reason(&client, &ns, "unlabelled", "False", "SecretNotFound").await;
+        assert!(
+            message.contains("hookrelay.dev/webhook-headers=true"),
+            "{message}"
+        );
         op.op.stop().await;
     }
 }
