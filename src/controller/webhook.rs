@@ -880,6 +880,58 @@ mod tests {
         update.event.map(|e| (e.warning, e.reason))
     }
 
+    fn service(ns: &str, name: &str, port: i32) -> DeserializeGuard<Service> {
+        DeserializeGuard(Ok(serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"clusterIP": "10.0.0.9", "ports": [{"name": "http", "port": port}]}
+        }))
+        .unwrap()))
+    }
+
+    #[test]
+    fn referenced_objects_report_changes_and_a_relist_drops_what_it_did_not_see() {
+        let mut services: Referenced<ServiceInfo> = Referenced::new(1);
+        let docs: Arc<str> = "docs".into();
+        let key = |name: &str| (docs.clone(), Arc::<str>::from(name));
+        let info = ServiceInfo::from_service;
+        assert!(!services.all_synced());
+        assert!(
+            services
+                .on_event(0, None, watcher::Event::Init, info)
+                .is_empty()
+        );
+        let listed = watcher::Event::InitApply(service("docs", "a", 80));
+        assert!(services.on_event(0, None, listed, info).is_empty());
+        let listed = watcher::Event::InitApply(service("docs", "b", 80));
+        assert!(services.on_event(0, None, listed, info).is_empty());
+        let mut changed = services.on_event(0, None, watcher::Event::InitDone, info);
+        changed.sort();
+        assert_eq!(changed, [key("a"), key("b")]);
+        assert!(services.all_synced());
+        // The same object again is no change; a new port is.
+        let same = watcher::Event::Apply(service("docs", "a", 80));
+        assert!(services.on_event(0, None, same, info).is_empty());
+        let moved = watcher::Event::Apply(service("docs", "a", 81));
+        assert_eq!(services.on_event(0, None, moved, info), [key("a")]);
+        assert_eq!(
+            services.get(&docs, "a").unwrap().ports,
+            [(Some("http".into()), 81)]
+        );
+        // A re-list without b (deleted while the watch was down) drops it.
+        services.on_event(0, None, watcher::Event::Init, info);
+        let listed = watcher::Event::InitApply(service("docs", "a", 81));
+        services.on_event(0, None, listed, info);
+        let changed = services.on_event(0, None, watcher::Event::InitDone, info);
+        assert_eq!(changed, [key("b")]);
+        assert!(services.get(&docs, "b").is_none());
+        // Referrers follow index / unindex.
+        let w: Arc<str> = "w".into();
+        services.index(&docs, Some("a"), &w);
+        assert_eq!(services.referrers(&key("a")), std::slice::from_ref(&w));
+        services.unindex(&docs, Some("a"), &w);
+        assert!(services.referrers(&key("a")).is_empty());
+    }
+
     #[test]
     fn a_new_webhook_ready_at_once_records_no_event_but_every_other_flip_does() {
         assert_eq!(event_of(&webhook(None), true), None);
