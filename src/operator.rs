@@ -213,6 +213,21 @@ pub struct RunArgs {
     /// PEM private key of --tls-cert-file.
     #[arg(long, env = "HOOKRELAY_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
+
+    /// TEST SEAM, never for production (hidden from --help): FROM=TO pairs, FROM an IP address
+    /// or CIDR range, TO an IP address; a delivery the egress policy allowed to an address FROM
+    /// covers connects to TO instead (tests map a
+    /// Service's ClusterIP onto a loopback receiver, as there is no kube-proxy there). The
+    /// operator logs a warning at start while it is set.
+    #[arg(
+        long = "test-address-map",
+        env = "HOOKRELAY_TEST_ADDRESS_MAP",
+        value_delimiter = ',',
+        value_name = "FROM=TO",
+        value_parser = delivery::AddressMap::parse_pair,
+        hide = true
+    )]
+    pub test_address_map: Vec<(IpNet, std::net::IpAddr)>,
 }
 
 impl RunArgs {
@@ -256,6 +271,7 @@ impl RunArgs {
             token_audience: "hookrelay".into(),
             tls_cert_file: None,
             tls_key_file: None,
+            test_address_map: Vec::new(),
         }
     }
 }
@@ -412,8 +428,15 @@ pub async fn start(
         None => (local_status.clone(), None),
     };
     let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+    let address_map = delivery::AddressMap::new(args.test_address_map.iter().copied());
+    if !address_map.is_empty() {
+        tracing::warn!(
+            map = ?args.test_address_map,
+            "TEST SEAM --test-address-map IS SET: deliveries connect to other addresses than the egress policy approved; never use this outside tests"
+        );
+    }
     let dispatcher = Arc::new(Dispatcher::new(
-        HttpSender::new(egress.clone()),
+        HttpSender::with_address_map(egress.clone(), address_map),
         routes.clone(),
         status.clone(),
         gone_tx,

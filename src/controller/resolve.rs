@@ -3,14 +3,56 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use k8s_openapi::ByteString;
+use k8s_openapi::{
+    ByteString, api::core::v1::Service, apimachinery::pkg::util::intstr::IntOrString,
+};
 
-pub use crate::crd::{PREVIOUS_KEY, SIGNING_SECRET_LABEL, ready_reason};
+pub use crate::crd::{HEADERS_SECRET_LABEL, PREVIOUS_KEY, SIGNING_SECRET_LABEL, ready_reason};
 use crate::{
-    crd::{ConditionState, Webhook},
-    delivery::{EgressPolicy, Signer, redact_url},
+    crd::{ConditionState, ServiceRef, Webhook},
+    delivery::{
+        CustomHeaders, EgressDenied, EgressPolicy, ServiceTarget, Signer, custom_headers,
+        redact_url,
+    },
     routing::{Route, RouteState, WebhookKey},
 };
+
+/// What the controller keeps of a Service: what resolving a `serviceRef` reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub type_: String,
+    /// None for a headless Service (`clusterIP: None`).
+    pub cluster_ip: Option<String>,
+    /// TCP ports: name and number.
+    pub ports: Vec<(Option<String>, i32)>,
+}
+
+impl ServiceInfo {
+    pub fn from_service(service: &Service) -> Self {
+        let spec = service.spec.clone().unwrap_or_default();
+        Self {
+            type_: spec.type_.unwrap_or_else(|| "ClusterIP".into()),
+            cluster_ip: spec.cluster_ip.filter(|ip| !ip.is_empty() && ip != "None"),
+            ports: spec
+                .ports
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                .map(|p| (p.name, p.port))
+                .collect(),
+        }
+    }
+}
+
+/// What a Webhook references besides its signing Secret, as the controller knows it now (None:
+/// not found, or not referenced).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct References<'a> {
+    /// The data of the `headersFrom` Secret.
+    pub headers_secret: Option<&'a BTreeMap<String, ByteString>>,
+    /// The `serviceRef` Service.
+    pub service: Option<&'a ServiceInfo>,
+}
 
 /// What a Webhook resolves to.
 #[derive(Debug)]
@@ -25,6 +67,17 @@ pub struct Resolution {
 pub fn resolve(
     webhook: &Webhook,
     secret: Option<&BTreeMap<String, ByteString>>,
+    egress: &EgressPolicy,
+    gone: Option<&str>,
+) -> Resolution {
+    resolve_with(webhook, secret, References::default(), egress, gone)
+}
+
+/// [`resolve`], with what the Webhook references besides its signing Secret.
+pub fn resolve_with(
+    webhook: &Webhook,
+    secret: Option<&BTreeMap<String, ByteString>>,
+    refs: References<'_>,
     egress: &EgressPolicy,
     gone: Option<&str>,
 ) -> Resolution {
@@ -64,13 +117,52 @@ pub fn resolve(
             }
         },
     };
-    let egress = egress.check_url(&spec.url);
-    let shown_url = redact_url(&spec.url);
+    // The endpoint: a URL checked by the egress policy, or a Service's ClusterIP.
+    let (url, service, endpoint) = match (&spec.service_ref, &spec.url) {
+        (Some(service_ref), _) => match service_target(ns, service_ref, refs.service, egress) {
+            Ok((url, target)) => (url, Some(Arc::new(target)), Ok(())),
+            Err(e) => (String::new(), None, Err(e)),
+        },
+        (None, Some(url)) => {
+            let endpoint = egress
+                .check_url(url)
+                .map(drop)
+                .map_err(|denied| (EGRESS_NOT_ALLOWED, format!("{}: {denied}", redact_url(url))));
+            (url.clone(), None, endpoint)
+        }
+        (None, None) => (
+            String::new(),
+            None,
+            Err((
+                EGRESS_NOT_ALLOWED,
+                "set spec.url or spec.serviceRef: there is nowhere to deliver to".into(),
+            )),
+        ),
+    };
+    let shown_url = redact_url(&url);
+    let headers: Result<CustomHeaders, (&str, String)> = match &spec.headers_from {
+        None => custom_headers(&spec.headers, None).map_err(|e| (HEADERS_INVALID, e)),
+        Some(from) => match refs.headers_secret {
+            None => Err((
+                SECRET_NOT_FOUND,
+                format!(
+                    "Secret {ns}/{} labelled {HEADERS_SECRET_LABEL}=true (spec.headersFrom) not found: only Secrets with that label give headers",
+                    from.secret_ref.name
+                ),
+            )),
+            Some(data) => {
+                let secret = format!("{ns}/{}", from.secret_ref.name);
+                custom_headers(&spec.headers, Some((&secret, data)))
+                    .map_err(|e| (HEADERS_INVALID, e))
+            }
+        },
+    };
 
-    let (state, ready) = match (&signer, egress, gone) {
-        (Err((reason, message)), _, _) => blocked(reason, message.clone()),
-        (_, Err(denied), _) => blocked(EGRESS_NOT_ALLOWED, format!("{shown_url}: {denied}")),
-        (_, _, Some(message)) => blocked(ENDPOINT_GONE, message.to_owned()),
+    let (state, ready) = match (&signer, endpoint, &headers, gone) {
+        (Err((reason, message)), _, _, _) => blocked(reason, message.clone()),
+        (_, Err((reason, message)), _, _) => blocked(reason, message),
+        (_, _, Err((reason, message)), _) => blocked(reason, message.clone()),
+        (_, _, _, Some(message)) => blocked(ENDPOINT_GONE, message.to_owned()),
         _ if spec.paused => (
             RouteState::Paused,
             ConditionState::new(
@@ -96,15 +188,115 @@ pub fn resolve(
             key: WebhookKey::new(ns, webhook.metadata.name.as_deref().unwrap_or_default()),
             uid: webhook.metadata.uid.clone().unwrap_or_default(),
             generation: webhook.metadata.generation.unwrap_or_default(),
-            url: spec.url.clone(),
+            url,
             events: spec.events.clone(),
             signer: signer.ok(),
             delivery: spec.delivery.clone(),
             state,
+            service,
+            headers: headers.unwrap_or_default(),
             superseded: Default::default(),
         },
         ready,
     }
+}
+
+/// The URL and target of a `serviceRef`, from the Service as the controller knows it.
+fn service_target(
+    ns: &str,
+    service_ref: &ServiceRef,
+    service: Option<&ServiceInfo>,
+    egress: &EgressPolicy,
+) -> Result<(String, ServiceTarget), (&'static str, String)> {
+    use ready_reason::*;
+    let name = &service_ref.name;
+    let Some(service) = service else {
+        return Err((
+            SERVICE_NOT_FOUND,
+            format!("Service {ns}/{name} not found: create it, or correct spec.serviceRef.name"),
+        ));
+    };
+    if service.type_ == "ExternalName" {
+        return Err((
+            SERVICE_NOT_ALLOWED,
+            format!(
+                "Service {ns}/{name} is of type ExternalName, which names an address the egress policy would not check: use spec.url with that host name instead, or a Service with a ClusterIP"
+            ),
+        ));
+    }
+    let Some(cluster_ip) = &service.cluster_ip else {
+        return Err((
+            SERVICE_NOT_ALLOWED,
+            format!(
+                "Service {ns}/{name} is headless (clusterIP: None): hookrelay delivers to a Service's ClusterIP only; reference a Service with a ClusterIP"
+            ),
+        ));
+    };
+    let cluster_ip = cluster_ip.parse().map_err(|_| {
+        (
+            SERVICE_NOT_ALLOWED,
+            format!("Service {ns}/{name} has no usable ClusterIP ({cluster_ip:?})"),
+        )
+    })?;
+    let port = service
+        .ports
+        .iter()
+        .find(|(port_name, number)| match &service_ref.port {
+            IntOrString::Int(n) => number == n,
+            IntOrString::String(s) => port_name.as_deref() == Some(s.as_str()),
+        })
+        .map(|(_, number)| *number);
+    let Some(port) = port.and_then(|p| u16::try_from(p).ok()) else {
+        let wanted = match &service_ref.port {
+            IntOrString::Int(n) => n.to_string(),
+            IntOrString::String(s) => format!("named {s:?}"),
+        };
+        let known = service
+            .ports
+            .iter()
+            .map(|(n, p)| match n {
+                Some(n) => format!("{p} ({n})"),
+                None => p.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err((
+            SERVICE_PORT_NOT_FOUND,
+            format!(
+                "Service {ns}/{name} has no TCP port {wanted}: set spec.serviceRef.port to one of its ports: {known}"
+            ),
+        ));
+    };
+    let scheme = if service_ref.ca_bundle.is_some() {
+        "https"
+    } else if egress.allow_http {
+        "http"
+    } else {
+        return Err((
+            EGRESS_NOT_ALLOWED,
+            format!(
+                "Service {ns}/{name}: {}; set spec.serviceRef.caBundle to deliver over https",
+                EgressDenied::PlainHttp
+            ),
+        ));
+    };
+    if let Some(pem) = &service_ref.ca_bundle
+        && reqwest::Certificate::from_pem_bundle(pem.as_bytes()).is_err()
+    {
+        return Err((
+            SERVICE_NOT_ALLOWED,
+            "spec.serviceRef.caBundle holds no valid PEM certificate: give the CA certificates that sign the Service's certificate".into(),
+        ));
+    }
+    let host = format!("{name}.{ns}.svc");
+    let url = format!("{scheme}://{host}:{port}{}", service_ref.path);
+    let target = ServiceTarget {
+        host,
+        cluster_ip,
+        port,
+        ca_bundle: service_ref.ca_bundle.as_deref().map(Arc::from),
+    };
+    Ok((url, target))
 }
 
 fn blocked(reason: &'static str, message: String) -> (RouteState, ConditionState) {

@@ -15,7 +15,7 @@ use std::{
 use futures::StreamExt;
 use k8s_openapi::{
     ByteString,
-    api::core::v1::{ObjectReference, Secret},
+    api::core::v1::{ObjectReference, Secret, Service},
     apimachinery::pkg::apis::meta::v1::Condition,
     jiff::Timestamp,
 };
@@ -25,7 +25,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Scope,
-    resolve::{Resolution, SIGNING_SECRET_LABEL, ready_reason, resolve},
+    resolve::{
+        HEADERS_SECRET_LABEL, References, Resolution, SIGNING_SECRET_LABEL, ServiceInfo,
+        ready_reason, resolve_with,
+    },
 };
 use crate::{
     crd::{Webhook, merge_condition},
@@ -44,6 +47,135 @@ type NamespacedName = (Arc<str>, Arc<str>);
 enum Input {
     Secret(usize, watcher::Event<DeserializeGuard<Secret>>),
     Webhook(usize, watcher::Event<DeserializeGuard<Webhook>>),
+    HeadersSecret(usize, watcher::Event<DeserializeGuard<Secret>>),
+    Service(usize, watcher::Event<DeserializeGuard<Service>>),
+}
+
+/// The objects of one kind a Webhook may reference (headers Secrets, Services), as the watch
+/// streams tell them, with a re-list replacing what its stream covers.
+struct Referenced<V> {
+    objects: HashMap<NamespacedName, V>,
+    relists: Vec<Option<HashMap<NamespacedName, V>>>,
+    synced: Vec<bool>,
+    /// Object -> names of the Webhooks that reference it.
+    referrers: HashMap<NamespacedName, BTreeSet<Arc<str>>>,
+}
+
+impl<V: PartialEq> Referenced<V> {
+    fn new(streams: usize) -> Self {
+        Self {
+            objects: HashMap::new(),
+            relists: (0..streams).map(|_| None).collect(),
+            synced: vec![false; streams],
+            referrers: HashMap::new(),
+        }
+    }
+
+    fn all_synced(&self) -> bool {
+        self.synced.iter().all(|s| *s)
+    }
+
+    fn get(&self, namespace: &Arc<str>, name: &str) -> Option<&V> {
+        self.objects.get(&(namespace.clone(), Arc::from(name)))
+    }
+
+    /// Takes one watch event; returns the objects whose value changed.
+    fn on_event<K: kube::Resource<DynamicType = ()>>(
+        &mut self,
+        stream: usize,
+        covered: Option<&Arc<str>>,
+        event: watcher::Event<DeserializeGuard<K>>,
+        value: impl Fn(&K) -> V,
+    ) -> Vec<NamespacedName> {
+        let key = |o: &K| {
+            (
+                Arc::from(o.namespace().unwrap_or_default().as_str()),
+                Arc::from(o.name_any().as_str()),
+            )
+        };
+        match event {
+            watcher::Event::Init => {
+                self.relists[stream] = Some(HashMap::new());
+                Vec::new()
+            }
+            watcher::Event::InitApply(DeserializeGuard(Ok(o))) => {
+                if let Some(relist) = &mut self.relists[stream] {
+                    relist.insert(key(&o), value(&o));
+                }
+                Vec::new()
+            }
+            watcher::Event::InitDone => {
+                let listed = self.relists[stream].take().unwrap_or_default();
+                let in_scope = |k: &NamespacedName| covered.is_none_or(|ns| *ns == k.0);
+                let mut changed: Vec<NamespacedName> = self
+                    .objects
+                    .keys()
+                    .filter(|k| in_scope(k) && !listed.contains_key(*k))
+                    .cloned()
+                    .collect();
+                changed.extend(
+                    listed
+                        .iter()
+                        .filter(|(k, v)| self.objects.get(*k) != Some(v))
+                        .map(|(k, _)| k.clone()),
+                );
+                self.objects.retain(|k, _| !in_scope(k));
+                self.objects.extend(listed);
+                self.synced[stream] = true;
+                changed
+            }
+            watcher::Event::Apply(DeserializeGuard(Ok(o))) => {
+                let (key, value) = (key(&o), value(&o));
+                if self.objects.get(&key) == Some(&value) {
+                    return Vec::new();
+                }
+                self.objects.insert(key.clone(), value);
+                vec![key]
+            }
+            watcher::Event::Delete(DeserializeGuard(Ok(o))) => {
+                let key = key(&o);
+                match self.objects.remove(&key) {
+                    Some(_) => vec![key],
+                    None => Vec::new(),
+                }
+            }
+            watcher::Event::InitApply(DeserializeGuard(Err(e)))
+            | watcher::Event::Apply(DeserializeGuard(Err(e)))
+            | watcher::Event::Delete(DeserializeGuard(Err(e))) => {
+                tracing::warn!(kind = %K::kind(&()), name = ?e.metadata.name, error = %e.error, "skipping an object that cannot be read");
+                Vec::new()
+            }
+        }
+    }
+
+    fn index(&mut self, namespace: &Arc<str>, name: Option<&str>, webhook: &Arc<str>) {
+        if let Some(name) = name {
+            self.referrers
+                .entry((namespace.clone(), Arc::from(name)))
+                .or_default()
+                .insert(webhook.clone());
+        }
+    }
+
+    fn unindex(&mut self, namespace: &Arc<str>, name: Option<&str>, webhook: &Arc<str>) {
+        let Some(name) = name else { return };
+        let key = (namespace.clone(), Arc::from(name));
+        if let Some(names) = self.referrers.get_mut(&key) {
+            names.remove(webhook);
+            if names.is_empty() {
+                self.referrers.remove(&key);
+            }
+        }
+    }
+
+    fn referrers(&self, object: &NamespacedName) -> Vec<Arc<str>> {
+        self.referrers
+            .get(object)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
 }
 
 pub struct WebhookController {
@@ -82,6 +214,9 @@ pub struct WebhookController {
     looked_up: Arc<std::sync::Mutex<HashMap<String, i64>>>,
     /// Only the leader looks Secrets up (and warns); set by `run`.
     leadership: Leadership,
+    /// `headersFrom` Secrets (their own label) and `serviceRef` Services.
+    headers_secrets: Referenced<SecretData>,
+    services: Referenced<ServiceInfo>,
 }
 
 impl WebhookController {
@@ -116,6 +251,8 @@ impl WebhookController {
             looked_up: Default::default(),
             degraded: HashSet::new(),
             leadership: Leadership::always(),
+            headers_secrets: Referenced::new(n),
+            services: Referenced::new(n),
         }
     }
 
@@ -138,14 +275,27 @@ impl WebhookController {
         let mut webhooks = scope
             .watch(&client, watcher::Config::default(), strip_webhook)
             .map(|(i, e)| Input::Webhook(i, e));
+        // Header Secrets opt in with a label of their own, for the same reason.
+        let headers = watcher::Config::default().labels(&format!("{HEADERS_SECRET_LABEL}=true"));
+        let mut headers_secrets = scope
+            .watch(&client, headers, strip_secret)
+            .map(|(i, e)| Input::HeadersSecret(i, e));
+        let mut services = scope
+            .watch(&client, watcher::Config::default(), strip_service)
+            .map(|(i, e)| Input::Service(i, e));
         self.client = Some(client);
         self.leadership = leadership.clone();
         loop {
-            let synced = self.secrets_synced.iter().all(|s| *s);
+            // Everything a Webhook references is listed before the first Webhook is resolved.
+            let synced = self.secrets_synced.iter().all(|s| *s)
+                && self.headers_secrets.all_synced()
+                && self.services.all_synced();
             let input = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
                 Some(input) = secrets.next() => input,
+                Some(input) = headers_secrets.next() => input,
+                Some(input) = services.next() => input,
                 Some(input) = webhooks.next(), if synced => input,
                 Some(notice) = gone.recv() => {
                     self.on_gone(notice).await;
@@ -161,6 +311,31 @@ impl WebhookController {
             match input {
                 Input::Secret(i, event) => self.on_secret(i, event).await,
                 Input::Webhook(i, event) => self.on_webhook(i, event).await,
+                Input::HeadersSecret(i, event) => {
+                    let covered = self.coverage[i].clone();
+                    let changed =
+                        self.headers_secrets
+                            .on_event(i, covered.as_ref(), event, |s: &Secret| {
+                                s.data.clone().unwrap_or_default()
+                            });
+                    for object in changed {
+                        let names = self.headers_secrets.referrers(&object);
+                        self.re_resolve(&object.0, names).await;
+                    }
+                }
+                Input::Service(i, event) => {
+                    let covered = self.coverage[i].clone();
+                    let changed = self.services.on_event(
+                        i,
+                        covered.as_ref(),
+                        event,
+                        ServiceInfo::from_service,
+                    );
+                    for object in changed {
+                        let names = self.services.referrers(&object);
+                        self.re_resolve(&object.0, names).await;
+                    }
+                }
             }
         }
     }
@@ -260,9 +435,14 @@ impl WebhookController {
             .flatten()
             .cloned()
             .collect();
+        self.re_resolve(&secret.0, names).await;
+    }
+
+    /// Re-resolves the Webhooks `names` of `namespace`.
+    async fn re_resolve(&mut self, namespace: &Arc<str>, names: Vec<Arc<str>>) {
         for name in names {
             let key = WebhookKey {
-                namespace: secret.0.clone(),
+                namespace: namespace.clone(),
                 name,
             };
             if let Some(webhook) = self.webhooks.get(&key).cloned() {
@@ -361,6 +541,10 @@ impl WebhookController {
             .entry(secret)
             .or_default()
             .insert(key.name.clone());
+        let (headers_secret, service) = references(webhook);
+        self.headers_secrets
+            .index(&key.namespace, headers_secret, &key.name);
+        self.services.index(&key.namespace, service, &key.name);
         let degraded = webhook.status.as_ref().is_some_and(|s| {
             s.conditions
                 .iter()
@@ -413,6 +597,10 @@ impl WebhookController {
                 self.by_secret.remove(&secret);
             }
         }
+        let (headers_secret, service) = references(webhook);
+        self.headers_secrets
+            .unindex(&key.namespace, headers_secret, &key.name);
+        self.services.unindex(&key.namespace, service, &key.name);
     }
 
     /// resolve -> validate, against what the controller knows now. Pure.
@@ -428,7 +616,13 @@ impl WebhookController {
             .filter(|(generation, _)| webhook.metadata.generation == Some(*generation))
             .map(|(_, message)| message.clone())
             .or_else(|| endpoint_gone(webhook));
-        resolve(webhook, secret, &self.egress, gone.as_deref())
+        let (headers_secret, service) = references(webhook);
+        let refs = References {
+            headers_secret: headers_secret
+                .and_then(|name| self.headers_secrets.get(&key.namespace, name)),
+            service: service.and_then(|name| self.services.get(&key.namespace, name)),
+        };
+        resolve_with(webhook, secret, refs, &self.egress, gone.as_deref())
     }
 
     /// resolve -> validate -> (the caller updates routing) -> status.
@@ -600,6 +794,18 @@ fn webhook_key(webhook: &Webhook) -> WebhookKey {
     )
 }
 
+/// The names of the `headersFrom` Secret and the `serviceRef` Service a Webhook references.
+fn references(webhook: &Webhook) -> (Option<&str>, Option<&str>) {
+    (
+        webhook
+            .spec
+            .headers_from
+            .as_ref()
+            .map(|h| h.secret_ref.name.as_str()),
+        webhook.spec.service_ref.as_ref().map(|s| s.name.as_str()),
+    )
+}
+
 fn secret_key(secret: &Secret) -> NamespacedName {
     (
         Arc::from(secret.namespace().unwrap_or_default().as_str()),
@@ -614,6 +820,16 @@ fn strip_secret(guard: &mut DeserializeGuard<Secret>) {
         secret.metadata.annotations = None;
         secret.metadata.labels = None;
         secret.string_data = None;
+    }
+}
+
+/// Keeps only what resolution needs of a Service: its spec.
+fn strip_service(guard: &mut DeserializeGuard<Service>) {
+    if let Ok(service) = &mut guard.0 {
+        service.metadata.managed_fields = None;
+        service.metadata.annotations = None;
+        service.metadata.labels = None;
+        service.status = None;
     }
 }
 
@@ -662,6 +878,58 @@ mod tests {
         );
         let update = ready_update(w, &state, Timestamp::now()).expect("a status update");
         update.event.map(|e| (e.warning, e.reason))
+    }
+
+    fn service(ns: &str, name: &str, port: i32) -> DeserializeGuard<Service> {
+        DeserializeGuard(Ok(serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"clusterIP": "10.0.0.9", "ports": [{"name": "http", "port": port}]}
+        }))
+        .unwrap()))
+    }
+
+    #[test]
+    fn referenced_objects_report_changes_and_a_relist_drops_what_it_did_not_see() {
+        let mut services: Referenced<ServiceInfo> = Referenced::new(1);
+        let docs: Arc<str> = "docs".into();
+        let key = |name: &str| (docs.clone(), Arc::<str>::from(name));
+        let info = ServiceInfo::from_service;
+        assert!(!services.all_synced());
+        assert!(
+            services
+                .on_event(0, None, watcher::Event::Init, info)
+                .is_empty()
+        );
+        let listed = watcher::Event::InitApply(service("docs", "a", 80));
+        assert!(services.on_event(0, None, listed, info).is_empty());
+        let listed = watcher::Event::InitApply(service("docs", "b", 80));
+        assert!(services.on_event(0, None, listed, info).is_empty());
+        let mut changed = services.on_event(0, None, watcher::Event::InitDone, info);
+        changed.sort();
+        assert_eq!(changed, [key("a"), key("b")]);
+        assert!(services.all_synced());
+        // The same object again is no change; a new port is.
+        let same = watcher::Event::Apply(service("docs", "a", 80));
+        assert!(services.on_event(0, None, same, info).is_empty());
+        let moved = watcher::Event::Apply(service("docs", "a", 81));
+        assert_eq!(services.on_event(0, None, moved, info), [key("a")]);
+        assert_eq!(
+            services.get(&docs, "a").unwrap().ports,
+            [(Some("http".into()), 81)]
+        );
+        // A re-list without b (deleted while the watch was down) drops it.
+        services.on_event(0, None, watcher::Event::Init, info);
+        let listed = watcher::Event::InitApply(service("docs", "a", 81));
+        services.on_event(0, None, listed, info);
+        let changed = services.on_event(0, None, watcher::Event::InitDone, info);
+        assert_eq!(changed, [key("b")]);
+        assert!(services.get(&docs, "b").is_none());
+        // Referrers follow index / unindex.
+        let w: Arc<str> = "w".into();
+        services.index(&docs, Some("a"), &w);
+        assert_eq!(services.referrers(&key("a")), std::slice::from_ref(&w));
+        services.unindex(&docs, Some("a"), &w);
+        assert!(services.referrers(&key("a")).is_empty());
     }
 
     #[test]

@@ -16,8 +16,10 @@ pub use document_event::{
 };
 pub use event_type::{EventType, UnknownEventType, WebhookEvent};
 pub use webhook::{
-    DeliveryPolicy, DeliveryRecord, DeliveryStats, Outcome, PREVIOUS_KEY, SIGNING_SECRET_LABEL,
-    SecretKeyRef, Webhook, WebhookSpec, WebhookStatus, ready_reason,
+    DeliveryPolicy, DeliveryRecord, DeliveryStats, HEADERS_SECRET_LABEL, HeadersFrom,
+    LocalSecretRef, MAX_HEADER_VALUE, MAX_HEADERS, Outcome, PREVIOUS_KEY, RESERVED_HEADER_PREFIXES,
+    RESERVED_HEADERS, SIGNING_SECRET_LABEL, SecretKeyRef, ServiceRef, Webhook, WebhookSpec,
+    WebhookStatus, ready_reason,
 };
 
 use kube::CustomResourceExt;
@@ -92,7 +94,10 @@ mod tests {
             .flatten()
             .map(|c| c.name.as_str())
             .collect();
-        assert_eq!(columns, ["URL", "Events", "Ready", "Last Delivery", "Age"]);
+        assert_eq!(
+            columns,
+            ["URL", "Service", "Events", "Ready", "Last Delivery", "Age"]
+        );
         let de = DocumentEvent::crd();
         assert_eq!(
             de.spec.names.short_names,

@@ -17,6 +17,10 @@ pub mod ready_reason {
     pub const SECRET_INVALID: &str = "SecretInvalid";
     pub const EGRESS_NOT_ALLOWED: &str = "EgressNotAllowed";
     pub const ENDPOINT_GONE: &str = "EndpointGone";
+    pub const SERVICE_NOT_FOUND: &str = "ServiceNotFound";
+    pub const SERVICE_PORT_NOT_FOUND: &str = "ServicePortNotFound";
+    pub const SERVICE_NOT_ALLOWED: &str = "ServiceNotAllowed";
+    pub const HEADERS_INVALID: &str = "HeadersInvalid";
 }
 
 /// The key a Secret may hold besides the current one, signing too during a rotation.
@@ -25,6 +29,38 @@ pub const PREVIOUS_KEY: &str = "previous";
 /// Only Secrets with this label set to "true" sign deliveries: whoever may write a Webhook must
 /// not be able to make hookrelay sign with (or probe for) any other Secret of the namespace.
 pub const SIGNING_SECRET_LABEL: &str = "hookrelay.dev/signing-secret";
+
+/// Only Secrets with this label set to "true" give `headersFrom` headers, for the same reason:
+/// a Webhook's author must not be able to send any Secret of the namespace to an endpoint.
+pub const HEADERS_SECRET_LABEL: &str = "hookrelay.dev/webhook-headers";
+
+/// Headers `headers`/`headersFrom` cannot set (lowercase): hop-by-hop and framing headers, and
+/// those hookrelay sends itself (identity, signatures, tracing), which a receiver must be able
+/// to trust.
+pub const RESERVED_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "user-agent",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "traceparent",
+    "tracestate",
+];
+/// Prefixes of reserved header names (lowercase): `Proxy-*` and our `X-Webhook-*`.
+pub const RESERVED_HEADER_PREFIXES: &[&str] = &["proxy-", "x-webhook-"];
+/// At most this many custom headers, static and from the Secret together.
+pub const MAX_HEADERS: usize = 32;
+/// At most this many bytes per header value.
+pub const MAX_HEADER_VALUE: usize = 1024;
 
 /// A webhook endpoint and the document events it receives.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -38,6 +74,11 @@ pub const SIGNING_SECRET_LABEL: &str = "hookrelay.dev/signing-secret";
     category = "hookrelay",
     doc = "A webhook endpoint that receives signed document events",
     printcolumn(name = "URL", type_ = "string", json_path = ".spec.url"),
+    printcolumn(
+        name = "Service",
+        type_ = "string",
+        json_path = ".spec.serviceRef.name"
+    ),
     printcolumn(name = "Events", type_ = "string", json_path = ".spec.events"),
     printcolumn(
         name = "Ready",
@@ -56,12 +97,19 @@ pub const SIGNING_SECRET_LABEL: &str = "hookrelay.dev/signing-secret";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.url) != has(self.serviceRef)")
+    .message("set exactly one of url (an address outside the cluster) and serviceRef (a Service of this namespace)"))]
 pub struct WebhookSpec {
-    /// Absolute http(s) URL that receives the POSTs.
+    /// Absolute http(s) URL that receives the POSTs (or `serviceRef`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''")
         .message("must be an absolute http or https URL, such as https://example.com/webhooks"))]
-    pub url: String,
+    pub url: Option<String>,
+
+    /// A Service of the Webhook's namespace that receives the POSTs, instead of `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_ref: Option<ServiceRef>,
 
     /// Event types delivered to this endpoint; "*" means all of them.
     #[schemars(length(min = 1, max = 6))]
@@ -83,6 +131,104 @@ pub struct WebhookSpec {
     /// Timeouts and retry schedule.
     #[serde(default)]
     pub delivery: DeliveryPolicy,
+
+    /// Extra request headers, name to value (not secret: they are shown by kubectl).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(schema_with = "headers_schema")]
+    pub headers: std::collections::BTreeMap<String, String>,
+
+    /// Extra request headers from every key of a Secret (labelled
+    /// `hookrelay.dev/webhook-headers: "true"`), for values that are secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_from: Option<HeadersFrom>,
+}
+
+/// Where a Webhook delivers when it names a Service of its namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRef {
+    /// Name of a Service (of type ClusterIP) in the Webhook's namespace.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("must be a Service name: lowercase letters, digits and '-', starting with a letter"))]
+    pub name: String,
+    /// The Service port, by name or by number.
+    #[x_kube(validation = Rule::new("type(self) == int ? (self >= 1 && self <= 65535) : (size(self) <= 15 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'))")
+        .message("must be a port number (1-65535) or the name of a port of the Service, such as http"))]
+    pub port: k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
+    /// Path (and query) of the request.
+    #[serde(default = "default_service_path")]
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("must start with /, such as /webhooks"))]
+    pub path: String,
+    /// PEM CA certificates that sign the Service's certificate: deliveries then use https
+    /// (trusting only these), otherwise plain http (which needs `--allow-http`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536))]
+    #[x_kube(validation = Rule::new("self.contains('-----BEGIN CERTIFICATE-----')")
+        .message("must hold PEM certificates (-----BEGIN CERTIFICATE-----), such as the Service's CA"))]
+    pub ca_bundle: Option<String>,
+}
+
+fn default_service_path() -> String {
+    "/".into()
+}
+
+/// Headers from a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeadersFrom {
+    /// A Secret of the Webhook's namespace labelled `hookrelay.dev/webhook-headers: "true"`:
+    /// each key is a header name, its value the header value.
+    pub secret_ref: LocalSecretRef,
+}
+
+/// A Secret in the Webhook's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalSecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// The schema of `headers`: bounded, names that are HTTP tokens and not reserved, values on one
+/// line. The same rules are checked in Rust for `headersFrom` (`delivery::custom_headers`).
+fn headers_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let reserved = RESERVED_HEADERS
+        .iter()
+        .map(|h| format!("'{h}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let is_reserved = format!(
+        "(k.lowerAscii() in [{reserved}] || {})",
+        RESERVED_HEADER_PREFIXES
+            .iter()
+            .map(|p| format!("k.lowerAscii().startsWith('{p}')"))
+            .collect::<Vec<_>>()
+            .join(" || ")
+    );
+    let token = r#"k.matches("^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")"#;
+    let value = r"self[k].matches('^[	 -~]*$')";
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": MAX_HEADERS,
+        "additionalProperties": {"type": "string", "maxLength": MAX_HEADER_VALUE},
+        "x-kubernetes-validations": [
+            {
+                "rule": format!("self.all(k, size(k) <= 128 && {token})"),
+                "messageExpression": format!("'header names are HTTP tokens of at most 128 characters (letters, digits and !#$%&*+.^_|~-), not ' + self.filter(k, !(size(k) <= 128 && {token}))[0]"),
+            },
+            {
+                "rule": format!("self.all(k, !{is_reserved})"),
+                "messageExpression": format!("'header ' + self.filter(k, {is_reserved})[0] + ' cannot be set: hookrelay sends it itself or it is hop-by-hop; use a name of your own, such as X-Api-Key'"),
+            },
+            {
+                "rule": format!("self.all(k, {value})"),
+                "messageExpression": format!("'the value of header ' + self.filter(k, !{value})[0] + ' must be printable ASCII on one line'"),
+            },
+        ],
+    })
 }
 
 /// A key of a Secret in the Webhook's namespace.

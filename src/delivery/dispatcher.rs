@@ -271,6 +271,8 @@ impl Dispatcher {
                     timeout: Duration::from_secs(route.delivery.timeout_seconds.max(1) as u64)
                         .min(delivery.timeout_cap.unwrap_or(Duration::MAX)),
                     traceparent: crate::telemetry::traceparent(&span),
+                    headers: &route.headers,
+                    service: route.service.as_deref(),
                 };
                 self.sender.send(attempt).instrument(span.clone()).await
             }

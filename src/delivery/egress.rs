@@ -95,6 +95,17 @@ impl EgressPolicy {
         Ok(parsed)
     }
 
+    /// The connect-time decision for an address reached through a Webhook's `serviceRef`:
+    /// exactly the ClusterIP of that Service is allowed (it was named exactly, in the Webhook's
+    /// own namespace); any other address is judged as [`Self::check_ip`] judges it.
+    pub fn check_service_ip(&self, ip: IpAddr, cluster_ip: IpAddr) -> Result<(), EgressDenied> {
+        if ip == cluster_ip {
+            Ok(())
+        } else {
+            self.check_ip(ip)
+        }
+    }
+
     /// The connect-time decision for one resolved address.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), EgressDenied> {
         let ip = canonical(ip);
@@ -205,6 +216,28 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_service_clusterip_is_allowed_only_through_its_service_ref() {
+        let policy = EgressPolicy::new(true, Vec::new());
+        let cluster_ip = ip("10.0.0.12");
+        assert_eq!(policy.check_service_ip(cluster_ip, cluster_ip), Ok(()));
+        // Every other private address stays refused, for that Service too ...
+        for other in ["10.0.0.13", "169.254.169.254", "127.0.0.1"] {
+            assert!(
+                policy.check_service_ip(ip(other), cluster_ip).is_err(),
+                "{other}"
+            );
+        }
+        // ... and the same ClusterIP written as a url is refused.
+        assert_eq!(
+            policy.check_url("http://10.0.0.12:8080/h").unwrap_err(),
+            EgressDenied::BlockedAddress {
+                ip: cluster_ip,
+                range: "private"
+            }
+        );
     }
 
     #[test]

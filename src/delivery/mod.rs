@@ -5,6 +5,7 @@ mod client;
 mod dispatcher;
 mod egress;
 mod engine;
+mod headers;
 pub mod history;
 pub mod jetstream;
 mod limits;
@@ -13,7 +14,7 @@ pub mod records;
 mod retry;
 mod signer;
 
-pub use client::{Attempt, HttpSender, USER_AGENT};
+pub use client::{AddressMap, Attempt, HttpSender, ServiceTarget, USER_AGENT};
 pub use dispatcher::{
     AttemptReport, Attempted, Delivery, Dispatcher, DispatcherConfig, GoneNotice, RouteCheck,
     Slots, delivery_id,
@@ -23,6 +24,7 @@ pub use engine::{
     FirstAttempt, Report, Unrecorded, attempt_first, deliver, deliver_unrecorded, is_final,
     new_target,
 };
+pub use headers::{CustomHeaders, custom_headers, is_reserved_header};
 pub use limits::KeyedLimits;
 pub use payload::EventBody;
 pub use retry::{AttemptResult, RetryPolicy, Verdict, parse_retry_after};

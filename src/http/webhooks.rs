@@ -33,8 +33,9 @@ fn to_json(w: &Webhook) -> Value {
         .status
         .as_ref()
         .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
-    json!({
+    let mut json = json!({
         "id": w.name_any(),
+        // null for a Webhook that delivers to a Service: see `service_ref`.
         "url": w.spec.url,
         "events": w.spec.events,
         "description": w.spec.description,
@@ -43,7 +44,42 @@ fn to_json(w: &Webhook) -> Value {
         "paused": w.spec.paused,
         "ready": ready.map(|c| c.status == "True"),
         "ready_reason": ready.map(|c| c.reason.clone()),
-    })
+    });
+    // Extra fields, present only when set, so that the seed's Webhooks look as they did.
+    if let Some(service) = &w.spec.service_ref {
+        json["service_ref"] = json!({
+            "name": service.name,
+            "port": service.port,
+            "path": service.path,
+            "ca_bundle": service.ca_bundle,
+        });
+    }
+    if !w.spec.headers.is_empty() {
+        json["headers"] = json!(w.spec.headers);
+    }
+    json
+}
+
+/// `service_ref` of a request body, in the Webhook's field names (`ca_bundle` -> `caBundle`);
+/// None when it has the wrong shape.
+fn service_ref_spec(value: &Value) -> Option<Value> {
+    let Value::Object(fields) = value else {
+        return (value.is_null()).then_some(Value::Null);
+    };
+    let mut spec = Map::new();
+    for (field, value) in fields {
+        let (name, ok) = match field.as_str() {
+            "name" | "path" => (field.as_str(), value.is_string()),
+            "port" => ("port", value.is_string() || value.is_u64()),
+            "ca_bundle" => ("caBundle", value.is_string() || value.is_null()),
+            _ => continue,
+        };
+        if !ok {
+            return None;
+        }
+        spec.insert(name.into(), value.clone());
+    }
+    Some(Value::Object(spec))
 }
 
 pub(super) struct Caller {
@@ -90,7 +126,8 @@ fn no_such_webhook(id: &str) -> ApiError {
     ))
 }
 
-/// The writable fields of a request body: `url`, `events`, `description` (and `paused`).
+/// The writable fields of a request body: `url`, `events`, `description` (and `paused`,
+/// `service_ref` instead of `url`, `headers`).
 fn spec_fields(body: &[u8], require: bool) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
@@ -102,7 +139,18 @@ fn spec_fields(body: &[u8], require: bool) -> Result<Map<String, Value>, ApiErro
     let mut spec = Map::new();
     for (field, value) in obj {
         let ok = match (field.as_str(), &value) {
-            ("url", Value::String(_)) => true,
+            // null: none (a Webhook that delivers to a Service).
+            ("url", Value::String(_) | Value::Null) => true,
+            ("service_ref", v) => match service_ref_spec(v) {
+                Some(service_ref) => {
+                    spec.insert("serviceRef".into(), service_ref);
+                    continue;
+                }
+                None => false,
+            },
+            ("headers", Value::Object(items)) => items.values().all(Value::is_string),
+            ("headers", Value::Null) => true,
+            ("headers", _) => false,
             ("events", Value::Array(items)) => items.iter().all(Value::is_string),
             ("description", Value::String(_) | Value::Null) => true,
             ("paused", Value::Bool(_)) => true,
@@ -115,11 +163,21 @@ fn spec_fields(body: &[u8], require: bool) -> Result<Map<String, Value>, ApiErro
         }
         spec.insert(field, value);
     }
+    let set = |v: Option<&Value>| v.is_some_and(|v| !v.is_null());
     if require {
-        for field in ["url", "events"] {
-            if !spec.contains_key(field) {
-                return Err(ApiError::invalid(format!("{field} is required")));
-            }
+        if !set(spec.get("url")) && !set(spec.get("serviceRef")) {
+            return Err(ApiError::invalid("url is required"));
+        }
+        if !spec.contains_key("events") {
+            return Err(ApiError::invalid("events is required"));
+        }
+    } else {
+        // An update to one endpoint removes the other (a merge patch removes what is null).
+        if set(spec.get("serviceRef")) && !spec.contains_key("url") {
+            spec.insert("url".into(), Value::Null);
+        }
+        if set(spec.get("url")) && !spec.contains_key("serviceRef") {
+            spec.insert("serviceRef".into(), Value::Null);
         }
     }
     Ok(spec)
@@ -524,6 +582,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(spec.keys().collect::<Vec<_>>(), ["description"]);
+    }
+
+    #[test]
+    fn service_ref_replaces_url_and_back() {
+        let spec = spec_fields(
+            br#"{"service_ref":{"name":"receiver","port":8080,"path":"/h","ca_bundle":null,"x":1},"events":["*"]}"#,
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(spec),
+            json!({"serviceRef": {"name": "receiver", "port": 8080, "path": "/h", "caBundle": null}, "events": ["*"]})
+        );
+        // An update to one endpoint clears the other.
+        let spec = spec_fields(br#"{"service_ref":{"name":"r","port":"http"}}"#, false).unwrap();
+        assert_eq!(spec["url"], Value::Null);
+        let spec = spec_fields(br#"{"url":"https://example.com/h"}"#, false).unwrap();
+        assert_eq!(spec["serviceRef"], Value::Null);
+        assert_eq!(
+            spec_fields(br#"{"service_ref":{"port":[1]},"events":["*"]}"#, true)
+                .unwrap_err()
+                .message,
+            "service_ref has the wrong type"
+        );
+        let spec = spec_fields(br#"{"headers":{"X-Env":"prod"}}"#, false).unwrap();
+        assert_eq!(spec["headers"], json!({"X-Env": "prod"}));
     }
 
     #[test]

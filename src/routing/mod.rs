@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     crd::{DeliveryPolicy, EventType, WebhookEvent},
-    delivery::Signer,
+    delivery::{CustomHeaders, ServiceTarget, Signer},
 };
 
 /// Identifies a Webhook: namespace and name.
@@ -91,6 +91,10 @@ pub struct Route {
     pub signer: Option<Arc<Signer>>,
     pub delivery: DeliveryPolicy,
     pub state: RouteState,
+    /// `spec.serviceRef` resolved: `url` is then derived from it.
+    pub service: Option<Arc<ServiceTarget>>,
+    /// `spec.headers` and `spec.headersFrom`, checked.
+    pub headers: CustomHeaders,
     /// Cancelled once this route is replaced or removed and the new table is published: what
     /// waits on a Webhook (a held delivery) wakes exactly when that Webhook changes.
     pub superseded: CancellationToken,

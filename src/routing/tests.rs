@@ -10,6 +10,8 @@ fn route(ns: &str, name: &str, events: &[WebhookEvent]) -> Route {
         signer: None,
         delivery: DeliveryPolicy::default(),
         state: RouteState::Active,
+        service: None,
+        headers: Default::default(),
         superseded: Default::default(),
     }
 }

@@ -635,6 +635,8 @@ async fn watch_namespaces_mode_grants_only_the_listed_namespaces() {
         "yes"
     );
     assert_eq!(can_i(s(&["create", "secrets", "-n", &listed])).await, "yes");
+    assert_eq!(can_i(s(&["watch", "services", "-n", &listed])).await, "yes");
+    assert_eq!(can_i(s(&["update", "services", "-n", &listed])).await, "no");
     assert_eq!(
         can_i(s(&["list", "webhooks.hookrelay.dev", "-n", &other])).await,
         "no"

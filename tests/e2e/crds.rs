@@ -134,7 +134,15 @@ async fn kubectl_get_webhooks_shows_the_printer_columns() {
         .collect();
     assert_eq!(
         header,
-        ["NAME", "URL", "EVENTS", "READY", "LAST DELIVERY", "AGE"],
+        [
+            "NAME",
+            "URL",
+            "SERVICE",
+            "EVENTS",
+            "READY",
+            "LAST DELIVERY",
+            "AGE"
+        ],
         "{table}"
     );
     let row = table.lines().nth(1).unwrap();
@@ -189,7 +197,7 @@ async fn bad_manifests_are_refused_with_a_message_naming_the_field() {
         (
             "missing url",
             webhook_with("  url: https://example.com/hooks\n", ""),
-            &["spec.url", "Required value"],
+            &["spec", "set exactly one of url"],
         ),
         (
             "relative url",

@@ -60,6 +60,10 @@ What the operator does in each namespace it watches: the same rules for the Clus
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, list, watch, create, delete]
+# Services named by a Webhook's serviceRef (read only: their ClusterIP and ports).
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, list, watch]
 # Condition changes as Events (kube-runtime's Recorder writes events.k8s.io/v1 only).
 - apiGroups: [events.k8s.io]
   resources: [events]

@@ -180,3 +180,174 @@ fn previous_key_signs_during_a_rotation() {
     let sig = r.route.signer.unwrap().sign("id", 1, b"{}");
     assert_eq!(sig.standard.unwrap().split(' ').count(), 2);
 }
+
+fn service_webhook(service_ref: serde_json::Value) -> Webhook {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "hookrelay.dev/v1alpha1",
+        "kind": "Webhook",
+        "metadata": {"name": "w", "namespace": "docs", "uid": "u1", "generation": 3},
+        "spec": {
+            "serviceRef": service_ref,
+            "events": ["*"],
+            "secretRef": {"name": "s", "key": "secret"},
+        }
+    }))
+    .unwrap()
+}
+
+fn service(type_: &str, cluster_ip: Option<&str>, ports: &[(Option<&str>, i32)]) -> ServiceInfo {
+    ServiceInfo {
+        type_: type_.into(),
+        cluster_ip: cluster_ip.map(Into::into),
+        ports: ports.iter().map(|(n, p)| (n.map(Into::into), *p)).collect(),
+    }
+}
+
+fn resolve_service(w: &Webhook, svc: Option<&ServiceInfo>, egress: &EgressPolicy) -> Resolution {
+    let refs = References {
+        headers_secret: None,
+        service: svc,
+    };
+    resolve_with(
+        w,
+        Some(&data(&[("secret", "abcdefghijklmnopqrstuvwx")])),
+        refs,
+        egress,
+        None,
+    )
+}
+
+#[test]
+fn a_service_ref_resolves_to_its_cluster_ip_and_port_by_name_or_number() {
+    let svc = service(
+        "ClusterIP",
+        Some("10.0.0.12"),
+        &[(Some("http"), 8080), (None, 9090)],
+    );
+    let strict_http = EgressPolicy::new(true, Vec::new());
+    for port in [serde_json::json!("http"), serde_json::json!(8080)] {
+        let w = service_webhook(
+            serde_json::json!({"name": "recv", "port": port, "path": "/hooks?x=1"}),
+        );
+        let r = resolve_service(&w, Some(&svc), &strict_http);
+        assert_eq!(r.ready.reason, ready_reason::ROUTED, "{}", r.ready.message);
+        assert_eq!(r.route.url, "http://recv.docs.svc:8080/hooks?x=1");
+        let target = r.route.service.as_deref().unwrap();
+        assert_eq!(target.host, "recv.docs.svc");
+        assert_eq!(
+            target.cluster_ip,
+            "10.0.0.12".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert_eq!(target.port, 8080);
+        assert_eq!(target.ca_bundle, None);
+    }
+}
+
+#[test]
+fn a_service_ref_is_blocked_until_the_service_and_port_exist_and_allowed() {
+    use ready_reason::*;
+    let w = service_webhook(serde_json::json!({"name": "recv", "port": "http"}));
+    let allow_http = EgressPolicy::new(true, Vec::new());
+    let reason = |svc: Option<&ServiceInfo>, egress: &EgressPolicy| {
+        let r = resolve_service(&w, svc, egress);
+        assert!(r.route.service.is_none());
+        assert!(matches!(r.route.state, RouteState::Blocked { .. }));
+        (r.ready.reason, r.ready.message)
+    };
+    let (r, m) = reason(None, &allow_http);
+    assert_eq!(r, SERVICE_NOT_FOUND);
+    assert!(m.contains("Service docs/recv not found"), "{m}");
+    let (r, m) = reason(
+        Some(&service(
+            "ClusterIP",
+            Some("10.0.0.12"),
+            &[(Some("grpc"), 81)],
+        )),
+        &allow_http,
+    );
+    assert_eq!(r, SERVICE_PORT_NOT_FOUND);
+    assert!(m.contains("81 (grpc)"), "{m}");
+    let (r, m) = reason(
+        Some(&service("ExternalName", None, &[(Some("http"), 80)])),
+        &allow_http,
+    );
+    assert_eq!(r, SERVICE_NOT_ALLOWED);
+    assert!(m.contains("ExternalName"), "{m}");
+    let (r, m) = reason(
+        Some(&service("ClusterIP", None, &[(Some("http"), 80)])),
+        &allow_http,
+    );
+    assert_eq!(r, SERVICE_NOT_ALLOWED);
+    assert!(m.contains("headless"), "{m}");
+    // Plain http needs --allow-http, as for a url.
+    let (r, m) = reason(
+        Some(&service(
+            "ClusterIP",
+            Some("10.0.0.12"),
+            &[(Some("http"), 80)],
+        )),
+        &EgressPolicy::default(),
+    );
+    assert_eq!(r, EGRESS_NOT_ALLOWED);
+    assert!(m.contains("caBundle"), "{m}");
+}
+
+#[test]
+fn a_ca_bundle_makes_it_https_and_a_bad_one_is_refused() {
+    let svc = service("ClusterIP", Some("10.0.0.12"), &[(Some("https"), 443)]);
+    let bad = service_webhook(serde_json::json!({"name": "recv", "port": 443,
+        "caBundle": "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"}));
+    let r = resolve_service(&bad, Some(&svc), &EgressPolicy::default());
+    assert_eq!(r.ready.reason, ready_reason::SERVICE_NOT_ALLOWED);
+    assert!(r.ready.message.contains("caBundle"), "{}", r.ready.message);
+}
+
+#[test]
+fn headers_from_a_missing_or_bad_secret_block_the_route_without_showing_values() {
+    let mut w = webhook("https://example.com/h", false);
+    w.spec.headers = [("X-Env".to_string(), "prod".to_string())].into();
+    w.spec.headers_from = Some(crate::crd::HeadersFrom {
+        secret_ref: crate::crd::LocalSecretRef {
+            name: "hdrs".into(),
+        },
+    });
+    let signing = data(&[("secret", "abcdefghijklmnopqrstuvwx")]);
+    let strict = EgressPolicy::default();
+    let r = resolve_with(&w, Some(&signing), References::default(), &strict, None);
+    assert_eq!(r.ready.reason, ready_reason::SECRET_NOT_FOUND);
+    assert!(
+        r.ready
+            .message
+            .contains("hookrelay.dev/webhook-headers=true"),
+        "{}",
+        r.ready.message
+    );
+
+    let forged = data(&[("X-Webhook-Signature", "forged-value")]);
+    let refs = References {
+        headers_secret: Some(&forged),
+        service: None,
+    };
+    let r = resolve_with(&w, Some(&signing), refs, &strict, None);
+    assert_eq!(r.ready.reason, ready_reason::HEADERS_INVALID);
+    assert!(
+        r.ready.message.contains("X-Webhook-Signature"),
+        "{}",
+        r.ready.message
+    );
+    assert!(
+        !r.ready.message.contains("forged-value"),
+        "{}",
+        r.ready.message
+    );
+
+    let good = data(&[("Authorization", "Bearer t")]);
+    let refs = References {
+        headers_secret: Some(&good),
+        service: None,
+    };
+    let r = resolve_with(&w, Some(&signing), refs, &strict, None);
+    assert_eq!(r.ready.reason, ready_reason::ROUTED);
+    let names: Vec<&str> = r.route.headers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["x-env", "authorization"]);
+}

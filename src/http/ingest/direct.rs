@@ -494,6 +494,8 @@ mod tests {
                 signer: None,
                 delivery: DeliveryPolicy::default(),
                 state: RouteState::Active,
+                service: None,
+                headers: Default::default(),
                 superseded: Default::default(),
             });
         }
