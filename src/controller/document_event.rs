@@ -29,10 +29,12 @@ use crate::{
     crd::{
         CreatedEvents, DocumentEvent, DocumentEventStatus, EventPhase, TargetDelivery, TargetState,
     },
-    delivery::{self, Delivery, Dispatcher, EventBody, Report, delivery_id, is_final},
+    delivery::{
+        self, Delivery, Dispatcher, EventBody, Report, delivery_id, is_final, timestamp_of,
+    },
     http::Readiness,
     metrics::Metrics,
-    routing::{RouteState, Routes, WebhookKey},
+    routing::{EventFacts, RouteState, Routes, WebhookKey},
     status::{EventKey, StatusSender, Update},
 };
 
@@ -404,8 +406,10 @@ impl DocumentEventController {
     /// Fixes the event's targets: every Webhook of its namespace that takes its type.
     fn route(&self, key: &EventKey, uid: &str, de: &DocumentEvent) -> Vec<TargetDelivery> {
         let table = self.routes.snapshot();
+        let timestamp = timestamp_of(de);
+        let facts = EventFacts::new(de.spec.type_, &timestamp, &de.spec.data);
         let targets: Vec<TargetDelivery> = table
-            .lookup(&key.namespace, de.spec.type_)
+            .lookup_event(&key.namespace, &facts, &self.tasks.metrics)
             .map(|route| {
                 let state = if route.state == RouteState::Active {
                     TargetState::Pending
@@ -663,6 +667,7 @@ mod tests {
                 signer: None,
                 delivery: DeliveryPolicy::default(),
                 state: RouteState::Active,
+                filter: None,
                 superseded: Default::default(),
             })
         });

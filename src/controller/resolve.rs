@@ -9,7 +9,7 @@ pub use crate::crd::{PREVIOUS_KEY, SIGNING_SECRET_LABEL, ready_reason};
 use crate::{
     crd::{ConditionState, Webhook},
     delivery::{EgressPolicy, Signer, redact_url},
-    routing::{Route, RouteState, WebhookKey},
+    routing::{EventFilter, Route, RouteState, WebhookKey},
 };
 
 /// What a Webhook resolves to.
@@ -66,11 +66,20 @@ pub fn resolve(
     };
     let egress = egress.check_url(&spec.url);
     let shown_url = redact_url(&spec.url);
+    // Compiled once per reconcile of the spec, never per event.
+    let filter = spec.filter.as_deref().map(EventFilter::compile).transpose();
 
     let (state, ready) = match (&signer, egress, gone) {
         (Err((reason, message)), _, _) => blocked(reason, message.clone()),
         (_, Err(denied), _) => blocked(EGRESS_NOT_ALLOWED, format!("{shown_url}: {denied}")),
         (_, _, Some(message)) => blocked(ENDPOINT_GONE, message.to_owned()),
+        _ if filter.is_err() => blocked(
+            FILTER_INVALID,
+            format!(
+                "spec.filter: {}; no event is delivered until it is fixed",
+                filter.as_ref().err().cloned().unwrap_or_default()
+            ),
+        ),
         _ if spec.paused => (
             RouteState::Paused,
             ConditionState::new(
@@ -101,6 +110,7 @@ pub fn resolve(
             signer: signer.ok(),
             delivery: spec.delivery.clone(),
             state,
+            filter: filter.ok().flatten(),
             superseded: Default::default(),
         },
         ready,

@@ -41,6 +41,8 @@ type SecretData = BTreeMap<String, ByteString>;
 type NamespacedName = (Arc<str>, Arc<str>);
 
 /// Watch events tagged with the index of the stream (one per watched namespace) they came from.
+// One lives at a time, on the controller's stack: boxing would allocate per watch event.
+#[allow(clippy::large_enum_variant)]
 enum Input {
     Secret(usize, watcher::Event<DeserializeGuard<Secret>>),
     Webhook(usize, watcher::Event<DeserializeGuard<Webhook>>),

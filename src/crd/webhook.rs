@@ -17,6 +17,7 @@ pub mod ready_reason {
     pub const SECRET_INVALID: &str = "SecretInvalid";
     pub const EGRESS_NOT_ALLOWED: &str = "EgressNotAllowed";
     pub const ENDPOINT_GONE: &str = "EndpointGone";
+    pub const FILTER_INVALID: &str = "FilterInvalid";
 }
 
 /// The key a Secret may hold besides the current one, signing too during a rotation.
@@ -83,6 +84,13 @@ pub struct WebhookSpec {
     /// Timeouts and retry schedule.
     #[serde(default)]
     pub delivery: DeliveryPolicy,
+
+    /// A CEL expression over the event (`event`, `timestamp`, `data`) that must be true for it to
+    /// be delivered, e.g. `data.folder_id == 1 && data.status == "completed"`. An event the
+    /// expression fails on (a missing field, say) is not delivered; `has(data.x)` tests first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub filter: Option<String>,
 }
 
 /// A key of a Secret in the Webhook's namespace.

@@ -23,6 +23,6 @@ pub use engine::{
     new_target,
 };
 pub use limits::KeyedLimits;
-pub use payload::EventBody;
+pub use payload::{EventBody, timestamp_of};
 pub use retry::{AttemptResult, RetryPolicy, Verdict, parse_retry_after};
 pub use signer::{MIN_SECRET_BYTES, SecretError, Signatures, Signer};

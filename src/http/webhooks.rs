@@ -41,6 +41,7 @@ fn to_json(w: &Webhook) -> Value {
         "created_at": w.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
         "namespace": w.namespace(),
         "paused": w.spec.paused,
+        "filter": w.spec.filter,
         "ready": ready.map(|c| c.status == "True"),
         "ready_reason": ready.map(|c| c.reason.clone()),
     })
@@ -90,7 +91,8 @@ fn no_such_webhook(id: &str) -> ApiError {
     ))
 }
 
-/// The writable fields of a request body: `url`, `events`, `description` (and `paused`).
+/// The writable fields of a request body: `url`, `events`, `description` (and `paused`,
+/// `filter`).
 fn spec_fields(body: &[u8], require: bool) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
@@ -106,7 +108,8 @@ fn spec_fields(body: &[u8], require: bool) -> Result<Map<String, Value>, ApiErro
             ("events", Value::Array(items)) => items.iter().all(Value::is_string),
             ("description", Value::String(_) | Value::Null) => true,
             ("paused", Value::Bool(_)) => true,
-            ("url" | "events" | "description" | "paused", _) => false,
+            ("filter", Value::String(_) | Value::Null) => true,
+            ("url" | "events" | "description" | "paused" | "filter", _) => false,
             // Read-only fields of the seed's representation are ignored, as are unknown ones.
             _ => continue,
         };
@@ -488,6 +491,16 @@ mod tests {
         let seed = br#"{"url":"https://your-application.com/webhooks/file-conversion","events":["document.completed","document.error"],"description":"Notification endpoint for document processing events"}"#;
         let spec = spec_fields(seed, true).unwrap();
         assert_eq!(spec.len(), 3);
+        let filtered =
+            br#"{"url":"https://example.com/h","events":["*"],"filter":"data.folder_id == 1"}"#;
+        assert_eq!(
+            spec_fields(filtered, true).unwrap()["filter"],
+            "data.folder_id == 1"
+        );
+        assert_eq!(
+            spec_fields(br#"{"filter":1}"#, false).unwrap_err().message,
+            "filter has the wrong type"
+        );
         assert_eq!(
             spec_fields(b"{", true).unwrap_err().status,
             StatusCode::BAD_REQUEST

@@ -180,3 +180,33 @@ fn previous_key_signs_during_a_rotation() {
     let sig = r.route.signer.unwrap().sign("id", 1, b"{}");
     assert_eq!(sig.standard.unwrap().split(' ').count(), 2);
 }
+
+#[test]
+fn a_filter_is_compiled_into_the_route_and_a_bad_one_is_filter_invalid() {
+    let secret = data(&[("secret", "abcdefghijklmnopqrstuvwx")]);
+    let mut w = webhook("http://127.0.0.1:9/h", false);
+    w.spec.filter = Some(r#"data.status == "completed""#.into());
+    let r = resolve(&w, Some(&secret), &local(), None);
+    assert_eq!(r.route.state, RouteState::Active);
+    assert_eq!(
+        r.route.filter.as_deref().map(|f| f.source()),
+        Some(r#"data.status == "completed""#)
+    );
+
+    w.spec.filter = Some("data.status ==".into());
+    let r = resolve(&w, Some(&secret), &local(), None);
+    assert_eq!(
+        (r.ready.status, r.ready.reason.as_str()),
+        (false, ready_reason::FILTER_INVALID)
+    );
+    assert!(
+        r.ready
+            .message
+            .starts_with("spec.filter: ERROR: <input>:1:"),
+        "{}",
+        r.ready.message
+    );
+    assert!(
+        matches!(r.route.state, RouteState::Blocked { reason, .. } if reason == ready_reason::FILTER_INVALID)
+    );
+}
