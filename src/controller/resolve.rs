@@ -66,6 +66,7 @@ pub fn resolve(
     };
     let egress = egress.check_url(&spec.url);
     let shown_url = redact_url(&spec.url);
+    let suspension = failing_too_long(webhook);
     // Compiled once per reconcile of the spec, never per event.
     let filter = spec.filter.as_deref().map(EventFilter::compile).transpose();
 
@@ -89,6 +90,7 @@ pub fn resolve(
                 "spec.paused is true: deliveries are held until it is false",
             ),
         ),
+        _ if suspension.is_some() => blocked(FAILING_TOO_LONG, suspension.unwrap_or_default()),
         _ => (
             RouteState::Active,
             ConditionState::new(
@@ -115,6 +117,49 @@ pub fn resolve(
         },
         ready,
     }
+}
+
+/// Whether deliveries are suspended, decided from the status alone (so every replica decides
+/// the same, from the object its watch shows): the message of `FailingTooLong`, or None.
+///
+/// Suspended when `spec.delivery.suspendAfterFailingFor` is set and the latest attempt failed
+/// at least that long after the failures started counting: at the first failed attempt after
+/// the last success (`deliveryStats.failingSince`), or later at the last resume
+/// (`status.resumedAt`) or when `Ready` last changed for another reason (a spec change that
+/// lifts a suspension turns it True: the period starts again). A suspension decided for an
+/// older generation is lifted by the spec change.
+pub fn failing_too_long(webhook: &Webhook) -> Option<String> {
+    let period = webhook.spec.delivery.suspend_after_failing_for.as_deref()?;
+    let period_len = humantime::parse_duration(period).ok()?;
+    let status = webhook.status.as_ref()?;
+    let stats = &status.delivery_stats;
+    if stats.consecutive_failures == 0 {
+        return None;
+    }
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+    let suspended_now = ready.filter(|c| c.reason == ready_reason::FAILING_TOO_LONG);
+    if suspended_now.is_some_and(|c| c.observed_generation != webhook.metadata.generation) {
+        return None;
+    }
+    let since = [
+        Some(stats.failing_since.as_ref()?.0),
+        status.resumed_at.as_ref().map(|t| t.0),
+        ready
+            .filter(|_| suspended_now.is_none())
+            .map(|c| c.last_transition_time.0),
+    ]
+    .into_iter()
+    .flatten()
+    .max()?;
+    let last_failure = stats.last_failure_time.as_ref()?.0;
+    let failing_for = last_failure.duration_since(since);
+    (failing_for >= k8s_openapi::jiff::SignedDuration::try_from(period_len).ok()?).then(|| {
+        format!(
+            "every delivery attempt since {} has failed, for longer than suspendAfterFailingFor ({period}): deliveries are held until POST /api/webhooks/{}/resume or a change of the spec",
+            stats.failing_since.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+            webhook.metadata.name.as_deref().unwrap_or_default()
+        )
+    })
 }
 
 fn blocked(reason: &'static str, message: String) -> (RouteState, ConditionState) {

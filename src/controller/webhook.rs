@@ -16,7 +16,7 @@ use futures::StreamExt;
 use k8s_openapi::{
     ByteString,
     api::core::v1::{ObjectReference, Secret},
-    apimachinery::pkg::apis::meta::v1::Condition,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
 use kube::{Client, ResourceExt, core::DeserializeGuard, runtime::watcher};
@@ -28,7 +28,7 @@ use super::{
     resolve::{Resolution, SIGNING_SECRET_LABEL, ready_reason, resolve},
 };
 use crate::{
-    crd::{Webhook, merge_condition},
+    crd::{Suspension, Webhook, merge_condition},
     delivery::{EgressPolicy, GoneNotice},
     http::Readiness,
     leader::Leadership,
@@ -576,10 +576,18 @@ pub(crate) fn ready_update(
         note: ready.message.clone(),
         object: object_ref(webhook),
     });
+    let suspended = (condition.reason == ready_reason::FAILING_TOO_LONG).then(|| Suspension {
+        since: status
+            .suspended
+            .as_ref()
+            .map_or(Time(now), |s| s.since.clone()),
+        reason: condition.message.clone(),
+    });
     Some(ReadyUpdate {
         generation,
         condition,
         event,
+        suspended,
     })
 }
 

@@ -17,7 +17,7 @@ pub use document_event::{
 pub use event_type::{EventType, UnknownEventType, WebhookEvent};
 pub use webhook::{
     DeliveryPolicy, DeliveryRecord, DeliveryStats, Outcome, PREVIOUS_KEY, SIGNING_SECRET_LABEL,
-    SecretKeyRef, Webhook, WebhookSpec, WebhookStatus, ready_reason,
+    SecretKeyRef, Suspension, Webhook, WebhookSpec, WebhookStatus, ready_reason,
 };
 
 use kube::CustomResourceExt;

@@ -49,6 +49,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/api/webhooks/{id}"),
     ("get", "/api/webhooks/{id}/deliveries"),
     ("post", "/api/webhooks/{id}/test"),
+    ("post", "/api/webhooks/{id}/resume"),
     (
         "post",
         "/api/webhooks/{id}/deliveries/{delivery_id}/redeliver",
@@ -225,6 +226,7 @@ pub fn api_router(state: Arc<ApiState>) -> Router {
         )
         .route("/api/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route("/api/webhooks/{id}/test", post(webhooks::test))
+        .route("/api/webhooks/{id}/resume", post(webhooks::resume))
         .route(
             "/api/webhooks/{id}/deliveries/{delivery_id}/redeliver",
             post(webhooks::redeliver),

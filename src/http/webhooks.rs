@@ -42,6 +42,7 @@ fn to_json(w: &Webhook) -> Value {
         "namespace": w.namespace(),
         "paused": w.spec.paused,
         "filter": w.spec.filter,
+        "suspended": w.status.as_ref().and_then(|s| s.suspended.as_ref()),
         "ready": ready.map(|c| c.status == "True"),
         "ready_reason": ready.map(|c| c.reason.clone()),
     })
@@ -222,6 +223,40 @@ pub async fn update(
         .await
         .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
     Ok(Json(to_json(&updated)))
+}
+
+/// Field manager of what the API writes to a Webhook's status: only `resumedAt`.
+const API_MANAGER: &str = "hookrelay-api";
+
+/// `POST /api/webhooks/{id}/resume`: records the resume in `status.resumedAt`, from which the
+/// Webhook controller of every replica lifts a `FailingTooLong` suspension (failures before it
+/// no longer count). Any replica may write it: no other writer owns that field.
+pub async fn resume(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Query<NamespaceQuery>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let c = caller(&state, &q, &headers, "update").await?;
+    c.webhook(&id).await?;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let patch = json!({
+        "apiVersion": "hookrelay.dev/v1alpha1",
+        "kind": "Webhook",
+        "status": {"resumedAt": now.to_string()},
+    });
+    let updated = c
+        .api
+        .patch_status(
+            &id,
+            &PatchParams::apply(API_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
+    let mut reply = to_json(&updated);
+    reply["resumed_at"] = Value::String(now.to_string());
+    Ok(Json(reply))
 }
 
 pub async fn delete(

@@ -16,32 +16,35 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crate::support::{INGEST_MODES, ModeOperator, control_plane, eventually, wait_ready_reason};
+use crate::support::{
+    INGEST_MODES, ModeOperator, api_call, control_plane, eventually, wait_ready_reason,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 const SECRET: &str = "control-signing-secret-0123";
 
 /// A receiver that keeps every body it gets and answers with a status the test sets.
 #[derive(Clone)]
-#[allow(dead_code)] // TODO(suspension): answer() is used by the next feature's test
 struct Recorder {
-    bodies: Arc<Mutex<Vec<Value>>>,
+    /// (status answered, body), in order of arrival.
+    bodies: Arc<Mutex<Vec<(u16, Value)>>>,
     status: Arc<AtomicU16>,
     url: String,
 }
 
 impl Recorder {
     async fn start(status: u16) -> Recorder {
-        let bodies: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let bodies: Arc<Mutex<Vec<(u16, Value)>>> = Arc::default();
         let status = Arc::new(AtomicU16::new(status));
         let (b, s) = (bodies.clone(), status.clone());
         let app = axum::Router::new().fallback(axum::routing::post(move |body: String| {
             let (b, s) = (b.clone(), s.clone());
             async move {
+                let status = s.load(Ordering::SeqCst);
                 b.lock()
                     .unwrap()
-                    .push(serde_json::from_str(&body).unwrap_or(Value::Null));
-                axum::http::StatusCode::from_u16(s.load(Ordering::SeqCst)).unwrap()
+                    .push((status, serde_json::from_str(&body).unwrap_or(Value::Null)));
+                axum::http::StatusCode::from_u16(status).unwrap()
             }
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -55,14 +58,32 @@ impl Recorder {
     }
 
     fn bodies(&self) -> Vec<Value> {
-        self.bodies.lock().unwrap().clone()
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| b.clone())
+            .collect()
+    }
+
+    /// The document ids that got a 200, sorted.
+    fn delivered(&self) -> Vec<i64> {
+        let mut ids: Vec<i64> = self
+            .bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(status, _)| *status == 200)
+            .filter_map(|(_, b)| b["data"]["document_id"].as_i64())
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     fn count(&self) -> usize {
         self.bodies.lock().unwrap().len()
     }
 
-    #[allow(dead_code)]
     fn answer(&self, status: u16) {
         self.status.store(status, Ordering::SeqCst);
     }
@@ -249,4 +270,171 @@ async fn the_api_server_refuses_an_overlong_filter() {
         "{}",
         out.stderr
     );
+}
+
+/// Kubernetes Events (events.k8s.io) of the namespace as "reason/type regarding-name".
+async fn events_of(ns: &str) -> String {
+    control_plane()
+        .kubectl_ok(
+            &[
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                ns,
+                "-o",
+                "jsonpath={range .items[*]}{.reason}/{.type} {.regarding.name},{end}",
+            ],
+            None,
+        )
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_failing_for_its_period_is_suspended_until_resumed_or_its_spec_changes() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    for mode in INGEST_MODES {
+        let ns = cp.namespace("suspend-mode").await;
+        let op = ModeOperator::start(cp, mode, &[&ns], |_| {}).await;
+        let api = op.op.op.listen_addr;
+        let receiver = Recorder::start(500).await;
+        let policy = json!({"initialBackoffSeconds": 1, "maxBackoffSeconds": 1, "maxAttempts": 50,
+            "suspendAfterFailingFor": "3s"});
+        webhook_with(
+            &client,
+            &ns,
+            "flaky",
+            &receiver.url,
+            json!({"delivery": policy}),
+        )
+        .await;
+        wait_ready_reason(&client, &ns, "flaky", "True", "Routed").await;
+        for id in [1, 2] {
+            op.post_event(&ns, "document.completed", json!({"document_id": id}))
+                .await;
+        }
+
+        let message = wait_ready_reason(&client, &ns, "flaky", "False", "FailingTooLong").await;
+        assert!(message.contains("suspendAfterFailingFor (3s)"), "{message}");
+        let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+        let status = webhooks.get("flaky").await.unwrap().status.unwrap();
+        assert_eq!(
+            status.suspended.as_ref().map(|s| s.reason.as_str()),
+            Some(message.as_str())
+        );
+        eventually(
+            &format!("{mode:?}: a FailingTooLong Event"),
+            WAIT,
+            || async {
+                events_of(&ns)
+                    .await
+                    .contains("FailingTooLong/Warning flaky,")
+                    .then_some(())
+            },
+        )
+        .await;
+        // Held: an attempt already under way when the route changed may still arrive, then
+        // nothing more (upper bounds over windows; unsuspended, each event is retried every
+        // 1 to 1.5 s).
+        let at_suspension = receiver.count();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let settled = receiver.count();
+        assert!(
+            settled <= at_suspension + 2,
+            "{mode:?}: {at_suspension} then {settled}"
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(receiver.count(), settled, "{mode:?}: deliveries are held");
+        assert!(receiver.delivered().is_empty());
+
+        // Resume (REST): the held deliveries go out once the receiver answers.
+        receiver.answer(200);
+        let (code, reply) = api_call(
+            api,
+            "POST",
+            &format!("/api/webhooks/flaky/resume?namespace={ns}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(code, 200, "{reply}");
+        assert!(reply["resumed_at"].is_string(), "{reply}");
+        wait_ready_reason(&client, &ns, "flaky", "True", "Routed").await;
+        eventually(
+            &format!("{mode:?}: held deliveries sent after resume"),
+            WAIT,
+            || async { (receiver.delivered() == [1, 2]).then_some(()) },
+        )
+        .await;
+        let status = webhooks.get("flaky").await.unwrap().status.unwrap();
+        assert_eq!(status.suspended, None, "{mode:?}");
+        // Idempotent; an unknown Webhook is 404.
+        let (code, _) = api_call(
+            api,
+            "POST",
+            &format!("/api/webhooks/flaky/resume?namespace={ns}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(code, 200);
+        let (code, reply) = api_call(
+            api,
+            "POST",
+            &format!("/api/webhooks/nope/resume?namespace={ns}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(
+            (code, reply["error"]["code"].as_str()),
+            (404, Some("not_found")),
+            "{reply}"
+        );
+
+        // Failing again for the period suspends again; a change of the spec lifts it.
+        receiver.answer(500);
+        op.post_event(&ns, "document.completed", json!({"document_id": 3}))
+            .await;
+        wait_ready_reason(&client, &ns, "flaky", "False", "FailingTooLong").await;
+        receiver.answer(200);
+        patch_spec(&client, &ns, "flaky", json!({"description": "fixed"})).await;
+        wait_ready_reason(&client, &ns, "flaky", "True", "Routed").await;
+        eventually(
+            &format!("{mode:?}: held delivery sent after the spec change"),
+            WAIT,
+            || async { (receiver.delivered() == [1, 2, 3]).then_some(()) },
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn the_api_server_refuses_a_bad_suspension_period() {
+    let cp = control_plane();
+    let ns = cp.namespace("suspend-refused").await;
+    for bad in ["3 days", "500ms", "0s", "9000h"] {
+        let manifest = format!(
+            "apiVersion: hookrelay.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: bad}}\nspec:\n  url: https://example.com/h\n  events: ['*']\n  secretRef: {{name: s}}\n  delivery: {{suspendAfterFailingFor: '{bad}'}}\n"
+        );
+        let out = cp
+            .kubectl(
+                &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
+                Some(&manifest),
+            )
+            .await;
+        assert!(!out.success, "{bad}: {}", out.stdout);
+        assert!(
+            out.stderr.contains("spec.delivery.suspendAfterFailingFor")
+                && out.stderr.contains("such as 72h"),
+            "{bad}: {}",
+            out.stderr
+        );
+    }
+    let good = "apiVersion: hookrelay.dev/v1alpha1\nkind: Webhook\nmetadata: {name: good}\nspec:\n  url: https://example.com/h\n  events: ['*']\n  secretRef: {name: s}\n  delivery: {suspendAfterFailingFor: 1h30m}\n";
+    cp.kubectl_ok(
+        &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
+        Some(good),
+    )
+    .await;
 }
