@@ -26,9 +26,10 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Scope,
     resolve::{Resolution, SIGNING_SECRET_LABEL, ready_reason, resolve},
+    rotation::PreviousKeyExpiry,
 };
 use crate::{
-    crd::{Suspension, Webhook, merge_condition},
+    crd::{PREVIOUS_EXPIRES_ANNOTATION, Suspension, Webhook, merge_condition},
     delivery::{EgressPolicy, GoneNotice},
     http::Readiness,
     leader::Leadership,
@@ -84,6 +85,8 @@ pub struct WebhookController {
     looked_up: Arc<std::sync::Mutex<HashMap<String, i64>>>,
     /// Only the leader looks Secrets up (and warns); set by `run`.
     leadership: Leadership,
+    /// Removes a rotated Secret's `previous` key when its grace period ends; set by `run`.
+    expiry: PreviousKeyExpiry,
 }
 
 impl WebhookController {
@@ -118,6 +121,7 @@ impl WebhookController {
             looked_up: Default::default(),
             degraded: HashSet::new(),
             leadership: Leadership::always(),
+            expiry: PreviousKeyExpiry::new(None, Leadership::always()),
         }
     }
 
@@ -140,6 +144,7 @@ impl WebhookController {
         let mut webhooks = scope
             .watch(&client, watcher::Config::default(), strip_webhook)
             .map(|(i, e)| Input::Webhook(i, e));
+        self.expiry = PreviousKeyExpiry::new(Some(client.clone()), leadership.clone());
         self.client = Some(client);
         self.leadership = leadership.clone();
         loop {
@@ -171,6 +176,7 @@ impl WebhookController {
         match event {
             watcher::Event::Init => self.secret_relists[stream] = Some(Default::default()),
             watcher::Event::InitApply(DeserializeGuard(Ok(secret))) => {
+                self.schedule_expiry(&secret);
                 if let Some(relist) = &mut self.secret_relists[stream] {
                     relist.insert(secret_key(&secret), secret.data.unwrap_or_default());
                 }
@@ -203,6 +209,7 @@ impl WebhookController {
                 }
             }
             watcher::Event::Apply(DeserializeGuard(Ok(secret))) => {
+                self.schedule_expiry(&secret);
                 let key = secret_key(&secret);
                 let data = secret.data.unwrap_or_default();
                 if self.secrets.get(&key) != Some(&data) {
@@ -212,6 +219,7 @@ impl WebhookController {
             }
             watcher::Event::Delete(DeserializeGuard(Ok(secret))) => {
                 let key = secret_key(&secret);
+                self.expiry.observe(&key.0, &key.1, None);
                 if self.secrets.remove(&key).is_some() {
                     self.secret_changed(&key).await;
                 }
@@ -222,6 +230,20 @@ impl WebhookController {
                 tracing::warn!(secret = ?e.metadata.name, error = %e.error, "skipping a Secret that cannot be read");
             }
         }
+    }
+
+    /// Follows the end of a rotation's grace period, if the Secret has one.
+    fn schedule_expiry(&mut self, secret: &Secret) {
+        let expires = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PREVIOUS_EXPIRES_ANNOTATION));
+        self.expiry.observe(
+            secret.metadata.namespace.as_deref().unwrap_or_default(),
+            &secret.name_any(),
+            expires.map(String::as_str),
+        );
     }
 
     /// A replica that just became the leader decides every Webhook's `Ready` again, against the
@@ -617,11 +639,17 @@ fn secret_key(secret: &Secret) -> NamespacedName {
     )
 }
 
-/// Keeps only what resolution needs of a Secret: its name and data.
+/// Keeps only what resolution needs of a Secret: its name and data, and when a rotation's
+/// `previous` key expires.
 fn strip_secret(guard: &mut DeserializeGuard<Secret>) {
     if let Ok(secret) = &mut guard.0 {
         secret.metadata.managed_fields = None;
-        secret.metadata.annotations = None;
+        secret.metadata.annotations = secret
+            .metadata
+            .annotations
+            .take()
+            .and_then(|mut a| a.remove_entry(PREVIOUS_EXPIRES_ANNOTATION))
+            .map(|(k, v)| [(k, v)].into());
         secret.metadata.labels = None;
         secret.string_data = None;
     }

@@ -16,8 +16,9 @@ pub use document_event::{
 };
 pub use event_type::{EventType, UnknownEventType, WebhookEvent};
 pub use webhook::{
-    DeliveryPolicy, DeliveryRecord, DeliveryStats, Outcome, PREVIOUS_KEY, SIGNING_SECRET_LABEL,
-    SecretKeyRef, Suspension, Webhook, WebhookSpec, WebhookStatus, ready_reason,
+    DeliveryPolicy, DeliveryRecord, DeliveryStats, Outcome, PREVIOUS_EXPIRES_ANNOTATION,
+    PREVIOUS_KEY, SIGNING_SECRET_LABEL, SecretKeyRef, Suspension, Webhook, WebhookSpec,
+    WebhookStatus, ready_reason,
 };
 
 use kube::CustomResourceExt;

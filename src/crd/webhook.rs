@@ -24,6 +24,10 @@ pub mod ready_reason {
 /// The key a Secret may hold besides the current one, signing too during a rotation.
 pub const PREVIOUS_KEY: &str = "previous";
 
+/// On a Secret the API generated: when its `previous` key stops signing (RFC 3339), set by
+/// `POST /api/webhooks/{id}/rotate-secret`.
+pub const PREVIOUS_EXPIRES_ANNOTATION: &str = "hookrelay.dev/previous-expires-at";
+
 /// Only Secrets with this label set to "true" sign deliveries: whoever may write a Webhook must
 /// not be able to make hookrelay sign with (or probe for) any other Secret of the namespace.
 pub const SIGNING_SECRET_LABEL: &str = "hookrelay.dev/signing-secret";

@@ -50,6 +50,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/webhooks/{id}/deliveries"),
     ("post", "/api/webhooks/{id}/test"),
     ("post", "/api/webhooks/{id}/resume"),
+    ("post", "/api/webhooks/{id}/rotate-secret"),
     (
         "post",
         "/api/webhooks/{id}/deliveries/{delivery_id}/redeliver",
@@ -227,6 +228,10 @@ pub fn api_router(state: Arc<ApiState>) -> Router {
         .route("/api/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route("/api/webhooks/{id}/test", post(webhooks::test))
         .route("/api/webhooks/{id}/resume", post(webhooks::resume))
+        .route(
+            "/api/webhooks/{id}/rotate-secret",
+            post(webhooks::rotate_secret),
+        )
         .route(
             "/api/webhooks/{id}/deliveries/{delivery_id}/redeliver",
             post(webhooks::redeliver),

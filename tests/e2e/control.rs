@@ -17,7 +17,8 @@ use kube::{
 use serde_json::{Value, json};
 
 use crate::support::{
-    INGEST_MODES, ModeOperator, api_call, control_plane, eventually, wait_ready_reason,
+    INGEST_MODES, ModeOperator, Receiver, ReceiverKind, api_call, control_plane, create_webhook,
+    eventually, wait_ready_reason,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -437,4 +438,166 @@ async fn the_api_server_refuses_a_bad_suspension_period() {
         Some(good),
     )
     .await;
+}
+
+/// Posts an event to `ns` (again every 5 s) until `receiver` has a request after the `seen` it
+/// had, returning it.
+async fn next_receipt(
+    op: &ModeOperator,
+    ns: &str,
+    receiver: &Receiver,
+    seen: usize,
+) -> crate::support::Received {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        op.post_event(ns, "document.completed", json!({"document_id": seen}))
+            .await;
+        let wait = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < wait {
+            if let Some(got) = receiver.results().await.into_iter().nth(seen) {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no delivery at {} within {WAIT:?}",
+            receiver.addr
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_signs_beside_the_old_one_until_the_grace_period_ends() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace("rotate").await;
+    let op = ModeOperator::start(cp, hookrelay::http::IngestMode::Durable, &[&ns], |_| {}).await;
+    let api = op.op.op.listen_addr;
+    let call = |method: &'static str, path: String, body: Option<String>| async move {
+        api_call(api, method, &path, None, body.as_deref()).await
+    };
+
+    // A Webhook the API creates, with the secret it generated, delivering to a receiver that
+    // verifies with that (soon old) secret.
+    let placeholder =
+        Receiver::start(ReceiverKind::Python, "placeholder-secret-0123456789", &[]).await;
+    let (code, created) = call(
+        "POST",
+        format!("/api/webhooks?namespace={ns}"),
+        Some(json!({"url": placeholder.url("/h"), "events": ["*"]}).to_string()),
+    )
+    .await;
+    assert_eq!(code, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let old_secret = created["secret"].as_str().unwrap().to_owned();
+    let old = Receiver::start(ReceiverKind::Python, &old_secret, &[]).await;
+    let put_url = |url: String| {
+        call(
+            "PUT",
+            format!("/api/webhooks/{id}?namespace={ns}"),
+            Some(json!({ "url": url }).to_string()),
+        )
+    };
+    assert_eq!(put_url(old.url("/h")).await.0, 200);
+    wait_ready_reason(&client, &ns, &id, "True", "Routed").await;
+
+    let (code, rotated) = call(
+        "POST",
+        format!("/api/webhooks/{id}/rotate-secret?namespace={ns}&graceSeconds=15"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{rotated}");
+    let new_secret = rotated["secret"].as_str().unwrap().to_owned();
+    assert!(new_secret.starts_with("whsec_") && new_secret != old_secret);
+    assert!(rotated["previous_expires_at"].is_string(), "{rotated}");
+    let new = Receiver::start(ReceiverKind::Python, &new_secret, &[]).await;
+
+    // During the grace: the new secret verifies both signatures...
+    assert_eq!(put_url(new.url("/h")).await.0, 200);
+    let during = eventually("a delivery signed with the new secret", WAIT, || async {
+        let got = next_receipt(&op, &ns, &new, new.results().await.len()).await;
+        (got.hex_ok && got.standard_ok == Some(true)).then_some(got)
+    })
+    .await;
+    assert_eq!(during.status, 200);
+    // ...and the old one still verifies the Standard Webhooks signature (both keys sign it).
+    // X-Webhook-Signature, the seed's single HMAC, is the new secret's from the rotation on
+    // (see the signer), so this receiver, which also checks it, answers 401.
+    assert_eq!(put_url(old.url("/h")).await.0, 200);
+    let before = old.results().await.len();
+    let got = next_receipt(&op, &ns, &old, before).await;
+    assert_eq!(
+        (got.standard_ok, got.hex_ok),
+        (Some(true), false),
+        "the old secret verifies during the grace period: {got:?}"
+    );
+
+    // After the grace period the leader removes `previous`: only the new secret signs.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let secret_name = format!("{id}-secret");
+    eventually("previous removed after the grace period", WAIT, || async {
+        let s = secrets.get(&secret_name).await.ok()?;
+        let data = s.data.unwrap_or_default();
+        let annotated = s
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("hookrelay.dev/previous-expires-at");
+        (!data.contains_key("previous") && !annotated).then_some(())
+    })
+    .await;
+    eventually("the old secret no longer verifies", WAIT, || async {
+        let got = next_receipt(&op, &ns, &old, old.results().await.len()).await;
+        (got.standard_ok == Some(false) && !got.hex_ok).then_some(())
+    })
+    .await;
+    assert_eq!(put_url(new.url("/h")).await.0, 200);
+    eventually("the new secret alone verifies", WAIT, || async {
+        let got = next_receipt(&op, &ns, &new, new.results().await.len()).await;
+        (got.hex_ok && got.standard_ok == Some(true) && got.status == 200).then_some(())
+    })
+    .await;
+
+    // A Secret the API did not generate is the user's to rotate; bad grace periods and unknown
+    // Webhooks are refused.
+    create_webhook(
+        &client,
+        &ns,
+        "own",
+        &new.url("/h"),
+        "own-signing-secret-0123456789",
+        json!({}),
+    )
+    .await;
+    let (code, reply) = call(
+        "POST",
+        format!("/api/webhooks/own/rotate-secret?namespace={ns}"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 409, "{reply}");
+    assert_eq!(reply["error"]["code"], "secret_not_generated");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rotate that Secret itself"),
+        "{reply}"
+    );
+    let (code, reply) = call(
+        "POST",
+        format!("/api/webhooks/{id}/rotate-secret?namespace={ns}"),
+        Some(r#"{"graceSeconds": 9999999}"#.into()),
+    )
+    .await;
+    assert_eq!(code, 422, "{reply}");
+    let (code, _) = call(
+        "POST",
+        format!("/api/webhooks/nope/rotate-secret?namespace={ns}"),
+        None,
+    )
+    .await;
+    assert_eq!(code, 404);
 }
