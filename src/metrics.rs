@@ -67,6 +67,13 @@ pub struct AttemptRecordLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FilterLabels {
+    /// `matched`, `not_matched`, or `error` (the expression failed on the event, say a missing
+    /// field: not delivered, like `not_matched`).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WebhookStateLabels {
     /// `Active`, `Paused` or `Blocked` (see the Ready condition for why).
     pub state: &'static str,
@@ -105,6 +112,8 @@ pub struct Metrics {
     pub webhooks_degraded: Gauge,
     /// Attempt records relayed through JetStream (`--ingest-mode jetstream`).
     pub attempt_records: Family<AttemptRecordLabels, Counter>,
+    /// `spec.filter` evaluations in the routing step, by result.
+    pub filter_evaluations: Family<FilterLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -176,6 +185,12 @@ impl Default for Metrics {
             "JetStream mode: attempt records published to the stream, given to the local status writer because the publish failed (local_fallback), or received by the leader",
             attempt_records.clone(),
         );
+        let filter_evaluations = Family::<FilterLabels, Counter>::default();
+        registry.register(
+            "filter_evaluations",
+            "spec.filter evaluations in the routing step: matched, not_matched, or error (the event is not delivered)",
+            filter_evaluations.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             status_patches,
@@ -188,6 +203,7 @@ impl Default for Metrics {
             leader,
             webhooks_degraded,
             attempt_records,
+            filter_evaluations,
         }
     }
 }

@@ -470,7 +470,8 @@ pub async fn start(
                 .unwrap_or(args.direct_queue / 4)
                 .max(1),
         )
-        .with_max_queue_delay(args.direct_max_queue_delay),
+        .with_max_queue_delay(args.direct_max_queue_delay)
+        .with_metrics(metrics.clone()),
         direct_max_hold: args.direct_max_hold,
         readiness: readiness.clone(),
         leadership: leadership.clone(),
@@ -515,6 +516,7 @@ pub async fn start(
         let router = tokio::spawn(jetstream::route_events(
             bus.clone(),
             routes.clone(),
+            metrics.clone(),
             synced(readiness.clone()),
             stop.clone(),
         ));

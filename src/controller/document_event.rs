@@ -30,10 +30,12 @@ use crate::{
         CreatedEvents, DocumentEvent, DocumentEventStatus, EventPhase, Recoveries, Recovery,
         TargetDelivery, TargetState,
     },
-    delivery::{self, Delivery, Dispatcher, EventBody, Report, delivery_id, is_final},
+    delivery::{
+        self, Delivery, Dispatcher, EventBody, Report, delivery_id, is_final, timestamp_of,
+    },
     http::Readiness,
     metrics::Metrics,
-    routing::{RouteState, Routes, WebhookKey},
+    routing::{EventFacts, RouteState, Routes, WebhookKey},
     status::{EventKey, StatusSender, Update},
 };
 
@@ -478,8 +480,10 @@ impl DocumentEventController {
     /// Fixes the event's targets: every Webhook of its namespace that takes its type.
     fn route(&self, key: &EventKey, uid: &str, de: &DocumentEvent) -> Vec<TargetDelivery> {
         let table = self.routes.snapshot();
+        let timestamp = timestamp_of(de);
+        let facts = EventFacts::new(de.spec.type_, &timestamp, &de.spec.data);
         let targets: Vec<TargetDelivery> = table
-            .lookup(&key.namespace, de.spec.type_)
+            .lookup_event(&key.namespace, &facts, &self.tasks.metrics)
             .map(|route| {
                 let state = if route.state == RouteState::Active {
                     TargetState::Pending
@@ -748,6 +752,7 @@ mod tests {
                 state: RouteState::Active,
                 service: None,
                 headers: Default::default(),
+                filter: None,
                 superseded: Default::default(),
             })
         });

@@ -3,6 +3,7 @@
 
 mod document_event;
 mod resolve;
+mod rotation;
 mod scope;
 mod webhook;
 

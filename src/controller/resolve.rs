@@ -14,7 +14,7 @@ use crate::{
         CustomHeaders, EgressDenied, EgressPolicy, ServiceTarget, Signer, custom_headers,
         redact_url,
     },
-    routing::{Route, RouteState, WebhookKey},
+    routing::{EventFilter, Route, RouteState, WebhookKey},
 };
 
 /// What the controller keeps of a Service: what resolving a `serviceRef` reads.
@@ -158,11 +158,22 @@ pub fn resolve_with(
         },
     };
 
+    let suspension = failing_too_long(webhook);
+    // Compiled once per reconcile of the spec, never per event.
+    let filter = spec.filter.as_deref().map(EventFilter::compile).transpose();
+
     let (state, ready) = match (&signer, endpoint, &headers, gone) {
         (Err((reason, message)), _, _, _) => blocked(reason, message.clone()),
         (_, Err((reason, message)), _, _) => blocked(reason, message),
         (_, _, Err((reason, message)), _) => blocked(reason, message.clone()),
         (_, _, _, Some(message)) => blocked(ENDPOINT_GONE, message.to_owned()),
+        _ if filter.is_err() => blocked(
+            FILTER_INVALID,
+            format!(
+                "spec.filter: {}; no event is delivered until it is fixed",
+                filter.as_ref().err().cloned().unwrap_or_default()
+            ),
+        ),
         _ if spec.paused => (
             RouteState::Paused,
             ConditionState::new(
@@ -172,6 +183,7 @@ pub fn resolve_with(
                 "spec.paused is true: deliveries are held until it is false",
             ),
         ),
+        _ if suspension.is_some() => blocked(FAILING_TOO_LONG, suspension.unwrap_or_default()),
         _ => (
             RouteState::Active,
             ConditionState::new(
@@ -195,6 +207,7 @@ pub fn resolve_with(
             state,
             service,
             headers: headers.unwrap_or_default(),
+            filter: filter.ok().flatten(),
             superseded: Default::default(),
         },
         ready,
@@ -297,6 +310,49 @@ fn service_target(
         ca_bundle: service_ref.ca_bundle.as_deref().map(Arc::from),
     };
     Ok((url, target))
+}
+
+/// Whether deliveries are suspended, decided from the status alone (so every replica decides
+/// the same, from the object its watch shows): the message of `FailingTooLong`, or None.
+///
+/// Suspended when `spec.delivery.suspendAfterFailingFor` is set and the latest attempt failed
+/// at least that long after the failures started counting: at the first failed attempt after
+/// the last success (`deliveryStats.failingSince`), or later at the last resume
+/// (`status.resumedAt`) or when `Ready` last changed for another reason (a spec change that
+/// lifts a suspension turns it True: the period starts again). A suspension decided for an
+/// older generation is lifted by the spec change.
+pub fn failing_too_long(webhook: &Webhook) -> Option<String> {
+    let period = webhook.spec.delivery.suspend_after_failing_for.as_deref()?;
+    let period_len = humantime::parse_duration(period).ok()?;
+    let status = webhook.status.as_ref()?;
+    let stats = &status.delivery_stats;
+    if stats.consecutive_failures == 0 {
+        return None;
+    }
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+    let suspended_now = ready.filter(|c| c.reason == ready_reason::FAILING_TOO_LONG);
+    if suspended_now.is_some_and(|c| c.observed_generation != webhook.metadata.generation) {
+        return None;
+    }
+    let since = [
+        Some(stats.failing_since.as_ref()?.0),
+        status.resumed_at.as_ref().map(|t| t.0),
+        ready
+            .filter(|_| suspended_now.is_none())
+            .map(|c| c.last_transition_time.0),
+    ]
+    .into_iter()
+    .flatten()
+    .max()?;
+    let last_failure = stats.last_failure_time.as_ref()?.0;
+    let failing_for = last_failure.duration_since(since);
+    (failing_for >= k8s_openapi::jiff::SignedDuration::try_from(period_len).ok()?).then(|| {
+        format!(
+            "every delivery attempt since {} has failed, for longer than suspendAfterFailingFor ({period}): deliveries are held until POST /api/webhooks/{}/resume or a change of the spec",
+            stats.failing_since.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+            webhook.metadata.name.as_deref().unwrap_or_default()
+        )
+    })
 }
 
 fn blocked(reason: &'static str, message: String) -> (RouteState, ConditionState) {

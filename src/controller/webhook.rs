@@ -16,7 +16,7 @@ use futures::StreamExt;
 use k8s_openapi::{
     ByteString,
     api::core::v1::{ObjectReference, Secret, Service},
-    apimachinery::pkg::apis::meta::v1::Condition,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
 use kube::{Client, ResourceExt, core::DeserializeGuard, runtime::watcher};
@@ -29,9 +29,10 @@ use super::{
         HEADERS_SECRET_LABEL, References, Resolution, SIGNING_SECRET_LABEL, ServiceInfo,
         ready_reason, resolve_with,
     },
+    rotation::PreviousKeyExpiry,
 };
 use crate::{
-    crd::{Webhook, merge_condition},
+    crd::{PREVIOUS_EXPIRES_ANNOTATION, Suspension, Webhook, merge_condition},
     delivery::{EgressPolicy, GoneNotice},
     http::Readiness,
     leader::Leadership,
@@ -44,6 +45,8 @@ type SecretData = BTreeMap<String, ByteString>;
 type NamespacedName = (Arc<str>, Arc<str>);
 
 /// Watch events tagged with the index of the stream (one per watched namespace) they came from.
+// One lives at a time, on the controller's stack: boxing would allocate per watch event.
+#[allow(clippy::large_enum_variant)]
 enum Input {
     Secret(usize, watcher::Event<DeserializeGuard<Secret>>),
     Webhook(usize, watcher::Event<DeserializeGuard<Webhook>>),
@@ -217,6 +220,8 @@ pub struct WebhookController {
     /// `headersFrom` Secrets (their own label) and `serviceRef` Services.
     headers_secrets: Referenced<SecretData>,
     services: Referenced<ServiceInfo>,
+    /// Removes a rotated Secret's `previous` key when its grace period ends; set by `run`.
+    expiry: PreviousKeyExpiry,
 }
 
 impl WebhookController {
@@ -253,6 +258,7 @@ impl WebhookController {
             leadership: Leadership::always(),
             headers_secrets: Referenced::new(n),
             services: Referenced::new(n),
+            expiry: PreviousKeyExpiry::new(None, Leadership::always()),
         }
     }
 
@@ -283,6 +289,7 @@ impl WebhookController {
         let mut services = scope
             .watch(&client, watcher::Config::default(), strip_service)
             .map(|(i, e)| Input::Service(i, e));
+        self.expiry = PreviousKeyExpiry::new(Some(client.clone()), leadership.clone());
         self.client = Some(client);
         self.leadership = leadership.clone();
         loop {
@@ -344,6 +351,7 @@ impl WebhookController {
         match event {
             watcher::Event::Init => self.secret_relists[stream] = Some(Default::default()),
             watcher::Event::InitApply(DeserializeGuard(Ok(secret))) => {
+                self.schedule_expiry(&secret);
                 if let Some(relist) = &mut self.secret_relists[stream] {
                     relist.insert(secret_key(&secret), secret.data.unwrap_or_default());
                 }
@@ -376,6 +384,7 @@ impl WebhookController {
                 }
             }
             watcher::Event::Apply(DeserializeGuard(Ok(secret))) => {
+                self.schedule_expiry(&secret);
                 let key = secret_key(&secret);
                 let data = secret.data.unwrap_or_default();
                 if self.secrets.get(&key) != Some(&data) {
@@ -385,6 +394,7 @@ impl WebhookController {
             }
             watcher::Event::Delete(DeserializeGuard(Ok(secret))) => {
                 let key = secret_key(&secret);
+                self.expiry.observe(&key.0, &key.1, None);
                 if self.secrets.remove(&key).is_some() {
                     self.secret_changed(&key).await;
                 }
@@ -395,6 +405,20 @@ impl WebhookController {
                 tracing::warn!(secret = ?e.metadata.name, error = %e.error, "skipping a Secret that cannot be read");
             }
         }
+    }
+
+    /// Follows the end of a rotation's grace period, if the Secret has one.
+    fn schedule_expiry(&mut self, secret: &Secret) {
+        let expires = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PREVIOUS_EXPIRES_ANNOTATION));
+        self.expiry.observe(
+            secret.metadata.namespace.as_deref().unwrap_or_default(),
+            &secret.name_any(),
+            expires.map(String::as_str),
+        );
     }
 
     /// A replica that just became the leader decides every Webhook's `Ready` again, against the
@@ -768,10 +792,18 @@ pub(crate) fn ready_update(
         note: ready.message.clone(),
         object: object_ref(webhook),
     });
+    let suspended = (condition.reason == ready_reason::FAILING_TOO_LONG).then(|| Suspension {
+        since: status
+            .suspended
+            .as_ref()
+            .map_or(Time(now), |s| s.since.clone()),
+        reason: condition.message.clone(),
+    });
     Some(ReadyUpdate {
         generation,
         condition,
         event,
+        suspended,
     })
 }
 
@@ -813,11 +845,17 @@ fn secret_key(secret: &Secret) -> NamespacedName {
     )
 }
 
-/// Keeps only what resolution needs of a Secret: its name and data.
+/// Keeps only what resolution needs of a Secret: its name and data, and when a rotation's
+/// `previous` key expires.
 fn strip_secret(guard: &mut DeserializeGuard<Secret>) {
     if let Ok(secret) = &mut guard.0 {
         secret.metadata.managed_fields = None;
-        secret.metadata.annotations = None;
+        secret.metadata.annotations = secret
+            .metadata
+            .annotations
+            .take()
+            .and_then(|mut a| a.remove_entry(PREVIOUS_EXPIRES_ANNOTATION))
+            .map(|(k, v)| [(k, v)].into());
         secret.metadata.labels = None;
         secret.string_data = None;
     }

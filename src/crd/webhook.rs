@@ -21,10 +21,16 @@ pub mod ready_reason {
     pub const SERVICE_PORT_NOT_FOUND: &str = "ServicePortNotFound";
     pub const SERVICE_NOT_ALLOWED: &str = "ServiceNotAllowed";
     pub const HEADERS_INVALID: &str = "HeadersInvalid";
+    pub const FILTER_INVALID: &str = "FilterInvalid";
+    pub const FAILING_TOO_LONG: &str = "FailingTooLong";
 }
 
 /// The key a Secret may hold besides the current one, signing too during a rotation.
 pub const PREVIOUS_KEY: &str = "previous";
+
+/// On a Secret the API generated: when its `previous` key stops signing (RFC 3339), set by
+/// `POST /api/webhooks/{id}/rotate-secret`.
+pub const PREVIOUS_EXPIRES_ANNOTATION: &str = "hookrelay.dev/previous-expires-at";
 
 /// Only Secrets with this label set to "true" sign deliveries: whoever may write a Webhook must
 /// not be able to make hookrelay sign with (or probe for) any other Secret of the namespace.
@@ -132,6 +138,12 @@ pub struct WebhookSpec {
     #[serde(default)]
     pub delivery: DeliveryPolicy,
 
+    /// A CEL expression over the event (`event`, `timestamp`, `data`) that must be true for it to
+    /// be delivered, e.g. `data.folder_id == 1 && data.status == "completed"`. An event the
+    /// expression fails on (a missing field, say) is not delivered; `has(data.x)` tests first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub filter: Option<String>,
     /// Extra request headers, name to value (not secret: they are shown by kubectl).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     #[schemars(schema_with = "headers_schema")]
@@ -271,6 +283,13 @@ pub struct DeliveryPolicy {
     #[serde(default = "default_max_backoff")]
     #[schemars(range(min = 1, max = 86400))]
     pub max_backoff_seconds: i32,
+    /// When every attempt has failed for this long (e.g. `72h`), deliveries are suspended (held)
+    /// until the spec changes or `POST /api/webhooks/{id}/resume`; unset never suspends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+[hms])+$') && duration(self) >= duration('1s') && duration(self) <= duration('8760h')")
+        .message("must be a duration of hours, minutes and seconds between 1s and 8760h, such as 72h, 30m or 1h30m"))]
+    pub suspend_after_failing_for: Option<String>,
 }
 
 fn default_timeout() -> i32 {
@@ -293,6 +312,7 @@ impl Default for DeliveryPolicy {
             max_attempts: default_max_attempts(),
             initial_backoff_seconds: default_initial_backoff(),
             max_backoff_seconds: default_max_backoff(),
+            suspend_after_failing_for: None,
         }
     }
 }
@@ -314,6 +334,22 @@ pub struct WebhookStatus {
     /// The latest delivery attempts, newest first, bounded.
     #[serde(default)]
     pub recent_deliveries: Vec<DeliveryRecord>,
+    /// Set while deliveries are suspended because every attempt failed for longer than
+    /// `spec.delivery.suspendAfterFailingFor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<Suspension>,
+    /// The last `POST /api/webhooks/{id}/resume`: failures before it do not count towards a
+    /// suspension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_at: Option<Time>,
+}
+
+/// Why and since when deliveries to a Webhook are suspended.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Suspension {
+    pub since: Time,
+    pub reason: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -324,6 +360,9 @@ pub struct DeliveryStats {
     pub consecutive_failures: i64,
     pub last_success_time: Option<Time>,
     pub last_failure_time: Option<Time>,
+    /// The first failed attempt after the last success: every attempt since has failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<Time>,
 }
 
 /// One delivery attempt.

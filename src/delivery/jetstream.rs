@@ -71,7 +71,12 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Attempted, Delivery, Dispatcher, EventBody, KeyedLimits, RouteCheck, Verdict, delivery_id,
 };
-use crate::{crd::EventType, routing::Routes, routing::WebhookKey, telemetry::TRACEPARENT};
+use crate::{
+    crd::EventType,
+    metrics::Metrics,
+    routing::{EventFacts, Routes, WebhookKey},
+    telemetry::TRACEPARENT,
+};
 
 /// Subjects of ingested events: `hookrelay.events.<namespace>`.
 pub const EVENTS_SUBJECT: &str = "hookrelay.events";
@@ -366,6 +371,7 @@ fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
 pub async fn route_events(
     bus: Bus,
     routes: Routes,
+    metrics: Metrics,
     routes_synced: impl Future<Output = ()>,
     stop: CancellationToken,
 ) -> Result<(), BusError> {
@@ -400,9 +406,9 @@ pub async fn route_events(
             }
             Some(Ok(m)) => m,
         };
-        let (context, routes) = (bus.context.clone(), routes.clone());
+        let (context, routes, metrics) = (bus.context.clone(), routes.clone(), metrics.clone());
         routing.spawn(async move {
-            if let Err(e) = route_one(&context, &routes, &message).await {
+            if let Err(e) = route_one(&context, &routes, &metrics, &message).await {
                 // Not acked: the stream redelivers it, and the work items already stored are
                 // deduplicated by their ids.
                 tracing::warn!(subject = %message.subject, error = %e, "JetStream router: event not routed; it is redelivered");
@@ -425,6 +431,7 @@ pub async fn route_events(
 async fn route_one(
     context: &Context,
     routes: &Routes,
+    metrics: &Metrics,
     message: &jetstream::Message,
 ) -> Result<(), String> {
     let headers = message.headers.as_ref();
@@ -450,8 +457,15 @@ async fn route_one(
     );
     crate::telemetry::continue_trace(&span, header(headers, TRACEPARENT));
     let trace = crate::telemetry::traceparent(&span);
+    // The payload is the body hookrelay published; it is parsed only when a filter needs it.
+    let filtered = table.lookup(namespace, event).any(|r| r.filter.is_some());
+    let wire = filtered
+        .then(|| serde_json::from_slice::<FilterWire>(&message.payload).ok())
+        .flatten()
+        .unwrap_or_default();
+    let facts = EventFacts::new(event, &wire.timestamp, &wire.data);
     let mut acks = Vec::new();
-    for route in table.lookup(namespace, event) {
+    for route in table.lookup_event(namespace, &facts, metrics) {
         let id = delivery_id(event_id, &route.uid);
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());
@@ -473,6 +487,15 @@ async fn route_one(
         ack.await.map_err(|e| e.to_string())?;
     }
     message.ack().await.map_err(|e| e.to_string())
+}
+
+/// What a filter reads of an event's body.
+#[derive(Default, serde::Deserialize)]
+struct FilterWire {
+    #[serde(default)]
+    timestamp: String,
+    #[serde(default)]
+    data: serde_json::Map<String, serde_json::Value>,
 }
 
 /// How many work items one replica keeps in hand, so that no namespace (nor held deliveries)

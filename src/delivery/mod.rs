@@ -26,6 +26,6 @@ pub use engine::{
 };
 pub use headers::{CustomHeaders, custom_headers, is_reserved_header};
 pub use limits::KeyedLimits;
-pub use payload::EventBody;
+pub use payload::{EventBody, timestamp_of};
 pub use retry::{AttemptResult, RetryPolicy, Verdict, parse_retry_after};
 pub use signer::{MIN_SECRET_BYTES, SecretError, Signatures, Signer};

@@ -40,14 +40,18 @@ impl EventBody {
 impl From<&DocumentEvent> for EventBody {
     /// A DocumentEvent's body: its `spec.timestamp`, or else the time it was created.
     fn from(de: &DocumentEvent) -> Self {
-        let created = de.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        let timestamp = match &de.spec.timestamp {
-            Some(t) => t.clone(),
-            None => created
-                .unwrap_or_else(k8s_openapi::jiff::Timestamp::now)
-                .to_string(),
-        };
-        Self::new(de.spec.type_, &timestamp, &de.spec.data)
+        Self::new(de.spec.type_, &timestamp_of(de), &de.spec.data)
+    }
+}
+
+/// A DocumentEvent's `timestamp`: its `spec.timestamp`, or else the time it was created.
+pub fn timestamp_of(de: &DocumentEvent) -> String {
+    let created = de.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    match &de.spec.timestamp {
+        Some(t) => t.clone(),
+        None => created
+            .unwrap_or_else(k8s_openapi::jiff::Timestamp::now)
+            .to_string(),
     }
 }
 

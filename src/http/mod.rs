@@ -51,6 +51,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/webhooks/{id}/deliveries"),
     ("post", "/api/webhooks/{id}/test"),
     ("post", "/api/webhooks/{id}/recover"),
+    ("post", "/api/webhooks/{id}/resume"),
+    ("post", "/api/webhooks/{id}/rotate-secret"),
     (
         "post",
         "/api/webhooks/{id}/deliveries/{delivery_id}/redeliver",
@@ -231,6 +233,11 @@ pub fn api_router(state: Arc<ApiState>) -> Router {
         .route("/api/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route("/api/webhooks/{id}/test", post(webhooks::test))
         .route("/api/webhooks/{id}/recover", post(recover::recover))
+        .route("/api/webhooks/{id}/resume", post(webhooks::resume))
+        .route(
+            "/api/webhooks/{id}/rotate-secret",
+            post(webhooks::rotate_secret),
+        )
         .route(
             "/api/webhooks/{id}/deliveries/{delivery_id}/redeliver",
             post(webhooks::redeliver),

@@ -42,6 +42,8 @@ fn to_json(w: &Webhook) -> Value {
         "created_at": w.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()),
         "namespace": w.namespace(),
         "paused": w.spec.paused,
+        "filter": w.spec.filter,
+        "suspended": w.status.as_ref().and_then(|s| s.suspended.as_ref()),
         "ready": ready.map(|c| c.status == "True"),
         "ready_reason": ready.map(|c| c.reason.clone()),
     });
@@ -127,7 +129,7 @@ fn no_such_webhook(id: &str) -> ApiError {
 }
 
 /// The writable fields of a request body: `url`, `events`, `description` (and `paused`,
-/// `service_ref` instead of `url`, `headers`).
+/// `service_ref` instead of `url`, `headers`, `filter`).
 fn spec_fields(body: &[u8], require: bool) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
@@ -154,7 +156,8 @@ fn spec_fields(body: &[u8], require: bool) -> Result<Map<String, Value>, ApiErro
             ("events", Value::Array(items)) => items.iter().all(Value::is_string),
             ("description", Value::String(_) | Value::Null) => true,
             ("paused", Value::Bool(_)) => true,
-            ("url" | "events" | "description" | "paused", _) => false,
+            ("filter", Value::String(_) | Value::Null) => true,
+            ("url" | "events" | "description" | "paused" | "filter", _) => false,
             // Read-only fields of the seed's representation are ignored, as are unknown ones.
             _ => continue,
         };
@@ -277,6 +280,156 @@ pub async fn update(
         .await
         .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
     Ok(Json(to_json(&updated)))
+}
+
+/// Field manager of what the API writes to a Webhook's status: only `resumedAt`.
+const API_MANAGER: &str = "hookrelay-api";
+
+/// `POST /api/webhooks/{id}/resume`: records the resume in `status.resumedAt`, from which the
+/// Webhook controller of every replica lifts a `FailingTooLong` suspension (failures before it
+/// no longer count). Any replica may write it: no other writer owns that field.
+pub async fn resume(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Query<NamespaceQuery>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let c = caller(&state, &q, &headers, "update").await?;
+    c.webhook(&id).await?;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let patch = json!({
+        "apiVersion": "hookrelay.dev/v1alpha1",
+        "kind": "Webhook",
+        "status": {"resumedAt": now.to_string()},
+    });
+    let updated = c
+        .api
+        .patch_status(
+            &id,
+            &PatchParams::apply(API_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
+    let mut reply = to_json(&updated);
+    reply["resumed_at"] = Value::String(now.to_string());
+    Ok(Json(reply))
+}
+
+/// How long a rotated-out secret keeps signing unless the request says otherwise.
+const DEFAULT_GRACE_SECONDS: u64 = 24 * 3600;
+/// The longest grace period a rotation may ask for.
+const MAX_GRACE_SECONDS: u64 = 7 * 24 * 3600;
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct GraceQuery {
+    #[serde(rename = "graceSeconds")]
+    grace_seconds: Option<String>,
+}
+
+/// The grace period of a rotation: `?graceSeconds=` or `{"graceSeconds": N}`, default 24h.
+fn grace_seconds(query: Option<&str>, body: &[u8]) -> Result<u64, ApiError> {
+    let from_body = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let value: Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+        match value.get("graceSeconds") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.to_string()),
+        }
+    };
+    let Some(text) = query.map(str::to_owned).or(from_body) else {
+        return Ok(DEFAULT_GRACE_SECONDS);
+    };
+    text.parse::<u64>()
+        .ok()
+        .filter(|s| *s <= MAX_GRACE_SECONDS)
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "graceSeconds must be a whole number of seconds from 0 to {MAX_GRACE_SECONDS} (7 days), not {text}"
+            ))
+        })
+}
+
+/// `POST /api/webhooks/{id}/rotate-secret`: a new `whsec_` secret for a Webhook whose Secret
+/// the API generated. The old one stays as `previous` (both sign) until the grace period ends,
+/// recorded in the Secret's annotation for the leader to act on. Returns the new secret, once.
+pub async fn rotate_secret(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Query<NamespaceQuery>,
+    Query(grace): Query<GraceQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let c = caller(&state, &q, &headers, "update").await?;
+    let grace = grace_seconds(grace.grace_seconds.as_deref(), &read_body(body).await?)?;
+    let w = c.webhook(&id).await?;
+    let secret_name = &w.spec.secret_ref.name;
+    let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &c.namespace);
+    let not_generated = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "secret_not_generated",
+            format!(
+                "webhook {id} signs with Secret {secret_name}, which the API did not generate: rotate that Secret itself (the new value under key {:?}, the old one under \"previous\" while receivers move)",
+                w.spec.secret_ref.key
+            ),
+        )
+    };
+    let secret = secrets
+        .get_opt(secret_name)
+        .await
+        .map_err(|e| ApiError::from_kube(e, "secret"))?
+        .ok_or_else(not_generated)?;
+    // Generated by the API for this very Webhook: owned by it, under the key POST wrote.
+    let generated = secret
+        .owner_references()
+        .iter()
+        .any(|o| Some(&o.uid) == w.metadata.uid.as_ref())
+        && secret
+            .labels()
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str)
+            == Some("hookrelay-api")
+        && w.spec.secret_ref.key == "secret";
+    let old = secret.data.as_ref().and_then(|d| d.get("secret")).cloned();
+    let (true, Some(old)) = (generated, old) else {
+        return Err(not_generated());
+    };
+    let new = format!("whsec_{}", BASE64.encode(rand::random::<[u8; 32]>()));
+    let expires = k8s_openapi::jiff::Timestamp::now()
+        + k8s_openapi::jiff::SignedDuration::from_secs(grace as i64);
+    let expires_text = expires.to_string();
+    let (previous, annotation) = if grace == 0 {
+        (Value::Null, Value::Null)
+    } else {
+        (
+            Value::String(BASE64.encode(&old.0)),
+            Value::String(expires_text.clone()),
+        )
+    };
+    // The resourceVersion makes a concurrent rotation fail (409) rather than lose a key.
+    let patch = json!({
+        "metadata": {
+            "resourceVersion": secret.metadata.resource_version,
+            "annotations": {(crate::crd::PREVIOUS_EXPIRES_ANNOTATION): annotation},
+        },
+        "data": {"secret": BASE64.encode(new.as_bytes()), (crate::crd::PREVIOUS_KEY): previous},
+    });
+    secrets
+        .patch(secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|e| ApiError::from_kube(e, &format!("secret {secret_name}")))?;
+    let mut reply = to_json(&w);
+    reply["secret"] = Value::String(new);
+    reply["previous_expires_at"] = if grace == 0 {
+        Value::Null
+    } else {
+        Value::String(expires_text)
+    };
+    Ok(Json(reply))
 }
 
 pub async fn delete(
@@ -553,6 +706,16 @@ mod tests {
         let seed = br#"{"url":"https://your-application.com/webhooks/file-conversion","events":["document.completed","document.error"],"description":"Notification endpoint for document processing events"}"#;
         let spec = spec_fields(seed, true).unwrap();
         assert_eq!(spec.len(), 3);
+        let filtered =
+            br#"{"url":"https://example.com/h","events":["*"],"filter":"data.folder_id == 1"}"#;
+        assert_eq!(
+            spec_fields(filtered, true).unwrap()["filter"],
+            "data.folder_id == 1"
+        );
+        assert_eq!(
+            spec_fields(br#"{"filter":1}"#, false).unwrap_err().message,
+            "filter has the wrong type"
+        );
         assert_eq!(
             spec_fields(b"{", true).unwrap_err().status,
             StatusCode::BAD_REQUEST
@@ -608,6 +771,23 @@ mod tests {
         );
         let spec = spec_fields(br#"{"headers":{"X-Env":"prod"}}"#, false).unwrap();
         assert_eq!(spec["headers"], json!({"X-Env": "prod"}));
+    }
+
+    #[test]
+    fn the_grace_period_comes_from_the_query_or_the_body_and_is_bounded() {
+        assert_eq!(grace_seconds(None, b"").unwrap(), DEFAULT_GRACE_SECONDS);
+        assert_eq!(grace_seconds(Some("60"), b"").unwrap(), 60);
+        assert_eq!(grace_seconds(None, br#"{"graceSeconds": 0}"#).unwrap(), 0);
+        assert_eq!(grace_seconds(None, b"{}").unwrap(), DEFAULT_GRACE_SECONDS);
+        for bad in ["-1", "1.5", "604801", "soon"] {
+            let e = grace_seconds(Some(bad), b"").unwrap_err();
+            assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+            assert!(e.message.contains("from 0 to 604800"), "{}", e.message);
+        }
+        assert_eq!(
+            grace_seconds(None, b"{").unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
     }
 
     #[test]

@@ -12,9 +12,13 @@ use imbl::{HashMap, OrdMap};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    crd::{DeliveryPolicy, EventType, WebhookEvent},
+    crd::{DeliveryPolicy, EventType, WebhookEvent, ready_reason::FILTER_INVALID},
     delivery::{CustomHeaders, ServiceTarget, Signer},
+    metrics::{FilterLabels, Metrics},
 };
+
+mod filter;
+pub use filter::{EventFacts, EventFilter, MAX_FILTER_LENGTH};
 
 /// Identifies a Webhook: namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -95,6 +99,8 @@ pub struct Route {
     pub service: Option<Arc<ServiceTarget>>,
     /// `spec.headers` and `spec.headersFrom`, checked.
     pub headers: CustomHeaders,
+    /// `spec.filter`, compiled once per spec; None delivers every event of the listed types.
+    pub filter: Option<Arc<EventFilter>>,
     /// Cancelled once this route is replaced or removed and the new table is published: what
     /// waits on a Webhook (a held delivery) wakes exactly when that Webhook changes.
     pub superseded: CancellationToken,
@@ -107,6 +113,31 @@ impl Route {
             .iter()
             .flat_map(|e| e.types().iter().copied())
             .filter(move |t| !std::mem::replace(&mut seen[*t as usize], true))
+    }
+
+    /// Whether `event` passes this route's filter (counted in `metrics`). An evaluation error,
+    /// such as a field the event lacks, does not match.
+    pub fn accepts(&self, event: &EventFacts<'_>, metrics: &Metrics) -> bool {
+        if matches!(&self.state, RouteState::Blocked { reason, .. } if *reason == FILTER_INVALID) {
+            // Fail closed: a filter that does not compile lets nothing through.
+            return false;
+        }
+        let Some(filter) = &self.filter else {
+            return true;
+        };
+        let (matched, result) = match filter.evaluate(event) {
+            Ok(true) => (true, "matched"),
+            Ok(false) => (false, "not_matched"),
+            Err(e) => {
+                tracing::debug!(webhook = %self.key, error = %e, "filter failed on an event: not delivered");
+                (false, "error")
+            }
+        };
+        metrics
+            .filter_evaluations
+            .get_or_create(&FilterLabels { result })
+            .inc();
+        matched
     }
 }
 
@@ -189,6 +220,18 @@ impl RoutingTable {
             .get(namespace)
             .into_iter()
             .flat_map(move |ns| ns.by_type[event as usize].values())
+    }
+
+    /// The routes that receive `event` in `namespace`: [`Self::lookup`] by type, then each
+    /// route's filter. The delivery paths of every ingest mode route through here.
+    pub fn lookup_event<'a>(
+        &'a self,
+        namespace: &str,
+        event: &'a EventFacts<'a>,
+        metrics: &'a Metrics,
+    ) -> impl Iterator<Item = &'a Arc<Route>> + 'a {
+        self.lookup(namespace, event.event)
+            .filter(move |route| route.accepts(event, metrics))
     }
 
     /// Whether any Webhook of `namespace` is routed.

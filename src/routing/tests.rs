@@ -12,6 +12,7 @@ fn route(ns: &str, name: &str, events: &[WebhookEvent]) -> Route {
         state: RouteState::Active,
         service: None,
         headers: Default::default(),
+        filter: None,
         superseded: Default::default(),
     }
 }
@@ -234,5 +235,45 @@ fn replaced_and_removed_routes_are_signalled_after_the_new_table_is_published() 
     assert!(
         a2.superseded.is_cancelled(),
         "a re-list that drops a route signals it"
+    );
+}
+
+#[test]
+fn lookup_event_applies_each_routes_filter_and_counts_the_results() {
+    let metrics = Metrics::default();
+    let mut t = RoutingTable::default();
+    let mut only_folder_1 = route("docs", "folder-1", &[WebhookEvent::All]);
+    only_folder_1.filter = Some(EventFilter::compile("data.folder_id == 1").unwrap());
+    let mut broken = route("docs", "broken", &[WebhookEvent::All]);
+    broken.state = RouteState::Blocked {
+        reason: FILTER_INVALID,
+        message: "spec.filter: ...".into(),
+    };
+    t.apply(only_folder_1);
+    t.apply(broken);
+    t.apply(route("docs", "all", &[WebhookEvent::All]));
+    let targets = |data: serde_json::Value| {
+        let data = data.as_object().cloned().unwrap();
+        let facts = EventFacts::new(EventType::Completed, "2023-06-15T10:35:00Z", &data);
+        t.lookup_event("docs", &facts, &metrics)
+            .map(|r| r.key.name.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        targets(serde_json::json!({"folder_id": 1})),
+        ["all", "folder-1"]
+    );
+    assert_eq!(targets(serde_json::json!({"folder_id": 2})), ["all"]);
+    // A missing field is an evaluation error: not delivered, and counted.
+    assert_eq!(targets(serde_json::json!({})), ["all"]);
+    let count = |result| {
+        metrics
+            .filter_evaluations
+            .get_or_create(&FilterLabels { result })
+            .get()
+    };
+    assert_eq!(
+        (count("matched"), count("not_matched"), count("error")),
+        (1, 1, 1)
     );
 }

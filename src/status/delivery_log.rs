@@ -61,10 +61,14 @@ impl DeliveryLog {
                     self.stats.succeeded += 1;
                     self.stats.consecutive_failures = 0;
                     self.stats.last_success_time = Some(record.time.clone());
+                    self.stats.failing_since = None;
                 }
                 Outcome::Retrying | Outcome::Failed => {
                     self.stats.consecutive_failures += 1;
                     self.stats.last_failure_time = Some(record.time.clone());
+                    if self.stats.failing_since.is_none() {
+                        self.stats.failing_since = Some(record.time.clone());
+                    }
                     if record.outcome == Outcome::Failed {
                         self.stats.failed += 1;
                     }
@@ -174,6 +178,27 @@ mod tests {
             log.stats.last_success_time,
             Some(Time(Timestamp::from_second(1003).unwrap()))
         );
+    }
+
+    #[test]
+    fn failing_since_is_the_first_failure_after_a_success() {
+        let mut log = DeliveryLog::default();
+        let now = Timestamp::from_second(2000).unwrap();
+        let at = |s| Some(Time(Timestamp::from_second(s).unwrap()));
+        log.record(
+            [
+                record(1, Outcome::Retrying, Some(500)),
+                record(2, Outcome::Retrying, Some(500)),
+            ],
+            now,
+        );
+        assert_eq!(log.stats.failing_since, at(1001));
+        log.record([record(3, Outcome::Failed, Some(500))], now);
+        assert_eq!(log.stats.failing_since, at(1001), "kept while failing");
+        log.record([record(4, Outcome::Succeeded, Some(200))], now);
+        assert_eq!(log.stats.failing_since, None);
+        log.record([record(5, Outcome::Retrying, None)], now);
+        assert_eq!(log.stats.failing_since, at(1005));
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct ReadyUpdate {
     pub generation: i64,
     pub condition: Condition,
     pub event: Option<TransitionEvent>,
+    /// `status.suspended`, written with the condition (absent: removed).
+    pub suspended: Option<crate::crd::Suspension>,
 }
 
 /// A DocumentEvent, identified down to its uid so a recreated one is never written by mistake.
@@ -877,6 +879,7 @@ mod tests {
                     observed_generation: Some(1),
                 },
                 event: None,
+                suspended: None,
             }),
         });
         assert_eq!((writer.logs.len(), writer.slots.len()), (1, 1));

@@ -79,11 +79,15 @@ pub(super) async fn ready(
     timeout: Duration,
 ) -> Result<(), kube::Error> {
     let api: Api<Webhook> = Api::namespaced(client.clone(), &key.namespace);
-    let body = json!({
+    let mut body = json!({
         "apiVersion": "hookrelay.dev/v1alpha1",
         "kind": "Webhook",
         "status": {"observedGeneration": update.generation, "conditions": [update.condition]},
     });
+    // Left out when not suspended: server-side apply then removes what this manager set before.
+    if let Some(suspended) = &update.suspended {
+        body["status"]["suspended"] = json!(suspended);
+    }
     apply_status(&api, &key.name, CONTROLLER_MANAGER, body, timeout).await
 }
 

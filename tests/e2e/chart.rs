@@ -916,6 +916,15 @@ async fn the_operator_does_its_whole_job_with_the_charts_rbac_and_nothing_more()
         )
         .await;
     assert_eq!(answer.stdout.trim(), "yes");
+    // POST .../rotate-secret patches the signing Secret the API generated, and the leader
+    // patches it again when the grace period ends.
+    let answer = cp
+        .kubectl_as(
+            &kubeconfig,
+            &["auth", "can-i", "patch", "secrets", "-n", &app],
+        )
+        .await;
+    assert_eq!(answer.stdout.trim(), "yes", "patch secrets");
 
     operator.start_kill().unwrap();
     operator.wait().await.unwrap();

@@ -3,6 +3,7 @@
 mod api;
 mod api_hardening;
 mod chart;
+mod control;
 mod control_plane;
 mod crash;
 mod crds;

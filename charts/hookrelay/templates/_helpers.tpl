@@ -55,11 +55,11 @@ What the operator does in each namespace it watches: the same rules for the Clus
 - apiGroups: [hookrelay.dev]
   resources: [documentevents]
   verbs: [get, list, watch, create, delete]
-# Signing Secrets (watched with a label selector); the REST API creates and deletes the ones
-# it generates.
+# Signing Secrets (watched with a label selector); the REST API creates, rotates (patch) and
+# deletes the ones it generates; the leader removes a rotated-out key after its grace period.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, create, delete]
+  verbs: [get, list, watch, create, patch, delete]
 # Services named by a Webhook's serviceRef (read only: their ClusterIP and ports).
 - apiGroups: [""]
   resources: [services]

@@ -351,3 +351,127 @@ fn headers_from_a_missing_or_bad_secret_block_the_route_without_showing_values()
     let names: Vec<&str> = r.route.headers.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["x-env", "authorization"]);
 }
+
+#[test]
+fn a_filter_is_compiled_into_the_route_and_a_bad_one_is_filter_invalid() {
+    let secret = data(&[("secret", "abcdefghijklmnopqrstuvwx")]);
+    let mut w = webhook("http://127.0.0.1:9/h", false);
+    w.spec.filter = Some(r#"data.status == "completed""#.into());
+    let r = resolve(&w, Some(&secret), &local(), None);
+    assert_eq!(r.route.state, RouteState::Active);
+    assert_eq!(
+        r.route.filter.as_deref().map(|f| f.source()),
+        Some(r#"data.status == "completed""#)
+    );
+
+    w.spec.filter = Some("data.status ==".into());
+    let r = resolve(&w, Some(&secret), &local(), None);
+    assert_eq!(
+        (r.ready.status, r.ready.reason.as_str()),
+        (false, ready_reason::FILTER_INVALID)
+    );
+    assert!(
+        r.ready
+            .message
+            .starts_with("spec.filter: ERROR: <input>:1:"),
+        "{}",
+        r.ready.message
+    );
+    assert!(
+        matches!(r.route.state, RouteState::Blocked { reason, .. } if reason == ready_reason::FILTER_INVALID)
+    );
+}
+
+/// A Webhook suspending after 3s of failures, with `status` (JSON) as its status.
+fn failing(status: serde_json::Value, generation: i64) -> Webhook {
+    let mut w = webhook("http://127.0.0.1:9/h", false);
+    w.spec.delivery.suspend_after_failing_for = Some("3s".into());
+    w.metadata.generation = Some(generation);
+    w.status = Some(serde_json::from_value(status).unwrap());
+    w
+}
+
+fn stats(failing_since: &str, last_failure: &str) -> serde_json::Value {
+    serde_json::json!({"succeeded": 1, "failed": 0, "consecutiveFailures": 4,
+        "lastSuccessTime": "2026-01-01T00:00:00Z", "lastFailureTime": last_failure,
+        "failingSince": failing_since})
+}
+
+fn ready(status: &str, reason: &str, at: &str, generation: i64) -> serde_json::Value {
+    serde_json::json!({"type": "Ready", "status": status, "reason": reason, "message": "",
+        "lastTransitionTime": at, "observedGeneration": generation})
+}
+
+#[test]
+fn failing_for_the_whole_period_suspends_and_a_resume_or_spec_change_lifts_it() {
+    let secret = data(&[("secret", "abcdefghijklmnopqrstuvwx")]);
+    let reason = |w: &Webhook| resolve(w, Some(&secret), &local(), None).ready.reason;
+    let routed = ready("True", "Routed", "2026-01-01T00:00:00Z", 1);
+
+    // Failing for 2s: not yet.
+    let w = failing(
+        serde_json::json!({"deliveryStats": stats("2026-01-01T00:01:00Z", "2026-01-01T00:01:02Z"), "conditions": [routed]}),
+        1,
+    );
+    assert_eq!(reason(&w), ready_reason::ROUTED);
+
+    // Failing for 3s: suspended, and the route holds deliveries.
+    let suspended_status = serde_json::json!({"deliveryStats": stats("2026-01-01T00:01:00Z", "2026-01-01T00:01:03Z"), "conditions": [routed]});
+    let w = failing(suspended_status.clone(), 1);
+    let r = resolve(&w, Some(&secret), &local(), None);
+    assert_eq!(r.ready.reason, ready_reason::FAILING_TOO_LONG);
+    assert!(
+        r.ready.message.contains("since 2026-01-01T00:01:00Z")
+            && r.ready.message.contains("/resume"),
+        "{}",
+        r.ready.message
+    );
+    assert!(
+        matches!(r.route.state, RouteState::Blocked { reason, .. } if reason == ready_reason::FAILING_TOO_LONG)
+    );
+    // Without the field nothing is ever suspended.
+    let mut unset = w.clone();
+    unset.spec.delivery.suspend_after_failing_for = None;
+    assert_eq!(reason(&unset), ready_reason::ROUTED);
+
+    // Once suspended it stays so, whatever attempts were still recorded.
+    let now_suspended = |resumed: Option<&str>, generation| {
+        let mut status = serde_json::json!({
+            "deliveryStats": stats("2026-01-01T00:01:00Z", "2026-01-01T00:01:04Z"),
+            "conditions": [ready("False", ready_reason::FAILING_TOO_LONG, "2026-01-01T00:01:03Z", 1)]
+        });
+        if let Some(at) = resumed {
+            status["resumedAt"] = at.into();
+        }
+        failing(status, generation)
+    };
+    assert_eq!(
+        reason(&now_suspended(None, 1)),
+        ready_reason::FAILING_TOO_LONG
+    );
+    // A resume restarts the period; so does a new generation.
+    assert_eq!(
+        reason(&now_suspended(Some("2026-01-01T00:01:05Z"), 1)),
+        ready_reason::ROUTED
+    );
+    assert_eq!(reason(&now_suspended(None, 2)), ready_reason::ROUTED);
+
+    // After the lift (Ready True again at 00:01:06), only failures for 3s from then count.
+    let lifted = |last_failure| {
+        failing(
+            serde_json::json!({
+                "deliveryStats": stats("2026-01-01T00:01:00Z", last_failure),
+                "conditions": [ready("True", "Routed", "2026-01-01T00:01:06Z", 2)]
+            }),
+            2,
+        )
+    };
+    assert_eq!(
+        reason(&lifted("2026-01-01T00:01:08Z")),
+        ready_reason::ROUTED
+    );
+    assert_eq!(
+        reason(&lifted("2026-01-01T00:01:09Z")),
+        ready_reason::FAILING_TOO_LONG
+    );
+}

@@ -19,7 +19,8 @@ use super::{
 use crate::{
     delivery::{Delivery, Dispatcher, EventBody, FirstAttempt},
     http::{ApiError, ApiState, Readiness},
-    routing::{RoutingTable, WebhookKey},
+    metrics::Metrics,
+    routing::{EventFacts, Route, RoutingTable, WebhookKey},
 };
 
 /// The longest a direct delivery may wait in its Webhook's line before new events for that
@@ -56,6 +57,8 @@ pub struct DirectIngest {
     lanes: Arc<Lanes>,
     /// Refuse events for a Webhook whose oldest waiting delivery has waited longer than this.
     max_queue_delay: Duration,
+    /// Where `spec.filter` evaluations are counted.
+    metrics: Metrics,
 }
 
 /// Direct deliveries in line, one FIFO per Webhook, each drained by at most the dispatcher's
@@ -205,7 +208,14 @@ impl DirectIngest {
                 .build(),
             lanes: Arc::default(),
             max_queue_delay: DEFAULT_MAX_QUEUE_DELAY,
+            metrics: Metrics::default(),
         }
+    }
+
+    /// Count filter evaluations in the operator's metrics.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Refuse events for a Webhook whose oldest waiting delivery has waited longer than
@@ -292,12 +302,22 @@ impl DirectIngest {
         }
 
         // Capacity first: count the deliveries, build them only once there is room. The same
-        // pass finds a line that does not drain in time.
+        // pass finds a line that does not drain in time, and fixes each event's targets (its
+        // timestamp first, which filters may read), so that filters run once per event.
         let now = Instant::now();
         let mut needed = 0;
         let mut slow = None;
-        for (_, e, _) in &new_events {
-            for route in table.lookup(namespace, e.event) {
+        let mut routed = Vec::with_capacity(new_events.len());
+        for (_, e, _) in &mut new_events {
+            let timestamp = e
+                .timestamp
+                .get_or_insert_with(|| k8s_openapi::jiff::Timestamp::now().to_string());
+            let facts = EventFacts::new(e.event, timestamp, &e.data);
+            let targets: Vec<Arc<Route>> = table
+                .lookup_event(namespace, &facts, &self.metrics)
+                .cloned()
+                .collect();
+            for route in &targets {
                 needed += 1;
                 if slow.is_none() {
                     let waited = self.lanes.oldest_wait(&route.key, now);
@@ -306,6 +326,7 @@ impl DirectIngest {
                     }
                 }
             }
+            routed.push(targets);
         }
         for (limit, what) in [
             (self.capacity, "the direct queue holds"),
@@ -360,7 +381,7 @@ impl DirectIngest {
         // the same key may have come first.
         let mut recorded = Vec::new();
         let mut to_send = Vec::new();
-        for (index, e, fingerprint) in new_events {
+        for ((index, e, fingerprint), targets) in new_events.into_iter().zip(routed) {
             if let Some(key) = &e.key {
                 let entry = self
                     .recent
@@ -378,17 +399,14 @@ impl DirectIngest {
                 }
                 recorded.push(entry.key().clone());
             }
-            to_send.push(e);
+            to_send.push((e, targets));
         }
         duplicates.sort_unstable();
 
         let mut deliveries = Vec::with_capacity(needed);
-        for e in to_send {
-            let timestamp = e
-                .timestamp
-                .clone()
-                .unwrap_or_else(|| k8s_openapi::jiff::Timestamp::now().to_string());
-            let body = Arc::new(EventBody::new(e.event, &timestamp, &e.data));
+        for (e, targets) in to_send {
+            let timestamp = e.timestamp.as_deref().unwrap_or_default();
+            let body = Arc::new(EventBody::new(e.event, timestamp, &e.data));
             let event_id = match &e.key {
                 Some(key) => keyed_direct_event_id(namespace, key),
                 None => hex::encode(rand::random::<[u8; 16]>()),
@@ -402,7 +420,7 @@ impl DirectIngest {
                 hookrelay.event_id = event_id.as_str(),
             );
             let trace: Option<Arc<str>> = crate::telemetry::traceparent(&span).map(Arc::from);
-            deliveries.extend(table.lookup(namespace, e.event).map(|route| Delivery {
+            deliveries.extend(targets.iter().map(|route| Delivery {
                 webhook: route.key.clone(),
                 webhook_uid: route.uid.as_str().into(),
                 id: crate::delivery::delivery_id(&event_id, &route.uid),
@@ -496,6 +514,7 @@ mod tests {
                 state: RouteState::Active,
                 service: None,
                 headers: Default::default(),
+                filter: None,
                 superseded: Default::default(),
             });
         }
