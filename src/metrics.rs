@@ -105,6 +105,10 @@ pub struct Metrics {
     pub webhooks_degraded: Gauge,
     /// Attempt records relayed through JetStream (`--ingest-mode jetstream`).
     pub attempt_records: Family<AttemptRecordLabels, Counter>,
+    /// Deliveries that had to wait for their turn under a Webhook's `rateLimit`.
+    pub rate_limited: Counter,
+    /// Deliveries waiting for their turn under a Webhook's `rateLimit` now.
+    pub rate_limit_waiting: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -176,6 +180,18 @@ impl Default for Metrics {
             "JetStream mode: attempt records published to the stream, given to the local status writer because the publish failed (local_fallback), or received by the leader",
             attempt_records.clone(),
         );
+        let rate_limited = Counter::default();
+        registry.register(
+            "rate_limited",
+            "Deliveries that waited for their turn under their Webhook's spec.delivery.rateLimit (no attempt spent)",
+            rate_limited.clone(),
+        );
+        let rate_limit_waiting = Gauge::default();
+        registry.register(
+            "rate_limit_waiting",
+            "Deliveries waiting for their turn under their Webhook's spec.delivery.rateLimit now",
+            rate_limit_waiting.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             status_patches,
@@ -188,6 +204,8 @@ impl Default for Metrics {
             leader,
             webhooks_degraded,
             attempt_records,
+            rate_limited,
+            rate_limit_waiting,
         }
     }
 }

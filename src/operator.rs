@@ -494,7 +494,7 @@ pub async fn start(
             stop.clone(),
         ));
         let deliverer = tokio::spawn(jetstream::deliver_work(
-            bus,
+            bus.work_queue(jetstream::Lane::Shared),
             dispatcher.clone(),
             jetstream::InHandLimits::new(args.nats_max_ack_pending),
             // Nothing held outlives the stream's retention.
@@ -503,7 +503,18 @@ pub async fn start(
             stop.clone(),
             args.shutdown_timeout / 2,
         ));
-        (router, deliverer)
+        // Rate-limited Webhooks: delivered by the leader alone, so that one bucket counts
+        // every delivery (a leader that loses the Lease exits, so two never overlap).
+        let serial = tokio::spawn(jetstream::deliver_work(
+            bus.work_queue(jetstream::Lane::Serial),
+            dispatcher.clone(),
+            jetstream::InHandLimits::new(args.nats_max_ack_pending),
+            args.max_hold.min(args.nats_max_age),
+            synced_and_leading(readiness.clone(), leadership.clone()),
+            stop.clone(),
+            args.shutdown_timeout / 2,
+        ));
+        (router, deliverer, serial)
     });
     let events = DocumentEventController::new(
         client.clone(),
@@ -570,9 +581,10 @@ pub async fn start(
     // The servers drain last, so that an API request in flight does not hold up the flush and
     // the Lease release.
     let mut tasks = vec![Essential::new("DocumentEvent controller", events, None)];
-    if let Some((router, deliverer)) = bus_tasks {
+    if let Some((router, deliverer, serial)) = bus_tasks {
         tasks.push(Essential::new("JetStream router", router, None));
         tasks.push(Essential::new("JetStream deliverer", deliverer, None));
+        tasks.push(Essential::new("JetStream serial deliverer", serial, None));
     }
     tasks.push(Essential::new("Webhook controller", webhooks, None));
     // Once the deliverers have stopped: the relay publishes their last records, the recorder

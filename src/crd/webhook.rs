@@ -125,6 +125,29 @@ pub struct DeliveryPolicy {
     #[serde(default = "default_max_backoff")]
     #[schemars(range(min = 1, max = 86400))]
     pub max_backoff_seconds: i32,
+    /// At most this many deliveries to this Webhook; the excess waits (spending no attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket: `burst` deliveries at once, refilled at `perSecond`. Whole numbers: a
+/// limit below one a second is no use for webhooks, and the Kubernetes API avoids floats.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Deliveries a second, sustained.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 10000")
+        .message("perSecond must be a whole number of deliveries a second from 1 to 10000, such as 20"))]
+    pub per_second: i32,
+    /// Deliveries that may go at once after a quiet spell (default 1: evenly spaced).
+    #[serde(default = "default_burst")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 10000")
+        .message("burst must be a whole number from 1 to 10000, such as 1 (evenly spaced) or perSecond"))]
+    pub burst: i32,
+}
+
+fn default_burst() -> i32 {
+    1
 }
 
 fn default_timeout() -> i32 {
@@ -147,6 +170,7 @@ impl Default for DeliveryPolicy {
             max_attempts: default_max_attempts(),
             initial_backoff_seconds: default_initial_backoff(),
             max_backoff_seconds: default_max_backoff(),
+            rate_limit: None,
         }
     }
 }

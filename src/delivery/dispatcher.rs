@@ -9,7 +9,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{
-    Attempt, AttemptResult, EventBody, HttpSender, RetryPolicy, Verdict, limits::KeyedLimits,
+    Attempt, AttemptResult, EventBody, HttpSender, RetryPolicy, Verdict,
+    limits::KeyedLimits,
+    rate_limit::{LimitStamp, RateLimits},
     redact_url,
 };
 use crate::{
@@ -128,6 +130,8 @@ pub struct Dispatcher {
     global: Arc<Semaphore>,
     lanes: KeyedLimits<WebhookKey>,
     namespaces: KeyedLimits<Arc<str>>,
+    /// `spec.delivery.rateLimit` of the Webhooks that have one.
+    rate_limits: RateLimits,
 }
 
 impl Dispatcher {
@@ -148,6 +152,7 @@ impl Dispatcher {
             global: Arc::new(Semaphore::new(config.global.max(1))),
             lanes: KeyedLimits::new(config.per_webhook),
             namespaces: KeyedLimits::new(config.per_namespace),
+            rate_limits: RateLimits::default(),
         }
     }
 
@@ -200,9 +205,12 @@ impl Dispatcher {
         }
     }
 
-    /// Waits for a slot of the delivery's Webhook, of its namespace and a global one. Waiting
-    /// can be abandoned (dropped) at any time; sending cannot, once started.
+    /// Waits for the delivery's turn under its Webhook's rate limit, then for a slot of the
+    /// Webhook, of its namespace and a global one. Waiting can be abandoned (dropped) at any
+    /// time; sending cannot, once started.
     pub async fn reserve(&self, delivery: &Delivery) -> Slots {
+        // The turn comes first: a delivery waiting for it holds no slot.
+        self.await_turn(delivery).await;
         let table = self.routes.snapshot();
         let lane = self
             .lanes
@@ -222,6 +230,69 @@ impl Dispatcher {
         };
         Slots {
             _permits: [lane, namespace, global],
+        }
+    }
+
+    /// Waits until `delivery` may go under its Webhook's `rateLimit` (at once without one).
+    /// The turn is kept while the route is replaced by an equal one (a status change); a new
+    /// limit, or none, decides again.
+    async fn await_turn(&self, delivery: &Delivery) {
+        let mut turn: Option<(LimitStamp, tokio::time::Instant)> = None;
+        let mut waiting = None;
+        loop {
+            let table = self.routes.snapshot();
+            let Some(route) = table.get(&delivery.webhook).cloned() else {
+                return;
+            };
+            // Not this Webhook's (a namesake's): `send` refuses it without a turn.
+            if *route.uid != *delivery.webhook_uid {
+                return;
+            }
+            let Some(stamp) = LimitStamp::of(&route) else {
+                return;
+            };
+            let at = match turn.take() {
+                Some((s, at)) if s == stamp => at,
+                _ => {
+                    let now = std::time::Instant::now();
+                    let at = self.rate_limits.reserve(
+                        &delivery.webhook,
+                        &stamp,
+                        now,
+                        table.len(),
+                        |k| table.get(k).is_some(),
+                    );
+                    tokio::time::Instant::now() + at.duration_since(now)
+                }
+            };
+            drop(table);
+            if at <= tokio::time::Instant::now() {
+                return;
+            }
+            if waiting.is_none() {
+                self.metrics.rate_limited.inc();
+                waiting = Some(WaitingForTurn::new(&self.metrics));
+            }
+            turn = Some((stamp, at));
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => return,
+                _ = route.superseded.cancelled() => {}
+            }
+        }
+    }
+
+    /// How long a delivery to `delivery`'s Webhook asking now would wait for its turn under
+    /// the Webhook's rate limit (zero without one), without taking it.
+    pub fn rate_limit_wait(&self, delivery: &Delivery) -> Duration {
+        let Some(route) = self.routes.snapshot().get(&delivery.webhook).cloned() else {
+            return Duration::ZERO;
+        };
+        match LimitStamp::of(&route) {
+            Some(stamp) => {
+                self.rate_limits
+                    .wait(&delivery.webhook, &stamp, std::time::Instant::now())
+            }
+            None => Duration::ZERO,
         }
     }
 
@@ -328,6 +399,22 @@ impl Dispatcher {
     /// Entries of the per-Webhook and per-namespace limit maps (bounded by what exists).
     pub fn limit_entries(&self) -> (usize, usize) {
         (self.lanes.len(), self.namespaces.len())
+    }
+}
+
+/// Counts a delivery in `hookrelay_rate_limit_waiting` while it waits for its turn.
+struct WaitingForTurn(prometheus_client::metrics::gauge::Gauge);
+
+impl WaitingForTurn {
+    fn new(metrics: &Metrics) -> Self {
+        metrics.rate_limit_waiting.inc();
+        Self(metrics.rate_limit_waiting.clone())
+    }
+}
+
+impl Drop for WaitingForTurn {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

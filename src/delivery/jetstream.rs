@@ -8,6 +8,12 @@
 //!   delivery id, the Webhook's name and uid in headers). The `deliverer` consumer makes one
 //!   attempt per hand-out of the message.
 //!
+//! - `hookrelay.serial.<namespace>.<webhook>`: the work items of Webhooks with a
+//!   `spec.delivery.rateLimit`, which must all be delivered by one process for the limit to
+//!   hold. The `serial` consumer is bound by the leader only; a work item that reaches the
+//!   shared `deliverer` for such a Webhook (routed before the limit was added, or by a replica
+//!   that had not seen it yet) is moved there. See "Key affinity" below.
+//!
 //! - `hookrelay.attempts.<namespace>.<webhook>`: the record of every attempt, from every
 //!   replica (`crate::delivery::records`). The `recorder` consumer is read by the leader only, which
 //!   hands each record to its status writer, so that the Webhook's history has every replica's
@@ -43,6 +49,18 @@
 //!   changes (a resumed Webhook's first deliveries go at once, the parked ones within their
 //!   recheck, at most 30 s).
 //!
+//! ## Key affinity: rate limits with several replicas
+//!
+//! Every replica consumes `deliverer`, so a bucket per process would let N replicas send N
+//! times a Webhook's limit. Instead the deliveries of a rate-limited Webhook all go through
+//! the leader: the router publishes them to the serial subject, the shared deliverer moves
+//! any it meets there (acked once the copy is stored; the copy's id is the delivery id and the
+//! original's sequence, so a move redone after a crash is a duplicate), and retries and holds
+//! are parked back to the serial subject. A work item whose turn is further off than
+//! [`TURN_WAIT_IN_HAND`] is parked (as a busy namespace's) rather than kept in hand, so that a
+//! backlog at a low limit does not fill the consumer. When leadership moves, the new leader
+//! binds the consumer and gets what the old one had in hand after the ack wait.
+//!
 //! Pending therefore holds only messages being attempted or about to be, at most a bounded
 //! share per namespace, so one namespace (a paused Webhook with any number of events, dead
 //! endpoints, a retry storm) cannot take the consumer. The price is a publish per retry and per
@@ -71,18 +89,26 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Attempted, Delivery, Dispatcher, EventBody, KeyedLimits, RouteCheck, Verdict, delivery_id,
 };
-use crate::{crd::EventType, routing::Routes, routing::WebhookKey};
+use crate::{
+    crd::EventType,
+    routing::{Route, Routes, WebhookKey},
+};
 
 /// Subjects of ingested events: `hookrelay.events.<namespace>`.
 pub const EVENTS_SUBJECT: &str = "hookrelay.events";
 /// Subjects of work items: `hookrelay.deliveries.<namespace>.<webhook>`.
 pub const DELIVERIES_SUBJECT: &str = "hookrelay.deliveries";
+/// Subjects of work items delivered by the leader alone (rate-limited Webhooks):
+/// `hookrelay.serial.<namespace>.<webhook>`.
+pub const SERIAL_SUBJECT: &str = "hookrelay.serial";
 /// Subjects of attempt records: `hookrelay.attempts.<namespace>.<webhook>`.
 pub const ATTEMPTS_SUBJECT: &str = "hookrelay.attempts";
 /// The consumer that turns events into work items.
 pub const ROUTER: &str = "router";
 /// The consumer that delivers work items.
 pub const DELIVERER: &str = "deliverer";
+/// The consumer of the serial subjects, bound by the leader only.
+pub const SERIAL: &str = "serial";
 /// The consumer of attempt records, read by the leader's status writer.
 pub const RECORDER: &str = "recorder";
 
@@ -127,6 +153,8 @@ const ROUTING_DRAIN: Duration = Duration::from_secs(5);
 /// Ack wait of both consumers; a message in hand is kept alive well within it.
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// A rate-limited work item whose turn is further off than this is parked, not kept in hand.
+pub const TURN_WAIT_IN_HAND: Duration = Duration::from_secs(5);
 
 /// How to reach JetStream and what to create there.
 #[derive(Clone, Debug)]
@@ -219,6 +247,8 @@ pub struct Bus {
     pub stream: jetstream::stream::Stream,
     router: jetstream::consumer::Consumer<pull::Config>,
     deliverer: jetstream::consumer::Consumer<pull::Config>,
+    /// Work items of rate-limited Webhooks, for the leader alone.
+    serial: jetstream::consumer::Consumer<pull::Config>,
     /// Attempt records of every replica, for the leader's status writer.
     pub recorder: jetstream::consumer::Consumer<pull::Config>,
 }
@@ -293,6 +323,10 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
         .create_consumer(consumer(DELIVERER, format!("{DELIVERIES_SUBJECT}.>")))
         .await
         .map_err(|e| setup(&format!("consumer {DELIVERER}"), &e))?;
+    let serial = stream
+        .create_consumer(consumer(SERIAL, format!("{SERIAL_SUBJECT}.>")))
+        .await
+        .map_err(|e| setup(&format!("consumer {SERIAL}"), &e))?;
     let recorder = stream
         .create_consumer(consumer(RECORDER, format!("{ATTEMPTS_SUBJECT}.>")))
         .await
@@ -302,6 +336,7 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
         stream,
         router,
         deliverer,
+        serial,
         recorder,
     })
 }
@@ -444,7 +479,7 @@ async fn route_one(
         headers.insert(DELIVERY_ID_HEADER, id.as_str());
         headers.insert(WEBHOOK_UID_HEADER, route.uid.as_str());
         headers.insert(EVENT_TYPE_HEADER, event.as_str());
-        let subject = format!("{DELIVERIES_SUBJECT}.{namespace}.{}", route.key.name);
+        let subject = format!("{}.{namespace}.{}", work_subject(route), route.key.name);
         let ack = context
             .publish_with_headers(subject, headers, message.payload.clone())
             .await
@@ -456,6 +491,47 @@ async fn route_one(
         ack.await.map_err(|e| e.to_string())?;
     }
     message.ack().await.map_err(|e| e.to_string())
+}
+
+/// Where the work items of `route` go: deliveries that must all come from one process (a rate
+/// limit) go to the serial subjects, the rest to the shared work queue.
+pub fn work_subject(route: &Route) -> &'static str {
+    if route.delivery.rate_limit.is_some() {
+        SERIAL_SUBJECT
+    } else {
+        DELIVERIES_SUBJECT
+    }
+}
+
+/// Which work items a deliverer takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// The shared work queue, on every replica.
+    Shared,
+    /// The serial subjects, on the leader only.
+    Serial,
+}
+
+/// The work items of one lane and where to publish parked ones.
+pub struct WorkQueue {
+    context: Context,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    lane: Lane,
+}
+
+impl Bus {
+    /// The consumer of `lane`'s work items.
+    pub fn work_queue(&self, lane: Lane) -> WorkQueue {
+        let consumer = match lane {
+            Lane::Shared => &self.deliverer,
+            Lane::Serial => &self.serial,
+        };
+        WorkQueue {
+            context: self.context.clone(),
+            consumer: consumer.clone(),
+            lane,
+        }
+    }
 }
 
 /// How many work items one replica keeps in hand, so that no namespace (nor held deliveries)
@@ -489,7 +565,7 @@ impl InHandLimits {
 /// complete. Attempts being sent when `stop` fires get `grace`, then are abandoned (their
 /// messages are redelivered after the ack wait).
 pub async fn deliver_work(
-    bus: Bus,
+    queue: WorkQueue,
     dispatcher: Arc<Dispatcher>,
     limits: InHandLimits,
     max_hold: Duration,
@@ -501,17 +577,26 @@ pub async fn deliver_work(
         _ = routes_synced => {}
         _ = stop.cancelled() => return Ok(()),
     }
+    let WorkQueue {
+        context,
+        consumer,
+        lane,
+    } = queue;
+    let name = match lane {
+        Lane::Shared => DELIVERER,
+        Lane::Serial => SERIAL,
+    };
     let failed = |why: String| BusError::Consumer {
-        consumer: DELIVERER,
+        consumer: name,
         why,
     };
-    let mut messages = bus
-        .deliverer
+    let mut messages = consumer
         .messages()
         .await
         .map_err(|e| failed(e.to_string()))?;
     let deliverer = Arc::new(Deliverer {
-        context: bus.context.clone(),
+        context,
+        lane,
         dispatcher,
         max_hold,
         in_hand: KeyedLimits::new(limits.per_namespace),
@@ -564,9 +649,9 @@ fn header_number<T: std::str::FromStr>(headers: Option<&HeaderMap>, name: &str) 
 /// The delivery a work item describes, or None if it is not one.
 fn delivery_of(message: &jetstream::Message) -> Option<WorkItem> {
     let headers = message.headers.as_ref();
-    let rest = message
-        .subject
-        .strip_prefix(DELIVERIES_SUBJECT)?
+    let rest = [DELIVERIES_SUBJECT, SERIAL_SUBJECT]
+        .iter()
+        .find_map(|prefix| message.subject.strip_prefix(prefix))?
         .strip_prefix('.')?;
     let (namespace, name) = rest.split_once('.')?;
     let event = header(headers, EVENT_TYPE_HEADER)?
@@ -659,6 +744,7 @@ fn unix_millis(t: SystemTime) -> u64 {
 
 struct Deliverer {
     context: Context,
+    lane: Lane,
     dispatcher: Arc<Dispatcher>,
     max_hold: Duration,
     /// Messages in hand per namespace on this replica.
@@ -689,6 +775,18 @@ impl Deliverer {
         {
             item.held_since = None;
             item.parked = 0;
+        }
+        if let RouteCheck::Deliver(route) = self.dispatcher.check(&item.delivery) {
+            let serial = work_subject(&route) == SERIAL_SUBJECT;
+            if serial && self.lane == Lane::Shared {
+                return self
+                    .move_to_serial(&message, sequence, delivered, &item)
+                    .await;
+            }
+            // Its turn is far off: parked until about then, rather than kept in hand.
+            if serial && self.dispatcher.rate_limit_wait(&item.delivery) > TURN_WAIT_IN_HAND {
+                return self.park(&message, sequence, &item, Park::Busy).await;
+            }
         }
         let namespace = item.delivery.webhook.namespace.clone();
         let places = self.in_hand.get(&namespace, 0, |_| false);
@@ -790,6 +888,51 @@ impl Deliverer {
         }
     }
 
+    /// Publishes the work item to its Webhook's serial subject (a rate limit was added since it
+    /// was routed), then acks this message; nak'd for another try if the stream does not take
+    /// it.
+    async fn move_to_serial(
+        &self,
+        message: &jetstream::Message,
+        sequence: u64,
+        delivered: u32,
+        item: &WorkItem,
+    ) {
+        let delivery = &item.delivery;
+        // As in deliver_one: hand-outs beyond the first may have made an attempt.
+        let attempts = item.attempts_before + delivered.saturating_sub(1);
+        let headers = work_item_headers(
+            delivery,
+            &format!("{}/serial/{sequence}", delivery.id),
+            attempts,
+            item.parked,
+            item.held_since,
+        );
+        let subject = format!(
+            "{SERIAL_SUBJECT}.{}.{}",
+            delivery.webhook.namespace, delivery.webhook.name
+        );
+        let stored = async {
+            let ack = self
+                .context
+                .publish_with_headers(subject, headers, message.payload.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            ack.await.map_err(|e| e.to_string())
+        }
+        .await;
+        let result = match stored {
+            Ok(_) => message.ack().await,
+            Err(e) => {
+                tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not move a work item to its serial subject; it is redelivered");
+                message.ack_with(AckKind::Nak(Some(PARK_MIN))).await
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+        }
+    }
+
     /// Publishes the work item again, scheduled by the stream after the park's delay, then acks
     /// this message. If the stream does not take it, the message is nak'd with the delay
     /// instead (kept in the consumer's pending meanwhile: correct, only less fair).
@@ -799,22 +942,16 @@ impl Deliverer {
             .checked_add(after)
             .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now());
         let delivery = &item.delivery;
-        let mut headers = HeaderMap::new();
         // One scheduled copy per message parked: parking it again after a crash is a duplicate.
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("{}/{sequence}", delivery.id).as_str(),
+        let mut headers = work_item_headers(
+            delivery,
+            &format!("{}/{sequence}", delivery.id),
+            attempts,
+            parked,
+            held_since,
         );
         headers.insert("Nats-Schedule", format!("@at {at}").as_str());
         headers.insert("Nats-Schedule-Target", message.subject.as_str());
-        headers.insert(DELIVERY_ID_HEADER, delivery.id.as_str());
-        headers.insert(WEBHOOK_UID_HEADER, &*delivery.webhook_uid);
-        headers.insert(EVENT_TYPE_HEADER, delivery.event.event.as_str());
-        headers.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
-        headers.insert(PARKED_HEADER, parked.to_string().as_str());
-        if let Some(since) = held_since {
-            headers.insert(HELD_SINCE_HEADER, since.to_string().as_str());
-        }
         let subject = format!(
             "{SCHEDULES_SUBJECT}.{}.{}.{}",
             delivery.webhook.namespace, delivery.webhook.name, delivery.id
@@ -847,6 +984,28 @@ impl Deliverer {
             tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
         }
     }
+}
+
+/// The headers of a work item published by a deliverer (parked or moved), with `msg_id` as
+/// its `Nats-Msg-Id`.
+fn work_item_headers(
+    delivery: &Delivery,
+    msg_id: &str,
+    attempts: u32,
+    parked: u32,
+    held_since: Option<u64>,
+) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    headers.insert(DELIVERY_ID_HEADER, delivery.id.as_str());
+    headers.insert(WEBHOOK_UID_HEADER, &*delivery.webhook_uid);
+    headers.insert(EVENT_TYPE_HEADER, delivery.event.event.as_str());
+    headers.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
+    headers.insert(PARKED_HEADER, parked.to_string().as_str());
+    if let Some(since) = held_since {
+        headers.insert(HELD_SINCE_HEADER, since.to_string().as_str());
+    }
+    headers
 }
 
 #[cfg(test)]

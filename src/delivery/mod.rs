@@ -8,6 +8,7 @@ mod engine;
 pub mod jetstream;
 mod limits;
 mod payload;
+mod rate_limit;
 pub mod records;
 mod retry;
 mod signer;

@@ -7,6 +7,7 @@ mod control_plane;
 mod crash;
 mod crds;
 mod delivery;
+mod flow;
 mod hardening;
 mod ingest;
 mod jetstream;

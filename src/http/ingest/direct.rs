@@ -299,7 +299,9 @@ impl DirectIngest {
         for (_, e, _) in &new_events {
             for route in table.lookup(namespace, e.event) {
                 needed += 1;
-                if slow.is_none() {
+                // A rate-limited line is meant to wait: it is bounded by the queue, not by
+                // --direct-max-queue-delay.
+                if slow.is_none() && route.delivery.rate_limit.is_none() {
                     let waited = self.lanes.oldest_wait(&route.key, now);
                     if waited > self.max_queue_delay {
                         slow = Some((route.key.name.clone(), waited));
@@ -729,6 +731,32 @@ mod tests {
             .remove(&WebhookKey::new("a", "slow"));
         drop(taken);
         assert_eq!(admit("a").deliveries.len(), 1);
+    }
+
+    #[test]
+    fn a_rate_limited_webhook_takes_events_while_its_line_waits_for_its_turns() {
+        let direct = DirectIngest::new(100, 100).with_max_queue_delay(Duration::from_millis(100));
+        let mut t = table(&[]);
+        let mut route = (**table(&[("a", "limited")])
+            .get(&WebhookKey::new("a", "limited"))
+            .unwrap())
+        .clone();
+        route.delivery.rate_limit = Some(crate::crd::RateLimit {
+            per_second: 1,
+            burst: 1,
+        });
+        t.apply(route);
+        let one = || vec![event(r#"{"event":"document.error","data":{}}"#)];
+        let first = direct
+            .admit(&ready(), &t, "a", one())
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        // Its line waits for the limit's turns, far longer than --direct-max-queue-delay:
+        // that is the limit at work, not a line that cannot keep up.
+        waiting(&direct, first, Duration::from_secs(10));
+        let next = direct
+            .admit(&ready(), &t, "a", one())
+            .unwrap_or_else(|e| panic!("a rate-limited line must take events: {e:?}"));
+        assert_eq!(next.deliveries.len(), 1);
     }
 
     #[test]

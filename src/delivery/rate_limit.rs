@@ -1,0 +1,223 @@
+//! `spec.delivery.rateLimit`: one token bucket per Webhook in the delivering process.
+//!
+//! The bucket is kept as GCRA (the "virtual scheduling" form of a token bucket): one instant,
+//! the theoretical arrival time of the next delivery. A delivery *reserves* its turn, and is
+//! told when it may go; the caller waits until then before it asks for a delivery slot, so a
+//! waiting delivery holds no slot and spends no attempt, and waiting deliveries go in the order
+//! they asked. A reservation given up (the Webhook changed, the process stops) is simply lost:
+//! fewer deliveries than the limit allows, never more.
+//!
+//! Where the limit holds across replicas: every delivery to a Webhook with a limit comes from
+//! one process. Durable mode delivers on the leader only; direct ingest answers `not_leader`
+//! on a standby; in jetstream mode the router publishes such deliveries to their own subject
+//! (`hookrelay.serial.<namespace>.<webhook>`), consumed only by the leader
+//! (`crate::delivery::jetstream`).
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use crate::{crd::RateLimit, routing::Route, routing::WebhookKey};
+
+/// GCRA state of one Webhook's limit.
+#[derive(Debug)]
+struct Bucket {
+    /// Time between deliveries at the sustained rate.
+    interval: Duration,
+    /// How far ahead of the sustained schedule a burst may run: `(burst - 1) * interval`.
+    tolerance: Duration,
+    /// When the next delivery would be due at the sustained rate.
+    next: Instant,
+}
+
+impl Bucket {
+    fn new(limit: RateLimit, now: Instant) -> Self {
+        let interval = Duration::from_secs(1) / limit.per_second.max(1) as u32;
+        Self {
+            interval,
+            tolerance: interval * (limit.burst.max(1) as u32 - 1),
+            next: now,
+        }
+    }
+
+    /// Takes the next turn: when it may go (`now` or later).
+    fn reserve(&mut self, now: Instant) -> Instant {
+        let at = self.earliest(now);
+        self.next = self.next.max(now) + self.interval;
+        at
+    }
+
+    /// When a delivery asking now would go, without taking the turn.
+    fn earliest(&self, now: Instant) -> Instant {
+        let next = self.next.max(now);
+        next.checked_sub(self.tolerance).unwrap_or(now).max(now)
+    }
+}
+
+/// Which limit of which Webhook a bucket counts: a change of the spec (a new generation) or a
+/// namesake (a new uid) starts a fresh bucket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitStamp {
+    uid: String,
+    generation: i64,
+    limit: RateLimit,
+}
+
+impl LimitStamp {
+    /// The limit of `route`, if it has one.
+    pub fn of(route: &Route) -> Option<LimitStamp> {
+        Some(LimitStamp {
+            uid: route.uid.clone(),
+            generation: route.generation,
+            limit: route.delivery.rate_limit?,
+        })
+    }
+}
+
+/// The buckets of every rate-limited Webhook this process delivers to, pruned to the live ones.
+#[derive(Default)]
+pub struct RateLimits {
+    buckets: Mutex<HashMap<WebhookKey, (LimitStamp, Bucket)>>,
+}
+
+impl RateLimits {
+    /// Takes the next turn of `key` under `stamp`; when it may go.
+    pub fn reserve(
+        &self,
+        key: &WebhookKey,
+        stamp: &LimitStamp,
+        now: Instant,
+        live_count: usize,
+        is_live: impl Fn(&WebhookKey) -> bool,
+    ) -> Instant {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if !buckets.contains_key(key) && buckets.len() >= 2 * live_count + 64 {
+            // Reservations are instants held by their callers, not by the map: dropping the
+            // bucket of a Webhook that is gone loses nothing.
+            buckets.retain(|k, _| is_live(k));
+        }
+        let entry = buckets
+            .entry(key.clone())
+            .or_insert_with(|| (stamp.clone(), Bucket::new(stamp.limit, now)));
+        if entry.0 != *stamp {
+            *entry = (stamp.clone(), Bucket::new(stamp.limit, now));
+        }
+        entry.1.reserve(now)
+    }
+
+    /// How long a delivery to `key` asking now would wait, without taking a turn.
+    pub fn wait(&self, key: &WebhookKey, stamp: &LimitStamp, now: Instant) -> Duration {
+        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        match buckets.get(key) {
+            Some((s, bucket)) if s == stamp => bucket.earliest(now).duration_since(now),
+            _ => Duration::ZERO,
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(per_second: i32, burst: i32) -> RateLimit {
+        RateLimit { per_second, burst }
+    }
+
+    /// Turns taken by `n` deliveries asking at once, as offsets from `now`.
+    fn turns(bucket: &mut Bucket, now: Instant, n: usize) -> Vec<Duration> {
+        (0..n).map(|_| bucket.reserve(now) - now).collect()
+    }
+
+    #[test]
+    fn a_burst_goes_at_once_and_the_rest_at_the_sustained_rate() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::new(limit(20, 3), t0);
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(
+            turns(&mut bucket, t0, 6),
+            [ms(0), ms(0), ms(0), ms(50), ms(100), ms(150)]
+        );
+        // After a quiet spell the bucket is full again, never fuller.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(turns(&mut bucket, later, 4), [ms(0), ms(0), ms(0), ms(50)]);
+    }
+
+    #[test]
+    fn no_one_second_window_holds_more_than_burst_plus_per_second() {
+        for (per_second, burst) in [(20, 1), (20, 5), (1, 1), (7, 3), (1000, 50)] {
+            let t0 = Instant::now();
+            let mut bucket = Bucket::new(limit(per_second, burst), t0);
+            // Deliveries asking at irregular times, some all at once.
+            let mut at = Vec::new();
+            for i in 0..(3 * per_second as u64 + 40) {
+                let asked = t0 + Duration::from_millis((i * 37) % 900 + i * 3);
+                at.push(bucket.reserve(asked.max(*at.last().unwrap_or(&t0))));
+            }
+            at.sort();
+            for (i, start) in at.iter().enumerate() {
+                let within = at[i..]
+                    .iter()
+                    .take_while(|t| **t < *start + Duration::from_secs(1))
+                    .count();
+                assert!(
+                    within as i32 <= burst + per_second,
+                    "{per_second}/s burst {burst}: {within} in one second"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_changed_limit_or_a_namesake_starts_a_fresh_bucket() {
+        let limits = RateLimits::default();
+        let key = WebhookKey::new("docs", "w");
+        let stamp = |uid: &str, generation, per_second| LimitStamp {
+            uid: uid.into(),
+            generation,
+            limit: limit(per_second, 1),
+        };
+        let t0 = Instant::now();
+        let live = |_: &WebhookKey| true;
+        let first = stamp("u1", 1, 1);
+        assert_eq!(limits.reserve(&key, &first, t0, 1, live), t0);
+        assert_eq!(
+            limits.reserve(&key, &first, t0, 1, live),
+            t0 + Duration::from_secs(1)
+        );
+        assert_eq!(limits.wait(&key, &first, t0), Duration::from_secs(2));
+        // The spec changed: the new limit starts with a full bucket.
+        let changed = stamp("u1", 2, 10);
+        assert_eq!(limits.wait(&key, &changed, t0), Duration::ZERO);
+        assert_eq!(limits.reserve(&key, &changed, t0, 1, live), t0);
+        // So does a Webhook created again under the same name.
+        let namesake = stamp("u2", 1, 10);
+        assert_eq!(limits.reserve(&key, &namesake, t0, 1, live), t0);
+    }
+
+    #[test]
+    fn buckets_of_webhooks_that_are_gone_are_pruned() {
+        let limits = RateLimits::default();
+        let stamp = LimitStamp {
+            uid: "u".into(),
+            generation: 1,
+            limit: limit(5, 1),
+        };
+        let now = Instant::now();
+        let live = WebhookKey::new("docs", "live");
+        limits.reserve(&live, &stamp, now, 1, |_| true);
+        for i in 0..10_000 {
+            let key = WebhookKey::new("docs", &format!("gone-{i}"));
+            limits.reserve(&key, &stamp, now, 1, |k| *k == live);
+        }
+        assert!(limits.len() <= 2 + 64, "{} buckets kept", limits.len());
+        // The live Webhook kept its bucket, and so its place in the schedule.
+        assert_eq!(limits.wait(&live, &stamp, now), Duration::from_millis(200));
+    }
+}
