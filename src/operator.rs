@@ -424,6 +424,13 @@ pub async fn start(
             ..DispatcherConfig::default()
         },
     ));
+    // `status.blockedKeys` of Webhooks with spec.ordering, from this process's queues (only the
+    // leader's writer writes; the leader delivers every ordered delivery).
+    tokio::spawn(
+        dispatcher
+            .sequencer()
+            .report_blocked(status.clone(), shutdown.clone()),
+    );
     let auth = authorizer(&args, &client, listen_addr);
     if tls.is_none() {
         tracing::info!(

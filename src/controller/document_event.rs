@@ -339,6 +339,11 @@ impl DocumentEventController {
                 status.deliveries = self.route(&key, &uid, &de);
             }
             let body = Arc::new(EventBody::from(&de));
+            let created = de
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(0, |t| t.0.as_second().max(0) as u64);
             let table = self.routes.snapshot();
             for target in status.deliveries.iter().filter(|t| !is_final(t.state)) {
                 let webhook = WebhookKey {
@@ -366,6 +371,9 @@ impl DocumentEventController {
                     uid: uid.clone(),
                 };
                 self.tasks.metrics.pending_deliveries.inc();
+                // Live events are taken over in the order they were created; after a restart
+                // the list's order (by name) within one second of creation.
+                let order = self.tasks.dispatcher.ticket(&delivery, created);
                 let (task, abandon) = (
                     deliver(
                         self.tasks.clone(),
@@ -373,6 +381,7 @@ impl DocumentEventController {
                         delivery,
                         target.clone(),
                         cancel.clone(),
+                        order,
                     ),
                     self.abandon.clone(),
                 );
@@ -581,6 +590,7 @@ async fn deliver(
     delivery: Delivery,
     mut target: TargetDelivery,
     cancel: CancellationToken,
+    mut order: Option<delivery::Ticket>,
 ) {
     delivery::deliver(
         &ctx.dispatcher,
@@ -589,6 +599,7 @@ async fn deliver(
         ctx.max_hold,
         &cancel,
         &progress,
+        order.as_mut(),
     )
     .await;
     ctx.metrics.pending_deliveries.dec();
@@ -663,6 +674,7 @@ mod tests {
                 signer: None,
                 delivery: DeliveryPolicy::default(),
                 state: RouteState::Active,
+                ordering: None,
                 superseded: Default::default(),
             })
         });

@@ -101,6 +101,7 @@ pub fn resolve(
             signer: signer.ok(),
             delivery: spec.delivery.clone(),
             state,
+            ordering: spec.ordering.clone(),
             superseded: Default::default(),
         },
         ready,

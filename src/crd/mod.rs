@@ -16,8 +16,9 @@ pub use document_event::{
 };
 pub use event_type::{EventType, UnknownEventType, WebhookEvent};
 pub use webhook::{
-    DeliveryPolicy, DeliveryRecord, DeliveryStats, Outcome, PREVIOUS_KEY, RateLimit,
-    SIGNING_SECRET_LABEL, SecretKeyRef, Webhook, WebhookSpec, WebhookStatus, ready_reason,
+    BlockedKey, DeliveryPolicy, DeliveryRecord, DeliveryStats, Ordering, Outcome, PREVIOUS_KEY,
+    RateLimit, SIGNING_SECRET_LABEL, SecretKeyRef, Webhook, WebhookSpec, WebhookStatus,
+    ready_reason,
 };
 
 use kube::CustomResourceExt;

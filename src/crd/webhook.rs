@@ -83,6 +83,22 @@ pub struct WebhookSpec {
     /// Timeouts and retry schedule.
     #[serde(default)]
     pub delivery: DeliveryPolicy,
+
+    /// Deliveries of events with the same key go one at a time, in the order accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<Ordering>,
+}
+
+/// Per-key FIFO delivery to this Webhook.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Ordering {
+    /// Field path into the event whose value keys the order, such as `data.document_id`. An
+    /// event without it (or with an object, array or null there) is delivered unordered.
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^(event|data(\\\\.[A-Za-z0-9_-]+){1,8})$')")
+        .message("key must be a field path into the event such as data.document_id: 'data' followed by up to 8 '.name' parts (letters, digits, '_' or '-'), or 'event'"))]
+    pub key: String,
 }
 
 /// A key of a Secret in the Webhook's namespace.
@@ -192,6 +208,25 @@ pub struct WebhookStatus {
     /// The latest delivery attempts, newest first, bounded.
     #[serde(default)]
     pub recent_deliveries: Vec<DeliveryRecord>,
+    /// With `spec.ordering`: keys whose oldest delivery is retrying and holds back the later
+    /// events of its key; the 20 blocked longest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked_keys: Vec<BlockedKey>,
+}
+
+/// A key of `spec.ordering` held back by a retrying delivery.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockedKey {
+    pub key: String,
+    /// The retrying delivery.
+    pub delivery_id: String,
+    /// Attempts it has made.
+    pub attempts: i32,
+    /// Later deliveries of the key waiting behind it (in this replica).
+    pub waiting: i32,
+    /// Since when the key is blocked.
+    pub since: Time,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -11,6 +11,7 @@ use tokio::sync::{Semaphore, mpsc};
 use super::{
     Attempt, AttemptResult, EventBody, HttpSender, RetryPolicy, Verdict,
     limits::KeyedLimits,
+    ordering::{Sequencer, Ticket, ordering_key},
     rate_limit::{LimitStamp, RateLimits},
     redact_url,
 };
@@ -132,6 +133,8 @@ pub struct Dispatcher {
     namespaces: KeyedLimits<Arc<str>>,
     /// `spec.delivery.rateLimit` of the Webhooks that have one.
     rate_limits: RateLimits,
+    /// `spec.ordering`: the per-key queues of this process.
+    sequencer: Arc<Sequencer>,
 }
 
 impl Dispatcher {
@@ -153,6 +156,7 @@ impl Dispatcher {
             lanes: KeyedLimits::new(config.per_webhook),
             namespaces: KeyedLimits::new(config.per_namespace),
             rate_limits: RateLimits::default(),
+            sequencer: Arc::default(),
         }
     }
 
@@ -233,6 +237,32 @@ impl Dispatcher {
         }
     }
 
+    /// The delivery's place among the deliveries of its key, when its Webhook has
+    /// `spec.ordering` and its event has the key; `position` orders what the source knows the
+    /// order of (0: the order of the calls).
+    pub fn ticket(&self, delivery: &Delivery, position: u64) -> Option<Ticket> {
+        let route = self.routes.snapshot().get(&delivery.webhook).cloned()?;
+        if *route.uid != *delivery.webhook_uid {
+            return None;
+        }
+        let key = ordering_key(&route.ordering.as_ref()?.key, &delivery.event.body)?;
+        Some(
+            self.sequencer
+                .enqueue(&delivery.webhook, &route.uid, &key, position),
+        )
+    }
+
+    /// The route `delivery` was routed to, if it is still in the table (not a namesake).
+    pub fn route_of(&self, delivery: &Delivery) -> Option<Arc<Route>> {
+        let route = self.routes.snapshot().get(&delivery.webhook).cloned()?;
+        (*route.uid == *delivery.webhook_uid).then_some(route)
+    }
+
+    /// The per-key queues, for the task that reports blocked keys.
+    pub fn sequencer(&self) -> Arc<Sequencer> {
+        self.sequencer.clone()
+    }
+
     /// Waits until `delivery` may go under its Webhook's `rateLimit` (at once without one).
     /// The turn is kept while the route is replaced by an equal one (a status change); a new
     /// limit, or none, decides again.
@@ -303,6 +333,13 @@ impl Dispatcher {
         let RouteCheck::Deliver(route) = self.check(delivery) else {
             return Attempted::NotSent;
         };
+        // The send itself counts under the rate limit: what a delay since the turn took from
+        // the spacing is waited here (at most about one interval).
+        if let Some(stamp) = LimitStamp::of(&route) {
+            let now = std::time::Instant::now();
+            let at = self.rate_limits.send(&route.key, &stamp, now);
+            tokio::time::sleep(at.duration_since(now)).await;
+        }
         let now = Timestamp::now();
         let (result, duration) = match &route.signer {
             None => (

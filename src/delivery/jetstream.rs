@@ -67,8 +67,12 @@
 //! recheck of a long hold (each at most every 30 s), kept in the stream until `--nats-max-age`.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering as AtomicOrdering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -83,11 +87,15 @@ use async_nats::{
 use bytes::Bytes;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use tokio::task::JoinSet;
+use tokio::{
+    sync::{Notify, oneshot},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Attempted, Delivery, Dispatcher, EventBody, KeyedLimits, RouteCheck, Verdict, delivery_id,
+    Attempted, Delivery, Dispatcher, EventBody, KeyedLimits, RouteCheck, Ticket, Verdict,
+    delivery_id,
 };
 use crate::{
     crd::EventType,
@@ -122,6 +130,8 @@ pub const CONTENT_HEADER: &str = "Hookrelay-Content-Sha256";
 pub const DELIVERY_ID_HEADER: &str = "Hookrelay-Delivery-Id";
 /// Header of a work item: the uid of the Webhook it was routed to.
 pub const WEBHOOK_UID_HEADER: &str = "Hookrelay-Webhook-Uid";
+/// Header of a work item: the stream sequence of its event (the order of `spec.ordering`).
+pub const EVENT_SEQUENCE_HEADER: &str = "Hookrelay-Event-Sequence";
 /// Header of a parked work item: attempts made before it was published (absent: none).
 pub const ATTEMPTS_HEADER: &str = "Hookrelay-Attempts";
 /// Header of a parked work item: times it was parked in a row without an attempt.
@@ -470,12 +480,16 @@ async fn route_one(
         tracing::warn!(subject = %message.subject, "JetStream router: dropping a message without an event id or type");
         return message.ack().await.map_err(|e| e.to_string());
     };
+    let event_sequence = message.info().map(|i| i.stream_sequence).ok();
     let table = routes.snapshot();
     let mut acks = Vec::new();
     for route in table.lookup(namespace, event) {
         let id = delivery_id(event_id, &route.uid);
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());
+        if let Some(sequence) = event_sequence {
+            headers.insert(EVENT_SEQUENCE_HEADER, sequence.to_string().as_str());
+        }
         headers.insert(DELIVERY_ID_HEADER, id.as_str());
         headers.insert(WEBHOOK_UID_HEADER, route.uid.as_str());
         headers.insert(EVENT_TYPE_HEADER, event.as_str());
@@ -494,9 +508,9 @@ async fn route_one(
 }
 
 /// Where the work items of `route` go: deliveries that must all come from one process (a rate
-/// limit) go to the serial subjects, the rest to the shared work queue.
+/// limit, an ordering) go to the serial subjects, the rest to the shared work queue.
 pub fn work_subject(route: &Route) -> &'static str {
-    if route.delivery.rate_limit.is_some() {
+    if route.delivery.rate_limit.is_some() || route.ordering.is_some() {
         SERIAL_SUBJECT
     } else {
         DELIVERIES_SUBJECT
@@ -517,6 +531,9 @@ pub struct WorkQueue {
     context: Context,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     lane: Lane,
+    /// The router's consumer and the stream: how far routing has come (`spec.ordering`).
+    router: jetstream::consumer::Consumer<pull::Config>,
+    stream: jetstream::stream::Stream,
 }
 
 impl Bus {
@@ -530,6 +547,8 @@ impl Bus {
             context: self.context.clone(),
             consumer: consumer.clone(),
             lane,
+            router: self.router.clone(),
+            stream: self.stream.clone(),
         }
     }
 }
@@ -581,6 +600,8 @@ pub async fn deliver_work(
         context,
         consumer,
         lane,
+        router,
+        stream,
     } = queue;
     let name = match lane {
         Lane::Shared => DELIVERER,
@@ -594,8 +615,24 @@ pub async fn deliver_work(
         .messages()
         .await
         .map_err(|e| failed(e.to_string()))?;
+    // Ordered deliveries are all the leader's, on the serial lane.
+    let release = (lane == Lane::Serial).then(|| {
+        Arc::new(Release {
+            router,
+            serial: consumer.clone(),
+            stream,
+            dispatcher: dispatcher.clone(),
+            state: Mutex::default(),
+            wake: Notify::new(),
+            pulled: AtomicU64::new(0),
+        })
+    });
+    if let Some(release) = &release {
+        tokio::spawn(release.clone().run(stop.clone()));
+    }
     let deliverer = Arc::new(Deliverer {
         context,
+        release,
         lane,
         dispatcher,
         max_hold,
@@ -618,8 +655,10 @@ pub async fn deliver_work(
             // The consumer's max_ack_pending bounds how many are in hand at once, the
             // per-namespace limits how many of them one namespace has.
             Some(Ok(message)) => {
+                // Registered here, in the order received, before the next is pulled.
+                let turn = deliverer.register(&message);
                 let deliverer = deliverer.clone();
-                in_flight.spawn(async move { deliverer.deliver_one(message).await });
+                in_flight.spawn(async move { deliverer.deliver_one(message, turn).await });
             }
         }
     };
@@ -640,6 +679,8 @@ struct WorkItem {
     parked: u32,
     /// Since when it is held (unix milliseconds), when it is.
     held_since: Option<u64>,
+    /// The stream sequence of its event, when the router gave it.
+    event_sequence: Option<u64>,
 }
 
 fn header_number<T: std::str::FromStr>(headers: Option<&HeaderMap>, name: &str) -> Option<T> {
@@ -677,6 +718,7 @@ fn delivery_of(message: &jetstream::Message) -> Option<WorkItem> {
         attempts_before: header_number(headers, ATTEMPTS_HEADER).unwrap_or(0),
         parked: header_number(headers, PARKED_HEADER).unwrap_or(0),
         held_since: header_number(headers, HELD_SINCE_HEADER),
+        event_sequence: header_number(headers, EVENT_SEQUENCE_HEADER),
     })
 }
 
@@ -745,6 +787,8 @@ fn unix_millis(t: SystemTime) -> u64 {
 struct Deliverer {
     context: Context,
     lane: Lane,
+    /// The serial lane's gate of ordered deliveries.
+    release: Option<Arc<Release>>,
     dispatcher: Arc<Dispatcher>,
     max_hold: Duration,
     /// Messages in hand per namespace on this replica.
@@ -755,7 +799,26 @@ struct Deliverer {
 }
 
 impl Deliverer {
-    async fn deliver_one(&self, message: jetstream::Message) {
+    /// On the serial lane: an ordered work item waits for its event's release from here (see
+    /// [`Release`]); every message received counts as pulled once registered.
+    fn register(&self, message: &jetstream::Message) -> Option<oneshot::Receiver<Option<Ticket>>> {
+        let release = self.release.as_ref()?;
+        let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let turn = delivery_of(message).and_then(|item| {
+            let route = self.dispatcher.route_of(&item.delivery)?;
+            route.ordering.as_ref()?;
+            Some(release.wait_for(item.event_sequence?, item.delivery))
+        });
+        // After the registration: the gate trusts that what was pulled is registered.
+        release.pulled.fetch_max(sequence, AtomicOrdering::SeqCst);
+        turn
+    }
+
+    async fn deliver_one(
+        &self,
+        message: jetstream::Message,
+        turn: Option<oneshot::Receiver<Option<Ticket>>>,
+    ) {
         let Some(mut item) = delivery_of(&message) else {
             tracing::warn!(subject = %message.subject, "JetStream deliverer: dropping a message that is not a work item");
             let _ = message.ack_with(AckKind::Term).await;
@@ -765,6 +828,15 @@ impl Deliverer {
             Ok(info) => (info.delivered.max(1) as u32, info.stream_sequence),
             Err(_) => (1, 0),
         };
+        if self.lane == Lane::Serial {
+            let ordered = self
+                .dispatcher
+                .route_of(&item.delivery)
+                .is_some_and(|r| r.ordering.is_some());
+            if turn.is_some() || ordered {
+                return self.deliver_ordered(message, item, delivered, turn).await;
+            }
+        }
         // A held item whose Webhook can take it again starts its recheck backoff over: if its
         // namespace is busy now, it comes back in about a second, not after the hold's backoff.
         if item.held_since.is_some()
@@ -888,6 +960,61 @@ impl Deliverer {
         }
     }
 
+    /// Delivers an ordered work item in hand, start to end (retries, holds): parking it would
+    /// put it back behind later events of its key. It waits for its event's release, then for
+    /// its key's turn; it is acked once final, and left to be redelivered if stopped.
+    async fn deliver_ordered(
+        &self,
+        message: jetstream::Message,
+        item: WorkItem,
+        delivered: u32,
+        turn: Option<oneshot::Receiver<Option<Ticket>>>,
+    ) {
+        let work = async {
+            let mut ticket = match turn {
+                Some(rx) => tokio::select! {
+                    ticket = rx => ticket.ok().flatten(),
+                    _ = self.stop.cancelled() => return false,
+                },
+                // Routed before the Webhook was ordered (moved here): in the order received.
+                None => self.dispatcher.ticket(&item.delivery, 0),
+            };
+            let mut target = super::new_target(&item.delivery);
+            // As in deliver_one: hand-outs beyond the first may have made an attempt.
+            target.attempts = (item.attempts_before + delivered - 1) as i32;
+            target.held_since = item.held_since.and_then(|ms| {
+                k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64)
+                    .ok()
+                    .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
+            });
+            super::deliver(
+                &self.dispatcher,
+                &item.delivery,
+                &mut target,
+                self.max_hold,
+                &self.stop,
+                &super::Unrecorded,
+                ticket.as_mut(),
+            )
+            .await;
+            super::is_final(target.state)
+        };
+        tokio::pin!(work);
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.tick().await;
+        let finished = loop {
+            tokio::select! {
+                finished = &mut work => break finished,
+                _ = progress.tick() => {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+            }
+        };
+        if finished && let Err(e) = message.ack().await {
+            tracing::warn!(delivery = %item.delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+        }
+    }
+
     /// Publishes the work item to its Webhook's serial subject (a rate limit was added since it
     /// was routed), then acks this message; nak'd for another try if the stream does not take
     /// it.
@@ -902,7 +1029,7 @@ impl Deliverer {
         // As in deliver_one: hand-outs beyond the first may have made an attempt.
         let attempts = item.attempts_before + delivered.saturating_sub(1);
         let headers = work_item_headers(
-            delivery,
+            item,
             &format!("{}/serial/{sequence}", delivery.id),
             attempts,
             item.parked,
@@ -944,7 +1071,7 @@ impl Deliverer {
         let delivery = &item.delivery;
         // One scheduled copy per message parked: parking it again after a crash is a duplicate.
         let mut headers = work_item_headers(
-            delivery,
+            item,
             &format!("{}/{sequence}", delivery.id),
             attempts,
             parked,
@@ -986,17 +1113,137 @@ impl Deliverer {
     }
 }
 
+/// How often the gate of ordered deliveries asks how far routing has come, while any wait.
+const RELEASE_CHECK: Duration = Duration::from_millis(50);
+
+/// The gate of ordered deliveries on the leader's serial lane.
+///
+/// Routers on several replicas route events concurrently, so the work items of events 1 and 2
+/// may reach the serial subject in the other order. A work item carries its event's stream
+/// sequence `s`, and waits here until every event up to `s` is routed (the router consumer's
+/// ack floor is at least `s`: routers ack an event once its work items are stored) and every
+/// work item stored by then has been received and registered (the serial consumer has handed
+/// out everything up to the stream's last sequence, and this replica has pulled it). Then the
+/// waiting items up to the floor take their tickets in event order.
+struct Release {
+    router: jetstream::consumer::Consumer<pull::Config>,
+    serial: jetstream::consumer::Consumer<pull::Config>,
+    stream: jetstream::stream::Stream,
+    dispatcher: Arc<Dispatcher>,
+    state: Mutex<ReleaseState>,
+    wake: Notify,
+    /// The highest stream sequence pulled from the serial consumer and registered.
+    pulled: AtomicU64,
+}
+
+/// An ordered delivery waiting for its event's release, and where its ticket goes.
+type WaitingDelivery = (Delivery, oneshot::Sender<Option<Ticket>>);
+
+#[derive(Default)]
+struct ReleaseState {
+    /// Events up to this sequence are released.
+    floor: u64,
+    /// (event sequence, arrival) -> the delivery and where its ticket goes.
+    waiting: BTreeMap<(u64, u64), WaitingDelivery>,
+    arrivals: u64,
+}
+
+impl Release {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReleaseState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where the ticket of `delivery` (event sequence `sequence`) comes once released.
+    fn wait_for(&self, sequence: u64, delivery: Delivery) -> oneshot::Receiver<Option<Ticket>> {
+        let (tx, rx) = oneshot::channel();
+        let mut state = self.lock();
+        if sequence <= state.floor {
+            // Redelivered after the floor passed it (a hand-over): in the order received.
+            let _ = tx.send(self.dispatcher.ticket(&delivery, sequence));
+        } else {
+            let arrival = state.arrivals;
+            state.arrivals += 1;
+            state.waiting.insert((sequence, arrival), (delivery, tx));
+            self.wake.notify_one();
+        }
+        rx
+    }
+
+    async fn run(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            if self.lock().waiting.is_empty() {
+                tokio::select! {
+                    _ = self.wake.notified() => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
+            match self.routed_floor().await {
+                Ok(Some(floor)) => self.release(floor),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream serial deliverer: cannot read how far routing has come; ordered deliveries wait")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RELEASE_CHECK) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// The router's ack floor, once every work item stored before it was read is registered.
+    async fn routed_floor(&self) -> Result<Option<u64>, String> {
+        let floor = self
+            .router
+            .get_info()
+            .await
+            .map_err(|e| e.to_string())?
+            .ack_floor
+            .stream_sequence;
+        let last = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| e.to_string())?
+            .state
+            .last_sequence;
+        let serial = self.serial.get_info().await.map_err(|e| e.to_string())?;
+        let handed_out = serial.num_pending == 0 || serial.delivered.stream_sequence >= last;
+        let pulled = self.pulled.load(AtomicOrdering::SeqCst) >= serial.delivered.stream_sequence;
+        Ok((handed_out && pulled).then_some(floor))
+    }
+
+    /// Gives the waiting deliveries of events up to `floor` their tickets, in event order.
+    fn release(&self, floor: u64) {
+        let mut state = self.lock();
+        let floor = state.floor.max(floor);
+        state.floor = floor;
+        while let Some(entry) = state.waiting.first_entry() {
+            let sequence = entry.key().0;
+            if sequence > floor {
+                break;
+            }
+            let (delivery, tx) = entry.remove();
+            let _ = tx.send(self.dispatcher.ticket(&delivery, sequence));
+        }
+    }
+}
+
 /// The headers of a work item published by a deliverer (parked or moved), with `msg_id` as
 /// its `Nats-Msg-Id`.
 fn work_item_headers(
-    delivery: &Delivery,
+    item: &WorkItem,
     msg_id: &str,
     attempts: u32,
     parked: u32,
     held_since: Option<u64>,
 ) -> HeaderMap {
+    let delivery = &item.delivery;
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", msg_id);
+    if let Some(sequence) = item.event_sequence {
+        headers.insert(EVENT_SEQUENCE_HEADER, sequence.to_string().as_str());
+    }
     headers.insert(DELIVERY_ID_HEADER, delivery.id.as_str());
     headers.insert(WEBHOOK_UID_HEADER, &*delivery.webhook_uid);
     headers.insert(EVENT_TYPE_HEADER, delivery.event.event.as_str());
@@ -1031,6 +1278,7 @@ mod tests {
             attempts_before,
             parked,
             held_since,
+            event_sequence: None,
         }
     }
 

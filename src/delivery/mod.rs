@@ -7,6 +7,7 @@ mod egress;
 mod engine;
 pub mod jetstream;
 mod limits;
+pub mod ordering;
 mod payload;
 mod rate_limit;
 pub mod records;
@@ -24,6 +25,7 @@ pub use engine::{
     new_target,
 };
 pub use limits::KeyedLimits;
+pub use ordering::{Sequencer, Ticket};
 pub use payload::EventBody;
 pub use retry::{AttemptResult, RetryPolicy, Verdict, parse_retry_after};
 pub use signer::{MIN_SECRET_BYTES, SecretError, Signatures, Signer};

@@ -7,6 +7,11 @@
 //! they asked. A reservation given up (the Webhook changed, the process stops) is simply lost:
 //! fewer deliveries than the limit allows, never more.
 //!
+//! A delivery can be delayed between its turn and its send (slots, a new connection, a busy
+//! CPU), and the one after it not: two sends would then come closer than the limit allows. So
+//! the send itself is counted too, by a second bucket of the same limit, just before the
+//! request goes out; it waits only for what such a delay took from the spacing.
+//!
 //! Where the limit holds across replicas: every delivery to a Webhook with a limit comes from
 //! one process. Durable mode delivers on the leader only; direct ingest answers `not_leader`
 //! on a standby; in jetstream mode the router publishes such deliveries to their own subject
@@ -79,7 +84,24 @@ impl LimitStamp {
 /// The buckets of every rate-limited Webhook this process delivers to, pruned to the live ones.
 #[derive(Default)]
 pub struct RateLimits {
-    buckets: Mutex<HashMap<WebhookKey, (LimitStamp, Bucket)>>,
+    buckets: Mutex<HashMap<WebhookKey, Buckets>>,
+}
+
+/// The turns given out and the sends made under one Webhook's limit.
+struct Buckets {
+    stamp: LimitStamp,
+    turns: Bucket,
+    sends: Bucket,
+}
+
+impl Buckets {
+    fn new(stamp: &LimitStamp, now: Instant) -> Self {
+        Self {
+            stamp: stamp.clone(),
+            turns: Bucket::new(stamp.limit, now),
+            sends: Bucket::new(stamp.limit, now),
+        }
+    }
 }
 
 impl RateLimits {
@@ -100,18 +122,31 @@ impl RateLimits {
         }
         let entry = buckets
             .entry(key.clone())
-            .or_insert_with(|| (stamp.clone(), Bucket::new(stamp.limit, now)));
-        if entry.0 != *stamp {
-            *entry = (stamp.clone(), Bucket::new(stamp.limit, now));
+            .or_insert_with(|| Buckets::new(stamp, now));
+        if entry.stamp != *stamp {
+            *entry = Buckets::new(stamp, now);
         }
-        entry.1.reserve(now)
+        entry.turns.reserve(now)
+    }
+
+    /// Counts a send of `key` under `stamp` about to happen; when it may go (`now`, unless a
+    /// delay after the delivery's turn brought it too close to the previous send).
+    pub fn send(&self, key: &WebhookKey, stamp: &LimitStamp, now: Instant) -> Instant {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = buckets
+            .entry(key.clone())
+            .or_insert_with(|| Buckets::new(stamp, now));
+        if entry.stamp != *stamp {
+            *entry = Buckets::new(stamp, now);
+        }
+        entry.sends.reserve(now)
     }
 
     /// How long a delivery to `key` asking now would wait, without taking a turn.
     pub fn wait(&self, key: &WebhookKey, stamp: &LimitStamp, now: Instant) -> Duration {
         let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         match buckets.get(key) {
-            Some((s, bucket)) if s == stamp => bucket.earliest(now).duration_since(now),
+            Some(b) if b.stamp == *stamp => b.turns.earliest(now).duration_since(now),
             _ => Duration::ZERO,
         }
     }
@@ -172,6 +207,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_send_delayed_after_its_turn_pushes_the_next_send_back() {
+        let limits = RateLimits::default();
+        let key = WebhookKey::new("docs", "w");
+        let stamp = LimitStamp {
+            uid: "u".into(),
+            generation: 1,
+            limit: limit(20, 1),
+        };
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let live = |_: &WebhookKey| true;
+        // Turns at 0 and 50 ms; the first is sent 30 ms late, the second on time.
+        assert_eq!(limits.reserve(&key, &stamp, t0, 1, live), t0);
+        assert_eq!(limits.reserve(&key, &stamp, t0, 1, live), t0 + ms(50));
+        assert_eq!(limits.send(&key, &stamp, t0 + ms(30)), t0 + ms(30));
+        // The second waits until 50 ms after the first send, not 20.
+        assert_eq!(limits.send(&key, &stamp, t0 + ms(50)), t0 + ms(80));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use imbl::{HashMap, OrdMap};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    crd::{DeliveryPolicy, EventType, WebhookEvent},
+    crd::{DeliveryPolicy, EventType, Ordering, WebhookEvent},
     delivery::Signer,
 };
 
@@ -91,6 +91,8 @@ pub struct Route {
     pub signer: Option<Arc<Signer>>,
     pub delivery: DeliveryPolicy,
     pub state: RouteState,
+    /// `spec.ordering`: deliveries of one key go one at a time.
+    pub ordering: Option<Ordering>,
     /// Cancelled once this route is replaced or removed and the new table is published: what
     /// waits on a Webhook (a held delivery) wakes exactly when that Webhook changes.
     pub superseded: CancellationToken,

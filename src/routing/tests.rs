@@ -10,6 +10,7 @@ fn route(ns: &str, name: &str, events: &[WebhookEvent]) -> Route {
         signer: None,
         delivery: DeliveryPolicy::default(),
         state: RouteState::Active,
+        ordering: None,
         superseded: Default::default(),
     }
 }

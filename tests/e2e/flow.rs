@@ -1,9 +1,13 @@
-//! Flow control of deliveries to one Webhook: `spec.delivery.rateLimit` (and its validation),
-//! in every ingest mode and with two JetStream replicas.
+//! Flow control of deliveries to one Webhook: `spec.delivery.rateLimit` and `spec.ordering`
+//! (and their validation), in every ingest mode and with two JetStream replicas.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
-use kube::Api;
+use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 
 use crate::support::{
@@ -100,19 +104,19 @@ async fn a_rate_limit_spaces_deliveries_without_spending_attempts_in_every_inges
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rate_limit_holds_across_two_jetstream_replicas() {
-    let cp = control_plane();
-    let ns = cp.namespace("rate-limit-js2").await;
-    let nats = NatsServer::start().await;
-    let client = cp.client().await;
-    let (receiver, addr) = CountingReceiver::start().await;
+/// Two operator processes in jetstream mode with leader election, sharing `nats`; returns
+/// them once one leads.
+async fn two_jetstream_replicas(
+    cp: &crate::support::ControlPlane,
+    ns: &str,
+    nats: &NatsServer,
+) -> (Operator, Operator) {
     let start = || {
         Operator::start(
             cp,
             &[
                 "--namespace",
-                &ns,
+                ns,
                 "--allow-http",
                 "--allow-cidr",
                 "127.0.0.0/8",
@@ -123,7 +127,7 @@ async fn a_rate_limit_holds_across_two_jetstream_replicas() {
                 &nats.url,
                 "--leader-elect",
                 "--lease-namespace",
-                &ns,
+                ns,
                 "--lease-duration",
                 "6s",
                 "--renew-deadline",
@@ -145,16 +149,12 @@ async fn a_rate_limit_holds_across_two_jetstream_replicas() {
         }
     })
     .await;
-    create_webhook(
-        &client,
-        &ns,
-        "limited",
-        &format!("http://{addr}/h"),
-        SECRET,
-        json!({"rateLimit": {"perSecond": 20, "burst": 1}}),
-    )
-    .await;
-    for op in [&a, &b] {
+    (a, b)
+}
+
+/// Waits until both replicas route the namespace's one Webhook.
+async fn routed_on_both(a: &Operator, b: &Operator) {
+    for op in [a, b] {
         let addr = op.metrics_addr;
         eventually(
             "the webhook routed on both",
@@ -166,6 +166,26 @@ async fn a_rate_limit_holds_across_two_jetstream_replicas() {
         )
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_holds_across_two_jetstream_replicas() {
+    let cp = control_plane();
+    let ns = cp.namespace("rate-limit-js2").await;
+    let nats = NatsServer::start().await;
+    let client = cp.client().await;
+    let (receiver, addr) = CountingReceiver::start().await;
+    let (a, b) = two_jetstream_replicas(cp, &ns, &nats).await;
+    create_webhook(
+        &client,
+        &ns,
+        "limited",
+        &format!("http://{addr}/h"),
+        SECRET,
+        json!({"rateLimit": {"perSecond": 20, "burst": 1}}),
+    )
+    .await;
+    routed_on_both(&a, &b).await;
     // Both replicas take events and route them; both consume the shared work queue.
     for (i, chunk) in events(EVENTS).chunks(10).enumerate() {
         let target = [a.listen_addr, b.listen_addr][i % 2];
@@ -184,41 +204,56 @@ async fn a_rate_limit_holds_across_two_jetstream_replicas() {
 }
 
 #[tokio::test]
-async fn out_of_range_rate_limits_are_refused_saying_what_to_write() {
+async fn bad_rate_limits_and_ordering_keys_are_refused_saying_what_to_write() {
     let cp = control_plane();
     let ns = cp.namespace("flow-refused").await;
     let webhook = |delivery: &str| {
         format!(
-            "apiVersion: hookrelay.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: w}}\nspec:\n  url: https://example.com/hooks\n  events: [document.completed]\n  secretRef: {{name: s}}\n  delivery: {delivery}\n"
+            "apiVersion: hookrelay.dev/v1alpha1\nkind: Webhook\nmetadata: {{name: w}}\nspec:\n  url: https://example.com/hooks\n  events: [document.completed]\n  secretRef: {{name: s}}\n  {delivery}\n"
         )
     };
     // Sanity: a valid limit is accepted, burst defaulted.
     cp.kubectl_ok(
         &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
-        Some(&webhook("{rateLimit: {perSecond: 20}}")),
+        Some(&webhook(
+            "delivery: {rateLimit: {perSecond: 20}}\n  ordering: {key: data.document_id}",
+        )),
     )
     .await;
-    let cases: [(&str, &[&str]); 5] = [
+    let cases: [(&str, &[&str]); 9] = [
         (
-            "{rateLimit: {perSecond: 0}}",
+            "delivery: {rateLimit: {perSecond: 0}}",
             &["spec.delivery.rateLimit.perSecond", "from 1 to 10000"],
         ),
         (
-            "{rateLimit: {perSecond: 0.5}}",
+            "delivery: {rateLimit: {perSecond: 0.5}}",
             &["spec.delivery.rateLimit.perSecond", "integer"],
         ),
         (
-            "{rateLimit: {perSecond: 20000}}",
+            "delivery: {rateLimit: {perSecond: 20000}}",
             &["spec.delivery.rateLimit.perSecond", "from 1 to 10000"],
         ),
         (
-            "{rateLimit: {perSecond: 20, burst: 0}}",
+            "delivery: {rateLimit: {perSecond: 20, burst: 0}}",
             &["spec.delivery.rateLimit.burst", "from 1 to 10000"],
         ),
         (
-            "{rateLimit: {burst: 5}}",
+            "delivery: {rateLimit: {burst: 5}}",
             &["spec.delivery.rateLimit.perSecond", "Required value"],
         ),
+        (
+            "ordering: {key: document_id}",
+            &["spec.ordering.key", "such as data.document_id"],
+        ),
+        (
+            "ordering: {key: 'data.'}",
+            &["spec.ordering.key", "such as data.document_id"],
+        ),
+        (
+            "ordering: {key: 'data.a b'}",
+            &["spec.ordering.key", "such as data.document_id"],
+        ),
+        ("ordering: {}", &["spec.ordering.key", "Required value"]),
     ];
     let mut failures = Vec::new();
     for (delivery, expected) in cases {
@@ -236,4 +271,211 @@ async fn out_of_range_rate_limits_are_refused_saying_what_to_write() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// One request as an ordering receiver saw it: (document_id, n, the status it answered).
+type Receipt = (String, i64, u16);
+
+/// A receiver that records every request's `data.document_id` and `data.n` in arrival order,
+/// and answers 500 to the first `fail` requests for document "A" number 1.
+async fn ordering_receiver(fail: usize) -> (Arc<Mutex<Vec<Receipt>>>, SocketAddr) {
+    let receipts: Arc<Mutex<Vec<Receipt>>> = Arc::default();
+    let seen = receipts.clone();
+    let app = axum::Router::new().fallback(axum::routing::post(move |body: axum::body::Bytes| {
+        let seen = seen.clone();
+        async move {
+            let event: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let key = event["data"]["document_id"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned();
+            let n = event["data"]["n"].as_i64().unwrap_or(-1);
+            let mut seen = seen.lock().unwrap();
+            let failed_before = seen
+                .iter()
+                .filter(|(k, m, status)| k == "A" && *m == 1 && *status == 500)
+                .count();
+            let status = if key == "A" && n == 1 && failed_before < fail {
+                500
+            } else {
+                200
+            };
+            seen.push((key, n, status));
+            axum::http::StatusCode::from_u16(status).unwrap()
+        }
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (receipts, addr)
+}
+
+/// A signing Secret and a Webhook `ordered` with `spec.ordering` on `data.document_id`, short
+/// retries; waits until it is Ready.
+async fn ordered_webhook(client: &kube::Client, ns: &str, url: &str) {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
+    let secret = serde_json::from_value(json!({
+        "metadata": {"name": "ordered-secret", "labels": {"hookrelay.dev/signing-secret": "true"}},
+        "stringData": {"secret": SECRET},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let webhooks: Api<hookrelay::crd::Webhook> = Api::namespaced(client.clone(), ns);
+    let webhook = serde_json::from_value(json!({
+        "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "metadata": {"name": "ordered"},
+        "spec": {
+            "url": url, "events": ["*"], "secretRef": {"name": "ordered-secret"},
+            "delivery": {"initialBackoffSeconds": 1, "maxBackoffSeconds": 2},
+            "ordering": {"key": "data.document_id"},
+        },
+    }))
+    .unwrap();
+    webhooks
+        .create(&PostParams::default(), &webhook)
+        .await
+        .unwrap();
+    eventually("webhook ordered Ready", Duration::from_secs(60), || async {
+        let w = webhooks.get("ordered").await.ok()?;
+        w.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+}
+
+/// The events of the ordering tests, in the order they are sent (each in its own request, so
+/// that the order of acceptance is this one): keys A and B interleaved.
+fn keyed_events() -> Vec<Value> {
+    (1..=3)
+        .flat_map(|n| {
+            ["A", "B"].map(|key| json!({"event": "document.completed", "timestamp": "2023-06-15T10:35:00Z", "data": {"document_id": key, "n": n}}))
+        })
+        .collect()
+}
+
+/// Key A's first event failed three times, then A's events came in order, each once, while
+/// B's went through meanwhile; the blocked key was listed in status, then cleared.
+async fn assert_ordered(
+    client: &kube::Client,
+    ns: &str,
+    receipts: &Arc<Mutex<Vec<Receipt>>>,
+    what: &str,
+) {
+    let webhooks: Api<hookrelay::crd::Webhook> = Api::namespaced(client.clone(), ns);
+    // What status.blockedKeys said while the events went through.
+    let listed: Arc<Mutex<Vec<hookrelay::crd::BlockedKey>>> = Arc::default();
+    let watcher = {
+        let (webhooks, listed) = (webhooks.clone(), listed.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(w) = webhooks.get("ordered").await {
+                    let keys = w.status.map(|s| s.blocked_keys).unwrap_or_default();
+                    listed.lock().unwrap().extend(keys);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    eventually(
+        &format!("{what}: every event delivered"),
+        Duration::from_secs(60),
+        || async {
+            (receipts
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| r.2 == 200)
+                .count()
+                >= 6)
+                .then_some(())
+        },
+    )
+    .await;
+    watcher.abort();
+    let got = receipts.lock().unwrap().clone();
+    let of_a: Vec<(i64, u16)> = got
+        .iter()
+        .filter(|r| r.0 == "A")
+        .map(|r| (r.1, r.2))
+        .collect();
+    assert_eq!(
+        of_a,
+        [(1, 500), (1, 500), (1, 500), (1, 200), (2, 200), (3, 200)],
+        "{what}: key A out of order or held wrongly: {got:?}"
+    );
+    let a_through = got
+        .iter()
+        .position(|r| r.0 == "A" && r.2 == 200)
+        .expect("A delivered");
+    let of_b: Vec<i64> = got.iter().filter(|r| r.0 == "B").map(|r| r.1).collect();
+    assert_eq!(of_b, [1, 2, 3], "{what}: {got:?}");
+    assert!(
+        got.iter()
+            .position(|r| r.0 == "B" && r.1 == 3)
+            .is_some_and(|b| b < a_through),
+        "{what}: key B waited for key A: {got:?}"
+    );
+    let blocked = listed.lock().unwrap().clone();
+    assert!(
+        blocked.iter().any(|k| k.key == "A" && k.attempts >= 1)
+            && blocked.iter().all(|k| k.key == "A"),
+        "{what}: status.blockedKeys listed {blocked:?} while A's first event was retried"
+    );
+    eventually(
+        &format!("{what}: status.blockedKeys cleared"),
+        Duration::from_secs(30),
+        || async {
+            let status = webhooks.get("ordered").await.ok()?.status?;
+            status.blocked_keys.is_empty().then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_holds_back_only_the_retrying_key_in_every_ingest_mode() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    for mode in INGEST_MODES {
+        let ns = cp.namespace("ordering").await;
+        let op = ModeOperator::start(cp, mode, &[&ns], |_| {}).await;
+        let (receipts, addr) = ordering_receiver(3).await;
+        ordered_webhook(&client, &ns, &format!("http://{addr}/h")).await;
+        for event in keyed_events() {
+            op.post_events(&ns, &[event]).await;
+        }
+        assert_ordered(&client, &ns, &receipts, &format!("{mode:?}")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_holds_across_two_jetstream_replicas() {
+    let cp = control_plane();
+    let ns = cp.namespace("ordering-js2").await;
+    let nats = NatsServer::start().await;
+    let client = cp.client().await;
+    let (receipts, addr) = ordering_receiver(3).await;
+    let (a, b) = two_jetstream_replicas(cp, &ns, &nats).await;
+    ordered_webhook(&client, &ns, &format!("http://{addr}/h")).await;
+    routed_on_both(&a, &b).await;
+    // Each event to the other replica: both route, in whatever order their routers run.
+    for (i, event) in keyed_events().into_iter().enumerate() {
+        let target = [a.listen_addr, b.listen_addr][i % 2];
+        let body = Value::Array(vec![event]).to_string();
+        let (status, reply) = api_call(
+            target,
+            "POST",
+            &format!("/api/events?namespace={ns}"),
+            None,
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    assert_ordered(&client, &ns, &receipts, "jetstream, two replicas").await;
 }

@@ -74,6 +74,8 @@ struct Lane {
 
 struct Queued {
     delivery: Delivery,
+    /// Its place among its key's deliveries (`spec.ordering`).
+    order: Option<crate::delivery::Ticket>,
     /// The request's queue space, given back when its last delivery ends.
     permit: Arc<DirectPermit>,
     since: Instant,
@@ -131,16 +133,31 @@ impl Lanes {
         max_hold: Duration,
     ) {
         while let Some(Queued {
-            delivery, permit, ..
+            delivery,
+            permit,
+            mut order,
+            ..
         }) = self.next(&webhook)
         {
             let mut target = crate::delivery::new_target(&delivery);
-            let first = crate::delivery::attempt_first(&dispatcher, &delivery, &mut target).await;
+            // An earlier delivery of its key is not final: it waits for its turn in a task of
+            // its own, so that the worker goes on with the other keys.
+            let first = if order.as_mut().is_some_and(|t| !t.has_turn()) {
+                FirstAttempt::Continue
+            } else {
+                crate::delivery::attempt_first(&dispatcher, &delivery, &mut target).await
+            };
             if first == FirstAttempt::Continue {
                 let dispatcher = dispatcher.clone();
                 tokio::spawn(async move {
-                    crate::delivery::deliver_unrecorded(&dispatcher, &delivery, target, max_hold)
-                        .await;
+                    crate::delivery::deliver_unrecorded(
+                        &dispatcher,
+                        &delivery,
+                        target,
+                        max_hold,
+                        order,
+                    )
+                    .await;
                     drop(permit);
                 });
             }
@@ -438,6 +455,7 @@ pub(super) fn direct(
     let since = Instant::now();
     for delivery in admission.deliveries {
         let queued = Queued {
+            order: state.dispatcher.ticket(&delivery, 0),
             delivery,
             permit: permit.clone(),
             since,
@@ -486,6 +504,7 @@ mod tests {
                 signer: None,
                 delivery: DeliveryPolicy::default(),
                 state: RouteState::Active,
+                ordering: None,
                 superseded: Default::default(),
             });
         }
@@ -672,6 +691,7 @@ mod tests {
                 .or_default()
                 .waiting
                 .push_back(Queued {
+                    order: None,
                     delivery,
                     permit: permit.clone(),
                     since: Instant::now() - waited,
