@@ -9,8 +9,9 @@
 //!   attempt per hand-out of the message.
 //!
 //! - `hookrelay.serial.<namespace>.<webhook>`: the work items of Webhooks with a
-//!   `spec.delivery.rateLimit`, which must all be delivered by one process for the limit to
-//!   hold. The `serial` consumer is bound by the leader only; a work item that reaches the
+//!   `spec.delivery.rateLimit` or `spec.ordering`, which must all be delivered by one process
+//!   for the limit or the order to hold (ordered ones are released in event order: see
+//!   [`Release`]). The `serial` consumer is bound by the leader only; a work item that reaches the
 //!   shared `deliverer` for such a Webhook (routed before the limit was added, or by a replica
 //!   that had not seen it yet) is moved there. See "Key affinity" below.
 //!

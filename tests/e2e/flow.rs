@@ -479,3 +479,71 @@ async fn ordering_holds_across_two_jetstream_replicas() {
     }
     assert_ordered(&client, &ns, &receipts, "jetstream, two replicas").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_api_sets_and_shows_the_rate_limit_and_the_ordering() {
+    let cp = control_plane();
+    let ns = cp.namespace("flow-api").await;
+    let op = ModeOperator::start(cp, hookrelay::http::IngestMode::Durable, &[&ns], |_| {}).await;
+    let api = op.op.op.listen_addr;
+    let create = r#"{"url": "https://example.com/h", "events": ["document.completed"],
+        "rate_limit": {"per_second": 20}, "ordering": {"key": "data.document_id"}}"#;
+    let (status, created) = api_call(
+        api,
+        "POST",
+        &format!("/api/webhooks?namespace={ns}"),
+        None,
+        Some(create),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["rate_limit"], json!({"per_second": 20, "burst": 1}));
+    assert_eq!(created["ordering"], json!({"key": "data.document_id"}));
+    assert_eq!(created["blocked_keys"], json!([]));
+    let id = created["id"].as_str().unwrap().to_owned();
+    let webhooks: Api<hookrelay::crd::Webhook> = Api::namespaced(cp.client().await, &ns);
+    let spec = webhooks.get(&id).await.unwrap().spec;
+    assert_eq!(
+        (spec.delivery.rate_limit, spec.ordering.map(|o| o.key)),
+        (
+            Some(hookrelay::crd::RateLimit {
+                per_second: 20,
+                burst: 1
+            }),
+            Some("data.document_id".to_owned())
+        )
+    );
+    // The API server's own message for a bad value.
+    let (status, refused) = api_call(
+        api,
+        "PUT",
+        &format!("/api/webhooks/{id}?namespace={ns}"),
+        None,
+        Some(r#"{"rate_limit": {"per_second": 0}}"#),
+    )
+    .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("perSecond must be a whole number")),
+        "{refused}"
+    );
+    // null removes them; other delivery settings stay.
+    let (status, updated) = api_call(
+        api,
+        "PUT",
+        &format!("/api/webhooks/{id}?namespace={ns}"),
+        None,
+        Some(r#"{"rate_limit": null, "ordering": null}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(
+        (&updated["rate_limit"], &updated["ordering"]),
+        (&Value::Null, &Value::Null)
+    );
+    let spec = webhooks.get(&id).await.unwrap().spec;
+    assert_eq!((spec.delivery.rate_limit, spec.ordering), (None, None));
+    assert_eq!(spec.delivery.max_attempts, 8);
+}
