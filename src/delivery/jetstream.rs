@@ -736,6 +736,8 @@ enum Settle {
     Held {
         since: u64,
     },
+    /// Its Webhook got a rate limit or an ordering while it was in hand: to the serial lane.
+    MoveToSerial,
     /// Stopping: leave it to be redelivered.
     Abandon,
 }
@@ -899,6 +901,11 @@ impl Deliverer {
                     .park(&message, sequence, &item, Park::Held { since })
                     .await;
             }
+            Settle::MoveToSerial => {
+                return self
+                    .move_to_serial(&message, sequence, delivered, &item)
+                    .await;
+            }
             Settle::Abandon => Ok(()),
         };
         if let Err(e) = result {
@@ -940,6 +947,13 @@ impl Deliverer {
                         _ = self.stop.cancelled() => return Settle::Abandon,
                     }
                     continue;
+                }
+                // Held on the shared lane until its Webhook changed: if that change added a
+                // rate limit or an ordering, the leader delivers it.
+                RouteCheck::Deliver(route)
+                    if self.lane == Lane::Shared && work_subject(&route) == SERIAL_SUBJECT =>
+                {
+                    return Settle::MoveToSerial;
                 }
                 RouteCheck::Deliver(_) => {}
             }

@@ -547,3 +547,81 @@ async fn the_rest_api_sets_and_shows_the_rate_limit_and_the_ordering() {
     assert_eq!((spec.delivery.rate_limit, spec.ordering), (None, None));
     assert_eq!(spec.delivery.max_attempts, 8);
 }
+
+/// (messages not yet handed out, handed out and not acked) of a consumer of the stream.
+async fn consumer_counts(nats: &NatsServer, consumer: &str) -> (u64, usize) {
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("HOOKRELAY").await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(consumer).await.unwrap();
+    let info = consumer.info().await.unwrap();
+    (info.num_pending, info.num_ack_pending)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_added_while_deliveries_are_held_on_both_replicas_still_holds() {
+    let cp = control_plane();
+    let ns = cp.namespace("rate-limit-added").await;
+    let nats = NatsServer::start().await;
+    let client = cp.client().await;
+    let (receiver, addr) = CountingReceiver::start().await;
+    let (a, b) = two_jetstream_replicas(cp, &ns, &nats).await;
+    create_webhook(
+        &client,
+        &ns,
+        "limited",
+        &format!("http://{addr}/h"),
+        SECRET,
+        json!({}),
+    )
+    .await;
+    routed_on_both(&a, &b).await;
+    let webhooks: Api<hookrelay::crd::Webhook> = Api::namespaced(client.clone(), &ns);
+    let pause = json!({"spec": {"paused": true}});
+    webhooks
+        .patch(
+            "limited",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&pause),
+        )
+        .await
+        .unwrap();
+    for op in [&a, &b] {
+        let addr = op.metrics_addr;
+        eventually("paused on both", Duration::from_secs(60), || async move {
+            (metric(addr, "hookrelay_webhooks{state=\"Paused\"}").await == Some(1.0)).then_some(())
+        })
+        .await;
+    }
+    // Routed to the shared work queue (no limit yet) and held in hand by both replicas.
+    for (i, chunk) in events(EVENTS).chunks(10).enumerate() {
+        let target = [a.listen_addr, b.listen_addr][i % 2];
+        let body = Value::Array(chunk.to_vec()).to_string();
+        let (status, reply) = api_call(
+            target,
+            "POST",
+            &format!("/api/events?namespace={ns}"),
+            None,
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    eventually(
+        "every work item held in hand",
+        Duration::from_secs(60),
+        || async { (consumer_counts(&nats, "deliverer").await == (0, EVENTS)).then_some(()) },
+    )
+    .await;
+    let resume = json!({"spec": {"paused": false, "delivery": {"rateLimit": {"perSecond": 20, "burst": 1}}}});
+    webhooks
+        .patch(
+            "limited",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&resume),
+        )
+        .await
+        .unwrap();
+    assert_limited(&client, &ns, &receiver, "limit added while held").await;
+}
