@@ -1223,9 +1223,13 @@ impl Release {
             .state
             .last_sequence;
         let serial = self.serial.get_info().await.map_err(|e| e.to_string())?;
-        let handed_out = serial.num_pending == 0 || serial.delivered.stream_sequence >= last;
-        let pulled = self.pulled.load(AtomicOrdering::SeqCst) >= serial.delivered.stream_sequence;
-        Ok((handed_out && pulled).then_some(floor))
+        Ok(released_floor(
+            floor,
+            last,
+            serial.num_pending,
+            serial.delivered.stream_sequence,
+            self.pulled.load(AtomicOrdering::SeqCst),
+        ))
     }
 
     /// Gives the waiting deliveries of events up to `floor` their tickets, in event order.
@@ -1242,6 +1246,22 @@ impl Release {
             let _ = tx.send(self.dispatcher.ticket(&delivery, sequence));
         }
     }
+}
+
+/// How far ordered deliveries may be released, read in this order: `routed` (the router's ack
+/// floor: every event up to it has its work items stored), `last` (the stream's last sequence
+/// just after: every such work item is at or below it), then the serial consumer's messages not
+/// yet handed out and the last one handed out, and what this replica has pulled and registered.
+/// None while a work item stored before `last` may not have reached this replica.
+fn released_floor(
+    routed: u64,
+    last: u64,
+    serial_not_handed_out: u64,
+    serial_handed_out: u64,
+    pulled: u64,
+) -> Option<u64> {
+    let handed_out = serial_not_handed_out == 0 || serial_handed_out >= last;
+    (handed_out && pulled >= serial_handed_out).then_some(routed)
 }
 
 /// The headers of a work item published by a deliverer (parked or moved), with `msg_id` as
@@ -1321,6 +1341,19 @@ mod tests {
         // Busy: the same backoff, the hold (if any) carried on.
         let busy = park_plan(&item(0, 1, Some(9)), &Park::Busy, 1.0);
         assert_eq!(busy, (Duration::from_secs(2), 0, 2, Some(9)));
+    }
+
+    #[test]
+    fn ordered_deliveries_are_released_only_once_every_earlier_work_item_is_here() {
+        // Routed up to event 40; the stream ends at 50; the serial consumer handed out up to
+        // 45 and has nothing else: once this replica pulled 45, events up to 40 go.
+        assert_eq!(released_floor(40, 50, 0, 45, 45), Some(40));
+        // A work item handed out but not yet pulled here (it may be an earlier event's).
+        assert_eq!(released_floor(40, 50, 0, 45, 44), None);
+        // Work items stored but not handed out yet, some possibly at or below 50.
+        assert_eq!(released_floor(40, 50, 3, 45, 45), None);
+        // ... unless everything up to the stream's last sequence was handed out already.
+        assert_eq!(released_floor(40, 50, 3, 52, 52), Some(40));
     }
 
     #[test]
