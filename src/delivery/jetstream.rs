@@ -58,7 +58,7 @@
 //! any it meets there (acked once the copy is stored; the copy's id is the delivery id and the
 //! original's sequence, so a move redone after a crash is a duplicate), and retries and holds
 //! are parked back to the serial subject. A work item whose turn is further off than
-//! [`TURN_WAIT_IN_HAND`] is parked (as a busy namespace's) rather than kept in hand, so that a
+//! [`TURN_WAIT_IN_HAND`] is parked until shortly before it rather than kept in hand, so that a
 //! backlog at a low limit does not fill the consumer. When leadership moves, the new leader
 //! binds the consumer and gets what the old one had in hand after the ack wait.
 //!
@@ -753,6 +753,8 @@ enum Park {
     Held { since: u64 },
     /// Its namespace has all its places in hand: tried again later.
     Busy,
+    /// Its turn under its Webhook's rate limit is `after` away.
+    Turn { after: Duration },
 }
 
 /// The delay before a parked work item comes back, and the headers it comes back with.
@@ -778,6 +780,16 @@ fn park_plan(item: &WorkItem, park: &Park, jitter: f64) -> (Duration, u32, u32, 
             backoff(item.parked),
             item.attempts_before,
             item.parked + 1,
+            item.held_since,
+        ),
+        // Back somewhat before its turn at today's pace: the schedule only moves later, and
+        // one that comes back too early is parked again for what is left.
+        Park::Turn { after } => (
+            after
+                .mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0)
+                .max(PARK_MIN),
+            item.attempts_before,
+            item.parked,
             item.held_since,
         ),
     }
@@ -859,8 +871,10 @@ impl Deliverer {
                     .await;
             }
             // Its turn is far off: parked until about then, rather than kept in hand.
-            if serial && self.dispatcher.rate_limit_wait(&item.delivery) > TURN_WAIT_IN_HAND {
-                return self.park(&message, sequence, &item, Park::Busy).await;
+            let turn = self.dispatcher.rate_limit_wait(&item.delivery);
+            if serial && turn > TURN_WAIT_IN_HAND {
+                let park = Park::Turn { after: turn };
+                return self.park(&message, sequence, &item, park).await;
             }
         }
         let namespace = item.delivery.webhook.namespace.clone();
@@ -1341,6 +1355,17 @@ mod tests {
         // Busy: the same backoff, the hold (if any) carried on.
         let busy = park_plan(&item(0, 1, Some(9)), &Park::Busy, 1.0);
         assert_eq!(busy, (Duration::from_secs(2), 0, 2, Some(9)));
+        // A far turn under a rate limit: back within the second half of the wait, no backoff.
+        let turn = |after, jitter| park_plan(&item(1, 2, None), &Park::Turn { after }, jitter);
+        assert_eq!(
+            turn(Duration::from_secs(60), 1.0),
+            (Duration::from_secs(60), 1, 2, None)
+        );
+        assert_eq!(
+            turn(Duration::from_secs(60), 0.0).0,
+            Duration::from_secs(30)
+        );
+        assert_eq!(turn(Duration::from_millis(100), 0.0).0, PARK_MIN);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::TryStreamExt;
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 
@@ -218,6 +219,20 @@ async fn bad_rate_limits_and_ordering_keys_are_refused_saying_what_to_write() {
         Some(&webhook(
             "delivery: {rateLimit: {perSecond: 20}}\n  ordering: {key: data.document_id}",
         )),
+    )
+    .await;
+    // So is the example.
+    let example = crate::support::repo_root().join("examples/webhook-rate-limited-ordered.yaml");
+    cp.kubectl_ok(
+        &[
+            "apply",
+            "--dry-run=server",
+            "-n",
+            &ns,
+            "-f",
+            &example.to_string_lossy(),
+        ],
+        None,
     )
     .await;
     let cases: [(&str, &[&str]); 9] = [
@@ -624,4 +639,64 @@ async fn a_rate_limit_added_while_deliveries_are_held_on_both_replicas_still_hol
         .await
         .unwrap();
     assert_limited(&client, &ns, &receiver, "limit added while held").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_parks_deliveries_whose_turn_is_far_off_and_keeps_the_limit() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace("rate-limit-park").await;
+    let nats = NatsServer::start().await;
+    let op = ModeOperator::start(cp, hookrelay::http::IngestMode::JetStream, &[&ns], |args| {
+        args.nats_url = Some(nats.url.clone())
+    })
+    .await;
+    let (receiver, addr) = CountingReceiver::start().await;
+    create_webhook(
+        &client,
+        &ns,
+        "limited",
+        &format!("http://{addr}/h"),
+        SECRET,
+        json!({"rateLimit": {"perSecond": 1, "burst": 1}}),
+    )
+    .await;
+    // At 1/s, the last of 10 has its turn 9 s away: beyond 5 s they are parked in the stream.
+    const N: usize = 10;
+    op.post_events(&ns, &events(N)).await;
+    eventually("every event delivered", Duration::from_secs(60), || async {
+        (receiver.counts().0 >= N).then_some(())
+    })
+    .await;
+    assert_eq!(receiver.counts(), (N, N), "each event once");
+    let most = most_in_one_second(&receiver.arrivals.lock().unwrap());
+    assert!(most <= 2, "{most} deliveries within one second at 1/s");
+    // Parked work items came back to the serial subject as new messages.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
+    let stream = js.get_stream("HOOKRELAY").await.unwrap();
+    let serial: usize = stream
+        .info_with_subjects("hookrelay.serial.>")
+        .await
+        .unwrap()
+        .try_collect::<std::collections::HashMap<String, usize>>()
+        .await
+        .unwrap()
+        .values()
+        .sum();
+    assert!(serial > N, "{serial} serial messages: nothing was parked");
+    let webhooks: Api<hookrelay::crd::Webhook> = Api::namespaced(client.clone(), &ns);
+    let status = eventually(
+        "every attempt recorded",
+        Duration::from_secs(30),
+        || async {
+            let status = webhooks.get("limited").await.ok()?.status?;
+            (status.delivery_stats.succeeded == N as i64).then_some(status)
+        },
+    )
+    .await;
+    assert!(
+        status.recent_deliveries.iter().all(|r| r.attempt == 1),
+        "parking for the turn spent an attempt: {:?}",
+        status.recent_deliveries
+    );
 }
