@@ -472,7 +472,8 @@ pub async fn start(
         status.clone(),
         readiness.clone(),
         metrics.clone(),
-    );
+    )
+    .with_sequencer(dispatcher.sequencer());
     // JetStream consumers run on every replica, independent of leadership: the stream shares
     // the work. Attempt records reach the leader's writer through the stream (`recorder`).
     let recorder = bus.as_ref().map(|bus| {

@@ -84,6 +84,9 @@ pub struct WebhookController {
     looked_up: Arc<std::sync::Mutex<HashMap<String, i64>>>,
     /// Only the leader looks Secrets up (and warns); set by `run`.
     leadership: Leadership,
+    /// The delivery engine's per-key queues (`spec.ordering`): `status.blockedKeys` that they
+    /// no longer hold (a previous leader's) is cleared.
+    sequencer: Option<Arc<crate::delivery::Sequencer>>,
 }
 
 impl WebhookController {
@@ -118,7 +121,15 @@ impl WebhookController {
             looked_up: Default::default(),
             degraded: HashSet::new(),
             leadership: Leadership::always(),
+            sequencer: None,
         }
+    }
+
+    /// Clears `status.blockedKeys` that `sequencer` (this process's ordered deliveries) does
+    /// not hold: after a change of leader, the previous leader's list.
+    pub fn with_sequencer(mut self, sequencer: Arc<crate::delivery::Sequencer>) -> Self {
+        self.sequencer = Some(sequencer);
+        self
     }
 
     /// Runs until `shutdown` fires.
@@ -448,8 +459,21 @@ impl WebhookController {
             );
             self.status
                 .send(Update::WebhookReady {
-                    key,
+                    key: key.clone(),
                     update: Box::new(update),
+                })
+                .await;
+        }
+        let listed = webhook.status.as_ref().map(|s| s.blocked_keys.as_slice());
+        if let (Some(sequencer), Some(listed), Some(uid)) =
+            (&self.sequencer, listed, &webhook.metadata.uid)
+            && sequencer.is_stale(&key, listed)
+        {
+            self.status
+                .send(Update::BlockedKeys {
+                    key,
+                    uid: uid.clone(),
+                    keys: Vec::new(),
                 })
                 .await;
         }

@@ -213,8 +213,21 @@ impl Dispatcher {
     /// Webhook, of its namespace and a global one. Waiting can be abandoned (dropped) at any
     /// time; sending cannot, once started.
     pub async fn reserve(&self, delivery: &Delivery) -> Slots {
+        match self.reserve_within_turn(delivery, None).await {
+            Ok(slots) => slots,
+            Err(_) => unreachable!("no turn is refused without a limit on the wait"),
+        }
+    }
+
+    /// [`Self::reserve`], unless the delivery's turn under its Webhook's rate limit is further
+    /// off than `max_wait`: then nothing is taken, and the error is how far off it is.
+    pub async fn reserve_within_turn(
+        &self,
+        delivery: &Delivery,
+        max_wait: Option<Duration>,
+    ) -> Result<Slots, Duration> {
         // The turn comes first: a delivery waiting for it holds no slot.
-        self.await_turn(delivery).await;
+        self.await_turn(delivery, max_wait).await?;
         let table = self.routes.snapshot();
         let lane = self
             .lanes
@@ -232,9 +245,9 @@ impl Dispatcher {
         ) else {
             unreachable!("delivery semaphores are never closed")
         };
-        Slots {
+        Ok(Slots {
             _permits: [lane, namespace, global],
-        }
+        })
     }
 
     /// The delivery's place among the deliveries of its key, when its Webhook has
@@ -266,20 +279,24 @@ impl Dispatcher {
     /// Waits until `delivery` may go under its Webhook's `rateLimit` (at once without one).
     /// The turn is kept while the route is replaced by an equal one (a status change); a new
     /// limit, or none, decides again.
-    async fn await_turn(&self, delivery: &Delivery) {
+    async fn await_turn(
+        &self,
+        delivery: &Delivery,
+        max_wait: Option<Duration>,
+    ) -> Result<(), Duration> {
         let mut turn: Option<(LimitStamp, tokio::time::Instant)> = None;
         let mut waiting = None;
         loop {
             let table = self.routes.snapshot();
             let Some(route) = table.get(&delivery.webhook).cloned() else {
-                return;
+                return Ok(());
             };
             // Not this Webhook's (a namesake's): `send` refuses it without a turn.
             if *route.uid != *delivery.webhook_uid {
-                return;
+                return Ok(());
             }
             let Some(stamp) = LimitStamp::of(&route) else {
-                return;
+                return Ok(());
             };
             let at = match turn.take() {
                 Some((s, at)) if s == stamp => at,
@@ -289,15 +306,16 @@ impl Dispatcher {
                         &delivery.webhook,
                         &stamp,
                         now,
+                        max_wait,
                         table.len(),
                         |k| table.get(k).is_some(),
-                    );
+                    )?;
                     tokio::time::Instant::now() + at.duration_since(now)
                 }
             };
             drop(table);
             if at <= tokio::time::Instant::now() {
-                return;
+                return Ok(());
             }
             if waiting.is_none() {
                 self.metrics.rate_limited.inc();
@@ -305,24 +323,9 @@ impl Dispatcher {
             }
             turn = Some((stamp, at));
             tokio::select! {
-                _ = tokio::time::sleep_until(at) => return,
+                _ = tokio::time::sleep_until(at) => return Ok(()),
                 _ = route.superseded.cancelled() => {}
             }
-        }
-    }
-
-    /// How long a delivery to `delivery`'s Webhook asking now would wait for its turn under
-    /// the Webhook's rate limit (zero without one), without taking it.
-    pub fn rate_limit_wait(&self, delivery: &Delivery) -> Duration {
-        let Some(route) = self.routes.snapshot().get(&delivery.webhook).cloned() else {
-            return Duration::ZERO;
-        };
-        match LimitStamp::of(&route) {
-            Some(stamp) => {
-                self.rate_limits
-                    .wait(&delivery.webhook, &stamp, std::time::Instant::now())
-            }
-            None => Duration::ZERO,
         }
     }
 

@@ -738,6 +738,11 @@ enum Settle {
     },
     /// Its Webhook got a rate limit or an ordering while it was in hand: to the serial lane.
     MoveToSerial,
+    /// Its turn under its Webhook's rate limit is `after` away: parked until about then,
+    /// rather than kept in hand.
+    Turn {
+        after: Duration,
+    },
     /// Stopping: leave it to be redelivered.
     Abandon,
 }
@@ -863,19 +868,13 @@ impl Deliverer {
             item.held_since = None;
             item.parked = 0;
         }
-        if let RouteCheck::Deliver(route) = self.dispatcher.check(&item.delivery) {
-            let serial = work_subject(&route) == SERIAL_SUBJECT;
-            if serial && self.lane == Lane::Shared {
-                return self
-                    .move_to_serial(&message, sequence, delivered, &item)
-                    .await;
-            }
-            // Its turn is far off: parked until about then, rather than kept in hand.
-            let turn = self.dispatcher.rate_limit_wait(&item.delivery);
-            if serial && turn > TURN_WAIT_IN_HAND {
-                let park = Park::Turn { after: turn };
-                return self.park(&message, sequence, &item, park).await;
-            }
+        if let RouteCheck::Deliver(route) = self.dispatcher.check(&item.delivery)
+            && self.lane == Lane::Shared
+            && work_subject(&route) == SERIAL_SUBJECT
+        {
+            return self
+                .move_to_serial(&message, sequence, delivered, &item)
+                .await;
         }
         let namespace = item.delivery.webhook.namespace.clone();
         let places = self.in_hand.get(&namespace, 0, |_| false);
@@ -914,6 +913,10 @@ impl Deliverer {
                 return self
                     .park(&message, sequence, &item, Park::Held { since })
                     .await;
+            }
+            Settle::Turn { after } => {
+                let park = Park::Turn { after };
+                return self.park(&message, sequence, &item, park).await;
             }
             Settle::MoveToSerial => {
                 return self
@@ -972,10 +975,17 @@ impl Deliverer {
                 RouteCheck::Deliver(_) => {}
             }
             held_place = None;
+            // On the serial lane a turn far off is not waited for in hand (the check and the
+            // turn are one step: items taken at once cannot all see the bucket empty).
+            let max_turn_wait = (self.lane == Lane::Serial).then_some(TURN_WAIT_IN_HAND);
             let slots = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return Settle::Abandon,
-                slots = self.dispatcher.reserve(delivery) => slots,
+                slots = self.dispatcher.reserve_within_turn(delivery, max_turn_wait) => slots,
+            };
+            let slots = match slots {
+                Ok(slots) => slots,
+                Err(after) => return Settle::Turn { after },
             };
             match self.dispatcher.send(delivery, attempt, slots).await {
                 Attempted::Sent(report) => {

@@ -184,6 +184,12 @@ impl Sequencer {
         keys
     }
 
+    /// Whether `listed` (a Webhook's `status.blockedKeys`) names keys while this process has
+    /// none of that Webhook blocked: written by a previous leader, to be cleared.
+    pub fn is_stale(&self, webhook: &WebhookKey, listed: &[BlockedKey]) -> bool {
+        !listed.is_empty() && self.blocked_keys(webhook).is_empty()
+    }
+
     /// Sends each Webhook's blocked keys to the status writer when they change (the writer
     /// coalesces them), until `stop`.
     pub async fn report_blocked(self: Arc<Self>, status: StatusSender, stop: CancellationToken) {
@@ -359,6 +365,26 @@ mod tests {
         drop(a3);
         drop(a2);
         assert!(seq.lock().queues.is_empty(), "empty queues are removed");
+    }
+
+    #[test]
+    fn blocked_keys_this_process_does_not_hold_are_stale() {
+        let seq = Arc::new(Sequencer::default());
+        let listed = vec![BlockedKey {
+            key: "A".into(),
+            delivery_id: "msg_1".into(),
+            attempts: 3,
+            waiting: 1,
+            since: Time(Timestamp::now()),
+        }];
+        // A previous leader's list, nothing blocked here: stale.
+        assert!(seq.is_stale(&webhook(), &listed));
+        // Nothing listed: nothing to clear.
+        assert!(!seq.is_stale(&webhook(), &[]));
+        // Blocked here too: the list is this process's (the reporter keeps it current).
+        let a = seq.enqueue(&webhook(), "u", "A", 0);
+        a.retrying("msg_1", 1);
+        assert!(!seq.is_stale(&webhook(), &listed));
     }
 
     #[test]

@@ -105,15 +105,17 @@ impl Buckets {
 }
 
 impl RateLimits {
-    /// Takes the next turn of `key` under `stamp`; when it may go.
+    /// Takes the next turn of `key` under `stamp`; when it may go. With `max_wait`, a turn
+    /// further off is not taken: the error is how far off it is.
     pub fn reserve(
         &self,
         key: &WebhookKey,
         stamp: &LimitStamp,
         now: Instant,
+        max_wait: Option<Duration>,
         live_count: usize,
         is_live: impl Fn(&WebhookKey) -> bool,
-    ) -> Instant {
+    ) -> Result<Instant, Duration> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if !buckets.contains_key(key) && buckets.len() >= 2 * live_count + 64 {
             // Reservations are instants held by their callers, not by the map: dropping the
@@ -126,7 +128,11 @@ impl RateLimits {
         if entry.stamp != *stamp {
             *entry = Buckets::new(stamp, now);
         }
-        entry.turns.reserve(now)
+        let wait = entry.turns.earliest(now).duration_since(now);
+        if max_wait.is_some_and(|max| wait > max) {
+            return Err(wait);
+        }
+        Ok(entry.turns.reserve(now))
     }
 
     /// Counts a send of `key` under `stamp` about to happen; when it may go (`now`, unless a
@@ -140,15 +146,6 @@ impl RateLimits {
             *entry = Buckets::new(stamp, now);
         }
         entry.sends.reserve(now)
-    }
-
-    /// How long a delivery to `key` asking now would wait, without taking a turn.
-    pub fn wait(&self, key: &WebhookKey, stamp: &LimitStamp, now: Instant) -> Duration {
-        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        match buckets.get(key) {
-            Some(b) if b.stamp == *stamp => b.turns.earliest(now).duration_since(now),
-            _ => Duration::ZERO,
-        }
     }
 
     #[cfg(test)]
@@ -222,8 +219,11 @@ mod tests {
         let ms = Duration::from_millis;
         let live = |_: &WebhookKey| true;
         // Turns at 0 and 50 ms; the first is sent 30 ms late, the second on time.
-        assert_eq!(limits.reserve(&key, &stamp, t0, 1, live), t0);
-        assert_eq!(limits.reserve(&key, &stamp, t0, 1, live), t0 + ms(50));
+        assert_eq!(limits.reserve(&key, &stamp, t0, None, 1, live), Ok(t0));
+        assert_eq!(
+            limits.reserve(&key, &stamp, t0, None, 1, live),
+            Ok(t0 + ms(50))
+        );
         assert_eq!(limits.send(&key, &stamp, t0 + ms(30)), t0 + ms(30));
         // The second waits until 50 ms after the first send, not 20.
         assert_eq!(limits.send(&key, &stamp, t0 + ms(50)), t0 + ms(80));
@@ -241,19 +241,24 @@ mod tests {
         let t0 = Instant::now();
         let live = |_: &WebhookKey| true;
         let first = stamp("u1", 1, 1);
-        assert_eq!(limits.reserve(&key, &first, t0, 1, live), t0);
+        let reserve = |stamp, max| limits.reserve(&key, stamp, t0, max, 1, live);
+        assert_eq!(reserve(&first, None), Ok(t0));
+        assert_eq!(reserve(&first, None), Ok(t0 + Duration::from_secs(1)));
+        // A turn further off than the caller will wait is not taken.
+        let three_s = Some(Duration::from_secs(3));
         assert_eq!(
-            limits.reserve(&key, &first, t0, 1, live),
-            t0 + Duration::from_secs(1)
+            reserve(&first, Some(Duration::ZERO)),
+            Err(Duration::from_secs(2))
         );
-        assert_eq!(limits.wait(&key, &first, t0), Duration::from_secs(2));
+        assert_eq!(reserve(&first, three_s), Ok(t0 + Duration::from_secs(2)));
+        assert_eq!(reserve(&first, three_s), Ok(t0 + Duration::from_secs(3)));
+        assert_eq!(reserve(&first, three_s), Err(Duration::from_secs(4)));
         // The spec changed: the new limit starts with a full bucket.
         let changed = stamp("u1", 2, 10);
-        assert_eq!(limits.wait(&key, &changed, t0), Duration::ZERO);
-        assert_eq!(limits.reserve(&key, &changed, t0, 1, live), t0);
+        assert_eq!(reserve(&changed, Some(Duration::ZERO)), Ok(t0));
         // So does a Webhook created again under the same name.
         let namesake = stamp("u2", 1, 10);
-        assert_eq!(limits.reserve(&key, &namesake, t0, 1, live), t0);
+        assert_eq!(reserve(&namesake, None), Ok(t0));
     }
 
     #[test]
@@ -266,13 +271,14 @@ mod tests {
         };
         let now = Instant::now();
         let live = WebhookKey::new("docs", "live");
-        limits.reserve(&live, &stamp, now, 1, |_| true);
+        let _ = limits.reserve(&live, &stamp, now, None, 1, |_| true);
         for i in 0..10_000 {
             let key = WebhookKey::new("docs", &format!("gone-{i}"));
-            limits.reserve(&key, &stamp, now, 1, |k| *k == live);
+            let _ = limits.reserve(&key, &stamp, now, None, 1, |k| *k == live);
         }
         assert!(limits.len() <= 2 + 64, "{} buckets kept", limits.len());
         // The live Webhook kept its bucket, and so its place in the schedule.
-        assert_eq!(limits.wait(&live, &stamp, now), Duration::from_millis(200));
+        let next = limits.reserve(&live, &stamp, now, Some(Duration::ZERO), 1, |_| true);
+        assert_eq!(next, Err(Duration::from_millis(200)));
     }
 }
