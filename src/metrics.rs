@@ -114,6 +114,10 @@ pub struct Metrics {
     pub attempt_records: Family<AttemptRecordLabels, Counter>,
     /// `spec.filter` evaluations in the routing step, by result.
     pub filter_evaluations: Family<FilterLabels, Counter>,
+    /// Deliveries that had to wait for their turn under a Webhook's `rateLimit`.
+    pub rate_limited: Counter,
+    /// Deliveries waiting for their turn under a Webhook's `rateLimit` now.
+    pub rate_limit_waiting: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -191,6 +195,18 @@ impl Default for Metrics {
             "spec.filter evaluations in the routing step: matched, not_matched, or error (the event is not delivered)",
             filter_evaluations.clone(),
         );
+        let rate_limited = Counter::default();
+        registry.register(
+            "rate_limited",
+            "Deliveries that waited for their turn under their Webhook's spec.delivery.rateLimit (no attempt spent)",
+            rate_limited.clone(),
+        );
+        let rate_limit_waiting = Gauge::default();
+        registry.register(
+            "rate_limit_waiting",
+            "Deliveries waiting for their turn under their Webhook's spec.delivery.rateLimit now",
+            rate_limit_waiting.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             status_patches,
@@ -204,6 +220,8 @@ impl Default for Metrics {
             webhooks_degraded,
             attempt_records,
             filter_evaluations,
+            rate_limited,
+            rate_limit_waiting,
         }
     }
 }

@@ -447,6 +447,13 @@ pub async fn start(
             ..DispatcherConfig::default()
         },
     ));
+    // `status.blockedKeys` of Webhooks with spec.ordering, from this process's queues (only the
+    // leader's writer writes; the leader delivers every ordered delivery).
+    tokio::spawn(
+        dispatcher
+            .sequencer()
+            .report_blocked(status.clone(), shutdown.clone()),
+    );
     let auth = authorizer(&args, &client, listen_addr);
     if tls.is_none() {
         tracing::info!(
@@ -491,7 +498,8 @@ pub async fn start(
         status.clone(),
         readiness.clone(),
         metrics.clone(),
-    );
+    )
+    .with_sequencer(dispatcher.sequencer());
     // JetStream consumers run on every replica, independent of leadership: the stream shares
     // the work. Attempt records reach the leader's writer through the stream (`recorder`).
     let recorder = bus.as_ref().map(|bus| {
@@ -521,7 +529,7 @@ pub async fn start(
             stop.clone(),
         ));
         let deliverer = tokio::spawn(jetstream::deliver_work(
-            bus,
+            bus.work_queue(jetstream::Lane::Shared),
             dispatcher.clone(),
             jetstream::InHandLimits::new(args.nats_max_ack_pending),
             // Nothing held outlives the stream's retention.
@@ -530,7 +538,18 @@ pub async fn start(
             stop.clone(),
             args.shutdown_timeout / 2,
         ));
-        (router, deliverer)
+        // Rate-limited Webhooks: delivered by the leader alone, so that one bucket counts
+        // every delivery (a leader that loses the Lease exits, so two never overlap).
+        let serial = tokio::spawn(jetstream::deliver_work(
+            bus.work_queue(jetstream::Lane::Serial),
+            dispatcher.clone(),
+            jetstream::InHandLimits::new(args.nats_max_ack_pending),
+            args.max_hold.min(args.nats_max_age),
+            synced_and_leading(readiness.clone(), leadership.clone()),
+            stop.clone(),
+            args.shutdown_timeout / 2,
+        ));
+        (router, deliverer, serial)
     });
     let events = DocumentEventController::new(
         client.clone(),
@@ -598,9 +617,10 @@ pub async fn start(
     // The servers drain last, so that an API request in flight does not hold up the flush and
     // the Lease release.
     let mut tasks = vec![Essential::new("DocumentEvent controller", events, None)];
-    if let Some((router, deliverer)) = bus_tasks {
+    if let Some((router, deliverer, serial)) = bus_tasks {
         tasks.push(Essential::new("JetStream router", router, None));
         tasks.push(Essential::new("JetStream deliverer", deliverer, None));
+        tasks.push(Essential::new("JetStream serial deliverer", serial, None));
     }
     tasks.push(Essential::new("Webhook controller", webhooks, None));
     // Once the deliverers have stopped: the relay publishes their last records, the recorder

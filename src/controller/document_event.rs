@@ -354,7 +354,6 @@ impl DocumentEventController {
             if status.deliveries.is_empty() {
                 status.deliveries = self.route(&key, &uid, &de);
             }
-            let body = Arc::new(EventBody::from(&de));
             // The route span continues the ingest trace (the event's annotation), when traces
             // are exported; each attempt's span is its child.
             let span = tracing::info_span!(
@@ -366,9 +365,13 @@ impl DocumentEventController {
                 hookrelay.targets = status.deliveries.len(),
             );
             crate::telemetry::continue_trace(&span, event_trace(&de));
-            let trace: Option<Arc<str>> = crate::telemetry::traceparent(&span).map(Arc::from);
+            let event = EventCopy {
+                body: Arc::new(EventBody::from(&de)),
+                trace: crate::telemetry::traceparent(&span).map(Arc::from),
+                created: created_second(&de),
+            };
             for target in status.deliveries.iter().filter(|t| !is_final(t.state)) {
-                self.spawn_delivery(&key, &uid, &body, target.clone(), &cancel, trace.clone());
+                self.spawn_delivery(&key, &uid, &event, target.clone(), &cancel);
             }
             let changed = set_phase(&mut status);
             if changed || de.status.is_none() {
@@ -393,10 +396,9 @@ impl DocumentEventController {
         &self,
         key: &EventKey,
         uid: &str,
-        body: &Arc<EventBody>,
+        event: &EventCopy,
         target: TargetDelivery,
         cancel: &CancellationToken,
-        trace: Option<Arc<str>>,
     ) {
         let webhook = WebhookKey {
             namespace: key.namespace.clone(),
@@ -414,11 +416,11 @@ impl DocumentEventController {
             webhook,
             webhook_uid,
             id: target.id.clone(),
-            event: body.clone(),
+            event: event.body.clone(),
             source: key.name.to_string(),
             manual: false,
             timeout_cap: None,
-            trace,
+            trace: event.trace.clone(),
         };
         let progress = EventProgress {
             tx: self.tasks.progress.clone(),
@@ -426,6 +428,9 @@ impl DocumentEventController {
             uid: uid.to_owned(),
         };
         self.tasks.metrics.pending_deliveries.inc();
+        // Live events are taken over in the order they were created; after a restart the
+        // list's order (by name) within one second of creation.
+        let order = self.tasks.dispatcher.ticket(&delivery, event.created);
         let (task, abandon) = (
             deliver(
                 self.tasks.clone(),
@@ -433,6 +438,7 @@ impl DocumentEventController {
                 delivery,
                 target,
                 cancel.clone(),
+                order,
             ),
             self.abandon.clone(),
         );
@@ -468,9 +474,12 @@ impl DocumentEventController {
             if let Some(cleanup) = cleanup {
                 self.cleanup.try_remove(&cleanup);
             }
-            let trace = event_trace(&de).map(Arc::from);
-            let body = Arc::new(EventBody::from(&de));
-            self.spawn_delivery(&key, &uid, &body, target, &cancel, trace);
+            let event = EventCopy {
+                body: Arc::new(EventBody::from(&de)),
+                trace: event_trace(&de).map(Arc::from),
+                created: created_second(&de),
+            };
+            self.spawn_delivery(&key, &uid, &event, target, &cancel);
             self.write(&key);
             queued += 1;
         }
@@ -659,6 +668,7 @@ async fn deliver(
     delivery: Delivery,
     mut target: TargetDelivery,
     cancel: CancellationToken,
+    mut order: Option<delivery::Ticket>,
 ) {
     delivery::deliver(
         &ctx.dispatcher,
@@ -667,6 +677,7 @@ async fn deliver(
         ctx.max_hold,
         &cancel,
         &progress,
+        order.as_mut(),
     )
     .await;
     ctx.metrics.pending_deliveries.dec();
@@ -699,6 +710,23 @@ fn event_trace(de: &DocumentEvent) -> Option<&str> {
         .as_ref()?
         .get(crate::telemetry::TRACEPARENT_ANNOTATION)
         .map(String::as_str)
+}
+
+/// What every delivery of one event carries.
+struct EventCopy {
+    body: Arc<EventBody>,
+    /// The `traceparent` its attempts continue.
+    trace: Option<Arc<str>>,
+    /// The second it was created (`created_second`).
+    created: u64,
+}
+
+/// The second an event was created: the order of its deliveries under `spec.ordering`.
+fn created_second(de: &DocumentEvent) -> u64 {
+    de.metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(0, |t| t.0.as_second().max(0) as u64)
 }
 
 fn event_key(de: &DocumentEvent) -> EventKey {
@@ -753,6 +781,7 @@ mod tests {
                 service: None,
                 headers: Default::default(),
                 filter: None,
+                ordering: None,
                 superseded: Default::default(),
             })
         });

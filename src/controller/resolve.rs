@@ -208,6 +208,7 @@ pub fn resolve_with(
             service,
             headers: headers.unwrap_or_default(),
             filter: filter.ok().flatten(),
+            ordering: spec.ordering.clone(),
             superseded: Default::default(),
         },
         ready,

@@ -222,6 +222,9 @@ pub struct WebhookController {
     services: Referenced<ServiceInfo>,
     /// Removes a rotated Secret's `previous` key when its grace period ends; set by `run`.
     expiry: PreviousKeyExpiry,
+    /// The delivery engine's per-key queues (`spec.ordering`): `status.blockedKeys` that they
+    /// no longer hold (a previous leader's) is cleared.
+    sequencer: Option<Arc<crate::delivery::Sequencer>>,
 }
 
 impl WebhookController {
@@ -259,7 +262,15 @@ impl WebhookController {
             headers_secrets: Referenced::new(n),
             services: Referenced::new(n),
             expiry: PreviousKeyExpiry::new(None, Leadership::always()),
+            sequencer: None,
         }
+    }
+
+    /// Clears `status.blockedKeys` that `sequencer` (this process's ordered deliveries) does
+    /// not hold: after a change of leader, the previous leader's list.
+    pub fn with_sequencer(mut self, sequencer: Arc<crate::delivery::Sequencer>) -> Self {
+        self.sequencer = Some(sequencer);
+        self
     }
 
     /// Runs until `shutdown` fires.
@@ -664,8 +675,21 @@ impl WebhookController {
             );
             self.status
                 .send(Update::WebhookReady {
-                    key,
+                    key: key.clone(),
                     update: Box::new(update),
+                })
+                .await;
+        }
+        let listed = webhook.status.as_ref().map(|s| s.blocked_keys.as_slice());
+        if let (Some(sequencer), Some(listed), Some(uid)) =
+            (&self.sequencer, listed, &webhook.metadata.uid)
+            && sequencer.is_stale(&key, listed)
+        {
+            self.status
+                .send(Update::BlockedKeys {
+                    key,
+                    uid: uid.clone(),
+                    keys: Vec::new(),
                 })
                 .await;
         }

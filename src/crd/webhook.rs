@@ -153,6 +153,9 @@ pub struct WebhookSpec {
     /// `hookrelay.dev/webhook-headers: "true"`), for values that are secrets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers_from: Option<HeadersFrom>,
+    /// Deliveries of events with the same key go one at a time, in the order accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<Ordering>,
 }
 
 /// Where a Webhook delivers when it names a Service of its namespace.
@@ -243,6 +246,18 @@ fn headers_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
+/// Per-key FIFO delivery to this Webhook.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Ordering {
+    /// Field path into the event whose value keys the order, such as `data.document_id`. An
+    /// event without it (or with an object, array or null there) is delivered unordered.
+    #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self.matches('^(event|data(\\\\.[A-Za-z0-9_-]+){1,8})$')")
+        .message("key must be a field path into the event such as data.document_id: 'data' followed by up to 8 '.name' parts (letters, digits, '_' or '-'), or 'event'"))]
+    pub key: String,
+}
+
 /// A key of a Secret in the Webhook's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -290,6 +305,29 @@ pub struct DeliveryPolicy {
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+[hms])+$') && duration(self) >= duration('1s') && duration(self) <= duration('8760h')")
         .message("must be a duration of hours, minutes and seconds between 1s and 8760h, such as 72h, 30m or 1h30m"))]
     pub suspend_after_failing_for: Option<String>,
+    /// At most this many deliveries to this Webhook; the excess waits (spending no attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket: `burst` deliveries at once, refilled at `perSecond`. Whole numbers: a
+/// limit below one a second is no use for webhooks, and the Kubernetes API avoids floats.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Deliveries a second, sustained.
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 10000")
+        .message("perSecond must be a whole number of deliveries a second from 1 to 10000, such as 20"))]
+    pub per_second: i32,
+    /// Deliveries that may go at once after a quiet spell (default 1: evenly spaced).
+    #[serde(default = "default_burst")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 10000")
+        .message("burst must be a whole number from 1 to 10000, such as 1 (evenly spaced) or perSecond"))]
+    pub burst: i32,
+}
+
+fn default_burst() -> i32 {
+    1
 }
 
 fn default_timeout() -> i32 {
@@ -313,6 +351,7 @@ impl Default for DeliveryPolicy {
             initial_backoff_seconds: default_initial_backoff(),
             max_backoff_seconds: default_max_backoff(),
             suspend_after_failing_for: None,
+            rate_limit: None,
         }
     }
 }
@@ -342,6 +381,10 @@ pub struct WebhookStatus {
     /// suspension.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_at: Option<Time>,
+    /// With `spec.ordering`: keys whose oldest delivery is retrying and holds back the later
+    /// events of its key; the 20 blocked longest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked_keys: Vec<BlockedKey>,
 }
 
 /// Why and since when deliveries to a Webhook are suspended.
@@ -350,6 +393,21 @@ pub struct WebhookStatus {
 pub struct Suspension {
     pub since: Time,
     pub reason: String,
+}
+
+/// A key of `spec.ordering` held back by a retrying delivery.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockedKey {
+    pub key: String,
+    /// The retrying delivery.
+    pub delivery_id: String,
+    /// Attempts it has made.
+    pub attempts: i32,
+    /// Later deliveries of the key waiting behind it (in this replica).
+    pub waiting: i32,
+    /// Since when the key is blocked.
+    pub since: Time,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

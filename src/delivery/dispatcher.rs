@@ -10,7 +10,10 @@ use tokio::sync::{Semaphore, mpsc};
 use tracing::Instrument;
 
 use super::{
-    Attempt, AttemptResult, EventBody, HttpSender, RetryPolicy, Verdict, limits::KeyedLimits,
+    Attempt, AttemptResult, EventBody, HttpSender, RetryPolicy, Verdict,
+    limits::KeyedLimits,
+    ordering::{Sequencer, Ticket, ordering_key},
+    rate_limit::{LimitStamp, RateLimits},
     redact_url,
 };
 use crate::{
@@ -132,6 +135,10 @@ pub struct Dispatcher {
     global: Arc<Semaphore>,
     lanes: KeyedLimits<WebhookKey>,
     namespaces: KeyedLimits<Arc<str>>,
+    /// `spec.delivery.rateLimit` of the Webhooks that have one.
+    rate_limits: RateLimits,
+    /// `spec.ordering`: the per-key queues of this process.
+    sequencer: Arc<Sequencer>,
 }
 
 impl Dispatcher {
@@ -152,6 +159,8 @@ impl Dispatcher {
             global: Arc::new(Semaphore::new(config.global.max(1))),
             lanes: KeyedLimits::new(config.per_webhook),
             namespaces: KeyedLimits::new(config.per_namespace),
+            rate_limits: RateLimits::default(),
+            sequencer: Arc::default(),
         }
     }
 
@@ -204,9 +213,25 @@ impl Dispatcher {
         }
     }
 
-    /// Waits for a slot of the delivery's Webhook, of its namespace and a global one. Waiting
-    /// can be abandoned (dropped) at any time; sending cannot, once started.
+    /// Waits for the delivery's turn under its Webhook's rate limit, then for a slot of the
+    /// Webhook, of its namespace and a global one. Waiting can be abandoned (dropped) at any
+    /// time; sending cannot, once started.
     pub async fn reserve(&self, delivery: &Delivery) -> Slots {
+        match self.reserve_within_turn(delivery, None).await {
+            Ok(slots) => slots,
+            Err(_) => unreachable!("no turn is refused without a limit on the wait"),
+        }
+    }
+
+    /// [`Self::reserve`], unless the delivery's turn under its Webhook's rate limit is further
+    /// off than `max_wait`: then nothing is taken, and the error is how far off it is.
+    pub async fn reserve_within_turn(
+        &self,
+        delivery: &Delivery,
+        max_wait: Option<Duration>,
+    ) -> Result<Slots, Duration> {
+        // The turn comes first: a delivery waiting for it holds no slot.
+        self.await_turn(delivery, max_wait).await?;
         let table = self.routes.snapshot();
         let lane = self
             .lanes
@@ -224,8 +249,87 @@ impl Dispatcher {
         ) else {
             unreachable!("delivery semaphores are never closed")
         };
-        Slots {
+        Ok(Slots {
             _permits: [lane, namespace, global],
+        })
+    }
+
+    /// The delivery's place among the deliveries of its key, when its Webhook has
+    /// `spec.ordering` and its event has the key; `position` orders what the source knows the
+    /// order of (0: the order of the calls).
+    pub fn ticket(&self, delivery: &Delivery, position: u64) -> Option<Ticket> {
+        let route = self.routes.snapshot().get(&delivery.webhook).cloned()?;
+        if *route.uid != *delivery.webhook_uid {
+            return None;
+        }
+        let key = ordering_key(&route.ordering.as_ref()?.key, &delivery.event.body)?;
+        Some(
+            self.sequencer
+                .enqueue(&delivery.webhook, &route.uid, &key, position),
+        )
+    }
+
+    /// The route `delivery` was routed to, if it is still in the table (not a namesake).
+    pub fn route_of(&self, delivery: &Delivery) -> Option<Arc<Route>> {
+        let route = self.routes.snapshot().get(&delivery.webhook).cloned()?;
+        (*route.uid == *delivery.webhook_uid).then_some(route)
+    }
+
+    /// The per-key queues, for the task that reports blocked keys.
+    pub fn sequencer(&self) -> Arc<Sequencer> {
+        self.sequencer.clone()
+    }
+
+    /// Waits until `delivery` may go under its Webhook's `rateLimit` (at once without one).
+    /// The turn is kept while the route is replaced by an equal one (a status change); a new
+    /// limit, or none, decides again.
+    async fn await_turn(
+        &self,
+        delivery: &Delivery,
+        max_wait: Option<Duration>,
+    ) -> Result<(), Duration> {
+        let mut turn: Option<(LimitStamp, tokio::time::Instant)> = None;
+        let mut waiting = None;
+        loop {
+            let table = self.routes.snapshot();
+            let Some(route) = table.get(&delivery.webhook).cloned() else {
+                return Ok(());
+            };
+            // Not this Webhook's (a namesake's): `send` refuses it without a turn.
+            if *route.uid != *delivery.webhook_uid {
+                return Ok(());
+            }
+            let Some(stamp) = LimitStamp::of(&route) else {
+                return Ok(());
+            };
+            let at = match turn.take() {
+                Some((s, at)) if s == stamp => at,
+                _ => {
+                    let now = std::time::Instant::now();
+                    let at = self.rate_limits.reserve(
+                        &delivery.webhook,
+                        &stamp,
+                        now,
+                        max_wait,
+                        table.len(),
+                        |k| table.get(k).is_some(),
+                    )?;
+                    tokio::time::Instant::now() + at.duration_since(now)
+                }
+            };
+            drop(table);
+            if at <= tokio::time::Instant::now() {
+                return Ok(());
+            }
+            if waiting.is_none() {
+                self.metrics.rate_limited.inc();
+                waiting = Some(WaitingForTurn::new(&self.metrics));
+            }
+            turn = Some((stamp, at));
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => return Ok(()),
+                _ = route.superseded.cancelled() => {}
+            }
         }
     }
 
@@ -236,6 +340,13 @@ impl Dispatcher {
         let RouteCheck::Deliver(route) = self.check(delivery) else {
             return Attempted::NotSent;
         };
+        // The send itself counts under the rate limit: what a delay since the turn took from
+        // the spacing is waited here (at most about one interval).
+        if let Some(stamp) = LimitStamp::of(&route) {
+            let now = std::time::Instant::now();
+            let at = self.rate_limits.send(&route.key, &stamp, now);
+            tokio::time::sleep(at.duration_since(now)).await;
+        }
         let now = Timestamp::now();
         // Disabled (and free) unless traces are exported: see crate::telemetry.
         let span = tracing::info_span!(
@@ -357,6 +468,22 @@ impl Dispatcher {
     /// Entries of the per-Webhook and per-namespace limit maps (bounded by what exists).
     pub fn limit_entries(&self) -> (usize, usize) {
         (self.lanes.len(), self.namespaces.len())
+    }
+}
+
+/// Counts a delivery in `hookrelay_rate_limit_waiting` while it waits for its turn.
+struct WaitingForTurn(prometheus_client::metrics::gauge::Gauge);
+
+impl WaitingForTurn {
+    fn new(metrics: &Metrics) -> Self {
+        metrics.rate_limit_waiting.inc();
+        Self(metrics.rate_limit_waiting.clone())
+    }
+}
+
+impl Drop for WaitingForTurn {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use tokio_util::sync::CancellationToken;
 
-use super::{AttemptReport, Attempted, Delivery, Dispatcher, RouteCheck, Verdict};
+use super::{AttemptReport, Attempted, Delivery, Dispatcher, RouteCheck, Ticket, Verdict};
 use crate::crd::{TargetDelivery, TargetState};
 
 /// Where a delivery's progress goes.
@@ -41,6 +41,10 @@ pub fn new_target(delivery: &Delivery) -> TargetDelivery {
 /// spending attempts; it wakes when that Webhook's route changes (not by polling), and fails
 /// once it has been held for `max_hold`, so that it finishes and retention applies. `held_since`
 /// is kept in the target, so a resumed delivery keeps its deadline.
+///
+/// With an `order` ticket (`spec.ordering`), nothing is attempted before the earlier
+/// deliveries of its key are final, and a retry marks the key blocked; the caller drops the
+/// ticket once this returns, giving the key's turn to the next delivery.
 pub async fn deliver(
     dispatcher: &Dispatcher,
     delivery: &Delivery,
@@ -48,7 +52,18 @@ pub async fn deliver(
     max_hold: Duration,
     cancel: &CancellationToken,
     reporter: &impl Report,
+    mut order: Option<&mut Ticket>,
 ) {
+    if let Some(ticket) = order.as_deref_mut() {
+        tokio::select! {
+            _ = ticket.turn() => {}
+            _ = cancel.cancelled() => return,
+        }
+        // Resumed after a restart with attempts spent: its key is blocked again.
+        if target.attempts > 0 && !is_final(target.state) {
+            ticket.retrying(&delivery.id, target.attempts);
+        }
+    }
     let now = Timestamp::now();
     let mut wait = target
         .next_attempt_time
@@ -119,6 +134,11 @@ pub async fn deliver(
             continue;
         };
         wait = apply(target, attempt, &result);
+        if let Some(ticket) = order.as_deref()
+            && wait.is_some()
+        {
+            ticket.retrying(&delivery.id, target.attempts);
+        }
         reporter.report(target).await;
         if is_final(target.state) {
             return;
@@ -134,6 +154,7 @@ pub async fn deliver_unrecorded(
     delivery: &Delivery,
     mut target: TargetDelivery,
     max_hold: Duration,
+    mut order: Option<Ticket>,
 ) {
     let never = CancellationToken::new();
     deliver(
@@ -143,6 +164,7 @@ pub async fn deliver_unrecorded(
         max_hold,
         &never,
         &Unrecorded,
+        order.as_mut(),
     )
     .await;
 }

@@ -8,6 +8,13 @@
 //!   delivery id, the Webhook's name and uid in headers). The `deliverer` consumer makes one
 //!   attempt per hand-out of the message.
 //!
+//! - `hookrelay.serial.<namespace>.<webhook>`: the work items of Webhooks with a
+//!   `spec.delivery.rateLimit` or `spec.ordering`, which must all be delivered by one process
+//!   for the limit or the order to hold (ordered ones are released in event order: see
+//!   [`Release`]). The `serial` consumer is bound by the leader only; a work item that reaches the
+//!   shared `deliverer` for such a Webhook (routed before the limit was added, or by a replica
+//!   that had not seen it yet) is moved there. See "Key affinity" below.
+//!
 //! - `hookrelay.attempts.<namespace>.<webhook>`: the record of every attempt, from every
 //!   replica (`crate::delivery::records`). The `recorder` consumer is read by the leader only, which
 //!   hands each record to its status writer, so that the Webhook's history has every replica's
@@ -43,14 +50,30 @@
 //!   changes (a resumed Webhook's first deliveries go at once, the parked ones within their
 //!   recheck, at most 30 s).
 //!
+//! ## Key affinity: rate limits with several replicas
+//!
+//! Every replica consumes `deliverer`, so a bucket per process would let N replicas send N
+//! times a Webhook's limit. Instead the deliveries of a rate-limited Webhook all go through
+//! the leader: the router publishes them to the serial subject, the shared deliverer moves
+//! any it meets there (acked once the copy is stored; the copy's id is the delivery id and the
+//! original's sequence, so a move redone after a crash is a duplicate), and retries and holds
+//! are parked back to the serial subject. A work item whose turn is further off than
+//! [`TURN_WAIT_IN_HAND`] is parked until shortly before it rather than kept in hand, so that a
+//! backlog at a low limit does not fill the consumer. When leadership moves, the new leader
+//! binds the consumer and gets what the old one had in hand after the ack wait.
+//!
 //! Pending therefore holds only messages being attempted or about to be, at most a bounded
 //! share per namespace, so one namespace (a paused Webhook with any number of events, dead
 //! endpoints, a retry storm) cannot take the consumer. The price is a publish per retry and per
 //! recheck of a long hold (each at most every 30 s), kept in the stream until `--nats-max-age`.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering as AtomicOrdering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -65,16 +88,20 @@ use async_nats::{
 use bytes::Bytes;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use tokio::task::JoinSet;
+use tokio::{
+    sync::{Notify, oneshot},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Attempted, Delivery, Dispatcher, EventBody, KeyedLimits, RouteCheck, Verdict, delivery_id,
+    Attempted, Delivery, Dispatcher, EventBody, KeyedLimits, RouteCheck, Ticket, Verdict,
+    delivery_id,
 };
 use crate::{
     crd::EventType,
     metrics::Metrics,
-    routing::{EventFacts, Routes, WebhookKey},
+    routing::{EventFacts, Route, Routes, WebhookKey},
     telemetry::TRACEPARENT,
 };
 
@@ -82,12 +109,17 @@ use crate::{
 pub const EVENTS_SUBJECT: &str = "hookrelay.events";
 /// Subjects of work items: `hookrelay.deliveries.<namespace>.<webhook>`.
 pub const DELIVERIES_SUBJECT: &str = "hookrelay.deliveries";
+/// Subjects of work items delivered by the leader alone (rate-limited Webhooks):
+/// `hookrelay.serial.<namespace>.<webhook>`.
+pub const SERIAL_SUBJECT: &str = "hookrelay.serial";
 /// Subjects of attempt records: `hookrelay.attempts.<namespace>.<webhook>`.
 pub const ATTEMPTS_SUBJECT: &str = "hookrelay.attempts";
 /// The consumer that turns events into work items.
 pub const ROUTER: &str = "router";
 /// The consumer that delivers work items.
 pub const DELIVERER: &str = "deliverer";
+/// The consumer of the serial subjects, bound by the leader only.
+pub const SERIAL: &str = "serial";
 /// The consumer of attempt records, read by the leader's status writer.
 pub const RECORDER: &str = "recorder";
 
@@ -101,6 +133,8 @@ pub const CONTENT_HEADER: &str = "Hookrelay-Content-Sha256";
 pub const DELIVERY_ID_HEADER: &str = "Hookrelay-Delivery-Id";
 /// Header of a work item: the uid of the Webhook it was routed to.
 pub const WEBHOOK_UID_HEADER: &str = "Hookrelay-Webhook-Uid";
+/// Header of a work item: the stream sequence of its event (the order of `spec.ordering`).
+pub const EVENT_SEQUENCE_HEADER: &str = "Hookrelay-Event-Sequence";
 /// Header of a parked work item: attempts made before it was published (absent: none).
 pub const ATTEMPTS_HEADER: &str = "Hookrelay-Attempts";
 /// Header of a parked work item: times it was parked in a row without an attempt.
@@ -132,6 +166,8 @@ const ROUTING_DRAIN: Duration = Duration::from_secs(5);
 /// Ack wait of both consumers; a message in hand is kept alive well within it.
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// A rate-limited work item whose turn is further off than this is parked, not kept in hand.
+pub const TURN_WAIT_IN_HAND: Duration = Duration::from_secs(5);
 
 /// How to reach JetStream and what to create there.
 #[derive(Clone, Debug)]
@@ -224,6 +260,8 @@ pub struct Bus {
     pub stream: jetstream::stream::Stream,
     router: jetstream::consumer::Consumer<pull::Config>,
     deliverer: jetstream::consumer::Consumer<pull::Config>,
+    /// Work items of rate-limited Webhooks, for the leader alone.
+    serial: jetstream::consumer::Consumer<pull::Config>,
     /// Attempt records of every replica, for the leader's status writer.
     pub recorder: jetstream::consumer::Consumer<pull::Config>,
 }
@@ -298,6 +336,10 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
         .create_consumer(consumer(DELIVERER, format!("{DELIVERIES_SUBJECT}.>")))
         .await
         .map_err(|e| setup(&format!("consumer {DELIVERER}"), &e))?;
+    let serial = stream
+        .create_consumer(consumer(SERIAL, format!("{SERIAL_SUBJECT}.>")))
+        .await
+        .map_err(|e| setup(&format!("consumer {SERIAL}"), &e))?;
     let recorder = stream
         .create_consumer(consumer(RECORDER, format!("{ATTEMPTS_SUBJECT}.>")))
         .await
@@ -307,6 +349,7 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
         stream,
         router,
         deliverer,
+        serial,
         recorder,
     })
 }
@@ -446,6 +489,7 @@ async fn route_one(
         tracing::warn!(subject = %message.subject, "JetStream router: dropping a message without an event id or type");
         return message.ack().await.map_err(|e| e.to_string());
     };
+    let event_sequence = message.info().map(|i| i.stream_sequence).ok();
     let table = routes.snapshot();
     // The route span continues the ingest trace; each work item carries it to its attempts.
     let span = tracing::info_span!(
@@ -469,13 +513,16 @@ async fn route_one(
         let id = delivery_id(event_id, &route.uid);
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());
+        if let Some(sequence) = event_sequence {
+            headers.insert(EVENT_SEQUENCE_HEADER, sequence.to_string().as_str());
+        }
         headers.insert(DELIVERY_ID_HEADER, id.as_str());
         headers.insert(WEBHOOK_UID_HEADER, route.uid.as_str());
         headers.insert(EVENT_TYPE_HEADER, event.as_str());
         if let Some(trace) = &trace {
             headers.insert(TRACEPARENT, trace.as_str());
         }
-        let subject = format!("{DELIVERIES_SUBJECT}.{namespace}.{}", route.key.name);
+        let subject = format!("{}.{namespace}.{}", work_subject(route), route.key.name);
         let ack = context
             .publish_with_headers(subject, headers, message.payload.clone())
             .await
@@ -496,6 +543,52 @@ struct FilterWire {
     timestamp: String,
     #[serde(default)]
     data: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Where the work items of `route` go: deliveries that must all come from one process (a rate
+/// limit, an ordering) go to the serial subjects, the rest to the shared work queue.
+pub fn work_subject(route: &Route) -> &'static str {
+    if route.delivery.rate_limit.is_some() || route.ordering.is_some() {
+        SERIAL_SUBJECT
+    } else {
+        DELIVERIES_SUBJECT
+    }
+}
+
+/// Which work items a deliverer takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// The shared work queue, on every replica.
+    Shared,
+    /// The serial subjects, on the leader only.
+    Serial,
+}
+
+/// The work items of one lane and where to publish parked ones.
+pub struct WorkQueue {
+    context: Context,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    lane: Lane,
+    /// The router's consumer and the stream: how far routing has come (`spec.ordering`).
+    router: jetstream::consumer::Consumer<pull::Config>,
+    stream: jetstream::stream::Stream,
+}
+
+impl Bus {
+    /// The consumer of `lane`'s work items.
+    pub fn work_queue(&self, lane: Lane) -> WorkQueue {
+        let consumer = match lane {
+            Lane::Shared => &self.deliverer,
+            Lane::Serial => &self.serial,
+        };
+        WorkQueue {
+            context: self.context.clone(),
+            consumer: consumer.clone(),
+            lane,
+            router: self.router.clone(),
+            stream: self.stream.clone(),
+        }
+    }
 }
 
 /// How many work items one replica keeps in hand, so that no namespace (nor held deliveries)
@@ -529,7 +622,7 @@ impl InHandLimits {
 /// complete. Attempts being sent when `stop` fires get `grace`, then are abandoned (their
 /// messages are redelivered after the ack wait).
 pub async fn deliver_work(
-    bus: Bus,
+    queue: WorkQueue,
     dispatcher: Arc<Dispatcher>,
     limits: InHandLimits,
     max_hold: Duration,
@@ -541,17 +634,44 @@ pub async fn deliver_work(
         _ = routes_synced => {}
         _ = stop.cancelled() => return Ok(()),
     }
+    let WorkQueue {
+        context,
+        consumer,
+        lane,
+        router,
+        stream,
+    } = queue;
+    let name = match lane {
+        Lane::Shared => DELIVERER,
+        Lane::Serial => SERIAL,
+    };
     let failed = |why: String| BusError::Consumer {
-        consumer: DELIVERER,
+        consumer: name,
         why,
     };
-    let mut messages = bus
-        .deliverer
+    let mut messages = consumer
         .messages()
         .await
         .map_err(|e| failed(e.to_string()))?;
+    // Ordered deliveries are all the leader's, on the serial lane.
+    let release = (lane == Lane::Serial).then(|| {
+        Arc::new(Release {
+            router,
+            serial: consumer.clone(),
+            stream,
+            dispatcher: dispatcher.clone(),
+            state: Mutex::default(),
+            wake: Notify::new(),
+            pulled: AtomicU64::new(0),
+        })
+    });
+    if let Some(release) = &release {
+        tokio::spawn(release.clone().run(stop.clone()));
+    }
     let deliverer = Arc::new(Deliverer {
-        context: bus.context.clone(),
+        context,
+        release,
+        lane,
         dispatcher,
         max_hold,
         in_hand: KeyedLimits::new(limits.per_namespace),
@@ -573,8 +693,10 @@ pub async fn deliver_work(
             // The consumer's max_ack_pending bounds how many are in hand at once, the
             // per-namespace limits how many of them one namespace has.
             Some(Ok(message)) => {
+                // Registered here, in the order received, before the next is pulled.
+                let turn = deliverer.register(&message);
                 let deliverer = deliverer.clone();
-                in_flight.spawn(async move { deliverer.deliver_one(message).await });
+                in_flight.spawn(async move { deliverer.deliver_one(message, turn).await });
             }
         }
     };
@@ -595,6 +717,8 @@ struct WorkItem {
     parked: u32,
     /// Since when it is held (unix milliseconds), when it is.
     held_since: Option<u64>,
+    /// The stream sequence of its event, when the router gave it.
+    event_sequence: Option<u64>,
 }
 
 fn header_number<T: std::str::FromStr>(headers: Option<&HeaderMap>, name: &str) -> Option<T> {
@@ -604,9 +728,9 @@ fn header_number<T: std::str::FromStr>(headers: Option<&HeaderMap>, name: &str) 
 /// The delivery a work item describes, or None if it is not one.
 fn delivery_of(message: &jetstream::Message) -> Option<WorkItem> {
     let headers = message.headers.as_ref();
-    let rest = message
-        .subject
-        .strip_prefix(DELIVERIES_SUBJECT)?
+    let rest = [DELIVERIES_SUBJECT, SERIAL_SUBJECT]
+        .iter()
+        .find_map(|prefix| message.subject.strip_prefix(prefix))?
         .strip_prefix('.')?;
     let (namespace, name) = rest.split_once('.')?;
     let event = header(headers, EVENT_TYPE_HEADER)?
@@ -633,6 +757,7 @@ fn delivery_of(message: &jetstream::Message) -> Option<WorkItem> {
         attempts_before: header_number(headers, ATTEMPTS_HEADER).unwrap_or(0),
         parked: header_number(headers, PARKED_HEADER).unwrap_or(0),
         held_since: header_number(headers, HELD_SINCE_HEADER),
+        event_sequence: header_number(headers, EVENT_SEQUENCE_HEADER),
     })
 }
 
@@ -649,6 +774,13 @@ enum Settle {
     Held {
         since: u64,
     },
+    /// Its Webhook got a rate limit or an ordering while it was in hand: to the serial lane.
+    MoveToSerial,
+    /// Its turn under its Webhook's rate limit is `after` away: parked until about then,
+    /// rather than kept in hand.
+    Turn {
+        after: Duration,
+    },
     /// Stopping: leave it to be redelivered.
     Abandon,
 }
@@ -664,6 +796,8 @@ enum Park {
     Held { since: u64 },
     /// Its namespace has all its places in hand: tried again later.
     Busy,
+    /// Its turn under its Webhook's rate limit is `after` away.
+    Turn { after: Duration },
 }
 
 /// The delay before a parked work item comes back, and the headers it comes back with.
@@ -691,6 +825,16 @@ fn park_plan(item: &WorkItem, park: &Park, jitter: f64) -> (Duration, u32, u32, 
             item.parked + 1,
             item.held_since,
         ),
+        // Back somewhat before its turn at today's pace: the schedule only moves later, and
+        // one that comes back too early is parked again for what is left.
+        Park::Turn { after } => (
+            after
+                .mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0)
+                .max(PARK_MIN),
+            item.attempts_before,
+            item.parked,
+            item.held_since,
+        ),
     }
 }
 
@@ -700,6 +844,9 @@ fn unix_millis(t: SystemTime) -> u64 {
 
 struct Deliverer {
     context: Context,
+    lane: Lane,
+    /// The serial lane's gate of ordered deliveries.
+    release: Option<Arc<Release>>,
     dispatcher: Arc<Dispatcher>,
     max_hold: Duration,
     /// Messages in hand per namespace on this replica.
@@ -710,7 +857,26 @@ struct Deliverer {
 }
 
 impl Deliverer {
-    async fn deliver_one(&self, message: jetstream::Message) {
+    /// On the serial lane: an ordered work item waits for its event's release from here (see
+    /// [`Release`]); every message received counts as pulled once registered.
+    fn register(&self, message: &jetstream::Message) -> Option<oneshot::Receiver<Option<Ticket>>> {
+        let release = self.release.as_ref()?;
+        let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let turn = delivery_of(message).and_then(|item| {
+            let route = self.dispatcher.route_of(&item.delivery)?;
+            route.ordering.as_ref()?;
+            Some(release.wait_for(item.event_sequence?, item.delivery))
+        });
+        // After the registration: the gate trusts that what was pulled is registered.
+        release.pulled.fetch_max(sequence, AtomicOrdering::SeqCst);
+        turn
+    }
+
+    async fn deliver_one(
+        &self,
+        message: jetstream::Message,
+        turn: Option<oneshot::Receiver<Option<Ticket>>>,
+    ) {
         let Some(mut item) = delivery_of(&message) else {
             tracing::warn!(subject = %message.subject, "JetStream deliverer: dropping a message that is not a work item");
             let _ = message.ack_with(AckKind::Term).await;
@@ -720,6 +886,15 @@ impl Deliverer {
             Ok(info) => (info.delivered.max(1) as u32, info.stream_sequence),
             Err(_) => (1, 0),
         };
+        if self.lane == Lane::Serial {
+            let ordered = self
+                .dispatcher
+                .route_of(&item.delivery)
+                .is_some_and(|r| r.ordering.is_some());
+            if turn.is_some() || ordered {
+                return self.deliver_ordered(message, item, delivered, turn).await;
+            }
+        }
         // A held item whose Webhook can take it again starts its recheck backoff over: if its
         // namespace is busy now, it comes back in about a second, not after the hold's backoff.
         if item.held_since.is_some()
@@ -730,6 +905,14 @@ impl Deliverer {
         {
             item.held_since = None;
             item.parked = 0;
+        }
+        if let RouteCheck::Deliver(route) = self.dispatcher.check(&item.delivery)
+            && self.lane == Lane::Shared
+            && work_subject(&route) == SERIAL_SUBJECT
+        {
+            return self
+                .move_to_serial(&message, sequence, delivered, &item)
+                .await;
         }
         let namespace = item.delivery.webhook.namespace.clone();
         let places = self.in_hand.get(&namespace, 0, |_| false);
@@ -767,6 +950,15 @@ impl Deliverer {
             Settle::Held { since } => {
                 return self
                     .park(&message, sequence, &item, Park::Held { since })
+                    .await;
+            }
+            Settle::Turn { after } => {
+                let park = Park::Turn { after };
+                return self.park(&message, sequence, &item, park).await;
+            }
+            Settle::MoveToSerial => {
+                return self
+                    .move_to_serial(&message, sequence, delivered, &item)
                     .await;
             }
             Settle::Abandon => Ok(()),
@@ -811,13 +1003,27 @@ impl Deliverer {
                     }
                     continue;
                 }
+                // Held on the shared lane until its Webhook changed: if that change added a
+                // rate limit or an ordering, the leader delivers it.
+                RouteCheck::Deliver(route)
+                    if self.lane == Lane::Shared && work_subject(&route) == SERIAL_SUBJECT =>
+                {
+                    return Settle::MoveToSerial;
+                }
                 RouteCheck::Deliver(_) => {}
             }
             held_place = None;
+            // On the serial lane a turn far off is not waited for in hand (the check and the
+            // turn are one step: items taken at once cannot all see the bucket empty).
+            let max_turn_wait = (self.lane == Lane::Serial).then_some(TURN_WAIT_IN_HAND);
             let slots = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return Settle::Abandon,
-                slots = self.dispatcher.reserve(delivery) => slots,
+                slots = self.dispatcher.reserve_within_turn(delivery, max_turn_wait) => slots,
+            };
+            let slots = match slots {
+                Ok(slots) => slots,
+                Err(after) => return Settle::Turn { after },
             };
             match self.dispatcher.send(delivery, attempt, slots).await {
                 Attempted::Sent(report) => {
@@ -831,6 +1037,106 @@ impl Deliverer {
         }
     }
 
+    /// Delivers an ordered work item in hand, start to end (retries, holds): parking it would
+    /// put it back behind later events of its key. It waits for its event's release, then for
+    /// its key's turn; it is acked once final, and left to be redelivered if stopped.
+    async fn deliver_ordered(
+        &self,
+        message: jetstream::Message,
+        item: WorkItem,
+        delivered: u32,
+        turn: Option<oneshot::Receiver<Option<Ticket>>>,
+    ) {
+        let work = async {
+            let mut ticket = match turn {
+                Some(rx) => tokio::select! {
+                    ticket = rx => ticket.ok().flatten(),
+                    _ = self.stop.cancelled() => return false,
+                },
+                // Routed before the Webhook was ordered (moved here): in the order received.
+                None => self.dispatcher.ticket(&item.delivery, 0),
+            };
+            let mut target = super::new_target(&item.delivery);
+            // As in deliver_one: hand-outs beyond the first may have made an attempt.
+            target.attempts = (item.attempts_before + delivered - 1) as i32;
+            target.held_since = item.held_since.and_then(|ms| {
+                k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64)
+                    .ok()
+                    .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
+            });
+            super::deliver(
+                &self.dispatcher,
+                &item.delivery,
+                &mut target,
+                self.max_hold,
+                &self.stop,
+                &super::Unrecorded,
+                ticket.as_mut(),
+            )
+            .await;
+            super::is_final(target.state)
+        };
+        tokio::pin!(work);
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.tick().await;
+        let finished = loop {
+            tokio::select! {
+                finished = &mut work => break finished,
+                _ = progress.tick() => {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+            }
+        };
+        if finished && let Err(e) = message.ack().await {
+            tracing::warn!(delivery = %item.delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+        }
+    }
+
+    /// Publishes the work item to its Webhook's serial subject (a rate limit was added since it
+    /// was routed), then acks this message; nak'd for another try if the stream does not take
+    /// it.
+    async fn move_to_serial(
+        &self,
+        message: &jetstream::Message,
+        sequence: u64,
+        delivered: u32,
+        item: &WorkItem,
+    ) {
+        let delivery = &item.delivery;
+        // As in deliver_one: hand-outs beyond the first may have made an attempt.
+        let attempts = item.attempts_before + delivered.saturating_sub(1);
+        let headers = work_item_headers(
+            item,
+            &format!("{}/serial/{sequence}", delivery.id),
+            attempts,
+            item.parked,
+            item.held_since,
+        );
+        let subject = format!(
+            "{SERIAL_SUBJECT}.{}.{}",
+            delivery.webhook.namespace, delivery.webhook.name
+        );
+        let stored = async {
+            let ack = self
+                .context
+                .publish_with_headers(subject, headers, message.payload.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            ack.await.map_err(|e| e.to_string())
+        }
+        .await;
+        let result = match stored {
+            Ok(_) => message.ack().await,
+            Err(e) => {
+                tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not move a work item to its serial subject; it is redelivered");
+                message.ack_with(AckKind::Nak(Some(PARK_MIN))).await
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+        }
+    }
+
     /// Publishes the work item again, scheduled by the stream after the park's delay, then acks
     /// this message. If the stream does not take it, the message is nak'd with the delay
     /// instead (kept in the consumer's pending meanwhile: correct, only less fair).
@@ -840,25 +1146,16 @@ impl Deliverer {
             .checked_add(after)
             .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now());
         let delivery = &item.delivery;
-        let mut headers = HeaderMap::new();
         // One scheduled copy per message parked: parking it again after a crash is a duplicate.
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("{}/{sequence}", delivery.id).as_str(),
+        let mut headers = work_item_headers(
+            item,
+            &format!("{}/{sequence}", delivery.id),
+            attempts,
+            parked,
+            held_since,
         );
         headers.insert("Nats-Schedule", format!("@at {at}").as_str());
         headers.insert("Nats-Schedule-Target", message.subject.as_str());
-        headers.insert(DELIVERY_ID_HEADER, delivery.id.as_str());
-        headers.insert(WEBHOOK_UID_HEADER, &*delivery.webhook_uid);
-        headers.insert(EVENT_TYPE_HEADER, delivery.event.event.as_str());
-        headers.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
-        headers.insert(PARKED_HEADER, parked.to_string().as_str());
-        if let Some(trace) = &delivery.trace {
-            headers.insert(TRACEPARENT, &**trace);
-        }
-        if let Some(since) = held_since {
-            headers.insert(HELD_SINCE_HEADER, since.to_string().as_str());
-        }
         let subject = format!(
             "{SCHEDULES_SUBJECT}.{}.{}.{}",
             delivery.webhook.namespace, delivery.webhook.name, delivery.id
@@ -893,6 +1190,171 @@ impl Deliverer {
     }
 }
 
+/// How often the gate of ordered deliveries asks how far routing has come, while any wait.
+const RELEASE_CHECK: Duration = Duration::from_millis(50);
+
+/// The gate of ordered deliveries on the leader's serial lane.
+///
+/// Routers on several replicas route events concurrently, so the work items of events 1 and 2
+/// may reach the serial subject in the other order. A work item carries its event's stream
+/// sequence `s`, and waits here until every event up to `s` is routed (the router consumer's
+/// ack floor is at least `s`: routers ack an event once its work items are stored) and every
+/// work item stored by then has been received and registered (the serial consumer has handed
+/// out everything up to the stream's last sequence, and this replica has pulled it). Then the
+/// waiting items up to the floor take their tickets in event order.
+struct Release {
+    router: jetstream::consumer::Consumer<pull::Config>,
+    serial: jetstream::consumer::Consumer<pull::Config>,
+    stream: jetstream::stream::Stream,
+    dispatcher: Arc<Dispatcher>,
+    state: Mutex<ReleaseState>,
+    wake: Notify,
+    /// The highest stream sequence pulled from the serial consumer and registered.
+    pulled: AtomicU64,
+}
+
+/// An ordered delivery waiting for its event's release, and where its ticket goes.
+type WaitingDelivery = (Delivery, oneshot::Sender<Option<Ticket>>);
+
+#[derive(Default)]
+struct ReleaseState {
+    /// Events up to this sequence are released.
+    floor: u64,
+    /// (event sequence, arrival) -> the delivery and where its ticket goes.
+    waiting: BTreeMap<(u64, u64), WaitingDelivery>,
+    arrivals: u64,
+}
+
+impl Release {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReleaseState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where the ticket of `delivery` (event sequence `sequence`) comes once released.
+    fn wait_for(&self, sequence: u64, delivery: Delivery) -> oneshot::Receiver<Option<Ticket>> {
+        let (tx, rx) = oneshot::channel();
+        let mut state = self.lock();
+        if sequence <= state.floor {
+            // Redelivered after the floor passed it (a hand-over): in the order received.
+            let _ = tx.send(self.dispatcher.ticket(&delivery, sequence));
+        } else {
+            let arrival = state.arrivals;
+            state.arrivals += 1;
+            state.waiting.insert((sequence, arrival), (delivery, tx));
+            self.wake.notify_one();
+        }
+        rx
+    }
+
+    async fn run(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            if self.lock().waiting.is_empty() {
+                tokio::select! {
+                    _ = self.wake.notified() => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
+            match self.routed_floor().await {
+                Ok(Some(floor)) => self.release(floor),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "JetStream serial deliverer: cannot read how far routing has come; ordered deliveries wait")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RELEASE_CHECK) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// The router's ack floor, once every work item stored before it was read is registered.
+    async fn routed_floor(&self) -> Result<Option<u64>, String> {
+        let floor = self
+            .router
+            .get_info()
+            .await
+            .map_err(|e| e.to_string())?
+            .ack_floor
+            .stream_sequence;
+        let last = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| e.to_string())?
+            .state
+            .last_sequence;
+        let serial = self.serial.get_info().await.map_err(|e| e.to_string())?;
+        Ok(released_floor(
+            floor,
+            last,
+            serial.num_pending,
+            serial.delivered.stream_sequence,
+            self.pulled.load(AtomicOrdering::SeqCst),
+        ))
+    }
+
+    /// Gives the waiting deliveries of events up to `floor` their tickets, in event order.
+    fn release(&self, floor: u64) {
+        let mut state = self.lock();
+        let floor = state.floor.max(floor);
+        state.floor = floor;
+        while let Some(entry) = state.waiting.first_entry() {
+            let sequence = entry.key().0;
+            if sequence > floor {
+                break;
+            }
+            let (delivery, tx) = entry.remove();
+            let _ = tx.send(self.dispatcher.ticket(&delivery, sequence));
+        }
+    }
+}
+
+/// How far ordered deliveries may be released, read in this order: `routed` (the router's ack
+/// floor: every event up to it has its work items stored), `last` (the stream's last sequence
+/// just after: every such work item is at or below it), then the serial consumer's messages not
+/// yet handed out and the last one handed out, and what this replica has pulled and registered.
+/// None while a work item stored before `last` may not have reached this replica.
+fn released_floor(
+    routed: u64,
+    last: u64,
+    serial_not_handed_out: u64,
+    serial_handed_out: u64,
+    pulled: u64,
+) -> Option<u64> {
+    let handed_out = serial_not_handed_out == 0 || serial_handed_out >= last;
+    (handed_out && pulled >= serial_handed_out).then_some(routed)
+}
+
+/// The headers of a work item published by a deliverer (parked or moved), with `msg_id` as
+/// its `Nats-Msg-Id`.
+fn work_item_headers(
+    item: &WorkItem,
+    msg_id: &str,
+    attempts: u32,
+    parked: u32,
+    held_since: Option<u64>,
+) -> HeaderMap {
+    let delivery = &item.delivery;
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    if let Some(sequence) = item.event_sequence {
+        headers.insert(EVENT_SEQUENCE_HEADER, sequence.to_string().as_str());
+    }
+    headers.insert(DELIVERY_ID_HEADER, delivery.id.as_str());
+    headers.insert(WEBHOOK_UID_HEADER, &*delivery.webhook_uid);
+    headers.insert(EVENT_TYPE_HEADER, delivery.event.event.as_str());
+    headers.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
+    headers.insert(PARKED_HEADER, parked.to_string().as_str());
+    if let Some(trace) = &delivery.trace {
+        headers.insert(TRACEPARENT, &**trace);
+    }
+    if let Some(since) = held_since {
+        headers.insert(HELD_SINCE_HEADER, since.to_string().as_str());
+    }
+    headers
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -917,6 +1379,7 @@ mod tests {
             attempts_before,
             parked,
             held_since,
+            event_sequence: None,
         }
     }
 
@@ -944,6 +1407,30 @@ mod tests {
         // Busy: the same backoff, the hold (if any) carried on.
         let busy = park_plan(&item(0, 1, Some(9)), &Park::Busy, 1.0);
         assert_eq!(busy, (Duration::from_secs(2), 0, 2, Some(9)));
+        // A far turn under a rate limit: back within the second half of the wait, no backoff.
+        let turn = |after, jitter| park_plan(&item(1, 2, None), &Park::Turn { after }, jitter);
+        assert_eq!(
+            turn(Duration::from_secs(60), 1.0),
+            (Duration::from_secs(60), 1, 2, None)
+        );
+        assert_eq!(
+            turn(Duration::from_secs(60), 0.0).0,
+            Duration::from_secs(30)
+        );
+        assert_eq!(turn(Duration::from_millis(100), 0.0).0, PARK_MIN);
+    }
+
+    #[test]
+    fn ordered_deliveries_are_released_only_once_every_earlier_work_item_is_here() {
+        // Routed up to event 40; the stream ends at 50; the serial consumer handed out up to
+        // 45 and has nothing else: once this replica pulled 45, events up to 40 go.
+        assert_eq!(released_floor(40, 50, 0, 45, 45), Some(40));
+        // A work item handed out but not yet pulled here (it may be an earlier event's).
+        assert_eq!(released_floor(40, 50, 0, 45, 44), None);
+        // Work items stored but not handed out yet, some possibly at or below 50.
+        assert_eq!(released_floor(40, 50, 3, 45, 45), None);
+        // ... unless everything up to the stream's last sequence was handed out already.
+        assert_eq!(released_floor(40, 50, 3, 52, 52), Some(40));
     }
 
     #[test]

@@ -9,7 +9,9 @@ mod headers;
 pub mod history;
 pub mod jetstream;
 mod limits;
+pub mod ordering;
 mod payload;
+mod rate_limit;
 pub mod records;
 mod retry;
 mod signer;
@@ -26,6 +28,7 @@ pub use engine::{
 };
 pub use headers::{CustomHeaders, custom_headers, is_reserved_header};
 pub use limits::KeyedLimits;
+pub use ordering::{Sequencer, Ticket};
 pub use payload::{EventBody, timestamp_of};
 pub use retry::{AttemptResult, RetryPolicy, Verdict, parse_retry_after};
 pub use signer::{MIN_SECRET_BYTES, SecretError, Signatures, Signer};

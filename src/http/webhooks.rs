@@ -46,6 +46,12 @@ fn to_json(w: &Webhook) -> Value {
         "suspended": w.status.as_ref().and_then(|s| s.suspended.as_ref()),
         "ready": ready.map(|c| c.status == "True"),
         "ready_reason": ready.map(|c| c.reason.clone()),
+        "rate_limit": w.spec.delivery.rate_limit.map(|r| json!({"per_second": r.per_second, "burst": r.burst})),
+        "ordering": w.spec.ordering.as_ref().map(|o| json!({"key": o.key})),
+        "blocked_keys": w.status.iter().flat_map(|s| &s.blocked_keys).map(|k| json!({
+            "key": k.key, "delivery_id": k.delivery_id, "attempts": k.attempts,
+            "waiting": k.waiting, "since": k.since.0.to_string(),
+        })).collect::<Vec<_>>(),
     });
     // Extra fields, present only when set, so that the seed's Webhooks look as they did.
     if let Some(service) = &w.spec.service_ref {
@@ -82,6 +88,24 @@ fn service_ref_spec(value: &Value) -> Option<Value> {
         spec.insert(name.into(), value.clone());
     }
     Some(Value::Object(spec))
+}
+
+/// `rate_limit` of a request as `spec.delivery.rateLimit` (null removes it); the API server
+/// checks the numbers.
+fn rate_limit_spec(value: &Value) -> Option<Value> {
+    match value {
+        Value::Null => Some(json!({"rateLimit": null})),
+        Value::Object(o) if o.keys().all(|k| k == "per_second" || k == "burst") => {
+            let mut limit = Map::new();
+            for (from, to) in [("per_second", "perSecond"), ("burst", "burst")] {
+                if let Some(v) = o.get(from) {
+                    limit.insert(to.into(), v.clone());
+                }
+            }
+            Some(json!({"rateLimit": limit}))
+        }
+        _ => None,
+    }
 }
 
 pub(super) struct Caller {
@@ -157,7 +181,20 @@ fn spec_fields(body: &[u8], require: bool) -> Result<Map<String, Value>, ApiErro
             ("description", Value::String(_) | Value::Null) => true,
             ("paused", Value::Bool(_)) => true,
             ("filter", Value::String(_) | Value::Null) => true,
-            ("url" | "events" | "description" | "paused" | "filter", _) => false,
+            ("rate_limit", _) => match rate_limit_spec(&value) {
+                Some(delivery) => {
+                    spec.insert("delivery".into(), delivery);
+                    continue;
+                }
+                None => {
+                    return Err(ApiError::invalid(
+                        "rate_limit is an object {\"per_second\": 20, \"burst\": 1}, or null to remove it",
+                    ));
+                }
+            },
+            ("ordering", Value::Null) => true,
+            ("ordering", Value::Object(o)) => o.keys().all(|k| k == "key"),
+            ("url" | "events" | "description" | "paused" | "filter" | "ordering", _) => false,
             // Read-only fields of the seed's representation are ignored, as are unknown ones.
             _ => continue,
         };
@@ -737,6 +774,27 @@ mod tests {
                 .unwrap_err()
                 .message,
             "events has the wrong type"
+        );
+        // rate_limit and ordering map to the spec's names; null removes them.
+        let spec = spec_fields(
+            br#"{"rate_limit":{"per_second":20,"burst":2},"ordering":{"key":"data.document_id"}}"#,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(spec),
+            json!({"delivery": {"rateLimit": {"perSecond": 20, "burst": 2}}, "ordering": {"key": "data.document_id"}})
+        );
+        let spec = spec_fields(br#"{"rate_limit":null,"ordering":null}"#, false).unwrap();
+        assert_eq!(
+            Value::Object(spec),
+            json!({"delivery": {"rateLimit": null}, "ordering": null})
+        );
+        assert!(
+            spec_fields(br#"{"rate_limit":{"perSecond":20}}"#, false)
+                .unwrap_err()
+                .message
+                .contains("per_second")
         );
         // Read-only and unknown fields are ignored; PUT needs no field.
         let spec = spec_fields(

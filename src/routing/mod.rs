@@ -12,7 +12,7 @@ use imbl::{HashMap, OrdMap};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    crd::{DeliveryPolicy, EventType, WebhookEvent, ready_reason::FILTER_INVALID},
+    crd::{DeliveryPolicy, EventType, Ordering, WebhookEvent, ready_reason::FILTER_INVALID},
     delivery::{CustomHeaders, ServiceTarget, Signer},
     metrics::{FilterLabels, Metrics},
 };
@@ -101,6 +101,8 @@ pub struct Route {
     pub headers: CustomHeaders,
     /// `spec.filter`, compiled once per spec; None delivers every event of the listed types.
     pub filter: Option<Arc<EventFilter>>,
+    /// `spec.ordering`: deliveries of one key go one at a time.
+    pub ordering: Option<Ordering>,
     /// Cancelled once this route is replaced or removed and the new table is published: what
     /// waits on a Webhook (a held delivery) wakes exactly when that Webhook changes.
     pub superseded: CancellationToken,

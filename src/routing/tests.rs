@@ -13,6 +13,7 @@ fn route(ns: &str, name: &str, events: &[WebhookEvent]) -> Route {
         service: None,
         headers: Default::default(),
         filter: None,
+        ordering: None,
         superseded: Default::default(),
     }
 }

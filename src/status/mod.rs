@@ -38,6 +38,8 @@ use crate::{
 pub const CONTROLLER_MANAGER: &str = "hookrelay-controller";
 /// Field manager of what the delivery engine records.
 pub const DELIVERY_MANAGER: &str = "hookrelay-delivery";
+/// Field manager of `status.blockedKeys` (`spec.ordering`).
+pub const ORDERING_MANAGER: &str = "hookrelay-ordering";
 
 /// A Kubernetes Event to record once the patch that carries it has landed.
 #[derive(Clone, Debug, PartialEq)]
@@ -91,6 +93,12 @@ pub enum Update {
         key: EventKey,
         uid: String,
         status: DocumentEventStatus,
+    },
+    /// The keys of a Webhook held back by a retrying delivery (`spec.ordering`), all of them.
+    BlockedKeys {
+        key: WebhookKey,
+        uid: String,
+        keys: Vec<crate::crd::BlockedKey>,
     },
     /// The Webhook was deleted: forget what is kept for it.
     WebhookDeleted { key: WebhookKey },
@@ -172,6 +180,7 @@ impl Default for WriterConfig {
 enum SlotKey {
     Ready(WebhookKey),
     Deliveries(WebhookKey),
+    BlockedKeys(WebhookKey),
     Event(EventKey),
 }
 
@@ -186,6 +195,10 @@ enum Content {
     Event {
         uid: String,
         status: DocumentEventStatus,
+    },
+    BlockedKeys {
+        uid: String,
+        keys: Vec<crate::crd::BlockedKey>,
     },
 }
 
@@ -380,7 +393,11 @@ impl StatusWriter {
         let (key, content) = match update {
             Update::WebhookDeleted { key } => {
                 self.logs.remove(&key);
-                for slot in [SlotKey::Ready(key.clone()), SlotKey::Deliveries(key)] {
+                for slot in [
+                    SlotKey::Ready(key.clone()),
+                    SlotKey::Deliveries(key.clone()),
+                    SlotKey::BlockedKeys(key),
+                ] {
                     if self.slots.get(&slot).is_some_and(|s| !s.in_flight) {
                         self.slots.remove(&slot);
                     }
@@ -398,6 +415,10 @@ impl StatusWriter {
             Update::EventStatus { key, uid, status } => {
                 (SlotKey::Event(key), Content::Event { uid, status })
             }
+            Update::BlockedKeys { key, uid, keys } => (
+                SlotKey::BlockedKeys(key),
+                Content::BlockedKeys { uid, keys },
+            ),
         };
         let first_delay = self.config.event_first_delay;
         let slot = self.slots.entry(key.clone()).or_insert_with(|| Slot {
@@ -479,6 +500,18 @@ impl StatusWriter {
                         retry,
                         log: outcome.log.map(|l| (webhook, uid, l)),
                         result: outcome.result,
+                    }
+                }
+                (SlotKey::BlockedKeys(webhook), Content::BlockedKeys { uid, keys }) => {
+                    let result = patch::blocked_keys(&client, &webhook, &uid, &keys, timeout).await;
+                    let retry = result
+                        .is_err()
+                        .then_some(Content::BlockedKeys { uid, keys });
+                    Finished {
+                        key: SlotKey::BlockedKeys(webhook),
+                        retry,
+                        log: None,
+                        result,
                     }
                 }
                 (SlotKey::Event(event), Content::Event { uid, status }) => {

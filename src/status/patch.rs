@@ -11,7 +11,8 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 use super::{
-    CONTROLLER_MANAGER, DELIVERY_MANAGER, DeliveryLog, EventKey, ReadyUpdate, TransitionEvent,
+    CONTROLLER_MANAGER, DELIVERY_MANAGER, DeliveryLog, EventKey, ORDERING_MANAGER, ReadyUpdate,
+    TransitionEvent,
 };
 use crate::{
     crd::{DeliveryRecord, DocumentEvent, DocumentEventStatus, Webhook},
@@ -89,6 +90,30 @@ pub(super) async fn ready(
         body["status"]["suspended"] = json!(suspended);
     }
     apply_status(&api, &key.name, CONTROLLER_MANAGER, body, timeout).await
+}
+
+/// Writes the Webhook's `status.blockedKeys` (to that very object), under its own field
+/// manager: an empty list removes the field.
+pub(super) async fn blocked_keys(
+    client: &Client,
+    key: &WebhookKey,
+    uid: &str,
+    keys: &[crate::crd::BlockedKey],
+    timeout: Duration,
+) -> Result<(), kube::Error> {
+    let api: Api<Webhook> = Api::namespaced(client.clone(), &key.namespace);
+    let status = if keys.is_empty() {
+        json!({})
+    } else {
+        json!({"blockedKeys": keys})
+    };
+    let body = json!({
+        "apiVersion": "hookrelay.dev/v1alpha1",
+        "kind": "Webhook",
+        "metadata": {"uid": uid},
+        "status": status,
+    });
+    apply_status(&api, &key.name, ORDERING_MANAGER, body, timeout).await
 }
 
 /// How a Deliveries patch ended.

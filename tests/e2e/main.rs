@@ -9,6 +9,7 @@ mod crash;
 mod crds;
 mod delivery;
 mod features_endpoint;
+mod flow;
 mod hardening;
 mod ingest;
 mod jetstream;

@@ -77,6 +77,8 @@ struct Lane {
 
 struct Queued {
     delivery: Delivery,
+    /// Its place among its key's deliveries (`spec.ordering`).
+    order: Option<crate::delivery::Ticket>,
     /// The request's queue space, given back when its last delivery ends.
     permit: Arc<DirectPermit>,
     since: Instant,
@@ -134,16 +136,31 @@ impl Lanes {
         max_hold: Duration,
     ) {
         while let Some(Queued {
-            delivery, permit, ..
+            delivery,
+            permit,
+            mut order,
+            ..
         }) = self.next(&webhook)
         {
             let mut target = crate::delivery::new_target(&delivery);
-            let first = crate::delivery::attempt_first(&dispatcher, &delivery, &mut target).await;
+            // An earlier delivery of its key is not final: it waits for its turn in a task of
+            // its own, so that the worker goes on with the other keys.
+            let first = if order.as_mut().is_some_and(|t| !t.has_turn()) {
+                FirstAttempt::Continue
+            } else {
+                crate::delivery::attempt_first(&dispatcher, &delivery, &mut target).await
+            };
             if first == FirstAttempt::Continue {
                 let dispatcher = dispatcher.clone();
                 tokio::spawn(async move {
-                    crate::delivery::deliver_unrecorded(&dispatcher, &delivery, target, max_hold)
-                        .await;
+                    crate::delivery::deliver_unrecorded(
+                        &dispatcher,
+                        &delivery,
+                        target,
+                        max_hold,
+                        order,
+                    )
+                    .await;
                     drop(permit);
                 });
             }
@@ -319,7 +336,9 @@ impl DirectIngest {
                 .collect();
             for route in &targets {
                 needed += 1;
-                if slow.is_none() {
+                // A rate-limited line is meant to wait: it is bounded by the queue, not by
+                // --direct-max-queue-delay.
+                if slow.is_none() && route.delivery.rate_limit.is_none() {
                     let waited = self.lanes.oldest_wait(&route.key, now);
                     if waited > self.max_queue_delay {
                         slow = Some((route.key.name.clone(), waited));
@@ -464,6 +483,7 @@ pub(super) fn direct(
     let since = Instant::now();
     for delivery in admission.deliveries {
         let queued = Queued {
+            order: state.dispatcher.ticket(&delivery, 0),
             delivery,
             permit: permit.clone(),
             since,
@@ -515,6 +535,7 @@ mod tests {
                 service: None,
                 headers: Default::default(),
                 filter: None,
+                ordering: None,
                 superseded: Default::default(),
             });
         }
@@ -701,6 +722,7 @@ mod tests {
                 .or_default()
                 .waiting
                 .push_back(Queued {
+                    order: None,
                     delivery,
                     permit: permit.clone(),
                     since: Instant::now() - waited,
@@ -760,6 +782,32 @@ mod tests {
             .remove(&WebhookKey::new("a", "slow"));
         drop(taken);
         assert_eq!(admit("a").deliveries.len(), 1);
+    }
+
+    #[test]
+    fn a_rate_limited_webhook_takes_events_while_its_line_waits_for_its_turns() {
+        let direct = DirectIngest::new(100, 100).with_max_queue_delay(Duration::from_millis(100));
+        let mut t = table(&[]);
+        let mut route = (**table(&[("a", "limited")])
+            .get(&WebhookKey::new("a", "limited"))
+            .unwrap())
+        .clone();
+        route.delivery.rate_limit = Some(crate::crd::RateLimit {
+            per_second: 1,
+            burst: 1,
+        });
+        t.apply(route);
+        let one = || vec![event(r#"{"event":"document.error","data":{}}"#)];
+        let first = direct
+            .admit(&ready(), &t, "a", one())
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        // Its line waits for the limit's turns, far longer than --direct-max-queue-delay:
+        // that is the limit at work, not a line that cannot keep up.
+        waiting(&direct, first, Duration::from_secs(10));
+        let next = direct
+            .admit(&ready(), &t, "a", one())
+            .unwrap_or_else(|e| panic!("a rate-limited line must take events: {e:?}"));
+        assert_eq!(next.deliveries.len(), 1);
     }
 
     #[test]
