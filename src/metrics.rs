@@ -10,7 +10,7 @@ use prometheus_client::{
 
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
-use crate::{crd::Outcome, routing::StateCounts};
+use crate::crd::Outcome;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeliveryLabels {
@@ -234,12 +234,9 @@ impl Metrics {
         out
     }
 
-    pub fn set_route_counts(&self, counts: StateCounts) {
-        for (state, n) in [
-            ("Active", counts.active),
-            ("Paused", counts.paused),
-            ("Blocked", counts.blocked),
-        ] {
+    /// Sets `hookrelay_webhooks{state}` from the routing table's counts by state label.
+    pub fn set_route_counts(&self, counts: impl IntoIterator<Item = (&'static str, usize)>) {
+        for (state, n) in counts {
             self.webhooks
                 .get_or_create(&WebhookStateLabels { state })
                 .set(n as i64);

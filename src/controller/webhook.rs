@@ -559,7 +559,7 @@ impl WebhookController {
             let result = change(t);
             (result, t.counts())
         });
-        self.metrics.set_route_counts(counts);
+        self.metrics.set_route_counts(counts.by_label());
         result
     }
 

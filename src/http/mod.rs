@@ -2,6 +2,7 @@
 //! document. On the metrics port: `/metrics`, `/healthz`, `/readyz`.
 
 mod auth;
+mod caller;
 mod error;
 mod health;
 mod ingest;

@@ -17,9 +17,9 @@ use serde_json::{Value, json};
 
 use super::{
     ApiState, NamespaceQuery,
+    caller::{Caller, caller},
     error::ApiError,
     is_delivery_id, require_leader,
-    webhooks::{Caller, caller},
 };
 use crate::{
     crd::{DeliveryRecord, DocumentEvent, Outcome, Recovery, TargetDelivery, TargetState, Webhook},

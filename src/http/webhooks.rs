@@ -18,10 +18,7 @@ use kube::{
 };
 use serde_json::{Map, Value, json};
 
-use super::{
-    ApiState, NamespaceQuery, error::ApiError, is_delivery_id, is_object_name, namespace_for,
-    read_body,
-};
+use super::{ApiState, NamespaceQuery, caller::caller, error::ApiError, is_delivery_id, read_body};
 use crate::{
     crd::{DocumentEvent, EventType, Webhook},
     delivery::{AttemptReport, Attempted, Delivery, EventBody, RouteCheck, Verdict},
@@ -106,50 +103,6 @@ fn rate_limit_spec(value: &Value) -> Option<Value> {
         }
         _ => None,
     }
-}
-
-pub(super) struct Caller {
-    pub(super) namespace: String,
-    api: Api<Webhook>,
-}
-
-impl Caller {
-    /// The Webhook `id` of the caller's namespace; 404 when there is none. An id that is no
-    /// object name is 404 before it can reach an API path (`x%2Fstatus` is decoded to a
-    /// subresource).
-    pub(super) async fn webhook(&self, id: &str) -> Result<Webhook, ApiError> {
-        if !is_object_name(id) {
-            return Err(no_such_webhook(id));
-        }
-        self.api
-            .get(id)
-            .await
-            .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))
-    }
-}
-
-pub(super) async fn caller(
-    state: &ApiState,
-    query: &NamespaceQuery,
-    headers: &HeaderMap,
-    verb: &'static str,
-) -> Result<Caller, ApiError> {
-    let caller = state.auth.authenticate(headers).await?;
-    let namespace = namespace_for(query, &caller)?;
-    state
-        .auth
-        .authorize(&caller, verb, "webhooks", &namespace)
-        .await?;
-    Ok(Caller {
-        api: Api::namespaced(state.client.clone(), &namespace),
-        namespace,
-    })
-}
-
-fn no_such_webhook(id: &str) -> ApiError {
-    ApiError::not_found(format!(
-        "no webhook {id:?}: ids are Kubernetes object names (lowercase letters, digits, '-' and '.')"
-    ))
 }
 
 /// The writable fields of a request body: `url`, `events`, `description` (and `paused`,

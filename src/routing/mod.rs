@@ -83,6 +83,17 @@ pub struct StateCounts {
     pub blocked: usize,
 }
 
+impl StateCounts {
+    /// The counts by the state's label (`RouteState::label`).
+    pub fn by_label(&self) -> [(&'static str, usize); 3] {
+        [
+            ("Active", self.active),
+            ("Paused", self.paused),
+            ("Blocked", self.blocked),
+        ]
+    }
+}
+
 /// Everything the delivery path needs to deliver to one Webhook.
 #[derive(Clone, Debug)]
 pub struct Route {
