@@ -54,8 +54,8 @@ enum Input {
     Service(usize, watcher::Event<DeserializeGuard<Service>>),
 }
 
-/// The objects of one kind a Webhook may reference (headers Secrets, Services), as the watch
-/// streams tell them, with a re-list replacing what its stream covers.
+/// The objects of one kind a Webhook may reference (signing Secrets, headers Secrets, Services), as
+/// the watch streams tell them, with a re-list replacing what its stream covers.
 struct Referenced<V> {
     objects: HashMap<NamespacedName, V>,
     relists: Vec<Option<HashMap<NamespacedName, V>>>,
@@ -189,18 +189,15 @@ pub struct WebhookController {
     metrics: Metrics,
     /// The namespace each stream covers (None: all).
     coverage: Vec<Option<Arc<str>>>,
-    secrets: HashMap<NamespacedName, SecretData>,
+    /// Signing Secrets (labelled `hookrelay.dev/signing-secret: "true"`).
+    signing_secrets: Referenced<SecretData>,
     /// The latest Webhook objects, for re-resolving them when their Secret changes.
     webhooks: HashMap<WebhookKey, Arc<Webhook>>,
-    /// Secret -> names of the Webhooks that reference it.
-    by_secret: HashMap<NamespacedName, BTreeSet<Arc<str>>>,
     /// 410 verdicts by generation, until the status carries them.
     gone: HashMap<WebhookKey, (i64, String)>,
-    secret_relists: Vec<Option<HashMap<NamespacedName, SecretData>>>,
     /// Keys listed so far in a re-list; resolved when it is done, against the Secrets as they
     /// are then.
     webhook_relists: Vec<Option<Vec<WebhookKey>>>,
-    secrets_synced: Vec<bool>,
     webhooks_synced: Vec<bool>,
     /// For the upgrade warnings (a Secret that exists without the signing label); set by `run`.
     client: Option<Client>,
@@ -245,13 +242,10 @@ impl WebhookController {
             readiness,
             metrics,
             coverage,
-            secrets: HashMap::new(),
+            signing_secrets: Referenced::new(n),
             webhooks: HashMap::new(),
-            by_secret: HashMap::new(),
             gone: HashMap::new(),
-            secret_relists: (0..n).map(|_| None).collect(),
             webhook_relists: (0..n).map(|_| None).collect(),
-            secrets_synced: vec![false; n],
             webhooks_synced: vec![false; n],
             client: None,
             warned: Default::default(),
@@ -273,7 +267,6 @@ impl WebhookController {
         self
     }
 
-    /// Runs until `shutdown` fires.
     /// Runs until `shutdown` fires. `gone` brings the 410 verdicts of the delivery engine.
     pub async fn run(
         mut self,
@@ -305,7 +298,7 @@ impl WebhookController {
         self.leadership = leadership.clone();
         loop {
             // Everything a Webhook references is listed before the first Webhook is resolved.
-            let synced = self.secrets_synced.iter().all(|s| *s)
+            let synced = self.signing_secrets.all_synced()
                 && self.headers_secrets.all_synced()
                 && self.services.all_synced();
             let input = tokio::select! {
@@ -359,62 +352,28 @@ impl WebhookController {
     }
 
     async fn on_secret(&mut self, stream: usize, event: watcher::Event<DeserializeGuard<Secret>>) {
-        match event {
-            watcher::Event::Init => self.secret_relists[stream] = Some(Default::default()),
-            watcher::Event::InitApply(DeserializeGuard(Ok(secret))) => {
-                self.schedule_expiry(&secret);
-                if let Some(relist) = &mut self.secret_relists[stream] {
-                    relist.insert(secret_key(&secret), secret.data.unwrap_or_default());
-                }
-            }
-            watcher::Event::InitDone => {
-                let listed = self.secret_relists[stream].take().unwrap_or_default();
-                let covered = self.coverage[stream].clone();
-                let in_scope = |k: &NamespacedName| covered.as_ref().is_none_or(|ns| *ns == k.0);
-                let mut changed: Vec<NamespacedName> = self
-                    .secrets
-                    .keys()
-                    .filter(|k| in_scope(k) && !listed.contains_key(*k))
-                    .cloned()
-                    .collect();
-                changed.extend(
-                    listed
-                        .iter()
-                        .filter(|(k, v)| self.secrets.get(*k) != Some(v))
-                        .map(|(k, _)| k.clone()),
-                );
-                self.secrets.retain(|k, _| !in_scope(k));
-                self.secrets.extend(listed);
-                if !std::mem::replace(&mut self.secrets_synced[stream], true)
-                    && self.secrets_synced.iter().all(|s| *s)
-                {
-                    self.readiness.mark_ready("secrets");
-                }
-                for key in changed {
-                    self.secret_changed(&key).await;
-                }
-            }
-            watcher::Event::Apply(DeserializeGuard(Ok(secret))) => {
-                self.schedule_expiry(&secret);
-                let key = secret_key(&secret);
-                let data = secret.data.unwrap_or_default();
-                if self.secrets.get(&key) != Some(&data) {
-                    self.secrets.insert(key.clone(), data);
-                    self.secret_changed(&key).await;
-                }
-            }
+        match &event {
+            watcher::Event::InitApply(DeserializeGuard(Ok(secret)))
+            | watcher::Event::Apply(DeserializeGuard(Ok(secret))) => self.schedule_expiry(secret),
             watcher::Event::Delete(DeserializeGuard(Ok(secret))) => {
-                let key = secret_key(&secret);
-                self.expiry.observe(&key.0, &key.1, None);
-                if self.secrets.remove(&key).is_some() {
-                    self.secret_changed(&key).await;
-                }
+                let (namespace, name) = secret_key(secret);
+                self.expiry.observe(&namespace, &name, None);
             }
-            watcher::Event::InitApply(DeserializeGuard(Err(e)))
-            | watcher::Event::Apply(DeserializeGuard(Err(e)))
-            | watcher::Event::Delete(DeserializeGuard(Err(e))) => {
-                tracing::warn!(secret = ?e.metadata.name, error = %e.error, "skipping a Secret that cannot be read");
-            }
+            _ => {}
+        }
+        let covered = self.coverage[stream].clone();
+        let was_synced = self.signing_secrets.all_synced();
+        let changed =
+            self.signing_secrets
+                .on_event(stream, covered.as_ref(), event, |s: &Secret| {
+                    s.data.clone().unwrap_or_default()
+                });
+        if !was_synced && self.signing_secrets.all_synced() {
+            self.readiness.mark_ready("secrets");
+        }
+        for secret in changed {
+            let names = self.signing_secrets.referrers(&secret);
+            self.re_resolve(&secret.0, names).await;
         }
     }
 
@@ -459,18 +418,6 @@ impl WebhookController {
             .insert(notice.webhook.clone(), (notice.generation, notice.message));
         let route = self.reconcile(&webhook).await;
         self.update_routes(|t| t.apply(route));
-    }
-
-    /// Re-resolves the Webhooks that reference `secret`.
-    async fn secret_changed(&mut self, secret: &NamespacedName) {
-        let names: Vec<Arc<str>> = self
-            .by_secret
-            .get(secret)
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
-        self.re_resolve(&secret.0, names).await;
     }
 
     /// Re-resolves the Webhooks `names` of `namespace`.
@@ -568,14 +515,11 @@ impl WebhookController {
         if let Some(old) = self.webhooks.insert(key.clone(), webhook.clone()) {
             self.unindex(&key, &old);
         }
-        let secret = (
-            key.namespace.clone(),
-            Arc::from(webhook.spec.secret_ref.name.as_str()),
+        self.signing_secrets.index(
+            &key.namespace,
+            Some(&webhook.spec.secret_ref.name),
+            &key.name,
         );
-        self.by_secret
-            .entry(secret)
-            .or_default()
-            .insert(key.name.clone());
         let (headers_secret, service) = references(webhook);
         self.headers_secrets
             .index(&key.namespace, headers_secret, &key.name);
@@ -622,16 +566,11 @@ impl WebhookController {
     }
 
     fn unindex(&mut self, key: &WebhookKey, webhook: &Webhook) {
-        let secret = (
-            key.namespace.clone(),
-            Arc::from(webhook.spec.secret_ref.name.as_str()),
+        self.signing_secrets.unindex(
+            &key.namespace,
+            Some(&webhook.spec.secret_ref.name),
+            &key.name,
         );
-        if let Some(names) = self.by_secret.get_mut(&secret) {
-            names.remove(&key.name);
-            if names.is_empty() {
-                self.by_secret.remove(&secret);
-            }
-        }
         let (headers_secret, service) = references(webhook);
         self.headers_secrets
             .unindex(&key.namespace, headers_secret, &key.name);
@@ -641,10 +580,9 @@ impl WebhookController {
     /// resolve -> validate, against what the controller knows now. Pure.
     fn resolution(&self, webhook: &Webhook) -> Resolution {
         let key = webhook_key(webhook);
-        let secret = self.secrets.get(&(
-            key.namespace.clone(),
-            Arc::from(webhook.spec.secret_ref.name.as_str()),
-        ));
+        let secret = self
+            .signing_secrets
+            .get(&key.namespace, &webhook.spec.secret_ref.name);
         let gone = self
             .gone
             .get(&key)
