@@ -21,6 +21,8 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod operator;
+#[cfg(test)]
+mod proptest_support;
 pub mod routing;
 pub mod status;
 pub mod telemetry;

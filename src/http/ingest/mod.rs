@@ -461,3 +461,128 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Bodies near the accepted shape, so that most cases pass JSON parsing and exercise the
+    /// field checks: seed-like objects with fields of wrong types, missing or extra.
+    fn near_valid_event() -> impl Strategy<Value = Value> {
+        let field = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+            prop::sample::select(vec![
+                "document.completed",
+                "document.error",
+                "document.uploaded",
+                "document.nope",
+                "2023-06-15T10:35:00Z",
+                "2023-06-15 10:35:00Z",
+                "2023-06-15T10:35:00+02:00[Europe/Paris]",
+                "9999-99-99T99:99:99Z",
+                "ü",
+                "",
+            ])
+            .prop_map(Value::from),
+            Just(serde_json::json!({"document_id": 1})),
+            Just(serde_json::json!([])),
+        ];
+        prop::collection::vec(
+            (
+                prop::sample::select(vec!["event", "timestamp", "data", "id", "extra"]),
+                field,
+            ),
+            0..6,
+        )
+        .prop_map(|kv| Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
+    }
+
+    fn check(body: &[u8], header: Option<&[u8]>) -> Result<(), TestCaseError> {
+        match parse_events(body, header) {
+            Ok(events) => {
+                prop_assert!(!events.is_empty() && events.len() <= MAX_EVENTS_PER_REQUEST);
+                let mut keys = HashSet::new();
+                for e in &events {
+                    if let Some(ts) = &e.timestamp {
+                        prop_assert!(is_rfc3339(ts));
+                    }
+                    if let Some(key) = &e.key {
+                        prop_assert!(check_idempotency_key(key).is_ok());
+                        prop_assert!(keys.insert(key.clone()), "a repeated key was accepted");
+                    }
+                }
+            }
+            Err(e) => {
+                prop_assert!(
+                    matches!(e.status.as_u16(), 400 | 422),
+                    "status {}",
+                    e.status
+                );
+                prop_assert!(!e.message.is_empty());
+            }
+        }
+        Ok(())
+    }
+
+    use std::collections::HashSet;
+
+    proptest! {
+        #![proptest_config(crate::proptest_support::config(512))]
+
+        #[test]
+        fn any_bytes_give_a_clear_error_or_valid_events(
+            body in prop::collection::vec(any::<u8>(), 0..256),
+            header in proptest::option::of(prop::collection::vec(any::<u8>(), 0..16)),
+        ) {
+            check(&body, header.as_deref())?;
+        }
+
+        #[test]
+        fn near_valid_bodies_give_a_clear_error_or_valid_events(
+            events in prop::collection::vec(near_valid_event(), 1..4),
+            array in any::<bool>(),
+            header in proptest::option::of("[ -~]{0,8}|ü"),
+        ) {
+            let body = if array { Value::Array(events) } else { events[0].clone() };
+            check(&serde_json::to_vec(&body).unwrap(), header.as_deref().map(str::as_bytes))?;
+        }
+
+        /// Numbers reach receivers as the client wrote them: serde_json's default float parser
+        /// may be off by one unit in the last place, so the crate enables `float_roundtrip`.
+        #[test]
+        fn numbers_in_data_are_read_exactly(
+            f in any::<f64>().prop_filter("JSON numbers are finite", |f| f.is_finite()),
+        ) {
+            let body = serde_json::json!({"event": "document.completed", "data": {"score": f}});
+            let events = parse_events(body.to_string().as_bytes(), None).unwrap();
+            prop_assert_eq!(events[0].data["score"].as_f64(), Some(f));
+        }
+
+        #[test]
+        fn seed_events_are_accepted_with_their_fields_unchanged(
+            event in prop::sample::select(EventType::ALL.to_vec()),
+            data in prop::collection::vec(("[a-z_]{1,12}", any::<i64>()), 0..6),
+            id in proptest::option::of("[ -~]{1,40}"),
+        ) {
+            let data: Map<String, Value> = data.into_iter().map(|(k, v)| (k, v.into())).collect();
+            let mut obj = serde_json::json!({
+                "event": event.as_str(), "timestamp": "2023-06-15T10:35:00Z", "data": data,
+            });
+            if let Some(id) = &id {
+                obj["id"] = id.clone().into();
+            }
+            let events = parse_events(&serde_json::to_vec(&obj).unwrap(), None).unwrap();
+            prop_assert_eq!(events, vec![IngestEvent {
+                event,
+                timestamp: Some("2023-06-15T10:35:00Z".into()),
+                data,
+                key: id,
+            }]);
+        }
+    }
+}
