@@ -400,3 +400,165 @@ mod tests {
         ));
     }
 }
+
+/// Every spelling of a blocked address is refused: the URL parser and [`canonical`] must agree
+/// on what address a host names. Decision functions only: nothing connects.
+#[cfg(test)]
+mod proptests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// An address in one of the ranges an attacker aims at (loopback, private, link-local).
+    fn blocked_v4() -> impl Strategy<Value = Ipv4Addr> {
+        prop_oneof![
+            any::<u32>().prop_map(|n| Ipv4Addr::from(0x7f00_0000 | (n & 0x00ff_ffff))),
+            any::<u32>().prop_map(|n| Ipv4Addr::from(0x0a00_0000 | (n & 0x00ff_ffff))),
+            any::<u32>().prop_map(|n| Ipv4Addr::from(0xac10_0000 | (n & 0x000f_ffff))),
+            any::<u32>().prop_map(|n| Ipv4Addr::from(0xc0a8_0000 | (n & 0x0000_ffff))),
+            any::<u32>().prop_map(|n| Ipv4Addr::from(0xa9fe_0000 | (n & 0x0000_ffff))),
+            Just(Ipv4Addr::new(169, 254, 169, 254)),
+            Just(Ipv4Addr::LOCALHOST),
+        ]
+    }
+
+    /// The WHATWG URL host forms of an IPv4 address: each part decimal, octal (`0` prefix) or
+    /// hex (`0x`), with 4, 3, 2 or 1 parts (the last part fills the remaining bytes), and an
+    /// optional trailing dot.
+    fn v4_host(ip: Ipv4Addr, parts: usize, radixes: [u8; 4], upper: bool, dot: bool) -> String {
+        let n = u32::from(ip);
+        let o = ip.octets();
+        let values: Vec<u32> = match parts {
+            1 => vec![n],
+            2 => vec![o[0].into(), n & 0x00ff_ffff],
+            3 => vec![o[0].into(), o[1].into(), n & 0xffff],
+            _ => o.iter().map(|&b| b.into()).collect(),
+        };
+        let mut host = values
+            .iter()
+            .zip(radixes)
+            .map(|(v, radix)| match radix % 3 {
+                0 => v.to_string(),
+                1 => format!("0{v:o}"),
+                _ if upper => format!("0X{v:X}"),
+                _ => format!("0x{v:x}"),
+            })
+            .collect::<Vec<_>>()
+            .join(".");
+        if dot {
+            host.push('.');
+        }
+        host
+    }
+
+    /// The IPv6 forms that carry an IPv4 address, in URL host syntax.
+    fn v6_hosts(ip: Ipv4Addr) -> Vec<String> {
+        let [a, b, c, d] = ip.octets();
+        let hi = u16::from_be_bytes([a, b]);
+        let lo = u16::from_be_bytes([c, d]);
+        vec![
+            format!("[::ffff:{ip}]"),
+            format!("[::ffff:{hi:x}:{lo:x}]"),
+            format!("[0:0:0:0:0:FFFF:{ip}]"),
+            format!("[::{ip}]"),
+            format!("[::{hi:x}:{lo:x}]"),
+            format!("[64:ff9b::{ip}]"),
+            format!("[64:ff9b::{hi:x}:{lo:x}]"),
+            format!("[64:ff9b:1::{ip}]"),
+            format!("[::ffff:0:{ip}]"),
+        ]
+    }
+
+    fn refused(policy: &EgressPolicy, url: &str) -> bool {
+        matches!(
+            policy.check_url(url),
+            Err(EgressDenied::BlockedAddress { .. })
+        )
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_support::config(512))]
+
+        #[test]
+        fn every_ipv4_spelling_of_a_blocked_address_is_refused(
+            ip in blocked_v4(),
+            parts in 1usize..=4,
+            radixes in any::<[u8; 4]>(),
+            upper in any::<bool>(),
+            dot in any::<bool>(),
+            http in any::<bool>(),
+            path in "(/[a-z0-9]{0,8}){0,2}",
+        ) {
+            let policy = EgressPolicy::new(true, vec![]);
+            let host = v4_host(ip, parts, radixes, upper, dot);
+            let scheme = if http { "http" } else { "https" };
+            let url = format!("{scheme}://{host}:8443{path}");
+            // The parser must read the same address the test meant, or the property is vacuous.
+            let parsed = Url::parse(&url).unwrap();
+            prop_assert_eq!(parsed.host(), Some(Host::Ipv4(ip)), "{}", url);
+            prop_assert!(refused(&policy, &url), "{} ({}) was not refused", url, ip);
+        }
+
+        #[test]
+        fn every_ipv6_form_carrying_a_blocked_ipv4_address_is_refused(ip in blocked_v4()) {
+            let policy = EgressPolicy::new(false, vec![]);
+            for host in v6_hosts(ip) {
+                let url = format!("https://{host}/hook");
+                prop_assert!(refused(&policy, &url), "{} was not refused", url);
+            }
+            // The same forms as resolved addresses, judged at connect time.
+            let nat64 = {
+                let [a, b, c, d] = ip.octets();
+                Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d]))
+            };
+            for v6 in [ip.to_ipv6_mapped(), ip.to_ipv6_compatible(), nat64] {
+                prop_assert!(policy.check_ip(v6.into()).is_err(), "{} was not refused", v6);
+            }
+            prop_assert!(policy.check_ip(ip.into()).is_err());
+        }
+
+        #[test]
+        fn blocked_ranges_are_refused_through_every_spelling_of_the_whole_table(
+            n in any::<u32>(),
+            parts in 1usize..=4,
+            radixes in any::<[u8; 4]>(),
+        ) {
+            // Any IPv4 address at all: a spelling is refused exactly when the dotted form is.
+            let ip = Ipv4Addr::from(n);
+            let policy = EgressPolicy::new(false, vec![]);
+            let dotted = policy.check_url(&format!("https://{ip}/")).is_err();
+            prop_assert_eq!(dotted, special_range(ip.into()).is_some());
+            let url = format!("https://{}/", v4_host(ip, parts, radixes, false, false));
+            prop_assert_eq!(policy.check_url(&url).is_err(), dotted, "{}", url);
+            // IPv4-mapped and NAT64 forms are judged as the address they carry.
+            let mapped = format!("https://[::ffff:{ip}]/");
+            prop_assert_eq!(policy.check_url(&mapped).is_err(), dotted, "{}", mapped);
+            let nat64 = format!("https://[64:ff9b::{ip}]/");
+            prop_assert_eq!(policy.check_url(&nat64).is_err(), dotted, "{}", nat64);
+        }
+
+        #[test]
+        fn blocked_ipv6_ranges_are_refused_whatever_the_interface_bits(
+            bits in any::<u128>(),
+            range in prop::sample::select(vec![
+                ("::1/128", "loopback"),
+                ("fc00::/7", "unique local (private)"),
+                ("fe80::/10", "link-local"),
+                ("fec0::/10", "site-local (deprecated private)"),
+            ]),
+        ) {
+            let net: Ipv6Net = range.0.parse().unwrap();
+            let host_mask = !u128::from(net.netmask());
+            let v6 = Ipv6Addr::from(u128::from(net.network()) | (bits & host_mask));
+            let policy = EgressPolicy::new(false, vec![]);
+            prop_assert_eq!(
+                policy.check_ip(v6.into()),
+                Err(EgressDenied::BlockedAddress { ip: v6.into(), range: range.1 })
+            );
+            let url = format!("https://[{v6}]/");
+            prop_assert!(refused(&policy, &url), "{} was not refused", url);
+        }
+    }
+}

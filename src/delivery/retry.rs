@@ -252,3 +252,88 @@ mod tests {
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Policies the API server accepts: 1..=86400 s each, max not below initial.
+    fn policy() -> impl Strategy<Value = RetryPolicy> {
+        (1i32..=50, 1i32..=86_400)
+            .prop_flat_map(|(attempts, initial)| (Just(attempts), Just(initial), initial..=86_400))
+            .prop_map(
+                |(max_attempts, initial_backoff_seconds, max_backoff_seconds)| {
+                    RetryPolicy::from(&DeliveryPolicy {
+                        max_attempts,
+                        initial_backoff_seconds,
+                        max_backoff_seconds,
+                        ..DeliveryPolicy::default()
+                    })
+                },
+            )
+    }
+
+    fn jitter() -> impl Strategy<Value = f64> {
+        // rand::random::<f64>() is in [0, 1); both ends included here.
+        prop_oneof![0.0..1.0f64, Just(0.0), Just(1.0)]
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_support::config(1024))]
+
+        #[test]
+        fn backoff_stays_in_its_jitter_window_between_floor_and_cap(
+            p in policy(),
+            attempt in 1u32..=60,
+            j in jitter(),
+        ) {
+            let wait = p.backoff(attempt, j);
+            prop_assert!(wait >= p.initial_backoff, "{:?} below the floor", wait);
+            prop_assert!(wait <= p.max_backoff, "{:?} beyond the cap", wait);
+            let step = p.initial_backoff.saturating_mul(2u32.saturating_pow((attempt - 1).min(31)));
+            prop_assert!(wait >= step.min(p.max_backoff));
+            prop_assert!(wait <= (step + step / 2).min(p.max_backoff));
+        }
+
+        #[test]
+        fn backoff_never_shrinks_from_one_attempt_to_the_next_whatever_the_jitter(
+            p in policy(),
+            attempt in 1u32..=60,
+            later in 1u32..=10,
+            j1 in jitter(),
+            j2 in jitter(),
+        ) {
+            let (a, b) = (p.backoff(attempt, j1), p.backoff(attempt + later, j2));
+            prop_assert!(a <= b, "attempt {} waits {:?}, attempt {} only {:?}", attempt, a, attempt + later, b);
+            // And within one attempt, more jitter never waits less.
+            let (lo, hi) = if j1 <= j2 { (j1, j2) } else { (j2, j1) };
+            prop_assert!(p.backoff(attempt, lo) <= p.backoff(attempt, hi));
+        }
+
+        #[test]
+        fn retry_verdicts_wait_between_a_second_and_the_cap(
+            p in policy(),
+            attempt in 1u32..=60,
+            code in 100u16..600,
+            retry_after in proptest::option::of(0u64..1_000_000),
+            j in jitter(),
+        ) {
+            let result = AttemptResult::Status { code, retry_after: retry_after.map(Duration::from_secs) };
+            match p.verdict(attempt, &result, j) {
+                Verdict::Retry(wait) => {
+                    prop_assert!(attempt < p.max_attempts);
+                    prop_assert!(wait >= MIN_RETRY_AFTER.min(p.initial_backoff));
+                    prop_assert!(wait <= p.max_backoff);
+                    if retry_after.is_none() || !matches!(code, 429 | 503) {
+                        prop_assert_eq!(wait, p.backoff(attempt, j));
+                    }
+                }
+                Verdict::Succeeded => prop_assert!((200..300).contains(&code)),
+                Verdict::Gone => prop_assert_eq!(code, 410),
+                Verdict::Failed => prop_assert!(attempt >= p.max_attempts),
+            }
+        }
+    }
+}

@@ -243,3 +243,111 @@ mod tests {
         );
     }
 }
+
+/// Sign/verify round-trips, verified the way receivers verify (independently of [`Signer`]).
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The seed's receiver check: lowercase hex HMAC-SHA256 of the exact body, keyed by the
+    /// secret text, compared in constant time.
+    fn verify_hex(secret: &[u8], body: &[u8], header: &str) -> bool {
+        let Ok(sig) = hex::decode(header) else {
+            return false;
+        };
+        let mut mac = HmacSha256::new_from_slice(secret).unwrap();
+        mac.update(body);
+        mac.verify_slice(&sig).is_ok()
+    }
+
+    /// Standard Webhooks: any `v1,<base64>` of the space-separated list verifies over
+    /// `{id}.{timestamp}.{body}` with the decoded `whsec_` key.
+    fn verify_standard(key: &[u8], id: &str, ts: i64, body: &[u8], header: &str) -> bool {
+        header.split(' ').any(|sig| {
+            let Some(Ok(sig)) = sig.strip_prefix("v1,").map(|b64| BASE64.decode(b64)) else {
+                return false;
+            };
+            let mut mac = HmacSha256::new_from_slice(key).unwrap();
+            mac.update(format!("{id}.{ts}.").as_bytes());
+            mac.update(body);
+            mac.verify_slice(&sig).is_ok()
+        })
+    }
+
+    /// A secret that signs: raw text of at least 16 bytes, or `whsec_` + base64 of a key.
+    fn secret() -> impl Strategy<Value = (Vec<u8>, Option<Vec<u8>>)> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), MIN_SECRET_BYTES..64)
+                .prop_filter("not a whsec_ secret", |s| !s.starts_with(b"whsec_"))
+                .prop_map(|s| (s, None)),
+            prop::collection::vec(any::<u8>(), 1..64).prop_map(|key| {
+                let raw = format!("whsec_{}", BASE64.encode(&key)).into_bytes();
+                (raw, Some(key))
+            }),
+        ]
+        .prop_filter("long enough", |(raw, _)| raw.len() >= MIN_SECRET_BYTES)
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_support::config(256))]
+
+        #[test]
+        fn signatures_verify_and_any_flipped_body_byte_fails(
+            (raw, key) in secret(),
+            body in prop::collection::vec(any::<u8>(), 1..512),
+            id in "[a-zA-Z0-9_-]{1,40}",
+            ts in 0i64..4_102_444_800,
+            flip_at in any::<prop::sample::Index>(),
+            flip_bits in 1u8..=255,
+        ) {
+            let signer = Signer::new(&raw, None).unwrap();
+            let sigs = signer.sign(&id, ts, &body);
+            prop_assert!(verify_hex(&raw, &body, &sigs.hex));
+            prop_assert_eq!(sigs.standard.is_some(), key.is_some());
+            if let (Some(key), Some(header)) = (&key, &sigs.standard) {
+                prop_assert!(verify_standard(key, &id, ts, &body, header));
+            }
+
+            let mut tampered = body.clone();
+            tampered[flip_at.index(body.len())] ^= flip_bits;
+            prop_assert!(!verify_hex(&raw, &tampered, &sigs.hex));
+            if let (Some(key), Some(header)) = (&key, &sigs.standard) {
+                prop_assert!(!verify_standard(key, &id, ts, &tampered, header));
+                // Nor does the same body under another id or time (a replayed signature).
+                let other_id = format!("{id}x");
+                prop_assert!(!verify_standard(key, &other_id, ts, &body, header));
+                prop_assert!(!verify_standard(key, &id, ts + 1, &body, header));
+            }
+        }
+
+        #[test]
+        fn during_a_rotation_both_keys_verify_and_hex_uses_the_current_one(
+            (current, current_key) in secret(),
+            (previous, previous_key) in secret(),
+            body in prop::collection::vec(any::<u8>(), 0..256),
+            ts in 0i64..4_102_444_800,
+        ) {
+            let sigs = Signer::new(&current, Some(&previous)).unwrap().sign("msg_1", ts, &body);
+            prop_assert!(verify_hex(&current, &body, &sigs.hex));
+            for key in [current_key, previous_key].into_iter().flatten() {
+                let header = sigs.standard.as_deref().unwrap_or_default();
+                prop_assert!(verify_standard(&key, "msg_1", ts, &body, header));
+            }
+        }
+
+        #[test]
+        fn any_bytes_as_a_secret_sign_or_are_refused_without_panicking(
+            raw in prop::collection::vec(any::<u8>(), 0..48),
+            whsec in any::<bool>(),
+        ) {
+            let raw = if whsec { [b"whsec_".as_slice(), &raw].concat() } else { raw };
+            if let Ok(signer) = Signer::new(&raw, Some(&raw)) {
+                prop_assert!(raw.len() >= MIN_SECRET_BYTES);
+                let body = b"[]";
+                prop_assert!(verify_hex(&raw, body, &signer.sign("id", 1, body).hex));
+            }
+        }
+    }
+}

@@ -278,3 +278,123 @@ fn lookup_event_applies_each_routes_filter_and_counts_the_results() {
         (1, 1, 1)
     );
 }
+
+/// Any sequence of changes leaves the table answering lookups as a plain map of routes would.
+mod proptests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const NAMESPACES: [&str; 3] = ["docs", "billing", "ops"];
+    const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+
+    #[derive(Clone, Debug)]
+    enum Change {
+        Apply(&'static str, &'static str, Vec<WebhookEvent>),
+        Delete(&'static str, &'static str),
+        /// A re-list of one namespace (or of all): its routes as (namespace, name, events).
+        Reset(
+            Option<&'static str>,
+            Vec<(&'static str, &'static str, Vec<WebhookEvent>)>,
+        ),
+    }
+
+    fn events() -> impl Strategy<Value = Vec<WebhookEvent>> {
+        prop::collection::vec(
+            prop::sample::select(vec![
+                WebhookEvent::All,
+                WebhookEvent::Uploaded,
+                WebhookEvent::Processing,
+                WebhookEvent::Completed,
+                WebhookEvent::Error,
+                WebhookEvent::Deleted,
+            ]),
+            1..=3,
+        )
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        let ns = prop::sample::select(NAMESPACES.to_vec());
+        let name = prop::sample::select(NAMES.to_vec());
+        prop_oneof![
+            4 => (ns.clone(), name.clone(), events()).prop_map(|(n, w, e)| Change::Apply(n, w, e)),
+            2 => (ns.clone(), name.clone()).prop_map(|(n, w)| Change::Delete(n, w)),
+            1 => (proptest::option::of(ns.clone()), prop::collection::vec((ns, name, events()), 0..5))
+                .prop_map(|(scope, routes)| {
+                    // A namespace's re-list holds only that namespace's Webhooks.
+                    let routes = routes
+                        .into_iter()
+                        .map(|(n, w, e)| (scope.unwrap_or(n), w, e))
+                        .collect();
+                    Change::Reset(scope, routes)
+                }),
+        ]
+    }
+
+    type Model = BTreeMap<(&'static str, &'static str), Vec<WebhookEvent>>;
+
+    fn model_lookup(model: &Model, ns: &str, t: EventType) -> Vec<String> {
+        model
+            .iter()
+            .filter(|((n, _), events)| *n == ns && events.iter().any(|e| e.types().contains(&t)))
+            .map(|((_, w), _)| w.to_string())
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(crate::proptest_support::config(256))]
+
+        #[test]
+        fn any_sequence_of_changes_looks_up_like_a_map_of_routes(
+            changes in prop::collection::vec(change(), 0..40),
+        ) {
+            let mut table = RoutingTable::default();
+            let mut model = Model::new();
+            for change in changes {
+                match change {
+                    Change::Apply(ns, name, events) => {
+                        table.apply(route(ns, name, &events));
+                        model.insert((ns, name), events);
+                    }
+                    Change::Delete(ns, name) => {
+                        let removed = table.delete(&WebhookKey::new(ns, name));
+                        prop_assert_eq!(removed.is_some(), model.remove(&(ns, name)).is_some());
+                    }
+                    Change::Reset(scope, routes) => {
+                        let mut gone: Vec<String> = table
+                            .reset(scope, routes.iter().map(|(n, w, e)| route(n, w, e)).collect())
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect();
+                        gone.sort();
+                        let keep: Vec<_> = routes.iter().map(|(n, w, _)| (*n, *w)).collect();
+                        let mut model_gone: Vec<String> = model
+                            .keys()
+                            .filter(|(n, w)| scope.is_none_or(|s| s == *n) && !keep.contains(&(*n, *w)))
+                            .map(|(n, w)| WebhookKey::new(n, w).to_string())
+                            .collect();
+                        model_gone.sort();
+                        prop_assert_eq!(gone, model_gone);
+                        model.retain(|(n, w), _| scope.is_some_and(|s| s != *n) || keep.contains(&(*n, *w)));
+                        for (n, w, e) in routes {
+                            model.insert((n, w), e);
+                        }
+                    }
+                }
+                prop_assert_eq!(table.len(), model.len());
+                for ns in NAMESPACES {
+                    prop_assert_eq!(table.has_namespace(ns), model.keys().any(|(n, _)| *n == ns));
+                    for t in EventType::ALL {
+                        prop_assert_eq!(names(&table, ns, t), model_lookup(&model, ns, t), "{} {:?}", ns, t);
+                    }
+                }
+                for ((ns, name), events) in &model {
+                    let got = table.get(&WebhookKey::new(ns, name));
+                    prop_assert_eq!(got.map(|r| &r.events), Some(events));
+                }
+            }
+        }
+    }
+}
