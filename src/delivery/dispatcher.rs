@@ -258,10 +258,7 @@ impl Dispatcher {
     /// `spec.ordering` and its event has the key; `position` orders what the source knows the
     /// order of (0: the order of the calls).
     pub fn ticket(&self, delivery: &Delivery, position: u64) -> Option<Ticket> {
-        let route = self.routes.snapshot().get(&delivery.webhook).cloned()?;
-        if *route.uid != *delivery.webhook_uid {
-            return None;
-        }
+        let route = self.route_of(delivery)?;
         let key = ordering_key(&route.ordering.as_ref()?.key, &delivery.event.body)?;
         Some(
             self.sequencer
