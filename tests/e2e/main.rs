@@ -15,6 +15,7 @@ mod leader;
 mod operator;
 mod rate_limit_and_ordering;
 mod recover;
+mod secrets_never_leak;
 mod service_ref_and_headers;
 mod support;
 mod telemetry;
