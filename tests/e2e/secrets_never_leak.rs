@@ -28,7 +28,10 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crate::support::{Operator, api_call, control_plane, eventually, http_get, wait_ready_reason};
+use crate::support::{
+    NatsServer, Operator, api_call, control_plane, create_event, eventually, http_get,
+    wait_ready_reason,
+};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -212,30 +215,72 @@ async fn api_token(client: &Client, ns: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_value_appears_in_anything_the_operator_writes() {
-    let test = "secrets_never_leak::no_secret_value_appears_in_anything_the_operator_writes";
+    full_flow(
+        "no_secret_value_appears_in_anything_the_operator_writes",
+        None,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_value_appears_in_anything_the_operator_writes_in_jetstream_mode() {
+    let nats = NatsServer::start().await;
+    full_flow(
+        "no_secret_value_appears_in_anything_the_operator_writes_in_jetstream_mode",
+        Some(&nats),
+    )
+    .await
+}
+
+/// Every message of the operator's JetStream stream: subject, headers and payload.
+async fn stream_messages(nats: &NatsServer) -> String {
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("HOOKRELAY")
+        .await
+        .unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    let mut text = String::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        // Deleted or expired sequences have no message.
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            text.push_str(&format!(
+                "{} {:?} {}\n",
+                m.subject,
+                m.headers,
+                String::from_utf8_lossy(&m.payload)
+            ));
+        }
+    }
+    text
+}
+
+/// The flow (durable ingest, or JetStream with `nats`), then the search.
+async fn full_flow(name: &str, nats: Option<&NatsServer>) {
+    let test = format!("secrets_never_leak::{name}");
     let cp = control_plane();
     let client = cp.client().await;
     let ns = cp.namespace("leak").await;
     let token = api_token(&client, &ns).await;
     // The real binary, auth on (TokenReview + SubjectAccessReview), every crate at debug:
     // kube, hyper, reqwest and rustls lines are in the log too (asserted below).
-    let op = Operator::start_with_env(
-        cp,
-        &[
-            "--namespace",
-            &ns,
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            // Keep every DocumentEvent: they are part of what is searched, and recover needs
-            // the failed ones.
-            "--event-retention",
-            "0",
-            "--failed-event-retention",
-            "0",
-        ],
-        &[("RUST_LOG", "debug")],
-    );
+    let mut args = vec![
+        "--namespace",
+        &ns,
+        "--allow-http",
+        "--allow-cidr",
+        "127.0.0.0/8",
+        // Keep every DocumentEvent: they are part of what is searched, and recover needs
+        // the failed ones.
+        "--event-retention",
+        "0",
+        "--failed-event-retention",
+        "0",
+    ];
+    if let Some(nats) = nats {
+        args.extend(["--ingest-mode", "jetstream", "--nats-url", &nats.url]);
+    }
+    let op = Operator::start_with_env(cp, &args, &[("RUST_LOG", "debug")]);
     op.wait_ready().await;
     let api = op.listen_addr;
     // Every reply but the two that hand out a secret goes into the corpus.
@@ -355,16 +400,31 @@ async fn no_secret_value_appears_in_anything_the_operator_writes() {
     .await;
     assert_eq!(code, 202, "{reply}");
     sent += 3;
-    let failed_id = eventually("the 3 deliveries failed for good", WAIT, || async {
+    // One event as a DocumentEvent of its own (in JetStream mode too), whose delivery can be
+    // sent again: redeliver needs the stored event.
+    create_event(
+        &client,
+        &ns,
+        "doc-leak-failing",
+        "document.error",
+        json!({"document_id": 13}),
+    )
+    .await;
+    sent += 1;
+    let failed_id = eventually("the 4 deliveries failed for good", WAIT, || async {
         let w = webhooks.get(&id).await.ok()?;
-        let failed: std::collections::BTreeSet<String> = w
+        let failed: Vec<_> = w
             .status?
             .recent_deliveries
             .into_iter()
             .filter(|r| r.outcome == hookrelay::crd::Outcome::Failed)
-            .map(|r| r.id)
             .collect();
-        (failed.len() >= 3).then(|| failed.into_iter().next().unwrap())
+        let ids: std::collections::BTreeSet<&str> = failed.iter().map(|r| r.id.as_str()).collect();
+        (ids.len() >= 4).then_some(())?;
+        failed
+            .iter()
+            .find(|r| r.source == "doc-leak-failing")
+            .map(|r| r.id.clone())
     })
     .await;
     assert!(
@@ -466,6 +526,11 @@ async fn no_secret_value_appears_in_anything_the_operator_writes() {
         ("DocumentEvents".to_owned(), document_events.clone()),
         ("/metrics".to_owned(), metrics.clone()),
     ];
+    if let Some(nats) = nats {
+        let messages = stream_messages(nats).await;
+        assert!(messages.contains("hookrelay.attempts."), "{messages}");
+        corpus.push(("JetStream stream".to_owned(), messages));
+    }
     corpus.extend(replies);
 
     // The corpus is the real thing: debug lines of other crates, the failures and their text,
@@ -570,9 +635,16 @@ async fn no_secret_value_appears_in_anything_the_operator_writes() {
     );
 
     let delivered = receiver.delivered().len();
+    // Deliveries answered 200 more than once (recover may resend the redelivered one).
+    let duplicates = receiver
+        .requests()
+        .iter()
+        .filter(|r| r.answered == 200)
+        .count()
+        - delivered;
     let corpus_bytes: usize = corpus.iter().map(|(_, t)| t.len()).sum();
     eprintln!(
-        "FIGURES {test}: sent={sent} delivered={delivered} duplicates=- lost={} recover_s=- sources={} corpus_bytes={corpus_bytes} log_lines={} forms={} hits={} planted_found={}/{} receiver_requests={} receiver_hits={} build=debug",
+        "FIGURES {test}: sent={sent} delivered={delivered} duplicates={duplicates} lost={} recover_s=- sources={} corpus_bytes={corpus_bytes} log_lines={} forms={} hits={} planted_found={}/{} receiver_requests={} receiver_hits={} build=debug",
         sent.saturating_sub(delivered),
         corpus.len(),
         log.lines().count(),
