@@ -665,3 +665,58 @@ async fn full_flow(name: &str, nats: Option<&NatsServer>) {
     );
     assert_eq!(found.len(), planted.len(), "{planted_hits:#?}");
 }
+
+/// The search itself, without a cluster: each encoding of a leak is found, and the signature
+/// (an HMAC keyed by the secret) is not mistaken for one.
+#[test]
+fn the_search_finds_each_form_a_leak_takes() {
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw+/v9x0nZ1ko=";
+    let key = STANDARD.decode(&secret[6..]).unwrap();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(b"{}");
+    let signature = hex::encode(mac.finalize().into_bytes());
+    let corpus = |text: String| vec![("text".to_owned(), text)];
+    let leaks = |text: String| find_leaks(&corpus(text), &[("s", secret)]);
+    for (text, form) in [
+        (
+            format!("data:\n  secret: {}", STANDARD.encode(secret)),
+            "value as base64",
+        ),
+        (
+            format!(
+                "{{\"s\":{}}}",
+                serde_json::to_string(secret).unwrap().replace('/', "\\/")
+            ),
+            "value JSON-escaped with \\/",
+        ),
+        (
+            format!("ByteString({:?})", secret.as_bytes()),
+            "value as debug bytes",
+        ),
+        (
+            format!(
+                "GET /x?secret={}",
+                secret
+                    .replace('+', "%2B")
+                    .replace('/', "%2F")
+                    .replace('=', "%3D")
+            ),
+            "value percent-encoded",
+        ),
+        (format!("key={}", hex::encode_upper(&key)), "key as HEX"),
+        (
+            format!("key={}", URL_SAFE_NO_PAD.encode(&key)),
+            "key as url-safe base64",
+        ),
+    ] {
+        let found = leaks(text.clone());
+        assert!(
+            found.contains(&format!("text: s ({form})")),
+            "{form} not found in {text}: {found:?}"
+        );
+    }
+    assert_eq!(
+        leaks(format!("X-Webhook-Signature: {signature}")),
+        Vec::<String>::new()
+    );
+}
