@@ -4,7 +4,7 @@
 //! The corpus is the operator's whole log, the namespace's Kubernetes Events, every Webhook and
 //! DocumentEvent (status included), every API reply but the two that hand out a secret (the
 //! creation reply and the rotate-secret reply, which returns the new secret once the same way)
-//! and the /metrics text. Secret objects are the secrets' home, not operator output: they are
+//! the /metrics text and, in JetStream mode, every message of the stream. Secret objects are the secrets' home, not operator output: they are
 //! not collected (`kubectl get secrets` is never part of the corpus).
 
 use std::{
