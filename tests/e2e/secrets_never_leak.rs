@@ -3,9 +3,10 @@
 //!
 //! The corpus is the operator's whole log, the namespace's Kubernetes Events, every Webhook and
 //! DocumentEvent (status included), every API reply but the two that hand out a secret (the
-//! creation reply and the rotate-secret reply, which returns the new secret once the same way)
-//! the /metrics text and, in JetStream mode, every message of the stream. Secret objects are the secrets' home, not operator output: they are
-//! not collected (`kubectl get secrets` is never part of the corpus).
+//! creation reply and the rotate-secret reply, which returns the new secret once the same way),
+//! the /metrics text and, in JetStream mode, every message of the stream. Secret objects are
+//! the secrets' home, not operator output: they are not collected (`kubectl get secrets` is
+//! never part of the corpus).
 
 use std::{
     net::SocketAddr,
