@@ -4,8 +4,9 @@
 //! Secret change and signs with the new secret only.
 //!
 //! Every replica schedules the removal from the Secrets it watches, so a new leader takes over
-//! the ones pending; the removal is a JSON patch that first tests the annotation's value, so it
-//! never removes a newer rotation's `previous`, and doing it twice is harmless.
+//! the ones pending; the removal reads the annotation, and patches with the Secret's
+//! resourceVersion as a precondition, so it never removes a newer rotation's `previous`, and
+//! doing it twice is harmless.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -53,10 +54,17 @@ impl PreviousKeyExpiry {
         if self.scheduled.get(&key).map(|(at, _)| Some(at.as_str())) == Some(expires) {
             return;
         }
-        if let Some((_, task)) = self.scheduled.remove(&key) {
+        let pending = self.scheduled.remove(&key);
+        let Some(expires) = expires else {
+            // Not aborted: the annotation disappears when our own removal lands, while its task
+            // is still finishing (and logging); for a deleted Secret the task wakes once at the
+            // expiry and finds nothing to do.
+            return;
+        };
+        if let Some((_, task)) = pending {
             task.abort();
         }
-        let (Some(expires), Some(client)) = (expires, self.client.clone()) else {
+        let Some(client) = self.client.clone() else {
             return;
         };
         let Ok(at) = expires.parse::<Timestamp>() else {
@@ -94,7 +102,8 @@ async fn remove_at(
             }
         }
         match remove_previous(&api, &name, &expires).await {
-            Ok(_) => {
+            Ok(false) => return,
+            Ok(true) => {
                 tracing::info!(secret = %format!("{namespace}/{name}"), "rotation grace period over: the previous secret no longer signs");
                 return;
             }
@@ -109,10 +118,15 @@ async fn remove_at(
 }
 
 /// Removes `previous` and the annotation if the annotation still says `expires`, with the
-/// Secret's resourceVersion as a precondition (409 when it changed since it was read).
-async fn remove_previous(api: &Api<Secret>, name: &str, expires: &str) -> Result<(), kube::Error> {
+/// Secret's resourceVersion as a precondition (409 when it changed since it was read). False:
+/// nothing to remove (the Secret is gone, or carries no or another rotation).
+async fn remove_previous(
+    api: &Api<Secret>,
+    name: &str,
+    expires: &str,
+) -> Result<bool, kube::Error> {
     let Some(secret) = api.get_opt(name).await? else {
-        return Ok(());
+        return Ok(false);
     };
     let current = secret
         .metadata
@@ -120,7 +134,7 @@ async fn remove_previous(api: &Api<Secret>, name: &str, expires: &str) -> Result
         .as_ref()
         .and_then(|a| a.get(PREVIOUS_EXPIRES_ANNOTATION));
     if current.map(String::as_str) != Some(expires) {
-        return Ok(());
+        return Ok(false);
     }
     let patch = serde_json::json!({
         "metadata": {
@@ -131,5 +145,5 @@ async fn remove_previous(api: &Api<Secret>, name: &str, expires: &str) -> Result
     });
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .map(|_| ())
+        .map(|_| true)
 }
