@@ -16,6 +16,7 @@ mod operator;
 mod rate_limit_and_ordering;
 mod recover;
 mod service_ref_and_headers;
+mod ssrf;
 mod support;
 mod telemetry;
 mod webhook_controller;
