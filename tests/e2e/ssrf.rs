@@ -25,7 +25,10 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::support::{Operator, control_plane, create_event, eventually, wait_ready_reason};
+use crate::support::{
+    INGEST_MODES, ModeOperator, Operator, control_plane, create_event, eventually,
+    wait_ready_reason,
+};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -323,15 +326,7 @@ async fn every_url_form_of_a_blocked_address_is_refused_and_the_canary_sees_noth
         op.log.display()
     );
 
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "signing", "labels": {"hookrelay.dev/signing-secret": "true"}},
-        "stringData": {"secret": "ssrf-test-signing-secret-0123456789"}
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    create_signing_secret(&client, &ns).await;
 
     let system_name = system_name_resolving_to_loopback();
     let forms = forms(canary_port, redirect, system_name.as_deref());
@@ -489,6 +484,119 @@ async fn every_url_form_of_a_blocked_address_is_refused_and_the_canary_sees_noth
         forms.len(),
         seen.len(),
         control_requests.lock().unwrap().len()
+    );
+}
+
+async fn create_signing_secret(client: &Client, ns: &str) {
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "signing", "labels": {"hookrelay.dev/signing-secret": "true"}},
+        "stringData": {"secret": "ssrf-test-signing-secret-0123456789"}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+}
+
+// The guard sits in the one HTTP client every ingest mode delivers through: events posted to
+// `POST /api/events` in direct, durable and jetstream modes meet the same refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_and_redirects_to_blocked_addresses_are_refused_in_every_ingest_mode() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let (mut canary_total, mut controls_total) = (0, 0);
+    for mode in INGEST_MODES {
+        let ns = cp.namespace("ssrf-mode").await;
+        let (canary_port, canary_requests) = canary().await;
+        let (redirect, _) = redirector(format!("http://127.0.0.1:{canary_port}/redirected")).await;
+        let (control_port, control_requests) = canary().await;
+        let op = ModeOperator::start(cp, mode, &[&ns], |args| {
+            let redirect_ip = redirect.ip();
+            args.allow_cidrs = vec![redirect_ip.into()];
+            args.test_address_map = vec![
+                (redirect_ip.into(), redirect_ip),
+                ("0.0.0.0/0".parse().unwrap(), "127.0.0.1".parse().unwrap()),
+                ("::/0".parse().unwrap(), "::1".parse().unwrap()),
+            ];
+            args.test_resolve = TEST_NAMES
+                .iter()
+                .map(|(name, ip)| (name.to_string(), ip.parse().unwrap()))
+                .collect();
+        })
+        .await;
+        create_signing_secret(&client, &ns).await;
+        let connect = [
+            ("loopback", "loopback.test", "loopback"),
+            ("loopback6", "loopback6.test", "loopback"),
+            ("rebind", "rebind.test", "private"),
+            ("metadata", "metadata.test", "link-local (cloud metadata)"),
+            ("ula", "ula.test", "unique local (private)"),
+        ];
+        for (name, host, _) in connect {
+            let url = format!("http://{host}:{canary_port}/hook");
+            create_webhook(&client, &ns, name, &url).await;
+        }
+        create_webhook(
+            &client,
+            &ns,
+            "decimal",
+            &format!("http://2130706433:{canary_port}/"),
+        )
+        .await;
+        create_webhook(&client, &ns, "redirect", &format!("http://{redirect}/hook")).await;
+        let control = format!("http://control.test:{control_port}/hook");
+        create_webhook(&client, &ns, "control", &control).await;
+        for (name, _, _) in connect {
+            wait_ready_reason(&client, &ns, name, "True", "Routed").await;
+        }
+        wait_ready_reason(&client, &ns, "redirect", "True", "Routed").await;
+        wait_ready_reason(&client, &ns, "control", "True", "Routed").await;
+        let message = wait_ready_reason(&client, &ns, "decimal", "False", "EgressNotAllowed").await;
+        assert!(
+            message.contains("127.0.0.1 is a loopback address"),
+            "{mode:?}: {message}"
+        );
+
+        op.post_event(&ns, "document.completed", json!({"document_id": 1}))
+            .await;
+        let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+        for (name, host, range) in connect {
+            let record = eventually(&format!("{mode:?}: {name}'s attempt"), WAIT, || {
+                first_attempt(&webhooks, name)
+            })
+            .await;
+            let error = record.error.unwrap_or_default();
+            assert!(
+                error.contains(&format!("{host} resolves only to refused addresses"))
+                    && error.contains(&format!("is a {range} address")),
+                "{mode:?} {name}: {error}"
+            );
+        }
+        let record = eventually(&format!("{mode:?}: the redirect's attempt"), WAIT, || {
+            first_attempt(&webhooks, "redirect")
+        })
+        .await;
+        assert_eq!(record.http_status, Some(302), "{mode:?}");
+        eventually(
+            &format!("{mode:?}: the control delivered"),
+            WAIT,
+            || async { (!control_requests.lock().unwrap().is_empty()).then_some(()) },
+        )
+        .await;
+        let seen = canary_requests.lock().unwrap().clone();
+        assert!(
+            seen.is_empty(),
+            "{mode:?}: the canary got requests: {seen:?}"
+        );
+        canary_total += seen.len();
+        controls_total += control_requests.lock().unwrap().len();
+        op.op.stop().await;
+    }
+    eprintln!(
+        "FIGURES names_and_redirects_to_blocked_addresses_are_refused_in_every_ingest_mode: \
+         sent=21 delivered=0 duplicates=- lost=- recover_s=- modes=direct,durable,jetstream \
+         forms_per_mode=7 canary_requests={canary_total} controls_delivered={controls_total} build=debug"
     );
 }
 
