@@ -139,6 +139,11 @@ fn system_name_resolving_to_loopback() -> Option<String> {
     })
 }
 
+/// The controls' address: allowed by `--allow-cidr`, nothing listens there, and the address map
+/// sends it (like every address) to 127.0.0.1, where the control receiver listens. So a control
+/// is delivered only through the seams these tests rely on, and never leaves loopback.
+const CONTROL_IP: &str = "127.0.0.4";
+
 /// The names the operator's test resolver answers: (name, address).
 const TEST_NAMES: &[(&str, &str)] = &[
     ("loopback.test", "127.0.0.1"),
@@ -147,9 +152,9 @@ const TEST_NAMES: &[(&str, &str)] = &[
     ("rebind.test", "10.0.0.1"),
     ("metadata.test", "169.254.169.254"),
     ("ula.test", "fd00::1"),
-    // The controls: a public address the guard allows, which the address map sends to
-    // loopback (nothing leaves the machine).
-    ("control.test", "93.184.216.34"),
+    // The control: an address the guard allows (CONTROL_IP), which the address map sends to
+    // the control receiver.
+    ("control.test", CONTROL_IP),
 ];
 
 fn forms(canary: u16, redirect: SocketAddr, system_name: Option<&str>) -> Vec<Form> {
@@ -306,9 +311,12 @@ async fn every_url_form_of_a_blocked_address_is_refused_and_the_canary_sees_noth
             "--namespace",
             &ns,
             "--allow-http",
-            // Only the redirecting endpoint; loopback stays blocked, as in production.
+            // Only the redirecting endpoint and the control; loopback stays blocked, as in
+            // production.
             "--allow-cidr",
             &format!("{redirect_ip}/32"),
+            "--allow-cidr",
+            &format!("{CONTROL_IP}/32"),
             // First match wins: the redirector stays where it is, everything else goes to
             // loopback, where the canary listens on the port of every URL.
             "--test-address-map",
@@ -337,7 +345,7 @@ async fn every_url_form_of_a_blocked_address_is_refused_and_the_canary_sees_noth
     let controls = [
         (
             "control-literal",
-            format!("http://93.184.216.34:{control_port}/hook"),
+            format!("http://{CONTROL_IP}:{control_port}/hook"),
         ),
         (
             "control-name",
@@ -387,7 +395,8 @@ async fn every_url_form_of_a_blocked_address_is_refused_and_the_canary_sees_noth
     })
     .await;
     // The controls prove the seams work in this operator: an address the guard allows (a
-    // public literal, a name) lands on a loopback receiver.
+    // literal, a name) is connected to where the address map says (127.0.0.1), not where the
+    // URL says (nothing listens on CONTROL_IP).
     eventually("both controls delivered to loopback", WAIT, || async {
         (control_requests.lock().unwrap().len() >= 2).then_some(())
     })
@@ -513,7 +522,8 @@ async fn names_and_redirects_to_blocked_addresses_are_refused_in_every_ingest_mo
         let (control_port, control_requests) = canary().await;
         let op = ModeOperator::start(cp, mode, &[&ns], |args| {
             let redirect_ip = redirect.ip();
-            args.allow_cidrs = vec![redirect_ip.into()];
+            let control: std::net::IpAddr = CONTROL_IP.parse().unwrap();
+            args.allow_cidrs = vec![redirect_ip.into(), control.into()];
             args.test_address_map = vec![
                 (redirect_ip.into(), redirect_ip),
                 ("0.0.0.0/0".parse().unwrap(), "127.0.0.1".parse().unwrap()),
