@@ -228,6 +228,21 @@ pub struct RunArgs {
         hide = true
     )]
     pub test_address_map: Vec<(IpNet, std::net::IpAddr)>,
+
+    /// TEST SEAM, never for production (hidden from --help): NAME=IP pairs (repeatable, a name
+    /// several times for several addresses); deliveries resolve NAME to IP instead of asking
+    /// the system resolver, and the egress policy judges IP as any resolved address (tests
+    /// make a name resolve to a blocked address at connect time, without DNS). The operator
+    /// logs a warning at start while it is set.
+    #[arg(
+        long = "test-resolve",
+        env = "HOOKRELAY_TEST_RESOLVE",
+        value_delimiter = ',',
+        value_name = "NAME=IP",
+        value_parser = delivery::TestNames::parse_pair,
+        hide = true
+    )]
+    pub test_resolve: Vec<(String, std::net::IpAddr)>,
 }
 
 impl RunArgs {
@@ -272,6 +287,7 @@ impl RunArgs {
             tls_cert_file: None,
             tls_key_file: None,
             test_address_map: Vec::new(),
+            test_resolve: Vec::new(),
         }
     }
 }
@@ -435,8 +451,15 @@ pub async fn start(
             "TEST SEAM --test-address-map IS SET: deliveries connect to other addresses than the egress policy approved; never use this outside tests"
         );
     }
+    let test_names = delivery::TestNames::new(args.test_resolve.iter().cloned());
+    if !test_names.is_empty() {
+        tracing::warn!(
+            names = ?args.test_resolve,
+            "TEST SEAM --test-resolve IS SET: deliveries resolve these names to the given addresses instead of asking DNS; never use this outside tests"
+        );
+    }
     let dispatcher = Arc::new(Dispatcher::new(
-        HttpSender::with_address_map(egress.clone(), address_map),
+        HttpSender::with_test_seams(egress.clone(), address_map, test_names),
         routes.clone(),
         status.clone(),
         gone_tx,

@@ -84,6 +84,28 @@ impl AddressMap {
             .map_or(ip, |(_, to)| *to)
     }
 
+    /// Applies the map to a URL whose host is an IP literal (those never reach a resolver), after
+    /// the egress policy judged the literal: the URL is pointed at TO and the returned `Host`
+    /// value keeps the original authority, so the receiver sees the request as sent. None when
+    /// the host is a name or no mapping covers it.
+    pub fn redirect_literal(&self, url: &mut url::Url) -> Option<HeaderValue> {
+        let ip = match url.host()? {
+            url::Host::Ipv4(ip) => IpAddr::V4(ip),
+            url::Host::Ipv6(ip) => IpAddr::V6(ip),
+            url::Host::Domain(_) => return None,
+        };
+        let to = self.connect_to(ip);
+        if to == ip {
+            return None;
+        }
+        let authority = match url.port() {
+            Some(port) => format!("{}:{port}", url.host_str()?),
+            None => url.host_str()?.to_owned(),
+        };
+        url.set_ip_host(to).ok()?;
+        HeaderValue::from_str(&authority).ok()
+    }
+
     /// One `FROM=TO` pair of `--test-address-map`: FROM an address or a CIDR range (a test
     /// cannot know the ClusterIP a Service will get), TO an address.
     pub fn parse_pair(s: &str) -> Result<(IpNet, IpAddr), String> {
@@ -101,6 +123,65 @@ impl AddressMap {
             .map_err(|e| format!("{to:?}: {e} (expected an IP address)"))?;
         Ok((from, to))
     }
+}
+
+/// TEST SEAM (`--test-resolve`, hidden): names answered by the test instead of the system
+/// resolver, so a test can make a name resolve to any address (a blocked one, to prove the
+/// connect-time check) without DNS. Consulted by [`GuardedResolver`] BEFORE the egress decision:
+/// the policy judges the address given here exactly as it would judge one from DNS. Empty in
+/// production; the operator warns loudly when it is not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TestNames(Arc<Vec<(String, IpAddr)>>);
+
+impl TestNames {
+    pub fn new(pairs: impl IntoIterator<Item = (String, IpAddr)>) -> Self {
+        Self(Arc::new(
+            pairs
+                .into_iter()
+                .map(|(name, ip)| (normalize_name(&name), ip))
+                .collect(),
+        ))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every address given for `name` (a name may be given several), or None when the test
+    /// gave none and the system resolver answers. Case and a trailing dot do not matter, as in
+    /// DNS.
+    pub fn lookup(&self, name: &str) -> Option<Vec<IpAddr>> {
+        let name = normalize_name(name);
+        let ips: Vec<IpAddr> = self
+            .0
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, ip)| *ip)
+            .collect();
+        (!ips.is_empty()).then_some(ips)
+    }
+
+    /// One `NAME=IP` pair of `--test-resolve`.
+    pub fn parse_pair(s: &str) -> Result<(String, IpAddr), String> {
+        let (name, ip) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected NAME=IP, such as rebind.test=10.0.0.1"))?;
+        let name = name.trim();
+        if name.is_empty() || name.parse::<IpAddr>().is_ok() {
+            return Err(format!(
+                "{name:?}: expected a host name (addresses are mapped by --test-address-map)"
+            ));
+        }
+        let ip = ip
+            .trim()
+            .parse::<IpAddr>()
+            .map_err(|e| format!("{ip:?}: {e} (expected an IP address)"))?;
+        Ok((name.to_owned(), ip))
+    }
+}
+
+fn normalize_name(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
 /// Clients for Services, by target: one per Service (and CA bundle) rather than one per
@@ -135,11 +216,22 @@ impl HttpSender {
 
     /// `address_map` is the `--test-address-map` test seam.
     pub fn with_address_map(egress: EgressPolicy, address_map: AddressMap) -> Self {
+        Self::with_test_seams(egress, address_map, TestNames::default())
+    }
+
+    /// `address_map` and `test_names` are the `--test-address-map` and `--test-resolve` test
+    /// seams.
+    pub fn with_test_seams(
+        egress: EgressPolicy,
+        address_map: AddressMap,
+        test_names: TestNames,
+    ) -> Self {
         let egress = Arc::new(egress);
         let client = client_builder()
             .dns_resolver(GuardedResolver {
                 egress: egress.clone(),
                 address_map: address_map.clone(),
+                test_names,
             })
             .build()
             .expect("the HTTP client configuration is valid");
@@ -208,9 +300,16 @@ impl HttpSender {
                 }
             },
         };
+        // Literal addresses skip the resolver, where the address map applies to names.
+        let mut url = url;
+        let literal_host = self.address_map.redirect_literal(&mut url);
+        let mut headers = headers(&attempt);
+        if let Some(host) = literal_host {
+            headers.insert(reqwest::header::HOST, host);
+        }
         let request = client
             .post(url)
-            .headers(headers(&attempt))
+            .headers(headers)
             .body(attempt.body)
             .timeout(attempt.timeout);
         let result = match request.send().await {
@@ -295,6 +394,7 @@ fn describe(e: &reqwest::Error, timeout: Duration) -> String {
 struct GuardedResolver {
     egress: Arc<EgressPolicy>,
     address_map: AddressMap,
+    test_names: TestNames,
 }
 
 impl Resolve for GuardedResolver {
@@ -302,9 +402,12 @@ impl Resolve for GuardedResolver {
         let egress = self.egress.clone();
         let address_map = self.address_map.clone();
         let host = name.as_str().to_owned();
+        let given = self.test_names.lookup(&host);
         Box::pin(async move {
-            let resolved: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let resolved: Vec<SocketAddr> = match given {
+                Some(ips) => ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect(),
+                None => tokio::net::lookup_host((host.as_str(), 0)).await?.collect(),
+            };
             let mut denied = None;
             let allowed: Vec<SocketAddr> = resolved
                 .into_iter()
@@ -382,5 +485,141 @@ mod tests {
         );
         assert!(AddressMap::parse_pair("10.0.0.12").is_err());
         assert!(AddressMap::parse_pair("10.0.0.12=localhost").is_err());
+    }
+
+    #[test]
+    fn the_address_map_also_applies_to_literal_hosts_keeping_the_host_header() {
+        let map = AddressMap::new([
+            AddressMap::parse_pair("0.0.0.0/0=127.0.0.1").unwrap(),
+            AddressMap::parse_pair("::/0=::1").unwrap(),
+        ]);
+        let mut url = url::Url::parse("http://10.0.0.1:8080/x?y=1").unwrap();
+        let host = map.redirect_literal(&mut url).unwrap();
+        assert_eq!(url.as_str(), "http://127.0.0.1:8080/x?y=1");
+        assert_eq!(host, "10.0.0.1:8080");
+        let mut url = url::Url::parse("http://[fd00::1]:9/").unwrap();
+        assert_eq!(map.redirect_literal(&mut url).unwrap(), "[fd00::1]:9");
+        assert_eq!(url.as_str(), "http://[::1]:9/");
+        // Default port: the Host header has none either.
+        let mut url = url::Url::parse("https://169.254.169.254/latest").unwrap();
+        assert_eq!(map.redirect_literal(&mut url).unwrap(), "169.254.169.254");
+        assert_eq!(url.as_str(), "https://127.0.0.1/latest");
+        // Names go through the resolver (mapped there); unmapped literals stay as they are.
+        let mut url = url::Url::parse("http://example.com/").unwrap();
+        assert_eq!(map.redirect_literal(&mut url), None);
+        let mut url = url::Url::parse("http://127.0.0.1:9/").unwrap();
+        assert_eq!(map.redirect_literal(&mut url), None);
+        assert_eq!(url.as_str(), "http://127.0.0.1:9/");
+        let mut url = url::Url::parse("http://10.0.0.1/").unwrap();
+        assert_eq!(AddressMap::default().redirect_literal(&mut url), None);
+    }
+
+    #[test]
+    fn the_test_resolver_parses_pairs_and_answers_only_its_names() {
+        let names = TestNames::new([
+            TestNames::parse_pair("Rebind.Test=10.0.0.1").unwrap(),
+            TestNames::parse_pair("rebind.test.=::1").unwrap(),
+            TestNames::parse_pair("other.test=127.0.0.1").unwrap(),
+        ]);
+        let both: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+        assert_eq!(names.lookup("rebind.test"), Some(both.clone()));
+        assert_eq!(names.lookup("REBIND.TEST."), Some(both));
+        assert_eq!(names.lookup("example.com"), None);
+        assert!(TestNames::default().is_empty());
+        assert!(TestNames::parse_pair("rebind.test").is_err());
+        assert!(TestNames::parse_pair("rebind.test=localhost").is_err());
+        assert!(TestNames::parse_pair("10.0.0.1=127.0.0.1").is_err());
+        assert!(TestNames::parse_pair("=127.0.0.1").is_err());
+    }
+
+    fn guarded(policy: EgressPolicy, map: &[&str], names: &[&str]) -> GuardedResolver {
+        GuardedResolver {
+            egress: Arc::new(policy),
+            address_map: AddressMap::new(map.iter().map(|p| AddressMap::parse_pair(p).unwrap())),
+            test_names: TestNames::new(names.iter().map(|p| TestNames::parse_pair(p).unwrap())),
+        }
+    }
+
+    async fn resolve(resolver: &GuardedResolver, name: &str) -> Result<Vec<SocketAddr>, String> {
+        resolver
+            .resolve(name.parse().unwrap())
+            .await
+            .map(|addrs| addrs.collect())
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_guarded_resolver_judges_the_test_resolvers_answer_like_dns() {
+        // No connection is made: only the resolver's answer is looked at.
+        let resolver = guarded(
+            EgressPolicy::new(true, vec![]),
+            &["0.0.0.0/0=127.0.0.1"],
+            &[
+                "rebind.test=10.0.0.1",
+                "metadata.test=169.254.169.254",
+                "mixed.test=10.0.0.2",
+                "mixed.test=93.184.216.34",
+                "public.test=93.184.216.34",
+            ],
+        );
+        let refused = resolve(&resolver, "rebind.test").await.unwrap_err();
+        assert!(
+            refused.contains("resolves only to refused addresses") && refused.contains("private"),
+            "{refused}"
+        );
+        let refused = resolve(&resolver, "metadata.test").await.unwrap_err();
+        assert!(refused.contains("link-local"), "{refused}");
+        // Allowed addresses are kept (then mapped, after the decision); blocked ones dropped.
+        let expected: Vec<SocketAddr> = vec!["127.0.0.1:0".parse().unwrap()];
+        assert_eq!(resolve(&resolver, "mixed.test").await.unwrap(), expected);
+        assert_eq!(resolve(&resolver, "public.test").await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_literal_host_is_mapped_onto_the_test_receiver() {
+        // Loopback only: 127.0.0.2 is allowed and mapped onto a receiver on 127.0.0.1.
+        let (host_tx, mut host_rx) = tokio::sync::mpsc::unbounded_channel();
+        let app = axum::Router::new().fallback(axum::routing::post(
+            move |headers: axum::http::HeaderMap| {
+                let host = headers.get("host").map(|h| h.to_str().unwrap().to_owned());
+                let _ = host_tx.send(host);
+                async { "ok" }
+            },
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        // reqwest is built without a default TLS provider (the binary installs ring).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let sender = HttpSender::with_address_map(
+            EgressPolicy::new(true, vec!["127.0.0.2/32".parse().unwrap()]),
+            AddressMap::new([AddressMap::parse_pair("127.0.0.2=127.0.0.1").unwrap()]),
+        );
+        let url = format!("http://127.0.0.2:{port}/h");
+        let (result, _) = sender
+            .send(Attempt {
+                url: &url,
+                event: "document.completed",
+                delivery_id: "d1",
+                timestamp: 0,
+                signatures: Signatures {
+                    hex: "00".into(),
+                    standard: None,
+                },
+                body: bytes::Bytes::from_static(b"{}"),
+                timeout: Duration::from_secs(10),
+                traceparent: None,
+                headers: &[],
+                service: None,
+            })
+            .await;
+        assert!(
+            matches!(result, AttemptResult::Status { code: 200, .. }),
+            "{result:?}"
+        );
+        assert_eq!(
+            host_rx.recv().await.unwrap().as_deref(),
+            Some(format!("127.0.0.2:{port}").as_str())
+        );
     }
 }

@@ -16,7 +16,7 @@ pub mod records;
 mod retry;
 mod signer;
 
-pub use client::{AddressMap, Attempt, HttpSender, ServiceTarget, USER_AGENT};
+pub use client::{AddressMap, Attempt, HttpSender, ServiceTarget, TestNames, USER_AGENT};
 pub use dispatcher::{
     AttemptReport, Attempted, Delivery, Dispatcher, DispatcherConfig, GoneNotice, RouteCheck,
     Slots, delivery_id,

@@ -17,6 +17,7 @@ mod rate_limit_and_ordering;
 mod recover;
 mod secrets_never_leak;
 mod service_ref_and_headers;
+mod ssrf;
 mod support;
 mod telemetry;
 mod webhook_controller;
