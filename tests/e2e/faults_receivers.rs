@@ -170,6 +170,31 @@ async fn trickle(mut socket: TcpStream) {
     }
 }
 
+/// Answers 200 at once, then trickles the body a byte a second, until the operator closes the
+/// connection.
+async fn trickle_body(mut socket: TcpStream) {
+    if !read_request(&mut socket).await {
+        return;
+    }
+    if socket
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut closed = [0u8; 64];
+    loop {
+        if socket.write_all(b"a").await.is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = socket.read(&mut closed) => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// Answers 200 with a 10 MB body, written as fast as the operator reads it.
 async fn ten_megabytes(mut socket: TcpStream) {
     const SIZE: usize = 10 * 1024 * 1024;
@@ -374,6 +399,7 @@ async fn receivers_that_hang_or_trickle_time_out_and_do_not_hold_up_other_webhoo
     let metrics = op.op.op.metrics_addr;
     let hanging = RawReceiver::start(never_answer).await;
     let trickling = RawReceiver::start(trickle).await;
+    let trickling_body = RawReceiver::start(trickle_body).await;
     let (good, good_addr) = CountingReceiver::start().await;
     let slow = json!({"timeoutSeconds": TIMEOUT_S, "maxAttempts": 2, "initialBackoffSeconds": 1, "maxBackoffSeconds": 1});
     create_webhook(
@@ -385,7 +411,24 @@ async fn receivers_that_hang_or_trickle_time_out_and_do_not_hold_up_other_webhoo
         slow.clone(),
     )
     .await;
-    create_webhook(&client, &ns, "trickling", &trickling.url(), SECRET, slow).await;
+    create_webhook(
+        &client,
+        &ns,
+        "trickling",
+        &trickling.url(),
+        SECRET,
+        slow.clone(),
+    )
+    .await;
+    create_webhook(
+        &client,
+        &ns,
+        "trickling-body",
+        &trickling_body.url(),
+        SECRET,
+        slow,
+    )
+    .await;
     create_webhook(
         &client,
         &ns,
@@ -405,7 +448,7 @@ async fn receivers_that_hang_or_trickle_time_out_and_do_not_hold_up_other_webhoo
         Duration::from_secs(120),
         || async {
             let (hanging, trickling) = (hanging.open(), trickling.open());
-            (good.counts().0 == EVENTS && hanging > 0 && trickling > 0)
+            (good.counts().0 == EVENTS && hanging > 0 && trickling > 0 && trickling_body.open() > 0)
                 .then_some((hanging, trickling))
         },
     )
@@ -442,13 +485,48 @@ async fn receivers_that_hang_or_trickle_time_out_and_do_not_hold_up_other_webhoo
             );
         }
     }
+    // A 200 whose body trickles: the answer counts (the receiver said 200), and reading the
+    // body ends with the attempt's timeout rather than after the 64 KiB read at most.
+    let trickled = eventually(
+        "trickling-body: every delivery ended",
+        Duration::from_secs(150),
+        || async {
+            let status = webhook_status(&client, &ns, "trickling-body").await?;
+            (status.delivery_stats.succeeded == EVENTS as i64).then_some(status)
+        },
+    )
+    .await;
+    for r in &trickled.recent_deliveries {
+        assert_eq!(
+            (r.outcome, r.http_status),
+            (Outcome::Succeeded, Some(200)),
+            "{r:?}"
+        );
+        assert!(
+            r.duration_ms >= TIMEOUT_S * 1000 - 100 && r.duration_ms <= (TIMEOUT_S + 30) * 1000,
+            "trickling-body: an attempt lasted {} ms with a {TIMEOUT_S}s timeout",
+            r.duration_ms
+        );
+    }
+    eventually(
+        "trickling-body: every connection closed by the operator",
+        Duration::from_secs(60),
+        || async { (trickling_body.open() == 0).then_some(()) },
+    )
+    .await;
     let timeouts = metric(metrics, RETRYING_NO_ANSWER).await.unwrap_or(0.0);
     assert!(timeouts >= 2.0, "{timeouts} timed-out attempts counted");
     let (delivered, requests) = good.counts();
     eprintln!(
-        "FIGURES receivers_that_hang_or_trickle_time_out_and_do_not_hold_up_other_webhooks: sent={EVENTS} delivered={delivered} duplicates={} lost={} recover_s=- held_hanging={held_hanging} held_trickling={held_trickling} good_delivered_s={good_delivered_s:.1} timeout_s={TIMEOUT_S} timed_out_attempts={timeouts}",
+        "FIGURES receivers_that_hang_or_trickle_time_out_and_do_not_hold_up_other_webhooks: sent={EVENTS} delivered={delivered} duplicates={} lost={} recover_s=- held_hanging={held_hanging} held_trickling={held_trickling} trickled_body_attempt_ms={} good_delivered_s={good_delivered_s:.1} timeout_s={TIMEOUT_S} timed_out_attempts={timeouts}",
         requests - delivered,
         EVENTS - delivered,
+        trickled
+            .recent_deliveries
+            .iter()
+            .map(|r| r.duration_ms)
+            .max()
+            .unwrap_or(0),
     );
     assert_eq!(delivered, EVENTS);
 }
