@@ -67,6 +67,8 @@ struct Figures {
     takeover: Duration,
     delivered: usize,
     requests: usize,
+    /// Delivered before the leader was stopped.
+    delivered_before: usize,
 }
 
 async fn handover(stop: Stop) -> Figures {
@@ -227,6 +229,7 @@ async fn handover(stop: Stop) -> Figures {
         takeover,
         delivered: receiver.counts().0,
         requests: receiver.counts().1,
+        delivered_before,
     };
     let kind = match stop {
         Stop::Kill => "SIGKILL",
@@ -246,6 +249,16 @@ async fn handover(stop: Stop) -> Figures {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_loses_no_event_and_the_standby_takes_over_after_the_lease() {
     let figures = handover(Stop::Kill).await;
+    // The common FIGURES line (issue 12, RELIABILITY.md): recover_s is the stop to the
+    // standby's first delivery.
+    eprintln!(
+        "FIGURES killing_the_leader_loses_no_event_and_the_standby_takes_over_after_the_lease: sent={EVENTS} delivered={} duplicates={} lost={} recover_s={:.1} delivered_before_kill={} build=debug",
+        figures.delivered,
+        figures.requests - figures.delivered,
+        EVENTS - figures.delivered,
+        figures.takeover.as_secs_f64(),
+        figures.delivered_before
+    );
     assert_eq!(figures.delivered, EVENTS);
     // A bound of the election itself (the issue's), not a performance target.
     assert!(

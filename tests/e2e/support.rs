@@ -1029,3 +1029,100 @@ impl ModeOperator {
         .await;
     }
 }
+
+// ---- rxfaults (issue 12: receiver faults, leader kill, JetStream restart) ----
+
+impl NatsServer {
+    /// Stops the server (SIGKILL, as a crash), leaves it down for `down`, and starts it again
+    /// on the same port with the same store, so that streams and durable consumers survive;
+    /// waits until it listens. Servers started with extra arguments (TLS) come back without
+    /// them.
+    pub async fn restart(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The outage itself, not a synchronisation.
+        tokio::time::sleep(down).await;
+        let bin = std::process::Command::new(repo_root().join("hack/nats.sh"))
+            .arg("build")
+            .output()
+            .expect("hack/nats.sh runs");
+        assert!(bin.status.success(), "hack/nats.sh build failed: {bin:?}");
+        let bin = PathBuf::from(String::from_utf8(bin.stdout).unwrap().trim()).join("nats-server");
+        let port = self
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .expect("the server's URL ends with its port");
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // The port is free once the old process is gone; a new bind may still race a
+        // TIME_WAIT, so the start is retried until the server listens.
+        self.child = eventually(
+            "nats-server to start again on its port",
+            Duration::from_secs(30),
+            || {
+                let (bin, store) = (bin.clone(), self.store.clone());
+                async move {
+                    let mut child = std::process::Command::new(bin)
+                        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+                        .arg(store)
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .expect("nats-server starts");
+                    for _ in 0..100 {
+                        if let Ok(Some(_)) = child.try_wait() {
+                            return None;
+                        }
+                        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                            return Some(child);
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    None
+                }
+            },
+        )
+        .await;
+    }
+}
+
+impl CountingReceiver {
+    /// A [`CountingReceiver`] on a given loopback address (a receiver coming back on the port
+    /// its Webhook names, after an outage).
+    pub async fn start_on(addr: std::net::SocketAddr) -> CountingReceiver {
+        let receiver = CountingReceiver::default();
+        let (seen, arrivals) = (receiver.seen.clone(), receiver.arrivals.clone());
+        let app = axum::Router::new().fallback(axum::routing::post(
+            move |headers: axum::http::HeaderMap| {
+                let (seen, arrivals) = (seen.clone(), arrivals.clone());
+                async move {
+                    arrivals.lock().unwrap().push(std::time::Instant::now());
+                    let id = headers
+                        .get("x-webhook-delivery")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    *seen.lock().unwrap().entry(id).or_default() += 1;
+                    "ok"
+                }
+            },
+        ));
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        receiver
+    }
+}
+
+/// VmRSS of a process in MiB (Linux /proc), e.g. of an [`Operator`] child.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc readable");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status");
+    kib / 1024.0
+}
