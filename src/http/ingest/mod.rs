@@ -105,8 +105,7 @@ pub fn parse_events(
     body: &[u8],
     idempotency_key: Option<&[u8]>,
 ) -> Result<Vec<IngestEvent>, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let value = super::json_body(body)?;
     let (items, array) = match value {
         Value::Array(items) => (items, true),
         Value::Object(_) => (vec![value], false),
