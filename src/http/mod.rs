@@ -14,8 +14,8 @@ pub use auth::{AuthSettings, Authorizer, Caller};
 pub use error::ApiError;
 pub use health::{Liveness, Readiness, metrics_router};
 pub use ingest::{
-    DirectIngest, IngestEvent, IngestMode, MAX_EVENTS_PER_REQUEST, check_idempotency_key,
-    keyed_event_name, parse_events,
+    DirectIngest, IngestEvent, IngestMode, MAX_EVENTS_PER_REQUEST, PublishBudget,
+    check_idempotency_key, keyed_event_name, parse_events,
 };
 pub use serve::{ServeLimits, Tls, serve};
 
@@ -75,6 +75,8 @@ pub struct ApiState {
     pub recoveries: crate::crd::Recoveries,
     /// JetStream mode: where ingest publishes.
     pub bus: Option<crate::delivery::jetstream::Bus>,
+    /// JetStream mode: events being published now, bounded (`--nats-max-publishing`).
+    pub jetstream_publishing: Arc<PublishBudget>,
     /// Direct mode: its queue (global and per namespace) and recent idempotency keys.
     pub direct: DirectIngest,
     /// How long a direct delivery may be held for a paused or blocked Webhook.

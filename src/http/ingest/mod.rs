@@ -21,6 +21,7 @@ mod durable;
 mod jetstream;
 
 pub use direct::DirectIngest;
+pub use jetstream::PublishBudget;
 
 use super::{ApiState, NamespaceQuery, error::ApiError, namespace_for};
 use crate::crd::EventType;
