@@ -695,9 +695,9 @@ struct BatchAnswer {
 
 /// `batches` requests of `BATCH` events at once from the abuser; then checks that every
 /// accepted event is delivered as `mode` promises and no refused one is.
-async fn concurrent_batches(test: &str, mode: &str, batches: usize) {
+async fn concurrent_batches(test: &str, mode: &str, batches: usize, extra: &[&str]) {
     const BATCH: usize = 1000;
-    let mut target = Target::start(&format!("batch-{mode}"), mode, &[]).await;
+    let mut target = Target::start(&format!("batch-{mode}"), mode, extra).await;
     let rss_before = rss_mib(target.pid);
     let url = format!(
         "http://{}/api/events?namespace={}",
@@ -843,6 +843,7 @@ async fn a_hundred_concurrent_batches_of_a_thousand_in_direct_mode() {
         "a_hundred_concurrent_batches_of_a_thousand_in_direct_mode",
         "direct",
         100,
+        &[],
     )
     .await;
 }
@@ -853,6 +854,7 @@ async fn a_hundred_concurrent_batches_of_a_thousand_in_jetstream_mode() {
         "a_hundred_concurrent_batches_of_a_thousand_in_jetstream_mode",
         "jetstream",
         100,
+        &[],
     )
     .await;
 }
@@ -863,6 +865,21 @@ async fn ten_concurrent_batches_of_a_thousand_in_durable_mode() {
         "ten_concurrent_batches_of_a_thousand_in_durable_mode",
         "durable",
         10,
+        &[],
+    )
+    .await;
+}
+
+/// Ten batches that cannot all be stored within the request timeout: each request stops
+/// starting new stores half-way and says exactly which events it stored (503 with
+/// Retry-After), instead of a 408 after storing an unknown part of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_batches_past_half_the_request_timeout_say_what_was_stored() {
+    concurrent_batches(
+        "durable_batches_past_half_the_request_timeout_say_what_was_stored",
+        "durable",
+        10,
+        &["--request-timeout", "4s"],
     )
     .await;
 }

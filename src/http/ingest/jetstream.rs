@@ -12,7 +12,9 @@ use std::{
 use axum::{Json, http::StatusCode};
 use serde_json::{Value, json};
 
-use super::{IngestEvent, fingerprint, idempotency_conflict, partly_stored};
+use super::{
+    IngestEvent, fingerprint, idempotency_conflict, out_of_time, partly_stored, store_deadline,
+};
 use crate::{
     delivery::{
         EventBody,
@@ -43,8 +45,14 @@ pub(super) async fn jetstream(
     let keyed = events.iter().any(|e| e.key.is_some());
     let total = events.len();
     // Every publish first, then every ack: one round trip's latency for the whole request.
+    let deadline = store_deadline(state);
     let mut pending = Vec::with_capacity(total);
     for e in events {
+        if tokio::time::Instant::now() >= deadline {
+            // Not published: the client is told to send it again.
+            pending.push((String::new(), None, String::new(), None));
+            continue;
+        }
         let timestamp = e
             .timestamp
             .clone()
@@ -65,13 +73,14 @@ pub(super) async fn jetstream(
             .context
             .publish_with_headers(message.subject, message.headers, message.body)
             .await;
-        pending.push((id, e.key, content, ack));
+        pending.push((id, e.key, content, Some(ack)));
     }
     let mut results = Vec::with_capacity(total);
     for (id, key, content, ack) in pending {
         let result = match ack {
-            Err(e) => Err(unavailable(&e)),
-            Ok(ack) => match ack.await {
+            None => Err(out_of_time()),
+            Some(Err(e)) => Err(unavailable(&e)),
+            Some(Ok(ack)) => match ack.await {
                 Err(e) => Err(unavailable(&e)),
                 Ok(ack) if ack.duplicate => match same_content(bus, ack.sequence, &content).await {
                     Ok(true) => Ok(Published::Duplicate { id }),
