@@ -84,6 +84,12 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_NATS_MAX_ACK_PENDING", default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
     pub nats_max_ack_pending: i64,
 
+    /// Events JetStream ingest may be storing at once (published, not acknowledged yet), a
+    /// quarter of it per namespace; a request past it gets 429 with Retry-After before anything
+    /// of it is published.
+    #[arg(long, env = "HOOKRELAY_NATS_MAX_PUBLISHING", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub nats_max_publishing: u64,
+
     /// Deliveries direct ingest may hold before it answers 429.
     #[arg(long, env = "HOOKRELAY_DIRECT_QUEUE", default_value_t = 10_000)]
     pub direct_queue: usize,
@@ -259,6 +265,7 @@ impl RunArgs {
             nats_stream: "HOOKRELAY".into(),
             nats_max_age: Duration::from_secs(86400),
             nats_max_ack_pending: 10_000,
+            nats_max_publishing: 10_000,
             direct_queue: 10_000,
             direct_queue_per_namespace: None,
             direct_max_hold: Duration::from_secs(60),
@@ -494,6 +501,9 @@ pub async fn start(
         dispatcher: dispatcher.clone(),
         ingest_mode: args.ingest_mode,
         bus: bus.clone(),
+        jetstream_publishing: http::PublishBudget::new(
+            usize::try_from(args.nats_max_publishing).unwrap_or(usize::MAX),
+        ),
         direct: http::DirectIngest::new(
             args.direct_queue,
             args.direct_queue_per_namespace

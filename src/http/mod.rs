@@ -14,8 +14,8 @@ pub use auth::{AuthSettings, Authorizer, Caller};
 pub use error::ApiError;
 pub use health::{Liveness, Readiness, metrics_router};
 pub use ingest::{
-    DirectIngest, IngestEvent, IngestMode, MAX_EVENTS_PER_REQUEST, check_idempotency_key,
-    keyed_event_name, parse_events,
+    DirectIngest, IngestEvent, IngestMode, MAX_EVENTS_PER_REQUEST, PublishBudget,
+    check_idempotency_key, keyed_event_name, parse_events,
 };
 pub use serve::{ServeLimits, Tls, serve};
 
@@ -75,6 +75,8 @@ pub struct ApiState {
     pub recoveries: crate::crd::Recoveries,
     /// JetStream mode: where ingest publishes.
     pub bus: Option<crate::delivery::jetstream::Bus>,
+    /// JetStream mode: events being published now, bounded (`--nats-max-publishing`).
+    pub jetstream_publishing: Arc<PublishBudget>,
     /// Direct mode: its queue (global and per namespace) and recent idempotency keys.
     pub direct: DirectIngest,
     /// How long a direct delivery may be held for a paused or blocked Webhook.
@@ -124,6 +126,26 @@ pub async fn read_body(body: Body) -> Result<Bytes, ApiError> {
                 ApiError::bad_request(format!("the body could not be read: {e}"))
             }
         })
+}
+
+/// How deep serde_json lets arrays and objects nest (its recursion limit, 128, stops at the
+/// 128th level), which is what keeps a hostile body from overflowing the stack.
+pub const MAX_JSON_DEPTH: usize = 127;
+
+/// Parses a request body as JSON: 400 with what is wrong, and for a body nested past
+/// [`MAX_JSON_DEPTH`] a message that says so (serde_json calls it a "recursion limit").
+pub fn json_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        if e.to_string().starts_with("recursion limit exceeded") {
+            ApiError::bad_request(format!(
+                "the body has arrays or objects nested more than {MAX_JSON_DEPTH} levels deep (at line {} column {}); send flatter JSON",
+                e.line(),
+                e.column()
+            ))
+        } else {
+            ApiError::bad_request(format!("the body is not valid JSON: {e}"))
+        }
+    })
 }
 
 /// 422 unless `namespace` is one of `watched` (empty: every namespace is watched): an event
@@ -311,7 +333,9 @@ async fn json_body_errors(req: Request, next: Next) -> Response {
         StatusCode::PAYLOAD_TOO_LARGE if !is_json => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+            format!(
+                "the body is larger than {MAX_BODY_BYTES} bytes; send less per request (at most {MAX_EVENTS_PER_REQUEST} events)"
+            ),
         )
         .into_response(),
         status if status.is_client_error() && !is_json && status != StatusCode::NOT_FOUND => {
@@ -410,6 +434,37 @@ mod tests {
         let refused = read_body(Body::from(over)).await.unwrap_err();
         assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(refused.code, "payload_too_large");
+    }
+
+    #[test]
+    fn json_nested_past_the_limit_is_a_clear_400_not_a_stack_overflow() {
+        for body in [
+            format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)),
+            format!("{}1{}", "{\"a\":".repeat(100_000), "}".repeat(100_000)),
+            "[".repeat(500_000),
+        ] {
+            let refused = json_body(body.as_bytes()).unwrap_err();
+            assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+            assert!(
+                refused.message.contains("nested more than 127 levels deep"),
+                "{}",
+                refused.message
+            );
+        }
+        let at_the_limit = format!(
+            "{}{}",
+            "[".repeat(MAX_JSON_DEPTH),
+            "]".repeat(MAX_JSON_DEPTH)
+        );
+        assert!(json_body(at_the_limit.as_bytes()).is_ok());
+        let past_it = format!("[{at_the_limit}]");
+        assert!(json_body(past_it.as_bytes()).is_err());
+        let broken = json_body(b"{").unwrap_err();
+        assert!(
+            broken.message.starts_with("the body is not valid JSON"),
+            "{}",
+            broken.message
+        );
     }
 
     #[test]

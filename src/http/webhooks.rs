@@ -108,8 +108,7 @@ fn rate_limit_spec(value: &Value) -> Option<Value> {
 /// The writable fields of a request body: `url`, `events`, `description` (and `paused`,
 /// `service_ref` instead of `url`, `headers`, `filter`).
 fn spec_fields(body: &[u8], require: bool) -> Result<Map<String, Value>, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let value = super::json_body(body)?;
     let Value::Object(obj) = value else {
         return Err(ApiError::invalid(
             "expected a JSON object with url, events and description",
@@ -322,8 +321,7 @@ fn grace_seconds(query: Option<&str>, body: &[u8]) -> Result<u64, ApiError> {
     let from_body = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+        let value = super::json_body(body)?;
         match value.get("graceSeconds") {
             None | Some(Value::Null) => None,
             Some(v) => Some(v.to_string()),

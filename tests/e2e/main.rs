@@ -1,5 +1,6 @@
 //! End-to-end tests against a real kube-apiserver and etcd (see `support`).
 
+mod abuse;
 mod api;
 mod api_hardening;
 mod chart;

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::{
     CONTENT_ANNOTATION, DURABLE_KEY_LIFETIME, IDEMPOTENCY_KEY_ANNOTATION, IngestEvent, fingerprint,
-    idempotency_conflict, keyed_event_name, partly_stored,
+    idempotency_conflict, keyed_event_name, out_of_time, partly_stored, store_deadline,
 };
 use crate::{
     crd::{CreatedEvents, DocumentEvent, DocumentEventSpec},
@@ -35,8 +35,20 @@ pub(super) async fn durable(
         .leadership
         .is_leader()
         .then(|| state.created_events.clone());
+    let deadline = store_deadline(state);
     let results: Vec<Result<Stored, ApiError>> = futures::stream::iter(events)
-        .map(|e| store(api.clone(), e, created.clone()))
+        .map(|e| {
+            // Decided when the store would start (`buffered` pulls lazily).
+            let late = tokio::time::Instant::now() >= deadline;
+            let stored = store(api.clone(), e, created.clone());
+            async move {
+                if late {
+                    Err(out_of_time())
+                } else {
+                    stored.await
+                }
+            }
+        })
         .buffered(16)
         .collect()
         .await;

@@ -1,10 +1,20 @@
 //! JetStream ingest: each event published to the stream, answered 202 only once JetStream has
-//! stored every event of the request (its publish ack).
+//! stored every event of the request (its publish ack). How many events may be being stored at
+//! once is bounded ([`PublishBudget`]): past it a request is refused before anything of it is
+//! published, instead of waiting behind the others until `--request-timeout` cuts it off with
+//! part of its events stored and the client not told which.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use axum::{Json, http::StatusCode};
 use serde_json::{Value, json};
 
-use super::{IngestEvent, fingerprint, idempotency_conflict, partly_stored};
+use super::{
+    IngestEvent, fingerprint, idempotency_conflict, out_of_time, partly_stored, store_deadline,
+};
 use crate::{
     delivery::{
         EventBody,
@@ -31,11 +41,18 @@ pub(super) async fn jetstream(
             "JetStream is not connected; retry in a second",
         ));
     };
+    let _publishing = state.jetstream_publishing.take(namespace, events.len())?;
     let keyed = events.iter().any(|e| e.key.is_some());
     let total = events.len();
     // Every publish first, then every ack: one round trip's latency for the whole request.
+    let deadline = store_deadline(state);
     let mut pending = Vec::with_capacity(total);
     for e in events {
+        if tokio::time::Instant::now() >= deadline {
+            // Not published: the client is told to send it again.
+            pending.push((String::new(), None, String::new(), None));
+            continue;
+        }
         let timestamp = e
             .timestamp
             .clone()
@@ -56,13 +73,14 @@ pub(super) async fn jetstream(
             .context
             .publish_with_headers(message.subject, message.headers, message.body)
             .await;
-        pending.push((id, e.key, content, ack));
+        pending.push((id, e.key, content, Some(ack)));
     }
     let mut results = Vec::with_capacity(total);
     for (id, key, content, ack) in pending {
         let result = match ack {
-            Err(e) => Err(unavailable(&e)),
-            Ok(ack) => match ack.await {
+            None => Err(out_of_time()),
+            Some(Err(e)) => Err(unavailable(&e)),
+            Some(Ok(ack)) => match ack.await {
                 Err(e) => Err(unavailable(&e)),
                 Ok(ack) if ack.duplicate => match same_content(bus, ack.sequence, &content).await {
                     Ok(true) => Ok(Published::Duplicate { id }),
@@ -137,4 +155,135 @@ fn unavailable(e: &dyn std::fmt::Display) -> ApiError {
     );
     error.retry_after = Some(1);
     error
+}
+
+/// Events being stored in JetStream by ingest right now, in all and per namespace
+/// (`--nats-max-publishing`, a quarter of it per namespace), so that one tenant's flood cannot
+/// take every place.
+#[derive(Debug)]
+pub struct PublishBudget {
+    capacity: usize,
+    per_namespace: usize,
+    /// (all namespaces, per namespace); a namespace publishing nothing has no entry.
+    in_use: Mutex<(usize, HashMap<String, usize>)>,
+}
+
+/// Places taken by one request, given back when it ends (answered, refused or cut off).
+pub struct Publishing {
+    budget: Arc<PublishBudget>,
+    namespace: String,
+    count: usize,
+}
+
+impl PublishBudget {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        let capacity = capacity.max(1);
+        Arc::new(Self {
+            capacity,
+            // One request of the largest size always fits a namespace's share.
+            per_namespace: (capacity / 4).max(super::MAX_EVENTS_PER_REQUEST.min(capacity)),
+            in_use: Mutex::default(),
+        })
+    }
+
+    /// Places for `count` events of `namespace`, or 429 with Retry-After before anything is
+    /// published.
+    pub fn take(self: &Arc<Self>, namespace: &str, count: usize) -> Result<Publishing, ApiError> {
+        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        let held = in_use.1.get(namespace).copied().unwrap_or(0);
+        let refusal = if in_use.0 + count > self.capacity {
+            Some(format!(
+                "JetStream is storing {} events already, all namespaces (--nats-max-publishing {})",
+                in_use.0, self.capacity
+            ))
+        } else if held + count > self.per_namespace {
+            Some(format!(
+                "JetStream is storing {held} events of namespace {namespace} already, its share of --nats-max-publishing ({})",
+                self.per_namespace
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            let mut error = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "jetstream_busy",
+                format!("{why}; nothing of this request was stored, retry it in a second"),
+            );
+            error.retry_after = Some(1);
+            return Err(error);
+        }
+        in_use.0 += count;
+        *in_use.1.entry(namespace.to_owned()).or_insert(0) += count;
+        Ok(Publishing {
+            budget: self.clone(),
+            namespace: namespace.to_owned(),
+            count,
+        })
+    }
+
+    /// Events being stored now (all namespaces).
+    pub fn in_use(&self) -> usize {
+        self.in_use.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+}
+
+impl Drop for Publishing {
+    fn drop(&mut self) {
+        let mut in_use = self.budget.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        in_use.0 = in_use.0.saturating_sub(self.count);
+        if let Some(held) = in_use.1.get_mut(&self.namespace) {
+            *held = held.saturating_sub(self.count);
+            if *held == 0 {
+                in_use.1.remove(&self.namespace);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_is_refused_before_publishing_and_leaves_room_for_other_namespaces() {
+        let budget = PublishBudget::new(8000);
+        let first = budget.take("flood", 1000).unwrap();
+        let second = budget.take("flood", 1000).unwrap();
+        // The namespace's share (a quarter: 2000) is taken.
+        let refused = budget.take("flood", 1000).err().unwrap();
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.code, "jetstream_busy");
+        assert_eq!(refused.retry_after, Some(1));
+        assert!(
+            refused
+                .message
+                .contains("nothing of this request was stored"),
+            "{}",
+            refused.message
+        );
+        // Other tenants still get in, up to the total.
+        let others: Vec<_> = (0..3)
+            .map(|i| budget.take(&format!("t{i}"), 2000).unwrap())
+            .collect();
+        assert_eq!(budget.in_use(), 8000);
+        assert!(budget.take("t9", 1).is_err(), "past the total");
+        drop(others);
+        drop(first);
+        assert_eq!(budget.in_use(), 1000);
+        let again = budget.take("flood", 1000).unwrap();
+        drop((second, again));
+        assert_eq!(budget.in_use(), 0);
+        assert!(
+            budget.in_use.lock().unwrap().1.is_empty(),
+            "idle namespaces stay"
+        );
+    }
+
+    #[test]
+    fn a_whole_request_always_fits_a_small_budget() {
+        let budget = PublishBudget::new(1000);
+        assert!(budget.take("a", 1000).is_ok());
+        assert!(PublishBudget::new(10).take("a", 10).is_ok());
+    }
 }

@@ -21,6 +21,7 @@ mod durable;
 mod jetstream;
 
 pub use direct::DirectIngest;
+pub use jetstream::PublishBudget;
 
 use super::{ApiState, NamespaceQuery, error::ApiError, namespace_for};
 use crate::crd::EventType;
@@ -105,8 +106,7 @@ pub fn parse_events(
     body: &[u8],
     idempotency_key: Option<&[u8]>,
 ) -> Result<Vec<IngestEvent>, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let value = super::json_body(body)?;
     let (items, array) = match value {
         Value::Array(items) => (items, true),
         Value::Object(_) => (vec![value], false),
@@ -252,6 +252,24 @@ pub async fn ingest(
         }
     };
     tracing::Instrument::instrument(accepted, span).await
+}
+
+/// When a request stops starting new stores: half-way to `--request-timeout` (which counts from
+/// the request's first byte), so that the stores already started can finish and the client
+/// hears exactly which events were stored, instead of a 408 after some of them were.
+pub(super) fn store_deadline(state: &ApiState) -> tokio::time::Instant {
+    tokio::time::Instant::now() + state.request_timeout / 2
+}
+
+/// An event not stored because the request ran out of time (see [`store_deadline`]).
+pub(super) fn out_of_time() -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ingest_slow",
+        "storing the events took more than half of hookrelay's --request-timeout, so the rest were not stored; retry them in a second, or send fewer per request",
+    );
+    error.retry_after = Some(1);
+    error
 }
 
 pub(super) fn idempotency_conflict(key: &str) -> ApiError {
