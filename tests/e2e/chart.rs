@@ -263,6 +263,7 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
         "--nats-stream=DOCS".to_owned(),
         "--nats-max-age=12h".to_owned(),
         "--nats-max-ack-pending=500".to_owned(),
+        "--nats-max-publishing=2000".to_owned(),
         "--nats-creds=/etc/hookrelay/nats/creds/hookrelay.creds".to_owned(),
         "--nats-tls-ca-file=/etc/hookrelay/nats/tls/ca.crt".to_owned(),
         "--nats-tls-cert-file=/etc/hookrelay/nats/tls/tls.crt".to_owned(),
