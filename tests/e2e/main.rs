@@ -7,6 +7,7 @@ mod control_plane;
 mod crash;
 mod crds;
 mod delivery;
+mod faults_control_plane;
 mod filter_suspension_rotation;
 mod hardening;
 mod ingest;
