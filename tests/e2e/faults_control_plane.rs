@@ -395,7 +395,16 @@ async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
     let mut args = operator_args(&ns);
     args.extend(["--ingest-mode", "direct", "--disable-auth"].map(String::from));
     let mut op = Operator::start(&cp, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    // And one with durable ingest (its own namespace): it needs the API server to accept.
+    let durable_ns = cp.namespace("cpfault-durable").await;
+    let mut durable_args = operator_args(&durable_ns);
+    durable_args.push("--disable-auth".into());
+    let durable = Operator::start(
+        &cp,
+        &durable_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     op.wait_ready().await;
+    durable.wait_ready().await;
     let (receiver, addr) = CountingReceiver::start().await;
     create_webhook(
         &client,
@@ -419,6 +428,26 @@ async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
     let readyz = sample_readyz(op.metrics_addr, sampling.clone());
     cp.pause_apiserver().await;
     let paused_at = Instant::now();
+    // Durable ingest cannot store events now: it must say so (503) before its request limit
+    // (30 s) would answer 408 as if the client were slow.
+    let durable_post = {
+        let (addr, ns) = (durable.listen_addr, durable_ns.clone());
+        tokio::spawn(async move {
+            let body = json!([{"event": "document.completed", "data": {"document_id": 1}}]);
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                api_call(
+                    addr,
+                    "POST",
+                    &format!("/api/events?namespace={ns}"),
+                    None,
+                    Some(&body.to_string()),
+                ),
+            )
+            .await
+            .expect("durable ingest answers while the API server is unreachable")
+        })
+    };
     post_batches(&op, &ns, "during").await;
     // Delivered while the API server is still paused: the upper bound leaves the pause room.
     eventually(
@@ -428,6 +457,7 @@ async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
     )
     .await;
     let delivered_while_paused = receiver.counts().0;
+    let (durable_status, durable_reply) = durable_post.await.unwrap();
     // The rest of the fault's 30 s, not a synchronisation.
     tokio::time::sleep(PAUSED_FOR.saturating_sub(paused_at.elapsed())).await;
     cp.resume_apiserver().await;
@@ -468,7 +498,8 @@ async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
     eprintln!(
         "FIGURES {test}: sent={sent} delivered={distinct} duplicates={duplicates} lost={} \
          recover_s={recover_s:.1} paused_s={} delivered_while_paused={} readyz_ok={} \
-         readyz_not_ready={} readyz_no_answer={} status_patches_quiet={quiet_patches} \
+         readyz_not_ready={} readyz_no_answer={} durable_ingest_during_pause={durable_status} \
+         status_patches_quiet={quiet_patches} \
          api_requests_quiet={quiet_requests} quiet_s={} rss_mib={:.1} build=debug",
         sent.saturating_sub(distinct),
         PAUSED_FOR.as_secs(),
@@ -481,6 +512,11 @@ async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
     );
     assert_eq!(distinct, sent, "every event delivered");
     assert_eq!(duplicates, 0, "direct ingest delivers each event once");
+    assert_eq!(
+        (durable_status, &durable_reply["error"]["code"]),
+        (503, &json!("unavailable")),
+        "durable ingest with the API server unreachable: {durable_reply}"
+    );
     assert_eq!(
         readyz.no_answer, 0,
         "/readyz must keep answering while the API server is unreachable: {readyz:?}"

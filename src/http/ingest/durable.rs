@@ -35,8 +35,19 @@ pub(super) async fn durable(
         .leadership
         .is_leader()
         .then(|| state.created_events.clone());
+    // An API server that does not answer (paused, partitioned) gets the request a 503 that says
+    // so before --request-timeout, rather than that timeout's 408, which blames the client.
+    let wait = api_server_wait(state.request_timeout);
+    let deadline = tokio::time::Instant::now() + wait;
     let results: Vec<Result<Stored, ApiError>> = futures::stream::iter(events)
-        .map(|e| store(api.clone(), e, created.clone()))
+        .map(|e| {
+            let store = store(api.clone(), e, created.clone());
+            async move {
+                tokio::time::timeout_at(deadline, store)
+                    .await
+                    .unwrap_or_else(|_| Err(api_server_silent(wait)))
+            }
+        })
         .buffered(16)
         .collect()
         .await;
@@ -74,6 +85,22 @@ pub(super) async fn durable(
         reply["idempotency"] = DURABLE_KEY_LIFETIME.into();
     }
     Ok((StatusCode::ACCEPTED, Json(reply)))
+}
+
+/// How long a durable request waits for the API server to store its events: half the request's
+/// own limit (the other half reads the body), at most 10 s.
+fn api_server_wait(request_timeout: std::time::Duration) -> std::time::Duration {
+    (request_timeout / 2).min(std::time::Duration::from_secs(10))
+}
+
+fn api_server_silent(wait: std::time::Duration) -> ApiError {
+    let mut error = ApiError::unavailable(format!(
+        "the Kubernetes API server did not answer within {}s, so an event may have been stored \
+         all the same",
+        wait.as_secs_f64()
+    ));
+    error.retry_after = Some(1);
+    error
 }
 
 /// Stores one event: with a key under the name derived from it, so that a repeat finds the
@@ -168,5 +195,27 @@ fn same_content(existing: &DocumentEvent, content: &str, spec: &DocumentEventSpe
     {
         Some(stored) => stored == content,
         None => existing.spec == *spec,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_silent_api_server_is_answered_within_the_request_limit() {
+        assert_eq!(
+            api_server_wait(Duration::from_secs(30)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            api_server_wait(Duration::from_secs(8)),
+            Duration::from_secs(4)
+        );
+        let error = api_server_silent(Duration::from_secs(10));
+        assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error.retry_after, Some(1));
     }
 }
