@@ -403,8 +403,57 @@ async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
         &cp,
         &durable_args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
+    // And a direct one with authentication (its own namespace), whose caller is reviewed by
+    // the API server: its cached answers last 10 s (access) and 30 s (token).
+    let authed_ns = cp.namespace("cpfault-auth").await;
+    let token = cp.service_account_token(&authed_ns, "ingester").await;
+    for args in [
+        vec!["create", "role", "ingester", "--verb=create"],
+        vec!["create", "rolebinding", "ingester", "--role=ingester"],
+    ] {
+        let subject = format!("--serviceaccount={authed_ns}:ingester");
+        let extra = if args[1] == "role" {
+            "--resource=documentevents.hookrelay.dev"
+        } else {
+            subject.as_str()
+        };
+        cp.kubectl_ok(&[&args[..], &[extra, "-n", &authed_ns]].concat(), None)
+            .await;
+    }
+    let mut authed_args = operator_args(&authed_ns);
+    authed_args.extend(["--ingest-mode", "direct"].map(String::from));
+    let authed = Operator::start(
+        &cp,
+        &authed_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     op.wait_ready().await;
     durable.wait_ready().await;
+    authed.wait_ready().await;
+    let authed_post = {
+        let (addr, ns, token) = (authed.listen_addr, authed_ns.clone(), token.clone());
+        move || {
+            let (ns, token) = (ns.clone(), token.clone());
+            async move {
+                let body = json!([{"event": "document.completed", "data": {"document_id": 1}}]);
+                tokio::time::timeout(
+                    Duration::from_secs(60),
+                    api_call(
+                        addr,
+                        "POST",
+                        &format!("/api/events?namespace={ns}"),
+                        Some(&token),
+                        Some(&body.to_string()),
+                    ),
+                )
+                .await
+                .expect("authenticated ingest answers while the API server is unreachable")
+            }
+        }
+    };
+    // Reviewed and cached now.
+    let (status, reply) = authed_post().await;
+    assert_eq!(status, 202, "authenticated direct ingest: {reply}");
+    let reviewed_at = Instant::now();
     let (receiver, addr) = CountingReceiver::start().await;
     create_webhook(
         &client,
@@ -448,6 +497,13 @@ async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
             .expect("durable ingest answers while the API server is unreachable")
         })
     };
+    // Once the cached access decision (10 s) has expired, the access review goes to the paused
+    // API server: the caller must hear 503 from the review's own limit, not 408 from the
+    // request's, which blames the client.
+    let authed_during = tokio::spawn(async move {
+        tokio::time::sleep_until((reviewed_at + Duration::from_secs(11)).into()).await;
+        authed_post().await
+    });
     post_batches(&op, &ns, "during").await;
     // Delivered while the API server is still paused: the upper bound leaves the pause room.
     eventually(
@@ -458,6 +514,7 @@ async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
     .await;
     let delivered_while_paused = receiver.counts().0;
     let (durable_status, durable_reply) = durable_post.await.unwrap();
+    let (authed_status, authed_reply) = authed_during.await.unwrap();
     // The rest of the fault's 30 s, not a synchronisation.
     tokio::time::sleep(PAUSED_FOR.saturating_sub(paused_at.elapsed())).await;
     cp.resume_apiserver().await;
@@ -499,6 +556,7 @@ async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
         "FIGURES {test}: sent={sent} delivered={distinct} duplicates={duplicates} lost={} \
          recover_s={recover_s:.1} paused_s={} delivered_while_paused={} readyz_ok={} \
          readyz_not_ready={} readyz_no_answer={} durable_ingest_during_pause={durable_status} \
+         authed_ingest_after_cache_expiry={authed_status} \
          status_patches_quiet={quiet_patches} \
          api_requests_quiet={quiet_requests} quiet_s={} rss_mib={:.1} build=debug",
         sent.saturating_sub(distinct),
@@ -516,6 +574,17 @@ async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
         (durable_status, &durable_reply["error"]["code"]),
         (503, &json!("unavailable")),
         "durable ingest with the API server unreachable: {durable_reply}"
+    );
+    assert_eq!(
+        (authed_status, &authed_reply["error"]["code"]),
+        (503, &json!("unavailable")),
+        "authenticated ingest needing a review with the API server unreachable: {authed_reply}"
+    );
+    assert!(
+        authed_reply["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("did not answer")),
+        "the 503 names the silent API server: {authed_reply}"
     );
     assert_eq!(
         readyz.no_answer, 0,
