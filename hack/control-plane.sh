@@ -9,6 +9,12 @@
 #                                               write DIR/kubeconfig; with OWNER_PID, stop them
 #                                               when that process exits
 #   hack/control-plane.sh stop DIR              stop what `start DIR` started
+#   hack/control-plane.sh stop-apiserver DIR    stop only the kube-apiserver (etcd keeps its data)
+#   hack/control-plane.sh start-apiserver DIR   start it again, same port and flags
+#   hack/control-plane.sh stop-etcd DIR         stop only etcd (its data dir is kept)
+#   hack/control-plane.sh start-etcd DIR        start it again, same ports and data dir
+#   hack/control-plane.sh pause-apiserver DIR   SIGSTOP the kube-apiserver (unreachable, not gone)
+#   hack/control-plane.sh resume-apiserver DIR  SIGCONT it
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-1.36.3}
@@ -113,6 +119,46 @@ wait_up() { # wait_up PID SECONDS DESCRIPTION COMMAND...: 0 up, 1 timed out, 2 P
   done
 }
 
+# The servers' command lines, read from the ports saved in DIR, so that a restart (below) runs
+# exactly what `start` ran. Each appends to its log (the caller truncates it on a fresh start).
+run_etcd() { # run_etcd DIR: etcd on DIR/etcd.ports with data in DIR/etcd, in the background
+  local d=$1 etcd_port peer_port
+  read -r etcd_port peer_port <"$d/etcd.ports"
+  "$BIN/etcd" --name default --data-dir "$d/etcd" --unsafe-no-fsync \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "default=http://127.0.0.1:$peer_port" >>"$d/etcd.log" 2>&1 </dev/null &
+  echo $! >"$d/etcd.pid"
+}
+
+wait_etcd() {
+  local d=$1 etcd_port peer_port
+  read -r etcd_port peer_port <"$d/etcd.ports"
+  wait_up "$(cat "$d/etcd.pid")" 60 etcd curl -sf "http://127.0.0.1:$etcd_port/health"
+}
+
+run_apiserver() { # run_apiserver DIR: kube-apiserver on DIR/kube-apiserver.port, in the background
+  local d=$1 etcd_port peer_port api_port
+  read -r etcd_port peer_port <"$d/etcd.ports"
+  api_port=$(cat "$d/kube-apiserver.port")
+  "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --secure-port "$api_port" --advertise-address 127.0.0.1 \
+    --tls-cert-file "$d/server.crt" --tls-private-key-file "$d/server.key" --client-ca-file "$d/ca.crt" \
+    --authorization-mode RBAC --service-account-issuer https://kubernetes.default.svc \
+    --service-account-key-file "$d/sa.pub" --service-account-signing-key-file "$d/sa.key" \
+    --api-audiences https://kubernetes.default.svc \
+    --service-cluster-ip-range 10.0.0.0/24 --disable-admission-plugins ServiceAccount \
+    --allow-privileged=true >>"$d/kube-apiserver.log" 2>&1 </dev/null &
+  echo $! >"$d/kube-apiserver.pid"
+}
+
+wait_apiserver() {
+  local d=$1
+  wait_up "$(cat "$d/kube-apiserver.pid")" 120 kube-apiserver \
+    curl -sf --cacert "$d/ca.crt" --cert "$d/admin.crt" --key "$d/admin.key" \
+    "https://127.0.0.1:$(cat "$d/kube-apiserver.port")/readyz"
+}
+
 start() {
   local d=$1 owner=${2:-}
   [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/etcd" ] || { log "not built: run $0 build"; exit 1; }
@@ -120,18 +166,14 @@ start() {
   d=$(cd "$d" && pwd)
   make_certs "$d"
   local etcd_port peer_port api_port attempt up
-  local curl_auth=(--cacert "$d/ca.crt" --cert "$d/admin.crt" --key "$d/admin.key")
   # A port picked free can be taken before it is bound (a busy machine opens thousands of
   # connections a second): a server that exits at once is started again on other ports.
   for attempt in 1 2 3; do
     etcd_port=$(free_port); peer_port=$(free_port)
     rm -rf "$d/etcd"
-    "$BIN/etcd" --name default --data-dir "$d/etcd" --unsafe-no-fsync \
-      --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-      --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-      --initial-cluster "default=http://127.0.0.1:$peer_port" >"$d/etcd.log" 2>&1 </dev/null &
-    echo $! >"$d/etcd.pid"
-    up=0; wait_up "$(cat "$d/etcd.pid")" 60 etcd curl -sf "http://127.0.0.1:$etcd_port/health" || up=$?
+    printf '%s %s\n' "$etcd_port" "$peer_port" >"$d/etcd.ports"
+    : >"$d/etcd.log"; run_etcd "$d"
+    up=0; wait_etcd "$d" || up=$?
     [ $up -eq 0 ] && break
     cp "$d/etcd.log" "$d/etcd.$attempt.log"
     [ $up -eq 2 ] && [ $attempt -lt 3 ] && continue
@@ -139,18 +181,9 @@ start() {
   done
   for attempt in 1 2 3; do
     api_port=$(free_port)
-    "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
-      --bind-address 127.0.0.1 --secure-port "$api_port" --advertise-address 127.0.0.1 \
-      --tls-cert-file "$d/server.crt" --tls-private-key-file "$d/server.key" --client-ca-file "$d/ca.crt" \
-      --authorization-mode RBAC --service-account-issuer https://kubernetes.default.svc \
-      --service-account-key-file "$d/sa.pub" --service-account-signing-key-file "$d/sa.key" \
-      --api-audiences https://kubernetes.default.svc \
-      --service-cluster-ip-range 10.0.0.0/24 --disable-admission-plugins ServiceAccount \
-      --allow-privileged=true >"$d/kube-apiserver.log" 2>&1 </dev/null &
-    echo $! >"$d/kube-apiserver.pid"
-    up=0
-    wait_up "$(cat "$d/kube-apiserver.pid")" 120 kube-apiserver \
-      curl -sf "${curl_auth[@]}" "https://127.0.0.1:$api_port/readyz" || up=$?
+    echo "$api_port" >"$d/kube-apiserver.port"
+    : >"$d/kube-apiserver.log"; run_apiserver "$d"
+    up=0; wait_apiserver "$d" || up=$?
     [ $up -eq 0 ] && break
     cp "$d/kube-apiserver.log" "$d/kube-apiserver.$attempt.log"
     [ $up -eq 2 ] && [ $attempt -lt 3 ] && continue
@@ -182,22 +215,46 @@ KCFG
   log "kube-apiserver ready at https://127.0.0.1:$api_port (kubeconfig: $d/kubeconfig)"
 }
 
+stop_one() { # stop_one DIR NAME: stop DIR/NAME.pid (a paused one too)
+  local d=$1 f=$2 pid
+  [ -f "$d/$f.pid" ] || return 0
+  pid=$(cat "$d/$f.pid")
+  kill "$pid" 2>/dev/null || true
+  kill -CONT "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$d/$f.pid"
+}
+
 stop() {
-  local d=$1 pid
-  for f in kube-apiserver etcd; do
-    [ -f "$d/$f.pid" ] || continue
-    pid=$(cat "$d/$f.pid")
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$d/$f.pid"
-  done
+  local d=$1
+  stop_one "$d" kube-apiserver
+  stop_one "$d" etcd
   rm -rf "$d/kubeconfig" "$d/etcd"
+}
+
+# For fault tests: one server stopped and started again on its ports, with etcd's data kept.
+restart_part() { # restart_part stop|start|pause|resume kube-apiserver|etcd DIR
+  local action=$1 f=$2 d=$3
+  [ -f "$d/kubeconfig" ] || { log "no control plane in $d"; exit 1; }
+  case "$action" in
+    stop) stop_one "$d" "$f" ;;
+    start)
+      [ ! -f "$d/$f.pid" ] || { log "$f is running (pid $(cat "$d/$f.pid"))"; exit 1; }
+      if [ "$f" = etcd ]; then run_etcd "$d"; wait_etcd "$d"; else run_apiserver "$d"; wait_apiserver "$d"; fi
+      log "$f started again"
+      ;;
+    pause) kill -STOP "$(cat "$d/$f.pid")" ;;
+    resume) kill -CONT "$(cat "$d/$f.pid")" ;;
+  esac
 }
 
 case "${1:-build}" in
   start) start "${2:?usage: $0 start DIR [OWNER_PID]}" "${3:-}" ;;
   stop) stop "${2:?usage: $0 stop DIR}" ;;
+  stop-apiserver | start-apiserver | pause-apiserver | resume-apiserver)
+    restart_part "${1%-apiserver}" kube-apiserver "${2:?usage: $0 $1 DIR}" ;;
+  stop-etcd | start-etcd) restart_part "${1%-etcd}" etcd "${2:?usage: $0 $1 DIR}" ;;
   bindir) echo "$BIN" ;;
   build)
     mkdir -p "$BIN"
@@ -206,5 +263,5 @@ case "${1:-build}" in
     [ -x "$BIN/helm" ] || build_helm
     echo "$BIN"
     ;;
-  *) echo "usage: $0 [build|bindir]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build|bindir|start|stop|{stop,start}-{apiserver,etcd}|{pause,resume}-apiserver]" >&2; exit 2 ;;
 esac

@@ -35,6 +35,36 @@ const KNOWN_TTL: Duration = Duration::from_secs(600);
 const MAX_CACHED: u64 = 10_000;
 /// How long a request waits for a review slot before it is told to come back.
 const REVIEW_SLOT_WAIT: Duration = Duration::from_millis(500);
+/// How long a review waits for the API server. One that does not answer (paused, partitioned)
+/// gets the request a 503 saying so, well before --request-timeout's 408 (which blames the
+/// client), and frees its review slot.
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `create` of a review, bounded by [`REVIEW_TIMEOUT`]; `what` names it in the error.
+async fn ask<K>(client: &Client, review: &K, what: &str) -> Result<K, ApiError>
+where
+    K: kube::Resource<Scope = k8s_openapi::ClusterResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let answer = tokio::time::timeout(
+        REVIEW_TIMEOUT,
+        Api::<K>::all(client.clone()).create(&PostParams::default(), review),
+    )
+    .await
+    .map_err(|_| {
+        let mut error = ApiError::unavailable(format!(
+            "cannot review {what}: the Kubernetes API server did not answer within {}s",
+            REVIEW_TIMEOUT.as_secs()
+        ));
+        error.retry_after = Some(1);
+        error
+    })?;
+    answer.map_err(|e| ApiError::unavailable(format!("cannot review {what}: {e}")))
+}
 
 /// The caller, as the API server knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -306,10 +336,7 @@ impl KubeAuth {
                     },
                     ..Default::default()
                 };
-                let answer = Api::<TokenReview>::all(self.client.clone())
-                    .create(&PostParams::default(), &review)
-                    .await
-                    .map_err(|e| ApiError::unavailable(format!("cannot review the token: {e}")))?;
+                let answer = ask(&self.client, &review, "the token").await?;
                 Ok(reviewed_caller(
                     answer.status.unwrap_or_default(),
                     self.audience.as_deref(),
@@ -368,10 +395,7 @@ impl KubeAuth {
                 },
                 ..Default::default()
             };
-            let answer = Api::<SubjectAccessReview>::all(self.client.clone())
-                .create(&PostParams::default(), &review)
-                .await
-                .map_err(|e| ApiError::unavailable(format!("cannot review access: {e}")))?;
+            let answer = ask(&self.client, &review, "access").await?;
             Ok::<_, ApiError>(answer.status.is_some_and(|s| s.allowed))
         };
         self.decisions
@@ -457,6 +481,42 @@ mod tests {
         let caller = kube.review_token("known-token").await.expect("reviewed");
         assert_eq!(caller.username, "system:serviceaccount:a:b");
         server.await.unwrap();
+    }
+
+    /// An API server that takes the review and never answers: the caller hears 503 (and the
+    /// slot is free again) after REVIEW_TIMEOUT, not when the request's own limit cuts it off.
+    #[tokio::test(start_paused = true)]
+    async fn a_review_the_api_server_never_answers_is_a_503_after_the_review_timeout() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let auth = Authorizer::kubernetes(
+            Client::new(service, "default"),
+            AuthSettings {
+                audience: Some("hookrelay".into()),
+                max_concurrent_reviews: 1,
+            },
+        );
+        let kube = auth.kube.clone().unwrap();
+        // Takes the request and holds its answer.
+        let silent = tokio::spawn(async move {
+            let request = handle.next_request().await;
+            std::future::pending::<()>().await;
+            drop(request);
+        });
+        let review = tokio::time::timeout(REVIEW_TIMEOUT * 2, kube.review_token("a-token"))
+            .await
+            .expect("the review ends on its own")
+            .unwrap_err();
+        assert_eq!(review.status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(review.retry_after, Some(1));
+        assert!(
+            review.message.contains("did not answer"),
+            "{}",
+            review.message
+        );
+        assert_eq!(kube.unknown_token_reviews.available_permits(), 1);
+        silent.abort();
     }
 
     fn user(name: &str) -> Caller {

@@ -22,20 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{
     ControlPlane, NatsServer, Operator, control_plane, create_webhook, eventually, http_get,
+    rss_mib,
 };
 
 const SIGNING_SECRET: &str = "abuse-signing-secret-0123456789";
-
-/// The resident memory of a process, in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process runs");
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status");
-    kib / 1024.0
-}
 
 /// Every verb on hookrelay's resources in `ns` for a new ServiceAccount `sa` of `ns`, and a
 /// token for hookrelay's audience.

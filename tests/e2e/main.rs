@@ -8,6 +8,7 @@ mod control_plane;
 mod crash;
 mod crds;
 mod delivery;
+mod faults_control_plane;
 mod faults_receivers;
 mod filter_suspension_rotation;
 mod hardening;

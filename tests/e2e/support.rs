@@ -1030,6 +1030,123 @@ impl ModeOperator {
     }
 }
 
+// ---- cpfaults: a control plane of a test's own, whose kube-apiserver and etcd it may stop ----
+
+/// A kube-apiserver + etcd of one test's own (not the shared one), for tests that stop, restart
+/// or pause them; stopped on drop (and by the script's watchdog if the test process dies).
+pub struct OwnControlPlane {
+    cp: ControlPlane,
+    dir: PathBuf,
+}
+
+impl std::ops::Deref for OwnControlPlane {
+    type Target = ControlPlane;
+    fn deref(&self) -> &ControlPlane {
+        &self.cp
+    }
+}
+
+impl OwnControlPlane {
+    /// Starts one in a fresh temporary directory and installs the CRDs.
+    pub async fn start(name: &str) -> OwnControlPlane {
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let bin = PathBuf::from(run_ok(Command::new(script()).arg("build")).trim());
+            static SEQ: AtomicU32 = AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "hookrelay-own-cp-{name}-{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            run_ok(
+                Command::new(script())
+                    .arg("start")
+                    .arg(&dir)
+                    .arg(std::process::id().to_string()),
+            );
+            let cp = ControlPlane {
+                kubeconfig: dir.join("kubeconfig"),
+                bin,
+            };
+            let own = OwnControlPlane { cp, dir };
+            own.cp.install_crds();
+            own
+        })
+        .await
+        .expect("the control plane starts")
+    }
+
+    async fn script(&self, action: &str) {
+        let out = tokio::process::Command::new(script())
+            .arg(action)
+            .arg(&self.dir)
+            .output()
+            .await
+            .expect("hack/control-plane.sh runs");
+        assert!(
+            out.status.success(),
+            "control-plane.sh {action} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the kube-apiserver (SIGTERM); etcd and its data stay.
+    pub async fn stop_apiserver(&self) {
+        self.script("stop-apiserver").await
+    }
+
+    /// Starts it again on the same port with the same flags; returns once it is ready.
+    pub async fn start_apiserver(&self) {
+        self.script("start-apiserver").await
+    }
+
+    /// Stops etcd; its data directory stays.
+    pub async fn stop_etcd(&self) {
+        self.script("stop-etcd").await
+    }
+
+    /// Starts etcd again on the same ports and data; returns once it is healthy.
+    pub async fn start_etcd(&self) {
+        self.script("start-etcd").await
+    }
+
+    /// SIGSTOP: the kube-apiserver's port still accepts connections, nothing answers.
+    pub async fn pause_apiserver(&self) {
+        self.script("pause-apiserver").await
+    }
+
+    /// SIGCONT.
+    pub async fn resume_apiserver(&self) {
+        self.script("resume-apiserver").await
+    }
+}
+
+impl Drop for OwnControlPlane {
+    fn drop(&mut self) {
+        let _ = Command::new(script()).arg("stop").arg(&self.dir).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The sum of every series of a counter family in an operator's /metrics, such as
+/// `hookrelay_status_patches_total` over all its labels.
+pub async fn metric_sum(addr: std::net::SocketAddr, family: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics").await?;
+    Some(
+        body.lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(family)?;
+                let value = match rest.strip_prefix('{') {
+                    Some(labelled) => labelled.split_once('}')?.1,
+                    None => rest,
+                };
+                value.trim().parse::<f64>().ok()
+            })
+            .sum(),
+    )
+}
+
 // ---- rxfaults (issue 12: receiver faults, leader kill, JetStream restart) ----
 
 impl NatsServer {

@@ -36,6 +36,10 @@ pub(super) async fn durable(
         .is_leader()
         .then(|| state.created_events.clone());
     let deadline = store_deadline(state);
+    // An API server that does not answer (paused, partitioned) gets the request a 503 that says
+    // so before --request-timeout, rather than that timeout's 408, which blames the client.
+    let wait = api_server_wait(state.request_timeout);
+    let given_up = tokio::time::Instant::now() + wait;
     let results: Vec<Result<Stored, ApiError>> = futures::stream::iter(events)
         .map(|e| {
             // Decided when the store would start (`buffered` pulls lazily).
@@ -43,10 +47,11 @@ pub(super) async fn durable(
             let stored = store(api.clone(), e, created.clone());
             async move {
                 if late {
-                    Err(out_of_time())
-                } else {
-                    stored.await
+                    return Err(out_of_time());
                 }
+                tokio::time::timeout_at(given_up, stored)
+                    .await
+                    .unwrap_or_else(|_| Err(api_server_silent(wait)))
             }
         })
         .buffered(16)
@@ -90,6 +95,23 @@ pub(super) async fn durable(
 
 /// Stores one event: with a key under the name derived from it, so that a repeat finds the
 /// first one (same uid, so the same delivery ids); without one under a generated name.
+/// How long a durable request waits for the API server to answer the stores it started: three
+/// quarters of the request's own limit (no store starts after half of it, [`store_deadline`]),
+/// so the client hears which events were stored before that limit's 408.
+fn api_server_wait(request_timeout: std::time::Duration) -> std::time::Duration {
+    request_timeout * 3 / 4
+}
+
+fn api_server_silent(wait: std::time::Duration) -> ApiError {
+    let mut error = ApiError::unavailable(format!(
+        "the Kubernetes API server did not answer within {}s, so an event may have been stored \
+         all the same",
+        wait.as_secs_f64()
+    ));
+    error.retry_after = Some(1);
+    error
+}
+
 async fn store(
     api: Api<DocumentEvent>,
     e: IngestEvent,
@@ -180,5 +202,27 @@ fn same_content(existing: &DocumentEvent, content: &str, spec: &DocumentEventSpe
     {
         Some(stored) => stored == content,
         None => existing.spec == *spec,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_silent_api_server_is_answered_within_the_request_limit() {
+        assert_eq!(
+            api_server_wait(Duration::from_secs(30)),
+            Duration::from_millis(22_500)
+        );
+        assert_eq!(
+            api_server_wait(Duration::from_secs(8)),
+            Duration::from_secs(6)
+        );
+        let error = api_server_silent(Duration::from_secs(10));
+        assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error.retry_after, Some(1));
     }
 }
