@@ -14,44 +14,15 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::{Api, Client, api::PostParams};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    ControlPlane, NatsServer, Operator, control_plane, create_webhook, eventually, http_get,
-    rss_mib,
+    NatsServer, Operator, control_plane, create_webhook, eventually, http_get, rss_mib,
 };
 
 const SIGNING_SECRET: &str = "abuse-signing-secret-0123456789";
-
-/// Every verb on hookrelay's resources in `ns` for a new ServiceAccount `sa` of `ns`, and a
-/// token for hookrelay's audience.
-async fn tenant_token(cp: &ControlPlane, client: &Client, ns: &str, sa: &str) -> String {
-    let token = cp.service_account_token(ns, sa).await;
-    let role: Role = serde_json::from_value(json!({
-        "metadata": {"name": sa},
-        "rules": [{"apiGroups": ["hookrelay.dev"], "resources": ["webhooks", "documentevents"], "verbs": ["*"]}],
-    }))
-    .unwrap();
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": sa},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
-        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}],
-    }))
-    .unwrap();
-    Api::<Role>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &role)
-        .await
-        .unwrap();
-    Api::<RoleBinding>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
-    token
-}
 
 /// A receiver that counts deliveries by the `data.k` of the event they carry, so that a test
 /// knows exactly which events arrived (and which refused ones did not).
@@ -131,8 +102,8 @@ impl Target {
         let op = Operator::start(cp, &args);
         op.wait_ready().await;
         let pid = op.child.id().expect("the operator runs");
-        let abuser_token = tenant_token(cp, &client, &abuser_ns, "abuser").await;
-        let tenant_token = tenant_token(cp, &client, &tenant_ns, "tenant").await;
+        let abuser_token = cp.hookrelay_token(&abuser_ns, "abuser").await;
+        let tenant_token = cp.hookrelay_token(&tenant_ns, "tenant").await;
         let (abuser_sink, abuser_addr) = KeyedReceiver::start().await;
         let (tenant_sink, tenant_addr) = KeyedReceiver::start().await;
         for (ns, addr) in [(&abuser_ns, abuser_addr), (&tenant_ns, tenant_addr)] {

@@ -4,51 +4,14 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::{Api, Client, api::PostParams};
+use kube::Api;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
-    ControlPlane, CountingReceiver, InProcess, api_call, control_plane, create_webhook, eventually,
+    CountingReceiver, InProcess, api_call, control_plane, create_webhook, eventually,
+    grant_hookrelay,
 };
-
-const ALL: &[&str] = &["webhooks", "documentevents"];
-
-/// A ServiceAccount token for hookrelay whose Role in `ns` allows every verb on its resources.
-async fn grant(client: &Client, ns: &str, sa: &str) {
-    grant_in(client, ns, ns, sa).await
-}
-
-async fn token_with(cp: &ControlPlane, client: &Client, ns: &str, sa: &str) -> String {
-    let token = cp.service_account_token(ns, sa).await;
-    grant(client, ns, sa).await;
-    token
-}
-
-/// Every verb on hookrelay's resources in `ns` for the ServiceAccount `sa_ns`/`sa`.
-async fn grant_in(client: &Client, ns: &str, sa_ns: &str, sa: &str) {
-    let name = format!("{sa_ns}-{sa}");
-    let role: Role = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "rules": [{"apiGroups": ["hookrelay.dev"], "resources": ALL, "verbs": ["*"]}],
-    }))
-    .unwrap();
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": sa_ns}],
-    }))
-    .unwrap();
-    Api::<Role>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &role)
-        .await
-        .unwrap();
-    Api::<RoleBinding>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
-}
 
 fn args_for(ns: &str) -> hookrelay::operator::RunArgs {
     let mut args = hookrelay::operator::RunArgs::for_tests();
@@ -193,11 +156,10 @@ async fn at_the_connection_cap_a_new_client_waits_until_one_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_bogus_tokens_does_not_cost_a_valid_caller_its_cache_entry() {
     let cp = control_plane();
-    let client = cp.client().await;
     let ns = cp.namespace("token-flood").await;
     let op = InProcess::start(cp.config().await, &ns).await;
     let api = op.op.listen_addr;
-    let token = token_with(cp, &client, &ns, "admin").await;
+    let token = cp.hookrelay_token(&ns, "admin").await;
     let list = format!("/api/webhooks?namespace={ns}");
     let (status, body) = api_call(api, "GET", &list, Some(&token), None).await;
     assert_eq!(status, 200, "{body}");
@@ -246,7 +208,7 @@ async fn tokens_must_be_minted_for_hookrelays_audience() {
     let plain = cp
         .service_account_token_without_audience(&ns, "plain")
         .await;
-    grant(&client, &ns, "plain").await;
+    grant_hookrelay(&client, &ns, &ns, "plain").await;
     let for_hookrelay = cp.service_account_token(&ns, "plain").await;
     let list = format!("/api/webhooks?namespace={ns}");
     {
@@ -368,7 +330,7 @@ async fn ids_that_are_not_object_names_are_404_and_reach_no_subresource() {
     let client = cp.client().await;
     let ns = cp.namespace("ids").await;
     let op = InProcess::start(cp.config().await, &ns).await;
-    let token = token_with(cp, &client, &ns, "admin").await;
+    let token = cp.hookrelay_token(&ns, "admin").await;
     let (_receiver, addr) = CountingReceiver::start().await;
     create_webhook(
         &client,
@@ -419,9 +381,9 @@ async fn namespaces_not_watched_are_refused_with_422() {
     let client = cp.client().await;
     let ns = cp.namespace("watched").await;
     let op = InProcess::start(cp.config().await, &ns).await;
-    let token = token_with(cp, &client, &ns, "admin").await;
+    let token = cp.hookrelay_token(&ns, "admin").await;
     // RBAC would allow it: only the watched set refuses it.
-    grant_in(&client, "default", &ns, "admin").await;
+    grant_hookrelay(&client, "default", &ns, "admin").await;
     let api = op.op.listen_addr;
     let marker = format!("unwatched-{ns}");
     let event = json!({"event": "document.completed", "data": {"marker": marker}}).to_string();
@@ -478,7 +440,7 @@ async fn test_deliveries_are_rate_limited_per_webhook() {
     let client = cp.client().await;
     let ns = cp.namespace("test-limit").await;
     let op = InProcess::start(cp.config().await, &ns).await;
-    let token = token_with(cp, &client, &ns, "admin").await;
+    let token = cp.hookrelay_token(&ns, "admin").await;
     let (receiver, addr) = CountingReceiver::start().await;
     create_webhook(
         &client,
@@ -557,7 +519,7 @@ async fn a_test_delivery_to_a_webhook_that_is_not_ready_says_why() {
     let client = cp.client().await;
     let ns = cp.namespace("test-not-ready").await;
     let op = InProcess::start(cp.config().await, &ns).await;
-    let token = token_with(cp, &client, &ns, "admin").await;
+    let token = cp.hookrelay_token(&ns, "admin").await;
     let webhooks: kube::Api<hookrelay::crd::Webhook> = kube::Api::namespaced(client.clone(), &ns);
     let w: hookrelay::crd::Webhook = serde_json::from_value(json!({
         "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "metadata": {"name": "nosecret"},

@@ -19,12 +19,9 @@ use base64::{
     engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD},
 };
 use hmac::{Hmac, Mac};
-use k8s_openapi::api::{
-    core::v1::Secret,
-    rbac::v1::{Role, RoleBinding},
-};
+use k8s_openapi::api::core::v1::Secret;
 use kube::{
-    Api, Client,
+    Api,
     api::{Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
@@ -187,33 +184,6 @@ impl Recorder {
     }
 }
 
-/// A ServiceAccount token for hookrelay's API whose Role allows every verb on its resources.
-async fn api_token(client: &Client, ns: &str) -> String {
-    let sa = "leak-test";
-    let token = control_plane().service_account_token(ns, sa).await;
-    let role: Role = serde_json::from_value(json!({
-        "metadata": {"name": sa},
-        "rules": [{"apiGroups": ["hookrelay.dev"], "resources": ["webhooks", "documentevents"], "verbs": ["*"]}],
-    }))
-    .unwrap();
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": sa},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
-        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}],
-    }))
-    .unwrap();
-    let pp = PostParams::default();
-    Api::<Role>::namespaced(client.clone(), ns)
-        .create(&pp, &role)
-        .await
-        .unwrap();
-    Api::<RoleBinding>::namespaced(client.clone(), ns)
-        .create(&pp, &binding)
-        .await
-        .unwrap();
-    token
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_value_appears_in_anything_the_operator_writes() {
     full_flow(
@@ -262,7 +232,7 @@ async fn full_flow(name: &str, nats: Option<&NatsServer>) {
     let cp = control_plane();
     let client = cp.client().await;
     let ns = cp.namespace("leak").await;
-    let token = api_token(&client, &ns).await;
+    let token = control_plane().hookrelay_token(&ns, "leak-test").await;
     // The real binary, auth on (TokenReview + SubjectAccessReview), every crate at debug:
     // kube, hyper, reqwest and rustls lines are in the log too (asserted below).
     let mut args = vec![

@@ -373,6 +373,14 @@ impl Drop for InProcess {
 }
 
 impl ControlPlane {
+    /// A token for hookrelay's audience of a new ServiceAccount `namespace`/`service_account`
+    /// that may do everything with hookrelay's resources in `namespace` ([`grant_hookrelay`]).
+    pub async fn hookrelay_token(&self, namespace: &str, service_account: &str) -> String {
+        let token = self.service_account_token(namespace, service_account).await;
+        grant_hookrelay(&self.client().await, namespace, namespace, service_account).await;
+        token
+    }
+
     /// A ServiceAccount token for hookrelay's API (`kubectl create token SA --audience
     /// hookrelay`); the API server itself does not accept it.
     pub async fn service_account_token(&self, namespace: &str, service_account: &str) -> String {
@@ -1242,4 +1250,30 @@ pub fn rss_mib(pid: u32) -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/<pid>/status");
     kib / 1024.0
+}
+
+/// Every verb on hookrelay's resources (webhooks, documentevents) in `namespace` for the
+/// ServiceAccount `sa_namespace`/`sa`: a Role and RoleBinding named `{sa_namespace}-{sa}`.
+pub async fn grant_hookrelay(client: &Client, namespace: &str, sa_namespace: &str, sa: &str) {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let name = format!("{sa_namespace}-{sa}");
+    let role: Role = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "rules": [{"apiGroups": ["hookrelay.dev"], "resources": ["webhooks", "documentevents"], "verbs": ["*"]}],
+    }))
+    .unwrap();
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": sa_namespace}],
+    }))
+    .unwrap();
+    Api::<Role>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    Api::<RoleBinding>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
 }
