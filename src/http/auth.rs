@@ -173,6 +173,11 @@ impl Authorizer {
         self
     }
 
+    /// The watched namespaces (`--namespace`); empty: all.
+    pub fn watched(&self) -> &[String] {
+        &self.watched
+    }
+
     /// TokenReviews sent to the API server so far (0 with auth disabled).
     pub fn token_reviews(&self) -> u64 {
         self.kube

@@ -4,6 +4,7 @@
 mod auth;
 mod caller;
 mod error;
+mod events;
 mod health;
 mod ingest;
 mod recover;
@@ -58,6 +59,8 @@ pub const ROUTES: &[(&str, &str)] = &[
         "post",
         "/api/webhooks/{id}/deliveries/{delivery_id}/redeliver",
     ),
+    ("get", "/api/namespaces"),
+    ("get", "/api/documentevents/{name}"),
     ("get", "/openapi.json"),
 ];
 
@@ -246,6 +249,8 @@ pub fn api_router(state: Arc<ApiState>) -> Router {
     let request_timeout = state.request_timeout;
     Router::new()
         .route("/api/events", post(ingest::ingest))
+        .route("/api/namespaces", get(events::namespaces))
+        .route("/api/documentevents/{name}", get(events::document_event))
         .route("/api/webhooks", get(webhooks::list).post(webhooks::create))
         .route(
             "/api/webhooks/{id}",

@@ -1,0 +1,170 @@
+//! The REST endpoints the web page needs (issue 13): the watched namespaces, a DocumentEvent by
+//! name, and the extra fields of Webhooks and deliveries, against the real API server with
+//! real tokens.
+
+use serde_json::json;
+
+use crate::support::{
+    InProcess, api_call, control_plane, counting_webhook, create_event, wait_phase,
+};
+
+fn args_for(ns: &str) -> hookrelay::operator::RunArgs {
+    let mut args = hookrelay::operator::RunArgs::for_tests();
+    args.namespaces = vec![ns.to_owned()];
+    args.allow_http = true;
+    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+    args
+}
+
+/// A Role and RoleBinding that let `sa` of `ns` do `verbs` on `resources` of hookrelay in `ns`.
+async fn grant(client: &kube::Client, ns: &str, sa: &str, resources: &[&str], verbs: &[&str]) {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use kube::{Api, api::PostParams};
+    let name = format!("{sa}-web");
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "rules": [{"apiGroups": ["hookrelay.dev"], "resources": resources, "verbs": verbs}],
+    }))
+    .unwrap();
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}],
+    }))
+    .unwrap();
+    Api::<Role>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_lists_the_watched_ones_to_any_authenticated_caller() {
+    let cp = control_plane();
+    let ns = cp.namespace("web-ns").await;
+    let op = InProcess::start_with(cp.config().await, args_for(&ns)).await;
+    let addr = op.op.listen_addr;
+    // A ServiceAccount without any grant: the watched namespaces are configuration, not data.
+    let nobody = cp.service_account_token(&ns, "nobody").await;
+    let (status, body) = api_call(addr, "GET", "/api/namespaces", Some(&nobody), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"all_namespaces": false, "namespaces": [ns]}));
+    let (status, body) = api_call(addr, "GET", "/api/namespaces", None, None).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "unauthorized");
+    op.stop().await;
+
+    // Without --namespace, every namespace is watched.
+    let mut all = args_for(&ns);
+    all.namespaces = Vec::new();
+    let op = InProcess::start_with(cp.config().await, all).await;
+    let (status, body) = api_call(
+        op.op.listen_addr,
+        "GET",
+        "/api/namespaces",
+        Some(&nobody),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"all_namespaces": true, "namespaces": []}));
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_event_by_name_with_its_deliveries() {
+    let cp = control_plane();
+    let ns = cp.namespace("web-de").await;
+    let client = cp.client().await;
+    let op = InProcess::start_with(cp.config().await, args_for(&ns)).await;
+    let addr = op.op.listen_addr;
+    let receiver =
+        counting_webhook(&client, &ns, "to-app", "web-api-signing-secret-0123456789").await;
+    create_event(
+        &client,
+        &ns,
+        "invoice-42",
+        "document.completed",
+        json!({"document_id": 42}),
+    )
+    .await;
+    wait_phase(&client, &ns, "invoice-42", "Delivered").await;
+    assert_eq!(receiver.counts().0, 1);
+
+    // May get Webhooks but not DocumentEvents: 403 naming the verb and resource.
+    let viewer = cp.service_account_token(&ns, "webhooks-only").await;
+    grant(
+        &client,
+        &ns,
+        "webhooks-only",
+        &["webhooks"],
+        &["get", "list"],
+    )
+    .await;
+    let path = format!("/api/documentevents/invoice-42?namespace={ns}");
+    let (status, body) = api_call(addr, "GET", &path, Some(&viewer), None).await;
+    assert_eq!(status, 403, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("may not get documentevents.hookrelay.dev in namespace"),
+        "{message}"
+    );
+    let (status, _) = api_call(addr, "GET", &path, None, None).await;
+    assert_eq!(status, 401);
+
+    // get on documentevents is enough.
+    let reader = cp.service_account_token(&ns, "events-reader").await;
+    grant(&client, &ns, "events-reader", &["documentevents"], &["get"]).await;
+    let (status, body) = api_call(addr, "GET", &path, Some(&reader), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["name"], "invoice-42");
+    assert_eq!(body["namespace"], ns.as_str());
+    assert_eq!(body["event"], "document.completed");
+    assert_eq!(body["timestamp"], "2023-06-15T10:35:00Z");
+    assert_eq!(body["phase"], "Delivered");
+    assert_eq!(body["data"], json!({"document_id": 42}));
+    assert!(body["source"].is_string(), "{body}");
+    let deliveries = body["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), 1, "{body}");
+    let d = &deliveries[0];
+    assert_eq!(d["webhook"], "to-app");
+    assert!(
+        d["delivery_id"].as_str().unwrap().starts_with("msg_"),
+        "{d}"
+    );
+    assert_eq!(d["attempts"], 1);
+    assert_eq!(d["outcome"], "Succeeded");
+    assert_eq!(d["http_status"], 200);
+    assert_eq!(d["error"], serde_json::Value::Null);
+    assert!(d["at"].is_string(), "{d}");
+
+    // Unknown, and names that are no object names: 404 not_found, never another API path.
+    for name in ["no-such-event", "x%2Fstatus", "UPPER"] {
+        let (status, body) = api_call(
+            addr,
+            "GET",
+            &format!("/api/documentevents/{name}?namespace={ns}"),
+            Some(&reader),
+            None,
+        )
+        .await;
+        assert_eq!(status, 404, "{name}: {body}");
+        assert_eq!(body["error"]["code"], "not_found", "{name}");
+    }
+    // A namespace this operator does not watch: 422, as for Webhooks.
+    let admin = cp.hookrelay_token(&ns, "admin").await;
+    let (status, body) = api_call(
+        addr,
+        "GET",
+        "/api/documentevents/invoice-42?namespace=default",
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    op.stop().await;
+}
