@@ -139,6 +139,8 @@ pub struct Dispatcher {
     rate_limits: RateLimits,
     /// `spec.ordering`: the per-key queues of this process.
     sequencer: Arc<Sequencer>,
+    /// Attempts being sent now, per Webhook (the API's `in_flight`).
+    in_flight: super::InFlight,
 }
 
 impl Dispatcher {
@@ -161,6 +163,7 @@ impl Dispatcher {
             namespaces: KeyedLimits::new(config.per_namespace),
             rate_limits: RateLimits::default(),
             sequencer: Arc::default(),
+            in_flight: super::InFlight::default(),
         }
     }
 
@@ -382,6 +385,8 @@ impl Dispatcher {
                     headers: &route.headers,
                     service: route.service.as_deref(),
                 };
+                // Counted until the send ends, times out or is cancelled (a drop guard).
+                let _in_flight = self.in_flight.start(&route.key);
                 self.sender.send(attempt).instrument(span.clone()).await
             }
         };
@@ -455,6 +460,11 @@ impl Dispatcher {
             time: Time(now),
             duration,
         })
+    }
+
+    /// Attempts being sent to `webhook` by this replica right now.
+    pub fn in_flight(&self, webhook: &WebhookKey) -> usize {
+        self.in_flight.get(webhook)
     }
 
     /// Attempts in flight to one Webhook at once.

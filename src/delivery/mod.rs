@@ -7,6 +7,7 @@ mod egress;
 mod engine;
 mod headers;
 pub mod history;
+mod in_flight;
 pub mod jetstream;
 mod limits;
 pub mod ordering;
@@ -27,6 +28,7 @@ pub use engine::{
     new_target,
 };
 pub use headers::{CustomHeaders, custom_headers, is_reserved_header};
+pub use in_flight::{InFlight, InFlightGuard};
 pub use limits::KeyedLimits;
 pub use ordering::{Sequencer, Ticket};
 pub use payload::{EventBody, timestamp_of};

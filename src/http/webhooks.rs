@@ -20,7 +20,7 @@ use serde_json::{Map, Value, json};
 
 use super::{ApiState, NamespaceQuery, caller::caller, error::ApiError, is_delivery_id, read_body};
 use crate::{
-    crd::{DocumentEvent, EventType, Webhook},
+    crd::{DeliveryRecord, DocumentEvent, EventType, Outcome, Webhook, WebhookStatus},
     delivery::{AttemptReport, Attempted, Delivery, EventBody, RouteCheck, Verdict},
 };
 
@@ -63,6 +63,48 @@ fn to_json(w: &Webhook) -> Value {
         json["headers"] = json!(w.spec.headers);
     }
     json
+}
+
+/// What the web page shows of a Webhook beside its spec (list and get): attempts being sent
+/// now by this replica, the latest attempt, the recent success rate and `Degraded`.
+fn with_activity(mut json: Value, w: &Webhook, in_flight: usize) -> Value {
+    let status = w.status.clone().unwrap_or_default();
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded" && c.status == "True");
+    json["in_flight"] = json!(in_flight);
+    json["last_delivery_at"] = json!(last_delivery_at(&status).map(|t| t.to_string()));
+    json["success_rate"] = json!(success_rate(&status.recent_deliveries));
+    json["degraded"] = json!(degraded.is_some());
+    json["degraded_reason"] = json!(degraded.map(|c| &c.reason));
+    json["degraded_message"] = json!(degraded.map(|c| &c.message));
+    json
+}
+
+/// The share of the retained recent attempts (`status.recentDeliveries`) that succeeded; None
+/// without any. Each attempt counts, a failed one that is retried included: it is what the
+/// receiver answered.
+fn success_rate(recent: &[DeliveryRecord]) -> Option<f64> {
+    if recent.is_empty() {
+        return None;
+    }
+    let succeeded = recent
+        .iter()
+        .filter(|r| r.outcome == Outcome::Succeeded)
+        .count();
+    Some(succeeded as f64 / recent.len() as f64)
+}
+
+/// The latest attempt: from the counters, which outlive the recent history, or the history.
+fn last_delivery_at(status: &WebhookStatus) -> Option<k8s_openapi::jiff::Timestamp> {
+    let stats = &status.delivery_stats;
+    [&stats.last_success_time, &stats.last_failure_time]
+        .into_iter()
+        .flatten()
+        .chain(status.recent_deliveries.iter().map(|r| &r.time))
+        .map(|t| t.0)
+        .max()
 }
 
 /// `service_ref` of a request body, in the Webhook's field names (`ca_bundle` -> `caBundle`);
@@ -186,9 +228,12 @@ pub async fn list(
         .list(&Default::default())
         .await
         .map_err(|e| ApiError::from_kube(e, "namespace"))?;
-    Ok(Json(
-        json!({"webhooks": list.items.iter().map(to_json).collect::<Vec<_>>()}),
-    ))
+    let webhooks: Vec<Value> = list
+        .items
+        .iter()
+        .map(|w| with_activity(to_json(w), w, in_flight(&state, &c.namespace, w)))
+        .collect();
+    Ok(Json(json!({"webhooks": webhooks})))
 }
 
 pub async fn get(
@@ -199,7 +244,15 @@ pub async fn get(
 ) -> Result<Json<Value>, ApiError> {
     let c = caller(&state, &q, &headers, "get").await?;
     let w = c.webhook(&id).await?;
-    Ok(Json(to_json(&w)))
+    let in_flight = in_flight(&state, &c.namespace, &w);
+    Ok(Json(with_activity(to_json(&w), &w, in_flight)))
+}
+
+/// Attempts this replica's engine is sending to `w` now.
+fn in_flight(state: &ApiState, namespace: &str, w: &Webhook) -> usize {
+    state
+        .dispatcher
+        .in_flight(&crate::routing::WebhookKey::new(namespace, &w.name_any()))
 }
 
 pub async fn create(
@@ -797,6 +850,83 @@ mod tests {
             grace_seconds(None, b"{").unwrap_err().status,
             StatusCode::BAD_REQUEST
         );
+    }
+
+    fn record(outcome: Outcome, at: i64) -> DeliveryRecord {
+        DeliveryRecord {
+            id: "msg_1".into(),
+            event: "document.completed".into(),
+            source: "ev-1".into(),
+            attempt: 1,
+            outcome,
+            http_status: None,
+            duration_ms: 3,
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(at).unwrap(),
+            ),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn the_success_rate_is_over_the_recent_attempts() {
+        assert_eq!(success_rate(&[]), None);
+        let recent = [
+            record(Outcome::Succeeded, 4),
+            record(Outcome::Retrying, 3),
+            record(Outcome::Failed, 2),
+            record(Outcome::Succeeded, 1),
+        ];
+        assert_eq!(success_rate(&recent), Some(0.5));
+        assert_eq!(success_rate(&recent[..1]), Some(1.0));
+        assert_eq!(success_rate(&recent[1..3]), Some(0.0));
+    }
+
+    #[test]
+    fn activity_fields_come_from_the_status_and_the_engine() {
+        let mut w: Webhook = serde_json::from_value(json!({
+            "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook",
+            "metadata": {"name": "wh-1", "namespace": "docs"},
+            "spec": {"url": "https://example.com/h", "events": ["*"], "secretRef": {"name": "s"}},
+        }))
+        .unwrap();
+        // Never delivered: nulls, not zeros.
+        let json = with_activity(to_json(&w), &w, 0);
+        assert_eq!(json["in_flight"], 0);
+        assert_eq!(json["last_delivery_at"], Value::Null);
+        assert_eq!(json["success_rate"], Value::Null);
+        assert_eq!(json["degraded"], false);
+        assert_eq!(json["degraded_reason"], Value::Null);
+        // Seed fields are unchanged.
+        assert_eq!(json["id"], "wh-1");
+        w.status = Some(
+            serde_json::from_value(json!({
+                "conditions": [{"type": "Degraded", "status": "True", "reason": "ConsecutiveFailures",
+                                "message": "5 consecutive failed attempts; last: HTTP 500",
+                                "lastTransitionTime": "2026-11-30T10:00:00Z"}],
+                "deliveryStats": {"succeeded": 1, "failed": 5, "consecutiveFailures": 5,
+                                  "lastSuccessTime": "2026-11-30T09:00:00Z",
+                                  "lastFailureTime": "2026-11-30T10:00:00Z"},
+                "recentDeliveries": [serde_json::to_value(record(Outcome::Failed, 1)).unwrap(),
+                                     serde_json::to_value(record(Outcome::Succeeded, 0)).unwrap()],
+            }))
+            .unwrap(),
+        );
+        let json = with_activity(to_json(&w), &w, 2);
+        assert_eq!(json["in_flight"], 2);
+        assert_eq!(json["last_delivery_at"], "2026-11-30T10:00:00Z");
+        assert_eq!(json["success_rate"], 0.5);
+        assert_eq!(json["degraded"], true);
+        assert_eq!(json["degraded_reason"], "ConsecutiveFailures");
+        assert_eq!(
+            json["degraded_message"],
+            "5 consecutive failed attempts; last: HTTP 500"
+        );
+        // A Degraded condition that is False is no reason.
+        w.status.as_mut().unwrap().conditions[0].status = "False".into();
+        let json = with_activity(to_json(&w), &w, 0);
+        assert_eq!(json["degraded"], false);
+        assert_eq!(json["degraded_reason"], Value::Null);
     }
 
     #[test]

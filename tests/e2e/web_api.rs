@@ -2,10 +2,13 @@
 //! name, and the extra fields of Webhooks and deliveries, against the real API server with
 //! real tokens.
 
+use std::time::Duration;
+
 use serde_json::json;
 
 use crate::support::{
-    InProcess, api_call, control_plane, counting_webhook, create_event, wait_phase,
+    CountingReceiver, InProcess, api_call, control_plane, counting_webhook, create_event,
+    create_webhook, eventually, free_port, wait_phase,
 };
 
 fn args_for(ns: &str) -> hookrelay::operator::RunArgs {
@@ -166,5 +169,149 @@ async fn a_document_event_by_name_with_its_deliveries() {
     )
     .await;
     assert_eq!(status, 422, "{body}");
+    op.stop().await;
+}
+
+/// `GET /api/webhooks` items by id.
+async fn webhooks_by_id(
+    addr: std::net::SocketAddr,
+    ns: &str,
+    token: &str,
+) -> std::collections::HashMap<String, serde_json::Value> {
+    let (status, body) = api_call(
+        addr,
+        "GET",
+        &format!("/api/webhooks?namespace={ns}"),
+        Some(token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["id"].as_str().unwrap().to_owned(), w.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_show_attempts_in_flight_last_delivery_success_rate_and_degraded() {
+    let cp = control_plane();
+    let ns = cp.namespace("web-wh").await;
+    let client = cp.client().await;
+    let op = InProcess::start_with(cp.config().await, args_for(&ns)).await;
+    let addr = op.op.listen_addr;
+    let token = cp.hookrelay_token(&ns, "viewer").await;
+    let secret = "web-api-signing-secret-0123456789";
+    // Answers once opened; another that never answers (its attempts time out); a closed port.
+    let (_held, held_addr, gate) = CountingReceiver::start_gated().await;
+    let (_never, never_addr, _closed_gate) = CountingReceiver::start_gated().await;
+    let refused_port = free_port();
+    create_webhook(
+        &client,
+        &ns,
+        "held",
+        &format!("http://{held_addr}/h"),
+        secret,
+        json!({}),
+    )
+    .await;
+    create_webhook(
+        &client,
+        &ns,
+        "times-out",
+        &format!("http://{never_addr}/h"),
+        secret,
+        json!({"timeoutSeconds": 1, "maxAttempts": 1}),
+    )
+    .await;
+    create_webhook(
+        &client,
+        &ns,
+        "refused",
+        &format!("http://127.0.0.1:{refused_port}/h"),
+        secret,
+        json!({"maxAttempts": 5, "initialBackoffSeconds": 1, "maxBackoffSeconds": 1}),
+    )
+    .await;
+    let before = webhooks_by_id(addr, &ns, &token).await;
+    for id in ["held", "times-out", "refused"] {
+        let w = &before[id];
+        assert_eq!(w["in_flight"], 0, "{w}");
+        assert_eq!(w["last_delivery_at"], serde_json::Value::Null, "{w}");
+        assert_eq!(w["success_rate"], serde_json::Value::Null, "{w}");
+        assert_eq!(w["degraded"], false, "{w}");
+        assert_eq!(w["degraded_reason"], serde_json::Value::Null, "{w}");
+    }
+
+    create_event(
+        &client,
+        &ns,
+        "ev-1",
+        "document.completed",
+        json!({"document_id": 1}),
+    )
+    .await;
+    // Both held receivers have the attempt: in flight, in the list and in get.
+    eventually("attempts in flight", Duration::from_secs(30), || async {
+        let ws = webhooks_by_id(addr, &ns, &token).await;
+        (ws["held"]["in_flight"] == 1 && ws["times-out"]["in_flight"] == 1).then_some(())
+    })
+    .await;
+    let (status, one) = api_call(
+        addr,
+        "GET",
+        &format!("/api/webhooks/held?namespace={ns}"),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!((status, &one["in_flight"]), (200, &json!(1)), "{one}");
+
+    // Answered: back to 0, one success out of one.
+    gate.open();
+    let held = eventually("held delivered", Duration::from_secs(30), || async {
+        let ws = webhooks_by_id(addr, &ns, &token).await;
+        let w = ws["held"].clone();
+        (w["in_flight"] == 0 && w["success_rate"] == 1.0).then_some(w)
+    })
+    .await;
+    assert!(held["last_delivery_at"].is_string(), "{held}");
+    assert_eq!(held["degraded"], false);
+
+    // Timed out: back to 0 too, a failure.
+    let timed_out = eventually("times-out failed", Duration::from_secs(30), || async {
+        let ws = webhooks_by_id(addr, &ns, &token).await;
+        let w = ws["times-out"].clone();
+        (w["in_flight"] == 0 && w["success_rate"] == 0.0).then_some(w)
+    })
+    .await;
+    assert!(timed_out["last_delivery_at"].is_string(), "{timed_out}");
+    assert_eq!(
+        timed_out["degraded"], false,
+        "one failure is no degradation"
+    );
+
+    // Five refused attempts in a row: Degraded, with its reason.
+    let refused = eventually("refused Degraded", Duration::from_secs(60), || async {
+        let ws = webhooks_by_id(addr, &ns, &token).await;
+        let w = ws["refused"].clone();
+        (w["degraded"] == true).then_some(w)
+    })
+    .await;
+    assert_eq!(
+        refused["degraded_reason"], "ConsecutiveFailures",
+        "{refused}"
+    );
+    assert!(
+        refused["degraded_message"]
+            .as_str()
+            .unwrap()
+            .contains("consecutive failed attempts"),
+        "{refused}"
+    );
+    assert_eq!(refused["success_rate"], 0.0, "{refused}");
+    assert_eq!(refused["in_flight"], 0, "{refused}");
     op.stop().await;
 }
