@@ -213,7 +213,18 @@ pub fn record_json(r: &DeliveryRecord) -> Value {
         "response_time_ms": r.duration_ms,
         "created_at": r.time.0.to_string(),
         "error": r.error,
+        "document_event": document_event_of(r),
     })
+}
+
+/// The DocumentEvent a recorded attempt delivered, for a link to it: its `source`, unless that
+/// names another origin (direct or JetStream ingest, `/test`, `/redeliver`), which leaves none.
+pub fn document_event_of(r: &DeliveryRecord) -> Option<&str> {
+    match r.source.as_str() {
+        "ingest" | "jetstream" | "test" | "redeliver" => None,
+        name if super::is_object_name(name) => Some(name),
+        _ => None,
+    }
 }
 
 /// A DocumentEvent's delivery in the same shape: where it stands now (`state`), after
@@ -283,6 +294,30 @@ pub async fn search(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recorded_attempts_link_their_document_event() {
+        let record = |source: &str| DeliveryRecord {
+            id: "msg_1".into(),
+            event: "document.completed".into(),
+            source: source.into(),
+            attempt: 1,
+            outcome: Outcome::Succeeded,
+            http_status: Some(200),
+            duration_ms: 3,
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(0).unwrap(),
+            ),
+            error: None,
+        };
+        assert_eq!(
+            record_json(&record("document-completed-x7k2p"))["document_event"],
+            "document-completed-x7k2p"
+        );
+        for other in ["ingest", "jetstream", "test", "redeliver"] {
+            assert_eq!(record_json(&record(other))["document_event"], Value::Null);
+        }
+    }
 
     #[test]
     fn since_must_be_an_rfc3339_time() {

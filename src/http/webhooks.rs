@@ -518,20 +518,7 @@ pub async fn deliveries(
     let deliveries: Vec<Value> = status
         .recent_deliveries
         .iter()
-        .map(|r| {
-            json!({
-                "id": r.id,
-                "event": r.event,
-                "source": r.source,
-                "attempt": r.attempt,
-                "outcome": r.outcome,
-                "success": r.outcome == crate::crd::Outcome::Succeeded,
-                "status_code": r.http_status,
-                "response_time_ms": r.duration_ms,
-                "created_at": r.time.0.to_string(),
-                "error": r.error,
-            })
-        })
+        .map(super::recover::record_json)
         .collect();
     Ok(Json(
         json!({"deliveries": deliveries, "stats": status.delivery_stats}),

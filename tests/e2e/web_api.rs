@@ -169,6 +169,57 @@ async fn a_document_event_by_name_with_its_deliveries() {
     )
     .await;
     assert_eq!(status, 422, "{body}");
+
+    // The Webhook's delivery rows link to the event; a test delivery has none to link.
+    let (status, body) = api_call(
+        addr,
+        "POST",
+        &format!("/api/webhooks/to-app/test?namespace={ns}"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let rows = eventually(
+        "both deliveries recorded",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = api_call(
+                addr,
+                "GET",
+                &format!("/api/webhooks/to-app/deliveries?namespace={ns}"),
+                Some(&admin),
+                None,
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            let rows = body["deliveries"].as_array().unwrap().clone();
+            (rows.len() == 2).then_some(rows)
+        },
+    )
+    .await;
+    let of = |source: &str| {
+        rows.iter()
+            .find(|r| r["source"] == source)
+            .unwrap_or_else(|| panic!("no {source} row in {rows:?}"))
+    };
+    assert_eq!(of("invoice-42")["document_event"], "invoice-42");
+    assert_eq!(of("invoice-42")["id"], d["delivery_id"]);
+    assert_eq!(of("test")["document_event"], serde_json::Value::Null);
+    // A search finds it in the retained event, linked too.
+    let (status, body) = api_call(
+        addr,
+        "GET",
+        &format!("/api/webhooks/to-app/deliveries?namespace={ns}&document_id=42"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["deliveries"][0]["document_event"], "invoice-42",
+        "{body}"
+    );
     op.stop().await;
 }
 
