@@ -251,6 +251,21 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
             .any(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "hookrelay-every"),
         "no cluster-wide grant in watchNamespaces mode"
     );
+    // web.viewerRole.create: a read-only ClusterRole for the web page, bound by no one.
+    let viewer = every_objects
+        .iter()
+        .find(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] == "hookrelay-every-viewer")
+        .unwrap_or_else(|| panic!("the viewer ClusterRole in {every}"));
+    assert_eq!(
+        viewer["rules"],
+        json!([{"apiGroups": ["hookrelay.dev"], "resources": ["webhooks", "documentevents"], "verbs": ["get", "list"]}])
+    );
+    assert!(
+        !every_objects
+            .iter()
+            .any(|o| o["roleRef"]["name"] == "hookrelay-every-viewer"),
+        "nothing is bound to the viewer role"
+    );
     let args = container_args(deployment(&every_objects));
     for expected in [
         format!("--namespace={team_a}"),
@@ -315,6 +330,7 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
         "certificate.cert-manager.io/hookrelay-every created (server dry run)",
         "networkpolicy.networking.k8s.io/hookrelay-every created (server dry run)",
         "poddisruptionbudget.policy/hookrelay-every created (server dry run)",
+        "clusterrole.rbac.authorization.k8s.io/hookrelay-every-viewer created (server dry run)",
     ] {
         assert!(out.stdout.contains(created), "{created}: {}", out.stdout);
     }

@@ -366,3 +366,101 @@ async fn webhooks_show_attempts_in_flight_last_delivery_success_rate_and_degrade
     assert_eq!(refused["in_flight"], 0, "{refused}");
     op.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_viewer_role_reads_what_the_page_shows_and_changes_nothing() {
+    let cp = control_plane();
+    let ns = cp.namespace("web-viewer").await;
+    let client = cp.client().await;
+    let op = InProcess::start_with(cp.config().await, args_for(&ns)).await;
+    let addr = op.op.listen_addr;
+    // The chart's web.viewerRole, as `helm template` renders it (a release name containing
+    // "hookrelay" is the full name), bound the way NOTES.txt says.
+    let release = format!("hookrelay-{ns}");
+    let chart = crate::support::repo_root().join("charts/hookrelay");
+    let rendered = tokio::process::Command::new(cp.bin.join("helm"))
+        .args(["template", &release])
+        .arg(&chart)
+        .args([
+            "--set",
+            "web.viewerRole.create=true",
+            "-s",
+            "templates/viewer-role.yaml",
+        ])
+        .output()
+        .await
+        .expect("helm runs");
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let role = format!("{release}-viewer");
+    cp.kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&String::from_utf8(rendered.stdout).unwrap()),
+    )
+    .await;
+    cp.kubectl_ok(
+        &[
+            "create",
+            "rolebinding",
+            "support-viewer",
+            "-n",
+            &ns,
+            &format!("--clusterrole={role}"),
+            &format!("--serviceaccount={ns}:support"),
+        ],
+        None,
+    )
+    .await;
+    let token = cp.service_account_token(&ns, "support").await;
+
+    let _receiver =
+        counting_webhook(&client, &ns, "to-app", "web-api-signing-secret-0123456789").await;
+    create_event(
+        &client,
+        &ns,
+        "ev-1",
+        "document.completed",
+        json!({"document_id": 1}),
+    )
+    .await;
+    wait_phase(&client, &ns, "ev-1", "Delivered").await;
+    for path in [
+        "/api/namespaces".to_owned(),
+        format!("/api/webhooks?namespace={ns}"),
+        format!("/api/webhooks/to-app?namespace={ns}"),
+        format!("/api/webhooks/to-app/deliveries?namespace={ns}"),
+        format!("/api/webhooks/to-app/deliveries?namespace={ns}&document_id=1"),
+        format!("/api/documentevents/ev-1?namespace={ns}"),
+    ] {
+        let (status, body) = api_call(addr, "GET", &path, Some(&token), None).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    // The page's buttons need more than a viewer has: 403 naming what is missing.
+    for (method, path, body) in [
+        ("PUT", "/api/webhooks/to-app", Some(r#"{"paused":true}"#)),
+        ("POST", "/api/webhooks/to-app/test", None),
+        ("POST", "/api/webhooks/to-app/resume", None),
+    ] {
+        let (status, reply) = api_call(
+            addr,
+            method,
+            &format!("{path}?namespace={ns}"),
+            Some(&token),
+            body,
+        )
+        .await;
+        assert_eq!(status, 403, "{method} {path}: {reply}");
+        assert!(
+            reply["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("may not update webhooks.hookrelay.dev"),
+            "{reply}"
+        );
+    }
+    cp.kubectl_ok(&["delete", "clusterrole", &role], None).await;
+    op.stop().await;
+}
