@@ -104,16 +104,17 @@ fn document_event_json(de: &DocumentEvent) -> Value {
     })
 }
 
-/// Who created the DocumentEvent: the field manager of its creation (`kubectl-create`, or the
-/// operator's for `POST /api/events`); null when the API server did not record one.
+/// Who created the DocumentEvent: the field manager of its creation (`hookrelay-ingest` for
+/// `POST /api/events`, `kubectl-create` for kubectl); null when the API server recorded none.
 fn source_of(de: &DocumentEvent) -> Option<String> {
+    // Status writes are on the status subresource; of the others (the spec is immutable) the
+    // earliest is the creation.
     de.metadata
         .managed_fields
         .iter()
         .flatten()
-        .find(|f| {
-            f.operation.as_deref() == Some("Create") || f.operation.as_deref() == Some("Apply")
-        })
+        .filter(|f| f.subresource.as_deref().unwrap_or_default().is_empty())
+        .min_by_key(|f| f.time.as_ref().map(|t| t.0))
         .and_then(|f| f.manager.clone())
 }
 
@@ -139,8 +140,13 @@ mod tests {
             "apiVersion": "hookrelay.dev/v1alpha1", "kind": "DocumentEvent",
             "metadata": {"name": "ev-1", "namespace": "docs",
                          "creationTimestamp": "2026-11-30T10:00:00Z",
-                         "managedFields": [{"manager": "kubectl-create", "operation": "Update"},
-                                           {"manager": "kubectl-create", "operation": "Create"}]},
+                         "managedFields": [
+                             {"manager": "hookrelay", "operation": "Apply", "subresource": "status",
+                              "time": "2026-11-30T10:00:01Z"},
+                             {"manager": "kubectl-label", "operation": "Update",
+                              "time": "2026-11-30T10:00:02Z"},
+                             {"manager": "kubectl-create", "operation": "Update",
+                              "time": "2026-11-30T10:00:00Z"}]},
             "spec": {"type": "document.completed", "data": {"document_id": 7}},
             "status": {"phase": "Delivering", "deliveries": [
                 {"webhook": "a", "id": "msg_1", "state": "Succeeded", "attempts": 1,

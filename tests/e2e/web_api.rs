@@ -170,6 +170,30 @@ async fn a_document_event_by_name_with_its_deliveries() {
     .await;
     assert_eq!(status, 422, "{body}");
 
+    // An event from POST /api/events (durable) names its source.
+    let (status, body) = api_call(
+        addr,
+        "POST",
+        &format!("/api/events?namespace={ns}"),
+        Some(&admin),
+        Some(r#"{"event":"document.error","data":{"document_id":43}}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let ingested = body["document_events"][0].as_str().unwrap().to_owned();
+    let (status, body) = api_call(
+        addr,
+        "GET",
+        &format!("/api/documentevents/{ingested}?namespace={ns}"),
+        Some(&reader),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["source"], "hookrelay-ingest", "{body}");
+    assert_eq!(body["event"], "document.error");
+    wait_phase(&client, &ns, &ingested, "Delivered").await;
+
     // The Webhook's delivery rows link to the event; a test delivery has none to link.
     let (status, body) = api_call(
         addr,
@@ -181,7 +205,7 @@ async fn a_document_event_by_name_with_its_deliveries() {
     .await;
     assert_eq!(status, 200, "{body}");
     let rows = eventually(
-        "both deliveries recorded",
+        "the three deliveries recorded",
         Duration::from_secs(30),
         || async {
             let (status, body) = api_call(
@@ -194,7 +218,7 @@ async fn a_document_event_by_name_with_its_deliveries() {
             .await;
             assert_eq!(status, 200, "{body}");
             let rows = body["deliveries"].as_array().unwrap().clone();
-            (rows.len() == 2).then_some(rows)
+            (rows.len() == 3).then_some(rows)
         },
     )
     .await;
@@ -205,6 +229,7 @@ async fn a_document_event_by_name_with_its_deliveries() {
     };
     assert_eq!(of("invoice-42")["document_event"], "invoice-42");
     assert_eq!(of("invoice-42")["id"], d["delivery_id"]);
+    assert_eq!(of(&ingested)["document_event"], ingested.as_str());
     assert_eq!(of("test")["document_event"], serde_json::Value::Null);
     // A search finds it in the retained event, linked too.
     let (status, body) = api_call(

@@ -143,7 +143,7 @@ async fn store(
     let Some(key) = e.key else {
         de.metadata.name = None;
         de.metadata.generate_name = Some(format!("{}-", e.event.as_str().replace('.', "-")));
-        return match api.create(&PostParams::default(), &de).await {
+        return match api.create(&created_by_ingest(), &de).await {
             Ok(de) => {
                 let name = de.metadata.name.clone().unwrap_or_default();
                 hand_over(de);
@@ -163,7 +163,7 @@ async fn store(
     ]);
     // Twice at most: the existing one may be deleted (retention) between create and get.
     for _ in 0..2 {
-        match api.create(&PostParams::default(), &de).await {
+        match api.create(&created_by_ingest(), &de).await {
             Ok(de) => {
                 hand_over(de);
                 return Ok(Stored {
@@ -189,6 +189,17 @@ async fn store(
     Err(ApiError::unavailable(format!(
         "the DocumentEvent {name} of idempotency key {key:?} was being deleted; retry"
     )))
+}
+
+/// The field manager of DocumentEvents made by `POST /api/events`: what the API shows as an
+/// event's `source` (`kubectl create` records `kubectl-create`).
+pub const INGEST_FIELD_MANAGER: &str = "hookrelay-ingest";
+
+fn created_by_ingest() -> PostParams {
+    PostParams {
+        field_manager: Some(INGEST_FIELD_MANAGER.into()),
+        ..PostParams::default()
+    }
 }
 
 /// Whether a stored keyed event has the content of a request: by the fingerprint stored with it
