@@ -23,4 +23,5 @@ mod service_ref_and_headers;
 mod ssrf;
 mod support;
 mod telemetry;
+mod web_page;
 mod webhook_controller;
