@@ -9,6 +9,8 @@
   const NAMESPACE_KEY = 'hookrelay.namespace';
   const POLL_MS = 2000;
   const MAX_POLL_MS = 30000;
+  // The API returns the 20 most recent attempts.
+  const CHART_SLOTS = 20;
   const SVG_NS = 'http://www.w3.org/2000/svg';
   // Sources of deliveries that are not DocumentEvents (see DeliveryRecord.source).
   const NON_EVENT_SOURCES = new Set(['ingest', 'test', 'redeliver']);
@@ -323,6 +325,8 @@
     const deliveries = el('div', { id: 'deliveries' }, loading('deliveries'));
     const liveNote = el('p', { class: 'help', id: 'live-note' }, 'Updates every 2 seconds.');
     let searching = null;
+    // Counts actions started and finished (see the poll).
+    let actions = 0;
 
     function showResult(kind, ...text) {
       result.replaceChildren(el('p', { class: `notice notice-${kind}`, 'data-kind': kind }, ...text));
@@ -349,8 +353,10 @@
       const label = button.textContent;
       button.disabled = true;
       button.textContent = busyText;
+      actions += 1;
       try {
         await work();
+        actions += 1;
       } catch (e) {
         if (e.status === 401 || e.status === 403) {
           result.replaceChildren(errorState(e));
@@ -508,11 +514,12 @@
 
     function drawChart(list) {
       // Oldest on the left; bar height is the response time, colour the outcome.
-      const recent = list.slice(0, 20).reverse();
+      const recent = list.slice(0, CHART_SLOTS).reverse();
       const width = 320;
       const height = 80;
       const gap = 2;
-      const slot = width / Math.max(recent.length, 1);
+      // Fixed slots: a bar is as wide with 2 deliveries as with 20.
+      const slot = width / CHART_SLOTS;
       const slowest = Math.max(1, ...recent.map((d) => d.response_time_ms || 0));
       const ok = recent.filter((d) => d.outcome === 'Succeeded').length;
       const label = recent.length
@@ -542,10 +549,15 @@
       async function tick() {
         timer = null;
         if (stopped) return;
-        if (document.hidden || searching) { schedule(); return; }
+        if (document.hidden) { schedule(); return; }
         try {
-          const reply = await api('GET', `${base}/deliveries?${q}`);
-          if (stopped || gen !== generation || searching) return;
+          // The Webhook too: Ready, paused and suspended change under the person's eyes.
+          const actionsBefore = actions;
+          const [w, reply] = await Promise.all([api('GET', `${base}?${q}`), api('GET', `${base}/deliveries?${q}`)]);
+          if (stopped || gen !== generation) return;
+          // A read that overlapped an action may predate it: the action's own answer wins.
+          if (actionsBefore === actions) fillSummary(w);
+          if (searching) { schedule(); return; }
           drawDeliveries(reply, false);
           delay = POLL_MS;
           liveNote.textContent = 'Updates every 2 seconds.';

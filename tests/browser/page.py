@@ -166,6 +166,20 @@ def run(args, page, shots):
     page.screenshot(path=str(shots / "unauthorized.png"), full_page=True)
     axe_scan(page, "unauthorised state")
 
+    if args.readonly_token:
+        step("a read-only token sees the Webhook; its test delivery is forbidden, naming the verb")
+        page.goto(f"{args.base}/ui/#/")
+        page.get_by_label("Bearer token").fill(args.readonly_token)
+        page.get_by_role("button", name="Use this token").click()
+        page.goto(f"{args.base}/ui/#/ns/{args.namespace}/webhooks/{args.webhook}")
+        expect(page.locator(f'tr[data-delivery-id="{args.failed_delivery}"] >> nth=0')).to_be_visible()
+        page.get_by_role("button", name="Send a test delivery").click()
+        forbidden = page.locator("#action-result [data-state=forbidden]")
+        expect(forbidden).to_be_visible()
+        expect(forbidden).to_contain_text("may not update webhooks.hookrelay.dev")
+        page.screenshot(path=str(shots / "forbidden.png"), full_page=True)
+        axe_scan(page, "forbidden state")
+
     assert not csp_violations, f"the page broke its own Content-Security-Policy: {csp_violations}"
     step("every step passed")
 
@@ -177,6 +191,7 @@ def main():
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--webhook", required=True, help="a Webhook of the namespace")
     parser.add_argument("--failed-delivery", required=True, help="a failed delivery of a DocumentEvent to it")
+    parser.add_argument("--readonly-token", default="", help="a token allowed get/list only (403 on actions)")
     parser.add_argument("--xss", default="", help="text from the API that must be shown as text")
     parser.add_argument("--screenshots", required=True, help="directory for the PNG files")
     parser.add_argument("--chromium", default="", help="the browser binary (default: chromium on PATH)")

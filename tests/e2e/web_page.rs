@@ -27,6 +27,15 @@ async fn failing_receiver() -> std::net::SocketAddr {
     addr
 }
 
+/// What page.py writes, and what docs/screenshots holds.
+const SCREENSHOTS: [&str; 5] = [
+    "webhooks-list.png",
+    "webhook-page.png",
+    "webhook-page-375px.png",
+    "unauthorized.png",
+    "forbidden.png",
+];
+
 fn browser_python() -> PathBuf {
     let python = repo_root().join("tests/browser/.venv/bin/python");
     assert!(
@@ -70,6 +79,34 @@ async fn a_person_uses_the_delivery_log_page_in_chromium() {
     wait_phase(&client, &ns, "doc-42", "Failed").await;
 
     let token = cp.hookrelay_token(&ns, "page-viewer").await;
+    // A read-only token (what the README suggests for support people): actions answer 403.
+    let reader = cp.service_account_token(&ns, "page-reader").await;
+    cp.kubectl_ok(
+        &[
+            "create",
+            "role",
+            "page-reader",
+            "-n",
+            &ns,
+            "--verb=get,list",
+            "--resource=webhooks.hookrelay.dev,documentevents.hookrelay.dev",
+        ],
+        None,
+    )
+    .await;
+    cp.kubectl_ok(
+        &[
+            "create",
+            "rolebinding",
+            "page-reader",
+            "-n",
+            &ns,
+            "--role=page-reader",
+            &format!("--serviceaccount={ns}:page-reader"),
+        ],
+        None,
+    )
+    .await;
     let deliveries_path = format!("/api/webhooks/failing/deliveries?namespace={ns}");
     let failed_delivery = eventually(
         "the failed delivery of doc-42 in the Webhook's history",
@@ -95,6 +132,7 @@ async fn a_person_uses_the_delivery_log_page_in_chromium() {
         .args(["--namespace", &ns])
         .args(["--webhook", "failing"])
         .args(["--failed-delivery", &failed_delivery])
+        .args(["--readonly-token", &reader])
         .args(["--xss", XSS])
         .arg("--screenshots")
         .arg(&shots)
@@ -117,12 +155,7 @@ async fn a_person_uses_the_delivery_log_page_in_chromium() {
         shots.display()
     );
     assert!(log.contains("page.py: every step passed"), "{log}");
-    for shot in [
-        "webhooks-list.png",
-        "webhook-page.png",
-        "webhook-page-375px.png",
-        "unauthorized.png",
-    ] {
+    for shot in SCREENSHOTS {
         let png = std::fs::read(shots.join(shot)).unwrap_or_else(|e| panic!("{shot}: {e}"));
         assert!(png.starts_with(b"\x89PNG") && png.len() > 2000, "{shot}");
     }
@@ -130,12 +163,7 @@ async fn a_person_uses_the_delivery_log_page_in_chromium() {
     if let Ok(keep) = std::env::var("HOOKRELAY_SCREENSHOTS") {
         let keep = repo_root().join(keep);
         std::fs::create_dir_all(&keep).unwrap();
-        for shot in [
-            "webhooks-list.png",
-            "webhook-page.png",
-            "webhook-page-375px.png",
-            "unauthorized.png",
-        ] {
+        for shot in SCREENSHOTS {
             std::fs::copy(shots.join(shot), keep.join(shot)).unwrap();
         }
     }
