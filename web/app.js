@@ -623,6 +623,14 @@
       ev = await api('GET', `/api/documentevents/${enc(name)}?namespace=${enc(ns)}`);
     } catch (e) {
       if (gen !== generation) return;
+      if (e.status === 404 && e.message === 'no such endpoint') {
+        // An operator older than GET /api/documentevents/{name}.
+        main.replaceChildren(el('h1', {}, `Event ${name}`),
+          el('section', { class: 'state', 'data-state': 'unsupported' },
+            el('p', {}, 'This hookrelay cannot show events yet (it has no GET /api/documentevents). Use ',
+              el('code', {}, `kubectl get documentevent ${name} -n ${ns} -o yaml`), '.')));
+        return;
+      }
       if (e.status === 404) {
         main.replaceChildren(el('h1', {}, `Event ${name}`),
           el('section', { class: 'state', 'data-state': 'empty' },

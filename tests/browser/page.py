@@ -133,6 +133,8 @@ def run(args, page, shots):
     pause.click()
     expect(pause).to_have_attribute("aria-pressed", "false")
     expect(result).to_contain_text("Resumed")
+    # The poll brings the controller's verdict: Ready again (not "Paused"), without a reload.
+    expect(page.locator("#webhook-facts .badge-ok", has_text="Ready")).to_be_visible()
 
     step("search by delivery id")
     page.get_by_label("Search by").select_option("delivery_id")
@@ -153,6 +155,15 @@ def run(args, page, shots):
     assert overflow <= 1, f"the page is {overflow}px wider than a 375px screen"
     page.screenshot(path=str(shots / "webhook-page-375px.png"), full_page=True)
     page.set_viewport_size({"width": 1280, "height": 900})
+
+    step("a delivery row links to its event's page; Back returns")
+    page.locator(f'tr[data-delivery-id="{args.failed_delivery}"] >> nth=0').get_by_role("link").click()
+    expect(page.get_by_role("heading", level=1)).to_have_text(re.compile(r"^Event "))
+    # The event's phase, or (before GET /api/documentevents exists) a state that says why not.
+    expect(page.locator("main")).to_contain_text(re.compile(r"Phase|cannot show events|not retained"))
+    page.go_back()
+    expect(page.get_by_role("heading", level=1)).to_have_text(f"Webhook {args.webhook}")
+    assert page.evaluate("window.__sameDocument === true"), "the page reloaded"
 
     step("a wrong token shows the unauthorised state")
     page.goto(f"{args.base}/ui/#/")
