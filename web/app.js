@@ -479,7 +479,8 @@
       const eventName = d.document_event || (d.source && !NON_EVENT_SOURCES.has(d.source) ? d.source : null);
       const source = eventName ? el('a', { href: eventHref(ns, eventName) }, d.source || eventName) : show(d.source);
       let action = null;
-      if (d.outcome === 'Failed' && d.id) {
+      // Only a stored event can be sent again (a test or direct-ingest delivery has none).
+      if (d.outcome === 'Failed' && d.id && eventName) {
         action = el('button', { type: 'button', class: 'small', 'data-focus-key': `redeliver-${d.id}`, 'aria-label': `Redeliver ${d.id}` }, 'Redeliver');
         action.addEventListener('click', () => act(action, 'Sending…', async () => {
           const reply = await api('POST', `${base}/deliveries/${enc(d.id)}/redeliver?${q}`);
