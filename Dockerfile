@@ -6,6 +6,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
 COPY docs ./docs
+COPY web ./web
 # --locked: exactly the dependencies of Cargo.lock, as CI builds them (hack/test.sh).
 RUN cargo build --release --locked --bin hookrelay
 

@@ -17,6 +17,9 @@ step "test receivers (Python and Node, from the seed's verification code)"
 hack/receivers.sh
 tests/receivers/.venv/bin/python tests/receivers/selftest.py
 
+step "browser test tools (chromium, Playwright for Python, axe-core)"
+hack/browser.sh
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -1,5 +1,5 @@
-//! HTTP surfaces. On the listen port: the seed's REST API, event ingest and the OpenAPI
-//! document. On the metrics port: `/metrics`, `/healthz`, `/readyz`.
+//! HTTP surfaces. On the listen port: the seed's REST API, event ingest, the OpenAPI
+//! document and the delivery log page (`/ui/`). On the metrics port: `/metrics`, `/healthz`, `/readyz`.
 
 mod auth;
 mod caller;
@@ -9,6 +9,7 @@ mod health;
 mod ingest;
 mod recover;
 mod serve;
+pub mod web;
 mod webhooks;
 
 pub use auth::{AuthSettings, Authorizer, Caller};
@@ -279,6 +280,8 @@ pub fn api_router(state: Arc<ApiState>) -> Router {
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
+        // The page's files hold no data: served without auth (its API calls carry the token).
+        .merge(web::router())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

@@ -24,4 +24,5 @@ mod ssrf;
 mod support;
 mod telemetry;
 mod web_api;
+mod web_page;
 mod webhook_controller;
