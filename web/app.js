@@ -12,8 +12,6 @@
   // The API returns the 20 most recent attempts.
   const CHART_SLOTS = 20;
   const SVG_NS = 'http://www.w3.org/2000/svg';
-  // Sources of deliveries that are not DocumentEvents (see DeliveryRecord.source).
-  const NON_EVENT_SOURCES = new Set(['ingest', 'test', 'redeliver']);
 
   const main = document.getElementById('main');
   const crumbs = document.getElementById('crumbs');
@@ -476,7 +474,8 @@
     }
 
     function deliveryRow(d) {
-      const eventName = d.document_event || (d.source && !NON_EVENT_SOURCES.has(d.source) ? d.source : null);
+      // The DocumentEvent this attempt delivered; null for direct, JetStream, test and redelivery.
+      const eventName = d.document_event;
       const source = eventName ? el('a', { href: eventHref(ns, eventName) }, d.source || eventName) : show(d.source);
       let action = null;
       // Only a stored event can be sent again (a test or direct-ingest delivery has none).
@@ -624,14 +623,6 @@
       ev = await api('GET', `/api/documentevents/${enc(name)}?namespace=${enc(ns)}`);
     } catch (e) {
       if (gen !== generation) return;
-      if (e.status === 404 && e.message === 'no such endpoint') {
-        // An operator older than GET /api/documentevents/{name}.
-        main.replaceChildren(el('h1', {}, `Event ${name}`),
-          el('section', { class: 'state', 'data-state': 'unsupported' },
-            el('p', {}, 'This hookrelay cannot show events yet (it has no GET /api/documentevents). Use ',
-              el('code', {}, `kubectl get documentevent ${name} -n ${ns} -o yaml`), '.')));
-        return;
-      }
       if (e.status === 404) {
         main.replaceChildren(el('h1', {}, `Event ${name}`),
           el('section', { class: 'state', 'data-state': 'empty' },

@@ -25,6 +25,9 @@ pub const USER_AGENT: &str = concat!("hookrelay/", env!("CARGO_PKG_VERSION"));
 /// Bytes of a response body read (so the connection can be reused) before it is dropped.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
+/// Bytes of a refusal's body kept in the attempt's record (`HTTP 500: <excerpt>`).
+const EXCERPT_BYTES: usize = 256;
+
 /// One attempt to POST.
 pub struct Attempt<'a> {
     pub url: &'a str,
@@ -320,8 +323,13 @@ impl HttpSender {
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                drain(response).await;
-                AttemptResult::Status { code, retry_after }
+                let refused = !response.status().is_success();
+                let excerpt = drain(response, if refused { EXCERPT_BYTES } else { 0 }).await;
+                AttemptResult::Status {
+                    code,
+                    retry_after,
+                    excerpt: refused.then(|| excerpt_text(&excerpt)).flatten(),
+                }
             }
             Err(e) => AttemptResult::Error {
                 message: describe(&e, attempt.timeout),
@@ -359,15 +367,33 @@ fn headers(attempt: &Attempt<'_>) -> HeaderMap {
     h
 }
 
-/// Reads a bounded part of the body so the connection returns to the pool.
-async fn drain(mut response: reqwest::Response) {
+/// Reads a bounded part of the body so the connection returns to the pool; returns its first
+/// `keep` bytes.
+async fn drain(mut response: reqwest::Response, keep: usize) -> Vec<u8> {
+    let mut kept = Vec::new();
     let mut read = 0;
     while let Ok(Some(chunk)) = response.chunk().await {
+        let room = keep.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..room.min(chunk.len())]);
         read += chunk.len();
         if read > MAX_RESPONSE_BODY {
             break;
         }
     }
+    kept
+}
+
+/// The start of a body as one line of text: invalid UTF-8 replaced, control characters and runs
+/// of white space made one space. None when nothing is left. It is shown as text everywhere
+/// (status, API, the web page), never interpreted.
+fn excerpt_text(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let line = text
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    (!line.is_empty()).then_some(line)
 }
 
 /// A short, secret-free description of a failed request.
@@ -465,6 +491,20 @@ impl Resolve for ServiceResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_body_is_kept_as_one_line_of_text() {
+        assert_eq!(
+            excerpt_text(b"  quota\r\n exceeded:\t\x00<img src=x onerror=alert(1)>\n"),
+            Some("quota exceeded: <img src=x onerror=alert(1)>".into())
+        );
+        assert_eq!(
+            excerpt_text(b"bad \xff byte").as_deref(),
+            Some("bad \u{fffd} byte")
+        );
+        assert_eq!(excerpt_text(b" \r\n\t"), None);
+        assert_eq!(excerpt_text(b""), None);
+    }
 
     #[test]
     fn the_test_address_map_parses_pairs_and_maps_only_what_it_names() {

@@ -401,8 +401,13 @@ impl Dispatcher {
             AttemptResult::Status { code, .. } if (200..300).contains(code) => {
                 (Some(*code as i32), None)
             }
-            AttemptResult::Status { code, .. } => {
-                (Some(*code as i32), Some(format!("HTTP {code}")))
+            AttemptResult::Status { code, excerpt, .. } => {
+                let mut message = match excerpt {
+                    Some(text) => format!("HTTP {code}: {text}"),
+                    None => format!("HTTP {code}"),
+                };
+                truncate_error(&mut message);
+                (Some(*code as i32), Some(message))
             }
             AttemptResult::Error { message, .. } => {
                 let mut message = message.clone();

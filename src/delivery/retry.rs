@@ -11,6 +11,9 @@ pub enum AttemptResult {
     Status {
         code: u16,
         retry_after: Option<Duration>,
+        /// The start of a non-2xx answer's body, as one line of text, for the attempt's record
+        /// (receivers explain their refusals there). Never parsed.
+        excerpt: Option<String>,
     },
     /// No answer: connect error, timeout, refused by the egress guard, ...
     Error { message: String, permanent: bool },
@@ -61,6 +64,7 @@ impl RetryPolicy {
             AttemptResult::Status {
                 code: 429 | 503,
                 retry_after,
+                ..
             } => *retry_after,
             AttemptResult::Error {
                 permanent: true, ..
@@ -118,6 +122,7 @@ mod tests {
         AttemptResult::Status {
             code,
             retry_after: None,
+            excerpt: None,
         }
     }
 
@@ -191,6 +196,7 @@ mod tests {
             let r = AttemptResult::Status {
                 code: 503,
                 retry_after: Some(after),
+                excerpt: None,
             };
             assert_eq!(p.verdict(1, &r, 0.5), Verdict::Retry(MIN_RETRY_AFTER));
         }
@@ -200,6 +206,7 @@ mod tests {
         let r = AttemptResult::Status {
             code: 429,
             retry_after: past,
+            excerpt: None,
         };
         assert_eq!(p.verdict(1, &r, 0.5), Verdict::Retry(MIN_RETRY_AFTER));
     }
@@ -210,6 +217,7 @@ mod tests {
         let r = |secs| AttemptResult::Status {
             code: 429,
             retry_after: Some(Duration::from_secs(secs)),
+            excerpt: None,
         };
         assert_eq!(
             p.verdict(1, &r(7), 0.5),
@@ -222,6 +230,7 @@ mod tests {
         let unavailable = AttemptResult::Status {
             code: 503,
             retry_after: Some(Duration::from_secs(4)),
+            excerpt: None,
         };
         assert_eq!(
             p.verdict(2, &unavailable, 0.5),
@@ -231,6 +240,7 @@ mod tests {
         let other = AttemptResult::Status {
             code: 500,
             retry_after: Some(Duration::from_secs(9)),
+            excerpt: None,
         };
         assert_eq!(
             p.verdict(1, &other, 0.0),
@@ -320,7 +330,7 @@ mod proptests {
             retry_after in proptest::option::of(0u64..1_000_000),
             j in jitter(),
         ) {
-            let result = AttemptResult::Status { code, retry_after: retry_after.map(Duration::from_secs) };
+            let result = AttemptResult::Status { code, retry_after: retry_after.map(Duration::from_secs), excerpt: None };
             match p.verdict(attempt, &result, j) {
                 Verdict::Retry(wait) => {
                     prop_assert!(attempt < p.max_attempts);

@@ -33,7 +33,7 @@ use crate::support::{
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// What a failing receiver answers with (hookrelay records `HTTP 500`, not the body).
+/// What a failing receiver answers with (hookrelay records `HTTP 500: ` and this text).
 const FAILURE_TEXT: &str = "receiver failure: the document store is read-only";
 
 /// The forms a secret takes when it leaks: as written, as Secret data (base64), JSON-escaped,
@@ -520,7 +520,10 @@ async fn full_flow(name: &str, nats: Option<&NatsServer>) {
             op.log.display()
         );
     }
-    assert!(webhooks_yaml.contains("error: HTTP 500"), "{webhooks_yaml}");
+    assert!(
+        webhooks_yaml.contains(&format!("HTTP 500: {FAILURE_TEXT}")),
+        "{webhooks_yaml}"
+    );
     assert!(document_events.contains("deliveries"), "{document_events}");
     assert!(events.contains("kind: Event"), "{events}");
     assert!(metrics.contains("hookrelay_delivery_attempts_total"));
