@@ -109,6 +109,20 @@ step "kubectl get webhooks,documentevents -n demo"
 sleep 1.5 # the status writer patches each object at most once a second
 kubectl get webhooks,documentevents -n demo
 
+step "the delivery log, as the web page reads it, with a read-only token"
+kubectl create serviceaccount support -n demo
+kubectl create role hookrelay-viewer -n demo --verb=get,list \
+  --resource=webhooks.hookrelay.dev,documentevents.hookrelay.dev
+kubectl create rolebinding support-hookrelay-viewer -n demo --role=hookrelay-viewer --serviceaccount=demo:support
+VIEWER_TOKEN=$(kubectl create token support -n demo --audience hookrelay --duration 8h)
+curl -sS "http://127.0.0.1:${API_PORT:-18081}/api/webhooks/file-conversion/deliveries?namespace=demo" \
+  -H "Authorization: Bearer $VIEWER_TOKEN" | python3 -c "
+import json, sys
+for d in json.load(sys.stdin)['deliveries']:
+    print(d['created_at'], d['event'], d['outcome'], d['status_code'], '%s ms' % d['response_time_ms'], d['id'])"
+echo "the page: http://127.0.0.1:${API_PORT:-18081}/ui/ (KEEP=1 keeps it up); its read-only token:"
+echo "$VIEWER_TOKEN"
+
 if [ "${KEEP:-0}" = 1 ]; then
   step "running; export KUBECONFIG=$KUBECONFIG to look around; Ctrl-C stops everything"
   wait "$OPERATOR_PID"
