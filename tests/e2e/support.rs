@@ -1255,11 +1255,30 @@ pub fn rss_mib(pid: u32) -> f64 {
 /// Every verb on hookrelay's resources (webhooks, documentevents) in `namespace` for the
 /// ServiceAccount `sa_namespace`/`sa`: a Role and RoleBinding named `{sa_namespace}-{sa}`.
 pub async fn grant_hookrelay(client: &Client, namespace: &str, sa_namespace: &str, sa: &str) {
+    grant(
+        client,
+        namespace,
+        (sa_namespace, sa),
+        &["webhooks", "documentevents"],
+        &["*"],
+    )
+    .await;
+}
+
+/// A Role and RoleBinding in `namespace` that let the ServiceAccount `sa` (namespace, name) do
+/// `verbs` on hookrelay's `resources` there.
+pub async fn grant(
+    client: &Client,
+    namespace: &str,
+    (sa_namespace, sa): (&str, &str),
+    resources: &[&str],
+    verbs: &[&str],
+) {
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
     let name = format!("{sa_namespace}-{sa}");
     let role: Role = serde_json::from_value(serde_json::json!({
         "metadata": {"name": name},
-        "rules": [{"apiGroups": ["hookrelay.dev"], "resources": ["webhooks", "documentevents"], "verbs": ["*"]}],
+        "rules": [{"apiGroups": ["hookrelay.dev"], "resources": resources, "verbs": verbs}],
     }))
     .unwrap();
     let binding: RoleBinding = serde_json::from_value(serde_json::json!({

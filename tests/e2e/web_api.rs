@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::support::{
     CountingReceiver, InProcess, api_call, control_plane, counting_webhook, create_event,
-    create_webhook, eventually, free_port, wait_phase,
+    create_webhook, eventually, free_port, grant, wait_phase,
 };
 
 fn args_for(ns: &str) -> hookrelay::operator::RunArgs {
@@ -17,32 +17,6 @@ fn args_for(ns: &str) -> hookrelay::operator::RunArgs {
     args.allow_http = true;
     args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
     args
-}
-
-/// A Role and RoleBinding that let `sa` of `ns` do `verbs` on `resources` of hookrelay in `ns`.
-async fn grant(client: &kube::Client, ns: &str, sa: &str, resources: &[&str], verbs: &[&str]) {
-    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-    use kube::{Api, api::PostParams};
-    let name = format!("{sa}-web");
-    let role: Role = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "rules": [{"apiGroups": ["hookrelay.dev"], "resources": resources, "verbs": verbs}],
-    }))
-    .unwrap();
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}],
-    }))
-    .unwrap();
-    Api::<Role>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &role)
-        .await
-        .unwrap();
-    Api::<RoleBinding>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,7 +77,7 @@ async fn a_document_event_by_name_with_its_deliveries() {
     grant(
         &client,
         &ns,
-        "webhooks-only",
+        (&ns, "webhooks-only"),
         &["webhooks"],
         &["get", "list"],
     )
@@ -121,7 +95,14 @@ async fn a_document_event_by_name_with_its_deliveries() {
 
     // get on documentevents is enough.
     let reader = cp.service_account_token(&ns, "events-reader").await;
-    grant(&client, &ns, "events-reader", &["documentevents"], &["get"]).await;
+    grant(
+        &client,
+        &ns,
+        (&ns, "events-reader"),
+        &["documentevents"],
+        &["get"],
+    )
+    .await;
     let (status, body) = api_call(addr, "GET", &path, Some(&reader), None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["name"], "invoice-42");
