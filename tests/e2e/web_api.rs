@@ -35,9 +35,30 @@ async fn namespaces_lists_the_watched_ones_to_any_authenticated_caller() {
     assert_eq!(body["error"]["code"], "unauthorized");
     op.stop().await;
 
-    // Without --namespace, every namespace is watched.
+    // Without --namespace, every namespace is watched. This operator would deliver the events
+    // of the tests running beside this one: it is kept a standby (another holder has the
+    // Lease), which serves the API but neither delivers nor writes status.
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(cp.client().await, &ns);
+    let lease = k8s_openapi::api::coordination::v1::Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some(hookrelay::leader::LEASE_NAME.into()),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some("another-replica".into()),
+            lease_duration_seconds: Some(3600),
+            renew_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                k8s_openapi::jiff::Timestamp::now(),
+            )),
+            ..Default::default()
+        }),
+    };
+    leases.create(&Default::default(), &lease).await.unwrap();
     let mut all = args_for(&ns);
     all.namespaces = Vec::new();
+    all.leader_elect = true;
+    all.lease_namespace = Some(ns.clone());
     let op = InProcess::start_with(cp.config().await, all).await;
     let (status, body) = api_call(
         op.op.listen_addr,
