@@ -19,6 +19,28 @@ fn args_for(ns: &str) -> hookrelay::operator::RunArgs {
     args
 }
 
+/// A Webhook `to-app` with its receiver, and the DocumentEvent `name` (document.completed with
+/// `document_id`) delivered to it.
+async fn one_event_delivered(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    document_id: u64,
+) -> CountingReceiver {
+    let receiver =
+        counting_webhook(client, ns, "to-app", "web-api-signing-secret-0123456789").await;
+    create_event(
+        client,
+        ns,
+        name,
+        "document.completed",
+        json!({"document_id": document_id}),
+    )
+    .await;
+    wait_phase(client, ns, name, "Delivered").await;
+    receiver
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespaces_lists_the_watched_ones_to_any_authenticated_caller() {
     let cp = control_plane();
@@ -80,17 +102,7 @@ async fn a_document_event_by_name_with_its_deliveries() {
     let client = cp.client().await;
     let op = InProcess::start_with(cp.config().await, args_for(&ns)).await;
     let addr = op.op.listen_addr;
-    let receiver =
-        counting_webhook(&client, &ns, "to-app", "web-api-signing-secret-0123456789").await;
-    create_event(
-        &client,
-        &ns,
-        "invoice-42",
-        "document.completed",
-        json!({"document_id": 42}),
-    )
-    .await;
-    wait_phase(&client, &ns, "invoice-42", "Delivered").await;
+    let receiver = one_event_delivered(&client, &ns, "invoice-42", 42).await;
     assert_eq!(receiver.counts().0, 1);
 
     // May get Webhooks but not DocumentEvents: 403 naming the verb and resource.
@@ -443,17 +455,7 @@ async fn the_charts_viewer_role_reads_what_the_page_shows_and_changes_nothing() 
     .await;
     let token = cp.service_account_token(&ns, "support").await;
 
-    let _receiver =
-        counting_webhook(&client, &ns, "to-app", "web-api-signing-secret-0123456789").await;
-    create_event(
-        &client,
-        &ns,
-        "ev-1",
-        "document.completed",
-        json!({"document_id": 1}),
-    )
-    .await;
-    wait_phase(&client, &ns, "ev-1", "Delivered").await;
+    let _receiver = one_event_delivered(&client, &ns, "ev-1", 1).await;
     for path in [
         "/api/namespaces".to_owned(),
         format!("/api/webhooks?namespace={ns}"),
