@@ -336,10 +336,11 @@
       const fact = (term, value) => summary.append(el('div', {}, el('dt', {}, term), el('dd', {}, value)));
       fact('Target', w.url || (w.service_ref ? `Service ${w.service_ref.name}:${w.service_ref.port}${w.service_ref.path || '/'}` : dash));
       fact('Events', (w.events || []).join(', '));
-      fact('Ready', w.ready === true ? badge('Ready', 'ok') : badge(`Not ready: ${show(w.ready_reason)}`, 'bad'));
+      fact('Ready', w.ready === true ? badge('Ready', 'ok')
+        : el('span', {}, badge(`Not ready: ${show(w.ready_reason)}`, 'bad'), w.ready_message ? el('span', { class: 'help' }, ` ${w.ready_message}`) : ''));
       fact('State', w.suspended ? badge(`Suspended since ${show(w.suspended.since)}`, 'bad') : w.paused ? badge('Paused', 'warn') : 'Active');
-      if (w.degraded !== undefined) fact('Degraded', w.degraded ? `Yes: ${show(w.degraded_reason)}` : 'No');
-      if (w.in_flight !== undefined) fact('In flight', show(w.in_flight));
+      fact('Degraded', w.degraded ? badge(`Yes: ${show(w.degraded_message || w.degraded_reason)}`, 'warn') : 'No');
+      fact('In flight', show(w.in_flight));
       if (w.description) fact('Description', w.description);
       if (w.filter) fact('Filter', el('code', {}, w.filter));
       pauseButton.textContent = w.paused ? 'Resume deliveries' : 'Pause deliveries';

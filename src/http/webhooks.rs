@@ -43,6 +43,8 @@ fn to_json(w: &Webhook) -> Value {
         "suspended": w.status.as_ref().and_then(|s| s.suspended.as_ref()),
         "ready": ready.map(|c| c.status == "True"),
         "ready_reason": ready.map(|c| c.reason.clone()),
+        // What a person acts on: "127.0.0.1 is a loopback address", "Secret x not found", ...
+        "ready_message": ready.map(|c| c.message.clone()),
         "rate_limit": w.spec.delivery.rate_limit.map(|r| json!({"per_second": r.per_second, "burst": r.burst})),
         "ordering": w.spec.ordering.as_ref().map(|o| json!({"key": o.key})),
         "blocked_keys": w.status.iter().flat_map(|s| &s.blocked_keys).map(|k| json!({
@@ -890,6 +892,9 @@ mod tests {
             serde_json::from_value(json!({
                 "conditions": [{"type": "Degraded", "status": "True", "reason": "ConsecutiveFailures",
                                 "message": "5 consecutive failed attempts; last: HTTP 500",
+                                "lastTransitionTime": "2026-11-30T10:00:00Z"},
+                               {"type": "Ready", "status": "False", "reason": "SecretNotFound",
+                                "message": "Secret s not found",
                                 "lastTransitionTime": "2026-11-30T10:00:00Z"}],
                 "deliveryStats": {"succeeded": 1, "failed": 5, "consecutiveFailures": 5,
                                   "lastSuccessTime": "2026-11-30T09:00:00Z",
@@ -900,6 +905,9 @@ mod tests {
             .unwrap(),
         );
         let json = with_activity(to_json(&w), &w, 2);
+        assert_eq!(json["ready"], false);
+        assert_eq!(json["ready_reason"], "SecretNotFound");
+        assert_eq!(json["ready_message"], "Secret s not found");
         assert_eq!(json["in_flight"], 2);
         assert_eq!(json["last_delivery_at"], "2026-11-30T10:00:00Z");
         assert_eq!(json["success_rate"], 0.5);
