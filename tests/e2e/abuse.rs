@@ -176,6 +176,18 @@ impl Target {
         .await
     }
 
+    /// The tenant's part of a FIGURES line, once its accepted events are delivered: what was
+    /// sent, delivered, duplicated and lost.
+    async fn tenant_figures(&self, seen: &Observed) -> String {
+        let sent = seen.legit_events_accepted;
+        let delivered = self.tenant_delivered(sent).await;
+        format!(
+            "sent={sent} delivered={delivered} duplicates={} lost={} recover_s=-",
+            self.tenant_sink.counts("legit-").1 - delivered,
+            sent.saturating_sub(delivered)
+        )
+    }
+
     fn alive(&mut self) -> bool {
         self.op.child.try_wait().expect("waitable").is_none()
     }
@@ -437,16 +449,11 @@ async fn slow_loris_past_the_connection_cap_leaves_the_api_serving() {
         closed
     })
     .await;
-    let delivered = target.tenant_delivered(seen.legit_events_accepted).await;
+    let tenant_figures = target.tenant_figures(&seen).await;
     let rss_after = rss_mib(target.pid);
     figures(
         "slow_loris_past_the_connection_cap_leaves_the_api_serving",
-        &format!(
-            "sent={} delivered={delivered} duplicates={} lost={} recover_s=-",
-            seen.legit_events_accepted,
-            target.tenant_sink.counts("legit-").1 - delivered,
-            seen.legit_events_accepted.saturating_sub(delivered)
-        ),
+        &tenant_figures,
         &seen,
         rss_before,
         rss_after,
@@ -499,16 +506,11 @@ async fn ten_thousand_bogus_tokens_leave_the_api_serving() {
         )
     })
     .await;
-    let delivered = target.tenant_delivered(seen.legit_events_accepted).await;
+    let tenant_figures = target.tenant_figures(&seen).await;
     let rss_after = rss_mib(target.pid);
     figures(
         "ten_thousand_bogus_tokens_leave_the_api_serving",
-        &format!(
-            "sent={} delivered={delivered} duplicates={} lost={} recover_s=-",
-            seen.legit_events_accepted,
-            target.tenant_sink.counts("legit-").1 - delivered,
-            seen.legit_events_accepted.saturating_sub(delivered)
-        ),
+        &tenant_figures,
         &seen,
         rss_before,
         rss_after,
@@ -616,15 +618,10 @@ async fn oversized_and_deeply_nested_json_get_clear_refusals() {
             messages.push(message);
         }
     }
-    let delivered = target.tenant_delivered(seen.legit_events_accepted).await;
+    let tenant_figures = target.tenant_figures(&seen).await;
     figures(
         "oversized_and_deeply_nested_json_get_clear_refusals",
-        &format!(
-            "sent={} delivered={delivered} duplicates={} lost={} recover_s=-",
-            seen.legit_events_accepted,
-            target.tenant_sink.counts("legit-").1 - delivered,
-            seen.legit_events_accepted.saturating_sub(delivered)
-        ),
+        &tenant_figures,
         &seen,
         rss_before,
         rss_after,
