@@ -1,17 +1,30 @@
 //! Leader election on a `coordination.k8s.io` Lease, as client-go's leaderelection does it.
 //!
-//! Every replica serves the REST API and keeps its routing table warm; only the leader runs the
-//! DocumentEvent controller and writes status and Events. A candidate takes the Lease when it is
-//! free or when its record has not changed for `lease_duration` *as observed locally* (so clock
-//! skew between replicas does not matter), renews it every `retry_period`, and gives up (the
-//! process exits and restarts as a candidate) when it could not renew within `renew_deadline`.
+//! Every replica serves the REST API, ingest and the shared JetStream work, and keeps its
+//! routing table warm; only the leader runs what needs one writer: the DocumentEvent
+//! controller, status and Event writes, and the JetStream serial lane (rate limits, ordering).
+//! A candidate takes the Lease when it is free or when its record has not changed for
+//! `lease_duration` *as observed locally* (so clock skew between replicas does not matter),
+//! renews it every `retry_period`, and **steps down** when it could not renew within
+//! `renew_deadline`: what it ran as the leader is stopped (see [`LeaderTerms`]) while the rest of
+//! the process keeps working, and it campaigns again as soon as the API server answers. An
+//! outage of any length costs no restart.
+//!
+//! Leadership is also fenced by time: a leader's term ends at its last renewal plus the renew
+//! deadline, by this process's monotonic clock, whether or not the election task has run since.
+//! A process paused past that (SIGSTOP, a frozen VM) is no leader the moment it wakes, before
+//! any of its tasks can write status or send a DocumentEvent's attempt.
+//!
 //! On shutdown the leader releases the Lease once its status is written, so that a standby
 //! takes over at its next retry instead of waiting out the lease duration.
 //!
 //! [`decide`] is the pure core (what to write, given the Lease and what was observed); the loop
 //! around it only talks to the API server.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -22,40 +35,191 @@ use kube::{
     Api, Client,
     api::{ObjectMeta, PostParams},
 };
-use tokio::sync::watch;
+// Tokio's clock is the monotonic clock, and tests can pause it.
+use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 /// The Lease's name.
 pub const LEASE_NAME: &str = "hookrelay";
 
+/// When the current term ends unless renewed; None: no term (or, without an election, no end).
+type TermEnd = Arc<Mutex<Option<Instant>>>;
+
 /// Whether this replica leads now. Without leader election it always does.
 #[derive(Clone, Debug)]
-pub struct Leadership(watch::Receiver<bool>);
+pub struct Leadership {
+    leads: watch::Receiver<bool>,
+    /// Elected leadership only: the end of the current term (see the module's "fenced by time").
+    ends: Option<TermEnd>,
+}
+
+/// The election's side of a [`Leadership`]: starts and ends terms.
+#[derive(Debug)]
+pub struct Terms {
+    leads: watch::Sender<bool>,
+    ends: TermEnd,
+}
+
+impl Terms {
+    /// A new term, or the current one renewed: leading until `until`.
+    fn lead_until(&self, until: Instant) {
+        *lock(&self.ends) = Some(until);
+        self.leads
+            .send_if_modified(|leads| !std::mem::replace(leads, true));
+    }
+
+    /// The term ends now; everything that acts as the leader is told to stop.
+    fn step_down(&self) {
+        *lock(&self.ends) = None;
+        self.leads.send_replace(false);
+    }
+
+    fn leads(&self) -> bool {
+        *self.leads.borrow()
+    }
+}
+
+fn lock(ends: &TermEnd) -> std::sync::MutexGuard<'_, Option<Instant>> {
+    ends.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 impl From<watch::Receiver<bool>> for Leadership {
-    fn from(rx: watch::Receiver<bool>) -> Self {
-        Self(rx)
+    /// Leadership that follows a flag alone, with no term end.
+    fn from(leads: watch::Receiver<bool>) -> Self {
+        Self { leads, ends: None }
     }
 }
 
 impl Leadership {
     /// A replica that leads from the start and never stops (no `--leader-elect`).
     pub fn always() -> Self {
-        Self(watch::Sender::new(true).subscribe())
+        Self {
+            leads: watch::Sender::new(true).subscribe(),
+            ends: None,
+        }
     }
 
+    /// Leadership decided by an election ([`run`] drives the returned [`Terms`]).
+    pub fn elected() -> (Terms, Self) {
+        let (leads, rx) = watch::channel(false);
+        let ends = TermEnd::default();
+        let leadership = Self {
+            leads: rx,
+            ends: Some(ends.clone()),
+        };
+        (Terms { leads, ends }, leadership)
+    }
+
+    /// Leads now: the election says so and the term has not run out by this process's clock.
     pub fn is_leader(&self) -> bool {
-        *self.0.borrow()
+        *self.leads.borrow() && self.term_end().is_none_or(|end| Instant::now() < end)
+    }
+
+    fn term_end(&self) -> Option<Instant> {
+        let ends = self.ends.as_ref()?;
+        // Elected and leading with no end set cannot happen (lead_until sets it first); treat
+        // it as ended.
+        Some(lock(ends).unwrap_or_else(Instant::now))
     }
 
     /// Waits until this replica leads; false when it never will (the election ended).
     pub async fn acquired(&mut self) -> bool {
-        self.0.wait_for(|leads| *leads).await.is_ok()
+        loop {
+            if self.leads.wait_for(|leads| *leads).await.is_err() {
+                return false;
+            }
+            if self.is_leader() {
+                return true;
+            }
+            // Flagged but already past its end: the election will step down or renew.
+            if self.leads.changed().await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Resolves once this replica no longer leads: the election stepped down, or the term ran
+    /// out without a renewal (the election task may not have run: see "fenced by time").
+    pub async fn lost(&mut self) {
+        loop {
+            if !self.is_leader() {
+                return;
+            }
+            let end = self.term_end();
+            tokio::select! {
+                changed = self.leads.changed() => if changed.is_err() {
+                    // The election ended while leading (only at shutdown): nothing renews.
+                    if let Some(end) = end {
+                        tokio::time::sleep_until(end).await;
+                    }
+                    return;
+                },
+                _ = async {
+                    match end {
+                        Some(end) => tokio::time::sleep_until(end).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+        }
     }
 
     /// Waits for the next change; false once it can no longer change.
     pub async fn changed(&mut self) -> bool {
-        self.0.changed().await.is_ok()
+        self.leads.changed().await.is_ok()
+    }
+}
+
+/// Runs leader-only work once per term of leadership: what needs one writer never runs on two
+/// replicas, nor twice in one.
+///
+/// ```ignore
+/// let mut terms = LeaderTerms::new(leadership, shutdown);
+/// while let Some(()) = terms.during_term(|term| controller.run(term)).await {}
+/// ```
+pub struct LeaderTerms {
+    leadership: Leadership,
+    shutdown: CancellationToken,
+}
+
+impl LeaderTerms {
+    pub fn new(leadership: Leadership, shutdown: CancellationToken) -> Self {
+        Self {
+            leadership,
+            shutdown,
+        }
+    }
+
+    /// Waits until this replica leads, then runs `work` with a token that is cancelled the
+    /// moment the term ends (or `shutdown` fires), and returns what it returned once it has
+    /// stopped. None, without running it, when `shutdown` fires first.
+    pub async fn during_term<T, F: Future<Output = T>>(
+        &mut self,
+        work: impl FnOnce(CancellationToken) -> F,
+    ) -> Option<T> {
+        tokio::select! {
+            leads = self.leadership.acquired() => if !leads {
+                return None;
+            },
+            _ = self.shutdown.cancelled() => return None,
+        }
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
+        let term = self.shutdown.child_token();
+        let run = work(term.clone());
+        tokio::pin!(run);
+        let output = tokio::select! {
+            output = &mut run => output,
+            _ = self.leadership.lost() => {
+                if !self.shutdown.is_cancelled() {
+                    tracing::warn!("the term ended: leader-only work stops (ingest and shared work go on)");
+                }
+                term.cancel();
+                run.await
+            }
+        };
+        Some(output)
     }
 }
 
@@ -67,18 +231,6 @@ pub struct ElectionConfig {
     pub lease_duration: Duration,
     pub renew_deadline: Duration,
     pub retry_period: Duration,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ElectionError {
-    #[error(
-        "leadership lost: the Lease {namespace}/{LEASE_NAME} could not be renewed within {deadline:?} ({last_error})"
-    )]
-    Lost {
-        namespace: String,
-        deadline: Duration,
-        last_error: String,
-    },
 }
 
 /// What the Lease looked like when it was last seen to change, and when that was.
@@ -148,38 +300,30 @@ fn decide(
     })
 }
 
-/// Runs the election until `stop` fires (then releases the Lease if held) or leadership is
-/// lost (an error: the process must stop delivering, so it exits and restarts).
-pub async fn run(
-    client: Client,
-    config: ElectionConfig,
-    leading: watch::Sender<bool>,
-    stop: CancellationToken,
-) -> Result<(), ElectionError> {
+/// Runs the election until `stop` fires, then releases the Lease if held. Losing the Lease
+/// (not renewed within the renew deadline, or taken by another replica) ends the term
+/// ([`Terms`]) and the candidate campaigns again: it never ends the process.
+pub async fn run(client: Client, config: ElectionConfig, terms: Terms, stop: CancellationToken) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let mut observed: Option<Observed> = None;
     // While leading: when the last successful renewal *started*. The API server's record is at
-    // least that recent, so a standby cannot take over before this + lease duration; leading
-    // ends hard at this + renew deadline, which is earlier.
+    // least that recent, so a standby cannot take over before this + lease duration; the term
+    // ends at this + renew deadline, which is earlier.
     let mut renewed_at = Instant::now();
     let round_timeout = config.retry_period.max(Duration::from_secs(1));
-    let lost = |last_error: String| {
-        // Stop everything that acts as the leader before anything else happens.
-        leading.send_replace(false);
-        Err(ElectionError::Lost {
-            namespace: config.namespace.clone(),
-            deadline: config.renew_deadline,
-            last_error,
-        })
+    let lease = format!("{}/{LEASE_NAME}", config.namespace);
+    let step_down = |why: &str| {
+        terms.step_down();
+        tracing::warn!(identity = %config.identity, %lease, why, deadline = ?config.renew_deadline, "leadership lost; stepping down and campaigning again");
     };
     loop {
-        let leads = *leading.borrow();
         let started = Instant::now();
         let deadline = renewed_at + config.renew_deadline;
-        if leads && started >= deadline {
-            return lost("the renew deadline passed".into());
+        if terms.leads() && started >= deadline {
+            step_down("the Lease could not be renewed within the renew deadline");
         }
-        // A leader's round never outlives its deadline.
+        let leads = terms.leads();
+        // A leader's round never outlives its term.
         let budget = if leads {
             round_timeout.min(deadline - started)
         } else {
@@ -193,11 +337,11 @@ pub async fn run(
             Ok(true) => {
                 renewed_at = started;
                 if !leads {
-                    tracing::info!(identity = %config.identity, lease = %format!("{}/{LEASE_NAME}", config.namespace), "became the leader");
-                    leading.send_replace(true);
+                    tracing::info!(identity = %config.identity, %lease, "became the leader");
                 }
+                terms.lead_until(started + config.renew_deadline);
             }
-            Ok(false) if leads => return lost("another replica holds the Lease".into()),
+            Ok(false) if leads => step_down("another replica holds the Lease"),
             Ok(false) => {}
             // Another candidate wrote the Lease first: normal for a candidate, worth a retry
             // (until the renew deadline) for the leader.
@@ -205,12 +349,12 @@ pub async fn run(
             Err(error) => {
                 tracing::warn!(%error, "leader election: cannot read or write the Lease");
                 if leads && Instant::now() >= deadline {
-                    return lost(error.to_string());
+                    step_down(&error.to_string());
                 }
             }
         }
         // A leader wakes at its deadline at the latest.
-        let pause = if *leading.borrow() {
+        let pause = if terms.leads() {
             config
                 .retry_period
                 .min((renewed_at + config.renew_deadline).saturating_duration_since(Instant::now()))
@@ -222,10 +366,9 @@ pub async fn run(
             _ = stop.cancelled() => break,
         }
     }
-    if *leading.borrow() {
+    if terms.leads() {
         release(&api, &config).await;
     }
-    Ok(())
 }
 
 /// One round: Ok(true) when this candidate holds the Lease afterwards.
@@ -438,6 +581,73 @@ mod tests {
             decide(Some(&released), "a", D, seen, seen, Timestamp::UNIX_EPOCH),
             Decision::Write(_)
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_term_ends_at_its_deadline_even_if_the_election_never_runs_again() {
+        let (terms, leadership) = Leadership::elected();
+        assert!(!leadership.is_leader());
+        terms.lead_until(Instant::now() + Duration::from_secs(10));
+        assert!(leadership.is_leader());
+        // A paused process wakes past its term: no leader, before any step-down is sent.
+        let mut lost = leadership.clone();
+        let started = tokio::time::Instant::now();
+        lost.lost().await;
+        assert!(started.elapsed() >= Duration::from_secs(10));
+        assert!(!leadership.is_leader());
+        assert!(terms.leads(), "the flag alone still says leading");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leader_work_stops_when_the_term_ends_and_runs_again_in_the_next() {
+        let (terms, leadership) = Leadership::elected();
+        let shutdown = CancellationToken::new();
+        let (ran, mut runs) = tokio::sync::mpsc::unbounded_channel();
+        let mut leader_terms = LeaderTerms::new(leadership, shutdown.clone());
+        let worker = tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(()) = leader_terms
+                .during_term(|term| {
+                    n += 1;
+                    let ran = ran.clone();
+                    let n = n;
+                    async move {
+                        ran.send(("started", n)).unwrap();
+                        term.cancelled().await;
+                        ran.send(("stopped", n)).unwrap();
+                    }
+                })
+                .await
+            {}
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            runs.try_recv().is_err(),
+            "nothing runs before the first term"
+        );
+        terms.lead_until(Instant::now() + Duration::from_secs(5));
+        assert_eq!(runs.recv().await, Some(("started", 1)));
+        // Renewed: the same run goes on.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        terms.lead_until(Instant::now() + Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(runs.try_recv().is_err(), "a renewal is no new term");
+        // Stepped down: the run stops, and a new term starts a new one.
+        terms.step_down();
+        assert_eq!(runs.recv().await, Some(("stopped", 1)));
+        terms.lead_until(Instant::now() + Duration::from_secs(5));
+        assert_eq!(runs.recv().await, Some(("started", 2)));
+        // Not renewed: the term runs out by the clock alone.
+        assert_eq!(runs.recv().await, Some(("stopped", 2)));
+        shutdown.cancel();
+        worker.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leadership_without_an_election_never_ends() {
+        let leadership = Leadership::always();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(leadership.is_leader());
     }
 
     #[test]

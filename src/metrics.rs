@@ -108,6 +108,9 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     /// 1 while this replica leads (always, without leader election).
     pub leader: Gauge,
+    /// 1 while this replica's view of the Webhooks may be stale (the API server has not
+    /// answered for `--view-stale-after`): it takes no shared work meanwhile.
+    pub routing_view_stale: Gauge,
     /// Webhooks whose `Degraded` condition is True, as the watch shows them.
     pub webhooks_degraded: Gauge,
     /// Attempt records relayed through JetStream (`--ingest-mode jetstream`).
@@ -177,6 +180,12 @@ impl Default for Metrics {
             "1 while this replica holds the Lease (delivers and writes status), else 0",
             leader.clone(),
         );
+        let routing_view_stale = Gauge::default();
+        registry.register(
+            "routing_view_stale",
+            "1 while this replica's view of the Webhooks may be stale (the API server has not answered for --view-stale-after): it is not ready and takes no shared JetStream work, else 0",
+            routing_view_stale.clone(),
+        );
         let webhooks_degraded = Gauge::default();
         registry.register(
             "webhooks_degraded",
@@ -217,6 +226,7 @@ impl Default for Metrics {
             pending_deliveries,
             http_requests,
             leader,
+            routing_view_stale,
             webhooks_degraded,
             attempt_records,
             filter_evaluations,

@@ -14,7 +14,7 @@ use crate::{
     crd::{CreatedEvents, DocumentEvent, Recoveries, Webhook},
     delivery::{self, Dispatcher, DispatcherConfig, EgressPolicy, HttpSender, jetstream},
     http,
-    leader::{self, ElectionConfig, Leadership},
+    leader::{self, ElectionConfig, LeaderTerms, Leadership},
     metrics::Metrics,
     routing::Routes,
     status::{self, WriterConfig},
@@ -160,6 +160,12 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_LEADER_ELECT")]
     pub leader_elect: bool,
 
+    /// A replica whose API server has not answered for this long (a partition, an outage)
+    /// reports not ready and hands shared JetStream work to the other replicas until it
+    /// answers again: its view of the Webhooks may be stale.
+    #[arg(long, env = "HOOKRELAY_VIEW_STALE_AFTER", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub view_stale_after: Duration,
+
     /// Namespace of the Lease; default: the pod's own namespace, else `default`.
     #[arg(long, env = "HOOKRELAY_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
@@ -282,6 +288,7 @@ impl RunArgs {
             max_in_flight_per_namespace: 128,
             shutdown_timeout: Duration::from_secs(20),
             leader_elect: false,
+            view_stale_after: Duration::from_secs(10),
             lease_namespace: None,
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
@@ -341,8 +348,6 @@ pub enum Error {
         renew: Duration,
         lease: Duration,
     },
-    #[error("{0}; exiting at once so that only the new leader delivers")]
-    LeadershipLost(leader::ElectionError),
     #[error(
         "--ingest-mode jetstream needs --nats-url (HOOKRELAY_NATS_URL), for example nats://nats.nats:4222"
     )]
@@ -409,19 +414,26 @@ pub async fn start(
     };
     // With leader election, a standby never syncs DocumentEvents: it is ready once it can
     // route (and so serve the API).
+    let routes = Routes::default();
     let readiness = if args.leader_elect {
         http::Readiness::new(&["secrets", "webhooks"])
     } else {
         http::Readiness::new(&["secrets", "webhooks", "documentevents"])
-    };
-    let (leading, leadership) = if args.leader_elect {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        (Some(tx), Leadership::from(rx))
+    }
+    .with_view(routes.view().clone());
+    let (terms, leadership) = if args.leader_elect {
+        let (terms, leadership) = Leadership::elected();
+        (Some(terms), leadership)
     } else {
         (None, Leadership::always())
     };
+    // Attempts being sent when a term ends get this long; then another replica may lead.
+    let step_down_grace = if args.leader_elect {
+        (args.lease_duration.saturating_sub(args.renew_deadline) / 2).min(args.shutdown_timeout / 2)
+    } else {
+        args.shutdown_timeout / 2
+    };
     let liveness = http::Liveness::default();
-    let routes = Routes::default();
     let scope = Scope::new(&args.namespaces);
     let egress = EgressPolicy::new(args.allow_http, args.allow_cidrs.clone());
 
@@ -571,16 +583,16 @@ pub async fn start(
             stop.clone(),
             args.shutdown_timeout / 2,
         ));
-        // Rate-limited Webhooks: delivered by the leader alone, so that one bucket counts
-        // every delivery (a leader that loses the Lease exits, so two never overlap).
-        let serial = tokio::spawn(jetstream::deliver_work(
-            bus.work_queue(jetstream::Lane::Serial),
+        // Rate-limited and ordered Webhooks: delivered by the leader alone, so that one bucket
+        // counts every delivery and one process keeps the order; a term that ends stops it.
+        let serial = tokio::spawn(serial_lane(
+            bus.clone(),
             dispatcher.clone(),
             jetstream::InHandLimits::new(args.nats_max_ack_pending),
             args.max_hold.min(args.nats_max_age),
-            synced_and_leading(readiness.clone(), leadership.clone()),
-            stop.clone(),
-            args.shutdown_timeout / 2,
+            synced(readiness.clone()),
+            LeaderTerms::new(leadership.clone(), stop.clone()),
+            step_down_grace,
         ));
         (router, deliverer, serial)
     });
@@ -601,7 +613,8 @@ pub async fn start(
     .with_created_events(created)
     .with_recoveries(recoveries_rx)
     // Half the shutdown deadline for attempts being sent; the rest for status and the Lease.
-    .with_in_flight_grace(args.shutdown_timeout / 2);
+    .with_in_flight_grace(args.shutdown_timeout / 2)
+    .with_leadership(leadership.clone(), step_down_grace);
 
     // The writer stops last, after the producers, so that what they sent is written.
     let writer_stop = CancellationToken::new();
@@ -610,8 +623,15 @@ pub async fn start(
         leadership.clone(),
         metrics.leader.clone(),
     ));
-    let routes_synced = synced_and_leading(readiness.clone(), leadership.clone());
-    let elector = leading.map(|leading| start_election(&args, &client, leading));
+    let elector = terms.map(|terms| start_election(&args, &client, terms));
+    tokio::spawn(crate::controller::watch_view(
+        client.clone(),
+        scope.clone(),
+        routes.view().clone(),
+        metrics.clone(),
+        args.view_stale_after,
+        shutdown.clone(),
+    ));
     let webhooks = tokio::spawn(webhooks.run(
         client,
         scope.clone(),
@@ -619,7 +639,12 @@ pub async fn start(
         leadership.clone(),
         shutdown.clone(),
     ));
-    let events = tokio::spawn(events.run(scope, routes_synced, shutdown.clone()));
+    let events = tokio::spawn(deliver_document_events(
+        events,
+        scope,
+        readiness.clone(),
+        LeaderTerms::new(leadership.clone(), shutdown.clone()),
+    ));
     let metrics_server = tokio::spawn(http::serve(
         metrics_listener,
         http::metrics_router(readiness.clone(), liveness.clone(), metrics.clone()),
@@ -738,11 +763,8 @@ fn authorizer(args: &RunArgs, client: &Client, listen_addr: SocketAddr) -> http:
 fn start_election(
     args: &RunArgs,
     client: &Client,
-    leading: tokio::sync::watch::Sender<bool>,
-) -> (
-    tokio::task::JoinHandle<Result<(), leader::ElectionError>>,
-    CancellationToken,
-) {
+    terms: leader::Terms,
+) -> (tokio::task::JoinHandle<()>, CancellationToken) {
     let config = ElectionConfig {
         namespace: args
             .lease_namespace
@@ -755,7 +777,7 @@ fn start_election(
     };
     tracing::info!(identity = %config.identity, lease = %format!("{}/{}", config.namespace, leader::LEASE_NAME), "leader election on");
     let stop = CancellationToken::new();
-    let task = tokio::spawn(leader::run(client.clone(), config, leading, stop.clone()));
+    let task = tokio::spawn(leader::run(client.clone(), config, terms, stop.clone()));
     (task, stop)
 }
 
@@ -772,22 +794,65 @@ async fn publish_leadership(
     }
 }
 
-/// Resolves once the routing table is complete and this replica leads: DocumentEvents are
-/// routed against a complete table only, and delivered by the leader only. Never resolves if
-/// the election ends without this replica leading.
-async fn synced_and_leading(readiness: http::Readiness, mut leadership: Leadership) {
-    readiness.synced("webhooks").await;
-    if !leadership.acquired().await {
-        std::future::pending::<()>().await;
+/// The DocumentEvent controller, run by the leader only: once the routing table is complete
+/// (events are routed against a complete table only), a run per term of leadership.
+async fn deliver_document_events(
+    mut controller: DocumentEventController,
+    scope: Scope,
+    readiness: http::Readiness,
+    mut terms: LeaderTerms,
+) {
+    if terms
+        .during_term(|_| readiness.synced("webhooks"))
+        .await
+        .is_none()
+    {
+        return;
     }
+    while terms
+        .during_term(|term| controller.run(&scope, term))
+        .await
+        .is_some()
+    {}
+}
+
+/// The JetStream serial lane (rate limits, ordering), bound by the leader only: a run per term
+/// of leadership, once the routing table is complete.
+async fn serial_lane(
+    bus: jetstream::Bus,
+    dispatcher: Arc<Dispatcher>,
+    limits: jetstream::InHandLimits,
+    max_hold: Duration,
+    routes_synced: impl Future<Output = ()>,
+    mut terms: LeaderTerms,
+    grace: Duration,
+) -> Result<(), jetstream::BusError> {
+    if terms.during_term(|_| routes_synced).await.is_none() {
+        return Ok(());
+    }
+    while let Some(ended) = terms
+        .during_term(|term| {
+            jetstream::deliver_work(
+                bus.work_queue(jetstream::Lane::Serial),
+                dispatcher.clone(),
+                limits,
+                max_hold,
+                async {},
+                term,
+                grace,
+            )
+        })
+        .await
+    {
+        ended?;
+    }
+    Ok(())
 }
 
 /// A task the operator cannot work without.
 pub struct Essential {
     name: &'static str,
     handle: tokio::task::JoinHandle<Result<(), Error>>,
-    /// Ends the task itself at its next await (not the wrapper that reports how it ended).
-    abort: tokio::task::AbortHandle,
     /// Stops the task when its turn comes at shutdown; None: it stops on the shutdown signal.
     stop: Option<CancellationToken>,
 }
@@ -799,7 +864,6 @@ impl Essential {
         handle: tokio::task::JoinHandle<T>,
         addr: Option<SocketAddr>,
     ) -> Self {
-        let abort = handle.abort_handle();
         let handle = tokio::spawn(async move {
             match handle.await {
                 Ok(output) => output.into_task_result(addr),
@@ -816,7 +880,6 @@ impl Essential {
         Self {
             name,
             handle,
-            abort,
             stop: None,
         }
     }
@@ -835,12 +898,6 @@ pub trait IntoTaskResult {
 impl IntoTaskResult for () {
     fn into_task_result(self, _: Option<SocketAddr>) -> Result<(), Error> {
         Ok(())
-    }
-}
-
-impl IntoTaskResult for Result<(), leader::ElectionError> {
-    fn into_task_result(self, _: Option<SocketAddr>) -> Result<(), Error> {
-        self.map_err(Error::LeadershipLost)
     }
 }
 
@@ -892,14 +949,6 @@ pub async fn supervise(
         tracing::error!(task = task.name, %error, "an essential task ended; stopping");
         liveness.fail(format!("{}: {error}", task.name));
         shutdown.cancel();
-        if matches!(error, Error::LeadershipLost(_)) {
-            // Another replica leads, or soon will: no attempt, status patch or Lease write of
-            // this one may land beside it, so nothing is drained; the process exits now.
-            for task in &tasks {
-                task.abort.abort();
-            }
-            return Err(error);
-        }
         failure = Some(error);
     }
     let drain = async {
@@ -1025,43 +1074,6 @@ mod tests {
             liveness.failure().is_none(),
             "a requested stop is not a failure"
         );
-    }
-
-    #[tokio::test]
-    async fn lost_leadership_ends_everything_at_once_without_draining() {
-        let shutdown = CancellationToken::new();
-        let liveness = http::Liveness::default();
-        let (sent, mut attempts) = tokio::sync::mpsc::unbounded_channel();
-        // A delivery task that would keep sending through any drain.
-        let deliveries = Essential::new(
-            "DocumentEvent controller",
-            tokio::spawn(async move {
-                while sent.send(()).is_ok() {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }),
-            None,
-        );
-        let lost: tokio::task::JoinHandle<Result<(), leader::ElectionError>> =
-            tokio::spawn(async {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Err(leader::ElectionError::Lost {
-                    namespace: "ns".into(),
-                    deadline: Duration::from_secs(10),
-                    last_error: "another replica holds the Lease".into(),
-                })
-            });
-        let tasks = vec![deliveries, Essential::new("leader election", lost, None)];
-        let result = supervise(tasks, shutdown, liveness, Duration::from_secs(60)).await;
-        assert!(
-            matches!(result, Err(Error::LeadershipLost(_))),
-            "{result:?}"
-        );
-        // The delivery task was ended, not left to drain: nothing more arrives.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        while attempts.try_recv().is_ok() {}
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(attempts.try_recv().is_err(), "the task kept running");
     }
 
     #[tokio::test]

@@ -34,6 +34,7 @@ use crate::{
         self, Delivery, Dispatcher, EventBody, Report, delivery_id, is_final, timestamp_of,
     },
     http::Readiness,
+    leader::Leadership,
     metrics::Metrics,
     routing::{EventFacts, RouteState, Routes, WebhookKey},
     status::{EventKey, StatusSender, Update},
@@ -114,6 +115,10 @@ pub struct DocumentEventController {
     /// Ends the delivery tasks still sending once `in_flight_grace` has passed on shutdown.
     abandon: CancellationToken,
     in_flight_grace: Duration,
+    /// The same when a term of leadership ends (see [`Self::with_leadership`]).
+    step_down_grace: Duration,
+    /// Fences attempts: none is sent by a replica whose term has ended.
+    leadership: Leadership,
     coverage: Vec<Option<Arc<str>>>,
     relists: Vec<Option<(Instant, HashSet<EventKey>)>>,
     synced: Vec<bool>,
@@ -169,6 +174,8 @@ impl DocumentEventController {
             deliveries: TaskTracker::new(),
             abandon: CancellationToken::new(),
             in_flight_grace: Duration::from_secs(10),
+            step_down_grace: Duration::from_secs(2),
+            leadership: Leadership::always(),
             coverage,
             relists: vec![None; n],
             synced: vec![false; n],
@@ -196,17 +203,21 @@ impl DocumentEventController {
         self
     }
 
-    pub async fn run(
-        mut self,
-        scope: Scope,
-        routes_synced: impl Future<Output = ()>,
-        shutdown: CancellationToken,
-    ) {
-        // Events are routed against a complete table only.
-        tokio::select! {
-            _ = routes_synced => {},
-            _ = shutdown.cancelled() => return,
-        }
+    /// How long attempts being sent may finish when a term of leadership ends (it must be well
+    /// within `--lease-duration` minus `--renew-deadline`, the time before another replica can
+    /// lead), and the leadership that fences each attempt: none is sent once it has ended.
+    pub fn with_leadership(mut self, leadership: Leadership, step_down_grace: Duration) -> Self {
+        self.leadership = leadership;
+        self.step_down_grace = step_down_grace;
+        self
+    }
+
+    /// Delivers DocumentEvents until `stop` fires (shutdown, or the end of this replica's term
+    /// as the leader), then stops every delivery task before returning; it may be run again
+    /// (the next term), starting from a fresh list. Events are routed against a complete table
+    /// only: call it once the routing table has synced.
+    pub async fn run(&mut self, scope: &Scope, stop: CancellationToken) {
+        self.start_term();
         let mut events = scope.watch::<DeserializeGuard<DocumentEvent>>(
             &self.client,
             watcher::Config::default(),
@@ -215,7 +226,7 @@ impl DocumentEventController {
         let status = self.status.clone();
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = stop.cancelled() => break,
                 Some((i, event)) = events.next() => self.on_event(i, event),
                 Some((at, de)) = self.created.recv() => self.on_created(at, de),
                 Some(recovery) = self.recoveries.recv() => self.on_recovery(recovery),
@@ -245,8 +256,14 @@ impl DocumentEventController {
         }
         self.deliveries.close();
         // An attempt to an endpoint that hangs may not use up the whole shutdown deadline: the
-        // status still has to be written and the Lease released after it.
-        let grace = tokio::time::sleep(self.in_flight_grace);
+        // status still has to be written and the Lease released after it. A term that ended
+        // (not a shutdown) has less: another replica may lead soon.
+        let grace = if self.leadership.is_leader() {
+            self.in_flight_grace
+        } else {
+            self.step_down_grace
+        };
+        let grace = tokio::time::sleep(grace);
         tokio::pin!(grace);
         loop {
             tokio::select! {
@@ -269,6 +286,20 @@ impl DocumentEventController {
         while let Some(update) = self.next_unsent() {
             status.send(update).await;
         }
+    }
+
+    /// Forgets what an earlier term knew: this term starts from the list, as a new leader would.
+    fn start_term(&mut self) {
+        self.tracked.clear();
+        self.unsent.clear();
+        self.unsent_keys.clear();
+        self.cleanup.clear();
+        self.to_delete.clear();
+        self.deletes.abort_all();
+        self.deliveries = TaskTracker::new();
+        self.abandon = CancellationToken::new();
+        self.relists = vec![None; self.coverage.len()];
+        while self.progress.try_recv().is_ok() {}
     }
 
     /// An event ingest has just created: adopted now unless the watch brought it already.
@@ -415,6 +446,7 @@ impl DocumentEventController {
         let delivery = Delivery {
             webhook,
             webhook_uid,
+            routed_version: 0,
             id: target.id.clone(),
             event: event.body.clone(),
             source: key.name.to_string(),
@@ -426,6 +458,7 @@ impl DocumentEventController {
             tx: self.tasks.progress.clone(),
             key: key.clone(),
             uid: uid.to_owned(),
+            leadership: self.leadership.clone(),
         };
         self.tasks.metrics.pending_deliveries.inc();
         // Live events are taken over in the order they were created; after a restart the
@@ -688,9 +721,16 @@ struct EventProgress {
     tx: mpsc::Sender<Progress>,
     key: EventKey,
     uid: String,
+    leadership: Leadership,
 }
 
 impl Report for EventProgress {
+    /// Only the leader delivers DocumentEvents: a replica whose term has ended (even one paused
+    /// past it, whose election has not run yet) sends nothing more.
+    fn may_send(&self) -> bool {
+        self.leadership.is_leader()
+    }
+
     async fn report(&self, target: &TargetDelivery) {
         let _ = self
             .tx
@@ -773,6 +813,7 @@ mod tests {
                 key: WebhookKey::new("docs", "w"),
                 uid: "uid-w".into(),
                 generation: 1,
+                version: 0,
                 url: "http://127.0.0.1:9/h".into(),
                 events: vec![WebhookEvent::All],
                 signer: None,
@@ -832,10 +873,14 @@ mod tests {
     /// An event ingest created here is delivered without waiting for the watch to bring it.
     #[tokio::test]
     async fn an_event_ingest_created_is_delivered_before_the_watch_brings_it() {
-        let (controller, created, mut updates, _metrics, _api) = controller(64);
+        let (mut controller, created, mut updates, _metrics, _api) = controller(64);
         let stop = CancellationToken::new();
-        let run =
-            tokio::spawn(controller.run(Scope::new(&["docs".to_owned()]), async {}, stop.clone()));
+        let term = stop.clone();
+        let run = tokio::spawn(async move {
+            controller
+                .run(&Scope::new(&["docs".to_owned()]), term)
+                .await
+        });
         created.created(document_event("e1"));
         let attempted = loop {
             match updates.recv().await.expect("the controller runs") {
@@ -858,10 +903,14 @@ mod tests {
     /// events (it used to wait with the first event's status in hand, and watch events queued).
     #[tokio::test]
     async fn a_busy_status_writer_does_not_stall_the_controller() {
-        let (controller, created, mut updates, metrics, _api) = controller(1);
+        let (mut controller, created, mut updates, metrics, _api) = controller(1);
         let stop = CancellationToken::new();
-        let run =
-            tokio::spawn(controller.run(Scope::new(&["docs".to_owned()]), async {}, stop.clone()));
+        let term = stop.clone();
+        let run = tokio::spawn(async move {
+            controller
+                .run(&Scope::new(&["docs".to_owned()]), term)
+                .await
+        });
         for i in 0..20 {
             created.created(document_event(&format!("e{i}")));
         }

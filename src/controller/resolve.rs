@@ -200,6 +200,7 @@ pub fn resolve_with(
             key: WebhookKey::new(ns, webhook.metadata.name.as_deref().unwrap_or_default()),
             uid: webhook.metadata.uid.clone().unwrap_or_default(),
             generation: webhook.metadata.generation.unwrap_or_default(),
+            version: resource_version(&webhook.metadata),
             url,
             events: spec.events.clone(),
             signer: signer.ok(),
@@ -213,6 +214,15 @@ pub fn resolve_with(
         },
         ready,
     }
+}
+
+/// An object's `resourceVersion` as a number (etcd's revision; 0 when absent or not a
+/// number, which makes no work wait for it).
+pub fn resource_version(meta: &kube::api::ObjectMeta) -> u64 {
+    meta.resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The URL and target of a `serviceRef`, from the Service as the controller knows it.

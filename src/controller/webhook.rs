@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
+    time::Duration,
 };
 
 use futures::StreamExt;
@@ -19,7 +20,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
-use kube::{Client, ResourceExt, core::DeserializeGuard, runtime::watcher};
+use kube::{Api, Client, ResourceExt, api::ListParams, core::DeserializeGuard, runtime::watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -27,7 +28,7 @@ use super::{
     Scope,
     resolve::{
         HEADERS_SECRET_LABEL, References, Resolution, SIGNING_SECRET_LABEL, ServiceInfo,
-        ready_reason, resolve_with,
+        ready_reason, resolve_with, resource_version,
     },
     rotation::PreviousKeyExpiry,
 };
@@ -198,6 +199,8 @@ pub struct WebhookController {
     /// Keys listed so far in a re-list; resolved when it is done, against the Secrets as they
     /// are then.
     webhook_relists: Vec<Option<Vec<WebhookKey>>>,
+    /// Per watch stream, during a relist: the version the table will have seen once it is done.
+    relist_versions: Vec<u64>,
     webhooks_synced: Vec<bool>,
     /// For the upgrade warnings (a Secret that exists without the signing label); set by `run`.
     client: Option<Client>,
@@ -246,6 +249,7 @@ impl WebhookController {
             webhooks: HashMap::new(),
             gone: HashMap::new(),
             webhook_relists: (0..n).map(|_| None).collect(),
+            relist_versions: vec![0; n],
             webhooks_synced: vec![false; n],
             client: None,
             warned: Default::default(),
@@ -440,11 +444,18 @@ impl WebhookController {
         event: watcher::Event<DeserializeGuard<Webhook>>,
     ) {
         match event {
-            watcher::Event::Init => self.webhook_relists[stream] = Some(Default::default()),
+            watcher::Event::Init => {
+                self.webhook_relists[stream] = Some(Default::default());
+                // Asked before the watcher lists (it lists when next polled): the list then
+                // reflects at least this version, even when it is empty.
+                self.relist_versions[stream] = self.current_version(stream).await.unwrap_or(0);
+            }
             watcher::Event::InitApply(DeserializeGuard(Ok(webhook))) => {
                 let webhook = Arc::new(webhook);
                 self.remember(&webhook);
                 let route = self.reconcile(&webhook).await;
+                let version = &mut self.relist_versions[stream];
+                *version = (*version).max(route.version);
                 if let Some(relist) = &mut self.webhook_relists[stream] {
                     relist.push(route.key);
                 }
@@ -458,7 +469,12 @@ impl WebhookController {
                     .map(|webhook| self.resolution(webhook).route)
                     .collect();
                 let covered = self.coverage[stream].clone();
-                let gone = self.update_routes(|t| t.reset(covered.as_deref(), listed));
+                let version = std::mem::take(&mut self.relist_versions[stream]);
+                let gone = self.update_routes(|t| {
+                    let gone = t.reset(covered.as_deref(), listed);
+                    t.observe(covered.as_deref(), version);
+                    gone
+                });
                 for key in gone {
                     self.forget(&key).await;
                 }
@@ -476,11 +492,19 @@ impl WebhookController {
                 let webhook = Arc::new(webhook);
                 self.remember(&webhook);
                 let route = self.reconcile(&webhook).await;
-                self.update_routes(|t| t.apply(route));
+                let covered = self.coverage[stream].clone();
+                self.update_routes(|t| {
+                    t.observe(covered.as_deref(), route.version);
+                    t.apply(route);
+                });
             }
             watcher::Event::Delete(DeserializeGuard(Ok(webhook))) => {
                 let key = webhook_key(&webhook);
-                self.update_routes(|t| t.delete(&key));
+                let covered = self.coverage[stream].clone();
+                self.update_routes(|t| {
+                    t.delete(&key);
+                    t.observe(covered.as_deref(), resource_version(&webhook.metadata));
+                });
                 self.forget(&key).await;
                 tracing::info!(webhook = %key, "deleted; route removed");
             }
@@ -494,10 +518,31 @@ impl WebhookController {
                     e.metadata.name.as_deref().unwrap_or_default(),
                 );
                 tracing::warn!(webhook = %key, error = %e.error, "skipping a Webhook that cannot be read");
-                self.update_routes(|t| t.delete(&key));
+                let covered = self.coverage[stream].clone();
+                self.update_routes(|t| {
+                    t.delete(&key);
+                    t.observe(covered.as_deref(), resource_version(&e.metadata));
+                });
                 self.forget(&key).await;
             }
         }
+    }
+
+    /// The Webhooks' current `resourceVersion` in the scope of watch `stream` (a consistent
+    /// read); None when the API server does not answer in time.
+    async fn current_version(&self, stream: usize) -> Option<u64> {
+        let client = self.client.clone()?;
+        let api: Api<Webhook> = match &self.coverage[stream] {
+            Some(namespace) => Api::namespaced(client, namespace),
+            None => Api::all(client),
+        };
+        let params = ListParams::default().limit(1);
+        let list = api.list_metadata(&params);
+        let list = tokio::time::timeout(Duration::from_secs(3), list)
+            .await
+            .ok()?
+            .ok()?;
+        list.metadata.resource_version?.parse().ok()
     }
 
     /// Changes the routing table and the metrics that count it.

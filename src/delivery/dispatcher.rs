@@ -19,7 +19,7 @@ use super::{
 use crate::{
     crd::{DeliveryRecord, Outcome, ready_reason},
     metrics::{DeliveryLabels, Metrics},
-    routing::{Route, RouteState, Routes, WebhookKey},
+    routing::{Found, Route, RouteState, Routes, WebhookKey},
     status::{StatusSender, Update, truncate_error},
 };
 
@@ -38,6 +38,10 @@ pub struct Delivery {
     /// The uid of the Webhook the event was routed to: a namesake created since is another
     /// Webhook, and never gets this delivery (nor its id).
     pub webhook_uid: Arc<str>,
+    /// The version of the Webhook in the routing table that routed it, when that table was
+    /// another replica's (JetStream work items); 0 when routed from this replica's own table.
+    /// A replica that has not seen that version waits rather than judge the Webhook gone.
+    pub routed_version: u64,
     /// Stable across retries: receivers deduplicate on it.
     pub id: String,
     pub event: Arc<EventBody>,
@@ -63,6 +67,9 @@ pub enum RouteCheck {
     Hold { route: Arc<Route>, why: String },
     /// Never deliverable: the Webhook was deleted (or recreated), or its endpoint is gone.
     Gone(String),
+    /// This replica's routing table has not seen the Webhook as the router did (it lags, or
+    /// is cut off from the API server): ask again later, or leave it to another replica.
+    NotSeenYet(String),
 }
 
 /// The slots an attempt holds while it talks to the endpoint.
@@ -167,17 +174,35 @@ impl Dispatcher {
         }
     }
 
+    /// Whether this replica's view of the Webhooks can be trusted now (see `ViewHealth`).
+    pub fn view_is_fresh(&self) -> bool {
+        self.routes.view().is_fresh()
+    }
+
     /// What the current routing table says about `delivery`.
     pub fn check(&self, delivery: &Delivery) -> RouteCheck {
-        let Some(route) = self.routes.snapshot().get(&delivery.webhook).cloned() else {
-            return RouteCheck::Gone(format!("webhook {} was deleted", delivery.webhook.name));
+        let table = self.routes.snapshot();
+        let name = &delivery.webhook.name;
+        let found = table.find(
+            &delivery.webhook,
+            &delivery.webhook_uid,
+            delivery.routed_version,
+        );
+        let route = match found {
+            Found::Route(route) => route.clone(),
+            Found::NotSeenYet { seen } => {
+                return RouteCheck::NotSeenYet(format!(
+                    "webhook {name} was routed at version {}; this replica has seen its namespace up to {seen}",
+                    delivery.routed_version
+                ));
+            }
+            Found::Deleted => return RouteCheck::Gone(format!("webhook {name} was deleted")),
+            Found::Replaced => {
+                return RouteCheck::Gone(format!(
+                    "webhook {name} was deleted and created again: the new one does not get the old one's deliveries"
+                ));
+            }
         };
-        if *route.uid != *delivery.webhook_uid {
-            return RouteCheck::Gone(format!(
-                "webhook {} was deleted and created again: the new one does not get the old one's deliveries",
-                delivery.webhook.name
-            ));
-        }
         match &route.state {
             RouteState::Active => RouteCheck::Deliver(route),
             RouteState::Paused if delivery.manual => RouteCheck::Deliver(route),

@@ -10,9 +10,18 @@ use tokio_util::sync::CancellationToken;
 use super::{AttemptReport, Attempted, Delivery, Dispatcher, RouteCheck, Ticket, Verdict};
 use crate::crd::{TargetDelivery, TargetState};
 
+/// How soon a delivery whose Webhook this replica has not seen yet asks again.
+const NOT_SEEN_RECHECK: Duration = Duration::from_secs(1);
+
 /// Where a delivery's progress goes.
 pub trait Report: Send + Sync {
     fn report(&self, target: &TargetDelivery) -> impl Future<Output = ()> + Send;
+
+    /// Checked right before each attempt is sent, once its slots are had: false stops the
+    /// delivery there (a fence, such as the end of a term of leadership).
+    fn may_send(&self) -> bool {
+        true
+    }
 }
 
 /// Progress that nothing records (direct ingest): the Webhook's history has the attempts.
@@ -112,6 +121,14 @@ pub async fn deliver(
                 }
                 continue;
             }
+            RouteCheck::NotSeenYet(_) => {
+                // Only work routed by another replica names a version: ask again shortly.
+                tokio::select! {
+                    _ = tokio::time::sleep(NOT_SEEN_RECHECK) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                continue;
+            }
             RouteCheck::Deliver(_) => {}
         }
         if target.state == TargetState::Held {
@@ -129,6 +146,9 @@ pub async fn deliver(
             _ = cancel.cancelled() => return,
             slots = dispatcher.reserve(delivery) => slots,
         };
+        if !reporter.may_send() {
+            return;
+        }
         let result = dispatcher.send(delivery, attempt, slots).await;
         let Attempted::Sent(result) = result else {
             continue;
@@ -191,7 +211,7 @@ pub async fn attempt_first(
             fail(target, why);
             return FirstAttempt::Done;
         }
-        RouteCheck::Hold { .. } => return FirstAttempt::Continue,
+        RouteCheck::Hold { .. } | RouteCheck::NotSeenYet(_) => return FirstAttempt::Continue,
         RouteCheck::Deliver(_) => {}
     }
     let slots = dispatcher.reserve(delivery).await;

@@ -133,6 +133,12 @@ pub const CONTENT_HEADER: &str = "Hookrelay-Content-Sha256";
 pub const DELIVERY_ID_HEADER: &str = "Hookrelay-Delivery-Id";
 /// Header of a work item: the uid of the Webhook it was routed to.
 pub const WEBHOOK_UID_HEADER: &str = "Hookrelay-Webhook-Uid";
+/// Header of a work item: the version of that Webhook in the router's table (a deliverer whose
+/// table has not seen it waits; see `RoutingTable::find`).
+pub const WEBHOOK_VERSION_HEADER: &str = "Hookrelay-Webhook-Version";
+/// Header of an event: how far the ingesting replica's table had seen the namespace's Webhooks
+/// (a router whose table has seen less does not route it).
+pub const ROUTES_SEEN_HEADER: &str = "Hookrelay-Routes-Seen";
 /// Header of a work item: the stream sequence of its event (the order of `spec.ordering`).
 pub const EVENT_SEQUENCE_HEADER: &str = "Hookrelay-Event-Sequence";
 /// Header of a parked work item: attempts made before it was published (absent: none).
@@ -163,6 +169,8 @@ const PARK_PUBLISH_TRIES: usize = 3;
 const ROUTING_AT_ONCE: usize = 256;
 /// On stop, how long events being routed may take to finish.
 const ROUTING_DRAIN: Duration = Duration::from_secs(5);
+/// How soon an event this replica's table is behind on is offered again (to any replica).
+const NOT_SEEN_RETRY: Duration = Duration::from_secs(1);
 /// Ack wait of both consumers; a message in hand is kept alive well within it.
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
@@ -405,6 +413,17 @@ impl EventMessage {
     }
 }
 
+impl EventMessage {
+    /// To be routed by a table that has seen the namespace's Webhooks up to `version` at least.
+    pub fn routed_after(mut self, version: u64) -> Self {
+        if version > 0 {
+            self.headers
+                .insert(ROUTES_SEEN_HEADER, version.to_string().as_str());
+        }
+        self
+    }
+}
+
 fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str> {
     headers?.get(name).map(|v| v.as_str())
 }
@@ -451,6 +470,18 @@ pub async fn route_events(
         };
         let (context, routes, metrics) = (bus.context.clone(), routes.clone(), metrics.clone());
         routing.spawn(async move {
+            if !routes.view().is_fresh() {
+                // Cut off from the API server: the other replicas route it.
+                let _ = message.ack_with(AckKind::Nak(Some(NOT_SEEN_RETRY))).await;
+                return;
+            }
+            if let Some(seen) = not_seen_yet(&routes, &message) {
+                // This replica lags behind the one that took the event in: another replica
+                // routes it, or this one once its table has caught up.
+                tracing::debug!(subject = %message.subject, seen, "JetStream router: the routing table is behind this event; not routed here yet");
+                let _ = message.ack_with(AckKind::Nak(Some(NOT_SEEN_RETRY))).await;
+                return;
+            }
             if let Err(e) = route_one(&context, &routes, &metrics, &message).await {
                 // Not acked: the stream redelivers it, and the work items already stored are
                 // deduplicated by their ids.
@@ -469,6 +500,18 @@ pub async fn route_events(
         routing.abort_all();
     }
     ended
+}
+
+/// How far this replica's table has seen the event's namespace, when that is less than the
+/// ingesting replica had seen (None: it may be routed here).
+fn not_seen_yet(routes: &Routes, message: &jetstream::Message) -> Option<u64> {
+    let needed: u64 = header_number(message.headers.as_ref(), ROUTES_SEEN_HEADER)?;
+    let namespace = message
+        .subject
+        .strip_prefix(EVENTS_SUBJECT)?
+        .strip_prefix('.')?;
+    let seen = routes.snapshot().seen(namespace);
+    (seen < needed).then_some(seen)
 }
 
 async fn route_one(
@@ -518,6 +561,7 @@ async fn route_one(
         }
         headers.insert(DELIVERY_ID_HEADER, id.as_str());
         headers.insert(WEBHOOK_UID_HEADER, route.uid.as_str());
+        headers.insert(WEBHOOK_VERSION_HEADER, route.version.to_string().as_str());
         headers.insert(EVENT_TYPE_HEADER, event.as_str());
         if let Some(trace) = &trace {
             headers.insert(TRACEPARENT, trace.as_str());
@@ -742,6 +786,7 @@ fn delivery_of(message: &jetstream::Message) -> Option<WorkItem> {
             name: name.into(),
         },
         webhook_uid: header(headers, WEBHOOK_UID_HEADER)?.into(),
+        routed_version: header_number(headers, WEBHOOK_VERSION_HEADER).unwrap_or(0),
         id: header(headers, DELIVERY_ID_HEADER)?.to_owned(),
         event: Arc::new(EventBody {
             event,
@@ -781,6 +826,9 @@ enum Settle {
     Turn {
         after: Duration,
     },
+    /// This replica's table has not seen its Webhook as the router did: parked for another
+    /// replica (or this one, caught up) to take, spending no attempt.
+    NotSeenYet,
     /// Stopping: leave it to be redelivered.
     Abandon,
 }
@@ -794,7 +842,8 @@ enum Park {
     Retry { attempts: u32, after: Duration },
     /// Held since then: rechecked later, spending no attempt.
     Held { since: u64 },
-    /// Its namespace has all its places in hand: tried again later.
+    /// Its namespace has all its places in hand, or this replica's routing table has not seen
+    /// its Webhook yet: tried again later (by any replica).
     Busy,
     /// Its turn under its Webhook's rate limit is `after` away.
     Turn { after: Duration },
@@ -886,6 +935,10 @@ impl Deliverer {
             Ok(info) => (info.delivered.max(1) as u32, info.stream_sequence),
             Err(_) => (1, 0),
         };
+        if !self.dispatcher.view_is_fresh() {
+            // Cut off from the API server: parked (no attempt spent) for the other replicas.
+            return self.park(&message, sequence, &item, Park::Busy).await;
+        }
         if self.lane == Lane::Serial {
             let ordered = self
                 .dispatcher
@@ -961,6 +1014,9 @@ impl Deliverer {
                     .move_to_serial(&message, sequence, delivered, &item)
                     .await;
             }
+            Settle::NotSeenYet => {
+                return self.park(&message, sequence, &item, Park::Busy).await;
+            }
             Settle::Abandon => Ok(()),
         };
         if let Err(e) = result {
@@ -980,6 +1036,10 @@ impl Deliverer {
                 RouteCheck::Gone(why) => {
                     tracing::info!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream delivery failed");
                     return Settle::Ack;
+                }
+                RouteCheck::NotSeenYet(why) => {
+                    tracing::debug!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream deliverer: not deliverable here yet");
+                    return Settle::NotSeenYet;
                 }
                 RouteCheck::Hold { route, why } => {
                     let now = unix_millis(SystemTime::now());
@@ -1343,6 +1403,12 @@ fn work_item_headers(
     }
     headers.insert(DELIVERY_ID_HEADER, delivery.id.as_str());
     headers.insert(WEBHOOK_UID_HEADER, &*delivery.webhook_uid);
+    if delivery.routed_version > 0 {
+        headers.insert(
+            WEBHOOK_VERSION_HEADER,
+            delivery.routed_version.to_string().as_str(),
+        );
+    }
     headers.insert(EVENT_TYPE_HEADER, delivery.event.event.as_str());
     headers.insert(ATTEMPTS_HEADER, attempts.to_string().as_str());
     headers.insert(PARKED_HEADER, parked.to_string().as_str());
@@ -1369,6 +1435,7 @@ mod tests {
             delivery: Delivery {
                 webhook: WebhookKey::new("docs", "w"),
                 webhook_uid: "uid".into(),
+                routed_version: 0,
                 id: "msg_1".into(),
                 event: Arc::new(body),
                 source: "jetstream".into(),

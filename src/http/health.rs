@@ -9,20 +9,29 @@ use axum::{
     routing::get,
 };
 
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, routing::ViewHealth};
 
 /// Readiness as a set of components still pending. `/readyz` answers 200 only once every
 /// component registered at start (one per watch) has reported its initial sync.
+/// After that, `/readyz` also fails while the routing view is stale ([`ViewHealth`]).
 #[derive(Clone, Debug)]
 pub struct Readiness {
     pending: watch::Sender<BTreeSet<&'static str>>,
+    view: ViewHealth,
 }
 
 impl Readiness {
     pub fn new(components: &[&'static str]) -> Self {
         Self {
             pending: watch::Sender::new(components.iter().copied().collect()),
+            view: ViewHealth::default(),
         }
+    }
+
+    /// `/readyz` also fails while `view` is stale.
+    pub fn with_view(mut self, view: ViewHealth) -> Self {
+        self.view = view;
+        self
     }
 
     pub fn mark_ready(&self, component: &'static str) {
@@ -97,12 +106,13 @@ pub fn metrics_router(readiness: Readiness, liveness: Liveness, metrics: Metrics
 }
 
 async fn readyz(State(readiness): State<Readiness>) -> (StatusCode, String) {
-    match readiness.pending() {
-        pending if pending.is_empty() => (StatusCode::OK, "ok\n".into()),
-        pending => (
+    match (readiness.pending(), readiness.view.stale()) {
+        (pending, _) if !pending.is_empty() => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("waiting for initial sync of: {}\n", pending.join(", ")),
         ),
+        (_, Some(why)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        (_, None) => (StatusCode::OK, "ok\n".into()),
     }
 }
 
@@ -118,5 +128,18 @@ mod tests {
         assert_eq!(r.pending(), ["secrets"]);
         r.mark_ready("secrets");
         assert!(r.is_ready());
+    }
+
+    #[tokio::test]
+    async fn readyz_fails_while_the_routing_view_is_stale_and_says_why() {
+        let view = ViewHealth::default();
+        let r = Readiness::new(&[]).with_view(view.clone());
+        assert_eq!(readyz(State(r.clone())).await.0, StatusCode::OK);
+        view.set_stale(Some("the API server has not answered for 12s".into()));
+        let (code, body) = readyz(State(r.clone())).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("has not answered for 12s"), "{body}");
+        view.set_stale(None);
+        assert_eq!(readyz(State(r)).await.0, StatusCode::OK);
     }
 }

@@ -658,6 +658,7 @@ async fn attempt_once(
     let delivery = Delivery {
         webhook: route.key.clone(),
         webhook_uid: route.uid.as_str().into(),
+        routed_version: 0,
         id: delivery_id,
         event: Arc::new(body),
         source: source.into(),
@@ -673,7 +674,8 @@ async fn attempt_once(
         trace: None,
     };
     // A person is waiting: say at once why nothing can be sent rather than "try again".
-    if let RouteCheck::Hold { why, .. } | RouteCheck::Gone(why) = state.dispatcher.check(&delivery)
+    if let RouteCheck::Hold { why, .. } | RouteCheck::Gone(why) | RouteCheck::NotSeenYet(why) =
+        state.dispatcher.check(&delivery)
     {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -100,6 +100,10 @@ pub struct Route {
     pub key: WebhookKey,
     pub uid: String,
     pub generation: i64,
+    /// The Webhook's `resourceVersion` this route was built from. Work routed on another
+    /// replica carries it, so that a replica whose table has not seen that version yet waits
+    /// rather than judging the Webhook gone (see [`RoutingTable::seen`]).
+    pub version: u64,
     pub url: String,
     pub events: Vec<WebhookEvent>,
     /// Absent when the signing secret could not be resolved.
@@ -166,6 +170,9 @@ pub struct RoutingTable {
     routes: HashMap<WebhookKey, Arc<Route>>,
     namespaces: HashMap<Arc<str>, NamespaceRoutes>,
     by_state: [usize; 3],
+    /// How far the Webhook watch of each scope (a namespace, or None: all of them) has come: the
+    /// table reflects every change up to this `resourceVersion`.
+    seen: HashMap<Option<Arc<str>>, u64>,
     /// Routes replaced or removed by the change in progress; [`Routes::update`] signals them
     /// once the new table is visible.
     retired: Vec<Arc<Route>>,
@@ -247,6 +254,40 @@ impl RoutingTable {
             .filter(move |route| route.accepts(event, metrics))
     }
 
+    /// Records that the Webhook watch of `scope` (a namespace, or None: all) has brought every
+    /// change up to `version`; it never goes back.
+    pub fn observe(&mut self, scope: Option<&str>, version: u64) {
+        let seen = self.seen.entry(scope.map(Arc::from)).or_default();
+        *seen = (*seen).max(version);
+    }
+
+    /// The `resourceVersion` up to which this table reflects the Webhooks of `namespace`: a
+    /// Webhook routed elsewhere at a version above it may exist here unseen, one at or below it
+    /// that is not in the table has been deleted.
+    pub fn seen(&self, namespace: &str) -> u64 {
+        let all = self.seen.get(&None).copied().unwrap_or(0);
+        let own = self
+            .seen
+            .get(&Some(Arc::from(namespace)))
+            .copied()
+            .unwrap_or(0);
+        all.max(own)
+    }
+
+    /// What the table says of the Webhook `key` with uid `uid`, routed elsewhere from a table
+    /// that had seen `version` of it (0: routed from this table, nothing to wait for).
+    pub fn find(&self, key: &WebhookKey, uid: &str, version: u64) -> Found<'_> {
+        let behind = version > self.seen(&key.namespace);
+        match self.routes.get(key) {
+            Some(route) if route.uid == uid && !behind => Found::Route(route),
+            _ if behind => Found::NotSeenYet {
+                seen: self.seen(&key.namespace),
+            },
+            Some(_) => Found::Replaced,
+            None => Found::Deleted,
+        }
+    }
+
     /// Whether any Webhook of `namespace` is routed.
     pub fn has_namespace(&self, namespace: &str) -> bool {
         self.namespaces.contains_key(namespace)
@@ -275,13 +316,60 @@ impl RoutingTable {
     }
 }
 
+/// What a routing table knows of a Webhook that work names (see [`RoutingTable::find`]).
+#[derive(Debug)]
+pub enum Found<'a> {
+    /// This one, seen at least at the version the work names.
+    Route(&'a Arc<Route>),
+    /// The table has not seen the version the work names (it lags, or this replica is cut off
+    /// from the API server): nothing can be said yet.
+    NotSeenYet { seen: u64 },
+    /// Deleted, as of a version at or after the one the work names.
+    Deleted,
+    /// Deleted and created again: the namesake is another Webhook.
+    Replaced,
+}
+
 /// The published routing table: one writer, any number of lock-free readers.
 #[derive(Clone, Default)]
 pub struct Routes {
     current: Arc<ArcSwap<RoutingTable>>,
+    view: ViewHealth,
+}
+
+/// Whether this replica's view of the Webhooks can be trusted now. It goes stale when the API
+/// server has not answered for a while (a partition, an outage): the watches may be missing
+/// changes, so the replica says so in `/readyz` and takes no shared work until it answers again.
+#[derive(Clone, Debug, Default)]
+pub struct ViewHealth {
+    stale: Arc<std::sync::RwLock<Option<String>>>,
+}
+
+impl ViewHealth {
+    /// Why the view is stale (None: it is fresh again).
+    pub fn set_stale(&self, why: Option<String>) {
+        *self.stale.write().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    /// Why the view may be stale; None while it is fresh.
+    pub fn stale(&self) -> Option<String> {
+        self.stale.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn is_fresh(&self) -> bool {
+        self.stale
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
 }
 
 impl Routes {
+    /// Whether this view can be trusted now (see [`ViewHealth`]).
+    pub fn view(&self) -> &ViewHealth {
+        &self.view
+    }
+
     /// The current table; later changes do not affect the returned snapshot.
     pub fn snapshot(&self) -> Arc<RoutingTable> {
         self.current.load_full()

@@ -5,6 +5,7 @@ fn route(ns: &str, name: &str, events: &[WebhookEvent]) -> Route {
         key: WebhookKey::new(ns, name),
         uid: format!("uid-{name}"),
         generation: 1,
+        version: 0,
         url: format!("https://example.com/{name}"),
         events: events.to_vec(),
         signer: None,
@@ -397,4 +398,58 @@ mod proptests {
             }
         }
     }
+}
+
+/// Work routed on another replica names the Webhook's uid and the version its router had: a
+/// table that has not seen that version says so instead of judging the Webhook gone.
+#[test]
+fn a_table_judges_a_webhook_gone_only_from_a_version_it_has_seen() {
+    let key = WebhookKey::new("docs", "late");
+    let mut t = RoutingTable::default();
+    t.observe(None, 100);
+    // Created at 120 elsewhere, unseen here: not "deleted".
+    assert!(matches!(
+        t.find(&key, "uid-late", 120),
+        Found::NotSeenYet { seen: 100 }
+    ));
+    // The watch brings it.
+    let mut late = route("docs", "late", &[WebhookEvent::All]);
+    late.version = 120;
+    t.observe(None, 120);
+    t.apply(late.clone());
+    assert!(matches!(t.find(&key, "uid-late", 120), Found::Route(_)));
+    // Routed from a newer version (a change not seen here yet): wait for it too.
+    assert!(matches!(
+        t.find(&key, "uid-late", 130),
+        Found::NotSeenYet { seen: 120 }
+    ));
+    // Deleted at 140, and seen: gone, for work from any version up to it.
+    t.delete(&key);
+    t.observe(None, 140);
+    assert!(matches!(t.find(&key, "uid-late", 120), Found::Deleted));
+    // Created again: the namesake is another Webhook.
+    let mut again = late;
+    again.uid = "uid-again".into();
+    again.version = 150;
+    t.apply(again);
+    t.observe(None, 150);
+    assert!(matches!(t.find(&key, "uid-late", 120), Found::Replaced));
+    // Work routed here (version 0) never waits.
+    assert!(matches!(t.find(&key, "uid-again", 0), Found::Route(_)));
+}
+
+#[test]
+fn what_a_table_has_seen_is_per_watched_namespace_and_never_goes_back() {
+    let mut t = RoutingTable::default();
+    t.observe(Some("a"), 50);
+    t.observe(Some("b"), 70);
+    t.observe(Some("a"), 40);
+    assert_eq!(t.seen("a"), 50);
+    assert_eq!(t.seen("b"), 70);
+    assert_eq!(t.seen("c"), 0);
+    // One watch over every namespace covers them all.
+    t.observe(None, 60);
+    assert_eq!(t.seen("a"), 60);
+    assert_eq!(t.seen("b"), 70);
+    assert_eq!(t.seen("c"), 60);
 }

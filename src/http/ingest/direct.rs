@@ -442,6 +442,7 @@ impl DirectIngest {
             deliveries.extend(targets.iter().map(|route| Delivery {
                 webhook: route.key.clone(),
                 webhook_uid: route.uid.as_str().into(),
+                routed_version: 0,
                 id: crate::delivery::delivery_id(&event_id, &route.uid),
                 event: body.clone(),
                 source: "ingest".into(),
@@ -527,6 +528,7 @@ mod tests {
                 key: WebhookKey::new(ns, name),
                 uid: format!("uid-{ns}-{name}"),
                 generation: 1,
+                version: 0,
                 url: format!("https://example.com/{name}"),
                 events: vec![WebhookEvent::All],
                 signer: None,

@@ -46,6 +46,9 @@ pub(super) async fn jetstream(
     let total = events.len();
     // Every publish first, then every ack: one round trip's latency for the whole request.
     let deadline = store_deadline(state);
+    // Whichever replica routes these events must have seen at least the Webhooks this one has:
+    // a Webhook its caller saw Ready here is never missed by a replica that lags.
+    let seen = state.routes.snapshot().seen(namespace);
     let mut pending = Vec::with_capacity(total);
     for e in events {
         if tokio::time::Instant::now() >= deadline {
@@ -68,7 +71,8 @@ pub(super) async fn jetstream(
                 (id.clone(), id)
             }
         };
-        let message = EventMessage::new(namespace, &id, &msg_id, &body, Some(&content));
+        let message =
+            EventMessage::new(namespace, &id, &msg_id, &body, Some(&content)).routed_after(seen);
         let ack = bus
             .context
             .publish_with_headers(message.subject, message.headers, message.body)
