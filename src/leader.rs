@@ -148,9 +148,11 @@ impl Leadership {
             let end = self.term_end();
             tokio::select! {
                 changed = self.leads.changed() => if changed.is_err() {
-                    // The election ended while leading (only at shutdown): nothing renews.
-                    if let Some(end) = end {
-                        tokio::time::sleep_until(end).await;
+                    // Nothing changes the flag any more (no election, or it has ended at
+                    // shutdown): leadership ends with the term, if it has an end at all.
+                    match end {
+                        Some(end) => tokio::time::sleep_until(end).await,
+                        None => std::future::pending().await,
                     }
                     return;
                 },
@@ -645,8 +647,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn leadership_without_an_election_never_ends() {
-        let leadership = Leadership::always();
-        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let mut leadership = Leadership::always();
+        let lost = tokio::time::timeout(Duration::from_secs(3600), leadership.lost()).await;
+        assert!(lost.is_err(), "an unelected replica lost its leadership");
         assert!(leadership.is_leader());
     }
 

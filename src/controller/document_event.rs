@@ -27,8 +27,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker, time::DelayQueue};
 use super::Scope;
 use crate::{
     crd::{
-        CreatedEvents, DocumentEvent, DocumentEventStatus, EventPhase, Recoveries, Recovery,
-        TargetDelivery, TargetState,
+        ACCEPTED_AT_ANNOTATION, CreatedEvents, DocumentEvent, DocumentEventStatus, EventPhase,
+        Recoveries, Recovery, TargetDelivery, TargetState,
     },
     delivery::{
         self, Delivery, Dispatcher, EventBody, Report, delivery_id, is_final, timestamp_of,
@@ -73,6 +73,15 @@ struct Tracked {
     cleanup: Option<tokio_util::time::delay_queue::Key>,
     /// When it was adopted: a relist forgets only what it should have listed.
     adopted: Instant,
+}
+
+/// A relist of one watch stream in progress.
+struct Relist {
+    started: Instant,
+    /// Every event listed so far.
+    seen: HashSet<EventKey>,
+    /// Listed events not tracked yet, taken over once the list is complete.
+    new: Vec<DocumentEvent>,
 }
 
 /// Everything a delivery task needs, shared.
@@ -120,7 +129,7 @@ pub struct DocumentEventController {
     /// Fences attempts: none is sent by a replica whose term has ended.
     leadership: Leadership,
     coverage: Vec<Option<Arc<str>>>,
-    relists: Vec<Option<(Instant, HashSet<EventKey>)>>,
+    relists: Vec<Option<Relist>>,
     synced: Vec<bool>,
 }
 
@@ -177,7 +186,7 @@ impl DocumentEventController {
             step_down_grace: Duration::from_secs(2),
             leadership: Leadership::always(),
             coverage,
-            relists: vec![None; n],
+            relists: (0..n).map(|_| None).collect(),
             synced: vec![false; n],
         }
     }
@@ -298,13 +307,26 @@ impl DocumentEventController {
         self.deletes.abort_all();
         self.deliveries = TaskTracker::new();
         self.abandon = CancellationToken::new();
-        self.relists = vec![None; self.coverage.len()];
+        self.relists = self.coverage.iter().map(|_| None).collect();
         while self.progress.try_recv().is_ok() {}
     }
 
     /// An event ingest has just created: adopted now unless the watch brought it already.
     fn on_created(&mut self, at: Instant, de: DocumentEvent) {
         if at.elapsed() > self.created_max_age {
+            return;
+        }
+        // While its namespace is being listed, the list (or the watch after it) brings it, and
+        // taking it now would queue it before the listed events of its ordering key.
+        let namespace = de.namespace().unwrap_or_default();
+        let listing = self
+            .coverage
+            .iter()
+            .zip(&self.relists)
+            .any(|(covered, relist)| {
+                relist.is_some() && covered.as_deref().is_none_or(|ns| ns == namespace)
+            });
+        if listing {
             return;
         }
         let key = event_key(&de);
@@ -317,19 +339,28 @@ impl DocumentEventController {
     fn on_event(&mut self, stream: usize, event: watcher::Event<DeserializeGuard<DocumentEvent>>) {
         match event {
             watcher::Event::Init => {
-                self.relists[stream] = Some((Instant::now(), HashSet::new()));
+                self.relists[stream] = Some(Relist {
+                    started: Instant::now(),
+                    seen: HashSet::new(),
+                    new: Vec::new(),
+                });
             }
             watcher::Event::InitApply(DeserializeGuard(Ok(de)))
             | watcher::Event::Apply(DeserializeGuard(Ok(de))) => {
                 let key = event_key(&de);
-                if let Some((_, seen)) = &mut self.relists[stream] {
-                    seen.insert(key.clone());
-                }
                 let uid = de.uid().unwrap_or_default();
-                match self.tracked.get(&key) {
-                    // Our own status writes echo back; the spec is immutable.
-                    Some(t) if t.uid == uid => {}
-                    _ => self.adopt(key, uid, de),
+                // Our own status writes echo back; the spec is immutable.
+                let known = self.tracked.get(&key).is_some_and(|t| t.uid == uid);
+                match &mut self.relists[stream] {
+                    // Listed: taken over at the end of the list, in the order accepted.
+                    Some(relist) => {
+                        relist.seen.insert(key.clone());
+                        if !known {
+                            relist.new.push(de);
+                        }
+                    }
+                    None if known => {}
+                    None => self.adopt(key, uid, de),
                 }
             }
             watcher::Event::Delete(DeserializeGuard(Ok(de))) => {
@@ -340,7 +371,14 @@ impl DocumentEventController {
                 }
             }
             watcher::Event::InitDone => {
-                if let Some((started, seen)) = self.relists[stream].take() {
+                if let Some(Relist { started, seen, new }) = self.relists[stream].take() {
+                    // A list comes in name order; deliveries of one ordering key must be
+                    // queued in the order their events were accepted, a retrying head first.
+                    for de in in_acceptance_order(new) {
+                        let key = event_key(&de);
+                        let uid = de.uid().unwrap_or_default();
+                        self.adopt(key, uid, de);
+                    }
                     let covered = self.coverage[stream].clone();
                     // An event ingest handed over during the relist may be newer than the list.
                     let gone: Vec<EventKey> = self
@@ -399,7 +437,7 @@ impl DocumentEventController {
             let event = EventCopy {
                 body: Arc::new(EventBody::from(&de)),
                 trace: crate::telemetry::traceparent(&span).map(Arc::from),
-                created: created_second(&de),
+                created: acceptance_order(&de),
             };
             for target in status.deliveries.iter().filter(|t| !is_final(t.state)) {
                 self.spawn_delivery(&key, &uid, &event, target.clone(), &cancel);
@@ -510,7 +548,7 @@ impl DocumentEventController {
             let event = EventCopy {
                 body: Arc::new(EventBody::from(&de)),
                 trace: event_trace(&de).map(Arc::from),
-                created: created_second(&de),
+                created: acceptance_order(&de),
             };
             self.spawn_delivery(&key, &uid, &event, target, &cancel);
             self.write(&key);
@@ -757,16 +795,39 @@ struct EventCopy {
     body: Arc<EventBody>,
     /// The `traceparent` its attempts continue.
     trace: Option<Arc<str>>,
-    /// The second it was created (`created_second`).
+    /// Its place among the events of its ordering key (`acceptance_order`).
     created: u64,
 }
 
-/// The second an event was created: the order of its deliveries under `spec.ordering`.
-fn created_second(de: &DocumentEvent) -> u64 {
-    de.metadata
-        .creation_timestamp
+/// An event's place among the events of its ordering key: when ingest accepted it (to the
+/// microsecond), else the second it was created.
+fn acceptance_order(de: &DocumentEvent) -> u64 {
+    let accepted = de
+        .metadata
+        .annotations
         .as_ref()
-        .map_or(0, |t| t.0.as_second().max(0) as u64)
+        .and_then(|a| a.get(ACCEPTED_AT_ANNOTATION))
+        .and_then(|t| t.parse::<Timestamp>().ok());
+    let at = accepted.or_else(|| de.metadata.creation_timestamp.as_ref().map(|t| t.0));
+    at.map_or(0, |t| t.as_microsecond().max(0) as u64)
+}
+
+/// Whether any delivery of the event has been attempted and is not final: of two events of one
+/// ordering key accepted in the same second, that one came first (only a key's head is
+/// attempted before it is final).
+fn started(de: &DocumentEvent) -> bool {
+    de.status.as_ref().is_some_and(|s| {
+        s.deliveries
+            .iter()
+            .any(|t| t.attempts > 0 && !is_final(t.state))
+    })
+}
+
+/// Listed events in the order their deliveries are queued: accepted first, then a started one
+/// before one not started, then by name.
+fn in_acceptance_order(mut events: Vec<DocumentEvent>) -> Vec<DocumentEvent> {
+    events.sort_by_cached_key(|de| (acceptance_order(de), !started(de), de.name_any()));
+    events
 }
 
 fn event_key(de: &DocumentEvent) -> EventKey {
@@ -868,6 +929,58 @@ mod tests {
         de.metadata.namespace = Some("docs".into());
         de.metadata.uid = Some(format!("uid-{name}"));
         de
+    }
+
+    fn created_at(mut de: DocumentEvent, second: i64) -> DocumentEvent {
+        de.metadata.creation_timestamp = Some(Time(Timestamp::from_second(second).unwrap()));
+        de
+    }
+
+    fn accepted_at(mut de: DocumentEvent, at: &str) -> DocumentEvent {
+        de.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(ACCEPTED_AT_ANNOTATION.into(), at.into());
+        de
+    }
+
+    fn names(events: Vec<DocumentEvent>) -> Vec<String> {
+        in_acceptance_order(events)
+            .iter()
+            .map(|de| de.name_any())
+            .collect()
+    }
+
+    /// A list comes in name order; after a restart or a new leader, the deliveries of one
+    /// ordering key must still be queued in the order their events were accepted (a later event
+    /// taking the turn from a retrying head broke the order).
+    #[test]
+    fn listed_events_are_taken_over_in_the_order_accepted_a_started_head_first() {
+        let second = 1_780_000_000;
+        let later = accepted_at(
+            created_at(document_event("a-later"), second),
+            "2026-05-28T20:26:40.000002Z",
+        );
+        let earlier = accepted_at(
+            created_at(document_event("z-earlier"), second),
+            "2026-05-28T20:26:40.000001Z",
+        );
+        assert_eq!(names(vec![later, earlier]), ["z-earlier", "a-later"]);
+
+        // Created with kubectl in one second: the one being retried is the head of its key.
+        let mut head = created_at(document_event("z-head"), second);
+        let mut target = TargetDelivery::new("w".into(), "id".into(), TargetState::Pending);
+        target.attempts = 2;
+        head.status = Some(DocumentEventStatus {
+            deliveries: vec![target],
+            ..Default::default()
+        });
+        let next = created_at(document_event("a-next"), second);
+        let older = created_at(document_event("m-older"), second - 1);
+        assert_eq!(
+            names(vec![next, head, older]),
+            ["m-older", "z-head", "a-next"]
+        );
     }
 
     /// An event ingest created here is delivered without waiting for the watch to bring it.

@@ -11,6 +11,10 @@ use tokio::sync::mpsc;
 
 use super::EventType;
 
+/// When ingest accepted a DocumentEvent (RFC 3339 with nanoseconds): its place among the
+/// events of its ordering key, finer than `creationTimestamp`'s second.
+pub const ACCEPTED_AT_ANNOTATION: &str = "hookrelay.dev/accepted-at";
+
 /// A document event to deliver to the matching Webhooks of its namespace.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(

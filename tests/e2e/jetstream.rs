@@ -402,18 +402,7 @@ async fn two_replicas_record_every_attempt_in_the_webhook_status() {
         json!({}),
     )
     .await;
-    for op in [&a, &b] {
-        let addr = op.metrics_addr;
-        eventually(
-            "the webhook routed",
-            Duration::from_secs(60),
-            || async move {
-                (metric(addr, "hookrelay_webhooks{state=\"Active\"}").await == Some(1.0))
-                    .then_some(())
-            },
-        )
-        .await;
-    }
+    // Posted as soon as the Webhook is Ready: a replica that lags routes nothing it has not seen.
 
     const EVENTS: usize = 200;
     for chunk in 0..EVENTS / 20 {

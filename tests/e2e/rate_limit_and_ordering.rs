@@ -153,22 +153,6 @@ async fn two_jetstream_replicas(
     (a, b)
 }
 
-/// Waits until both replicas route the namespace's one Webhook.
-async fn routed_on_both(a: &Operator, b: &Operator) {
-    for op in [a, b] {
-        let addr = op.metrics_addr;
-        eventually(
-            "the webhook routed on both",
-            Duration::from_secs(60),
-            || async move {
-                (metric(addr, "hookrelay_webhooks{state=\"Active\"}").await == Some(1.0))
-                    .then_some(())
-            },
-        )
-        .await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_holds_across_two_jetstream_replicas() {
     let cp = control_plane();
@@ -186,7 +170,7 @@ async fn a_rate_limit_holds_across_two_jetstream_replicas() {
         json!({"rateLimit": {"perSecond": 20, "burst": 1}}),
     )
     .await;
-    routed_on_both(&a, &b).await;
+    // Posted as soon as the Webhook is Ready: a replica that lags routes nothing it has not seen.
     // Both replicas take events and route them; both consume the shared work queue.
     for (i, chunk) in events(EVENTS).chunks(10).enumerate() {
         let target = [a.listen_addr, b.listen_addr][i % 2];
@@ -477,7 +461,7 @@ async fn ordering_holds_across_two_jetstream_replicas() {
     let (receipts, addr) = ordering_receiver(3).await;
     let (a, b) = two_jetstream_replicas(cp, &ns, &nats).await;
     ordered_webhook(&client, &ns, &format!("http://{addr}/h")).await;
-    routed_on_both(&a, &b).await;
+    // Posted as soon as the Webhook is Ready: a replica that lags routes nothing it has not seen.
     // Each event to the other replica: both route, in whatever order their routers run.
     for (i, event) in keyed_events().into_iter().enumerate() {
         let target = [a.listen_addr, b.listen_addr][i % 2];
@@ -591,7 +575,7 @@ async fn a_rate_limit_added_while_deliveries_are_held_on_both_replicas_still_hol
         json!({}),
     )
     .await;
-    routed_on_both(&a, &b).await;
+    // Posted as soon as the Webhook is Ready: a replica that lags routes nothing it has not seen.
     let webhooks: Api<hookrelay::crd::Webhook> = Api::namespaced(client.clone(), &ns);
     let pause = json!({"spec": {"paused": true}});
     webhooks
@@ -699,4 +683,87 @@ async fn jetstream_parks_deliveries_whose_turn_is_far_off_and_keeps_the_limit() 
         "parking for the turn spent an attempt: {:?}",
         status.recent_deliveries
     );
+}
+
+/// A retrying head of an ordering key keeps its turn across a kill -9 of the operator: after the
+/// restart the list brings the key's later events first (their names sort before the head's),
+/// and they still wait until the head is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_holds_across_a_kill_of_the_operator_with_a_retrying_head() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace("ordering-kill").await;
+    let (receipts, addr) = ordering_receiver(3).await;
+    let args = [
+        "--namespace",
+        &ns,
+        "--allow-http",
+        "--allow-cidr",
+        "127.0.0.0/8",
+        "--disable-auth",
+    ];
+    let mut op = Operator::start(cp, &args);
+    op.wait_ready().await;
+    ordered_webhook(&client, &ns, &format!("http://{addr}/h")).await;
+    // In this order, each with the acceptance time ingest writes (a producer creating them
+    // itself may write it too); names chosen so that a list, which comes in name order, brings
+    // them backwards.
+    let events: Api<hookrelay::crd::DocumentEvent> = Api::namespaced(client.clone(), &ns);
+    let accepted = k8s_openapi::jiff::Timestamp::now();
+    for (name, n) in [("z-first", 1), ("m-second", 2), ("a-third", 3)] {
+        let at = accepted + k8s_openapi::jiff::SignedDuration::from_micros(n);
+        let de = serde_json::from_value(json!({
+            "apiVersion": "hookrelay.dev/v1alpha1", "kind": "DocumentEvent",
+            "metadata": {"name": name, "annotations": {"hookrelay.dev/accepted-at": at.to_string()}},
+            "spec": {"type": "document.completed", "data": {"document_id": "A", "n": n}},
+        }))
+        .unwrap();
+        events.create(&PostParams::default(), &de).await.unwrap();
+    }
+    // The head has failed and its attempt is in its status: it is retrying.
+    eventually(
+        "the head's failed attempt recorded",
+        Duration::from_secs(60),
+        || async {
+            let de = events.get("z-first").await.ok()?;
+            de.status?
+                .deliveries
+                .iter()
+                .any(|t| t.attempts >= 1)
+                .then_some(())
+        },
+    )
+    .await;
+    op.child.kill().await.expect("kill -9");
+    let before = receipts.lock().unwrap().len();
+    let op = Operator::start(cp, &args);
+    op.wait_ready().await;
+    eventually("every event delivered", Duration::from_secs(90), || async {
+        (receipts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.2 == 200)
+            .count()
+            >= 3)
+            .then_some(())
+    })
+    .await;
+    let got = receipts.lock().unwrap().clone();
+    let head_through = got
+        .iter()
+        .position(|r| r.1 == 1 && r.2 == 200)
+        .expect("the head delivered");
+    let overtook: Vec<&Receipt> = got[..head_through].iter().filter(|r| r.1 != 1).collect();
+    let delivered: Vec<i64> = got.iter().filter(|r| r.2 == 200).map(|r| r.1).collect();
+    println!(
+        "FIGURES ordering_holds_across_a_kill: requests before the kill={before} after={} delivered order={delivered:?}",
+        got.len() - before
+    );
+    assert!(
+        overtook.is_empty(),
+        "later events were sent while the head was retrying: {overtook:?} (all: {got:?})"
+    );
+    assert_eq!(delivered, [1, 2, 3], "{got:?}");
+    drop(op);
 }

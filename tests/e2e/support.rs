@@ -734,7 +734,7 @@ pub async fn create_webhook(
 ) {
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
     let s: k8s_openapi::api::core::v1::Secret = serde_json::from_value(
-        // Labelled as a signing Secret, which hardening item 6 requires.
+        // Labelled as a signing Secret: the operator reads no other.
         serde_json::json!({"metadata": {"name": format!("{name}-secret"), "labels": {"hookrelay.dev/signing-secret": "true"}}, "stringData": {"secret": secret}}),
     )
     .unwrap();

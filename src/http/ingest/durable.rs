@@ -11,7 +11,7 @@ use super::{
     idempotency_conflict, keyed_event_name, out_of_time, partly_stored, store_deadline,
 };
 use crate::{
-    crd::{CreatedEvents, DocumentEvent, DocumentEventSpec},
+    crd::{ACCEPTED_AT_ANNOTATION, CreatedEvents, DocumentEvent, DocumentEventSpec},
     http::{ApiError, ApiState},
 };
 
@@ -129,15 +129,18 @@ async fn store(
         data: e.data,
     };
     let mut de = DocumentEvent::new("", spec.clone());
+    // Its place under `spec.ordering`, also after a restart (names are random).
+    let annotations = de.metadata.annotations.get_or_insert_default();
+    annotations.insert(
+        ACCEPTED_AT_ANNOTATION.to_owned(),
+        k8s_openapi::jiff::Timestamp::now().to_string(),
+    );
     // Ingest's span (the current one), when traces are exported: delivery continues it.
     let trace = crate::telemetry::traceparent(&tracing::Span::current());
     if let Some(trace) = &trace {
-        de.metadata.annotations = Some(
-            [(
-                crate::telemetry::TRACEPARENT_ANNOTATION.to_owned(),
-                trace.clone(),
-            )]
-            .into(),
+        annotations.insert(
+            crate::telemetry::TRACEPARENT_ANNOTATION.to_owned(),
+            trace.clone(),
         );
     }
     let Some(key) = e.key else {
