@@ -174,6 +174,32 @@ impl Dispatcher {
         }
     }
 
+    /// Records in the Webhook's history that `delivery` failed for good without another attempt
+    /// (held longer than `--max-hold`), after `attempts` attempts, so that its history says why,
+    /// and `recover` and the delivery search find it.
+    pub async fn record_failure(&self, delivery: &Delivery, attempts: u32, why: &str) {
+        let mut error = why.to_owned();
+        truncate_error(&mut error);
+        let record = DeliveryRecord {
+            id: delivery.id.clone(),
+            event: delivery.event.event.to_string(),
+            source: delivery.source.clone(),
+            attempt: attempts as i32,
+            outcome: Outcome::Failed,
+            http_status: None,
+            duration_ms: 0,
+            time: Time(Timestamp::now()),
+            error: Some(error),
+        };
+        self.status
+            .send(Update::DeliveryAttempt {
+                key: delivery.webhook.clone(),
+                uid: delivery.webhook_uid.to_string(),
+                record: Box::new(record),
+            })
+            .await;
+    }
+
     /// Whether this replica's view of the Webhooks can be trusted now (see `ViewHealth`).
     pub fn view_is_fresh(&self) -> bool {
         self.routes.view().is_fresh()

@@ -97,14 +97,11 @@ pub async fn deliver(
                 let since = target.held_since.get_or_insert(Time(now)).0;
                 let held_for = now.duration_since(since).unsigned_abs();
                 if held_for >= max_hold {
-                    fail(
-                        target,
-                        format!(
-                            "held for {} (the limit, --max-hold, is {}): {why}",
-                            humantime::format_duration(round_secs(held_for)),
-                            humantime::format_duration(max_hold)
-                        ),
-                    );
+                    let why = held_too_long(held_for, max_hold, &why);
+                    dispatcher
+                        .record_failure(delivery, target.attempts.max(0) as u32, &why)
+                        .await;
+                    fail(target, why);
                     reporter.report(target).await;
                     return;
                 }
@@ -258,6 +255,15 @@ fn fail(target: &mut TargetDelivery, why: String) {
     target.state = TargetState::Failed;
     target.next_attempt_time = None;
     target.error = Some(why);
+}
+
+/// Why a delivery held for `held_for` failed (`--max-hold` is `max_hold`).
+pub(crate) fn held_too_long(held_for: Duration, max_hold: Duration, why: &str) -> String {
+    format!(
+        "held for {} (the limit, --max-hold, is {}): {why}",
+        humantime::format_duration(round_secs(held_for)),
+        humantime::format_duration(max_hold)
+    )
 }
 
 fn round_secs(d: Duration) -> Duration {

@@ -32,7 +32,7 @@ use super::{
     delivery_id,
     jetstream::{
         ATTEMPTS_SUBJECT, DELIVERIES_SUBJECT, DELIVERY_ID_HEADER, EVENT_TYPE_HEADER,
-        WEBHOOK_UID_HEADER,
+        SERIAL_SUBJECT, WEBHOOK_UID_HEADER,
     },
     records,
 };
@@ -164,7 +164,7 @@ pub struct Scanned {
 /// acked, nothing shared is touched.
 pub async fn scan(
     stream: &jetstream::stream::Stream,
-    subject: String,
+    subjects: Vec<String>,
     start: Option<Timestamp>,
     max: usize,
     mut visit: impl FnMut(&jetstream::Message) -> bool,
@@ -178,7 +178,7 @@ pub async fn scan(
     };
     let consumer = stream
         .create_consumer(OrderedConfig {
-            filter_subject: subject,
+            filter_subjects: subjects,
             deliver_policy,
             ..Default::default()
         })
@@ -210,6 +210,15 @@ fn header<'a>(message: &'a jetstream::Message, name: &str) -> Option<&'a str> {
     message.headers.as_ref()?.get(name).map(|v| v.as_str())
 }
 
+/// Where the work items of `key` are stored: the shared subject, and the serial one of
+/// rate-limited and ordered Webhooks (a Webhook may have had both over time).
+fn work_item_subjects(key: &WebhookKey) -> Vec<String> {
+    [DELIVERIES_SUBJECT, SERIAL_SUBJECT]
+        .iter()
+        .map(|prefix| format!("{prefix}.{}.{}", key.namespace, key.name))
+        .collect()
+}
+
 /// A stored work item of the Webhook: its delivery id, event type and body.
 struct StoredWorkItem {
     event_type: String,
@@ -226,8 +235,7 @@ async fn work_items(
 ) -> Result<(HashMap<String, StoredWorkItem>, Scanned), String> {
     let mut found: HashMap<String, StoredWorkItem> = HashMap::new();
     let wanted: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let subject = format!("{DELIVERIES_SUBJECT}.{}.{}", key.namespace, key.name);
-    let scanned = scan(stream, subject, None, MAX_SCANNED, |m| {
+    let scanned = scan(stream, work_item_subjects(key), None, MAX_SCANNED, |m| {
         if let (Some(id), Some(event_type)) =
             (header(m, DELIVERY_ID_HEADER), header(m, EVENT_TYPE_HEADER))
             && header(m, WEBHOOK_UID_HEADER) == Some(webhook_uid)
@@ -270,7 +278,7 @@ pub async fn recover_from_stream(
     let mut outcomes = LatestOutcomes::default();
     // Records of attempts at or after `since` are published after it.
     let records = format!("{ATTEMPTS_SUBJECT}.{}.{}", key.namespace, key.name);
-    let scanned = scan(stream, records, Some(since), MAX_SCANNED, |m| {
+    let scanned = scan(stream, vec![records], Some(since), MAX_SCANNED, |m| {
         if let Ok((_, uid, record)) = records::decode(&m.subject, &m.payload) {
             outcomes.record(webhook_uid, &uid, &record);
         }
@@ -327,8 +335,7 @@ pub async fn search_stream(
         Lookup::DeliveryId(id) => vec![id.clone()],
         Lookup::DocumentId(wanted) => {
             let mut ids = Vec::new();
-            let subject = format!("{DELIVERIES_SUBJECT}.{}.{}", key.namespace, key.name);
-            let scanned = scan(stream, subject, None, MAX_SCANNED, |m| {
+            let scanned = scan(stream, work_item_subjects(key), None, MAX_SCANNED, |m| {
                 if header(m, WEBHOOK_UID_HEADER) == Some(webhook_uid)
                     && let Some(id) = header(m, DELIVERY_ID_HEADER)
                     && !ids.iter().any(|known| known == id)
@@ -352,7 +359,7 @@ pub async fn search_stream(
     }
     let mut found = Vec::new();
     let subject = format!("{ATTEMPTS_SUBJECT}.{}.{}", key.namespace, key.name);
-    let scanned = scan(stream, subject, None, MAX_SCANNED, |m| {
+    let scanned = scan(stream, vec![subject], None, MAX_SCANNED, |m| {
         if let Ok((_, uid, record)) = records::decode(&m.subject, &m.payload)
             && uid == webhook_uid
             && ids.contains(&record.id)

@@ -1046,7 +1046,11 @@ impl Deliverer {
                     let since = *held_since.get_or_insert(now);
                     let held_for = Duration::from_millis(now.saturating_sub(since));
                     if held_for >= self.max_hold {
-                        tracing::warn!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream delivery failed: held longer than --max-hold");
+                        let why = super::held_too_long(held_for, self.max_hold, &why);
+                        tracing::warn!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream delivery failed");
+                        self.dispatcher
+                            .record_failure(delivery, attempt.saturating_sub(1), &why)
+                            .await;
                         return Settle::Ack;
                     }
                     if held_place.is_none() {

@@ -23,6 +23,7 @@ pub use dispatcher::{
     Slots, delivery_id,
 };
 pub use egress::{EgressDenied, EgressPolicy, redact_url, special_range};
+use engine::held_too_long;
 pub use engine::{
     FirstAttempt, Report, Unrecorded, attempt_first, deliver, deliver_unrecorded, is_final,
     new_target,

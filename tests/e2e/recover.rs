@@ -340,3 +340,149 @@ async fn direct_ingest_keeps_nothing_to_recover_but_document_events_are() {
     assert_eq!(again, [2]);
     op.op.stop().await;
 }
+
+/// Waits until the Webhook's Ready condition has seen its current spec.
+async fn applied(webhooks: &Api<Webhook>, name: &str) {
+    eventually(&format!("{name}'s spec applied"), WAIT, || async {
+        let w = webhooks.get(name).await.ok()?;
+        let generation = w.metadata.generation?;
+        w.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.observed_generation == Some(generation))
+            .then_some(())
+    })
+    .await;
+}
+
+/// In JetStream mode, recover and search also find the deliveries of Webhooks delivered by the
+/// leader alone (ordered or rate-limited: their work items are on the serial subject) and the
+/// deliveries that failed because they were held longer than `--max-hold`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_recover_finds_serial_deliveries_and_those_held_too_long() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let (ordered_ns, paused_ns) = (
+        cp.namespace("recover-serial").await,
+        cp.namespace("recover-held").await,
+    );
+    let op = ModeOperator::start(
+        cp,
+        IngestMode::JetStream,
+        &[&ordered_ns, &paused_ns],
+        |args| args.max_hold = Duration::from_secs(2),
+    )
+    .await;
+    let api = op.op.op.listen_addr;
+    let (flaky, addr) = Flaky::start().await;
+    let url = format!("http://{addr}/h");
+    let secret = "recover-signing-secret-0123";
+    create_webhook(
+        &client,
+        &ordered_ns,
+        "ordered",
+        &url,
+        secret,
+        json!({"maxAttempts": 1}),
+    )
+    .await;
+    create_webhook(&client, &paused_ns, "paused", &url, secret, json!({})).await;
+    let patch = |spec: Value| kube::api::Patch::Merge(json!({ "spec": spec }));
+    let params = kube::api::PatchParams::default();
+    let ordered: Api<Webhook> = Api::namespaced(client.clone(), &ordered_ns);
+    ordered
+        .patch(
+            "ordered",
+            &params,
+            &patch(json!({"ordering": {"key": "data.document_id"}})),
+        )
+        .await
+        .unwrap();
+    applied(&ordered, "ordered").await;
+    let paused: Api<Webhook> = Api::namespaced(client.clone(), &paused_ns);
+    paused
+        .patch("paused", &params, &patch(json!({"paused": true})))
+        .await
+        .unwrap();
+    applied(&paused, "paused").await;
+    let before = k8s_openapi::jiff::Timestamp::now()
+        .checked_sub(Duration::from_secs(1))
+        .unwrap();
+
+    // Two ordered deliveries fail for good; the paused Webhook's delivery is held too long.
+    for i in [10, 11] {
+        op.post_event(
+            &ordered_ns,
+            "document.completed",
+            json!({"document_id": i, "fail": true}),
+        )
+        .await;
+    }
+    op.post_event(&paused_ns, "document.completed", json!({"document_id": 20}))
+        .await;
+    eventually("the ordered deliveries failed", WAIT, || async {
+        (stats(&ordered, "ordered").await? == (0, 2)).then_some(())
+    })
+    .await;
+    let held_failure = eventually("the held delivery failed", WAIT, || async {
+        let status = paused.get("paused").await.ok()?.status?;
+        status
+            .recent_deliveries
+            .iter()
+            .find(|d| d.error.as_deref().is_some_and(|e| e.contains("--max-hold")))
+            .cloned()
+    })
+    .await;
+    assert_eq!(
+        held_failure.attempt, 0,
+        "no attempt was made: {held_failure:?}"
+    );
+
+    // Searched by document id: the ordered Webhook's work item is found on its serial subject.
+    let (status, body) = api_call(
+        api,
+        "GET",
+        &format!("/api/webhooks/ordered/deliveries?document_id=10&namespace={ordered_ns}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !body["deliveries"].as_array().unwrap().is_empty(),
+        "the ordered delivery was not found: {body}"
+    );
+
+    flaky.fixed.store(true, Ordering::SeqCst);
+    paused
+        .patch("paused", &params, &patch(json!({"paused": false})))
+        .await
+        .unwrap();
+    applied(&paused, "paused").await;
+    for (ns, name, expected) in [(&ordered_ns, "ordered", 2), (&paused_ns, "paused", 1)] {
+        let (status, body) = api_call(
+            api,
+            "POST",
+            &format!("/api/webhooks/{name}/recover?since={before}&namespace={ns}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, &body["queued"]),
+            (200, &json!(expected)),
+            "{name}: {body}"
+        );
+    }
+    eventually("every recovered delivery delivered", WAIT, || async {
+        let ok: Vec<i64> = flaky
+            .got()
+            .iter()
+            .filter(|r| r.2 == 200)
+            .map(|r| r.1)
+            .collect();
+        (ok.contains(&10) && ok.contains(&11) && ok.contains(&20)).then_some(())
+    })
+    .await;
+    op.op.stop().await;
+}
