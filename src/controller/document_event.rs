@@ -846,15 +846,35 @@ mod tests {
         routing::Route,
     };
 
-    /// The mock API server: kept, never answered.
+    /// The mock API server: it answers only what a test makes it answer.
     type ApiServer = tower_test::mock::Handle<
         http::Request<kube::client::Body>,
         http::Response<kube::client::Body>,
     >;
 
+    /// Answers the watch's first list with no DocumentEvent (what follows is never answered):
+    /// the controller has listed its namespace.
+    async fn listed_empty(api: &mut ApiServer) {
+        let (request, send) = api.next_request().await.expect("the watch lists");
+        assert!(
+            request.uri().path().ends_with("/documentevents"),
+            "{}",
+            request.uri()
+        );
+        let list = serde_json::json!({
+            "apiVersion": "hookrelay.dev/v1alpha1", "kind": "DocumentEventList",
+            "metadata": {"resourceVersion": "1"}, "items": [],
+        });
+        send.send_response(
+            http::Response::builder()
+                .body(kube::client::Body::from(serde_json::to_vec(&list).unwrap()))
+                .unwrap(),
+        );
+    }
+
     /// A controller for namespace `docs` with one active Webhook `w` (without a signing secret:
-    /// each attempt ends at once, "not sent", and is retried later), whose API server never
-    /// answers: its watch brings nothing. Status goes to the returned receiver.
+    /// each attempt ends at once, "not sent", and is retried later), whose API server answers
+    /// only what the test makes it answer. Status goes to the returned receiver.
     fn controller(
         status_capacity: usize,
     ) -> (
@@ -986,7 +1006,7 @@ mod tests {
     /// An event ingest created here is delivered without waiting for the watch to bring it.
     #[tokio::test]
     async fn an_event_ingest_created_is_delivered_before_the_watch_brings_it() {
-        let (mut controller, created, mut updates, _metrics, _api) = controller(64);
+        let (mut controller, created, mut updates, _metrics, mut api) = controller(64);
         let stop = CancellationToken::new();
         let term = stop.clone();
         let run = tokio::spawn(async move {
@@ -994,6 +1014,8 @@ mod tests {
                 .run(&Scope::new(&["docs".to_owned()]), term)
                 .await
         });
+        // Events handed over while the namespace is listed are left to the list.
+        listed_empty(&mut api).await;
         created.created(document_event("e1"));
         let attempted = loop {
             match updates.recv().await.expect("the controller runs") {
@@ -1016,7 +1038,7 @@ mod tests {
     /// events (it used to wait with the first event's status in hand, and watch events queued).
     #[tokio::test]
     async fn a_busy_status_writer_does_not_stall_the_controller() {
-        let (mut controller, created, mut updates, metrics, _api) = controller(1);
+        let (mut controller, created, mut updates, metrics, mut api) = controller(1);
         let stop = CancellationToken::new();
         let term = stop.clone();
         let run = tokio::spawn(async move {
@@ -1024,6 +1046,8 @@ mod tests {
                 .run(&Scope::new(&["docs".to_owned()]), term)
                 .await
         });
+        // Events handed over while the namespace is listed are left to the list.
+        listed_empty(&mut api).await;
         for i in 0..20 {
             created.created(document_event(&format!("e{i}")));
         }

@@ -50,33 +50,72 @@ impl DeliveryLog {
         }
     }
 
-    /// Adds attempts in the order they happened.
+    /// Adds attempt records. Records of several replicas (JetStream) may come out of order: a
+    /// success older than a failure already recorded ends no failing streak, a failure older
+    /// than the last success starts none, and the history stays newest first by time.
     pub fn record(&mut self, records: impl IntoIterator<Item = DeliveryRecord>, now: Timestamp) {
         for mut record in records {
             if let Some(error) = &mut record.error {
                 truncate_error(error);
             }
+            let at = record.time.0;
+            let stats = &mut self.stats;
             match record.outcome {
                 Outcome::Succeeded => {
-                    self.stats.succeeded += 1;
-                    self.stats.consecutive_failures = 0;
-                    self.stats.last_success_time = Some(record.time.clone());
-                    self.stats.failing_since = None;
+                    stats.succeeded += 1;
+                    if stats.last_failure_time.as_ref().is_none_or(|f| f.0 <= at) {
+                        stats.consecutive_failures = 0;
+                        stats.failing_since = None;
+                    }
+                    stats.last_success_time = latest(stats.last_success_time.take(), &record.time);
                 }
                 Outcome::Retrying | Outcome::Failed => {
-                    self.stats.consecutive_failures += 1;
-                    self.stats.last_failure_time = Some(record.time.clone());
-                    if self.stats.failing_since.is_none() {
-                        self.stats.failing_since = Some(record.time.clone());
-                    }
                     if record.outcome == Outcome::Failed {
-                        self.stats.failed += 1;
+                        stats.failed += 1;
+                    }
+                    stats.last_failure_time = latest(stats.last_failure_time.take(), &record.time);
+                    if stats.last_success_time.as_ref().is_none_or(|s| s.0 < at) {
+                        stats.consecutive_failures += 1;
+                        stats.failing_since = earliest(stats.failing_since.take(), &record.time);
                     }
                 }
             }
-            self.recent.push_front(record);
+            let newer = self.recent.iter().take_while(|r| r.time.0 > at).count();
+            self.recent.insert(newer, record);
         }
         self.recent.truncate(RECENT_DELIVERIES);
+        self.update_degraded(now);
+    }
+
+    /// Adds `pending` (a log started from nothing, of records newer than this log's, not
+    /// written yet) as if its records had been recorded here: counters add up, the histories
+    /// merge by time, and the failing streak goes on or ends as `pending` says. What waits to
+    /// be written stays bounded however long the API server is away.
+    pub fn absorb(&mut self, pending: DeliveryLog, now: Timestamp) {
+        let p = pending.stats;
+        let stats = &mut self.stats;
+        stats.succeeded += p.succeeded;
+        stats.failed += p.failed;
+        if p.last_success_time.is_some() {
+            // The streak, if any, is the one after pending's last success.
+            stats.consecutive_failures = p.consecutive_failures;
+            stats.failing_since = p.failing_since;
+        } else if let Some(since) = &p.failing_since {
+            stats.consecutive_failures += p.consecutive_failures;
+            stats.failing_since = earliest(stats.failing_since.take(), since);
+        }
+        if let Some(t) = &p.last_success_time {
+            stats.last_success_time = latest(stats.last_success_time.take(), t);
+        }
+        if let Some(t) = &p.last_failure_time {
+            stats.last_failure_time = latest(stats.last_failure_time.take(), t);
+        }
+        let mut recent: Vec<DeliveryRecord> = pending.recent.into_iter().collect();
+        recent.extend(self.recent.drain(..));
+        // Stable: of two records at the same time, pending's (newer) stays first.
+        recent.sort_by(|a, b| b.time.0.cmp(&a.time.0));
+        recent.truncate(RECENT_DELIVERIES);
+        self.recent = recent.into();
         self.update_degraded(now);
     }
 
@@ -120,6 +159,14 @@ impl DeliveryLog {
             "conditions": self.degraded.iter().collect::<Vec<_>>(),
         })
     }
+}
+
+fn latest(current: Option<Time>, t: &Time) -> Option<Time> {
+    Some(current.filter(|c| c.0 >= t.0).unwrap_or_else(|| t.clone()))
+}
+
+fn earliest(current: Option<Time>, t: &Time) -> Option<Time> {
+    Some(current.filter(|c| c.0 <= t.0).unwrap_or_else(|| t.clone()))
 }
 
 /// Shortens an attempt's error to `MAX_ERROR_CHARS` characters (marked with an ellipsis), as
@@ -247,6 +294,71 @@ mod tests {
         let recovered = log.degraded.clone().unwrap();
         assert_eq!(recovered.status, "False");
         assert_eq!(recovered.last_transition_time, Time(t(30)));
+    }
+
+    /// Records of several replicas come out of order: a late failure must not move
+    /// `failingSince` before the last success, nor a late success end a newer streak.
+    #[test]
+    fn records_out_of_order_keep_the_streak_and_the_history_in_time_order() {
+        let now = Timestamp::from_second(2000).unwrap();
+        let at = |s| Some(Time(Timestamp::from_second(s).unwrap()));
+        let mut log = DeliveryLog::default();
+        log.record([record(5, Outcome::Succeeded, Some(200))], now);
+        // A failure from before that success arrives late.
+        log.record([record(3, Outcome::Retrying, Some(500))], now);
+        assert_eq!(log.stats.failing_since, None, "{:?}", log.stats);
+        assert_eq!(log.stats.consecutive_failures, 0);
+        log.record([record(7, Outcome::Retrying, Some(500))], now);
+        assert_eq!(log.stats.failing_since, at(1007));
+        // A success from before that failure arrives late: the streak goes on.
+        log.record([record(6, Outcome::Succeeded, Some(200))], now);
+        assert_eq!(log.stats.failing_since, at(1007));
+        assert_eq!(log.stats.consecutive_failures, 1);
+        assert_eq!(log.stats.last_success_time, at(1006));
+        assert_eq!(
+            log.recent.iter().map(|r| r.attempt).collect::<Vec<_>>(),
+            [7, 6, 5, 3],
+            "newest first by time"
+        );
+    }
+
+    /// What waits to be written while the API server is away is a log of its own, bounded,
+    /// and adds up with the stored status once that can be read.
+    #[test]
+    fn a_pending_log_adds_up_with_the_stored_one() {
+        let now = Timestamp::from_second(5000).unwrap();
+        let at = |s| Some(Time(Timestamp::from_second(s).unwrap()));
+        let mut stored = DeliveryLog::default();
+        stored.record(
+            [
+                record(1, Outcome::Succeeded, Some(200)),
+                record(2, Outcome::Retrying, Some(500)),
+            ],
+            now,
+        );
+        // 1,000 records while the status could not be read: all failures.
+        let mut pending = DeliveryLog::default();
+        pending.record(
+            (10..1010).map(|a| record(a, Outcome::Failed, Some(500))),
+            now,
+        );
+        assert_eq!(pending.recent.len(), RECENT_DELIVERIES, "bounded");
+        let mut failing = stored.clone();
+        failing.absorb(pending.clone(), now);
+        assert_eq!(failing.stats.failed, 1000);
+        assert_eq!(failing.stats.succeeded, 1);
+        assert_eq!(failing.stats.consecutive_failures, 1001);
+        assert_eq!(failing.stats.failing_since, at(1002), "the streak goes on");
+        assert_eq!(failing.recent.len(), RECENT_DELIVERIES);
+        assert_eq!(failing.recent[0].attempt, 1009);
+        // A success among the pending records ends the stored streak.
+        pending.record([record(1010, Outcome::Succeeded, Some(200))], now);
+        let mut recovered = stored;
+        recovered.absorb(pending, now);
+        assert_eq!(recovered.stats.consecutive_failures, 0);
+        assert_eq!(recovered.stats.failing_since, None);
+        assert_eq!(recovered.stats.succeeded, 2);
+        assert_eq!(recovered.stats.last_success_time, at(2010));
     }
 
     #[test]

@@ -19,7 +19,9 @@ use std::{
 };
 
 use futures::{StreamExt, stream::FuturesUnordered};
-use k8s_openapi::{api::core::v1::ObjectReference, apimachinery::pkg::apis::meta::v1::Condition};
+use k8s_openapi::{
+    api::core::v1::ObjectReference, apimachinery::pkg::apis::meta::v1::Condition, jiff::Timestamp,
+};
 use kube::{
     Client,
     runtime::events::{Recorder, Reporter},
@@ -188,9 +190,11 @@ enum SlotKey {
 #[derive(Debug)]
 enum Content {
     Ready(Box<ReadyUpdate>),
+    /// Attempt records not written yet, as a log of their own (bounded: counters and the
+    /// recent ones), added onto the stored status when it is written.
     Deliveries {
         uid: String,
-        records: Vec<DeliveryRecord>,
+        pending: Box<DeliveryLog>,
     },
     Event {
         uid: String,
@@ -405,13 +409,14 @@ impl StatusWriter {
                 return None;
             }
             Update::WebhookReady { key, update } => (SlotKey::Ready(key), Content::Ready(update)),
-            Update::DeliveryAttempt { key, uid, record } => (
-                SlotKey::Deliveries(key),
-                Content::Deliveries {
-                    uid,
-                    records: vec![*record],
-                },
-            ),
+            Update::DeliveryAttempt { key, uid, record } => {
+                let mut pending = Box::<DeliveryLog>::default();
+                pending.record([*record], Timestamp::now());
+                (
+                    SlotKey::Deliveries(key),
+                    Content::Deliveries { uid, pending },
+                )
+            }
             Update::EventStatus { key, uid, status } => {
                 (SlotKey::Event(key), Content::Event { uid, status })
             }
@@ -433,14 +438,14 @@ impl StatusWriter {
             }
             // Records accumulate; those of a Webhook since deleted and recreated are dropped.
             (
-                Some(Content::Deliveries { uid, mut records }),
+                Some(Content::Deliveries { uid, mut pending }),
                 Content::Deliveries {
                     uid: new_uid,
-                    records: new,
+                    pending: new,
                 },
             ) if uid == new_uid => {
-                records.extend(new);
-                Content::Deliveries { uid, records }
+                pending.absorb(*new, Timestamp::now());
+                Content::Deliveries { uid, pending }
             }
             (_, new) => new,
         });
@@ -486,14 +491,14 @@ impl StatusWriter {
                         result,
                     }
                 }
-                (SlotKey::Deliveries(webhook), Content::Deliveries { uid, records }) => {
+                (SlotKey::Deliveries(webhook), Content::Deliveries { uid, pending }) => {
                     let outcome =
-                        patch::deliveries(&client, &webhook, &uid, log, records, timeout).await;
+                        patch::deliveries(&client, &webhook, &uid, log, *pending, timeout).await;
                     // Records in the log are written again from it; records that never made it
-                    // into a log (seeding failed) are carried over.
+                    // into a log (seeding failed) are carried over, as a bounded log.
                     let retry = outcome.result.is_err().then(|| Content::Deliveries {
                         uid: uid.clone(),
-                        records: outcome.unrecorded,
+                        pending: Box::new(outcome.unrecorded),
                     });
                     Finished {
                         key: SlotKey::Deliveries(webhook.clone()),
@@ -583,17 +588,17 @@ impl StatusWriter {
                         (
                             Some(Content::Deliveries {
                                 uid,
-                                records: newer,
+                                pending: newer,
                             }),
                             Content::Deliveries {
                                 uid: old_uid,
-                                records: mut older,
+                                pending: mut older,
                             },
                         ) if uid == old_uid => {
-                            older.extend(newer);
+                            older.absorb(*newer, Timestamp::now());
                             Content::Deliveries {
                                 uid,
-                                records: older,
+                                pending: older,
                             }
                         }
                         (Some(newer), _) => newer,
@@ -626,8 +631,9 @@ impl StatusWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{EventPhase, TargetDelivery, TargetState};
+    use crate::crd::{EventPhase, Outcome, TargetDelivery, TargetState};
     use http::{Request, Response};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use kube::client::Body;
 
     type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
@@ -779,6 +785,38 @@ mod tests {
             handle.next_request().await.is_none(),
             "nothing more was sent"
         );
+    }
+
+    /// Attempt records waiting for a Webhook whose status cannot be read (the API server is
+    /// away) stay bounded: counters and the recent ones, not every record.
+    #[tokio::test]
+    async fn records_waiting_to_be_written_stay_bounded() {
+        let (_tx, mut writer, _handle) = writer();
+        let webhook = WebhookKey::new("docs", "w");
+        for attempt in 1..=10_000 {
+            let record = DeliveryRecord {
+                id: format!("msg_{attempt}"),
+                event: "document.completed".into(),
+                source: "ingest".into(),
+                attempt: 1,
+                outcome: Outcome::Failed,
+                http_status: Some(500),
+                duration_ms: 1,
+                time: Time(Timestamp::now()),
+                error: None,
+            };
+            writer.merge(Update::DeliveryAttempt {
+                key: webhook.clone(),
+                uid: "uid-w".into(),
+                record: Box::new(record),
+            });
+        }
+        let slot = &writer.slots[&SlotKey::Deliveries(webhook)];
+        let Some(Content::Deliveries { pending, .. }) = &slot.content else {
+            panic!("nothing pending");
+        };
+        assert_eq!(pending.stats.failed, 10_000);
+        assert_eq!(pending.recent.len(), delivery_log::RECENT_DELIVERIES);
     }
 
     #[tokio::test]

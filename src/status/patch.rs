@@ -15,7 +15,7 @@ use super::{
     TransitionEvent,
 };
 use crate::{
-    crd::{DeliveryRecord, DocumentEvent, DocumentEventStatus, Webhook},
+    crd::{DocumentEvent, DocumentEventStatus, Webhook},
     routing::WebhookKey,
 };
 
@@ -121,7 +121,7 @@ pub(super) struct DeliveriesOutcome {
     /// The log with the records in it; None when it could not be seeded.
     pub log: Option<DeliveryLog>,
     /// Records not yet in any log (seeding failed): to be written again.
-    pub unrecorded: Vec<DeliveryRecord>,
+    pub unrecorded: DeliveryLog,
     pub result: Result<(), kube::Error>,
 }
 
@@ -132,7 +132,7 @@ pub(super) async fn deliveries(
     key: &WebhookKey,
     uid: &str,
     log: Option<DeliveryLog>,
-    records: Vec<DeliveryRecord>,
+    pending: DeliveryLog,
     timeout: Duration,
 ) -> DeliveriesOutcome {
     let api: Api<Webhook> = Api::namespaced(client.clone(), &key.namespace);
@@ -146,20 +146,20 @@ pub(super) async fn deliveries(
             Ok(_) => {
                 return DeliveriesOutcome {
                     log: None,
-                    unrecorded: Vec::new(),
+                    unrecorded: DeliveryLog::default(),
                     result: Ok(()),
                 };
             }
             Err(e) => {
                 return DeliveriesOutcome {
                     log: None,
-                    unrecorded: records,
+                    unrecorded: pending,
                     result: Err(e),
                 };
             }
         },
     };
-    log.record(records, k8s_openapi::jiff::Timestamp::now());
+    log.absorb(pending, k8s_openapi::jiff::Timestamp::now());
     let body = json!({
         "apiVersion": "hookrelay.dev/v1alpha1",
         "kind": "Webhook",
@@ -169,7 +169,7 @@ pub(super) async fn deliveries(
     let result = apply_status(&api, &key.name, DELIVERY_MANAGER, body, timeout).await;
     DeliveriesOutcome {
         log: Some(log),
-        unrecorded: Vec::new(),
+        unrecorded: DeliveryLog::default(),
         result,
     }
 }
