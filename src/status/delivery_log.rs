@@ -113,7 +113,7 @@ impl DeliveryLog {
         let mut recent: Vec<DeliveryRecord> = pending.recent.into_iter().collect();
         recent.extend(self.recent.drain(..));
         // Stable: of two records at the same time, pending's (newer) stays first.
-        recent.sort_by(|a, b| b.time.0.cmp(&a.time.0));
+        recent.sort_by_key(|r| std::cmp::Reverse(r.time.0));
         recent.truncate(RECENT_DELIVERIES);
         self.recent = recent.into();
         self.update_degraded(now);
