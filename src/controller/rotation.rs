@@ -107,8 +107,13 @@ async fn remove_at(
                 tracing::info!(secret = %format!("{namespace}/{name}"), "rotation grace period over: the previous secret no longer signs");
                 return;
             }
-            // Gone, or rotated again meanwhile (the precondition fails): nothing left to do.
-            Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => return,
+            Err(kube::Error::Api(e)) if e.code == 404 => return,
+            // Changed since it was read: rotated again, or anything else (a label, another
+            // client's edit). Read it again: a new rotation is seen as such there, and any
+            // other change must not leave the old key signing.
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                tracing::debug!(secret = %format!("{namespace}/{name}"), "the Secret changed while the previous secret was being removed; reading it again");
+            }
             Err(error) => {
                 tracing::warn!(secret = %format!("{namespace}/{name}"), %error, "removing the previous secret after its grace period failed; retrying");
                 tokio::time::sleep(Duration::from_secs(5)).await;
@@ -146,4 +151,96 @@ async fn remove_previous(
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(|_| true)
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    use super::*;
+
+    fn secret(version: &str, expires: Option<&str>) -> Vec<u8> {
+        let mut annotations = serde_json::Map::new();
+        if let Some(expires) = expires {
+            annotations.insert(PREVIOUS_EXPIRES_ANNOTATION.into(), expires.into());
+        }
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "s", "namespace": "docs", "resourceVersion": version,
+                "annotations": annotations},
+            "data": {"secret": "bmV3", PREVIOUS_KEY: "b2xk"},
+        }))
+        .unwrap()
+    }
+
+    fn answer(code: u16, body: Vec<u8>) -> Response<Body> {
+        Response::builder()
+            .status(code)
+            .body(Body::from(body))
+            .unwrap()
+    }
+
+    /// A 409 means only that the Secret changed since it was read (a label, say), not that it
+    /// was rotated again: the removal reads it again, and removes the old key when it is still
+    /// this rotation's.
+    #[tokio::test]
+    async fn a_conflict_reads_the_secret_again_instead_of_leaving_the_old_key_signing() {
+        let (service, mut api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "docs");
+        let expires = "2026-01-01T00:00:00Z";
+        let removal = tokio::spawn(remove_at(
+            client,
+            Leadership::always(),
+            ("docs".into(), "s".into()),
+            expires.into(),
+            Timestamp::UNIX_EPOCH,
+        ));
+        let mut patches = 0;
+        for version in ["1", "2"] {
+            let (request, send) = api.next_request().await.expect("a read");
+            assert_eq!(request.method(), "GET");
+            send.send_response(answer(200, secret(version, Some(expires))));
+            let (request, send) = api.next_request().await.expect("a patch");
+            assert_eq!(request.method(), "PATCH");
+            patches += 1;
+            if version == "1" {
+                let status = serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                    "status": "Failure", "reason": "Conflict", "code": 409,
+                    "message": "the object has been modified"});
+                send.send_response(answer(409, serde_json::to_vec(&status).unwrap()));
+            } else {
+                send.send_response(answer(200, secret("3", None)));
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(5), removal)
+            .await
+            .expect("the removal ends once done")
+            .unwrap();
+        assert_eq!(
+            patches, 2,
+            "the previous secret was removed on the second try"
+        );
+    }
+
+    /// Rotated again meanwhile: the annotation names another rotation, so nothing is removed.
+    #[tokio::test]
+    async fn a_newer_rotation_is_left_alone() {
+        let (service, mut api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "docs");
+        let removal = tokio::spawn(remove_at(
+            client,
+            Leadership::always(),
+            ("docs".into(), "s".into()),
+            "2026-01-01T00:00:00Z".into(),
+            Timestamp::UNIX_EPOCH,
+        ));
+        let (request, send) = api.next_request().await.expect("a read");
+        assert_eq!(request.method(), "GET");
+        send.send_response(answer(200, secret("5", Some("2026-02-01T00:00:00Z"))));
+        tokio::time::timeout(Duration::from_secs(5), removal)
+            .await
+            .expect("the removal ends without a patch")
+            .unwrap();
+    }
 }
