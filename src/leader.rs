@@ -22,7 +22,10 @@
 //! around it only talks to the API server.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering as AtomicOrdering},
+    },
     time::Duration,
 };
 
@@ -51,6 +54,8 @@ pub struct Leadership {
     leads: watch::Receiver<bool>,
     /// Elected leadership only: the end of the current term (see the module's "fenced by time").
     ends: Option<TermEnd>,
+    /// Another replica held the Lease, unexpired, when it was last read.
+    others: Arc<AtomicBool>,
 }
 
 /// The election's side of a [`Leadership`]: starts and ends terms.
@@ -58,14 +63,21 @@ pub struct Leadership {
 pub struct Terms {
     leads: watch::Sender<bool>,
     ends: TermEnd,
+    others: Arc<AtomicBool>,
 }
 
 impl Terms {
     /// A new term, or the current one renewed: leading until `until`.
     fn lead_until(&self, until: Instant) {
+        self.others.store(false, AtomicOrdering::Relaxed);
         *lock(&self.ends) = Some(until);
         self.leads
             .send_if_modified(|leads| !std::mem::replace(leads, true));
+    }
+
+    /// What the last read of the Lease said of the other replicas: one of them holds it.
+    fn another_holds(&self, holds: bool) {
+        self.others.store(holds, AtomicOrdering::Relaxed);
     }
 
     /// The term ends now; everything that acts as the leader is told to stop.
@@ -86,7 +98,11 @@ fn lock(ends: &TermEnd) -> std::sync::MutexGuard<'_, Option<Instant>> {
 impl From<watch::Receiver<bool>> for Leadership {
     /// Leadership that follows a flag alone, with no term end.
     fn from(leads: watch::Receiver<bool>) -> Self {
-        Self { leads, ends: None }
+        Self {
+            leads,
+            ends: None,
+            others: Arc::default(),
+        }
     }
 }
 
@@ -96,6 +112,7 @@ impl Leadership {
         Self {
             leads: watch::Sender::new(true).subscribe(),
             ends: None,
+            others: Arc::default(),
         }
     }
 
@@ -103,16 +120,43 @@ impl Leadership {
     pub fn elected() -> (Terms, Self) {
         let (leads, rx) = watch::channel(false);
         let ends = TermEnd::default();
+        let others = Arc::<AtomicBool>::default();
         let leadership = Self {
             leads: rx,
             ends: Some(ends.clone()),
+            others: others.clone(),
         };
-        (Terms { leads, ends }, leadership)
+        (
+            Terms {
+                leads,
+                ends,
+                others,
+            },
+            leadership,
+        )
+    }
+
+    /// A standby that has read the Lease held by another replica (for tests).
+    #[cfg(test)]
+    pub(crate) fn standby_of_another() -> Self {
+        let (terms, leadership) = Self::elected();
+        terms.another_holds(true);
+        std::mem::forget(terms);
+        leadership
     }
 
     /// Leads now: the election says so and the term has not run out by this process's clock.
     pub fn is_leader(&self) -> bool {
         *self.leads.borrow() && self.term_end().is_none_or(|end| Instant::now() < end)
+    }
+
+    /// Another replica is known to lead: it held the Lease, unexpired, when this replica last
+    /// read it. False while nothing is known (no Lease read yet, or none since this replica
+    /// stepped down because the API server did not answer): work that any replica may do, but
+    /// that the leader should do when there is one (direct ingest, manual deliveries), goes on
+    /// here then.
+    pub fn another_leads(&self) -> bool {
+        !self.is_leader() && self.others.load(AtomicOrdering::Relaxed)
     }
 
     fn term_end(&self) -> Option<Instant> {
@@ -322,6 +366,8 @@ pub async fn run(client: Client, config: ElectionConfig, terms: Terms, stop: Can
         let started = Instant::now();
         let deadline = renewed_at + config.renew_deadline;
         if terms.leads() && started >= deadline {
+            // Nobody is known to lead now: this replica could not reach the Lease.
+            terms.another_holds(false);
             step_down("the Lease could not be renewed within the renew deadline");
         }
         let leads = terms.leads();
@@ -343,14 +389,18 @@ pub async fn run(client: Client, config: ElectionConfig, terms: Terms, stop: Can
                 }
                 terms.lead_until(started + config.renew_deadline);
             }
-            Ok(false) if leads => step_down("another replica holds the Lease"),
-            Ok(false) => {}
+            Ok(false) if leads => {
+                terms.another_holds(true);
+                step_down("another replica holds the Lease");
+            }
+            Ok(false) => terms.another_holds(true),
             // Another candidate wrote the Lease first: normal for a candidate, worth a retry
             // (until the renew deadline) for the leader.
             Err(kube::Error::Api(e)) if e.code == 409 && !leads => {}
             Err(error) => {
                 tracing::warn!(%error, "leader election: cannot read or write the Lease");
                 if leads && Instant::now() >= deadline {
+                    terms.another_holds(false);
                     step_down(&error.to_string());
                 }
             }

@@ -842,9 +842,12 @@ enum Park {
     Retry { attempts: u32, after: Duration },
     /// Held since then: rechecked later, spending no attempt.
     Held { since: u64 },
-    /// Its namespace has all its places in hand, or this replica's routing table has not seen
-    /// its Webhook yet: tried again later (by any replica).
+    /// Its namespace has all its places in hand: tried again later.
     Busy,
+    /// This replica cannot judge it (its routing table has not seen the Webhook as the router
+    /// did, or it is cut off from the API server): back in about a second for any replica,
+    /// without backing off, as the others can most likely take it at once.
+    Elsewhere,
     /// Its turn under its Webhook's rate limit is `after` away.
     Turn { after: Duration },
 }
@@ -872,6 +875,12 @@ fn park_plan(item: &WorkItem, park: &Park, jitter: f64) -> (Duration, u32, u32, 
             backoff(item.parked),
             item.attempts_before,
             item.parked + 1,
+            item.held_since,
+        ),
+        Park::Elsewhere => (
+            PARK_MIN.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0),
+            item.attempts_before,
+            item.parked,
             item.held_since,
         ),
         // Back somewhat before its turn at today's pace: the schedule only moves later, and
@@ -937,7 +946,7 @@ impl Deliverer {
         };
         if !self.dispatcher.view_is_fresh() {
             // Cut off from the API server: parked (no attempt spent) for the other replicas.
-            return self.park(&message, sequence, &item, Park::Busy).await;
+            return self.park(&message, sequence, &item, Park::Elsewhere).await;
         }
         if self.lane == Lane::Serial {
             let ordered = self
@@ -1015,7 +1024,7 @@ impl Deliverer {
                     .await;
             }
             Settle::NotSeenYet => {
-                return self.park(&message, sequence, &item, Park::Busy).await;
+                return self.park(&message, sequence, &item, Park::Elsewhere).await;
             }
             Settle::Abandon => Ok(()),
         };
@@ -1478,6 +1487,9 @@ mod tests {
         // Busy: the same backoff, the hold (if any) carried on.
         let busy = park_plan(&item(0, 1, Some(9)), &Park::Busy, 1.0);
         assert_eq!(busy, (Duration::from_secs(2), 0, 2, Some(9)));
+        // Left to another replica: about a second whatever the park count, nothing spent.
+        let elsewhere = park_plan(&item(3, 20, Some(9)), &Park::Elsewhere, 1.0);
+        assert_eq!(elsewhere, (PARK_MIN, 3, 20, Some(9)));
         // A far turn under a rate limit: back within the second half of the wait, no backoff.
         let turn = |after, jitter| park_plan(&item(1, 2, None), &Park::Turn { after }, jitter);
         assert_eq!(

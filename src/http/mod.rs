@@ -221,6 +221,26 @@ pub fn namespace_for(query: &NamespaceQuery, caller: &Caller) -> Result<String, 
 
 /// 503 `not_leader` on a standby, for what only the leader may do.
 pub fn require_leader(state: &ApiState, what: &str) -> Result<(), ApiError> {
+    refuse_if_stopping(state, what)?;
+    if state.leadership.is_leader() {
+        return Ok(());
+    }
+    Err(not_leader(what))
+}
+
+/// 503 `not_leader` on a replica that knows another one leads, for what the leader should do
+/// when there is one (its attempt records reach only the leader's status writer): while no
+/// replica is known to lead (the API server is away), any replica does it, and keeps the
+/// records until it leads again.
+pub fn require_no_other_leader(state: &ApiState, what: &str) -> Result<(), ApiError> {
+    refuse_if_stopping(state, what)?;
+    if state.leadership.another_leads() {
+        return Err(not_leader(what));
+    }
+    Ok(())
+}
+
+fn refuse_if_stopping(state: &ApiState, what: &str) -> Result<(), ApiError> {
     if state.shutdown.is_cancelled() {
         let mut error = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -230,9 +250,10 @@ pub fn require_leader(state: &ApiState, what: &str) -> Result<(), ApiError> {
         error.retry_after = Some(1);
         return Err(error);
     }
-    if state.leadership.is_leader() {
-        return Ok(());
-    }
+    Ok(())
+}
+
+fn not_leader(what: &str) -> ApiError {
     let mut error = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "not_leader",
@@ -241,7 +262,7 @@ pub fn require_leader(state: &ApiState, what: &str) -> Result<(), ApiError> {
         ),
     );
     error.retry_after = Some(1);
-    Err(error)
+    error
 }
 
 /// The listen port's router.

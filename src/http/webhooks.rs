@@ -644,7 +644,7 @@ async fn attempt_once(
     body: EventBody,
     source: &str,
 ) -> Result<AttemptReport, ApiError> {
-    super::require_leader(state, "a manual delivery")?;
+    super::require_no_other_leader(state, "a manual delivery")?;
     let route = state
         .routes
         .snapshot()

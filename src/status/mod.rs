@@ -322,18 +322,31 @@ impl StatusWriter {
                 }
                 _ = tick.tick() => {
                     let now = Instant::now();
-                    if !self.leadership.is_leader() {
+                    let leads = self.leadership.is_leader();
+                    if !leads {
                         // Leadership was lost: what is pending is the old leader's view, and the
                         // new leader writes its own. Writing it now would overwrite newer status.
-                        for slot in self.slots.values_mut() {
-                            slot.content = None;
+                        // Attempt records add up rather than overwrite: while no other replica
+                        // is known to lead, they are kept (bounded) until this one leads again.
+                        let keep_records = !self.leadership.another_leads();
+                        for (key, slot) in self.slots.iter_mut() {
+                            if !(keep_records && matches!(key, SlotKey::Deliveries(_))) {
+                                slot.content = None;
+                            }
                         }
+                        // Read again when leading again: another leader may have written since.
                         self.logs.clear();
                     }
                     self.forget_idle(now);
-                    let due = self.due(now, in_flight.len());
-                    in_flight.extend(due.into_iter().map(|key| self.start(key, now)));
-                    if stopping && in_flight.is_empty() && !self.slots.values().any(|s| s.content.is_some() && s.failures == 0) {
+                    if leads {
+                        let due = self.due(now, in_flight.len());
+                        in_flight.extend(due.into_iter().map(|key| self.start(key, now)));
+                    }
+                    let pending = self.slots.values().any(|s| s.content.is_some() && s.failures == 0);
+                    if stopping && in_flight.is_empty() && (!pending || !leads) {
+                        if pending {
+                            tracing::warn!("stopping while not leading: attempt records kept since leadership was lost are not written");
+                        }
                         break;
                     }
                     None
@@ -342,6 +355,7 @@ impl StatusWriter {
             // A new update for an object not written lately goes out at once.
             let now = Instant::now();
             if let Some(key) = touched
+                && self.leadership.is_leader()
                 && in_flight.len() < self.config.max_in_flight
                 && self
                     .slots
@@ -392,7 +406,11 @@ impl StatusWriter {
     /// Merges `update` into its slot, returning the slot's key (None: nothing to write).
     fn merge(&mut self, update: Update) -> Option<SlotKey> {
         if !self.leadership.is_leader() {
-            return None;
+            // See the tick: only attempt records are kept, while no other replica leads.
+            let record = matches!(update, Update::DeliveryAttempt { .. });
+            if !record || self.leadership.another_leads() {
+                return None;
+            }
         }
         let (key, content) = match update {
             Update::WebhookDeleted { key } => {
@@ -817,6 +835,55 @@ mod tests {
         };
         assert_eq!(pending.stats.failed, 10_000);
         assert_eq!(pending.recent.len(), delivery_log::RECENT_DELIVERIES);
+    }
+
+    fn attempt(id: &str) -> Update {
+        Update::DeliveryAttempt {
+            key: WebhookKey::new("docs", "w"),
+            uid: "uid-w".into(),
+            record: Box::new(DeliveryRecord {
+                id: id.into(),
+                event: "document.completed".into(),
+                source: "ingest".into(),
+                attempt: 1,
+                outcome: Outcome::Succeeded,
+                http_status: Some(200),
+                duration_ms: 1,
+                time: Time(Timestamp::now()),
+                error: None,
+            }),
+        }
+    }
+
+    /// A replica that stepped down because the API server was away (no other leader known)
+    /// keeps delivering direct ingest; its attempt records add up rather than overwrite, so they
+    /// are kept until it leads again. A standby of a known leader keeps nothing.
+    #[tokio::test]
+    async fn attempt_records_are_kept_while_no_replica_is_known_to_lead() {
+        let (_leading, rx) = tokio::sync::watch::channel(false);
+        let (_tx, mut writer, _handle) = writer_with(WriterConfig::default(), Leadership::from(rx));
+        assert!(writer.merge(attempt("msg_1")).is_some(), "kept");
+        assert!(
+            writer
+                .merge(Update::EventStatus {
+                    key: key(),
+                    uid: "uid-e1".into(),
+                    status: delivered(),
+                })
+                .is_none(),
+            "a DocumentEvent's status is the leader's to write"
+        );
+        assert!(
+            writer.due(Instant::now(), 0).len() == 1,
+            "kept for when it leads"
+        );
+
+        let (_tx, mut standby, _handle) =
+            writer_with(WriterConfig::default(), Leadership::standby_of_another());
+        assert!(
+            standby.merge(attempt("msg_2")).is_none(),
+            "the leader records its own"
+        );
     }
 
     #[tokio::test]

@@ -1,9 +1,9 @@
-//! Control-plane faults (issue 12): the kube-apiserver restarted, etcd restarted, and the
+//! Control-plane faults: the kube-apiserver restarted, etcd restarted, and the
 //! kube-apiserver unreachable (SIGSTOP) for 30 s, each in the middle of a stream of events.
 //!
 //! Each test has a control plane of its own ([`OwnControlPlane`]), so that the shared one of the
-//! other tests is never touched, and they run one at a time ([`SERIAL`]): two control planes
-//! restarting at once on two cores would measure the machine, not the operator. The operator is
+//! other tests is never touched, and they run one at a time ([`OWN_CONTROL_PLANES`]): two
+//! control planes restarting at once on two cores would measure the machine, not the operator. The operator is
 //! the real binary ([`Operator`]), debug build.
 
 use std::{
@@ -22,12 +22,9 @@ use kube::{
 use serde_json::json;
 
 use crate::support::{
-    CountingReceiver, Operator, OwnControlPlane, api_call, create_webhook, eventually, http_get,
-    metric_sum, rss_mib,
+    CountingReceiver, OWN_CONTROL_PLANES, Operator, OwnControlPlane, api_call, create_webhook,
+    eventually, http_get, metric_sum, rss_mib,
 };
-
-/// Held by each test for its whole run.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// DocumentEvents of the stream, created one every [`PACE`]: about 30 s of traffic, with the
 /// fault landing about 5 s in, so that events are created before, during and after it.
@@ -168,7 +165,7 @@ enum Restart {
 /// durable ingest: the events are DocumentEvents, so the fault takes both the operator's watch
 /// and its status writes away, and the producer's creates too.
 async fn restart_mid_stream(test: &str, restart: Restart) {
-    let _serial = SERIAL.lock().await;
+    let _serial = OWN_CONTROL_PLANES.lock().await;
     let cp = OwnControlPlane::start(test).await;
     let ns = cp.namespace("cpfault").await;
     let client = cp.client().await;
@@ -388,7 +385,7 @@ fn sample_readyz(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
     let test = "kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering";
-    let _serial = SERIAL.lock().await;
+    let _serial = OWN_CONTROL_PLANES.lock().await;
     let cp = OwnControlPlane::start("paused").await;
     let ns = cp.namespace("cpfault").await;
     let client = cp.client().await;

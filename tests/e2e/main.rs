@@ -18,6 +18,7 @@ mod leader;
 mod operator;
 mod rate_limit_and_ordering;
 mod recover;
+mod replicas;
 mod secrets_never_leak;
 mod service_ref_and_headers;
 mod ssrf;

@@ -1040,6 +1040,10 @@ impl ModeOperator {
 
 // ---- cpfaults: a control plane of a test's own, whose kube-apiserver and etcd it may stop ----
 
+/// Held by every test that starts a control plane of its own and faults it: two of them
+/// restarting API servers at once on two cores would measure the machine, not the operator.
+pub static OWN_CONTROL_PLANES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A kube-apiserver + etcd of one test's own (not the shared one), for tests that stop, restart
 /// or pause them; stopped on drop (and by the script's watchdog if the test process dies).
 pub struct OwnControlPlane {

@@ -245,7 +245,7 @@ pub async fn ingest(
         match state.ingest_mode {
             IngestMode::Durable => durable(&state, &namespace, events).await,
             IngestMode::Direct => {
-                super::require_leader(&state, "direct ingest")?;
+                super::require_no_other_leader(&state, "direct ingest")?;
                 direct(&state, &namespace, events)
             }
             IngestMode::JetStream => jetstream(&state, &namespace, events).await,
