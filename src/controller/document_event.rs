@@ -487,7 +487,7 @@ impl DocumentEventController {
             routed_version: 0,
             id: target.id.clone(),
             event: event.body.clone(),
-            source: key.name.to_string(),
+            source: delivery::Source::DocumentEvent(key.name.clone()),
             manual: false,
             timeout_cap: None,
             trace: event.trace.clone(),

@@ -45,8 +45,8 @@ pub struct Delivery {
     /// Stable across retries: receivers deduplicate on it.
     pub id: String,
     pub event: Arc<EventBody>,
-    /// Where the event came from (a DocumentEvent's name, `ingest`, `test`), for the history.
-    pub source: String,
+    /// Where the event came from, for the history.
+    pub source: super::Source,
     /// A manual delivery (`/test`, `/redeliver`): one attempt, also to a paused Webhook.
     pub manual: bool,
     /// At most this long for the attempt, whatever the Webhook's `timeoutSeconds` (a manual
@@ -183,7 +183,7 @@ impl Dispatcher {
         let record = DeliveryRecord {
             id: delivery.id.clone(),
             event: delivery.event.event.to_string(),
-            source: delivery.source.clone(),
+            source: delivery.source.to_string(),
             attempt: attempts as i32,
             outcome: Outcome::Failed,
             http_status: None,
@@ -484,7 +484,7 @@ impl Dispatcher {
         let record = DeliveryRecord {
             id: delivery.id.clone(),
             event: delivery.event.event.to_string(),
-            source: delivery.source.clone(),
+            source: delivery.source.to_string(),
             attempt: attempt as i32,
             outcome,
             http_status,

@@ -16,6 +16,7 @@ mod rate_limit;
 pub mod records;
 mod retry;
 mod signer;
+mod source;
 
 pub use client::{AddressMap, Attempt, HttpSender, ServiceTarget, TestNames, USER_AGENT};
 pub use dispatcher::{
@@ -35,3 +36,4 @@ pub use ordering::{Sequencer, Ticket};
 pub use payload::{EventBody, timestamp_of};
 pub use retry::{AttemptResult, RetryPolicy, Verdict, parse_retry_after};
 pub use signer::{MIN_SECRET_BYTES, SecretError, Signatures, Signer};
+pub use source::Source;

@@ -23,7 +23,10 @@ use super::{
 };
 use crate::{
     crd::{DeliveryRecord, DocumentEvent, Outcome, Recovery, TargetDelivery, TargetState, Webhook},
-    delivery::history::{self, Lookup, MAX_FOUND, MAX_RECOVERED, MAX_SCANNED},
+    delivery::{
+        Source,
+        history::{self, Lookup, MAX_FOUND, MAX_RECOVERED, MAX_SCANNED},
+    },
     routing::WebhookKey,
 };
 
@@ -220,9 +223,8 @@ pub fn record_json(r: &DeliveryRecord) -> Value {
 /// The DocumentEvent a recorded attempt delivered, for a link to it: its `source`, unless that
 /// names another origin (direct or JetStream ingest, `/test`, `/redeliver`), which leaves none.
 pub fn document_event_of(r: &DeliveryRecord) -> Option<&str> {
-    match r.source.as_str() {
-        "ingest" | "jetstream" | "test" | "redeliver" => None,
-        name if super::is_object_name(name) => Some(name),
+    match Source::parse(&r.source) {
+        Source::DocumentEvent(_) if super::is_object_name(&r.source) => Some(&r.source),
         _ => None,
     }
 }

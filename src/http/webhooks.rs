@@ -21,7 +21,7 @@ use serde_json::{Map, Value, json};
 use super::{ApiState, NamespaceQuery, caller::caller, error::ApiError, is_delivery_id, read_body};
 use crate::{
     crd::{DeliveryRecord, DocumentEvent, EventType, Outcome, Webhook, WebhookStatus},
-    delivery::{AttemptReport, Attempted, Delivery, EventBody, RouteCheck, Verdict},
+    delivery::{AttemptReport, Attempted, Delivery, EventBody, RouteCheck, Source, Verdict},
 };
 
 /// The seed's representation of a Webhook.
@@ -575,7 +575,15 @@ pub async fn test(
         &data,
     );
     let delivery_id = format!("msg_test_{}", hex::encode(rand::random::<[u8; 12]>()));
-    let report = attempt_once(&state, &c.namespace, &id, delivery_id.clone(), body, "test").await?;
+    let report = attempt_once(
+        &state,
+        &c.namespace,
+        &id,
+        delivery_id.clone(),
+        body,
+        Source::Test,
+    )
+    .await?;
     Ok(Json(attempt_json(&delivery_id, &report)))
 }
 
@@ -605,8 +613,15 @@ pub async fn redeliver(
                 "delivery {delivery_id} is not in the recent deliveries of webhook {id}"
             ))
         })?;
+    // A direct-ingest, JetStream or test delivery has no stored event to send again.
+    let source = Source::parse(&record.source);
+    let name = source.document_event().ok_or_else(|| {
+        ApiError::not_found(format!(
+            "the event of delivery {delivery_id} ({source}) is not stored, so it cannot be sent again"
+        ))
+    })?;
     let events: Api<DocumentEvent> = Api::namespaced(state.client.clone(), &c.namespace);
-    let de = events.get_opt(&record.source).await.map_err(|e| ApiError::from_kube(e, "document event"))?.ok_or_else(|| {
+    let de = events.get_opt(name).await.map_err(|e| ApiError::from_kube(e, "document event"))?.ok_or_else(|| {
         ApiError::not_found(format!(
             "the event of delivery {delivery_id} ({}) is no longer stored (see --event-retention)",
             record.source
@@ -630,7 +645,7 @@ pub async fn redeliver(
         &id,
         delivery_id.clone(),
         body,
-        "redeliver",
+        Source::Redeliver,
     )
     .await?;
     Ok(Json(attempt_json(&delivery_id, &report)))
@@ -642,7 +657,7 @@ async fn attempt_once(
     id: &str,
     delivery_id: String,
     body: EventBody,
-    source: &str,
+    source: Source,
 ) -> Result<AttemptReport, ApiError> {
     super::require_no_other_leader(state, "a manual delivery")?;
     let route = state
@@ -661,7 +676,7 @@ async fn attempt_once(
         routed_version: 0,
         id: delivery_id,
         event: Arc::new(body),
-        source: source.into(),
+        source,
         manual: true,
         // Room for the slot wait and the reply within the request timeout: the caller gets the
         // outcome (a timeout included), never a 408 for an attempt that went out.

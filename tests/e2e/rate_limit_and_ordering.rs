@@ -767,3 +767,84 @@ async fn ordering_holds_across_a_kill_of_the_operator_with_a_retrying_head() {
     assert_eq!(delivered, [1, 2, 3], "{got:?}");
     drop(op);
 }
+
+/// The same in JetStream mode: the head's work item is in hand when the process is killed, and
+/// comes back after the ack wait; the key's later events still wait for it, and nothing stalls
+/// waiting for a new event to release them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_ordering_holds_across_a_kill_of_the_operator_with_a_retrying_head() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace("ordering-kill-js").await;
+    let nats = NatsServer::start().await;
+    let (receipts, addr) = ordering_receiver(3).await;
+    let args = [
+        "--namespace",
+        &ns,
+        "--allow-http",
+        "--allow-cidr",
+        "127.0.0.0/8",
+        "--disable-auth",
+        "--ingest-mode",
+        "jetstream",
+        "--nats-url",
+        &nats.url,
+    ];
+    let mut op = Operator::start(cp, &args);
+    op.wait_ready().await;
+    ordered_webhook(&client, &ns, &format!("http://{addr}/h")).await;
+    for n in 1..=3 {
+        let body = json!([{"event": "document.completed", "data": {"document_id": "A", "n": n}}]);
+        let (status, reply) = api_call(
+            op.listen_addr,
+            "POST",
+            &format!("/api/events?namespace={ns}"),
+            None,
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    eventually("the head failed once", Duration::from_secs(60), || async {
+        (!receipts.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    op.child.kill().await.expect("kill -9");
+    let before = receipts.lock().unwrap().len();
+    let killed = Instant::now();
+    let op = Operator::start(cp, &args);
+    op.wait_ready().await;
+    eventually(
+        "every event delivered",
+        Duration::from_secs(120),
+        || async {
+            (receipts
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| r.2 == 200)
+                .count()
+                >= 3)
+                .then_some(())
+        },
+    )
+    .await;
+    let got = receipts.lock().unwrap().clone();
+    let head_through = got
+        .iter()
+        .position(|r| r.1 == 1 && r.2 == 200)
+        .expect("the head delivered");
+    let overtook: Vec<&Receipt> = got[..head_through].iter().filter(|r| r.1 != 1).collect();
+    let delivered: Vec<i64> = got.iter().filter(|r| r.2 == 200).map(|r| r.1).collect();
+    println!(
+        "FIGURES jetstream_ordering_holds_across_a_kill: requests before the kill={before} after={} delivered order={delivered:?} all delivered {:.1}s after the kill",
+        got.len() - before,
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(
+        overtook.is_empty(),
+        "later events were sent while the head was retrying: {overtook:?} (all: {got:?})"
+    );
+    assert_eq!(delivered, [1, 2, 3], "{got:?}");
+    drop(op);
+}

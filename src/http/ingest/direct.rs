@@ -445,7 +445,7 @@ impl DirectIngest {
                 routed_version: 0,
                 id: crate::delivery::delivery_id(&event_id, &route.uid),
                 event: body.clone(),
-                source: "ingest".into(),
+                source: crate::delivery::Source::Ingest,
                 manual: false,
                 timeout_cap: None,
                 trace: trace.clone(),
