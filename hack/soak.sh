@@ -19,7 +19,8 @@ PROPTEST_CASES=${PROPTEST_CASES:-20000} cargo test --locked --lib proptests
 
 # Module and test-name prefixes: cargo runs the tests matching any of them.
 FAULTS=(faults_control_plane:: faults_receivers:: abuse:: crash:: leader::killing
-  jetstream::a_killed ssrf:: secrets_never_leak::)
+  jetstream::a_killed ssrf:: secrets_never_leak:: replicas:: rate_limit_and_ordering::ordering_holds_across
+  rate_limit_and_ordering::jetstream_ordering_holds_across)
 for round in $(seq "$ROUNDS"); do
   printf '\n==> round %s of %s\n' "$round" "$ROUNDS"
   cargo test --locked --test e2e -- --nocapture "${FAULTS[@]}" 2>&1 |
