@@ -19,7 +19,8 @@ use crate::{
     delivery::{
         EventBody,
         jetstream::{
-            Bus, CONTENT_HEADER, DUPLICATE_WINDOW, EventMessage, keyed_event_id, keyed_msg_id,
+            Bus, CONTENT_HEADER, DUPLICATE_WINDOW, EventMessage, is_full, keyed_event_id,
+            keyed_msg_id,
         },
     },
     http::{ApiError, ApiState},
@@ -42,6 +43,9 @@ pub(super) async fn jetstream(
         ));
     };
     let _publishing = state.jetstream_publishing.take(namespace, events.len())?;
+    if let Some(why) = bus.room.ingest_refusal(&bus.stream).await {
+        return Err(full(&format!("{why}; nothing of this request was stored")));
+    }
     let keyed = events.iter().any(|e| e.key.is_some());
     let total = events.len();
     // Every publish first, then every ack: one round trip's latency for the whole request.
@@ -83,9 +87,9 @@ pub(super) async fn jetstream(
     for (id, key, content, ack) in pending {
         let result = match ack {
             None => Err(out_of_time()),
-            Some(Err(e)) => Err(unavailable(&e)),
+            Some(Err(e)) => Err(not_stored(&e)),
             Some(Ok(ack)) => match ack.await {
-                Err(e) => Err(unavailable(&e)),
+                Err(e) => Err(not_stored(&e)),
                 Ok(ack) if ack.duplicate => match same_content(bus, ack.sequence, &content).await {
                     Ok(true) => Ok(Published::Duplicate { id }),
                     Ok(false) => Err(idempotency_conflict(key.as_deref().unwrap_or(&id))),
@@ -150,6 +154,34 @@ async fn same_content(bus: &Bus, sequence: u64, content: &str) -> Result<bool, A
         .get(CONTENT_HEADER)
         .is_none_or(|v| v.as_str() == content))
 }
+
+/// Why a publish was not stored: the stream is full (503 `jetstream_full`), or JetStream did
+/// not answer.
+fn not_stored(e: &async_nats::jetstream::context::PublishError) -> ApiError {
+    if is_full(e) {
+        full(&format!("the JetStream stream refused the event ({e})"))
+    } else {
+        unavailable(e)
+    }
+}
+
+/// 503 with Retry-After: the stream is at its limits; it takes events again as stored ones
+/// age out (`--nats-max-age`), sooner if whoever runs NATS raises its limits.
+fn full(why: &str) -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "jetstream_full",
+        format!(
+            "{why}: the stream is full and takes events again as stored ones age out; retry later. Whoever runs NATS raises the stream's limits (nats stream edit --max-bytes/--max-msgs; --nats-max-bytes and --nats-max-messages apply when hookrelay creates the stream)"
+        ),
+    );
+    error.retry_after = Some(FULL_RETRY_AFTER);
+    error
+}
+
+/// Seconds a client waits before retrying into a full stream: room comes back as messages age
+/// out or the limits are raised, not within a second.
+const FULL_RETRY_AFTER: u64 = 30;
 
 fn unavailable(e: &dyn std::fmt::Display) -> ApiError {
     let mut error = ApiError::new(
