@@ -70,23 +70,28 @@ pub struct RunArgs {
     )]
     pub nats_tls_key_file: Option<PathBuf>,
 
-    /// The JetStream stream holding events and deliveries (created or updated at start).
+    /// The JetStream stream holding events and deliveries: created at start if missing; an
+    /// existing one keeps its limits and gets only what hookrelay needs (its subjects, message
+    /// schedules).
     #[arg(long, env = "HOOKRELAY_NATS_STREAM", default_value = "HOOKRELAY")]
     pub nats_stream: String,
 
     /// How long the stream keeps events and deliveries, delivered or not (limits retention);
-    /// a delivery still held or retrying after this is lost.
+    /// a delivery still held or retrying after this is lost. Applies when hookrelay creates
+    /// the stream.
     #[arg(long, env = "HOOKRELAY_NATS_MAX_AGE", default_value = "24h", value_parser = parse_period)]
     pub nats_max_age: Duration,
 
     /// Bytes the stream may hold, all tenants together (e.g. 1GiB, 512MiB, 10GB or a byte
-    /// count); when it is full, ingest answers 503 rather than the stream dropping stored
-    /// events. Applies when hookrelay creates the stream: an existing stream keeps its limits.
+    /// count). Ingest answers 503 (`jetstream_full`) once the stream holds three quarters of
+    /// it, the rest kept for delivering what it holds. Applies when hookrelay creates the
+    /// stream: an existing stream keeps its limits.
     #[arg(long, env = "HOOKRELAY_NATS_MAX_BYTES", default_value = "1GiB", value_parser = parse_size)]
     pub nats_max_bytes: i64,
 
-    /// Messages the stream may hold (events, deliveries, retries and attempt records); as
-    /// --nats-max-bytes, it applies when hookrelay creates the stream.
+    /// Messages the stream may hold (events, work items, parked retries and attempt records:
+    /// about three per event and target); as --nats-max-bytes, ingest stops at three quarters
+    /// of it, and it applies when hookrelay creates the stream.
     #[arg(long, env = "HOOKRELAY_NATS_MAX_MESSAGES", default_value_t = 1_000_000, value_parser = clap::value_parser!(i64).range(1..))]
     pub nats_max_messages: i64,
 

@@ -356,7 +356,8 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
 }
 
 /// Whether JetStream refused a publish because the stream or the server has no room left.
-/// A stream with `DiscardPolicy::New` at its limit answers error code 10077 (stream store
+/// A stream with `DiscardPolicy::New` at its limit (not hookrelay's: see [`wanted_stream`])
+/// answers error code 10077 (stream store
 /// failed) with "maximum messages exceeded", "maximum bytes exceeded" or "maximum messages per
 /// subject exceeded" (nats-server 2.15, checked against a real server in the e2e tests); a
 /// server or account out of storage answers 10023, 10047 or 10028.
@@ -391,49 +392,63 @@ const INGEST_SHARE: (i64, i64) = (3, 4);
 /// [`ROOM_FRESH`] by whichever ingest request needs it.
 #[derive(Debug, Default)]
 pub struct StreamRoom {
-    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Option<String>)>>,
+    /// When it was looked up, and what it held then (None: it could not be asked).
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Option<Held>)>>,
 }
+
+/// The stream's configuration, and the messages and bytes it held.
+type Held = (StreamConfig, u64, u64);
 
 impl StreamRoom {
-    /// None while ingest may publish; else why not (the stream is past ingest's share of its
-    /// limits). A stream that cannot be asked is not judged full: its publishes tell.
-    pub async fn ingest_refusal(&self, stream: &jetstream::stream::Stream) -> Option<String> {
+    /// None while ingest may publish `messages` more events of `bytes`; else why not (the
+    /// stream would be past ingest's share of its limits). A stream that cannot be asked is
+    /// not judged full: its publishes tell.
+    pub async fn ingest_refusal(
+        &self,
+        stream: &jetstream::stream::Stream,
+        messages: u64,
+        bytes: u64,
+    ) -> Option<String> {
         let mut last = self.last.lock().await;
-        if let Some((at, refusal)) = &*last
-            && at.elapsed() < ROOM_FRESH
-        {
-            return refusal.clone();
+        let fresh = last
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < ROOM_FRESH);
+        if !fresh {
+            let held = match stream.get_info().await {
+                Ok(info) => Some((info.config, info.state.messages, info.state.bytes)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "JetStream ingest: cannot tell how full the stream is");
+                    None
+                }
+            };
+            *last = Some((tokio::time::Instant::now(), held));
         }
-        let refusal = match stream.get_info().await {
-            Ok(info) => ingest_refusal(&info.config, info.state.messages, info.state.bytes),
-            Err(e) => {
-                tracing::debug!(error = %e, "JetStream ingest: cannot tell how full the stream is");
-                None
-            }
-        };
-        *last = Some((tokio::time::Instant::now(), refusal.clone()));
-        refusal
+        let (config, held_messages, held_bytes) = last.as_ref()?.1.as_ref()?;
+        ingest_refusal(
+            config,
+            held_messages.saturating_add(messages),
+            held_bytes.saturating_add(bytes),
+        )
     }
 }
 
-/// Why ingest may not publish to a stream with `config` holding `messages` and `bytes`: past
-/// [`INGEST_SHARE`] of a limit of a stream that refuses when full (`DiscardPolicy::New`). A
-/// stream that discards its oldest messages is never full, so never refused here.
+/// Why ingest may not leave a stream with `config` holding `messages` and `bytes`: past
+/// [`INGEST_SHARE`] of one of its limits.
 pub fn ingest_refusal(config: &StreamConfig, messages: u64, bytes: u64) -> Option<String> {
-    if config.discard != DiscardPolicy::New {
-        return None;
-    }
     let (part, whole) = INGEST_SHARE;
     let past = |held: u64, limit: i64| {
         limit > 0 && i128::from(held) * i128::from(whole) >= i128::from(limit) * i128::from(part)
     };
     let what = if past(messages, config.max_messages) {
         format!(
-            "{messages} messages of its limit of {}",
+            "{messages} messages with this request, of its limit of {}",
             config.max_messages
         )
     } else if past(bytes, config.max_bytes) {
-        format!("{bytes} bytes of its limit of {}", config.max_bytes)
+        format!(
+            "{bytes} bytes with this request, of its limit of {}",
+            config.max_bytes
+        )
     } else {
         return None;
     };
@@ -443,8 +458,9 @@ pub fn ingest_refusal(config: &StreamConfig, messages: u64, bytes: u64) -> Optio
     ))
 }
 
-/// The stream hookrelay creates: the flags' limits, and `DiscardPolicy::New` so that a full
-/// stream refuses new messages (ingest answers 503) instead of dropping stored ones.
+/// The stream hookrelay creates, with the flags' limits. Its discard policy is old, the only
+/// one nats-server allows with message schedules; ingest stops at [`INGEST_SHARE`] of the
+/// limits (503) so that the stream never reaches them and discards nothing.
 fn wanted_stream(config: &BusConfig) -> StreamConfig {
     StreamConfig {
         name: config.stream.clone(),
@@ -454,7 +470,7 @@ fn wanted_stream(config: &BusConfig) -> StreamConfig {
         max_age: config.max_age,
         max_bytes: config.max_bytes,
         max_messages: config.max_messages,
-        discard: DiscardPolicy::New,
+        discard: DiscardPolicy::Old,
         storage: StorageType::File,
         duplicate_window: DUPLICATE_WINDOW.min(config.max_age),
         // Parked work items (retries, holds) are scheduled by the stream itself.
@@ -466,8 +482,21 @@ fn wanted_stream(config: &BusConfig) -> StreamConfig {
 /// What to write over an existing stream so that hookrelay works with it: its configuration as
 /// it is, plus hookrelay's subjects, message schedules, and a duplicate window if it has none.
 /// Its limits (bytes, messages, age, discard policy, storage, replicas) stay as whoever runs
-/// NATS set them. None when nothing is missing.
-pub fn stream_update(existing: &StreamConfig, wanted: &StreamConfig) -> Option<StreamConfig> {
+/// NATS set them. None when nothing is missing; an error when the stream cannot have what
+/// hookrelay needs without changing one of its limits.
+pub fn stream_update(
+    existing: &StreamConfig,
+    wanted: &StreamConfig,
+) -> Result<Option<StreamConfig>, String> {
+    if wanted.allow_message_schedules
+        && !existing.allow_message_schedules
+        && existing.discard == DiscardPolicy::New
+    {
+        return Err(format!(
+            "the stream {name} discards new messages when full, and nats-server schedules no messages (hookrelay's parked retries and holds) on such a stream: set its discard policy to old (nats stream edit {name} --discard old); hookrelay stops ingest at three quarters of the stream's limits, so that it discards nothing",
+            name = existing.name
+        ));
+    }
     let mut update = existing.clone();
     for subject in &wanted.subjects {
         if !update.subjects.contains(subject) {
@@ -481,7 +510,7 @@ pub fn stream_update(existing: &StreamConfig, wanted: &StreamConfig) -> Option<S
             age => wanted.duplicate_window.min(age),
         };
     }
-    (update != *existing).then_some(update)
+    Ok((update != *existing).then_some(update))
 }
 
 /// Creates the stream with the flags' limits if it does not exist; otherwise adds only what
@@ -491,6 +520,7 @@ async fn set_up_stream(context: &Context, config: &BusConfig) -> Result<(), asyn
     let wanted = wanted_stream(config);
     // Twice: a replica starting at the same moment may create it between our look and our
     // create, and then it is an existing stream.
+    let mut not_created = None;
     for _ in 0..2 {
         let existing = match context.get_stream(&config.stream).await {
             Ok(stream) => stream.cached_info().config.clone(),
@@ -500,11 +530,12 @@ async fn set_up_stream(context: &Context, config: &BusConfig) -> Result<(), asyn
                 {
                     match context.create_stream(wanted.clone()).await {
                         Ok(_) => {
-                            tracing::info!(stream = %config.stream, max_bytes = config.max_bytes, max_messages = config.max_messages, max_age = %humantime::format_duration(config.max_age), "JetStream stream created (discard new: a full stream refuses new events)");
+                            tracing::info!(stream = %config.stream, max_bytes = config.max_bytes, max_messages = config.max_messages, max_age = %humantime::format_duration(config.max_age), "JetStream stream created with the limits of the flags; ingest answers 503 once it holds three quarters of one");
                             return Ok(());
                         }
                         Err(e) => {
                             tracing::debug!(stream = %config.stream, error = %e, "JetStream stream not created; looking again");
+                            not_created = Some(e);
                             continue;
                         }
                     }
@@ -521,24 +552,23 @@ async fn set_up_stream(context: &Context, config: &BusConfig) -> Result<(), asyn
             discard = ?existing.discard,
             "JetStream stream exists: its limits are kept as they are (--nats-max-bytes, --nats-max-messages and --nats-max-age apply when hookrelay creates it)"
         );
-        if existing.discard == DiscardPolicy::Old
-            && (existing.max_bytes > 0 || existing.max_messages > 0)
-        {
-            tracing::warn!(stream = %config.stream, "JetStream stream discards its OLDEST messages when full: stored events and deliveries are dropped then; set its discard policy to new (nats stream edit) so that ingest is refused instead");
-        } else if existing.max_bytes <= 0 && existing.max_messages <= 0 {
-            tracing::warn!(stream = %config.stream, "JetStream stream has no byte or message limit: one tenant's flood can fill the NATS disk; set limits with discard new (nats stream edit)");
+        if existing.max_bytes <= 0 && existing.max_messages <= 0 {
+            tracing::warn!(stream = %config.stream, "JetStream stream has no byte or message limit: one tenant's flood can fill the NATS disk; set limits (nats stream edit --max-bytes --max-msgs)");
         }
-        if let Some(update) = stream_update(&existing, &wanted) {
+        if let Some(update) = stream_update(&existing, &wanted)? {
             context.update_stream(update).await?;
             tracing::info!(stream = %config.stream, "JetStream stream updated with what hookrelay needs (its subjects, message schedules, a duplicate window)");
         }
         return Ok(());
     }
-    Err(format!(
-        "stream {} neither exists nor could be created",
-        config.stream
-    )
-    .into())
+    Err(match not_created {
+        Some(e) => e.into(),
+        None => format!(
+            "stream {} neither exists nor could be created",
+            config.stream
+        )
+        .into(),
+    })
 }
 
 /// The event id of a keyed event: derived from the namespace and key, so that a retried
@@ -1622,11 +1652,12 @@ mod tests {
     }
 
     #[test]
-    fn a_new_stream_gets_the_flags_limits_and_refuses_when_full() {
+    fn a_new_stream_gets_the_flags_limits() {
         let wanted = wanted_stream(&bus_config());
         assert_eq!(wanted.max_bytes, 1 << 30);
         assert_eq!(wanted.max_messages, 1_000_000);
-        assert_eq!(wanted.discard, DiscardPolicy::New);
+        // nats-server refuses message schedules with discard new.
+        assert_eq!(wanted.discard, DiscardPolicy::Old);
         assert!(wanted.allow_message_schedules);
         assert_eq!(wanted.duplicate_window, DUPLICATE_WINDOW);
     }
@@ -1647,7 +1678,9 @@ mod tests {
             duplicate_window: Duration::ZERO,
             ..Default::default()
         };
-        let update = stream_update(&existing, &wanted).expect("schedules and subjects missing");
+        let update = stream_update(&existing, &wanted)
+            .unwrap()
+            .expect("schedules and subjects missing");
         assert_eq!(update.subjects, ["audit.>", "hookrelay.>"]);
         assert!(update.allow_message_schedules);
         // Not longer than its max age.
@@ -1663,8 +1696,8 @@ mod tests {
             duplicate_window: Duration::from_secs(120),
             ..update.clone()
         };
-        assert_eq!(stream_update(&shorter, &wanted), None);
-        assert_eq!(stream_update(&update, &wanted), None);
+        assert_eq!(stream_update(&shorter, &wanted), Ok(None));
+        assert_eq!(stream_update(&update, &wanted), Ok(None));
         let short_lived = StreamConfig {
             max_age: Duration::from_secs(60),
             ..existing
@@ -1672,8 +1705,26 @@ mod tests {
         assert_eq!(
             stream_update(&short_lived, &wanted)
                 .unwrap()
+                .unwrap()
                 .duplicate_window,
             Duration::from_secs(60)
+        );
+    }
+
+    #[test]
+    fn a_stream_discarding_new_messages_is_not_changed_but_refused_saying_what_to_do() {
+        let wanted = wanted_stream(&bus_config());
+        let existing = StreamConfig {
+            name: "HOOKRELAY".into(),
+            subjects: vec!["hookrelay.>".into()],
+            max_messages: 1000,
+            discard: DiscardPolicy::New,
+            ..Default::default()
+        };
+        let why = stream_update(&existing, &wanted).unwrap_err();
+        assert!(
+            why.contains("nats stream edit HOOKRELAY --discard old"),
+            "{why}"
         );
     }
 
@@ -1687,18 +1738,18 @@ mod tests {
             max_message_size: -1,
             ..wanted.clone()
         };
-        assert_eq!(stream_update(&created, &wanted), None);
+        assert_eq!(stream_update(&created, &wanted), Ok(None));
         // Other flags at this start do not change it either.
         let other_flags = wanted_stream(&BusConfig {
             max_bytes: 1 << 20,
             max_messages: 10,
             ..bus_config()
         });
-        assert_eq!(stream_update(&created, &other_flags), None);
+        assert_eq!(stream_update(&created, &other_flags), Ok(None));
     }
 
     #[test]
-    fn ingest_stops_at_three_quarters_of_a_limit_of_a_stream_that_refuses_when_full() {
+    fn ingest_stops_at_three_quarters_of_a_limit() {
         let config = StreamConfig {
             name: "HOOKRELAY".into(),
             max_messages: 100,
@@ -1709,23 +1760,22 @@ mod tests {
         assert_eq!(ingest_refusal(&config, 74, 2999), None);
         let why = ingest_refusal(&config, 75, 0).unwrap();
         assert!(
-            why.contains("HOOKRELAY is full") && why.contains("75 messages of its limit of 100"),
+            why.contains("HOOKRELAY is full")
+                && why.contains("75 messages with this request, of its limit of 100"),
             "{why}"
         );
         let why = ingest_refusal(&config, 0, 3000).unwrap();
-        assert!(why.contains("3000 bytes of its limit of 4000"), "{why}");
-        // No limit, or a stream that drops its oldest messages instead: never refused here.
+        assert!(
+            why.contains("3000 bytes with this request, of its limit of 4000"),
+            "{why}"
+        );
+        // No limit: never refused here.
         let unlimited = StreamConfig {
             max_messages: -1,
             max_bytes: -1,
             ..config.clone()
         };
         assert_eq!(ingest_refusal(&unlimited, u64::MAX, u64::MAX), None);
-        let discard_old = StreamConfig {
-            discard: DiscardPolicy::Old,
-            ..config
-        };
-        assert_eq!(ingest_refusal(&discard_old, 100, 4000), None);
     }
 
     fn item(attempts_before: u32, parked: u32, held_since: Option<u64>) -> WorkItem {

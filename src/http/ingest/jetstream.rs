@@ -43,9 +43,6 @@ pub(super) async fn jetstream(
         ));
     };
     let _publishing = state.jetstream_publishing.take(namespace, events.len())?;
-    if let Some(why) = bus.room.ingest_refusal(&bus.stream).await {
-        return Err(full(&format!("{why}; nothing of this request was stored")));
-    }
     let keyed = events.iter().any(|e| e.key.is_some());
     let total = events.len();
     // Every publish first, then every ack: one round trip's latency for the whole request.
@@ -53,13 +50,8 @@ pub(super) async fn jetstream(
     // Whichever replica routes these events must have seen at least the Webhooks this one has:
     // a Webhook its caller saw Ready here is never missed by a replica that lags.
     let seen = state.routes.snapshot().seen(namespace);
-    let mut pending = Vec::with_capacity(total);
+    let mut messages = Vec::with_capacity(total);
     for e in events {
-        if tokio::time::Instant::now() >= deadline {
-            // Not published: the client is told to send it again.
-            pending.push((String::new(), None, String::new(), None));
-            continue;
-        }
         let timestamp = e
             .timestamp
             .clone()
@@ -77,11 +69,33 @@ pub(super) async fn jetstream(
         };
         let message =
             EventMessage::new(namespace, &id, &msg_id, &body, Some(&content)).routed_after(seen);
+        messages.push((id, e.key, content, message));
+    }
+    // A stream at its share of its limits takes nothing more: what it holds must still be
+    // routed and delivered within the rest.
+    let bytes = messages
+        .iter()
+        .map(|(_, _, _, m)| (m.subject.len() + m.body.len() + header_bytes(&m.headers)) as u64)
+        .sum();
+    if let Some(why) = bus
+        .room
+        .ingest_refusal(&bus.stream, total as u64, bytes)
+        .await
+    {
+        return Err(full(&format!("{why}; nothing of this request was stored")));
+    }
+    let mut pending = Vec::with_capacity(total);
+    for (id, key, content, message) in messages {
+        if tokio::time::Instant::now() >= deadline {
+            // Not published: the client is told to send it again.
+            pending.push((String::new(), None, String::new(), None));
+            continue;
+        }
         let ack = bus
             .context
             .publish_with_headers(message.subject, message.headers, message.body)
             .await;
-        pending.push((id, e.key, content, Some(ack)));
+        pending.push((id, key, content, Some(ack)));
     }
     let mut results = Vec::with_capacity(total);
     for (id, key, content, ack) in pending {
@@ -153,6 +167,19 @@ async fn same_content(bus: &Bus, sequence: u64, content: &str) -> Result<bool, A
         .headers
         .get(CONTENT_HEADER)
         .is_none_or(|v| v.as_str() == content))
+}
+
+/// About what the headers of a message take in the stream.
+fn header_bytes(headers: &async_nats::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, values)| {
+            values
+                .iter()
+                .map(|v| name.to_string().len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum()
 }
 
 /// Why a publish was not stored: the stream is full (503 `jetstream_full`), or JetStream did
