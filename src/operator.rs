@@ -70,14 +70,30 @@ pub struct RunArgs {
     )]
     pub nats_tls_key_file: Option<PathBuf>,
 
-    /// The JetStream stream holding events and deliveries (created or updated at start).
+    /// The JetStream stream holding events and deliveries: created at start if missing; an
+    /// existing one keeps its limits and gets only what hookrelay needs (its subjects, message
+    /// schedules).
     #[arg(long, env = "HOOKRELAY_NATS_STREAM", default_value = "HOOKRELAY")]
     pub nats_stream: String,
 
     /// How long the stream keeps events and deliveries, delivered or not (limits retention);
-    /// a delivery still held or retrying after this is lost.
+    /// a delivery still held or retrying after this is lost. Applies when hookrelay creates
+    /// the stream.
     #[arg(long, env = "HOOKRELAY_NATS_MAX_AGE", default_value = "24h", value_parser = parse_period)]
     pub nats_max_age: Duration,
+
+    /// Bytes the stream may hold, all tenants together (e.g. 1GiB, 512MiB, 10GB or a byte
+    /// count). Ingest answers 503 (`jetstream_full`) once the stream holds three quarters of
+    /// it, the rest kept for delivering what it holds. Applies when hookrelay creates the
+    /// stream: an existing stream keeps its limits.
+    #[arg(long, env = "HOOKRELAY_NATS_MAX_BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub nats_max_bytes: i64,
+
+    /// Messages the stream may hold (events, work items, parked retries and attempt records:
+    /// about three per event and target); as --nats-max-bytes, ingest stops at three quarters
+    /// of it, and it applies when hookrelay creates the stream.
+    #[arg(long, env = "HOOKRELAY_NATS_MAX_MESSAGES", default_value_t = 1_000_000, value_parser = clap::value_parser!(i64).range(1..))]
+    pub nats_max_messages: i64,
 
     /// Events and deliveries one consumer may have handed out and not yet acknowledged, across
     /// all replicas; one replica keeps at most half of it in hand for one namespace.
@@ -270,6 +286,8 @@ impl RunArgs {
             nats_tls_key_file: None,
             nats_stream: "HOOKRELAY".into(),
             nats_max_age: Duration::from_secs(86400),
+            nats_max_bytes: 1 << 30,
+            nats_max_messages: 1_000_000,
             nats_max_ack_pending: 10_000,
             nats_max_publishing: 10_000,
             direct_queue: 10_000,
@@ -321,6 +339,41 @@ pub fn parse_period(value: &str) -> Result<Duration, String> {
         ));
     }
     Ok(period)
+}
+
+/// A size in bytes: a byte count, or a whole number with a unit, decimal (kB, MB, GB, TB; K,
+/// M, G, T) or binary (KiB, MiB, GiB, TiB; Ki, Mi, Gi, Ti, as Kubernetes writes them).
+pub fn parse_size(value: &str) -> Result<i64, String> {
+    let value = value.trim();
+    let digits = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(digits);
+    let number: i64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a size: a whole number of bytes, or with a unit such as 512MiB or 1GiB"))?;
+    let unit = unit.trim();
+    let multiplier: i64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "ki" | "kib" => 1 << 10,
+        "mi" | "mib" => 1 << 20,
+        "gi" | "gib" => 1 << 30,
+        "ti" | "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "{value:?}: unknown unit {unit:?} (use B, kB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+            ));
+        }
+    };
+    match number.checked_mul(multiplier) {
+        Some(0) => Err(format!("{value:?}: the size must be at least one byte")),
+        Some(bytes) => Ok(bytes),
+        None => Err(format!("{value:?} is too large")),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -406,6 +459,8 @@ pub async fn start(
                 },
                 stream: args.nats_stream.clone(),
                 max_age: args.nats_max_age,
+                max_bytes: args.nats_max_bytes,
+                max_messages: args.nats_max_messages,
                 max_ack_pending: args.nats_max_ack_pending,
             })
             .await?,
@@ -1008,6 +1063,35 @@ async fn check_crds(client: &Client) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_are_read_with_decimal_and_binary_units() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("512Mi"), Ok(512 << 20));
+        assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
+        assert_eq!(parse_size("2 kb"), Ok(2_000));
+        assert_eq!(parse_size("64B"), Ok(64));
+        assert_eq!(parse_size("1TiB"), Ok(1 << 40));
+    }
+
+    #[test]
+    fn sizes_that_are_not_sizes_are_refused_saying_why() {
+        for wrong in ["", "GiB", "1.5GiB", "-1", "1 parsec", "0", "0GiB"] {
+            assert!(parse_size(wrong).is_err(), "{wrong:?} was accepted");
+        }
+        let error = parse_size("1XB").unwrap_err();
+        assert!(
+            error.contains("unknown unit") && error.contains("GiB"),
+            "{error}"
+        );
+        assert!(
+            parse_size("9999999999TiB")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
 
     fn spawn<F: Future<Output = ()> + Send + 'static>(name: &'static str, f: F) -> Essential {
         Essential::new(name, tokio::spawn(f), None)

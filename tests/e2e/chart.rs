@@ -277,6 +277,8 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
         "--nats-url=nats://nats.nats:4222".to_owned(),
         "--nats-stream=DOCS".to_owned(),
         "--nats-max-age=12h".to_owned(),
+        "--nats-max-bytes=512MiB".to_owned(),
+        "--nats-max-messages=200000".to_owned(),
         "--nats-max-ack-pending=500".to_owned(),
         "--nats-max-publishing=2000".to_owned(),
         "--nats-creds=/etc/hookrelay/nats/creds/hookrelay.creds".to_owned(),

@@ -574,3 +574,242 @@ async fn jetstream_over_tls_needs_the_servers_ca() {
     .await;
     op.stop().await;
 }
+
+/// Posts `body`, answering (status, Retry-After, reply).
+async fn post_with_retry_after(
+    addr: std::net::SocketAddr,
+    ns: &str,
+    body: &str,
+) -> (u16, Option<String>, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/api/events?namespace={ns}"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("the API answers");
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let text = response.text().await.unwrap_or_default();
+    (
+        status,
+        retry_after,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+    )
+}
+
+async fn stream_config(nats: &NatsServer) -> jetstream::stream::Config {
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let js = jetstream::new(client);
+    js.get_stream("HOOKRELAY")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone()
+}
+
+fn assert_full_refusal(status: u16, retry_after: Option<&str>, reply: &Value) {
+    assert_eq!(status, 503, "{reply}");
+    assert_eq!(reply["error"]["code"], "jetstream_full", "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("full") && message.contains("--nats-max-bytes"),
+        "says what is wrong and what to raise: {message}"
+    );
+    let retry_after: u64 = retry_after.expect("Retry-After").parse().expect("seconds");
+    assert!(retry_after >= 1, "{retry_after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stream_refuses_ingest_with_503_and_every_event_taken_is_delivered() {
+    const MAX_MESSAGES: i64 = 400;
+    let cp = control_plane();
+    let ns = cp.namespace("js-full").await;
+    let nats = NatsServer::start().await;
+    let mut args = hookrelay::operator::RunArgs::for_tests();
+    args.namespaces = vec![ns.clone()];
+    args.allow_http = true;
+    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+    args.disable_auth = true;
+    args.ingest_mode = IngestMode::JetStream;
+    args.nats_url = Some(nats.url.clone());
+    args.nats_max_messages = MAX_MESSAGES;
+    let op = InProcess::start_with(cp.config().await, args).await;
+    let client = cp.client().await;
+    let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
+
+    let config = stream_config(&nats).await;
+    assert_eq!(config.max_messages, MAX_MESSAGES);
+    assert_eq!(config.max_bytes, 1 << 30, "the default, 1GiB");
+    // The only policy nats-server allows with message schedules: ingest keeps it from ever
+    // discarding anything.
+    assert_eq!(config.discard, jetstream::stream::DiscardPolicy::Old);
+
+    // A request that does not fit is refused whole.
+    let batch = format!("[{}]", vec![EVENT; 300].join(","));
+    let (status, retry_after, reply) = post_with_retry_after(op.op.listen_addr, &ns, &batch).await;
+    assert_full_refusal(status, retry_after.as_deref(), &reply);
+    assert_eq!(
+        subjects(&nats).await.get(&format!("hookrelay.events.{ns}")),
+        None
+    );
+
+    // One event a request, as a client sends them, until the stream is full: each event takes
+    // three messages (the event, its work item, the attempt record).
+    let mut accepted = 0;
+    let refusal = loop {
+        assert!(accepted < MAX_MESSAGES, "never refused");
+        let (status, retry_after, reply) =
+            post_with_retry_after(op.op.listen_addr, &ns, EVENT).await;
+        match status {
+            202 => accepted += 1,
+            _ => break (status, retry_after, reply),
+        }
+    };
+    let (status, retry_after, reply) = refusal;
+    assert_full_refusal(status, retry_after.as_deref(), &reply);
+    assert_eq!(
+        reply["error"]["stored"],
+        Value::Null,
+        "nothing of a refused request is stored: {reply}"
+    );
+    assert!(accepted > 0);
+
+    eventually(
+        "every event taken to be delivered",
+        Duration::from_secs(60),
+        || async { (receiver.counts().0 as i64 >= accepted).then_some(()) },
+    )
+    .await;
+    eventually(
+        "the deliverer to be idle",
+        Duration::from_secs(60),
+        || async { deliverer_idle(&nats).await.then_some(()) },
+    )
+    .await;
+    let (delivered, requests) = receiver.counts();
+    let held = subjects(&nats).await.values().sum::<usize>();
+    eprintln!(
+        "stream of {MAX_MESSAGES} messages: {accepted} events taken before the refusal, {delivered} delivered ({requests} requests), {held} messages held"
+    );
+    assert_eq!(
+        delivered as i64, accepted,
+        "every event taken is delivered once"
+    );
+    assert!(held as i64 <= MAX_MESSAGES);
+    // Still refused while full.
+    let (status, retry_after, reply) = post_with_retry_after(op.op.listen_addr, &ns, EVENT).await;
+    assert_full_refusal(status, retry_after.as_deref(), &reply);
+    op.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_refusals_of_a_full_stream_are_recognised() {
+    let nats = NatsServer::start().await;
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let js = jetstream::new(client);
+    let full_by = |name: &str, max_messages: i64, max_bytes: i64| jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![format!("{name}.>")],
+        max_messages,
+        max_bytes,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    for (stream, config) in [
+        ("COUNT", full_by("COUNT", 2, -1)),
+        ("SIZE", full_by("SIZE", -1, 300)),
+    ] {
+        js.create_stream(config).await.unwrap();
+        let mut refusal = None;
+        for _ in 0..10 {
+            let publish = js
+                .publish(format!("{stream}.x"), vec![b'x'; 100].into())
+                .await
+                .unwrap()
+                .await;
+            if let Err(e) = publish {
+                refusal = Some(e);
+                break;
+            }
+        }
+        let refusal = refusal.expect("the stream refuses once full");
+        eprintln!("{stream}: nats-server answers {refusal}");
+        assert!(
+            hookrelay::delivery::jetstream::is_full(&refusal),
+            "{stream}: {refusal}"
+        );
+    }
+    // Other refusals are not "full".
+    let other = js
+        .publish("NOWHERE.x", "x".into())
+        .await
+        .unwrap()
+        .await
+        .expect_err("no stream");
+    assert!(!hookrelay::delivery::jetstream::is_full(&other), "{other}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_stream_keeps_the_limits_its_operator_set() {
+    let cp = control_plane();
+    let ns = cp.namespace("js-kept").await;
+    let nats = NatsServer::start().await;
+    {
+        let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+        jetstream::new(client)
+            .create_stream(jetstream::stream::Config {
+                name: "HOOKRELAY".into(),
+                subjects: vec!["hookrelay.>".into()],
+                max_bytes: 50 << 20,
+                max_messages: 12_345,
+                max_age: Duration::from_secs(7200),
+                duplicate_window: Duration::from_secs(300),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let before = stream_config(&nats).await;
+    assert!(!before.allow_message_schedules);
+
+    // The flags' defaults differ from every limit set above.
+    let op = operator(cp, &ns, &nats).await;
+    let after = stream_config(&nats).await;
+    assert_eq!(after.max_bytes, 50 << 20);
+    assert_eq!(after.max_messages, 12_345);
+    assert_eq!(after.max_age, Duration::from_secs(7200));
+    assert_eq!(after.duplicate_window, Duration::from_secs(300));
+    // What hookrelay needs to work was added, nothing else changed.
+    assert!(after.allow_message_schedules, "parked retries need it");
+    // (nats-server itself allows roll-ups with schedules, and keeps its own metadata.)
+    assert_eq!(
+        after,
+        jetstream::stream::Config {
+            allow_message_schedules: true,
+            allow_rollup: true,
+            metadata: after.metadata.clone(),
+            ..before.clone()
+        }
+    );
+
+    // And it works with it.
+    let client = cp.client().await;
+    let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
+    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    assert_eq!(status, 202, "{reply}");
+    eventually("the delivery", Duration::from_secs(60), || async {
+        (receiver.counts() == (1, 1)).then_some(())
+    })
+    .await;
+    op.stop().await;
+
+    // A second start finds nothing to change.
+    let op = operator(cp, &ns, &nats).await;
+    assert_eq!(stream_config(&nats).await, after);
+    op.stop().await;
+}

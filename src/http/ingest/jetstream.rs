@@ -19,7 +19,8 @@ use crate::{
     delivery::{
         EventBody,
         jetstream::{
-            Bus, CONTENT_HEADER, DUPLICATE_WINDOW, EventMessage, keyed_event_id, keyed_msg_id,
+            Bus, CONTENT_HEADER, DUPLICATE_WINDOW, EventMessage, is_full, keyed_event_id,
+            keyed_msg_id,
         },
     },
     http::{ApiError, ApiState},
@@ -49,13 +50,8 @@ pub(super) async fn jetstream(
     // Whichever replica routes these events must have seen at least the Webhooks this one has:
     // a Webhook its caller saw Ready here is never missed by a replica that lags.
     let seen = state.routes.snapshot().seen(namespace);
-    let mut pending = Vec::with_capacity(total);
+    let mut messages = Vec::with_capacity(total);
     for e in events {
-        if tokio::time::Instant::now() >= deadline {
-            // Not published: the client is told to send it again.
-            pending.push((String::new(), None, String::new(), None));
-            continue;
-        }
         let timestamp = e
             .timestamp
             .clone()
@@ -73,19 +69,41 @@ pub(super) async fn jetstream(
         };
         let message =
             EventMessage::new(namespace, &id, &msg_id, &body, Some(&content)).routed_after(seen);
+        messages.push((id, e.key, content, message));
+    }
+    // A stream at its share of its limits takes nothing more: what it holds must still be
+    // routed and delivered within the rest.
+    let bytes = messages
+        .iter()
+        .map(|(_, _, _, m)| (m.subject.len() + m.body.len() + header_bytes(&m.headers)) as u64)
+        .sum();
+    if let Some(why) = bus
+        .room
+        .ingest_refusal(&bus.stream, total as u64, bytes)
+        .await
+    {
+        return Err(full(&format!("{why}; nothing of this request was stored")));
+    }
+    let mut pending = Vec::with_capacity(total);
+    for (id, key, content, message) in messages {
+        if tokio::time::Instant::now() >= deadline {
+            // Not published: the client is told to send it again.
+            pending.push((String::new(), None, String::new(), None));
+            continue;
+        }
         let ack = bus
             .context
             .publish_with_headers(message.subject, message.headers, message.body)
             .await;
-        pending.push((id, e.key, content, Some(ack)));
+        pending.push((id, key, content, Some(ack)));
     }
     let mut results = Vec::with_capacity(total);
     for (id, key, content, ack) in pending {
         let result = match ack {
             None => Err(out_of_time()),
-            Some(Err(e)) => Err(unavailable(&e)),
+            Some(Err(e)) => Err(not_stored(&e)),
             Some(Ok(ack)) => match ack.await {
-                Err(e) => Err(unavailable(&e)),
+                Err(e) => Err(not_stored(&e)),
                 Ok(ack) if ack.duplicate => match same_content(bus, ack.sequence, &content).await {
                     Ok(true) => Ok(Published::Duplicate { id }),
                     Ok(false) => Err(idempotency_conflict(key.as_deref().unwrap_or(&id))),
@@ -150,6 +168,47 @@ async fn same_content(bus: &Bus, sequence: u64, content: &str) -> Result<bool, A
         .get(CONTENT_HEADER)
         .is_none_or(|v| v.as_str() == content))
 }
+
+/// About what the headers of a message take in the stream.
+fn header_bytes(headers: &async_nats::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, values)| {
+            values
+                .iter()
+                .map(|v| name.to_string().len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum()
+}
+
+/// Why a publish was not stored: the stream is full (503 `jetstream_full`), or JetStream did
+/// not answer.
+fn not_stored(e: &async_nats::jetstream::context::PublishError) -> ApiError {
+    if is_full(e) {
+        full(&format!("the JetStream stream refused the event ({e})"))
+    } else {
+        unavailable(e)
+    }
+}
+
+/// 503 with Retry-After: the stream is at its limits; it takes events again as stored ones
+/// age out (`--nats-max-age`), sooner if whoever runs NATS raises its limits.
+fn full(why: &str) -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "jetstream_full",
+        format!(
+            "{why}: the stream is full and takes events again as stored ones age out; retry later. Whoever runs NATS raises the stream's limits (nats stream edit --max-bytes/--max-msgs; --nats-max-bytes and --nats-max-messages apply when hookrelay creates the stream)"
+        ),
+    );
+    error.retry_after = Some(FULL_RETRY_AFTER);
+    error
+}
+
+/// Seconds a client waits before retrying into a full stream: room comes back as messages age
+/// out or the limits are raised, not within a second.
+const FULL_RETRY_AFTER: u64 = 30;
 
 fn unavailable(e: &dyn std::fmt::Display) -> ApiError {
     let mut error = ApiError::new(
