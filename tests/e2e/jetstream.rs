@@ -813,3 +813,43 @@ async fn an_existing_stream_keeps_the_limits_its_operator_set() {
     assert_eq!(stream_config(&nats).await, after);
     op.stop().await;
 }
+
+/// An event that fits the NATS server's max_payload as an event but would not as a work item
+/// (more headers) could never be routed, and would hold the router back for good: ingest
+/// refuses it with 413 and stores nothing, while an event of a normal size goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_large_for_a_work_item_is_refused_at_ingest() {
+    let cp = control_plane();
+    let ns = cp.namespace("js-too-large").await;
+    let client = cp.client().await;
+    let nats = NatsServer::start().await;
+    let op = operator(cp, &ns, &nats).await;
+    let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
+    // nats-server's default max_payload is 1 MiB, as is the API's largest body.
+    let max_payload = 1024 * 1024;
+    let big = "x".repeat(max_payload - 600);
+    let body = json!([{"event": "document.completed", "data": {"blob": big}}]).to_string();
+    assert!(
+        body.len() < max_payload,
+        "the request itself is within the body limit"
+    );
+    let (status, reply) = post(op.op.listen_addr, &ns, None, &body).await;
+    assert_eq!(status, 413, "{reply}");
+    assert_eq!(reply["error"]["code"], "event_too_large", "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("max_payload"), "{message}");
+    let stored = subjects(&nats).await;
+    assert!(
+        !stored.keys().any(|s| s.starts_with("hookrelay.events.")),
+        "nothing of the request was stored: {stored:?}"
+    );
+    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    assert_eq!(status, 202, "{reply}");
+    eventually(
+        "the normal event delivered",
+        Duration::from_secs(60),
+        || async { (receiver.counts().0 == 1).then_some(()) },
+    )
+    .await;
+    op.stop().await;
+}

@@ -32,6 +32,10 @@ enum Published {
     Duplicate { id: String },
 }
 
+/// What a work item and its parked copies carry beyond the event's own headers (delivery id,
+/// uid, version, sequence, attempts, the schedule and its target subject), with room to spare.
+const WORK_ITEM_HEADROOM: usize = 1024;
+
 pub(super) async fn jetstream(
     state: &ApiState,
     namespace: &str,
@@ -70,6 +74,22 @@ pub(super) async fn jetstream(
         let message =
             EventMessage::new(namespace, &id, &msg_id, &body, Some(&content)).routed_after(seen);
         messages.push((id, e.key, content, message));
+    }
+    // Each event becomes work items (and parked copies) with more headers: one that would not
+    // fit the server's max_payload then could never be routed, and would hold the router's ack
+    // floor back for good. Refused now, whole, saying why.
+    let max_payload = bus.context.client().max_payload();
+    if let Some((index, size)) = messages.iter().enumerate().find_map(|(i, (_, _, _, m))| {
+        let size = m.body.len() + header_bytes(&m.headers) + WORK_ITEM_HEADROOM;
+        (size > max_payload).then_some((i, size))
+    }) {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "event_too_large",
+            format!(
+                "event {index} would take {size} bytes as a work item, more than the NATS server's max_payload ({max_payload} bytes); send a smaller event (or raise the server's max_payload); nothing of this request was stored"
+            ),
+        ));
     }
     // A stream at its share of its limits takes nothing more: what it holds must still be
     // routed and delivered within the rest.
