@@ -121,6 +121,9 @@ pub struct Metrics {
     pub rate_limited: Counter,
     /// Deliveries waiting for their turn under a Webhook's `rateLimit` now.
     pub rate_limit_waiting: Gauge,
+    /// Direct ingest: deliveries accepted but not finished when the operator stopped (direct
+    /// mode keeps them in memory only).
+    pub direct_deliveries_lost: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -216,6 +219,12 @@ impl Default for Metrics {
             "Deliveries waiting for their turn under their Webhook's spec.delivery.rateLimit now",
             rate_limit_waiting.clone(),
         );
+        let direct_deliveries_lost = Counter::default();
+        registry.register(
+            "direct_deliveries_lost",
+            "Direct ingest: deliveries accepted but not finished when the operator stopped (still in line, waiting to retry or held, or abandoned while being sent); direct mode is at-most-once across a restart",
+            direct_deliveries_lost.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             status_patches,
@@ -232,6 +241,7 @@ impl Default for Metrics {
             filter_evaluations,
             rate_limited,
             rate_limit_waiting,
+            direct_deliveries_lost,
         }
     }
 }

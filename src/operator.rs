@@ -559,6 +559,18 @@ pub async fn start(
     }
     let (created_events, created) = CreatedEvents::channel();
     let (recoveries, recoveries_rx) = Recoveries::channel();
+    let direct = http::DirectIngest::new(
+        args.direct_queue,
+        args.direct_queue_per_namespace
+            .unwrap_or(args.direct_queue / 4)
+            .max(1),
+    )
+    .with_max_queue_delay(args.direct_max_queue_delay)
+    .with_metrics(metrics.clone());
+    // Direct deliveries stop on the shutdown signal, like the controllers, with the same grace
+    // for attempts being sent, before the writer flushes what they recorded.
+    let direct_deliveries = (args.ingest_mode == http::IngestMode::Direct)
+        .then(|| tokio::spawn(direct.stop_on(shutdown.clone(), args.shutdown_timeout / 2)));
     let api_state = Arc::new(http::ApiState {
         client: client.clone(),
         created_events,
@@ -571,14 +583,7 @@ pub async fn start(
         jetstream_publishing: http::PublishBudget::new(
             usize::try_from(args.nats_max_publishing).unwrap_or(usize::MAX),
         ),
-        direct: http::DirectIngest::new(
-            args.direct_queue,
-            args.direct_queue_per_namespace
-                .unwrap_or(args.direct_queue / 4)
-                .max(1),
-        )
-        .with_max_queue_delay(args.direct_max_queue_delay)
-        .with_metrics(metrics.clone()),
+        direct,
         direct_max_hold: args.direct_max_hold,
         readiness: readiness.clone(),
         leadership: leadership.clone(),
@@ -725,8 +730,9 @@ pub async fn start(
         listen_addr,
         auth,
     };
-    // In the order they stop: the controllers on `shutdown`, then the writer, then (once status
-    // is written) the Lease is released, so a standby takes over at once.
+    // In the order they stop: the controllers and direct deliveries on `shutdown`, then the
+    // writer, then (once status is written) the Lease is released, so a standby takes over at
+    // once.
     // The servers drain last, so that an API request in flight does not hold up the flush and
     // the Lease release.
     let mut tasks = vec![Essential::new("DocumentEvent controller", events, None)];
@@ -736,6 +742,9 @@ pub async fn start(
         tasks.push(Essential::new("JetStream serial deliverer", serial, None));
     }
     tasks.push(Essential::new("Webhook controller", webhooks, None));
+    if let Some(task) = direct_deliveries {
+        tasks.push(Essential::new("direct deliveries", task, None));
+    }
     // Once the deliverers have stopped: the relay publishes their last records, the recorder
     // takes what comes, then the writer writes.
     if let Some((task, stop)) = relay {

@@ -165,25 +165,27 @@ pub async fn deliver(
 
 /// Delivers an event nothing stores (direct ingest): the same attempts and retries, recorded
 /// only in the Webhook's history; held for at most `max_hold`. `target` is where it stands
-/// (after [`attempt_first`], say).
+/// (after [`attempt_first`], say). Ends early when `cancel` fires (the operator is stopping);
+/// true when the delivery finished (succeeded or failed for good).
 pub async fn deliver_unrecorded(
     dispatcher: &Dispatcher,
     delivery: &Delivery,
     mut target: TargetDelivery,
     max_hold: Duration,
     mut order: Option<Ticket>,
-) {
-    let never = CancellationToken::new();
+    cancel: &CancellationToken,
+) -> bool {
     deliver(
         dispatcher,
         delivery,
         &mut target,
         max_hold,
-        &never,
+        cancel,
         &Unrecorded,
         order.as_mut(),
     )
     .await;
+    is_final(target.state)
 }
 
 /// What a source that runs its own workers (direct ingest) learns from [`attempt_first`].
@@ -194,14 +196,18 @@ pub enum FirstAttempt {
     /// Held, retrying or not sent: continue with [`deliver`] (it waits for
     /// `next_attempt_time`), in a task of its own, so that the worker takes the next delivery.
     Continue,
+    /// `cancel` fired before the attempt was sent: nothing was sent.
+    Cancelled,
 }
 
 /// The first attempt of a new delivery, sent at once by the caller's own task: no task, no
-/// wait in line behind a semaphore. Unrecorded progress, as [`deliver_unrecorded`].
+/// wait in line behind a semaphore. Unrecorded progress, as [`deliver_unrecorded`]. Nothing is
+/// sent once `cancel` has fired; an attempt already being sent is not interrupted.
 pub async fn attempt_first(
     dispatcher: &Dispatcher,
     delivery: &Delivery,
     target: &mut TargetDelivery,
+    cancel: &CancellationToken,
 ) -> FirstAttempt {
     match dispatcher.check(delivery) {
         RouteCheck::Gone(why) => {
@@ -211,7 +217,23 @@ pub async fn attempt_first(
         RouteCheck::Hold { .. } | RouteCheck::NotSeenYet(_) => return FirstAttempt::Continue,
         RouteCheck::Deliver(_) => {}
     }
-    let slots = dispatcher.reserve(delivery).await;
+    let reserve = dispatcher.reserve(delivery);
+    tokio::pin!(reserve);
+    // Slots are usually free at once: only a delivery that has to wait for them also waits for
+    // the token (polling it registers a waiter under a lock, which the hot path does without).
+    let slots = match futures::poll!(reserve.as_mut()) {
+        std::task::Poll::Ready(slots) => slots,
+        std::task::Poll::Pending => tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return FirstAttempt::Cancelled,
+            slots = reserve => slots,
+        },
+    };
+    // Right before the send: once stopping, no attempt starts (its record might not be
+    // written any more).
+    if cancel.is_cancelled() {
+        return FirstAttempt::Cancelled;
+    }
     let Attempted::Sent(result) = dispatcher.send(delivery, 1, slots).await else {
         return FirstAttempt::Continue;
     };

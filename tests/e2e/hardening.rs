@@ -566,6 +566,110 @@ async fn sigterm_stops_a_busy_operator_with_exit_code_zero() {
     );
 }
 
+// Stopping an operator in direct mode: its deliveries (in memory only) stop with the other
+// producers. No attempt starts once it is stopping, retries included; attempts being sent get
+// half the shutdown deadline, and those answered in time are in the Webhook's status before
+// the operator has stopped; what was not finished is counted as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_in_direct_mode_starts_no_attempt_and_records_those_in_flight() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let failing_ns = cp.namespace("direct-stop").await;
+    let hanging_ns = cp.namespace("direct-stop-hang").await;
+    let shutdown_timeout = Duration::from_secs(4);
+    let grace = shutdown_timeout / 2;
+    let op = ModeOperator::start(
+        cp,
+        IngestMode::Direct,
+        &[&failing_ns, &hanging_ns],
+        |args| args.shutdown_timeout = shutdown_timeout,
+    )
+    .await;
+    // Each attempt takes 300 ms and fails: every delivery keeps retrying, none finishes.
+    let (receiver, addr) = CountingReceiver::start_answering(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        Duration::from_millis(300),
+    )
+    .await;
+    create_webhook(
+        &client,
+        &failing_ns,
+        "failing",
+        &format!("http://{addr}/h"),
+        SECRET,
+        json!({"maxAttempts": 50, "initialBackoffSeconds": 1, "maxBackoffSeconds": 1}),
+    )
+    .await;
+    // An attempt that is still being sent when the grace ends.
+    let blackhole = Blackhole::start().await;
+    create_webhook(
+        &client,
+        &hanging_ns,
+        "hanging",
+        &format!("http://{}/never", blackhole.addr),
+        SECRET,
+        json!({"timeoutSeconds": 300}),
+    )
+    .await;
+    let events: Vec<_> = (0..40)
+        .map(|i| json!({"event": "document.completed", "timestamp": "2023-06-15T10:35:00Z", "data": {"document_id": i}}))
+        .collect();
+    op.post_events(&failing_ns, &events).await;
+    op.post_event(&hanging_ns, "document.completed", json!({"document_id": 0}))
+        .await;
+    eventually("retries under way and an attempt hanging", WAIT, || async {
+        let retried = receiver.counts().1 > events.len();
+        let hanging = blackhole
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1;
+        (retried && hanging).then_some(())
+    })
+    .await;
+
+    let metrics = op.op.op.metrics.clone();
+    let started = std::time::Instant::now();
+    op.op.stop().await;
+    let took = started.elapsed();
+    let stopped = std::time::Instant::now();
+    let (_, requests) = receiver.counts();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = receiver.arrived_after(stopped);
+    println!(
+        "stopped in {took:?} (grace {grace:?}); {requests} requests before, {after} in the 3 s after"
+    );
+    assert_eq!(
+        after, 0,
+        "requests reached the receiver after the operator had stopped"
+    );
+    // The hanging attempt held the stop for the grace, not longer: the status writer still had
+    // time to flush before the deadline.
+    assert!(
+        took < grace + Duration::from_secs(1),
+        "the stop took {took:?}, the grace is {grace:?}"
+    );
+    // Every attempt to the failing endpoint was answered within the grace: each is recorded.
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &failing_ns);
+    let stats = webhooks
+        .get("failing")
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default()
+        .delivery_stats;
+    assert_eq!(
+        stats.consecutive_failures as usize, requests,
+        "attempts recorded in the Webhook's status against requests the receiver saw"
+    );
+    // None of the 41 deliveries finished: all are lost, and counted.
+    let lost = metrics.encode().lines().find_map(|l| {
+        l.strip_prefix("hookrelay_direct_deliveries_lost_total ")?
+            .parse::<f64>()
+            .ok()
+    });
+    assert_eq!(lost, Some(41.0), "hookrelay_direct_deliveries_lost_total");
+}
+
 // Item 19 (a): a secret shorter than 16 bytes does not sign.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_secret_is_invalid() {

@@ -613,6 +613,15 @@ impl CountingReceiver {
     /// A receiver that counts each request on arrival and answers only after `delay`, like a
     /// slow endpoint: deliveries stay outstanding longer.
     pub async fn start_slow(delay: Duration) -> (CountingReceiver, std::net::SocketAddr) {
+        Self::start_answering(axum::http::StatusCode::OK, delay).await
+    }
+
+    /// A receiver that counts each request on arrival and answers `status` after `delay` (500:
+    /// every delivery keeps retrying).
+    pub async fn start_answering(
+        status: axum::http::StatusCode,
+        delay: Duration,
+    ) -> (CountingReceiver, std::net::SocketAddr) {
         let receiver = CountingReceiver::default();
         let (seen, arrivals) = (receiver.seen.clone(), receiver.arrivals.clone());
         let app = axum::Router::new().fallback(axum::routing::post(
@@ -629,7 +638,7 @@ impl CountingReceiver {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    "ok"
+                    (status, "ok")
                 }
             },
         ));
@@ -671,6 +680,12 @@ impl CountingReceiver {
     pub fn counts(&self) -> (usize, usize) {
         let seen = self.seen.lock().unwrap();
         (seen.len(), seen.values().sum())
+    }
+
+    /// Requests that arrived at or after `t`.
+    pub fn arrived_after(&self, t: std::time::Instant) -> usize {
+        let arrivals = self.arrivals.lock().unwrap();
+        arrivals.iter().filter(|at| **at >= t).count()
     }
 
     /// The first request that arrived at or after `t`.

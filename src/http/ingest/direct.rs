@@ -3,14 +3,21 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use axum::{Json, http::StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::AbortHandle,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
     DIRECT_KEY_LIFETIME, DIRECT_KEY_WINDOW, DIRECT_KEYS_REMEMBERED, IngestEvent, fingerprint,
@@ -64,9 +71,31 @@ pub struct DirectIngest {
 /// Direct deliveries in line, one FIFO per Webhook, each drained by at most the dispatcher's
 /// per-Webhook limit of workers. A worker sends the next delivery as soon as the last one is
 /// answered: no task per delivery parked on semaphores, no wake-up hop between them.
+///
+/// The workers, and the tasks they start for retries and holds, are owned here: on shutdown
+/// [`Lanes::drain`] stops them, so that no attempt starts after the status writer has flushed.
 #[derive(Default)]
 struct Lanes {
-    lines: Mutex<HashMap<WebhookKey, Lane>>,
+    lines: Mutex<Lines>,
+    /// Fired on shutdown: no attempt starts any more, and waits (for a slot, a retry, a held
+    /// Webhook) end. Workers check it before each delivery and right before each send: an
+    /// atomic load, nothing more on the hot path.
+    stop: CancellationToken,
+    /// Fired when the grace for attempts being sent has passed: the retry tasks end at once
+    /// (the workers still sending are aborted).
+    abandon: CancellationToken,
+    /// The workers and the retry tasks, so that the drain knows when they have all ended.
+    tasks: TaskTracker,
+    /// Deliveries that workers and retry tasks gave up because of the stop.
+    given_up: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Lines {
+    by_webhook: HashMap<WebhookKey, Lane>,
+    /// The running workers, so that those still sending when the grace has passed can be
+    /// aborted. Kept under the lock that starting and ending a worker takes anyway.
+    workers: HashMap<tokio::task::Id, AbortHandle>,
 }
 
 #[derive(Default)]
@@ -84,46 +113,79 @@ struct Queued {
     since: Instant,
 }
 
+/// Direct deliveries lost when the lines were drained.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Lost {
+    /// Still in line: never attempted.
+    in_line: usize,
+    /// Retrying, held, or waiting for a slot: given up when the stop came.
+    given_up: usize,
+    /// Being sent when the grace ended: the attempt's outcome is not known (nor recorded).
+    abandoned: usize,
+}
+
+impl Lost {
+    fn total(&self) -> usize {
+        self.in_line + self.given_up + self.abandoned
+    }
+}
+
 impl Lanes {
     /// How long the oldest delivery in `webhook`'s line has waited (zero for an empty line).
     fn oldest_wait(&self, webhook: &WebhookKey, now: Instant) -> Duration {
         let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
         lines
+            .by_webhook
             .get(webhook)
             .and_then(|lane| lane.waiting.front())
             .map_or(Duration::ZERO, |q| now.saturating_duration_since(q.since))
     }
 
-    /// Puts `queued` in line and starts a worker if the line has fewer than the limit.
-    fn push(self: &Arc<Self>, queued: Queued, dispatcher: &Arc<Dispatcher>, max_hold: Duration) {
+    /// Puts `queued` in line and starts a worker if the line has fewer than the limit. False
+    /// once stopping: nothing would send it, and it is dropped.
+    fn push(
+        self: &Arc<Self>,
+        queued: Queued,
+        dispatcher: &Arc<Dispatcher>,
+        max_hold: Duration,
+    ) -> bool {
         let key = queued.delivery.webhook.clone();
-        let start = {
-            let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-            let lane = lines.entry(key.clone()).or_default();
-            lane.waiting.push_back(queued);
-            let start = lane.workers < dispatcher.per_webhook();
-            if start {
-                lane.workers += 1;
-            }
-            start
-        };
-        if start {
-            tokio::spawn(self.clone().work(key, dispatcher.clone(), max_hold));
+        let mut guard = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the lock: the drain counts the lines after the stop, so every delivery put in
+        // line is either counted there or refused here.
+        if self.stop.is_cancelled() {
+            return false;
         }
+        let lines = &mut *guard;
+        let lane = lines.by_webhook.entry(key.clone()).or_default();
+        lane.waiting.push_back(queued);
+        if lane.workers < dispatcher.per_webhook() {
+            lane.workers += 1;
+            // Started under the lock, so that it is registered before it can end.
+            let worker = self
+                .tasks
+                .spawn(self.clone().work(key, dispatcher.clone(), max_hold));
+            lines.workers.insert(worker.id(), worker.abort_handle());
+        }
+        true
     }
 
     /// The next delivery of `webhook`'s line; None (and one worker fewer) when it is empty.
+    /// Called by the worker itself.
     fn next(&self, webhook: &WebhookKey) -> Option<Queued> {
-        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        let lane = lines.get_mut(webhook)?;
-        if let Some(queued) = lane.waiting.pop_front() {
-            return Some(queued);
+        let mut guard = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let lines = &mut *guard;
+        if let Some(lane) = lines.by_webhook.get_mut(webhook) {
+            if let Some(queued) = lane.waiting.pop_front() {
+                return Some(queued);
+            }
+            lane.workers -= 1;
+            if lane.workers == 0 {
+                // Idle lines leave the map, so that it stays as small as the busy Webhooks.
+                lines.by_webhook.remove(webhook);
+            }
         }
-        lane.workers -= 1;
-        if lane.workers == 0 {
-            // Idle lines leave the map, so that it stays as small as the busy Webhooks.
-            lines.remove(webhook);
-        }
+        lines.workers.remove(&tokio::task::id());
         None
     }
 
@@ -135,36 +197,91 @@ impl Lanes {
         dispatcher: Arc<Dispatcher>,
         max_hold: Duration,
     ) {
-        while let Some(Queued {
-            delivery,
-            permit,
-            mut order,
-            ..
-        }) = self.next(&webhook)
-        {
+        // Once stopping, what is still in line stays there: the drain counts it.
+        while !self.stop.is_cancelled() {
+            let Some(Queued {
+                delivery,
+                permit,
+                mut order,
+                ..
+            }) = self.next(&webhook)
+            else {
+                return;
+            };
             let mut target = crate::delivery::new_target(&delivery);
             // An earlier delivery of its key is not final: it waits for its turn in a task of
             // its own, so that the worker goes on with the other keys.
             let first = if order.as_mut().is_some_and(|t| !t.has_turn()) {
                 FirstAttempt::Continue
             } else {
-                crate::delivery::attempt_first(&dispatcher, &delivery, &mut target).await
+                crate::delivery::attempt_first(&dispatcher, &delivery, &mut target, &self.stop)
+                    .await
             };
-            if first == FirstAttempt::Continue {
-                let dispatcher = dispatcher.clone();
-                tokio::spawn(async move {
-                    crate::delivery::deliver_unrecorded(
-                        &dispatcher,
-                        &delivery,
-                        target,
-                        max_hold,
-                        order,
-                    )
-                    .await;
-                    drop(permit);
-                });
+            match first {
+                FirstAttempt::Done => {}
+                FirstAttempt::Continue if !self.stop.is_cancelled() => {
+                    let lanes = self.clone();
+                    let dispatcher = dispatcher.clone();
+                    self.tasks.spawn(async move {
+                        let finished = tokio::select! {
+                            finished = crate::delivery::deliver_unrecorded(
+                                &dispatcher,
+                                &delivery,
+                                target,
+                                max_hold,
+                                order,
+                                &lanes.stop,
+                            ) => finished,
+                            _ = lanes.abandon.cancelled() => false,
+                        };
+                        if !finished {
+                            lanes.given_up.fetch_add(1, Ordering::Relaxed);
+                        }
+                        drop(permit);
+                    });
+                }
+                FirstAttempt::Continue | FirstAttempt::Cancelled => {
+                    self.given_up.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
+    }
+
+    /// Stops the lines: no attempt starts from now on, and waits end; attempts being sent get
+    /// `grace` to finish (and be recorded), then are abandoned. Returns once every worker and
+    /// retry task has ended, with the deliveries that did not finish.
+    async fn drain(&self, grace: Duration) -> Lost {
+        self.stop.cancel();
+        self.tasks.close();
+        let mut lost = Lost::default();
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = self.tasks.len(),
+                ?grace,
+                "direct deliveries still being sent are abandoned"
+            );
+            {
+                let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+                for worker in lines.workers.values().filter(|w| !w.is_finished()) {
+                    worker.abort();
+                    lost.abandoned += 1;
+                }
+            }
+            self.abandon.cancel();
+            self.tasks.wait().await;
+        }
+        let lines = {
+            let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut lines.by_webhook)
+        };
+        // Dropped outside the lock: their queue space goes back to the namespaces' counts.
+        lost.in_line = lines.values().map(|lane| lane.waiting.len()).sum();
+        drop(lines);
+        lost.given_up = self.given_up.load(Ordering::Relaxed);
+        lost
     }
 }
 
@@ -240,6 +357,37 @@ impl DirectIngest {
     pub fn with_max_queue_delay(mut self, delay: Duration) -> Self {
         self.max_queue_delay = delay;
         self
+    }
+
+    /// Direct delivery's part in stopping the operator: once `shutdown` fires, no attempt starts
+    /// any more and waits end; attempts being sent get `grace` to finish, then are abandoned.
+    /// Completes when every worker and retry task has ended, so that the status writer,
+    /// stopped after it, writes what their attempts recorded. Deliveries not finished by then
+    /// are lost (direct mode keeps them in memory only): counted in the log and in
+    /// `hookrelay_direct_deliveries_lost_total`.
+    pub fn stop_on(
+        &self,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let lanes = self.lanes.clone();
+        let counter = self.metrics.direct_deliveries_lost.clone();
+        async move {
+            shutdown.cancelled().await;
+            let lost = lanes.drain(grace).await;
+            counter.inc_by(lost.total() as u64);
+            if lost.total() > 0 {
+                tracing::warn!(
+                    lost = lost.total(),
+                    in_line = lost.in_line,
+                    given_up = lost.given_up,
+                    abandoned = lost.abandoned,
+                    "direct deliveries not finished at shutdown are lost: direct mode keeps them in memory only (at-most-once across a restart)"
+                );
+            } else {
+                tracing::info!("direct deliveries stopped; none was lost");
+            }
+        }
     }
 
     /// Deliveries held by `namespace` now.
@@ -482,6 +630,7 @@ pub(super) fn direct(
     let count = admission.deliveries.len();
     let permit = Arc::new(admission.permit);
     let since = Instant::now();
+    let mut refused = 0;
     for delivery in admission.deliveries {
         let queued = Queued {
             order: state.dispatcher.ticket(&delivery, 0),
@@ -489,10 +638,21 @@ pub(super) fn direct(
             permit: permit.clone(),
             since,
         };
-        state
+        if !state
             .direct
             .lanes
-            .push(queued, &state.dispatcher, state.direct_max_hold);
+            .push(queued, &state.dispatcher, state.direct_max_hold)
+        {
+            refused += 1;
+        }
+    }
+    if refused > 0 {
+        // Admitted just as the operator began stopping: the drain does not count these.
+        state.metrics.direct_deliveries_lost.inc_by(refused);
+        tracing::warn!(
+            lost = refused,
+            "direct deliveries accepted as the operator stopped are lost"
+        );
     }
     let mut reply = json!({
         "mode": "direct",
@@ -720,6 +880,7 @@ mod tests {
         let mut lines = direct.lanes.lines.lock().unwrap();
         for delivery in admission.deliveries {
             lines
+                .by_webhook
                 .entry(delivery.webhook.clone())
                 .or_default()
                 .waiting
@@ -753,6 +914,7 @@ mod tests {
             .lines
             .lock()
             .unwrap()
+            .by_webhook
             .get_mut(&WebhookKey::new("a", "slow"))
             .unwrap()
             .waiting
@@ -781,6 +943,7 @@ mod tests {
             .lines
             .lock()
             .unwrap()
+            .by_webhook
             .remove(&WebhookKey::new("a", "slow"));
         drop(taken);
         assert_eq!(admit("a").deliveries.len(), 1);
@@ -836,5 +999,174 @@ mod tests {
             .admit(&ready(), &t, "a", vec![event(keyed)])
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!((retry.deliveries.len(), retry.duplicates.len()), (1, 0));
+    }
+
+    /// A loopback endpoint: `/failing` answers 500 after `delay`, `/hanging` never answers.
+    /// Returns its address and when each request arrived, by path.
+    async fn endpoint(
+        delay: Duration,
+    ) -> (
+        std::net::SocketAddr,
+        Arc<Mutex<Vec<(&'static str, Instant)>>>,
+    ) {
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let (failing, hanging) = (arrivals.clone(), arrivals.clone());
+        let app = axum::Router::new()
+            .route(
+                "/failing",
+                axum::routing::post(move || async move {
+                    failing.lock().unwrap().push(("failing", Instant::now()));
+                    tokio::time::sleep(delay).await;
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }),
+            )
+            .route(
+                "/hanging",
+                axum::routing::post(move || async move {
+                    hanging.lock().unwrap().push(("hanging", Instant::now()));
+                    std::future::pending::<StatusCode>().await
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, arrivals)
+    }
+
+    /// Stopping the lines: no attempt starts after the drain began, an attempt being sent
+    /// finishes and is recorded within the grace, one that hangs is abandoned when the grace
+    /// ends, and every delivery not finished is counted as lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn draining_the_lines_starts_no_attempt_and_counts_what_is_lost() {
+        // reqwest is built without a default TLS provider (the binary installs ring).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (addr, arrivals) = endpoint(Duration::from_millis(200)).await;
+        let routes = crate::routing::Routes::default();
+        let signer = Arc::new(
+            crate::delivery::Signer::new(b"a-test-signing-secret-0123456789", None).unwrap(),
+        );
+        routes.update(|t| {
+            for (ns, path) in [("a", "failing"), ("b", "hanging")] {
+                t.apply(Route {
+                    key: WebhookKey::new(ns, path),
+                    uid: format!("uid-{path}"),
+                    generation: 1,
+                    version: 0,
+                    url: format!("http://{addr}/{path}"),
+                    events: vec![WebhookEvent::All],
+                    signer: Some(signer.clone()),
+                    delivery: DeliveryPolicy {
+                        timeout_seconds: 300,
+                        max_attempts: 50,
+                        initial_backoff_seconds: 1,
+                        max_backoff_seconds: 1,
+                        ..DeliveryPolicy::default()
+                    },
+                    state: RouteState::Active,
+                    service: None,
+                    headers: Default::default(),
+                    filter: None,
+                    ordering: None,
+                    superseded: Default::default(),
+                });
+            }
+        });
+        let (status, mut updates) = crate::status::test_channel(10_000);
+        let (gone, _gone) = tokio::sync::mpsc::unbounded_channel();
+        let dispatcher = Arc::new(Dispatcher::new(
+            crate::delivery::HttpSender::new(crate::delivery::EgressPolicy::new(
+                true,
+                vec!["127.0.0.0/8".parse().unwrap()],
+            )),
+            routes.clone(),
+            status,
+            gone,
+            Metrics::default(),
+            crate::delivery::DispatcherConfig::default(),
+        ));
+        let direct = DirectIngest::new(1000, 1000);
+        let table = routes.snapshot();
+        let events = |n| {
+            (0..n)
+                .map(|_| event(r#"{"event":"document.error","data":{}}"#))
+                .collect::<Vec<_>>()
+        };
+        for (ns, n) in [("a", 30), ("b", 1)] {
+            let admission = direct
+                .admit(&ready(), &table, ns, events(n))
+                .unwrap_or_else(|e| panic!("{e:?}"));
+            let permit = Arc::new(admission.permit);
+            for delivery in admission.deliveries {
+                let queued = Queued {
+                    order: None,
+                    delivery,
+                    permit: permit.clone(),
+                    since: Instant::now(),
+                };
+                assert!(
+                    direct
+                        .lanes
+                        .push(queued, &dispatcher, Duration::from_secs(60))
+                );
+            }
+        }
+        // First attempts and the first retries are under way.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        let grace = Duration::from_secs(1);
+        let started = Instant::now();
+        let lost = direct.lanes.drain(grace).await;
+        let took = started.elapsed();
+        // The hanging attempt holds the drain for the grace, and no longer.
+        assert!(
+            took >= grace && took < grace + Duration::from_millis(500),
+            "the drain took {took:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let arrivals = arrivals.lock().unwrap().clone();
+        // An attempt sent just before the stop arrives within milliseconds; later arrivals are
+        // attempts started after it.
+        let late = arrivals
+            .iter()
+            .filter(|(_, at)| *at >= started + Duration::from_millis(100))
+            .count();
+        assert_eq!(
+            late,
+            0,
+            "attempts started after the drain began ({} in all)",
+            arrivals.len()
+        );
+        // Every attempt to the failing endpoint was answered within the grace and recorded;
+        // the hanging one was abandoned, and nothing records it.
+        let mut recorded = 0;
+        while let Ok(update) = updates.try_recv() {
+            if let crate::status::Update::DeliveryAttempt { key, .. } = update {
+                assert_eq!(key, WebhookKey::new("a", "failing"));
+                recorded += 1;
+            }
+        }
+        let failing = arrivals.iter().filter(|(p, _)| *p == "failing").count();
+        assert!(failing > 30, "retries were under way: {failing} attempts");
+        assert_eq!(recorded, failing);
+        // None of the 31 deliveries finished (the endpoint answers 500 to each of 50 attempts).
+        assert_eq!(lost.total(), 31, "{lost:?}");
+        assert_eq!(lost.abandoned, 1, "{lost:?}");
+        // A delivery pushed after the stop is refused, not left in a line nobody drains.
+        let after_stop = direct
+            .admit(&ready(), &table, "a", events(1))
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let queued = Queued {
+            order: None,
+            delivery: after_stop.deliveries.into_iter().next().unwrap(),
+            permit: Arc::new(after_stop.permit),
+            since: Instant::now(),
+        };
+        assert!(
+            !direct
+                .lanes
+                .push(queued, &dispatcher, Duration::from_secs(60))
+        );
+        // Every delivery's queue space was given back.
+        assert_eq!(direct.namespaces_holding(), 0);
     }
 }
