@@ -767,3 +767,81 @@ async fn ordering_holds_across_a_kill_of_the_operator_with_a_retrying_head() {
     assert_eq!(delivered, [1, 2, 3], "{got:?}");
     drop(op);
 }
+
+/// A backlog far beyond what the limit lets go within `TURN_WAIT_IN_HAND` is parked in the
+/// stream until about its turn: each work item is republished a bounded number of times (here
+/// at most twice), not once per few seconds of its wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_backlog_is_parked_a_bounded_number_of_times() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace("rate-limit-backlog").await;
+    let nats = NatsServer::start().await;
+    let op = ModeOperator::start(cp, hookrelay::http::IngestMode::JetStream, &[&ns], |args| {
+        args.nats_url = Some(nats.url.clone())
+    })
+    .await;
+    let (receiver, addr) = CountingReceiver::start().await;
+    const PER_SECOND: usize = 50;
+    create_webhook(
+        &client,
+        &ns,
+        "limited",
+        &format!("http://{addr}/h"),
+        SECRET,
+        json!({"rateLimit": {"perSecond": PER_SECOND, "burst": 1}}),
+    )
+    .await;
+    // 100 s of work at 50/s.
+    const N: usize = 5_000;
+    for chunk in events(N).chunks(1_000) {
+        op.post_events(&ns, chunk).await;
+    }
+    let started = Instant::now();
+    // Watched for up to four minutes (the limit alone needs 100 s), so that the figures are
+    // printed however it goes.
+    let watch_for = Duration::from_secs(240);
+    while receiver.counts().0 < N && started.elapsed() < watch_for {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = started.elapsed().as_secs_f64();
+    let delivered = receiver.counts().0;
+    // Every parked work item comes back to the serial subject as a new message (and a parked
+    // one not yet due waits on its schedule subject).
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
+    let stream = js.get_stream("HOOKRELAY").await.unwrap();
+    let count = |filter: &'static str| {
+        let stream = stream.clone();
+        async move {
+            stream
+                .info_with_subjects(filter)
+                .await
+                .unwrap()
+                .try_collect::<std::collections::HashMap<String, usize>>()
+                .await
+                .unwrap()
+                .values()
+                .sum::<usize>()
+        }
+    };
+    let serial = count("hookrelay.serial.>").await;
+    let scheduled = count("hookrelay.schedules.>").await;
+    let republished = serial.saturating_sub(N) + scheduled;
+    let most = most_in_one_second(&receiver.arrivals.lock().unwrap());
+    println!(
+        "FIGURES a_rate_limited_backlog_is_parked_a_bounded_number_of_times: {republished} \
+         republished (parked) messages for {N} events at {PER_SECOND}/s ({serial} on the serial \
+         subject, {scheduled} still scheduled); {delivered} delivered in {took:.0} s; at most \
+         {most} in one second"
+    );
+    assert_eq!(delivered, N, "every event delivered within {watch_for:?}");
+    assert_eq!(receiver.counts(), (N, N), "each event once");
+    assert!(
+        most <= PER_SECOND + 1,
+        "{most} deliveries within one second at {PER_SECOND}/s"
+    );
+    assert!(
+        republished <= 2 * N,
+        "{republished} republished messages for a backlog of {N}: more than 2 per event"
+    );
+}
