@@ -43,9 +43,13 @@
 //!   (`Hookrelay-Attempts`; the attempt number is that plus the hand-outs of this message, so
 //!   holds spend none), since when it is held (`Hookrelay-Held-Since`, for `--max-hold`) and how
 //!   often it was parked in a row (`Hookrelay-Parked`, for the backoff).
-//! - **A bound per namespace on what one replica keeps in hand**: twice
-//!   `--max-in-flight-per-namespace`, never more than half of `max_ack_pending`; a message of a
-//!   namespace that has them all (endpoints that never answer, a storm) is parked the same way.
+//! - **A bound per namespace on what one replica keeps in hand** ([`InHandLimits`]): on the
+//!   shared lane twice `--max-in-flight-per-namespace` (a round being sent, a round waiting
+//!   for slots), never more than half of `max_ack_pending`; a message of a namespace that has
+//!   them all (endpoints that never answer, a storm) is parked the same way. It is bounded by
+//!   the slots rather than as a share of `max_ack_pending` because every replica counts its
+//!   own: with half of it each, two replicas stuck on one namespace held the whole consumer.
+//!   The serial lane has one reader, the leader, so there half of `max_ack_pending` is a share.
 //!   Of those places a quarter may hold deliveries in hand, which wake the moment their Webhook
 //!   changes (a resumed Webhook's first deliveries go at once, the parked ones within their
 //!   recheck, at most 30 s).
@@ -639,11 +643,8 @@ impl Bus {
 /// can take the consumer's `max_ack_pending` places from the others.
 #[derive(Clone, Copy, Debug)]
 pub struct InHandLimits {
-    /// Messages of one namespace in hand (waiting for slots, sending or holding); the excess is
-    /// parked. Half of `max_ack_pending`: one tenant's dead endpoints leave the other half to
-    /// the others, while a burst to healthy endpoints (a fan-out to 1,000 Webhooks) waits in
-    /// hand for its slots instead of going round the stream (parking it is a republish and at
-    /// least a second).
+    /// Messages of one namespace in hand (sending, waiting for its turn or slots, holding); the
+    /// excess is parked.
     pub per_namespace: usize,
     /// Held messages of one namespace kept in hand, waking the moment their Webhook changes;
     /// the others are parked and rechecked.
@@ -651,10 +652,31 @@ pub struct InHandLimits {
 }
 
 impl InHandLimits {
-    pub fn new(max_ack_pending: i64) -> Self {
-        let per_namespace = usize::try_from(max_ack_pending / 2)
-            .unwrap_or(usize::MAX)
-            .max(1);
+    /// The shared lane, consumed by every replica: twice the namespace's delivery slots
+    /// (`--max-in-flight-per-namespace`), one round being sent and one waiting for its slots,
+    /// so that a burst to healthy endpoints goes on without a round trip through the stream,
+    /// while a namespace whose endpoints never answer keeps no more than that on each replica,
+    /// however many messages it has; never more than half of `max_ack_pending`. Bounded by the
+    /// slots rather than as a share of `max_ack_pending`: every replica counts its own, so a
+    /// share of the consumer is taken once per replica, and with half of it each two replicas
+    /// stuck on one namespace held the whole consumer.
+    pub fn shared(max_ack_pending: i64, max_in_flight_per_namespace: usize) -> Self {
+        Self::with(
+            max_in_flight_per_namespace.saturating_mul(2),
+            max_ack_pending,
+        )
+    }
+
+    /// The serial lane, consumed by the leader alone, so that what it counts is what the
+    /// consumer has out: half of `max_ack_pending` (a rate-limited backlog waits in hand for
+    /// its turns up to [`TURN_WAIT_IN_HAND`] ahead).
+    pub fn serial(max_ack_pending: i64) -> Self {
+        Self::with(usize::MAX, max_ack_pending)
+    }
+
+    fn with(per_namespace: usize, max_ack_pending: i64) -> Self {
+        let half = usize::try_from(max_ack_pending / 2).unwrap_or(usize::MAX);
+        let per_namespace = per_namespace.min(half).max(1);
         Self {
             per_namespace,
             held_per_namespace: (per_namespace / 4).max(1),
@@ -1505,16 +1527,27 @@ mod tests {
     }
 
     #[test]
-    fn a_namespace_keeps_at_most_half_of_max_ack_pending_in_hand() {
-        let defaults = InHandLimits::new(10_000);
+    fn a_namespace_keeps_twice_its_slots_in_hand_on_each_replica_at_most_half_of_max_ack_pending() {
+        // Defaults: 128 slots per namespace, 10,000 places: 256 in hand, 64 of them held. Two
+        // replicas stuck on one namespace's dead endpoints leave 9,488 places to the others.
+        let defaults = InHandLimits::shared(10_000, 128);
         assert_eq!(
             (defaults.per_namespace, defaults.held_per_namespace),
+            (256, 64)
+        );
+        // Many slots, few places: half of max_ack_pending.
+        let low = InHandLimits::shared(20, 128);
+        assert_eq!((low.per_namespace, low.held_per_namespace), (10, 2));
+        assert_eq!(InHandLimits::shared(200, 8).per_namespace, 16);
+        let tiny = InHandLimits::shared(1, 1);
+        assert_eq!((tiny.per_namespace, tiny.held_per_namespace), (1, 1));
+        // The serial lane has one consumer: half of max_ack_pending.
+        let serial = InHandLimits::serial(10_000);
+        assert_eq!(
+            (serial.per_namespace, serial.held_per_namespace),
             (5_000, 1_250)
         );
-        let low = InHandLimits::new(20);
-        assert_eq!((low.per_namespace, low.held_per_namespace), (10, 2));
-        let tiny = InHandLimits::new(1);
-        assert_eq!((tiny.per_namespace, tiny.held_per_namespace), (1, 1));
+        assert_eq!(InHandLimits::serial(1).per_namespace, 1);
     }
 
     #[test]
