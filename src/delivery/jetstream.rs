@@ -62,8 +62,10 @@
 //! any it meets there (acked once the copy is stored; the copy's id is the delivery id and the
 //! original's sequence, so a move redone after a crash is a duplicate), and retries and holds
 //! are parked back to the serial subject. A work item whose turn is further off than
-//! [`TURN_WAIT_IN_HAND`] is parked until shortly before it rather than kept in hand, so that a
-//! backlog at a low limit does not fill the consumer. When leadership moves, the new leader
+//! [`TURN_WAIT_IN_HAND`] is parked rather than kept in hand, so that a backlog at a low limit
+//! does not fill the consumer: until shortly before its place in the backlog (the turns given
+//! out plus the items parked before it, at the limit's rate), so that it comes back about once,
+//! not every few seconds of its wait. When leadership moves, the new leader
 //! binds the consumer and gets what the old one had in hand after the ack wait.
 //!
 //! Pending therefore holds only messages being attempted or about to be, at most a bounded
@@ -180,6 +182,8 @@ pub const ACK_WAIT: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// A rate-limited work item whose turn is further off than this is parked, not kept in hand.
 pub const TURN_WAIT_IN_HAND: Duration = Duration::from_secs(5);
+/// A work item parked for its turn comes back this long before its place in the backlog.
+const TURN_BACK_BEFORE: Duration = Duration::from_millis(2_500);
 
 /// How to reach JetStream and what to create there.
 #[derive(Clone, Debug)]
@@ -896,12 +900,12 @@ fn park_plan(item: &WorkItem, park: &Park, jitter: f64) -> (Duration, u32, u32, 
             item.parked + 1,
             item.held_since,
         ),
-        // Back somewhat before its turn at today's pace: the schedule only moves later, and
-        // one that comes back too early is parked again for what is left.
+        // `after` is its place in the Webhook's backlog (see `RateLimits::reserve`): back
+        // half of TURN_WAIT_IN_HAND before it, so that its turn is then near enough to wait
+        // for in hand, late schedules and new arrivals taking turns first included. Places are
+        // one interval apart already: no jitter.
         Park::Turn { after } => (
-            after
-                .mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0)
-                .max(PARK_MIN),
+            after.saturating_sub(TURN_BACK_BEFORE).max(PARK_MIN),
             item.attempts_before,
             item.parked,
             item.held_since,
@@ -1500,15 +1504,16 @@ mod tests {
         // Busy: the same backoff, the hold (if any) carried on.
         let busy = park_plan(&item(0, 1, Some(9)), &Park::Busy, 1.0);
         assert_eq!(busy, (Duration::from_secs(2), 0, 2, Some(9)));
-        // A far turn under a rate limit: back within the second half of the wait, no backoff.
+        // A far turn under a rate limit: back 2.5 s before its place in the backlog, whatever
+        // the jitter, no backoff.
         let turn = |after, jitter| park_plan(&item(1, 2, None), &Park::Turn { after }, jitter);
         assert_eq!(
             turn(Duration::from_secs(60), 1.0),
-            (Duration::from_secs(60), 1, 2, None)
+            (Duration::from_millis(57_500), 1, 2, None)
         );
         assert_eq!(
             turn(Duration::from_secs(60), 0.0).0,
-            Duration::from_secs(30)
+            Duration::from_millis(57_500)
         );
         assert_eq!(turn(Duration::from_millis(100), 0.0).0, PARK_MIN);
     }
