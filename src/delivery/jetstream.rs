@@ -49,6 +49,8 @@
 //!   them all (endpoints that never answer, a storm) is parked the same way. It is bounded by
 //!   the slots rather than as a share of `max_ack_pending` because every replica counts its
 //!   own: with half of it each, two replicas stuck on one namespace held the whole consumer.
+//!   So the bound holds across replicas while replicas × twice the slots stays below
+//!   `max_ack_pending` (39 replicas at the defaults); the replicas do not share their counts.
 //!   The serial lane has one reader, the leader, so there half of `max_ack_pending` is a share.
 //!   Of those places a quarter may hold deliveries in hand, which wake the moment their Webhook
 //!   changes (a resumed Webhook's first deliveries go at once, the parked ones within their
