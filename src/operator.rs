@@ -636,7 +636,10 @@ pub async fn start(
         let deliverer = tokio::spawn(jetstream::deliver_work(
             bus.work_queue(jetstream::Lane::Shared),
             dispatcher.clone(),
-            jetstream::InHandLimits::new(args.nats_max_ack_pending),
+            jetstream::InHandLimits::shared(
+                args.nats_max_ack_pending,
+                args.max_in_flight_per_namespace as usize,
+            ),
             // Nothing held outlives the stream's retention.
             args.max_hold.min(args.nats_max_age),
             synced(readiness.clone()),
@@ -648,7 +651,7 @@ pub async fn start(
         let serial = tokio::spawn(serial_lane(
             bus.clone(),
             dispatcher.clone(),
-            jetstream::InHandLimits::new(args.nats_max_ack_pending),
+            jetstream::InHandLimits::serial(args.nats_max_ack_pending),
             args.max_hold.min(args.nats_max_age),
             synced(readiness.clone()),
             LeaderTerms::new(leadership.clone(), stop.clone()),

@@ -43,9 +43,15 @@
 //!   (`Hookrelay-Attempts`; the attempt number is that plus the hand-outs of this message, so
 //!   holds spend none), since when it is held (`Hookrelay-Held-Since`, for `--max-hold`) and how
 //!   often it was parked in a row (`Hookrelay-Parked`, for the backoff).
-//! - **A bound per namespace on what one replica keeps in hand**: twice
-//!   `--max-in-flight-per-namespace`, never more than half of `max_ack_pending`; a message of a
-//!   namespace that has them all (endpoints that never answer, a storm) is parked the same way.
+//! - **A bound per namespace on what one replica keeps in hand** ([`InHandLimits`]): on the
+//!   shared lane twice `--max-in-flight-per-namespace` (a round being sent, a round waiting
+//!   for slots), never more than half of `max_ack_pending`; a message of a namespace that has
+//!   them all (endpoints that never answer, a storm) is parked the same way. It is bounded by
+//!   the slots rather than as a share of `max_ack_pending` because every replica counts its
+//!   own: with half of it each, two replicas stuck on one namespace held the whole consumer.
+//!   So the bound holds across replicas while replicas × twice the slots stays below
+//!   `max_ack_pending` (39 replicas at the defaults); the replicas do not share their counts.
+//!   The serial lane has one reader, the leader, so there half of `max_ack_pending` is a share.
 //!   Of those places a quarter may hold deliveries in hand, which wake the moment their Webhook
 //!   changes (a resumed Webhook's first deliveries go at once, the parked ones within their
 //!   recheck, at most 30 s).
@@ -58,8 +64,10 @@
 //! any it meets there (acked once the copy is stored; the copy's id is the delivery id and the
 //! original's sequence, so a move redone after a crash is a duplicate), and retries and holds
 //! are parked back to the serial subject. A work item whose turn is further off than
-//! [`TURN_WAIT_IN_HAND`] is parked until shortly before it rather than kept in hand, so that a
-//! backlog at a low limit does not fill the consumer. When leadership moves, the new leader
+//! [`TURN_WAIT_IN_HAND`] is parked rather than kept in hand, so that a backlog at a low limit
+//! does not fill the consumer: until shortly before its place in the backlog (the turns given
+//! out plus the items parked before it, at the limit's rate), so that it comes back about once,
+//! not every few seconds of its wait. When leadership moves, the new leader
 //! binds the consumer and gets what the old one had in hand after the ack wait.
 //!
 //! Pending therefore holds only messages being attempted or about to be, at most a bounded
@@ -176,6 +184,8 @@ pub const ACK_WAIT: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// A rate-limited work item whose turn is further off than this is parked, not kept in hand.
 pub const TURN_WAIT_IN_HAND: Duration = Duration::from_secs(5);
+/// A work item parked for its turn comes back this long before its place in the backlog.
+const TURN_BACK_BEFORE: Duration = Duration::from_millis(2_500);
 
 /// How to reach JetStream and what to create there.
 #[derive(Clone, Debug)]
@@ -848,11 +858,8 @@ impl Bus {
 /// can take the consumer's `max_ack_pending` places from the others.
 #[derive(Clone, Copy, Debug)]
 pub struct InHandLimits {
-    /// Messages of one namespace in hand (waiting for slots, sending or holding); the excess is
-    /// parked. Half of `max_ack_pending`: one tenant's dead endpoints leave the other half to
-    /// the others, while a burst to healthy endpoints (a fan-out to 1,000 Webhooks) waits in
-    /// hand for its slots instead of going round the stream (parking it is a republish and at
-    /// least a second).
+    /// Messages of one namespace in hand (sending, waiting for its turn or slots, holding); the
+    /// excess is parked.
     pub per_namespace: usize,
     /// Held messages of one namespace kept in hand, waking the moment their Webhook changes;
     /// the others are parked and rechecked.
@@ -860,10 +867,31 @@ pub struct InHandLimits {
 }
 
 impl InHandLimits {
-    pub fn new(max_ack_pending: i64) -> Self {
-        let per_namespace = usize::try_from(max_ack_pending / 2)
-            .unwrap_or(usize::MAX)
-            .max(1);
+    /// The shared lane, consumed by every replica: twice the namespace's delivery slots
+    /// (`--max-in-flight-per-namespace`), one round being sent and one waiting for its slots,
+    /// so that a burst to healthy endpoints goes on without a round trip through the stream,
+    /// while a namespace whose endpoints never answer keeps no more than that on each replica,
+    /// however many messages it has; never more than half of `max_ack_pending`. Bounded by the
+    /// slots rather than as a share of `max_ack_pending`: every replica counts its own, so a
+    /// share of the consumer is taken once per replica, and with half of it each two replicas
+    /// stuck on one namespace held the whole consumer.
+    pub fn shared(max_ack_pending: i64, max_in_flight_per_namespace: usize) -> Self {
+        Self::with(
+            max_in_flight_per_namespace.saturating_mul(2),
+            max_ack_pending,
+        )
+    }
+
+    /// The serial lane, consumed by the leader alone, so that what it counts is what the
+    /// consumer has out: half of `max_ack_pending` (a rate-limited backlog waits in hand for
+    /// its turns up to [`TURN_WAIT_IN_HAND`] ahead).
+    pub fn serial(max_ack_pending: i64) -> Self {
+        Self::with(usize::MAX, max_ack_pending)
+    }
+
+    fn with(per_namespace: usize, max_ack_pending: i64) -> Self {
+        let half = usize::try_from(max_ack_pending / 2).unwrap_or(usize::MAX);
+        let per_namespace = per_namespace.min(half).max(1);
         Self {
             per_namespace,
             held_per_namespace: (per_namespace / 4).max(1),
@@ -1092,12 +1120,12 @@ fn park_plan(item: &WorkItem, park: &Park, jitter: f64) -> (Duration, u32, u32, 
             item.parked,
             item.held_since,
         ),
-        // Back somewhat before its turn at today's pace: the schedule only moves later, and
-        // one that comes back too early is parked again for what is left.
+        // `after` is its place in the Webhook's backlog (see `RateLimits::reserve`): back
+        // half of TURN_WAIT_IN_HAND before it, so that its turn is then near enough to wait
+        // for in hand, late schedules and new arrivals taking turns first included. Places are
+        // one interval apart already: no jitter.
         Park::Turn { after } => (
-            after
-                .mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0)
-                .max(PARK_MIN),
+            after.saturating_sub(TURN_BACK_BEFORE).max(PARK_MIN),
             item.attempts_before,
             item.parked,
             item.held_since,
@@ -1839,15 +1867,16 @@ mod tests {
         // Left to another replica: about a second whatever the park count, nothing spent.
         let elsewhere = park_plan(&item(3, 20, Some(9)), &Park::Elsewhere, 1.0);
         assert_eq!(elsewhere, (PARK_MIN, 3, 20, Some(9)));
-        // A far turn under a rate limit: back within the second half of the wait, no backoff.
+        // A far turn under a rate limit: back 2.5 s before its place in the backlog, whatever
+        // the jitter, no backoff.
         let turn = |after, jitter| park_plan(&item(1, 2, None), &Park::Turn { after }, jitter);
         assert_eq!(
             turn(Duration::from_secs(60), 1.0),
-            (Duration::from_secs(60), 1, 2, None)
+            (Duration::from_millis(57_500), 1, 2, None)
         );
         assert_eq!(
             turn(Duration::from_secs(60), 0.0).0,
-            Duration::from_secs(30)
+            Duration::from_millis(57_500)
         );
         assert_eq!(turn(Duration::from_millis(100), 0.0).0, PARK_MIN);
     }
@@ -1866,16 +1895,27 @@ mod tests {
     }
 
     #[test]
-    fn a_namespace_keeps_at_most_half_of_max_ack_pending_in_hand() {
-        let defaults = InHandLimits::new(10_000);
+    fn a_namespace_keeps_twice_its_slots_in_hand_on_each_replica_at_most_half_of_max_ack_pending() {
+        // Defaults: 128 slots per namespace, 10,000 places: 256 in hand, 64 of them held. Two
+        // replicas stuck on one namespace's dead endpoints leave 9,488 places to the others.
+        let defaults = InHandLimits::shared(10_000, 128);
         assert_eq!(
             (defaults.per_namespace, defaults.held_per_namespace),
+            (256, 64)
+        );
+        // Many slots, few places: half of max_ack_pending.
+        let low = InHandLimits::shared(20, 128);
+        assert_eq!((low.per_namespace, low.held_per_namespace), (10, 2));
+        assert_eq!(InHandLimits::shared(200, 8).per_namespace, 16);
+        let tiny = InHandLimits::shared(1, 1);
+        assert_eq!((tiny.per_namespace, tiny.held_per_namespace), (1, 1));
+        // The serial lane has one consumer: half of max_ack_pending.
+        let serial = InHandLimits::serial(10_000);
+        assert_eq!(
+            (serial.per_namespace, serial.held_per_namespace),
             (5_000, 1_250)
         );
-        let low = InHandLimits::new(20);
-        assert_eq!((low.per_namespace, low.held_per_namespace), (10, 2));
-        let tiny = InHandLimits::new(1);
-        assert_eq!((tiny.per_namespace, tiny.held_per_namespace), (1, 1));
+        assert_eq!(InHandLimits::serial(1).per_namespace, 1);
     }
 
     #[test]

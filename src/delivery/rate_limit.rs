@@ -92,21 +92,31 @@ struct Buckets {
     stamp: LimitStamp,
     turns: Bucket,
     sends: Bucket,
+    /// Where the backlog told to come back later has got to: each one refused a turn takes the
+    /// next place after the turns given out and the places given before it, one interval apart
+    /// (no burst), so that it comes back about when its turn is due, not again and again.
+    backlog: Bucket,
 }
 
 impl Buckets {
     fn new(stamp: &LimitStamp, now: Instant) -> Self {
+        let mut backlog = Bucket::new(stamp.limit, now);
+        backlog.tolerance = Duration::ZERO;
         Self {
             stamp: stamp.clone(),
             turns: Bucket::new(stamp.limit, now),
             sends: Bucket::new(stamp.limit, now),
+            backlog,
         }
     }
 }
 
 impl RateLimits {
     /// Takes the next turn of `key` under `stamp`; when it may go. With `max_wait`, a turn
-    /// further off is not taken: the error is how far off it is.
+    /// further off is not taken: the error is how far off the caller's place in the backlog
+    /// is, counting the others refused before it (the first refused is one turn away, the next
+    /// one interval later, and so on), so that a caller that comes back then finds its turn
+    /// near. A place not come back for is lost: the backlog comes back later than it could.
     pub fn reserve(
         &self,
         key: &WebhookKey,
@@ -128,9 +138,9 @@ impl RateLimits {
         if entry.stamp != *stamp {
             *entry = Buckets::new(stamp, now);
         }
-        let wait = entry.turns.earliest(now).duration_since(now);
-        if max_wait.is_some_and(|max| wait > max) {
-            return Err(wait);
+        let turn = entry.turns.earliest(now);
+        if max_wait.is_some_and(|max| turn.duration_since(now) > max) {
+            return Err(entry.backlog.reserve(turn).duration_since(now));
         }
         Ok(entry.turns.reserve(now))
     }
@@ -280,5 +290,81 @@ mod tests {
         // The live Webhook kept its bucket, and so its place in the schedule.
         let next = limits.reserve(&live, &stamp, now, Some(Duration::ZERO), 1, |_| true);
         assert_eq!(next, Err(Duration::from_millis(200)));
+    }
+
+    /// A backlog of `n` asking at once at `per_second` (burst 1), each refused a turn further
+    /// off than `max_wait` coming back `back_before` ahead of the place it was given: how many
+    /// times each was refused.
+    fn refusals(n: usize, per_second: i32, max_wait: Duration, back_before: Duration) -> Vec<u32> {
+        let limits = RateLimits::default();
+        let key = WebhookKey::new("docs", "w");
+        let stamp = LimitStamp {
+            uid: "u".into(),
+            generation: 1,
+            limit: limit(per_second, 1),
+        };
+        let t0 = Instant::now();
+        let mut refused = vec![0; n];
+        // (when it asks, which one), earliest first.
+        let mut asking: std::collections::BTreeSet<(Instant, usize)> =
+            (0..n).map(|i| (t0, i)).collect();
+        while let Some((at, i)) = asking.pop_first() {
+            if let Err(place) = limits.reserve(&key, &stamp, at, Some(max_wait), 1, |_| true) {
+                refused[i] += 1;
+                let back = place
+                    .saturating_sub(back_before)
+                    .max(Duration::from_secs(1));
+                asking.insert((at + back, i));
+            }
+        }
+        refused
+    }
+
+    #[test]
+    fn a_backlog_refused_a_turn_is_refused_once() {
+        // The first 5 s of turns are taken at once; every later one is refused once and given
+        // a place at the rate, so that it comes back with its turn near.
+        for (n, per_second) in [(5_000, 50), (300, 1), (2_000, 1_000)] {
+            let refused = refusals(
+                n,
+                per_second,
+                Duration::from_secs(5),
+                Duration::from_millis(2_500),
+            );
+            let most = refused.iter().max().copied().unwrap_or(0);
+            let total: u32 = refused.iter().sum();
+            assert!(most <= 1, "{n} at {per_second}/s: one refused {most} times");
+            let kept = 5 * per_second as usize + 1;
+            assert_eq!(
+                total as usize,
+                n.saturating_sub(kept),
+                "{n} at {per_second}/s"
+            );
+        }
+        // Places follow the turns given out and each other, one interval apart.
+        let limits = RateLimits::default();
+        let key = WebhookKey::new("docs", "w");
+        let stamp = LimitStamp {
+            uid: "u".into(),
+            generation: 1,
+            limit: limit(1, 1),
+        };
+        let t0 = Instant::now();
+        let three_s = Some(Duration::from_secs(3));
+        let reserve = || limits.reserve(&key, &stamp, t0, three_s, 1, |_| true);
+        let s = Duration::from_secs;
+        let given: Vec<_> = (0..7).map(|_| reserve()).collect();
+        assert_eq!(
+            given,
+            [
+                Ok(t0),
+                Ok(t0 + s(1)),
+                Ok(t0 + s(2)),
+                Ok(t0 + s(3)),
+                Err(s(4)),
+                Err(s(5)),
+                Err(s(6))
+            ]
+        );
     }
 }

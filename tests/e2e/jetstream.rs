@@ -853,3 +853,129 @@ async fn an_event_too_large_for_a_work_item_is_refused_at_ingest() {
     .await;
     op.stop().await;
 }
+
+/// The deliverer consumer's messages handed out and not acked, all replicas together, and those
+/// not handed out yet.
+async fn deliverer_pending(nats: &NatsServer) -> (usize, u64) {
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let js = jetstream::new(client);
+    let stream = js.get_stream("HOOKRELAY").await.unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer =
+        stream.get_consumer("deliverer").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    (info.num_ack_pending, info.num_pending)
+}
+
+/// Two replicas share the deliverer consumer; namespace A's Webhook accepts connections and
+/// never answers, and A has ten times `--nats-max-ack-pending` deliveries. Namespace B's event
+/// still goes out within seconds: what one namespace keeps in hand, all replicas together,
+/// leaves room in the consumer for the others. (Lowered `--nats-max-ack-pending` and
+/// `--max-in-flight-per-namespace` make the flood cheap; the shares scale with them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_namespace_on_two_replicas_does_not_stop_another_namespaces_events() {
+    let cp = control_plane();
+    let ns_a = cp.namespace("js-fair-dead").await;
+    let ns_b = cp.namespace("js-fair-live").await;
+    let nats = NatsServer::start().await;
+    let client = cp.client().await;
+    let blackhole = crate::support::Blackhole::start().await;
+    let namespaces = format!("{ns_a},{ns_b}");
+    let start = || {
+        Operator::start(
+            cp,
+            &[
+                "--namespace",
+                &namespaces,
+                "--allow-http",
+                "--allow-cidr",
+                "127.0.0.0/8",
+                "--disable-auth",
+                "--ingest-mode",
+                "jetstream",
+                "--nats-url",
+                &nats.url,
+                "--nats-max-ack-pending",
+                "200",
+                "--max-in-flight-per-namespace",
+                "8",
+                "--leader-elect",
+                "--lease-namespace",
+                &ns_a,
+                "--lease-duration",
+                "6s",
+                "--renew-deadline",
+                "4s",
+                "--retry-period",
+                "1s",
+            ],
+        )
+    };
+    let (a, b) = (start(), start());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    create_webhook(
+        &client,
+        &ns_a,
+        "dead",
+        &format!("http://{}/h", blackhole.addr),
+        SECRET,
+        json!({"timeoutSeconds": 5}),
+    )
+    .await;
+    let live = counting_webhook(&client, &ns_b, "live", SECRET).await;
+
+    // Ten times max_ack_pending, posted through both replicas.
+    const DEAD_EVENTS: usize = 2_000;
+    for chunk in 0..DEAD_EVENTS / 100 {
+        let batch = format!("[{}]", vec![EVENT; 100].join(","));
+        let target = [a.listen_addr, b.listen_addr][chunk % 2];
+        let (status, reply) = post(target, &ns_a, None, &batch).await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    // Both replicas are sending to the blackhole, and every event of A is routed.
+    eventually(
+        "both replicas stuck on the blackhole, every event routed",
+        Duration::from_secs(60),
+        || async {
+            let routed = subjects(&nats)
+                .await
+                .iter()
+                .filter(|(s, _)| s.starts_with("hookrelay.deliveries."))
+                .map(|(_, n)| *n)
+                .sum::<usize>()
+                >= DEAD_EVENTS;
+            let connections = blackhole
+                .connections
+                .load(std::sync::atomic::Ordering::Relaxed);
+            (routed && connections >= 16).then_some(())
+        },
+    )
+    .await;
+    let (in_hand, not_handed_out) = deliverer_pending(&nats).await;
+
+    let started = std::time::Instant::now();
+    let (status, reply) = post(a.listen_addr, &ns_b, None, &format!("[{EVENT}]")).await;
+    assert_eq!(status, 202, "{reply}");
+    // Watched for up to two minutes, so that the figure is printed however long it takes.
+    let watch_for = Duration::from_secs(120);
+    while live.counts().0 == 0 && started.elapsed() < watch_for {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = started.elapsed().as_secs_f64();
+    let delivered = live.counts().0 == 1;
+    println!(
+        "FIGURES a_dead_namespace_on_two_replicas_does_not_stop_another_namespaces_events: \
+         B's event {} {took:.1} s after it was posted, behind {DEAD_EVENTS} events of A \
+         (deliverer consumer when posted: {in_hand} in hand of max_ack_pending 200, \
+         {not_handed_out} not handed out)",
+        if delivered {
+            "delivered"
+        } else {
+            "still not delivered"
+        }
+    );
+    assert!(
+        took <= 10.0,
+        "namespace B's event took {took:.1} s behind namespace A's dead endpoint"
+    );
+}
