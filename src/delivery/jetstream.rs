@@ -43,15 +43,18 @@
 //!   (`Hookrelay-Attempts`; the attempt number is that plus the hand-outs of this message, so
 //!   holds spend none), since when it is held (`Hookrelay-Held-Since`, for `--max-hold`) and how
 //!   often it was parked in a row (`Hookrelay-Parked`, for the backoff).
-//! - **A bound per namespace on what one replica keeps in hand** ([`InHandLimits`]): on the
-//!   shared lane twice `--max-in-flight-per-namespace` (a round being sent, a round waiting
-//!   for slots), never more than half of `max_ack_pending`; a message of a namespace that has
-//!   them all (endpoints that never answer, a storm) is parked the same way. It is bounded by
-//!   the slots rather than as a share of `max_ack_pending` because every replica counts its
-//!   own: with half of it each, two replicas stuck on one namespace held the whole consumer.
-//!   So the bound holds across replicas while replicas × twice the slots stays below
-//!   `max_ack_pending` (39 replicas at the defaults); the replicas do not share their counts.
-//!   The serial lane has one reader, the leader, so there half of `max_ack_pending` is a share.
+//! - **A bound per namespace on what one replica keeps in hand** ([`InHandLimits`]): half of
+//!   `max_ack_pending` while the namespace's deliveries get their slots (a fan-out to healthy
+//!   endpoints waits for them in hand, without a round trip through the stream); once an item
+//!   has waited [`SLOT_WAIT_IN_HAND`] for its slots (endpoints that never answer, a storm) it is
+//!   parked and the namespace is congested for [`CONGESTION_MEMORY`]: on the shared lane it then
+//!   keeps at most twice `--max-in-flight-per-namespace` in hand (a round being sent, a round
+//!   waiting), and the excess is parked the same way. Bounded by the slots rather than as a
+//!   share of `max_ack_pending` because every replica counts its own: with half of it each,
+//!   two replicas stuck on one namespace held the whole consumer. So the bound holds across
+//!   replicas while replicas × twice the slots stays below `max_ack_pending` (39 replicas at the
+//!   defaults); the replicas do not share their counts. The serial lane has one reader, the
+//!   leader, so there half of `max_ack_pending` is a share.
 //!   Of those places a quarter may hold deliveries in hand, which wake the moment their Webhook
 //!   changes (a resumed Webhook's first deliveries go at once, the parked ones within their
 //!   recheck, at most 30 s).
@@ -76,13 +79,13 @@
 //! recheck of a long hold (each at most every 30 s), kept in the stream until `--nats-max-age`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering as AtomicOrdering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use async_nats::{
@@ -856,47 +859,69 @@ impl Bus {
 
 /// How many work items one replica keeps in hand, so that no namespace (nor held deliveries)
 /// can take the consumer's `max_ack_pending` places from the others.
+///
+/// A namespace whose deliveries flow (a fan-out to 1,000 healthy Webhooks) keeps up to half of
+/// `max_ack_pending` in hand while they wait for their slots: parking them would cost a round
+/// trip through the stream and at least a second. A namespace whose deliveries do not get slots
+/// (endpoints that never answer) is *congested*: an item that waited [`SLOT_WAIT_IN_HAND`] for
+/// slots is parked, and for [`CONGESTION_MEMORY`] the namespace keeps no more than twice its
+/// slots in hand on this replica. Every replica counts its own, so a share of the consumer is
+/// taken once per replica: bounded by the slots, it holds across replicas while replicas ×
+/// twice the slots stays below `max_ack_pending` (39 replicas at the defaults).
 #[derive(Clone, Copy, Debug)]
 pub struct InHandLimits {
     /// Messages of one namespace in hand (sending, waiting for its turn or slots, holding); the
     /// excess is parked.
     pub per_namespace: usize,
+    /// The same while the namespace is congested.
+    pub congested_per_namespace: usize,
     /// Held messages of one namespace kept in hand, waking the moment their Webhook changes;
     /// the others are parked and rechecked.
     pub held_per_namespace: usize,
 }
 
+/// An item that waits this long for its delivery slots is parked, and its namespace is
+/// congested (see [`InHandLimits`]).
+pub const SLOT_WAIT_IN_HAND: Duration = Duration::from_secs(1);
+/// How long a namespace stays congested after an item last waited too long for slots.
+pub const CONGESTION_MEMORY: Duration = Duration::from_secs(10);
+
 impl InHandLimits {
-    /// The shared lane, consumed by every replica: twice the namespace's delivery slots
-    /// (`--max-in-flight-per-namespace`), one round being sent and one waiting for its slots,
-    /// so that a burst to healthy endpoints goes on without a round trip through the stream,
-    /// while a namespace whose endpoints never answer keeps no more than that on each replica,
-    /// however many messages it has; never more than half of `max_ack_pending`. Bounded by the
-    /// slots rather than as a share of `max_ack_pending`: every replica counts its own, so a
-    /// share of the consumer is taken once per replica, and with half of it each two replicas
-    /// stuck on one namespace held the whole consumer.
+    /// The shared lane, consumed by every replica: half of `max_ack_pending` per namespace, and
+    /// twice its delivery slots (`--max-in-flight-per-namespace`: a round being sent, a round
+    /// waiting) while it is congested.
     pub fn shared(max_ack_pending: i64, max_in_flight_per_namespace: usize) -> Self {
-        Self::with(
-            max_in_flight_per_namespace.saturating_mul(2),
-            max_ack_pending,
-        )
+        let half = Self::half(max_ack_pending);
+        let congested = max_in_flight_per_namespace.saturating_mul(2).min(half);
+        Self {
+            per_namespace: half,
+            congested_per_namespace: congested.max(1),
+            held_per_namespace: (congested / 4).max(1),
+        }
     }
 
     /// The serial lane, consumed by the leader alone, so that what it counts is what the
     /// consumer has out: half of `max_ack_pending` (a rate-limited backlog waits in hand for
     /// its turns up to [`TURN_WAIT_IN_HAND`] ahead).
     pub fn serial(max_ack_pending: i64) -> Self {
-        Self::with(usize::MAX, max_ack_pending)
-    }
-
-    fn with(per_namespace: usize, max_ack_pending: i64) -> Self {
-        let half = usize::try_from(max_ack_pending / 2).unwrap_or(usize::MAX);
-        let per_namespace = per_namespace.min(half).max(1);
+        let half = Self::half(max_ack_pending);
         Self {
-            per_namespace,
-            held_per_namespace: (per_namespace / 4).max(1),
+            per_namespace: half,
+            congested_per_namespace: half,
+            held_per_namespace: (half / 4).max(1),
         }
     }
+
+    fn half(max_ack_pending: i64) -> usize {
+        usize::try_from(max_ack_pending / 2)
+            .unwrap_or(usize::MAX)
+            .max(1)
+    }
+}
+
+/// Whether a namespace last marked congested at `marked` still is at `now`.
+fn still_congested(marked: Option<Instant>, now: Instant) -> bool {
+    marked.is_some_and(|at| now.saturating_duration_since(at) < CONGESTION_MEMORY)
 }
 
 /// Delivers work items until `stop`, on every replica; starts once the routing table is
@@ -956,6 +981,8 @@ pub async fn deliver_work(
         dispatcher,
         max_hold,
         in_hand: KeyedLimits::new(limits.per_namespace),
+        congested_in_hand: KeyedLimits::new(limits.congested_per_namespace),
+        congested: Mutex::default(),
         held: KeyedLimits::new(limits.held_per_namespace),
         stop: stop.clone(),
     });
@@ -1066,6 +1093,8 @@ enum Settle {
     /// This replica's table has not seen its Webhook as the router did: parked for another
     /// replica (or this one, caught up) to take, spending no attempt.
     NotSeenYet,
+    /// It waited [`SLOT_WAIT_IN_HAND`] for its slots: parked, its namespace congested.
+    Congested,
     /// Stopping: leave it to be redelivered.
     Abandon,
 }
@@ -1146,12 +1175,28 @@ struct Deliverer {
     max_hold: Duration,
     /// Messages in hand per namespace on this replica.
     in_hand: KeyedLimits<Arc<str>>,
+    /// The same, for a namespace while it is congested (see [`InHandLimits`]).
+    congested_in_hand: KeyedLimits<Arc<str>>,
+    /// When each namespace last had an item wait too long for its slots.
+    congested: Mutex<HashMap<Arc<str>, Instant>>,
     /// Held messages in hand per namespace on this replica.
     held: KeyedLimits<Arc<str>>,
     stop: CancellationToken,
 }
 
 impl Deliverer {
+    fn is_congested(&self, namespace: &Arc<str>) -> bool {
+        let congested = self.congested.lock().unwrap_or_else(|e| e.into_inner());
+        still_congested(congested.get(namespace).copied(), Instant::now())
+    }
+
+    fn mark_congested(&self, namespace: &Arc<str>) {
+        let mut congested = self.congested.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        congested.retain(|_, at| still_congested(Some(*at), now));
+        congested.insert(namespace.clone(), now);
+    }
+
     /// On the serial lane: an ordered work item waits for its event's release from here (see
     /// [`Release`]); every message received counts as pulled once registered.
     fn register(&self, message: &jetstream::Message) -> Option<oneshot::Receiver<Option<Ticket>>> {
@@ -1218,6 +1263,15 @@ impl Deliverer {
         let Ok(_place) = places.try_acquire_owned() else {
             return self.park(&message, sequence, &item, Park::Busy).await;
         };
+        let _congested_place = if self.is_congested(&namespace) {
+            let places = self.congested_in_hand.get(&namespace, 0, |_| false);
+            match places.try_acquire_owned() {
+                Ok(place) => Some(place),
+                Err(_) => return self.park(&message, sequence, &item, Park::Busy).await,
+            }
+        } else {
+            None
+        };
         // Hand-outs of this message beyond the first that made no attempt (a replica stopped
         // or crashed in between) count as attempts: at most one too many, never one too few.
         let attempt = item.attempts_before + delivered;
@@ -1254,6 +1308,9 @@ impl Deliverer {
             Settle::Turn { after } => {
                 let park = Park::Turn { after };
                 return self.park(&message, sequence, &item, park).await;
+            }
+            Settle::Congested => {
+                return self.park(&message, sequence, &item, Park::Busy).await;
             }
             Settle::MoveToSerial => {
                 return self
@@ -1330,6 +1387,11 @@ impl Deliverer {
                 biased;
                 _ = self.stop.cancelled() => return Settle::Abandon,
                 slots = self.dispatcher.reserve_within_turn(delivery, max_turn_wait) => slots,
+                // The shared lane: a place in hand is not kept waiting on stuck endpoints.
+                _ = tokio::time::sleep(SLOT_WAIT_IN_HAND), if self.lane == Lane::Shared => {
+                    self.mark_congested(&delivery.webhook.namespace);
+                    return Settle::Congested;
+                }
             };
             let slots = match slots {
                 Ok(slots) => slots,
@@ -1895,27 +1957,51 @@ mod tests {
     }
 
     #[test]
-    fn a_namespace_keeps_twice_its_slots_in_hand_on_each_replica_at_most_half_of_max_ack_pending() {
-        // Defaults: 128 slots per namespace, 10,000 places: 256 in hand, 64 of them held. Two
-        // replicas stuck on one namespace's dead endpoints leave 9,488 places to the others.
+    fn a_congested_namespace_keeps_twice_its_slots_in_hand_at_most_half_of_max_ack_pending() {
+        // Defaults: 128 slots per namespace, 10,000 places: a flowing namespace keeps up to
+        // 5,000 in hand (a fan-out waits for its slots there), a congested one 256, 64 of them
+        // held. Two replicas congested on one namespace's dead endpoints leave 9,488 places.
         let defaults = InHandLimits::shared(10_000, 128);
         assert_eq!(
-            (defaults.per_namespace, defaults.held_per_namespace),
-            (256, 64)
+            (
+                defaults.per_namespace,
+                defaults.congested_per_namespace,
+                defaults.held_per_namespace
+            ),
+            (5_000, 256, 64)
         );
         // Many slots, few places: half of max_ack_pending.
         let low = InHandLimits::shared(20, 128);
-        assert_eq!((low.per_namespace, low.held_per_namespace), (10, 2));
-        assert_eq!(InHandLimits::shared(200, 8).per_namespace, 16);
+        assert_eq!(
+            (
+                low.per_namespace,
+                low.congested_per_namespace,
+                low.held_per_namespace
+            ),
+            (10, 10, 2)
+        );
+        assert_eq!(InHandLimits::shared(200, 8).congested_per_namespace, 16);
         let tiny = InHandLimits::shared(1, 1);
-        assert_eq!((tiny.per_namespace, tiny.held_per_namespace), (1, 1));
-        // The serial lane has one consumer: half of max_ack_pending.
+        assert_eq!((tiny.per_namespace, tiny.congested_per_namespace), (1, 1));
+        // The serial lane has one consumer: half of max_ack_pending, congested or not.
         let serial = InHandLimits::serial(10_000);
         assert_eq!(
-            (serial.per_namespace, serial.held_per_namespace),
-            (5_000, 1_250)
+            (serial.per_namespace, serial.congested_per_namespace),
+            (5_000, 5_000)
         );
         assert_eq!(InHandLimits::serial(1).per_namespace, 1);
+    }
+
+    #[test]
+    fn a_namespace_stays_congested_for_a_while_after_an_item_waited_too_long() {
+        let marked = Instant::now();
+        assert!(!still_congested(None, marked));
+        assert!(still_congested(Some(marked), marked));
+        assert!(still_congested(
+            Some(marked),
+            marked + CONGESTION_MEMORY - Duration::from_millis(1)
+        ));
+        assert!(!still_congested(Some(marked), marked + CONGESTION_MEMORY));
     }
 
     #[test]
