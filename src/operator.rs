@@ -170,9 +170,9 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
-    /// Run several replicas: only the holder of the Lease `hookrelay` delivers DocumentEvents
-    /// and writes status and Events; every replica serves the API and keeps its routing table
-    /// warm.
+    /// Run several replicas: only the holder of the Lease `hookrelay` delivers DocumentEvents,
+    /// runs the JetStream serial lane and writes status and Events; every replica serves the
+    /// API, ingest and the shared JetStream work, and keeps its routing table warm.
     #[arg(long, env = "HOOKRELAY_LEADER_ELECT")]
     pub leader_elect: bool,
 
@@ -190,8 +190,8 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
 
-    /// The leader gives up (and the process restarts) when it could not renew for this long;
-    /// shorter than --lease-duration.
+    /// The leader steps down (its leader-only work stops; the process keeps serving and
+    /// campaigns again) when it could not renew for this long; shorter than --lease-duration.
     #[arg(long, env = "HOOKRELAY_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub renew_deadline: Duration,
 
