@@ -841,7 +841,7 @@ fn event_key(de: &DocumentEvent) -> EventKey {
 mod tests {
     use super::*;
     use crate::{
-        crd::{DeliveryPolicy, DocumentEventSpec, EventType, WebhookEvent},
+        crd::{DocumentEventSpec, EventType},
         delivery::{DispatcherConfig, EgressPolicy, HttpSender},
         routing::Route,
     };
@@ -891,20 +891,8 @@ mod tests {
         let routes = Routes::default();
         routes.update(|t| {
             t.apply(Route {
-                key: WebhookKey::new("docs", "w"),
                 uid: "uid-w".into(),
-                generation: 1,
-                version: 0,
-                url: "http://127.0.0.1:9/h".into(),
-                events: vec![WebhookEvent::All],
-                signer: None,
-                delivery: DeliveryPolicy::default(),
-                state: RouteState::Active,
-                service: None,
-                headers: Default::default(),
-                filter: None,
-                ordering: None,
-                superseded: Default::default(),
+                ..Route::for_tests("docs", "w", "http://127.0.0.1:9/h")
             })
         });
         let (status, updates) = crate::status::test_channel(status_capacity);

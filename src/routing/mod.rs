@@ -124,6 +124,28 @@ pub struct Route {
 }
 
 impl Route {
+    /// An active route of `namespace`/`name` for every event type to `url`, uid
+    /// `uid-<namespace>-<name>`, no signer (tests set what they need on top).
+    #[cfg(test)]
+    pub(crate) fn for_tests(namespace: &str, name: &str, url: &str) -> Route {
+        Route {
+            key: WebhookKey::new(namespace, name),
+            uid: format!("uid-{namespace}-{name}"),
+            generation: 1,
+            version: 0,
+            url: url.to_owned(),
+            events: vec![WebhookEvent::All],
+            signer: None,
+            delivery: DeliveryPolicy::default(),
+            state: RouteState::Active,
+            service: None,
+            headers: Default::default(),
+            filter: None,
+            ordering: None,
+            superseded: Default::default(),
+        }
+    }
+
     fn event_types(&self) -> impl Iterator<Item = EventType> + '_ {
         let mut seen = [false; EventType::ALL.len()];
         self.events

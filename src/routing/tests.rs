@@ -2,20 +2,9 @@ use super::*;
 
 fn route(ns: &str, name: &str, events: &[WebhookEvent]) -> Route {
     Route {
-        key: WebhookKey::new(ns, name),
         uid: format!("uid-{name}"),
-        generation: 1,
-        version: 0,
-        url: format!("https://example.com/{name}"),
         events: events.to_vec(),
-        signer: None,
-        delivery: DeliveryPolicy::default(),
-        state: RouteState::Active,
-        service: None,
-        headers: Default::default(),
-        filter: None,
-        ordering: None,
-        superseded: Default::default(),
+        ..Route::for_tests(ns, name, &format!("https://example.com/{name}"))
     }
 }
 

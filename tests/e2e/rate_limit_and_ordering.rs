@@ -685,6 +685,56 @@ async fn jetstream_parks_deliveries_whose_turn_is_far_off_and_keeps_the_limit() 
     );
 }
 
+/// Kills `op` (SIGKILL) while key A's head is retrying, starts the operator again with `args`,
+/// and asserts that A's three events were delivered in order and that none was sent while the
+/// head had not gone through; prints the test's FIGURES line.
+async fn the_head_keeps_its_turn_across_a_kill(
+    test: &str,
+    cp: &crate::support::ControlPlane,
+    mut op: Operator,
+    args: &[&str],
+    receipts: &Arc<Mutex<Vec<Receipt>>>,
+) {
+    op.child.kill().await.expect("kill -9");
+    let before = receipts.lock().unwrap().len();
+    let killed = Instant::now();
+    let op = Operator::start(cp, args);
+    op.wait_ready().await;
+    eventually(
+        "every event delivered",
+        Duration::from_secs(120),
+        || async {
+            (receipts
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| r.2 == 200)
+                .count()
+                >= 3)
+                .then_some(())
+        },
+    )
+    .await;
+    let got = receipts.lock().unwrap().clone();
+    let head_through = got
+        .iter()
+        .position(|r| r.1 == 1 && r.2 == 200)
+        .expect("the head delivered");
+    let overtook: Vec<&Receipt> = got[..head_through].iter().filter(|r| r.1 != 1).collect();
+    let delivered: Vec<i64> = got.iter().filter(|r| r.2 == 200).map(|r| r.1).collect();
+    println!(
+        "FIGURES {test}: requests before the kill={before} after={} delivered order={delivered:?} all delivered {:.1}s after the kill",
+        got.len() - before,
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(
+        overtook.is_empty(),
+        "later events were sent while the head was retrying: {overtook:?} (all: {got:?})"
+    );
+    assert_eq!(delivered, [1, 2, 3], "{got:?}");
+    drop(op);
+}
+
 /// A retrying head of an ordering key keeps its turn across a kill -9 of the operator: after the
 /// restart the list brings the key's later events first (their names sort before the head's),
 /// and they still wait until the head is delivered.
@@ -702,7 +752,7 @@ async fn ordering_holds_across_a_kill_of_the_operator_with_a_retrying_head() {
         "127.0.0.0/8",
         "--disable-auth",
     ];
-    let mut op = Operator::start(cp, &args);
+    let op = Operator::start(cp, &args);
     op.wait_ready().await;
     ordered_webhook(&client, &ns, &format!("http://{addr}/h")).await;
     // In this order, each with the acceptance time ingest writes (a producer creating them
@@ -734,38 +784,8 @@ async fn ordering_holds_across_a_kill_of_the_operator_with_a_retrying_head() {
         },
     )
     .await;
-    op.child.kill().await.expect("kill -9");
-    let before = receipts.lock().unwrap().len();
-    let op = Operator::start(cp, &args);
-    op.wait_ready().await;
-    eventually("every event delivered", Duration::from_secs(90), || async {
-        (receipts
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.2 == 200)
-            .count()
-            >= 3)
-            .then_some(())
-    })
-    .await;
-    let got = receipts.lock().unwrap().clone();
-    let head_through = got
-        .iter()
-        .position(|r| r.1 == 1 && r.2 == 200)
-        .expect("the head delivered");
-    let overtook: Vec<&Receipt> = got[..head_through].iter().filter(|r| r.1 != 1).collect();
-    let delivered: Vec<i64> = got.iter().filter(|r| r.2 == 200).map(|r| r.1).collect();
-    println!(
-        "FIGURES ordering_holds_across_a_kill: requests before the kill={before} after={} delivered order={delivered:?}",
-        got.len() - before
-    );
-    assert!(
-        overtook.is_empty(),
-        "later events were sent while the head was retrying: {overtook:?} (all: {got:?})"
-    );
-    assert_eq!(delivered, [1, 2, 3], "{got:?}");
-    drop(op);
+    the_head_keeps_its_turn_across_a_kill("ordering_holds_across_a_kill", cp, op, &args, &receipts)
+        .await;
 }
 
 /// The same in JetStream mode: the head's work item is in hand when the process is killed, and
@@ -790,7 +810,7 @@ async fn jetstream_ordering_holds_across_a_kill_of_the_operator_with_a_retrying_
         "--nats-url",
         &nats.url,
     ];
-    let mut op = Operator::start(cp, &args);
+    let op = Operator::start(cp, &args);
     op.wait_ready().await;
     ordered_webhook(&client, &ns, &format!("http://{addr}/h")).await;
     for n in 1..=3 {
@@ -809,44 +829,14 @@ async fn jetstream_ordering_holds_across_a_kill_of_the_operator_with_a_retrying_
         (!receipts.lock().unwrap().is_empty()).then_some(())
     })
     .await;
-    op.child.kill().await.expect("kill -9");
-    let before = receipts.lock().unwrap().len();
-    let killed = Instant::now();
-    let op = Operator::start(cp, &args);
-    op.wait_ready().await;
-    eventually(
-        "every event delivered",
-        Duration::from_secs(120),
-        || async {
-            (receipts
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|r| r.2 == 200)
-                .count()
-                >= 3)
-                .then_some(())
-        },
+    the_head_keeps_its_turn_across_a_kill(
+        "jetstream_ordering_holds_across_a_kill",
+        cp,
+        op,
+        &args,
+        &receipts,
     )
     .await;
-    let got = receipts.lock().unwrap().clone();
-    let head_through = got
-        .iter()
-        .position(|r| r.1 == 1 && r.2 == 200)
-        .expect("the head delivered");
-    let overtook: Vec<&Receipt> = got[..head_through].iter().filter(|r| r.1 != 1).collect();
-    let delivered: Vec<i64> = got.iter().filter(|r| r.2 == 200).map(|r| r.1).collect();
-    println!(
-        "FIGURES jetstream_ordering_holds_across_a_kill: requests before the kill={before} after={} delivered order={delivered:?} all delivered {:.1}s after the kill",
-        got.len() - before,
-        killed.elapsed().as_secs_f64()
-    );
-    assert!(
-        overtook.is_empty(),
-        "later events were sent while the head was retrying: {overtook:?} (all: {got:?})"
-    );
-    assert_eq!(delivered, [1, 2, 3], "{got:?}");
-    drop(op);
 }
 
 /// A backlog far beyond what the limit lets go within `TURN_WAIT_IN_HAND` is parked in the

@@ -673,8 +673,8 @@ mod tests {
     use super::*;
     use crate::http::ingest::parse_events;
     use crate::{
-        crd::{DeliveryPolicy, WebhookEvent},
-        routing::{Route, RouteState, WebhookKey},
+        crd::DeliveryPolicy,
+        routing::{Route, WebhookKey},
     };
 
     fn event(body: &str) -> IngestEvent {
@@ -684,22 +684,11 @@ mod tests {
     fn table(routes: &[(&str, &str)]) -> RoutingTable {
         let mut t = RoutingTable::default();
         for (ns, name) in routes {
-            t.apply(Route {
-                key: WebhookKey::new(ns, name),
-                uid: format!("uid-{ns}-{name}"),
-                generation: 1,
-                version: 0,
-                url: format!("https://example.com/{name}"),
-                events: vec![WebhookEvent::All],
-                signer: None,
-                delivery: DeliveryPolicy::default(),
-                state: RouteState::Active,
-                service: None,
-                headers: Default::default(),
-                filter: None,
-                ordering: None,
-                superseded: Default::default(),
-            });
+            t.apply(Route::for_tests(
+                ns,
+                name,
+                &format!("https://example.com/{name}"),
+            ));
         }
         t
     }
@@ -1048,12 +1037,7 @@ mod tests {
         routes.update(|t| {
             for (ns, path) in [("a", "failing"), ("b", "hanging")] {
                 t.apply(Route {
-                    key: WebhookKey::new(ns, path),
                     uid: format!("uid-{path}"),
-                    generation: 1,
-                    version: 0,
-                    url: format!("http://{addr}/{path}"),
-                    events: vec![WebhookEvent::All],
                     signer: Some(signer.clone()),
                     delivery: DeliveryPolicy {
                         timeout_seconds: 300,
@@ -1062,12 +1046,7 @@ mod tests {
                         max_backoff_seconds: 1,
                         ..DeliveryPolicy::default()
                     },
-                    state: RouteState::Active,
-                    service: None,
-                    headers: Default::default(),
-                    filter: None,
-                    ordering: None,
-                    superseded: Default::default(),
+                    ..Route::for_tests(ns, path, &format!("http://{addr}/{path}"))
                 });
             }
         });
