@@ -275,6 +275,16 @@ async fn bad_rate_limits_and_ordering_keys_are_refused_saying_what_to_write() {
 /// One request as an ordering receiver saw it: (document_id, n, the status it answered).
 type Receipt = (String, i64, u16);
 
+/// The requests an ordering receiver answered 200.
+fn delivered_ok(receipts: &Mutex<Vec<Receipt>>) -> usize {
+    receipts
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.2 == 200)
+        .count()
+}
+
 /// A receiver that records every request's `data.document_id` and `data.n` in arrival order,
 /// and answers 500 to the first `fail` requests for document "A" number 1.
 async fn ordering_receiver(fail: usize) -> (Arc<Mutex<Vec<Receipt>>>, SocketAddr) {
@@ -383,16 +393,7 @@ async fn assert_ordered(
     eventually(
         &format!("{what}: every event delivered"),
         Duration::from_secs(60),
-        || async {
-            (receipts
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|r| r.2 == 200)
-                .count()
-                >= 6)
-                .then_some(())
-        },
+        || async { (delivered_ok(receipts) >= 6).then_some(()) },
     )
     .await;
     watcher.abort();
@@ -703,16 +704,7 @@ async fn the_head_keeps_its_turn_across_a_kill(
     eventually(
         "every event delivered",
         Duration::from_secs(120),
-        || async {
-            (receipts
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|r| r.2 == 200)
-                .count()
-                >= 3)
-                .then_some(())
-        },
+        || async { (delivered_ok(receipts) >= 3).then_some(()) },
     )
     .await;
     let got = receipts.lock().unwrap().clone();
