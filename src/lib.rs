@@ -17,12 +17,16 @@
 pub mod controller;
 pub mod crd;
 pub mod delivery;
+pub mod health;
 pub mod http;
+pub mod keys;
 pub mod leader;
 pub mod metrics;
 pub mod operator;
+pub mod ports;
 #[cfg(test)]
 mod proptest_support;
 pub mod routing;
 pub mod status;
 pub mod telemetry;
+pub mod wire;

@@ -11,11 +11,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     controller::{DocumentEventController, Retention, Scope, WebhookController},
-    crd::{CreatedEvents, DocumentEvent, Recoveries, Webhook},
+    crd::{DocumentEvent, Webhook},
     delivery::{self, Dispatcher, DispatcherConfig, EgressPolicy, HttpSender, jetstream},
-    http,
+    health, http,
     leader::{self, ElectionConfig, LeaderTerms, Leadership},
     metrics::Metrics,
+    ports::{CreatedEvents, Recoveries},
     routing::Routes,
     status::{self, WriterConfig},
 };
@@ -416,8 +417,8 @@ pub enum Error {
 pub struct Operator {
     pub routes: Routes,
     pub leadership: Leadership,
-    pub readiness: http::Readiness,
-    pub liveness: http::Liveness,
+    pub readiness: health::Readiness,
+    pub liveness: health::Liveness,
     pub metrics: Metrics,
     pub metrics_addr: SocketAddr,
     pub listen_addr: SocketAddr,
@@ -471,9 +472,9 @@ pub async fn start(
     // route (and so serve the API).
     let routes = Routes::default();
     let readiness = if args.leader_elect {
-        http::Readiness::new(&["secrets", "webhooks"])
+        health::Readiness::new(&["secrets", "webhooks"])
     } else {
-        http::Readiness::new(&["secrets", "webhooks", "documentevents"])
+        health::Readiness::new(&["secrets", "webhooks", "documentevents"])
     }
     .with_view(routes.view().clone());
     let (terms, leadership) = if args.leader_elect {
@@ -488,7 +489,7 @@ pub async fn start(
     } else {
         args.shutdown_timeout / 2
     };
-    let liveness = http::Liveness::default();
+    let liveness = health::Liveness::default();
     let scope = Scope::new(&args.namespaces);
     let egress = EgressPolicy::new(args.allow_http, args.allow_cidrs.clone());
 
@@ -625,7 +626,8 @@ pub async fn start(
     let bus_tasks = bus.map(|bus| {
         // They stop on the shutdown signal, like the controllers, before the writer flushes.
         let stop = shutdown.clone();
-        let synced = |readiness: http::Readiness| async move { readiness.synced("webhooks").await };
+        let synced =
+            |readiness: health::Readiness| async move { readiness.synced("webhooks").await };
         let router = tokio::spawn(jetstream::route_events(
             bus.clone(),
             routes.clone(),
@@ -866,7 +868,7 @@ async fn publish_leadership(
 async fn deliver_document_events(
     mut controller: DocumentEventController,
     scope: Scope,
-    readiness: http::Readiness,
+    readiness: health::Readiness,
     mut terms: LeaderTerms,
 ) {
     if terms
@@ -991,7 +993,7 @@ impl IntoTaskResult for std::io::Result<()> {
 pub async fn supervise(
     mut tasks: Vec<Essential>,
     shutdown: CancellationToken,
-    liveness: http::Liveness,
+    liveness: health::Liveness,
     deadline: Duration,
 ) -> Result<(), Error> {
     let ended_first = tokio::select! {
@@ -1112,7 +1114,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_task_fails_liveness_stops_the_rest_and_is_the_error() {
         let shutdown = CancellationToken::new();
-        let liveness = http::Liveness::default();
+        let liveness = health::Liveness::default();
         let stop = shutdown.clone();
         let tasks = vec![
             spawn("controller", async { panic!("boom") }),
@@ -1136,7 +1138,7 @@ mod tests {
     #[tokio::test]
     async fn a_task_that_returns_early_is_an_error_too() {
         let shutdown = CancellationToken::new();
-        let liveness = http::Liveness::default();
+        let liveness = health::Liveness::default();
         let tasks = vec![spawn("watch", async {})];
         let result = supervise(tasks, shutdown, liveness.clone(), Duration::from_secs(5)).await;
         assert!(matches!(
@@ -1149,7 +1151,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stopping_is_bounded_by_the_deadline() {
         let shutdown = CancellationToken::new();
-        let liveness = http::Liveness::default();
+        let liveness = health::Liveness::default();
         let writer_stop = CancellationToken::new();
         let stop = writer_stop.clone();
         // A writer that never finishes flushing once told to stop.

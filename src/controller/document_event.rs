@@ -27,17 +27,18 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker, time::DelayQueue};
 use super::Scope;
 use crate::{
     crd::{
-        ACCEPTED_AT_ANNOTATION, CreatedEvents, DocumentEvent, DocumentEventStatus, EventPhase,
-        Recoveries, Recovery, TargetDelivery, TargetState,
+        ACCEPTED_AT_ANNOTATION, DocumentEvent, DocumentEventStatus, EventPhase, TargetDelivery,
+        TargetState,
     },
-    delivery::{
-        self, Delivery, Dispatcher, EventBody, Report, delivery_id, is_final, timestamp_of,
-    },
-    http::Readiness,
+    delivery::{self, Delivery, Dispatcher, Report, delivery_id, is_final},
+    health::Readiness,
+    keys::WebhookKey,
     leader::Leadership,
     metrics::Metrics,
-    routing::{EventFacts, RouteState, Routes, WebhookKey},
+    ports::{CreatedEvents, Recoveries, Recovery},
+    routing::{EventFacts, RouteState, Routes},
     status::{EventKey, StatusSender, Update},
+    wire::{EventBody, timestamp_of},
 };
 
 /// How long finished DocumentEvents are kept; None keeps them.

@@ -19,7 +19,7 @@ static PROBE: std::sync::LazyLock<ListParams> =
 use tokio_util::sync::CancellationToken;
 
 use super::Scope;
-use crate::{crd::Webhook, metrics::Metrics, routing::ViewHealth};
+use crate::{crd::Webhook, health::ViewHealth, metrics::Metrics};
 
 /// Asks the API server until `shutdown`, keeping `view` (and its gauge) up to date.
 pub async fn watch_view(

@@ -10,11 +10,10 @@ use k8s_openapi::{
 pub use crate::crd::{HEADERS_SECRET_LABEL, PREVIOUS_KEY, SIGNING_SECRET_LABEL, ready_reason};
 use crate::{
     crd::{ConditionState, ServiceRef, Webhook},
-    delivery::{
-        CustomHeaders, EgressDenied, EgressPolicy, ServiceTarget, Signer, custom_headers,
-        redact_url,
-    },
-    routing::{EventFilter, Route, RouteState, WebhookKey},
+    delivery::{EgressDenied, EgressPolicy, redact_url},
+    keys::WebhookKey,
+    routing::{EventFilter, Route, RouteState},
+    wire::{CustomHeaders, ServiceTarget, Signer, custom_headers},
 };
 
 /// What the controller keeps of a Service: what resolving a `serviceRef` reads.

@@ -35,10 +35,11 @@ use super::{
 use crate::{
     crd::{PREVIOUS_EXPIRES_ANNOTATION, Suspension, Webhook, merge_condition},
     delivery::{EgressPolicy, GoneNotice},
-    http::Readiness,
+    health::Readiness,
+    keys::WebhookKey,
     leader::Leadership,
     metrics::Metrics,
-    routing::{Route, Routes, RoutingTable, WebhookKey},
+    routing::{Route, Routes, RoutingTable},
     status::{ReadyUpdate, StatusSender, TransitionEvent, Update},
 };
 

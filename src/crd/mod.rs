@@ -11,8 +11,8 @@ mod webhook;
 
 pub use condition::{ConditionState, is_true, merge_condition};
 pub use document_event::{
-    ACCEPTED_AT_ANNOTATION, CreatedEvents, DocumentEvent, DocumentEventSpec, DocumentEventStatus,
-    EventPhase, Recoveries, Recovery, TargetDelivery, TargetState,
+    ACCEPTED_AT_ANNOTATION, DocumentEvent, DocumentEventSpec, DocumentEventStatus, EventPhase,
+    TargetDelivery, TargetState,
 };
 pub use event_type::{EventType, UnknownEventType, WebhookEvent};
 pub use webhook::{

@@ -15,9 +15,10 @@ use reqwest::{
 };
 
 use super::{
-    EgressDenied, EgressPolicy, Signatures,
+    EgressDenied, EgressPolicy,
     retry::{AttemptResult, parse_retry_after},
 };
+use crate::wire::{ServiceTarget, Signatures};
 
 /// The user agent of every delivery.
 pub const USER_AGENT: &str = concat!("hookrelay/", env!("CARGO_PKG_VERSION"));
@@ -45,20 +46,6 @@ pub struct Attempt<'a> {
     /// Set when the Webhook names a Service (`spec.serviceRef`): `url` is then the URL derived
     /// from it, and the connection goes to exactly this Service's ClusterIP.
     pub service: Option<&'a ServiceTarget>,
-}
-
-/// A Service a Webhook names: its deliveries go to exactly its ClusterIP, the one private
-/// address the egress policy lets through for it (named by the Webhook's author, in the
-/// Webhook's own namespace), whatever `--allow-cidr` says.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ServiceTarget {
-    /// `<service>.<namespace>.svc`: the URL's host, and the name the Service's certificate is
-    /// checked against. Never looked up in DNS: it resolves to `cluster_ip` only.
-    pub host: String,
-    pub cluster_ip: IpAddr,
-    pub port: u16,
-    /// PEM CA certificates trusted (alone) for https; None: plain http.
-    pub ca_bundle: Option<Arc<str>>,
 }
 
 /// TEST SEAM (`--test-address-map`, hidden): connect to another address than the one the egress

@@ -10,7 +10,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tracing::Instrument;
 
 use super::{
-    Attempt, AttemptResult, EventBody, HttpSender, RetryPolicy, Verdict,
+    Attempt, AttemptResult, HttpSender, RetryPolicy, Verdict,
     limits::KeyedLimits,
     ordering::{Sequencer, Ticket, ordering_key},
     rate_limit::{LimitStamp, RateLimits},
@@ -18,9 +18,11 @@ use super::{
 };
 use crate::{
     crd::{DeliveryRecord, Outcome, ready_reason},
+    keys::WebhookKey,
     metrics::{DeliveryLabels, Metrics},
-    routing::{Found, Route, RouteState, Routes, WebhookKey},
+    routing::{Found, Route, RouteState, Routes},
     status::{StatusSender, Update, truncate_error},
+    wire::EventBody,
 };
 
 /// Tells the Webhook controller that an endpoint answered 410 Gone.

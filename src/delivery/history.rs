@@ -40,7 +40,7 @@ use crate::{
     crd::{
         DeliveryRecord, DocumentEvent, DocumentEventStatus, Outcome, TargetDelivery, TargetState,
     },
-    routing::WebhookKey,
+    keys::WebhookKey,
 };
 
 /// DocumentEvents or stream messages read by one call, at most.

@@ -5,7 +5,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::routing::WebhookKey;
+use crate::keys::WebhookKey;
 
 /// Counts of attempts in flight per Webhook, on this replica. Only Webhooks with an attempt in
 /// flight have an entry, so the map is bounded by what is being sent.

@@ -106,14 +106,15 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Attempted, Delivery, Dispatcher, EventBody, KeyedLimits, RouteCheck, Ticket, Verdict,
-    delivery_id,
+    Attempted, Delivery, Dispatcher, KeyedLimits, RouteCheck, Ticket, Verdict, delivery_id,
 };
 use crate::{
     crd::EventType,
+    keys::WebhookKey,
     metrics::Metrics,
-    routing::{EventFacts, Route, Routes, WebhookKey},
+    routing::{EventFacts, Route, Routes},
     telemetry::TRACEPARENT,
+    wire::EventBody,
 };
 
 /// Subjects of ingested events: `hookrelay.events.<namespace>`.

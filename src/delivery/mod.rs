@@ -5,20 +5,17 @@ mod client;
 mod dispatcher;
 mod egress;
 mod engine;
-mod headers;
 pub mod history;
 mod in_flight;
 pub mod jetstream;
 mod limits;
 pub mod ordering;
-mod payload;
 mod rate_limit;
 pub mod records;
 mod retry;
-mod signer;
 mod source;
 
-pub use client::{AddressMap, Attempt, HttpSender, ServiceTarget, TestNames, USER_AGENT};
+pub use client::{AddressMap, Attempt, HttpSender, TestNames, USER_AGENT};
 pub use dispatcher::{
     AttemptReport, Attempted, Delivery, Dispatcher, DispatcherConfig, GoneNotice, RouteCheck,
     Slots, delivery_id,
@@ -29,11 +26,8 @@ pub use engine::{
     FirstAttempt, Report, Unrecorded, attempt_first, deliver, deliver_unrecorded, is_final,
     new_target,
 };
-pub use headers::{CustomHeaders, custom_headers, is_reserved_header};
 pub use in_flight::{InFlight, InFlightGuard};
 pub use limits::KeyedLimits;
 pub use ordering::{Sequencer, Ticket};
-pub use payload::{EventBody, timestamp_of};
 pub use retry::{AttemptResult, RetryPolicy, Verdict, parse_retry_after};
-pub use signer::{MIN_SECRET_BYTES, SecretError, Signatures, Signer};
 pub use source::Source;

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     crd::BlockedKey,
-    routing::WebhookKey,
+    keys::WebhookKey,
     status::{StatusSender, Update},
 };
 

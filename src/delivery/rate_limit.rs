@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{crd::RateLimit, routing::Route, routing::WebhookKey};
+use crate::{crd::RateLimit, keys::WebhookKey, routing::Route};
 
 /// GCRA state of one Webhook's limit.
 #[derive(Debug)]

@@ -23,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 use super::jetstream::{ATTEMPTS_SUBJECT, BusError, RECORDER};
 use crate::{
     crd::DeliveryRecord,
+    keys::WebhookKey,
     leader::Leadership,
     metrics::{AttemptRecordLabels, Metrics},
-    routing::WebhookKey,
     status::{StatusSender, Update},
 };
 

@@ -1,7 +1,3 @@
-use std::collections::BTreeSet;
-
-use tokio::sync::watch;
-
 use axum::{
     Router,
     extract::State,
@@ -9,73 +5,10 @@ use axum::{
     routing::get,
 };
 
-use crate::{metrics::Metrics, routing::ViewHealth};
-
-/// Readiness as a set of components still pending. `/readyz` answers 200 only once every
-/// component registered at start (one per watch) has reported its initial sync.
-/// After that, `/readyz` also fails while the routing view is stale ([`ViewHealth`]).
-#[derive(Clone, Debug)]
-pub struct Readiness {
-    pending: watch::Sender<BTreeSet<&'static str>>,
-    view: ViewHealth,
-}
-
-impl Readiness {
-    pub fn new(components: &[&'static str]) -> Self {
-        Self {
-            pending: watch::Sender::new(components.iter().copied().collect()),
-            view: ViewHealth::default(),
-        }
-    }
-
-    /// `/readyz` also fails while `view` is stale.
-    pub fn with_view(mut self, view: ViewHealth) -> Self {
-        self.view = view;
-        self
-    }
-
-    pub fn mark_ready(&self, component: &'static str) {
-        if self
-            .pending
-            .send_if_modified(|pending| pending.remove(component))
-        {
-            tracing::info!(component, "initial sync done");
-        }
-    }
-
-    /// Components that have not synced yet; empty when ready.
-    pub fn pending(&self) -> Vec<&'static str> {
-        self.pending.borrow().iter().copied().collect()
-    }
-
-    /// Waits until `component` has synced.
-    pub async fn synced(&self, component: &'static str) {
-        let mut rx = self.pending.subscribe();
-        let _ = rx.wait_for(|pending| !pending.contains(component)).await;
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.pending().is_empty()
-    }
-}
-
-/// Liveness: fails for good once an essential task has ended, so that `/healthz` tells the
-/// kubelet to restart a process that would otherwise look healthy while delivering nothing.
-#[derive(Clone, Debug, Default)]
-pub struct Liveness {
-    failure: std::sync::Arc<std::sync::OnceLock<String>>,
-}
-
-impl Liveness {
-    pub fn fail(&self, why: String) {
-        let _ = self.failure.set(why);
-    }
-
-    /// Why the operator is not alive; None while it is.
-    pub fn failure(&self) -> Option<&str> {
-        self.failure.get().map(String::as_str)
-    }
-}
+use crate::{
+    health::{Liveness, Readiness},
+    metrics::Metrics,
+};
 
 /// `/metrics`, `/healthz` and `/readyz`.
 pub fn metrics_router(readiness: Readiness, liveness: Liveness, metrics: Metrics) -> Router {
@@ -106,7 +39,7 @@ pub fn metrics_router(readiness: Readiness, liveness: Liveness, metrics: Metrics
 }
 
 async fn readyz(State(readiness): State<Readiness>) -> (StatusCode, String) {
-    match (readiness.pending(), readiness.view.stale()) {
+    match (readiness.pending(), readiness.view().stale()) {
         (pending, _) if !pending.is_empty() => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("waiting for initial sync of: {}\n", pending.join(", ")),
@@ -119,6 +52,7 @@ async fn readyz(State(readiness): State<Readiness>) -> (StatusCode, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::ViewHealth;
 
     #[test]
     fn ready_only_after_every_component() {

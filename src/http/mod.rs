@@ -14,7 +14,7 @@ mod webhooks;
 
 pub use auth::{AuthSettings, Authorizer, Caller};
 pub use error::ApiError;
-pub use health::{Liveness, Readiness, metrics_router};
+pub use health::metrics_router;
 pub use ingest::{
     DirectIngest, IngestEvent, IngestMode, MAX_EVENTS_PER_REQUEST, PublishBudget,
     check_idempotency_key, keyed_event_name, parse_events,
@@ -35,7 +35,7 @@ use axum::{
 use kube::Client;
 use serde::Deserialize;
 
-use crate::{delivery::Dispatcher, metrics::Metrics, routing::Routes};
+use crate::{delivery::Dispatcher, health::Readiness, metrics::Metrics, routing::Routes};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -73,10 +73,10 @@ pub struct ApiState {
     pub dispatcher: Arc<Dispatcher>,
     pub ingest_mode: IngestMode,
     /// Durable mode: events created here go straight to this replica's DocumentEvent controller.
-    pub created_events: crate::crd::CreatedEvents,
+    pub created_events: crate::ports::CreatedEvents,
     /// Failed deliveries of DocumentEvents to send again go to this replica's DocumentEvent
     /// controller (`POST .../recover`; it runs on the leader).
-    pub recoveries: crate::crd::Recoveries,
+    pub recoveries: crate::ports::Recoveries,
     /// JetStream mode: where ingest publishes.
     pub bus: Option<crate::delivery::jetstream::Bus>,
     /// JetStream mode: events being published now, bounded (`--nats-max-publishing`).

@@ -22,12 +22,13 @@ use super::{
     is_delivery_id, require_leader,
 };
 use crate::{
-    crd::{DeliveryRecord, DocumentEvent, Outcome, Recovery, TargetDelivery, TargetState, Webhook},
+    crd::{DeliveryRecord, DocumentEvent, Outcome, TargetDelivery, TargetState, Webhook},
     delivery::{
         Source,
         history::{self, Lookup, MAX_FOUND, MAX_RECOVERED, MAX_SCANNED},
     },
-    routing::WebhookKey,
+    keys::WebhookKey,
+    ports::Recovery,
 };
 
 /// DocumentEvents listed per request to the API server.

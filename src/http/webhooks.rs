@@ -21,7 +21,8 @@ use serde_json::{Map, Value, json};
 use super::{ApiState, NamespaceQuery, caller::caller, error::ApiError, is_delivery_id, read_body};
 use crate::{
     crd::{DeliveryRecord, DocumentEvent, EventType, Outcome, Webhook, WebhookStatus},
-    delivery::{AttemptReport, Attempted, Delivery, EventBody, RouteCheck, Source, Verdict},
+    delivery::{AttemptReport, Attempted, Delivery, RouteCheck, Source, Verdict},
+    wire::EventBody,
 };
 
 /// The seed's representation of a Webhook.
@@ -254,7 +255,7 @@ pub async fn get(
 fn in_flight(state: &ApiState, namespace: &str, w: &Webhook) -> usize {
     state
         .dispatcher
-        .in_flight(&crate::routing::WebhookKey::new(namespace, &w.name_any()))
+        .in_flight(&crate::keys::WebhookKey::new(namespace, &w.name_any()))
 }
 
 pub async fn create(
@@ -663,7 +664,7 @@ async fn attempt_once(
     let route = state
         .routes
         .snapshot()
-        .get(&crate::routing::WebhookKey::new(namespace, id))
+        .get(&crate::keys::WebhookKey::new(namespace, id))
         .cloned()
         .ok_or_else(|| {
             ApiError::unavailable(format!(

@@ -13,34 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     crd::{DeliveryPolicy, EventType, Ordering, WebhookEvent, ready_reason::FILTER_INVALID},
-    delivery::{CustomHeaders, ServiceTarget, Signer},
+    health::ViewHealth,
+    keys::WebhookKey,
     metrics::{FilterLabels, Metrics},
+    wire::{CustomHeaders, ServiceTarget, Signer},
 };
 
 mod filter;
 pub use filter::{EventFacts, EventFilter, MAX_FILTER_LENGTH};
-
-/// Identifies a Webhook: namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WebhookKey {
-    pub namespace: Arc<str>,
-    pub name: Arc<str>,
-}
-
-impl WebhookKey {
-    pub fn new(namespace: &str, name: &str) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for WebhookKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
 
 /// Where deliveries to a Webhook stand.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -357,33 +337,6 @@ pub enum Found<'a> {
 pub struct Routes {
     current: Arc<ArcSwap<RoutingTable>>,
     view: ViewHealth,
-}
-
-/// Whether this replica's view of the Webhooks can be trusted now. It goes stale when the API
-/// server has not answered for a while (a partition, an outage): the watches may be missing
-/// changes, so the replica says so in `/readyz` and takes no shared work until it answers again.
-#[derive(Clone, Debug, Default)]
-pub struct ViewHealth {
-    stale: Arc<std::sync::RwLock<Option<String>>>,
-}
-
-impl ViewHealth {
-    /// Why the view is stale (None: it is fresh again).
-    pub fn set_stale(&self, why: Option<String>) {
-        *self.stale.write().unwrap_or_else(|e| e.into_inner()) = why;
-    }
-
-    /// Why the view may be stale; None while it is fresh.
-    pub fn stale(&self) -> Option<String> {
-        self.stale.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    pub fn is_fresh(&self) -> bool {
-        self.stale
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
-    }
 }
 
 impl Routes {

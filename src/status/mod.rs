@@ -31,9 +31,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     crd::{DeliveryRecord, DocumentEventStatus},
+    keys::WebhookKey,
     leader::Leadership,
     metrics::{Metrics, ObjectKind, PatchResult, StatusPatchLabels},
-    routing::WebhookKey,
 };
 
 /// Field manager of the conditions the Webhook controller decides.

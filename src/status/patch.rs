@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     crd::{DocumentEvent, DocumentEventStatus, Webhook},
-    routing::WebhookKey,
+    keys::WebhookKey,
 };
 
 async fn with_timeout<T>(

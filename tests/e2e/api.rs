@@ -670,7 +670,7 @@ async fn test_and_redeliver_send_signed_deliveries_now() {
             .op
             .routes
             .snapshot()
-            .get(&hookrelay::routing::WebhookKey::new(&ns, &id))
+            .get(&hookrelay::keys::WebhookKey::new(&ns, &id))
             .cloned()?;
         (route.url == receiver.url("/h") && route.signer.is_some()).then_some(())
     })

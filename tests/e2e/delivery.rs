@@ -176,7 +176,7 @@ async fn receivers_from_the_seed_and_standard_webhooks_verify_every_delivery() {
         .find(|r| r.event.as_deref() == Some("document.completed"))
         .unwrap();
     let tampered = genuine.body.replace("123", "999").replace("124", "999");
-    let sig_hex = hookrelay::delivery::Signer::new(STANDARD_SECRET.as_bytes(), None)
+    let sig_hex = hookrelay::wire::Signer::new(STANDARD_SECRET.as_bytes(), None)
         .unwrap()
         .sign("x", 0, genuine.body.as_bytes())
         .hex;

@@ -8,8 +8,9 @@ use std::time::Duration;
 use hookrelay::{
     crd::{DocumentEvent, EventPhase, TargetState, Webhook},
     http::IngestMode,
+    keys::WebhookKey,
     operator::RunArgs,
-    routing::{RouteState, WebhookKey},
+    routing::RouteState,
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube::{

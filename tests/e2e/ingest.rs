@@ -6,7 +6,8 @@ use std::time::Duration;
 use hookrelay::{
     crd::{DocumentEvent, Webhook},
     http::IngestMode,
-    routing::{RouteState, WebhookKey},
+    keys::WebhookKey,
+    routing::RouteState,
 };
 use kube::{
     Api,

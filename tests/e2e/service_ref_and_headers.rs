@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use hookrelay::{crd::Webhook, delivery::Signer, http::IngestMode};
+use hookrelay::{crd::Webhook, http::IngestMode, wire::Signer};
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::{
     Api, Client,

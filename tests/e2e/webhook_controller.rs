@@ -4,9 +4,10 @@ use std::time::{Duration, Instant};
 
 use hookrelay::{
     crd::{EventType, Webhook},
-    delivery::Signer,
+    keys::WebhookKey,
     metrics::{ObjectKind, PatchResult},
-    routing::{RouteState, WebhookKey},
+    routing::RouteState,
+    wire::Signer,
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube::{

@@ -24,10 +24,13 @@ use super::{
     idempotency_conflict,
 };
 use crate::{
-    delivery::{Delivery, Dispatcher, EventBody, FirstAttempt},
-    http::{ApiError, ApiState, Readiness},
+    delivery::{Delivery, Dispatcher, FirstAttempt},
+    health::Readiness,
+    http::{ApiError, ApiState},
+    keys::WebhookKey,
     metrics::Metrics,
-    routing::{EventFacts, Route, RoutingTable, WebhookKey},
+    routing::{EventFacts, Route, RoutingTable},
+    wire::EventBody,
 };
 
 /// The longest a direct delivery may wait in its Webhook's line before new events for that
@@ -672,10 +675,7 @@ pub(super) fn direct(
 mod tests {
     use super::*;
     use crate::http::ingest::parse_events;
-    use crate::{
-        crd::DeliveryPolicy,
-        routing::{Route, WebhookKey},
-    };
+    use crate::{crd::DeliveryPolicy, keys::WebhookKey, routing::Route};
 
     fn event(body: &str) -> IngestEvent {
         parse_events(body.as_bytes(), None).unwrap().pop().unwrap()
@@ -1031,9 +1031,8 @@ mod tests {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let (addr, arrivals) = endpoint(Duration::from_millis(200)).await;
         let routes = crate::routing::Routes::default();
-        let signer = Arc::new(
-            crate::delivery::Signer::new(b"a-test-signing-secret-0123456789", None).unwrap(),
-        );
+        let signer =
+            Arc::new(crate::wire::Signer::new(b"a-test-signing-secret-0123456789", None).unwrap());
         routes.update(|t| {
             for (ns, path) in [("a", "failing"), ("b", "hanging")] {
                 t.apply(Route {

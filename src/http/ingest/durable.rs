@@ -11,8 +11,9 @@ use super::{
     idempotency_conflict, keyed_event_name, out_of_time, partly_stored, store_deadline,
 };
 use crate::{
-    crd::{ACCEPTED_AT_ANNOTATION, CreatedEvents, DocumentEvent, DocumentEventSpec},
+    crd::{ACCEPTED_AT_ANNOTATION, DocumentEvent, DocumentEventSpec},
     http::{ApiError, ApiState},
+    ports::CreatedEvents,
 };
 
 /// What became of one event of a durable request.

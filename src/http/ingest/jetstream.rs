@@ -16,14 +16,11 @@ use super::{
     IngestEvent, fingerprint, idempotency_conflict, out_of_time, partly_stored, store_deadline,
 };
 use crate::{
-    delivery::{
-        EventBody,
-        jetstream::{
-            Bus, CONTENT_HEADER, DUPLICATE_WINDOW, EventMessage, is_full, keyed_event_id,
-            keyed_msg_id,
-        },
+    delivery::jetstream::{
+        Bus, CONTENT_HEADER, DUPLICATE_WINDOW, EventMessage, is_full, keyed_event_id, keyed_msg_id,
     },
     http::{ApiError, ApiState},
+    wire::EventBody,
 };
 
 /// What became of one event of a request.

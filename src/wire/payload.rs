@@ -128,7 +128,7 @@ mod proptests {
             prop_assert_eq!(serde_json::to_vec(&parsed).unwrap(), body.body.to_vec());
 
             // The seed's verification: HMAC-SHA256 hex over the exact body bytes.
-            let header = crate::delivery::signer::Signer::new(&secret, None)
+            let header = crate::wire::Signer::new(&secret, None)
                 .map(|s| s.sign("id", 0, &body.body).hex);
             if let Ok(header) = header {
                 let mut mac = Hmac::<Sha256>::new_from_slice(&secret).unwrap();
