@@ -1,0 +1,653 @@
+//! The deliverer: takes work items from a lane and delivers them, keeping in hand only what
+//! is about to be attempted (see "Fairness" in the module documentation).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use async_nats::jetstream::{self, AckKind, Context, consumer::pull};
+use futures::StreamExt;
+use tokio::{sync::oneshot, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::{Attempted, Dispatcher, KeyedLimits, RouteCheck, Ticket, Verdict};
+
+use super::{Bus, BusError, DELIVERER, SERIAL, SERIAL_SUBJECT};
+use super::{
+    messages::{WorkItem, delivery_of, work_item_headers},
+    park::{self, PARK_MIN, Park, unix_millis},
+    release::Release,
+    router::work_subject,
+};
+
+/// A held delivery kept in hand checks its Webhook again at least this often (it wakes at once
+/// when the Webhook changes).
+const HOLD_RECHECK: Duration = Duration::from_secs(30);
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// A rate-limited work item whose turn is further off than this is parked, not kept in hand.
+pub const TURN_WAIT_IN_HAND: Duration = Duration::from_secs(5);
+
+/// Which work items a deliverer takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// The shared work queue, on every replica.
+    Shared,
+    /// The serial subjects, on the leader only.
+    Serial,
+}
+
+/// The work items of one lane and where to publish parked ones.
+pub struct WorkQueue {
+    context: Context,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    lane: Lane,
+    /// The router's consumer and the stream: how far routing has come (`spec.ordering`).
+    router: jetstream::consumer::Consumer<pull::Config>,
+    stream: jetstream::stream::Stream,
+}
+
+impl Bus {
+    /// The consumer of `lane`'s work items.
+    pub fn work_queue(&self, lane: Lane) -> WorkQueue {
+        let consumer = match lane {
+            Lane::Shared => &self.deliverer,
+            Lane::Serial => &self.serial,
+        };
+        WorkQueue {
+            context: self.context.clone(),
+            consumer: consumer.clone(),
+            lane,
+            router: self.router.clone(),
+            stream: self.stream.clone(),
+        }
+    }
+}
+
+/// How many work items one replica keeps in hand, so that no namespace (nor held deliveries)
+/// can take the consumer's `max_ack_pending` places from the others.
+///
+/// A namespace whose deliveries flow (a fan-out to 1,000 healthy Webhooks) keeps up to half of
+/// `max_ack_pending` in hand while they wait for their slots: parking them would cost a round
+/// trip through the stream and at least a second. A namespace whose deliveries do not get slots
+/// (endpoints that never answer) is *congested*: an item that waited [`SLOT_WAIT_IN_HAND`] for
+/// slots is parked, and for [`CONGESTION_MEMORY`] the namespace keeps no more than twice its
+/// slots in hand on this replica. Every replica counts its own, so a share of the consumer is
+/// taken once per replica: bounded by the slots, it holds across replicas while replicas ×
+/// twice the slots stays below `max_ack_pending` (39 replicas at the defaults).
+#[derive(Clone, Copy, Debug)]
+pub struct InHandLimits {
+    /// Messages of one namespace in hand (sending, waiting for its turn or slots, holding); the
+    /// excess is parked.
+    pub per_namespace: usize,
+    /// The same while the namespace is congested.
+    pub congested_per_namespace: usize,
+    /// Held messages of one namespace kept in hand, waking the moment their Webhook changes;
+    /// the others are parked and rechecked.
+    pub held_per_namespace: usize,
+}
+
+/// An item that waits this long for its delivery slots is parked, and its namespace is
+/// congested (see [`InHandLimits`]).
+pub const SLOT_WAIT_IN_HAND: Duration = Duration::from_secs(1);
+/// How long a namespace stays congested after an item last waited too long for slots.
+pub const CONGESTION_MEMORY: Duration = Duration::from_secs(10);
+
+impl InHandLimits {
+    /// The shared lane, consumed by every replica: half of `max_ack_pending` per namespace, and
+    /// twice its delivery slots (`--max-in-flight-per-namespace`: a round being sent, a round
+    /// waiting) while it is congested.
+    pub fn shared(max_ack_pending: i64, max_in_flight_per_namespace: usize) -> Self {
+        let half = Self::half(max_ack_pending);
+        let congested = max_in_flight_per_namespace.saturating_mul(2).min(half);
+        Self {
+            per_namespace: half,
+            congested_per_namespace: congested.max(1),
+            held_per_namespace: (congested / 4).max(1),
+        }
+    }
+
+    /// The serial lane, consumed by the leader alone, so that what it counts is what the
+    /// consumer has out: half of `max_ack_pending` (a rate-limited backlog waits in hand for
+    /// its turns up to [`TURN_WAIT_IN_HAND`] ahead).
+    pub fn serial(max_ack_pending: i64) -> Self {
+        let half = Self::half(max_ack_pending);
+        Self {
+            per_namespace: half,
+            congested_per_namespace: half,
+            held_per_namespace: (half / 4).max(1),
+        }
+    }
+
+    fn half(max_ack_pending: i64) -> usize {
+        usize::try_from(max_ack_pending / 2)
+            .unwrap_or(usize::MAX)
+            .max(1)
+    }
+}
+
+/// Whether a namespace last marked congested at `marked` still is at `now`.
+fn still_congested(marked: Option<Instant>, now: Instant) -> bool {
+    marked.is_some_and(|at| now.saturating_duration_since(at) < CONGESTION_MEMORY)
+}
+
+/// Delivers work items until `stop`, on every replica; starts once the routing table is
+/// complete. Attempts being sent when `stop` fires get `grace`, then are abandoned (their
+/// messages are redelivered after the ack wait).
+pub async fn deliver_work(
+    queue: WorkQueue,
+    dispatcher: Arc<Dispatcher>,
+    limits: InHandLimits,
+    max_hold: Duration,
+    routes_synced: impl Future<Output = ()>,
+    stop: CancellationToken,
+    grace: Duration,
+) -> Result<(), BusError> {
+    tokio::select! {
+        _ = routes_synced => {}
+        _ = stop.cancelled() => return Ok(()),
+    }
+    let WorkQueue {
+        context,
+        consumer,
+        lane,
+        router,
+        stream,
+    } = queue;
+    let name = match lane {
+        Lane::Shared => DELIVERER,
+        Lane::Serial => SERIAL,
+    };
+    let failed = |why: String| BusError::Consumer {
+        consumer: name,
+        why,
+    };
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    // Ordered deliveries are all the leader's, on the serial lane.
+    let release = (lane == Lane::Serial).then(|| {
+        Arc::new(Release::new(
+            router,
+            consumer.clone(),
+            stream,
+            dispatcher.clone(),
+        ))
+    });
+    if let Some(release) = &release {
+        tokio::spawn(release.clone().run(stop.clone()));
+    }
+    let deliverer = Arc::new(Deliverer {
+        context,
+        release,
+        lane,
+        dispatcher,
+        max_hold,
+        in_hand: KeyedLimits::new(limits.per_namespace),
+        congested_in_hand: KeyedLimits::new(limits.congested_per_namespace),
+        congested: Mutex::default(),
+        held: KeyedLimits::new(limits.held_per_namespace),
+        stop: stop.clone(),
+    });
+    let mut in_flight = JoinSet::new();
+    let ended = loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
+            m = messages.next() => m,
+        };
+        match message {
+            None => break Err(failed("the message stream ended".into())),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "JetStream deliverer: fetching work items");
+            }
+            // The consumer's max_ack_pending bounds how many are in hand at once, the
+            // per-namespace limits how many of them one namespace has.
+            Some(Ok(message)) => {
+                // Registered here, in the order received, before the next is pulled.
+                let turn = deliverer.register(&message);
+                let deliverer = deliverer.clone();
+                in_flight.spawn(async move { deliverer.deliver_one(message, turn).await });
+            }
+        }
+    };
+    drop(messages);
+    let drain = async { while in_flight.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drain).await.is_err() {
+        in_flight.abort_all();
+    }
+    ended
+}
+
+/// What to do with a work item's message once its delivery step is done.
+#[derive(Debug, PartialEq)]
+enum Settle {
+    Ack,
+    /// Attempt `attempt` asks for another after `after`.
+    Retry {
+        attempt: u32,
+        after: Duration,
+    },
+    /// Held (Webhook paused or blocked) since then (unix milliseconds): recheck later.
+    Held {
+        since: u64,
+    },
+    /// Its Webhook got a rate limit or an ordering while it was in hand: to the serial lane.
+    MoveToSerial,
+    /// Its turn under its Webhook's rate limit is `after` away: parked until about then,
+    /// rather than kept in hand.
+    Turn {
+        after: Duration,
+    },
+    /// This replica's table has not seen its Webhook as the router did: parked for another
+    /// replica (or this one, caught up) to take, spending no attempt.
+    NotSeenYet,
+    /// It waited [`SLOT_WAIT_IN_HAND`] for its slots: parked, its namespace congested.
+    Congested,
+    /// Stopping: leave it to be redelivered.
+    Abandon,
+}
+
+struct Deliverer {
+    context: Context,
+    lane: Lane,
+    /// The serial lane's gate of ordered deliveries.
+    release: Option<Arc<Release>>,
+    dispatcher: Arc<Dispatcher>,
+    max_hold: Duration,
+    /// Messages in hand per namespace on this replica.
+    in_hand: KeyedLimits<Arc<str>>,
+    /// The same, for a namespace while it is congested (see [`InHandLimits`]).
+    congested_in_hand: KeyedLimits<Arc<str>>,
+    /// When each namespace last had an item wait too long for its slots.
+    congested: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Held messages in hand per namespace on this replica.
+    held: KeyedLimits<Arc<str>>,
+    stop: CancellationToken,
+}
+
+impl Deliverer {
+    /// Parks the work item (see [`park::park`]).
+    async fn park(&self, message: &jetstream::Message, sequence: u64, item: &WorkItem, park: Park) {
+        park::park(&self.context, &self.stop, message, sequence, item, park).await
+    }
+
+    fn is_congested(&self, namespace: &Arc<str>) -> bool {
+        let congested = self.congested.lock().unwrap_or_else(|e| e.into_inner());
+        still_congested(congested.get(namespace).copied(), Instant::now())
+    }
+
+    fn mark_congested(&self, namespace: &Arc<str>) {
+        let mut congested = self.congested.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        congested.retain(|_, at| still_congested(Some(*at), now));
+        congested.insert(namespace.clone(), now);
+    }
+
+    /// On the serial lane: an ordered work item waits for its event's release from here (see
+    /// [`Release`]); every message received counts as pulled once registered.
+    fn register(&self, message: &jetstream::Message) -> Option<oneshot::Receiver<Option<Ticket>>> {
+        let release = self.release.as_ref()?;
+        let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let turn = delivery_of(message).and_then(|item| {
+            let route = self.dispatcher.route_of(&item.delivery)?;
+            route.ordering.as_ref()?;
+            Some(release.wait_for(item.event_sequence?, item.delivery))
+        });
+        // After the registration: the gate trusts that what was pulled is registered.
+        release.pulled(sequence);
+        turn
+    }
+
+    async fn deliver_one(
+        &self,
+        message: jetstream::Message,
+        turn: Option<oneshot::Receiver<Option<Ticket>>>,
+    ) {
+        let Some(mut item) = delivery_of(&message) else {
+            tracing::warn!(subject = %message.subject, "JetStream deliverer: dropping a message that is not a work item");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        };
+        let (delivered, sequence) = match message.info() {
+            Ok(info) => (info.delivered.max(1) as u32, info.stream_sequence),
+            Err(_) => (1, 0),
+        };
+        if !self.dispatcher.view_is_fresh() {
+            // Cut off from the API server: parked (no attempt spent) for the other replicas.
+            return self.park(&message, sequence, &item, Park::Elsewhere).await;
+        }
+        if self.lane == Lane::Serial {
+            let ordered = self
+                .dispatcher
+                .route_of(&item.delivery)
+                .is_some_and(|r| r.ordering.is_some());
+            if turn.is_some() || ordered {
+                return self.deliver_ordered(message, item, delivered, turn).await;
+            }
+        }
+        // A held item whose Webhook can take it again starts its recheck backoff over: if its
+        // namespace is busy now, it comes back in about a second, not after the hold's backoff.
+        if item.held_since.is_some()
+            && matches!(
+                self.dispatcher.check(&item.delivery),
+                RouteCheck::Deliver(_)
+            )
+        {
+            item.held_since = None;
+            item.parked = 0;
+        }
+        if let RouteCheck::Deliver(route) = self.dispatcher.check(&item.delivery)
+            && self.lane == Lane::Shared
+            && work_subject(&route) == SERIAL_SUBJECT
+        {
+            return self
+                .move_to_serial(&message, sequence, delivered, &item)
+                .await;
+        }
+        let namespace = item.delivery.webhook.namespace.clone();
+        let places = self.in_hand.get(&namespace, 0, |_| false);
+        let Ok(_place) = places.try_acquire_owned() else {
+            return self.park(&message, sequence, &item, Park::Busy).await;
+        };
+        let _congested_place = if self.is_congested(&namespace) {
+            let places = self.congested_in_hand.get(&namespace, 0, |_| false);
+            match places.try_acquire_owned() {
+                Ok(place) => Some(place),
+                Err(_) => return self.park(&message, sequence, &item, Park::Busy).await,
+            }
+        } else {
+            None
+        };
+        // Hand-outs of this message beyond the first that made no attempt (a replica stopped
+        // or crashed in between) count as attempts: at most one too many, never one too few.
+        let attempt = item.attempts_before + delivered;
+        // Kept in hand while waiting for slots, holding or sending, so that it is not
+        // redelivered to another replica meanwhile.
+        let settle = {
+            let work = self.attempt_once(&item, attempt);
+            tokio::pin!(work);
+            let mut progress = tokio::time::interval(PROGRESS_EVERY);
+            progress.tick().await;
+            loop {
+                tokio::select! {
+                    settle = &mut work => break settle,
+                    _ = progress.tick() => {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
+                }
+            }
+        };
+        let result = match settle {
+            Settle::Ack => message.ack().await,
+            Settle::Retry { attempt, after } => {
+                let park = Park::Retry {
+                    attempts: attempt,
+                    after,
+                };
+                return self.park(&message, sequence, &item, park).await;
+            }
+            Settle::Held { since } => {
+                return self
+                    .park(&message, sequence, &item, Park::Held { since })
+                    .await;
+            }
+            Settle::Turn { after } => {
+                let park = Park::Turn { after };
+                return self.park(&message, sequence, &item, park).await;
+            }
+            Settle::Congested => {
+                return self.park(&message, sequence, &item, Park::Busy).await;
+            }
+            Settle::MoveToSerial => {
+                return self
+                    .move_to_serial(&message, sequence, delivered, &item)
+                    .await;
+            }
+            Settle::NotSeenYet => {
+                return self.park(&message, sequence, &item, Park::Elsewhere).await;
+            }
+            Settle::Abandon => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(delivery = %item.delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+        }
+    }
+
+    /// One attempt (number `attempt`) of the item's delivery, after checking its route. A held
+    /// delivery waits in hand for its route to change while its namespace has a held place,
+    /// and is parked otherwise.
+    async fn attempt_once(&self, item: &WorkItem, attempt: u32) -> Settle {
+        let delivery = &item.delivery;
+        let mut held_since = item.held_since;
+        let mut held_place = None;
+        loop {
+            match self.dispatcher.check(delivery) {
+                RouteCheck::Gone(why) => {
+                    tracing::info!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream delivery failed");
+                    return Settle::Ack;
+                }
+                RouteCheck::NotSeenYet(why) => {
+                    tracing::debug!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream deliverer: not deliverable here yet");
+                    return Settle::NotSeenYet;
+                }
+                RouteCheck::Hold { route, why } => {
+                    let now = unix_millis(SystemTime::now());
+                    let since = *held_since.get_or_insert(now);
+                    let held_for = Duration::from_millis(now.saturating_sub(since));
+                    if held_for >= self.max_hold {
+                        let why = crate::delivery::held_too_long(held_for, self.max_hold, &why);
+                        tracing::warn!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream delivery failed");
+                        self.dispatcher
+                            .record_failure(delivery, attempt.saturating_sub(1), &why)
+                            .await;
+                        return Settle::Ack;
+                    }
+                    if held_place.is_none() {
+                        let places = self.held.get(&delivery.webhook.namespace, 0, |_| false);
+                        match places.try_acquire_owned() {
+                            Ok(place) => held_place = Some(place),
+                            Err(_) => return Settle::Held { since },
+                        }
+                    }
+                    tokio::select! {
+                        _ = route.superseded.cancelled() => {}
+                        _ = tokio::time::sleep(HOLD_RECHECK.min(self.max_hold - held_for)) => {}
+                        _ = self.stop.cancelled() => return Settle::Abandon,
+                    }
+                    continue;
+                }
+                // Held on the shared lane until its Webhook changed: if that change added a
+                // rate limit or an ordering, the leader delivers it.
+                RouteCheck::Deliver(route)
+                    if self.lane == Lane::Shared && work_subject(&route) == SERIAL_SUBJECT =>
+                {
+                    return Settle::MoveToSerial;
+                }
+                RouteCheck::Deliver(_) => {}
+            }
+            held_place = None;
+            // On the serial lane a turn far off is not waited for in hand (the check and the
+            // turn are one step: items taken at once cannot all see the bucket empty).
+            let max_turn_wait = (self.lane == Lane::Serial).then_some(TURN_WAIT_IN_HAND);
+            let slots = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return Settle::Abandon,
+                slots = self.dispatcher.reserve_within_turn(delivery, max_turn_wait) => slots,
+                // The shared lane: a place in hand is not kept waiting on stuck endpoints.
+                _ = tokio::time::sleep(SLOT_WAIT_IN_HAND), if self.lane == Lane::Shared => {
+                    self.mark_congested(&delivery.webhook.namespace);
+                    return Settle::Congested;
+                }
+            };
+            let slots = match slots {
+                Ok(slots) => slots,
+                Err(after) => return Settle::Turn { after },
+            };
+            match self.dispatcher.send(delivery, attempt, slots).await {
+                Attempted::Sent(report) => {
+                    return match report.verdict {
+                        Verdict::Retry(after) => Settle::Retry { attempt, after },
+                        Verdict::Succeeded | Verdict::Failed | Verdict::Gone => Settle::Ack,
+                    };
+                }
+                Attempted::NotSent | Attempted::Busy => continue,
+            }
+        }
+    }
+
+    /// Delivers an ordered work item in hand, start to end (retries, holds): parking it would
+    /// put it back behind later events of its key. It waits for its event's release, then for
+    /// its key's turn; it is acked once final, and left to be redelivered if stopped.
+    async fn deliver_ordered(
+        &self,
+        message: jetstream::Message,
+        item: WorkItem,
+        delivered: u32,
+        turn: Option<oneshot::Receiver<Option<Ticket>>>,
+    ) {
+        let work = async {
+            let mut ticket = match turn {
+                Some(rx) => tokio::select! {
+                    ticket = rx => ticket.ok().flatten(),
+                    _ = self.stop.cancelled() => return false,
+                },
+                // Routed before the Webhook was ordered (moved here): in the order received.
+                None => self.dispatcher.ticket(&item.delivery, 0),
+            };
+            let mut target = crate::delivery::new_target(&item.delivery);
+            // As in deliver_one: hand-outs beyond the first may have made an attempt.
+            target.attempts = (item.attempts_before + delivered - 1) as i32;
+            target.held_since = item.held_since.and_then(|ms| {
+                k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64)
+                    .ok()
+                    .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
+            });
+            crate::delivery::deliver(
+                &self.dispatcher,
+                &item.delivery,
+                &mut target,
+                self.max_hold,
+                &self.stop,
+                &crate::delivery::Unrecorded,
+                ticket.as_mut(),
+            )
+            .await;
+            crate::delivery::is_final(target.state)
+        };
+        tokio::pin!(work);
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.tick().await;
+        let finished = loop {
+            tokio::select! {
+                finished = &mut work => break finished,
+                _ = progress.tick() => {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+            }
+        };
+        if finished && let Err(e) = message.ack().await {
+            tracing::warn!(delivery = %item.delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+        }
+    }
+
+    /// Publishes the work item to its Webhook's serial subject (a rate limit was added since it
+    /// was routed), then acks this message; nak'd for another try if the stream does not take
+    /// it.
+    async fn move_to_serial(
+        &self,
+        message: &jetstream::Message,
+        sequence: u64,
+        delivered: u32,
+        item: &WorkItem,
+    ) {
+        let delivery = &item.delivery;
+        // As in deliver_one: hand-outs beyond the first may have made an attempt.
+        let attempts = item.attempts_before + delivered.saturating_sub(1);
+        let headers = work_item_headers(
+            item,
+            &format!("{}/serial/{sequence}", delivery.id),
+            attempts,
+            item.parked,
+            item.held_since,
+        );
+        let subject = format!(
+            "{SERIAL_SUBJECT}.{}.{}",
+            delivery.webhook.namespace, delivery.webhook.name
+        );
+        let stored = async {
+            let ack = self
+                .context
+                .publish_with_headers(subject, headers, message.payload.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            ack.await.map_err(|e| e.to_string())
+        }
+        .await;
+        let result = match stored {
+            Ok(_) => message.ack().await,
+            Err(e) => {
+                tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not move a work item to its serial subject; it is redelivered");
+                message.ack_with(AckKind::Nak(Some(PARK_MIN))).await
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_congested_namespace_keeps_twice_its_slots_in_hand_at_most_half_of_max_ack_pending() {
+        // Defaults: 128 slots per namespace, 10,000 places: a flowing namespace keeps up to
+        // 5,000 in hand (a fan-out waits for its slots there), a congested one 256, 64 of them
+        // held. Two replicas congested on one namespace's dead endpoints leave 9,488 places.
+        let defaults = InHandLimits::shared(10_000, 128);
+        assert_eq!(
+            (
+                defaults.per_namespace,
+                defaults.congested_per_namespace,
+                defaults.held_per_namespace
+            ),
+            (5_000, 256, 64)
+        );
+        // Many slots, few places: half of max_ack_pending.
+        let low = InHandLimits::shared(20, 128);
+        assert_eq!(
+            (
+                low.per_namespace,
+                low.congested_per_namespace,
+                low.held_per_namespace
+            ),
+            (10, 10, 2)
+        );
+        assert_eq!(InHandLimits::shared(200, 8).congested_per_namespace, 16);
+        let tiny = InHandLimits::shared(1, 1);
+        assert_eq!((tiny.per_namespace, tiny.congested_per_namespace), (1, 1));
+        // The serial lane has one consumer: half of max_ack_pending, congested or not.
+        let serial = InHandLimits::serial(10_000);
+        assert_eq!(
+            (serial.per_namespace, serial.congested_per_namespace),
+            (5_000, 5_000)
+        );
+        assert_eq!(InHandLimits::serial(1).per_namespace, 1);
+    }
+
+    #[test]
+    fn a_namespace_stays_congested_for_a_while_after_an_item_waited_too_long() {
+        let marked = Instant::now();
+        assert!(!still_congested(None, marked));
+        assert!(still_congested(Some(marked), marked));
+        assert!(still_congested(
+            Some(marked),
+            marked + CONGESTION_MEMORY - Duration::from_millis(1)
+        ));
+        assert!(!still_congested(Some(marked), marked + CONGESTION_MEMORY));
+    }
+}

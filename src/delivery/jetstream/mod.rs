@@ -1,0 +1,332 @@
+//! `--ingest-mode jetstream`: events and deliveries kept in a NATS JetStream stream, consumed by
+//! every replica through two durable pull consumers they share.
+//!
+//! - `hookrelay.events.<namespace>`: what ingest publishes (the seed-shaped body; the event id
+//!   and type in headers). The `router` consumer turns each event into one work item per target
+//!   and acks the event once every work item is stored.
+//! - `hookrelay.deliveries.<namespace>.<webhook>`: one work item per target (the body, the
+//!   delivery id, the Webhook's name and uid in headers). The `deliverer` consumer makes one
+//!   attempt per hand-out of the message.
+//!
+//! - `hookrelay.serial.<namespace>.<webhook>`: the work items of Webhooks with a
+//!   `spec.delivery.rateLimit` or `spec.ordering`, which must all be delivered by one process
+//!   for the limit or the order to hold (ordered ones are released in event order: see
+//!   [`Release`]). The `serial` consumer is bound by the leader only; a work item that reaches the
+//!   shared `deliverer` for such a Webhook (routed before the limit was added, or by a replica
+//!   that had not seen it yet) is moved there. See "Key affinity" below.
+//!
+//! - `hookrelay.attempts.<namespace>.<webhook>`: the record of every attempt, from every
+//!   replica (`crate::delivery::records`). The `recorder` consumer is read by the leader only, which
+//!   hands each record to its status writer, so that the Webhook's history has every replica's
+//!   attempts.
+//!
+//! Both publishes carry `Nats-Msg-Id` (the idempotency key, or the delivery id), so a retried
+//! publish, or the router redoing an event after a crash, is deduplicated by the stream.
+//!
+//! ## Fairness: nothing waits in the consumer
+//!
+//! A consumer hands out at most `max_ack_pending` messages not yet acked, all replicas together.
+//! What counts (nats-server's `o.pending`, checked against a real server): every message handed
+//! out and not acked, including those nak'd with a delay, which stay pending until redelivered
+//! and acked. So a delivery that waits (a retry's backoff, a hold of a paused or blocked
+//! Webhook) would keep its place whether it is kept in hand or nak'd, and a few hundred of them
+//! in one namespace would stop the consumer for everybody. Hence:
+//!
+//! - **Waiting is parked**: the message is acked and the same work item is published again to
+//!   `hookrelay.schedules.<namespace>.<webhook>.<delivery id>` with `Nats-Schedule: @at <time>`
+//!   and `Nats-Schedule-Target: <its work item subject>`; the stream itself publishes it back when
+//!   due (message schedules, stream setting `allow_msg_schedules`), so the retry schedule still
+//!   lives in the stream and survives a kill -9. Its `Nats-Msg-Id` is the delivery id and the
+//!   parked message's sequence, so parking again after a crash is a duplicate. A retry is
+//!   parked for the retry policy's delay; a hold for 1 s, doubling up to 30 s while it stays
+//!   held. The headers carry what the message count no longer tells: the attempts spent
+//!   (`Hookrelay-Attempts`; the attempt number is that plus the hand-outs of this message, so
+//!   holds spend none), since when it is held (`Hookrelay-Held-Since`, for `--max-hold`) and how
+//!   often it was parked in a row (`Hookrelay-Parked`, for the backoff).
+//! - **A bound per namespace on what one replica keeps in hand** ([`InHandLimits`]): half of
+//!   `max_ack_pending` while the namespace's deliveries get their slots (a fan-out to healthy
+//!   endpoints waits for them in hand, without a round trip through the stream); once an item
+//!   has waited [`SLOT_WAIT_IN_HAND`] for its slots (endpoints that never answer, a storm) it is
+//!   parked and the namespace is congested for [`CONGESTION_MEMORY`]: on the shared lane it then
+//!   keeps at most twice `--max-in-flight-per-namespace` in hand (a round being sent, a round
+//!   waiting), and the excess is parked the same way. Bounded by the slots rather than as a
+//!   share of `max_ack_pending` because every replica counts its own: with half of it each,
+//!   two replicas stuck on one namespace held the whole consumer. So the bound holds across
+//!   replicas while replicas × twice the slots stays below `max_ack_pending` (39 replicas at the
+//!   defaults); the replicas do not share their counts. The serial lane has one reader, the
+//!   leader, so there half of `max_ack_pending` is a share.
+//!   Of those places a quarter may hold deliveries in hand, which wake the moment their Webhook
+//!   changes (a resumed Webhook's first deliveries go at once, the parked ones within their
+//!   recheck, at most 30 s).
+//!
+//! ## Key affinity: rate limits with several replicas
+//!
+//! Every replica consumes `deliverer`, so a bucket per process would let N replicas send N
+//! times a Webhook's limit. Instead the deliveries of a rate-limited Webhook all go through
+//! the leader: the router publishes them to the serial subject, the shared deliverer moves
+//! any it meets there (acked once the copy is stored; the copy's id is the delivery id and the
+//! original's sequence, so a move redone after a crash is a duplicate), and retries and holds
+//! are parked back to the serial subject. A work item whose turn is further off than
+//! [`TURN_WAIT_IN_HAND`] is parked rather than kept in hand, so that a backlog at a low limit
+//! does not fill the consumer: until shortly before its place in the backlog (the turns given
+//! out plus the items parked before it, at the limit's rate), so that it comes back about once,
+//! not every few seconds of its wait. When leadership moves, the new leader
+//! binds the consumer and gets what the old one had in hand after the ack wait.
+//!
+//! Pending therefore holds only messages being attempted or about to be, at most a bounded
+//! share per namespace, so one namespace (a paused Webhook with any number of events, dead
+//! endpoints, a retry storm) cannot take the consumer. The price is a publish per retry and per
+//! recheck of a long hold (each at most every 30 s), kept in the stream until `--nats-max-age`.
+
+mod deliverer;
+mod messages;
+mod park;
+mod release;
+mod router;
+mod stream;
+
+pub use deliverer::{
+    CONGESTION_MEMORY, InHandLimits, Lane, SLOT_WAIT_IN_HAND, WorkQueue, deliver_work,
+};
+pub use messages::{EventMessage, keyed_event_id, keyed_msg_id};
+pub use router::{route_events, work_subject};
+use stream::set_up_stream;
+pub use stream::{StreamRoom, ingest_refusal, is_full, stream_update};
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use async_nats::jetstream::{
+    self, Context,
+    consumer::{AckPolicy, pull},
+};
+
+/// Subjects of ingested events: `hookrelay.events.<namespace>`.
+pub const EVENTS_SUBJECT: &str = "hookrelay.events";
+/// Subjects of work items: `hookrelay.deliveries.<namespace>.<webhook>`.
+pub const DELIVERIES_SUBJECT: &str = "hookrelay.deliveries";
+/// Subjects of work items delivered by the leader alone (rate-limited Webhooks):
+/// `hookrelay.serial.<namespace>.<webhook>`.
+pub const SERIAL_SUBJECT: &str = "hookrelay.serial";
+/// Subjects of attempt records: `hookrelay.attempts.<namespace>.<webhook>`.
+pub const ATTEMPTS_SUBJECT: &str = "hookrelay.attempts";
+/// The consumer that turns events into work items.
+pub const ROUTER: &str = "router";
+/// The consumer that delivers work items.
+pub const DELIVERER: &str = "deliverer";
+/// The consumer of the serial subjects, bound by the leader only.
+pub const SERIAL: &str = "serial";
+/// The consumer of attempt records, read by the leader's status writer.
+pub const RECORDER: &str = "recorder";
+
+/// Header: the event id (delivery ids derive from it).
+pub const EVENT_ID_HEADER: &str = "Hookrelay-Event-Id";
+/// Header: the event type.
+pub const EVENT_TYPE_HEADER: &str = "Hookrelay-Event";
+/// Header: the fingerprint of a keyed event's content, to tell a repeat from a conflict.
+pub const CONTENT_HEADER: &str = "Hookrelay-Content-Sha256";
+/// Header of a work item: its delivery id.
+pub const DELIVERY_ID_HEADER: &str = "Hookrelay-Delivery-Id";
+/// Header of a work item: the uid of the Webhook it was routed to.
+pub const WEBHOOK_UID_HEADER: &str = "Hookrelay-Webhook-Uid";
+/// Header of a work item: the version of that Webhook in the router's table (a deliverer whose
+/// table has not seen it waits; see `RoutingTable::find`).
+pub const WEBHOOK_VERSION_HEADER: &str = "Hookrelay-Webhook-Version";
+/// Header of an event: how far the ingesting replica's table had seen the namespace's Webhooks
+/// (a router whose table has seen less does not route it).
+pub const ROUTES_SEEN_HEADER: &str = "Hookrelay-Routes-Seen";
+/// Header of a work item: the stream sequence of its event (the order of `spec.ordering`).
+pub const EVENT_SEQUENCE_HEADER: &str = "Hookrelay-Event-Sequence";
+/// Header of a parked work item: attempts made before it was published (absent: none).
+pub const ATTEMPTS_HEADER: &str = "Hookrelay-Attempts";
+/// Header of a parked work item: times it was parked in a row without an attempt.
+pub const PARKED_HEADER: &str = "Hookrelay-Parked";
+/// Header of a parked work item: since when it is held (unix milliseconds).
+pub const HELD_SINCE_HEADER: &str = "Hookrelay-Held-Since";
+/// Subjects of parked work items waiting for their time:
+/// `hookrelay.schedules.<namespace>.<webhook>.<delivery id>`. No consumer reads them: the
+/// stream publishes each to its work item subject when it is due, and purges it.
+pub const SCHEDULES_SUBJECT: &str = "hookrelay.schedules";
+
+/// How long the stream remembers message ids: a retried publish within it is a duplicate.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
+
+/// Ack wait of both consumers; a message in hand is kept alive well within it.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// How to reach JetStream and what to create there.
+#[derive(Clone, Debug)]
+pub struct BusConfig {
+    pub url: String,
+    pub creds: Option<PathBuf>,
+    pub tls: NatsTls,
+    pub stream: String,
+    pub max_age: Duration,
+    /// Bytes and messages the stream may hold when hookrelay creates it.
+    pub max_bytes: i64,
+    pub max_messages: i64,
+    pub max_ack_pending: i64,
+}
+
+/// TLS towards NATS: any file given makes TLS required.
+#[derive(Clone, Debug, Default)]
+pub struct NatsTls {
+    /// PEM CA certificate(s) the server's certificate must chain to (else the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and its key, for servers that verify clients.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl NatsTls {
+    fn required(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+
+    /// Reads every file given, so that a missing or wrong file is reported as such at start
+    /// rather than as a failed handshake.
+    fn check(&self) -> Result<(), BusError> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let unreadable = |flag: &'static str, path: &PathBuf, why: String| BusError::Tls {
+            flag,
+            path: path.display().to_string(),
+            why,
+        };
+        for (flag, path) in [
+            ("--nats-tls-ca-file", &self.ca_file),
+            ("--nats-tls-cert-file", &self.cert_file),
+        ] {
+            let Some(path) = path else { continue };
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| unreadable(flag, path, e.to_string()))?;
+            if certs.is_empty() {
+                return Err(unreadable(flag, path, "no PEM certificate in it".into()));
+            }
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), Some(path)) => {
+                PrivateKeyDer::from_pem_file(path)
+                    .map_err(|e| unreadable("--nats-tls-key-file", path, e.to_string()))?;
+            }
+            (None, None) => {}
+            _ => return Err(BusError::TlsPair),
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error(
+        "cannot connect to NATS at {url}: {why} (check --nats-url and --nats-creds; a server with a private CA needs --nats-tls-ca-file)"
+    )]
+    Connect { url: String, why: String },
+    #[error("cannot read the NATS credentials file {path}: {why}")]
+    Creds { path: String, why: String },
+    #[error("cannot use {flag} {path}: {why} (a readable PEM file is needed)")]
+    Tls {
+        flag: &'static str,
+        path: String,
+        why: String,
+    },
+    #[error("give both --nats-tls-cert-file and --nats-tls-key-file, or neither")]
+    TlsPair,
+    #[error(
+        "cannot create or update the JetStream {what}: {why} (is JetStream enabled on the server?)"
+    )]
+    Setup { what: String, why: String },
+    #[error("the JetStream {consumer} consumer stopped: {why}")]
+    Consumer { consumer: &'static str, why: String },
+}
+
+/// A connected bus: the publish context and the two consumers, created or updated.
+#[derive(Clone)]
+pub struct Bus {
+    pub context: Context,
+    /// The stream, to read a stored event back (a keyed repeat's content).
+    pub stream: jetstream::stream::Stream,
+    router: jetstream::consumer::Consumer<pull::Config>,
+    deliverer: jetstream::consumer::Consumer<pull::Config>,
+    /// Work items of rate-limited Webhooks, for the leader alone.
+    serial: jetstream::consumer::Consumer<pull::Config>,
+    /// Attempt records of every replica, for the leader's status writer.
+    pub recorder: jetstream::consumer::Consumer<pull::Config>,
+    /// How full the stream is, as ingest last looked.
+    pub room: Arc<StreamRoom>,
+}
+
+/// Connects and creates (or updates) the stream and both durable consumers.
+pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
+    let mut options = async_nats::ConnectOptions::new().name("hookrelay");
+    if let Some(path) = &config.creds {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| BusError::Creds {
+                path: path.display().to_string(),
+                why: e.to_string(),
+            })?;
+    }
+    if config.tls.required() {
+        config.tls.check()?;
+        options = options.require_tls(true);
+        if let Some(ca) = &config.tls.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+    }
+    let client = options
+        .connect(config.url.as_str())
+        .await
+        .map_err(|e| BusError::Connect {
+            url: config.url.clone(),
+            why: e.to_string(),
+        })?;
+    let context = jetstream::new(client);
+    let setup = |what: &str, e: &dyn std::fmt::Display| BusError::Setup {
+        what: what.to_owned(),
+        why: e.to_string(),
+    };
+    set_up_stream(&context, config)
+        .await
+        .map_err(|e| setup(&format!("stream {}", config.stream), &e))?;
+    let stream = context
+        .get_stream(&config.stream)
+        .await
+        .map_err(|e| setup(&format!("stream {}", config.stream), &e))?;
+    let consumer = |name: &str, filter: String| pull::Config {
+        durable_name: Some(name.into()),
+        filter_subject: filter,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_ack_pending: config.max_ack_pending,
+        ..Default::default()
+    };
+    let router = stream
+        .create_consumer(consumer(ROUTER, format!("{EVENTS_SUBJECT}.>")))
+        .await
+        .map_err(|e| setup(&format!("consumer {ROUTER}"), &e))?;
+    let deliverer = stream
+        .create_consumer(consumer(DELIVERER, format!("{DELIVERIES_SUBJECT}.>")))
+        .await
+        .map_err(|e| setup(&format!("consumer {DELIVERER}"), &e))?;
+    let serial = stream
+        .create_consumer(consumer(SERIAL, format!("{SERIAL_SUBJECT}.>")))
+        .await
+        .map_err(|e| setup(&format!("consumer {SERIAL}"), &e))?;
+    let recorder = stream
+        .create_consumer(consumer(RECORDER, format!("{ATTEMPTS_SUBJECT}.>")))
+        .await
+        .map_err(|e| setup(&format!("consumer {RECORDER}"), &e))?;
+    Ok(Bus {
+        context,
+        stream,
+        router,
+        deliverer,
+        serial,
+        recorder,
+        room: Arc::default(),
+    })
+}
