@@ -30,7 +30,7 @@ use crate::{
         ACCEPTED_AT_ANNOTATION, DocumentEvent, DocumentEventStatus, EventPhase, TargetDelivery,
         TargetState,
     },
-    delivery::{self, Delivery, Dispatcher, Report, delivery_id, is_final},
+    delivery::{self, Delivery, Dispatcher, Keeper, Parked, Wait, delivery_id, is_final},
     health::Readiness,
     keys::WebhookKey,
     leader::Leadership,
@@ -498,20 +498,14 @@ impl DocumentEventController {
             key: key.clone(),
             uid: uid.to_owned(),
             leadership: self.leadership.clone(),
+            stop: cancel.clone(),
         };
         self.tasks.metrics.pending_deliveries.inc();
         // Live events are taken over in the order they were created; after a restart the
         // list's order (by name) within one second of creation.
         let order = self.tasks.dispatcher.ticket(&delivery, event.created);
         let (task, abandon) = (
-            deliver(
-                self.tasks.clone(),
-                progress,
-                delivery,
-                target,
-                cancel.clone(),
-                order,
-            ),
+            deliver(self.tasks.clone(), progress, delivery, target, order),
             self.abandon.clone(),
         );
         self.deliveries.spawn(async move {
@@ -739,15 +733,13 @@ async fn deliver(
     progress: EventProgress,
     delivery: Delivery,
     mut target: TargetDelivery,
-    cancel: CancellationToken,
     mut order: Option<delivery::Ticket>,
 ) {
-    delivery::deliver(
+    delivery::drive(
         &ctx.dispatcher,
         &delivery,
         &mut target,
         ctx.max_hold,
-        &cancel,
         &progress,
         order.as_mut(),
     )
@@ -755,22 +747,33 @@ async fn deliver(
     ctx.metrics.pending_deliveries.dec();
 }
 
-/// A delivery's progress goes to the controller, which owns the event's status.
+/// A delivery's progress goes to the controller, which owns the event's status; it waits in
+/// its own task.
 struct EventProgress {
     tx: mpsc::Sender<Progress>,
     key: EventKey,
     uid: String,
     leadership: Leadership,
+    /// Fired when the controller stops (or its term ends).
+    stop: CancellationToken,
 }
 
-impl Report for EventProgress {
+impl Keeper for EventProgress {
+    fn stopped(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    async fn park(&self, _: &Wait, _: &TargetDelivery) -> Parked {
+        Parked::Here
+    }
+
     /// Only the leader delivers DocumentEvents: a replica whose term has ended (even one paused
     /// past it, whose election has not run yet) sends nothing more.
     fn may_send(&self) -> bool {
         self.leadership.is_leader()
     }
 
-    async fn report(&self, target: &TargetDelivery) {
+    async fn store(&self, target: &TargetDelivery) {
         let _ = self
             .tx
             .send(Progress {

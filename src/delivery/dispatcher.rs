@@ -80,15 +80,13 @@ pub struct Slots {
     _permits: [tokio::sync::OwnedSemaphorePermit; 3],
 }
 
-/// How a call to [`Dispatcher::attempt`] ended.
+/// How a call to [`Dispatcher::send`] ended.
 #[derive(Debug)]
 pub enum Attempted {
     Sent(AttemptReport),
     /// The route changed while the attempt waited for its slots: nothing was sent and no
     /// attempt spent; check the route again.
     NotSent,
-    /// No slot within the time allowed: nothing was sent.
-    Busy,
 }
 
 /// The delivery id of an event for a webhook: the same on every retry and after restarts,
@@ -245,27 +243,6 @@ impl Dispatcher {
                 let why = format!("held: webhook not ready ({reason}): {message}");
                 RouteCheck::Hold { route, why }
             }
-        }
-    }
-
-    /// Makes attempt number `attempt` (1-based) of `delivery` and records it, unless the route
-    /// no longer allows it once the slots are had.
-    pub async fn attempt(&self, delivery: &Delivery, attempt: u32) -> Attempted {
-        let slots = self.reserve(delivery).await;
-        self.send(delivery, attempt, slots).await
-    }
-
-    /// [`Self::attempt`], giving up with [`Attempted::Busy`] when the slots are not had within
-    /// `wait` (for a person waiting on a manual delivery).
-    pub async fn attempt_within(
-        &self,
-        delivery: &Delivery,
-        attempt: u32,
-        wait: Duration,
-    ) -> Attempted {
-        match tokio::time::timeout(wait, self.reserve(delivery)).await {
-            Ok(slots) => self.send(delivery, attempt, slots).await,
-            Err(_) => Attempted::Busy,
         }
     }
 

@@ -1,21 +1,110 @@
-//! What happens to one delivery, whatever its source: wait for the scheduled time, check the
-//! route (deliver, hold or give up), attempt, and schedule the next attempt, until the target
-//! is final. Sources (the DocumentEvent controller, direct ingest) only say where progress goes.
+//! The delivery engine: one loop that carries out [`attempt::decide`] for a delivery until it
+//! is final, stopped, or taken away by its source. Every source of deliveries (the
+//! DocumentEvent controller, direct ingest, JetStream work items, manual test and redeliver)
+//! runs its deliveries through [`drive`] and supplies only a [`Keeper`]: how it stores
+//! progress, where a delivery waits, how it gets slots, and what finishing means to it.
 
 use std::time::Duration;
 
-use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 
-use super::{AttemptReport, Attempted, Delivery, Dispatcher, RouteCheck, Ticket, Verdict};
-use crate::crd::{TargetDelivery, TargetState};
+use super::{
+    AttemptReport, Attempted, Delivery, Dispatcher, RouteCheck, Slots, Ticket,
+    attempt::{self, Step},
+};
+use crate::{
+    crd::{TargetDelivery, TargetState},
+    routing::Route,
+};
 
-/// How soon a delivery whose Webhook this replica has not seen yet asks again.
+/// How soon a delivery waiting here for a Webhook this replica has not seen yet asks again.
 const NOT_SEEN_RECHECK: Duration = Duration::from_secs(1);
 
-/// Where a delivery's progress goes.
-pub trait Report: Send + Sync {
-    fn report(&self, target: &TargetDelivery) -> impl Future<Output = ()> + Send;
+/// Why a delivery waits instead of being sent now.
+#[derive(Debug)]
+pub enum Wait {
+    /// Its retry is due in `after`.
+    Retry { after: Duration },
+    /// Held for `why` until `route` changes, at most `at_most`.
+    Held {
+        why: String,
+        route: std::sync::Arc<Route>,
+        at_most: Duration,
+    },
+    /// This replica's routing table has not seen the Webhook as the router did.
+    NotHere { why: String },
+    /// The earlier deliveries of its ordering key are not final.
+    KeyTurn,
+    /// No slot came within what the source is willing to wait ([`Keeper::reserve`]).
+    Busy,
+    /// Its turn under its Webhook's rate limit is `after` away.
+    RateTurn { after: Duration },
+    /// Its Webhook is now delivered from another of the source's queues (a JetStream work item
+    /// whose Webhook got a rate limit or an ordering).
+    OtherQueue,
+}
+
+/// Where a delivery that must wait does so.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parked {
+    /// Here: the engine waits (for the retry's time, the route's change, the key's turn), then
+    /// checks again. Ends early when [`Keeper::stopped`] fires.
+    Here,
+    /// Elsewhere: the keeper has put it where it waits (parked in the stream, handed to a task
+    /// of its own, refused to a person waiting); the engine lets go of it.
+    Elsewhere,
+}
+
+/// How [`drive`] ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// Final: succeeded, or failed for good. `last` is the last attempt this call sent.
+    Finished { last: Option<AttemptReport> },
+    /// The keeper took it elsewhere while it waited for this.
+    Left(Wait),
+    /// [`Keeper::stopped`] fired or [`Keeper::may_send`] said no: not final, nothing more is
+    /// sent by this call.
+    Stopped,
+}
+
+/// What a source of deliveries supplies to the engine.
+pub trait Keeper: Send + Sync {
+    /// Fired when its deliveries must stop where they are (the operator is stopping): waits
+    /// end, and no attempt starts; an attempt being sent is finished and recorded.
+    fn stopped(&self) -> &CancellationToken;
+
+    /// Where the delivery waits for `wait`, given where it stands (`target`).
+    fn park(&self, wait: &Wait, target: &TargetDelivery) -> impl Future<Output = Parked> + Send;
+
+    /// Keeps the delivery's progress (held, resumed, attempted, final) where the source keeps
+    /// it. Nothing by default: the Webhook's history has every attempt anyway.
+    fn store(&self, target: &TargetDelivery) -> impl Future<Output = ()> + Send {
+        let _ = target;
+        async {}
+    }
+
+    /// The delivery is final: settle it with the source (ack a message). Nothing by default.
+    fn ack(&self, target: &TargetDelivery) -> impl Future<Output = ()> + Send {
+        let _ = target;
+        async {}
+    }
+
+    /// Slots for the delivery's next attempt, or why it must wait instead. By default it waits
+    /// for them (and for its rate-limit turn) as long as it takes, or until stopped.
+    fn reserve(
+        &self,
+        dispatcher: &Dispatcher,
+        delivery: &Delivery,
+    ) -> impl Future<Output = Result<Slots, Wait>> + Send {
+        reserve_until(dispatcher, delivery, self.stopped())
+    }
+
+    /// Whether this source sends to `route` itself (false: [`Wait::OtherQueue`]).
+    fn accepts(&self, route: &Route) -> bool {
+        let _ = route;
+        true
+    }
 
     /// Checked right before each attempt is sent, once its slots are had: false stops the
     /// delivery there (a fence, such as the end of a term of leadership).
@@ -24,15 +113,26 @@ pub trait Report: Send + Sync {
     }
 }
 
-/// Progress that nothing records (direct ingest): the Webhook's history has the attempts.
-pub struct Unrecorded;
-
-impl Report for Unrecorded {
-    async fn report(&self, _: &TargetDelivery) {}
-}
-
-pub fn is_final(state: TargetState) -> bool {
-    matches!(state, TargetState::Succeeded | TargetState::Failed)
+/// Waits for the delivery's slots (its rate-limit turn first) until `stop` fires (then
+/// [`Wait::Busy`]). Slots are usually free at once: only a delivery that has to wait for them
+/// also waits for the token (polling it registers a waiter under a lock, which the hot path
+/// does without).
+pub async fn reserve_until(
+    dispatcher: &Dispatcher,
+    delivery: &Delivery,
+    stop: &CancellationToken,
+) -> Result<Slots, Wait> {
+    let reserve = dispatcher.reserve(delivery);
+    tokio::pin!(reserve);
+    match futures::poll!(reserve.as_mut()) {
+        std::task::Poll::Ready(slots) => Ok(slots),
+        std::task::Poll::Pending => tokio::select! {
+            // A stopped delivery never starts an attempt, even when a slot is free at once.
+            biased;
+            _ = stop.cancelled() => Err(Wait::Busy),
+            slots = reserve => Ok(slots),
+        },
+    }
 }
 
 /// A target that has not been attempted yet.
@@ -44,250 +144,160 @@ pub fn new_target(delivery: &Delivery) -> TargetDelivery {
     )
 }
 
-/// Delivers `delivery` until `target` is final or `cancel` fires, reporting every change.
+/// Delivers `delivery`, standing at `target`, until it is final, stopped, or parked elsewhere
+/// by `keeper`, keeping `target` up to date and handing every change to [`Keeper::store`].
 ///
-/// A delivery whose Webhook is paused or blocked by something a person fixes is `Held` without
+/// A delivery whose Webhook is paused or blocked by something a person fixes is held without
 /// spending attempts; it wakes when that Webhook's route changes (not by polling), and fails
-/// once it has been held for `max_hold`, so that it finishes and retention applies. `held_since`
-/// is kept in the target, so a resumed delivery keeps its deadline.
+/// once it has been held for `max_hold`, recorded, so that it finishes and retention applies.
+/// `held_since` is kept in the target, so a resumed delivery keeps its deadline.
 ///
-/// With an `order` ticket (`spec.ordering`), nothing is attempted before the earlier
-/// deliveries of its key are final, and a retry marks the key blocked; the caller drops the
-/// ticket once this returns, giving the key's turn to the next delivery.
-pub async fn deliver(
+/// With an `order` ticket (`spec.ordering`), nothing happens before the earlier deliveries of
+/// its key are final, and a retry marks the key blocked; the caller drops the ticket once this
+/// returns, giving the key's turn to the next delivery.
+pub async fn drive(
     dispatcher: &Dispatcher,
     delivery: &Delivery,
     target: &mut TargetDelivery,
     max_hold: Duration,
-    cancel: &CancellationToken,
-    reporter: &impl Report,
+    keeper: &impl Keeper,
     mut order: Option<&mut Ticket>,
-) {
-    if let Some(ticket) = order.as_deref_mut() {
-        tokio::select! {
-            _ = ticket.turn() => {}
-            _ = cancel.cancelled() => return,
-        }
-        // Resumed after a restart with attempts spent: its key is blocked again.
-        if target.attempts > 0 && !is_final(target.state) {
-            ticket.retrying(&delivery.id, target.attempts);
-        }
-    }
-    let now = Timestamp::now();
-    let mut wait = target
-        .next_attempt_time
-        .as_ref()
-        .filter(|t| t.0 > now)
-        .map(|t| t.0.duration_since(now).unsigned_abs());
+) -> Ending {
+    let mut last = None;
+    let mut had_turn = false;
     loop {
-        if let Some(wait) = wait.take() {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = cancel.cancelled() => return,
+        let in_turn = order.as_deref_mut().is_none_or(Ticket::has_turn);
+        if in_turn && !had_turn {
+            had_turn = true;
+            // Resumed (after a restart, a hand-over) with attempts spent: its key is blocked
+            // again.
+            if let Some(ticket) = order.as_deref()
+                && target.attempts > 0
+                && !attempt::is_final(target.state)
+            {
+                ticket.retrying(&delivery.id, target.attempts);
             }
         }
-        match dispatcher.check(delivery) {
-            RouteCheck::Gone(why) => {
-                fail(target, why);
-                reporter.report(target).await;
-                return;
+        let check = dispatcher.check(delivery);
+        let now = Timestamp::now();
+        let wait = match attempt::decide(&check, target, in_turn, now, max_hold) {
+            Step::Done => {
+                keeper.ack(target).await;
+                return Ending::Finished { last };
             }
-            RouteCheck::Hold { route, why } => {
-                let now = Timestamp::now();
-                let since = target.held_since.get_or_insert(Time(now)).0;
-                let held_for = now.duration_since(since).unsigned_abs();
-                if held_for >= max_hold {
-                    let why = held_too_long(held_for, max_hold, &why);
-                    dispatcher
-                        .record_failure(delivery, target.attempts.max(0) as u32, &why)
-                        .await;
-                    fail(target, why);
-                    reporter.report(target).await;
-                    return;
+            Step::Fail { why, record } => {
+                if record {
+                    let spent = target.attempts.max(0) as u32;
+                    dispatcher.record_failure(delivery, spent, &why).await;
                 }
-                if target.state != TargetState::Held || target.error.as_ref() != Some(&why) {
-                    target.state = TargetState::Held;
-                    target.error = Some(why);
-                    target.next_attempt_time = None;
-                    reporter.report(target).await;
-                }
-                tokio::select! {
-                    _ = route.superseded.cancelled() => {}
-                    _ = tokio::time::sleep(max_hold - held_for) => {}
-                    _ = cancel.cancelled() => return,
-                }
+                attempt::fail(target, why);
+                keeper.store(target).await;
                 continue;
             }
-            RouteCheck::NotSeenYet(_) => {
-                // Only work routed by another replica names a version: ask again shortly.
-                tokio::select! {
-                    _ = tokio::time::sleep(NOT_SEEN_RECHECK) => {}
-                    _ = cancel.cancelled() => return,
+            Step::AwaitTurn => Wait::KeyTurn,
+            Step::RetryIn(after) => Wait::Retry { after },
+            Step::NotHere { why } => Wait::NotHere { why },
+            Step::Hold { why, at_most } => {
+                if attempt::hold(target, &why, now) {
+                    keeper.store(target).await;
                 }
-                continue;
+                let RouteCheck::Hold { route, .. } = check else {
+                    unreachable!("a hold comes from a held route")
+                };
+                Wait::Held {
+                    why,
+                    route,
+                    at_most,
+                }
             }
-            RouteCheck::Deliver(_) => {}
-        }
-        if target.state == TargetState::Held {
-            target.state = TargetState::Pending;
-            target.error = None;
-            target.held_since = None;
-            reporter.report(target).await;
-        }
-        let attempt = target.attempts.max(0) as u32 + 1;
-        // Waiting for a slot stops when cancelled; an attempt being sent is finished and
-        // recorded (its outcome is what the next run would otherwise redo).
-        let slots = tokio::select! {
-            // A cancelled delivery never starts an attempt, even when a slot is free at once.
-            biased;
-            _ = cancel.cancelled() => return,
-            slots = dispatcher.reserve(delivery) => slots,
+            Step::Send { attempt } => {
+                let RouteCheck::Deliver(route) = &check else {
+                    unreachable!("a send comes from a deliverable route")
+                };
+                if !keeper.accepts(route) {
+                    Wait::OtherQueue
+                } else {
+                    if attempt::unhold(target) {
+                        keeper.store(target).await;
+                    }
+                    match keeper.reserve(dispatcher, delivery).await {
+                        Err(wait) => wait,
+                        Ok(slots) => {
+                            // Right before the send: once stopping (or fenced), no attempt
+                            // starts (its record might not be written any more).
+                            if keeper.stopped().is_cancelled() || !keeper.may_send() {
+                                return Ending::Stopped;
+                            }
+                            if let Attempted::Sent(report) =
+                                dispatcher.send(delivery, attempt, slots).await
+                            {
+                                attempt::record(target, attempt, &report, Timestamp::now());
+                                if let Some(ticket) = order.as_deref()
+                                    && target.next_attempt_time.is_some()
+                                {
+                                    ticket.retrying(&delivery.id, target.attempts);
+                                }
+                                keeper.store(target).await;
+                                last = Some(report);
+                            }
+                            // Not sent: the route changed while it waited; check it again.
+                            continue;
+                        }
+                    }
+                }
+            }
         };
-        if !reporter.may_send() {
-            return;
+        if keeper.stopped().is_cancelled() {
+            return Ending::Stopped;
         }
-        let result = dispatcher.send(delivery, attempt, slots).await;
-        let Attempted::Sent(result) = result else {
-            continue;
-        };
-        wait = apply(target, attempt, &result);
-        if let Some(ticket) = order.as_deref()
-            && wait.is_some()
-        {
-            ticket.retrying(&delivery.id, target.attempts);
-        }
-        reporter.report(target).await;
-        if is_final(target.state) {
-            return;
+        match keeper.park(&wait, target).await {
+            Parked::Elsewhere => return Ending::Left(wait),
+            Parked::Here => {
+                if !wait_here(&wait, order.as_deref_mut(), keeper.stopped()).await {
+                    return Ending::Stopped;
+                }
+            }
         }
     }
 }
 
-/// Delivers an event nothing stores (direct ingest): the same attempts and retries, recorded
-/// only in the Webhook's history; held for at most `max_hold`. `target` is where it stands
-/// (after [`attempt_first`], say). Ends early when `cancel` fires (the operator is stopping);
-/// true when the delivery finished (succeeded or failed for good).
-pub async fn deliver_unrecorded(
-    dispatcher: &Dispatcher,
-    delivery: &Delivery,
-    mut target: TargetDelivery,
-    max_hold: Duration,
-    mut order: Option<Ticket>,
-    cancel: &CancellationToken,
-) -> bool {
-    deliver(
-        dispatcher,
-        delivery,
-        &mut target,
-        max_hold,
-        cancel,
-        &Unrecorded,
-        order.as_mut(),
-    )
-    .await;
-    is_final(target.state)
-}
-
-/// What a source that runs its own workers (direct ingest) learns from [`attempt_first`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum FirstAttempt {
-    /// The target is final: nothing more to do.
-    Done,
-    /// Held, retrying or not sent: continue with [`deliver`] (it waits for
-    /// `next_attempt_time`), in a task of its own, so that the worker takes the next delivery.
-    Continue,
-    /// `cancel` fired before the attempt was sent: nothing was sent.
-    Cancelled,
-}
-
-/// The first attempt of a new delivery, sent at once by the caller's own task: no task, no
-/// wait in line behind a semaphore. Unrecorded progress, as [`deliver_unrecorded`]. Nothing is
-/// sent once `cancel` has fired; an attempt already being sent is not interrupted.
-pub async fn attempt_first(
-    dispatcher: &Dispatcher,
-    delivery: &Delivery,
-    target: &mut TargetDelivery,
-    cancel: &CancellationToken,
-) -> FirstAttempt {
-    match dispatcher.check(delivery) {
-        RouteCheck::Gone(why) => {
-            fail(target, why);
-            return FirstAttempt::Done;
+/// Waits in this task for what `wait` is waiting for; false when `stop` fired first.
+async fn wait_here(wait: &Wait, order: Option<&mut Ticket>, stop: &CancellationToken) -> bool {
+    let pause = async {
+        match wait {
+            Wait::Retry { after } | Wait::RateTurn { after } => tokio::time::sleep(*after).await,
+            Wait::Held { route, at_most, .. } => tokio::select! {
+                _ = route.superseded.cancelled() => {}
+                _ = tokio::time::sleep(*at_most) => {}
+            },
+            Wait::KeyTurn => match order {
+                Some(ticket) => ticket.turn().await,
+                None => unreachable!("only an ordered delivery waits for its key's turn"),
+            },
+            // Only work routed by another replica names a version: ask again shortly.
+            Wait::NotHere { .. } | Wait::Busy | Wait::OtherQueue => {
+                tokio::time::sleep(NOT_SEEN_RECHECK).await
+            }
         }
-        RouteCheck::Hold { .. } | RouteCheck::NotSeenYet(_) => return FirstAttempt::Continue,
-        RouteCheck::Deliver(_) => {}
-    }
-    let reserve = dispatcher.reserve(delivery);
-    tokio::pin!(reserve);
-    // Slots are usually free at once: only a delivery that has to wait for them also waits for
-    // the token (polling it registers a waiter under a lock, which the hot path does without).
-    let slots = match futures::poll!(reserve.as_mut()) {
-        std::task::Poll::Ready(slots) => slots,
-        std::task::Poll::Pending => tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return FirstAttempt::Cancelled,
-            slots = reserve => slots,
-        },
     };
-    // Right before the send: once stopping, no attempt starts (its record might not be
-    // written any more).
-    if cancel.is_cancelled() {
-        return FirstAttempt::Cancelled;
-    }
-    let Attempted::Sent(result) = dispatcher.send(delivery, 1, slots).await else {
-        return FirstAttempt::Continue;
-    };
-    apply(target, 1, &result);
-    if is_final(target.state) {
-        FirstAttempt::Done
-    } else {
-        FirstAttempt::Continue
+    tokio::select! {
+        _ = pause => true,
+        _ = stop.cancelled() => false,
     }
 }
 
-/// Records how attempt number `attempt` ended in `target`; the wait before the next one.
-fn apply(target: &mut TargetDelivery, attempt: u32, result: &AttemptReport) -> Option<Duration> {
-    target.attempts = attempt as i32;
-    target.http_status = result.http_status;
-    target.last_attempt_time = Some(result.time.clone());
-    target.error = result.error.clone();
-    match result.verdict {
-        Verdict::Succeeded => {
-            target.state = TargetState::Succeeded;
-            target.next_attempt_time = None;
-            None
-        }
-        Verdict::Retry(after) => {
-            target.state = TargetState::Pending;
-            let next = Timestamp::now()
-                .checked_add(after)
-                .unwrap_or_else(|_| Timestamp::now());
-            target.next_attempt_time = Some(Time(next));
-            Some(after)
-        }
-        Verdict::Failed | Verdict::Gone => {
-            target.state = TargetState::Failed;
-            target.next_attempt_time = None;
-            None
-        }
+/// A keeper that waits for everything in the caller's task and stores nothing: a direct
+/// delivery after its first attempt, an ordered JetStream work item.
+pub struct InHand<'a> {
+    pub stop: &'a CancellationToken,
+}
+
+impl Keeper for InHand<'_> {
+    fn stopped(&self) -> &CancellationToken {
+        self.stop
     }
-}
 
-fn fail(target: &mut TargetDelivery, why: String) {
-    target.state = TargetState::Failed;
-    target.next_attempt_time = None;
-    target.error = Some(why);
-}
-
-/// Why a delivery held for `held_for` failed (`--max-hold` is `max_hold`).
-pub(crate) fn held_too_long(held_for: Duration, max_hold: Duration, why: &str) -> String {
-    format!(
-        "held for {} (the limit, --max-hold, is {}): {why}",
-        humantime::format_duration(round_secs(held_for)),
-        humantime::format_duration(max_hold)
-    )
-}
-
-fn round_secs(d: Duration) -> Duration {
-    Duration::from_secs(d.as_secs())
+    async fn park(&self, _: &Wait, _: &TargetDelivery) -> Parked {
+        Parked::Here
+    }
 }

@@ -1,7 +1,11 @@
-//! Delivery: the wire contract (payload, signatures, headers), the egress guard, the retry
-//! policy, and the HTTP client that sends attempts.
+//! Delivery: one engine for every source of deliveries ([`drive`], deciding each step with
+//! [`decide`]), the dispatcher that sends attempts within their slots, the egress guard, the
+//! retry policy, the HTTP client, and the sources that are not the API's: direct lines and
+//! JetStream work items.
 
+mod attempt;
 mod client;
+pub mod direct;
 mod dispatcher;
 mod egress;
 mod engine;
@@ -9,25 +13,24 @@ pub mod history;
 mod in_flight;
 pub mod jetstream;
 mod limits;
+mod manual;
 pub mod ordering;
 mod rate_limit;
 pub mod records;
 mod retry;
 mod source;
 
+pub use attempt::{Step, decide, is_final};
 pub use client::{AddressMap, Attempt, HttpSender, TestNames, USER_AGENT};
 pub use dispatcher::{
     AttemptReport, Attempted, Delivery, Dispatcher, DispatcherConfig, GoneNotice, RouteCheck,
     Slots, delivery_id,
 };
 pub use egress::{EgressDenied, EgressPolicy, redact_url, special_range};
-use engine::held_too_long;
-pub use engine::{
-    FirstAttempt, Report, Unrecorded, attempt_first, deliver, deliver_unrecorded, is_final,
-    new_target,
-};
+pub use engine::{Ending, InHand, Keeper, Parked, Wait, drive, new_target, reserve_until};
 pub use in_flight::{InFlight, InFlightGuard};
 pub use limits::KeyedLimits;
+pub use manual::{MANUAL_SLOT_WAIT, Refusal, deliver_now};
 pub use ordering::{Sequencer, Ticket};
 pub use retry::{AttemptResult, RetryPolicy, Verdict, parse_retry_after};
 pub use source::Source;

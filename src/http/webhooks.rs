@@ -21,7 +21,7 @@ use serde_json::{Map, Value, json};
 use super::{ApiState, NamespaceQuery, caller::caller, error::ApiError, is_delivery_id, read_body};
 use crate::{
     crd::{DeliveryRecord, DocumentEvent, EventType, Outcome, Webhook, WebhookStatus},
-    delivery::{AttemptReport, Attempted, Delivery, RouteCheck, Source, Verdict},
+    delivery::{AttemptReport, Delivery, Refusal, Source, Verdict},
     wire::EventBody,
 };
 
@@ -684,49 +684,35 @@ async fn attempt_once(
         timeout_cap: Some(
             state
                 .request_timeout
-                .saturating_sub(MANUAL_SLOT_WAIT + std::time::Duration::from_secs(2))
+                .saturating_sub(
+                    crate::delivery::MANUAL_SLOT_WAIT + std::time::Duration::from_secs(2),
+                )
                 .max(std::time::Duration::from_secs(1)),
         ),
         trace: None,
     };
-    // A person is waiting: say at once why nothing can be sent rather than "try again".
-    if let RouteCheck::Hold { why, .. } | RouteCheck::Gone(why) | RouteCheck::NotSeenYet(why) =
-        state.dispatcher.check(&delivery)
-    {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "webhook_not_ready",
-            format!("nothing was sent to webhook {id}: {why}"),
-        ));
-    }
-    // One attempt: a manual delivery is not retried.
-    match state
-        .dispatcher
-        .attempt_within(&delivery, 1, MANUAL_SLOT_WAIT)
+    crate::delivery::deliver_now(&state.dispatcher, &delivery)
         .await
-    {
-        Attempted::Sent(report) => Ok(report),
-        Attempted::NotSent => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "webhook_changed",
-            format!("webhook {id} changed while the delivery waited; nothing was sent, try again"),
-        )),
-        Attempted::Busy => {
-            let mut error = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "busy",
-                format!(
-                    "every delivery slot of webhook {id} (or of its namespace) is taken; nothing was sent, retry later"
-                ),
-            );
-            error.retry_after = Some(5);
-            Err(error)
-        }
-    }
+        .map_err(|refusal| match refusal {
+            // A person is waiting: say at once why nothing can be sent rather than "try again".
+            Refusal::NotReady(why) => ApiError::new(
+                StatusCode::CONFLICT,
+                "webhook_not_ready",
+                format!("nothing was sent to webhook {id}: {why}"),
+            ),
+            Refusal::Busy => {
+                let mut error = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    format!(
+                        "every delivery slot of webhook {id} (or of its namespace) is taken; nothing was sent, retry later"
+                    ),
+                );
+                error.retry_after = Some(5);
+                error
+            }
+        })
 }
-
-/// How long a manual delivery waits for a delivery slot before answering 503.
-const MANUAL_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn attempt_json(delivery_id: &str, report: &AttemptReport) -> Value {
     json!({

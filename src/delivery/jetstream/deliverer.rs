@@ -12,7 +12,16 @@ use futures::StreamExt;
 use tokio::{sync::oneshot, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::{Attempted, Dispatcher, KeyedLimits, RouteCheck, Ticket, Verdict};
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+
+use crate::{
+    crd::{TargetDelivery, TargetState},
+    delivery::{
+        Delivery, Dispatcher, Keeper, KeyedLimits, Parked, RouteCheck, Slots, Ticket, Wait, drive,
+        reserve_until,
+    },
+    routing::Route,
+};
 
 use super::{Bus, BusError, DELIVERER, SERIAL, SERIAL_SUBJECT};
 use super::{
@@ -24,7 +33,6 @@ use super::{
 
 /// A held delivery kept in hand checks its Webhook again at least this often (it wakes at once
 /// when the Webhook changes).
-const HOLD_RECHECK: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// A rate-limited work item whose turn is further off than this is parked, not kept in hand.
 pub const TURN_WAIT_IN_HAND: Duration = Duration::from_secs(5);
@@ -221,35 +229,6 @@ pub async fn deliver_work(
     ended
 }
 
-/// What to do with a work item's message once its delivery step is done.
-#[derive(Debug, PartialEq)]
-enum Settle {
-    Ack,
-    /// Attempt `attempt` asks for another after `after`.
-    Retry {
-        attempt: u32,
-        after: Duration,
-    },
-    /// Held (Webhook paused or blocked) since then (unix milliseconds): recheck later.
-    Held {
-        since: u64,
-    },
-    /// Its Webhook got a rate limit or an ordering while it was in hand: to the serial lane.
-    MoveToSerial,
-    /// Its turn under its Webhook's rate limit is `after` away: parked until about then,
-    /// rather than kept in hand.
-    Turn {
-        after: Duration,
-    },
-    /// This replica's table has not seen its Webhook as the router did: parked for another
-    /// replica (or this one, caught up) to take, spending no attempt.
-    NotSeenYet,
-    /// It waited [`SLOT_WAIT_IN_HAND`] for its slots: parked, its namespace congested.
-    Congested,
-    /// Stopping: leave it to be redelivered.
-    Abandon,
-}
-
 struct Deliverer {
     context: Context,
     lane: Lane,
@@ -301,6 +280,10 @@ impl Deliverer {
         turn
     }
 
+    /// Delivers one work item: parked at once when this replica cannot take it (its view is
+    /// stale, its namespace has no place in hand), moved when its Webhook is the serial lane's,
+    /// and otherwise driven by the engine with a [`WorkItemKeeper`] until it is acked, parked
+    /// again, or left to be redelivered (stopping).
     async fn deliver_one(
         &self,
         message: jetstream::Message,
@@ -319,238 +302,90 @@ impl Deliverer {
             // Cut off from the API server: parked (no attempt spent) for the other replicas.
             return self.park(&message, sequence, &item, Park::Elsewhere).await;
         }
-        if self.lane == Lane::Serial {
-            let ordered = self
-                .dispatcher
-                .route_of(&item.delivery)
-                .is_some_and(|r| r.ordering.is_some());
-            if turn.is_some() || ordered {
-                return self.deliver_ordered(message, item, delivered, turn).await;
-            }
-        }
+        // Ordered deliveries are delivered in hand, start to end (retries, holds): parking one
+        // would put it back behind later events of its key.
+        let ordered = self.lane == Lane::Serial
+            && (turn.is_some()
+                || self
+                    .dispatcher
+                    .route_of(&item.delivery)
+                    .is_some_and(|r| r.ordering.is_some()));
+        let check = self.dispatcher.check(&item.delivery);
         // A held item whose Webhook can take it again starts its recheck backoff over: if its
         // namespace is busy now, it comes back in about a second, not after the hold's backoff.
-        if item.held_since.is_some()
-            && matches!(
-                self.dispatcher.check(&item.delivery),
-                RouteCheck::Deliver(_)
-            )
-        {
+        if item.held_since.is_some() && matches!(check, RouteCheck::Deliver(_)) {
             item.held_since = None;
             item.parked = 0;
         }
-        if let RouteCheck::Deliver(route) = self.dispatcher.check(&item.delivery)
+        if let RouteCheck::Deliver(route) = &check
             && self.lane == Lane::Shared
-            && work_subject(&route) == SERIAL_SUBJECT
+            && work_subject(route) == SERIAL_SUBJECT
         {
+            let attempts = item.attempts_before + delivered - 1;
             return self
-                .move_to_serial(&message, sequence, delivered, &item)
+                .move_to_serial(&message, sequence, attempts, &item)
                 .await;
         }
-        let namespace = item.delivery.webhook.namespace.clone();
-        let places = self.in_hand.get(&namespace, 0, |_| false);
-        let Ok(_place) = places.try_acquire_owned() else {
-            return self.park(&message, sequence, &item, Park::Busy).await;
-        };
-        let _congested_place = if self.is_congested(&namespace) {
-            let places = self.congested_in_hand.get(&namespace, 0, |_| false);
-            match places.try_acquire_owned() {
-                Ok(place) => Some(place),
-                Err(_) => return self.park(&message, sequence, &item, Park::Busy).await,
+        let mut places = Vec::new();
+        if !ordered {
+            let namespace = &item.delivery.webhook.namespace;
+            let Ok(place) = self
+                .in_hand
+                .get(namespace, 0, |_| false)
+                .try_acquire_owned()
+            else {
+                return self.park(&message, sequence, &item, Park::Busy).await;
+            };
+            places.push(place);
+            if self.is_congested(namespace) {
+                let congested = self.congested_in_hand.get(namespace, 0, |_| false);
+                let Ok(place) = congested.try_acquire_owned() else {
+                    return self.park(&message, sequence, &item, Park::Busy).await;
+                };
+                places.push(place);
             }
-        } else {
-            None
-        };
+        }
+        let mut target = crate::delivery::new_target(&item.delivery);
         // Hand-outs of this message beyond the first that made no attempt (a replica stopped
         // or crashed in between) count as attempts: at most one too many, never one too few.
-        let attempt = item.attempts_before + delivered;
-        // Kept in hand while waiting for slots, holding or sending, so that it is not
-        // redelivered to another replica meanwhile.
-        let settle = {
-            let work = self.attempt_once(&item, attempt);
-            tokio::pin!(work);
-            let mut progress = tokio::time::interval(PROGRESS_EVERY);
-            progress.tick().await;
-            loop {
-                tokio::select! {
-                    settle = &mut work => break settle,
-                    _ = progress.tick() => {
-                        let _ = message.ack_with(AckKind::Progress).await;
-                    }
-                }
-            }
+        target.attempts = (item.attempts_before + delivered - 1) as i32;
+        target.held_since = item
+            .held_since
+            .and_then(|ms| Timestamp::from_millisecond(ms as i64).ok().map(Time));
+        let keeper = WorkItemKeeper {
+            deliverer: self,
+            message: &message,
+            sequence,
+            item: &item,
+            ordered,
+            held_place: Mutex::default(),
         };
-        let result = match settle {
-            Settle::Ack => message.ack().await,
-            Settle::Retry { attempt, after } => {
-                let park = Park::Retry {
-                    attempts: attempt,
-                    after,
-                };
-                return self.park(&message, sequence, &item, park).await;
-            }
-            Settle::Held { since } => {
-                return self
-                    .park(&message, sequence, &item, Park::Held { since })
-                    .await;
-            }
-            Settle::Turn { after } => {
-                let park = Park::Turn { after };
-                return self.park(&message, sequence, &item, park).await;
-            }
-            Settle::Congested => {
-                return self.park(&message, sequence, &item, Park::Busy).await;
-            }
-            Settle::MoveToSerial => {
-                return self
-                    .move_to_serial(&message, sequence, delivered, &item)
-                    .await;
-            }
-            Settle::NotSeenYet => {
-                return self.park(&message, sequence, &item, Park::Elsewhere).await;
-            }
-            Settle::Abandon => Ok(()),
-        };
-        if let Err(e) = result {
-            tracing::warn!(delivery = %item.delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
-        }
-    }
-
-    /// One attempt (number `attempt`) of the item's delivery, after checking its route. A held
-    /// delivery waits in hand for its route to change while its namespace has a held place,
-    /// and is parked otherwise.
-    async fn attempt_once(&self, item: &WorkItem, attempt: u32) -> Settle {
-        let delivery = &item.delivery;
-        let mut held_since = item.held_since;
-        let mut held_place = None;
-        loop {
-            match self.dispatcher.check(delivery) {
-                RouteCheck::Gone(why) => {
-                    tracing::info!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream delivery failed");
-                    return Settle::Ack;
-                }
-                RouteCheck::NotSeenYet(why) => {
-                    tracing::debug!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream deliverer: not deliverable here yet");
-                    return Settle::NotSeenYet;
-                }
-                RouteCheck::Hold { route, why } => {
-                    let now = unix_millis(SystemTime::now());
-                    let since = *held_since.get_or_insert(now);
-                    let held_for = Duration::from_millis(now.saturating_sub(since));
-                    if held_for >= self.max_hold {
-                        let why = crate::delivery::held_too_long(held_for, self.max_hold, &why);
-                        tracing::warn!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream delivery failed");
-                        self.dispatcher
-                            .record_failure(delivery, attempt.saturating_sub(1), &why)
-                            .await;
-                        return Settle::Ack;
-                    }
-                    if held_place.is_none() {
-                        let places = self.held.get(&delivery.webhook.namespace, 0, |_| false);
-                        match places.try_acquire_owned() {
-                            Ok(place) => held_place = Some(place),
-                            Err(_) => return Settle::Held { since },
-                        }
-                    }
-                    tokio::select! {
-                        _ = route.superseded.cancelled() => {}
-                        _ = tokio::time::sleep(HOLD_RECHECK.min(self.max_hold - held_for)) => {}
-                        _ = self.stop.cancelled() => return Settle::Abandon,
-                    }
-                    continue;
-                }
-                // Held on the shared lane until its Webhook changed: if that change added a
-                // rate limit or an ordering, the leader delivers it.
-                RouteCheck::Deliver(route)
-                    if self.lane == Lane::Shared && work_subject(&route) == SERIAL_SUBJECT =>
-                {
-                    return Settle::MoveToSerial;
-                }
-                RouteCheck::Deliver(_) => {}
-            }
-            held_place = None;
-            // On the serial lane a turn far off is not waited for in hand (the check and the
-            // turn are one step: items taken at once cannot all see the bucket empty).
-            let max_turn_wait = (self.lane == Lane::Serial).then_some(TURN_WAIT_IN_HAND);
-            let slots = tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => return Settle::Abandon,
-                slots = self.dispatcher.reserve_within_turn(delivery, max_turn_wait) => slots,
-                // The shared lane: a place in hand is not kept waiting on stuck endpoints.
-                _ = tokio::time::sleep(SLOT_WAIT_IN_HAND), if self.lane == Lane::Shared => {
-                    self.mark_congested(&delivery.webhook.namespace);
-                    return Settle::Congested;
-                }
-            };
-            let slots = match slots {
-                Ok(slots) => slots,
-                Err(after) => return Settle::Turn { after },
-            };
-            match self.dispatcher.send(delivery, attempt, slots).await {
-                Attempted::Sent(report) => {
-                    return match report.verdict {
-                        Verdict::Retry(after) => Settle::Retry { attempt, after },
-                        Verdict::Succeeded | Verdict::Failed | Verdict::Gone => Settle::Ack,
-                    };
-                }
-                Attempted::NotSent | Attempted::Busy => continue,
-            }
-        }
-    }
-
-    /// Delivers an ordered work item in hand, start to end (retries, holds): parking it would
-    /// put it back behind later events of its key. It waits for its event's release, then for
-    /// its key's turn; it is acked once final, and left to be redelivered if stopped.
-    async fn deliver_ordered(
-        &self,
-        message: jetstream::Message,
-        item: WorkItem,
-        delivered: u32,
-        turn: Option<oneshot::Receiver<Option<Ticket>>>,
-    ) {
-        let work = async {
+        // Kept in hand while waiting, holding or sending, so that it is not redelivered to
+        // another replica meanwhile.
+        keep_alive(&message, async {
             let mut ticket = match turn {
                 Some(rx) => tokio::select! {
                     ticket = rx => ticket.ok().flatten(),
-                    _ = self.stop.cancelled() => return false,
+                    _ = self.stop.cancelled() => return,
                 },
                 // Routed before the Webhook was ordered (moved here): in the order received.
-                None => self.dispatcher.ticket(&item.delivery, 0),
+                None if ordered => self.dispatcher.ticket(&item.delivery, 0),
+                None => None,
             };
-            let mut target = crate::delivery::new_target(&item.delivery);
-            // As in deliver_one: hand-outs beyond the first may have made an attempt.
-            target.attempts = (item.attempts_before + delivered - 1) as i32;
-            target.held_since = item.held_since.and_then(|ms| {
-                k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64)
-                    .ok()
-                    .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
-            });
-            crate::delivery::deliver(
+            let delivery = &item.delivery;
+            let max_hold = self.max_hold;
+            drive(
                 &self.dispatcher,
-                &item.delivery,
+                delivery,
                 &mut target,
-                self.max_hold,
-                &self.stop,
-                &crate::delivery::Unrecorded,
+                max_hold,
+                &keeper,
                 ticket.as_mut(),
             )
             .await;
-            crate::delivery::is_final(target.state)
-        };
-        tokio::pin!(work);
-        let mut progress = tokio::time::interval(PROGRESS_EVERY);
-        progress.tick().await;
-        let finished = loop {
-            tokio::select! {
-                finished = &mut work => break finished,
-                _ = progress.tick() => {
-                    let _ = message.ack_with(AckKind::Progress).await;
-                }
-            }
-        };
-        if finished && let Err(e) = message.ack().await {
-            tracing::warn!(delivery = %item.delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
-        }
+        })
+        .await;
+        drop(places);
     }
 
     /// Publishes the work item to its Webhook's serial subject (a rate limit was added since it
@@ -560,12 +395,10 @@ impl Deliverer {
         &self,
         message: &jetstream::Message,
         sequence: u64,
-        delivered: u32,
+        attempts: u32,
         item: &WorkItem,
     ) {
         let delivery = &item.delivery;
-        // As in deliver_one: hand-outs beyond the first may have made an attempt.
-        let attempts = item.attempts_before + delivered.saturating_sub(1);
         let headers = work_item_headers(
             item,
             &format!("{}/serial/{sequence}", delivery.id),
@@ -596,6 +429,157 @@ impl Deliverer {
         if let Err(e) = result {
             tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
         }
+    }
+}
+
+/// Runs `work` while telling the server every [`PROGRESS_EVERY`] that `message` is still
+/// being worked on, so that it is not handed to another replica meanwhile.
+async fn keep_alive<T>(message: &jetstream::Message, work: impl Future<Output = T>) -> T {
+    tokio::pin!(work);
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    progress.tick().await;
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = progress.tick() => {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+}
+
+/// How a work item in hand is kept: its progress travels in the headers of the message that
+/// replaces it when parked; it waits in hand only for what is about to happen (slots, a hold
+/// while its namespace has a held place, an ordered delivery's whole course), and is acked
+/// once final.
+struct WorkItemKeeper<'a> {
+    deliverer: &'a Deliverer,
+    message: &'a jetstream::Message,
+    sequence: u64,
+    item: &'a WorkItem,
+    /// Delivered in hand start to end (the serial lane's ordered items).
+    ordered: bool,
+    /// A held place of its namespace, while it is held in hand.
+    held_place: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl WorkItemKeeper<'_> {
+    async fn park(&self, park: Park) -> Parked {
+        let (message, item) = (self.message, self.item);
+        self.deliverer
+            .park(message, self.sequence, item, park)
+            .await;
+        Parked::Elsewhere
+    }
+}
+
+impl Keeper for WorkItemKeeper<'_> {
+    fn stopped(&self) -> &CancellationToken {
+        &self.deliverer.stop
+    }
+
+    async fn park(&self, wait: &Wait, target: &TargetDelivery) -> Parked {
+        if self.ordered {
+            return Parked::Here;
+        }
+        let attempts = target.attempts.max(0) as u32;
+        match wait {
+            Wait::Retry { after } => {
+                let after = *after;
+                self.park(Park::Retry { attempts, after }).await
+            }
+            Wait::Held { .. } => {
+                let namespace = &self.item.delivery.webhook.namespace;
+                let in_hand = {
+                    let mut place = self.held_place.lock().unwrap_or_else(|e| e.into_inner());
+                    if place.is_none() {
+                        let places = self.deliverer.held.get(namespace, 0, |_| false);
+                        *place = places.try_acquire_owned().ok();
+                    }
+                    place.is_some()
+                };
+                if in_hand {
+                    return Parked::Here;
+                }
+                let since = target.held_since.as_ref().map_or_else(
+                    || unix_millis(SystemTime::now()),
+                    |t| t.0.as_millisecond() as u64,
+                );
+                self.park(Park::Held { since }).await
+            }
+            Wait::NotHere { why } => {
+                let delivery = &self.item.delivery;
+                tracing::debug!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream deliverer: not deliverable here yet");
+                self.park(Park::Elsewhere).await
+            }
+            Wait::Busy => self.park(Park::Busy).await,
+            Wait::RateTurn { after } => self.park(Park::Turn { after: *after }).await,
+            Wait::OtherQueue => {
+                let (message, item) = (self.message, self.item);
+                self.deliverer
+                    .move_to_serial(message, self.sequence, attempts, item)
+                    .await;
+                Parked::Elsewhere
+            }
+            Wait::KeyTurn => Parked::Here,
+        }
+    }
+
+    async fn store(&self, target: &TargetDelivery) {
+        if target.state != TargetState::Held {
+            // No longer held: its held place goes back to the namespace.
+            self.held_place
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+        }
+    }
+
+    async fn ack(&self, target: &TargetDelivery) {
+        if target.state == TargetState::Failed {
+            let delivery = &self.item.delivery;
+            let why = target.error.as_deref().unwrap_or_default();
+            tracing::info!(delivery = %delivery.id, webhook = %delivery.webhook.name, %why, "JetStream delivery failed");
+        }
+        if let Err(e) = self.message.ack().await {
+            tracing::warn!(delivery = %self.item.delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+        }
+    }
+
+    async fn reserve(&self, dispatcher: &Dispatcher, delivery: &Delivery) -> Result<Slots, Wait> {
+        let stop = &self.deliverer.stop;
+        if self.ordered {
+            return reserve_until(dispatcher, delivery, stop).await;
+        }
+        match self.deliverer.lane {
+            // A turn far off is not waited for in hand (the check and the turn are one step:
+            // items taken at once cannot all see the bucket empty).
+            Lane::Serial => tokio::select! {
+                biased;
+                _ = stop.cancelled() => Err(Wait::Busy),
+                slots = dispatcher.reserve_within_turn(delivery, Some(TURN_WAIT_IN_HAND)) => {
+                    slots.map_err(|after| Wait::RateTurn { after })
+                }
+            },
+            // A place in hand is not kept waiting on stuck endpoints.
+            Lane::Shared => tokio::select! {
+                biased;
+                _ = stop.cancelled() => Err(Wait::Busy),
+                slots = dispatcher.reserve_within_turn(delivery, None) => {
+                    slots.map_err(|after| Wait::RateTurn { after })
+                }
+                _ = tokio::time::sleep(SLOT_WAIT_IN_HAND) => {
+                    self.deliverer.mark_congested(&delivery.webhook.namespace);
+                    Err(Wait::Busy)
+                }
+            },
+        }
+    }
+
+    /// Deliveries of a Webhook with a rate limit or an ordering are the leader's, on the
+    /// serial lane: the shared lane moves them there.
+    fn accepts(&self, route: &Route) -> bool {
+        self.deliverer.lane == Lane::Serial || work_subject(route) != SERIAL_SUBJECT
     }
 }
 

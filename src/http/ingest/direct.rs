@@ -2,32 +2,28 @@
 //! of recent idempotency keys, and the dispatch of admitted deliveries.
 
 use std::{
-    collections::{HashMap, VecDeque},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    collections::HashMap,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use axum::{Json, http::StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore},
-    task::AbortHandle,
-};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use super::{
     DIRECT_KEY_LIFETIME, DIRECT_KEY_WINDOW, DIRECT_KEYS_REMEMBERED, IngestEvent, fingerprint,
     idempotency_conflict,
 };
 use crate::{
-    delivery::{Delivery, Dispatcher, FirstAttempt},
+    delivery::{
+        Delivery,
+        direct::{DirectLines, Queued},
+    },
     health::Readiness,
     http::{ApiError, ApiState},
-    keys::WebhookKey,
     metrics::Metrics,
     routing::{EventFacts, Route, RoutingTable},
     wire::EventBody,
@@ -64,228 +60,11 @@ pub struct DirectIngest {
     /// (namespace, key) -> what was accepted under it.
     recent: moka::sync::Cache<(Arc<str>, Arc<str>), RecentEvent>,
     /// Admitted deliveries waiting for a worker, per Webhook.
-    lanes: Arc<Lanes>,
+    lines: Arc<DirectLines>,
     /// Refuse events for a Webhook whose oldest waiting delivery has waited longer than this.
     max_queue_delay: Duration,
     /// Where `spec.filter` evaluations are counted.
     metrics: Metrics,
-}
-
-/// Direct deliveries in line, one FIFO per Webhook, each drained by at most the dispatcher's
-/// per-Webhook limit of workers. A worker sends the next delivery as soon as the last one is
-/// answered: no task per delivery parked on semaphores, no wake-up hop between them.
-///
-/// The workers, and the tasks they start for retries and holds, are owned here: on shutdown
-/// [`Lanes::drain`] stops them, so that no attempt starts after the status writer has flushed.
-#[derive(Default)]
-struct Lanes {
-    lines: Mutex<Lines>,
-    /// Fired on shutdown: no attempt starts any more, and waits (for a slot, a retry, a held
-    /// Webhook) end. Workers check it before each delivery and right before each send: an
-    /// atomic load, nothing more on the hot path.
-    stop: CancellationToken,
-    /// Fired when the grace for attempts being sent has passed: the retry tasks end at once
-    /// (the workers still sending are aborted).
-    abandon: CancellationToken,
-    /// The workers and the retry tasks, so that the drain knows when they have all ended.
-    tasks: TaskTracker,
-    /// Deliveries that workers and retry tasks gave up because of the stop.
-    given_up: AtomicUsize,
-}
-
-#[derive(Default)]
-struct Lines {
-    by_webhook: HashMap<WebhookKey, Lane>,
-    /// The running workers, so that those still sending when the grace has passed can be
-    /// aborted. Kept under the lock that starting and ending a worker takes anyway.
-    workers: HashMap<tokio::task::Id, AbortHandle>,
-}
-
-#[derive(Default)]
-struct Lane {
-    waiting: VecDeque<Queued>,
-    workers: usize,
-}
-
-struct Queued {
-    delivery: Delivery,
-    /// Its place among its key's deliveries (`spec.ordering`).
-    order: Option<crate::delivery::Ticket>,
-    /// The request's queue space, given back when its last delivery ends.
-    permit: Arc<DirectPermit>,
-    since: Instant,
-}
-
-/// Direct deliveries lost when the lines were drained.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Lost {
-    /// Still in line: never attempted.
-    in_line: usize,
-    /// Retrying, held, or waiting for a slot: given up when the stop came.
-    given_up: usize,
-    /// Being sent when the grace ended: the attempt's outcome is not known (nor recorded).
-    abandoned: usize,
-}
-
-impl Lost {
-    fn total(&self) -> usize {
-        self.in_line + self.given_up + self.abandoned
-    }
-}
-
-impl Lanes {
-    /// How long the oldest delivery in `webhook`'s line has waited (zero for an empty line).
-    fn oldest_wait(&self, webhook: &WebhookKey, now: Instant) -> Duration {
-        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        lines
-            .by_webhook
-            .get(webhook)
-            .and_then(|lane| lane.waiting.front())
-            .map_or(Duration::ZERO, |q| now.saturating_duration_since(q.since))
-    }
-
-    /// Puts `queued` in line and starts a worker if the line has fewer than the limit. False
-    /// once stopping: nothing would send it, and it is dropped.
-    fn push(
-        self: &Arc<Self>,
-        queued: Queued,
-        dispatcher: &Arc<Dispatcher>,
-        max_hold: Duration,
-    ) -> bool {
-        let key = queued.delivery.webhook.clone();
-        let mut guard = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        // Under the lock: the drain counts the lines after the stop, so every delivery put in
-        // line is either counted there or refused here.
-        if self.stop.is_cancelled() {
-            return false;
-        }
-        let lines = &mut *guard;
-        let lane = lines.by_webhook.entry(key.clone()).or_default();
-        lane.waiting.push_back(queued);
-        if lane.workers < dispatcher.per_webhook() {
-            lane.workers += 1;
-            // Started under the lock, so that it is registered before it can end.
-            let worker = self
-                .tasks
-                .spawn(self.clone().work(key, dispatcher.clone(), max_hold));
-            lines.workers.insert(worker.id(), worker.abort_handle());
-        }
-        true
-    }
-
-    /// The next delivery of `webhook`'s line; None (and one worker fewer) when it is empty.
-    /// Called by the worker itself.
-    fn next(&self, webhook: &WebhookKey) -> Option<Queued> {
-        let mut guard = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        let lines = &mut *guard;
-        if let Some(lane) = lines.by_webhook.get_mut(webhook) {
-            if let Some(queued) = lane.waiting.pop_front() {
-                return Some(queued);
-            }
-            lane.workers -= 1;
-            if lane.workers == 0 {
-                // Idle lines leave the map, so that it stays as small as the busy Webhooks.
-                lines.by_webhook.remove(webhook);
-            }
-        }
-        lines.workers.remove(&tokio::task::id());
-        None
-    }
-
-    /// One worker: first attempts, in order. A delivery that is held or must be retried goes
-    /// on in a task of its own (the usual engine), so it never blocks the line.
-    async fn work(
-        self: Arc<Self>,
-        webhook: WebhookKey,
-        dispatcher: Arc<Dispatcher>,
-        max_hold: Duration,
-    ) {
-        // Once stopping, what is still in line stays there: the drain counts it.
-        while !self.stop.is_cancelled() {
-            let Some(Queued {
-                delivery,
-                permit,
-                mut order,
-                ..
-            }) = self.next(&webhook)
-            else {
-                return;
-            };
-            let mut target = crate::delivery::new_target(&delivery);
-            // An earlier delivery of its key is not final: it waits for its turn in a task of
-            // its own, so that the worker goes on with the other keys.
-            let first = if order.as_mut().is_some_and(|t| !t.has_turn()) {
-                FirstAttempt::Continue
-            } else {
-                crate::delivery::attempt_first(&dispatcher, &delivery, &mut target, &self.stop)
-                    .await
-            };
-            match first {
-                FirstAttempt::Done => {}
-                FirstAttempt::Continue if !self.stop.is_cancelled() => {
-                    let lanes = self.clone();
-                    let dispatcher = dispatcher.clone();
-                    self.tasks.spawn(async move {
-                        let finished = tokio::select! {
-                            finished = crate::delivery::deliver_unrecorded(
-                                &dispatcher,
-                                &delivery,
-                                target,
-                                max_hold,
-                                order,
-                                &lanes.stop,
-                            ) => finished,
-                            _ = lanes.abandon.cancelled() => false,
-                        };
-                        if !finished {
-                            lanes.given_up.fetch_add(1, Ordering::Relaxed);
-                        }
-                        drop(permit);
-                    });
-                }
-                FirstAttempt::Continue | FirstAttempt::Cancelled => {
-                    self.given_up.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-
-    /// Stops the lines: no attempt starts from now on, and waits end; attempts being sent get
-    /// `grace` to finish (and be recorded), then are abandoned. Returns once every worker and
-    /// retry task has ended, with the deliveries that did not finish.
-    async fn drain(&self, grace: Duration) -> Lost {
-        self.stop.cancel();
-        self.tasks.close();
-        let mut lost = Lost::default();
-        if tokio::time::timeout(grace, self.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                in_flight = self.tasks.len(),
-                ?grace,
-                "direct deliveries still being sent are abandoned"
-            );
-            {
-                let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-                for worker in lines.workers.values().filter(|w| !w.is_finished()) {
-                    worker.abort();
-                    lost.abandoned += 1;
-                }
-            }
-            self.abandon.cancel();
-            self.tasks.wait().await;
-        }
-        let lines = {
-            let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::take(&mut lines.by_webhook)
-        };
-        // Dropped outside the lock: their queue space goes back to the namespaces' counts.
-        lost.in_line = lines.values().map(|lane| lane.waiting.len()).sum();
-        drop(lines);
-        lost.given_up = self.given_up.load(Ordering::Relaxed);
-        lost
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -343,7 +122,7 @@ impl DirectIngest {
                 .max_capacity(DIRECT_KEYS_REMEMBERED)
                 .time_to_live(DIRECT_KEY_WINDOW)
                 .build(),
-            lanes: Arc::default(),
+            lines: Arc::default(),
             max_queue_delay: DEFAULT_MAX_QUEUE_DELAY,
             metrics: Metrics::default(),
         }
@@ -373,11 +152,11 @@ impl DirectIngest {
         shutdown: CancellationToken,
         grace: Duration,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let lanes = self.lanes.clone();
+        let lines = self.lines.clone();
         let counter = self.metrics.direct_deliveries_lost.clone();
         async move {
             shutdown.cancelled().await;
-            let lost = lanes.drain(grace).await;
+            let lost = lines.drain(grace).await;
             counter.inc_by(lost.total() as u64);
             if lost.total() > 0 {
                 tracing::warn!(
@@ -490,7 +269,7 @@ impl DirectIngest {
                 // A rate-limited line is meant to wait: it is bounded by the queue, not by
                 // --direct-max-queue-delay.
                 if slow.is_none() && route.delivery.rate_limit.is_none() {
-                    let waited = self.lanes.oldest_wait(&route.key, now);
+                    let waited = self.lines.oldest_wait(&route.key, now);
                     if waited > self.max_queue_delay {
                         slow = Some((route.key.name.clone(), waited));
                     }
@@ -638,12 +417,12 @@ pub(super) fn direct(
         let queued = Queued {
             order: state.dispatcher.ticket(&delivery, 0),
             delivery,
-            permit: permit.clone(),
+            hold: permit.clone(),
             since,
         };
         if !state
             .direct
-            .lanes
+            .lines
             .push(queued, &state.dispatcher, state.direct_max_hold)
         {
             refused += 1;
@@ -675,7 +454,7 @@ pub(super) fn direct(
 mod tests {
     use super::*;
     use crate::http::ingest::parse_events;
-    use crate::{crd::DeliveryPolicy, keys::WebhookKey, routing::Route};
+    use crate::{keys::WebhookKey, routing::Route};
 
     fn event(body: &str) -> IngestEvent {
         parse_events(body.as_bytes(), None).unwrap().pop().unwrap()
@@ -866,19 +645,13 @@ mod tests {
     /// without a worker to drain them.
     fn waiting(direct: &DirectIngest, admission: Admission, waited: Duration) {
         let permit = Arc::new(admission.permit);
-        let mut lines = direct.lanes.lines.lock().unwrap();
         for delivery in admission.deliveries {
-            lines
-                .by_webhook
-                .entry(delivery.webhook.clone())
-                .or_default()
-                .waiting
-                .push_back(Queued {
-                    order: None,
-                    delivery,
-                    permit: permit.clone(),
-                    since: Instant::now() - waited,
-                });
+            direct.lines.put_in_line(Queued {
+                order: None,
+                delivery,
+                hold: permit.clone(),
+                since: Instant::now() - waited,
+            });
         }
     }
 
@@ -899,17 +672,8 @@ mod tests {
         waiting(&direct, queued, Duration::ZERO);
         // The oldest has now waited longer: 429 while the queue itself has room (3 of 100).
         direct
-            .lanes
             .lines
-            .lock()
-            .unwrap()
-            .by_webhook
-            .get_mut(&WebhookKey::new("a", "slow"))
-            .unwrap()
-            .waiting
-            .front_mut()
-            .unwrap()
-            .since -= Duration::from_millis(200);
+            .age_oldest(&WebhookKey::new("a", "slow"), Duration::from_millis(200));
         let e = direct
             .admit(&ready(), &t, "a", one())
             .err()
@@ -927,14 +691,7 @@ mod tests {
         assert_eq!(admit("b").deliveries.len(), 1);
         assert_eq!(direct.held_by("a"), 2);
         // Once the old deliveries are taken by a worker, the line takes events again.
-        let taken = direct
-            .lanes
-            .lines
-            .lock()
-            .unwrap()
-            .by_webhook
-            .remove(&WebhookKey::new("a", "slow"));
-        drop(taken);
+        drop(direct.lines.take_line(&WebhookKey::new("a", "slow")));
         assert_eq!(admit("a").deliveries.len(), 1);
     }
 
@@ -988,163 +745,5 @@ mod tests {
             .admit(&ready(), &t, "a", vec![event(keyed)])
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!((retry.deliveries.len(), retry.duplicates.len()), (1, 0));
-    }
-
-    /// A loopback endpoint: `/failing` answers 500 after `delay`, `/hanging` never answers.
-    /// Returns its address and when each request arrived, by path.
-    async fn endpoint(
-        delay: Duration,
-    ) -> (
-        std::net::SocketAddr,
-        Arc<Mutex<Vec<(&'static str, Instant)>>>,
-    ) {
-        let arrivals = Arc::new(Mutex::new(Vec::new()));
-        let (failing, hanging) = (arrivals.clone(), arrivals.clone());
-        let app = axum::Router::new()
-            .route(
-                "/failing",
-                axum::routing::post(move || async move {
-                    failing.lock().unwrap().push(("failing", Instant::now()));
-                    tokio::time::sleep(delay).await;
-                    StatusCode::INTERNAL_SERVER_ERROR
-                }),
-            )
-            .route(
-                "/hanging",
-                axum::routing::post(move || async move {
-                    hanging.lock().unwrap().push(("hanging", Instant::now()));
-                    std::future::pending::<StatusCode>().await
-                }),
-            );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (addr, arrivals)
-    }
-
-    /// Stopping the lines: no attempt starts after the drain began, an attempt being sent
-    /// finishes and is recorded within the grace, one that hangs is abandoned when the grace
-    /// ends, and every delivery not finished is counted as lost.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn draining_the_lines_starts_no_attempt_and_counts_what_is_lost() {
-        // reqwest is built without a default TLS provider (the binary installs ring).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let (addr, arrivals) = endpoint(Duration::from_millis(200)).await;
-        let routes = crate::routing::Routes::default();
-        let signer =
-            Arc::new(crate::wire::Signer::new(b"a-test-signing-secret-0123456789", None).unwrap());
-        routes.update(|t| {
-            for (ns, path) in [("a", "failing"), ("b", "hanging")] {
-                t.apply(Route {
-                    uid: format!("uid-{path}"),
-                    signer: Some(signer.clone()),
-                    delivery: DeliveryPolicy {
-                        timeout_seconds: 300,
-                        max_attempts: 50,
-                        initial_backoff_seconds: 1,
-                        max_backoff_seconds: 1,
-                        ..DeliveryPolicy::default()
-                    },
-                    ..Route::for_tests(ns, path, &format!("http://{addr}/{path}"))
-                });
-            }
-        });
-        let (status, mut updates) = crate::status::test_channel(10_000);
-        let (gone, _gone) = tokio::sync::mpsc::unbounded_channel();
-        let dispatcher = Arc::new(Dispatcher::new(
-            crate::delivery::HttpSender::new(crate::delivery::EgressPolicy::new(
-                true,
-                vec!["127.0.0.0/8".parse().unwrap()],
-            )),
-            routes.clone(),
-            status,
-            gone,
-            Metrics::default(),
-            crate::delivery::DispatcherConfig::default(),
-        ));
-        let direct = DirectIngest::new(1000, 1000);
-        let table = routes.snapshot();
-        let events = |n| {
-            (0..n)
-                .map(|_| event(r#"{"event":"document.error","data":{}}"#))
-                .collect::<Vec<_>>()
-        };
-        for (ns, n) in [("a", 30), ("b", 1)] {
-            let admission = direct
-                .admit(&ready(), &table, ns, events(n))
-                .unwrap_or_else(|e| panic!("{e:?}"));
-            let permit = Arc::new(admission.permit);
-            for delivery in admission.deliveries {
-                let queued = Queued {
-                    order: None,
-                    delivery,
-                    permit: permit.clone(),
-                    since: Instant::now(),
-                };
-                assert!(
-                    direct
-                        .lanes
-                        .push(queued, &dispatcher, Duration::from_secs(60))
-                );
-            }
-        }
-        // First attempts and the first retries are under way.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-
-        let grace = Duration::from_secs(1);
-        let started = Instant::now();
-        let lost = direct.lanes.drain(grace).await;
-        let took = started.elapsed();
-        // The hanging attempt holds the drain for the grace, and no longer.
-        assert!(
-            took >= grace && took < grace + Duration::from_millis(500),
-            "the drain took {took:?}"
-        );
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let arrivals = arrivals.lock().unwrap().clone();
-        // An attempt sent just before the stop arrives within milliseconds; later arrivals are
-        // attempts started after it.
-        let late = arrivals
-            .iter()
-            .filter(|(_, at)| *at >= started + Duration::from_millis(100))
-            .count();
-        assert_eq!(
-            late,
-            0,
-            "attempts started after the drain began ({} in all)",
-            arrivals.len()
-        );
-        // Every attempt to the failing endpoint was answered within the grace and recorded;
-        // the hanging one was abandoned, and nothing records it.
-        let mut recorded = 0;
-        while let Ok(update) = updates.try_recv() {
-            if let crate::status::Update::DeliveryAttempt { key, .. } = update {
-                assert_eq!(key, WebhookKey::new("a", "failing"));
-                recorded += 1;
-            }
-        }
-        let failing = arrivals.iter().filter(|(p, _)| *p == "failing").count();
-        assert!(failing > 30, "retries were under way: {failing} attempts");
-        assert_eq!(recorded, failing);
-        // None of the 31 deliveries finished (the endpoint answers 500 to each of 50 attempts).
-        assert_eq!(lost.total(), 31, "{lost:?}");
-        assert_eq!(lost.abandoned, 1, "{lost:?}");
-        // A delivery pushed after the stop is refused, not left in a line nobody drains.
-        let after_stop = direct
-            .admit(&ready(), &table, "a", events(1))
-            .unwrap_or_else(|e| panic!("{e:?}"));
-        let queued = Queued {
-            order: None,
-            delivery: after_stop.deliveries.into_iter().next().unwrap(),
-            permit: Arc::new(after_stop.permit),
-            since: Instant::now(),
-        };
-        assert!(
-            !direct
-                .lanes
-                .push(queued, &dispatcher, Duration::from_secs(60))
-        );
-        // Every delivery's queue space was given back.
-        assert_eq!(direct.namespaces_holding(), 0);
     }
 }
