@@ -24,8 +24,8 @@ use tokio::{
 };
 
 use crate::support::{
-    CountingReceiver, InProcess, ModeOperator, NatsServer, Operator, control_plane, create_webhook,
-    eventually, free_port, metric, rss_mib,
+    CountingReceiver, InProcess, ModeOperator, NatsServer, Operator, OperatorArgs, control_plane,
+    create_webhook, eventually, free_port, metric, rss_mib,
 };
 
 const SECRET: &str = "a-signing-secret-for-receiver-faults";
@@ -573,17 +573,7 @@ async fn huge_bodies_and_endless_headers_are_read_capped_and_memory_stays_flat()
     let cp = control_plane();
     let ns = cp.namespace("rx-huge").await;
     let client = cp.client().await;
-    let op = Operator::start(
-        cp,
-        &[
-            "--namespace",
-            &ns,
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            "--disable-auth",
-        ],
-    );
+    let op = OperatorArgs::new(&ns).start(cp);
     op.wait_ready().await;
     let pid = op.child.id().expect("the operator runs");
     let huge = RawReceiver::start(ten_megabytes).await;

@@ -20,8 +20,8 @@ use serde_json::json;
 
 use crate::support::counting_webhook;
 use crate::support::{
-    Blackhole, CountingReceiver, InProcess, ModeOperator, Operator, control_plane, create_event,
-    create_webhook, eventually, wait_phase, wait_ready_reason,
+    Blackhole, CountingReceiver, InProcess, ModeOperator, Operator, OperatorArgs, control_plane,
+    create_event, create_webhook, eventually, wait_phase, wait_ready_reason,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -98,18 +98,10 @@ async fn only_secrets_labelled_for_signing_sign_and_the_upgrade_warning_comes_on
     let cp = control_plane();
     let ns = cp.namespace("signing-label").await;
     let client = cp.client().await;
-    let op = Operator::start(
-        cp,
-        &[
-            "--namespace",
-            &ns,
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            "--log-format",
-            "json",
-        ],
-    );
+    let op = OperatorArgs::new(&ns)
+        .with_auth()
+        .arg("--log-format", "json")
+        .start(cp);
     op.wait_ready().await;
 
     // An existing Secret without the label, as before the upgrade.
@@ -493,18 +485,10 @@ async fn sigterm_stops_a_busy_operator_with_exit_code_zero() {
     let cp = control_plane();
     let ns = cp.namespace("sigterm").await;
     let client = cp.client().await;
-    let mut op = Operator::start(
-        cp,
-        &[
-            "--namespace",
-            &ns,
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            "--shutdown-timeout",
-            "5s",
-        ],
-    );
+    let mut op = OperatorArgs::new(&ns)
+        .with_auth()
+        .arg("--shutdown-timeout", "5s")
+        .start(cp);
     op.wait_ready().await;
     let blackhole = Blackhole::start().await;
     create_webhook(
@@ -710,7 +694,10 @@ async fn credentials_in_a_url_are_redacted_everywhere_they_are_shown() {
     let ns = cp.namespace("redact").await;
     let client = cp.client().await;
     // Plain http allowed but not loopback: refused, so nothing is ever sent.
-    let op = Operator::start(cp, &["--namespace", &ns, "--allow-http"]);
+    let op = OperatorArgs::new(&ns)
+        .with_auth()
+        .allow_cidrs(&[])
+        .start(cp);
     op.wait_ready().await;
     create_secret(&client, &ns, "w-secret", SECRET, true).await;
     create_bare_webhook(

@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 
 use crate::support::counting_webhook;
 use crate::support::{
-    ControlPlane, CountingReceiver, InProcess, ModeOperator, NatsServer, Operator, Receiver,
-    ReceiverKind, control_plane, create_webhook, eventually, metric, wait_ready_reason,
+    ControlPlane, CountingReceiver, InProcess, ModeOperator, NatsServer, OperatorArgs, Receiver,
+    ReceiverKind, control_plane, create_webhook, eventually, metric, one_leader, wait_ready_reason,
 };
 
 const SECRET: &str = "a-strong-signing-secret-for-jetstream-tests";
@@ -26,25 +26,6 @@ async fn operator(cp: &ControlPlane, ns: &str, nats: &NatsServer) -> InProcess {
     args.ingest_mode = IngestMode::JetStream;
     args.nats_url = Some(nats.url.clone());
     InProcess::start_with(cp.config().await, args).await
-}
-
-/// The operator binary in jetstream mode (so that it can be killed with SIGKILL).
-fn operator_process(cp: &ControlPlane, ns: &str, nats: &NatsServer) -> Operator {
-    Operator::start(
-        cp,
-        &[
-            "--namespace",
-            ns,
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            "--disable-auth",
-            "--ingest-mode",
-            "jetstream",
-            "--nats-url",
-            &nats.url,
-        ],
-    )
 }
 
 async fn post(addr: std::net::SocketAddr, ns: &str, key: Option<&str>, body: &str) -> (u16, Value) {
@@ -296,7 +277,9 @@ async fn a_killed_jetstream_operator_loses_no_event() {
     let nats = NatsServer::start().await;
     let client = cp.client().await;
     let (receiver, addr) = CountingReceiver::start_slow(Duration::from_millis(100)).await;
-    let mut first = operator_process(cp, &ns, &nats);
+    // The binary, so that it can be killed with SIGKILL.
+    let args = OperatorArgs::new(&ns).mode("jetstream").nats(&nats.url);
+    let mut first = args.start(cp);
     first.wait_ready().await;
     create_webhook(
         &client,
@@ -322,7 +305,7 @@ async fn a_killed_jetstream_operator_loses_no_event() {
     assert!(at_kill < EVENTS, "events were outstanding at the kill");
 
     let restarted = std::time::Instant::now();
-    let second = operator_process(cp, &ns, &nats);
+    let second = args.start(cp);
     second.wait_ready().await;
     eventually(
         "every event delivered",
@@ -352,46 +335,18 @@ async fn two_replicas_record_every_attempt_in_the_webhook_status() {
     let nats = NatsServer::start().await;
     let client = cp.client().await;
     let (receiver, addr) = CountingReceiver::start_slow(Duration::from_millis(20)).await;
-    let start = || {
-        Operator::start(
-            cp,
-            &[
-                "--namespace",
-                &ns,
-                "--allow-http",
-                "--allow-cidr",
-                "127.0.0.0/8",
-                "--disable-auth",
-                "--ingest-mode",
-                "jetstream",
-                "--nats-url",
-                &nats.url,
-                "--leader-elect",
-                "--lease-namespace",
-                &ns,
-                "--lease-duration",
-                "6s",
-                "--renew-deadline",
-                "4s",
-                "--retry-period",
-                "1s",
-            ],
-        )
-    };
-    let (a, b) = (start(), start());
+    let args = OperatorArgs::new(&ns)
+        .mode("jetstream")
+        .nats(&nats.url)
+        .leader_elect()
+        .fast_lease();
+    let (a, b) = (args.start(cp), args.start(cp));
     a.wait_ready().await;
     b.wait_ready().await;
-    let (ra, rb) = (&a, &b);
-    let (leader, follower) =
-        eventually("one leader", Duration::from_secs(60), move || async move {
-            let leader = |op: &Operator| metric(op.metrics_addr, "hookrelay_leader");
-            match (leader(ra).await?, leader(rb).await?) {
-                (1.0, 0.0) => Some((ra, rb)),
-                (0.0, 1.0) => Some((rb, ra)),
-                _ => None,
-            }
-        })
-        .await;
+    let (leader, follower) = match one_leader(&a, &b).await {
+        0 => (&a, &b),
+        _ => (&b, &a),
+    };
     let started = std::time::Instant::now();
     create_webhook(
         &client,
@@ -879,38 +834,15 @@ async fn a_dead_namespace_on_two_replicas_does_not_stop_another_namespaces_event
     let nats = NatsServer::start().await;
     let client = cp.client().await;
     let blackhole = crate::support::Blackhole::start().await;
-    let namespaces = format!("{ns_a},{ns_b}");
-    let start = || {
-        Operator::start(
-            cp,
-            &[
-                "--namespace",
-                &namespaces,
-                "--allow-http",
-                "--allow-cidr",
-                "127.0.0.0/8",
-                "--disable-auth",
-                "--ingest-mode",
-                "jetstream",
-                "--nats-url",
-                &nats.url,
-                "--nats-max-ack-pending",
-                "200",
-                "--max-in-flight-per-namespace",
-                "8",
-                "--leader-elect",
-                "--lease-namespace",
-                &ns_a,
-                "--lease-duration",
-                "6s",
-                "--renew-deadline",
-                "4s",
-                "--retry-period",
-                "1s",
-            ],
-        )
-    };
-    let (a, b) = (start(), start());
+    // The Lease in the first namespace, A's.
+    let args = OperatorArgs::new(&format!("{ns_a},{ns_b}"))
+        .mode("jetstream")
+        .nats(&nats.url)
+        .arg("--nats-max-ack-pending", "200")
+        .arg("--max-in-flight-per-namespace", "8")
+        .leader_elect()
+        .fast_lease();
+    let (a, b) = (args.start(cp), args.start(cp));
     a.wait_ready().await;
     b.wait_ready().await;
     create_webhook(

@@ -10,7 +10,7 @@
 //!
 //! - [`control_plane`](mod@control_plane): the shared API server, kubectl, ServiceAccount
 //!   tokens, and control planes a test may stop and restart.
-//! - [`operator`]: the operator under test, as the binary ([`Operator`]) or in this process
+//! - [`operator`]: the operator under test, as the binary ([`OperatorArgs`]) or in this process
 //!   ([`InProcess`], [`ModeOperator`]).
 //! - [`receivers`]: the endpoints Webhooks deliver to.
 //! - [`nats`]: nats-server for `--ingest-mode jetstream`.
@@ -49,7 +49,7 @@ pub use self::{
     control_plane::{ControlPlane, Kubectl, OWN_CONTROL_PLANES, OwnControlPlane, control_plane},
     http::{api_call, http_get, http_post, metric, metric_sum},
     nats::NatsServer,
-    operator::{INGEST_MODES, InProcess, ModeOperator, Operator},
+    operator::{INGEST_MODES, InProcess, ModeOperator, Operator, OperatorArgs, one_leader},
     process::rss_mib,
     receivers::{Blackhole, CountingReceiver, Received, Receiver, ReceiverKind},
     resources::{

@@ -1,10 +1,13 @@
 //! The operator under test, two ways:
 //!
-//! - the `hookrelay` binary as a child process ([`Operator`]): for tests that kill, signal,
-//!   freeze or restart it, give it another kubeconfig or environment, read its log or measure
-//!   its memory;
+//! - the `hookrelay` binary as a child process ([`Operator`]), started from one builder,
+//!   [`OperatorArgs`]: for tests that kill, signal, freeze or restart it, give it another
+//!   kubeconfig or environment, read its log or measure its memory;
 //! - the operator inside the test process ([`InProcess`], and [`ModeOperator`] for one test body
 //!   run in every ingest mode): for tests that read its state directly.
+//!
+//! Receivers run on loopback, so both allow plain http and 127.0.0.0/8 unless a test says
+//! otherwise.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -14,12 +17,175 @@ use kube::Config;
 use super::{
     control_plane::ControlPlane,
     eventually, free_port,
-    http::{api_call, http_get},
+    http::{api_call, http_get, metric},
     nats::NatsServer,
     resources::EXAMPLE_TIMESTAMP,
 };
 
 // ---- the binary ----
+
+/// The flags of one operator binary run, and its environment; [`OperatorArgs::start`] runs it.
+///
+/// Every run gets `--namespace NS --allow-http --allow-cidr 127.0.0.0/8 --disable-auth` unless
+/// a method below changes that; then, in this order, the ingest mode, the NATS URL, leader
+/// election, the lease timings and any other flags.
+#[derive(Clone, Debug)]
+pub struct OperatorArgs {
+    /// `--namespace`; None watches every namespace.
+    namespaces: Option<String>,
+    allow_cidrs: Vec<String>,
+    disable_auth: bool,
+    mode: Option<String>,
+    nats_url: Option<String>,
+    leader_elect: bool,
+    /// `--lease-duration`, `--renew-deadline`, `--retry-period`.
+    lease: Option<[String; 3]>,
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl OperatorArgs {
+    /// Watching `namespaces` (one, or several comma-separated), plain http and 127.0.0.0/8
+    /// allowed, authentication off.
+    pub fn new(namespaces: &str) -> Self {
+        Self {
+            namespaces: Some(namespaces.to_owned()),
+            ..Self::cluster_wide()
+        }
+    }
+
+    /// Watching every namespace (no `--namespace`), otherwise as [`OperatorArgs::new`].
+    pub fn cluster_wide() -> Self {
+        Self {
+            namespaces: None,
+            allow_cidrs: vec!["127.0.0.0/8".to_owned()],
+            disable_auth: true,
+            mode: None,
+            nats_url: None,
+            leader_elect: false,
+            lease: None,
+            extra: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Authentication on (no `--disable-auth`): the API wants a token reviewed by the API
+    /// server.
+    pub fn with_auth(mut self) -> Self {
+        self.disable_auth = false;
+        self
+    }
+
+    /// `--allow-cidr` for each of `cidrs` instead of 127.0.0.0/8. None: private ranges,
+    /// loopback included, are refused as in production.
+    pub fn allow_cidrs(mut self, cidrs: &[&str]) -> Self {
+        self.allow_cidrs = cidrs.iter().map(|c| c.to_string()).collect();
+        self
+    }
+
+    /// `--ingest-mode` (direct, durable or jetstream); without it the operator's default.
+    pub fn mode(mut self, mode: &str) -> Self {
+        self.mode = Some(mode.to_owned());
+        self
+    }
+
+    /// `--nats-url`, for jetstream mode.
+    pub fn nats(mut self, url: &str) -> Self {
+        self.nats_url = Some(url.to_owned());
+        self
+    }
+
+    /// `--leader-elect`, with the Lease in the first watched namespace (`--lease-namespace`).
+    pub fn leader_elect(mut self) -> Self {
+        self.leader_elect = true;
+        self
+    }
+
+    /// `--lease-duration`, `--renew-deadline` and `--retry-period`.
+    pub fn lease(mut self, duration: &str, renew_deadline: &str, retry_period: &str) -> Self {
+        self.lease = Some([duration, renew_deadline, retry_period].map(str::to_owned));
+        self
+    }
+
+    /// A 6 s lease renewed within 4 s, retried every second: a standby takes over within
+    /// seconds of a leader's end.
+    pub fn fast_lease(self) -> Self {
+        self.lease("6s", "4s", "1s")
+    }
+
+    /// One more flag with its value.
+    pub fn arg(mut self, flag: &str, value: &str) -> Self {
+        self.extra.extend([flag.to_owned(), value.to_owned()]);
+        self
+    }
+
+    /// More arguments, as they are.
+    pub fn args<S: AsRef<str>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.extra
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// An environment variable of the process; `KUBECONFIG` and `RUST_LOG` replace the
+    /// harness's (the control plane's admin kubeconfig, `info,hookrelay=debug`).
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// The flags after `run` (without the addresses, which [`OperatorArgs::start`] chooses).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(namespaces) = &self.namespaces {
+            args.extend(["--namespace".to_owned(), namespaces.clone()]);
+        }
+        args.push("--allow-http".to_owned());
+        for cidr in &self.allow_cidrs {
+            args.extend(["--allow-cidr".to_owned(), cidr.clone()]);
+        }
+        if self.disable_auth {
+            args.push("--disable-auth".to_owned());
+        }
+        if let Some(mode) = &self.mode {
+            args.extend(["--ingest-mode".to_owned(), mode.clone()]);
+        }
+        if let Some(url) = &self.nats_url {
+            args.extend(["--nats-url".to_owned(), url.clone()]);
+        }
+        if self.leader_elect {
+            args.push("--leader-elect".to_owned());
+            if let Some(namespaces) = &self.namespaces {
+                let first = namespaces.split(',').next().unwrap_or_default();
+                args.extend(["--lease-namespace".to_owned(), first.to_owned()]);
+            }
+        }
+        if let Some([duration, renew_deadline, retry_period]) = &self.lease {
+            args.extend([
+                "--lease-duration".to_owned(),
+                duration.clone(),
+                "--renew-deadline".to_owned(),
+                renew_deadline.clone(),
+                "--retry-period".to_owned(),
+                retry_period.clone(),
+            ]);
+        }
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    /// Starts the binary against `cp` on free loopback ports (not waiting until it is ready:
+    /// [`Operator::wait_ready`]). The same arguments may start it again.
+    pub fn start(&self, cp: &ControlPlane) -> Operator {
+        let args = self.to_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Operator::start_with_env(cp, &args, &env)
+    }
+}
 
 /// The operator binary as a child process, killed on drop.
 pub struct Operator {
@@ -32,8 +198,10 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Starts `hookrelay run` against `cp` on free loopback ports, with `args` (not waiting
-    /// until it is ready: [`Operator::wait_ready`]).
+    /// Starts `hookrelay run` against `cp` on free loopback ports with `args` as they are (not
+    /// waiting until it is ready: [`Operator::wait_ready`]). The benches' way in; tests use
+    /// [`OperatorArgs`].
+    #[allow(dead_code)]
     pub fn start(cp: &ControlPlane, args: &[&str]) -> Operator {
         Self::start_with_env(cp, args, &[])
     }
@@ -81,10 +249,43 @@ impl Operator {
         .await
     }
 
+    /// Waits until `hookrelay_leader` says that it leads (1) or does not (0).
+    pub async fn wait_leader(&self, leads: bool) {
+        let addr = self.metrics_addr;
+        let want = if leads { 1.0 } else { 0.0 };
+        eventually(
+            &format!("hookrelay_leader {want} (log: {})", self.log.display()),
+            Duration::from_secs(60),
+            || async move { (metric(addr, "hookrelay_leader").await == Some(want)).then_some(()) },
+        )
+        .await;
+    }
+
     /// Its log so far (stdout and stderr).
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// Waits until exactly one of two replicas leads (`hookrelay_leader` 1 on one, 0 on the other);
+/// returns which: 0 for `a`, 1 for `b`.
+pub async fn one_leader(a: &Operator, b: &Operator) -> usize {
+    let (ma, mb) = (a.metrics_addr, b.metrics_addr);
+    eventually(
+        "exactly one replica leads",
+        Duration::from_secs(60),
+        || async move {
+            match (
+                metric(ma, "hookrelay_leader").await,
+                metric(mb, "hookrelay_leader").await,
+            ) {
+                (Some(1.0), Some(0.0)) => Some(0),
+                (Some(0.0), Some(1.0)) => Some(1),
+                _ => None,
+            }
+        },
+    )
+    .await
 }
 
 // ---- in this process ----
