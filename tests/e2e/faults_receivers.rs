@@ -641,14 +641,7 @@ async fn a_jetstream_server_restarted_mid_stream_loses_no_accepted_event() {
     let ns = cp.namespace("rx-nats").await;
     let client = cp.client().await;
     let mut nats = NatsServer::start().await;
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![ns.clone()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-    args.disable_auth = true;
-    args.ingest_mode = IngestMode::JetStream;
-    args.nats_url = Some(nats.url.clone());
-    let op = InProcess::start_with(cp.config().await, args).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     let listen = op.op.listen_addr;
     let (receiver, addr) = CountingReceiver::start().await;
     create_webhook(

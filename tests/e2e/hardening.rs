@@ -8,7 +8,6 @@ use std::time::Duration;
 use hookrelay::{
     crd::{DocumentEvent, EventPhase, TargetState, Webhook},
     http::IngestMode,
-    operator::RunArgs,
     routing::{RouteState, WebhookKey},
 };
 use k8s_openapi::api::core::v1::Secret;
@@ -21,7 +20,8 @@ use serde_json::json;
 use crate::support::counting_webhook;
 use crate::support::{
     Blackhole, CountingReceiver, InProcess, ModeOperator, Operator, OperatorArgs, control_plane,
-    create_event, create_webhook, eventually, wait_phase, wait_ready_reason,
+    create_event, create_webhook, default_args, eventually, local_args, wait_phase,
+    wait_ready_reason,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -399,10 +399,7 @@ async fn a_delivery_held_longer_than_max_hold_fails_and_its_event_is_retired() {
     let cp = control_plane();
     let ns = cp.namespace("max-hold").await;
     let client = cp.client().await;
-    let mut args = RunArgs::for_tests();
-    args.namespaces = vec![ns.clone()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+    let mut args = local_args(&[&ns]);
     args.max_hold = Duration::from_secs(8);
     args.failed_event_retention = Duration::from_secs(5);
     let _op = InProcess::start_with(cp.config().await, args).await;
@@ -756,8 +753,7 @@ async fn localhost_with_a_dot_or_a_subdomain_is_loopback() {
     let cp = control_plane();
     let ns = cp.namespace("localhost").await;
     let client = cp.client().await;
-    let mut args = RunArgs::for_tests();
-    args.namespaces = vec![ns.clone()];
+    let mut args = default_args(&[&ns]);
     args.allow_http = true;
     let _op = InProcess::start_with(cp.config().await, args).await;
     create_secret(&client, &ns, "s", SECRET, true).await;

@@ -16,22 +16,10 @@ use serde_json::{Value, json};
 
 use crate::support::counting_webhook;
 use crate::support::{
-    ControlPlane, CountingReceiver, InProcess, control_plane, create_webhook, eventually,
-    wait_phase,
+    CountingReceiver, InProcess, control_plane, create_webhook, eventually, ingest_args, wait_phase,
 };
 
 const SECRET: &str = "a-strong-signing-secret-for-ingest-tests";
-
-/// An operator watching `namespaces`, authentication off (these tests are about ingest).
-async fn operator(cp: &ControlPlane, namespaces: &[&str], mode: IngestMode) -> InProcess {
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = namespaces.iter().map(|ns| ns.to_string()).collect();
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-    args.disable_auth = true;
-    args.ingest_mode = mode;
-    InProcess::start_with(cp.config().await, args).await
-}
 
 async fn post(op: &InProcess, ns: &str, key: Option<&str>, body: &str) -> (u16, Value) {
     let client = reqwest::Client::new();
@@ -68,7 +56,7 @@ async fn event_names(events: &Api<DocumentEvent>) -> Vec<String> {
 async fn a_durable_event_sent_twice_with_one_key_is_stored_and_delivered_once() {
     let cp = control_plane();
     let ns = cp.namespace("idem-durable").await;
-    let op = operator(cp, &[&ns], IngestMode::Durable).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::Durable, None).await;
     let client = cp.client().await;
     let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
     let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);
@@ -140,7 +128,7 @@ async fn a_durable_event_sent_twice_with_one_key_is_stored_and_delivered_once() 
 async fn a_batch_refused_midway_says_what_was_stored_and_its_retry_stores_nothing_twice() {
     let cp = control_plane();
     let ns = cp.namespace("idem-batch").await;
-    let op = operator(cp, &[&ns], IngestMode::Durable).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::Durable, None).await;
     let client = cp.client().await;
     let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
     let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);
@@ -213,7 +201,7 @@ async fn a_batch_refused_midway_says_what_was_stored_and_its_retry_stores_nothin
 async fn a_direct_event_sent_twice_with_one_key_is_delivered_once() {
     let cp = control_plane();
     let ns = cp.namespace("idem-direct").await;
-    let op = operator(cp, &[&ns], IngestMode::Direct).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::Direct, None).await;
     let client = cp.client().await;
     let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
     eventually("the webhook routed", Duration::from_secs(30), || async {
@@ -279,12 +267,7 @@ async fn paused_and_live(hold: Duration) -> (InProcess, String, String, Counting
     let cp = control_plane();
     let a = cp.namespace("share-a").await;
     let b = cp.namespace("share-b").await;
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![a.clone(), b.clone()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-    args.disable_auth = true;
-    args.ingest_mode = IngestMode::Direct;
+    let mut args = ingest_args(&[&a, &b], IngestMode::Direct, None);
     args.direct_queue = 8;
     args.direct_queue_per_namespace = Some(2);
     args.direct_max_hold = hold;
@@ -387,7 +370,7 @@ async fn a_held_direct_delivery_gives_its_place_back_after_direct_max_hold() {
 async fn an_exact_retry_with_numbers_the_api_server_normalises_is_a_duplicate() {
     let cp = control_plane();
     let ns = cp.namespace("idem-float").await;
-    let op = operator(cp, &[&ns], IngestMode::Durable).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::Durable, None).await;
     let client = cp.client().await;
     let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);
     let float = r#"{"event":"document.completed","data":{"amount":10.0,"ratio":1e2}}"#;

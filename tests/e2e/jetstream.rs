@@ -10,23 +10,12 @@ use serde_json::{Value, json};
 
 use crate::support::counting_webhook;
 use crate::support::{
-    ControlPlane, CountingReceiver, InProcess, ModeOperator, NatsServer, OperatorArgs, Receiver,
-    ReceiverKind, control_plane, create_webhook, eventually, metric, one_leader, wait_ready_reason,
+    CountingReceiver, InProcess, ModeOperator, NatsServer, OperatorArgs, Receiver, ReceiverKind,
+    control_plane, create_webhook, eventually, ingest_args, metric, one_leader, wait_ready_reason,
 };
 
 const SECRET: &str = "a-strong-signing-secret-for-jetstream-tests";
 const EVENT: &str = r#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":123,"filename":"important_document.pdf"}}"#;
-
-async fn operator(cp: &ControlPlane, ns: &str, nats: &NatsServer) -> InProcess {
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![ns.to_owned()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-    args.disable_auth = true;
-    args.ingest_mode = IngestMode::JetStream;
-    args.nats_url = Some(nats.url.clone());
-    InProcess::start_with(cp.config().await, args).await
-}
 
 async fn post(addr: std::net::SocketAddr, ns: &str, key: Option<&str>, body: &str) -> (u16, Value) {
     let mut req = reqwest::Client::new()
@@ -78,7 +67,7 @@ async fn jetstream_ingest_answers_after_the_publish_and_delivers_a_signed_event(
     let cp = control_plane();
     let ns = cp.namespace("js-ingest").await;
     let nats = NatsServer::start().await;
-    let op = operator(cp, &ns, &nats).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     let client = cp.client().await;
     let receiver = Receiver::start(ReceiverKind::Python, SECRET, &[]).await;
     create_webhook(&client, &ns, "w", &receiver.url("/h"), SECRET, json!({})).await;
@@ -112,7 +101,7 @@ async fn a_jetstream_event_sent_twice_with_one_key_is_stored_and_delivered_once(
     let cp = control_plane();
     let ns = cp.namespace("js-idem").await;
     let nats = NatsServer::start().await;
-    let op = operator(cp, &ns, &nats).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     let client = cp.client().await;
     let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
 
@@ -158,7 +147,7 @@ async fn a_jetstream_delivery_is_retried_through_the_stream_with_one_delivery_id
     let cp = control_plane();
     let ns = cp.namespace("js-retry").await;
     let nats = NatsServer::start().await;
-    let op = operator(cp, &ns, &nats).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     let client = cp.client().await;
     let receiver = Receiver::start(ReceiverKind::Python, SECRET, &["--fail-first", "2"]).await;
     create_webhook(
@@ -474,23 +463,8 @@ async fn jetstream_over_tls_needs_the_servers_ca() {
     let ns = cp.namespace("js-tls").await;
     let (nats, certs) = NatsServer::start_tls().await;
     let client = cp.client().await;
-    let args = || {
-        let mut args = hookrelay::operator::RunArgs::for_tests();
-        args.namespaces = vec![ns.clone()];
-        args.allow_http = true;
-        args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-        args.disable_auth = true;
-        args.ingest_mode = IngestMode::JetStream;
-        args.nats_url = Some(nats.url.clone());
-        args
-    };
-    let refused = |args| async {
-        let config = cp.config().await;
-        match hookrelay::operator::start(config, args, Default::default()).await {
-            Ok(_) => panic!("the operator started"),
-            Err(error) => error.to_string(),
-        }
-    };
+    let args = || ingest_args(&[&ns], IngestMode::JetStream, Some(&nats));
+    let refused = |args| async { InProcess::start_error(cp.config().await, args).await };
 
     let error = refused(args()).await;
     assert!(error.contains("cannot connect to NATS"), "{error}");
@@ -585,13 +559,7 @@ async fn a_full_stream_refuses_ingest_with_503_and_every_event_taken_is_delivere
     let cp = control_plane();
     let ns = cp.namespace("js-full").await;
     let nats = NatsServer::start().await;
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![ns.clone()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-    args.disable_auth = true;
-    args.ingest_mode = IngestMode::JetStream;
-    args.nats_url = Some(nats.url.clone());
+    let mut args = ingest_args(&[&ns], IngestMode::JetStream, Some(&nats));
     args.nats_max_messages = MAX_MESSAGES;
     let op = InProcess::start_with(cp.config().await, args).await;
     let client = cp.client().await;
@@ -733,7 +701,7 @@ async fn an_existing_stream_keeps_the_limits_its_operator_set() {
     assert!(!before.allow_message_schedules);
 
     // The flags' defaults differ from every limit set above.
-    let op = operator(cp, &ns, &nats).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     let after = stream_config(&nats).await;
     assert_eq!(after.max_bytes, 50 << 20);
     assert_eq!(after.max_messages, 12_345);
@@ -764,7 +732,7 @@ async fn an_existing_stream_keeps_the_limits_its_operator_set() {
     op.stop().await;
 
     // A second start finds nothing to change.
-    let op = operator(cp, &ns, &nats).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     assert_eq!(stream_config(&nats).await, after);
     op.stop().await;
 }
@@ -778,7 +746,7 @@ async fn an_event_too_large_for_a_work_item_is_refused_at_ingest() {
     let ns = cp.namespace("js-too-large").await;
     let client = cp.client().await;
     let nats = NatsServer::start().await;
-    let op = operator(cp, &ns, &nats).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
     // nats-server's default max_payload is 1 MiB, as is the API's largest body.
     let max_payload = 1024 * 1024;

@@ -49,7 +49,10 @@ pub use self::{
     control_plane::{ControlPlane, Kubectl, OWN_CONTROL_PLANES, OwnControlPlane, control_plane},
     http::{api_call, http_get, http_post, metric, metric_sum},
     nats::NatsServer,
-    operator::{INGEST_MODES, InProcess, ModeOperator, Operator, OperatorArgs, one_leader},
+    operator::{
+        INGEST_MODES, InProcess, ModeOperator, Operator, OperatorArgs, default_args, ingest_args,
+        local_args, one_leader,
+    },
     process::rss_mib,
     receivers::{Blackhole, CountingReceiver, Received, Receiver, ReceiverKind},
     resources::{

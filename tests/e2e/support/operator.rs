@@ -4,10 +4,13 @@
 //!   [`OperatorArgs`]: for tests that kill, signal, freeze or restart it, give it another
 //!   kubeconfig or environment, read its log or measure its memory;
 //! - the operator inside the test process ([`InProcess`], and [`ModeOperator`] for one test body
-//!   run in every ingest mode): for tests that read its state directly.
+//!   run in every ingest mode), from `RunArgs` made by [`default_args`], [`local_args`] or
+//!   [`ingest_args`]: for tests that read its state directly.
 //!
-//! Receivers run on loopback, so both allow plain http and 127.0.0.0/8 unless a test says
-//! otherwise.
+//! Receivers run on loopback, so [`OperatorArgs`], [`local_args`] and [`ingest_args`] allow
+//! plain http and 127.0.0.0/8 unless a test says otherwise. Every construction of the in-process operator (`hookrelay::operator::RunArgs`,
+//! `hookrelay::operator::start`) is in this module, so that a change of that API touches this
+//! file alone.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -290,6 +293,33 @@ pub async fn one_leader(a: &Operator, b: &Operator) -> usize {
 
 // ---- in this process ----
 
+/// The operator's defaults for tests (`RunArgs::for_tests`), watching `namespaces`: https only,
+/// no private ranges, authentication on.
+pub fn default_args(namespaces: &[&str]) -> RunArgs {
+    let mut args = RunArgs::for_tests();
+    args.namespaces = namespaces.iter().map(|ns| ns.to_string()).collect();
+    args
+}
+
+/// [`default_args`] with the local demo settings: plain http and 127.0.0.0/8 allowed, for
+/// receivers on loopback. Authentication stays on.
+pub fn local_args(namespaces: &[&str]) -> RunArgs {
+    let mut args = default_args(namespaces);
+    args.allow_http = true;
+    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+    args
+}
+
+/// [`local_args`] taking events through `POST /api/events` in `mode` without authentication,
+/// through `nats` in jetstream mode.
+pub fn ingest_args(namespaces: &[&str], mode: IngestMode, nats: Option<&NatsServer>) -> RunArgs {
+    let mut args = local_args(namespaces);
+    args.disable_auth = true;
+    args.ingest_mode = mode;
+    args.nats_url = nats.map(|n| n.url.clone());
+    args
+}
+
 /// The operator running inside the test process, stopped on drop.
 pub struct InProcess {
     pub op: hookrelay::operator::Operator,
@@ -298,14 +328,20 @@ pub struct InProcess {
 }
 
 impl InProcess {
-    /// Starts it with local demo settings (plain http and 127.0.0.0/8 allowed) and waits until
-    /// its watches have synced.
+    /// Starts it watching `namespace` with [`local_args`] and waits until its watches have
+    /// synced.
     pub async fn start(config: Config, namespace: &str) -> InProcess {
-        let mut args = RunArgs::for_tests();
-        args.namespaces = vec![namespace.to_owned()];
-        args.allow_http = true;
-        args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-        Self::start_with(config, args).await
+        Self::start_with(config, local_args(&[namespace])).await
+    }
+
+    /// Starts it with [`ingest_args`].
+    pub async fn ingesting(
+        cp: &ControlPlane,
+        namespaces: &[&str],
+        mode: IngestMode,
+        nats: Option<&NatsServer>,
+    ) -> InProcess {
+        Self::start_with(cp.config().await, ingest_args(namespaces, mode, nats)).await
     }
 
     /// Starts it with `args` and waits until its watches have synced.
@@ -334,6 +370,14 @@ impl InProcess {
         )
         .await;
         InProcess { op, shutdown, task }
+    }
+
+    /// Starts it with `args` that it must refuse: the error it gives.
+    pub async fn start_error(config: Config, args: RunArgs) -> String {
+        match hookrelay::operator::start(config, args, Default::default()).await {
+            Ok(_) => panic!("the operator started"),
+            Err(error) => error.to_string(),
+        }
     }
 
     /// Shuts it down and waits until every task has ended, the status writer last: what the
@@ -372,28 +416,19 @@ pub struct ModeOperator {
 }
 
 impl ModeOperator {
-    /// Starts the operator in `mode` watching `namespaces` (plain http and 127.0.0.0/8 allowed,
-    /// auth off), after `tune` adjusted its flags.
+    /// Starts the operator in `mode` watching `namespaces` ([`ingest_args`]: plain http and
+    /// 127.0.0.0/8 allowed, auth off), after `tune` adjusted its flags.
     pub async fn start(
         cp: &ControlPlane,
         mode: IngestMode,
         namespaces: &[&str],
         tune: impl FnOnce(&mut RunArgs),
     ) -> ModeOperator {
-        let mut args = RunArgs::for_tests();
-        args.namespaces = namespaces.iter().map(|ns| ns.to_string()).collect();
-        args.allow_http = true;
-        args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-        args.disable_auth = true;
-        args.ingest_mode = mode;
         let nats = match mode {
-            IngestMode::JetStream => {
-                let nats = NatsServer::start().await;
-                args.nats_url = Some(nats.url.clone());
-                Some(nats)
-            }
+            IngestMode::JetStream => Some(NatsServer::start().await),
             _ => None,
         };
+        let mut args = ingest_args(namespaces, mode, nats.as_ref());
         tune(&mut args);
         let op = InProcess::start_with(cp.config().await, args).await;
         ModeOperator {
