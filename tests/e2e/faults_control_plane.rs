@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::support::{
     CountingReceiver, OWN_CONTROL_PLANES, Operator, OperatorArgs, OwnControlPlane, api_call,
-    create_webhook, eventually, http_get, metric_sum, rss_mib,
+    create_webhook, eventually, metric_sum, readyz, rss_mib,
 };
 
 /// DocumentEvents of the stream, created one every [`PACE`]: about 30 s of traffic, with the
@@ -350,10 +350,10 @@ fn sample_readyz(
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         while !stop.is_cancelled() {
             tick.tick().await;
-            match tokio::time::timeout(Duration::from_secs(5), http_get(addr, "/readyz")).await {
-                Ok(Some((200, _))) => samples.ok += 1,
-                Ok(Some(_)) => samples.not_ready += 1,
-                _ => samples.no_answer += 1,
+            match readyz(addr).await {
+                Some(200) => samples.ok += 1,
+                Some(_) => samples.not_ready += 1,
+                None => samples.no_answer += 1,
             }
         }
         samples

@@ -11,25 +11,12 @@ use serde_json::{Value, json};
 use crate::support::counting_webhook;
 use crate::support::{
     CountingReceiver, InProcess, ModeOperator, NatsServer, OperatorArgs, Receiver, ReceiverKind,
-    control_plane, create_webhook, eventually, ingest_args, metric, one_leader, wait_ready_reason,
+    control_plane, create_webhook, eventually, ingest_args, metric, one_leader, post_events,
+    wait_ready_reason,
 };
 
 const SECRET: &str = "a-strong-signing-secret-for-jetstream-tests";
 const EVENT: &str = r#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":123,"filename":"important_document.pdf"}}"#;
-
-async fn post(addr: std::net::SocketAddr, ns: &str, key: Option<&str>, body: &str) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
-        .post(format!("http://{addr}/api/events?namespace={ns}"))
-        .header("content-type", "application/json")
-        .body(body.to_owned());
-    if let Some(key) = key {
-        req = req.header("idempotency-key", key);
-    }
-    let response = req.send().await.expect("the API answers");
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
 
 /// Messages per subject in the stream.
 async fn subjects(nats: &NatsServer) -> std::collections::HashMap<String, usize> {
@@ -72,7 +59,7 @@ async fn jetstream_ingest_answers_after_the_publish_and_delivers_a_signed_event(
     let receiver = Receiver::start(ReceiverKind::Python, SECRET, &[]).await;
     create_webhook(&client, &ns, "w", &receiver.url("/h"), SECRET, json!({})).await;
 
-    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    let (status, reply) = post_events(op.op.listen_addr, &ns, None, EVENT).await;
     assert_eq!(status, 202, "{reply}");
     assert_eq!(reply["mode"], "jetstream", "{reply}");
     assert_eq!(reply["accepted"], 1, "{reply}");
@@ -105,15 +92,15 @@ async fn a_jetstream_event_sent_twice_with_one_key_is_stored_and_delivered_once(
     let client = cp.client().await;
     let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
 
-    let (status, first) = post(op.op.listen_addr, &ns, Some("order-1"), EVENT).await;
+    let (status, first) = post_events(op.op.listen_addr, &ns, Some("order-1"), EVENT).await;
     assert_eq!(status, 202, "{first}");
     assert_eq!(first["duplicates"], json!([]), "{first}");
-    let (status, again) = post(op.op.listen_addr, &ns, Some("order-1"), EVENT).await;
+    let (status, again) = post_events(op.op.listen_addr, &ns, Some("order-1"), EVENT).await;
     assert_eq!(status, 202, "{again}");
     assert_eq!(again["duplicates"], json!([0]), "{again}");
     assert_eq!(again["events"], first["events"], "the same event id");
     let other = EVENT.replace("123", "124");
-    let (status, conflict) = post(op.op.listen_addr, &ns, Some("order-1"), &other).await;
+    let (status, conflict) = post_events(op.op.listen_addr, &ns, Some("order-1"), &other).await;
     assert_eq!(status, 409, "{conflict}");
     assert_eq!(conflict["error"]["code"], "idempotency_conflict");
 
@@ -160,7 +147,7 @@ async fn a_jetstream_delivery_is_retried_through_the_stream_with_one_delivery_id
     )
     .await;
 
-    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    let (status, reply) = post_events(op.op.listen_addr, &ns, None, EVENT).await;
     assert_eq!(status, 202, "{reply}");
     let received = receiver.wait_ok(1).await;
     let statuses: Vec<u16> = received.iter().map(|r| r.status).collect();
@@ -282,7 +269,7 @@ async fn a_killed_jetstream_operator_loses_no_event() {
 
     const EVENTS: usize = 100;
     let batch = format!("[{}]", vec![EVENT; EVENTS].join(","));
-    let (status, reply) = post(first.listen_addr, &ns, None, &batch).await;
+    let (status, reply) = post_events(first.listen_addr, &ns, None, &batch).await;
     assert_eq!(status, 202, "{reply}");
     eventually("some deliveries", Duration::from_secs(60), || async {
         (receiver.counts().0 >= 10).then_some(())
@@ -352,7 +339,7 @@ async fn two_replicas_record_every_attempt_in_the_webhook_status() {
     for chunk in 0..EVENTS / 20 {
         let batch = format!("[{}]", vec![EVENT; 20].join(","));
         let target = [a.listen_addr, b.listen_addr][chunk % 2];
-        let (status, reply) = post(target, &ns, None, &batch).await;
+        let (status, reply) = post_events(target, &ns, None, &batch).await;
         assert_eq!(status, 202, "{reply}");
     }
     eventually(
@@ -495,7 +482,7 @@ async fn jetstream_over_tls_needs_the_servers_ca() {
         },
     )
     .await;
-    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    let (status, reply) = post_events(op.op.listen_addr, &ns, None, EVENT).await;
     assert_eq!(status, 202, "{reply}");
     eventually("the event delivered", Duration::from_secs(60), || async {
         (receiver.counts() == (1, 1)).then_some(())
@@ -723,7 +710,7 @@ async fn an_existing_stream_keeps_the_limits_its_operator_set() {
     // And it works with it.
     let client = cp.client().await;
     let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
-    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    let (status, reply) = post_events(op.op.listen_addr, &ns, None, EVENT).await;
     assert_eq!(status, 202, "{reply}");
     eventually("the delivery", Duration::from_secs(60), || async {
         (receiver.counts() == (1, 1)).then_some(())
@@ -756,7 +743,7 @@ async fn an_event_too_large_for_a_work_item_is_refused_at_ingest() {
         body.len() < max_payload,
         "the request itself is within the body limit"
     );
-    let (status, reply) = post(op.op.listen_addr, &ns, None, &body).await;
+    let (status, reply) = post_events(op.op.listen_addr, &ns, None, &body).await;
     assert_eq!(status, 413, "{reply}");
     assert_eq!(reply["error"]["code"], "event_too_large", "{reply}");
     let message = reply["error"]["message"].as_str().unwrap_or_default();
@@ -766,7 +753,7 @@ async fn an_event_too_large_for_a_work_item_is_refused_at_ingest() {
         !stored.keys().any(|s| s.starts_with("hookrelay.events.")),
         "nothing of the request was stored: {stored:?}"
     );
-    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    let (status, reply) = post_events(op.op.listen_addr, &ns, None, EVENT).await;
     assert_eq!(status, 202, "{reply}");
     eventually(
         "the normal event delivered",
@@ -829,7 +816,7 @@ async fn a_dead_namespace_on_two_replicas_does_not_stop_another_namespaces_event
     for chunk in 0..DEAD_EVENTS / 100 {
         let batch = format!("[{}]", vec![EVENT; 100].join(","));
         let target = [a.listen_addr, b.listen_addr][chunk % 2];
-        let (status, reply) = post(target, &ns_a, None, &batch).await;
+        let (status, reply) = post_events(target, &ns_a, None, &batch).await;
         assert_eq!(status, 202, "{reply}");
     }
     // Both replicas are sending to the blackhole, and every event of A is routed.
@@ -854,7 +841,7 @@ async fn a_dead_namespace_on_two_replicas_does_not_stop_another_namespaces_event
     let (in_hand, not_handed_out) = deliverer_pending(&nats).await;
 
     let started = std::time::Instant::now();
-    let (status, reply) = post(a.listen_addr, &ns_b, None, &format!("[{EVENT}]")).await;
+    let (status, reply) = post_events(a.listen_addr, &ns_b, None, &format!("[{EVENT}]")).await;
     assert_eq!(status, 202, "{reply}");
     // Watched for up to two minutes, so that the figure is printed however long it takes.
     let watch_for = Duration::from_secs(120);

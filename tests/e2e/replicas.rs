@@ -27,7 +27,7 @@ use serde_json::json;
 use crate::support::{
     ControlPlane, CountingReceiver, NatsServer, OWN_CONTROL_PLANES, Operator, OperatorArgs,
     OwnControlPlane, control_plane, create_webhook, eventually, http_get, metric, metric_sum,
-    one_leader,
+    one_leader, readyz, within,
 };
 
 const SECRET: &str = "a-signing-secret-for-replica-tests";
@@ -153,34 +153,6 @@ fn kubeconfig_through(cp: &ControlPlane, proxy: SocketAddr) -> TempFile {
     ));
     std::fs::write(&path, rewritten.join("\n") + "\n").expect("kubeconfig written");
     TempFile(path)
-}
-
-/// Polls `check` every 50 ms like [`eventually`], but gives up with None after `timeout`
-/// instead of panicking: for a wait whose outcome is a figure printed before the assertions.
-async fn within<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The /readyz status code, None without an answer within 5 s.
-async fn readyz(addr: SocketAddr) -> Option<u16> {
-    tokio::time::timeout(Duration::from_secs(5), http_get(addr, "/readyz"))
-        .await
-        .ok()
-        .flatten()
-        .map(|(status, _)| status)
 }
 
 /// POSTs one event (document_id `id`) to `/api/events`: the status code, None without an

@@ -18,7 +18,7 @@
 //! - [`resources`]: the Kubernetes objects tests create and the states they wait for.
 //! - [`process`]: running helper programs and reading a process's memory.
 //!
-//! Here: waiting ([`eventually`]), [`free_port`] and [`repo_root`].
+//! Here: waiting ([`eventually`], [`within`]), [`free_port`] and [`repo_root`].
 
 // Named by path: the benches load this file with `#[path = "../tests/e2e/support.rs"]`, and a
 // module loaded that way looks for its submodules beside it, not in support/.
@@ -47,7 +47,7 @@ use std::{
 #[allow(unused_imports)]
 pub use self::{
     control_plane::{ControlPlane, Kubectl, OWN_CONTROL_PLANES, OwnControlPlane, control_plane},
-    http::{api_call, http_get, http_post, metric, metric_sum},
+    http::{api_call, http_get, http_post, metric, metric_sum, post_events, readyz},
     nats::NatsServer,
     operator::{
         INGEST_MODES, InProcess, ModeOperator, Operator, OperatorArgs, default_args, ingest_args,
@@ -81,6 +81,25 @@ where
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"
         );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `check` every 50 ms like [`eventually`], but gives up with None after `timeout`
+/// instead of panicking: for a wait whose outcome is a figure printed before the assertions.
+pub async fn within<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -1,8 +1,8 @@
 //! Raw HTTP to the operator: minimal HTTP/1.1 GET and POST over loopback (no client library
 //! between the test and the bytes, and `None` rather than a panic when nothing answers), JSON
-//! calls to its REST API, and samples of its /metrics.
+//! calls to its REST API, `POST /api/events`, its /readyz, and samples of its /metrics.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
 
@@ -68,6 +68,37 @@ pub async fn api_call(
     let status = response.status().as_u16();
     let text = response.text().await.unwrap_or_default();
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// POSTs `body` (one event or an array of them) to `/api/events` in namespace `ns` without a
+/// token, with an `Idempotency-Key` if `key` is given: (status, parsed reply or Null).
+pub async fn post_events(
+    addr: SocketAddr,
+    ns: &str,
+    key: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("http://{addr}/api/events?namespace={ns}"))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    let response = req.send().await.expect("the API answers");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The /readyz status code at the operator's metrics address, None without an answer within
+/// 5 s (refused connection, a process that is gone or frozen).
+pub async fn readyz(addr: SocketAddr) -> Option<u16> {
+    tokio::time::timeout(Duration::from_secs(5), http_get(addr, "/readyz"))
+        .await
+        .ok()
+        .flatten()
+        .map(|(status, _)| status)
 }
 
 /// One sample of a series of an operator's /metrics, such as

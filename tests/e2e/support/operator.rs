@@ -20,7 +20,7 @@ use kube::Config;
 use super::{
     control_plane::ControlPlane,
     eventually, free_port,
-    http::{api_call, http_get, metric},
+    http::{http_get, metric, post_events},
     nats::NatsServer,
     resources::EXAMPLE_TIMESTAMP,
 };
@@ -442,14 +442,7 @@ impl ModeOperator {
     /// must be accepted.
     pub async fn post_events(&self, ns: &str, events: &[serde_json::Value]) -> serde_json::Value {
         let body = serde_json::Value::Array(events.to_vec()).to_string();
-        let (status, reply) = api_call(
-            self.op.op.listen_addr,
-            "POST",
-            &format!("/api/events?namespace={ns}"),
-            None,
-            Some(&body),
-        )
-        .await;
+        let (status, reply) = post_events(self.op.op.listen_addr, ns, None, &body).await;
         assert_eq!(
             status, 202,
             "{:?} ingest refused the events: {reply}",
