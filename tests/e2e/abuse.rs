@@ -19,7 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    NatsServer, Operator, control_plane, create_webhook, eventually, http_get, rss_mib,
+    NatsServer, Operator, OperatorArgs, control_plane, create_webhook, eventually, http_get,
+    rss_mib,
 };
 
 const SIGNING_SECRET: &str = "abuse-signing-secret-0123456789";
@@ -85,21 +86,13 @@ impl Target {
             "jetstream" => Some(NatsServer::start().await),
             _ => None,
         };
-        let namespaces = format!("{abuser_ns},{tenant_ns}");
-        let mut args = vec![
-            "--namespace",
-            &namespaces,
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            "--ingest-mode",
-            mode,
-        ];
+        let mut args = OperatorArgs::new(&format!("{abuser_ns},{tenant_ns}"))
+            .with_auth()
+            .mode(mode);
         if let Some(nats) = &nats {
-            args.extend(["--nats-url", &nats.url]);
+            args = args.nats(&nats.url);
         }
-        args.extend(extra);
-        let op = Operator::start(cp, &args);
+        let op = args.args(extra).start(cp);
         op.wait_ready().await;
         let pid = op.child.id().expect("the operator runs");
         let abuser_token = cp.hookrelay_token(&abuser_ns, "abuser").await;

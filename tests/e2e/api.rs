@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     ControlPlane, CountingReceiver, InProcess, Receiver, ReceiverKind, api_call, control_plane,
-    eventually,
+    default_args, eventually, local_args,
 };
 
 /// A ServiceAccount token whose Role in `ns` allows exactly `rules` (kubectl create role syntax).
@@ -45,11 +45,10 @@ async fn token_with(cp: &ControlPlane, ns: &str, sa: &str, verbs: &str, resource
 
 const ALL: &str = "webhooks.hookrelay.dev,documentevents.hookrelay.dev";
 
+/// An operator for `ns` in `mode`, authentication on (these tests are about it), with a direct
+/// queue of `queue` events, all of which one namespace may take.
 async fn operator(cp: &ControlPlane, ns: &str, mode: IngestMode, queue: usize) -> InProcess {
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![ns.to_owned()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+    let mut args = local_args(&[ns]);
     args.ingest_mode = mode;
     args.direct_queue = queue;
     args.direct_queue_per_namespace = Some(queue);
@@ -283,9 +282,7 @@ async fn rbac_decides_who_may_ingest_and_manage_webhooks() {
     let cp = control_plane();
     let ns_a = cp.namespace("rbac-a").await;
     let ns_b = cp.namespace("rbac-b").await;
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![ns_a.clone(), ns_b.clone()];
-    let op = InProcess::start_with(cp.config().await, args).await;
+    let op = InProcess::start_with(cp.config().await, default_args(&[&ns_a, &ns_b])).await;
     let api = op.op.listen_addr;
     let ingester = token_with(
         cp,

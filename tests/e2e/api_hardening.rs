@@ -10,16 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{
     CountingReceiver, InProcess, api_call, control_plane, create_webhook, eventually,
-    grant_hookrelay,
+    grant_hookrelay, local_args,
 };
-
-fn args_for(ns: &str) -> hookrelay::operator::RunArgs {
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![ns.to_owned()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-    args
-}
 
 /// Sends `head` (a request without its body) and reads the response head, bounded so that a
 /// server that waits for the body fails the test instead of hanging it.
@@ -101,7 +93,7 @@ async fn an_unauthenticated_megabyte_is_refused_before_it_is_sent() {
 async fn a_client_stalling_in_its_headers_is_disconnected() {
     let cp = control_plane();
     let ns = cp.namespace("slow-headers").await;
-    let mut args = args_for(&ns);
+    let mut args = local_args(&[&ns]);
     args.header_read_timeout = Duration::from_secs(1);
     let op = InProcess::start_with(cp.config().await, args).await;
     let mut s = tokio::net::TcpStream::connect(op.op.listen_addr)
@@ -128,7 +120,7 @@ async fn a_client_stalling_in_its_headers_is_disconnected() {
 async fn at_the_connection_cap_a_new_client_waits_until_one_closes() {
     let cp = control_plane();
     let ns = cp.namespace("conn-cap").await;
-    let mut args = args_for(&ns);
+    let mut args = local_args(&[&ns]);
     args.max_connections = 2;
     args.header_read_timeout = Duration::from_secs(120);
     let op = InProcess::start_with(cp.config().await, args).await;
@@ -224,7 +216,7 @@ async fn tokens_must_be_minted_for_hookrelays_audience() {
             api_call(op.op.listen_addr, "GET", &list, Some(&for_hookrelay), None).await;
         assert_eq!(status, 200, "{body}");
     }
-    let mut args = args_for(&ns);
+    let mut args = local_args(&[&ns]);
     args.token_audience = String::new();
     let op = InProcess::start_with(cp.config().await, args).await;
     let (status, body) = api_call(op.op.listen_addr, "GET", &list, Some(&plain), None).await;
@@ -298,7 +290,7 @@ async fn the_api_serves_tls_and_follows_a_rotated_certificate() {
     let (cert, key, first) = ca.leaf();
     std::fs::write(&cert_file, cert).unwrap();
     std::fs::write(&key_file, key).unwrap();
-    let mut args = args_for(&ns);
+    let mut args = local_args(&[&ns]);
     args.tls_cert_file = Some(cert_file.clone());
     args.tls_key_file = Some(key_file.clone());
     let op = InProcess::start_with(cp.config().await, args).await;
@@ -488,7 +480,7 @@ async fn test_deliveries_are_rate_limited_per_webhook() {
 async fn a_body_that_never_finishes_gets_408() {
     let cp = control_plane();
     let ns = cp.namespace("slow-body").await;
-    let mut args = args_for(&ns);
+    let mut args = local_args(&[&ns]);
     args.request_timeout = Duration::from_secs(1);
     args.disable_auth = true;
     let op = InProcess::start_with(cp.config().await, args).await;

@@ -15,8 +15,8 @@ use kube::Api;
 use serde_json::{Value, json};
 
 use crate::support::{
-    ControlPlane, CountingReceiver, Kubectl, api_call, control_plane, create_event, create_webhook,
-    eventually, free_port, http_get, repo_root, wait_phase,
+    ControlPlane, CountingReceiver, Kubectl, OperatorArgs, api_call, control_plane, create_event,
+    create_webhook, eventually, repo_root, wait_phase,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -746,35 +746,16 @@ async fn the_operator_does_its_whole_job_with_the_charts_rbac_and_nothing_more()
         .service_account_token_without_audience(&ns, "hookrelay")
         .await;
     let kubeconfig = cp.token_kubeconfig(&token);
-    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let listen_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let log =
-        std::env::temp_dir().join(format!("hookrelay-chart-rbac-{}.log", metrics_addr.port()));
-    let out = std::fs::File::create(&log).unwrap();
-    let mut operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookrelay"))
-        .arg("run")
-        .arg(format!("--listen-addr={listen_addr}"))
-        .arg(format!("--metrics-addr={metrics_addr}"))
+    // The chart's arguments (cluster-wide, leader election on), authentication on.
+    let mut operator = OperatorArgs::cluster_wide()
+        .with_auth()
         .args(&args)
-        .args(["--allow-http", "--allow-cidr", "127.0.0.0/8"])
-        .env("KUBECONFIG", &kubeconfig)
+        .env("KUBECONFIG", kubeconfig.to_str().unwrap())
         .env("POD_NAME", "hookrelay-rbac-test")
         .env("POD_NAMESPACE", &ns)
-        .env("RUST_LOG", "info,hookrelay=debug")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("operator starts");
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    eventually(
-        &format!("/readyz 200 (log: {})", log.display()),
-        WAIT,
-        || async {
-            matches!(http_get(metrics_addr, "/readyz").await, Some((200, _))).then_some(())
-        },
-    )
-    .await;
+        .start(cp);
+    operator.wait_ready().await;
+    let (listen_addr, log) = (operator.listen_addr, operator.log.clone());
 
     // Reconcile to Ready (a status write), deliver (the other status), in a namespace of users.
     let app = cp.namespace("rbac-app").await;
@@ -900,7 +881,7 @@ async fn the_operator_does_its_whole_job_with_the_charts_rbac_and_nothing_more()
     );
 
     // Nothing it did was refused.
-    let text = log_text();
+    let text = operator.log_text();
     assert!(
         !text.to_lowercase().contains("forbidden"),
         "a request was refused (log: {}):\n{text}",
@@ -945,8 +926,8 @@ async fn the_operator_does_its_whole_job_with_the_charts_rbac_and_nothing_more()
         .await;
     assert_eq!(answer.stdout.trim(), "yes", "patch secrets");
 
-    operator.start_kill().unwrap();
-    operator.wait().await.unwrap();
+    operator.child.start_kill().unwrap();
+    operator.child.wait().await.unwrap();
     helm_ok(cp, &["uninstall", "hookrelay", "-n", &ns]).await;
 }
 

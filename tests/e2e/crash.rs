@@ -10,7 +10,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::support::{CountingReceiver, Operator, control_plane, create_webhook, eventually};
+use crate::support::{CountingReceiver, OperatorArgs, control_plane, create_webhook, eventually};
 
 const EVENTS: usize = 500;
 
@@ -22,14 +22,8 @@ async fn no_event_is_lost_when_the_operator_is_killed_mid_delivery() {
     // A slow endpoint (each answer takes 25 ms, 8 in flight) keeps deliveries outstanding
     // long enough for the kill to land among them.
     let (receiver, addr) = CountingReceiver::start_slow(Duration::from_millis(25)).await;
-    let args = [
-        "--namespace",
-        ns.as_str(),
-        "--allow-http",
-        "--allow-cidr",
-        "127.0.0.0/8",
-    ];
-    let mut first = Operator::start(cp, &args);
+    let args = OperatorArgs::new(&ns).with_auth();
+    let mut first = args.start(cp);
     first.wait_ready().await;
 
     create_webhook(
@@ -84,7 +78,7 @@ async fn no_event_is_lost_when_the_operator_is_killed_mid_delivery() {
     );
 
     let restarted = std::time::Instant::now();
-    let second = Operator::start(cp, &args);
+    let second = args.start(cp);
     second.wait_ready().await;
     creator.await.unwrap().expect("every event created");
     eventually(

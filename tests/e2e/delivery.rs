@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::support::{
     Blackhole, CountingReceiver, INGEST_MODES, InProcess, ModeOperator, Receiver, ReceiverKind,
     control_plane, counting_webhook, create_event, create_webhook, eventually, http_post,
-    repo_root, wait_phase, wait_ready_reason,
+    local_args, repo_root, wait_phase, wait_ready_reason,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -913,10 +913,7 @@ async fn finished_events_are_deleted_after_their_retention() {
     let cp = control_plane();
     let ns = cp.namespace("retention").await;
     let client = cp.client().await;
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![ns.clone()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+    let mut args = local_args(&[&ns]);
     args.event_retention = Duration::from_secs(2);
     let _op = InProcess::start_with(cp.config().await, args).await;
     let (_receiver, addr) = CountingReceiver::start().await;

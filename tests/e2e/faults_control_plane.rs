@@ -22,8 +22,8 @@ use kube::{
 use serde_json::json;
 
 use crate::support::{
-    CountingReceiver, OWN_CONTROL_PLANES, Operator, OwnControlPlane, api_call, create_webhook,
-    eventually, http_get, metric_sum, rss_mib,
+    CountingReceiver, OWN_CONTROL_PLANES, Operator, OperatorArgs, OwnControlPlane, api_call,
+    create_webhook, eventually, metric_sum, readyz, rss_mib,
 };
 
 /// DocumentEvents of the stream, created one every [`PACE`]: about 30 s of traffic, with the
@@ -44,18 +44,6 @@ const QUIET_MAX_PATCHES: f64 = 5.0;
 const QUIET_MAX_REQUESTS: f64 = 30.0;
 
 const SECRET: &str = "signing-secret-0123456789";
-
-fn operator_args(ns: &str) -> Vec<String> {
-    [
-        "--namespace",
-        ns,
-        "--allow-http",
-        "--allow-cidr",
-        "127.0.0.0/8",
-    ]
-    .map(String::from)
-    .to_vec()
-}
 
 /// Creates DocumentEvent `name` the way a careful producer does: retried until the API server
 /// has it, through an outage. A create whose answer was lost (the server went down after
@@ -169,13 +157,7 @@ async fn restart_mid_stream(test: &str, restart: Restart) {
     let cp = OwnControlPlane::start(test).await;
     let ns = cp.namespace("cpfault").await;
     let client = cp.client().await;
-    let op = Operator::start(
-        &cp,
-        &operator_args(&ns)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let op = OperatorArgs::new(&ns).with_auth().start(&cp);
     op.wait_ready().await;
     let (receiver, addr) = CountingReceiver::start().await;
     create_webhook(
@@ -368,10 +350,10 @@ fn sample_readyz(
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         while !stop.is_cancelled() {
             tick.tick().await;
-            match tokio::time::timeout(Duration::from_secs(5), http_get(addr, "/readyz")).await {
-                Ok(Some((200, _))) => samples.ok += 1,
-                Ok(Some(_)) => samples.not_ready += 1,
-                _ => samples.no_answer += 1,
+            match readyz(addr).await {
+                Some(200) => samples.ok += 1,
+                Some(_) => samples.not_ready += 1,
+                None => samples.no_answer += 1,
             }
         }
         samples
@@ -389,17 +371,10 @@ async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
     let cp = OwnControlPlane::start("paused").await;
     let ns = cp.namespace("cpfault").await;
     let client = cp.client().await;
-    let mut args = operator_args(&ns);
-    args.extend(["--ingest-mode", "direct", "--disable-auth"].map(String::from));
-    let mut op = Operator::start(&cp, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut op = OperatorArgs::new(&ns).mode("direct").start(&cp);
     // And one with durable ingest (its own namespace): it needs the API server to accept.
     let durable_ns = cp.namespace("cpfault-durable").await;
-    let mut durable_args = operator_args(&durable_ns);
-    durable_args.push("--disable-auth".into());
-    let durable = Operator::start(
-        &cp,
-        &durable_args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let durable = OperatorArgs::new(&durable_ns).start(&cp);
     // And a direct one with authentication (its own namespace), whose caller is reviewed by
     // the API server: its cached answers last 10 s (access) and 30 s (token).
     let authed_ns = cp.namespace("cpfault-auth").await;
@@ -417,12 +392,10 @@ async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
         cp.kubectl_ok(&[&args[..], &[extra, "-n", &authed_ns]].concat(), None)
             .await;
     }
-    let mut authed_args = operator_args(&authed_ns);
-    authed_args.extend(["--ingest-mode", "direct"].map(String::from));
-    let authed = Operator::start(
-        &cp,
-        &authed_args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let authed = OperatorArgs::new(&authed_ns)
+        .with_auth()
+        .mode("direct")
+        .start(&cp);
     op.wait_ready().await;
     durable.wait_ready().await;
     authed.wait_ready().await;

@@ -24,8 +24,8 @@ use tokio::{
 };
 
 use crate::support::{
-    CountingReceiver, InProcess, ModeOperator, NatsServer, Operator, control_plane, create_webhook,
-    eventually, free_port, metric, rss_mib,
+    CountingReceiver, InProcess, ModeOperator, NatsServer, Operator, OperatorArgs, control_plane,
+    create_webhook, eventually, free_port, metric, rss_mib,
 };
 
 const SECRET: &str = "a-signing-secret-for-receiver-faults";
@@ -573,17 +573,7 @@ async fn huge_bodies_and_endless_headers_are_read_capped_and_memory_stays_flat()
     let cp = control_plane();
     let ns = cp.namespace("rx-huge").await;
     let client = cp.client().await;
-    let op = Operator::start(
-        cp,
-        &[
-            "--namespace",
-            &ns,
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            "--disable-auth",
-        ],
-    );
+    let op = OperatorArgs::new(&ns).start(cp);
     op.wait_ready().await;
     let pid = op.child.id().expect("the operator runs");
     let huge = RawReceiver::start(ten_megabytes).await;
@@ -651,14 +641,7 @@ async fn a_jetstream_server_restarted_mid_stream_loses_no_accepted_event() {
     let ns = cp.namespace("rx-nats").await;
     let client = cp.client().await;
     let mut nats = NatsServer::start().await;
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![ns.clone()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-    args.disable_auth = true;
-    args.ingest_mode = IngestMode::JetStream;
-    args.nats_url = Some(nats.url.clone());
-    let op = InProcess::start_with(cp.config().await, args).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     let listen = op.op.listen_addr;
     let (receiver, addr) = CountingReceiver::start().await;
     create_webhook(

@@ -9,7 +9,6 @@ use hookrelay::{
     crd::{DocumentEvent, EventPhase, TargetState, Webhook},
     http::IngestMode,
     keys::WebhookKey,
-    operator::RunArgs,
     routing::RouteState,
 };
 use k8s_openapi::api::core::v1::Secret;
@@ -21,8 +20,9 @@ use serde_json::json;
 
 use crate::support::counting_webhook;
 use crate::support::{
-    Blackhole, CountingReceiver, InProcess, ModeOperator, Operator, control_plane, create_event,
-    create_webhook, eventually, wait_phase, wait_ready_reason,
+    Blackhole, CountingReceiver, InProcess, ModeOperator, Operator, OperatorArgs, control_plane,
+    create_event, create_webhook, default_args, eventually, local_args, wait_phase,
+    wait_ready_reason,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -99,18 +99,10 @@ async fn only_secrets_labelled_for_signing_sign_and_the_upgrade_warning_comes_on
     let cp = control_plane();
     let ns = cp.namespace("signing-label").await;
     let client = cp.client().await;
-    let op = Operator::start(
-        cp,
-        &[
-            "--namespace",
-            &ns,
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            "--log-format",
-            "json",
-        ],
-    );
+    let op = OperatorArgs::new(&ns)
+        .with_auth()
+        .arg("--log-format", "json")
+        .start(cp);
     op.wait_ready().await;
 
     // An existing Secret without the label, as before the upgrade.
@@ -408,10 +400,7 @@ async fn a_delivery_held_longer_than_max_hold_fails_and_its_event_is_retired() {
     let cp = control_plane();
     let ns = cp.namespace("max-hold").await;
     let client = cp.client().await;
-    let mut args = RunArgs::for_tests();
-    args.namespaces = vec![ns.clone()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+    let mut args = local_args(&[&ns]);
     args.max_hold = Duration::from_secs(8);
     args.failed_event_retention = Duration::from_secs(5);
     let _op = InProcess::start_with(cp.config().await, args).await;
@@ -494,18 +483,10 @@ async fn sigterm_stops_a_busy_operator_with_exit_code_zero() {
     let cp = control_plane();
     let ns = cp.namespace("sigterm").await;
     let client = cp.client().await;
-    let mut op = Operator::start(
-        cp,
-        &[
-            "--namespace",
-            &ns,
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            "--shutdown-timeout",
-            "5s",
-        ],
-    );
+    let mut op = OperatorArgs::new(&ns)
+        .with_auth()
+        .arg("--shutdown-timeout", "5s")
+        .start(cp);
     op.wait_ready().await;
     let blackhole = Blackhole::start().await;
     create_webhook(
@@ -711,7 +692,10 @@ async fn credentials_in_a_url_are_redacted_everywhere_they_are_shown() {
     let ns = cp.namespace("redact").await;
     let client = cp.client().await;
     // Plain http allowed but not loopback: refused, so nothing is ever sent.
-    let op = Operator::start(cp, &["--namespace", &ns, "--allow-http"]);
+    let op = OperatorArgs::new(&ns)
+        .with_auth()
+        .allow_cidrs(&[])
+        .start(cp);
     op.wait_ready().await;
     create_secret(&client, &ns, "w-secret", SECRET, true).await;
     create_bare_webhook(
@@ -770,8 +754,7 @@ async fn localhost_with_a_dot_or_a_subdomain_is_loopback() {
     let cp = control_plane();
     let ns = cp.namespace("localhost").await;
     let client = cp.client().await;
-    let mut args = RunArgs::for_tests();
-    args.namespaces = vec![ns.clone()];
+    let mut args = default_args(&[&ns]);
     args.allow_http = true;
     let _op = InProcess::start_with(cp.config().await, args).await;
     create_secret(&client, &ns, "s", SECRET, true).await;

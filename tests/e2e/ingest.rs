@@ -13,44 +13,15 @@ use kube::{
     Api,
     api::{ListParams, Patch, PatchParams},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::counting_webhook;
 use crate::support::{
-    ControlPlane, CountingReceiver, InProcess, control_plane, create_webhook, eventually,
-    wait_phase,
+    CountingReceiver, InProcess, control_plane, create_webhook, eventually, ingest_args,
+    post_events, wait_phase,
 };
 
 const SECRET: &str = "a-strong-signing-secret-for-ingest-tests";
-
-/// An operator watching `namespaces`, authentication off (these tests are about ingest).
-async fn operator(cp: &ControlPlane, namespaces: &[&str], mode: IngestMode) -> InProcess {
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = namespaces.iter().map(|ns| ns.to_string()).collect();
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-    args.disable_auth = true;
-    args.ingest_mode = mode;
-    InProcess::start_with(cp.config().await, args).await
-}
-
-async fn post(op: &InProcess, ns: &str, key: Option<&str>, body: &str) -> (u16, Value) {
-    let client = reqwest::Client::new();
-    let mut req = client
-        .post(format!(
-            "http://{}/api/events?namespace={ns}",
-            op.op.listen_addr
-        ))
-        .header("content-type", "application/json")
-        .body(body.to_owned());
-    if let Some(key) = key {
-        req = req.header("idempotency-key", key);
-    }
-    let response = req.send().await.expect("the API answers");
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
 
 async fn event_names(events: &Api<DocumentEvent>) -> Vec<String> {
     let mut names: Vec<String> = events
@@ -69,13 +40,13 @@ async fn event_names(events: &Api<DocumentEvent>) -> Vec<String> {
 async fn a_durable_event_sent_twice_with_one_key_is_stored_and_delivered_once() {
     let cp = control_plane();
     let ns = cp.namespace("idem-durable").await;
-    let op = operator(cp, &[&ns], IngestMode::Durable).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::Durable, None).await;
     let client = cp.client().await;
     let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
     let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);
 
     let body = r#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":1,"status":"completed"}}"#;
-    let (status, first) = post(&op, &ns, Some("order-1"), body).await;
+    let (status, first) = post_events(op.op.listen_addr, &ns, Some("order-1"), body).await;
     assert_eq!(status, 202, "{first}");
     let name = first["document_events"][0].as_str().unwrap().to_owned();
     assert_eq!(name, hookrelay::http::keyed_event_name("order-1"));
@@ -101,7 +72,7 @@ async fn a_durable_event_sent_twice_with_one_key_is_stored_and_delivered_once() 
 
     // The client retries (its first reply was lost, say): the same event, keys in another order.
     let same = r#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"status":"completed","document_id":1}}"#;
-    let (status, again) = post(&op, &ns, Some("order-1"), same).await;
+    let (status, again) = post_events(op.op.listen_addr, &ns, Some("order-1"), same).await;
     assert_eq!(
         (status, &again["document_events"], &again["duplicates"]),
         (202, &json!([name]), &json!([0])),
@@ -116,7 +87,7 @@ async fn a_durable_event_sent_twice_with_one_key_is_stored_and_delivered_once() 
 
     // Another event under the same key: 409, nothing stored.
     let other = r#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":2}}"#;
-    let (status, conflict) = post(&op, &ns, Some("order-1"), other).await;
+    let (status, conflict) = post_events(op.op.listen_addr, &ns, Some("order-1"), other).await;
     assert_eq!(
         (status, conflict["error"]["code"].as_str()),
         (409, Some("idempotency_conflict")),
@@ -141,13 +112,13 @@ async fn a_durable_event_sent_twice_with_one_key_is_stored_and_delivered_once() 
 async fn a_batch_refused_midway_says_what_was_stored_and_its_retry_stores_nothing_twice() {
     let cp = control_plane();
     let ns = cp.namespace("idem-batch").await;
-    let op = operator(cp, &[&ns], IngestMode::Durable).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::Durable, None).await;
     let client = cp.client().await;
     let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
     let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);
 
-    let (status, reply) = post(
-        &op,
+    let (status, reply) = post_events(
+        op.op.listen_addr,
         &ns,
         None,
         r#"{"event":"document.uploaded","id":"taken","data":{"document_id":0}}"#,
@@ -163,7 +134,7 @@ async fn a_batch_refused_midway_says_what_was_stored_and_its_retry_stores_nothin
                {{"event":"document.uploaded","id":"b-2","data":{{"document_id":12}}}}]"#
         )
     };
-    let (status, refused) = post(&op, &ns, None, &batch("taken")).await;
+    let (status, refused) = post_events(op.op.listen_addr, &ns, None, &batch("taken")).await;
     assert_eq!(
         (status, refused["error"]["code"].as_str()),
         (409, Some("idempotency_conflict")),
@@ -189,7 +160,7 @@ async fn a_batch_refused_midway_says_what_was_stored_and_its_retry_stores_nothin
     assert_eq!(event_names(&events).await, expected);
 
     // The client fixes event 1 and sends the whole batch again: only event 1 is new.
-    let (status, retried) = post(&op, &ns, None, &batch("b-1")).await;
+    let (status, retried) = post_events(op.op.listen_addr, &ns, None, &batch("b-1")).await;
     assert_eq!(
         (status, &retried["duplicates"], retried["accepted"].as_u64()),
         (202, &json!([0, 2]), Some(3)),
@@ -214,7 +185,7 @@ async fn a_batch_refused_midway_says_what_was_stored_and_its_retry_stores_nothin
 async fn a_direct_event_sent_twice_with_one_key_is_delivered_once() {
     let cp = control_plane();
     let ns = cp.namespace("idem-direct").await;
-    let op = operator(cp, &[&ns], IngestMode::Direct).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::Direct, None).await;
     let client = cp.client().await;
     let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
     eventually("the webhook routed", Duration::from_secs(30), || async {
@@ -223,7 +194,7 @@ async fn a_direct_event_sent_twice_with_one_key_is_delivered_once() {
     .await;
 
     let body = r#"{"event":"document.completed","data":{"document_id":1}}"#;
-    let (status, first) = post(&op, &ns, Some("direct-1"), body).await;
+    let (status, first) = post_events(op.op.listen_addr, &ns, Some("direct-1"), body).await;
     assert_eq!(
         (status, first["deliveries"].as_u64(), &first["duplicates"]),
         (202, Some(1), &json!([])),
@@ -241,14 +212,14 @@ async fn a_direct_event_sent_twice_with_one_key_is_delivered_once() {
     })
     .await;
 
-    let (status, again) = post(&op, &ns, Some("direct-1"), body).await;
+    let (status, again) = post_events(op.op.listen_addr, &ns, Some("direct-1"), body).await;
     assert_eq!(
         (status, again["deliveries"].as_u64(), &again["duplicates"]),
         (202, Some(0), &json!([0])),
         "{again}"
     );
-    let (status, conflict) = post(
-        &op,
+    let (status, conflict) = post_events(
+        op.op.listen_addr,
         &ns,
         Some("direct-1"),
         r#"{"event":"document.completed","data":{"document_id":2}}"#,
@@ -261,7 +232,7 @@ async fn a_direct_event_sent_twice_with_one_key_is_delivered_once() {
     );
 
     // A later event without a key goes out; by then the duplicate would have, too.
-    let (status, _) = post(&op, &ns, None, body).await;
+    let (status, _) = post_events(op.op.listen_addr, &ns, None, body).await;
     assert_eq!(status, 202);
     eventually("the later delivery", Duration::from_secs(30), || async {
         (receiver.counts().0 == 2).then_some(())
@@ -280,12 +251,7 @@ async fn paused_and_live(hold: Duration) -> (InProcess, String, String, Counting
     let cp = control_plane();
     let a = cp.namespace("share-a").await;
     let b = cp.namespace("share-b").await;
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![a.clone(), b.clone()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-    args.disable_auth = true;
-    args.ingest_mode = IngestMode::Direct;
+    let mut args = ingest_args(&[&a, &b], IngestMode::Direct, None);
     args.direct_queue = 8;
     args.direct_queue_per_namespace = Some(2);
     args.direct_max_hold = hold;
@@ -334,14 +300,14 @@ async fn a_namespace_holding_its_share_of_the_direct_queue_does_not_block_anothe
 
     // a's two deliveries are held (paused), filling a's share.
     for _ in 0..2 {
-        let (status, reply) = post(&op, &a, None, event).await;
+        let (status, reply) = post_events(op.op.listen_addr, &a, None, event).await;
         assert_eq!(
             (status, reply["deliveries"].as_u64()),
             (202, Some(1)),
             "{reply}"
         );
     }
-    let (status, refused) = post(&op, &a, None, event).await;
+    let (status, refused) = post_events(op.op.listen_addr, &a, None, event).await;
     assert_eq!(
         (status, refused["error"]["code"].as_str()),
         (429, Some("namespace_queue_full")),
@@ -354,7 +320,7 @@ async fn a_namespace_holding_its_share_of_the_direct_queue_does_not_block_anothe
 
     // b is served all along: more events than a's share, and the global queue is not full.
     for i in 0..5 {
-        let (status, reply) = post(&op, &b, None, event).await;
+        let (status, reply) = post_events(op.op.listen_addr, &b, None, event).await;
         assert_eq!(status, 202, "b's event {i}: {reply}");
         eventually("b's delivery", Duration::from_secs(30), || async {
             (receiver.counts().0 == i + 1).then_some(())
@@ -362,7 +328,7 @@ async fn a_namespace_holding_its_share_of_the_direct_queue_does_not_block_anothe
         .await;
     }
     // a is still refused while its deliveries are held.
-    let (status, _) = post(&op, &a, None, event).await;
+    let (status, _) = post_events(op.op.listen_addr, &a, None, event).await;
     assert_eq!(status, 429);
 }
 
@@ -371,12 +337,12 @@ async fn a_held_direct_delivery_gives_its_place_back_after_direct_max_hold() {
     let (op, a, _b, _receiver) = paused_and_live(Duration::from_secs(1)).await;
     let event = r#"{"event":"document.completed","data":{"document_id":1}}"#;
     for _ in 0..2 {
-        let (status, _) = post(&op, &a, None, event).await;
+        let (status, _) = post_events(op.op.listen_addr, &a, None, event).await;
         assert_eq!(status, 202);
     }
     // Held past --direct-max-hold, the deliveries give up and a's share comes back.
     eventually("a accepted again", Duration::from_secs(60), || async {
-        let (status, _) = post(&op, &a, None, event).await;
+        let (status, _) = post_events(op.op.listen_addr, &a, None, event).await;
         (status == 202).then_some(())
     })
     .await;
@@ -388,11 +354,11 @@ async fn a_held_direct_delivery_gives_its_place_back_after_direct_max_hold() {
 async fn an_exact_retry_with_numbers_the_api_server_normalises_is_a_duplicate() {
     let cp = control_plane();
     let ns = cp.namespace("idem-float").await;
-    let op = operator(cp, &[&ns], IngestMode::Durable).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::Durable, None).await;
     let client = cp.client().await;
     let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);
     let float = r#"{"event":"document.completed","data":{"amount":10.0,"ratio":1e2}}"#;
-    let (status, first) = post(&op, &ns, Some("order-float"), float).await;
+    let (status, first) = post_events(op.op.listen_addr, &ns, Some("order-float"), float).await;
     assert_eq!(status, 202, "{first}");
     let stored = events
         .get(first["document_events"][0].as_str().unwrap())
@@ -403,14 +369,14 @@ async fn an_exact_retry_with_numbers_the_api_server_normalises_is_a_duplicate() 
         json!(10),
         "the API server normalises numbers (what makes this test needed)"
     );
-    let (status, again) = post(&op, &ns, Some("order-float"), float).await;
+    let (status, again) = post_events(op.op.listen_addr, &ns, Some("order-float"), float).await;
     assert_eq!(
         (status, &again["duplicates"]),
         (202, &json!([0])),
         "an exact retry is a duplicate: {again}"
     );
     let other = r#"{"event":"document.completed","data":{"amount":11.0,"ratio":1e2}}"#;
-    let (status, conflict) = post(&op, &ns, Some("order-float"), other).await;
+    let (status, conflict) = post_events(op.op.listen_addr, &ns, Some("order-float"), other).await;
     assert_eq!(status, 409, "{conflict}");
     assert_eq!(event_names(&events).await.len(), 1);
 }

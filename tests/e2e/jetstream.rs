@@ -10,56 +10,13 @@ use serde_json::{Value, json};
 
 use crate::support::counting_webhook;
 use crate::support::{
-    ControlPlane, CountingReceiver, InProcess, ModeOperator, NatsServer, Operator, Receiver,
-    ReceiverKind, control_plane, create_webhook, eventually, metric, wait_ready_reason,
+    CountingReceiver, InProcess, ModeOperator, NatsServer, OperatorArgs, Receiver, ReceiverKind,
+    control_plane, create_webhook, eventually, ingest_args, metric, one_leader, post_events,
+    wait_ready_reason,
 };
 
 const SECRET: &str = "a-strong-signing-secret-for-jetstream-tests";
 const EVENT: &str = r#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":123,"filename":"important_document.pdf"}}"#;
-
-async fn operator(cp: &ControlPlane, ns: &str, nats: &NatsServer) -> InProcess {
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![ns.to_owned()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-    args.disable_auth = true;
-    args.ingest_mode = IngestMode::JetStream;
-    args.nats_url = Some(nats.url.clone());
-    InProcess::start_with(cp.config().await, args).await
-}
-
-/// The operator binary in jetstream mode (so that it can be killed with SIGKILL).
-fn operator_process(cp: &ControlPlane, ns: &str, nats: &NatsServer) -> Operator {
-    Operator::start(
-        cp,
-        &[
-            "--namespace",
-            ns,
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            "--disable-auth",
-            "--ingest-mode",
-            "jetstream",
-            "--nats-url",
-            &nats.url,
-        ],
-    )
-}
-
-async fn post(addr: std::net::SocketAddr, ns: &str, key: Option<&str>, body: &str) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
-        .post(format!("http://{addr}/api/events?namespace={ns}"))
-        .header("content-type", "application/json")
-        .body(body.to_owned());
-    if let Some(key) = key {
-        req = req.header("idempotency-key", key);
-    }
-    let response = req.send().await.expect("the API answers");
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
 
 /// Messages per subject in the stream.
 async fn subjects(nats: &NatsServer) -> std::collections::HashMap<String, usize> {
@@ -97,12 +54,12 @@ async fn jetstream_ingest_answers_after_the_publish_and_delivers_a_signed_event(
     let cp = control_plane();
     let ns = cp.namespace("js-ingest").await;
     let nats = NatsServer::start().await;
-    let op = operator(cp, &ns, &nats).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     let client = cp.client().await;
     let receiver = Receiver::start(ReceiverKind::Python, SECRET, &[]).await;
     create_webhook(&client, &ns, "w", &receiver.url("/h"), SECRET, json!({})).await;
 
-    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    let (status, reply) = post_events(op.op.listen_addr, &ns, None, EVENT).await;
     assert_eq!(status, 202, "{reply}");
     assert_eq!(reply["mode"], "jetstream", "{reply}");
     assert_eq!(reply["accepted"], 1, "{reply}");
@@ -131,19 +88,19 @@ async fn a_jetstream_event_sent_twice_with_one_key_is_stored_and_delivered_once(
     let cp = control_plane();
     let ns = cp.namespace("js-idem").await;
     let nats = NatsServer::start().await;
-    let op = operator(cp, &ns, &nats).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     let client = cp.client().await;
     let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
 
-    let (status, first) = post(op.op.listen_addr, &ns, Some("order-1"), EVENT).await;
+    let (status, first) = post_events(op.op.listen_addr, &ns, Some("order-1"), EVENT).await;
     assert_eq!(status, 202, "{first}");
     assert_eq!(first["duplicates"], json!([]), "{first}");
-    let (status, again) = post(op.op.listen_addr, &ns, Some("order-1"), EVENT).await;
+    let (status, again) = post_events(op.op.listen_addr, &ns, Some("order-1"), EVENT).await;
     assert_eq!(status, 202, "{again}");
     assert_eq!(again["duplicates"], json!([0]), "{again}");
     assert_eq!(again["events"], first["events"], "the same event id");
     let other = EVENT.replace("123", "124");
-    let (status, conflict) = post(op.op.listen_addr, &ns, Some("order-1"), &other).await;
+    let (status, conflict) = post_events(op.op.listen_addr, &ns, Some("order-1"), &other).await;
     assert_eq!(status, 409, "{conflict}");
     assert_eq!(conflict["error"]["code"], "idempotency_conflict");
 
@@ -177,7 +134,7 @@ async fn a_jetstream_delivery_is_retried_through_the_stream_with_one_delivery_id
     let cp = control_plane();
     let ns = cp.namespace("js-retry").await;
     let nats = NatsServer::start().await;
-    let op = operator(cp, &ns, &nats).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     let client = cp.client().await;
     let receiver = Receiver::start(ReceiverKind::Python, SECRET, &["--fail-first", "2"]).await;
     create_webhook(
@@ -190,7 +147,7 @@ async fn a_jetstream_delivery_is_retried_through_the_stream_with_one_delivery_id
     )
     .await;
 
-    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    let (status, reply) = post_events(op.op.listen_addr, &ns, None, EVENT).await;
     assert_eq!(status, 202, "{reply}");
     let received = receiver.wait_ok(1).await;
     let statuses: Vec<u16> = received.iter().map(|r| r.status).collect();
@@ -296,7 +253,9 @@ async fn a_killed_jetstream_operator_loses_no_event() {
     let nats = NatsServer::start().await;
     let client = cp.client().await;
     let (receiver, addr) = CountingReceiver::start_slow(Duration::from_millis(100)).await;
-    let mut first = operator_process(cp, &ns, &nats);
+    // The binary, so that it can be killed with SIGKILL.
+    let args = OperatorArgs::new(&ns).mode("jetstream").nats(&nats.url);
+    let mut first = args.start(cp);
     first.wait_ready().await;
     create_webhook(
         &client,
@@ -310,7 +269,7 @@ async fn a_killed_jetstream_operator_loses_no_event() {
 
     const EVENTS: usize = 100;
     let batch = format!("[{}]", vec![EVENT; EVENTS].join(","));
-    let (status, reply) = post(first.listen_addr, &ns, None, &batch).await;
+    let (status, reply) = post_events(first.listen_addr, &ns, None, &batch).await;
     assert_eq!(status, 202, "{reply}");
     eventually("some deliveries", Duration::from_secs(60), || async {
         (receiver.counts().0 >= 10).then_some(())
@@ -322,7 +281,7 @@ async fn a_killed_jetstream_operator_loses_no_event() {
     assert!(at_kill < EVENTS, "events were outstanding at the kill");
 
     let restarted = std::time::Instant::now();
-    let second = operator_process(cp, &ns, &nats);
+    let second = args.start(cp);
     second.wait_ready().await;
     eventually(
         "every event delivered",
@@ -352,46 +311,18 @@ async fn two_replicas_record_every_attempt_in_the_webhook_status() {
     let nats = NatsServer::start().await;
     let client = cp.client().await;
     let (receiver, addr) = CountingReceiver::start_slow(Duration::from_millis(20)).await;
-    let start = || {
-        Operator::start(
-            cp,
-            &[
-                "--namespace",
-                &ns,
-                "--allow-http",
-                "--allow-cidr",
-                "127.0.0.0/8",
-                "--disable-auth",
-                "--ingest-mode",
-                "jetstream",
-                "--nats-url",
-                &nats.url,
-                "--leader-elect",
-                "--lease-namespace",
-                &ns,
-                "--lease-duration",
-                "6s",
-                "--renew-deadline",
-                "4s",
-                "--retry-period",
-                "1s",
-            ],
-        )
-    };
-    let (a, b) = (start(), start());
+    let args = OperatorArgs::new(&ns)
+        .mode("jetstream")
+        .nats(&nats.url)
+        .leader_elect()
+        .fast_lease();
+    let (a, b) = (args.start(cp), args.start(cp));
     a.wait_ready().await;
     b.wait_ready().await;
-    let (ra, rb) = (&a, &b);
-    let (leader, follower) =
-        eventually("one leader", Duration::from_secs(60), move || async move {
-            let leader = |op: &Operator| metric(op.metrics_addr, "hookrelay_leader");
-            match (leader(ra).await?, leader(rb).await?) {
-                (1.0, 0.0) => Some((ra, rb)),
-                (0.0, 1.0) => Some((rb, ra)),
-                _ => None,
-            }
-        })
-        .await;
+    let (leader, follower) = match one_leader(&a, &b).await {
+        0 => (&a, &b),
+        _ => (&b, &a),
+    };
     let started = std::time::Instant::now();
     create_webhook(
         &client,
@@ -408,7 +339,7 @@ async fn two_replicas_record_every_attempt_in_the_webhook_status() {
     for chunk in 0..EVENTS / 20 {
         let batch = format!("[{}]", vec![EVENT; 20].join(","));
         let target = [a.listen_addr, b.listen_addr][chunk % 2];
-        let (status, reply) = post(target, &ns, None, &batch).await;
+        let (status, reply) = post_events(target, &ns, None, &batch).await;
         assert_eq!(status, 202, "{reply}");
     }
     eventually(
@@ -519,23 +450,8 @@ async fn jetstream_over_tls_needs_the_servers_ca() {
     let ns = cp.namespace("js-tls").await;
     let (nats, certs) = NatsServer::start_tls().await;
     let client = cp.client().await;
-    let args = || {
-        let mut args = hookrelay::operator::RunArgs::for_tests();
-        args.namespaces = vec![ns.clone()];
-        args.allow_http = true;
-        args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-        args.disable_auth = true;
-        args.ingest_mode = IngestMode::JetStream;
-        args.nats_url = Some(nats.url.clone());
-        args
-    };
-    let refused = |args| async {
-        let config = cp.config().await;
-        match hookrelay::operator::start(config, args, Default::default()).await {
-            Ok(_) => panic!("the operator started"),
-            Err(error) => error.to_string(),
-        }
-    };
+    let args = || ingest_args(&[&ns], IngestMode::JetStream, Some(&nats));
+    let refused = |args| async { InProcess::start_error(cp.config().await, args).await };
 
     let error = refused(args()).await;
     assert!(error.contains("cannot connect to NATS"), "{error}");
@@ -566,7 +482,7 @@ async fn jetstream_over_tls_needs_the_servers_ca() {
         },
     )
     .await;
-    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    let (status, reply) = post_events(op.op.listen_addr, &ns, None, EVENT).await;
     assert_eq!(status, 202, "{reply}");
     eventually("the event delivered", Duration::from_secs(60), || async {
         (receiver.counts() == (1, 1)).then_some(())
@@ -630,13 +546,7 @@ async fn a_full_stream_refuses_ingest_with_503_and_every_event_taken_is_delivere
     let cp = control_plane();
     let ns = cp.namespace("js-full").await;
     let nats = NatsServer::start().await;
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![ns.clone()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-    args.disable_auth = true;
-    args.ingest_mode = IngestMode::JetStream;
-    args.nats_url = Some(nats.url.clone());
+    let mut args = ingest_args(&[&ns], IngestMode::JetStream, Some(&nats));
     args.nats_max_messages = MAX_MESSAGES;
     let op = InProcess::start_with(cp.config().await, args).await;
     let client = cp.client().await;
@@ -778,7 +688,7 @@ async fn an_existing_stream_keeps_the_limits_its_operator_set() {
     assert!(!before.allow_message_schedules);
 
     // The flags' defaults differ from every limit set above.
-    let op = operator(cp, &ns, &nats).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     let after = stream_config(&nats).await;
     assert_eq!(after.max_bytes, 50 << 20);
     assert_eq!(after.max_messages, 12_345);
@@ -800,7 +710,7 @@ async fn an_existing_stream_keeps_the_limits_its_operator_set() {
     // And it works with it.
     let client = cp.client().await;
     let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
-    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    let (status, reply) = post_events(op.op.listen_addr, &ns, None, EVENT).await;
     assert_eq!(status, 202, "{reply}");
     eventually("the delivery", Duration::from_secs(60), || async {
         (receiver.counts() == (1, 1)).then_some(())
@@ -809,7 +719,7 @@ async fn an_existing_stream_keeps_the_limits_its_operator_set() {
     op.stop().await;
 
     // A second start finds nothing to change.
-    let op = operator(cp, &ns, &nats).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     assert_eq!(stream_config(&nats).await, after);
     op.stop().await;
 }
@@ -823,7 +733,7 @@ async fn an_event_too_large_for_a_work_item_is_refused_at_ingest() {
     let ns = cp.namespace("js-too-large").await;
     let client = cp.client().await;
     let nats = NatsServer::start().await;
-    let op = operator(cp, &ns, &nats).await;
+    let op = InProcess::ingesting(cp, &[&ns], IngestMode::JetStream, Some(&nats)).await;
     let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
     // nats-server's default max_payload is 1 MiB, as is the API's largest body.
     let max_payload = 1024 * 1024;
@@ -833,7 +743,7 @@ async fn an_event_too_large_for_a_work_item_is_refused_at_ingest() {
         body.len() < max_payload,
         "the request itself is within the body limit"
     );
-    let (status, reply) = post(op.op.listen_addr, &ns, None, &body).await;
+    let (status, reply) = post_events(op.op.listen_addr, &ns, None, &body).await;
     assert_eq!(status, 413, "{reply}");
     assert_eq!(reply["error"]["code"], "event_too_large", "{reply}");
     let message = reply["error"]["message"].as_str().unwrap_or_default();
@@ -843,7 +753,7 @@ async fn an_event_too_large_for_a_work_item_is_refused_at_ingest() {
         !stored.keys().any(|s| s.starts_with("hookrelay.events.")),
         "nothing of the request was stored: {stored:?}"
     );
-    let (status, reply) = post(op.op.listen_addr, &ns, None, EVENT).await;
+    let (status, reply) = post_events(op.op.listen_addr, &ns, None, EVENT).await;
     assert_eq!(status, 202, "{reply}");
     eventually(
         "the normal event delivered",
@@ -879,38 +789,15 @@ async fn a_dead_namespace_on_two_replicas_does_not_stop_another_namespaces_event
     let nats = NatsServer::start().await;
     let client = cp.client().await;
     let blackhole = crate::support::Blackhole::start().await;
-    let namespaces = format!("{ns_a},{ns_b}");
-    let start = || {
-        Operator::start(
-            cp,
-            &[
-                "--namespace",
-                &namespaces,
-                "--allow-http",
-                "--allow-cidr",
-                "127.0.0.0/8",
-                "--disable-auth",
-                "--ingest-mode",
-                "jetstream",
-                "--nats-url",
-                &nats.url,
-                "--nats-max-ack-pending",
-                "200",
-                "--max-in-flight-per-namespace",
-                "8",
-                "--leader-elect",
-                "--lease-namespace",
-                &ns_a,
-                "--lease-duration",
-                "6s",
-                "--renew-deadline",
-                "4s",
-                "--retry-period",
-                "1s",
-            ],
-        )
-    };
-    let (a, b) = (start(), start());
+    // The Lease in the first namespace, A's.
+    let args = OperatorArgs::new(&format!("{ns_a},{ns_b}"))
+        .mode("jetstream")
+        .nats(&nats.url)
+        .arg("--nats-max-ack-pending", "200")
+        .arg("--max-in-flight-per-namespace", "8")
+        .leader_elect()
+        .fast_lease();
+    let (a, b) = (args.start(cp), args.start(cp));
     a.wait_ready().await;
     b.wait_ready().await;
     create_webhook(
@@ -929,7 +816,7 @@ async fn a_dead_namespace_on_two_replicas_does_not_stop_another_namespaces_event
     for chunk in 0..DEAD_EVENTS / 100 {
         let batch = format!("[{}]", vec![EVENT; 100].join(","));
         let target = [a.listen_addr, b.listen_addr][chunk % 2];
-        let (status, reply) = post(target, &ns_a, None, &batch).await;
+        let (status, reply) = post_events(target, &ns_a, None, &batch).await;
         assert_eq!(status, 202, "{reply}");
     }
     // Both replicas are sending to the blackhole, and every event of A is routed.
@@ -954,7 +841,7 @@ async fn a_dead_namespace_on_two_replicas_does_not_stop_another_namespaces_event
     let (in_hand, not_handed_out) = deliverer_pending(&nats).await;
 
     let started = std::time::Instant::now();
-    let (status, reply) = post(a.listen_addr, &ns_b, None, &format!("[{EVENT}]")).await;
+    let (status, reply) = post_events(a.listen_addr, &ns_b, None, &format!("[{EVENT}]")).await;
     assert_eq!(status, 202, "{reply}");
     // Watched for up to two minutes, so that the figure is printed however long it takes.
     let watch_for = Duration::from_secs(120);

@@ -11,8 +11,7 @@ use kube::{Api, api::PostParams};
 use serde_json::json;
 
 use crate::support::{
-    CountingReceiver, Operator, api_call, control_plane, create_webhook, eventually, http_get,
-    metric,
+    CountingReceiver, OperatorArgs, api_call, control_plane, create_webhook, eventually, http_get,
 };
 
 const SECRET: &str = "a-signing-secret-for-leader-tests";
@@ -21,42 +20,6 @@ const RETRY: Duration = Duration::from_secs(1);
 /// Scheduling, the first watch list of the new leader and the first attempt.
 const MARGIN: Duration = Duration::from_secs(5);
 const EVENTS: usize = 300;
-
-fn start(ns: &str) -> Operator {
-    let cp = control_plane();
-    Operator::start(
-        cp,
-        &[
-            "--namespace",
-            ns,
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            // Only loopback listeners; no token needed for this test's API calls.
-            "--disable-auth",
-            "--leader-elect",
-            "--lease-namespace",
-            ns,
-            "--lease-duration",
-            "6s",
-            "--renew-deadline",
-            "4s",
-            "--retry-period",
-            "1s",
-        ],
-    )
-}
-
-async fn wait_leader(op: &Operator, leads: bool) {
-    let addr = op.metrics_addr;
-    let want = if leads { 1.0 } else { 0.0 };
-    eventually(
-        &format!("hookrelay_leader {want} (log: {})", op.log.display()),
-        Duration::from_secs(60),
-        || async move { (metric(addr, "hookrelay_leader").await == Some(want)).then_some(()) },
-    )
-    .await;
-}
 
 enum Stop {
     Kill,
@@ -82,11 +45,12 @@ async fn handover(stop: Stop) -> Figures {
     let client = cp.client().await;
     let (receiver, addr) = CountingReceiver::start().await;
 
-    let mut leader = start(&ns);
-    wait_leader(&leader, true).await;
-    let standby = start(&ns);
+    let args = OperatorArgs::new(&ns).leader_elect().fast_lease();
+    let mut leader = args.start(cp);
+    leader.wait_leader(true).await;
+    let standby = args.start(cp);
     standby.wait_ready().await;
-    wait_leader(&standby, false).await;
+    standby.wait_leader(false).await;
     create_webhook(
         &client,
         &ns,
@@ -192,7 +156,7 @@ async fn handover(stop: Stop) -> Figures {
     }
     // Requests the old leader had sent can still be read by the receiver for a moment.
     let settled = Instant::now().max(stopped_at + Duration::from_millis(200));
-    wait_leader(&standby, true).await;
+    standby.wait_leader(true).await;
     creator.await.unwrap();
 
     let events: Api<DocumentEvent> = Api::namespaced(client.clone(), &ns);

@@ -7,8 +7,8 @@ use kube::Api;
 use serde_json::json;
 
 use crate::support::{
-    ControlPlane, CountingReceiver, Operator, control_plane, create_event, create_webhook,
-    eventually, http_get, metric,
+    ControlPlane, CountingReceiver, Operator, OperatorArgs, control_plane, create_event,
+    create_webhook, eventually, http_get, metric,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -69,17 +69,11 @@ async fn the_operator_starts_ready_with_every_existing_webhook_routed() {
     apply_webhook(cp, &ns, "before-paused", &url, Some(SECRET), true).await;
     apply_webhook(cp, &ns, "before-no-secret", &url, None, false).await;
 
-    let args = [
-        "--namespace",
-        ns.as_str(),
-        "--allow-http",
-        "--allow-cidr",
-        "127.0.0.0/8",
-    ];
+    let args = OperatorArgs::new(&ns).with_auth();
     // A first run writes their status; the operator under test then starts on Webhooks whose
     // status is already right, so it writes nothing and no echo of a write can fill the routing
     // table after the fact: only its initial list can.
-    let mut first = Operator::start(cp, &args);
+    let mut first = args.start(cp);
     first.wait_ready().await;
     let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
     eventually("every Webhook's Ready condition written", WAIT, || async {
@@ -99,7 +93,7 @@ async fn the_operator_starts_ready_with_every_existing_webhook_routed() {
     first.child.start_kill().expect("SIGKILL sent");
     first.child.wait().await.unwrap();
 
-    let mut op = Operator::start(cp, &args);
+    let mut op = args.start(cp);
     op.wait_ready().await;
     // Ready means every existing Webhook is in the routing table: read once, no waiting.
     let counts = [

@@ -12,8 +12,8 @@ use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 
 use crate::support::{
-    CountingReceiver, INGEST_MODES, ModeOperator, NatsServer, Operator, api_call, control_plane,
-    create_webhook, eventually, metric,
+    CountingReceiver, INGEST_MODES, ModeOperator, NatsServer, Operator, OperatorArgs, api_call,
+    control_plane, create_webhook, eventually, metric, one_leader,
 };
 
 const SECRET: &str = "a-strong-signing-secret-for-flow-tests";
@@ -112,44 +112,15 @@ async fn two_jetstream_replicas(
     ns: &str,
     nats: &NatsServer,
 ) -> (Operator, Operator) {
-    let start = || {
-        Operator::start(
-            cp,
-            &[
-                "--namespace",
-                ns,
-                "--allow-http",
-                "--allow-cidr",
-                "127.0.0.0/8",
-                "--disable-auth",
-                "--ingest-mode",
-                "jetstream",
-                "--nats-url",
-                &nats.url,
-                "--leader-elect",
-                "--lease-namespace",
-                ns,
-                "--lease-duration",
-                "6s",
-                "--renew-deadline",
-                "4s",
-                "--retry-period",
-                "1s",
-            ],
-        )
-    };
-    let (a, b) = (start(), start());
+    let args = OperatorArgs::new(ns)
+        .mode("jetstream")
+        .nats(&nats.url)
+        .leader_elect()
+        .fast_lease();
+    let (a, b) = (args.start(cp), args.start(cp));
     a.wait_ready().await;
     b.wait_ready().await;
-    let (ra, rb) = (&a, &b);
-    eventually("one leader", Duration::from_secs(60), move || async move {
-        let leader = |op: &Operator| metric(op.metrics_addr, "hookrelay_leader");
-        match (leader(ra).await?, leader(rb).await?) {
-            (1.0, 0.0) | (0.0, 1.0) => Some(()),
-            _ => None,
-        }
-    })
-    .await;
+    one_leader(&a, &b).await;
     (a, b)
 }
 
@@ -693,13 +664,13 @@ async fn the_head_keeps_its_turn_across_a_kill(
     test: &str,
     cp: &crate::support::ControlPlane,
     mut op: Operator,
-    args: &[&str],
+    args: &OperatorArgs,
     receipts: &Arc<Mutex<Vec<Receipt>>>,
 ) {
     op.child.kill().await.expect("kill -9");
     let before = receipts.lock().unwrap().len();
     let killed = Instant::now();
-    let op = Operator::start(cp, args);
+    let op = args.start(cp);
     op.wait_ready().await;
     eventually(
         "every event delivered",
@@ -736,15 +707,8 @@ async fn ordering_holds_across_a_kill_of_the_operator_with_a_retrying_head() {
     let client = cp.client().await;
     let ns = cp.namespace("ordering-kill").await;
     let (receipts, addr) = ordering_receiver(3).await;
-    let args = [
-        "--namespace",
-        &ns,
-        "--allow-http",
-        "--allow-cidr",
-        "127.0.0.0/8",
-        "--disable-auth",
-    ];
-    let op = Operator::start(cp, &args);
+    let args = OperatorArgs::new(&ns);
+    let op = args.start(cp);
     op.wait_ready().await;
     ordered_webhook(&client, &ns, &format!("http://{addr}/h")).await;
     // In this order, each with the acceptance time ingest writes (a producer creating them
@@ -790,19 +754,8 @@ async fn jetstream_ordering_holds_across_a_kill_of_the_operator_with_a_retrying_
     let ns = cp.namespace("ordering-kill-js").await;
     let nats = NatsServer::start().await;
     let (receipts, addr) = ordering_receiver(3).await;
-    let args = [
-        "--namespace",
-        &ns,
-        "--allow-http",
-        "--allow-cidr",
-        "127.0.0.0/8",
-        "--disable-auth",
-        "--ingest-mode",
-        "jetstream",
-        "--nats-url",
-        &nats.url,
-    ];
-    let op = Operator::start(cp, &args);
+    let args = OperatorArgs::new(&ns).mode("jetstream").nats(&nats.url);
+    let op = args.start(cp);
     op.wait_ready().await;
     ordered_webhook(&client, &ns, &format!("http://{addr}/h")).await;
     for n in 1..=3 {
@@ -842,21 +795,10 @@ async fn a_rate_limited_backlog_is_parked_a_bounded_number_of_times() {
     let nats = NatsServer::start().await;
     // The operator binary, not in this process: 5,000 deliveries in here would slow the
     // timing of the tests running beside this one.
-    let op = Operator::start(
-        cp,
-        &[
-            "--namespace",
-            &ns,
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            "--disable-auth",
-            "--ingest-mode",
-            "jetstream",
-            "--nats-url",
-            &nats.url,
-        ],
-    );
+    let op = OperatorArgs::new(&ns)
+        .mode("jetstream")
+        .nats(&nats.url)
+        .start(cp);
     op.wait_ready().await;
     let (receiver, addr) = CountingReceiver::start().await;
     const PER_SECOND: usize = 50;

@@ -25,21 +25,12 @@ use std::{
 use serde_json::json;
 
 use crate::support::{
-    ControlPlane, CountingReceiver, NatsServer, OWN_CONTROL_PLANES, Operator, OwnControlPlane,
-    control_plane, create_webhook, eventually, http_get, metric, metric_sum,
+    ControlPlane, CountingReceiver, NatsServer, OWN_CONTROL_PLANES, Operator, OperatorArgs,
+    OwnControlPlane, control_plane, create_webhook, eventually, http_get, metric, metric_sum,
+    one_leader, readyz, within,
 };
 
 const SECRET: &str = "a-signing-secret-for-replica-tests";
-
-/// The lease timings of tests/e2e/leader.rs: a standby takes over within seconds.
-const LEASE_FLAGS: [&str; 6] = [
-    "--lease-duration",
-    "6s",
-    "--renew-deadline",
-    "4s",
-    "--retry-period",
-    "1s",
-];
 
 // ---- helpers ----
 
@@ -164,68 +155,6 @@ fn kubeconfig_through(cp: &ControlPlane, proxy: SocketAddr) -> TempFile {
     TempFile(path)
 }
 
-fn as_strs(args: &[String]) -> Vec<&str> {
-    args.iter().map(String::as_str).collect()
-}
-
-/// The flags every operator of this file gets: one namespace, loopback receivers, no auth,
-/// leader election on a Lease in the namespace.
-fn base_args(ns: &str, mode: &str) -> Vec<String> {
-    [
-        "--namespace",
-        ns,
-        "--allow-http",
-        "--allow-cidr",
-        "127.0.0.0/8",
-        "--disable-auth",
-        "--ingest-mode",
-        mode,
-        "--leader-elect",
-        "--lease-namespace",
-        ns,
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-/// Polls `check` every 50 ms like [`eventually`], but gives up with None after `timeout`
-/// instead of panicking: for a wait whose outcome is a figure printed before the assertions.
-async fn within<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_leader(op: &Operator, want: f64) {
-    let addr = op.metrics_addr;
-    eventually(
-        &format!("hookrelay_leader {want} (log: {})", op.log.display()),
-        Duration::from_secs(60),
-        || async move { (metric(addr, "hookrelay_leader").await == Some(want)).then_some(()) },
-    )
-    .await;
-}
-
-/// The /readyz status code, None without an answer within 5 s.
-async fn readyz(addr: SocketAddr) -> Option<u16> {
-    tokio::time::timeout(Duration::from_secs(5), http_get(addr, "/readyz"))
-        .await
-        .ok()
-        .flatten()
-        .map(|(status, _)| status)
-}
-
 /// POSTs one event (document_id `id`) to `/api/events`: the status code, None without an
 /// answer within 15 s (refused connection, or a process that is gone).
 async fn post_event(http: &reqwest::Client, addr: SocketAddr, ns: &str, id: &str) -> Option<u16> {
@@ -302,29 +231,30 @@ async fn partitioned_replica_loses_no_event(test: &str, replicas: usize) {
     let ns = cp.namespace("replicas-cut").await;
     let client = cp.client().await;
     let nats = NatsServer::start().await;
-    let mut args = base_args(&ns, "jetstream");
-    args.extend(["--nats-url".into(), nats.url.clone()]);
-    args.extend(LEASE_FLAGS.map(String::from));
+    let args = OperatorArgs::new(&ns)
+        .mode("jetstream")
+        .nats(&nats.url)
+        .leader_elect()
+        .fast_lease();
 
     // A leads, so that the Webhook's status (Ready) is written while B is cut off.
-    let a = Operator::start(cp, &as_strs(&args));
-    wait_leader(&a, 1.0).await;
+    let a = args.start(cp);
+    a.wait_leader(true).await;
     let api = api_server_addr(cp);
     let mut proxied = Vec::new();
     for _ in 1..replicas {
         let proxy = TcpProxy::start(api).await;
         let kubeconfig = kubeconfig_through(cp, proxy.addr);
-        let op = Operator::start_with_env(
-            cp,
-            &as_strs(&args),
-            &[("KUBECONFIG", kubeconfig.0.to_str().unwrap())],
-        );
+        let op = args
+            .clone()
+            .env("KUBECONFIG", kubeconfig.0.to_str().unwrap())
+            .start(cp);
         proxied.push((proxy, op, kubeconfig));
     }
     a.wait_ready().await;
     for (proxy, op, _) in &proxied {
         op.wait_ready().await;
-        wait_leader(op, 0.0).await;
+        op.wait_leader(false).await;
         assert!(
             proxy.connections.load(Ordering::Relaxed) > 0,
             "the replica reaches the API server through its proxy"
@@ -504,14 +434,16 @@ async fn leader_through_outage(test: &str, mode: &str) {
         "jetstream" => Some(NatsServer::start().await),
         _ => None,
     };
-    let mut args = base_args(&ns, mode);
+    let mut args = OperatorArgs::new(&ns)
+        .mode(mode)
+        .leader_elect()
+        .fast_lease();
     if let Some(nats) = &nats {
-        args.extend(["--nats-url".into(), nats.url.clone()]);
+        args = args.nats(&nats.url);
     }
-    args.extend(LEASE_FLAGS.map(String::from));
-    let mut op = Operator::start(&cp, &as_strs(&args));
+    let mut op = args.start(&cp);
     op.wait_ready().await;
-    wait_leader(&op, 1.0).await;
+    op.wait_leader(true).await;
     let (receiver, addr) = CountingReceiver::start().await;
     create_webhook(
         &client,
@@ -732,41 +664,15 @@ async fn a_leader_paused_past_its_lease_writes_and_delivers_nothing_after_the_ne
     let cp = control_plane();
     let ns = cp.namespace("replicas-pause").await;
     let client = cp.client().await;
-    let mut args = base_args(&ns, "durable");
-    args.extend(
-        [
-            "--lease-duration",
-            "4s",
-            "--renew-deadline",
-            "3s",
-            "--retry-period",
-            "1s",
-        ]
-        .map(String::from),
-    );
-    let mut ops = [
-        Operator::start(cp, &as_strs(&args)),
-        Operator::start(cp, &as_strs(&args)),
-    ];
+    let args = OperatorArgs::new(&ns)
+        .mode("durable")
+        .leader_elect()
+        .lease("4s", "3s", "1s");
+    let mut ops = [args.start(cp), args.start(cp)];
     for op in &ops {
         op.wait_ready().await;
     }
-    let (m0, m1) = (ops[0].metrics_addr, ops[1].metrics_addr);
-    let leader = eventually(
-        "exactly one replica leads",
-        Duration::from_secs(60),
-        || async move {
-            match (
-                metric(m0, "hookrelay_leader").await,
-                metric(m1, "hookrelay_leader").await,
-            ) {
-                (Some(1.0), Some(0.0)) => Some(0),
-                (Some(0.0), Some(1.0)) => Some(1),
-                _ => None,
-            }
-        },
-    )
-    .await;
+    let leader = one_leader(&ops[0], &ops[1]).await;
     let (receiver, addr) = CountingReceiver::start().await;
     create_webhook(
         &client,
@@ -799,7 +705,7 @@ async fn a_leader_paused_past_its_lease_writes_and_delivers_nothing_after_the_ne
     .await;
     signal(old, "-STOP").await;
     let stopped_at = Instant::now();
-    wait_leader(new, 1.0).await;
+    new.wait_leader(true).await;
     let takeover_s = stopped_at.elapsed().as_secs_f64();
 
     let http = reqwest::Client::new();

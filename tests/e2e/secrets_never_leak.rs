@@ -27,7 +27,7 @@ use kube::{
 use serde_json::{Value, json};
 
 use crate::support::{
-    NatsServer, Operator, api_call, control_plane, create_event, eventually, http_get,
+    NatsServer, OperatorArgs, api_call, control_plane, create_event, eventually, http_get,
     wait_ready_reason,
 };
 
@@ -235,23 +235,17 @@ async fn full_flow(name: &str, nats: Option<&NatsServer>) {
     let token = control_plane().hookrelay_token(&ns, "leak-test").await;
     // The real binary, auth on (TokenReview + SubjectAccessReview), every crate at debug:
     // kube, hyper, reqwest and rustls lines are in the log too (asserted below).
-    let mut args = vec![
-        "--namespace",
-        &ns,
-        "--allow-http",
-        "--allow-cidr",
-        "127.0.0.0/8",
+    let mut args = OperatorArgs::new(&ns)
+        .with_auth()
         // Keep every DocumentEvent: they are part of what is searched, and recover needs
         // the failed ones.
-        "--event-retention",
-        "0",
-        "--failed-event-retention",
-        "0",
-    ];
+        .arg("--event-retention", "0")
+        .arg("--failed-event-retention", "0")
+        .env("RUST_LOG", "debug");
     if let Some(nats) = nats {
-        args.extend(["--ingest-mode", "jetstream", "--nats-url", &nats.url]);
+        args = args.mode("jetstream").nats(&nats.url);
     }
-    let op = Operator::start_with_env(cp, &args, &[("RUST_LOG", "debug")]);
+    let op = args.start(cp);
     op.wait_ready().await;
     let api = op.listen_addr;
     // Every reply but the two that hand out a secret goes into the corpus.

@@ -26,7 +26,7 @@ use kube::{
 use serde_json::json;
 
 use crate::support::{
-    INGEST_MODES, ModeOperator, Operator, control_plane, create_event, eventually,
+    INGEST_MODES, ModeOperator, OperatorArgs, control_plane, create_event, eventually,
     wait_ready_reason,
 };
 
@@ -305,26 +305,19 @@ async fn every_url_form_of_a_blocked_address_is_refused_and_the_canary_sees_noth
         .collect::<Vec<_>>()
         .join(",");
     let redirect_ip = redirect.ip().to_string();
-    let op = Operator::start(
-        cp,
-        &[
-            "--namespace",
-            &ns,
-            "--allow-http",
-            // Only the redirecting endpoint and the control; loopback stays blocked, as in
-            // production.
-            "--allow-cidr",
-            &format!("{redirect_ip}/32"),
-            "--allow-cidr",
-            &format!("{CONTROL_IP}/32"),
-            // First match wins: the redirector stays where it is, everything else goes to
-            // loopback, where the canary listens on the port of every URL.
+    let op = OperatorArgs::new(&ns)
+        .with_auth()
+        // Only the redirecting endpoint and the control; loopback stays blocked, as in
+        // production.
+        .allow_cidrs(&[&format!("{redirect_ip}/32"), &format!("{CONTROL_IP}/32")])
+        // First match wins: the redirector stays where it is, everything else goes to
+        // loopback, where the canary listens on the port of every URL.
+        .arg(
             "--test-address-map",
             &format!("{redirect_ip}={redirect_ip},0.0.0.0/0=127.0.0.1,::/0=::1"),
-            "--test-resolve",
-            &names,
-        ],
-    );
+        )
+        .arg("--test-resolve", &names)
+        .start(cp);
     op.wait_ready().await;
     let log = op.log_text();
     assert!(

@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::{
 use prost::Message;
 use serde_json::json;
 
-use crate::support::{NatsServer, Operator, control_plane, create_webhook, eventually};
+use crate::support::{NatsServer, OperatorArgs, control_plane, create_webhook, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -117,29 +117,18 @@ async fn a_traceparent_at_ingest_is_continued_through_every_span_to_the_receiver
         } else {
             None
         };
-        let mut args = vec![
-            "--namespace",
-            &ns,
-            "--allow-http",
-            "--allow-cidr",
-            "127.0.0.0/8",
-            "--disable-auth",
-            "--ingest-mode",
-            mode,
-        ];
+        let mut args = OperatorArgs::new(&ns)
+            .mode(mode)
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                &format!("http://{collector}"),
+            )
+            // Export every 100 ms rather than every 5 s.
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100");
         if let Some(nats) = &nats {
-            args.extend(["--nats-url", &nats.url]);
+            args = args.nats(&nats.url);
         }
-        let endpoint = format!("http://{collector}");
-        let op = Operator::start_with_env(
-            cp,
-            &args,
-            &[
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-                // Export every 100 ms rather than every 5 s.
-                ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-            ],
-        );
+        let op = args.start(cp);
         op.wait_ready().await;
         let (got, addr) = receiver().await;
         create_webhook(

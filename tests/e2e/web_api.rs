@@ -8,16 +8,8 @@ use serde_json::json;
 
 use crate::support::{
     CountingReceiver, InProcess, api_call, control_plane, counting_webhook, create_event,
-    create_webhook, eventually, free_port, grant, wait_phase,
+    create_webhook, eventually, free_port, grant, local_args, wait_phase,
 };
-
-fn args_for(ns: &str) -> hookrelay::operator::RunArgs {
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![ns.to_owned()];
-    args.allow_http = true;
-    args.allow_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
-    args
-}
 
 /// A Webhook `to-app` with its receiver, and the DocumentEvent `name` (document.completed with
 /// `document_id`) delivered to it.
@@ -45,7 +37,7 @@ async fn one_event_delivered(
 async fn namespaces_lists_the_watched_ones_to_any_authenticated_caller() {
     let cp = control_plane();
     let ns = cp.namespace("web-ns").await;
-    let op = InProcess::start_with(cp.config().await, args_for(&ns)).await;
+    let op = InProcess::start(cp.config().await, &ns).await;
     let addr = op.op.listen_addr;
     // A ServiceAccount without any grant: the watched namespaces are configuration, not data.
     let nobody = cp.service_account_token(&ns, "nobody").await;
@@ -77,8 +69,8 @@ async fn namespaces_lists_the_watched_ones_to_any_authenticated_caller() {
         }),
     };
     leases.create(&Default::default(), &lease).await.unwrap();
-    let mut all = args_for(&ns);
-    all.namespaces = Vec::new();
+    // Every namespace.
+    let mut all = local_args(&[]);
     all.leader_elect = true;
     all.lease_namespace = Some(ns.clone());
     let op = InProcess::start_with(cp.config().await, all).await;
@@ -100,7 +92,7 @@ async fn a_document_event_by_name_with_its_deliveries() {
     let cp = control_plane();
     let ns = cp.namespace("web-de").await;
     let client = cp.client().await;
-    let op = InProcess::start_with(cp.config().await, args_for(&ns)).await;
+    let op = InProcess::start(cp.config().await, &ns).await;
     let addr = op.op.listen_addr;
     let receiver = one_event_delivered(&client, &ns, "invoice-42", 42).await;
     assert_eq!(receiver.counts().0, 1);
@@ -290,7 +282,7 @@ async fn webhooks_show_attempts_in_flight_last_delivery_success_rate_and_degrade
     let cp = control_plane();
     let ns = cp.namespace("web-wh").await;
     let client = cp.client().await;
-    let op = InProcess::start_with(cp.config().await, args_for(&ns)).await;
+    let op = InProcess::start(cp.config().await, &ns).await;
     let addr = op.op.listen_addr;
     let token = cp.hookrelay_token(&ns, "viewer").await;
     let secret = "web-api-signing-secret-0123456789";
@@ -411,7 +403,7 @@ async fn the_charts_viewer_role_reads_what_the_page_shows_and_changes_nothing() 
     let cp = control_plane();
     let ns = cp.namespace("web-viewer").await;
     let client = cp.client().await;
-    let op = InProcess::start_with(cp.config().await, args_for(&ns)).await;
+    let op = InProcess::start(cp.config().await, &ns).await;
     let addr = op.op.listen_addr;
     // The chart's web.viewerRole, as `helm template` renders it (a release name containing
     // "hookrelay" is the full name), bound the way NOTES.txt says.

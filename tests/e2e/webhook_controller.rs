@@ -16,7 +16,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::support::{InProcess, control_plane, eventually};
+use crate::support::{InProcess, control_plane, default_args, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -306,9 +306,7 @@ async fn the_egress_policy_is_reported_in_the_ready_condition() {
     let ns = cp.namespace("egress").await;
     let client = cp.client().await;
     // Default policy: https only, no private ranges.
-    let mut args = hookrelay::operator::RunArgs::for_tests();
-    args.namespaces = vec![ns.clone()];
-    let _op = InProcess::start_with(cp.config().await, args).await;
+    let _op = InProcess::start_with(cp.config().await, default_args(&[&ns])).await;
     let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     for (name, url) in [
