@@ -8,7 +8,7 @@
 //!
 //! Run: `cargo bench --bench delivery_load`.
 
-#[path = "../tests/e2e/support.rs"]
+#[path = "../tests/e2e/support/mod.rs"]
 #[allow(dead_code)]
 mod support;
 

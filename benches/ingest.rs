@@ -7,7 +7,7 @@
 //!
 //! Run: `cargo bench --bench ingest`.
 
-#[path = "../tests/e2e/support.rs"]
+#[path = "../tests/e2e/support/mod.rs"]
 #[allow(dead_code)]
 mod support;
 

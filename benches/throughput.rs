@@ -28,7 +28,7 @@
 //! `HOOKRELAY_BENCH_FANOUT_EVENTS` (20), `HOOKRELAY_BENCH_FANOUT_MODES` (the modes),
 //! `HOOKRELAY_BENCH_WEBHOOKS` (10000).
 
-#[path = "../tests/e2e/support.rs"]
+#[path = "../tests/e2e/support/mod.rs"]
 #[allow(dead_code)]
 mod support;
 

@@ -20,21 +20,12 @@
 //!
 //! Here: waiting ([`eventually`], [`within`]), [`free_port`] and [`repo_root`].
 
-// Named by path: the benches load this file with `#[path = "../tests/e2e/support.rs"]`, and a
-// module loaded that way looks for its submodules beside it, not in support/.
-#[path = "support/control_plane.rs"]
 pub mod control_plane;
-#[path = "support/http.rs"]
 pub mod http;
-#[path = "support/nats.rs"]
 pub mod nats;
-#[path = "support/operator.rs"]
 pub mod operator;
-#[path = "support/process.rs"]
 pub mod process;
-#[path = "support/receivers.rs"]
 pub mod receivers;
-#[path = "support/resources.rs"]
 pub mod resources;
 
 use std::{
