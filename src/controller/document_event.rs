@@ -98,19 +98,36 @@ pub struct DocumentEventController {
     routes: Routes,
     status: StatusSender,
     readiness: Readiness,
-    retention: Retention,
     tasks: Arc<TaskContext>,
     progress: mpsc::Receiver<Progress>,
     tracked: HashMap<EventKey, Tracked>,
-    /// Events whose status is to be sent to the writer, oldest first, each once: the loop never
-    /// waits for the writer with an update in hand (watch events would queue behind it); what
-    /// waits here is sent as the writer takes it, coalesced, never dropped.
-    unsent: VecDeque<EventKey>,
-    unsent_keys: HashSet<EventKey>,
+    unsent: Unsent,
+    retiring: Retiring,
+    inbox: Inbox,
+    term: Term,
+    streams: Streams,
+}
+
+/// Events whose status is to be sent to the writer, oldest first, each once: the loop never
+/// waits for the writer with an update in hand (watch events would queue behind it); what
+/// waits here is sent as the writer takes it, coalesced, never dropped.
+#[derive(Default)]
+struct Unsent {
+    queue: VecDeque<EventKey>,
+    keys: HashSet<EventKey>,
+}
+
+/// Finished events on their way out: their retention, then their deletion.
+struct Retiring {
+    retention: Retention,
     cleanup: DelayQueue<(EventKey, String)>,
     /// Finished events whose retention ran out, waiting for a delete slot.
     to_delete: VecDeque<(EventKey, String)>,
     deletes: JoinSet<(EventKey, String, Result<(), kube::Error>)>,
+}
+
+/// What the API hands over to this controller (see `crate::ports`).
+struct Inbox {
     /// Events created by ingest on this replica (see [`CreatedEvents`]).
     created: mpsc::Receiver<(Instant, DocumentEvent)>,
     /// Keeps `created` open when nothing hands events over.
@@ -120,15 +137,23 @@ pub struct DocumentEventController {
     _recoveries: Recoveries,
     /// How old a handed-over event may be (under the retentions: see [`CREATED_MAX_AGE`]).
     created_max_age: Duration,
+}
+
+/// The delivery tasks of a term of leadership, and how they end.
+struct Term {
     /// Every delivery task, waited for on shutdown.
     deliveries: TaskTracker,
     /// Ends the delivery tasks still sending once `in_flight_grace` has passed on shutdown.
     abandon: CancellationToken,
     in_flight_grace: Duration,
-    /// The same when a term of leadership ends (see [`Self::with_leadership`]).
+    /// The same when a term of leadership ends (see [`DocumentEventController::with_leadership`]).
     step_down_grace: Duration,
     /// Fences attempts: none is sent by a replica whose term has ended.
     leadership: Leadership,
+}
+
+/// The watch streams, one per namespace watched (or one for all).
+struct Streams {
     coverage: Vec<Option<Arc<str>>>,
     relists: Vec<Option<Relist>>,
     synced: Vec<bool>,
@@ -162,7 +187,6 @@ impl DocumentEventController {
             routes,
             status,
             readiness,
-            retention,
             tasks: Arc::new(TaskContext {
                 dispatcher,
                 progress: tx,
@@ -171,24 +195,32 @@ impl DocumentEventController {
             }),
             progress: rx,
             tracked: HashMap::new(),
-            unsent: VecDeque::new(),
-            unsent_keys: HashSet::new(),
-            cleanup: DelayQueue::new(),
-            to_delete: VecDeque::new(),
-            deletes: JoinSet::new(),
-            created,
-            _created: created_tx,
-            recoveries,
-            _recoveries: recoveries_tx,
-            created_max_age,
-            deliveries: TaskTracker::new(),
-            abandon: CancellationToken::new(),
-            in_flight_grace: Duration::from_secs(10),
-            step_down_grace: Duration::from_secs(2),
-            leadership: Leadership::always(),
-            coverage,
-            relists: (0..n).map(|_| None).collect(),
-            synced: vec![false; n],
+            unsent: Unsent::default(),
+            retiring: Retiring {
+                retention,
+                cleanup: DelayQueue::new(),
+                to_delete: VecDeque::new(),
+                deletes: JoinSet::new(),
+            },
+            inbox: Inbox {
+                created,
+                _created: created_tx,
+                recoveries,
+                _recoveries: recoveries_tx,
+                created_max_age,
+            },
+            term: Term {
+                deliveries: TaskTracker::new(),
+                abandon: CancellationToken::new(),
+                in_flight_grace: Duration::from_secs(10),
+                step_down_grace: Duration::from_secs(2),
+                leadership: Leadership::always(),
+            },
+            streams: Streams {
+                relists: (0..n).map(|_| None).collect(),
+                synced: vec![false; n],
+                coverage,
+            },
         }
     }
 
@@ -197,19 +229,19 @@ impl DocumentEventController {
         mut self,
         created: mpsc::Receiver<(Instant, DocumentEvent)>,
     ) -> Self {
-        self.created = created;
+        self.inbox.created = created;
         self
     }
 
     /// Takes the failed deliveries the API asks to send again (see [`Recovery`]).
     pub fn with_recoveries(mut self, recoveries: mpsc::Receiver<Recovery>) -> Self {
-        self.recoveries = recoveries;
+        self.inbox.recoveries = recoveries;
         self
     }
 
     /// How long attempts being sent may finish on shutdown (default 10 s).
     pub fn with_in_flight_grace(mut self, grace: Duration) -> Self {
-        self.in_flight_grace = grace;
+        self.term.in_flight_grace = grace;
         self
     }
 
@@ -217,8 +249,8 @@ impl DocumentEventController {
     /// within `--lease-duration` minus `--renew-deadline`, the time before another replica can
     /// lead), and the leadership that fences each attempt: none is sent once it has ended.
     pub fn with_leadership(mut self, leadership: Leadership, step_down_grace: Duration) -> Self {
-        self.leadership = leadership;
-        self.step_down_grace = step_down_grace;
+        self.term.leadership = leadership;
+        self.term.step_down_grace = step_down_grace;
         self
     }
 
@@ -238,19 +270,19 @@ impl DocumentEventController {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 Some((i, event)) = events.next() => self.on_event(i, event),
-                Some((at, de)) = self.created.recv() => self.on_created(at, de),
-                Some(recovery) = self.recoveries.recv() => self.on_recovery(recovery),
+                Some((at, de)) = self.inbox.created.recv() => self.on_created(at, de),
+                Some(recovery) = self.inbox.recoveries.recv() => self.on_recovery(recovery),
                 Some(progress) = self.progress.recv() => self.on_progress(progress),
-                Some(permit) = status.reserve(), if !self.unsent.is_empty() => {
+                Some(permit) = status.reserve(), if !self.unsent.queue.is_empty() => {
                     if let Some(update) = self.next_unsent() {
                         permit.send(update);
                     }
                 }
-                Some(expired) = self.cleanup.next() => {
-                    self.to_delete.push_back(expired.into_inner());
+                Some(expired) = self.retiring.cleanup.next() => {
+                    self.retiring.to_delete.push_back(expired.into_inner());
                     self.start_deletes();
                 }
-                Some(deleted) = self.deletes.join_next() => {
+                Some(deleted) = self.retiring.deletes.join_next() => {
                     if let Ok((key, uid, result)) = deleted {
                         self.deleted(key, uid, result);
                     }
@@ -264,29 +296,29 @@ impl DocumentEventController {
         for tracked in self.tracked.values() {
             tracked.cancel.cancel();
         }
-        self.deliveries.close();
+        self.term.deliveries.close();
         // An attempt to an endpoint that hangs may not use up the whole shutdown deadline: the
         // status still has to be written and the Lease released after it. A term that ended
         // (not a shutdown) has less: another replica may lead soon.
-        let grace = if self.leadership.is_leader() {
-            self.in_flight_grace
+        let grace = if self.term.leadership.is_leader() {
+            self.term.in_flight_grace
         } else {
-            self.step_down_grace
+            self.term.step_down_grace
         };
         let grace = tokio::time::sleep(grace);
         tokio::pin!(grace);
         loop {
             tokio::select! {
                 Some(progress) = self.progress.recv() => self.on_progress(progress),
-                Some(permit) = status.reserve(), if !self.unsent.is_empty() => {
+                Some(permit) = status.reserve(), if !self.unsent.queue.is_empty() => {
                     if let Some(update) = self.next_unsent() {
                         permit.send(update);
                     }
                 }
-                _ = self.deliveries.wait() => break,
-                _ = &mut grace, if !self.abandon.is_cancelled() => {
-                    tracing::warn!(in_flight = self.deliveries.len(), "attempts still being sent are abandoned; the next run makes them again");
-                    self.abandon.cancel();
+                _ = self.term.deliveries.wait() => break,
+                _ = &mut grace, if !self.term.abandon.is_cancelled() => {
+                    tracing::warn!(in_flight = self.term.deliveries.len(), "attempts still being sent are abandoned; the next run makes them again");
+                    self.term.abandon.cancel();
                 }
             }
         }
@@ -301,32 +333,33 @@ impl DocumentEventController {
     /// Forgets what an earlier term knew: this term starts from the list, as a new leader would.
     fn start_term(&mut self) {
         self.tracked.clear();
-        self.unsent.clear();
-        self.unsent_keys.clear();
-        self.cleanup.clear();
-        self.to_delete.clear();
-        self.deletes.abort_all();
-        self.deliveries = TaskTracker::new();
-        self.abandon = CancellationToken::new();
-        self.relists = self.coverage.iter().map(|_| None).collect();
+        self.unsent.queue.clear();
+        self.unsent.keys.clear();
+        self.retiring.cleanup.clear();
+        self.retiring.to_delete.clear();
+        self.retiring.deletes.abort_all();
+        self.term.deliveries = TaskTracker::new();
+        self.term.abandon = CancellationToken::new();
+        self.streams.relists = self.streams.coverage.iter().map(|_| None).collect();
         while self.progress.try_recv().is_ok() {}
     }
 
     /// An event ingest has just created: adopted now unless the watch brought it already.
     fn on_created(&mut self, at: Instant, de: DocumentEvent) {
-        if at.elapsed() > self.created_max_age {
+        if at.elapsed() > self.inbox.created_max_age {
             return;
         }
         // While its namespace is being listed, the list (or the watch after it) brings it, and
         // taking it now would queue it before the listed events of its ordering key.
         let namespace = de.namespace().unwrap_or_default();
-        let listing = self
-            .coverage
-            .iter()
-            .zip(&self.relists)
-            .any(|(covered, relist)| {
-                relist.is_some() && covered.as_deref().is_none_or(|ns| ns == namespace)
-            });
+        let listing =
+            self.streams
+                .coverage
+                .iter()
+                .zip(&self.streams.relists)
+                .any(|(covered, relist)| {
+                    relist.is_some() && covered.as_deref().is_none_or(|ns| ns == namespace)
+                });
         if listing {
             return;
         }
@@ -340,7 +373,7 @@ impl DocumentEventController {
     fn on_event(&mut self, stream: usize, event: watcher::Event<DeserializeGuard<DocumentEvent>>) {
         match event {
             watcher::Event::Init => {
-                self.relists[stream] = Some(Relist {
+                self.streams.relists[stream] = Some(Relist {
                     started: Instant::now(),
                     seen: HashSet::new(),
                     new: Vec::new(),
@@ -352,7 +385,7 @@ impl DocumentEventController {
                 let uid = de.uid().unwrap_or_default();
                 // Our own status writes echo back; the spec is immutable.
                 let known = self.tracked.get(&key).is_some_and(|t| t.uid == uid);
-                match &mut self.relists[stream] {
+                match &mut self.streams.relists[stream] {
                     // Listed: taken over at the end of the list, in the order accepted.
                     Some(relist) => {
                         relist.seen.insert(key.clone());
@@ -372,7 +405,7 @@ impl DocumentEventController {
                 }
             }
             watcher::Event::InitDone => {
-                if let Some(Relist { started, seen, new }) = self.relists[stream].take() {
+                if let Some(Relist { started, seen, new }) = self.streams.relists[stream].take() {
                     // A list comes in name order; deliveries of one ordering key must be
                     // queued in the order their events were accepted, a retrying head first.
                     for de in in_acceptance_order(new) {
@@ -380,7 +413,7 @@ impl DocumentEventController {
                         let uid = de.uid().unwrap_or_default();
                         self.adopt(key, uid, de);
                     }
-                    let covered = self.coverage[stream].clone();
+                    let covered = self.streams.coverage[stream].clone();
                     // An event ingest handed over during the relist may be newer than the list.
                     let gone: Vec<EventKey> = self
                         .tracked
@@ -396,8 +429,8 @@ impl DocumentEventController {
                         self.forget(&key);
                     }
                 }
-                if !std::mem::replace(&mut self.synced[stream], true)
-                    && self.synced.iter().all(|s| *s)
+                if !std::mem::replace(&mut self.streams.synced[stream], true)
+                    && self.streams.synced.iter().all(|s| *s)
                 {
                     self.readiness.mark_ready("documentevents");
                 }
@@ -497,7 +530,7 @@ impl DocumentEventController {
             tx: self.tasks.progress.clone(),
             key: key.clone(),
             uid: uid.to_owned(),
-            leadership: self.leadership.clone(),
+            leadership: self.term.leadership.clone(),
             stop: cancel.clone(),
         };
         self.tasks.metrics.pending_deliveries.inc();
@@ -506,9 +539,9 @@ impl DocumentEventController {
         let order = self.tasks.dispatcher.ticket(&delivery, event.created);
         let (task, abandon) = (
             deliver(self.tasks.clone(), progress, delivery, target, order),
-            self.abandon.clone(),
+            self.term.abandon.clone(),
         );
-        self.deliveries.spawn(async move {
+        self.term.deliveries.spawn(async move {
             tokio::select! {
                 _ = task => {}
                 _ = abandon.cancelled() => {}
@@ -538,7 +571,7 @@ impl DocumentEventController {
             set_phase(&mut tracked.status);
             let (cancel, cleanup) = (tracked.cancel.clone(), tracked.cleanup.take());
             if let Some(cleanup) = cleanup {
-                self.cleanup.try_remove(&cleanup);
+                self.retiring.cleanup.try_remove(&cleanup);
             }
             let event = EventCopy {
                 body: Arc::new(EventBody::from(&de)),
@@ -605,15 +638,15 @@ impl DocumentEventController {
 
     /// Marks the event's status as to be sent to the writer (see `unsent`).
     fn write(&mut self, key: &EventKey) {
-        if self.unsent_keys.insert(key.clone()) {
-            self.unsent.push_back(key.clone());
+        if self.unsent.keys.insert(key.clone()) {
+            self.unsent.queue.push_back(key.clone());
         }
     }
 
     /// The status to send next: the event's status as it is now (None when nothing is left).
     fn next_unsent(&mut self) -> Option<Update> {
-        while let Some(key) = self.unsent.pop_front() {
-            self.unsent_keys.remove(&key);
+        while let Some(key) = self.unsent.queue.pop_front() {
+            self.unsent.keys.remove(&key);
             // Forgotten (deleted) since: nothing to write.
             if let Some(tracked) = self.tracked.get(&key) {
                 return Some(Update::EventStatus {
@@ -634,22 +667,26 @@ impl DocumentEventController {
     ) -> Option<tokio_util::time::delay_queue::Key> {
         let completed = status.completion_time.as_ref()?;
         let retention = match status.phase {
-            Some(EventPhase::Failed) => self.retention.failed,
-            _ => self.retention.delivered,
+            Some(EventPhase::Failed) => self.retiring.retention.failed,
+            _ => self.retiring.retention.delivered,
         }?;
         if let Some(old) = self.tracked.get_mut(key).and_then(|t| t.cleanup.take()) {
-            self.cleanup.try_remove(&old);
+            self.retiring.cleanup.try_remove(&old);
         }
         let age = Timestamp::now().duration_since(completed.0).unsigned_abs();
         let wait = retention.saturating_sub(age);
-        Some(self.cleanup.insert((key.clone(), uid.to_owned()), wait))
+        Some(
+            self.retiring
+                .cleanup
+                .insert((key.clone(), uid.to_owned()), wait),
+        )
     }
 
     fn forget(&mut self, key: &EventKey) {
         if let Some(tracked) = self.tracked.remove(key) {
             tracked.cancel.cancel();
             if let Some(cleanup) = tracked.cleanup {
-                self.cleanup.try_remove(&cleanup);
+                self.retiring.cleanup.try_remove(&cleanup);
             }
         }
     }
@@ -657,12 +694,12 @@ impl DocumentEventController {
     /// Starts deletes of events whose retention ran out, a bounded number at once, each of
     /// only the very object (uid precondition), in tasks: the loop never waits for them.
     fn start_deletes(&mut self) {
-        while self.deletes.len() < DELETES_IN_FLIGHT {
-            let Some((key, uid)) = self.to_delete.pop_front() else {
+        while self.retiring.deletes.len() < DELETES_IN_FLIGHT {
+            let Some((key, uid)) = self.retiring.to_delete.pop_front() else {
                 return;
             };
             let api: Api<DocumentEvent> = Api::namespaced(self.client.clone(), &key.namespace);
-            self.deletes.spawn(async move {
+            self.retiring.deletes.spawn(async move {
                 let params = DeleteParams {
                     preconditions: Some(Preconditions {
                         uid: Some(uid.clone()),
@@ -687,6 +724,7 @@ impl DocumentEventController {
                 tracing::warn!(event = %key, %error, "deleting a finished DocumentEvent failed; retrying in a minute");
                 if self.tracked.get(&key).is_some_and(|t| t.uid == uid) {
                     let retry = self
+                        .retiring
                         .cleanup
                         .insert((key.clone(), uid), Duration::from_secs(60));
                     if let Some(t) = self.tracked.get_mut(&key) {
