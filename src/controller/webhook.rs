@@ -189,21 +189,51 @@ pub struct WebhookController {
     status: StatusSender,
     readiness: Readiness,
     metrics: Metrics,
-    /// The namespace each stream covers (None: all).
-    coverage: Vec<Option<Arc<str>>>,
-    /// Signing Secrets (labelled `hookrelay.dev/signing-secret: "true"`).
-    signing_secrets: Referenced<SecretData>,
     /// The latest Webhook objects, for re-resolving them when their Secret changes.
     webhooks: HashMap<WebhookKey, Arc<Webhook>>,
+    /// What Webhooks refer to, as watched.
+    refs: Refs,
     /// 410 verdicts by generation, until the status carries them.
     gone: HashMap<WebhookKey, (i64, String)>,
+    /// Webhooks whose `Degraded` condition is True (for `hookrelay_webhooks_degraded`).
+    degraded: HashSet<WebhookKey>,
+    streams: Streams,
+    upgrade: UpgradeWarnings,
+    /// Only the leader looks Secrets up (and warns); set by `run`.
+    leadership: Leadership,
+    /// Removes a rotated Secret's `previous` key when its grace period ends; set by `run`.
+    expiry: PreviousKeyExpiry,
+    /// The delivery engine's per-key queues (`spec.ordering`): `status.blockedKeys` that they
+    /// no longer hold (a previous leader's) is cleared.
+    sequencer: Option<Arc<crate::delivery::Sequencer>>,
+}
+
+/// The objects Webhooks refer to, each kept per watch stream.
+struct Refs {
+    /// Signing Secrets (labelled `hookrelay.dev/signing-secret: "true"`).
+    signing_secrets: Referenced<SecretData>,
+    /// `headersFrom` Secrets (their own label).
+    headers_secrets: Referenced<SecretData>,
+    /// `serviceRef` Services.
+    services: Referenced<ServiceInfo>,
+}
+
+/// The Webhook watch streams, one per namespace watched (or one for all).
+struct Streams {
+    /// The namespace each stream covers (None: all).
+    coverage: Vec<Option<Arc<str>>>,
     /// Keys listed so far in a re-list; resolved when it is done, against the Secrets as they
     /// are then.
-    webhook_relists: Vec<Option<Vec<WebhookKey>>>,
-    /// Per watch stream, during a relist: the version the table will have seen once it is done.
-    relist_versions: Vec<u64>,
-    webhooks_synced: Vec<bool>,
-    /// For the upgrade warnings (a Secret that exists without the signing label); set by `run`.
+    relists: Vec<Option<Vec<WebhookKey>>>,
+    /// Per stream, during a relist: the version the table will have seen once it is done.
+    versions: Vec<u64>,
+    synced: Vec<bool>,
+}
+
+/// The warnings after an upgrade about a Secret that exists without the signing label: one
+/// per Webhook, from bounded look-ups.
+struct UpgradeWarnings {
+    /// Set by `run`.
     client: Option<Client>,
     /// Webhooks (by uid) already warned about, so that each is warned about once (shared with
     /// the look-ups, which record what they warned about).
@@ -211,21 +241,9 @@ pub struct WebhookController {
     /// Bounds the Secret look-ups behind those warnings (after an upgrade, every Webhook may
     /// need one at once).
     lookups: Arc<tokio::sync::Semaphore>,
-    /// Webhooks whose `Degraded` condition is True (for `hookrelay_webhooks_degraded`).
-    degraded: HashSet<WebhookKey>,
     /// (uid, generation) of the Webhooks looked up already: one look-up per spec, not one per
     /// re-resolution.
     looked_up: Arc<std::sync::Mutex<HashMap<String, i64>>>,
-    /// Only the leader looks Secrets up (and warns); set by `run`.
-    leadership: Leadership,
-    /// `headersFrom` Secrets (their own label) and `serviceRef` Services.
-    headers_secrets: Referenced<SecretData>,
-    services: Referenced<ServiceInfo>,
-    /// Removes a rotated Secret's `previous` key when its grace period ends; set by `run`.
-    expiry: PreviousKeyExpiry,
-    /// The delivery engine's per-key queues (`spec.ordering`): `status.blockedKeys` that they
-    /// no longer hold (a previous leader's) is cleared.
-    sequencer: Option<Arc<crate::delivery::Sequencer>>,
 }
 
 impl WebhookController {
@@ -245,21 +263,27 @@ impl WebhookController {
             status,
             readiness,
             metrics,
-            coverage,
-            signing_secrets: Referenced::new(n),
             webhooks: HashMap::new(),
+            refs: Refs {
+                signing_secrets: Referenced::new(n),
+                headers_secrets: Referenced::new(n),
+                services: Referenced::new(n),
+            },
             gone: HashMap::new(),
-            webhook_relists: (0..n).map(|_| None).collect(),
-            relist_versions: vec![0; n],
-            webhooks_synced: vec![false; n],
-            client: None,
-            warned: Default::default(),
-            lookups: Arc::new(tokio::sync::Semaphore::new(4)),
-            looked_up: Default::default(),
             degraded: HashSet::new(),
+            streams: Streams {
+                relists: (0..n).map(|_| None).collect(),
+                versions: vec![0; n],
+                synced: vec![false; n],
+                coverage,
+            },
+            upgrade: UpgradeWarnings {
+                client: None,
+                warned: Default::default(),
+                lookups: Arc::new(tokio::sync::Semaphore::new(4)),
+                looked_up: Default::default(),
+            },
             leadership: Leadership::always(),
-            headers_secrets: Referenced::new(n),
-            services: Referenced::new(n),
             expiry: PreviousKeyExpiry::new(None, Leadership::always()),
             sequencer: None,
         }
@@ -299,13 +323,13 @@ impl WebhookController {
             .watch(&client, watcher::Config::default(), strip_service)
             .map(|(i, e)| Input::Service(i, e));
         self.expiry = PreviousKeyExpiry::new(Some(client.clone()), leadership.clone());
-        self.client = Some(client);
+        self.upgrade.client = Some(client);
         self.leadership = leadership.clone();
         loop {
             // Everything a Webhook references is listed before the first Webhook is resolved.
-            let synced = self.signing_secrets.all_synced()
-                && self.headers_secrets.all_synced()
-                && self.services.all_synced();
+            let synced = self.refs.signing_secrets.all_synced()
+                && self.refs.headers_secrets.all_synced()
+                && self.refs.services.all_synced();
             let input = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
@@ -328,27 +352,28 @@ impl WebhookController {
                 Input::Secret(i, event) => self.on_secret(i, event).await,
                 Input::Webhook(i, event) => self.on_webhook(i, event).await,
                 Input::HeadersSecret(i, event) => {
-                    let covered = self.coverage[i].clone();
-                    let changed =
-                        self.headers_secrets
-                            .on_event(i, covered.as_ref(), event, |s: &Secret| {
-                                s.data.clone().unwrap_or_default()
-                            });
+                    let covered = self.streams.coverage[i].clone();
+                    let changed = self.refs.headers_secrets.on_event(
+                        i,
+                        covered.as_ref(),
+                        event,
+                        |s: &Secret| s.data.clone().unwrap_or_default(),
+                    );
                     for object in changed {
-                        let names = self.headers_secrets.referrers(&object);
+                        let names = self.refs.headers_secrets.referrers(&object);
                         self.re_resolve(&object.0, names).await;
                     }
                 }
                 Input::Service(i, event) => {
-                    let covered = self.coverage[i].clone();
-                    let changed = self.services.on_event(
+                    let covered = self.streams.coverage[i].clone();
+                    let changed = self.refs.services.on_event(
                         i,
                         covered.as_ref(),
                         event,
                         ServiceInfo::from_service,
                     );
                     for object in changed {
-                        let names = self.services.referrers(&object);
+                        let names = self.refs.services.referrers(&object);
                         self.re_resolve(&object.0, names).await;
                     }
                 }
@@ -366,18 +391,19 @@ impl WebhookController {
             }
             _ => {}
         }
-        let covered = self.coverage[stream].clone();
-        let was_synced = self.signing_secrets.all_synced();
+        let covered = self.streams.coverage[stream].clone();
+        let was_synced = self.refs.signing_secrets.all_synced();
         let changed =
-            self.signing_secrets
+            self.refs
+                .signing_secrets
                 .on_event(stream, covered.as_ref(), event, |s: &Secret| {
                     s.data.clone().unwrap_or_default()
                 });
-        if !was_synced && self.signing_secrets.all_synced() {
+        if !was_synced && self.refs.signing_secrets.all_synced() {
             self.readiness.mark_ready("secrets");
         }
         for secret in changed {
-            let names = self.signing_secrets.referrers(&secret);
+            let names = self.refs.signing_secrets.referrers(&secret);
             self.re_resolve(&secret.0, names).await;
         }
     }
@@ -446,31 +472,31 @@ impl WebhookController {
     ) {
         match event {
             watcher::Event::Init => {
-                self.webhook_relists[stream] = Some(Default::default());
+                self.streams.relists[stream] = Some(Default::default());
                 // Asked before the watcher lists (it lists when next polled): the list then
                 // reflects at least this version, even when it is empty.
-                self.relist_versions[stream] = self.current_version(stream).await.unwrap_or(0);
+                self.streams.versions[stream] = self.current_version(stream).await.unwrap_or(0);
             }
             watcher::Event::InitApply(DeserializeGuard(Ok(webhook))) => {
                 let webhook = Arc::new(webhook);
                 self.remember(&webhook);
                 let route = self.reconcile(&webhook).await;
-                let version = &mut self.relist_versions[stream];
+                let version = &mut self.streams.versions[stream];
                 *version = (*version).max(route.version);
-                if let Some(relist) = &mut self.webhook_relists[stream] {
+                if let Some(relist) = &mut self.streams.relists[stream] {
                     relist.push(route.key);
                 }
             }
             watcher::Event::InitDone => {
-                let listed: Vec<Route> = self.webhook_relists[stream]
+                let listed: Vec<Route> = self.streams.relists[stream]
                     .take()
                     .unwrap_or_default()
                     .iter()
                     .filter_map(|key| self.webhooks.get(key))
                     .map(|webhook| self.resolution(webhook).route)
                     .collect();
-                let covered = self.coverage[stream].clone();
-                let version = std::mem::take(&mut self.relist_versions[stream]);
+                let covered = self.streams.coverage[stream].clone();
+                let version = std::mem::take(&mut self.streams.versions[stream]);
                 let gone = self.update_routes(|t| {
                     let gone = t.reset(covered.as_deref(), listed);
                     t.observe(covered.as_deref(), version);
@@ -479,8 +505,8 @@ impl WebhookController {
                 for key in gone {
                     self.forget(&key).await;
                 }
-                if !std::mem::replace(&mut self.webhooks_synced[stream], true)
-                    && self.webhooks_synced.iter().all(|s| *s)
+                if !std::mem::replace(&mut self.streams.synced[stream], true)
+                    && self.streams.synced.iter().all(|s| *s)
                 {
                     self.readiness.mark_ready("webhooks");
                     tracing::info!(
@@ -493,7 +519,7 @@ impl WebhookController {
                 let webhook = Arc::new(webhook);
                 self.remember(&webhook);
                 let route = self.reconcile(&webhook).await;
-                let covered = self.coverage[stream].clone();
+                let covered = self.streams.coverage[stream].clone();
                 self.update_routes(|t| {
                     t.observe(covered.as_deref(), route.version);
                     t.apply(route);
@@ -501,7 +527,7 @@ impl WebhookController {
             }
             watcher::Event::Delete(DeserializeGuard(Ok(webhook))) => {
                 let key = webhook_key(&webhook);
-                let covered = self.coverage[stream].clone();
+                let covered = self.streams.coverage[stream].clone();
                 self.update_routes(|t| {
                     t.delete(&key);
                     t.observe(covered.as_deref(), resource_version(&webhook.metadata));
@@ -519,7 +545,7 @@ impl WebhookController {
                     e.metadata.name.as_deref().unwrap_or_default(),
                 );
                 tracing::warn!(webhook = %key, error = %e.error, "skipping a Webhook that cannot be read");
-                let covered = self.coverage[stream].clone();
+                let covered = self.streams.coverage[stream].clone();
                 self.update_routes(|t| {
                     t.delete(&key);
                     t.observe(covered.as_deref(), resource_version(&e.metadata));
@@ -532,8 +558,8 @@ impl WebhookController {
     /// The Webhooks' current `resourceVersion` in the scope of watch `stream` (a consistent
     /// read); None when the API server does not answer in time.
     async fn current_version(&self, stream: usize) -> Option<u64> {
-        let client = self.client.clone()?;
-        let api: Api<Webhook> = match &self.coverage[stream] {
+        let client = self.upgrade.client.clone()?;
+        let api: Api<Webhook> = match &self.streams.coverage[stream] {
             Some(namespace) => Api::namespaced(client, namespace),
             None => Api::all(client),
         };
@@ -561,15 +587,16 @@ impl WebhookController {
         if let Some(old) = self.webhooks.insert(key.clone(), webhook.clone()) {
             self.unindex(&key, &old);
         }
-        self.signing_secrets.index(
+        self.refs.signing_secrets.index(
             &key.namespace,
             Some(&webhook.spec.secret_ref.name),
             &key.name,
         );
         let (headers_secret, service) = references(webhook);
-        self.headers_secrets
+        self.refs
+            .headers_secrets
             .index(&key.namespace, headers_secret, &key.name);
-        self.services.index(&key.namespace, service, &key.name);
+        self.refs.services.index(&key.namespace, service, &key.name);
         let degraded = webhook.status.as_ref().is_some_and(|s| {
             s.conditions
                 .iter()
@@ -596,11 +623,13 @@ impl WebhookController {
         if let Some(old) = self.webhooks.remove(key) {
             self.unindex(key, &old);
             if let Some(uid) = &old.metadata.uid {
-                self.warned
+                self.upgrade
+                    .warned
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(uid);
-                self.looked_up
+                self.upgrade
+                    .looked_up
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(uid);
@@ -612,21 +641,25 @@ impl WebhookController {
     }
 
     fn unindex(&mut self, key: &WebhookKey, webhook: &Webhook) {
-        self.signing_secrets.unindex(
+        self.refs.signing_secrets.unindex(
             &key.namespace,
             Some(&webhook.spec.secret_ref.name),
             &key.name,
         );
         let (headers_secret, service) = references(webhook);
-        self.headers_secrets
+        self.refs
+            .headers_secrets
             .unindex(&key.namespace, headers_secret, &key.name);
-        self.services.unindex(&key.namespace, service, &key.name);
+        self.refs
+            .services
+            .unindex(&key.namespace, service, &key.name);
     }
 
     /// resolve -> validate, against what the controller knows now. Pure.
     fn resolution(&self, webhook: &Webhook) -> Resolution {
         let key = webhook_key(webhook);
         let secret = self
+            .refs
             .signing_secrets
             .get(&key.namespace, &webhook.spec.secret_ref.name);
         let gone = self
@@ -638,8 +671,8 @@ impl WebhookController {
         let (headers_secret, service) = references(webhook);
         let refs = References {
             headers_secret: headers_secret
-                .and_then(|name| self.headers_secrets.get(&key.namespace, name)),
-            service: service.and_then(|name| self.services.get(&key.namespace, name)),
+                .and_then(|name| self.refs.headers_secrets.get(&key.namespace, name)),
+            service: service.and_then(|name| self.refs.services.get(&key.namespace, name)),
         };
         resolve_with(webhook, secret, refs, &self.egress, gone.as_deref())
     }
@@ -689,7 +722,7 @@ impl WebhookController {
     fn warn_after_upgrade(&mut self, webhook: &Webhook, resolution: &Resolution) {
         let uid = webhook.metadata.uid.clone().unwrap_or_default();
         let reason = resolution.ready.reason.as_str();
-        let warned = self.warned.clone();
+        let warned = self.upgrade.warned.clone();
         if warned
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -710,12 +743,12 @@ impl WebhookController {
             );
         } else if reason == ready_reason::SECRET_NOT_FOUND
             && self.leadership.is_leader()
-            && let Some(client) = self.client.clone()
+            && let Some(client) = self.upgrade.client.clone()
         {
             // Once per generation of the Webhook (a change of its spec, say a new secretRef,
             // looks again), again after a failed look-up; bounded by `lookups`.
             let generation = webhook.metadata.generation.unwrap_or_default();
-            let looked_up = self.looked_up.clone();
+            let looked_up = self.upgrade.looked_up.clone();
             let previous = looked_up
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -723,7 +756,7 @@ impl WebhookController {
             if previous == Some(generation) {
                 return;
             }
-            let lookups = self.lookups.clone();
+            let lookups = self.upgrade.lookups.clone();
             tokio::spawn(async move {
                 let Ok(_slot) = lookups.acquire_owned().await else {
                     return;
