@@ -91,7 +91,7 @@ impl DirectLines {
         lines
             .by_webhook
             .get(webhook)
-            .and_then(|lane| lane.waiting.front())
+            .and_then(|line| line.waiting.front())
             .map_or(Duration::ZERO, |q| now.saturating_duration_since(q.since))
     }
 
@@ -111,10 +111,10 @@ impl DirectLines {
             return false;
         }
         let lines = &mut *guard;
-        let lane = lines.by_webhook.entry(key.clone()).or_default();
-        lane.waiting.push_back(queued);
-        if lane.workers < dispatcher.per_webhook() {
-            lane.workers += 1;
+        let line = lines.by_webhook.entry(key.clone()).or_default();
+        line.waiting.push_back(queued);
+        if line.workers < dispatcher.per_webhook() {
+            line.workers += 1;
             // Started under the lock, so that it is registered before it can end.
             let worker = self
                 .tasks
@@ -129,12 +129,12 @@ impl DirectLines {
     fn next(&self, webhook: &WebhookKey) -> Option<Queued> {
         let mut guard = self.lines.lock().unwrap_or_else(|e| e.into_inner());
         let lines = &mut *guard;
-        if let Some(lane) = lines.by_webhook.get_mut(webhook) {
-            if let Some(queued) = lane.waiting.pop_front() {
+        if let Some(line) = lines.by_webhook.get_mut(webhook) {
+            if let Some(queued) = line.waiting.pop_front() {
                 return Some(queued);
             }
-            lane.workers -= 1;
-            if lane.workers == 0 {
+            line.workers -= 1;
+            if line.workers == 0 {
                 // Idle lines leave the map, so that it stays as small as the busy Webhooks.
                 lines.by_webhook.remove(webhook);
             }
@@ -267,7 +267,7 @@ impl DirectLines {
             std::mem::take(&mut lines.by_webhook)
         };
         // Dropped outside the lock: their queue space goes back to the namespaces' counts.
-        lost.in_line = lines.values().map(|lane| lane.waiting.len()).sum();
+        lost.in_line = lines.values().map(|line| line.waiting.len()).sum();
         drop(lines);
         lost.given_up = self.given_up.load(Ordering::Relaxed);
         lost

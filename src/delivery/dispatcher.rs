@@ -140,7 +140,7 @@ pub struct Dispatcher {
     gone: mpsc::UnboundedSender<GoneNotice>,
     metrics: Metrics,
     global: Arc<Semaphore>,
-    lanes: KeyedLimits<WebhookKey>,
+    webhooks: KeyedLimits<WebhookKey>,
     namespaces: KeyedLimits<Arc<str>>,
     /// `spec.delivery.rateLimit` of the Webhooks that have one.
     rate_limits: RateLimits,
@@ -166,7 +166,7 @@ impl Dispatcher {
             gone,
             metrics,
             global: Arc::new(Semaphore::new(config.global.max(1))),
-            lanes: KeyedLimits::new(config.per_webhook),
+            webhooks: KeyedLimits::new(config.per_webhook),
             namespaces: KeyedLimits::new(config.per_namespace),
             rate_limits: RateLimits::default(),
             sequencer: Arc::default(),
@@ -266,8 +266,8 @@ impl Dispatcher {
         // The turn comes first: a delivery waiting for it holds no slot.
         self.await_turn(delivery, max_wait).await?;
         let table = self.routes.snapshot();
-        let lane = self
-            .lanes
+        let webhook = self
+            .webhooks
             .get(&delivery.webhook, table.len(), |k| table.get(k).is_some());
         let namespace = self
             .namespaces
@@ -275,15 +275,15 @@ impl Dispatcher {
                 table.has_namespace(ns)
             });
         drop(table);
-        let (Ok(lane), Ok(namespace), Ok(global)) = (
-            lane.acquire_owned().await,
+        let (Ok(webhook), Ok(namespace), Ok(global)) = (
+            webhook.acquire_owned().await,
             namespace.acquire_owned().await,
             self.global.clone().acquire_owned().await,
         ) else {
             unreachable!("delivery semaphores are never closed")
         };
         Ok(Slots {
-            _permits: [lane, namespace, global],
+            _permits: [webhook, namespace, global],
         })
     }
 
@@ -504,12 +504,12 @@ impl Dispatcher {
 
     /// Attempts in flight to one Webhook at once.
     pub fn per_webhook(&self) -> usize {
-        self.lanes.permits()
+        self.webhooks.permits()
     }
 
     /// Entries of the per-Webhook and per-namespace limit maps (bounded by what exists).
     pub fn limit_entries(&self) -> (usize, usize) {
-        (self.lanes.len(), self.namespaces.len())
+        (self.webhooks.len(), self.namespaces.len())
     }
 }
 
