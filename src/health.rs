@@ -3,7 +3,13 @@
 //! trusted, and whether an essential task has ended. Plain state, below routing, controllers
 //! and the HTTP server, so that each reports or reads it without importing the others.
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use tokio::sync::watch;
 
@@ -83,24 +89,35 @@ impl Liveness {
 /// changes, so the replica says so in `/readyz` and takes no shared work until it answers again.
 #[derive(Clone, Debug, Default)]
 pub struct ViewHealth {
-    stale: Arc<std::sync::RwLock<Option<String>>>,
+    inner: Arc<ViewState>,
+}
+
+#[derive(Debug, Default)]
+struct ViewState {
+    /// Read for every work item: a load, no lock.
+    stale: AtomicBool,
+    /// Why, for `/readyz` and the log; written only when it changes.
+    why: std::sync::Mutex<Option<String>>,
 }
 
 impl ViewHealth {
     /// Why the view is stale (None: it is fresh again).
     pub fn set_stale(&self, why: Option<String>) {
-        *self.stale.write().unwrap_or_else(|e| e.into_inner()) = why;
+        let mut current = self.inner.why.lock().unwrap_or_else(|e| e.into_inner());
+        self.inner.stale.store(why.is_some(), Ordering::Release);
+        *current = why;
     }
 
     /// Why the view may be stale; None while it is fresh.
     pub fn stale(&self) -> Option<String> {
-        self.stale.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inner
+            .why
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn is_fresh(&self) -> bool {
-        self.stale
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
+        !self.inner.stale.load(Ordering::Acquire)
     }
 }

@@ -566,15 +566,8 @@ async fn paused_webhooks_hold_deliveries_and_gone_endpoints_stop_them() {
         )
         .await
         .unwrap();
-    eventually("Ready again after the URL changed", WAIT, || async {
-        let w = webhooks.get("gone").await.ok()?;
-        w.status?
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-            .then_some(())
-    })
-    .await;
+    // Ready again after the URL changed.
+    crate::support::wait_ready(&webhooks, "gone").await;
 }
 
 /// A Webhook's delivery history once it holds `n` records: (attempt, outcome, HTTP status),

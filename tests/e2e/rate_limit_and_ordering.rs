@@ -317,15 +317,7 @@ async fn ordered_webhook(client: &kube::Client, ns: &str, url: &str) {
         .create(&PostParams::default(), &webhook)
         .await
         .unwrap();
-    eventually("webhook ordered Ready", Duration::from_secs(60), || async {
-        let w = webhooks.get("ordered").await.ok()?;
-        w.status?
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-            .then_some(())
-    })
-    .await;
+    crate::support::wait_ready(&webhooks, "ordered").await;
 }
 
 /// The events of the ordering tests, in the order they are sent (each in its own request, so

@@ -48,7 +48,7 @@ pub use self::{
     receivers::{Blackhole, CountingReceiver, Received, Receiver, ReceiverKind},
     resources::{
         counting_webhook, create_event, create_webhook, grant, grant_hookrelay, wait_phase,
-        wait_ready_reason,
+        wait_ready, wait_ready_reason,
     },
 };
 
@@ -58,22 +58,14 @@ pub fn repo_root() -> &'static Path {
 }
 
 /// Polls `check` until it returns Some, or panics after `timeout` naming what was awaited.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    within(timeout, check)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
 }
 
 /// Polls `check` every 50 ms like [`eventually`], but gives up with None after `timeout`

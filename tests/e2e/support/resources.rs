@@ -36,6 +36,11 @@ pub async fn create_webhook(
     }))
     .unwrap();
     webhooks.create(&PostParams::default(), &w).await.unwrap();
+    wait_ready(&webhooks, name).await;
+}
+
+/// Waits (up to 60 s) until the Webhook `name` is Ready.
+pub async fn wait_ready(webhooks: &Api<hookrelay::crd::Webhook>, name: &str) {
     eventually(
         &format!("webhook {name} Ready"),
         Duration::from_secs(60),
