@@ -2,10 +2,17 @@
 //! per spec when the Webhook is reconciled and evaluated per event in the routing step.
 //!
 //! The `cel` crate does not meter evaluation cost, so the cost is bounded by the program's
-//! shape instead: at most [`MAX_FILTER_LENGTH`] characters, [`MAX_NODES`] expression nodes,
-//! [`MAX_DEPTH`] levels of nesting, and no macro (`all`, `exists`, `map`, ...) inside another.
-//! Evaluation then costs at most (program size) x (size of the event), and events are at most
-//! 1 MiB: no expression can loop over a list of the event inside a loop over another.
+//! shape instead, so that evaluation costs at most a small multiple of (program size) x (size
+//! of the event), and events are at most 1 MiB:
+//! - at most [`MAX_FILTER_LENGTH`] characters, [`MAX_NODES`] expression nodes and
+//!   [`MAX_DEPTH`] levels of nesting;
+//! - no macro (`all`, `exists`, `exists_one`, `map`, `filter`) inside another, and a macro's
+//!   body sees only its own variable, literals and `event`: each element is then looked at a
+//!   bounded number of times (`data.a.all(x, !(x in data.b))` would compare every element of
+//!   one list of the event with every element of another);
+//! - `matches` only with a literal pattern (one from the event would be compiled per event);
+//! - at most [`MAX_ADDITIONS`] additions or concatenations (`+`), each of which may copy what
+//!   it joins.
 //!
 //! The crate's parser recurses deeply (a few dozen nested brackets overflow a 2 MiB stack), so
 //! parsing runs on a thread of its own with a large stack, and only expressions shallow enough
@@ -16,7 +23,7 @@ use std::sync::{Arc, LazyLock, OnceLock};
 
 use cel::{
     Context, Env, Value,
-    common::ast::{EntryExpr, Expr, IdedExpr},
+    common::ast::{EntryExpr, Expr, IdedExpr, operators},
 };
 use serde_json::{Map, Value as Json};
 
@@ -29,6 +36,10 @@ const MAX_NODES: usize = 200;
 /// Levels of the expression tree (calls, selections, operators, literals): evaluation recurses
 /// once per level, on a runtime worker's 2 MiB stack.
 const MAX_DEPTH: usize = 24;
+/// `+` operations on values of the event: each may copy what it joins (strings, lists).
+const MAX_ADDITIONS: usize = 8;
+/// The variables a macro's body may see besides its own: `event` is one of a few short names.
+const SEEN_IN_MACROS: [&str; 1] = ["event"];
 /// The parser's own recursion bound, on the compiling thread's stack.
 const MAX_PARSE_DEPTH: u16 = 64;
 const COMPILER_STACK: usize = 64 << 20;
@@ -108,6 +119,22 @@ impl EventFilter {
                 "a macro (all, exists, exists_one, map, filter) inside another is not allowed, as its cost grows with the square of the event: test the inner list separately".into(),
             );
         }
+        if let Some(variable) = &shape.free_in_macro {
+            return Err(format!(
+                "the body of a macro (all, exists, exists_one, map, filter) uses {variable}: it may use only its own variable, literals and event, so that the cost stays linear in the event; test {variable} outside the macro, or compare with a literal list"
+            ));
+        }
+        if shape.computed_pattern {
+            return Err(
+                "matches() takes a literal pattern, as in data.name.matches('^inv-[0-9]+$'): a pattern from the event would be compiled for every event".into(),
+            );
+        }
+        if shape.additions > MAX_ADDITIONS {
+            return Err(format!(
+                "the filter has {} additions or concatenations (+), at most {MAX_ADDITIONS} are allowed: each may copy the values it joins",
+                shape.additions
+            ));
+        }
         if let Some(unknown) = shape.unknown.first() {
             return Err(format!(
                 "undeclared reference to '{unknown}': a filter sees only event, timestamp and data, as in data.status == \"completed\""
@@ -183,13 +210,33 @@ fn object(map: &Map<String, Json>) -> std::collections::HashMap<String, Value> {
     map.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect()
 }
 
-/// Size, macro nesting and free variables of an expression.
+/// Whether `e` reads a variable (of the event, or a macro's), i.e. depends on the event.
+fn mentions_a_variable(e: &IdedExpr) -> bool {
+    match &e.expr {
+        Expr::Unspecified | Expr::Literal(_) => false,
+        Expr::Ident(_) => true,
+        Expr::Select(s) => mentions_a_variable(&s.operand),
+        Expr::Call(c) => {
+            c.target.as_deref().is_some_and(mentions_a_variable)
+                || c.args.iter().any(mentions_a_variable)
+        }
+        Expr::List(l) => l.elements.iter().any(mentions_a_variable),
+        Expr::Map(_) | Expr::Struct(_) | Expr::Comprehension(_) => true,
+    }
+}
+
+/// Size, macro nesting, free variables and costly operations of an expression.
 #[derive(Default)]
 struct Shape {
     nodes: usize,
     depth: usize,
     nested_macro: bool,
     unknown: Vec<String>,
+    /// A variable of the event (`data`, `timestamp`) used in a macro's body.
+    free_in_macro: Option<String>,
+    /// `matches` with a pattern that is not a literal.
+    computed_pattern: bool,
+    additions: usize,
 }
 
 impl Shape {
@@ -205,15 +252,33 @@ impl Shape {
         match &e.expr {
             Expr::Unspecified | Expr::Literal(_) => {}
             Expr::Ident(name) => {
-                if !VARIABLES.contains(&name.as_str())
-                    && !bound.iter().any(|b| b == name)
-                    && !self.unknown.contains(name)
+                let is_bound = bound.iter().any(|b| b == name);
+                if !VARIABLES.contains(&name.as_str()) && !is_bound && !self.unknown.contains(name)
                 {
                     self.unknown.push(name.clone());
+                }
+                if in_macro > 0
+                    && !is_bound
+                    && VARIABLES.contains(&name.as_str())
+                    && !SEEN_IN_MACROS.contains(&name.as_str())
+                {
+                    self.free_in_macro.get_or_insert_with(|| name.clone());
                 }
             }
             Expr::Select(s) => self.visit(&s.operand, in_macro, next, bound),
             Expr::Call(c) => {
+                // Literals added together cost the same for every event.
+                if c.func_name == operators::ADD && c.args.iter().any(mentions_a_variable) {
+                    self.additions += 1;
+                }
+                if c.func_name == "matches" {
+                    // `s.matches(p)` or `matches(s, p)`: the pattern is the last argument.
+                    let literal = c
+                        .args
+                        .last()
+                        .is_some_and(|p| matches!(p.expr, Expr::Literal(_)));
+                    self.computed_pattern |= !literal;
+                }
                 if let Some(target) = &c.target {
                     self.visit(target, in_macro, next, bound);
                 }
@@ -413,5 +478,56 @@ mod tests {
                 .unwrap_err()
                 .contains("inside another")
         );
+    }
+
+    #[test]
+    fn what_could_cost_more_than_linear_in_the_event_is_refused_naming_it() {
+        let refused = [
+            // Every element of one list against every element of another.
+            ("data.a.all(x, !(x in data.b))", "uses data"),
+            ("data.a.exists(x, x == data.b)", "uses data"),
+            ("data.a.map(x, x + timestamp).size() > 0", "uses timestamp"),
+            (
+                "data.a.filter(x, x.startsWith(data.prefix)).size() > 0",
+                "uses data",
+            ),
+            // A pattern from the event, compiled per event.
+            ("data.name.matches(data.pattern)", "literal pattern"),
+            ("matches(data.name, data.pattern)", "literal pattern"),
+            (
+                "size(data.s + data.s + data.s + data.s + data.s + data.s + data.s + data.s + data.s + data.s) > 0",
+                "additions or concatenations",
+            ),
+        ];
+        for (filter, why) in refused {
+            let e = EventFilter::compile(filter).unwrap_err();
+            assert!(e.contains(why), "{filter}: {e}");
+        }
+        // The linear forms stay allowed: a macro's body on its own element, literals and the
+        // event type; the event's own values outside any macro; a literal pattern.
+        for allowed in [
+            "data.tags.all(t, t != '')",
+            "data.items.exists(i, i.status == 'failed' && i.kind in ['a', 'b'])",
+            "data.items.exists(i, i.type == event)",
+            "data.items.map(i, i.id).size() > 3 && 'urgent' in data.tags",
+            "data.x in data.allowed",
+            "data.name.matches('^inv-[0-9]+$')",
+            "data.a + data.b > 3",
+        ] {
+            EventFilter::compile(allowed).unwrap_or_else(|e| panic!("{allowed}: {e}"));
+        }
+    }
+
+    /// The lists of a tenant who tried to stall the others (two of 120,000 numbers): the
+    /// quadratic filter is refused at compile time; linear ones over them evaluate.
+    #[test]
+    fn a_linear_filter_over_large_lists_evaluates_in_one_pass() {
+        let list: Vec<Json> = (0..120_000).map(Json::from).collect();
+        let data = serde_json::json!({"a": list.clone(), "b": list});
+        let data = data.as_object().unwrap();
+        let linear = EventFilter::compile("data.a.all(x, x >= 0) && 5 in data.b").unwrap();
+        let facts = EventFacts::new(EventType::Completed, "t", data);
+        assert_eq!(linear.evaluate(&facts), Ok(true));
+        assert!(EventFilter::compile("data.a.all(x, !(x in data.b))").is_err());
     }
 }

@@ -24,6 +24,7 @@ mod service_ref_and_headers;
 mod ssrf;
 mod support;
 mod telemetry;
+mod tenants;
 mod web_api;
 mod web_page;
 mod webhook_controller;

@@ -1,0 +1,111 @@
+//! Tenants who cannot harm each other: what a Webhook's author in one namespace can do to the
+//! deliveries of another namespace, tried against the real API server in every ingest mode.
+
+use std::time::{Duration, Instant};
+
+use hookrelay::crd::Webhook;
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
+use serde_json::json;
+
+use crate::support::{
+    CountingReceiver, INGEST_MODES, ModeOperator, control_plane, counting_webhook, eventually,
+    wait_ready, wait_ready_reason,
+};
+
+const SECRET: &str = "a-strong-signing-secret-for-tenant-tests";
+
+async fn set_filter(webhooks: &Api<Webhook>, name: &str, filter: &str) {
+    webhooks
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"filter": filter}})),
+        )
+        .await
+        .unwrap();
+}
+
+async fn delivered(receiver: &CountingReceiver, what: &str) {
+    eventually(what, Duration::from_secs(60), || async {
+        (receiver.counts().0 >= 1).then_some(())
+    })
+    .await;
+}
+
+/// A filter that compares every element of one list of the event with every element of
+/// another (`data.a.all(x, !(x in data.b))`), with one event of two lists of 120,000 numbers
+/// (480 KB): once, it held the operator at full CPU and another namespace's event waited over
+/// a minute. It is refused when the Webhook is reconciled, naming the rule; a linear filter
+/// over the same event is evaluated and delivers; the other namespace's event goes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_costing_the_square_of_the_event_is_refused_and_stalls_no_other_namespace() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let a = cp.namespace("tenant-a").await;
+    let b = cp.namespace("tenant-b").await;
+    let digits: Vec<u64> = (0..120_000).map(|i| i % 10).collect();
+    let large = json!({"a": digits, "b": digits});
+    for mode in INGEST_MODES {
+        let op = ModeOperator::start(cp, mode, &[&a, &b], |_| {}).await;
+        let suffix = format!("{mode:?}").to_lowercase();
+        let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &a);
+
+        let (quadratic, linear) = (format!("quadratic-{suffix}"), format!("linear-{suffix}"));
+        let quadratic_rx = counting_webhook(&client, &a, &quadratic, SECRET).await;
+        set_filter(&webhooks, &quadratic, "data.a.all(x, !(x in data.b))").await;
+        let why = wait_ready_reason(&client, &a, &quadratic, "False", "FilterInvalid").await;
+        assert!(
+            why.contains("uses data") && why.contains("linear"),
+            "the refusal names the rule: {why}"
+        );
+        let linear_rx = counting_webhook(&client, &a, &linear, SECRET).await;
+        set_filter(&webhooks, &linear, "data.a.all(x, x >= 0) && 5 in data.b").await;
+        // Ready again once the filtered spec is reconciled (generation 2).
+        eventually(
+            "the linear filter reconciled",
+            Duration::from_secs(60),
+            || async {
+                let w = webhooks.get(&linear).await.ok()?;
+                let status = w.status?;
+                (status.observed_generation == w.metadata.generation).then_some(())
+            },
+        )
+        .await;
+        wait_ready(&webhooks, &linear).await;
+        let other_rx = counting_webhook(&client, &b, &format!("other-{suffix}"), SECRET).await;
+
+        let posted = Instant::now();
+        op.post_event(&a, "document.completed", large.clone()).await;
+        let large_accepted = posted.elapsed();
+        let other_posted = Instant::now();
+        op.post_event(&b, "document.completed", json!({"document_id": 1}))
+            .await;
+        delivered(&other_rx, "the other namespace's event").await;
+        let other = other_posted.elapsed();
+        delivered(&linear_rx, "the large event through the linear filter").await;
+        let large_delivered = posted.elapsed();
+        // Whatever the refused Webhook would have got is sent by now.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let refused_got = quadratic_rx.counts().1;
+        println!(
+            "FIGURES tenants::quadratic_filter mode={suffix} event_kb={} large_accepted_ms={} other_namespace_delivered_ms={} (from its post) large_delivered_ms={} refused_webhook_requests={refused_got}",
+            large.to_string().len() / 1024,
+            large_accepted.as_millis(),
+            other.as_millis(),
+            large_delivered.as_millis(),
+        );
+        assert_eq!(
+            refused_got, 0,
+            "{suffix}: the refused filter's Webhook got the event"
+        );
+        // Generous: the point is seconds, not the minute a quadratic filter took.
+        assert!(
+            other < Duration::from_secs(10),
+            "{suffix}: the other namespace's event took {other:?}"
+        );
+        op.op.stop().await;
+    }
+}
