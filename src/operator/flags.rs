@@ -6,10 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Args;
 use ipnet::IpNet;
 
-use crate::{
-    delivery::{self},
-    http,
-};
+use crate::http;
 
 /// Flags of `hookrelay run`; each also reads an environment variable.
 #[derive(Args, Clone, Debug)]
@@ -233,34 +230,36 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
 
-    /// TEST SEAM, never for production (hidden from --help): FROM=TO pairs, FROM an IP address
-    /// or CIDR range, TO an IP address; a delivery the egress policy allowed to an address FROM
-    /// covers connects to TO instead (tests map a
-    /// Service's ClusterIP onto a loopback receiver, as there is no kube-proxy there). The
-    /// operator logs a warning at start while it is set.
-    #[arg(
+    /// TEST SEAM, never for production (hidden from --help, and absent from release builds):
+    /// FROM=TO pairs, FROM an IP address or CIDR range, TO an IP address; a delivery the egress
+    /// policy allowed to an address FROM covers connects to TO instead (tests map a Service's
+    /// ClusterIP onto a loopback receiver, as there is no kube-proxy there). The operator logs
+    /// a warning at start while it is set.
+    #[cfg_attr(not(debug_assertions), arg(skip))]
+    #[cfg_attr(debug_assertions, arg(
         long = "test-address-map",
         env = "HOOKRELAY_TEST_ADDRESS_MAP",
         value_delimiter = ',',
         value_name = "FROM=TO",
-        value_parser = delivery::AddressMap::parse_pair,
+        value_parser = crate::delivery::AddressMap::parse_pair,
         hide = true
-    )]
+    ))]
     pub test_address_map: Vec<(IpNet, std::net::IpAddr)>,
 
-    /// TEST SEAM, never for production (hidden from --help): NAME=IP pairs (repeatable, a name
-    /// several times for several addresses); deliveries resolve NAME to IP instead of asking
-    /// the system resolver, and the egress policy judges IP as any resolved address (tests
-    /// make a name resolve to a blocked address at connect time, without DNS). The operator
-    /// logs a warning at start while it is set.
-    #[arg(
+    /// TEST SEAM, never for production (hidden from --help, and absent from release builds):
+    /// NAME=IP pairs (repeatable, a name several times for several addresses); deliveries
+    /// resolve NAME to IP instead of asking the system resolver, and the egress policy judges
+    /// IP as any resolved address (tests make a name resolve to a blocked address at connect
+    /// time, without DNS). The operator logs a warning at start while it is set.
+    #[cfg_attr(not(debug_assertions), arg(skip))]
+    #[cfg_attr(debug_assertions, arg(
         long = "test-resolve",
         env = "HOOKRELAY_TEST_RESOLVE",
         value_delimiter = ',',
         value_name = "NAME=IP",
-        value_parser = delivery::TestNames::parse_pair,
+        value_parser = crate::delivery::TestNames::parse_pair,
         hide = true
-    )]
+    ))]
     pub test_resolve: Vec<(String, std::net::IpAddr)>,
 }
 
@@ -314,6 +313,10 @@ impl RunArgs {
         }
     }
 }
+
+/// The environment variables of the test seams: a release build, which has no test seams,
+/// refuses to start while one is set rather than ignore it.
+pub const TEST_SEAM_VARIABLES: [&str; 2] = ["HOOKRELAY_TEST_ADDRESS_MAP", "HOOKRELAY_TEST_RESOLVE"];
 
 /// The longest retention or hold accepted: timers (tokio's wheel, `DelayQueue`) hold about two
 /// years, and a longer value is a typo more often than a plan.

@@ -11,7 +11,7 @@ mod flags;
 mod supervise;
 mod tasks;
 
-pub use flags::{MAX_PERIOD, RunArgs, parse_period, parse_size};
+pub use flags::{MAX_PERIOD, RunArgs, TEST_SEAM_VARIABLES, parse_period, parse_size};
 pub use supervise::{Essential, IntoTaskResult, supervise};
 use tasks::{deliver_document_events, publish_leadership, serial_lane, start_election};
 
@@ -33,6 +33,10 @@ pub enum Error {
         "the {crd} CRD is not installed: install crds/ (kubectl apply --server-side -f crds/) or the Helm chart first"
     )]
     CrdMissing { crd: String },
+    #[error(
+        "{variable} is set, but it is a test seam and this is a release build, which has none: unset it"
+    )]
+    TestSeamInRelease { variable: &'static str },
     #[error("cannot reach the Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error(
@@ -586,6 +590,13 @@ fn check_flags(args: &RunArgs) -> Result<(), Error> {
             renew: args.renew_deadline,
             lease: args.lease_duration,
         });
+    }
+    if !cfg!(debug_assertions)
+        && let Some(variable) = TEST_SEAM_VARIABLES
+            .into_iter()
+            .find(|v| std::env::var_os(v).is_some())
+    {
+        return Err(Error::TestSeamInRelease { variable });
     }
     Ok(())
 }

@@ -109,3 +109,67 @@ async fn a_filter_costing_the_square_of_the_event_is_refused_and_stalls_no_other
         op.op.stop().await;
     }
 }
+
+/// The release binary, as `hack/test.sh` builds it (`cargo build --release`) before the tests.
+fn release_binary() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::support::repo_root().join("target"));
+    let binary = target.join("release/hookrelay");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it with cargo build --release (hack/test.sh does)",
+        binary.display()
+    );
+    binary
+}
+
+/// The test seams (`--test-address-map`, `--test-resolve`: connect or resolve elsewhere than
+/// the egress policy judged) are in debug builds only, where the tests use them: the release
+/// binary has no such flags, and refuses to start while their environment variables are set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_binary_has_no_test_seams() {
+    let cp = control_plane();
+    let ns = cp.namespace("no-seams").await;
+    let binary = release_binary();
+    // (exited successfully, its output); a binary still running after 20 s took the seam.
+    let run = async |args: &[&str], env: &[(&str, &str)]| {
+        let child = tokio::process::Command::new(&binary)
+            .arg("run")
+            .args(["--namespace", &ns, "--metrics-addr", "127.0.0.1:0"])
+            .args(["--listen-addr", "127.0.0.1:0"])
+            .args(args)
+            .env("KUBECONFIG", &cp.kubeconfig)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the release binary runs");
+        match tokio::time::timeout(Duration::from_secs(20), child.wait_with_output()).await {
+            Ok(out) => {
+                let out = out.expect("its output");
+                let text = String::from_utf8_lossy(&out.stderr).to_string()
+                    + &String::from_utf8_lossy(&out.stdout);
+                (out.status.success(), text)
+            }
+            Err(_) => (true, "still running after 20 s".into()),
+        }
+    };
+    for flag in ["--test-address-map", "--test-resolve"] {
+        let (ok, text) = run(&[flag, "0.0.0.0/0=127.0.0.1"], &[]).await;
+        assert!(!ok, "{flag} was accepted: {text}");
+        assert!(
+            text.contains(&format!("unexpected argument '{flag}'")),
+            "{flag}: {text}"
+        );
+    }
+    for variable in hookrelay::operator::TEST_SEAM_VARIABLES {
+        let (ok, text) = run(&[], &[(variable, "0.0.0.0/0=127.0.0.1")]).await;
+        assert!(!ok, "{variable} was ignored: {text}");
+        assert!(
+            text.contains(&format!("{variable} is set, but it is a test seam")),
+            "{variable}: {text}"
+        );
+    }
+}
