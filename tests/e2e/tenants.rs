@@ -173,3 +173,26 @@ async fn the_release_binary_has_no_test_seams() {
         );
     }
 }
+
+/// A `--nats-url` with credentials (`nats://user:password@host`) that cannot be reached: the
+/// error that stops the operator names the server without the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_password_in_the_url_stays_out_of_the_connect_error() {
+    let cp = control_plane();
+    let ns = cp.namespace("nats-password").await;
+    let port = crate::support::free_port();
+    let mut args =
+        crate::support::ingest_args(&[&ns], hookrelay::http::IngestMode::JetStream, None);
+    args.nats_url = Some(format!(
+        "nats://hookrelay:s3cret-nats-password@127.0.0.1:{port}"
+    ));
+    let error = crate::support::InProcess::start_error(cp.config().await, args).await;
+    assert!(
+        error.contains("cannot connect to NATS") && error.contains(&format!("127.0.0.1:{port}")),
+        "{error}"
+    );
+    assert!(
+        !error.contains("s3cret"),
+        "the password is in the error: {error}"
+    );
+}

@@ -100,6 +100,8 @@ use async_nats::jetstream::{
     consumer::{AckPolicy, pull},
 };
 
+use crate::delivery::redact_url;
+
 /// Subjects of ingested events: `hookrelay.events.<namespace>`.
 pub const EVENTS_SUBJECT: &str = "hookrelay.events";
 /// Subjects of work items: `hookrelay.deliveries.<namespace>.<webhook>`.
@@ -255,6 +257,14 @@ pub struct Bus {
     pub room: Arc<StreamRoom>,
 }
 
+/// `--nats-url` (servers separated by commas) as it may be shown: without credentials.
+fn redacted_servers(url: &str) -> String {
+    url.split(',')
+        .map(|server| redact_url(server.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Connects and creates (or updates) the stream and both durable consumers.
 pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
     let mut options = async_nats::ConnectOptions::new().name("hookrelay");
@@ -277,13 +287,17 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
     }
-    let client = options
-        .connect(config.url.as_str())
-        .await
-        .map_err(|e| BusError::Connect {
-            url: config.url.clone(),
-            why: e.to_string(),
-        })?;
+    let client = options.connect(config.url.as_str()).await.map_err(|e| {
+        let mut why = e.to_string();
+        // Credentials in the URL (nats://user:password@host) stay out of the error.
+        for server in config.url.split(',') {
+            why = why.replace(server.trim(), &redact_url(server.trim()));
+        }
+        BusError::Connect {
+            url: redacted_servers(&config.url),
+            why,
+        }
+    })?;
     let context = jetstream::new(client);
     let setup = |what: &str, e: &dyn std::fmt::Display| BusError::Setup {
         what: what.to_owned(),
@@ -329,4 +343,18 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
         recorder,
         room: Arc::default(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nats_urls_are_shown_without_their_credentials() {
+        assert_eq!(
+            redacted_servers("nats://hookrelay:s3cret@nats-0:4222, nats://nats-1:4222"),
+            "nats://***@nats-0:4222,nats://nats-1:4222"
+        );
+        assert_eq!(redacted_servers("nats://nats:4222"), "nats://nats:4222");
+    }
 }
