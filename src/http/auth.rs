@@ -5,6 +5,7 @@
 //! the operator's share of the API server (API Priority and Fairness) that its watches need.
 
 use std::{
+    num::NonZeroU32,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -35,6 +36,11 @@ const KNOWN_TTL: Duration = Duration::from_secs(600);
 const MAX_CACHED: u64 = 10_000;
 /// How long a request waits for a review slot before it is told to come back.
 const REVIEW_SLOT_WAIT: Duration = Duration::from_millis(500);
+/// Access reviews one identity may cause that no cached answer spares, in a burst ...
+const IDENTITY_REVIEW_BURST: u32 = 40;
+/// ... and then per second: a caller spraying ever-new namespaces (or verbs) cannot take the
+/// review slots every other caller shares.
+const IDENTITY_REVIEWS_PER_SECOND: u32 = 10;
 /// How long a review waits for the API server. One that does not answer (paused, partitioned)
 /// gets the request a 503 saying so, well before --request-timeout's 408 (which blames the
 /// client), and frees its review slot.
@@ -132,8 +138,12 @@ pub struct KubeAuth {
     known_caller_reviews: Semaphore,
     /// sha256 of tokens seen valid in the last [`KNOWN_TTL`].
     known_tokens: Cache<[u8; 32], ()>,
+    /// Uncached access reviews per identity (username).
+    review_budget: governor::DefaultKeyedRateLimiter<String>,
     /// TokenReviews sent, for tests and the curious.
     token_reviews: AtomicU64,
+    /// SubjectAccessReviews sent.
+    access_reviews: AtomicU64,
 }
 
 impl Authorizer {
@@ -153,7 +163,14 @@ impl Authorizer {
                     .max_capacity(MAX_CACHED)
                     .time_to_live(KNOWN_TTL)
                     .build(),
+                review_budget: governor::RateLimiter::keyed(
+                    governor::Quota::per_second(
+                        NonZeroU32::new(IDENTITY_REVIEWS_PER_SECOND).expect("not zero"),
+                    )
+                    .allow_burst(NonZeroU32::new(IDENTITY_REVIEW_BURST).expect("not zero")),
+                ),
                 token_reviews: AtomicU64::new(0),
+                access_reviews: AtomicU64::new(0),
             })),
             watched: Arc::new([]),
         }
@@ -183,6 +200,13 @@ impl Authorizer {
         self.kube
             .as_ref()
             .map_or(0, |k| k.token_reviews.load(Ordering::Relaxed))
+    }
+
+    /// SubjectAccessReviews sent, for tests and the curious.
+    pub fn access_reviews(&self) -> u64 {
+        self.kube
+            .as_ref()
+            .map_or(0, |k| k.access_reviews.load(Ordering::Relaxed))
     }
 
     /// Who is calling; 401 without a valid bearer token.
@@ -308,6 +332,29 @@ impl KubeAuth {
         }
     }
 
+    /// 429 + Retry-After when `identity` has used its budget of uncached access reviews.
+    fn within_review_budget(&self, identity: &str) -> Result<(), ApiError> {
+        // Keyed by the identities that asked lately; the idle ones are dropped now and then.
+        if self.review_budget.len() > MAX_CACHED as usize {
+            self.review_budget.retain_recent();
+        }
+        let Err(not_until) = self.review_budget.check_key(&identity.to_owned()) else {
+            return Ok(());
+        };
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        let mut error = ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_reviews",
+            format!(
+                "{identity} asked about too many namespaces or actions at once ({IDENTITY_REVIEW_BURST}, then {IDENTITY_REVIEWS_PER_SECOND} a second, not answered from the cache); retry later"
+            ),
+        );
+        error.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+        Err(error)
+    }
+
     /// A slot for one review, or 503 + Retry-After when too many are in flight.
     async fn review_slot<'a>(&self, slots: &'a Semaphore) -> Result<SemaphorePermit<'a>, ApiError> {
         match tokio::time::timeout(REVIEW_SLOT_WAIT, slots.acquire()).await {
@@ -382,7 +429,9 @@ impl KubeAuth {
             namespace.to_owned(),
         );
         let review = async {
+            self.within_review_budget(&caller.username)?;
             let _slot = self.review_slot(&self.known_caller_reviews).await?;
+            self.access_reviews.fetch_add(1, Ordering::Relaxed);
             let review = SubjectAccessReview {
                 spec: SubjectAccessReviewSpec {
                     user: Some(caller.username.clone()),

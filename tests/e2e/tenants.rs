@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use hookrelay::crd::Webhook;
 use kube::{
     Api,
@@ -195,4 +196,93 @@ async fn a_nats_password_in_the_url_stays_out_of_the_connect_error() {
         !error.contains("s3cret"),
         "the password is in the error: {error}"
     );
+}
+
+/// With every namespace served (no `--namespace`), one valid token asking about 1,000
+/// namespaces that do not exist, 50 at a time, while another caller lists its Webhooks: each
+/// uncached answer is a SubjectAccessReview taking a slot every caller shares. The sprayer's
+/// reviews stop at its budget (429 after it), and the other caller is served throughout. On a
+/// control plane of its own, as the operator watches every namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_spraying_namespaces_costs_another_caller_nothing() {
+    let _serial = crate::support::OWN_CONTROL_PLANES.lock().await;
+    let cp = crate::support::OwnControlPlane::start("review-spray").await;
+    let (sprayer_ns, tenant_ns) = (cp.namespace("sprayer").await, cp.namespace("tenant").await);
+    let sprayer = cp.hookrelay_token(&sprayer_ns, "sprayer").await;
+    let tenant = cp.hookrelay_token(&tenant_ns, "tenant").await;
+    let mut args = crate::support::local_args(&[]);
+    args.ingest_mode = hookrelay::http::IngestMode::Direct;
+    let op = crate::support::InProcess::start_with(cp.config().await, args).await;
+    let api = op.op.listen_addr;
+    let list = format!("/api/webhooks?namespace={tenant_ns}");
+    let reviews_before = op.op.auth.access_reviews();
+
+    // One client each (building a client per request costs the test's runtime, which the
+    // in-process operator shares, more than the requests themselves).
+    let get = |http: reqwest::Client, path: String, token: String| async move {
+        let response = http
+            .get(format!("http://{api}{path}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("the API answers");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    };
+    let (sprayer_http, tenant_http) = (reqwest::Client::new(), reqwest::Client::new());
+    let started = Instant::now();
+    let spray = futures::stream::iter(0..1000)
+        .map(|i| {
+            let path = format!("/api/webhooks?namespace=sprayed-{i}");
+            let call = get(sprayer_http.clone(), path, sprayer.clone());
+            async move { call.await.0 }
+        })
+        .buffer_unordered(50)
+        .collect::<Vec<_>>();
+    let tenant_calls = futures::stream::iter(0..20)
+        .then(|_| {
+            let call = get(tenant_http.clone(), list.clone(), tenant.clone());
+            async move {
+                let sent = Instant::now();
+                let (status, body) = call.await;
+                (status, body, sent.elapsed())
+            }
+        })
+        .collect::<Vec<_>>();
+    let (spray, tenant_calls) = tokio::join!(spray, tenant_calls);
+    let took = started.elapsed();
+    let reviews = op.op.auth.access_reviews() - reviews_before;
+    let count = |code: u16| spray.iter().filter(|s| **s == code).count();
+    let slowest = tenant_calls
+        .iter()
+        .map(|(_, _, t)| *t)
+        .max()
+        .unwrap_or_default();
+    let latencies: Vec<u128> = tenant_calls.iter().map(|(_, _, t)| t.as_millis()).collect();
+    println!("tenant latencies ms: {latencies:?}");
+    println!(
+        "FIGURES tenants::review_spray sprayed=1000 forbidden={} too_many={} unavailable={} access_reviews={reviews} tenant_ok={} tenant_slowest_ms={} took_ms={}",
+        count(403),
+        count(429),
+        count(503),
+        tenant_calls.iter().filter(|(s, _, _)| *s == 200).count(),
+        slowest.as_millis(),
+        took.as_millis(),
+    );
+    for (status, body, _) in &tenant_calls {
+        assert_eq!(*status, 200, "the other caller during the spray: {body}");
+    }
+    assert_eq!(
+        count(403) + count(429),
+        1000,
+        "every sprayed namespace is refused"
+    );
+    // The burst (40), what refills while the spray lasts (10 a second), and the other
+    // caller's own few: far from one review per sprayed namespace.
+    let budget = 40 + 10 * (took.as_secs() + 1) + 5;
+    assert!(
+        reviews <= budget,
+        "{reviews} reviews, at most {budget} expected"
+    );
+    op.stop().await;
 }

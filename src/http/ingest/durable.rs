@@ -7,8 +7,9 @@ use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 
 use super::{
-    CONTENT_ANNOTATION, DURABLE_KEY_LIFETIME, IDEMPOTENCY_KEY_ANNOTATION, IngestEvent, fingerprint,
-    idempotency_conflict, keyed_event_name, out_of_time, partly_stored, store_deadline,
+    CONTENT_ANNOTATION, DURABLE_KEY_LIFETIME, IDEMPOTENCY_KEY_ANNOTATION, IngestEvent,
+    OUTCOME_UNKNOWN, fingerprint, idempotency_conflict, keyed_event_name, out_of_time,
+    partly_stored, store_deadline,
 };
 use crate::{
     crd::{ACCEPTED_AT_ANNOTATION, DocumentEvent, DocumentEventSpec},
@@ -60,6 +61,7 @@ pub(super) async fn durable(
         .await;
     let mut stored = Vec::new();
     let mut not_stored = Vec::new();
+    let mut unknown = Vec::new();
     let mut first_error = None;
     let mut duplicates = Vec::new();
     let mut names = Vec::new();
@@ -73,13 +75,18 @@ pub(super) async fn durable(
                 names.push(s.name);
             }
             Err(e) => {
-                not_stored.push(index);
+                if e.code == OUTCOME_UNKNOWN {
+                    unknown.push(index);
+                } else {
+                    not_stored.push(index);
+                }
                 first_error.get_or_insert(e);
             }
         }
     }
     if let Some(error) = first_error {
-        return Err(partly_stored(error, stored, not_stored, total, keyed));
+        let error = partly_stored(error, stored, not_stored, unknown, total, keyed);
+        return Err(error);
     }
     let mut reply = json!({
         "mode": "durable",
@@ -104,11 +111,15 @@ fn api_server_wait(request_timeout: std::time::Duration) -> std::time::Duration 
 }
 
 fn api_server_silent(wait: std::time::Duration) -> ApiError {
-    let mut error = ApiError::unavailable(format!(
-        "the Kubernetes API server did not answer within {}s, so an event may have been stored \
-         all the same",
-        wait.as_secs_f64()
-    ));
+    let mut error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        OUTCOME_UNKNOWN,
+        format!(
+            "the Kubernetes API server did not answer within {}s, so an event may have been \
+             stored all the same",
+            wait.as_secs_f64()
+        ),
+    );
     error.retry_after = Some(1);
     error
 }
@@ -238,6 +249,7 @@ mod tests {
         );
         let error = api_server_silent(Duration::from_secs(10));
         assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error.code, OUTCOME_UNKNOWN);
         assert_eq!(error.retry_after, Some(1));
     }
 }

@@ -13,7 +13,8 @@ use axum::{Json, http::StatusCode};
 use serde_json::{Value, json};
 
 use super::{
-    IngestEvent, fingerprint, idempotency_conflict, out_of_time, partly_stored, store_deadline,
+    IngestEvent, OUTCOME_UNKNOWN, fingerprint, idempotency_conflict, out_of_time, partly_stored,
+    store_deadline,
 };
 use crate::{
     delivery::jetstream::{
@@ -120,6 +121,8 @@ pub(super) async fn jetstream(
             None => Err(out_of_time()),
             Some(Err(e)) => Err(not_stored(&e)),
             Some(Ok(ack)) => match ack.await {
+                // Sent, but not confirmed: it may be in the stream.
+                Err(e) if !is_full(&e) => Err(unconfirmed(&e)),
                 Err(e) => Err(not_stored(&e)),
                 Ok(ack) if ack.duplicate => match same_content(bus, ack.sequence, &content).await {
                     Ok(true) => Ok(Published::Duplicate { id }),
@@ -133,6 +136,7 @@ pub(super) async fn jetstream(
     }
     let mut stored = Vec::new();
     let mut not_stored = Vec::new();
+    let mut unknown = Vec::new();
     let mut duplicates = Vec::new();
     let mut ids = Vec::new();
     let mut first_error = None;
@@ -148,13 +152,18 @@ pub(super) async fn jetstream(
                 ids.push(id);
             }
             Err(e) => {
-                not_stored.push(index);
+                if e.code == OUTCOME_UNKNOWN {
+                    unknown.push(index);
+                } else {
+                    not_stored.push(index);
+                }
                 first_error.get_or_insert(e);
             }
         }
     }
     if let Some(error) = first_error {
-        return Err(partly_stored(error, stored, not_stored, total, keyed));
+        let error = partly_stored(error, stored, not_stored, unknown, total, keyed);
+        return Err(error);
     }
     let mut reply = json!({
         "mode": "jetstream",
@@ -197,6 +206,20 @@ fn header_bytes(headers: &async_nats::HeaderMap) -> usize {
                 .sum::<usize>()
         })
         .sum()
+}
+
+/// A publish JetStream did not confirm (its answer did not come, the connection broke): the
+/// event may be in the stream.
+fn unconfirmed(e: &async_nats::jetstream::context::PublishError) -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        OUTCOME_UNKNOWN,
+        format!(
+            "JetStream did not confirm the event ({e}), so it may have been stored all the same"
+        ),
+    );
+    error.retry_after = Some(1);
+    error
 }
 
 /// Why a publish was not stored: the stream is full (503 `jetstream_full`), or JetStream did

@@ -325,11 +325,20 @@ pub(super) fn partly_stored(
     mut error: ApiError,
     stored: Vec<Value>,
     not_stored: Vec<usize>,
+    unknown: Vec<usize>,
     total: usize,
     keyed: bool,
 ) -> ApiError {
+    let unknown_note = if unknown.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; whether the {} in \"unknown\" were stored is not known (no answer came in time): they may be delivered, so send them again only with an \"id\"",
+            unknown.len()
+        )
+    };
     error.message = format!(
-        "{}; {} of {total} events were stored (\"stored\"), retry only those in \"not_stored\"{}",
+        "{}; {} of {total} events were stored (\"stored\"), retry only those in \"not_stored\"{}{unknown_note}",
         error.message,
         stored.len(),
         if keyed {
@@ -338,8 +347,13 @@ pub(super) fn partly_stored(
             " (or give each event an \"id\", so that a whole request can be retried safely)"
         }
     );
-    error.with_details(serde_json::json!({"stored": stored, "not_stored": not_stored}))
+    error.with_details(
+        serde_json::json!({"stored": stored, "not_stored": not_stored, "unknown": unknown}),
+    )
 }
+
+/// The code of a store whose answer did not come in time: the event may have been stored.
+pub(super) const OUTCOME_UNKNOWN: &str = "outcome_unknown";
 
 #[cfg(test)]
 mod tests {
