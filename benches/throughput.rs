@@ -1,5 +1,5 @@
 //! Events per second and latency end to end through `POST /api/events`, each next to a ceiling
-//! measured in the same run (issue 10, "Benchmark harness").
+//! measured in the same run.
 //!
 //! - One load generator (16 keep-alive connections by default) posts seed-shaped bodies, one
 //!   event per request, each with a unique `data.seq`.
@@ -718,7 +718,7 @@ fn print_throughput_table(figures: &[Figure]) {
 }
 
 /// Fan-out, N Webhooks, status patches and the operator's CPU and memory: one line each, with
-/// the same-run ceiling it compares with and issue 10's target.
+/// the same-run ceiling it compares with and the target set for it.
 fn print_second_table(
     fanout: &[fanout::FanoutFigure],
     sync: Option<&webhooks::SyncFigure>,

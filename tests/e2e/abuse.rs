@@ -1,9 +1,9 @@
-//! Client-side abuse of the API, measured while it happens (issue 12): the real binary with
+//! Client-side abuse of the API, measured while it happens: the real binary with
 //! authentication on, a legitimate tenant polling and posting through the abuse, /readyz and
 //! the process's RSS sampled throughout. api_hardening.rs proves each limit exists; these
 //! tests prove the operator keeps serving while a client leans on them.
 //!
-//! Each test prints one `FIGURES` line (common to issue 12's fault tests). Memory is the VmRSS
+//! Each test prints one `FIGURES` line (common to the fault tests). Memory is the VmRSS
 //! of the debug binary (`build=debug`).
 
 use std::{

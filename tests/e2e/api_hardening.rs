@@ -1,5 +1,5 @@
-//! The HTTP surface under hostile or careless clients (issue 8, items 1-5, 7, 8 and the /test
-//! rate limit of 19), against the real API server with real tokens.
+//! The HTTP surface under hostile or careless clients (body limits, timeouts, JSON errors,
+//! review caches and the /test rate limit), against the real API server with real tokens.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

@@ -325,7 +325,7 @@ async fn a_failing_endpoint_gets_retries_with_the_same_id_and_growing_gaps() {
     );
 }
 
-// Issue 10: the same retries whatever the ingest mode, events posted to /api/events. Direct
+// The same retries whatever the ingest mode, events posted to /api/events. Direct
 // mode records no DocumentEvent, so what every mode shows is the receiver and the Webhook's
 // history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -600,7 +600,7 @@ async fn history(
         .collect()
 }
 
-// Issue 10: the seed's receivers verify every delivery whatever the ingest mode, the seed's
+// The contract's receivers verify every delivery whatever the ingest mode, the contract's
 // payloads posted to /api/events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_receivers_verify_every_delivery_in_every_ingest_mode() {
@@ -739,7 +739,7 @@ async fn seed_receivers_verify_every_delivery_in_every_ingest_mode() {
     }
 }
 
-// Issue 10: the same isolation whatever the ingest mode, events posted to /api/events.
+// The same isolation whatever the ingest mode, events posted to /api/events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_endpoint_does_not_delay_another_in_every_ingest_mode() {
     let cp = control_plane();
@@ -796,7 +796,7 @@ async fn a_dead_endpoint_does_not_delay_another_in_every_ingest_mode() {
     }
 }
 
-// Issue 10: holds and 410 whatever the ingest mode, events posted to /api/events. Direct mode
+// Holds and 410 whatever the ingest mode, events posted to /api/events. Direct mode
 // records no DocumentEvent: what every mode shows is the receivers and the Webhook's history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_webhooks_hold_deliveries_and_gone_endpoints_stop_them_in_every_ingest_mode() {

@@ -32,7 +32,7 @@ const STREAM_EVENTS: usize = 300;
 const PACE: Duration = Duration::from_millis(100);
 /// Events created after the restart, for the Webhook created after it too.
 const AFTER_EVENTS: usize = 20;
-/// How long the kube-apiserver or etcd stays down (the figure).
+/// How long the kube-apiserver or etcd stays down.
 const DOWN_FOR: Duration = Duration::from_secs(10);
 /// The quiet window after catching up in which status patches and API requests are counted.
 const QUIET_WINDOW: Duration = Duration::from_secs(20);
@@ -184,7 +184,7 @@ async fn restart_mid_stream(test: &str, restart: Restart) {
         Restart::Etcd => cp.stop_etcd().await,
     }
     let at_fault = receiver.counts().0;
-    // The fault's length (the 10 s), not a synchronisation.
+    // The fault's length (10 s), not a synchronisation.
     tokio::time::sleep(DOWN_FOR).await;
     match restart {
         Restart::ApiServer => cp.start_apiserver().await,
@@ -295,7 +295,7 @@ async fn etcd_restart_mid_stream_loses_nothing() {
     restart_mid_stream("etcd_restart_mid_stream_loses_nothing", Restart::Etcd).await
 }
 
-/// How long the kube-apiserver is unreachable (the figure).
+/// How long the kube-apiserver is unreachable.
 const PAUSED_FOR: Duration = Duration::from_secs(30);
 /// Direct-mode requests of [`BATCH`] events posted before, during and after the pause.
 const REQUESTS_EACH: usize = 10;

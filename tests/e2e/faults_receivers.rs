@@ -1,4 +1,4 @@
-//! Issue 12, receiver faults: a receiver down for a minute, one that never answers, one that
+//! Receiver faults: a receiver down for a minute, one that never answers, one that
 //! trickles its answer, one answering 10 MB, one sending endless headers; and the JetStream
 //! server restarted mid-stream. Receivers that must misbehave below HTTP are raw TCP listeners
 //! on 127.0.0.1. Each test prints one `FIGURES` line (stderr) for RELIABILITY.md.

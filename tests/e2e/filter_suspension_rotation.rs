@@ -1,4 +1,4 @@
-//! Issue 11's control features: `spec.filter`, suspension after prolonged failure (and
+//! Control features: `spec.filter`, suspension after prolonged failure (and
 //! resume), and secret rotation through the API.
 
 use std::{

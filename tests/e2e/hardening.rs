@@ -1,7 +1,6 @@
-//! The hardening of issue 8 as a user sees it, against the real API server: signing Secrets
-//! opt in (item 6), a per-namespace cap on attempts in flight (12), routes re-read once the
-//! slots are had (13), held deliveries that end (16), flags and SIGTERM (17), and no secrets
-//! in text (19).
+//! Hardening as a user sees it, against the real API server: signing Secrets opt in, a
+//! per-namespace cap on attempts in flight, routes re-read once the slots are had, held
+//! deliveries that end, flags and SIGTERM, and no secrets in text.
 
 use std::time::Duration;
 
@@ -195,7 +194,7 @@ async fn only_secrets_labelled_for_signing_sign_and_the_upgrade_warning_comes_on
 }
 
 // Item 12: a namespace whose endpoints never answer holds at most its share of the slots, and
-// another namespace's events all go out meanwhile. Issue 10: the same in jetstream mode, where
+// another namespace's events all go out meanwhile. The same in jetstream mode, where
 // the tarpit namespace also has a paused Webhook with many held deliveries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_of_dead_endpoints_cannot_take_every_slot() {

@@ -178,7 +178,7 @@ async fn a_jetstream_delivery_is_retried_through_the_stream_with_one_delivery_id
     op.stop().await;
 }
 
-// Fairness (issue 10): held deliveries are parked in the stream, not kept in the consumer's
+// Fairness: held deliveries are parked in the stream, not kept in the consumer's
 // pending, so a paused Webhook with more of them than max_ack_pending does not stop the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_webhook_holding_more_than_max_ack_pending_does_not_stop_the_others() {
@@ -299,7 +299,7 @@ async fn a_killed_jetstream_operator_loses_no_event() {
     );
 }
 
-/// Issue 10: "with two replicas, each delivers a share" and "The Webhook status stays correct
+/// "With two replicas, each delivers a share" and "The Webhook status stays correct
 /// and bounded in patches when several replicas deliver". Two replicas (leader election on)
 /// share 200 deliveries, each making some; every attempt, the
 /// follower's included, is counted in the Webhook's `deliveryStats` and the newest are in

@@ -1,7 +1,7 @@
 //! Leader election with two operator processes: the standby serves the API but does not deliver;
 //! when the leader is killed (SIGKILL) or stopped (SIGTERM) during a stream of DocumentEvents,
 //! none is lost and the standby takes over. The figures are printed (README, "Several
-//! replicas"); the bounds asserted are the issue's: lease duration + retry period (+ margin)
+//! replicas"); the bounds asserted are those of leader election: lease duration + retry period (+ margin)
 //! after a kill, retry period (+ margin) after a SIGTERM, which releases the Lease.
 
 use std::time::{Duration, Instant};
@@ -213,7 +213,7 @@ async fn handover(stop: Stop) -> Figures {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_loses_no_event_and_the_standby_takes_over_after_the_lease() {
     let figures = handover(Stop::Kill).await;
-    // The common FIGURES line (issue 12, RELIABILITY.md): recover_s is the stop to the
+    // The common FIGURES line (RELIABILITY.md): recover_s is the stop to the
     // standby's first delivery.
     eprintln!(
         "FIGURES killing_the_leader_loses_no_event_and_the_standby_takes_over_after_the_lease: sent={EVENTS} delivered={} duplicates={} lost={} recover_s={:.1} delivered_before_kill={} build=debug",
@@ -224,7 +224,7 @@ async fn killing_the_leader_loses_no_event_and_the_standby_takes_over_after_the_
         figures.delivered_before
     );
     assert_eq!(figures.delivered, EVENTS);
-    // A bound of the election itself (the issue's), not a performance target.
+    // A bound of the election itself, not a performance target.
     assert!(
         figures.takeover <= LEASE + RETRY + MARGIN,
         "took {:?}, more than lease duration + retry period + {MARGIN:?}",

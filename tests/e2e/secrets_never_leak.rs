@@ -1,4 +1,4 @@
-//! Issue 12, "Secrets never leak": a full flow against the real binary (auth on, every crate
+//! Secrets never leak: a full flow against the real binary (auth on, every crate
 //! logging at debug), then a search of everything the operator wrote for the secret values.
 //!
 //! The corpus is the operator's whole log, the namespace's Kubernetes Events, every Webhook and

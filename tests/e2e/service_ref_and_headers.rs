@@ -1,4 +1,4 @@
-//! Issue 11, endpoint features: `spec.serviceRef` (a Service of the Webhook's namespace, its
+//! Endpoint features: `spec.serviceRef` (a Service of the Webhook's namespace, its
 //! exact ClusterIP allowed through the egress policy) and `spec.headers` / `spec.headersFrom`.
 //!
 //! There is no kube-proxy here: the operator runs with the `--test-address-map` test seam

@@ -1,4 +1,4 @@
-//! Issue 12, "SSRF table, end to end": every spelling of a blocked address is refused, each with
+//! SSRF, end to end: every spelling of a blocked address is refused, each with
 //! its reason in the Webhook's status, and a loopback receiver (the canary) sees no request.
 //!
 //! The operator runs as in production for loopback (no `--allow-cidr 127.0.0.0/8`), with

@@ -1,4 +1,4 @@
-//! The REST endpoints the web page needs (issue 13): the watched namespaces, a DocumentEvent by
+//! The REST endpoints the web page needs: the watched namespaces, a DocumentEvent by
 //! name, and the extra fields of Webhooks and deliveries, against the real API server with
 //! real tokens.
 

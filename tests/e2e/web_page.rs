@@ -1,4 +1,4 @@
-//! The delivery log page (issue 13) in a real browser: headless Debian chromium driven by
+//! The delivery log page in a real browser: headless Debian chromium driven by
 //! tests/browser/page.py (Playwright for Python), against the operator on the real API server.
 //! `hack/browser.sh` installs the browser, the venv and axe-core.
 
