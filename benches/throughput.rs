@@ -1,7 +1,7 @@
 //! Events per second and latency end to end through `POST /api/events`, each next to a ceiling
 //! measured in the same run.
 //!
-//! - One load generator (16 keep-alive connections by default) posts seed-shaped bodies, one
+//! - One load generator (16 keep-alive connections by default) posts contract-shaped bodies, one
 //!   event per request, each with a unique `data.seq`.
 //! - One in-process receiver verifies the `X-Webhook-Signature` of every request (HMAC-SHA256 of
 //!   the raw body with the Webhook's secret) and records when each `seq` arrived.
@@ -73,7 +73,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// The seed's `document.completed` event with a sequence number in its data.
+/// The document-processing contract's `document.completed` event with a sequence number in its data.
 fn event_body(seq: u64) -> String {
     format!(
         r#"{{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{{"document_id":123,"filename":"important_document.pdf","status":"completed","processing_time_ms":5200,"content_type":"pdf","folder_id":1,"seq":{seq}}}}}"#

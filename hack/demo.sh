@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, on this machine alone: a local kube-apiserver + etcd, the CRDs, the hookrelay
-# operator, the examples, and a receiver built from the seed's verification code that shows the
+# operator, the examples, and a receiver built from the contract's verification code that shows the
 # signed deliveries arriving. Set KEEP=1 to leave everything running until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,7 @@ step "install the CRDs (generated from the Rust types: $HOOKRELAY crds)"
 kubectl apply --server-side -f crds/
 kubectl wait --for=condition=Established crd/webhooks.hookrelay.dev crd/documentevents.hookrelay.dev
 
-step "start a local receiver built from the seed's Python verification code"
+step "start a local receiver built from the contract's Python verification code"
 hack/receivers.sh >/dev/null
 SECRET=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
 tests/receivers/.venv/bin/python tests/receivers/receiver.py --port "${RECEIVER_PORT:-18080}" --secret "$SECRET" \
@@ -63,7 +63,7 @@ step "the public examples validate (server-side dry run; nothing is ever sent to
 kubectl create namespace docs
 kubectl apply --dry-run=server -n docs -f examples/secret.yaml -f examples/webhook.yaml -f examples/webhook-all-events.yaml
 
-step "a Webhook for the local receiver, and the seed's two events as DocumentEvents"
+step "a Webhook for the local receiver, and the contract's two events as DocumentEvents"
 kubectl create namespace demo
 kubectl create secret generic file-conversion-webhook -n demo --from-literal=secret="$SECRET"
 kubectl label secret file-conversion-webhook -n demo hookrelay.dev/signing-secret=true

@@ -13,7 +13,7 @@ export PATH="$BIN:$PATH"
 step "nats-server (JetStream, for --ingest-mode jetstream)"
 hack/nats.sh build
 
-step "test receivers (Python and Node, from the seed's verification code)"
+step "test receivers (Python and Node, from the contract's verification code)"
 hack/receivers.sh
 tests/receivers/.venv/bin/python tests/receivers/selftest.py
 

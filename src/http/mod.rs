@@ -1,4 +1,4 @@
-//! HTTP surfaces. On the listen port: the seed's REST API, event ingest, the OpenAPI
+//! HTTP surfaces. On the listen port: the contract's REST API, event ingest, the OpenAPI
 //! document and the delivery log page (`/ui/`). On the metrics port: `/metrics`, `/healthz`, `/readyz`.
 
 mod auth;

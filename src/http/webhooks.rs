@@ -1,4 +1,4 @@
-//! The seed's REST API, backed by Webhook resources: same paths, same snake_case fields.
+//! The document-processing contract's REST API, backed by Webhook resources: same paths, same snake_case fields.
 //! A Webhook's `id` is its name; `POST` generates a `whsec_` secret into a Secret owned by the
 //! Webhook and returns it once.
 
@@ -25,7 +25,7 @@ use crate::{
     wire::EventBody,
 };
 
-/// The seed's representation of a Webhook.
+/// The document-processing contract's representation of a Webhook.
 fn to_json(w: &Webhook) -> Value {
     let ready = w
         .status
@@ -53,7 +53,7 @@ fn to_json(w: &Webhook) -> Value {
             "waiting": k.waiting, "since": k.since.0.to_string(),
         })).collect::<Vec<_>>(),
     });
-    // Extra fields, present only when set, so that the seed's Webhooks look as they did.
+    // Extra fields, present only when set, so that the contract's Webhooks look as they did.
     if let Some(service) = &w.spec.service_ref {
         json["service_ref"] = json!({
             "name": service.name,
@@ -192,7 +192,7 @@ fn spec_fields(body: &[u8], require: bool) -> Result<Map<String, Value>, ApiErro
             ("ordering", Value::Null) => true,
             ("ordering", Value::Object(o)) => o.keys().all(|k| k == "key"),
             ("url" | "events" | "description" | "paused" | "filter" | "ordering", _) => false,
-            // Read-only fields of the seed's representation are ignored, as are unknown ones.
+            // Read-only fields of the contract's representation are ignored, as are unknown ones.
             _ => continue,
         };
         if !ok {
@@ -737,8 +737,8 @@ mod tests {
 
     #[test]
     fn request_bodies_are_checked_for_shape() {
-        let seed = br#"{"url":"https://your-application.com/webhooks/file-conversion","events":["document.completed","document.error"],"description":"Notification endpoint for document processing events"}"#;
-        let spec = spec_fields(seed, true).unwrap();
+        let example = br#"{"url":"https://your-application.com/webhooks/file-conversion","events":["document.completed","document.error"],"description":"Notification endpoint for document processing events"}"#;
+        let spec = spec_fields(example, true).unwrap();
         assert_eq!(spec.len(), 3);
         let filtered =
             br#"{"url":"https://example.com/h","events":["*"],"filter":"data.folder_id == 1"}"#;
@@ -890,7 +890,7 @@ mod tests {
         assert_eq!(json["success_rate"], Value::Null);
         assert_eq!(json["degraded"], false);
         assert_eq!(json["degraded_reason"], Value::Null);
-        // Seed fields are unchanged.
+        // The contract's fields are unchanged.
         assert_eq!(json["id"], "wh-1");
         w.status = Some(
             serde_json::from_value(json!({

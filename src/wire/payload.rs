@@ -1,4 +1,4 @@
-//! The body of a delivery: exactly the seed's shape, compact, keys in the seed's order.
+//! The body of a delivery: exactly the contract's shape, compact, keys in the contract's order.
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -60,7 +60,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn body_is_the_seeds_payload_compact_and_in_order() {
+    fn body_is_the_contract_payload_compact_and_in_order() {
         let data: Map<String, Value> = serde_json::from_str(
             r#"{"document_id": 123, "filename": "important_document.pdf", "status": "completed",
                 "processing_time_ms": 5200, "content_type": "pdf", "folder_id": 1}"#,
@@ -107,7 +107,7 @@ mod proptests {
         #![proptest_config(crate::proptest_support::config(256))]
 
         #[test]
-        fn the_body_parses_back_to_what_was_given_and_verifies_as_the_seed_verifies(
+        fn the_body_parses_back_to_what_was_given_and_verifies_as_the_contract_verifies(
             event in prop::sample::select(EventType::ALL.to_vec()),
             timestamp in any::<String>(),
             data in prop::collection::vec((any::<String>(), json()), 0..8),
@@ -124,10 +124,10 @@ mod proptests {
             prop_assert_eq!(&obj["timestamp"], timestamp.as_str());
             prop_assert_eq!(&obj["data"], &Value::Object(data.clone()));
             // Compact: no whitespace outside strings, so a receiver that re-serializes compactly
-            // signs the same bytes; the seed's verifier signs the raw bytes as received.
+            // signs the same bytes; the contract's verifier signs the raw bytes as received.
             prop_assert_eq!(serde_json::to_vec(&parsed).unwrap(), body.body.to_vec());
 
-            // The seed's verification: HMAC-SHA256 hex over the exact body bytes.
+            // The document-processing contract's verification: HMAC-SHA256 hex over the exact body bytes.
             let header = crate::wire::Signer::new(&secret, None)
                 .map(|s| s.sign("id", 0, &body.body).hex);
             if let Ok(header) = header {

@@ -1,7 +1,7 @@
 //! Signatures of the wire contract.
 //!
 //! - `X-Webhook-Signature`: lowercase hex HMAC-SHA256 of the raw body, keyed by the secret's UTF-8
-//!   bytes: what the seed's Python and Node.js verification code computes.
+//!   bytes: what the contract's Python and Node.js verification code computes.
 //! - Standard Webhooks `webhook-signature`: `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`,
 //!   keyed by the decoded bytes of a `whsec_<base64>` secret; sent only for secrets of that form,
 //!   once per key while a `previous` key is present (rotation).
@@ -167,7 +167,7 @@ mod tests {
             sig.standard.as_deref(),
             Some("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=")
         );
-        // The hex signature is keyed by the whole secret text, as the seed's code verifies.
+        // The hex signature is keyed by the whole secret text, as the contract's code verifies.
         assert_eq!(
             sig.hex,
             hex::encode(hmac(
@@ -251,7 +251,7 @@ mod proptests {
 
     use super::*;
 
-    /// The seed's receiver check: lowercase hex HMAC-SHA256 of the exact body, keyed by the
+    /// The document-processing contract's receiver check: lowercase hex HMAC-SHA256 of the exact body, keyed by the
     /// secret text, compared in constant time.
     fn verify_hex(secret: &[u8], body: &[u8], header: &str) -> bool {
         let Ok(sig) = hex::decode(header) else {

@@ -1,4 +1,4 @@
-//! The seed's REST API, ingest and Kubernetes-backed auth, against the real API server with
+//! The document-processing contract's REST API, ingest and Kubernetes-backed auth, against the real API server with
 //! real tokens (TokenRequest) and real RBAC objects.
 
 use std::time::Duration;
@@ -56,16 +56,16 @@ async fn operator(cp: &ControlPlane, ns: &str, mode: IngestMode, queue: usize) -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seeds_requests_behave_as_the_seed_says() {
+async fn the_contract_requests_behave_as_the_contract_says() {
     let cp = control_plane();
-    let ns = cp.namespace("seed-api").await;
+    let ns = cp.namespace("contract-api").await;
     let op = operator(cp, &ns, IngestMode::Durable, 100).await;
     let api = op.op.listen_addr;
     let token = token_with(cp, &ns, "admin", "*", ALL).await;
     let q = format!("?namespace={ns}");
 
-    // POST /api/webhooks with the seed's request body, verbatim.
-    let seed_create = r#"{
+    // POST /api/webhooks with the contract's request body, verbatim.
+    let contract_create = r#"{
   "url": "https://your-application.com/webhooks/file-conversion",
   "events": ["document.completed", "document.error"],
   "description": "Notification endpoint for document processing events"
@@ -75,7 +75,7 @@ async fn the_seeds_requests_behave_as_the_seed_says() {
         "POST",
         &format!("/api/webhooks{q}"),
         Some(&token),
-        Some(seed_create),
+        Some(contract_create),
     )
     .await;
     assert_eq!(status, 201, "{created}");
@@ -192,8 +192,8 @@ async fn the_seeds_requests_behave_as_the_seed_says() {
     expected.sort();
     assert_eq!(ids, expected);
 
-    // PUT with the seed's update body.
-    let seed_update = r#"{
+    // PUT with the contract's update body.
+    let contract_update = r#"{
   "url": "https://your-application.com/webhooks/new-endpoint",
   "events": ["document.completed", "document.error", "document.deleted"],
   "description": "Updated notification endpoint"
@@ -203,7 +203,7 @@ async fn the_seeds_requests_behave_as_the_seed_says() {
         "PUT",
         &format!("/api/webhooks/{id}{q}"),
         Some(&token),
-        Some(seed_update),
+        Some(contract_update),
     )
     .await;
     assert_eq!(status, 200, "{updated}");

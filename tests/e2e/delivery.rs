@@ -1,4 +1,4 @@
-//! Delivery end to end: real API server, real receivers built from the seed's code.
+//! Delivery end to end: real API server, real receivers built from the contract's code.
 
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use crate::support::{
 const WAIT: Duration = Duration::from_secs(60);
 const STANDARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-fn seed_payload(file: &str) -> Value {
+fn contract_payload(file: &str) -> Value {
     let text = std::fs::read_to_string(repo_root().join("examples").join(file)).unwrap();
     let start = text.find("  data:").unwrap();
     let yaml: Value = serde_saphyr::from_str(
@@ -32,9 +32,9 @@ fn seed_payload(file: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn receivers_from_the_seed_and_standard_webhooks_verify_every_delivery() {
+async fn receivers_from_the_contract_and_standard_webhooks_verify_every_delivery() {
     let cp = control_plane();
-    let ns = cp.namespace("seed-receivers").await;
+    let ns = cp.namespace("contract-receivers").await;
     let client = cp.client().await;
     let _op = InProcess::start(cp.config().await, &ns).await;
 
@@ -79,9 +79,9 @@ async fn receivers_from_the_seed_and_standard_webhooks_verify_every_delivery() {
     )
     .await;
 
-    // The seed's two payloads, as DocumentEvents.
-    let completed = seed_payload("document-event-completed.yaml");
-    let error = seed_payload("document-event-error.yaml");
+    // The document-processing contract's two payloads, as DocumentEvents.
+    let completed = contract_payload("document-event-completed.yaml");
+    let error = contract_payload("document-event-error.yaml");
     create_event(
         &client,
         &ns,
@@ -124,7 +124,7 @@ async fn receivers_from_the_seed_and_standard_webhooks_verify_every_delivery() {
             .into_iter()
             .filter(|r| r.event.as_deref() != Some("document.uploaded"))
             .collect();
-        assert_eq!(got.len(), 2, "{name}: the two seed events: {got:?}");
+        assert_eq!(got.len(), 2, "{name}: the contract's two events: {got:?}");
         for r in &got {
             assert!(r.hex_ok, "{name}: X-Webhook-Signature rejected: {r:?}");
             assert_eq!(r.standard_ok, standard, "{name}: webhook-signature: {r:?}");
@@ -603,14 +603,14 @@ async fn history(
 // The contract's receivers verify every delivery whatever the ingest mode, the contract's
 // payloads posted to /api/events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seed_receivers_verify_every_delivery_in_every_ingest_mode() {
+async fn contract_receivers_verify_every_delivery_in_every_ingest_mode() {
     let cp = control_plane();
     let client = cp.client().await;
-    let completed = seed_payload("document-event-completed.yaml");
-    let error = seed_payload("document-event-error.yaml");
+    let completed = contract_payload("document-event-completed.yaml");
+    let error = contract_payload("document-event-error.yaml");
     let event = |type_: &str, data: &Value| json!({"event": type_, "timestamp": "2023-06-15T10:35:00Z", "data": data});
     for mode in INGEST_MODES {
-        let ns = cp.namespace("seed-mode").await;
+        let ns = cp.namespace("contract-mode").await;
         let op = ModeOperator::start(cp, mode, &[&ns], |_| {}).await;
         let python = Receiver::start(ReceiverKind::Python, STANDARD_SECRET, &[]).await;
         let node = Receiver::start(ReceiverKind::Node, STANDARD_SECRET, &[]).await;
@@ -704,7 +704,7 @@ async fn seed_receivers_verify_every_delivery_in_every_ingest_mode() {
             assert_eq!(
                 got.len(),
                 2,
-                "{mode:?} {name}: the two seed events: {got:?}"
+                "{mode:?} {name}: the contract's two events: {got:?}"
             );
             for r in &got {
                 assert!(

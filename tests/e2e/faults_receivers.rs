@@ -36,7 +36,7 @@ const SUCCEEDED: &str =
 const FAILED_NO_ANSWER: &str =
     "hookrelay_delivery_attempts_total{outcome=\"Failed\",status_class=\"none\"}";
 
-/// Events of the seed's shape, each with its own idempotency `id` (a re-sent batch is then
+/// Events of the contract's shape, each with its own idempotency `id` (a re-sent batch is then
 /// deduplicated, and its deliveries keep their ids).
 fn events(prefix: &str, range: std::ops::Range<usize>) -> Vec<Value> {
     range

@@ -523,7 +523,7 @@ async fn a_rotated_secret_signs_beside_the_old_one_until_the_grace_period_ends()
     .await;
     assert_eq!(during.status, 200);
     // ...and the old one still verifies the Standard Webhooks signature (both keys sign it).
-    // X-Webhook-Signature, the seed's single HMAC, is the new secret's from the rotation on
+    // X-Webhook-Signature, the contract's single HMAC, is the new secret's from the rotation on
     // (see the signer), so this receiver, which also checks it, answers 401.
     assert_eq!(put_url(old.url("/h")).await.0, 200);
     let before = old.results().await.len();

@@ -74,7 +74,7 @@ async fn jetstream_ingest_answers_after_the_publish_and_delivers_a_signed_event(
     let r = &received[0];
     assert!(
         r.hex_ok,
-        "the seed's verification accepts the signature: {r:?}"
+        "the contract's verification accepts the signature: {r:?}"
     );
     assert_eq!(r.event.as_deref(), Some("document.completed"));
     let body: Value = serde_json::from_str(&r.body).unwrap();

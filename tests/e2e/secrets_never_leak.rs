@@ -116,7 +116,7 @@ struct Request {
 }
 
 /// A loopback receiver that records every request and answers 200, or 500 with
-/// [`FAILURE_TEXT`] while failing; it checks the seed's signature with the secret it is told.
+/// [`FAILURE_TEXT`] while failing; it checks the contract's signature with the secret it is told.
 #[derive(Clone, Default)]
 struct Recorder {
     requests: Arc<Mutex<Vec<Request>>>,

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Webhook receiver for hookrelay's end-to-end tests (Node 20 + express + body-parser +
-// standardwebhooks), built from the seed document's "Example webhook handler in Node.js".
+// standardwebhooks), built from the document-processing contract's "Example webhook handler in Node.js".
 //
 // CLI (shared with receiver.py):
 //   node receiver.js --secret SECRET [--port 0] [--host 127.0.0.1] [--fail-first N]
@@ -61,7 +61,7 @@ const keepRawBody = (req, res, buf) => {
   // Store the raw request body for signature verification
   req.rawBody = buf;
 };
-// The seed's parser; JSON bodies only.
+// The document-processing contract's parser; JSON bodies only.
 app.use(bodyParser.json({ limit: MAX_BODY, verify: keepRawBody }));
 // Any other content type still gets a raw body to verify (and a 401 if it does not match).
 app.use(bodyParser.raw({ type: () => true, limit: MAX_BODY, verify: keepRawBody }));

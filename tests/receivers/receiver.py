@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Webhook receiver for hookrelay's end-to-end tests (Python 3.11 stdlib + standardwebhooks).
 
-Verifies each POST the way the seed document tells integrators to: `X-Webhook-Signature` with the
-seed's own `verify_webhook_signature` (copied verbatim below), and, when the request carries a
+Verifies each POST the way the document-processing contract tells integrators to: `X-Webhook-Signature` with the
+contract's own `verify_webhook_signature` (copied verbatim below), and, when the request carries a
 Standard Webhooks `webhook-signature` header, with the official `standardwebhooks` library.
 
 CLI (shared with receiver.js):
@@ -14,7 +14,7 @@ Prints exactly one line on stdout, `listening on 127.0.0.1:<port>`, then serves:
     GET /results     -> JSON array of every POST received, in arrival order
 """
 
-# --- Seed document: "Signature Verification" (verbatim) -------------------------------------
+# --- Document-processing contract: "Signature Verification" (verbatim) -------------------------------------
 import hmac
 import hashlib
 
@@ -37,7 +37,7 @@ def verify_webhook_signature(payload, signature, secret):
     ).hexdigest()
     
     return hmac.compare_digest(computed_signature, signature)
-# --- end of the seed's code -----------------------------------------------------------------
+# --- end of the contract's code -----------------------------------------------------------------
 
 
 import argparse
@@ -55,7 +55,7 @@ MAX_BODY = 10 * 1024 * 1024
 
 
 def check_hex(body: bytes, signature: str | None, secret: str) -> tuple[bool, str | None]:
-    """`X-Webhook-Signature` check: the seed's function, guarded so that bad input is a 401."""
+    """`X-Webhook-Signature` check: the contract's function, guarded so that bad input is a 401."""
     if signature is None:
         return False, "missing X-Webhook-Signature"
     try:

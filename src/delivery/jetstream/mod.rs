@@ -1,7 +1,7 @@
 //! `--ingest-mode jetstream`: events and deliveries kept in a NATS JetStream stream, consumed by
 //! every replica through two durable pull consumers they share.
 //!
-//! - `hookrelay.events.<namespace>`: what ingest publishes (the seed-shaped body; the event id
+//! - `hookrelay.events.<namespace>`: what ingest publishes (the contract-shaped body; the event id
 //!   and type in headers). The `router` consumer turns each event into one work item per target
 //!   and acks the event once every work item is stored.
 //! - `hookrelay.deliveries.<namespace>.<webhook>`: one work item per target (the body, the

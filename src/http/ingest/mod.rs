@@ -99,7 +99,7 @@ pub fn keyed_event_name(key: &str) -> String {
     format!("ev-{}", &hex::encode(Sha256::digest(key.as_bytes()))[..40])
 }
 
-/// Parses a request body: one seed-shaped event or an array of them, with the request's
+/// Parses a request body: one contract-shaped event or an array of them, with the request's
 /// `Idempotency-Key` header if any. Pure, so every refusal is a unit test; nothing is created
 /// unless every event is valid.
 pub fn parse_events(
@@ -367,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn the_seed_payload_is_accepted_alone_or_in_an_array() {
+    fn the_contract_payload_is_accepted_alone_or_in_an_array() {
         let one = r#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":123}}"#;
         let parsed = parse_events(one.as_bytes(), None).unwrap();
         assert_eq!(parsed[0].event, EventType::Completed);
@@ -501,7 +501,7 @@ mod proptests {
     use super::*;
 
     /// Bodies near the accepted shape, so that most cases pass JSON parsing and exercise the
-    /// field checks: seed-like objects with fields of wrong types, missing or extra.
+    /// field checks: contract-like objects with fields of wrong types, missing or extra.
     fn near_valid_event() -> impl Strategy<Value = Value> {
         let field = prop_oneof![
             Just(Value::Null),
@@ -596,7 +596,7 @@ mod proptests {
         }
 
         #[test]
-        fn seed_events_are_accepted_with_their_fields_unchanged(
+        fn contract_events_are_accepted_with_their_fields_unchanged(
             event in prop::sample::select(EventType::ALL.to_vec()),
             data in prop::collection::vec(("[a-z_]{1,12}", any::<i64>()), 0..6),
             id in proptest::option::of("[ -~]{1,40}"),
