@@ -896,7 +896,9 @@ mod tests {
 
     /// Answers the watch's first list with no DocumentEvent (what follows is never answered):
     /// the controller has listed its namespace.
-    async fn listed_empty(api: &mut ApiServer) {
+    /// Answers the controller's list with no event and waits until it has taken the answer in
+    /// (synced): an event handed over before that is left to the list.
+    async fn listed_empty(api: &mut ApiServer, readiness: &Readiness) {
         let (request, send) = api.next_request().await.expect("the watch lists");
         assert!(
             request.uri().path().ends_with("/documentevents"),
@@ -912,6 +914,7 @@ mod tests {
                 .body(kube::client::Body::from(serde_json::to_vec(&list).unwrap()))
                 .unwrap(),
         );
+        readiness.synced("documentevents").await;
     }
 
     /// A controller for namespace `docs` with one active Webhook `w` (without a signing secret:
@@ -925,6 +928,7 @@ mod tests {
         mpsc::Receiver<Update>,
         Metrics,
         ApiServer,
+        Readiness,
     ) {
         // reqwest is built without a default TLS provider (the binary installs ring).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -949,13 +953,14 @@ mod tests {
             DispatcherConfig::default(),
         ));
         let (created, rx) = CreatedEvents::channel();
+        let readiness = Readiness::new(&["documentevents"]);
         let controller = DocumentEventController::new(
             client,
             &Scope::new(&["docs".to_owned()]),
             routes,
             dispatcher,
             status,
-            Readiness::new(&["documentevents"]),
+            readiness.clone(),
             metrics.clone(),
             Retention {
                 delivered: None,
@@ -964,7 +969,7 @@ mod tests {
             Duration::from_secs(60),
         )
         .with_created_events(rx);
-        (controller, created, updates, metrics, handle)
+        (controller, created, updates, metrics, handle, readiness)
     }
 
     fn document_event(name: &str) -> DocumentEvent {
@@ -1036,7 +1041,7 @@ mod tests {
     /// An event ingest created here is delivered without waiting for the watch to bring it.
     #[tokio::test]
     async fn an_event_ingest_created_is_delivered_before_the_watch_brings_it() {
-        let (mut controller, created, mut updates, _metrics, mut api) = controller(64);
+        let (mut controller, created, mut updates, _metrics, mut api, ready) = controller(64);
         let stop = CancellationToken::new();
         let term = stop.clone();
         let run = tokio::spawn(async move {
@@ -1045,7 +1050,7 @@ mod tests {
                 .await
         });
         // Events handed over while the namespace is listed are left to the list.
-        listed_empty(&mut api).await;
+        listed_empty(&mut api, &ready).await;
         created.created(document_event("e1"));
         let attempted = loop {
             match updates.recv().await.expect("the controller runs") {
@@ -1068,7 +1073,7 @@ mod tests {
     /// events (it used to wait with the first event's status in hand, and watch events queued).
     #[tokio::test]
     async fn a_busy_status_writer_does_not_stall_the_controller() {
-        let (mut controller, created, mut updates, metrics, mut api) = controller(1);
+        let (mut controller, created, mut updates, metrics, mut api, ready) = controller(1);
         let stop = CancellationToken::new();
         let term = stop.clone();
         let run = tokio::spawn(async move {
@@ -1077,7 +1082,7 @@ mod tests {
                 .await
         });
         // Events handed over while the namespace is listed are left to the list.
-        listed_empty(&mut api).await;
+        listed_empty(&mut api, &ready).await;
         for i in 0..20 {
             created.created(document_event(&format!("e{i}")));
         }

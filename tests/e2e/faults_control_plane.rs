@@ -540,10 +540,16 @@ async fn kube_apiserver_unreachable_for_30s_direct_ingest_keeps_delivering() {
     );
     assert_eq!(distinct, sent, "every event delivered");
     assert_eq!(duplicates, 0, "direct ingest delivers each event once");
+    // Its store was sent and not answered: the event may have been stored, and says so.
     assert_eq!(
         (durable_status, &durable_reply["error"]["code"]),
-        (503, &json!("unavailable")),
+        (503, &json!("outcome_unknown")),
         "durable ingest with the API server unreachable: {durable_reply}"
+    );
+    assert_eq!(
+        durable_reply["error"]["unknown"],
+        json!([0]),
+        "{durable_reply}"
     );
     assert_eq!(
         (authed_status, &authed_reply["error"]["code"]),

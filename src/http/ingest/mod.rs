@@ -329,24 +329,26 @@ pub(super) fn partly_stored(
     total: usize,
     keyed: bool,
 ) -> ApiError {
-    let unknown_note = if unknown.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "; whether the {} in \"unknown\" were stored is not known (no answer came in time): they may be delivered, so send them again only with an \"id\"",
-            unknown.len()
-        )
-    };
-    error.message = format!(
-        "{}; {} of {total} events were stored (\"stored\"), retry only those in \"not_stored\"{}{unknown_note}",
+    let mut message = format!(
+        "{}; {} of {total} events were stored (\"stored\")",
         error.message,
-        stored.len(),
-        if keyed {
-            ""
-        } else {
-            " (or give each event an \"id\", so that a whole request can be retried safely)"
-        }
+        stored.len()
     );
+    if !not_stored.is_empty() {
+        message.push_str(", retry only those in \"not_stored\"");
+        if !keyed {
+            message.push_str(
+                " (or give each event an \"id\", so that a whole request can be retried safely)",
+            );
+        }
+    }
+    if !unknown.is_empty() {
+        message.push_str(&format!(
+            "; whether the {} in \"unknown\" were stored is not known (no answer came in time): they may be delivered, so retry them only with an \"id\"",
+            unknown.len()
+        ));
+    }
+    error.message = message;
     error.with_details(
         serde_json::json!({"stored": stored, "not_stored": not_stored, "unknown": unknown}),
     )
@@ -364,6 +366,47 @@ mod tests {
             .err()
             .map(|e| e.status.as_u16())
             .unwrap_or(202)
+    }
+
+    #[test]
+    fn a_request_refused_midway_says_what_to_send_again_and_what_is_unknown() {
+        let refused = |not_stored: Vec<usize>, unknown: Vec<usize>, keyed| {
+            let error = ApiError::unavailable("the API server is slow");
+            let stored = vec![serde_json::json!({"index": 0, "name": "e0"})];
+            partly_stored(error, stored, not_stored, unknown, 3, keyed)
+        };
+        let e = refused(vec![1, 2], vec![], false);
+        assert!(
+            e.message.contains("1 of 3 events were stored"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message
+                .contains("retry only those in \"not_stored\" (or give each event an \"id\""),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains("unknown"), "{}", e.message);
+        let e = refused(vec![], vec![1, 2], true);
+        assert!(!e.message.contains("not_stored"), "{}", e.message);
+        assert!(
+            e.message
+                .contains("whether the 2 in \"unknown\" were stored is not known"),
+            "{}",
+            e.message
+        );
+        let e = refused(vec![2], vec![1], true);
+        assert!(
+            e.message.contains("retry only those in \"not_stored\";"),
+            "{}",
+            e.message
+        );
+        assert!(
+            !e.message.contains("(or give each event"),
+            "keyed: {}",
+            e.message
+        );
     }
 
     #[test]
