@@ -410,25 +410,9 @@ impl Deliverer {
             "{SERIAL_SUBJECT}.{}.{}",
             delivery.webhook.namespace, delivery.webhook.name
         );
-        let stored = async {
-            let ack = self
-                .context
-                .publish_with_headers(subject, headers, message.payload.clone())
-                .await
-                .map_err(|e| e.to_string())?;
-            ack.await.map_err(|e| e.to_string())
-        }
-        .await;
-        let result = match stored {
-            Ok(_) => message.ack().await,
-            Err(e) => {
-                tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not move a work item to its serial subject; it is redelivered");
-                message.ack_with(AckKind::Nak(Some(PARK_MIN))).await
-            }
-        };
-        if let Err(e) = result {
-            tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
-        }
+        let stored = park::store_copy(&self.context, &subject, headers, message).await;
+        let why = "could not move a work item to its serial subject; it is redelivered";
+        park::settle_original(message, &delivery.id, stored, why, PARK_MIN).await;
     }
 }
 

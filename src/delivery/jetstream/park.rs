@@ -120,27 +120,48 @@ pub(super) async fn park(
     // copy a duplicate): a nak would count as a hand-out, so as an attempt.
     let mut stored = Err(String::new());
     for _ in 0..PARK_PUBLISH_TRIES {
-        stored = async {
-            let ack = context
-                .publish_with_headers(subject.clone(), headers.clone(), message.payload.clone())
-                .await
-                .map_err(|e| e.to_string())?;
-            ack.await.map_err(|e| e.to_string())
-        }
-        .await;
+        stored = store_copy(context, &subject, headers.clone(), message).await;
         if stored.is_ok() || stop.is_cancelled() {
             break;
         }
     }
+    let why = "could not park a work item; it waits in the consumer instead";
+    settle_original(message, &delivery.id, stored, why, after).await;
+}
+
+/// Publishes `message`'s payload to `subject` with `headers` and waits for the stream to
+/// store it.
+pub(super) async fn store_copy(
+    context: &Context,
+    subject: &str,
+    headers: async_nats::HeaderMap,
+    message: &jetstream::Message,
+) -> Result<(), String> {
+    let ack = context
+        .publish_with_headers(subject.to_owned(), headers, message.payload.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    ack.await.map(drop).map_err(|e| e.to_string())
+}
+
+/// Once its copy is `stored`, acks the original message; otherwise naks it for another try
+/// after `retry` (`why` says what failed).
+pub(super) async fn settle_original(
+    message: &jetstream::Message,
+    delivery_id: &str,
+    stored: Result<(), String>,
+    why: &str,
+    retry: Duration,
+) {
     let result = match stored {
-        Ok(_) => message.ack().await,
+        Ok(()) => message.ack().await,
         Err(e) => {
-            tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not park a work item; it waits in the consumer instead");
-            message.ack_with(AckKind::Nak(Some(after))).await
+            tracing::warn!(delivery = %delivery_id, error = %e, "JetStream deliverer: {why}");
+            message.ack_with(AckKind::Nak(Some(retry))).await
         }
     };
     if let Err(e) = result {
-        tracing::warn!(delivery = %delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+        tracing::warn!(delivery = %delivery_id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
     }
 }
 
