@@ -68,8 +68,9 @@ pub struct AttemptRecordLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FilterLabels {
-    /// `matched`, `not_matched`, or `error` (the expression failed on the event, say a missing
-    /// field: not delivered, like `not_matched`).
+    /// `matched`, `not_matched`, `error` (the expression failed on the event, say a missing
+    /// field: not delivered, like `not_matched`), `timeout` or `over_budget` (the event's or
+    /// the namespace's filter budget ran out: not delivered, reported on the Webhook).
     pub result: &'static str,
 }
 

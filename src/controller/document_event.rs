@@ -36,7 +36,7 @@ use crate::{
     leader::Leadership,
     metrics::Metrics,
     ports::{CreatedEvents, Recoveries, Recovery},
-    routing::{EventFacts, RouteState, Routes},
+    routing::{EventFacts, FilterInput, Route, RouteState, Routes, Screen},
     status::{EventKey, StatusSender, Update},
     wire::{EventBody, timestamp_of},
 };
@@ -106,6 +106,7 @@ pub struct DocumentEventController {
     inbox: Inbox,
     term: Term,
     streams: Streams,
+    screening: Screening,
 }
 
 /// Events whose status is to be sent to the writer, oldest first, each once: the loop never
@@ -124,6 +125,71 @@ struct Retiring {
     /// Finished events whose retention ran out, waiting for a delete slot.
     to_delete: VecDeque<(EventKey, String)>,
     deletes: JoinSet<(EventKey, String, Result<(), kube::Error>)>,
+}
+
+/// Events waiting for their filters (see `routing::Screen`), per namespace in the order they
+/// came: an event is adopted only after every earlier one of its namespace, so that the
+/// deliveries of an ordering key are still queued in acceptance order, while an event whose
+/// filters take long delays only its own namespace.
+#[derive(Default)]
+struct Screening {
+    waiting: HashMap<Arc<str>, VecDeque<Waiting>>,
+    /// The uid of each waiting event: the watch's echo of one is not taken twice, and one
+    /// deleted meanwhile is skipped.
+    keys: HashMap<EventKey, String>,
+    /// Namespaces whose head is being screened, one at a time each.
+    busy: HashSet<Arc<str>>,
+    running: JoinSet<(Arc<str>, Vec<Arc<Route>>)>,
+}
+
+struct Waiting {
+    key: EventKey,
+    uid: String,
+    event: Arc<ListedEvent>,
+}
+
+/// A DocumentEvent as its filters see it.
+struct ListedEvent {
+    de: DocumentEvent,
+    timestamp: String,
+}
+
+impl FilterInput for ListedEvent {
+    fn facts(&self) -> EventFacts<'_> {
+        EventFacts::new(self.de.spec.type_, &self.timestamp, &self.de.spec.data)
+    }
+}
+
+/// The targets of a new event: one per route that takes it.
+fn targets(key: &EventKey, uid: &str, routes: &[Arc<Route>]) -> Vec<TargetDelivery> {
+    let targets: Vec<TargetDelivery> = routes
+        .iter()
+        .map(|route| {
+            let state = if route.state == RouteState::Active {
+                TargetState::Pending
+            } else {
+                TargetState::Held
+            };
+            TargetDelivery::new(
+                route.key.name.to_string(),
+                delivery_id(uid, &route.uid),
+                state,
+            )
+        })
+        .collect();
+    tracing::debug!(event = %key, targets = targets.len(), "routed");
+    targets
+}
+
+/// Whether adopting `de` routes it: it is unfinished and has no targets yet.
+fn needs_routing(de: &DocumentEvent) -> bool {
+    de.status.as_ref().is_none_or(|s| {
+        s.deliveries.is_empty()
+            && !matches!(
+                s.phase,
+                Some(EventPhase::Delivered | EventPhase::Failed | EventPhase::NoSubscribers)
+            )
+    })
 }
 
 /// What the API hands over to this controller (see `crate::ports`).
@@ -221,6 +287,7 @@ impl DocumentEventController {
                 synced: vec![false; n],
                 coverage,
             },
+            screening: Screening::default(),
         }
     }
 
@@ -273,6 +340,12 @@ impl DocumentEventController {
                 Some((at, de)) = self.inbox.created.recv() => self.on_created(at, de),
                 Some(recovery) = self.inbox.recoveries.recv() => self.on_recovery(recovery),
                 Some(progress) = self.progress.recv() => self.on_progress(progress),
+                Some(screened) = self.screening.running.join_next(), if !self.screening.running.is_empty() => {
+                    match screened {
+                        Ok((namespace, routes)) => self.on_screened(namespace, routes),
+                        Err(e) => tracing::error!(error = %e, "screening an event through its filters failed"),
+                    }
+                }
                 Some(permit) = status.reserve(), if !self.unsent.queue.is_empty() => {
                     if let Some(update) = self.next_unsent() {
                         permit.send(update);
@@ -341,7 +414,14 @@ impl DocumentEventController {
         self.term.deliveries = TaskTracker::new();
         self.term.abandon = CancellationToken::new();
         self.streams.relists = self.streams.coverage.iter().map(|_| None).collect();
+        self.screening = Screening::default();
         while self.progress.try_recv().is_ok() {}
+    }
+
+    /// Whether this very event (`uid`) is tracked or waiting for its filters.
+    fn knows(&self, key: &EventKey, uid: &str) -> bool {
+        self.tracked.get(key).is_some_and(|t| t.uid == uid)
+            || self.screening.keys.get(key).is_some_and(|u| u == uid)
     }
 
     /// An event ingest has just created: adopted now unless the watch brought it already.
@@ -365,7 +445,7 @@ impl DocumentEventController {
         }
         let key = event_key(&de);
         let uid = de.uid().unwrap_or_default();
-        if self.tracked.get(&key).is_none_or(|t| t.uid != uid) {
+        if !self.knows(&key, &uid) {
             self.adopt(key, uid, de);
         }
     }
@@ -384,7 +464,7 @@ impl DocumentEventController {
                 let key = event_key(&de);
                 let uid = de.uid().unwrap_or_default();
                 // Our own status writes echo back; the spec is immutable.
-                let known = self.tracked.get(&key).is_some_and(|t| t.uid == uid);
+                let known = self.knows(&key, &uid);
                 match &mut self.streams.relists[stream] {
                     // Listed: taken over at the end of the list, in the order accepted.
                     Some(relist) => {
@@ -402,6 +482,9 @@ impl DocumentEventController {
                 let key = event_key(&de);
                 if self.tracked.get(&key).map(|t| t.uid.as_str()) == de.uid().as_deref() {
                     self.forget(&key);
+                }
+                if self.screening.keys.get(&key).map(String::as_str) == de.uid().as_deref() {
+                    self.screening.keys.remove(&key);
                 }
             }
             watcher::Event::InitDone => {
@@ -428,6 +511,10 @@ impl DocumentEventController {
                     for key in gone {
                         self.forget(&key);
                     }
+                    // Waiting since before the list, and not in it: deleted meanwhile.
+                    self.screening.keys.retain(|k, _| {
+                        covered.as_ref().is_none_or(|ns| *ns != k.namespace) || seen.contains(k)
+                    });
                 }
                 if !std::mem::replace(&mut self.streams.synced[stream], true)
                     && self.streams.synced.iter().all(|s| *s)
@@ -443,9 +530,86 @@ impl DocumentEventController {
         }
     }
 
-    /// Takes over an event: new ones are routed, unfinished ones resumed, finished ones only
-    /// wait for their retention.
+    /// Takes over an event: new ones are routed (after their namespace's earlier events, once
+    /// their filters are decided), unfinished ones resumed, finished ones only wait for their
+    /// retention.
     fn adopt(&mut self, key: EventKey, uid: String, de: DocumentEvent) {
+        let timestamp = timestamp_of(&de);
+        self.screening.keys.insert(key.clone(), uid.clone());
+        self.screening
+            .waiting
+            .entry(key.namespace.clone())
+            .or_default()
+            .push_back(Waiting {
+                key: key.clone(),
+                uid,
+                event: Arc::new(ListedEvent { de, timestamp }),
+            });
+        self.adopt_waiting(&key.namespace);
+    }
+
+    /// Adopts the waiting events of `namespace` in order, until one needs its filters
+    /// evaluated: that one is screened in a task of its own, and the rest wait for it.
+    fn adopt_waiting(&mut self, namespace: &Arc<str>) {
+        if self.screening.busy.contains(namespace) {
+            return;
+        }
+        let table = self.routes.snapshot();
+        loop {
+            let Some(queue) = self.screening.waiting.get_mut(namespace) else {
+                return;
+            };
+            let Some(head) = queue.front() else {
+                self.screening.waiting.remove(namespace);
+                return;
+            };
+            let routes = if needs_routing(&head.event.de) {
+                match Screen::without_evaluation(&table, namespace, head.event.de.spec.type_) {
+                    Some(routes) => routes,
+                    None => {
+                        let (routes, metrics) = (self.routes.clone(), self.tasks.metrics.clone());
+                        let (namespace, event) = (namespace.clone(), head.event.clone());
+                        self.screening.busy.insert(namespace.clone());
+                        self.screening.running.spawn(async move {
+                            let type_ = event.de.spec.type_;
+                            let targets = routes.targets(&namespace, type_, event, &metrics).await;
+                            (namespace, targets)
+                        });
+                        return;
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            let head = queue.pop_front().expect("the head was just seen");
+            self.adopt_routed(head, routes);
+        }
+    }
+
+    /// The head of `namespace` has been screened: adopted with the routes its filters let
+    /// through, and the events behind it follow.
+    fn on_screened(&mut self, namespace: Arc<str>, routes: Vec<Arc<Route>>) {
+        self.screening.busy.remove(&namespace);
+        if let Some(head) = self
+            .screening
+            .waiting
+            .get_mut(&namespace)
+            .and_then(VecDeque::pop_front)
+        {
+            self.adopt_routed(head, routes);
+        }
+        self.adopt_waiting(&namespace);
+    }
+
+    /// Adopts a waiting event, routed to `routes` if it has no targets yet; skipped if it was
+    /// deleted (or taken over again) while it waited.
+    fn adopt_routed(&mut self, waiting: Waiting, routes: Vec<Arc<Route>>) {
+        let Waiting { key, uid, event } = waiting;
+        if self.screening.keys.get(&key) != Some(&uid) {
+            return;
+        }
+        self.screening.keys.remove(&key);
+        let de = &event.de;
         self.forget(&key);
         let mut status = de.status.clone().unwrap_or_default();
         let cancel = CancellationToken::new();
@@ -455,7 +619,7 @@ impl DocumentEventController {
         );
         if !finished {
             if status.deliveries.is_empty() {
-                status.deliveries = self.route(&key, &uid, &de);
+                status.deliveries = targets(&key, &uid, &routes);
             }
             // The route span continues the ingest trace (the event's annotation), when traces
             // are exported; each attempt's span is its child.
@@ -467,11 +631,11 @@ impl DocumentEventController {
                 hookrelay.event = de.spec.type_.as_str(),
                 hookrelay.targets = status.deliveries.len(),
             );
-            crate::telemetry::continue_trace(&span, event_trace(&de));
+            crate::telemetry::continue_trace(&span, event_trace(de));
             let event = EventCopy {
-                body: Arc::new(EventBody::from(&de)),
+                body: Arc::new(EventBody::from(de)),
                 trace: crate::telemetry::traceparent(&span).map(Arc::from),
-                created: acceptance_order(&de),
+                created: acceptance_order(de),
             };
             for target in status.deliveries.iter().filter(|t| !is_final(t.state)) {
                 self.spawn_delivery(&key, &uid, &event, target.clone(), &cancel);
@@ -583,30 +747,6 @@ impl DocumentEventController {
             queued += 1;
         }
         let _ = recovery.queued.send(queued);
-    }
-
-    /// Fixes the event's targets: every Webhook of its namespace that takes its type.
-    fn route(&self, key: &EventKey, uid: &str, de: &DocumentEvent) -> Vec<TargetDelivery> {
-        let table = self.routes.snapshot();
-        let timestamp = timestamp_of(de);
-        let facts = EventFacts::new(de.spec.type_, &timestamp, &de.spec.data);
-        let targets: Vec<TargetDelivery> = table
-            .lookup_event(&key.namespace, &facts, &self.tasks.metrics)
-            .map(|route| {
-                let state = if route.state == RouteState::Active {
-                    TargetState::Pending
-                } else {
-                    TargetState::Held
-                };
-                TargetDelivery::new(
-                    route.key.name.to_string(),
-                    delivery_id(uid, &route.uid),
-                    state,
-                )
-            })
-            .collect();
-        tracing::debug!(event = %key, targets = targets.len(), "routed");
-        targets
     }
 
     fn on_progress(&mut self, Progress { key, uid, target }: Progress) {

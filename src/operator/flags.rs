@@ -144,6 +144,18 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_MAX_HOLD", default_value = "168h", value_parser = parse_period)]
     pub max_hold: Duration,
 
+    /// How long the filters of one event may take in all (waiting for their namespace's turn
+    /// included); a filter not decided by then does not match, and its Webhook gets a
+    /// FilterFailed warning Event. Filters run off the request and delivery workers.
+    #[arg(long, env = "HOOKRELAY_FILTER_TIMEOUT", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub filter_timeout: Duration,
+
+    /// Filter evaluation time one namespace may use per second, on average over a few seconds;
+    /// once spent, its filters do not match (FilterFailed) until it refills, so that one
+    /// namespace's events cannot take the time of everyone's.
+    #[arg(long, env = "HOOKRELAY_FILTER_TIME_PER_NAMESPACE", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub filter_time_per_namespace: Duration,
+
     /// Delivery attempts in flight at once, in all.
     #[arg(long, env = "HOOKRELAY_MAX_IN_FLIGHT", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_in_flight: u32,
@@ -292,6 +304,8 @@ impl RunArgs {
             event_retention: Duration::from_secs(600),
             failed_event_retention: Duration::from_secs(86400),
             max_hold: Duration::from_secs(168 * 3600),
+            filter_timeout: Duration::from_millis(500),
+            filter_time_per_namespace: Duration::from_millis(250),
             max_in_flight: 512,
             max_in_flight_per_namespace: 128,
             shutdown_timeout: Duration::from_secs(20),

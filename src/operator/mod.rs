@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{Client, api::Api, core::crd::CustomResourceExt};
 use tokio::sync::mpsc;
@@ -23,7 +24,7 @@ use crate::{
     leader::{LeaderTerms, Leadership},
     metrics::Metrics,
     ports::{CreatedEvents, Recoveries},
-    routing::Routes,
+    routing::{FilterBudget, Routes},
     status::{self, StatusSender, WriterConfig},
 };
 
@@ -112,7 +113,10 @@ pub async fn start(
     } else {
         (None, Leadership::always())
     };
-    let routes = Routes::default();
+    let routes = Routes::with_filter_budget(FilterBudget {
+        per_event: args.filter_timeout,
+        per_namespace: args.filter_time_per_namespace,
+    });
     // With leader election, a standby never syncs DocumentEvents: it is ready once it can
     // route (and so serve the API).
     let readiness = if args.leader_elect {
@@ -130,6 +134,7 @@ pub async fn start(
         leadership.clone(),
     );
     let (status, relay) = attempt_records(bus.as_ref(), &local_status, &metrics);
+    report_filter_failures(&routes, &local_status);
     let egress = EgressPolicy::new(args.allow_http, args.allow_cidrs.clone());
     let (dispatcher, gone_rx) = dispatcher(&args, egress.clone(), &routes, &status, &metrics);
     let shared = Shared {
@@ -329,6 +334,28 @@ async fn connect_bus(args: &RunArgs) -> Result<Option<jetstream::Bus>, Error> {
 
 /// Where attempt records go. In jetstream mode every replica delivers: its records go
 /// through the stream to the leader's writer (`delivery::records`), relayed by the returned
+/// Filter failures (an event over its filter budget) as warning Events on their Webhook.
+fn report_filter_failures(routes: &Routes, status: &StatusSender) {
+    let status = status.clone();
+    routes.screen().report_to(move |report| {
+        let event = status::TransitionEvent {
+            warning: true,
+            reason: "FilterFailed".into(),
+            note: report.message,
+            object: ObjectReference {
+                api_version: Some("hookrelay.dev/v1alpha1".into()),
+                kind: Some("Webhook".into()),
+                name: Some(report.webhook.name.to_string()),
+                namespace: Some(report.webhook.namespace.to_string()),
+                uid: Some(report.uid),
+                ..Default::default()
+            },
+        };
+        // Dropped when the status channel is full: the log line and the metric remain.
+        let _ = status.try_send(status::Update::Note(event));
+    });
+}
+
 /// task; everything else, and every record in the other modes, goes to the local writer.
 fn attempt_records(
     bus: Option<&jetstream::Bus>,

@@ -12,15 +12,17 @@ use imbl::{HashMap, OrdMap};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    crd::{DeliveryPolicy, EventType, Ordering, WebhookEvent, ready_reason::FILTER_INVALID},
+    crd::{DeliveryPolicy, EventType, Ordering, WebhookEvent},
     health::ViewHealth,
     keys::WebhookKey,
-    metrics::{FilterLabels, Metrics},
+    metrics::Metrics,
     wire::{CustomHeaders, ServiceTarget, Signer},
 };
 
 mod filter;
+mod screen;
 pub use filter::{EventFacts, EventFilter, MAX_FILTER_LENGTH};
+pub use screen::{FilterBudget, FilterFailure, FilterInput, FilterReport, Screen};
 
 /// Where deliveries to a Webhook stand.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,31 +135,6 @@ impl Route {
             .flat_map(|e| e.types().iter().copied())
             .filter(move |t| !std::mem::replace(&mut seen[*t as usize], true))
     }
-
-    /// Whether `event` passes this route's filter (counted in `metrics`). An evaluation error,
-    /// such as a field the event lacks, does not match.
-    pub fn accepts(&self, event: &EventFacts<'_>, metrics: &Metrics) -> bool {
-        if matches!(&self.state, RouteState::Blocked { reason, .. } if *reason == FILTER_INVALID) {
-            // Fail closed: a filter that does not compile lets nothing through.
-            return false;
-        }
-        let Some(filter) = &self.filter else {
-            return true;
-        };
-        let (matched, result) = match filter.evaluate(event) {
-            Ok(true) => (true, "matched"),
-            Ok(false) => (false, "not_matched"),
-            Err(e) => {
-                tracing::debug!(webhook = %self.key, error = %e, "filter failed on an event: not delivered");
-                (false, "error")
-            }
-        };
-        metrics
-            .filter_evaluations
-            .get_or_create(&FilterLabels { result })
-            .inc();
-        matched
-    }
 }
 
 /// Routes of one namespace, indexed by event type.
@@ -244,18 +221,6 @@ impl RoutingTable {
             .flat_map(move |ns| ns.by_type[event as usize].values())
     }
 
-    /// The routes that receive `event` in `namespace`: [`Self::lookup`] by type, then each
-    /// route's filter. The delivery paths of every ingest mode route through here.
-    pub fn lookup_event<'a>(
-        &'a self,
-        namespace: &str,
-        event: &'a EventFacts<'a>,
-        metrics: &'a Metrics,
-    ) -> impl Iterator<Item = &'a Arc<Route>> + 'a {
-        self.lookup(namespace, event.event)
-            .filter(move |route| route.accepts(event, metrics))
-    }
-
     /// Records that the Webhook watch of `scope` (a namespace, or None: all) has brought every
     /// change up to `version`; it never goes back.
     pub fn observe(&mut self, scope: Option<&str>, version: u64) {
@@ -332,14 +297,44 @@ pub enum Found<'a> {
     Replaced,
 }
 
-/// The published routing table: one writer, any number of lock-free readers.
+/// The published routing table: one writer, any number of lock-free readers; and the screen
+/// its filters are evaluated through.
 #[derive(Clone, Default)]
 pub struct Routes {
     current: Arc<ArcSwap<RoutingTable>>,
     view: ViewHealth,
+    screen: Arc<Screen>,
 }
 
 impl Routes {
+    /// Routes whose filters evaluate within `budget`.
+    pub fn with_filter_budget(budget: FilterBudget) -> Self {
+        Self {
+            screen: Arc::new(Screen::new(budget)),
+            ..Self::default()
+        }
+    }
+
+    /// Where filters are evaluated (see [`Screen`]).
+    pub fn screen(&self) -> &Screen {
+        &self.screen
+    }
+
+    /// The routes that receive `input`, an event of type `event` in `namespace`, as the current
+    /// table and each route's filter say. The delivery paths of every ingest mode route here.
+    pub async fn targets<I: FilterInput>(
+        &self,
+        namespace: &str,
+        event: EventType,
+        input: Arc<I>,
+        metrics: &Metrics,
+    ) -> Vec<Arc<Route>> {
+        let table = self.snapshot();
+        self.screen
+            .targets(&table, namespace, event, input, metrics)
+            .await
+    }
+
     /// Whether this view can be trusted now (see [`ViewHealth`]).
     pub fn view(&self) -> &ViewHealth {
         &self.view

@@ -1,3 +1,5 @@
+use std::time::{Duration, Instant};
+
 use super::*;
 
 fn route(ns: &str, name: &str, events: &[WebhookEvent]) -> Route {
@@ -229,43 +231,147 @@ fn replaced_and_removed_routes_are_signalled_after_the_new_table_is_published() 
     );
 }
 
-#[test]
-fn lookup_event_applies_each_routes_filter_and_counts_the_results() {
+/// An event's data, as its filters see it.
+struct Data(serde_json::Map<String, serde_json::Value>);
+
+impl FilterInput for Data {
+    fn facts(&self) -> EventFacts<'_> {
+        EventFacts::new(EventType::Completed, "2023-06-15T10:35:00Z", &self.0)
+    }
+}
+
+fn data(value: serde_json::Value) -> Arc<Data> {
+    Arc::new(Data(value.as_object().cloned().unwrap()))
+}
+
+fn filtered(ns: &str, name: &str, filter: &str) -> Route {
+    let mut route = route(ns, name, &[WebhookEvent::All]);
+    route.filter = Some(EventFilter::compile(filter).unwrap());
+    route
+}
+
+fn count(metrics: &Metrics, result: &'static str) -> u64 {
+    metrics
+        .filter_evaluations
+        .get_or_create(&crate::metrics::FilterLabels { result })
+        .get()
+}
+
+async fn target_names(
+    screen: &Screen,
+    table: &RoutingTable,
+    ns: &str,
+    input: Arc<Data>,
+    metrics: &Metrics,
+) -> Vec<String> {
+    screen
+        .targets(table, ns, EventType::Completed, input, metrics)
+        .await
+        .iter()
+        .map(|r| r.key.name.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn each_routes_filter_decides_and_the_results_are_counted() {
     let metrics = Metrics::default();
+    let screen = Screen::default();
     let mut t = RoutingTable::default();
-    let mut only_folder_1 = route("docs", "folder-1", &[WebhookEvent::All]);
-    only_folder_1.filter = Some(EventFilter::compile("data.folder_id == 1").unwrap());
     let mut broken = route("docs", "broken", &[WebhookEvent::All]);
     broken.state = RouteState::Blocked {
-        reason: FILTER_INVALID,
+        reason: crate::crd::ready_reason::FILTER_INVALID,
         message: "spec.filter: ...".into(),
     };
-    t.apply(only_folder_1);
+    t.apply(filtered("docs", "folder-1", "data.folder_id == 1"));
     t.apply(broken);
     t.apply(route("docs", "all", &[WebhookEvent::All]));
-    let targets = |data: serde_json::Value| {
-        let data = data.as_object().cloned().unwrap();
-        let facts = EventFacts::new(EventType::Completed, "2023-06-15T10:35:00Z", &data);
-        t.lookup_event("docs", &facts, &metrics)
-            .map(|r| r.key.name.to_string())
-            .collect::<Vec<_>>()
-    };
+    let targets = |value| target_names(&screen, &t, "docs", data(value), &metrics);
     assert_eq!(
-        targets(serde_json::json!({"folder_id": 1})),
+        targets(serde_json::json!({"folder_id": 1})).await,
         ["all", "folder-1"]
     );
-    assert_eq!(targets(serde_json::json!({"folder_id": 2})), ["all"]);
+    assert_eq!(targets(serde_json::json!({"folder_id": 2})).await, ["all"]);
     // A missing field is an evaluation error: not delivered, and counted.
-    assert_eq!(targets(serde_json::json!({})), ["all"]);
-    let count = |result| {
-        metrics
-            .filter_evaluations
-            .get_or_create(&FilterLabels { result })
-            .get()
-    };
+    assert_eq!(targets(serde_json::json!({})).await, ["all"]);
     assert_eq!(
-        (count("matched"), count("not_matched"), count("error")),
+        (
+            count(&metrics, "matched"),
+            count(&metrics, "not_matched"),
+            count(&metrics, "error")
+        ),
         (1, 1, 1)
+    );
+    // Without a filter to evaluate, the targets are known without a thread.
+    let mut plain = RoutingTable::default();
+    plain.apply(route("docs", "all", &[WebhookEvent::All]));
+    assert!(Screen::without_evaluation(&plain, "docs", EventType::Completed).is_some());
+    assert!(Screen::without_evaluation(&t, "docs", EventType::Completed).is_none());
+}
+
+/// A large event for a linear filter: long enough to evaluate that a budget of a millisecond
+/// runs out.
+fn large_event() -> Arc<Data> {
+    let numbers: Vec<u64> = (0..200_000).collect();
+    data(serde_json::json!({"a": numbers}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_over_its_filter_budget_fails_on_that_webhook_and_is_reported() {
+    let metrics = Metrics::default();
+    let screen = Screen::new(FilterBudget {
+        per_event: Duration::from_millis(1),
+        per_namespace: Duration::from_secs(10),
+    });
+    let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = reports.clone();
+    screen.report_to(move |r| seen.lock().unwrap().push(r));
+    let mut t = RoutingTable::default();
+    t.apply(filtered("docs", "slow", "data.a.all(x, x >= 0)"));
+    t.apply(route("docs", "plain", &[WebhookEvent::All]));
+    let started = Instant::now();
+    let names = target_names(&screen, &t, "docs", large_event(), &metrics).await;
+    assert_eq!(
+        names,
+        ["plain"],
+        "the filtered route fails, the other is delivered"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the caller does not wait for the filter: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(count(&metrics, "timeout"), 1);
+    let reports = reports.lock().unwrap();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].webhook, WebhookKey::new("docs", "slow"));
+    assert!(
+        reports[0].message.contains("within 1 ms"),
+        "{}",
+        reports[0].message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_that_spent_its_filter_time_fails_its_filters_while_others_evaluate() {
+    let metrics = Metrics::default();
+    let screen = Screen::new(FilterBudget {
+        per_event: Duration::from_secs(30),
+        per_namespace: Duration::from_micros(1),
+    });
+    let mut t = RoutingTable::default();
+    t.apply(filtered("greedy", "w", "data.a.all(x, x >= 0)"));
+    t.apply(filtered("other", "w", "data.ok == true"));
+    // The first evaluation runs (the bucket starts full) and overdraws it.
+    let first = target_names(&screen, &t, "greedy", large_event(), &metrics).await;
+    assert_eq!(first, ["w"]);
+    let second = target_names(&screen, &t, "greedy", large_event(), &metrics).await;
+    assert!(second.is_empty(), "over budget: {second:?}");
+    assert_eq!(count(&metrics, "over_budget"), 1);
+    let small = data(serde_json::json!({"ok": true}));
+    assert_eq!(
+        target_names(&screen, &t, "other", small, &metrics).await,
+        ["w"],
+        "another namespace has its own budget"
     );
 }
 

@@ -104,6 +104,9 @@ pub enum Update {
     },
     /// The Webhook was deleted: forget what is kept for it.
     WebhookDeleted { key: WebhookKey },
+    /// A Kubernetes Event to record on an object now (by any replica: it reports what this
+    /// replica saw), such as a Webhook's filter failing on events.
+    Note(TransitionEvent),
 }
 
 /// The sending side, cloned by every producer. A full channel makes producers wait, which is the
@@ -130,6 +133,12 @@ impl StatusSender {
         if self.tx.send(update).await.is_err() {
             tracing::debug!("status writer stopped; update dropped at shutdown");
         }
+    }
+
+    /// Sends `update` if the channel has room now; for what may be dropped under load (a
+    /// [`Update::Note`]), from code that cannot wait.
+    pub fn try_send(&self, update: Update) -> bool {
+        self.tx.try_send(update).is_ok()
     }
 
     /// A place in the channel, for producers that must not wait with an update in hand (the
@@ -405,6 +414,10 @@ impl StatusWriter {
 
     /// Merges `update` into its slot, returning the slot's key (None: nothing to write).
     fn merge(&mut self, update: Update) -> Option<SlotKey> {
+        if let Update::Note(event) = update {
+            patch::record_event(self.recorder.clone(), self.events.clone(), event);
+            return None;
+        }
         if !self.leadership.is_leader() {
             // See the tick: only attempt records are kept, while no other replica leads.
             let record = matches!(update, Update::DeliveryAttempt { .. });
@@ -442,6 +455,7 @@ impl StatusWriter {
                 SlotKey::BlockedKeys(key),
                 Content::BlockedKeys { uid, keys },
             ),
+            Update::Note(_) => return None,
         };
         let first_delay = self.config.event_first_delay;
         let slot = self.slots.entry(key.clone()).or_insert_with(|| Slot {

@@ -50,7 +50,11 @@ async fn a_filter_costing_the_square_of_the_event_is_refused_and_stalls_no_other
     let digits: Vec<u64> = (0..120_000).map(|i| i % 10).collect();
     let large = json!({"a": digits, "b": digits});
     for mode in INGEST_MODES {
-        let op = ModeOperator::start(cp, mode, &[&a, &b], |_| {}).await;
+        // Time enough for the linear filter over the large event in a debug build.
+        let op = ModeOperator::start(cp, mode, &[&a, &b], |args| {
+            args.filter_timeout = Duration::from_secs(60);
+        })
+        .await;
         let suffix = format!("{mode:?}").to_lowercase();
         let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &a);
 
@@ -105,6 +109,106 @@ async fn a_filter_costing_the_square_of_the_event_is_refused_and_stalls_no_other
         // Generous: the point is seconds, not the minute a quadratic filter took.
         assert!(
             other < Duration::from_secs(10),
+            "{suffix}: the other namespace's event took {other:?}"
+        );
+        op.op.stop().await;
+    }
+}
+
+/// The FilterFailed warning Events recorded on Webhook `name` of `namespace`.
+async fn filter_failed_notes(client: &kube::Client, namespace: &str, name: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), namespace);
+    events
+        .list(&Default::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("FilterFailed")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        })
+        .filter_map(|e| e.note)
+        .collect()
+}
+
+/// A linear filter over a large event (480 KB) with a filter budget of 20 ms: the filter is
+/// evaluated off the request and delivery workers, gives up at its budget, and the event is
+/// not delivered to that Webhook, which gets a FilterFailed warning Event; the Webhook without
+/// a filter in the same namespace and the other namespace's event are delivered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_over_its_filter_budget_fails_on_its_webhook_and_delays_no_other_namespace() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let a = cp.namespace("budget-a").await;
+    let b = cp.namespace("budget-b").await;
+    let digits: Vec<u64> = (0..120_000).map(|i| i % 10).collect();
+    let large = json!({"a": digits, "b": digits});
+    for mode in INGEST_MODES {
+        let op = ModeOperator::start(cp, mode, &[&a, &b], |args| {
+            args.filter_timeout = Duration::from_millis(20);
+        })
+        .await;
+        let suffix = format!("{mode:?}").to_lowercase();
+        let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &a);
+        let filtered = format!("filtered-{suffix}");
+        let filtered_rx = counting_webhook(&client, &a, &filtered, SECRET).await;
+        set_filter(&webhooks, &filtered, "data.a.all(x, x >= 0)").await;
+        eventually("the filter reconciled", Duration::from_secs(60), || async {
+            let w = webhooks.get(&filtered).await.ok()?;
+            let status = w.status?;
+            (status.observed_generation == w.metadata.generation).then_some(())
+        })
+        .await;
+        wait_ready(&webhooks, &filtered).await;
+        let plain_rx = counting_webhook(&client, &a, &format!("plain-{suffix}"), SECRET).await;
+        let other_rx = counting_webhook(&client, &b, &format!("other-{suffix}"), SECRET).await;
+
+        let posted = Instant::now();
+        op.post_event(&a, "document.completed", large.clone()).await;
+        let large_accepted = posted.elapsed();
+        let other_posted = Instant::now();
+        op.post_event(&b, "document.completed", json!({"document_id": 1}))
+            .await;
+        delivered(&other_rx, "the other namespace's event").await;
+        let other = other_posted.elapsed();
+        delivered(&plain_rx, "the large event to the Webhook without a filter").await;
+        let notes = eventually(
+            "a FilterFailed Event on the filtered Webhook",
+            Duration::from_secs(30),
+            || async {
+                let notes = filter_failed_notes(&client, &a, &filtered).await;
+                (!notes.is_empty()).then_some(notes)
+            },
+        )
+        .await;
+        let timeouts = crate::support::metric(
+            op.op.op.metrics_addr,
+            "hookrelay_filter_evaluations_total{result=\"timeout\"}",
+        )
+        .await
+        .unwrap_or(0.0);
+        println!(
+            "FIGURES tenants::filter_budget mode={suffix} event_kb={} budget_ms=20 large_accepted_ms={} other_namespace_delivered_ms={} (from its post) filtered_webhook_requests={} timeouts={timeouts}",
+            large.to_string().len() / 1024,
+            large_accepted.as_millis(),
+            other.as_millis(),
+            filtered_rx.counts().1,
+        );
+        assert!(
+            notes[0].contains("not delivered") && notes[0].contains("within 20 ms"),
+            "{suffix}: the Event says what happened: {notes:?}"
+        );
+        assert!(timeouts >= 1.0, "{suffix}: the timeout is counted");
+        assert_eq!(
+            filtered_rx.counts().1,
+            0,
+            "{suffix}: an event over its filter budget is not delivered to that Webhook"
+        );
+        // Generous: measured well under a second.
+        assert!(
+            other < Duration::from_secs(2),
             "{suffix}: the other namespace's event took {other:?}"
         );
         op.op.stop().await;

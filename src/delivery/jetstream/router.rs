@@ -1,6 +1,9 @@
 //! The router: turns each event into one work item per target, on every replica.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use async_nats::{
     HeaderMap,
@@ -14,7 +17,7 @@ use crate::delivery::delivery_id;
 use crate::{
     crd::EventType,
     metrics::Metrics,
-    routing::{EventFacts, Route, Routes},
+    routing::{EventFacts, FilterInput, Route, Routes},
     telemetry::TRACEPARENT,
 };
 
@@ -137,7 +140,6 @@ async fn route_one(
         return message.ack().await.map_err(|e| e.to_string());
     };
     let event_sequence = message.info().map(|i| i.stream_sequence).ok();
-    let table = routes.snapshot();
     // The route span continues the ingest trace; each work item carries it to its attempts.
     let span = tracing::info_span!(
         target: crate::telemetry::TARGET,
@@ -148,15 +150,16 @@ async fn route_one(
     );
     crate::telemetry::continue_trace(&span, header(headers, TRACEPARENT));
     let trace = crate::telemetry::traceparent(&span);
-    // The payload is the body hookrelay published; it is parsed only when a filter needs it.
-    let filtered = table.lookup(namespace, event).any(|r| r.filter.is_some());
-    let wire = filtered
-        .then(|| serde_json::from_slice::<FilterWire>(&message.payload).ok())
-        .flatten()
-        .unwrap_or_default();
-    let facts = EventFacts::new(event, &wire.timestamp, &wire.data);
+    // The payload is the body hookrelay published; it is parsed only when a filter needs it,
+    // on the thread that evaluates the filters.
+    let input = Arc::new(PublishedEvent {
+        event,
+        payload: message.payload.clone(),
+        parsed: OnceLock::new(),
+    });
+    let targets = routes.targets(namespace, event, input, metrics).await;
     let mut acks = Vec::new();
-    for route in table.lookup_event(namespace, &facts, metrics) {
+    for route in &targets {
         let id = delivery_id(event_id, &route.uid);
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());
@@ -177,7 +180,6 @@ async fn route_one(
             .map_err(|e| e.to_string())?;
         acks.push(ack);
     }
-    drop(table);
     for ack in acks {
         ack.await.map_err(|e| e.to_string())?;
     }
@@ -191,6 +193,22 @@ struct FilterWire {
     timestamp: String,
     #[serde(default)]
     data: serde_json::Map<String, serde_json::Value>,
+}
+
+/// An event as ingest published it, parsed for its filters at most once.
+struct PublishedEvent {
+    event: EventType,
+    payload: bytes::Bytes,
+    parsed: OnceLock<FilterWire>,
+}
+
+impl FilterInput for PublishedEvent {
+    fn facts(&self) -> EventFacts<'_> {
+        let wire = self
+            .parsed
+            .get_or_init(|| serde_json::from_slice(&self.payload).unwrap_or_default());
+        EventFacts::new(self.event, &wire.timestamp, &wire.data)
+    }
 }
 
 /// Where the work items of `route` go: deliveries that must all come from one process (a rate

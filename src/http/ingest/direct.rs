@@ -25,7 +25,7 @@ use crate::{
     health::Readiness,
     http::{ApiError, ApiState},
     metrics::Metrics,
-    routing::{EventFacts, Route, RoutingTable},
+    routing::{EventFacts, FilterInput, Route},
     wire::EventBody,
 };
 
@@ -128,7 +128,7 @@ impl DirectIngest {
         }
     }
 
-    /// Count filter evaluations in the operator's metrics.
+    /// Count lost direct deliveries in the operator's metrics.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics;
         self
@@ -204,13 +204,12 @@ impl DirectIngest {
     }
 
     /// Checks readiness, idempotency keys and capacity (before building anything), then
-    /// builds the deliveries of `events` against `table`.
+    /// builds the deliveries of `events`, each with the routes that take it.
     pub fn admit(
         &self,
         readiness: &Readiness,
-        table: &RoutingTable,
         namespace: &str,
-        events: Vec<IngestEvent>,
+        events: Vec<RoutedEvent>,
     ) -> Result<Admission, ApiError> {
         if !readiness.is_ready() {
             // Before the first full list the routing table is incomplete: routing now would
@@ -227,14 +226,16 @@ impl DirectIngest {
             return Err(error);
         }
         let accepted = events.len();
-        let keyed = events.iter().any(|e| e.key.is_some());
+        let keyed = events.iter().any(|r| r.event.key.is_some());
         let ns: Arc<str> = namespace.into();
         let mut duplicates = Vec::new();
         let mut new_events = Vec::new();
-        for (index, e) in events.into_iter().enumerate() {
-            // Only a keyed event is ever compared: hashing every event's data costs as much as
-            // parsing it.
-            let fingerprint = e.key.as_ref().map(|_| fingerprint(&e)).unwrap_or_default();
+        for (index, routed) in events.into_iter().enumerate() {
+            let RoutedEvent {
+                event: e,
+                fingerprint,
+                targets,
+            } = routed;
             if let Some(key) = &e.key {
                 match self.recent.get(&(ns.clone(), Arc::from(key.as_str()))) {
                     Some(r) if r.fingerprint == fingerprint => {
@@ -245,26 +246,16 @@ impl DirectIngest {
                     None => {}
                 }
             }
-            new_events.push((index, e, fingerprint));
+            new_events.push((index, e, fingerprint, targets));
         }
 
         // Capacity first: count the deliveries, build them only once there is room. The same
-        // pass finds a line that does not drain in time, and fixes each event's targets (its
-        // timestamp first, which filters may read), so that filters run once per event.
+        // pass finds a line that does not drain in time.
         let now = Instant::now();
         let mut needed = 0;
         let mut slow = None;
-        let mut routed = Vec::with_capacity(new_events.len());
-        for (_, e, _) in &mut new_events {
-            let timestamp = e
-                .timestamp
-                .get_or_insert_with(|| k8s_openapi::jiff::Timestamp::now().to_string());
-            let facts = EventFacts::new(e.event, timestamp, &e.data);
-            let targets: Vec<Arc<Route>> = table
-                .lookup_event(namespace, &facts, &self.metrics)
-                .cloned()
-                .collect();
-            for route in &targets {
+        for (_, _, _, targets) in &new_events {
+            for route in targets {
                 needed += 1;
                 // A rate-limited line is meant to wait: it is bounded by the queue, not by
                 // --direct-max-queue-delay.
@@ -275,7 +266,6 @@ impl DirectIngest {
                     }
                 }
             }
-            routed.push(targets);
         }
         for (limit, what) in [
             (self.capacity, "the direct queue holds"),
@@ -330,7 +320,7 @@ impl DirectIngest {
         // the same key may have come first.
         let mut recorded = Vec::new();
         let mut to_send = Vec::new();
-        for ((index, e, fingerprint), targets) in new_events.into_iter().zip(routed) {
+        for (index, e, fingerprint, targets) in new_events {
             if let Some(key) = &e.key {
                 let entry = self
                     .recent
@@ -400,15 +390,70 @@ fn queue_full(code: &'static str, message: String) -> ApiError {
     error
 }
 
-pub(super) fn direct(
+/// An event of a direct request on its way to admission: its fingerprint (of the event as sent,
+/// for its idempotency key), its timestamp fixed (filters may read it), and its targets.
+pub struct RoutedEvent {
+    pub event: IngestEvent,
+    fingerprint: [u8; 32],
+    pub targets: Vec<Arc<Route>>,
+}
+
+impl RoutedEvent {
+    /// Fingerprints `event` (only a keyed one: hashing every event's data costs as much as
+    /// parsing it) and fixes its timestamp; it has no targets yet.
+    pub fn new(mut event: IngestEvent) -> Self {
+        let fingerprint = event
+            .key
+            .as_ref()
+            .map(|_| fingerprint(&event))
+            .unwrap_or_default();
+        event
+            .timestamp
+            .get_or_insert_with(|| k8s_openapi::jiff::Timestamp::now().to_string());
+        Self {
+            event,
+            fingerprint,
+            targets: Vec::new(),
+        }
+    }
+}
+
+/// What an event of a direct request offers its filters (its timestamp fixed first).
+impl FilterInput for IngestEvent {
+    fn facts(&self) -> EventFacts<'_> {
+        EventFacts::new(
+            self.event,
+            self.timestamp.as_deref().unwrap_or_default(),
+            &self.data,
+        )
+    }
+}
+
+pub(super) async fn direct(
     state: &ApiState,
     namespace: &str,
     events: Vec<IngestEvent>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let table = state.routes.snapshot();
-    let admission = state
-        .direct
-        .admit(&state.readiness, &table, namespace, events)?;
+    // Each event's targets, its filters evaluated off this worker (see `routing::Screen`).
+    let mut routed = Vec::with_capacity(events.len());
+    for e in events {
+        let RoutedEvent {
+            event, fingerprint, ..
+        } = RoutedEvent::new(e);
+        let event = Arc::new(event);
+        let targets = state
+            .routes
+            .targets(namespace, event.event, event.clone(), &state.metrics)
+            .await;
+        // Shared still only with a filter thread that overran its budget.
+        let event = Arc::try_unwrap(event).unwrap_or_else(|shared| IngestEvent::clone(&shared));
+        routed.push(RoutedEvent {
+            event,
+            fingerprint,
+            targets,
+        });
+    }
+    let admission = state.direct.admit(&state.readiness, namespace, routed)?;
     let count = admission.deliveries.len();
     let permit = Arc::new(admission.permit);
     let since = Instant::now();
@@ -454,7 +499,10 @@ pub(super) fn direct(
 mod tests {
     use super::*;
     use crate::http::ingest::parse_events;
-    use crate::{keys::WebhookKey, routing::Route};
+    use crate::{
+        keys::WebhookKey,
+        routing::{Route, RoutingTable},
+    };
 
     fn event(body: &str) -> IngestEvent {
         parse_events(body.as_bytes(), None).unwrap().pop().unwrap()
@@ -472,6 +520,21 @@ mod tests {
         t
     }
 
+    /// Each event with its routes; the test routes have no filter.
+    fn routed(table: &RoutingTable, namespace: &str, events: Vec<IngestEvent>) -> Vec<RoutedEvent> {
+        events
+            .into_iter()
+            .map(|e| {
+                let mut routed = RoutedEvent::new(e);
+                routed.targets = table
+                    .lookup(namespace, routed.event.event)
+                    .cloned()
+                    .collect();
+                routed
+            })
+            .collect()
+    }
+
     fn ready() -> Readiness {
         let r = Readiness::new(&["webhooks"]);
         r.mark_ready("webhooks");
@@ -486,9 +549,12 @@ mod tests {
         let e = direct
             .admit(
                 &readiness,
-                &t,
                 "a",
-                vec![event(r#"{"event":"document.error","data":{}}"#)],
+                routed(
+                    &t,
+                    "a",
+                    vec![event(r#"{"event":"document.error","data":{}}"#)],
+                ),
             )
             .err()
             .expect("refused before the sync");
@@ -502,9 +568,12 @@ mod tests {
         let admitted = direct
             .admit(
                 &readiness,
-                &t,
                 "a",
-                vec![event(r#"{"event":"document.error","data":{}}"#)],
+                routed(
+                    &t,
+                    "a",
+                    vec![event(r#"{"event":"document.error","data":{}}"#)],
+                ),
             )
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(admitted.deliveries.len(), 1);
@@ -516,14 +585,14 @@ mod tests {
         let t = table(&[("a", "w1"), ("a", "w2"), ("b", "w1")]);
         let two = || vec![event(r#"{"event":"document.error","data":{}}"#)];
         let first = direct
-            .admit(&ready(), &t, "a", two())
+            .admit(&ready(), "a", routed(&t, "a", two()))
             .unwrap_or_else(|e| panic!("{e:?}"));
         let second = direct
-            .admit(&ready(), &t, "a", two())
+            .admit(&ready(), "a", routed(&t, "a", two()))
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(direct.held_by("a"), 4);
         let e = direct
-            .admit(&ready(), &t, "a", two())
+            .admit(&ready(), "a", routed(&t, "a", two()))
             .err()
             .expect("a's share is full");
         assert_eq!(
@@ -541,7 +610,7 @@ mod tests {
         );
         // Another namespace is not affected.
         let b = direct
-            .admit(&ready(), &t, "b", two())
+            .admit(&ready(), "b", routed(&t, "b", two()))
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(b.deliveries.len(), 1);
         // A request that can never fit a namespace's share is 413, not 429 forever.
@@ -549,7 +618,7 @@ mod tests {
             .map(|_| event(r#"{"event":"document.error","data":{}}"#))
             .collect();
         let e = direct
-            .admit(&ready(), &t, "a", five)
+            .admit(&ready(), "a", routed(&t, "a", five))
             .err()
             .expect("too large");
         assert_eq!(
@@ -561,7 +630,7 @@ mod tests {
         assert_eq!(direct.held_by("a"), 2);
         drop((second, b));
         assert_eq!(direct.namespaces_holding(), 0);
-        assert!(direct.admit(&ready(), &t, "a", two()).is_ok());
+        assert!(direct.admit(&ready(), "a", routed(&t, "a", two())).is_ok());
     }
 
     #[test]
@@ -573,12 +642,12 @@ mod tests {
             .into_iter()
             .map(|ns| {
                 direct
-                    .admit(&ready(), &t, ns, one())
+                    .admit(&ready(), ns, routed(&t, ns, one()))
                     .unwrap_or_else(|e| panic!("{e:?}"))
             })
             .collect();
         let e = direct
-            .admit(&ready(), &t, "a", one())
+            .admit(&ready(), "a", routed(&t, "a", one()))
             .err()
             .expect("global queue full");
         assert_eq!(
@@ -593,14 +662,14 @@ mod tests {
         let t = table(&[("a", "w1"), ("a", "w2"), ("b", "w1")]);
         let keyed = r#"{"event":"document.completed","id":"k","data":{"x":1,"y":2}}"#;
         let first = direct
-            .admit(&ready(), &t, "a", vec![event(keyed)])
+            .admit(&ready(), "a", routed(&t, "a", vec![event(keyed)]))
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!((first.deliveries.len(), first.duplicates.len()), (2, 0));
 
         // Same content (keys of data in another order): nothing new is dispatched.
         let same = r#"{"event":"document.completed","id":"k","data":{"y":2,"x":1}}"#;
         let again = direct
-            .admit(&ready(), &t, "a", vec![event(same)])
+            .admit(&ready(), "a", routed(&t, "a", vec![event(same)]))
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(
             (again.deliveries.len(), again.duplicates.clone()),
@@ -610,7 +679,7 @@ mod tests {
         // Other content under the same key: 409.
         let other = r#"{"event":"document.completed","id":"k","data":{"x":2,"y":2}}"#;
         let e = direct
-            .admit(&ready(), &t, "a", vec![event(other)])
+            .admit(&ready(), "a", routed(&t, "a", vec![event(other)]))
             .err()
             .expect("conflict");
         assert_eq!(
@@ -620,7 +689,7 @@ mod tests {
 
         // Keys are scoped to the namespace.
         let b = direct
-            .admit(&ready(), &t, "b", vec![event(other)])
+            .admit(&ready(), "b", routed(&t, "b", vec![event(other)]))
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(b.deliveries.len(), 1);
 
@@ -629,7 +698,7 @@ mod tests {
         let ids: Vec<String> = first.deliveries.iter().map(|d| d.id.clone()).collect();
         let fresh = DirectIngest::new(100, 100);
         let later = fresh
-            .admit(&ready(), &t, "a", vec![event(keyed)])
+            .admit(&ready(), "a", routed(&t, "a", vec![event(keyed)]))
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(
             later
@@ -662,7 +731,7 @@ mod tests {
         let one = || vec![event(r#"{"event":"document.error","data":{}}"#)];
         let admit = |ns| {
             direct
-                .admit(&ready(), &t, ns, one())
+                .admit(&ready(), ns, routed(&t, ns, one()))
                 .unwrap_or_else(|e| panic!("{e:?}"))
         };
         // A line whose oldest delivery has waited less than the target still takes events.
@@ -675,7 +744,7 @@ mod tests {
             .lines
             .age_oldest(&WebhookKey::new("a", "slow"), Duration::from_millis(200));
         let e = direct
-            .admit(&ready(), &t, "a", one())
+            .admit(&ready(), "a", routed(&t, "a", one()))
             .err()
             .expect("the line of a/slow does not drain in time");
         assert_eq!(
@@ -710,13 +779,13 @@ mod tests {
         t.apply(route);
         let one = || vec![event(r#"{"event":"document.error","data":{}}"#)];
         let first = direct
-            .admit(&ready(), &t, "a", one())
+            .admit(&ready(), "a", routed(&t, "a", one()))
             .unwrap_or_else(|e| panic!("{e:?}"));
         // Its line waits for the limit's turns, far longer than --direct-max-queue-delay:
         // that is the limit at work, not a line that cannot keep up.
         waiting(&direct, first, Duration::from_secs(10));
         let next = direct
-            .admit(&ready(), &t, "a", one())
+            .admit(&ready(), "a", routed(&t, "a", one()))
             .unwrap_or_else(|e| panic!("a rate-limited line must take events: {e:?}"));
         assert_eq!(next.deliveries.len(), 1);
     }
@@ -728,21 +797,24 @@ mod tests {
         let _full = direct
             .admit(
                 &ready(),
-                &t,
                 "a",
-                vec![event(r#"{"event":"document.error","data":{}}"#)],
+                routed(
+                    &t,
+                    "a",
+                    vec![event(r#"{"event":"document.error","data":{}}"#)],
+                ),
             )
             .unwrap_or_else(|e| panic!("{e:?}"));
         let keyed = r#"{"event":"document.error","id":"k","data":{}}"#;
         let e = direct
-            .admit(&ready(), &t, "a", vec![event(keyed)])
+            .admit(&ready(), "a", routed(&t, "a", vec![event(keyed)]))
             .err()
             .expect("full");
         assert_eq!(e.code, "namespace_queue_full");
         drop(_full);
         // The retry is dispatched, not taken for a duplicate of the refused request.
         let retry = direct
-            .admit(&ready(), &t, "a", vec![event(keyed)])
+            .admit(&ready(), "a", routed(&t, "a", vec![event(keyed)]))
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!((retry.deliveries.len(), retry.duplicates.len()), (1, 0));
     }

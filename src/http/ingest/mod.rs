@@ -246,7 +246,7 @@ pub async fn ingest(
             IngestMode::Durable => durable(&state, &namespace, events).await,
             IngestMode::Direct => {
                 super::require_no_other_leader(&state, "direct ingest")?;
-                direct(&state, &namespace, events)
+                direct(&state, &namespace, events).await
             }
             IngestMode::JetStream => jetstream(&state, &namespace, events).await,
         }
