@@ -5,7 +5,14 @@
 //! There is no kubelet here: `helm install` (never `--wait`) creates objects but no pod runs, so
 //! the binary runs locally with the ServiceAccount's token.
 
-use std::{sync::OnceLock, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
 
 use hookrelay::{
     crd::{DocumentEvent, TargetState},
@@ -106,6 +113,80 @@ fn kinds(objects: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// The rendered object of `kind` named `name`.
+fn object<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("a {kind} {name}"))
+}
+
+/// `kubectl auth can-i ARGS` as the identity of `kubeconfig`: "yes" or "no".
+async fn can_i(cp: &ControlPlane, kubeconfig: &Path, args: &[&str]) -> String {
+    let mut full = vec!["auth", "can-i"];
+    full.extend(args);
+    cp.kubectl_as(kubeconfig, &full)
+        .await
+        .stdout
+        .trim()
+        .to_owned()
+}
+
+/// A kubeconfig of a new ServiceAccount `name` in `namespace`, bound there by a RoleBinding to
+/// the ClusterRole `cluster_role` (as the chart README tells a cluster admin to), once the
+/// binding grants `verb` on webhooks.
+async fn bound_in(
+    cp: &ControlPlane,
+    namespace: &str,
+    name: &str,
+    cluster_role: &str,
+    verb: &str,
+) -> PathBuf {
+    let token = cp
+        .service_account_token_without_audience(namespace, name)
+        .await;
+    cp.kubectl_ok(
+        &[
+            "create",
+            "rolebinding",
+            name,
+            "-n",
+            namespace,
+            &format!("--clusterrole={cluster_role}"),
+            &format!("--serviceaccount={namespace}:{name}"),
+        ],
+        None,
+    )
+    .await;
+    let kubeconfig = cp.token_kubeconfig(&token);
+    // RBAC decides from its informers' cache: wait until the binding is seen.
+    eventually("the RoleBinding in effect", WAIT, || async {
+        (can_i(
+            cp,
+            &kubeconfig,
+            &[verb, "webhooks.hookrelay.dev", "-n", namespace],
+        )
+        .await
+            == "yes")
+            .then_some(())
+    })
+    .await;
+    kubeconfig
+}
+
+/// `manifest` in a file of its own, for kubectl as another identity (`kubectl_as` passes no
+/// stdin).
+fn manifest_file(manifest: &Value) -> PathBuf {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "hookrelay-chart-{}-{}.json",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, manifest.to_string()).expect("manifest written");
+    path
+}
+
 fn deployment(objects: &[Value]) -> &Value {
     objects
         .iter()
@@ -195,15 +276,98 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
             "ServiceAccount",
             "ClusterRole",
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRole",
+            "ClusterRole",
             "ClusterRoleBinding",
             "ClusterRoleBinding",
             "Role",
             "RoleBinding",
             "Service",
             "Service",
-            "Deployment"
+            "Deployment",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding"
         ],
         "{defaults}"
+    );
+    // The roles for people: two folded into the built-in view and edit roles by their labels
+    // (no kube-controller-manager runs here to do it: the labels are what can be checked), and
+    // the support role folded into none, so that it grants only where it is bound.
+    let aggregate = |name: &str| {
+        let labels = &object(&default_objects, "ClusterRole", name)["metadata"]["labels"];
+        [
+            "rbac.authorization.k8s.io/aggregate-to-view",
+            "rbac.authorization.k8s.io/aggregate-to-edit",
+            "rbac.authorization.k8s.io/aggregate-to-admin",
+        ]
+        .map(|label| labels[label].as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(
+        aggregate("hookrelay-render-aggregate-to-view"),
+        ["true", "", ""]
+    );
+    assert_eq!(
+        aggregate("hookrelay-render-aggregate-to-edit"),
+        ["", "true", ""]
+    );
+    assert_eq!(aggregate("hookrelay-render-support"), ["", "", ""]);
+    assert!(
+        !default_objects
+            .iter()
+            .any(|o| o["roleRef"]["name"] == "hookrelay-render-support"),
+        "nothing is bound to the support role"
+    );
+    // The admission policy looks only at the operator's own ServiceAccount, and denies.
+    let policy = object(
+        &default_objects,
+        "ValidatingAdmissionPolicy",
+        "hookrelay-render-secret-writes",
+    );
+    assert_eq!(
+        policy["spec"]["matchConditions"][0]["expression"],
+        format!("request.userInfo.username == \"system:serviceaccount:{ns}:hookrelay-render\"")
+    );
+    let binding = object(
+        &default_objects,
+        "ValidatingAdmissionPolicyBinding",
+        "hookrelay-render-secret-writes",
+    );
+    assert_eq!(
+        (
+            &binding["spec"]["policyName"],
+            &binding["spec"]["validationActions"]
+        ),
+        (&json!("hookrelay-render-secret-writes"), &json!(["Deny"]))
+    );
+    // Each switch takes its object away.
+    let none = render(
+        cp,
+        "hookrelay-render",
+        &ns,
+        &[
+            "--set",
+            "rbac.supportRole.create=false",
+            "--set",
+            "rbac.aggregateToView=false",
+            "--set",
+            "rbac.aggregateToEdit=false",
+            "--set",
+            "rbac.secretWritePolicy.enabled=false",
+        ],
+    )
+    .await;
+    let none_kinds = kinds(&objects(&none));
+    assert_eq!(
+        none_kinds.iter().filter(|k| *k == "ClusterRole").count(),
+        2,
+        "{none}"
+    );
+    assert!(
+        !none_kinds
+            .iter()
+            .any(|k| k.starts_with("ValidatingAdmission")),
+        "{none}"
     );
     let out = cp
         .kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&defaults))
@@ -232,6 +396,9 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
         "Certificate",
         "PodDisruptionBudget",
         "NetworkPolicy",
+        // In each listed namespace the operator's Role grants Secret writes too.
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ] {
         assert!(every_kinds.iter().any(|k| k == kind), "{kind} in {every}");
     }
@@ -333,6 +500,9 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
         "networkpolicy.networking.k8s.io/hookrelay-every created (server dry run)",
         "poddisruptionbudget.policy/hookrelay-every created (server dry run)",
         "clusterrole.rbac.authorization.k8s.io/hookrelay-every-viewer created (server dry run)",
+        "clusterrole.rbac.authorization.k8s.io/hookrelay-every-support created (server dry run)",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/hookrelay-every-secret-writes created (server dry run)",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/hookrelay-every-secret-writes created (server dry run)",
     ] {
         assert!(out.stdout.contains(created), "{created}: {}", out.stdout);
     }
@@ -508,7 +678,10 @@ async fn release_objects(cp: &ControlPlane, release: &str, ns: &str) -> Vec<Stri
             Some(ns),
             "deployments,services,serviceaccounts,roles,rolebindings,configmaps,secrets,networkpolicies,poddisruptionbudgets",
         ),
-        (None, "clusterroles,clusterrolebindings"),
+        (
+            None,
+            "clusterroles,clusterrolebindings,validatingadmissionpolicies,validatingadmissionpolicybindings",
+        ),
     ] {
         let mut args = vec!["get", kinds, "-l", &selector, "-o", "name"];
         if let Some(ns) = scope {
@@ -544,11 +717,20 @@ async fn install_upgrade_and_uninstall_leave_only_the_crds() {
     );
     assert!(live_args.contains(&"--max-in-flight=512".to_owned()));
     let installed = release_objects(cp, release, &ns).await;
-    assert!(
-        installed.contains(&"clusterrole.rbac.authorization.k8s.io/hookrelay-life".to_owned())
-            && installed.contains(&"deployment.apps/hookrelay-life".to_owned()),
-        "{installed:?}"
-    );
+    for expected in [
+        "clusterrole.rbac.authorization.k8s.io/hookrelay-life",
+        "clusterrole.rbac.authorization.k8s.io/hookrelay-life-support",
+        "clusterrole.rbac.authorization.k8s.io/hookrelay-life-aggregate-to-view",
+        "clusterrole.rbac.authorization.k8s.io/hookrelay-life-aggregate-to-edit",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/hookrelay-life-secret-writes",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/hookrelay-life-secret-writes",
+        "deployment.apps/hookrelay-life",
+    ] {
+        assert!(
+            installed.contains(&expected.to_owned()),
+            "{expected} in {installed:?}"
+        );
+    }
 
     helm_ok(
         cp,
@@ -635,65 +817,418 @@ async fn watch_namespaces_mode_grants_only_the_listed_namespaces() {
         .service_account_token_without_audience(&ns, release)
         .await;
     let kubeconfig = cp.token_kubeconfig(&token);
-    let can_i = |args: Vec<String>| {
-        let kubeconfig = kubeconfig.clone();
+    assert_eq!(
+        can_i(
+            cp,
+            &kubeconfig,
+            &["list", "webhooks.hookrelay.dev", "-n", &listed]
+        )
+        .await,
+        "yes"
+    );
+    assert_eq!(
+        can_i(cp, &kubeconfig, &["create", "secrets", "-n", &listed]).await,
+        "yes"
+    );
+    assert_eq!(
+        can_i(cp, &kubeconfig, &["watch", "services", "-n", &listed]).await,
+        "yes"
+    );
+    assert_eq!(
+        can_i(cp, &kubeconfig, &["update", "services", "-n", &listed]).await,
+        "no"
+    );
+    assert_eq!(
+        can_i(
+            cp,
+            &kubeconfig,
+            &["list", "webhooks.hookrelay.dev", "-n", &other]
+        )
+        .await,
+        "no"
+    );
+    assert_eq!(
+        can_i(cp, &kubeconfig, &["get", "secrets", "-n", &other]).await,
+        "no"
+    );
+    assert_eq!(
+        can_i(
+            cp,
+            &kubeconfig,
+            &["list", "webhooks.hookrelay.dev", "--all-namespaces"]
+        )
+        .await,
+        "no"
+    );
+    assert_eq!(
+        can_i(
+            cp,
+            &kubeconfig,
+            &["create", "tokenreviews.authentication.k8s.io"]
+        )
+        .await,
+        "yes"
+    );
+    assert_eq!(
+        can_i(cp, &kubeconfig, &["get", "crd/webhooks.hookrelay.dev"]).await,
+        "yes"
+    );
+    assert_eq!(can_i(cp, &kubeconfig, &["list", "crd"]).await, "no");
+    assert_eq!(
+        can_i(
+            cp,
+            &kubeconfig,
+            &["update", "leases.coordination.k8s.io/hookrelay", "-n", &ns]
+        )
+        .await,
+        "yes"
+    );
+    assert_eq!(
+        can_i(
+            cp,
+            &kubeconfig,
+            &["update", "leases.coordination.k8s.io/other", "-n", &ns]
+        )
+        .await,
+        "no"
+    );
+    helm_ok(cp, &["uninstall", release, "-n", &ns]).await;
+}
+
+#[tokio::test]
+async fn the_support_role_acts_on_deliveries_but_neither_changes_webhooks_nor_rotates_secrets() {
+    let cp = control_plane();
+    let ns = cp.namespace("chart-roles").await;
+    let team = cp.namespace("chart-roles-team").await;
+    let other = cp.namespace("chart-roles-other").await;
+    let release = "hookrelay-roles";
+    helm_ok(cp, &["install", release, &chart(), "-n", &ns]).await;
+    let webhooks = "webhooks.hookrelay.dev";
+
+    // Support, bound in `team` only.
+    let support = bound_in(cp, &team, "support", "hookrelay-roles-support", "list").await;
+    for verb in [
+        "get",
+        "list",
+        "watch",
+        "test",
+        "redeliver",
+        "recover",
+        "pause",
+        "resume",
+    ] {
+        assert_eq!(
+            can_i(cp, &support, &[verb, webhooks, "-n", &team]).await,
+            "yes",
+            "{verb} webhooks"
+        );
+    }
+    assert_eq!(
+        can_i(
+            cp,
+            &support,
+            &["get", "documentevents.hookrelay.dev", "-n", &team]
+        )
+        .await,
+        "yes"
+    );
+    // Changing a Webhook, and rotating its secret (the reply is the new secret), are not
+    // support's.
+    for verb in ["update", "patch", "create", "delete", "rotate"] {
+        assert_eq!(
+            can_i(cp, &support, &[verb, webhooks, "-n", &team]).await,
+            "no",
+            "{verb} webhooks"
+        );
+    }
+    assert_eq!(
+        can_i(
+            cp,
+            &support,
+            &["create", "documentevents.hookrelay.dev", "-n", &team]
+        )
+        .await,
+        "no"
+    );
+    for verb in ["get", "test", "redeliver"] {
+        assert_eq!(
+            can_i(cp, &support, &[verb, webhooks, "-n", &other]).await,
+            "no",
+            "{verb} webhooks in a namespace it is not bound in"
+        );
+    }
+
+    // The share of the built-in edit role, bound the same way (the aggregation into `edit`
+    // needs a kube-controller-manager, which does not run here).
+    let editor = bound_in(
+        cp,
+        &team,
+        "editor",
+        "hookrelay-roles-aggregate-to-edit",
+        "update",
+    )
+    .await;
+    for verb in [
+        "create",
+        "update",
+        "patch",
+        "delete",
+        "test",
+        "redeliver",
+        "recover",
+        "pause",
+        "resume",
+        "rotate",
+    ] {
+        assert_eq!(
+            can_i(cp, &editor, &[verb, webhooks, "-n", &team]).await,
+            "yes",
+            "{verb} webhooks"
+        );
+    }
+    for (verb, answer) in [("create", "yes"), ("delete", "yes"), ("update", "no")] {
+        assert_eq!(
+            can_i(
+                cp,
+                &editor,
+                &[verb, "documentevents.hookrelay.dev", "-n", &team]
+            )
+            .await,
+            answer,
+            "{verb} documentevents"
+        );
+    }
+    assert_eq!(
+        can_i(cp, &editor, &["redeliver", webhooks, "-n", &other]).await,
+        "no"
+    );
+
+    // The share of the built-in view role: reading only.
+    let viewer = bound_in(
+        cp,
+        &team,
+        "viewer",
+        "hookrelay-roles-aggregate-to-view",
+        "list",
+    )
+    .await;
+    for (verb, answer) in [
+        ("get", "yes"),
+        ("watch", "yes"),
+        ("test", "no"),
+        ("update", "no"),
+    ] {
+        assert_eq!(
+            can_i(cp, &viewer, &[verb, webhooks, "-n", &team]).await,
+            answer,
+            "{verb} webhooks"
+        );
+    }
+    helm_ok(cp, &["uninstall", release, "-n", &ns]).await;
+}
+
+#[tokio::test]
+async fn the_admission_policy_lets_the_operator_write_only_the_secrets_its_api_generates() {
+    let cp = control_plane();
+    let ns = cp.namespace("chart-policy").await;
+    let team = cp.namespace("chart-policy-team").await;
+    let release = "hookrelay-policy";
+    helm_ok(cp, &["install", release, &chart(), "-n", &ns]).await;
+    let token = cp
+        .service_account_token_without_audience(&ns, release)
+        .await;
+    let operator = cp.token_kubeconfig(&token);
+    let refusal = "may create only the Secrets its REST API generates, labelled \
+                   app.kubernetes.io/managed-by=hookrelay-api";
+    let create_plain = |name: &'static str, dry_run: bool| {
+        let operator = operator.clone();
+        let team = team.clone();
         async move {
-            let mut full = vec!["auth".to_owned(), "can-i".to_owned()];
-            full.extend(args);
-            let refs: Vec<&str> = full.iter().map(String::as_str).collect();
-            cp.kubectl_as(&kubeconfig, &refs)
-                .await
-                .stdout
-                .trim()
-                .to_owned()
+            let mut args = vec![
+                "create",
+                "secret",
+                "generic",
+                name,
+                "--from-literal=a=b",
+                "-n",
+                &team,
+            ];
+            if dry_run {
+                args.push("--dry-run=server");
+            }
+            cp.kubectl_as(&operator, &args).await
         }
     };
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+
+    // RBAC lets the operator create any Secret; the policy, once the API server has loaded
+    // it, refuses one without the label, saying why.
     assert_eq!(
-        can_i(s(&["list", "webhooks.hookrelay.dev", "-n", &listed])).await,
+        can_i(cp, &operator, &["create", "secrets", "-n", &team]).await,
         "yes"
     );
-    assert_eq!(can_i(s(&["create", "secrets", "-n", &listed])).await, "yes");
-    assert_eq!(can_i(s(&["watch", "services", "-n", &listed])).await, "yes");
-    assert_eq!(can_i(s(&["update", "services", "-n", &listed])).await, "no");
-    assert_eq!(
-        can_i(s(&["list", "webhooks.hookrelay.dev", "-n", &other])).await,
-        "no"
+    eventually("the policy in effect", WAIT, || async {
+        let out = create_plain("probe", true).await;
+        (!out.success).then_some(())
+    })
+    .await;
+    let refused = create_plain("x", false).await;
+    assert!(!refused.success, "{}", refused.stdout);
+    assert!(refused.stderr.contains(refusal), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("hookrelay-policy-secret-writes"),
+        "the message names the policy: {}",
+        refused.stderr
     );
-    assert_eq!(can_i(s(&["get", "secrets", "-n", &other])).await, "no");
-    assert_eq!(
-        can_i(s(&["list", "webhooks.hookrelay.dev", "--all-namespaces"])).await,
-        "no"
+
+    // A Secret as the API generates it: created, changed and deleted.
+    let secret = |name: &str, labels: Value, type_: &str, annotations: Value| {
+        manifest_file(&json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": team, "labels": labels,
+                         "annotations": annotations},
+            "type": type_,
+            "stringData": {"secret": "whsec_0123456789abcdef"},
+        }))
+    };
+    let generated = json!({
+        "app.kubernetes.io/managed-by": "hookrelay-api",
+        "hookrelay.dev/signing-secret": "true",
+    });
+    let file = secret("generated", generated.clone(), "Opaque", json!({}));
+    let created = cp
+        .kubectl_as(&operator, &["create", "-f", file.to_str().unwrap()])
+        .await;
+    assert!(created.success, "{}", created.stderr);
+    let changed = cp
+        .kubectl_as(
+            &operator,
+            &[
+                "annotate",
+                "secret",
+                "generated",
+                "-n",
+                &team,
+                "rotated=yes",
+            ],
+        )
+        .await;
+    assert!(changed.success, "{}", changed.stderr);
+    // Its label cannot be taken off...
+    let unlabel = cp
+        .kubectl_as(
+            &operator,
+            &[
+                "label",
+                "secret",
+                "generated",
+                "-n",
+                &team,
+                "app.kubernetes.io/managed-by-",
+            ],
+        )
+        .await;
+    assert!(!unlabel.success);
+    assert!(
+        unlabel
+            .stderr
+            .contains("may change only the Secrets its REST API generates")
+            && unlabel.stderr.contains("before and after the change"),
+        "{}",
+        unlabel.stderr
     );
-    assert_eq!(
-        can_i(s(&["create", "tokenreviews.authentication.k8s.io"])).await,
-        "yes"
-    );
-    assert_eq!(
-        can_i(s(&["get", "crd/webhooks.hookrelay.dev"])).await,
-        "yes"
-    );
-    assert_eq!(can_i(s(&["list", "crd"])).await, "no");
-    assert_eq!(
-        can_i(s(&[
-            "update",
-            "leases.coordination.k8s.io/hookrelay",
+    let deleted = cp
+        .kubectl_as(&operator, &["delete", "secret", "generated", "-n", &team])
+        .await;
+    assert!(deleted.success, "{}", deleted.stderr);
+
+    // ...nor put on a Secret of the namespace's own, which it may neither change nor delete.
+    cp.kubectl_ok(
+        &[
+            "create",
+            "secret",
+            "generic",
+            "database",
+            "--from-literal=password=p",
             "-n",
-            &ns
-        ]))
-        .await,
-        "yes"
+            &team,
+        ],
+        None,
+    )
+    .await;
+    let label = cp
+        .kubectl_as(
+            &operator,
+            &[
+                "label",
+                "secret",
+                "database",
+                "-n",
+                &team,
+                "app.kubernetes.io/managed-by=hookrelay-api",
+            ],
+        )
+        .await;
+    assert!(!label.success);
+    assert!(
+        label.stderr.contains("may change only the Secrets"),
+        "{}",
+        label.stderr
     );
-    assert_eq!(
-        can_i(s(&[
-            "update",
-            "leases.coordination.k8s.io/other",
-            "-n",
-            &ns
-        ]))
-        .await,
-        "no"
+    let delete = cp
+        .kubectl_as(&operator, &["delete", "secret", "database", "-n", &team])
+        .await;
+    assert!(!delete.success);
+    assert!(
+        delete
+            .stderr
+            .contains("may delete only the Secrets its REST API generates"),
+        "{}",
+        delete.stderr
     );
+    cp.kubectl_ok(&["get", "secret", "database", "-n", &team], None)
+        .await;
+
+    // Labelled but not Opaque: a service-account-token Secret would be filled with another
+    // account's token by the cluster.
+    let file = secret(
+        "token",
+        generated,
+        "kubernetes.io/service-account-token",
+        json!({"kubernetes.io/service-account.name": "default"}),
+    );
+    let token_secret = cp
+        .kubectl_as(&operator, &["create", "-f", file.to_str().unwrap()])
+        .await;
+    assert!(!token_secret.success);
+    assert!(
+        token_secret
+            .stderr
+            .contains("may write only Opaque Secrets"),
+        "{}",
+        token_secret.stderr
+    );
+
+    // Anyone else with the same RBAC is not looked at.
+    let bystander = bound_in(cp, &team, "bystander", release, "update").await;
+    let out = cp
+        .kubectl_as(
+            &bystander,
+            &[
+                "create",
+                "secret",
+                "generic",
+                "x",
+                "--from-literal=a=b",
+                "-n",
+                &team,
+            ],
+        )
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    let out = cp
+        .kubectl_as(&bystander, &["delete", "secret", "database", "-n", &team])
+        .await;
+    assert!(out.success, "{}", out.stderr);
     helm_ok(cp, &["uninstall", release, "-n", &ns]).await;
 }
 
@@ -880,6 +1415,116 @@ async fn the_operator_does_its_whole_job_with_the_charts_rbac_and_nothing_more()
         "the Lease is held by this process (POD_NAME and a suffix): {holder}"
     );
 
+    // The Secrets it writes: one generated by POST /api/webhooks, rotated, its previous key
+    // removed by the leader when the grace period ends, and deleted with its Webhook, all
+    // through the chart's admission policy, which is in effect (it refuses the operator a
+    // Secret the API did not generate).
+    eventually("the admission policy in effect", WAIT, || async {
+        let out = cp
+            .kubectl_as(
+                &kubeconfig,
+                &[
+                    "create",
+                    "secret",
+                    "generic",
+                    "not-generated",
+                    "--from-literal=a=b",
+                    "-n",
+                    &app,
+                    "--dry-run=server",
+                ],
+            )
+            .await;
+        (!out.success && out.stderr.contains("hookrelay-secret-writes")).then_some(())
+    })
+    .await;
+    // A caller with the built-in edit role's share (bound directly: no aggregation runs here).
+    let owner_token = cp.service_account_token(&app, "owner").await;
+    cp.kubectl_ok(
+        &[
+            "create",
+            "rolebinding",
+            "owner",
+            "-n",
+            &app,
+            "--clusterrole=hookrelay-aggregate-to-edit",
+            &format!("--serviceaccount={app}:owner"),
+        ],
+        None,
+    )
+    .await;
+    // Asked before RBAC's cache has the binding, the API would refuse (and cache that answer).
+    let owner = format!("--as=system:serviceaccount:{app}:owner");
+    eventually("the owner's RoleBinding in effect", WAIT, || async {
+        let out = cp
+            .kubectl(
+                &[
+                    "auth",
+                    "can-i",
+                    "rotate",
+                    "webhooks.hookrelay.dev",
+                    "-n",
+                    &app,
+                    &owner,
+                ],
+                None,
+            )
+            .await;
+        (out.stdout.trim() == "yes").then_some(())
+    })
+    .await;
+    let (status, created) = api_call(
+        listen_addr,
+        "POST",
+        &format!("/api/webhooks?namespace={app}"),
+        Some(&owner_token),
+        Some(&json!({"url": format!("http://{addr}/h"), "events": ["*"]}).to_string()),
+    )
+    .await;
+    assert_eq!(status, 201, "{created} (log: {})", log.display());
+    let id = created["id"].as_str().unwrap().to_owned();
+    let secret_name = format!("{id}-secret");
+    let (status, rotated) = api_call(
+        listen_addr,
+        "POST",
+        &format!("/api/webhooks/{id}/rotate-secret?namespace={app}&graceSeconds=1"),
+        Some(&owner_token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{rotated} (log: {})", log.display());
+    eventually("the previous key removed by the leader", WAIT, || async {
+        let out = cp
+            .kubectl(
+                &["get", "secret", &secret_name, "-n", &app, "-o", "json"],
+                None,
+            )
+            .await;
+        let secret: Value = serde_json::from_str(&out.stdout).ok()?;
+        (secret["data"].get("secret").is_some() && secret["data"].get("previous").is_none())
+            .then_some(())
+    })
+    .await;
+    let (status, reply) = api_call(
+        listen_addr,
+        "DELETE",
+        &format!("/api/webhooks/{id}?namespace={app}"),
+        Some(&owner_token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "{reply}");
+    // No garbage collector runs here: the Secret is gone because the API deleted it.
+    let gone = cp
+        .kubectl(&["get", "secret", &secret_name, "-n", &app], None)
+        .await;
+    assert!(
+        gone.stderr.contains("NotFound"),
+        "{}{}",
+        gone.stdout,
+        gone.stderr
+    );
+
     // Nothing it did was refused.
     let text = operator.log_text();
     assert!(
@@ -895,36 +1540,28 @@ async fn the_operator_does_its_whole_job_with_the_charts_rbac_and_nothing_more()
         ("list", "configmaps"),
         ("delete", "customresourcedefinitions"),
     ] {
-        let answer = cp
-            .kubectl_as(
-                &kubeconfig,
-                &["auth", "can-i", verb, resource, "--all-namespaces"],
-            )
-            .await;
-        assert_eq!(answer.stdout.trim(), "no", "{verb} {resource}");
+        assert_eq!(
+            can_i(cp, &kubeconfig, &[verb, resource, "--all-namespaces"]).await,
+            "no",
+            "{verb} {resource}"
+        );
     }
-    let answer = cp
-        .kubectl_as(
+    assert_eq!(
+        can_i(
+            cp,
             &kubeconfig,
-            &[
-                "auth",
-                "can-i",
-                "list",
-                "webhooks.hookrelay.dev",
-                "--all-namespaces",
-            ],
+            &["list", "webhooks.hookrelay.dev", "--all-namespaces"]
         )
-        .await;
-    assert_eq!(answer.stdout.trim(), "yes");
+        .await,
+        "yes"
+    );
     // POST .../rotate-secret patches the signing Secret the API generated, and the leader
     // patches it again when the grace period ends.
-    let answer = cp
-        .kubectl_as(
-            &kubeconfig,
-            &["auth", "can-i", "patch", "secrets", "-n", &app],
-        )
-        .await;
-    assert_eq!(answer.stdout.trim(), "yes", "patch secrets");
+    assert_eq!(
+        can_i(cp, &kubeconfig, &["patch", "secrets", "-n", &app]).await,
+        "yes",
+        "patch secrets"
+    );
 
     operator.child.start_kill().unwrap();
     operator.child.wait().await.unwrap();
