@@ -60,3 +60,46 @@ impl Recoveries {
         self.tx.send(recovery).await.is_ok()
     }
 }
+
+/// The namespaces that exist, as a watch of them keeps them (in all-namespaces mode), so that
+/// the API refuses a namespace that does not exist before any review: a token spraying
+/// `?namespace=` with ever-new names costs the API server nothing. Unknown until the first list.
+#[derive(Clone, Debug, Default)]
+pub struct KnownNamespaces {
+    names: std::sync::Arc<std::sync::RwLock<Option<std::collections::HashSet<String>>>>,
+}
+
+impl KnownNamespaces {
+    /// Whether `namespace` exists; None until the first list is complete.
+    pub fn contains(&self, namespace: &str) -> Option<bool> {
+        let names = self.names.read().unwrap_or_else(|e| e.into_inner());
+        names.as_ref().map(|n| n.contains(namespace))
+    }
+
+    /// After a complete list: exactly these exist.
+    pub fn replace(&self, names: std::collections::HashSet<String>) {
+        *self.names.write().unwrap_or_else(|e| e.into_inner()) = Some(names);
+    }
+
+    pub fn insert(&self, name: String) {
+        if let Some(names) = self
+            .names
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            names.insert(name);
+        }
+    }
+
+    pub fn remove(&self, name: &str) {
+        if let Some(names) = self
+            .names
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            names.remove(name);
+        }
+    }
+}

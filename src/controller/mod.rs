@@ -3,6 +3,7 @@
 
 mod document_event;
 mod freshness;
+mod namespaces;
 mod resolve;
 mod rotation;
 mod scope;
@@ -10,6 +11,7 @@ mod webhook;
 
 pub use document_event::{DocumentEventController, Retention};
 pub use freshness::watch_view;
+pub use namespaces::watch_namespaces;
 pub use resolve::{PREVIOUS_KEY, Resolution, SIGNING_SECRET_LABEL, ready_reason, resolve};
 pub use scope::Scope;
 pub use webhook::WebhookController;

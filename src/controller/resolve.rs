@@ -1,13 +1,21 @@
 //! The pure middle of the Webhook reconcile: from a Webhook and its Secret to a route and the
 //! `Ready` condition. No API calls here, so every case is a unit test.
 
-use std::{collections::BTreeMap, sync::Arc};
-
-use k8s_openapi::{
-    ByteString, api::core::v1::Service, apimachinery::pkg::util::intstr::IntOrString,
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
 };
 
-pub use crate::crd::{HEADERS_SECRET_LABEL, PREVIOUS_KEY, SIGNING_SECRET_LABEL, ready_reason};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{Secret, Service},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+pub use crate::crd::{
+    HEADERS_SECRET_LABEL, PREVIOUS_KEY, SERVICE_RECEIVER_LABEL, SIGNING_SECRET_LABEL,
+    WEBHOOKS_ANNOTATION, ready_reason,
+};
 use crate::{
     crd::{ConditionState, ServiceRef, Webhook},
     delivery::{EgressDenied, EgressPolicy, redact_url},
@@ -43,12 +51,92 @@ impl ServiceInfo {
     }
 }
 
+/// The Webhooks a Secret is bound to: those its `hookrelay.dev/webhooks` annotation names, and
+/// the Webhook that owns it (the REST API's generated Secrets). A Secret bound to none may be
+/// used by any Webhook of its namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SecretBinding {
+    names: BTreeSet<String>,
+    /// uids of the Webhooks that own it.
+    owners: BTreeSet<String>,
+}
+
+impl SecretBinding {
+    pub fn of(secret: &Secret) -> Self {
+        let names = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(WEBHOOKS_ANNOTATION))
+            .map(|list| {
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let owners = secret
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .filter(|o| o.kind == "Webhook" && o.api_version.starts_with("hookrelay.dev/"))
+            .map(|o| o.uid.clone())
+            .collect();
+        Self { names, owners }
+    }
+
+    /// Whether it names any Webhook at all.
+    pub fn is_bound(&self) -> bool {
+        !self.names.is_empty() || !self.owners.is_empty()
+    }
+
+    /// Whether the Webhook `name` (uid `uid`) may use it.
+    pub fn allows(&self, name: &str, uid: &str) -> bool {
+        !self.is_bound() || self.names.contains(name) || self.owners.contains(uid)
+    }
+
+    /// Why `name` may not use Secret `secret` (of `kind`), and what would let it.
+    fn refusal(&self, secret: &str, kind: &str, name: &str) -> String {
+        let bound = match (self.names.is_empty(), self.owners.is_empty()) {
+            (false, _) => {
+                format!("is bound to other Webhooks by its annotation {WEBHOOKS_ANNOTATION}")
+            }
+            (true, _) => "was generated for another Webhook, which owns it".to_owned(),
+        };
+        format!(
+            "{kind} Secret {secret} {bound}: add {name} to that annotation (comma-separated names) to let this Webhook use it, or use a Secret of its own"
+        )
+    }
+}
+
+/// A Secret as resolution needs it: its data and the Webhooks it is bound to.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KeptSecret {
+    pub data: BTreeMap<String, ByteString>,
+    pub binding: SecretBinding,
+}
+
+impl KeptSecret {
+    pub fn of(secret: &Secret) -> Self {
+        Self {
+            data: secret.data.clone().unwrap_or_default(),
+            binding: SecretBinding::of(secret),
+        }
+    }
+}
+
 /// What a Webhook references besides its signing Secret, as the controller knows it now (None:
 /// not found, or not referenced).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct References<'a> {
     /// The data of the `headersFrom` Secret.
     pub headers_secret: Option<&'a BTreeMap<String, ByteString>>,
+    /// Which Webhooks the signing Secret may sign for (None: any of its namespace).
+    pub signing_binding: Option<&'a SecretBinding>,
+    /// Which Webhooks the `headersFrom` Secret may give headers to (None: any).
+    pub headers_binding: Option<&'a SecretBinding>,
     /// The `serviceRef` Service.
     pub service: Option<&'a ServiceInfo>,
 }
@@ -82,10 +170,26 @@ pub fn resolve_with(
 ) -> Resolution {
     use ready_reason::*;
     let ns = webhook.metadata.namespace.as_deref().unwrap_or_default();
+    let name = webhook.metadata.name.as_deref().unwrap_or_default();
+    let uid = webhook.metadata.uid.as_deref().unwrap_or_default();
     let spec = &webhook.spec;
     let secret_ref = &spec.secret_ref;
+    // A Secret bound to other Webhooks is not this one's to use, whatever it holds.
+    let not_bound = |binding: Option<&SecretBinding>, secret: &str, kind: &str| {
+        binding.filter(|b| !b.allows(name, uid)).map(|b| {
+            (
+                SECRET_NOT_BOUND,
+                b.refusal(&format!("{ns}/{secret}"), kind, name),
+            )
+        })
+    };
 
     let signer = match secret {
+        Some(_)
+            if let Some(refused) = not_bound(refs.signing_binding, &secret_ref.name, "signing") =>
+        {
+            Err(refused)
+        }
         None => Err((
             SECRET_NOT_FOUND,
             format!(
@@ -142,6 +246,12 @@ pub fn resolve_with(
     let headers: Result<CustomHeaders, (&str, String)> = match &spec.headers_from {
         None => custom_headers(&spec.headers, None).map_err(|e| (HEADERS_INVALID, e)),
         Some(from) => match refs.headers_secret {
+            Some(_)
+                if let Some(refused) =
+                    not_bound(refs.headers_binding, &from.secret_ref.name, "headersFrom") =>
+            {
+                Err(refused)
+            }
             None => Err((
                 SECRET_NOT_FOUND,
                 format!(
@@ -196,8 +306,8 @@ pub fn resolve_with(
 
     Resolution {
         route: Route {
-            key: WebhookKey::new(ns, webhook.metadata.name.as_deref().unwrap_or_default()),
-            uid: webhook.metadata.uid.clone().unwrap_or_default(),
+            key: WebhookKey::new(ns, name),
+            uid: uid.to_owned(),
             generation: webhook.metadata.generation.unwrap_or_default(),
             version: resource_version(&webhook.metadata),
             url,
@@ -236,7 +346,9 @@ fn service_target(
     let Some(service) = service else {
         return Err((
             SERVICE_NOT_FOUND,
-            format!("Service {ns}/{name} not found: create it, or correct spec.serviceRef.name"),
+            format!(
+                "Service {ns}/{name} labelled {SERVICE_RECEIVER_LABEL}=true not found: only Services with that label receive deliveries; label the Service (kubectl label service -n {ns} {name} {SERVICE_RECEIVER_LABEL}=true), create it, or correct spec.serviceRef.name"
+            ),
         ));
     };
     if service.type_ == "ExternalName" {
@@ -274,19 +386,12 @@ fn service_target(
             IntOrString::Int(n) => n.to_string(),
             IntOrString::String(s) => format!("named {s:?}"),
         };
-        let known = service
-            .ports
-            .iter()
-            .map(|(n, p)| match n {
-                Some(n) => format!("{p} ({n})"),
-                None => p.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        // Its ports are not listed: whoever writes a Webhook learns nothing of a Service but
+        // that it opted in.
         return Err((
             SERVICE_PORT_NOT_FOUND,
             format!(
-                "Service {ns}/{name} has no TCP port {wanted}: set spec.serviceRef.port to one of its ports: {known}"
+                "Service {ns}/{name} has no TCP port {wanted}: set spec.serviceRef.port to one of its ports (kubectl get service -n {ns} {name})"
             ),
         ));
     };

@@ -8,14 +8,13 @@
 //! that merely was not listed yet.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
 
 use futures::StreamExt;
 use k8s_openapi::{
-    ByteString,
     api::core::v1::{ObjectReference, Secret, Service},
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
@@ -27,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Scope,
     resolve::{
-        HEADERS_SECRET_LABEL, References, Resolution, SIGNING_SECRET_LABEL, ServiceInfo,
-        ready_reason, resolve_with, resource_version,
+        HEADERS_SECRET_LABEL, KeptSecret, References, Resolution, SERVICE_RECEIVER_LABEL,
+        SIGNING_SECRET_LABEL, ServiceInfo, WEBHOOKS_ANNOTATION, ready_reason, resolve_with,
+        resource_version,
     },
     rotation::PreviousKeyExpiry,
 };
@@ -43,7 +43,6 @@ use crate::{
     status::{ReadyUpdate, StatusSender, TransitionEvent, Update},
 };
 
-type SecretData = BTreeMap<String, ByteString>;
 type NamespacedName = (Arc<str>, Arc<str>);
 
 /// Watch events tagged with the index of the stream (one per watched namespace) they came from.
@@ -201,6 +200,8 @@ pub struct WebhookController {
     upgrade: UpgradeWarnings,
     /// Only the leader looks Secrets up (and warns); set by `run`.
     leadership: Leadership,
+    /// (Webhook uid, Secret name) already warned about as shared (see `warn_if_shared`).
+    shared_warned: HashSet<(String, Arc<str>)>,
     /// Removes a rotated Secret's `previous` key when its grace period ends; set by `run`.
     expiry: PreviousKeyExpiry,
     /// The delivery engine's per-key queues (`spec.ordering`): `status.blockedKeys` that they
@@ -211,9 +212,9 @@ pub struct WebhookController {
 /// The objects Webhooks refer to, each kept per watch stream.
 struct Refs {
     /// Signing Secrets (labelled `hookrelay.dev/signing-secret: "true"`).
-    signing_secrets: Referenced<SecretData>,
+    signing_secrets: Referenced<KeptSecret>,
     /// `headersFrom` Secrets (their own label).
-    headers_secrets: Referenced<SecretData>,
+    headers_secrets: Referenced<KeptSecret>,
     /// `serviceRef` Services.
     services: Referenced<ServiceInfo>,
 }
@@ -284,6 +285,7 @@ impl WebhookController {
                 looked_up: Default::default(),
             },
             leadership: Leadership::always(),
+            shared_warned: HashSet::new(),
             expiry: PreviousKeyExpiry::new(None, Leadership::always()),
             sequencer: None,
         }
@@ -319,8 +321,11 @@ impl WebhookController {
         let mut headers_secrets = scope
             .watch(&client, headers, strip_secret)
             .map(|(i, e)| Input::HeadersSecret(i, e));
+        // Services opt in as receivers with a label, too: the operator reads no other.
+        let receivers =
+            watcher::Config::default().labels(&format!("{SERVICE_RECEIVER_LABEL}=true"));
         let mut services = scope
-            .watch(&client, watcher::Config::default(), strip_service)
+            .watch(&client, receivers, strip_service)
             .map(|(i, e)| Input::Service(i, e));
         self.expiry = PreviousKeyExpiry::new(Some(client.clone()), leadership.clone());
         self.upgrade.client = Some(client);
@@ -357,7 +362,7 @@ impl WebhookController {
                         i,
                         covered.as_ref(),
                         event,
-                        |s: &Secret| s.data.clone().unwrap_or_default(),
+                        KeptSecret::of,
                     );
                     for object in changed {
                         let names = self.refs.headers_secrets.referrers(&object);
@@ -396,9 +401,7 @@ impl WebhookController {
         let changed =
             self.refs
                 .signing_secrets
-                .on_event(stream, covered.as_ref(), event, |s: &Secret| {
-                    s.data.clone().unwrap_or_default()
-                });
+                .on_event(stream, covered.as_ref(), event, KeptSecret::of);
         if !was_synced && self.refs.signing_secrets.all_synced() {
             self.readiness.mark_ready("secrets");
         }
@@ -623,6 +626,7 @@ impl WebhookController {
         if let Some(old) = self.webhooks.remove(key) {
             self.unindex(key, &old);
             if let Some(uid) = &old.metadata.uid {
+                self.shared_warned.retain(|(warned, _)| warned != uid);
                 self.upgrade
                     .warned
                     .lock()
@@ -669,11 +673,15 @@ impl WebhookController {
             .map(|(_, message)| message.clone())
             .or_else(|| endpoint_gone(webhook));
         let (headers_secret, service) = references(webhook);
+        let headers_secret =
+            headers_secret.and_then(|name| self.refs.headers_secrets.get(&key.namespace, name));
         let refs = References {
-            headers_secret: headers_secret
-                .and_then(|name| self.refs.headers_secrets.get(&key.namespace, name)),
+            headers_secret: headers_secret.map(|s| &s.data),
             service: service.and_then(|name| self.refs.services.get(&key.namespace, name)),
+            signing_binding: secret.map(|s| &s.binding),
+            headers_binding: headers_secret.map(|s| &s.binding),
         };
+        let secret = secret.map(|s| &s.data);
         resolve_with(webhook, secret, refs, &self.egress, gone.as_deref())
     }
 
@@ -682,6 +690,7 @@ impl WebhookController {
         let key = webhook_key(webhook);
         let resolution = self.resolution(webhook);
         self.warn_after_upgrade(webhook, &resolution);
+        self.warn_if_shared(webhook).await;
         if let Some(update) = ready_update(webhook, &resolution.ready, Timestamp::now()) {
             tracing::info!(
                 webhook = %key,
@@ -715,6 +724,56 @@ impl WebhookController {
 }
 
 impl WebhookController {
+    /// One warning per Webhook and Secret when its signing or `headersFrom` Secret is bound to
+    /// no Webhook (no `hookrelay.dev/webhooks` annotation, no owner) and other Webhooks use it
+    /// too: such a Secret may be used by any Webhook of the namespace, so whoever can create
+    /// one can sign with it, or send its headers to their own URL.
+    async fn warn_if_shared(&mut self, webhook: &Webhook) {
+        if !self.leadership.is_leader() {
+            return;
+        }
+        let key = webhook_key(webhook);
+        let uid = webhook.metadata.uid.clone().unwrap_or_default();
+        let (headers_secret, _) = references(webhook);
+        let used = [
+            (
+                "signing",
+                Some(webhook.spec.secret_ref.name.as_str()),
+                &self.refs.signing_secrets,
+            ),
+            ("headersFrom", headers_secret, &self.refs.headers_secrets),
+        ];
+        let mut notes = Vec::new();
+        for (kind, name, refs) in used {
+            let Some(name) = name else { continue };
+            let Some(secret) = refs.get(&key.namespace, name) else {
+                continue;
+            };
+            let users = refs.referrers(&(key.namespace.clone(), Arc::from(name)));
+            if secret.binding.is_bound() || users.len() < 2 {
+                continue;
+            }
+            if !self.shared_warned.insert((uid.clone(), Arc::from(name))) {
+                continue;
+            }
+            let users = users.join(",");
+            notes.push(format!(
+                "the {kind} Secret {name} is used by Webhooks {users} and bound to none: any Webhook of this namespace may use it; bind it with the annotation {WEBHOOKS_ANNOTATION}: {users}"
+            ));
+        }
+        for note in notes {
+            tracing::warn!(webhook = %key, "{note}");
+            self.status
+                .send(Update::Note(crate::status::TransitionEvent {
+                    warning: true,
+                    reason: "SecretShared".into(),
+                    note,
+                    object: object_ref(webhook),
+                }))
+                .await;
+        }
+    }
+
     /// One warning per Webhook that stopped working because of the hardening of its signing
     /// Secret: one that exists without the opt-in label (found with a GET on a task, never in
     /// the loop; the condition itself does not say, so a Webhook's author cannot probe for
@@ -886,17 +945,15 @@ fn secret_key(secret: &Secret) -> NamespacedName {
     )
 }
 
-/// Keeps only what resolution needs of a Secret: its name and data, and when a rotation's
-/// `previous` key expires.
+/// Keeps only what resolution needs of a Secret: its name, data, owners and the Webhooks it is
+/// bound to, and when a rotation's `previous` key expires.
 fn strip_secret(guard: &mut DeserializeGuard<Secret>) {
     if let Ok(secret) = &mut guard.0 {
         secret.metadata.managed_fields = None;
-        secret.metadata.annotations = secret
-            .metadata
-            .annotations
-            .take()
-            .and_then(|mut a| a.remove_entry(PREVIOUS_EXPIRES_ANNOTATION))
-            .map(|(k, v)| [(k, v)].into());
+        secret.metadata.annotations = secret.metadata.annotations.take().map(|mut a| {
+            a.retain(|k, _| k == PREVIOUS_EXPIRES_ANNOTATION || k == WEBHOOKS_ANNOTATION);
+            a
+        });
         secret.metadata.labels = None;
         secret.string_data = None;
     }

@@ -16,10 +16,11 @@ pub use document_event::{
 };
 pub use event_type::{EventType, UnknownEventType, WebhookEvent};
 pub use webhook::{
-    BlockedKey, DeliveryPolicy, DeliveryRecord, DeliveryStats, HEADERS_SECRET_LABEL, HeadersFrom,
-    LocalSecretRef, MAX_HEADER_VALUE, MAX_HEADERS, Ordering, Outcome, PREVIOUS_EXPIRES_ANNOTATION,
-    PREVIOUS_KEY, RESERVED_HEADER_PREFIXES, RESERVED_HEADERS, RateLimit, SIGNING_SECRET_LABEL,
-    SecretKeyRef, ServiceRef, Suspension, Webhook, WebhookSpec, WebhookStatus, ready_reason,
+    BlockedKey, CHANGED_BY_ANNOTATION, DeliveryPolicy, DeliveryRecord, DeliveryStats,
+    HEADERS_SECRET_LABEL, HeadersFrom, LocalSecretRef, MAX_HEADER_VALUE, MAX_HEADERS, Ordering,
+    Outcome, PREVIOUS_EXPIRES_ANNOTATION, PREVIOUS_KEY, RESERVED_HEADER_PREFIXES, RESERVED_HEADERS,
+    RateLimit, SERVICE_RECEIVER_LABEL, SIGNING_SECRET_LABEL, SecretKeyRef, ServiceRef, Suspension,
+    WEBHOOKS_ANNOTATION, Webhook, WebhookSpec, WebhookStatus, ready_reason,
 };
 
 use kube::CustomResourceExt;

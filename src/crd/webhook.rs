@@ -22,6 +22,7 @@ pub mod ready_reason {
     pub const SERVICE_NOT_ALLOWED: &str = "ServiceNotAllowed";
     pub const HEADERS_INVALID: &str = "HeadersInvalid";
     pub const FILTER_INVALID: &str = "FilterInvalid";
+    pub const SECRET_NOT_BOUND: &str = "SecretNotBound";
     pub const FAILING_TOO_LONG: &str = "FailingTooLong";
 }
 
@@ -31,6 +32,21 @@ pub const PREVIOUS_KEY: &str = "previous";
 /// On a Secret the API generated: when its `previous` key stops signing (RFC 3339), set by
 /// `POST /api/webhooks/{id}/rotate-secret`.
 pub const PREVIOUS_EXPIRES_ANNOTATION: &str = "hookrelay.dev/previous-expires-at";
+/// Only Services with this label set to "true" receive deliveries through `spec.serviceRef`: a
+/// Webhook's author must not be able to point hookrelay at any Service of the namespace (the
+/// operator's own included) and read the first bytes of its answers back through `/test`.
+pub const SERVICE_RECEIVER_LABEL: &str = "hookrelay.dev/webhook-receiver";
+
+/// On a signing or `headersFrom` Secret: the names of the Webhooks of its namespace that may use
+/// it, comma-separated. A Secret owned by a Webhook (as the REST API's generated ones are) is
+/// bound to that Webhook too. A Secret bound to none may be used by any Webhook of its namespace,
+/// as before bindings existed, and the operator warns when several do.
+pub const WEBHOOKS_ANNOTATION: &str = "hookrelay.dev/webhooks";
+
+/// On a Webhook (and a Secret the REST API generated): the user whose REST API call wrote it
+/// last. The operator writes as itself; this, the field manager `hookrelay-api:<user>` and a log
+/// line say for whom.
+pub const CHANGED_BY_ANNOTATION: &str = "hookrelay.dev/changed-by";
 
 /// Only Secrets with this label set to "true" sign deliveries: whoever may write a Webhook must
 /// not be able to make hookrelay sign with (or probe for) any other Secret of the namespace.

@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::{error::ApiError, refuse_unwatched};
+use crate::ports::KnownNamespaces;
 
 /// How long a valid token's identity is reused.
 const TOKEN_TTL: Duration = Duration::from_secs(30);
@@ -115,6 +116,8 @@ pub struct Authorizer {
     kube: Option<Arc<KubeAuth>>,
     /// The watched namespaces; empty: all.
     watched: Arc<[String]>,
+    /// In all-namespaces mode, the namespaces that exist (see [`Authorizer::knowing`]).
+    known: Option<KnownNamespaces>,
 }
 
 /// Settings of the Kubernetes-backed authorizer.
@@ -173,6 +176,7 @@ impl Authorizer {
                 access_reviews: AtomicU64::new(0),
             })),
             watched: Arc::new([]),
+            known: None,
         }
     }
 
@@ -181,13 +185,30 @@ impl Authorizer {
         Self {
             kube: None,
             watched: Arc::new([]),
+            known: None,
         }
+    }
+
+    /// Refuse namespaces that do not exist, as `known` says once it has listed them, before
+    /// any review: with the same answer as a review's no, so that it tells nobody which
+    /// namespaces exist.
+    pub fn knowing(mut self, known: KnownNamespaces) -> Self {
+        self.known = Some(known);
+        self
     }
 
     /// Refuse namespaces outside `namespaces` (empty: all are watched).
     pub fn watching(mut self, namespaces: &[String]) -> Self {
         self.watched = namespaces.into();
         self
+    }
+
+    /// Whether namespaces that do not exist are refused before review now (the namespace list
+    /// is loaded).
+    pub fn knows_namespaces(&self) -> bool {
+        self.known
+            .as_ref()
+            .is_some_and(|k| k.contains("").is_some())
     }
 
     /// The watched namespaces (`--namespace`); empty: all.
@@ -246,9 +267,11 @@ impl Authorizer {
         let Some(auth) = &self.kube else {
             return Ok(());
         };
-        if auth
-            .review_access(caller, verb, resource, namespace)
-            .await?
+        let exists = self.known.as_ref().and_then(|k| k.contains(namespace));
+        if exists != Some(false)
+            && auth
+                .review_access(caller, verb, resource, namespace)
+                .await?
         {
             Ok(())
         } else {

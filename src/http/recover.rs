@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::{
     ApiState, NamespaceQuery,
-    caller::{Caller, caller},
+    caller::{Caller, caller_for_action},
     error::ApiError,
     is_delivery_id, require_leader,
 };
@@ -105,7 +105,7 @@ pub async fn recover(
     Query(r): Query<RecoverQuery>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let c = caller(&state, &q, &headers, "update").await?;
+    let c = caller_for_action(&state, &q, &headers, "recover").await?;
     let since = parse_since(r.since.as_deref())?;
     let w = c.webhook(&id).await?;
     // The DocumentEvent controller owns their status and runs on the leader only.

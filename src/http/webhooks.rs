@@ -14,13 +14,21 @@ use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams},
 };
 use serde_json::{Map, Value, json};
 
-use super::{ApiState, NamespaceQuery, caller::caller, error::ApiError, is_delivery_id, read_body};
+use super::{
+    ApiState, NamespaceQuery,
+    caller::{caller, caller_for_action},
+    error::ApiError,
+    is_delivery_id, read_body,
+};
 use crate::{
-    crd::{DeliveryRecord, DocumentEvent, EventType, Outcome, Webhook, WebhookStatus},
+    crd::{
+        CHANGED_BY_ANNOTATION, DeliveryRecord, DocumentEvent, EventType, Outcome,
+        WEBHOOKS_ANNOTATION, Webhook, WebhookStatus,
+    },
     delivery::{AttemptReport, Delivery, Refusal, Source, Verdict},
     wire::EventBody,
 };
@@ -274,14 +282,15 @@ pub async fn create(
     );
     let webhook: Webhook = serde_json::from_value(json!({
         "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook",
-        "metadata": {"name": id, "labels": {"app.kubernetes.io/managed-by": "hookrelay-api"}},
+        "metadata": {"name": id, "labels": {"app.kubernetes.io/managed-by": "hookrelay-api"},
+                     "annotations": {(CHANGED_BY_ANNOTATION): c.user}},
         "spec": spec,
     }))
     .map_err(|e| ApiError::invalid(e.to_string()))?;
     // The API server validates the spec (schema and CEL) and its message is the answer.
     let created = c
         .api
-        .create(&PostParams::default(), &webhook)
+        .create(&c.post_params(), &webhook)
         .await
         .map_err(|e| ApiError::from_kube(e, "webhook"))?;
     let secret_value = format!("whsec_{}", BASE64.encode(rand::random::<[u8; 32]>()));
@@ -292,17 +301,19 @@ pub async fn create(
     let secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": secret_name, "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
                      "labels": {"app.kubernetes.io/managed-by": "hookrelay-api",
-                                (crate::crd::SIGNING_SECRET_LABEL): "true"}},
+                                (crate::crd::SIGNING_SECRET_LABEL): "true"},
+                     "annotations": {(CHANGED_BY_ANNOTATION): c.user, (WEBHOOKS_ANNOTATION): id}},
         "type": "Opaque",
         "stringData": {"secret": secret_value},
     }))
     .expect("a valid Secret");
     let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &c.namespace);
-    if let Err(e) = secrets.create(&PostParams::default(), &secret).await {
+    if let Err(e) = secrets.create(&c.post_params(), &secret).await {
         // Leave nothing half made.
         let _ = c.api.delete(&id, &DeleteParams::default()).await;
         return Err(ApiError::from_kube(e, "secret"));
     }
+    c.acted("create", &format!("webhook {id}"));
     let mut reply = to_json(&created);
     reply["secret"] = Value::String(secret_value);
     Ok((StatusCode::CREATED, Json(reply)))
@@ -315,20 +326,29 @@ pub async fn update(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let c = caller(&state, &q, &headers, "update").await?;
     let spec = spec_fields(&read_body(body).await?, false)?;
+    // Pausing or unpausing alone is an action of its own, which a role may allow without
+    // allowing every other change.
+    let c = match (spec.len(), spec.get("paused")) {
+        (1, Some(Value::Bool(paused))) => {
+            let verb = if *paused { "pause" } else { "resume" };
+            caller_for_action(&state, &q, &headers, verb).await?
+        }
+        _ => caller(&state, &q, &headers, "update").await?,
+    };
     c.webhook(&id).await?;
-    let patch = json!({"spec": spec});
+    let patch = json!({
+        "metadata": {"annotations": {(CHANGED_BY_ANNOTATION): c.user}},
+        "spec": spec,
+    });
     let updated = c
         .api
-        .patch(&id, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(&id, &c.patch_params(), &Patch::Merge(&patch))
         .await
         .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
+    c.acted("update", &format!("webhook {id}"));
     Ok(Json(to_json(&updated)))
 }
-
-/// Field manager of what the API writes to a Webhook's status: only `resumedAt`.
-const API_MANAGER: &str = "hookrelay-api";
 
 /// `POST /api/webhooks/{id}/resume`: records the resume in `status.resumedAt`, from which the
 /// Webhook controller of every replica lifts a `FailingTooLong` suspension (failures before it
@@ -339,7 +359,7 @@ pub async fn resume(
     Query(q): Query<NamespaceQuery>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let c = caller(&state, &q, &headers, "update").await?;
+    let c = caller_for_action(&state, &q, &headers, "resume").await?;
     c.webhook(&id).await?;
     let now = k8s_openapi::jiff::Timestamp::now();
     let patch = json!({
@@ -351,11 +371,12 @@ pub async fn resume(
         .api
         .patch_status(
             &id,
-            &PatchParams::apply(API_MANAGER).force(),
+            &PatchParams::apply(&c.manager()).force(),
             &Patch::Apply(&patch),
         )
         .await
         .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
+    c.acted("resume", &format!("webhook {id}"));
     let mut reply = to_json(&updated);
     reply["resumed_at"] = Value::String(now.to_string());
     Ok(Json(reply))
@@ -407,7 +428,7 @@ pub async fn rotate_secret(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let c = caller(&state, &q, &headers, "update").await?;
+    let c = caller_for_action(&state, &q, &headers, "rotate").await?;
     let grace = grace_seconds(grace.grace_seconds.as_deref(), &read_body(body).await?)?;
     let w = c.webhook(&id).await?;
     let secret_name = &w.spec.secret_ref.name;
@@ -458,14 +479,18 @@ pub async fn rotate_secret(
     let patch = json!({
         "metadata": {
             "resourceVersion": secret.metadata.resource_version,
-            "annotations": {(crate::crd::PREVIOUS_EXPIRES_ANNOTATION): annotation},
+            "annotations": {
+                (crate::crd::PREVIOUS_EXPIRES_ANNOTATION): annotation,
+                (CHANGED_BY_ANNOTATION): c.user,
+            },
         },
         "data": {"secret": BASE64.encode(new.as_bytes()), (crate::crd::PREVIOUS_KEY): previous},
     });
     secrets
-        .patch(secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(secret_name, &c.patch_params(), &Patch::Merge(&patch))
         .await
         .map_err(|e| ApiError::from_kube(e, &format!("secret {secret_name}")))?;
+    c.acted("rotate", &format!("webhook {id}"));
     let mut reply = to_json(&w);
     reply["secret"] = Value::String(new);
     reply["previous_expires_at"] = if grace == 0 {
@@ -500,6 +525,7 @@ pub async fn delete(
             .delete(&w.spec.secret_ref.name, &DeleteParams::default())
             .await;
     }
+    c.acted("delete", &format!("webhook {id}"));
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -535,7 +561,7 @@ pub async fn test(
     Query(q): Query<NamespaceQuery>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let c = caller(&state, &q, &headers, "update").await?;
+    let c = caller_for_action(&state, &q, &headers, "test").await?;
     let w = c.webhook(&id).await?;
     // Keyed by Webhooks that exist; the buckets of deleted ones are dropped now and then.
     if state.test_limiter.len() > 1024 {
@@ -596,7 +622,7 @@ pub async fn redeliver(
     Query(q): Query<NamespaceQuery>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let c = caller(&state, &q, &headers, "update").await?;
+    let c = caller_for_action(&state, &q, &headers, "redeliver").await?;
     let w = c.webhook(&id).await?;
     if !is_delivery_id(&delivery_id) {
         return Err(ApiError::not_found(format!(

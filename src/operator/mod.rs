@@ -170,7 +170,16 @@ pub async fn start(
             .sequencer()
             .report_blocked(shared.status.clone(), shutdown.clone()),
     );
-    let auth = authorizer(args, client, listen_addr);
+    let mut auth = authorizer(args, client, listen_addr);
+    if *scope == Scope::All && !args.disable_auth {
+        let known = crate::ports::KnownNamespaces::default();
+        auth = auth.knowing(known.clone());
+        tokio::spawn(crate::controller::watch_namespaces(
+            client.clone(),
+            known,
+            shutdown.clone(),
+        ));
+    }
     if tls.is_none() {
         tracing::info!(
             "the API on {listen_addr} is plain HTTP (development, or behind a TLS-terminating proxy); give --tls-cert-file and --tls-key-file to serve HTTPS"

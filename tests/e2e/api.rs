@@ -404,6 +404,29 @@ async fn bad_requests_get_their_status_codes_and_change_nothing() {
     let snapshot = || async {
         cp.kubectl_ok(&["get", "webhooks,documentevents,secrets", "-n", &ns, "-o", "jsonpath={range .items[*]}{.kind}/{.metadata.name}@{.metadata.resourceVersion} {end}"], None).await
     };
+    // The controller's own status write comes first: only the requests may not change a thing.
+    eventually(
+        "the Webhook reconciled",
+        Duration::from_secs(30),
+        || async {
+            let generation = cp
+                .kubectl_ok(
+                    &[
+                        "get",
+                        "webhook",
+                        "existing",
+                        "-n",
+                        &ns,
+                        "-o",
+                        "jsonpath={.status.observedGeneration}",
+                    ],
+                    None,
+                )
+                .await;
+            (generation.trim() == "1").then_some(())
+        },
+    )
+    .await;
     let before = snapshot().await;
 
     let q = format!("?namespace={ns}");

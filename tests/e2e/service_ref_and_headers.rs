@@ -37,11 +37,14 @@ async fn operator(cp: &ControlPlane, mode: IngestMode, ns: &str) -> ModeOperator
     .await
 }
 
-/// A Service `name` whose port (named `http`) is `port`; returns its ClusterIP.
+/// A Service `name` with `spec`, labelled as a receiver of deliveries; returns its ClusterIP.
 async fn create_service(client: &Client, ns: &str, name: &str, spec: Value) -> String {
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    let s: Service =
-        serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap();
+    let s: Service = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"hookrelay.dev/webhook-receiver": "true"}},
+        "spec": spec,
+    }))
+    .unwrap();
     let created = services.create(&PostParams::default(), &s).await.unwrap();
     created.spec.and_then(|s| s.cluster_ip).unwrap_or_default()
 }
@@ -141,10 +144,34 @@ async fn service_refs_wait_for_their_service_and_refuse_what_would_bypass_the_eg
         .await;
         let message = wait_ready_reason(&client, &ns, "late", "False", "ServiceNotFound").await;
         assert!(
-            message.contains(&format!("Service {ns}/late-svc not found")),
+            message.contains(&format!("Service {ns}/late-svc labelled")),
             "{message}"
         );
-        let cluster_ip = create_service(&client, &ns, "late-svc", cluster_ip_service(port)).await;
+        // Created without the receiver label: as good as absent, its ports unrevealed.
+        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let unlabelled: Service = serde_json::from_value(json!({
+            "metadata": {"name": "late-svc"}, "spec": cluster_ip_service(port),
+        }))
+        .unwrap();
+        services
+            .create(&PostParams::default(), &unlabelled)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let message = wait_ready_reason(&client, &ns, "late", "False", "ServiceNotFound").await;
+        assert!(message.contains("webhook-receiver=true"), "{message}");
+        // The Service opts in: Ready by itself.
+        let labelled = services
+            .patch(
+                "late-svc",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(
+                    json!({"metadata": {"labels": {"hookrelay.dev/webhook-receiver": "true"}}}),
+                ),
+            )
+            .await
+            .unwrap();
+        let cluster_ip = labelled.spec.and_then(|s| s.cluster_ip).unwrap_or_default();
         wait_ready_reason(&client, &ns, "late", "True", "Routed").await;
         op.post_event(&ns, "document.completed", json!({"document_id": 1}))
             .await;
@@ -180,7 +207,10 @@ async fn service_refs_wait_for_their_service_and_refuse_what_would_bypass_the_eg
         .await;
         let message =
             wait_ready_reason(&client, &ns, "wrong-port", "False", "ServicePortNotFound").await;
-        assert!(message.contains(&format!("{port} (http)")), "{message}");
+        assert!(
+            !message.contains(&format!("{port} (http)")),
+            "the Service's ports are not revealed: {message}"
+        );
 
         // ExternalName and headless Services are refused, naming why.
         create_service(

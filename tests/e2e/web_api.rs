@@ -34,16 +34,45 @@ async fn one_event_delivered(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn namespaces_lists_the_watched_ones_to_any_authenticated_caller() {
+async fn namespaces_lists_the_watched_ones_each_caller_may_use() {
     let cp = control_plane();
     let ns = cp.namespace("web-ns").await;
-    let op = InProcess::start(cp.config().await, &ns).await;
+    let other = cp.namespace("web-ns-other").await;
+    let op = InProcess::start_with(cp.config().await, local_args(&[&ns, &other])).await;
     let addr = op.op.listen_addr;
-    // A ServiceAccount without any grant: the watched namespaces are configuration, not data.
+    // The watched namespaces are the tenants: a ServiceAccount without any grant sees none of
+    // them, one that may list Webhooks in one namespace sees that one.
     let nobody = cp.service_account_token(&ns, "nobody").await;
     let (status, body) = api_call(addr, "GET", "/api/namespaces", Some(&nobody), None).await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"all_namespaces": false, "namespaces": []}));
+    grant(
+        &cp.client().await,
+        &ns,
+        (&ns, "lister"),
+        &["webhooks"],
+        &["list"],
+    )
+    .await;
+    let lister = cp.service_account_token(&ns, "lister").await;
+    let (status, body) = api_call(addr, "GET", "/api/namespaces", Some(&lister), None).await;
+    assert_eq!(status, 200, "{body}");
     assert_eq!(body, json!({"all_namespaces": false, "namespaces": [ns]}));
+    // Nor does a refusal name the others.
+    let (status, body) = api_call(
+        addr,
+        "GET",
+        "/api/webhooks?namespace=not-watched",
+        Some(&lister),
+        None,
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        !message.contains(&other) && !message.contains(&ns),
+        "{message}"
+    );
     let (status, body) = api_call(addr, "GET", "/api/namespaces", None, None).await;
     assert_eq!(status, 401, "{body}");
     assert_eq!(body["error"]["code"], "unauthorized");
@@ -398,26 +427,24 @@ async fn webhooks_show_attempts_in_flight_last_delivery_success_rate_and_degrade
     op.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_charts_viewer_role_reads_what_the_page_shows_and_changes_nothing() {
-    let cp = control_plane();
-    let ns = cp.namespace("web-viewer").await;
-    let client = cp.client().await;
-    let op = InProcess::start(cp.config().await, &ns).await;
-    let addr = op.op.listen_addr;
-    // The chart's web.viewerRole, as `helm template` renders it (a release name containing
-    // "hookrelay" is the full name), bound the way NOTES.txt says.
+/// Renders the chart's ClusterRole `<release>-<suffix>` from `template` (with `--set` values
+/// `set`), applies it, binds it in `ns` to the ServiceAccount `sa` there the way the chart's
+/// notes say, and returns that account's token and the role's name.
+async fn chart_role_token(
+    cp: &crate::support::ControlPlane,
+    ns: &str,
+    template: &str,
+    set: &str,
+    suffix: &str,
+    sa: &str,
+) -> (String, String) {
+    // A release name containing "hookrelay" is the full name.
     let release = format!("hookrelay-{ns}");
     let chart = crate::support::repo_root().join("charts/hookrelay");
     let rendered = tokio::process::Command::new(cp.bin.join("helm"))
         .args(["template", &release])
         .arg(&chart)
-        .args([
-            "--set",
-            "web.viewerRole.create=true",
-            "-s",
-            "templates/viewer-role.yaml",
-        ])
+        .args(["--set", set, "-s", template])
         .output()
         .await
         .expect("helm runs");
@@ -426,26 +453,46 @@ async fn the_charts_viewer_role_reads_what_the_page_shows_and_changes_nothing() 
         "{}",
         String::from_utf8_lossy(&rendered.stderr)
     );
-    let role = format!("{release}-viewer");
-    cp.kubectl_ok(
-        &["apply", "-f", "-"],
-        Some(&String::from_utf8(rendered.stdout).unwrap()),
-    )
-    .await;
+    let role = format!("{release}-{suffix}");
+    let rendered = String::from_utf8(rendered.stdout).unwrap();
+    // The template may hold other roles too: only this one is applied.
+    let document = rendered
+        .split("\n---")
+        .find(|d| d.contains(&format!("name: {role}\n")))
+        .unwrap_or_else(|| panic!("{role} is not in {template}: {rendered}"));
+    cp.kubectl_ok(&["apply", "-f", "-"], Some(document)).await;
     cp.kubectl_ok(
         &[
             "create",
             "rolebinding",
-            "support-viewer",
+            &format!("{sa}-{suffix}"),
             "-n",
-            &ns,
+            ns,
             &format!("--clusterrole={role}"),
-            &format!("--serviceaccount={ns}:support"),
+            &format!("--serviceaccount={ns}:{sa}"),
         ],
         None,
     )
     .await;
-    let token = cp.service_account_token(&ns, "support").await;
+    (cp.service_account_token(ns, sa).await, role)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_viewer_role_reads_what_the_page_shows_and_changes_nothing() {
+    let cp = control_plane();
+    let ns = cp.namespace("web-viewer").await;
+    let client = cp.client().await;
+    let op = InProcess::start(cp.config().await, &ns).await;
+    let addr = op.op.listen_addr;
+    let (token, role) = chart_role_token(
+        cp,
+        &ns,
+        "templates/viewer-role.yaml",
+        "web.viewerRole.create=true",
+        "viewer",
+        "viewer",
+    )
+    .await;
 
     let _receiver = one_event_delivered(&client, &ns, "ev-1", 1).await;
     for path in [
@@ -460,10 +507,21 @@ async fn the_charts_viewer_role_reads_what_the_page_shows_and_changes_nothing() 
         assert_eq!(status, 200, "{path}: {body}");
     }
     // The page's buttons need more than a viewer has: 403 naming what is missing.
-    for (method, path, body) in [
-        ("PUT", "/api/webhooks/to-app", Some(r#"{"paused":true}"#)),
-        ("POST", "/api/webhooks/to-app/test", None),
-        ("POST", "/api/webhooks/to-app/resume", None),
+    for (method, path, body, verb) in [
+        (
+            "PUT",
+            "/api/webhooks/to-app",
+            Some(r#"{"paused":true}"#),
+            "pause",
+        ),
+        ("POST", "/api/webhooks/to-app/test", None, "test"),
+        ("POST", "/api/webhooks/to-app/resume", None, "resume"),
+        (
+            "PUT",
+            "/api/webhooks/to-app",
+            Some(r#"{"url":"http://x"}"#),
+            "update",
+        ),
     ] {
         let (status, reply) = api_call(
             addr,
@@ -478,10 +536,122 @@ async fn the_charts_viewer_role_reads_what_the_page_shows_and_changes_nothing() 
             reply["error"]["message"]
                 .as_str()
                 .unwrap()
-                .contains("may not update webhooks.hookrelay.dev"),
+                .contains(&format!("may not {verb} webhooks.hookrelay.dev")),
             "{reply}"
         );
     }
+    cp.kubectl_ok(&["delete", "clusterrole", &role], None).await;
+    op.stop().await;
+}
+
+/// The chart's support role: every action on deliveries (test, redeliver, recover, pause,
+/// resume) but no change to what a Webhook is (403 on PUT of its URL, on delete, on a secret
+/// rotation). What the REST API writes for a caller names them: the Webhook's
+/// `hookrelay.dev/changed-by` annotation and the field manager `hookrelay-api:<user>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_support_role_presses_every_button_but_cannot_repoint_a_webhook() {
+    let cp = control_plane();
+    let ns = cp.namespace("web-support").await;
+    let client = cp.client().await;
+    let op = InProcess::start(cp.config().await, &ns).await;
+    let addr = op.op.listen_addr;
+    let (token, role) = chart_role_token(
+        cp,
+        &ns,
+        "templates/user-roles.yaml",
+        "rbac.supportRole.create=true",
+        "support",
+        "support",
+    )
+    .await;
+    let _receiver = one_event_delivered(&client, &ns, "ev-1", 1).await;
+    let q = format!("?namespace={ns}");
+    let call = async |method: &str, path: &str, body: Option<&str>| {
+        api_call(addr, method, &format!("{path}{q}"), Some(&token), body).await
+    };
+    let (_, deliveries) = call("GET", "/api/webhooks/to-app/deliveries", None).await;
+    let delivery = deliveries["deliveries"][0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a delivery: {deliveries}"))
+        .to_owned();
+
+    for (method, path, body) in [
+        ("POST", "/api/webhooks/to-app/test".to_owned(), None),
+        (
+            "POST",
+            format!("/api/webhooks/to-app/deliveries/{delivery}/redeliver"),
+            None,
+        ),
+        ("POST", "/api/webhooks/to-app/recover".to_owned(), None),
+        (
+            "PUT",
+            "/api/webhooks/to-app".to_owned(),
+            Some(r#"{"paused":true}"#),
+        ),
+        (
+            "PUT",
+            "/api/webhooks/to-app".to_owned(),
+            Some(r#"{"paused":false}"#),
+        ),
+        ("POST", "/api/webhooks/to-app/resume".to_owned(), None),
+    ] {
+        let path = if path.ends_with("/recover") {
+            format!("{path}?since=2020-01-01T00:00:00Z&namespace={ns}")
+        } else {
+            format!("{path}{q}")
+        };
+        let (status, reply) = api_call(addr, method, &path, Some(&token), body).await;
+        assert_eq!(status, 200, "{method} {path}: {reply}");
+    }
+    for (method, path, body, verb) in [
+        (
+            "PUT",
+            "/api/webhooks/to-app",
+            Some(r#"{"url":"http://127.0.0.1:9/elsewhere"}"#),
+            "update",
+        ),
+        (
+            "PUT",
+            "/api/webhooks/to-app",
+            Some(r#"{"paused":true,"url":"http://127.0.0.1:9/x"}"#),
+            "update",
+        ),
+        ("DELETE", "/api/webhooks/to-app", None, "delete"),
+        ("POST", "/api/webhooks/to-app/rotate-secret", None, "rotate"),
+    ] {
+        let (status, reply) = call(method, path, body).await;
+        assert_eq!(status, 403, "{method} {path}: {reply}");
+        let message = reply["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("may not {verb} webhooks.hookrelay.dev")),
+            "{method} {path}: {reply}"
+        );
+    }
+    // The pause and unpause were made as the operator, for the support account.
+    let user = format!("system:serviceaccount:{ns}:support");
+    let webhook = kube::Api::<hookrelay::crd::Webhook>::namespaced(client.clone(), &ns)
+        .get("to-app")
+        .await
+        .unwrap();
+    assert_eq!(
+        webhook
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("hookrelay.dev/changed-by")),
+        Some(&user)
+    );
+    let managers: Vec<String> = webhook
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(
+        managers.contains(&format!("hookrelay-api:{user}")),
+        "{managers:?}"
+    );
     cp.kubectl_ok(&["delete", "clusterrole", &role], None).await;
     op.stop().await;
 }

@@ -205,8 +205,8 @@ fn service(type_: &str, cluster_ip: Option<&str>, ports: &[(Option<&str>, i32)])
 
 fn resolve_service(w: &Webhook, svc: Option<&ServiceInfo>, egress: &EgressPolicy) -> Resolution {
     let refs = References {
-        headers_secret: None,
         service: svc,
+        ..References::default()
     };
     resolve_with(
         w,
@@ -266,7 +266,10 @@ fn a_service_ref_is_blocked_until_the_service_and_port_exist_and_allowed() {
         &allow_http,
     );
     assert_eq!(r, SERVICE_PORT_NOT_FOUND);
-    assert!(m.contains("81 (grpc)"), "{m}");
+    assert!(
+        !m.contains("81"),
+        "the Service's ports are not revealed: {m}"
+    );
     let (r, m) = reason(
         Some(&service("ExternalName", None, &[(Some("http"), 80)])),
         &allow_http,
@@ -326,7 +329,7 @@ fn headers_from_a_missing_or_bad_secret_block_the_route_without_showing_values()
     let forged = data(&[("X-Webhook-Signature", "forged-value")]);
     let refs = References {
         headers_secret: Some(&forged),
-        service: None,
+        ..References::default()
     };
     let r = resolve_with(&w, Some(&signing), refs, &strict, None);
     assert_eq!(r.ready.reason, ready_reason::HEADERS_INVALID);
@@ -344,7 +347,7 @@ fn headers_from_a_missing_or_bad_secret_block_the_route_without_showing_values()
     let good = data(&[("Authorization", "Bearer t")]);
     let refs = References {
         headers_secret: Some(&good),
-        service: None,
+        ..References::default()
     };
     let r = resolve_with(&w, Some(&signing), refs, &strict, None);
     assert_eq!(r.ready.reason, ready_reason::ROUTED);
@@ -474,4 +477,70 @@ fn failing_for_the_whole_period_suspends_and_a_resume_or_spec_change_lifts_it() 
         reason(&lifted("2026-01-01T00:01:09Z")),
         ready_reason::FAILING_TOO_LONG
     );
+}
+
+fn secret_bound(annotation: Option<&str>, owner_uid: Option<&str>) -> SecretBinding {
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": "s",
+            "annotations": annotation.map(|a| serde_json::json!({"hookrelay.dev/webhooks": a})),
+            "ownerReferences": owner_uid.map(|uid| serde_json::json!([{
+                "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "name": "owner", "uid": uid
+            }])),
+        }
+    }))
+    .unwrap();
+    SecretBinding::of(&secret)
+}
+
+#[test]
+fn a_secret_bound_to_other_webhooks_neither_signs_nor_gives_headers_for_this_one() {
+    let signing = data(&[("secret", "abcdefghijklmnopqrstuvwx")]);
+    let headers = data(&[("Authorization", "Bearer t")]);
+    let mut w = webhook("http://127.0.0.1:9/h", false);
+    w.spec.headers_from =
+        Some(serde_json::from_value(serde_json::json!({"secretRef": {"name": "h"}})).unwrap());
+    let name = w.metadata.name.clone().unwrap();
+    let uid = w.metadata.uid.clone().unwrap_or_default();
+    let reason = |signing_binding: &SecretBinding, headers_binding: &SecretBinding| {
+        let refs = References {
+            headers_secret: Some(&headers),
+            signing_binding: Some(signing_binding),
+            headers_binding: Some(headers_binding),
+            ..References::default()
+        };
+        let r = resolve_with(&w, Some(&signing), refs, &local(), None);
+        (r.ready.reason, r.ready.message, r.route.signer.is_some())
+    };
+    let unbound = SecretBinding::default();
+    // Bound to none: any Webhook of the namespace, as before bindings existed.
+    assert_eq!(reason(&unbound, &unbound).0, ready_reason::ROUTED);
+    // Named, alone or among others (spaces allowed).
+    let named = secret_bound(Some(&format!("other, {name}")), None);
+    assert_eq!(reason(&named, &named).0, ready_reason::ROUTED);
+    // Bound to other Webhooks: refused, with no signer at all.
+    let others = secret_bound(Some("team-a,team-c"), None);
+    let (why, message, signs) = reason(&others, &unbound);
+    assert_eq!(
+        (why.as_str(), signs),
+        (ready_reason::SECRET_NOT_BOUND, false)
+    );
+    assert!(
+        message.contains("signing Secret") && message.contains("hookrelay.dev/webhooks"),
+        "{message}"
+    );
+    let (why, message, _) = reason(&unbound, &others);
+    assert_eq!(why, ready_reason::SECRET_NOT_BOUND);
+    assert!(message.contains("headersFrom Secret"), "{message}");
+    // Generated for (owned by) another Webhook: refused; owned by this one: allowed.
+    let generated = secret_bound(None, Some("uid-of-another"));
+    let (why, message, _) = reason(&generated, &unbound);
+    assert_eq!(why, ready_reason::SECRET_NOT_BOUND);
+    assert!(
+        message.contains("generated for another Webhook"),
+        "{message}"
+    );
+    let own = secret_bound(None, Some(&uid));
+    assert!(!uid.is_empty());
+    assert_eq!(reason(&own, &unbound).0, ready_reason::ROUTED);
 }
