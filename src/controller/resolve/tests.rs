@@ -256,7 +256,10 @@ fn a_service_ref_is_blocked_until_the_service_and_port_exist_and_allowed() {
     };
     let (r, m) = reason(None, &allow_http);
     assert_eq!(r, SERVICE_NOT_FOUND);
-    assert!(m.contains("Service docs/recv not found"), "{m}");
+    assert!(
+        m.contains("Service docs/recv labelled hookrelay.dev/webhook-receiver=true not found"),
+        "{m}"
+    );
     let (r, m) = reason(
         Some(&service(
             "ClusterIP",
