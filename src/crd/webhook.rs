@@ -157,8 +157,19 @@ pub struct WebhookSpec {
     /// A CEL expression over the event (`event`, `timestamp`, `data`) that must be true for it to
     /// be delivered, e.g. `data.folder_id == 1 && data.status == "completed"`. An event the
     /// expression fails on (a missing field, say) is not delivered; `has(data.x)` tests first.
+    ///
+    /// The API server refuses the common shapes whose cost grows with the square of the event (a
+    /// macro inside another's body, a macro body using `data` or `timestamp`, `matches` with a
+    /// pattern that is not a literal); the operator checks the whole expression
+    /// (`FilterInvalid`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("!self.matches('\\\\.(all|exists|exists_one|map|filter)\\\\([^)]*\\\\.(all|exists|exists_one|map|filter)\\\\(')")
+        .message("a macro (all, exists, exists_one, map, filter) inside another is not allowed, as its cost grows with the square of the event: test the inner list separately"))]
+    #[x_kube(validation = Rule::new("!self.matches('\\\\.(all|exists|exists_one|map|filter)\\\\(\\\\s*[A-Za-z_][A-Za-z0-9_]*\\\\s*,[^)]*\\\\b(data|timestamp)\\\\b')")
+        .message("the body of a macro (all, exists, exists_one, map, filter) may use only its own variable, literals and event, so that the cost stays linear in the event: test data outside the macro, or compare with a literal list"))]
+    #[x_kube(validation = Rule::new("!self.matches('\\\\.matches\\\\(\\\\s*[^\\\\s\\\\x27\\\\x22]')")
+        .message("matches() takes a literal pattern, as in data.name.matches('^inv-[0-9]+$'): a pattern from the event would be compiled for every event"))]
     pub filter: Option<String>,
     /// Extra request headers, name to value (not secret: they are shown by kubectl).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]

@@ -192,6 +192,25 @@ async fn bad_manifests_are_refused_with_a_message_naming_the_field() {
         Some(WEBHOOK),
     )
     .await;
+    // Linear filters pass the API server's filter patterns.
+    for filter in [
+        r#"data.items.exists(i, i.status == "failed")"#,
+        r#""urgent" in data.tags && data.name.matches('^inv-[0-9]+$')"#,
+        "data.a.all(x, x >= 0) && data.b.exists(y, y == event)",
+    ] {
+        let manifest = webhook_with(
+            "  secretRef: {name: s}\n",
+            &format!(
+                "  secretRef: {{name: s}}\n  filter: {}\n",
+                serde_json::json!(filter)
+            ),
+        );
+        cp.kubectl_ok(
+            &["apply", "--dry-run=server", "-n", &ns, "-f", "-"],
+            Some(&manifest),
+        )
+        .await;
+    }
 
     let cases: Vec<(&str, String, &[&str])> = vec![
         (
@@ -238,6 +257,30 @@ async fn bad_manifests_are_refused_with_a_message_naming_the_field() {
             "secretRef without name",
             webhook_with("{name: s}", "{key: secret}"),
             &["spec.secretRef.name", "Required value"],
+        ),
+        (
+            "a filter comparing two lists of the event",
+            webhook_with(
+                "  secretRef: {name: s}\n",
+                "  secretRef: {name: s}\n  filter: 'data.a.all(x, !(x in data.b))'\n",
+            ),
+            &["spec.filter", "may use only its own variable"],
+        ),
+        (
+            "a filter with a macro inside another",
+            webhook_with(
+                "  secretRef: {name: s}\n",
+                "  secretRef: {name: s}\n  filter: 'data.a.exists(x, x.b.all(y, y > 0))'\n",
+            ),
+            &["spec.filter", "inside another"],
+        ),
+        (
+            "a filter matching a pattern from the event",
+            webhook_with(
+                "  secretRef: {name: s}\n",
+                "  secretRef: {name: s}\n  filter: 'data.name.matches(data.pattern)'\n",
+            ),
+            &["spec.filter", "literal pattern"],
         ),
         (
             "missing secretRef",
