@@ -110,6 +110,20 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
     }
 }
 
+/// Links the span to the trace `traceparent` names (a client's), without joining it: the span
+/// stays the root of a trace of its own, so that a client cannot place hookrelay's spans in a
+/// trace it chose, in a collector other tenants share. Tracing UIs show the link.
+pub fn link_trace(span: &tracing::Span, traceparent: Option<&str>) {
+    if span.is_disabled() {
+        return;
+    }
+    let cx = context_of(traceparent);
+    let linked = cx.span().span_context().clone();
+    if linked.is_valid() {
+        span.add_link(linked);
+    }
+}
+
 /// The `traceparent` of `span`, to send on; None when the span is not exported.
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
     if span.is_disabled() {
@@ -161,6 +175,24 @@ mod tests {
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
         assert_eq!(traceparent(&span), None);
+    }
+
+    #[test]
+    fn a_linked_span_starts_a_trace_of_its_own() {
+        let provider = SdkTracerProvider::builder().build();
+        use tracing_subscriber::layer::SubscriberExt;
+        let subscriber = tracing_subscriber::registry().with(layer(&provider));
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let span = tracing::info_span!(target: TARGET, "ingest");
+        link_trace(
+            &span,
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let sent = traceparent(&span).expect("an exported span has a traceparent");
+        assert!(
+            !sent.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+            "not the client's trace: {sent}"
+        );
     }
 
     #[test]

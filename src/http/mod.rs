@@ -98,6 +98,9 @@ pub struct ApiState {
     pub request_timeout: Duration,
     /// `POST /api/webhooks/{id}/test` per Webhook (`namespace/name`), so it is no port scanner.
     pub test_limiter: TestLimiter,
+    /// `--trust-client-traces`: an ingest request's `traceparent` is the parent of its spans
+    /// (otherwise only linked).
+    pub trust_client_traces: bool,
 }
 
 /// The rate limit of test deliveries, one bucket per Webhook.

@@ -78,7 +78,13 @@ fn to_json(w: &Webhook) -> Value {
 
 /// What the web page shows of a Webhook beside its spec (list and get): attempts being sent
 /// now by this replica, the latest attempt, the recent success rate and `Degraded`.
+/// A Webhook as read (list, get): its activity, and its URL with any credentials and query
+/// values masked, as whoever may read a Webhook through the API is not always who may use its
+/// endpoint (the replies to create and update, to the writer, show it whole).
 fn with_activity(mut json: Value, w: &Webhook, in_flight: usize) -> Value {
+    if let Some(url) = w.spec.url.as_deref() {
+        json["url"] = json!(masked_url(url));
+    }
     let status = w.status.clone().unwrap_or_default();
     let degraded = status
         .conditions
@@ -91,6 +97,19 @@ fn with_activity(mut json: Value, w: &Webhook, in_flight: usize) -> Value {
     json["degraded_reason"] = json!(degraded.map(|c| &c.reason));
     json["degraded_message"] = json!(degraded.map(|c| &c.message));
     json
+}
+
+/// `url` with credentials and query values masked; a URL with neither is shown as written.
+fn masked_url(url: &str) -> String {
+    let secret_bearing = match url::Url::parse(url) {
+        Ok(u) => !u.username().is_empty() || u.password().is_some() || u.query().is_some(),
+        Err(_) => url.contains('@') || url.contains('?'),
+    };
+    if secret_bearing {
+        crate::delivery::redact_url(url)
+    } else {
+        url.to_owned()
+    }
 }
 
 /// The share of the retained recent attempts (`status.recentDeliveries`) that succeeded; None
@@ -902,6 +921,29 @@ mod tests {
     }
 
     #[test]
+    fn a_read_webhook_shows_no_url_credentials_nor_query_values() {
+        let mut w: Webhook = serde_json::from_value(json!({
+            "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook",
+            "metadata": {"name": "wh-1", "namespace": "docs"},
+            "spec": {"url": "https://user:pw@example.com/h?token=abc&x=1", "events": ["*"],
+                     "secretRef": {"name": "s"}},
+        }))
+        .unwrap();
+        let shown = with_activity(to_json(&w), &w, 0)["url"].to_string();
+        assert!(
+            !shown.contains("pw") && !shown.contains("abc") && shown.contains("token=***"),
+            "{shown}"
+        );
+        // The writer's reply shows what was written.
+        assert!(to_json(&w)["url"].to_string().contains("token=abc"));
+        w.spec.url = Some("https://example.com".into());
+        assert_eq!(
+            with_activity(to_json(&w), &w, 0)["url"],
+            "https://example.com"
+        );
+    }
+
+    #[test]
     fn activity_fields_come_from_the_status_and_the_engine() {
         let mut w: Webhook = serde_json::from_value(json!({
             "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook",
@@ -918,6 +960,7 @@ mod tests {
         assert_eq!(json["degraded_reason"], Value::Null);
         // The contract's fields are unchanged.
         assert_eq!(json["id"], "wh-1");
+        assert_eq!(json["url"], "https://example.com/h");
         w.status = Some(
             serde_json::from_value(json!({
                 "conditions": [{"type": "Degraded", "status": "True", "reason": "ConsecutiveFailures",

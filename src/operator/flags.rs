@@ -156,6 +156,13 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_FILTER_TIME_PER_NAMESPACE", default_value = "250ms", value_parser = humantime::parse_duration)]
     pub filter_time_per_namespace: Duration,
 
+    /// Continue the trace of a `traceparent` sent to POST /api/events as given (the client's
+    /// trace holds hookrelay's spans). Off: ingest starts a trace of its own, linked to the
+    /// client's, so that no client places spans in a trace it chose, in a collector that other
+    /// tenants share.
+    #[arg(long, env = "HOOKRELAY_TRUST_CLIENT_TRACES")]
+    pub trust_client_traces: bool,
+
     /// Delivery attempts in flight at once, in all.
     #[arg(long, env = "HOOKRELAY_MAX_IN_FLIGHT", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_in_flight: u32,
@@ -306,6 +313,7 @@ impl RunArgs {
             max_hold: Duration::from_secs(168 * 3600),
             filter_timeout: Duration::from_millis(500),
             filter_time_per_namespace: Duration::from_millis(250),
+            trust_client_traces: false,
             max_in_flight: 512,
             max_in_flight_per_namespace: 128,
             shutdown_timeout: Duration::from_secs(20),

@@ -474,6 +474,7 @@ fn api_state(
         metrics: shared.metrics.clone(),
         request_timeout: args.request_timeout,
         test_limiter: http::test_limiter(),
+        trust_client_traces: args.trust_client_traces,
     };
     (Arc::new(state), direct_deliveries)
 }

@@ -1,6 +1,7 @@
 //! OpenTelemetry: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, the operator exports spans of
-//! ingest -> route -> attempt over OTLP/HTTP, continuing the `traceparent` it was given, and
-//! sends each attempt's own `traceparent` to the receiver; in every ingest mode.
+//! ingest -> route -> attempt over OTLP/HTTP, linked to the `traceparent` it was given (or
+//! continuing it, with `--trust-client-traces`), and sends each attempt's own `traceparent` to
+//! the receiver; in every ingest mode.
 
 use std::{
     collections::HashMap,
@@ -27,6 +28,8 @@ struct ExportedSpan {
     span_id: String,
     parent_span_id: String,
     attributes: HashMap<String, String>,
+    /// (trace id, span id) of each span it links to.
+    links: Vec<(String, String)>,
 }
 
 fn text(value: Option<&AnyValue>) -> String {
@@ -60,6 +63,11 @@ async fn collector() -> (Arc<Mutex<Vec<ExportedSpan>>>, std::net::SocketAddr) {
                                 .attributes
                                 .iter()
                                 .map(|kv| (kv.key.clone(), text(kv.value.as_ref())))
+                                .collect(),
+                            links: span
+                                .links
+                                .iter()
+                                .map(|l| (hex::encode(&l.trace_id), hex::encode(&l.span_id)))
                                 .collect(),
                         });
                     }
@@ -119,6 +127,7 @@ async fn a_traceparent_at_ingest_is_continued_through_every_span_to_the_receiver
         };
         let mut args = OperatorArgs::new(&ns)
             .mode(mode)
+            .args(["--trust-client-traces"])
             .env(
                 "OTEL_EXPORTER_OTLP_ENDPOINT",
                 &format!("http://{collector}"),
@@ -199,4 +208,70 @@ async fn a_traceparent_at_ingest_is_continued_through_every_span_to_the_receiver
         assert_eq!(attribute("http.response.status_code"), "200", "{mode}");
         drop(op);
     }
+}
+
+/// By default a client's `traceparent` is linked, not joined: the ingest span roots a trace of
+/// its own (which the route and attempt spans and the receiver's `traceparent` follow) and links
+/// to the client's span, so that no client places hookrelay's spans in a trace it chose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_traceparent_is_linked_not_joined_by_default() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace("otel-link").await;
+    let (spans, collector) = collector().await;
+    let op = OperatorArgs::new(&ns)
+        .mode("direct")
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            &format!("http://{collector}"),
+        )
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .start(cp);
+    op.wait_ready().await;
+    let (got, addr) = receiver().await;
+    create_webhook(
+        &client,
+        &ns,
+        "linked",
+        &format!("http://{addr}/h"),
+        "otel-signing-secret-0123",
+        json!({}),
+    )
+    .await;
+    let trace_id = hex::encode(rand::random::<[u8; 16]>());
+    let client_span = hex::encode(rand::random::<[u8; 8]>());
+    let response = reqwest::Client::new()
+        .post(format!(
+            "http://{}/api/events?namespace={ns}",
+            op.listen_addr
+        ))
+        .header("traceparent", format!("00-{trace_id}-{client_span}-01"))
+        .header("content-type", "application/json")
+        .body(json!({"event": "document.completed", "data": {"document_id": 1}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let (sent, _) = eventually("a delivery", WAIT, || async {
+        got.lock().unwrap().first().cloned()
+    })
+    .await;
+    let ingest = eventually("the ingest span", WAIT, || async {
+        spans
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.name == "ingest" && s.links.iter().any(|(_, span)| *span == client_span))
+            .cloned()
+    })
+    .await;
+    assert_ne!(ingest.trace_id, trace_id, "the client's trace was joined");
+    assert_eq!(ingest.parent_span_id, "", "the ingest span is a root");
+    assert_eq!(ingest.links, [(trace_id.clone(), client_span)]);
+    // The receiver's traceparent is in hookrelay's trace, not the client's.
+    assert!(
+        sent.contains(&ingest.trace_id) && !sent.contains(&trace_id),
+        "{sent}"
+    );
+    drop(op);
 }

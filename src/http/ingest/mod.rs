@@ -226,7 +226,8 @@ pub async fn ingest(
         .await?;
     let key = headers.get(IDEMPOTENCY_KEY_HEADER).map(|v| v.as_bytes());
     let events = parse_events(&body, key)?;
-    // Disabled (and free) unless traces are exported; a client's `traceparent` is its parent.
+    // Disabled (and free) unless traces are exported. A client's `traceparent` is linked, or,
+    // with --trust-client-traces, its parent.
     let span = tracing::info_span!(
         target: crate::telemetry::TARGET,
         "ingest",
@@ -235,12 +236,14 @@ pub async fn ingest(
         hookrelay.ingest_mode = ?state.ingest_mode,
         hookrelay.events = events.len(),
     );
-    crate::telemetry::continue_trace(
-        &span,
-        headers
-            .get(crate::telemetry::TRACEPARENT)
-            .and_then(|v| v.to_str().ok()),
-    );
+    let client_trace = headers
+        .get(crate::telemetry::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    if state.trust_client_traces {
+        crate::telemetry::continue_trace(&span, client_trace);
+    } else {
+        crate::telemetry::link_trace(&span, client_trace);
+    }
     let accepted = async {
         match state.ingest_mode {
             IngestMode::Durable => durable(&state, &namespace, events).await,
