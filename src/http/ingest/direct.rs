@@ -14,8 +14,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DIRECT_KEY_LIFETIME, DIRECT_KEY_WINDOW, DIRECT_KEYS_REMEMBERED, IngestEvent, fingerprint,
-    idempotency_conflict,
+    DIRECT_KEY_LIFETIME, DIRECT_KEY_NAMESPACES, DIRECT_KEY_WINDOW, DIRECT_KEYS_PER_NAMESPACE,
+    IngestEvent, fingerprint, idempotency_conflict,
 };
 use crate::{
     delivery::{
@@ -58,7 +58,7 @@ pub struct DirectIngest {
     /// Deliveries held per namespace; a namespace holding none has no entry.
     in_use: Arc<Mutex<HashMap<Arc<str>, usize>>>,
     /// (namespace, key) -> what was accepted under it.
-    recent: moka::sync::Cache<(Arc<str>, Arc<str>), RecentEvent>,
+    recent: RecentKeys,
     /// Admitted deliveries waiting for a worker, per Webhook.
     lines: Arc<DirectLines>,
     /// Refuse events for a Webhook whose oldest waiting delivery has waited longer than this.
@@ -118,10 +118,7 @@ impl DirectIngest {
             capacity,
             per_namespace,
             in_use: Arc::default(),
-            recent: moka::sync::Cache::builder()
-                .max_capacity(DIRECT_KEYS_REMEMBERED)
-                .time_to_live(DIRECT_KEY_WINDOW)
-                .build(),
+            recent: RecentKeys::default(),
             lines: Arc::default(),
             max_queue_delay: DEFAULT_MAX_QUEUE_DELAY,
             metrics: Metrics::default(),
@@ -237,7 +234,7 @@ impl DirectIngest {
                 targets,
             } = routed;
             if let Some(key) = &e.key {
-                match self.recent.get(&(ns.clone(), Arc::from(key.as_str()))) {
+                match self.recent.of(&ns).get(key.as_str()) {
                     Some(r) if r.fingerprint == fingerprint => {
                         duplicates.push(index);
                         continue;
@@ -318,13 +315,13 @@ impl DirectIngest {
 
         // Record the keys now that the events will be dispatched. A concurrent request with
         // the same key may have come first.
+        let recent = self.recent.of(&ns);
         let mut recorded = Vec::new();
         let mut to_send = Vec::new();
         for (index, e, fingerprint, targets) in new_events {
             if let Some(key) = &e.key {
-                let entry = self
-                    .recent
-                    .entry((ns.clone(), Arc::from(key.as_str())))
+                let entry = recent
+                    .entry(Arc::from(key.as_str()))
                     .or_insert_with(|| RecentEvent { fingerprint });
                 if !entry.is_fresh() {
                     if entry.value().fingerprint == fingerprint {
@@ -332,7 +329,7 @@ impl DirectIngest {
                         continue;
                     }
                     for k in recorded {
-                        self.recent.invalidate(&k);
+                        recent.invalidate(&k);
                     }
                     return Err(idempotency_conflict(key));
                 }
@@ -388,6 +385,37 @@ fn queue_full(code: &'static str, message: String) -> ApiError {
     let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message);
     error.retry_after = Some(1);
     error
+}
+
+/// The window of recent idempotency keys: a bounded cache per namespace (and a bounded number
+/// of namespaces, the least recently used forgotten first), so that one tenant sending ever-new
+/// keys pushes out only its own.
+struct RecentKeys {
+    namespaces: moka::sync::Cache<Arc<str>, moka::sync::Cache<Arc<str>, RecentEvent>>,
+}
+
+impl Default for RecentKeys {
+    fn default() -> Self {
+        Self {
+            namespaces: moka::sync::Cache::builder()
+                .max_capacity(DIRECT_KEY_NAMESPACES)
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .time_to_idle(DIRECT_KEY_WINDOW)
+                .build(),
+        }
+    }
+}
+
+impl RecentKeys {
+    /// The keys of `namespace`.
+    fn of(&self, namespace: &Arc<str>) -> moka::sync::Cache<Arc<str>, RecentEvent> {
+        self.namespaces.get_with_by_ref(namespace, || {
+            moka::sync::Cache::builder()
+                .max_capacity(DIRECT_KEYS_PER_NAMESPACE)
+                .time_to_live(DIRECT_KEY_WINDOW)
+                .build()
+        })
+    }
 }
 
 /// An event of a direct request on its way to admission: its fingerprint (of the event as sent,
@@ -654,6 +682,23 @@ mod tests {
             (e.status, e.code),
             (StatusCode::TOO_MANY_REQUESTS, "queue_full")
         );
+    }
+
+    #[test]
+    fn one_namespace_sending_ever_new_keys_pushes_out_only_its_own() {
+        let recent = RecentKeys::default();
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        let event = RecentEvent {
+            fingerprint: [1; 32],
+        };
+        recent.of(&a).insert("k".into(), event.clone());
+        let flood = recent.of(&b);
+        for i in 0..(DIRECT_KEYS_PER_NAMESPACE + 5_000) {
+            flood.insert(format!("k{i}").into(), event.clone());
+        }
+        flood.run_pending_tasks();
+        assert!(flood.entry_count() <= DIRECT_KEYS_PER_NAMESPACE);
+        assert_eq!(recent.of(&a).get("k"), Some(event));
     }
 
     #[test]

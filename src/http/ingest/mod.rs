@@ -44,13 +44,16 @@ pub const IDEMPOTENCY_KEY_ANNOTATION: &str = "hookrelay.dev/idempotency-key";
 /// The annotation with the fingerprint of a keyed event's content, as it was sent.
 pub const CONTENT_ANNOTATION: &str = "hookrelay.dev/content-sha256";
 
-/// Direct mode remembers at most this many idempotency keys ...
-pub const DIRECT_KEYS_REMEMBERED: u64 = 100_000;
+/// Direct mode remembers at most this many idempotency keys of one namespace ...
+pub const DIRECT_KEYS_PER_NAMESPACE: u64 = 20_000;
+/// ... of this many namespaces, those that sent keys last (each namespace its own window, so
+/// that a tenant sending ever-new keys pushes out only its own) ...
+pub const DIRECT_KEY_NAMESPACES: u64 = 50;
 /// ... for this long.
 pub const DIRECT_KEY_WINDOW: Duration = Duration::from_secs(600);
 
 const DURABLE_KEY_LIFETIME: &str = "an idempotency key lasts as long as its DocumentEvent is retained (--event-retention after delivery, --failed-event-retention after a failure)";
-const DIRECT_KEY_LIFETIME: &str = "direct mode remembers an idempotency key in memory for 10 minutes (at most 100000 keys, not across a restart); a repeat after that is delivered again, with the same delivery ids";
+const DIRECT_KEY_LIFETIME: &str = "direct mode remembers an idempotency key in memory for 10 minutes (at most 20000 keys per namespace, not across a restart); a repeat after that is delivered again, with the same delivery ids";
 
 /// One event of a request, validated.
 #[derive(Clone, Debug, PartialEq)]
