@@ -413,11 +413,19 @@ impl WebhookController {
 
     /// Follows the end of a rotation's grace period, if the Secret has one.
     fn schedule_expiry(&mut self, secret: &Secret) {
+        // Only Secrets the REST API generated (owned by their Webhook) are rotated by hookrelay;
+        // a hand-made Secret carrying the annotation is its owner's to change (and the chart's
+        // admission policy refuses the operator any write to it).
+        let generated = secret
+            .owner_references()
+            .iter()
+            .any(|o| o.kind == "Webhook" && o.api_version.starts_with("hookrelay.dev/"));
         let expires = secret
             .metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get(PREVIOUS_EXPIRES_ANNOTATION));
+            .and_then(|a| a.get(PREVIOUS_EXPIRES_ANNOTATION))
+            .filter(|_| generated);
         self.expiry.observe(
             secret.metadata.namespace.as_deref().unwrap_or_default(),
             &secret.name_any(),

@@ -578,6 +578,24 @@ async fn a_rotated_secret_signs_beside_the_old_one_until_the_grace_period_ends()
     )
     .await;
     assert_eq!(code, 409, "{reply}");
+    // Nor does the leader remove `previous` from it, even past an expiry annotated by hand.
+    secrets
+        .patch(
+            "own-secret",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({
+                "metadata": {"annotations": {"hookrelay.dev/previous-expires-at": "2020-01-01T00:00:00Z"}},
+                "stringData": {"previous": "own-previous-secret-0123456789"},
+            })),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let own = secrets.get("own-secret").await.unwrap();
+    assert!(
+        own.data.unwrap_or_default().contains_key("previous"),
+        "a Secret the API did not generate was changed by the operator"
+    );
     assert_eq!(reply["error"]["code"], "secret_not_generated");
     assert!(
         reply["error"]["message"]
