@@ -154,16 +154,10 @@ pub async fn recover(
         && queued < MAX_RECOVERED
     {
         let key = WebhookKey::new(&c.namespace, &id);
-        let from_stream = history::recover_from_stream(
-            &bus.context,
-            &bus.stream,
-            &key,
-            &webhook_uid,
-            since,
-            MAX_RECOVERED - queued,
-        )
-        .await
-        .map_err(stream_unavailable)?;
+        let from_stream =
+            history::recover_from_stream(bus, &key, &webhook_uid, since, MAX_RECOVERED - queued)
+                .await
+                .map_err(stream_unavailable)?;
         queued += from_stream.queued;
         truncated |= from_stream.truncated;
     }
@@ -280,7 +274,7 @@ pub async fn search(
         && found.len() < MAX_FOUND
     {
         let key = WebhookKey::new(&c.namespace, &name);
-        let (records, complete) = history::search_stream(&bus.stream, &key, &webhook_uid, &lookup)
+        let (records, complete) = history::search_stream(bus, &key, &webhook_uid, &lookup)
             .await
             .map_err(stream_unavailable)?;
         truncated |= !complete;

@@ -60,7 +60,9 @@ pub struct RunArgs {
 
     /// The JetStream stream holding events and deliveries: created at start if missing; an
     /// existing one keeps its limits and gets only what hookrelay needs (its subjects, message
-    /// schedules).
+    /// schedules). Its name lowercased prefixes every subject (`hookrelay.>` for the default),
+    /// so installations sharing a NATS account each need their own; no '.', '*', '>', '/',
+    /// '\', spaces or control characters.
     #[arg(long, env = "HOOKRELAY_NATS_STREAM", default_value = "HOOKRELAY")]
     pub nats_stream: String,
 

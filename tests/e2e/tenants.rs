@@ -497,3 +497,133 @@ async fn a_token_spraying_namespaces_costs_another_caller_nothing() {
     assert!(reviews <= 5, "{reviews} reviews, at most 5 expected");
     op.stop().await;
 }
+
+/// Messages per subject in the stream `stream`, read as the NATS user of `url`.
+async fn stream_subjects(url: &str, stream: &str) -> std::collections::BTreeMap<String, usize> {
+    use futures::TryStreamExt;
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(stream).await.unwrap();
+    stream
+        .info_with_subjects(">")
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+/// The filter subjects of the stream's durable consumers, by consumer.
+async fn consumer_filters(url: &str, stream: &str) -> Vec<(String, String)> {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(stream).await.unwrap();
+    let mut filters = Vec::new();
+    for name in ["router", "deliverer", "serial", "recorder"] {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(name).await.unwrap();
+        let info = consumer.info().await.unwrap();
+        filters.push((name.to_owned(), info.config.filter_subject.clone()));
+    }
+    filters
+}
+
+/// An in-process operator in JetStream mode watching `ns`, on the stream `stream` of the NATS
+/// server at `url`.
+async fn installation(
+    cp: &crate::support::ControlPlane,
+    ns: &str,
+    url: String,
+    stream: &str,
+) -> crate::support::InProcess {
+    let mut args = crate::support::ingest_args(&[ns], hookrelay::http::IngestMode::JetStream, None);
+    args.nats_url = Some(url);
+    args.nats_stream = stream.to_owned();
+    crate::support::InProcess::start_with(cp.config().await, args).await
+}
+
+/// Posts `n` events with document ids from `first` to namespace `ns`; all must be accepted.
+async fn post_numbered(op: &crate::support::InProcess, ns: &str, first: usize, n: usize) {
+    let events: Vec<serde_json::Value> = (first..first + n)
+        .map(|i| json!({"event": "document.completed", "data": {"document_id": i}}))
+        .collect();
+    let body = serde_json::Value::Array(events).to_string();
+    let (status, reply) = crate::support::post_events(op.op.listen_addr, ns, None, &body).await;
+    assert_eq!(status, 202, "{reply}");
+}
+
+/// Two installations of hookrelay on one NATS account, each with its own `--nats-stream` (the
+/// default `HOOKRELAY`, and `HOOKRELAY_STAGING`), each watching its own namespace with a
+/// Webhook of the same name: each delivers exactly its own events, and each stream holds only
+/// the subjects under its own lowercased name. Before the subjects followed the stream's name,
+/// both streams wanted `hookrelay.>` and the second installation could not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_installations_on_one_nats_account_deliver_each_their_own_events() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let nats = crate::support::NatsServer::start().await;
+    let (ns_a, ns_b) = (
+        cp.namespace("install-a").await,
+        cp.namespace("install-b").await,
+    );
+    let a = installation(cp, &ns_a, nats.url.clone(), "HOOKRELAY").await;
+    let b = installation(cp, &ns_b, nats.url.clone(), "HOOKRELAY_STAGING").await;
+    let rx_a = counting_webhook(&client, &ns_a, "w", SECRET).await;
+    let rx_b = counting_webhook(&client, &ns_b, "w", SECRET).await;
+
+    let started = Instant::now();
+    post_numbered(&a, &ns_a, 0, 20).await;
+    post_numbered(&b, &ns_b, 100, 15).await;
+    for (rx, n, which) in [(&rx_a, 20, "a"), (&rx_b, 15, "b")] {
+        eventually(
+            &format!("installation {which}'s {n} events delivered"),
+            Duration::from_secs(60),
+            || async { (rx.counts().0 >= n).then_some(()) },
+        )
+        .await;
+    }
+    let delivered = started.elapsed();
+    // Whatever would cross over would have come by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (counts_a, counts_b) = (rx_a.counts(), rx_b.counts());
+
+    let subjects_a = stream_subjects(&nats.url, "HOOKRELAY").await;
+    let subjects_b = stream_subjects(&nats.url, "HOOKRELAY_STAGING").await;
+    let filters_a = consumer_filters(&nats.url, "HOOKRELAY").await;
+    let filters_b = consumer_filters(&nats.url, "HOOKRELAY_STAGING").await;
+    println!(
+        "FIGURES tenants::two_installations events_a=20 events_b=15 delivered_a={counts_a:?} delivered_b={counts_b:?} (distinct, requests) both_delivered_ms={} subjects_a={} subjects_b={}",
+        delivered.as_millis(),
+        subjects_a.len(),
+        subjects_b.len(),
+    );
+    assert_eq!(counts_a, (20, 20), "installation a got exactly its events");
+    assert_eq!(counts_b, (15, 15), "installation b got exactly its events");
+    // Each stream holds only its own subjects; the default keeps `hookrelay.`.
+    assert!(
+        subjects_a.keys().all(|s| s.starts_with("hookrelay.")),
+        "{subjects_a:?}"
+    );
+    assert!(
+        subjects_b
+            .keys()
+            .all(|s| s.starts_with("hookrelay_staging.")),
+        "{subjects_b:?}"
+    );
+    assert_eq!(
+        subjects_a.get(&format!("hookrelay.events.{ns_a}")),
+        Some(&20)
+    );
+    assert_eq!(
+        subjects_b.get(&format!("hookrelay_staging.events.{ns_b}")),
+        Some(&15)
+    );
+    for (name, filter) in &filters_a {
+        assert!(filter.starts_with("hookrelay."), "{name}: {filter}");
+    }
+    for (name, filter) in &filters_b {
+        assert!(filter.starts_with("hookrelay_staging."), "{name}: {filter}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
