@@ -28,7 +28,7 @@ pub struct RunArgs {
     pub ingest_mode: http::IngestMode,
 
     /// NATS server(s) of `--ingest-mode jetstream`, e.g. nats://nats.nats:4222 (required in
-    /// that mode).
+    /// that mode); nats://user:password@host:4222 or nats://token@host:4222 to authenticate.
     #[arg(long, env = "HOOKRELAY_NATS_URL")]
     pub nats_url: Option<String>,
 

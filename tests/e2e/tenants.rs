@@ -627,3 +627,324 @@ async fn two_installations_on_one_nats_account_deliver_each_their_own_events() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Set, the least-privilege test finds out what the permissions must be: its users get no
+/// permissions (everything allowed), nats-server traces every message, and the test prints
+/// each subject the installations published or subscribed to (then stops, as nothing is
+/// denied).
+const TRACE_NATS_SUBJECTS: &str = "HOOKRELAY_TRACE_NATS_SUBJECTS";
+
+/// A nats-server configuration with one user per installation, each allowed exactly what
+/// hookrelay says its stream needs (`Subjects::permissions`, the README's snippet); a user
+/// without a stream may do anything (whoever runs NATS).
+fn least_privilege_config(users: &[(&str, &str, Option<&str>)]) -> String {
+    let tracing = std::env::var_os(TRACE_NATS_SUBJECTS).is_some();
+    let users: Vec<String> = users
+        .iter()
+        .map(|(user, password, stream)| {
+            let permissions = stream
+                .filter(|_| !tracing)
+                .map(|stream| {
+                    hookrelay::delivery::jetstream::Subjects::for_stream(stream)
+                        .unwrap()
+                        .permissions()
+                        .to_config(6)
+                })
+                .unwrap_or_default();
+            format!("    {{\n      user: {user}\n      password: {password}\n      {permissions}\n    }}")
+        })
+        .collect();
+    let trace = if tracing { "trace: true\n" } else { "" };
+    format!(
+        "{trace}authorization {{\n  users: [\n{}\n  ]\n}}\n",
+        users.join("\n")
+    )
+}
+
+/// The permission violations nats-server logged, one line each.
+fn violations(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Two installations on one NATS account, each connecting as a user allowed exactly the
+/// permissions the README lists for its stream (`alice`: `HOOKRELAY`; `bob`:
+/// `HOOKRELAY_STAGING`, a stream whoever runs NATS created beforehand without message
+/// schedules, which bob's installation adds), credentials in `--nats-url`. Installation a
+/// ingests (a keyed repeat included), routes, delivers on both lanes (rate-limited and ordered
+/// Webhooks are the leader's serial lane), retries through parked copies, records attempts,
+/// recovers and searches; b delivers its own events. nats-server logs no permission violation
+/// for either. Then bob, connected as himself, tries to read a's stream every way a client
+/// could (its subjects, every inbox, its stream's and consumers' API): each is refused and
+/// logged as a violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_least_privilege_nats_user_runs_an_installation_and_reads_no_other() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let config = least_privilege_config(&[
+        ("alice", "alice-nats-password", Some("HOOKRELAY")),
+        ("bob", "bob-nats-password", Some("HOOKRELAY_STAGING")),
+        ("admin", "admin-nats-password", None),
+    ]);
+    let nats = crate::support::NatsServer::start_with_config(&config).await;
+    // The NATS client takes no credentials from a URL: given apart.
+    let admin = async_nats::ConnectOptions::with_user_and_password(
+        "admin".into(),
+        "admin-nats-password".into(),
+    )
+    .connect(nats.url.as_str())
+    .await
+    .unwrap();
+    let admin = async_nats::jetstream::new(admin);
+    admin
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "HOOKRELAY_STAGING".into(),
+            subjects: vec!["hookrelay_staging.>".into()],
+            max_messages: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (ns_a, ns_b) = (cp.namespace("acl-a").await, cp.namespace("acl-b").await);
+    let a = installation(
+        cp,
+        &ns_a,
+        nats.url_as("alice", "alice-nats-password"),
+        "HOOKRELAY",
+    )
+    .await;
+    let b = installation(
+        cp,
+        &ns_b,
+        nats.url_as("bob", "bob-nats-password"),
+        "HOOKRELAY_STAGING",
+    )
+    .await;
+    let ok = counting_webhook(&client, &ns_a, "ok", SECRET).await;
+    let (limited, addr) = CountingReceiver::start().await;
+    crate::support::create_webhook(
+        &client,
+        &ns_a,
+        "limited",
+        &format!("http://{addr}/h"),
+        SECRET,
+        json!({"rateLimit": {"perSecond": 50, "burst": 5}}),
+    )
+    .await;
+    let (failing, addr) = CountingReceiver::start_answering(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        Duration::ZERO,
+    )
+    .await;
+    crate::support::create_webhook(
+        &client,
+        &ns_a,
+        "failing",
+        &format!("http://{addr}/h"),
+        SECRET,
+        json!({"maxAttempts": 2, "initialBackoffSeconds": 1, "maxBackoffSeconds": 1}),
+    )
+    .await;
+    // Ordered: its deliveries wait for the router's progress (the consumers' info).
+    let ordered = counting_webhook(&client, &ns_a, "ordered", SECRET).await;
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns_a);
+    webhooks
+        .patch(
+            "ordered",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"ordering": {"key": "data.document_id"}}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the ordering reconciled",
+        Duration::from_secs(60),
+        || async {
+            let w = webhooks.get("ordered").await.ok()?;
+            let status = w.status?;
+            (status.observed_generation == w.metadata.generation).then_some(())
+        },
+    )
+    .await;
+    wait_ready(&webhooks, "ordered").await;
+    let other = counting_webhook(&client, &ns_b, "w", SECRET).await;
+    let before = k8s_openapi::jiff::Timestamp::now()
+        .checked_sub(Duration::from_secs(1))
+        .unwrap();
+
+    post_numbered(&a, &ns_a, 0, 5).await;
+    // A keyed event, then its repeat: the duplicate's content is read back from the stream.
+    let keyed = r#"{"event":"document.completed","data":{"document_id":5}}"#;
+    for _ in 0..2 {
+        let (status, reply) =
+            crate::support::post_events(a.op.listen_addr, &ns_a, Some("order-5"), keyed).await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    post_numbered(&b, &ns_b, 100, 5).await;
+    let failed = || async {
+        let stats = webhooks.get("failing").await.ok()?.status?.delivery_stats;
+        Some(stats.failed)
+    };
+    eventually(
+        "a's deliveries made, the failing ones failed after 2 attempts each",
+        Duration::from_secs(90),
+        || async {
+            let made = [&ok, &limited, &ordered]
+                .iter()
+                .all(|rx| rx.counts().0 == 6);
+            (made && failed().await? == 6).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(failing.counts(), (6, 12), "two attempts each");
+    delivered(&other, "b's events").await;
+    eventually("b's 5 events", Duration::from_secs(60), || async {
+        (other.counts().0 == 5).then_some(())
+    })
+    .await;
+
+    // Recover (from the stream: republished work items) and search (ordered consumers).
+    let api = a.op.listen_addr;
+    let (status, body) = crate::support::api_call(
+        api,
+        "POST",
+        &format!("/api/webhooks/failing/recover?since={before}&namespace={ns_a}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((status, &body["queued"]), (200, &json!(6)), "{body}");
+    eventually(
+        "the recovered deliveries attempted again",
+        Duration::from_secs(60),
+        || async { (failing.counts().1 >= 24).then_some(()) },
+    )
+    .await;
+    let (status, body) = crate::support::api_call(
+        api,
+        "GET",
+        &format!("/api/webhooks/ok/deliveries?document_id=3&namespace={ns_a}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["deliveries"].as_array().map(Vec::len),
+        Some(1),
+        "{body}"
+    );
+    a.stop().await;
+    b.stop().await;
+    let staging = admin.get_stream("HOOKRELAY_STAGING").await.unwrap();
+    assert!(
+        staging.cached_info().config.allow_message_schedules,
+        "bob's installation updated the stream it was given"
+    );
+    let log = nats.log_text();
+    if std::env::var_os(TRACE_NATS_SUBJECTS).is_some() {
+        // Each distinct subject a client published to or subscribed to, with its user.
+        let mut seen = std::collections::BTreeSet::new();
+        // Clients' own messages (the Rust client's), not the server's internal ones.
+        for line in log.lines().filter(|l| l.contains(":rust:")) {
+            for verb in ["<<- [PUB ", "<<- [HPUB ", "<<- [SUB "] {
+                if let Some(rest) = line.split(verb).nth(1) {
+                    let subject = rest.split([' ', ']']).next().unwrap_or_default();
+                    seen.insert(format!("{}{subject}", verb.trim_start_matches("<<- [")));
+                }
+            }
+        }
+        for s in seen {
+            println!("TRACE {s}");
+        }
+        return;
+    }
+    let seen = violations(&log);
+    println!(
+        "FIGURES tenants::least_privilege installations=2 violations_while_running={}",
+        seen.len()
+    );
+    assert!(seen.is_empty(), "permission violations: {seen:#?}");
+
+    // Bob, the other installation's user, reading a's stream, with the inboxes his permissions
+    // allow (so that what is refused is a's stream, not the answers): his own stream answers.
+    let bob = async_nats::ConnectOptions::with_user_and_password(
+        "bob".into(),
+        "bob-nats-password".into(),
+    )
+    .name("bob-probe")
+    .custom_inbox_prefix("_INBOX.hookrelay_staging")
+    .connect(nats.url.as_str())
+    .await
+    .expect("bob connects");
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(bob.clone());
+    js.get_stream("HOOKRELAY_STAGING")
+        .await
+        .expect("bob reads his own stream");
+    let mut probes = Vec::new();
+    for subject in ["hookrelay.>", "_INBOX.>", "_INBOX.hookrelay.>"] {
+        let mut sub = bob.subscribe(subject).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(1), sub.next()).await;
+        probes.push((format!("subscribe {subject}"), got.ok().flatten().is_some()));
+    }
+    probes.push((
+        "stream info HOOKRELAY".into(),
+        js.get_stream("HOOKRELAY").await.is_ok(),
+    ));
+    probes.push((
+        "publish to hookrelay.events".into(),
+        match js
+            .publish(format!("hookrelay.events.{ns_a}"), "{}".into())
+            .await
+        {
+            Ok(stored) => stored.await.is_ok(),
+            Err(_) => false,
+        },
+    ));
+    let created = js
+        .create_consumer_on_stream(
+            async_nats::jetstream::consumer::pull::Config::default(),
+            "HOOKRELAY",
+        )
+        .await;
+    probes.push(("create a consumer on HOOKRELAY".into(), created.is_ok()));
+    let fetched = tokio::time::timeout(
+        Duration::from_secs(2),
+        bob.request("$JS.API.CONSUMER.MSG.NEXT.HOOKRELAY.deliverer", "1".into()),
+    )
+    .await;
+    probes.push((
+        "pull from a's deliverer".into(),
+        matches!(fetched, Ok(Ok(_))),
+    ));
+    // The server logs violations as they happen.
+    let refused = eventually(
+        "bob's probes logged as violations",
+        Duration::from_secs(10),
+        || async {
+            let v = violations(&nats.log_text());
+            (v.len() >= probes.len()).then_some(v)
+        },
+    )
+    .await;
+    println!(
+        "FIGURES tenants::least_privilege probes={} succeeded={} violations_logged={}",
+        probes.len(),
+        probes.iter().filter(|(_, ok)| *ok).count(),
+        refused.len()
+    );
+    for line in &refused {
+        println!("  {line}");
+    }
+    for (probe, succeeded) in &probes {
+        assert!(!succeeded, "bob could {probe}");
+    }
+    assert!(
+        refused.iter().all(|l| l.contains("/user:bob\"")),
+        "only bob was refused: {refused:#?}"
+    );
+}

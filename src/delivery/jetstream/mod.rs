@@ -96,7 +96,7 @@ pub use messages::{EventMessage, keyed_event_id, keyed_msg_id};
 pub use router::{route_events, work_lane};
 use stream::set_up_stream;
 pub use stream::{StreamRoom, ingest_refusal, is_full, stream_update};
-pub use subjects::{InvalidStreamName, MAX_STREAM_NAME, Subjects};
+pub use subjects::{InvalidStreamName, MAX_STREAM_NAME, NatsPermissions, Subjects};
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -225,10 +225,14 @@ pub enum BusError {
     },
     #[error("give both --nats-tls-cert-file and --nats-tls-key-file, or neither")]
     TlsPair,
+    #[error(
+        "the servers of --nats-url carry different credentials ({first} and {other}): give one user:password@ or token@ (on any of them), or --nats-creds"
+    )]
+    UrlCredentials { first: String, other: String },
     #[error(transparent)]
     StreamName(#[from] InvalidStreamName),
     #[error(
-        "cannot create or update the JetStream {what}: {why} (is JetStream enabled on the server?)"
+        "cannot create or update the JetStream {what}: {why} (is JetStream enabled on the server, and may this NATS user use the stream's API? README \"A least-privilege NATS user\" lists what it needs)"
     )]
     Setup { what: String, why: String },
     #[error("the JetStream {consumer} consumer stopped: {why}")]
@@ -261,10 +265,64 @@ fn redacted_servers(url: &str) -> String {
         .join(",")
 }
 
+/// The user and password (`nats://user:password@host`) or token (`nats://token@host`) that
+/// `--nats-url` carries: the NATS client takes none from the URL itself. Servers separated by
+/// commas may each carry them, or only one; different ones are refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum UrlAuth {
+    UserPassword { user: String, password: String },
+    Token(String),
+}
+
+fn url_auth(url: &str) -> Result<Option<UrlAuth>, BusError> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let mut found: Option<(UrlAuth, String)> = None;
+    for server in url.split(',').map(str::trim) {
+        let Ok(parsed) = url::Url::parse(server) else {
+            continue;
+        };
+        let auth = match (parsed.username(), parsed.password()) {
+            ("", None) => continue,
+            (user, Some(password)) => UrlAuth::UserPassword {
+                user: decode(user),
+                password: decode(password),
+            },
+            (token, None) => UrlAuth::Token(decode(token)),
+        };
+        match &found {
+            None => found = Some((auth, redact_url(server))),
+            Some((first, _)) if *first == auth => {}
+            Some((_, first)) => {
+                return Err(BusError::UrlCredentials {
+                    first: first.clone(),
+                    other: redact_url(server),
+                });
+            }
+        }
+    }
+    Ok(found.map(|(auth, _)| auth))
+}
+
 /// Connects and creates (or updates) the stream and both durable consumers.
 pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
     let subjects = Subjects::for_stream(&config.stream)?;
-    let mut options = async_nats::ConnectOptions::new().name("hookrelay");
+    // Replies (publish acks, API answers, pulled messages) come to inboxes of this
+    // installation's own, which a least-privilege user may subscribe to without seeing
+    // another client's.
+    let mut options = async_nats::ConnectOptions::new()
+        .name("hookrelay")
+        .custom_inbox_prefix(subjects.inbox_prefix());
+    match url_auth(&config.url)? {
+        Some(UrlAuth::UserPassword { user, password }) => {
+            options = options.user_and_password(user, password);
+        }
+        Some(UrlAuth::Token(token)) => options = options.token(token),
+        None => {}
+    }
     if let Some(path) = &config.creds {
         options = options
             .credentials_file(path)
@@ -354,5 +412,42 @@ mod tests {
             "nats://***@nats-0:4222,nats://nats-1:4222"
         );
         assert_eq!(redacted_servers("nats://nats:4222"), "nats://nats:4222");
+    }
+
+    #[test]
+    fn credentials_in_the_nats_url_are_used() {
+        let user = |user: &str, password: &str| {
+            Some(UrlAuth::UserPassword {
+                user: user.into(),
+                password: password.into(),
+            })
+        };
+        assert_eq!(url_auth("nats://nats:4222").unwrap(), None);
+        assert_eq!(url_auth("127.0.0.1:4222").unwrap(), None);
+        assert_eq!(
+            url_auth("nats://hookrelay:s3cret@nats:4222").unwrap(),
+            user("hookrelay", "s3cret")
+        );
+        // Percent-encoded as a URL must be; given on one server of several.
+        assert_eq!(
+            url_auth("nats://nats-0:4222, tls://hook%40relay:p%3Ass%2Fw@nats-1:4222").unwrap(),
+            user("hook@relay", "p:ss/w")
+        );
+        assert_eq!(
+            url_auth("nats://a:b@n0:4222,nats://a:b@n1:4222").unwrap(),
+            user("a", "b")
+        );
+        assert_eq!(
+            url_auth("nats://t0ken@nats:4222").unwrap(),
+            Some(UrlAuth::Token("t0ken".into()))
+        );
+        let e = url_auth("nats://a:b@n0:4222,nats://a:c@n1:4222")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("different credentials"), "{e}");
+        assert!(
+            !e.contains(":b@") && !e.contains(":c@"),
+            "no password shown: {e}"
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! under one prefix, the name of its stream (`--nats-stream`) lowercased, so that two
 //! installations with different streams on one NATS account neither collide (nats-server
 //! refuses two streams taking the same subjects) nor read each other's events, and so that an
-//! account's permissions can give each installation its own subjects and nothing else.
+//! account's permissions can give each installation its own subjects and nothing else (README
+//! "A least-privilege NATS user").
 //!
 //! The default stream, `HOOKRELAY`, keeps the prefix `hookrelay.` that every subject had before
 //! the prefix followed the stream: existing installations with the default stream keep their
@@ -93,6 +94,13 @@ impl Subjects {
         format!("{}.>", self.prefix)
     }
 
+    /// The prefix of the replies hookrelay's NATS connection receives (publish acks, JetStream
+    /// API answers, the messages its pull consumers hand out), so that a least-privilege user
+    /// subscribes to its own `_INBOX.<prefix>.>` rather than to every client's `_INBOX.>`.
+    pub fn inbox_prefix(&self) -> String {
+        format!("_INBOX.{}", self.prefix)
+    }
+
     /// The filter of the `router` consumer: every namespace's events.
     pub fn events_filter(&self) -> String {
         format!("{}.>", self.events)
@@ -169,11 +177,81 @@ impl Subjects {
         Some(WebhookKey::new(namespace, name))
     }
 
+    /// What a NATS user running this installation needs, and nothing more (README "A
+    /// least-privilege NATS user"): publishing to its subjects, the JetStream API of its stream
+    /// and its consumers (the durable ones and the ephemeral ordered ones of recover and
+    /// search), and acks of its stream's messages; subscribing to its own inboxes. The list is
+    /// what the operator was seen to use against a real nats-server (every publish and
+    /// subscription of its connection, traced) while ingesting, routing, delivering on both
+    /// lanes, parking retries, recording attempts, recovering and searching (and the consumer
+    /// delete the NATS client sends when an ordered consumer recreates itself); the e2e test
+    /// `tenants::a_least_privilege_nats_user_runs_an_installation_and_reads_no_other` runs it
+    /// with exactly these.
+    pub fn permissions(&self) -> NatsPermissions {
+        let stream = &self.stream;
+        let api = |call: &str| format!("$JS.API.{call}");
+        NatsPermissions {
+            publish: vec![
+                // Events, work items, parked copies, attempt records.
+                self.all(),
+                // How full the stream is (ingest), where routing has come (ordering).
+                api(&format!("STREAM.INFO.{stream}")),
+                // At start, when the stream is missing, or lacks hookrelay's subjects or
+                // message schedules.
+                api(&format!("STREAM.CREATE.{stream}")),
+                api(&format!("STREAM.UPDATE.{stream}")),
+                // A keyed repeat's stored content.
+                api(&format!("STREAM.MSG.GET.{stream}")),
+                // The ephemeral ordered consumers of recover and search (no name), and the
+                // durable ones (name and filter).
+                api(&format!("CONSUMER.CREATE.{stream}")),
+                api(&format!("CONSUMER.CREATE.{stream}.>")),
+                // The router's and serial lane's progress (ordering).
+                api(&format!("CONSUMER.INFO.{stream}.*")),
+                // Pulling from each consumer.
+                api(&format!("CONSUMER.MSG.NEXT.{stream}.*")),
+                // An ordered consumer recreating itself after a gap deletes the old one.
+                api(&format!("CONSUMER.DELETE.{stream}.*")),
+                // Acks, naks and progress of the messages pulled.
+                format!("$JS.ACK.{stream}.>"),
+            ],
+            subscribe: vec![format!("{}.>", self.inbox_prefix())],
+        }
+    }
+
     /// Where a parked work item of delivery `delivery_id` to `key` waits for its time.
     pub fn schedule(&self, key: &WebhookKey, delivery_id: &str) -> String {
         format!(
             "{}.{}.{}.{delivery_id}",
             self.schedules, key.namespace, key.name
+        )
+    }
+}
+
+/// The subjects a NATS user may publish and subscribe to (nats-server's `permissions`, allow
+/// lists: everything else is denied).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsPermissions {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+impl NatsPermissions {
+    /// As a nats-server configuration block, `permissions: {...}`, its lines indented by
+    /// `indent` spaces after the first.
+    pub fn to_config(&self, indent: usize) -> String {
+        let pad = " ".repeat(indent);
+        let list = |subjects: &[String]| {
+            subjects
+                .iter()
+                .map(|s| format!("{pad}    \"{s}\""))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        format!(
+            "permissions: {{\n{pad}  publish: {{ allow: [\n{}\n{pad}  ] }}\n{pad}  subscribe: {{ allow: [\n{}\n{pad}  ] }}\n{pad}}}",
+            list(&self.publish),
+            list(&self.subscribe)
         )
     }
 }
@@ -202,6 +280,7 @@ mod tests {
             s.schedule(&key, "msg_1"),
             "hookrelay.schedules.docs.w.msg_1"
         );
+        assert_eq!(s.inbox_prefix(), "_INBOX.hookrelay");
     }
 
     #[test]
@@ -211,6 +290,7 @@ mod tests {
         assert_eq!(s.prefix(), "hookrelay_staging-2");
         assert_eq!(s.all(), "hookrelay_staging-2.>");
         assert_eq!(s.event("docs"), "hookrelay_staging-2.events.docs");
+        assert_eq!(s.inbox_prefix(), "_INBOX.hookrelay_staging-2");
         // The default installation's subjects are not this one's.
         let default = Subjects::for_stream("HOOKRELAY").unwrap();
         assert_eq!(s.event_namespace(&default.event("docs")), None);
@@ -246,6 +326,32 @@ mod tests {
                 "orders.serial.docs.file.conversion"
             ]
         );
+    }
+
+    #[test]
+    fn the_readme_lists_exactly_the_permissions_of_the_default_stream() {
+        let readme = include_str!("../../../README.md");
+        let snippet = readme
+            .split("<!-- nats-permissions HOOKRELAY -->")
+            .nth(1)
+            .and_then(|rest| rest.split("```").nth(1))
+            .expect("README has the least-privilege snippet");
+        let permissions = Subjects::for_stream("HOOKRELAY").unwrap().permissions();
+        let config = permissions.to_config(6);
+        assert!(
+            snippet.contains(&config),
+            "README's snippet:\n{snippet}\nshould hold:\n{config}"
+        );
+        // Another stream: its own subjects, API and inboxes, none of the default's.
+        let staging = Subjects::for_stream("HOOKRELAY_STAGING")
+            .unwrap()
+            .permissions();
+        for allowed in staging.publish.iter().chain(&staging.subscribe) {
+            assert!(
+                allowed.contains("HOOKRELAY_STAGING") || allowed.contains("hookrelay_staging"),
+                "{allowed}"
+            );
+        }
     }
 
     #[test]
