@@ -477,6 +477,8 @@ fn api_state(
         metrics: shared.metrics.clone(),
         request_timeout: args.request_timeout,
         test_limiter: http::test_limiter(),
+        recover_limiter: http::recover_limiter(),
+        history_reads: http::history_reads(),
     };
     (Arc::new(state), direct_deliveries)
 }

@@ -948,3 +948,139 @@ async fn a_least_privilege_nats_user_runs_an_installation_and_reads_no_other() {
         "only bob was refused: {refused:#?}"
     );
 }
+
+/// Peak resident memory of a process so far, in MiB (VmHWM).
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// Searches read pages of 500 whole DocumentEvents: one tenant's burst of searches over a
+/// namespace of large events would hold as many pages at once, in the replica every tenant
+/// shares. The operator binary, 1,000 DocumentEvents of 16 KB, then 16 searches at once that
+/// each read them all: at most 4 run at once, the others wait up to 2 s for a turn and are
+/// answered 503 `history_busy` with Retry-After after it; the operator's peak memory is
+/// measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn searches_at_once_are_bounded_and_so_is_the_memory_they_take() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace("history-reads").await;
+    let op = crate::support::OperatorArgs::new(&ns).start(cp);
+    op.wait_ready().await;
+    let pid = op.child.id().expect("the operator runs");
+    let _receiver = counting_webhook(&client, &ns, "w", SECRET).await;
+    let blob = "x".repeat(16 * 1024);
+    futures::stream::iter(0..1000)
+        .map(|i| {
+            let (client, ns, blob) = (client.clone(), ns.clone(), blob.clone());
+            async move {
+                crate::support::create_event(
+                    &client,
+                    &ns,
+                    &format!("large-{i}"),
+                    "document.completed",
+                    json!({"document_id": i, "blob": blob}),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    // Taken in by the operator (its DocumentEvent cache, their deliveries) before measuring.
+    let events: Api<hookrelay::crd::DocumentEvent> = Api::namespaced(client.clone(), &ns);
+    eventually(
+        "the 1,000 events delivered",
+        Duration::from_secs(180),
+        || async {
+            let list = events.list(&Default::default()).await.ok()?;
+            let done = list.items.iter().filter(|e| {
+                e.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| format!("{p:?}") == "Delivered")
+            });
+            (done.count() == 1000).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss_before, peak_before) = (crate::support::rss_mib(pid), peak_rss_mib(pid));
+
+    let url = format!(
+        "http://{}/api/webhooks/w/deliveries?document_id=nowhere&namespace={ns}",
+        op.listen_addr
+    );
+    // The operator's resident memory, sampled while the searches run.
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = tokio::spawn({
+        let sampling = sampling.clone();
+        async move {
+            let mut most = 0f64;
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(crate::support::rss_mib(pid));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            most
+        }
+    });
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let answers = futures::future::join_all((0..16).map(|_| {
+        let call = http.get(&url).send();
+        async move {
+            let answer = call.await.unwrap();
+            let status = answer.status().as_u16();
+            let retry_after = answer
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body: serde_json::Value =
+                serde_json::from_str(&answer.text().await.unwrap()).unwrap();
+            (status, retry_after, body, started.elapsed())
+        }
+    }))
+    .await;
+    let took = started.elapsed();
+    sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+    let rss_during = sampler.await.unwrap();
+    let peak_after = peak_rss_mib(pid);
+    let answered: Vec<_> = answers.iter().filter(|a| a.0 == 200).collect();
+    let busy: Vec<_> = answers.iter().filter(|a| a.0 == 503).collect();
+    let slowest_answered = answered.iter().map(|a| a.3).max().unwrap_or_default();
+    println!(
+        "FIGURES tenants::history_reads events=1000 event_kb=16 searches=16 answered={} busy={} other={} slowest_answered_ms={} took_ms={} rss_before_mib={rss_before:.0} rss_most_during_mib={rss_during:.0} growth_mib={:.0} vmhwm_before_mib={peak_before:.0} vmhwm_after_mib={peak_after:.0}",
+        answered.len(),
+        busy.len(),
+        16 - answered.len() - busy.len(),
+        slowest_answered.as_millis(),
+        took.as_millis(),
+        rss_during - rss_before,
+    );
+    for (status, retry_after, body, _) in &answers {
+        match status {
+            200 => assert_eq!(body["deliveries"], json!([]), "{body}"),
+            503 => {
+                assert_eq!(body["error"]["code"], "history_busy", "{body}");
+                assert_eq!(retry_after.as_deref(), Some("1"));
+                let message = body["error"]["message"].as_str().unwrap();
+                assert!(message.contains("4 searches and recovers"), "{message}");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(answered.len() >= 4, "the first four are read at once");
+    // Four pages of 500 such events at a time took 69-74 MiB here; all 16 at once, before the
+    // bound, 170-176 MiB.
+    assert!(
+        rss_during - rss_before < 120.0,
+        "the searches took {:.0} MiB",
+        rss_during - rss_before
+    );
+}
