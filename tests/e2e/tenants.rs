@@ -1076,7 +1076,7 @@ async fn searches_at_once_are_bounded_and_so_is_the_memory_they_take() {
         }
     }
     assert!(answered.len() >= 4, "the first four are read at once");
-    // Four pages of 500 such events at a time took 69-74 MiB here; all 16 at once, before the
+    // Four pages of 500 such events at a time took 69-75 MiB here; all 16 at once, before the
     // bound, 170-176 MiB.
     assert!(
         rss_during - rss_before < 120.0,
