@@ -4,8 +4,9 @@
 //! - DocumentEvents (durable ingest, and events created as resources in every mode) until
 //!   their retention: `status.deliveries` has each target's outcome, the spec the event.
 //! - In JetStream mode, the stream until `--nats-max-age`: work items
-//!   (`hookrelay.deliveries.<namespace>.<webhook>`) carry the event, attempt records
-//!   (`hookrelay.attempts.<namespace>.<webhook>`) every attempt's outcome.
+//!   (`<prefix>.deliveries.<namespace>.<webhook>`, or `.serial.`) carry the event, attempt
+//!   records (`<prefix>.attempts.<namespace>.<webhook>`) every attempt's outcome (the prefix:
+//!   the stream's name lowercased).
 //!
 //! Direct ingest keeps nothing but the Webhook's recent deliveries: its events cannot be
 //! recovered or found.
@@ -19,7 +20,7 @@ use std::{collections::HashMap, time::Duration};
 use async_nats::{
     HeaderMap,
     jetstream::{
-        self, Context,
+        self,
         consumer::{DeliverPolicy, pull::OrderedConfig},
     },
 };
@@ -30,10 +31,7 @@ use serde_json::{Map, Value};
 
 use super::{
     delivery_id,
-    jetstream::{
-        ATTEMPTS_SUBJECT, DELIVERIES_SUBJECT, DELIVERY_ID_HEADER, EVENT_TYPE_HEADER,
-        SERIAL_SUBJECT, WEBHOOK_UID_HEADER,
-    },
+    jetstream::{Bus, DELIVERY_ID_HEADER, EVENT_TYPE_HEADER, Lane, Subjects, WEBHOOK_UID_HEADER},
     records,
 };
 use crate::{
@@ -210,15 +208,6 @@ fn header<'a>(message: &'a jetstream::Message, name: &str) -> Option<&'a str> {
     message.headers.as_ref()?.get(name).map(|v| v.as_str())
 }
 
-/// Where the work items of `key` are stored: the shared subject, and the serial one of
-/// rate-limited and ordered Webhooks (a Webhook may have had both over time).
-fn work_item_subjects(key: &WebhookKey) -> Vec<String> {
-    [DELIVERIES_SUBJECT, SERIAL_SUBJECT]
-        .iter()
-        .map(|prefix| format!("{prefix}.{}.{}", key.namespace, key.name))
-        .collect()
-}
-
 /// A stored work item of the Webhook: its delivery id, event type and body.
 struct StoredWorkItem {
     event_type: String,
@@ -229,13 +218,16 @@ struct StoredWorkItem {
 /// each: every copy carries the same event).
 async fn work_items(
     stream: &jetstream::stream::Stream,
+    subjects: &Subjects,
     key: &WebhookKey,
     webhook_uid: &str,
     ids: &[String],
 ) -> Result<(HashMap<String, StoredWorkItem>, Scanned), String> {
     let mut found: HashMap<String, StoredWorkItem> = HashMap::new();
     let wanted: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let scanned = scan(stream, work_item_subjects(key), None, MAX_SCANNED, |m| {
+    // The shared subject, and the serial one of rate-limited and ordered Webhooks (a Webhook
+    // may have had both over time).
+    let scanned = scan(stream, subjects.work_of(key), None, MAX_SCANNED, |m| {
         if let (Some(id), Some(event_type)) =
             (header(m, DELIVERY_ID_HEADER), header(m, EVENT_TYPE_HEADER))
             && header(m, WEBHOOK_UID_HEADER) == Some(webhook_uid)
@@ -268,18 +260,18 @@ pub struct StreamRecovery {
 /// attempt record is a final failure at or after `since` (at most `limit`), with the same
 /// delivery id and no attempts spent, so that the deliverer starts a new attempt sequence.
 pub async fn recover_from_stream(
-    context: &Context,
-    stream: &jetstream::stream::Stream,
+    bus: &Bus,
     key: &WebhookKey,
     webhook_uid: &str,
     since: Timestamp,
     limit: usize,
 ) -> Result<StreamRecovery, String> {
+    let (context, stream, subjects) = (&bus.context, &bus.stream, &bus.subjects);
     let mut outcomes = LatestOutcomes::default();
     // Records of attempts at or after `since` are published after it.
-    let records = format!("{ATTEMPTS_SUBJECT}.{}.{}", key.namespace, key.name);
+    let records = subjects.attempts(key);
     let scanned = scan(stream, vec![records], Some(since), MAX_SCANNED, |m| {
-        if let Ok((_, uid, record)) = records::decode(&m.subject, &m.payload) {
+        if let Ok((_, uid, record)) = records::decode(subjects, &m.subject, &m.payload) {
             outcomes.record(webhook_uid, &uid, &record);
         }
         true
@@ -294,7 +286,7 @@ pub async fn recover_from_stream(
             truncated,
         });
     }
-    let (items, scanned) = work_items(stream, key, webhook_uid, &failed).await?;
+    let (items, scanned) = work_items(stream, subjects, key, webhook_uid, &failed).await?;
     truncated |= !scanned.complete && items.len() < failed.len();
     let now = Timestamp::now().as_nanosecond();
     let mut acks = Vec::new();
@@ -308,7 +300,7 @@ pub async fn recover_from_stream(
         headers.insert(DELIVERY_ID_HEADER, id.as_str());
         headers.insert(WEBHOOK_UID_HEADER, webhook_uid);
         headers.insert(EVENT_TYPE_HEADER, item.event_type.as_str());
-        let subject = format!("{DELIVERIES_SUBJECT}.{}.{}", key.namespace, key.name);
+        let subject = subjects.work(Lane::Shared, &key.namespace, &key.name);
         let ack = context
             .publish_with_headers(subject, headers, item.body.clone())
             .await
@@ -325,17 +317,18 @@ pub async fn recover_from_stream(
 /// JetStream mode: the attempt records of deliveries to `key` that match `lookup`, oldest
 /// first, at most [`MAX_FOUND`]; whether the search read everything it had to.
 pub async fn search_stream(
-    stream: &jetstream::stream::Stream,
+    bus: &Bus,
     key: &WebhookKey,
     webhook_uid: &str,
     lookup: &Lookup,
 ) -> Result<(Vec<DeliveryRecord>, bool), String> {
+    let (stream, subjects) = (&bus.stream, &bus.subjects);
     let mut complete = true;
     let ids: Vec<String> = match lookup {
         Lookup::DeliveryId(id) => vec![id.clone()],
         Lookup::DocumentId(wanted) => {
             let mut ids = Vec::new();
-            let scanned = scan(stream, work_item_subjects(key), None, MAX_SCANNED, |m| {
+            let scanned = scan(stream, subjects.work_of(key), None, MAX_SCANNED, |m| {
                 if header(m, WEBHOOK_UID_HEADER) == Some(webhook_uid)
                     && let Some(id) = header(m, DELIVERY_ID_HEADER)
                     && !ids.iter().any(|known| known == id)
@@ -358,16 +351,21 @@ pub async fn search_stream(
         return Ok((Vec::new(), complete));
     }
     let mut found = Vec::new();
-    let subject = format!("{ATTEMPTS_SUBJECT}.{}.{}", key.namespace, key.name);
-    let scanned = scan(stream, vec![subject], None, MAX_SCANNED, |m| {
-        if let Ok((_, uid, record)) = records::decode(&m.subject, &m.payload)
-            && uid == webhook_uid
-            && ids.contains(&record.id)
-        {
-            found.push(record);
-        }
-        found.len() < MAX_FOUND
-    })
+    let scanned = scan(
+        stream,
+        vec![subjects.attempts(key)],
+        None,
+        MAX_SCANNED,
+        |m| {
+            if let Ok((_, uid, record)) = records::decode(subjects, &m.subject, &m.payload)
+                && uid == webhook_uid
+                && ids.contains(&record.id)
+            {
+                found.push(record);
+            }
+            found.len() < MAX_FOUND
+        },
+    )
     .await?;
     Ok((found, complete && scanned.complete))
 }

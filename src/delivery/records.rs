@@ -1,7 +1,7 @@
 //! In `--ingest-mode jetstream` every replica delivers, but only the leader writes status. So
 //! that the Webhook's history holds every replica's attempts, the record of each attempt (the
 //! leader's too: one path for all) is published to the stream on
-//! `hookrelay.attempts.<namespace>.<webhook>`, and the leader reads them back through the
+//! `<prefix>.attempts.<namespace>.<webhook>` (the prefix: the stream's name lowercased), and the leader reads them back through the
 //! shared durable consumer `recorder` and hands them to its status writer, which coalesces
 //! them per Webhook as it does local records (patches stay bounded by its rate limit, not by
 //! the number of replicas). A record is acked once the writer has taken it; what a leader had
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::jetstream::{ATTEMPTS_SUBJECT, BusError, RECORDER};
+use super::jetstream::{BusError, RECORDER, Subjects};
 use crate::{
     crd::DeliveryRecord,
     keys::WebhookKey,
@@ -54,7 +54,7 @@ pub struct AttemptMessage {
 }
 
 impl AttemptMessage {
-    pub fn new(key: &WebhookKey, uid: &str, record: &DeliveryRecord) -> Self {
+    pub fn new(subjects: &Subjects, key: &WebhookKey, uid: &str, record: &DeliveryRecord) -> Self {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id(record).as_str());
         let body = AttemptBody {
@@ -62,7 +62,7 @@ impl AttemptMessage {
             record: record.clone(),
         };
         Self {
-            subject: format!("{ATTEMPTS_SUBJECT}.{}.{}", key.namespace, key.name),
+            subject: subjects.attempts(key),
             headers,
             payload: serde_json::to_vec(&body)
                 .expect("a delivery record serializes")
@@ -84,24 +84,22 @@ fn msg_id(record: &DeliveryRecord) -> String {
 
 /// The Webhook, its uid and the record a message carries.
 pub fn decode(
+    subjects: &Subjects,
     subject: &str,
     payload: &[u8],
 ) -> Result<(WebhookKey, String, DeliveryRecord), String> {
-    let (namespace, name) = subject
-        .strip_prefix(ATTEMPTS_SUBJECT)
-        .and_then(|s| s.strip_prefix('.'))
-        // Namespaces have no dots; Webhook names may.
-        .and_then(|s| s.split_once('.'))
-        .filter(|(namespace, name)| !namespace.is_empty() && !name.is_empty())
+    let key = subjects
+        .attempts_of(subject)
         .ok_or_else(|| format!("{subject} is not an attempt record subject"))?;
     let body: AttemptBody =
         serde_json::from_slice(payload).map_err(|e| format!("not an attempt record: {e}"))?;
-    Ok((WebhookKey::new(namespace, name), body.uid, body.record))
+    Ok((key, body.uid, body.record))
 }
 
 /// Publishes the attempt records it is sent; see the module documentation.
 pub struct AttemptRelay {
     context: Context,
+    subjects: Subjects,
     rx: mpsc::Receiver<Update>,
     local: StatusSender,
     metrics: Metrics,
@@ -112,6 +110,7 @@ pub struct AttemptRelay {
 /// published.
 pub fn relay(
     context: Context,
+    subjects: Subjects,
     local: StatusSender,
     metrics: Metrics,
     capacity: usize,
@@ -120,6 +119,7 @@ pub fn relay(
     let sender = local.relaying_attempts(tx);
     let relay = AttemptRelay {
         context,
+        subjects,
         rx,
         local,
         metrics,
@@ -138,7 +138,7 @@ impl AttemptRelay {
                     self.settle(failed).await;
                 }
                 update = self.rx.recv(), if publishing.len() < MAX_PUBLISHING => match update {
-                    Some(update) => publishing.push(publish(self.context.clone(), update)),
+                    Some(update) => publishing.push(publish(self.context.clone(), self.subjects.clone(), update)),
                     None => break,
                 },
                 _ = stop.cancelled() => break,
@@ -147,7 +147,7 @@ impl AttemptRelay {
         // The producers have stopped: what they sent is still published.
         self.rx.close();
         while let Some(update) = self.rx.recv().await {
-            publishing.push(publish(self.context.clone(), update));
+            publishing.push(publish(self.context.clone(), self.subjects.clone(), update));
         }
         while let Some(failed) = publishing.next().await {
             self.settle(failed).await;
@@ -172,11 +172,11 @@ impl AttemptRelay {
 }
 
 /// Publishes one attempt record; hands it back if JetStream did not store it.
-async fn publish(context: Context, update: Update) -> Option<Update> {
+async fn publish(context: Context, subjects: Subjects, update: Update) -> Option<Update> {
     let Update::DeliveryAttempt { key, uid, record } = &update else {
         return Some(update);
     };
-    let message = AttemptMessage::new(key, uid, record);
+    let message = AttemptMessage::new(&subjects, key, uid, record);
     let mut why = String::new();
     for _ in 0..PUBLISH_TRIES {
         let published = context
@@ -204,6 +204,7 @@ async fn publish(context: Context, update: Update) -> Option<Update> {
 /// `stop`, then takes what keeps coming for a moment (the relay's last records) and returns.
 pub async fn record_attempts(
     consumer: jetstream::consumer::Consumer<pull::Config>,
+    subjects: Subjects,
     local: StatusSender,
     mut leadership: Leadership,
     metrics: Metrics,
@@ -241,7 +242,7 @@ pub async fn record_attempts(
                         if !leadership.is_leader() {
                             break;
                         }
-                        take(&local, message, &received).await;
+                        take(&subjects, &local, message, &received).await;
                     }
                     return Ok(());
                 }
@@ -261,7 +262,7 @@ pub async fn record_attempts(
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "JetStream recorder: fetching attempt records");
                 }
-                Some(Ok(message)) => take(&local, message, &received).await,
+                Some(Ok(message)) => take(&subjects, &local, message, &received).await,
             }
         }
     }
@@ -269,11 +270,12 @@ pub async fn record_attempts(
 
 /// Hands one record to the status writer, then acks it.
 async fn take(
+    subjects: &Subjects,
     local: &StatusSender,
     message: jetstream::Message,
     received: &prometheus_client::metrics::counter::Counter,
 ) {
-    match decode(&message.subject, &message.payload) {
+    match decode(subjects, &message.subject, &message.payload) {
         Ok((key, uid, record)) => {
             local
                 .send(Update::DeliveryAttempt {
@@ -315,6 +317,10 @@ mod tests {
         }
     }
 
+    fn subjects() -> Subjects {
+        Subjects::for_stream("HOOKRELAY").unwrap()
+    }
+
     fn header<'a>(m: &'a AttemptMessage, name: &str) -> Option<&'a str> {
         m.headers.get(name).map(|v| v.as_str())
     }
@@ -322,19 +328,29 @@ mod tests {
     #[test]
     fn a_record_round_trips_with_its_webhook_and_uid() {
         let key = WebhookKey::new("docs", "file.conversion");
-        let m = AttemptMessage::new(&key, "uid-1", &record(2, 1000));
+        let m = AttemptMessage::new(&subjects(), &key, "uid-1", &record(2, 1000));
         assert_eq!(m.subject, "hookrelay.attempts.docs.file.conversion");
-        let (decoded_key, uid, decoded) = decode(&m.subject, &m.payload).unwrap();
+        let (decoded_key, uid, decoded) = decode(&subjects(), &m.subject, &m.payload).unwrap();
         assert_eq!(decoded_key, key);
         assert_eq!(uid, "uid-1");
         assert_eq!(decoded, record(2, 1000));
+        // Another installation's records are not this one's.
+        let staging = Subjects::for_stream("STAGING").unwrap();
+        let m = AttemptMessage::new(&staging, &key, "uid-1", &record(2, 1000));
+        assert_eq!(m.subject, "staging.attempts.docs.file.conversion");
+        assert!(decode(&subjects(), &m.subject, &m.payload).is_err());
+        assert!(decode(&staging, &m.subject, &m.payload).is_ok());
     }
 
     #[test]
     fn the_message_id_names_one_attempt() {
         let key = WebhookKey::new("docs", "w");
         let id = |r: &DeliveryRecord| {
-            header(&AttemptMessage::new(&key, "uid", r), "Nats-Msg-Id").map(str::to_owned)
+            header(
+                &AttemptMessage::new(&subjects(), &key, "uid", r),
+                "Nats-Msg-Id",
+            )
+            .map(str::to_owned)
         };
         // A republish of the same record is deduplicated by the stream.
         assert_eq!(id(&record(1, 1000)), id(&record(1, 1000)));
@@ -349,15 +365,20 @@ mod tests {
 
     #[test]
     fn what_is_not_an_attempt_record_is_refused() {
-        let payload =
-            AttemptMessage::new(&WebhookKey::new("docs", "w"), "u", &record(1, 5)).payload;
+        let payload = AttemptMessage::new(
+            &subjects(),
+            &WebhookKey::new("docs", "w"),
+            "u",
+            &record(1, 5),
+        )
+        .payload;
         for subject in [
             "hookrelay.attempts.docs",
             "hookrelay.attempts..w",
             "hookrelay.deliveries.docs.w",
         ] {
-            assert!(decode(subject, &payload).is_err(), "{subject}");
+            assert!(decode(&subjects(), subject, &payload).is_err(), "{subject}");
         }
-        assert!(decode("hookrelay.attempts.docs.w", b"{}").is_err());
+        assert!(decode(&subjects(), "hookrelay.attempts.docs.w", b"{}").is_err());
     }
 }

@@ -97,20 +97,68 @@ pub struct ApiState {
     /// Longest a request may take, body included; then 408.
     pub request_timeout: Duration,
     /// `POST /api/webhooks/{id}/test` per Webhook (`namespace/name`), so it is no port scanner.
-    pub test_limiter: TestLimiter,
+    pub test_limiter: WebhookLimiter,
+    /// `POST /api/webhooks/{id}/recover` per Webhook: each call may publish 1,000 deliveries
+    /// again.
+    pub recover_limiter: WebhookLimiter,
+    /// Recover and search calls reading the retained history at once, on this replica.
+    pub history_reads: Arc<recover::HistoryReads>,
     /// `--trust-client-traces`: an ingest request's `traceparent` is the parent of its spans
     /// (otherwise only linked).
     pub trust_client_traces: bool,
 }
 
-/// The rate limit of test deliveries, one bucket per Webhook.
-pub type TestLimiter = Arc<governor::DefaultKeyedRateLimiter<String>>;
+/// A rate limit per Webhook (`namespace/name`), one token bucket each.
+pub type WebhookLimiter = Arc<governor::DefaultKeyedRateLimiter<String>>;
 
 /// One test delivery a second per Webhook, in bursts of up to three.
-pub fn test_limiter() -> TestLimiter {
+pub fn test_limiter() -> WebhookLimiter {
     let quota = governor::Quota::per_second(std::num::NonZeroU32::new(1).expect("1 > 0"))
         .allow_burst(std::num::NonZeroU32::new(3).expect("3 > 0"));
     Arc::new(governor::RateLimiter::keyed(quota))
+}
+
+/// One recover call per [`recover::RECOVER_EVERY`] per Webhook, in bursts of up to
+/// [`recover::RECOVER_BURST`].
+pub fn recover_limiter() -> WebhookLimiter {
+    recover::limiter()
+}
+
+/// Recover and search calls reading history at once, at most [`recover::HISTORY_READS`].
+pub fn history_reads() -> Arc<recover::HistoryReads> {
+    Arc::new(recover::HistoryReads::new(
+        recover::HISTORY_READS,
+        recover::HISTORY_READ_WAIT,
+    ))
+}
+
+/// Takes one token from the bucket of the Webhook `id` in `namespace`; otherwise 429
+/// `rate_limited` with Retry-After, the message saying what is limited (`limit`, e.g. "test
+/// deliveries to webhook w are limited to 1 a second (bursts of 3)") and when to retry.
+pub fn take_webhook_token(
+    limiter: &WebhookLimiter,
+    namespace: &str,
+    id: &str,
+    limit: &str,
+) -> Result<(), ApiError> {
+    // Keyed by Webhooks that exist; the buckets of deleted ones are dropped now and then.
+    if limiter.len() > 1024 {
+        limiter.retain_recent();
+    }
+    let Err(not_until) = limiter.check_key(&format!("{namespace}/{id}")) else {
+        return Ok(());
+    };
+    let wait = not_until.wait_time_from(governor::clock::Clock::now(
+        &governor::clock::DefaultClock::default(),
+    ));
+    let retry_after = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let mut error = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("{limit}; retry in {retry_after} s"),
+    );
+    error.retry_after = Some(retry_after);
+    Err(error)
 }
 
 /// The body of a request, read only now (after authentication); 413 when over

@@ -2,6 +2,12 @@
 //! failed for good since then, and `GET /api/webhooks/{id}/deliveries?document_id=` (or
 //! `?delivery_id=`) finds deliveries beyond its 20 recent ones, both from what is retained
 //! (see `crate::delivery::history`).
+//!
+//! Both are bounded beyond what one call reads: a recover republishes up to 1,000 deliveries,
+//! so each Webhook may be recovered [`RECOVER_BURST`] times at once, then once every
+//! [`RECOVER_EVERY`] (429 otherwise); and each call holds pages of whole DocumentEvents (and
+//! a recover up to 1,000 failed ones), so at most [`HISTORY_READS`] of them read at once on a
+//! replica, the others waiting up to [`HISTORY_READ_WAIT`] for a turn (503 then).
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,10 +22,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    ApiState, NamespaceQuery,
+    ApiState, NamespaceQuery, WebhookLimiter,
     caller::{Caller, caller_for_action},
     error::ApiError,
-    is_delivery_id, require_leader,
+    is_delivery_id, require_leader, take_webhook_token,
 };
 use crate::{
     crd::{DeliveryRecord, DocumentEvent, Outcome, TargetDelivery, TargetState, Webhook},
@@ -35,6 +41,67 @@ use crate::{
 const LIST_PAGE: u32 = 500;
 /// How long the DocumentEvent controller may take to queue what it is handed.
 const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A Webhook may be recovered this many times at once...
+pub const RECOVER_BURST: u32 = 3;
+/// ...then once this often: each call may publish [`MAX_RECOVERED`] deliveries again (a
+/// truncated answer is followed by another call, which gets its turn within this).
+pub const RECOVER_EVERY: Duration = Duration::from_secs(10);
+
+/// The bucket of recover calls of each Webhook.
+pub(super) fn limiter() -> WebhookLimiter {
+    let quota = governor::Quota::with_period(RECOVER_EVERY)
+        .expect("a period")
+        .allow_burst(std::num::NonZeroU32::new(RECOVER_BURST).expect("a burst"));
+    Arc::new(governor::RateLimiter::keyed(quota))
+}
+
+/// Recover and search calls reading history at once on one replica: each holds a page of up
+/// to [`LIST_PAGE`] whole DocumentEvents at a time (a recover also the failed ones it found,
+/// up to [`MAX_RECOVERED`], or as many stored work items), so that together they hold at most
+/// this many times that.
+pub const HISTORY_READS: usize = 4;
+/// How long a call waits for its turn to read before it is answered 503.
+pub const HISTORY_READ_WAIT: Duration = Duration::from_secs(2);
+
+/// The turns to read history (see [`HISTORY_READS`]).
+#[derive(Debug)]
+pub struct HistoryReads {
+    turns: tokio::sync::Semaphore,
+    at_once: usize,
+    wait: Duration,
+}
+
+impl HistoryReads {
+    pub fn new(at_once: usize, wait: Duration) -> Self {
+        Self {
+            turns: tokio::sync::Semaphore::new(at_once),
+            at_once,
+            wait,
+        }
+    }
+
+    /// A turn to read history, held until dropped; 503 `history_busy` with Retry-After when
+    /// none came within the wait.
+    pub async fn enter(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+        match tokio::time::timeout(self.wait, self.turns.acquire()).await {
+            Ok(Ok(turn)) => Ok(turn),
+            _ => {
+                let mut error = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "history_busy",
+                    format!(
+                        "{n} searches and recovers are reading the retained deliveries on this replica, the most it runs at once (each holds up to {LIST_PAGE} DocumentEvents in memory); none ended within {wait} s: retry in a second",
+                        n = self.at_once,
+                        wait = self.wait.as_secs_f64(),
+                    ),
+                );
+                error.retry_after = Some(1);
+                Err(error)
+            }
+        }
+    }
+}
 
 #[derive(Debug, Default, Deserialize)]
 pub struct RecoverQuery {
@@ -110,6 +177,16 @@ pub async fn recover(
     let w = c.webhook(&id).await?;
     // The DocumentEvent controller owns their status and runs on the leader only.
     require_leader(&state, "recover")?;
+    take_webhook_token(
+        &state.recover_limiter,
+        &c.namespace,
+        &id,
+        &format!(
+            "recover calls for webhook {id} are limited to {RECOVER_BURST} at once, then one every {} s (each may send {MAX_RECOVERED} deliveries again)",
+            RECOVER_EVERY.as_secs()
+        ),
+    )?;
+    let _reading = state.history_reads.enter().await?;
     let webhook_uid = w.metadata.uid.clone().unwrap_or_default();
 
     let mut failed = Vec::new();
@@ -154,16 +231,10 @@ pub async fn recover(
         && queued < MAX_RECOVERED
     {
         let key = WebhookKey::new(&c.namespace, &id);
-        let from_stream = history::recover_from_stream(
-            &bus.context,
-            &bus.stream,
-            &key,
-            &webhook_uid,
-            since,
-            MAX_RECOVERED - queued,
-        )
-        .await
-        .map_err(stream_unavailable)?;
+        let from_stream =
+            history::recover_from_stream(bus, &key, &webhook_uid, since, MAX_RECOVERED - queued)
+                .await
+                .map_err(stream_unavailable)?;
         queued += from_stream.queued;
         truncated |= from_stream.truncated;
     }
@@ -265,6 +336,7 @@ pub async fn search(
     w: &Webhook,
     lookup: Lookup,
 ) -> Result<Json<Value>, ApiError> {
+    let _reading = state.history_reads.enter().await?;
     let name = w.name_any();
     let webhook_uid = w.metadata.uid.clone().unwrap_or_default();
     let mut found = Vec::new();
@@ -280,7 +352,7 @@ pub async fn search(
         && found.len() < MAX_FOUND
     {
         let key = WebhookKey::new(&c.namespace, &name);
-        let (records, complete) = history::search_stream(&bus.stream, &key, &webhook_uid, &lookup)
+        let (records, complete) = history::search_stream(bus, &key, &webhook_uid, &lookup)
             .await
             .map_err(stream_unavailable)?;
         truncated |= !complete;
@@ -320,6 +392,90 @@ mod tests {
         for other in ["ingest", "jetstream", "test", "redeliver"] {
             assert_eq!(record_json(&record(other))["document_event"], Value::Null);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn history_is_read_by_a_bounded_number_of_calls_at_once() {
+        let reads = Arc::new(HistoryReads::new(2, Duration::from_secs(2)));
+        let first = reads.enter().await.unwrap();
+        let _second = reads.enter().await.unwrap();
+        // A third waits for a turn, and is refused once the wait is over.
+        let waited = tokio::time::Instant::now();
+        let e = reads.enter().await.unwrap_err();
+        assert_eq!(waited.elapsed(), Duration::from_secs(2));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!((e.code, e.retry_after), ("history_busy", Some(1)));
+        assert!(
+            e.message.contains("2 searches and recovers"),
+            "{}",
+            e.message
+        );
+        // A turn that ends within the wait is taken.
+        let third = tokio::spawn({
+            let reads = reads.clone();
+            async move {
+                let started = tokio::time::Instant::now();
+                let taken = reads.enter().await.map(drop).is_ok();
+                (taken, started.elapsed())
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(first);
+        let (taken, after) = third.await.unwrap();
+        assert!(taken);
+        assert_eq!(after, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_webhook_is_recovered_three_times_at_once_then_every_ten_seconds() {
+        let limiter = limiter();
+        let limit = "recover calls for webhook w are limited";
+        for _ in 0..RECOVER_BURST {
+            take_webhook_token(&limiter, "docs", "w", limit).unwrap();
+        }
+        let e = take_webhook_token(&limiter, "docs", "w", limit).unwrap_err();
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(e.code, "rate_limited");
+        let retry_after = e.retry_after.unwrap();
+        assert!(
+            (1..=RECOVER_EVERY.as_secs()).contains(&retry_after),
+            "{retry_after}"
+        );
+        assert!(
+            e.message.starts_with(limit)
+                && e.message.ends_with(&format!("retry in {retry_after} s")),
+            "{}",
+            e.message
+        );
+        // Another Webhook, or the same name in another namespace, has its own bucket.
+        take_webhook_token(&limiter, "docs", "other", limit).unwrap();
+        take_webhook_token(&limiter, "other-namespace", "w", limit).unwrap();
+    }
+
+    #[test]
+    fn the_openapi_document_says_how_recover_and_search_are_bounded() {
+        let doc: Value = serde_json::from_str(super::super::OPENAPI).unwrap();
+        let recover = &doc["paths"]["/api/webhooks/{id}/recover"]["post"];
+        assert!(recover["responses"]["429"].is_object(), "{recover}");
+        let text = recover["description"].as_str().unwrap();
+        assert!(
+            text.contains("3 calls at once, then one every 10 s") && text.contains("history_busy"),
+            "{text}"
+        );
+        let search = &doc["paths"]["/api/webhooks/{id}/deliveries"]["get"];
+        assert!(search["responses"]["503"].is_object(), "{search}");
+        let text = search["description"].as_str().unwrap();
+        assert!(text.contains("history_busy"), "{text}");
+        assert_eq!(
+            (
+                RECOVER_BURST,
+                RECOVER_EVERY,
+                HISTORY_READS,
+                HISTORY_READ_WAIT
+            ),
+            (3, Duration::from_secs(10), 4, Duration::from_secs(2)),
+            "the figures the OpenAPI document and README give"
+        );
     }
 
     #[test]

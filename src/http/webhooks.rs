@@ -582,27 +582,12 @@ pub async fn test(
 ) -> Result<Json<Value>, ApiError> {
     let c = caller_for_action(&state, &q, &headers, "test").await?;
     let w = c.webhook(&id).await?;
-    // Keyed by Webhooks that exist; the buckets of deleted ones are dropped now and then.
-    if state.test_limiter.len() > 1024 {
-        state.test_limiter.retain_recent();
-    }
-    if let Err(not_until) = state
-        .test_limiter
-        .check_key(&format!("{}/{id}", c.namespace))
-    {
-        let wait = not_until.wait_time_from(governor::clock::Clock::now(
-            &governor::clock::DefaultClock::default(),
-        ));
-        let mut error = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!(
-                "test deliveries to webhook {id} are limited to 1 a second (bursts of 3); retry later"
-            ),
-        );
-        error.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
-        return Err(error);
-    }
+    super::take_webhook_token(
+        &state.test_limiter,
+        &c.namespace,
+        &id,
+        &format!("test deliveries to webhook {id} are limited to 1 a second (bursts of 3)"),
+    )?;
     let event = w
         .spec
         .events

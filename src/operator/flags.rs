@@ -28,7 +28,7 @@ pub struct RunArgs {
     pub ingest_mode: http::IngestMode,
 
     /// NATS server(s) of `--ingest-mode jetstream`, e.g. nats://nats.nats:4222 (required in
-    /// that mode).
+    /// that mode); nats://user:password@host:4222 or nats://token@host:4222 to authenticate.
     #[arg(long, env = "HOOKRELAY_NATS_URL")]
     pub nats_url: Option<String>,
 
@@ -60,7 +60,9 @@ pub struct RunArgs {
 
     /// The JetStream stream holding events and deliveries: created at start if missing; an
     /// existing one keeps its limits and gets only what hookrelay needs (its subjects, message
-    /// schedules).
+    /// schedules). Its name lowercased prefixes every subject (`hookrelay.>` for the default),
+    /// so installations sharing a NATS account each need their own; no '.', '*', '>', '/',
+    /// '\', spaces or control characters.
     #[arg(long, env = "HOOKRELAY_NATS_STREAM", default_value = "HOOKRELAY")]
     pub nats_stream: String,
 

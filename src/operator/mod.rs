@@ -61,6 +61,8 @@ pub enum Error {
         "--ingest-mode jetstream needs --nats-url (HOOKRELAY_NATS_URL), for example nats://nats.nats:4222"
     )]
     NatsUrlMissing,
+    #[error(transparent)]
+    NatsStream(#[from] jetstream::InvalidStreamName),
     #[error("JetStream: {0}")]
     Bus(#[from] jetstream::BusError),
     #[error("the {task} task ended unexpectedly ({why}); stopping so that a restart recovers")]
@@ -375,6 +377,7 @@ fn attempt_records(
         Some(bus) => {
             let (status, relay) = delivery::records::relay(
                 bus.context.clone(),
+                bus.subjects.clone(),
                 local_status.clone(),
                 metrics.clone(),
                 4096,
@@ -474,6 +477,8 @@ fn api_state(
         metrics: shared.metrics.clone(),
         request_timeout: args.request_timeout,
         test_limiter: http::test_limiter(),
+        recover_limiter: http::recover_limiter(),
+        history_reads: http::history_reads(),
         trust_client_traces: args.trust_client_traces,
     };
     (Arc::new(state), direct_deliveries)
@@ -558,6 +563,7 @@ fn spawn_bus_tasks(
     let recorder_stop = CancellationToken::new();
     let recorder = tokio::spawn(delivery::records::record_attempts(
         bus.recorder.clone(),
+        bus.subjects.clone(),
         shared.local_status.clone(),
         leadership.clone(),
         shared.metrics.clone(),
@@ -616,8 +622,12 @@ fn spawn_bus_tasks(
 
 /// Flag combinations clap cannot check; refused before the cluster is contacted.
 fn check_flags(args: &RunArgs) -> Result<(), Error> {
-    if args.ingest_mode == http::IngestMode::JetStream && args.nats_url.is_none() {
-        return Err(Error::NatsUrlMissing);
+    if args.ingest_mode == http::IngestMode::JetStream {
+        if args.nats_url.is_none() {
+            return Err(Error::NatsUrlMissing);
+        }
+        // Its name, lowercased, is the first token of every subject.
+        jetstream::Subjects::for_stream(&args.nats_stream)?;
     }
     if args.leader_elect
         && !(args.retry_period < args.renew_deadline && args.renew_deadline < args.lease_duration)
@@ -719,5 +729,27 @@ mod tests {
         };
         assert!(matches!(error, Error::NatsUrlMissing), "{error}");
         assert!(error.to_string().contains("--nats-url"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_name_that_cannot_prefix_subjects_is_refused_at_start_saying_why() {
+        let mut args = RunArgs::for_tests();
+        args.ingest_mode = http::IngestMode::JetStream;
+        args.nats_url = Some("nats://127.0.0.1:9".into());
+        args.nats_stream = "HOOK.RELAY".into();
+        // Nothing listens there: the flag is checked before any connection.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let Err(error) = start(config, args.clone(), CancellationToken::new()).await else {
+            panic!("the operator started with a stream name holding a dot");
+        };
+        assert!(matches!(error, Error::NatsStream(_)), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("--nats-stream \"HOOK.RELAY\" cannot be used: it contains '.'"),
+            "{message}"
+        );
+        // Other modes do not use it.
+        args.ingest_mode = http::IngestMode::Durable;
+        assert!(check_flags(&args).is_ok());
     }
 }

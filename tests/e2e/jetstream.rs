@@ -724,6 +724,88 @@ async fn an_existing_stream_keeps_the_limits_its_operator_set() {
     op.stop().await;
 }
 
+/// An installation whose `--nats-stream` is not the default, upgraded from when every subject
+/// was under `hookrelay.` whatever the stream: at start the stream gains the subjects under its
+/// own name lowercased (the old ones stay, for whoever runs NATS to remove once drained) and
+/// the durable consumers move to them; new events are stored and delivered there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_named_otherwise_moves_to_subjects_under_its_own_name() {
+    let cp = control_plane();
+    let ns = cp.namespace("js-renamed").await;
+    let nats = NatsServer::start().await;
+    let js = jetstream::new(async_nats::connect(nats.url.as_str()).await.unwrap());
+    // As the previous version left it.
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["hookrelay.>".into()],
+            allow_message_schedules: true,
+            duplicate_window: Duration::from_secs(600),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for (name, filter) in [
+        ("router", "hookrelay.events.>"),
+        ("deliverer", "hookrelay.deliveries.>"),
+        ("serial", "hookrelay.serial.>"),
+        ("recorder", "hookrelay.attempts.>"),
+    ] {
+        stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some(name.into()),
+                filter_subject: filter.into(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    let mut args = ingest_args(&[&ns], IngestMode::JetStream, Some(&nats));
+    args.nats_stream = "ORDERS".into();
+    let op = InProcess::start_with(cp.config().await, args).await;
+    let mut stream = js.get_stream("ORDERS").await.unwrap();
+    let config = stream.info().await.unwrap().config.clone();
+    assert_eq!(config.subjects, ["hookrelay.>", "orders.>"]);
+    for (name, filter) in [
+        ("router", "orders.events.>"),
+        ("deliverer", "orders.deliveries.>"),
+        ("serial", "orders.serial.>"),
+        ("recorder", "orders.attempts.>"),
+    ] {
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer(name).await.unwrap();
+        let info = consumer.info().await.unwrap();
+        assert_eq!(info.config.filter_subject, filter, "{name}");
+    }
+    let client = cp.client().await;
+    let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
+    let (status, reply) = post_events(op.op.listen_addr, &ns, None, EVENT).await;
+    assert_eq!(status, 202, "{reply}");
+    eventually("the delivery", Duration::from_secs(60), || async {
+        (receiver.counts() == (1, 1)).then_some(())
+    })
+    .await;
+    let stored: std::collections::HashMap<String, usize> = stream
+        .info_with_subjects(">")
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.get(&format!("orders.events.{ns}")),
+        Some(&1),
+        "{stored:?}"
+    );
+    assert!(
+        stored.keys().all(|s| s.starts_with("orders.")),
+        "{stored:?}"
+    );
+    op.stop().await;
+}
+
 /// An event that fits the NATS server's max_payload as an event but would not as a work item
 /// (more headers) could never be routed, and would hold the router back for good: ingest
 /// refuses it with 413 and stores nothing, while an event of a normal size goes through.

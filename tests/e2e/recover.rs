@@ -486,3 +486,67 @@ async fn jetstream_recover_finds_serial_deliveries_and_those_held_too_long() {
     .await;
     op.op.stop().await;
 }
+
+/// A recover call may send 1,000 deliveries again: each Webhook gets 3 calls at once, then one
+/// every 10 s. Five calls at once for one Webhook: three answered, two refused 429
+/// `rate_limited` with a Retry-After within the 10 s and a message saying the limit; another
+/// Webhook of the namespace is recovered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_is_rate_limited_per_webhook_saying_when_to_retry() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace("recover-limit").await;
+    let op = ModeOperator::start(cp, IngestMode::Durable, &[&ns], |_| {}).await;
+    let api = op.op.op.listen_addr;
+    for name in ["w", "v"] {
+        crate::support::counting_webhook(&client, &ns, name, "recover-signing-secret-0123").await;
+    }
+    let since = k8s_openapi::jiff::Timestamp::now();
+    let url = |name: &str| {
+        format!("http://{api}/api/webhooks/{name}/recover?since={since}&namespace={ns}")
+    };
+    let http = reqwest::Client::new();
+    // At once, so that the bucket cannot refill in between.
+    let answers = futures::future::join_all((0..5).map(|_| http.post(url("w")).send())).await;
+    let (mut answered, mut limited) = (0, Vec::new());
+    for answer in answers {
+        let answer = answer.unwrap();
+        match answer.status().as_u16() {
+            200 => answered += 1,
+            429 => {
+                let retry_after: u64 = answer.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let body: Value = serde_json::from_str(&answer.text().await.unwrap()).unwrap();
+                limited.push((retry_after, body));
+            }
+            other => panic!("unexpected {other}: {}", answer.text().await.unwrap()),
+        }
+    }
+    println!(
+        "FIGURES recover::rate_limited calls=5 answered={answered} limited={} retry_after={:?}",
+        limited.len(),
+        limited.iter().map(|(r, _)| r).collect::<Vec<_>>()
+    );
+    assert_eq!((answered, limited.len()), (3, 2), "{limited:?}");
+    for (retry_after, body) in &limited {
+        assert!((1..=10).contains(retry_after), "{retry_after}");
+        assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(
+                "recover calls for webhook w are limited to 3 at once, then one every 10 s"
+            ) && message.contains(&format!("retry in {retry_after} s")),
+            "{message}"
+        );
+    }
+    let answer = http.post(url("v")).send().await.unwrap();
+    assert_eq!(
+        answer.status().as_u16(),
+        200,
+        "another Webhook has its own bucket"
+    );
+    op.op.stop().await;
+}

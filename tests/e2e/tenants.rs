@@ -519,3 +519,590 @@ async fn a_token_spraying_namespaces_costs_another_caller_nothing() {
     assert!(reviews <= 5, "{reviews} reviews, at most 5 expected");
     op.stop().await;
 }
+
+/// Messages per subject in the stream `stream`, read as the NATS user of `url`.
+async fn stream_subjects(url: &str, stream: &str) -> std::collections::BTreeMap<String, usize> {
+    use futures::TryStreamExt;
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(stream).await.unwrap();
+    stream
+        .info_with_subjects(">")
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+/// The filter subjects of the stream's durable consumers, by consumer.
+async fn consumer_filters(url: &str, stream: &str) -> Vec<(String, String)> {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream(stream).await.unwrap();
+    let mut filters = Vec::new();
+    for name in ["router", "deliverer", "serial", "recorder"] {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(name).await.unwrap();
+        let info = consumer.info().await.unwrap();
+        filters.push((name.to_owned(), info.config.filter_subject.clone()));
+    }
+    filters
+}
+
+/// An in-process operator in JetStream mode watching `ns`, on the stream `stream` of the NATS
+/// server at `url`.
+async fn installation(
+    cp: &crate::support::ControlPlane,
+    ns: &str,
+    url: String,
+    stream: &str,
+) -> crate::support::InProcess {
+    let mut args = crate::support::ingest_args(&[ns], hookrelay::http::IngestMode::JetStream, None);
+    args.nats_url = Some(url);
+    args.nats_stream = stream.to_owned();
+    crate::support::InProcess::start_with(cp.config().await, args).await
+}
+
+/// Posts `n` events with document ids from `first` to namespace `ns`; all must be accepted.
+async fn post_numbered(op: &crate::support::InProcess, ns: &str, first: usize, n: usize) {
+    let events: Vec<serde_json::Value> = (first..first + n)
+        .map(|i| json!({"event": "document.completed", "data": {"document_id": i}}))
+        .collect();
+    let body = serde_json::Value::Array(events).to_string();
+    let (status, reply) = crate::support::post_events(op.op.listen_addr, ns, None, &body).await;
+    assert_eq!(status, 202, "{reply}");
+}
+
+/// Two installations of hookrelay on one NATS account, each with its own `--nats-stream` (the
+/// default `HOOKRELAY`, and `HOOKRELAY_STAGING`), each watching its own namespace with a
+/// Webhook of the same name: each delivers exactly its own events, and each stream holds only
+/// the subjects under its own lowercased name. Before the subjects followed the stream's name,
+/// both streams wanted `hookrelay.>` and the second installation could not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_installations_on_one_nats_account_deliver_each_their_own_events() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let nats = crate::support::NatsServer::start().await;
+    let (ns_a, ns_b) = (
+        cp.namespace("install-a").await,
+        cp.namespace("install-b").await,
+    );
+    let a = installation(cp, &ns_a, nats.url.clone(), "HOOKRELAY").await;
+    let b = installation(cp, &ns_b, nats.url.clone(), "HOOKRELAY_STAGING").await;
+    let rx_a = counting_webhook(&client, &ns_a, "w", SECRET).await;
+    let rx_b = counting_webhook(&client, &ns_b, "w", SECRET).await;
+
+    let started = Instant::now();
+    post_numbered(&a, &ns_a, 0, 20).await;
+    post_numbered(&b, &ns_b, 100, 15).await;
+    for (rx, n, which) in [(&rx_a, 20, "a"), (&rx_b, 15, "b")] {
+        eventually(
+            &format!("installation {which}'s {n} events delivered"),
+            Duration::from_secs(60),
+            || async { (rx.counts().0 >= n).then_some(()) },
+        )
+        .await;
+    }
+    let delivered = started.elapsed();
+    // Whatever would cross over would have come by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (counts_a, counts_b) = (rx_a.counts(), rx_b.counts());
+
+    let subjects_a = stream_subjects(&nats.url, "HOOKRELAY").await;
+    let subjects_b = stream_subjects(&nats.url, "HOOKRELAY_STAGING").await;
+    let filters_a = consumer_filters(&nats.url, "HOOKRELAY").await;
+    let filters_b = consumer_filters(&nats.url, "HOOKRELAY_STAGING").await;
+    println!(
+        "FIGURES tenants::two_installations events_a=20 events_b=15 delivered_a={counts_a:?} delivered_b={counts_b:?} (distinct, requests) both_delivered_ms={} subjects_a={} subjects_b={}",
+        delivered.as_millis(),
+        subjects_a.len(),
+        subjects_b.len(),
+    );
+    assert_eq!(counts_a, (20, 20), "installation a got exactly its events");
+    assert_eq!(counts_b, (15, 15), "installation b got exactly its events");
+    // Each stream holds only its own subjects; the default keeps `hookrelay.`.
+    assert!(
+        subjects_a.keys().all(|s| s.starts_with("hookrelay.")),
+        "{subjects_a:?}"
+    );
+    assert!(
+        subjects_b
+            .keys()
+            .all(|s| s.starts_with("hookrelay_staging.")),
+        "{subjects_b:?}"
+    );
+    assert_eq!(
+        subjects_a.get(&format!("hookrelay.events.{ns_a}")),
+        Some(&20)
+    );
+    assert_eq!(
+        subjects_b.get(&format!("hookrelay_staging.events.{ns_b}")),
+        Some(&15)
+    );
+    for (name, filter) in &filters_a {
+        assert!(filter.starts_with("hookrelay."), "{name}: {filter}");
+    }
+    for (name, filter) in &filters_b {
+        assert!(filter.starts_with("hookrelay_staging."), "{name}: {filter}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Set, the least-privilege test finds out what the permissions must be: its users get no
+/// permissions (everything allowed), nats-server traces every message, and the test prints
+/// each subject the installations published or subscribed to (then stops, as nothing is
+/// denied).
+const TRACE_NATS_SUBJECTS: &str = "HOOKRELAY_TRACE_NATS_SUBJECTS";
+
+/// A nats-server configuration with one user per installation, each allowed exactly what
+/// hookrelay says its stream needs (`Subjects::permissions`, the README's snippet); a user
+/// without a stream may do anything (whoever runs NATS).
+fn least_privilege_config(users: &[(&str, &str, Option<&str>)]) -> String {
+    let tracing = std::env::var_os(TRACE_NATS_SUBJECTS).is_some();
+    let users: Vec<String> = users
+        .iter()
+        .map(|(user, password, stream)| {
+            let permissions = stream
+                .filter(|_| !tracing)
+                .map(|stream| {
+                    hookrelay::delivery::jetstream::Subjects::for_stream(stream)
+                        .unwrap()
+                        .permissions()
+                        .to_config(6)
+                })
+                .unwrap_or_default();
+            format!("    {{\n      user: {user}\n      password: {password}\n      {permissions}\n    }}")
+        })
+        .collect();
+    let trace = if tracing { "trace: true\n" } else { "" };
+    format!(
+        "{trace}authorization {{\n  users: [\n{}\n  ]\n}}\n",
+        users.join("\n")
+    )
+}
+
+/// The permission violations nats-server logged, one line each.
+fn violations(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Two installations on one NATS account, each connecting as a user allowed exactly the
+/// permissions the README lists for its stream (`alice`: `HOOKRELAY`; `bob`:
+/// `HOOKRELAY_STAGING`, a stream whoever runs NATS created beforehand without message
+/// schedules, which bob's installation adds), credentials in `--nats-url`. Installation a
+/// ingests (a keyed repeat included), routes, delivers on both lanes (rate-limited and ordered
+/// Webhooks are the leader's serial lane), retries through parked copies, records attempts,
+/// recovers and searches; b delivers its own events. nats-server logs no permission violation
+/// for either. Then bob, connected as himself, tries to read a's stream every way a client
+/// could (its subjects, every inbox, its stream's and consumers' API): each is refused and
+/// logged as a violation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_least_privilege_nats_user_runs_an_installation_and_reads_no_other() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let config = least_privilege_config(&[
+        ("alice", "alice-nats-password", Some("HOOKRELAY")),
+        ("bob", "bob-nats-password", Some("HOOKRELAY_STAGING")),
+        ("admin", "admin-nats-password", None),
+    ]);
+    let nats = crate::support::NatsServer::start_with_config(&config).await;
+    // The NATS client takes no credentials from a URL: given apart.
+    let admin = async_nats::ConnectOptions::with_user_and_password(
+        "admin".into(),
+        "admin-nats-password".into(),
+    )
+    .connect(nats.url.as_str())
+    .await
+    .unwrap();
+    let admin = async_nats::jetstream::new(admin);
+    admin
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "HOOKRELAY_STAGING".into(),
+            subjects: vec!["hookrelay_staging.>".into()],
+            max_messages: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (ns_a, ns_b) = (cp.namespace("acl-a").await, cp.namespace("acl-b").await);
+    let a = installation(
+        cp,
+        &ns_a,
+        nats.url_as("alice", "alice-nats-password"),
+        "HOOKRELAY",
+    )
+    .await;
+    let b = installation(
+        cp,
+        &ns_b,
+        nats.url_as("bob", "bob-nats-password"),
+        "HOOKRELAY_STAGING",
+    )
+    .await;
+    let ok = counting_webhook(&client, &ns_a, "ok", SECRET).await;
+    let (limited, addr) = CountingReceiver::start().await;
+    crate::support::create_webhook(
+        &client,
+        &ns_a,
+        "limited",
+        &format!("http://{addr}/h"),
+        SECRET,
+        json!({"rateLimit": {"perSecond": 50, "burst": 5}}),
+    )
+    .await;
+    let (failing, addr) = CountingReceiver::start_answering(
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        Duration::ZERO,
+    )
+    .await;
+    crate::support::create_webhook(
+        &client,
+        &ns_a,
+        "failing",
+        &format!("http://{addr}/h"),
+        SECRET,
+        json!({"maxAttempts": 2, "initialBackoffSeconds": 1, "maxBackoffSeconds": 1}),
+    )
+    .await;
+    // Ordered: its deliveries wait for the router's progress (the consumers' info).
+    let ordered = counting_webhook(&client, &ns_a, "ordered", SECRET).await;
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns_a);
+    webhooks
+        .patch(
+            "ordered",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"ordering": {"key": "data.document_id"}}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the ordering reconciled",
+        Duration::from_secs(60),
+        || async {
+            let w = webhooks.get("ordered").await.ok()?;
+            let status = w.status?;
+            (status.observed_generation == w.metadata.generation).then_some(())
+        },
+    )
+    .await;
+    wait_ready(&webhooks, "ordered").await;
+    let other = counting_webhook(&client, &ns_b, "w", SECRET).await;
+    let before = k8s_openapi::jiff::Timestamp::now()
+        .checked_sub(Duration::from_secs(1))
+        .unwrap();
+
+    post_numbered(&a, &ns_a, 0, 5).await;
+    // A keyed event, then its repeat: the duplicate's content is read back from the stream.
+    let keyed = r#"{"event":"document.completed","data":{"document_id":5}}"#;
+    for _ in 0..2 {
+        let (status, reply) =
+            crate::support::post_events(a.op.listen_addr, &ns_a, Some("order-5"), keyed).await;
+        assert_eq!(status, 202, "{reply}");
+    }
+    post_numbered(&b, &ns_b, 100, 5).await;
+    let failed = || async {
+        let stats = webhooks.get("failing").await.ok()?.status?.delivery_stats;
+        Some(stats.failed)
+    };
+    eventually(
+        "a's deliveries made, the failing ones failed after 2 attempts each",
+        Duration::from_secs(90),
+        || async {
+            let made = [&ok, &limited, &ordered]
+                .iter()
+                .all(|rx| rx.counts().0 == 6);
+            (made && failed().await? == 6).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(failing.counts(), (6, 12), "two attempts each");
+    delivered(&other, "b's events").await;
+    eventually("b's 5 events", Duration::from_secs(60), || async {
+        (other.counts().0 == 5).then_some(())
+    })
+    .await;
+
+    // Recover (from the stream: republished work items) and search (ordered consumers).
+    let api = a.op.listen_addr;
+    let (status, body) = crate::support::api_call(
+        api,
+        "POST",
+        &format!("/api/webhooks/failing/recover?since={before}&namespace={ns_a}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((status, &body["queued"]), (200, &json!(6)), "{body}");
+    eventually(
+        "the recovered deliveries attempted again",
+        Duration::from_secs(60),
+        || async { (failing.counts().1 >= 24).then_some(()) },
+    )
+    .await;
+    let (status, body) = crate::support::api_call(
+        api,
+        "GET",
+        &format!("/api/webhooks/ok/deliveries?document_id=3&namespace={ns_a}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["deliveries"].as_array().map(Vec::len),
+        Some(1),
+        "{body}"
+    );
+    a.stop().await;
+    b.stop().await;
+    let staging = admin.get_stream("HOOKRELAY_STAGING").await.unwrap();
+    assert!(
+        staging.cached_info().config.allow_message_schedules,
+        "bob's installation updated the stream it was given"
+    );
+    let log = nats.log_text();
+    if std::env::var_os(TRACE_NATS_SUBJECTS).is_some() {
+        // Each distinct subject a client published to or subscribed to, with its user.
+        let mut seen = std::collections::BTreeSet::new();
+        // Clients' own messages (the Rust client's), not the server's internal ones.
+        for line in log.lines().filter(|l| l.contains(":rust:")) {
+            for verb in ["<<- [PUB ", "<<- [HPUB ", "<<- [SUB "] {
+                if let Some(rest) = line.split(verb).nth(1) {
+                    let subject = rest.split([' ', ']']).next().unwrap_or_default();
+                    seen.insert(format!("{}{subject}", verb.trim_start_matches("<<- [")));
+                }
+            }
+        }
+        for s in seen {
+            println!("TRACE {s}");
+        }
+        return;
+    }
+    let seen = violations(&log);
+    println!(
+        "FIGURES tenants::least_privilege installations=2 violations_while_running={}",
+        seen.len()
+    );
+    assert!(seen.is_empty(), "permission violations: {seen:#?}");
+
+    // Bob, the other installation's user, reading a's stream, with the inboxes his permissions
+    // allow (so that what is refused is a's stream, not the answers): his own stream answers.
+    let bob = async_nats::ConnectOptions::with_user_and_password(
+        "bob".into(),
+        "bob-nats-password".into(),
+    )
+    .name("bob-probe")
+    .custom_inbox_prefix("_INBOX.hookrelay_staging")
+    .connect(nats.url.as_str())
+    .await
+    .expect("bob connects");
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(bob.clone());
+    js.get_stream("HOOKRELAY_STAGING")
+        .await
+        .expect("bob reads his own stream");
+    let mut probes = Vec::new();
+    for subject in ["hookrelay.>", "_INBOX.>", "_INBOX.hookrelay.>"] {
+        let mut sub = bob.subscribe(subject).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(1), sub.next()).await;
+        probes.push((format!("subscribe {subject}"), got.ok().flatten().is_some()));
+    }
+    probes.push((
+        "stream info HOOKRELAY".into(),
+        js.get_stream("HOOKRELAY").await.is_ok(),
+    ));
+    probes.push((
+        "publish to hookrelay.events".into(),
+        match js
+            .publish(format!("hookrelay.events.{ns_a}"), "{}".into())
+            .await
+        {
+            Ok(stored) => stored.await.is_ok(),
+            Err(_) => false,
+        },
+    ));
+    let created = js
+        .create_consumer_on_stream(
+            async_nats::jetstream::consumer::pull::Config::default(),
+            "HOOKRELAY",
+        )
+        .await;
+    probes.push(("create a consumer on HOOKRELAY".into(), created.is_ok()));
+    let fetched = tokio::time::timeout(
+        Duration::from_secs(2),
+        bob.request("$JS.API.CONSUMER.MSG.NEXT.HOOKRELAY.deliverer", "1".into()),
+    )
+    .await;
+    probes.push((
+        "pull from a's deliverer".into(),
+        matches!(fetched, Ok(Ok(_))),
+    ));
+    // The server logs violations as they happen.
+    let refused = eventually(
+        "bob's probes logged as violations",
+        Duration::from_secs(10),
+        || async {
+            let v = violations(&nats.log_text());
+            (v.len() >= probes.len()).then_some(v)
+        },
+    )
+    .await;
+    println!(
+        "FIGURES tenants::least_privilege probes={} succeeded={} violations_logged={}",
+        probes.len(),
+        probes.iter().filter(|(_, ok)| *ok).count(),
+        refused.len()
+    );
+    for line in &refused {
+        println!("  {line}");
+    }
+    for (probe, succeeded) in &probes {
+        assert!(!succeeded, "bob could {probe}");
+    }
+    assert!(
+        refused.iter().all(|l| l.contains("/user:bob\"")),
+        "only bob was refused: {refused:#?}"
+    );
+}
+
+/// Peak resident memory of a process so far, in MiB (VmHWM).
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// Searches read pages of 500 whole DocumentEvents: one tenant's burst of searches over a
+/// namespace of large events would hold as many pages at once, in the replica every tenant
+/// shares. The operator binary, 1,000 DocumentEvents of 16 KB, then 16 searches at once that
+/// each read them all: at most 4 run at once, the others wait up to 2 s for a turn and are
+/// answered 503 `history_busy` with Retry-After after it; the operator's peak memory is
+/// measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn searches_at_once_are_bounded_and_so_is_the_memory_they_take() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace("history-reads").await;
+    let op = crate::support::OperatorArgs::new(&ns).start(cp);
+    op.wait_ready().await;
+    let pid = op.child.id().expect("the operator runs");
+    let _receiver = counting_webhook(&client, &ns, "w", SECRET).await;
+    let blob = "x".repeat(16 * 1024);
+    futures::stream::iter(0..1000)
+        .map(|i| {
+            let (client, ns, blob) = (client.clone(), ns.clone(), blob.clone());
+            async move {
+                crate::support::create_event(
+                    &client,
+                    &ns,
+                    &format!("large-{i}"),
+                    "document.completed",
+                    json!({"document_id": i, "blob": blob}),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    // Taken in by the operator (its DocumentEvent cache, their deliveries) before measuring.
+    let events: Api<hookrelay::crd::DocumentEvent> = Api::namespaced(client.clone(), &ns);
+    eventually(
+        "the 1,000 events delivered",
+        Duration::from_secs(180),
+        || async {
+            let list = events.list(&Default::default()).await.ok()?;
+            let done = list.items.iter().filter(|e| {
+                e.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| format!("{p:?}") == "Delivered")
+            });
+            (done.count() == 1000).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss_before, peak_before) = (crate::support::rss_mib(pid), peak_rss_mib(pid));
+
+    let url = format!(
+        "http://{}/api/webhooks/w/deliveries?document_id=nowhere&namespace={ns}",
+        op.listen_addr
+    );
+    // The operator's resident memory, sampled while the searches run.
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = tokio::spawn({
+        let sampling = sampling.clone();
+        async move {
+            let mut most = 0f64;
+            while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(crate::support::rss_mib(pid));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            most
+        }
+    });
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let answers = futures::future::join_all((0..16).map(|_| {
+        let call = http.get(&url).send();
+        async move {
+            let answer = call.await.unwrap();
+            let status = answer.status().as_u16();
+            let retry_after = answer
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body: serde_json::Value =
+                serde_json::from_str(&answer.text().await.unwrap()).unwrap();
+            (status, retry_after, body, started.elapsed())
+        }
+    }))
+    .await;
+    let took = started.elapsed();
+    sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+    let rss_during = sampler.await.unwrap();
+    let peak_after = peak_rss_mib(pid);
+    let answered: Vec<_> = answers.iter().filter(|a| a.0 == 200).collect();
+    let busy: Vec<_> = answers.iter().filter(|a| a.0 == 503).collect();
+    let slowest_answered = answered.iter().map(|a| a.3).max().unwrap_or_default();
+    println!(
+        "FIGURES tenants::history_reads events=1000 event_kb=16 searches=16 answered={} busy={} other={} slowest_answered_ms={} took_ms={} rss_before_mib={rss_before:.0} rss_most_during_mib={rss_during:.0} growth_mib={:.0} vmhwm_before_mib={peak_before:.0} vmhwm_after_mib={peak_after:.0}",
+        answered.len(),
+        busy.len(),
+        16 - answered.len() - busy.len(),
+        slowest_answered.as_millis(),
+        took.as_millis(),
+        rss_during - rss_before,
+    );
+    for (status, retry_after, body, _) in &answers {
+        match status {
+            200 => assert_eq!(body["deliveries"], json!([]), "{body}"),
+            503 => {
+                assert_eq!(body["error"]["code"], "history_busy", "{body}");
+                assert_eq!(retry_after.as_deref(), Some("1"));
+                let message = body["error"]["message"].as_str().unwrap();
+                assert!(message.contains("4 searches and recovers"), "{message}");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(answered.len() >= 4, "the first four are read at once");
+    // Four pages of 500 such events at a time took 69-75 MiB here; all 16 at once, before the
+    // bound, 170-176 MiB.
+    assert!(
+        rss_during - rss_before < 120.0,
+        "the searches took {:.0} MiB",
+        rss_during - rss_before
+    );
+}

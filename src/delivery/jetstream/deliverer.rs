@@ -23,12 +23,12 @@ use crate::{
     routing::Route,
 };
 
-use super::{Bus, BusError, DELIVERER, SERIAL, SERIAL_SUBJECT};
+use super::{Bus, BusError, DELIVERER, SERIAL, Subjects};
 use super::{
     messages::{WorkItem, delivery_of, work_item_headers},
     park::{self, PARK_MIN, Park, unix_millis},
     release::Release,
-    router::work_subject,
+    router::work_lane,
 };
 
 /// A held delivery kept in hand checks its Webhook again at least this often (it wakes at once
@@ -49,6 +49,7 @@ pub enum Lane {
 /// The work items of one lane and where to publish parked ones.
 pub struct WorkQueue {
     context: Context,
+    subjects: Subjects,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     lane: Lane,
     /// The router's consumer and the stream: how far routing has come (`spec.ordering`).
@@ -65,6 +66,7 @@ impl Bus {
         };
         WorkQueue {
             context: self.context.clone(),
+            subjects: self.subjects.clone(),
             consumer: consumer.clone(),
             lane,
             router: self.router.clone(),
@@ -158,6 +160,7 @@ pub async fn deliver_work(
     }
     let WorkQueue {
         context,
+        subjects,
         consumer,
         lane,
         router,
@@ -189,6 +192,7 @@ pub async fn deliver_work(
     }
     let deliverer = Arc::new(Deliverer {
         context,
+        subjects,
         release,
         lane,
         dispatcher,
@@ -231,6 +235,7 @@ pub async fn deliver_work(
 
 struct Deliverer {
     context: Context,
+    subjects: Subjects,
     lane: Lane,
     /// The serial lane's gate of ordered deliveries.
     release: Option<Arc<Release>>,
@@ -250,7 +255,16 @@ struct Deliverer {
 impl Deliverer {
     /// Parks the work item (see [`park::park`]).
     async fn park(&self, message: &jetstream::Message, sequence: u64, item: &WorkItem, park: Park) {
-        park::park(&self.context, &self.stop, message, sequence, item, park).await
+        park::park(
+            &self.context,
+            &self.subjects,
+            &self.stop,
+            message,
+            sequence,
+            item,
+            park,
+        )
+        .await
     }
 
     fn is_congested(&self, namespace: &Arc<str>) -> bool {
@@ -270,7 +284,7 @@ impl Deliverer {
     fn register(&self, message: &jetstream::Message) -> Option<oneshot::Receiver<Option<Ticket>>> {
         let release = self.release.as_ref()?;
         let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let turn = delivery_of(message).and_then(|item| {
+        let turn = delivery_of(&self.subjects, message).and_then(|item| {
             let route = self.dispatcher.route_of(&item.delivery)?;
             route.ordering.as_ref()?;
             Some(release.wait_for(item.event_sequence?, item.delivery))
@@ -289,7 +303,7 @@ impl Deliverer {
         message: jetstream::Message,
         turn: Option<oneshot::Receiver<Option<Ticket>>>,
     ) {
-        let Some(mut item) = delivery_of(&message) else {
+        let Some(mut item) = delivery_of(&self.subjects, &message) else {
             tracing::warn!(subject = %message.subject, "JetStream deliverer: dropping a message that is not a work item");
             let _ = message.ack_with(AckKind::Term).await;
             return;
@@ -319,7 +333,7 @@ impl Deliverer {
         }
         if let RouteCheck::Deliver(route) = &check
             && self.lane == Lane::Shared
-            && work_subject(route) == SERIAL_SUBJECT
+            && work_lane(route) == Lane::Serial
         {
             let attempts = item.attempts_before + delivered - 1;
             return self
@@ -406,9 +420,10 @@ impl Deliverer {
             item.parked,
             item.held_since,
         );
-        let subject = format!(
-            "{SERIAL_SUBJECT}.{}.{}",
-            delivery.webhook.namespace, delivery.webhook.name
+        let subject = self.subjects.work(
+            Lane::Serial,
+            &delivery.webhook.namespace,
+            &delivery.webhook.name,
         );
         let stored = park::store_copy(&self.context, &subject, headers, message).await;
         let why = "could not move a work item to its serial subject; it is redelivered";
@@ -563,7 +578,7 @@ impl Keeper for WorkItemKeeper<'_> {
     /// Deliveries of a Webhook with a rate limit or an ordering are the leader's, on the
     /// serial lane: the shared lane moves them there.
     fn accepts(&self, route: &Route) -> bool {
-        self.deliverer.lane == Lane::Serial || work_subject(route) != SERIAL_SUBJECT
+        self.deliverer.lane == Lane::Serial || work_lane(route) != Lane::Serial
     }
 }
 

@@ -11,9 +11,9 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::{
-    ATTEMPTS_HEADER, CONTENT_HEADER, DELIVERIES_SUBJECT, DELIVERY_ID_HEADER, EVENT_ID_HEADER,
-    EVENT_SEQUENCE_HEADER, EVENT_TYPE_HEADER, EVENTS_SUBJECT, HELD_SINCE_HEADER, PARKED_HEADER,
-    ROUTES_SEEN_HEADER, SERIAL_SUBJECT, WEBHOOK_UID_HEADER, WEBHOOK_VERSION_HEADER,
+    ATTEMPTS_HEADER, CONTENT_HEADER, DELIVERY_ID_HEADER, EVENT_ID_HEADER, EVENT_SEQUENCE_HEADER,
+    EVENT_TYPE_HEADER, HELD_SINCE_HEADER, PARKED_HEADER, ROUTES_SEEN_HEADER, Subjects,
+    WEBHOOK_UID_HEADER, WEBHOOK_VERSION_HEADER,
 };
 use crate::delivery::Delivery;
 use crate::{crd::EventType, keys::WebhookKey, telemetry::TRACEPARENT, wire::EventBody};
@@ -44,6 +44,7 @@ pub struct EventMessage {
 
 impl EventMessage {
     pub fn new(
+        subjects: &Subjects,
         namespace: &str,
         id: &str,
         msg_id: &str,
@@ -62,7 +63,7 @@ impl EventMessage {
             headers.insert(TRACEPARENT, trace.as_str());
         }
         Self {
-            subject: format!("{EVENTS_SUBJECT}.{namespace}"),
+            subject: subjects.event(namespace),
             headers,
             body: body.body.clone(),
         }
@@ -105,13 +106,9 @@ pub(super) fn header_number<T: std::str::FromStr>(
 }
 
 /// The delivery a work item describes, or None if it is not one.
-pub(super) fn delivery_of(message: &jetstream::Message) -> Option<WorkItem> {
+pub(super) fn delivery_of(subjects: &Subjects, message: &jetstream::Message) -> Option<WorkItem> {
     let headers = message.headers.as_ref();
-    let rest = [DELIVERIES_SUBJECT, SERIAL_SUBJECT]
-        .iter()
-        .find_map(|prefix| message.subject.strip_prefix(prefix))?
-        .strip_prefix('.')?;
-    let (namespace, name) = rest.split_once('.')?;
+    let (namespace, name) = subjects.work_item(&message.subject)?;
     let event = header(headers, EVENT_TYPE_HEADER)?
         .parse::<EventType>()
         .ok()?;
@@ -197,8 +194,12 @@ mod tests {
             "2023-06-15T10:35:00Z",
             &Default::default(),
         );
-        let m = EventMessage::new("docs", "e1", "docs/k", &body, Some("abc"));
+        let subjects = Subjects::for_stream("HOOKRELAY").unwrap();
+        let m = EventMessage::new(&subjects, "docs", "e1", "docs/k", &body, Some("abc"));
         assert_eq!(m.subject, "hookrelay.events.docs");
+        let staging = Subjects::for_stream("STAGING").unwrap();
+        let m = EventMessage::new(&staging, "docs", "e1", "docs/k", &body, Some("abc"));
+        assert_eq!(m.subject, "staging.events.docs");
         assert_eq!(header(Some(&m.headers), "Nats-Msg-Id"), Some("docs/k"));
         assert_eq!(header(Some(&m.headers), EVENT_ID_HEADER), Some("e1"));
         assert_eq!(

@@ -1,21 +1,24 @@
 //! `--ingest-mode jetstream`: events and deliveries kept in a NATS JetStream stream, consumed by
 //! every replica through two durable pull consumers they share.
 //!
-//! - `hookrelay.events.<namespace>`: what ingest publishes (the contract-shaped body; the event id
+//! Every subject is under the stream's name lowercased ([`Subjects`]): `hookrelay.` for the
+//! default stream `HOOKRELAY`, as before the prefix followed `--nats-stream`. Below, `<prefix>`.
+//!
+//! - `<prefix>.events.<namespace>`: what ingest publishes (the contract-shaped body; the event id
 //!   and type in headers). The `router` consumer turns each event into one work item per target
 //!   and acks the event once every work item is stored.
-//! - `hookrelay.deliveries.<namespace>.<webhook>`: one work item per target (the body, the
+//! - `<prefix>.deliveries.<namespace>.<webhook>`: one work item per target (the body, the
 //!   delivery id, the Webhook's name and uid in headers). The `deliverer` consumer makes one
 //!   attempt per hand-out of the message.
 //!
-//! - `hookrelay.serial.<namespace>.<webhook>`: the work items of Webhooks with a
+//! - `<prefix>.serial.<namespace>.<webhook>`: the work items of Webhooks with a
 //!   `spec.delivery.rateLimit` or `spec.ordering`, which must all be delivered by one process
 //!   for the limit or the order to hold (ordered ones are released in event order: see
 //!   [`Release`]). The `serial` consumer is bound by the leader only; a work item that reaches the
 //!   shared `deliverer` for such a Webhook (routed before the limit was added, or by a replica
 //!   that had not seen it yet) is moved there. See "Key affinity" below.
 //!
-//! - `hookrelay.attempts.<namespace>.<webhook>`: the record of every attempt, from every
+//! - `<prefix>.attempts.<namespace>.<webhook>`: the record of every attempt, from every
 //!   replica (`crate::delivery::records`). The `recorder` consumer is read by the leader only, which
 //!   hands each record to its status writer, so that the Webhook's history has every replica's
 //!   attempts.
@@ -33,7 +36,7 @@
 //! in one namespace would stop the consumer for everybody. Hence:
 //!
 //! - **Waiting is parked**: the message is acked and the same work item is published again to
-//!   `hookrelay.schedules.<namespace>.<webhook>.<delivery id>` with `Nats-Schedule: @at <time>`
+//!   `<prefix>.schedules.<namespace>.<webhook>.<delivery id>` with `Nats-Schedule: @at <time>`
 //!   and `Nats-Schedule-Target: <its work item subject>`; the stream itself publishes it back when
 //!   due (message schedules, stream setting `allow_msg_schedules`), so the retry schedule still
 //!   lives in the stream and survives a kill -9. Its `Nats-Msg-Id` is the delivery id and the
@@ -84,14 +87,16 @@ mod park;
 mod release;
 mod router;
 mod stream;
+mod subjects;
 
 pub use deliverer::{
     CONGESTION_MEMORY, InHandLimits, Lane, SLOT_WAIT_IN_HAND, WorkQueue, deliver_work,
 };
 pub use messages::{EventMessage, keyed_event_id, keyed_msg_id};
-pub use router::{route_events, work_subject};
+pub use router::{route_events, work_lane};
 use stream::set_up_stream;
 pub use stream::{StreamRoom, ingest_refusal, is_full, stream_update};
+pub use subjects::{InvalidStreamName, MAX_STREAM_NAME, NatsPermissions, Subjects};
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -102,15 +107,6 @@ use async_nats::jetstream::{
 
 use crate::delivery::redact_url;
 
-/// Subjects of ingested events: `hookrelay.events.<namespace>`.
-pub const EVENTS_SUBJECT: &str = "hookrelay.events";
-/// Subjects of work items: `hookrelay.deliveries.<namespace>.<webhook>`.
-pub const DELIVERIES_SUBJECT: &str = "hookrelay.deliveries";
-/// Subjects of work items delivered by the leader alone (rate-limited Webhooks):
-/// `hookrelay.serial.<namespace>.<webhook>`.
-pub const SERIAL_SUBJECT: &str = "hookrelay.serial";
-/// Subjects of attempt records: `hookrelay.attempts.<namespace>.<webhook>`.
-pub const ATTEMPTS_SUBJECT: &str = "hookrelay.attempts";
 /// The consumer that turns events into work items.
 pub const ROUTER: &str = "router";
 /// The consumer that delivers work items.
@@ -144,10 +140,6 @@ pub const ATTEMPTS_HEADER: &str = "Hookrelay-Attempts";
 pub const PARKED_HEADER: &str = "Hookrelay-Parked";
 /// Header of a parked work item: since when it is held (unix milliseconds).
 pub const HELD_SINCE_HEADER: &str = "Hookrelay-Held-Since";
-/// Subjects of parked work items waiting for their time:
-/// `hookrelay.schedules.<namespace>.<webhook>.<delivery id>`. No consumer reads them: the
-/// stream publishes each to its work item subject when it is due, and purges it.
-pub const SCHEDULES_SUBJECT: &str = "hookrelay.schedules";
 
 /// How long the stream remembers message ids: a retried publish within it is a duplicate.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
@@ -234,7 +226,13 @@ pub enum BusError {
     #[error("give both --nats-tls-cert-file and --nats-tls-key-file, or neither")]
     TlsPair,
     #[error(
-        "cannot create or update the JetStream {what}: {why} (is JetStream enabled on the server?)"
+        "the servers of --nats-url carry different credentials ({first} and {other}): give one user:password@ or token@ (on any of them), or --nats-creds"
+    )]
+    UrlCredentials { first: String, other: String },
+    #[error(transparent)]
+    StreamName(#[from] InvalidStreamName),
+    #[error(
+        "cannot create or update the JetStream {what}: {why} (is JetStream enabled on the server, and may this NATS user use the stream's API? README \"A least-privilege NATS user\" lists what it needs)"
     )]
     Setup { what: String, why: String },
     #[error("the JetStream {consumer} consumer stopped: {why}")]
@@ -245,6 +243,8 @@ pub enum BusError {
 #[derive(Clone)]
 pub struct Bus {
     pub context: Context,
+    /// Every subject hookrelay uses, under the stream's name lowercased.
+    pub subjects: Subjects,
     /// The stream, to read a stored event back (a keyed repeat's content).
     pub stream: jetstream::stream::Stream,
     router: jetstream::consumer::Consumer<pull::Config>,
@@ -265,9 +265,64 @@ fn redacted_servers(url: &str) -> String {
         .join(",")
 }
 
+/// The user and password (`nats://user:password@host`) or token (`nats://token@host`) that
+/// `--nats-url` carries: the NATS client takes none from the URL itself. Servers separated by
+/// commas may each carry them, or only one; different ones are refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum UrlAuth {
+    UserPassword { user: String, password: String },
+    Token(String),
+}
+
+fn url_auth(url: &str) -> Result<Option<UrlAuth>, BusError> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let mut found: Option<(UrlAuth, String)> = None;
+    for server in url.split(',').map(str::trim) {
+        let Ok(parsed) = url::Url::parse(server) else {
+            continue;
+        };
+        let auth = match (parsed.username(), parsed.password()) {
+            ("", None) => continue,
+            (user, Some(password)) => UrlAuth::UserPassword {
+                user: decode(user),
+                password: decode(password),
+            },
+            (token, None) => UrlAuth::Token(decode(token)),
+        };
+        match &found {
+            None => found = Some((auth, redact_url(server))),
+            Some((first, _)) if *first == auth => {}
+            Some((_, first)) => {
+                return Err(BusError::UrlCredentials {
+                    first: first.clone(),
+                    other: redact_url(server),
+                });
+            }
+        }
+    }
+    Ok(found.map(|(auth, _)| auth))
+}
+
 /// Connects and creates (or updates) the stream and both durable consumers.
 pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
-    let mut options = async_nats::ConnectOptions::new().name("hookrelay");
+    let subjects = Subjects::for_stream(&config.stream)?;
+    // Replies (publish acks, API answers, pulled messages) come to inboxes of this
+    // installation's own, which a least-privilege user may subscribe to without seeing
+    // another client's.
+    let mut options = async_nats::ConnectOptions::new()
+        .name("hookrelay")
+        .custom_inbox_prefix(subjects.inbox_prefix());
+    match url_auth(&config.url)? {
+        Some(UrlAuth::UserPassword { user, password }) => {
+            options = options.user_and_password(user, password);
+        }
+        Some(UrlAuth::Token(token)) => options = options.token(token),
+        None => {}
+    }
     if let Some(path) = &config.creds {
         options = options
             .credentials_file(path)
@@ -303,7 +358,7 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
         what: what.to_owned(),
         why: e.to_string(),
     };
-    set_up_stream(&context, config)
+    set_up_stream(&context, config, &subjects)
         .await
         .map_err(|e| setup(&format!("stream {}", config.stream), &e))?;
     let stream = context
@@ -319,23 +374,24 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
         ..Default::default()
     };
     let router = stream
-        .create_consumer(consumer(ROUTER, format!("{EVENTS_SUBJECT}.>")))
+        .create_consumer(consumer(ROUTER, subjects.events_filter()))
         .await
         .map_err(|e| setup(&format!("consumer {ROUTER}"), &e))?;
     let deliverer = stream
-        .create_consumer(consumer(DELIVERER, format!("{DELIVERIES_SUBJECT}.>")))
+        .create_consumer(consumer(DELIVERER, subjects.work_filter(Lane::Shared)))
         .await
         .map_err(|e| setup(&format!("consumer {DELIVERER}"), &e))?;
     let serial = stream
-        .create_consumer(consumer(SERIAL, format!("{SERIAL_SUBJECT}.>")))
+        .create_consumer(consumer(SERIAL, subjects.work_filter(Lane::Serial)))
         .await
         .map_err(|e| setup(&format!("consumer {SERIAL}"), &e))?;
     let recorder = stream
-        .create_consumer(consumer(RECORDER, format!("{ATTEMPTS_SUBJECT}.>")))
+        .create_consumer(consumer(RECORDER, subjects.attempts_filter()))
         .await
         .map_err(|e| setup(&format!("consumer {RECORDER}"), &e))?;
     Ok(Bus {
         context,
+        subjects,
         stream,
         router,
         deliverer,
@@ -356,5 +412,42 @@ mod tests {
             "nats://***@nats-0:4222,nats://nats-1:4222"
         );
         assert_eq!(redacted_servers("nats://nats:4222"), "nats://nats:4222");
+    }
+
+    #[test]
+    fn credentials_in_the_nats_url_are_used() {
+        let user = |user: &str, password: &str| {
+            Some(UrlAuth::UserPassword {
+                user: user.into(),
+                password: password.into(),
+            })
+        };
+        assert_eq!(url_auth("nats://nats:4222").unwrap(), None);
+        assert_eq!(url_auth("127.0.0.1:4222").unwrap(), None);
+        assert_eq!(
+            url_auth("nats://hookrelay:s3cret@nats:4222").unwrap(),
+            user("hookrelay", "s3cret")
+        );
+        // Percent-encoded as a URL must be; given on one server of several.
+        assert_eq!(
+            url_auth("nats://nats-0:4222, tls://hook%40relay:p%3Ass%2Fw@nats-1:4222").unwrap(),
+            user("hook@relay", "p:ss/w")
+        );
+        assert_eq!(
+            url_auth("nats://a:b@n0:4222,nats://a:b@n1:4222").unwrap(),
+            user("a", "b")
+        );
+        assert_eq!(
+            url_auth("nats://t0ken@nats:4222").unwrap(),
+            Some(UrlAuth::Token("t0ken".into()))
+        );
+        let e = url_auth("nats://a:b@n0:4222,nats://a:c@n1:4222")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("different credentials"), "{e}");
+        assert!(
+            !e.contains(":b@") && !e.contains(":c@"),
+            "no password shown: {e}"
+        );
     }
 }

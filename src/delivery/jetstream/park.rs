@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream::{self, AckKind, Context};
 use tokio_util::sync::CancellationToken;
 
-use super::SCHEDULES_SUBJECT;
+use super::Subjects;
 use super::messages::{WorkItem, work_item_headers};
 
 /// A work item parked without an attempt (held, or its namespace busy) comes back after
@@ -91,6 +91,7 @@ pub(super) fn unix_millis(t: SystemTime) -> u64 {
 /// instead (kept in the consumer's pending meanwhile: correct, only less fair).
 pub(super) async fn park(
     context: &Context,
+    subjects: &Subjects,
     stop: &CancellationToken,
     message: &jetstream::Message,
     sequence: u64,
@@ -112,10 +113,7 @@ pub(super) async fn park(
     );
     headers.insert("Nats-Schedule", format!("@at {at}").as_str());
     headers.insert("Nats-Schedule-Target", message.subject.as_str());
-    let subject = format!(
-        "{SCHEDULES_SUBJECT}.{}.{}.{}",
-        delivery.webhook.namespace, delivery.webhook.name, delivery.id
-    );
+    let subject = subjects.schedule(&delivery.webhook, &delivery.id);
     // Published again if the stream's answer does not come (its message id makes a second
     // copy a duplicate): a nak would count as a hand-out, so as an attempt.
     let mut stored = Err(String::new());

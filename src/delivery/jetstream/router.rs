@@ -23,9 +23,8 @@ use crate::{
 
 use super::messages::{header, header_number};
 use super::{
-    Bus, BusError, DELIVERIES_SUBJECT, DELIVERY_ID_HEADER, EVENT_ID_HEADER, EVENT_SEQUENCE_HEADER,
-    EVENT_TYPE_HEADER, EVENTS_SUBJECT, ROUTER, ROUTES_SEEN_HEADER, SERIAL_SUBJECT,
-    WEBHOOK_UID_HEADER, WEBHOOK_VERSION_HEADER,
+    Bus, BusError, DELIVERY_ID_HEADER, EVENT_ID_HEADER, EVENT_SEQUENCE_HEADER, EVENT_TYPE_HEADER,
+    Lane, ROUTER, ROUTES_SEEN_HEADER, Subjects, WEBHOOK_UID_HEADER, WEBHOOK_VERSION_HEADER,
 };
 
 /// Events one replica routes at once.
@@ -76,20 +75,21 @@ pub async fn route_events(
             Some(Ok(m)) => m,
         };
         let (context, routes, metrics) = (bus.context.clone(), routes.clone(), metrics.clone());
+        let subjects = bus.subjects.clone();
         routing.spawn(async move {
             if !routes.view().is_fresh() {
                 // Cut off from the API server: the other replicas route it.
                 let _ = message.ack_with(AckKind::Nak(Some(NOT_SEEN_RETRY))).await;
                 return;
             }
-            if let Some(seen) = not_seen_yet(&routes, &message) {
+            if let Some(seen) = not_seen_yet(&subjects, &routes, &message) {
                 // This replica lags behind the one that took the event in: another replica
                 // routes it, or this one once its table has caught up.
                 tracing::debug!(subject = %message.subject, seen, "JetStream router: the routing table is behind this event; not routed here yet");
                 let _ = message.ack_with(AckKind::Nak(Some(NOT_SEEN_RETRY))).await;
                 return;
             }
-            if let Err(e) = route_one(&context, &routes, &metrics, &message).await {
+            if let Err(e) = route_one(&context, &subjects, &routes, &metrics, &message).await {
                 // Not acked: the stream redelivers it, and the work items already stored are
                 // deduplicated by their ids.
                 tracing::warn!(subject = %message.subject, error = %e, "JetStream router: event not routed; it is redelivered");
@@ -111,27 +111,22 @@ pub async fn route_events(
 
 /// How far this replica's table has seen the event's namespace, when that is less than the
 /// ingesting replica had seen (None: it may be routed here).
-fn not_seen_yet(routes: &Routes, message: &jetstream::Message) -> Option<u64> {
+fn not_seen_yet(subjects: &Subjects, routes: &Routes, message: &jetstream::Message) -> Option<u64> {
     let needed: u64 = header_number(message.headers.as_ref(), ROUTES_SEEN_HEADER)?;
-    let namespace = message
-        .subject
-        .strip_prefix(EVENTS_SUBJECT)?
-        .strip_prefix('.')?;
+    let namespace = subjects.event_namespace(&message.subject)?;
     let seen = routes.snapshot().seen(namespace);
     (seen < needed).then_some(seen)
 }
 
 async fn route_one(
     context: &Context,
+    subjects: &Subjects,
     routes: &Routes,
     metrics: &Metrics,
     message: &jetstream::Message,
 ) -> Result<(), String> {
     let headers = message.headers.as_ref();
-    let namespace = message
-        .subject
-        .strip_prefix(EVENTS_SUBJECT)
-        .and_then(|s| s.strip_prefix('.'));
+    let namespace = subjects.event_namespace(&message.subject);
     let event_id = header(headers, EVENT_ID_HEADER);
     let event = header(headers, EVENT_TYPE_HEADER).and_then(|t| t.parse::<EventType>().ok());
     let (Some(namespace), Some(event_id), Some(event)) = (namespace, event_id, event) else {
@@ -173,7 +168,7 @@ async fn route_one(
         if let Some(trace) = &trace {
             headers.insert(TRACEPARENT, trace.as_str());
         }
-        let subject = format!("{}.{namespace}.{}", work_subject(route), route.key.name);
+        let subject = subjects.work(work_lane(route), namespace, &route.key.name);
         let ack = context
             .publish_with_headers(subject, headers, message.payload.clone())
             .await
@@ -212,11 +207,11 @@ impl FilterInput for PublishedEvent {
 }
 
 /// Where the work items of `route` go: deliveries that must all come from one process (a rate
-/// limit, an ordering) go to the serial subjects, the rest to the shared work queue.
-pub fn work_subject(route: &Route) -> &'static str {
+/// limit, an ordering) go to the serial lane, the rest to the shared work queue.
+pub fn work_lane(route: &Route) -> Lane {
     if route.delivery.rate_limit.is_some() || route.ordering.is_some() {
-        SERIAL_SUBJECT
+        Lane::Serial
     } else {
-        DELIVERIES_SUBJECT
+        Lane::Shared
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{BusConfig, DUPLICATE_WINDOW};
+use super::{BusConfig, DUPLICATE_WINDOW, Subjects};
 use async_nats::jetstream::{
     self, Context,
     stream::{Config as StreamConfig, DiscardPolicy, RetentionPolicy, StorageType},
@@ -112,13 +112,14 @@ pub fn ingest_refusal(config: &StreamConfig, messages: u64, bytes: u64) -> Optio
     ))
 }
 
-/// The stream hookrelay creates, with the flags' limits. Its discard policy is old, the only
-/// one nats-server allows with message schedules; ingest stops at [`INGEST_SHARE`] of the
-/// limits (503) so that the stream never reaches them and discards nothing.
-fn wanted_stream(config: &BusConfig) -> StreamConfig {
+/// The stream hookrelay creates, with the flags' limits and every subject of `subjects`. Its
+/// discard policy is old, the only one nats-server allows with message schedules; ingest stops
+/// at [`INGEST_SHARE`] of the limits (503) so that the stream never reaches them and discards
+/// nothing.
+fn wanted_stream(config: &BusConfig, subjects: &Subjects) -> StreamConfig {
     StreamConfig {
         name: config.stream.clone(),
-        subjects: vec!["hookrelay.>".into()],
+        subjects: vec![subjects.all()],
         // Limits, not work-queue: history stays for --nats-max-age, whatever was acked.
         retention: RetentionPolicy::Limits,
         max_age: config.max_age,
@@ -172,9 +173,10 @@ pub fn stream_update(
 pub(super) async fn set_up_stream(
     context: &Context,
     config: &BusConfig,
+    subjects: &Subjects,
 ) -> Result<(), async_nats::Error> {
     use async_nats::jetstream::{ErrorCode, context::GetStreamErrorKind};
-    let wanted = wanted_stream(config);
+    let wanted = wanted_stream(config, subjects);
     // Twice: a replica starting at the same moment may create it between our look and our
     // create, and then it is an existing stream.
     let mut not_created = None;
@@ -190,6 +192,7 @@ pub(super) async fn set_up_stream(
                             tracing::info!(stream = %config.stream, max_bytes = config.max_bytes, max_messages = config.max_messages, max_age = %humantime::format_duration(config.max_age), "JetStream stream created with the limits of the flags; ingest answers 503 once it holds three quarters of one");
                             return Ok(());
                         }
+                        Err(e) if overlaps(&e) => return Err(taken(subjects, &e).into()),
                         Err(e) => {
                             tracing::debug!(stream = %config.stream, error = %e, "JetStream stream not created; looking again");
                             not_created = Some(e);
@@ -213,7 +216,13 @@ pub(super) async fn set_up_stream(
             tracing::warn!(stream = %config.stream, "JetStream stream has no byte or message limit: one tenant's flood can fill the NATS disk; set limits (nats stream edit --max-bytes --max-msgs)");
         }
         if let Some(update) = stream_update(&existing, &wanted)? {
-            context.update_stream(update).await?;
+            context.update_stream(update).await.map_err(|e| {
+                if overlaps(&e) {
+                    taken(subjects, &e).into()
+                } else {
+                    async_nats::Error::from(e)
+                }
+            })?;
             tracing::info!(stream = %config.stream, "JetStream stream updated with what hookrelay needs (its subjects, message schedules, a duplicate window)");
         }
         return Ok(());
@@ -226,6 +235,22 @@ pub(super) async fn set_up_stream(
         )
         .into(),
     })
+}
+
+/// Whether JetStream refused a stream because another stream of the account has its subjects.
+fn overlaps(error: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::{ErrorCode, context::CreateStreamErrorKind};
+    matches!(error.kind(), CreateStreamErrorKind::JetStream(e) if e.error_code() == ErrorCode::STREAM_SUBJECT_OVERLAP)
+}
+
+/// What to say when another stream of the account already takes this installation's subjects
+/// (another installation with a stream of the same name but for case, or a stream set up by
+/// hand).
+fn taken(subjects: &Subjects, error: &dyn std::fmt::Display) -> String {
+    format!(
+        "another stream on this NATS account already takes the subjects {all} ({error}): each installation sharing an account needs a --nats-stream whose name, lowercased, is its own (it is the prefix of every subject hookrelay uses)",
+        all = subjects.all()
+    )
 }
 
 #[cfg(test)]
@@ -246,9 +271,28 @@ mod tests {
         }
     }
 
+    fn default_subjects() -> Subjects {
+        Subjects::for_stream("HOOKRELAY").unwrap()
+    }
+
+    #[test]
+    fn a_stream_takes_the_subjects_under_its_lowercased_name() {
+        let wanted = wanted_stream(&bus_config(), &default_subjects());
+        // The default stream keeps the subjects every installation had.
+        assert_eq!(wanted.subjects, ["hookrelay.>"]);
+        let config = BusConfig {
+            stream: "HOOKRELAY_STAGING".into(),
+            ..bus_config()
+        };
+        let staging = Subjects::for_stream(&config.stream).unwrap();
+        let wanted = wanted_stream(&config, &staging);
+        assert_eq!(wanted.name, "HOOKRELAY_STAGING");
+        assert_eq!(wanted.subjects, ["hookrelay_staging.>"]);
+    }
+
     #[test]
     fn a_new_stream_gets_the_flags_limits() {
-        let wanted = wanted_stream(&bus_config());
+        let wanted = wanted_stream(&bus_config(), &default_subjects());
         assert_eq!(wanted.max_bytes, 1 << 30);
         assert_eq!(wanted.max_messages, 1_000_000);
         // nats-server refuses message schedules with discard new.
@@ -259,7 +303,7 @@ mod tests {
 
     #[test]
     fn an_existing_stream_keeps_its_limits_and_gets_only_what_hookrelay_needs() {
-        let wanted = wanted_stream(&bus_config());
+        let wanted = wanted_stream(&bus_config(), &default_subjects());
         // As whoever runs NATS set it up: other limits, discarding old, an extra subject, no
         // message schedules.
         let existing = StreamConfig {
@@ -308,7 +352,7 @@ mod tests {
 
     #[test]
     fn a_stream_discarding_new_messages_is_not_changed_but_refused_saying_what_to_do() {
-        let wanted = wanted_stream(&bus_config());
+        let wanted = wanted_stream(&bus_config(), &default_subjects());
         let existing = StreamConfig {
             name: "HOOKRELAY".into(),
             subjects: vec!["hookrelay.>".into()],
@@ -325,7 +369,7 @@ mod tests {
 
     #[test]
     fn a_stream_hookrelay_created_is_left_as_it_is() {
-        let wanted = wanted_stream(&bus_config());
+        let wanted = wanted_stream(&bus_config(), &default_subjects());
         // The server fills in what was not given.
         let created = StreamConfig {
             max_consumers: -1,
@@ -335,11 +379,14 @@ mod tests {
         };
         assert_eq!(stream_update(&created, &wanted), Ok(None));
         // Other flags at this start do not change it either.
-        let other_flags = wanted_stream(&BusConfig {
-            max_bytes: 1 << 20,
-            max_messages: 10,
-            ..bus_config()
-        });
+        let other_flags = wanted_stream(
+            &BusConfig {
+                max_bytes: 1 << 20,
+                max_messages: 10,
+                ..bus_config()
+            },
+            &default_subjects(),
+        );
         assert_eq!(stream_update(&created, &other_flags), Ok(None));
     }
 

@@ -69,8 +69,15 @@ pub(super) async fn jetstream(
                 (id.clone(), id)
             }
         };
-        let message =
-            EventMessage::new(namespace, &id, &msg_id, &body, Some(&content)).routed_after(seen);
+        let message = EventMessage::new(
+            &bus.subjects,
+            namespace,
+            &id,
+            &msg_id,
+            &body,
+            Some(&content),
+        )
+        .routed_after(seen);
         messages.push((id, e.key, content, message));
     }
     // Each event becomes work items (and parked copies) with more headers: one that would not

@@ -1,7 +1,8 @@
 //! nats-server for `--ingest-mode jetstream`: one per test, with JetStream, on a free loopback
-//! port and a store of its own, optionally requiring TLS ([`NatsCerts`]), and restartable on the
-//! same port and store for the tests of a NATS outage. Built by `hack/nats.sh build`
-//! (hack/test.sh does it first).
+//! port and a store of its own, optionally requiring TLS ([`NatsCerts`]) or with a
+//! configuration file (users and their permissions: [`NatsServer::start_with_config`]), and
+//! restartable on the same port and store for the tests of a NATS outage. Built by
+//! `hack/nats.sh build` (hack/test.sh does it first).
 
 use std::{
     net::SocketAddr,
@@ -95,6 +96,40 @@ impl NatsServer {
         })
         .await;
         (server, certs.unwrap())
+    }
+
+    /// A nats-server reading `config` (nats-server's configuration format: users, accounts,
+    /// permissions) from a file in its store; the command line's JetStream, address, port and
+    /// store still apply. It logs to a file, read by [`NatsServer::log_text`].
+    pub async fn start_with_config(config: &str) -> NatsServer {
+        Self::start_with(|store| {
+            std::fs::create_dir_all(store).unwrap();
+            let path = store.join("nats-server.conf");
+            std::fs::write(&path, config).unwrap();
+            vec![
+                "-c".into(),
+                path.display().to_string(),
+                "-l".into(),
+                Self::log_path(store).display().to_string(),
+            ]
+        })
+        .await
+    }
+
+    fn log_path(store: &Path) -> PathBuf {
+        store.join("nats-server.log")
+    }
+
+    /// What the server logged so far, when started with [`NatsServer::start_with_config`]
+    /// (empty otherwise).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(Self::log_path(&self.store)).unwrap_or_default()
+    }
+
+    /// The server's URL with a user and password (`nats://user:password@127.0.0.1:port`).
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        self.url
+            .replacen("nats://", &format!("nats://{user}:{password}@"), 1)
     }
 
     /// `extra`: more arguments, given the server's store directory.
