@@ -88,13 +88,7 @@ pub(super) async fn caller(
     headers: &HeaderMap,
     verb: &'static str,
 ) -> Result<Caller, ApiError> {
-    let caller = state.auth.authenticate(headers).await?;
-    let namespace = namespace_for(query, &caller)?;
-    state
-        .auth
-        .authorize(&caller, verb, "webhooks", &namespace)
-        .await?;
-    Ok(Caller::new(state, namespace, caller.username))
+    authorized(state, query, headers, verb, None).await
 }
 
 /// The caller, authorized for an action's own verb on Webhooks (`test`, `redeliver`, `recover`,
@@ -106,29 +100,43 @@ pub(super) async fn caller_for_action(
     headers: &HeaderMap,
     verb: &'static str,
 ) -> Result<Caller, ApiError> {
+    authorized(state, query, headers, verb, Some("update")).await
+}
+
+/// The caller, authorized for `verb`, or else for `or_verb`.
+async fn authorized(
+    state: &ApiState,
+    query: &NamespaceQuery,
+    headers: &HeaderMap,
+    verb: &'static str,
+    or_verb: Option<&'static str>,
+) -> Result<Caller, ApiError> {
     let caller = state.auth.authenticate(headers).await?;
     let namespace = namespace_for(query, &caller)?;
     let forbidden = |e: &ApiError| e.status == StatusCode::FORBIDDEN;
-    match state
+    let mut answer = state
         .auth
         .authorize(&caller, verb, "webhooks", &namespace)
-        .await
+        .await;
+    if let (Err(refused), Some(or_verb)) = (&answer, or_verb)
+        && forbidden(refused)
     {
-        Err(e) if forbidden(&e) => match state
+        answer = state
             .auth
-            .authorize(&caller, "update", "webhooks", &namespace)
+            .authorize(&caller, or_verb, "webhooks", &namespace)
             .await
-        {
-            Err(e) if forbidden(&e) => {
-                return Err(ApiError::forbidden(format!(
-                    "{} may not {verb} webhooks.hookrelay.dev in namespace {namespace} (nor update them, which allows it too)",
-                    caller.username
-                )));
-            }
-            other => other?,
-        },
-        other => other?,
+            .map_err(|e| {
+                if forbidden(&e) {
+                    ApiError::forbidden(format!(
+                        "{} may not {verb} webhooks.hookrelay.dev in namespace {namespace} (nor {or_verb} them, which allows it too)",
+                        caller.username
+                    ))
+                } else {
+                    e
+                }
+            });
     }
+    answer?;
     Ok(Caller::new(state, namespace, caller.username))
 }
 

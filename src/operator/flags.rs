@@ -79,6 +79,13 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_NATS_MAX_BYTES", default_value = "1GiB", value_parser = parse_size)]
     pub nats_max_bytes: i64,
 
+    /// Bytes one namespace's events may take in the stream over --nats-max-age (each event
+    /// and one work item per Webhook that takes it), counted by each replica: past it, that
+    /// namespace's ingest answers 429 (`namespace_quota`) while the others' goes on. Default: a
+    /// quarter of --nats-max-bytes; 0: no limit.
+    #[arg(long, env = "HOOKRELAY_NATS_MAX_BYTES_PER_NAMESPACE", value_parser = parse_size)]
+    pub nats_max_bytes_per_namespace: Option<i64>,
+
     /// Messages the stream may hold (events, work items, parked retries and attempt records:
     /// about three per event and target); as --nats-max-bytes, ingest stops at three quarters
     /// of it, and it applies when hookrelay creates the stream.
@@ -298,6 +305,7 @@ impl RunArgs {
             nats_stream: "HOOKRELAY".into(),
             nats_max_age: Duration::from_secs(86400),
             nats_max_bytes: 1 << 30,
+            nats_max_bytes_per_namespace: None,
             nats_max_messages: 1_000_000,
             nats_max_ack_pending: 10_000,
             nats_max_publishing: 10_000,

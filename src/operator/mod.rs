@@ -338,6 +338,10 @@ async fn connect_bus(args: &RunArgs) -> Result<Option<jetstream::Bus>, Error> {
         max_bytes: args.nats_max_bytes,
         max_messages: args.nats_max_messages,
         max_ack_pending: args.nats_max_ack_pending,
+        max_bytes_per_namespace: args
+            .nats_max_bytes_per_namespace
+            .unwrap_or(args.nats_max_bytes / 4)
+            .max(0) as u64,
     })
     .await?;
     Ok(Some(bus))

@@ -8,12 +8,12 @@ use futures::TryStreamExt;
 use hookrelay::http::IngestMode;
 use serde_json::{Value, json};
 
-use crate::support::counting_webhook;
 use crate::support::{
     CountingReceiver, InProcess, ModeOperator, NatsServer, OperatorArgs, Receiver, ReceiverKind,
     control_plane, create_webhook, eventually, ingest_args, metric, one_leader, post_events,
     wait_ready_reason,
 };
+use crate::support::{counting_webhook, set_paused};
 
 const SECRET: &str = "a-strong-signing-secret-for-jetstream-tests";
 const EVENT: &str = r#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":123,"filename":"important_document.pdf"}}"#;
@@ -191,20 +191,7 @@ async fn a_paused_webhook_holding_more_than_max_ack_pending_does_not_stop_the_ot
     .await;
     let paused = counting_webhook(&client, &ns, "paused", SECRET).await;
     let webhooks: kube::Api<hookrelay::crd::Webhook> = kube::Api::namespaced(client.clone(), &ns);
-    let set_paused = |paused: bool| {
-        let webhooks = webhooks.clone();
-        async move {
-            webhooks
-                .patch(
-                    "paused",
-                    &kube::api::PatchParams::default(),
-                    &kube::api::Patch::Merge(json!({"spec": {"paused": paused}})),
-                )
-                .await
-                .unwrap();
-        }
-    };
-    set_paused(true).await;
+    set_paused(&client, &ns, "paused", true).await;
     wait_ready_reason(&client, &ns, "paused", "False", "Paused").await;
     let live = counting_webhook(&client, &ns, "live", SECRET).await;
 
@@ -222,7 +209,7 @@ async fn a_paused_webhook_holding_more_than_max_ack_pending_does_not_stop_the_ot
     .await;
     assert_eq!(paused.counts(), (0, 0), "nothing sent while paused");
 
-    set_paused(false).await;
+    set_paused(&client, &ns, "paused", false).await;
     eventually(
         "every held delivery sent once resumed",
         Duration::from_secs(120),
@@ -243,6 +230,52 @@ async fn a_paused_webhook_holding_more_than_max_ack_pending_does_not_stop_the_ot
         attempts.iter().all(|r| r.attempt == 1),
         "{:?}",
         attempts.iter().map(|r| r.attempt).collect::<Vec<_>>()
+    );
+}
+
+/// A held delivery is parked again and again (back in 1, 2, 4 ... 30 s), each park a copy of
+/// the event in the stream, which keeps what it holds for `--nats-max-age`. A copy is deleted
+/// once a newer one supersedes it: a held Webhook's items take one live copy each however long
+/// the hold lasts, rather than one more copy of each event per park.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_webhooks_parked_copies_do_not_pile_up_in_the_stream() {
+    let cp = control_plane();
+    let ns = cp.namespace("js-copies").await;
+    let client = cp.client().await;
+    // Few held items in hand (a share of max_ack_pending): the rest are parked.
+    let op = ModeOperator::start(cp, IngestMode::JetStream, &[&ns], |args| {
+        args.nats_max_ack_pending = 20;
+    })
+    .await;
+    let paused = counting_webhook(&client, &ns, "paused", SECRET).await;
+    set_paused(&client, &ns, "paused", true).await;
+    wait_ready_reason(&client, &ns, "paused", "False", "Paused").await;
+    const EVENTS: usize = 50;
+    let events: Vec<Value> = (0..EVENTS)
+        .map(|i| json!({"event": "document.completed", "data": {"document_id": i}}))
+        .collect();
+    op.post_events(&ns, &events).await;
+    // Parked about four times each by now (back after 1, 2, 4 and 8 s, each spread over its
+    // second half).
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let nats = op.nats().expect("a jetstream operator has its nats-server");
+    let held: usize = subjects(nats)
+        .await
+        .into_iter()
+        .filter(|(subject, _)| {
+            subject.starts_with(&format!("hookrelay.deliveries.{ns}.paused"))
+                || subject.starts_with(&format!("hookrelay.schedules.{ns}.paused."))
+        })
+        .map(|(_, n)| n)
+        .sum();
+    println!(
+        "FIGURES jetstream::parked_copies events={EVENTS} held_for_s=16 messages_for_the_held_webhook={held}"
+    );
+    assert_eq!(paused.counts(), (0, 0), "nothing sent while paused");
+    // Each event's routed work item, its live copy and its pending schedule at most.
+    assert!(
+        held <= 3 * EVENTS,
+        "{held} messages for {EVENTS} held deliveries: parked copies pile up"
     );
 }
 

@@ -113,57 +113,79 @@ async fn receiver() -> (Arc<Mutex<Vec<(String, String)>>>, std::net::SocketAddr)
     (got, addr)
 }
 
+/// An operator in `mode` exporting its spans to a collector of its own (every 100 ms rather
+/// than every 5 s), with `extra` flags, and a Ready Webhook `traced` to a receiver: the operator,
+/// the spans collected and what the receiver got.
+async fn traced_operator(
+    cp: &crate::support::ControlPlane,
+    ns: &str,
+    mode: &str,
+    nats: Option<&NatsServer>,
+    extra: &[&str],
+) -> (
+    crate::support::Operator,
+    Arc<Mutex<Vec<ExportedSpan>>>,
+    Arc<Mutex<Vec<(String, String)>>>,
+) {
+    let (spans, collector) = collector().await;
+    let mut args = OperatorArgs::new(ns)
+        .mode(mode)
+        .args(extra)
+        .env(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            &format!("http://{collector}"),
+        )
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    if let Some(nats) = nats {
+        args = args.nats(&nats.url);
+    }
+    let op = args.start(cp);
+    op.wait_ready().await;
+    let (got, addr) = receiver().await;
+    create_webhook(
+        &cp.client().await,
+        ns,
+        "traced",
+        &format!("http://{addr}/h"),
+        "otel-signing-secret-0123",
+        json!({}),
+    )
+    .await;
+    (op, spans, got)
+}
+
+/// Posts one event to `ns` with the `traceparent` of a client span `client_span` in trace
+/// `trace_id`; it must be accepted.
+async fn post_traced(op: &crate::support::Operator, ns: &str, trace_id: &str, client_span: &str) {
+    let response = reqwest::Client::new()
+        .post(format!(
+            "http://{}/api/events?namespace={ns}",
+            op.listen_addr
+        ))
+        .header("traceparent", format!("00-{trace_id}-{client_span}-01"))
+        .header("content-type", "application/json")
+        .body(json!({"event": "document.completed", "data": {"document_id": 1}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_traceparent_at_ingest_is_continued_through_every_span_to_the_receiver() {
     let cp = control_plane();
-    let client = cp.client().await;
     for mode in ["durable", "direct", "jetstream"] {
         let ns = cp.namespace("otel").await;
-        let (spans, collector) = collector().await;
         let nats = if mode == "jetstream" {
             Some(NatsServer::start().await)
         } else {
             None
         };
-        let mut args = OperatorArgs::new(&ns)
-            .mode(mode)
-            .args(["--trust-client-traces"])
-            .env(
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                &format!("http://{collector}"),
-            )
-            // Export every 100 ms rather than every 5 s.
-            .env("OTEL_BSP_SCHEDULE_DELAY", "100");
-        if let Some(nats) = &nats {
-            args = args.nats(&nats.url);
-        }
-        let op = args.start(cp);
-        op.wait_ready().await;
-        let (got, addr) = receiver().await;
-        create_webhook(
-            &client,
-            &ns,
-            "traced",
-            &format!("http://{addr}/h"),
-            "otel-signing-secret-0123",
-            json!({}),
-        )
-        .await;
-
+        let (op, spans, got) =
+            traced_operator(cp, &ns, mode, nats.as_ref(), &["--trust-client-traces"]).await;
         let trace_id = hex::encode(rand::random::<[u8; 16]>());
         let client_span = hex::encode(rand::random::<[u8; 8]>());
-        let response = reqwest::Client::new()
-            .post(format!(
-                "http://{}/api/events?namespace={ns}",
-                op.listen_addr
-            ))
-            .header("traceparent", format!("00-{trace_id}-{client_span}-01"))
-            .header("content-type", "application/json")
-            .body(json!({"event": "document.completed", "data": {"document_id": 1}}).to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 202, "{mode}");
+        post_traced(&op, &ns, &trace_id, &client_span).await;
 
         // The receiver got the attempt span's traceparent, in the caller's trace.
         let (sent, delivery_id) = eventually(&format!("{mode}: a delivery"), WAIT, || async {
@@ -216,42 +238,11 @@ async fn a_traceparent_at_ingest_is_continued_through_every_span_to_the_receiver
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_traceparent_is_linked_not_joined_by_default() {
     let cp = control_plane();
-    let client = cp.client().await;
     let ns = cp.namespace("otel-link").await;
-    let (spans, collector) = collector().await;
-    let op = OperatorArgs::new(&ns)
-        .mode("direct")
-        .env(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            &format!("http://{collector}"),
-        )
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .start(cp);
-    op.wait_ready().await;
-    let (got, addr) = receiver().await;
-    create_webhook(
-        &client,
-        &ns,
-        "linked",
-        &format!("http://{addr}/h"),
-        "otel-signing-secret-0123",
-        json!({}),
-    )
-    .await;
+    let (op, spans, got) = traced_operator(cp, &ns, "direct", None, &[]).await;
     let trace_id = hex::encode(rand::random::<[u8; 16]>());
     let client_span = hex::encode(rand::random::<[u8; 8]>());
-    let response = reqwest::Client::new()
-        .post(format!(
-            "http://{}/api/events?namespace={ns}",
-            op.listen_addr
-        ))
-        .header("traceparent", format!("00-{trace_id}-{client_span}-01"))
-        .header("content-type", "application/json")
-        .body(json!({"event": "document.completed", "data": {"document_id": 1}}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
+    post_traced(&op, &ns, &trace_id, &client_span).await;
     let (sent, _) = eventually("a delivery", WAIT, || async {
         got.lock().unwrap().first().cloned()
     })

@@ -36,6 +36,44 @@ async fn delivered(receiver: &CountingReceiver, what: &str) {
     .await;
 }
 
+/// A counting Webhook `name` with `filter`, once that spec is reconciled and Ready.
+async fn filtered_webhook(
+    client: &kube::Client,
+    webhooks: &Api<Webhook>,
+    namespace: &str,
+    name: &str,
+    filter: &str,
+) -> CountingReceiver {
+    let receiver = counting_webhook(client, namespace, name, SECRET).await;
+    set_filter(webhooks, name, filter).await;
+    eventually("the filter reconciled", Duration::from_secs(60), || async {
+        let w = webhooks.get(name).await.ok()?;
+        let status = w.status?;
+        (status.observed_generation == w.metadata.generation).then_some(())
+    })
+    .await;
+    wait_ready(webhooks, name).await;
+    receiver
+}
+
+/// Posts `large` to namespace `a`, then one small event to `b`, and waits until `b`'s event
+/// reaches `other`: how long the large post took, and the small event from its post.
+async fn large_then_other(
+    op: &ModeOperator,
+    (a, b): (&str, &str),
+    large: &serde_json::Value,
+    other: &CountingReceiver,
+) -> (Duration, Duration) {
+    let posted = Instant::now();
+    op.post_event(a, "document.completed", large.clone()).await;
+    let large_accepted = posted.elapsed();
+    let other_posted = Instant::now();
+    op.post_event(b, "document.completed", json!({"document_id": 1}))
+        .await;
+    delivered(other, "the other namespace's event").await;
+    (large_accepted, other_posted.elapsed())
+}
+
 /// A filter that compares every element of one list of the event with every element of
 /// another (`data.a.all(x, !(x in data.b))`), with one event of two lists of 120,000 numbers
 /// (480 KB): once, it held the operator at full CPU and another namespace's event waited over
@@ -88,30 +126,12 @@ async fn a_filter_costing_the_square_of_the_event_is_refused_and_stalls_no_other
             why.contains("uses data") && why.contains("linear"),
             "the refusal names the rule: {why}"
         );
-        let linear_rx = counting_webhook(&client, &a, &linear, SECRET).await;
-        set_filter(&webhooks, &linear, "data.a.all(x, x >= 0) && 5 in data.b").await;
-        // Ready again once the filtered spec is reconciled (generation 2).
-        eventually(
-            "the linear filter reconciled",
-            Duration::from_secs(60),
-            || async {
-                let w = webhooks.get(&linear).await.ok()?;
-                let status = w.status?;
-                (status.observed_generation == w.metadata.generation).then_some(())
-            },
-        )
-        .await;
-        wait_ready(&webhooks, &linear).await;
+        let linear_filter = "data.a.all(x, x >= 0) && 5 in data.b";
+        let linear_rx = filtered_webhook(&client, &webhooks, &a, &linear, linear_filter).await;
         let other_rx = counting_webhook(&client, &b, &format!("other-{suffix}"), SECRET).await;
 
         let posted = Instant::now();
-        op.post_event(&a, "document.completed", large.clone()).await;
-        let large_accepted = posted.elapsed();
-        let other_posted = Instant::now();
-        op.post_event(&b, "document.completed", json!({"document_id": 1}))
-            .await;
-        delivered(&other_rx, "the other namespace's event").await;
-        let other = other_posted.elapsed();
+        let (large_accepted, other) = large_then_other(&op, (&a, &b), &large, &other_rx).await;
         delivered(&linear_rx, "the large event through the linear filter").await;
         let large_delivered = posted.elapsed();
         // Whatever the refused Webhook would have got is sent by now.
@@ -175,26 +195,12 @@ async fn an_event_over_its_filter_budget_fails_on_its_webhook_and_delays_no_othe
         let suffix = format!("{mode:?}").to_lowercase();
         let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &a);
         let filtered = format!("filtered-{suffix}");
-        let filtered_rx = counting_webhook(&client, &a, &filtered, SECRET).await;
-        set_filter(&webhooks, &filtered, "data.a.all(x, x >= 0)").await;
-        eventually("the filter reconciled", Duration::from_secs(60), || async {
-            let w = webhooks.get(&filtered).await.ok()?;
-            let status = w.status?;
-            (status.observed_generation == w.metadata.generation).then_some(())
-        })
-        .await;
-        wait_ready(&webhooks, &filtered).await;
+        let filtered_rx =
+            filtered_webhook(&client, &webhooks, &a, &filtered, "data.a.all(x, x >= 0)").await;
         let plain_rx = counting_webhook(&client, &a, &format!("plain-{suffix}"), SECRET).await;
         let other_rx = counting_webhook(&client, &b, &format!("other-{suffix}"), SECRET).await;
 
-        let posted = Instant::now();
-        op.post_event(&a, "document.completed", large.clone()).await;
-        let large_accepted = posted.elapsed();
-        let other_posted = Instant::now();
-        op.post_event(&b, "document.completed", json!({"document_id": 1}))
-            .await;
-        delivered(&other_rx, "the other namespace's event").await;
-        let other = other_posted.elapsed();
+        let (large_accepted, other) = large_then_other(&op, (&a, &b), &large, &other_rx).await;
         delivered(&plain_rx, "the large event to the Webhook without a filter").await;
         let notes = eventually(
             "a FilterFailed Event on the filtered Webhook",
@@ -345,6 +351,69 @@ async fn a_webhook_cannot_sign_with_or_send_the_headers_of_a_secret_bound_to_ano
         0,
         "a Webhook refused its borrowed Secret received a request"
     );
+    op.op.stop().await;
+}
+
+/// In JetStream mode one namespace's events may take at most its share of the stream
+/// (`--nats-max-bytes-per-namespace`, here 64 KiB): past it that namespace's ingest answers 429
+/// `namespace_quota` with a `Retry-After`, storing nothing, while another namespace's events are
+/// still taken and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_namespace_cannot_take_more_than_its_share_of_the_stream() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let greedy = cp.namespace("share-greedy").await;
+    let other = cp.namespace("share-other").await;
+    let op = ModeOperator::start(
+        cp,
+        hookrelay::http::IngestMode::JetStream,
+        &[&greedy, &other],
+        |args| args.nats_max_bytes_per_namespace = Some(64 << 10),
+    )
+    .await;
+    let greedy_rx = counting_webhook(&client, &greedy, "greedy", SECRET).await;
+    let other_rx = counting_webhook(&client, &other, "other", SECRET).await;
+    // About 8 KiB each, stored twice (the event and its work item).
+    let event =
+        json!([{"event": "document.completed", "data": {"blob": "x".repeat(8 << 10)}}]).to_string();
+    let mut accepted = 0;
+    let refusal = loop {
+        let (status, reply) =
+            crate::support::post_events(op.op.op.listen_addr, &greedy, None, &event).await;
+        if status != 202 {
+            break (status, reply);
+        }
+        accepted += 1;
+        assert!(accepted < 20, "the namespace's share never ran out");
+    };
+    println!(
+        "FIGURES tenants::namespace_share share_kib=64 event_kib=8 accepted_before_429={accepted}"
+    );
+    assert_eq!(refusal.0, 429, "{}", refusal.1);
+    assert_eq!(
+        refusal.1["error"]["code"], "namespace_quota",
+        "{}",
+        refusal.1
+    );
+    let message = refusal.1["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("--nats-max-bytes-per-namespace"),
+        "{message}"
+    );
+    assert!(
+        (2..=4).contains(&accepted),
+        "{accepted} events of 16 KiB fit 64 KiB"
+    );
+    // The other namespace is not affected, and what was taken is delivered.
+    op.post_event(&other, "document.completed", json!({"document_id": 1}))
+        .await;
+    delivered(&other_rx, "the other namespace's event").await;
+    eventually(
+        "the greedy namespace's accepted events",
+        Duration::from_secs(60),
+        || async { (greedy_rx.counts().0 == accepted).then_some(()) },
+    )
+    .await;
     op.op.stop().await;
 }
 

@@ -427,6 +427,24 @@ async fn webhooks_show_attempts_in_flight_last_delivery_success_rate_and_degrade
     op.stop().await;
 }
 
+/// `method path` with `body` in namespace `ns` is refused to `token`: 403, naming `verb`.
+async fn assert_refused(
+    addr: std::net::SocketAddr,
+    token: &str,
+    ns: &str,
+    (method, path, body): (&str, &str, Option<&str>),
+    verb: &str,
+) {
+    let path = format!("{path}?namespace={ns}");
+    let (status, reply) = api_call(addr, method, &path, Some(token), body).await;
+    assert_eq!(status, 403, "{method} {path}: {reply}");
+    let message = reply["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("may not {verb} webhooks.hookrelay.dev")),
+        "{method} {path}: {reply}"
+    );
+}
+
 /// Renders the chart's ClusterRole `<release>-<suffix>` from `template` (with `--set` values
 /// `set`), applies it, binds it in `ns` to the ServiceAccount `sa` there the way the chart's
 /// notes say, and returns that account's token and the role's name.
@@ -523,22 +541,7 @@ async fn the_charts_viewer_role_reads_what_the_page_shows_and_changes_nothing() 
             "update",
         ),
     ] {
-        let (status, reply) = api_call(
-            addr,
-            method,
-            &format!("{path}?namespace={ns}"),
-            Some(&token),
-            body,
-        )
-        .await;
-        assert_eq!(status, 403, "{method} {path}: {reply}");
-        assert!(
-            reply["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains(&format!("may not {verb} webhooks.hookrelay.dev")),
-            "{reply}"
-        );
+        assert_refused(addr, &token, &ns, (method, path, body), verb).await;
     }
     cp.kubectl_ok(&["delete", "clusterrole", &role], None).await;
     op.stop().await;
@@ -619,13 +622,7 @@ async fn the_charts_support_role_presses_every_button_but_cannot_repoint_a_webho
         ("DELETE", "/api/webhooks/to-app", None, "delete"),
         ("POST", "/api/webhooks/to-app/rotate-secret", None, "rotate"),
     ] {
-        let (status, reply) = call(method, path, body).await;
-        assert_eq!(status, 403, "{method} {path}: {reply}");
-        let message = reply["error"]["message"].as_str().unwrap_or_default();
-        assert!(
-            message.contains(&format!("may not {verb} webhooks.hookrelay.dev")),
-            "{method} {path}: {reply}"
-        );
+        assert_refused(addr, &token, &ns, (method, path, body), verb).await;
     }
     // The pause and unpause were made as the operator, for the support account.
     let user = format!("system:serviceaccount:{ns}:support");

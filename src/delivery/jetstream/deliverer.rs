@@ -183,7 +183,7 @@ pub async fn deliver_work(
         Arc::new(Release::new(
             router,
             consumer.clone(),
-            stream,
+            stream.clone(),
             dispatcher.clone(),
         ))
     });
@@ -192,6 +192,7 @@ pub async fn deliver_work(
     }
     let deliverer = Arc::new(Deliverer {
         context,
+        stream,
         subjects,
         release,
         lane,
@@ -235,6 +236,8 @@ pub async fn deliver_work(
 
 struct Deliverer {
     context: Context,
+    /// Where superseded copies of work items are deleted from (see [`park::forget_copy`]).
+    stream: jetstream::stream::Stream,
     subjects: Subjects,
     lane: Lane,
     /// The serial lane's gate of ordered deliveries.
@@ -257,6 +260,7 @@ impl Deliverer {
     async fn park(&self, message: &jetstream::Message, sequence: u64, item: &WorkItem, park: Park) {
         park::park(
             &self.context,
+            &self.stream,
             &self.subjects,
             &self.stop,
             message,
@@ -264,7 +268,7 @@ impl Deliverer {
             item,
             park,
         )
-        .await
+        .await;
     }
 
     fn is_congested(&self, namespace: &Arc<str>) -> bool {
@@ -427,7 +431,7 @@ impl Deliverer {
         );
         let stored = park::store_copy(&self.context, &subject, headers, message).await;
         let why = "could not move a work item to its serial subject; it is redelivered";
-        park::settle_original(message, &delivery.id, stored, why, PARK_MIN).await;
+        park::settle_original(&self.stream, message, &delivery.id, stored, why, PARK_MIN).await;
     }
 }
 
@@ -542,7 +546,9 @@ impl Keeper for WorkItemKeeper<'_> {
         }
         if let Err(e) = self.message.ack().await {
             tracing::warn!(delivery = %self.item.delivery.id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+            return;
         }
+        park::forget_copy(&self.deliverer.stream, self.message).await;
     }
 
     async fn reserve(&self, dispatcher: &Dispatcher, delivery: &Delivery) -> Result<Slots, Wait> {

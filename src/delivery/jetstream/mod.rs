@@ -84,6 +84,7 @@
 mod deliverer;
 mod messages;
 mod park;
+mod quota;
 mod release;
 mod router;
 mod stream;
@@ -93,6 +94,7 @@ pub use deliverer::{
     CONGESTION_MEMORY, InHandLimits, Lane, SLOT_WAIT_IN_HAND, WorkQueue, deliver_work,
 };
 pub use messages::{EventMessage, keyed_event_id, keyed_msg_id};
+pub use quota::{NamespaceShares, OverShare};
 pub use router::{route_events, work_lane};
 use stream::set_up_stream;
 pub use stream::{StreamRoom, ingest_refusal, is_full, stream_update};
@@ -159,6 +161,8 @@ pub struct BusConfig {
     pub max_bytes: i64,
     pub max_messages: i64,
     pub max_ack_pending: i64,
+    /// Bytes one namespace's events may take in the stream over `max_age` (0: no limit).
+    pub max_bytes_per_namespace: u64,
 }
 
 /// TLS towards NATS: any file given makes TLS required.
@@ -255,6 +259,8 @@ pub struct Bus {
     pub recorder: jetstream::consumer::Consumer<pull::Config>,
     /// How full the stream is, as ingest last looked.
     pub room: Arc<StreamRoom>,
+    /// What each namespace's events take of the stream, as this replica published them.
+    pub shares: Arc<NamespaceShares>,
 }
 
 /// `--nats-url` (servers separated by commas) as it may be shown: without credentials.
@@ -398,6 +404,10 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
         serial,
         recorder,
         room: Arc::default(),
+        shares: Arc::new(NamespaceShares::new(
+            config.max_bytes_per_namespace,
+            config.max_age,
+        )),
     })
 }
 

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::jetstream::{self, AckKind, Context};
 use tokio_util::sync::CancellationToken;
 
-use super::Subjects;
 use super::messages::{WorkItem, work_item_headers};
+use super::{ATTEMPTS_HEADER, Subjects};
 
 /// A work item parked without an attempt (held, or its namespace busy) comes back after
 /// PARK_MIN, doubling each time it is parked again, up to PARK_MAX; each delay is spread over
@@ -89,8 +89,10 @@ pub(super) fn unix_millis(t: SystemTime) -> u64 {
 /// Publishes the work item again, scheduled by the stream after the park's delay, then acks
 /// this message. If the stream does not take it, the message is nak'd with the delay
 /// instead (kept in the consumer's pending meanwhile: correct, only less fair).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn park(
     context: &Context,
+    stream: &jetstream::stream::Stream,
     subjects: &Subjects,
     stop: &CancellationToken,
     message: &jetstream::Message,
@@ -124,7 +126,7 @@ pub(super) async fn park(
         }
     }
     let why = "could not park a work item; it waits in the consumer instead";
-    settle_original(message, &delivery.id, stored, why, after).await;
+    settle_original(stream, message, &delivery.id, stored, why, after).await;
 }
 
 /// Publishes `message`'s payload to `subject` with `headers` and waits for the stream to
@@ -142,9 +144,34 @@ pub(super) async fn store_copy(
     ack.await.map(drop).map_err(|e| e.to_string())
 }
 
-/// Once its copy is `stored`, acks the original message; otherwise naks it for another try
-/// after `retry` (`why` says what failed).
+/// Deletes `message` from the stream once settled, if it is a deliverer's copy of a work item
+/// (parked, or moved to the serial lane: it carries the attempts header) whose own copy or
+/// final outcome supersedes it. The stream keeps everything for `--nats-max-age` (limits
+/// retention), so without this every park of a held or retried item, every few seconds, would
+/// leave one more copy of the whole event for a day: a held Webhook could fill the stream. The
+/// router's original work item stays (recover reads the event from it). Only acked messages
+/// are deleted; a copy a failed delete leaves behind ages out with the stream's limits.
+pub(super) async fn forget_copy(stream: &jetstream::stream::Stream, message: &jetstream::Message) {
+    let is_copy = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(ATTEMPTS_HEADER))
+        .is_some();
+    let Ok(info) = message.info() else {
+        return;
+    };
+    if !is_copy {
+        return;
+    }
+    if let Err(e) = stream.delete_message(info.stream_sequence).await {
+        tracing::debug!(sequence = info.stream_sequence, error = %e, "JetStream: a superseded copy of a work item could not be deleted; it ages out");
+    }
+}
+
+/// Once its copy is `stored`, acks the original message (and deletes it if it was itself a
+/// copy); otherwise naks it for another try after `retry` (`why` says what failed).
 pub(super) async fn settle_original(
+    stream: &jetstream::stream::Stream,
     message: &jetstream::Message,
     delivery_id: &str,
     stored: Result<(), String>,
@@ -152,14 +179,21 @@ pub(super) async fn settle_original(
     retry: Duration,
 ) {
     let result = match stored {
-        Ok(()) => message.ack().await,
+        Ok(()) => message.ack().await.map(|()| true),
         Err(e) => {
             tracing::warn!(delivery = %delivery_id, error = %e, "JetStream deliverer: {why}");
-            message.ack_with(AckKind::Nak(Some(retry))).await
+            message
+                .ack_with(AckKind::Nak(Some(retry)))
+                .await
+                .map(|()| false)
         }
     };
-    if let Err(e) = result {
-        tracing::warn!(delivery = %delivery_id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+    match result {
+        Ok(true) => forget_copy(stream, message).await,
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(delivery = %delivery_id, error = %e, "JetStream deliverer: could not settle a work item; it is redelivered");
+        }
     }
 }
 

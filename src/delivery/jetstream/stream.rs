@@ -268,6 +268,7 @@ mod tests {
             max_bytes: 1 << 30,
             max_messages: 1_000_000,
             max_ack_pending: 10_000,
+            max_bytes_per_namespace: 1 << 28,
         }
     }
 

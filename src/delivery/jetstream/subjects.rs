@@ -202,6 +202,8 @@ impl Subjects {
                 api(&format!("STREAM.UPDATE.{stream}")),
                 // A keyed repeat's stored content.
                 api(&format!("STREAM.MSG.GET.{stream}")),
+                // Superseded copies of parked work items.
+                api(&format!("STREAM.MSG.DELETE.{stream}")),
                 // The ephemeral ordered consumers of recover and search (no name), and the
                 // durable ones (name and filter).
                 api(&format!("CONSUMER.CREATE.{stream}")),

@@ -51,9 +51,13 @@ pub(super) async fn jetstream(
     let deadline = store_deadline(state);
     // Whichever replica routes these events must have seen at least the Webhooks this one has:
     // a Webhook its caller saw Ready here is never missed by a replica that lags.
-    let seen = state.routes.snapshot().seen(namespace);
+    let table = state.routes.snapshot();
+    let seen = table.seen(namespace);
     let mut messages = Vec::with_capacity(total);
+    // Each event is stored once, and once more as a work item per Webhook that takes its type.
+    let mut copies = Vec::with_capacity(total);
     for e in events {
+        copies.push(1 + table.lookup(namespace, e.event).count() as u64);
         let timestamp = e
             .timestamp
             .clone()
@@ -108,6 +112,23 @@ pub(super) async fn jetstream(
         .await
     {
         return Err(full(&format!("{why}; nothing of this request was stored")));
+    }
+    // And one namespace takes at most its share of it.
+    let share = messages
+        .iter()
+        .zip(&copies)
+        .map(|((_, _, _, m), copies)| {
+            (m.subject.len() + m.body.len() + header_bytes(&m.headers)) as u64 * copies
+        })
+        .sum();
+    if let Err(over) = bus.shares.take(namespace, share) {
+        let mut error = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "namespace_quota",
+            format!("{}; nothing of this request was stored", over.message),
+        );
+        error.retry_after = Some(over.retry_after.as_secs().clamp(1, 3600));
+        return Err(error);
     }
     let mut pending = Vec::with_capacity(total);
     for (id, key, content, message) in messages {

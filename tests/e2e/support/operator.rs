@@ -438,6 +438,11 @@ impl ModeOperator {
         }
     }
 
+    /// The nats-server of a jetstream-mode operator.
+    pub fn nats(&self) -> Option<&NatsServer> {
+        self._nats.as_ref()
+    }
+
     /// Posts `events` (shaped as the contract's events) in one request to namespace `ns`; they
     /// must be accepted.
     pub async fn post_events(&self, ns: &str, events: &[serde_json::Value]) -> serde_json::Value {

@@ -185,3 +185,16 @@ pub async fn grant(
         .await
         .unwrap();
 }
+
+/// Sets `spec.paused` of the Webhook `name`.
+pub async fn set_paused(client: &Client, ns: &str, name: &str, paused: bool) {
+    let webhooks: Api<hookrelay::crd::Webhook> = Api::namespaced(client.clone(), ns);
+    webhooks
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"paused": paused}})),
+        )
+        .await
+        .unwrap();
+}
