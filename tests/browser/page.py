@@ -197,7 +197,7 @@ def run(args, page, shots):
         page.get_by_role("button", name="Send a test delivery").click()
         forbidden = page.locator("#action-result [data-state=forbidden]")
         expect(forbidden).to_be_visible()
-        expect(forbidden).to_contain_text("may not update webhooks.hookrelay.dev")
+        expect(forbidden).to_contain_text("may not test webhooks.hookrelay.dev")
         page.screenshot(path=str(shots / "forbidden.png"), full_page=True)
         axe_scan(page, "forbidden state")
 
