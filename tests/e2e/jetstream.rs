@@ -178,6 +178,23 @@ async fn a_jetstream_delivery_is_retried_through_the_stream_with_one_delivery_id
     op.stop().await;
 }
 
+/// A JetStream operator watching `ns` with `--nats-max-ack-pending 20` (few held items in hand:
+/// the rest are parked), and a counting Webhook `paused` there, paused.
+async fn held_webhook(
+    cp: &crate::support::ControlPlane,
+    client: &kube::Client,
+    ns: &str,
+) -> (ModeOperator, CountingReceiver) {
+    let op = ModeOperator::start(cp, IngestMode::JetStream, &[ns], |args| {
+        args.nats_max_ack_pending = 20;
+    })
+    .await;
+    let paused = counting_webhook(client, ns, "paused", SECRET).await;
+    set_paused(client, ns, "paused", true).await;
+    wait_ready_reason(client, ns, "paused", "False", "Paused").await;
+    (op, paused)
+}
+
 // Fairness: held deliveries are parked in the stream, not kept in the consumer's
 // pending, so a paused Webhook with more of them than max_ack_pending does not stop the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,14 +202,8 @@ async fn a_paused_webhook_holding_more_than_max_ack_pending_does_not_stop_the_ot
     let cp = control_plane();
     let ns = cp.namespace("js-held").await;
     let client = cp.client().await;
-    let op = ModeOperator::start(cp, IngestMode::JetStream, &[&ns], |args| {
-        args.nats_max_ack_pending = 20;
-    })
-    .await;
-    let paused = counting_webhook(&client, &ns, "paused", SECRET).await;
+    let (op, paused) = held_webhook(cp, &client, &ns).await;
     let webhooks: kube::Api<hookrelay::crd::Webhook> = kube::Api::namespaced(client.clone(), &ns);
-    set_paused(&client, &ns, "paused", true).await;
-    wait_ready_reason(&client, &ns, "paused", "False", "Paused").await;
     let live = counting_webhook(&client, &ns, "live", SECRET).await;
 
     // Every event goes to both: 50 held deliveries, more than twice max_ack_pending.
@@ -242,14 +253,7 @@ async fn a_held_webhooks_parked_copies_do_not_pile_up_in_the_stream() {
     let cp = control_plane();
     let ns = cp.namespace("js-copies").await;
     let client = cp.client().await;
-    // Few held items in hand (a share of max_ack_pending): the rest are parked.
-    let op = ModeOperator::start(cp, IngestMode::JetStream, &[&ns], |args| {
-        args.nats_max_ack_pending = 20;
-    })
-    .await;
-    let paused = counting_webhook(&client, &ns, "paused", SECRET).await;
-    set_paused(&client, &ns, "paused", true).await;
-    wait_ready_reason(&client, &ns, "paused", "False", "Paused").await;
+    let (op, paused) = held_webhook(cp, &client, &ns).await;
     const EVENTS: usize = 50;
     let events: Vec<Value> = (0..EVENTS)
         .map(|i| json!({"event": "document.completed", "data": {"document_id": i}}))
