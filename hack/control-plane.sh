@@ -4,6 +4,9 @@
 # The binaries are cached in a directory keyed by their versions, so a machine builds them once.
 #
 #   hack/control-plane.sh build                 build what is missing, print the bin directory
+#   hack/control-plane.sh build-node            also what a real one-node cluster adds: kubelet,
+#                                               kube-controller-manager, kube-scheduler,
+#                                               kube-proxy, CoreDNS and the sandbox's pause
 #   hack/control-plane.sh bindir                print the bin directory (no build)
 #   hack/control-plane.sh start DIR [OWNER_PID] start etcd + kube-apiserver on free loopback ports,
 #                                               write DIR/kubeconfig; with OWNER_PID, stop them
@@ -20,6 +23,7 @@ set -euo pipefail
 K8S_VERSION=${K8S_VERSION:-1.36.3}
 ETCD_VERSION=${ETCD_VERSION:-3.6.16}
 HELM_VERSION=${HELM_VERSION:-3.22.0}
+COREDNS_VERSION=${COREDNS_VERSION:-1.15.0}
 CACHE_ROOT=${HOOKRELAY_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hookrelay/tools}
 KEY="k8s-v${K8S_VERSION}_etcd-v${ETCD_VERSION}_helm-v${HELM_VERSION}"
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
@@ -29,7 +33,11 @@ SRC="$CACHE_ROOT/$KEY/src"
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 log() { printf '[control-plane] %s\n' "$*" >&2; }
 
-build_kubernetes() {
+# The control plane's commands, and those a real node adds, all from k8s.io/kubernetes.
+CONTROL_PLANE_CMDS="kube-apiserver kubectl"
+NODE_CMDS="kubelet kube-controller-manager kube-scheduler kube-proxy"
+
+build_kubernetes() { # build_kubernetes CMD...: builds those of k8s.io/kubernetes/cmd missing
   local dir="$SRC/kubernetes" minor=${K8S_VERSION#*.}
   minor=${minor%%.*}
   mkdir -p "$dir"
@@ -44,14 +52,18 @@ build_kubernetes() {
     sed -n 's|^\s*\(k8s.io/[^ ]*\) => ./staging/.*|\1|p' "$gomod" | while read -r m; do
       go mod edit -replace="$m=$m@v0.${K8S_VERSION#1.}"
     done
-    go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@v$K8S_VERSION" "k8s.io/kubernetes/cmd/kubectl@v$K8S_VERSION"
   fi
+  local cmd tools=()
+  for cmd in "$@"; do
+    grep -Eq "(^tool|[[:space:]])k8s.io/kubernetes/cmd/$cmd\$" go.mod || tools+=("k8s.io/kubernetes/cmd/$cmd@v$K8S_VERSION")
+  done
+  [ ${#tools[@]} -eq 0 ] || go get -tool "${tools[@]}"
   local ldf="" pkg
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ldf="$ldf -X $pkg.gitVersion=v$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ldf="$ldf -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
-  for cmd in kube-apiserver kubectl; do
+  for cmd in "$@"; do
     if [ ! -x "$BIN/$cmd" ]; then
       log "building $cmd v$K8S_VERSION"
       go build -p 2 -trimpath -ldflags "-s -w $ldf" -o "$BIN/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd"
@@ -71,6 +83,77 @@ build_etcd() {
   log "building etcd v$ETCD_VERSION"
   go build -p 2 -trimpath -ldflags "-s -w" -o "$BIN/etcd.tmp" go.etcd.io/etcd/server/v3
   mv "$BIN/etcd.tmp" "$BIN/etcd"
+}
+
+# CoreDNS, in a module of its own (it needs a newer client-go than the kube-apiserver's), with a
+# main that registers only the plugins a cluster's DNS uses, which keeps the cloud SDKs out.
+build_coredns() {
+  local dir="$SRC/coredns"
+  mkdir -p "$dir"
+  cd "$dir"
+  if [ ! -f go.mod ]; then
+    go mod init hookrelay.dev/coredns >/dev/null 2>&1
+    cat >main.go <<'GO'
+// CoreDNS with the plugins of a cluster's Corefile only.
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/forward"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/loadbalance"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+func init() {
+	// In CoreDNS's own order (core/dnsserver/zdirectives.go).
+	dnsserver.Directives = []string{
+		"health", "ready", "errors", "log", "loadbalance", "cache", "kubernetes", "forward",
+	}
+}
+
+func main() { coremain.Run() }
+GO
+    go get "github.com/coredns/coredns@v$COREDNS_VERSION"
+    go mod tidy
+  fi
+  # Named by its version: the bin directory's key names the Kubernetes, etcd and helm ones.
+  log "building coredns v$COREDNS_VERSION"
+  go build -p 2 -trimpath -ldflags "-s -w" -o "$BIN/coredns.tmp" .
+  mv "$BIN/coredns.tmp" "$BIN/coredns-v$COREDNS_VERSION"
+}
+
+# The sandbox ("pause") container's process: waits for SIGTERM, as a static binary.
+build_pause() {
+  local dir="$SRC/pause"
+  mkdir -p "$dir"
+  cd "$dir"
+  [ -f go.mod ] || go mod init hookrelay.dev/pause >/dev/null 2>&1
+  cat >main.go <<'GO'
+// The process of a Pod's sandbox: it holds the Pod's namespaces until it is told to stop.
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+	<-stop
+}
+GO
+  log "building pause"
+  go build -trimpath -ldflags "-s -w" -o "$BIN/pause.tmp" .
+  mv "$BIN/pause.tmp" "$BIN/pause"
 }
 
 build_helm() {
@@ -256,12 +339,21 @@ case "${1:-build}" in
     restart_part "${1%-apiserver}" kube-apiserver "${2:?usage: $0 $1 DIR}" ;;
   stop-etcd | start-etcd) restart_part "${1%-etcd}" etcd "${2:?usage: $0 $1 DIR}" ;;
   bindir) echo "$BIN" ;;
-  build)
+  build | build-node)
     mkdir -p "$BIN"
-    { [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kubectl" ]; } || build_kubernetes
+    cmds=$CONTROL_PLANE_CMDS
+    [ "$1" = build ] || cmds="$cmds $NODE_CMDS"
+    for cmd in $cmds; do
+      # shellcheck disable=SC2086 # a list of command names
+      [ -x "$BIN/$cmd" ] || { build_kubernetes $cmds; break; }
+    done
     [ -x "$BIN/etcd" ] || build_etcd
     [ -x "$BIN/helm" ] || build_helm
+    if [ "$1" = build-node ]; then
+      [ -x "$BIN/coredns-v$COREDNS_VERSION" ] || build_coredns
+      [ -x "$BIN/pause" ] || build_pause
+    fi
     echo "$BIN"
     ;;
-  *) echo "usage: $0 [build|bindir|start|stop|{stop,start}-{apiserver,etcd}|{pause,resume}-apiserver]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build|build-node|bindir|start|stop|{stop,start}-{apiserver,etcd}|{pause,resume}-apiserver]" >&2; exit 2 ;;
 esac
