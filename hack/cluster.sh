@@ -217,7 +217,7 @@ wait_up() { # wait_up NAME SECONDS COMMAND...: 0 up; dies with the log's tail ot
   shift 2
   pid=$(cat "$D/$name.pid")
   until "$@" >/dev/null 2>&1; do
-    kill -0 "$pid" 2>/dev/null || { tail -20 "$D/logs/$name.log" >&2; die "$name exited"; }
+    alive "$pid" || { tail -20 "$D/logs/$name.log" >&2; die "$name exited"; }
     [ $SECONDS -lt $deadline ] || { tail -20 "$D/logs/$name.log" >&2; die "timed out waiting for $name"; }
     sleep 0.1
   done
@@ -509,12 +509,18 @@ start() {
   log "cluster up in $(elapsed)s: kubeconfig $D/kubeconfig"
 }
 
+alive() { # alive PID: running, not a zombie (the servers' parent is init, which may reap late)
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+
 stop_one() { # stop_one NAME: SIGTERM, then SIGKILL after 5 s
   local pid
   [ -f "$D/$1.pid" ] || return 0
   pid=$(cat "$D/$1.pid")
   kill "$pid" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  for _ in $(seq 50); do alive "$pid" || break; sleep 0.05; done
   kill -9 "$pid" 2>/dev/null || true
   rm -f "$D/$1.pid"
 }
@@ -540,6 +546,7 @@ stop() {
   # The kubelet first, so that nothing restarts the Pods; then the Pods' containers, through
   # containerd, which tears down their network namespaces with the CNI plugins.
   stop_one kubelet
+  log "kubelet stopped"
   if [ -f "$D/containerd.pid" ] && [ -S "$RUN/containerd.sock" ]; then
     local t
     for t in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s SIGKILL "$t" >/dev/null 2>&1 || true; done
@@ -547,7 +554,11 @@ stop() {
     for t in $(ctr_ containers ls -q 2>/dev/null); do ctr_ containers delete "$t" >/dev/null 2>&1 || true; done
   fi
   local n
-  for n in kube-proxy containerd kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_one "$n"; done
+  log "containers removed"
+  for n in kube-proxy containerd kube-scheduler kube-controller-manager kube-apiserver etcd; do
+    stop_one "$n"
+    log "$n stopped"
+  done
   # Shims whose containerd is gone, and any process left in the kubelet's cgroups.
   local pid
   for pid in $(pgrep -f -- "-address $RUN/containerd.sock" || true); do kill -9 "$pid" 2>/dev/null || true; done
@@ -557,11 +568,14 @@ stop() {
   # of the kubelet, kube-proxy and the bridge plugin.
   for n in $(ip netns list 2>/dev/null | awk '$1 ~ /^cni-/ {print $1}'); do ip netns delete "$n" || true; done
   ip link delete "$BRIDGE" 2>/dev/null || true
-  local ipt
+  local ipt rules
   for ipt in iptables ip6tables; do
     command -v "$ipt-save" >/dev/null || continue
-    if "$ipt-save" | grep -q -e KUBE- -e CNI-; then
-      "$ipt-save" | grep -v -e KUBE- -e CNI- | "$ipt-restore"
+    # Every chain named KUBE-* or CNI-* and every rule that mentions one. (Not `save | grep -q`:
+    # with pipefail, grep's early exit fails the save.)
+    rules=$("$ipt-save")
+    if grep -q -e KUBE- -e CNI- <<<"$rules"; then
+      grep -v -e KUBE- -e CNI- <<<"$rules" | "$ipt-restore"
     fi
   done
   conntrack -D -s "$POD_CIDR" >/dev/null 2>&1 || true
@@ -570,7 +584,8 @@ stop() {
   for m in $(awk '{print $2}' /proc/self/mounts | grep -E "^($D|$RUN)/" | sort -r); do
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || log "could not unmount $m"
   done
-  rm -rf "${RUN:?}" "$D/containerd" "$D/kubelet" "$D/etcd" /var/lib/cni/results/"$CNI_NAME"-* 2>/dev/null || true
+  rm -rf "${RUN:?}" "$D/containerd" "$D/kubelet" "$D/etcd" "$D/cni/ipam" /var/lib/cni/results/"$CNI_NAME"-* 2>/dev/null || true
+  rmdir /var/lib/cni/results /var/lib/cni 2>/dev/null || true
   if [ -f "$D/sysctl.saved" ]; then
     local k v
     while read -r k v; do sysctl -qw "$k=$v" 2>/dev/null || log "could not restore $k=$v"; done <"$D/sysctl.saved"
@@ -584,7 +599,7 @@ status() {
   local n pid
   for n in etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy; do
     pid=$(cat "$D/$n.pid" 2>/dev/null || true)
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then echo "$n: running ($pid)"; else echo "$n: not running"; fi
+    if [ -n "$pid" ] && alive "$pid"; then echo "$n: running ($pid)"; else echo "$n: not running"; fi
   done
   echo "lock: $(cat "$LOCK/dir" 2>/dev/null || echo none)"
   [ -f "$D/kubeconfig" ] && kc get nodes -o wide 2>&1 || true
