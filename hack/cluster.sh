@@ -28,6 +28,9 @@ LOCK=/run/hookrelay-cluster.lock
 RUN=/run/hookrelay-cluster # containerd's state and socket, runc's root: short paths
 NODE=hookrelay-node
 API_PORT=6443
+# The kube-apiserver's, the kubelet's (API, healthz), kube-proxy's (metrics, healthz), the
+# controller-manager's and the scheduler's.
+FIXED_PORTS="$API_PORT 10250 10248 10249 10256 10257 10259"
 SERVICE_CIDR=10.96.0.0/24
 KUBERNETES_IP=10.96.0.1 # the first IP of SERVICE_CIDR: the `kubernetes` Service
 DNS_IP=10.96.0.10
@@ -224,6 +227,15 @@ wait_up() { # wait_up NAME SECONDS COMMAND...: 0 up; dies with the log's tail ot
   log "$name up"
 }
 
+wait_for() { # wait_for SECONDS WHAT COMMAND...: until COMMAND succeeds, or die
+  local deadline=$((SECONDS + $1)) what=$2 out
+  shift 2
+  until out=$("$@" 2>&1); do
+    [ $SECONDS -lt $deadline ] || die "timed out waiting for $what: $out"
+    sleep 0.2
+  done
+}
+
 run() { # run NAME COMMAND...: in the background, logging to DIR/logs/NAME.log
   local name=$1
   shift
@@ -418,6 +430,10 @@ start() {
   fi
   echo "$D" >"$LOCK/dir"
   trap on_start_exit EXIT
+  local port
+  for port in $FIXED_PORTS; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then die "port $port is in use"; fi
+  done
   ensure_packages
   build_probe
   rm -rf "${D:?}/logs" "$D/pki" "$D/etcd"
@@ -454,7 +470,7 @@ start() {
   for b in pause coredns probe; do ctr_ images import "$tars/$b.tar" >/dev/null; done
   rm -rf "$tars"
   log "images imported"
-  wait_up etcd 60 curl -sf "http://127.0.0.1:$etcd_port/health"
+  wait_up etcd 60 curl -sf --max-time 2 "http://127.0.0.1:$etcd_port/health"
 
   local p=$D/pki
   run kube-apiserver "$BIN/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
@@ -467,7 +483,7 @@ start() {
     --kubelet-client-certificate "$p/apiserver-kubelet-client.crt" \
     --kubelet-client-key "$p/apiserver-kubelet-client.key" \
     --kubelet-preferred-address-types InternalIP,Hostname
-  wait_up kube-apiserver 120 curl -sf --cacert "$p/ca.crt" --cert "$p/admin.crt" --key "$p/admin.key" \
+  wait_up kube-apiserver 120 curl -sf --max-time 2 --cacert "$p/ca.crt" --cert "$p/admin.crt" --key "$p/admin.key" \
     "https://127.0.0.1:$API_PORT/readyz"
   run kube-controller-manager "$BIN/kube-controller-manager" --kubeconfig "$D/controller-manager.kubeconfig" \
     --authentication-kubeconfig "$D/controller-manager.kubeconfig" \
@@ -482,23 +498,21 @@ start() {
   run kubelet "$BIN/kubelet" --config "$D/kubelet-config.yaml" --kubeconfig "$D/kubelet.kubeconfig" \
     --root-dir "$D/kubelet" --cert-dir "$D/kubelet/pki" --hostname-override "$NODE" --node-ip "$host"
   run kube-proxy "$BIN/kube-proxy" --config "$D/kube-proxy-config.yaml"
-  wait_up kube-controller-manager 60 curl -sfk https://127.0.0.1:10257/healthz
-  wait_up kube-scheduler 60 curl -sfk https://127.0.0.1:10259/healthz
-  wait_up kubelet 60 curl -sf http://127.0.0.1:10248/healthz
-  wait_up kube-proxy 60 curl -sf http://127.0.0.1:10256/healthz
+  wait_up kube-controller-manager 60 curl -sfk --max-time 2 https://127.0.0.1:10257/healthz
+  wait_up kube-scheduler 60 curl -sfk --max-time 2 https://127.0.0.1:10259/healthz
+  wait_up kubelet 60 curl -sf --max-time 2 http://127.0.0.1:10248/healthz
+  wait_up kube-proxy 60 curl -sf --max-time 2 http://127.0.0.1:10256/healthz
 
   mv "$D/admin.kubeconfig.tmp" "$D/kubeconfig"
-  local deadline=$((SECONDS + 60))
-  until kc get node "$NODE" >/dev/null 2>&1 && kc -n kube-system get serviceaccount default >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || die "node $NODE or kube-system's default ServiceAccount did not appear"
-    sleep 0.2
-  done
+  wait_for 60 "node $NODE" kc get node "$NODE"
+  # The ServiceAccount admission refuses Pods until their namespace's "default" one exists.
+  wait_for 60 "kube-system's default ServiceAccount" kc -n kube-system get serviceaccount default
   coredns_manifest | kc apply -f - >/dev/null
   kc wait --for=condition=Ready "node/$NODE" --timeout=120s >/dev/null
   log "node Ready"
   kc -n kube-system rollout status deployment/coredns --timeout=120s >/dev/null
   log "CoreDNS Ready"
-  until kc -n default get serviceaccount default >/dev/null 2>&1; do sleep 0.2; done
+  wait_for 60 "the default ServiceAccount" kc -n default get serviceaccount default
   trap - EXIT
 
   if [ -n "$owner" ]; then
@@ -542,6 +556,10 @@ kill_cgroup_tree() { # kill_cgroup_tree DIR: SIGKILL every process in a cgroup t
 stop() {
   [ -d "$D" ] || die "no $D"
   D=$(cd "$D" && pwd)
+  local holder
+  holder=$(cat "$LOCK/dir" 2>/dev/null || true)
+  # The teardown is machine-wide (iptables, the bridge, cgroups): not for another DIR's cluster.
+  [ -z "$holder" ] || [ "$holder" = "$D" ] || die "the running cluster is $holder's, not $D's"
   rm -f "$D/kubeconfig" # the watchdog's cue
   # The kubelet first, so that nothing restarts the Pods; then the Pods' containers, through
   # containerd, which tears down their network namespaces with the CNI plugins.
@@ -581,9 +599,9 @@ stop() {
   conntrack -D -s "$POD_CIDR" >/dev/null 2>&1 || true
   # Mounts under the cluster's directories (the kubelet's volumes, containerd's rootfs and shm).
   local m
-  for m in $(awk '{print $2}' /proc/self/mounts | grep -E "^($D|$RUN)/" | sort -r); do
+  while read -r m; do
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || log "could not unmount $m"
-  done
+  done < <(awk -v d="$D/" -v r="$RUN/" 'index($2, d) == 1 || index($2, r) == 1 {print $2}' /proc/self/mounts | sort -r)
   rm -rf "${RUN:?}" "$D/containerd" "$D/kubelet" "$D/etcd" "$D/cni/ipam" /var/lib/cni/results/"$CNI_NAME"-* 2>/dev/null || true
   rmdir /var/lib/cni/results /var/lib/cni 2>/dev/null || true
   if [ -f "$D/sysctl.saved" ]; then
@@ -602,7 +620,7 @@ status() {
     if [ -n "$pid" ] && alive "$pid"; then echo "$n: running ($pid)"; else echo "$n: not running"; fi
   done
   echo "lock: $(cat "$LOCK/dir" 2>/dev/null || echo none)"
-  [ -f "$D/kubeconfig" ] && kc get nodes -o wide 2>&1 || true
+  if [ -f "$D/kubeconfig" ]; then kc get nodes -o wide 2>&1 || true; fi
 }
 
 case "${1:-}" in
