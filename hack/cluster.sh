@@ -320,6 +320,7 @@ clusterCIDR: $CLUSTER_CIDR
 clientConnection: {kubeconfig: $D/kube-proxy.kubeconfig}
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
+nodePortAddresses: [primary]
 conntrack: {maxPerCore: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 YAML
 }
@@ -430,6 +431,7 @@ start() {
   fi
   echo "$D" >"$LOCK/dir"
   trap on_start_exit EXIT
+  trap 'exit 130' INT TERM # so that the EXIT trap tears down an interrupted start too
   local port
   for port in $FIXED_PORTS; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then die "port $port is in use"; fi
@@ -513,7 +515,7 @@ start() {
   kc -n kube-system rollout status deployment/coredns --timeout=120s >/dev/null
   log "CoreDNS Ready"
   wait_for 60 "the default ServiceAccount" kc -n default get serviceaccount default
-  trap - EXIT
+  trap - EXIT INT TERM
 
   if [ -n "$owner" ]; then
     # A watchdog, so that a test process that dies without cleaning up leaves nothing behind.
