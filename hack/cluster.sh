@@ -15,7 +15,8 @@
 # ports (6443, the kubelet's and kube-proxy's): one per machine, held by a lock.
 # Local images: hookrelay.local/pause:1 (the sandbox), hookrelay.local/coredns:<version> and
 # hookrelay.local/probe:1, a static Go program: `probe serve [ADDR]` (HTTP, default :8080, answers
-# with its host name), `probe get URL`, `probe lookup NAME`. Use imagePullPolicy: Never.
+# with its host name), `probe get URL`, `probe api PATH` (GET from the API server with the Pod's
+# ServiceAccount token), `probe lookup NAME`. Use imagePullPolicy: Never.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -72,21 +73,24 @@ ensure_packages() {
 }
 
 # A static Go program for the tests' Pods (an HTTP server and a client), built once.
+# Built again when this source changes (the binary is named by its hash).
 build_probe() {
-  [ -x "$BIN/hookrelay-probe" ] && return 0
-  local dir="$SRC/probe"
+  local dir="$SRC/probe" hash
   mkdir -p "$dir"
   [ -f "$dir/go.mod" ] || (cd "$dir" && go mod init hookrelay.dev/probe >/dev/null 2>&1)
-  cat >"$dir/main.go" <<'GO'
-// probe serve [ADDR] | probe get URL | probe lookup NAME: a Pod's server and client in one binary.
+  cat >"$dir/main.go.new" <<'GO'
+// probe serve [ADDR] | get URL | api PATH | lookup NAME: a Pod's server and client in one binary.
 package main
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"time"
 )
 
@@ -114,6 +118,34 @@ func main() {
 		if resp.StatusCode >= 400 {
 			os.Exit(1)
 		}
+	case "api":
+		// GET the API server's PATH through the `kubernetes` Service with the Pod's own token.
+		sa := "/var/run/secrets/kubernetes.io/serviceaccount/"
+		token, err := os.ReadFile(sa + "token")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		ca, err := os.ReadFile(sa + "ca.crt")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(ca)
+		c := http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+		req, _ := http.NewRequest("GET", "https://kubernetes.default.svc"+args[1], nil)
+		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
+		resp, err := c.Do(req)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		defer resp.Body.Close()
+		_, _ = io.Copy(os.Stdout, resp.Body)
+		if resp.StatusCode >= 400 {
+			os.Exit(1)
+		}
 	case "lookup":
 		addrs, err := net.LookupHost(args[1])
 		if err != nil {
@@ -124,14 +156,18 @@ func main() {
 			fmt.Println(a)
 		}
 	default:
-		fmt.Fprintln(os.Stderr, "usage: probe serve [ADDR] | get URL | lookup NAME")
+		fmt.Fprintln(os.Stderr, "usage: probe serve [ADDR] | get URL | api PATH | lookup NAME")
 		os.Exit(2)
 	}
 }
 GO
+  hash=$(sha256sum <"$dir/main.go.new" | cut -c1-12)
+  PROBE_BIN=$BIN/hookrelay-probe-$hash
+  [ ! -x "$PROBE_BIN" ] || return 0
+  mv "$dir/main.go.new" "$dir/main.go"
   log "building the probe"
-  (cd "$dir" && nice go build -trimpath -ldflags "-s -w" -o "$BIN/hookrelay-probe.tmp" .)
-  mv "$BIN/hookrelay-probe.tmp" "$BIN/hookrelay-probe"
+  (cd "$dir" && nice go build -trimpath -ldflags "-s -w" -o "$PROBE_BIN.tmp" .)
+  mv "$PROBE_BIN.tmp" "$PROBE_BIN"
 }
 
 # A single-layer `docker save`-style archive: manifest.json, the config and layer.tar.
@@ -468,7 +504,8 @@ start() {
   # The binary is named by its version in the cache: in the image it is /coredns.
   mkdir -p "$tars/coredns" && cp "$BIN/coredns-v$COREDNS_VERSION" "$tars/coredns/coredns"
   make_image "$tars/coredns.tar" "$COREDNS_IMAGE" "$tars/coredns/coredns"
-  make_image "$tars/probe.tar" "$PROBE_IMAGE" "$BIN/hookrelay-probe"
+  mkdir -p "$tars/probe" && cp "$PROBE_BIN" "$tars/probe/probe"
+  make_image "$tars/probe.tar" "$PROBE_IMAGE" "$tars/probe/probe"
   for b in pause coredns probe; do ctr_ images import "$tars/$b.tar" >/dev/null; done
   rm -rf "$tars"
   log "images imported"
