@@ -170,20 +170,8 @@ GO
   mv "$PROBE_BIN.tmp" "$PROBE_BIN"
 }
 
-# A single-layer `docker save`-style archive: manifest.json, the config and layer.tar.
 make_image() { # make_image TAR REF ENTRYPOINT_BINARY: the binary as /<its name>, the entrypoint
-  local out=$1 ref=$2 binary=$3 tmp name diff
-  tmp=$(mktemp -d)
-  name=$(basename "$binary")
-  mkdir -p "$tmp/root" "$tmp/img/layer"
-  cp "$binary" "$tmp/root/$name"
-  tar -C "$tmp/root" --owner=0 --group=0 --numeric-owner --mtime=@0 -cf "$tmp/img/layer/layer.tar" "$name"
-  diff=$(sha256sum "$tmp/img/layer/layer.tar" | cut -d' ' -f1)
-  printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/%s"],"Env":["PATH=/"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
-    "$name" "$diff" >"$tmp/img/config.json"
-  printf '[{"Config":"config.json","RepoTags":["%s"],"Layers":["layer/layer.tar"]}]' "$ref" >"$tmp/img/manifest.json"
-  tar -C "$tmp/img" -cf "$out" manifest.json config.json layer/layer.tar
-  rm -rf "$tmp"
+  "$HERE/image.sh" static "$2" "$3" "$1" >/dev/null 2>&1
 }
 
 host_ip() { # the address of the interface of the default route (no traffic is sent)

@@ -9,8 +9,8 @@
 #       ENTRYPOINT ["/hookrelay"], CMD ["run"]. The Dockerfile (distroless cc, nonroot) stays
 #       the way users build it; this is the same layout from this machine's own libraries.
 #   hack/image.sh static NAME:TAG BINARY OUT.tar [ARG...]
-#       one static binary as /BINARY's name, run as 65532 with ARGs (the sandbox's pause,
-#       CoreDNS, test servers).
+#       one static binary as /BINARY's name, its entrypoint, with ARGs, run as root (the test
+#       cluster's sandbox pause, CoreDNS on port 53, the probe).
 #
 # The tar is a single-layer `docker save` archive: manifest.json, the config, layer.tar.
 set -euo pipefail
@@ -102,7 +102,7 @@ static_image() {
   cp "$binary" "$root/$name"
   args=$(python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@")
   write_image "$ref" "$root" "$out" \
-    "{\"User\":\"65532:65532\",\"Entrypoint\":[\"/$name\"],\"Cmd\":$args}"
+    "{\"Entrypoint\":[\"/$name\"],\"Cmd\":$args,\"Env\":[\"PATH=/\"]}"
   rm -rf "$root"
 }
 
