@@ -59,7 +59,10 @@ kc() { "$BIN/kubectl" --kubeconfig "$D/kubeconfig" "$@"; }
 
 ensure_packages() {
   local p missing=() policy=/usr/sbin/policy-rc.d made=0
-  for p in $PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  # Installed, not merely known (a removed package keeps its configuration and a status).
+  for p in $PACKAGES; do
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
+  done
   [ ${#missing[@]} -gt 0 ] || return 0
   log "installing ${missing[*]}"
   # No packaged service may start: this script runs containerd with its own config.
