@@ -21,6 +21,8 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
+# shellcheck source=hack/lib/process.sh
+. "$HERE/lib/process.sh"
 COREDNS_VERSION=${COREDNS_VERSION:-1.15.0}
 BIN=$("$HERE/control-plane.sh" bindir)
 SRC="$(dirname "$BIN")/src"
@@ -551,12 +553,6 @@ start() {
       >/dev/null 2>&1 </dev/null &
   fi
   log "cluster up in $(elapsed)s: kubeconfig $D/kubeconfig"
-}
-
-alive() { # alive PID: running, not a zombie (the servers' parent is init, which may reap late)
-  local state
-  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
-  [ -n "$state" ] && [ "$state" != Z ]
 }
 
 stop_one() { # stop_one NAME: SIGTERM, then SIGKILL after 5 s

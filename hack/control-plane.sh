@@ -31,6 +31,8 @@ BIN="$CACHE_ROOT/$KEY/bin"
 SRC="$CACHE_ROOT/$KEY/src"
 
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
+# shellcheck source=hack/lib/process.sh
+. "$(dirname "$SELF")/lib/process.sh"
 log() { printf '[control-plane] %s\n' "$*" >&2; }
 
 # The control plane's commands, and those a real node adds, all from k8s.io/kubernetes.
@@ -304,7 +306,7 @@ stop_one() { # stop_one DIR NAME: stop DIR/NAME.pid (a paused one too)
   pid=$(cat "$d/$f.pid")
   kill "$pid" 2>/dev/null || true
   kill -CONT "$pid" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  for _ in $(seq 50); do alive "$pid" || break; sleep 0.1; done
   kill -9 "$pid" 2>/dev/null || true
   rm -f "$d/$f.pid"
 }
