@@ -479,7 +479,17 @@ async fn full_flow(name: &str, nats: Option<&NatsServer>) {
             "yaml".into(),
         ]
     };
-    let events = kubectl(yaml("events")).await;
+    // Events are recorded beside the status, never waited on: under load they come a little
+    // after the flow.
+    let events = eventually(
+        "the Kubernetes Events of the flow",
+        Duration::from_secs(30),
+        || async {
+            let events = kubectl(yaml("events")).await;
+            events.contains("kind: Event").then_some(events)
+        },
+    )
+    .await;
     let webhooks_yaml = kubectl(yaml("webhooks")).await;
     let document_events = kubectl(yaml("documentevents")).await;
     let (_, metrics) = http_get(op.metrics_addr, "/metrics").await.unwrap();
