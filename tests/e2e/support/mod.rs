@@ -89,9 +89,13 @@ where
 
 /// A free loopback port (bound, then released) for a server a test starts.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Below the kernel's ephemeral range (32768 and up by default), as hack/control-plane.sh
+    // picks its ports: a port the kernel handed out and took back could be given to one of the
+    // tests' many outgoing connections before the server that was to listen on it binds it.
+    loop {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
