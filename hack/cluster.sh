@@ -113,56 +113,47 @@ func main() {
 		os.Exit(1)
 	case "get":
 		c := http.Client{Timeout: 10 * time.Second}
-		resp, err := c.Get(args[1])
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		defer resp.Body.Close()
-		_, _ = io.Copy(os.Stdout, resp.Body)
-		if resp.StatusCode >= 400 {
-			os.Exit(1)
-		}
+		show(c.Get(args[1]))
 	case "api":
 		// GET the API server's PATH through the `kubernetes` Service with the Pod's own token.
 		sa := "/var/run/secrets/kubernetes.io/serviceaccount/"
 		token, err := os.ReadFile(sa + "token")
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
+		check(err)
 		ca, err := os.ReadFile(sa + "ca.crt")
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
+		check(err)
 		pool := x509.NewCertPool()
 		pool.AppendCertsFromPEM(ca)
 		c := http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
 		req, _ := http.NewRequest("GET", "https://kubernetes.default.svc"+args[1], nil)
 		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
-		resp, err := c.Do(req)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		defer resp.Body.Close()
-		_, _ = io.Copy(os.Stdout, resp.Body)
-		if resp.StatusCode >= 400 {
-			os.Exit(1)
-		}
+		show(c.Do(req))
 	case "lookup":
 		addrs, err := net.LookupHost(args[1])
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
+		check(err)
 		for _, a := range addrs {
 			fmt.Println(a)
 		}
 	default:
 		fmt.Fprintln(os.Stderr, "usage: probe serve [ADDR] | get URL | api PATH | lookup NAME")
 		os.Exit(2)
+	}
+}
+
+// check exits 1 on err, saying it.
+func check(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}
+
+// show prints a response's body, and exits 1 on an error or a status of 400 and up.
+func show(resp *http.Response, err error) {
+	check(err)
+	defer resp.Body.Close()
+	_, _ = io.Copy(os.Stdout, resp.Body)
+	if resp.StatusCode >= 400 {
+		os.Exit(1)
 	}
 }
 GO
@@ -205,24 +196,8 @@ cert() { # cert NAME SUBJECT EXTENSIONS: pki/NAME.{key,crt} signed by pki/ca
 }
 
 kubeconfig() { # kubeconfig NAME: DIR/NAME.kubeconfig with pki/NAME's certificate
-  cat >"$D/$1.kubeconfig" <<KCFG
-apiVersion: v1
-kind: Config
-clusters:
-- name: hookrelay-cluster
-  cluster:
-    server: https://127.0.0.1:$API_PORT
-    certificate-authority-data: $(base64 -w0 <"$D/pki/ca.crt")
-users:
-- name: $1
-  user:
-    client-certificate-data: $(base64 -w0 <"$D/pki/$1.crt")
-    client-key-data: $(base64 -w0 <"$D/pki/$1.key")
-contexts:
-- name: hookrelay-cluster
-  context: {cluster: hookrelay-cluster, user: $1}
-current-context: hookrelay-cluster
-KCFG
+  write_kubeconfig "$D/$1.kubeconfig" hookrelay-cluster "https://127.0.0.1:$API_PORT" \
+    "$D/pki/ca.crt" "$D/pki/$1.crt" "$D/pki/$1.key"
 }
 
 make_pki() {

@@ -274,24 +274,8 @@ start() {
     [ $up -eq 2 ] && [ $attempt -lt 3 ] && continue
     tail -20 "$d/kube-apiserver.log" >&2; stop "$d"; exit 1
   done
-  cat >"$d/kubeconfig" <<KCFG
-apiVersion: v1
-kind: Config
-clusters:
-- name: hookrelay-test
-  cluster:
-    server: https://127.0.0.1:$api_port
-    certificate-authority-data: $(base64 -w0 <"$d/ca.crt")
-users:
-- name: admin
-  user:
-    client-certificate-data: $(base64 -w0 <"$d/admin.crt")
-    client-key-data: $(base64 -w0 <"$d/admin.key")
-contexts:
-- name: hookrelay-test
-  context: {cluster: hookrelay-test, user: admin}
-current-context: hookrelay-test
-KCFG
+  write_kubeconfig "$d/kubeconfig" hookrelay-test "https://127.0.0.1:$api_port" "$d/ca.crt" \
+    "$d/admin.crt" "$d/admin.key"
   if [ -n "$owner" ]; then
     # A watchdog, so that a test process that dies without cleaning up leaves nothing behind.
     setsid bash -c "while kill -0 $owner 2>/dev/null && [ -f '$d/kubeconfig' ]; do sleep 1; done; '$SELF' stop '$d'" \
