@@ -38,6 +38,22 @@ async fn subjects(nats: &NatsServer) -> std::collections::HashMap<String, usize>
         .unwrap()
 }
 
+/// A counting Webhook `w` in `ns`, then one event posted to the operator at `api`: it is taken
+/// (202) and delivered once.
+async fn delivers_one_event(
+    cp: &crate::support::ControlPlane,
+    ns: &str,
+    api: std::net::SocketAddr,
+) {
+    let receiver = counting_webhook(&cp.client().await, ns, "w", SECRET).await;
+    let (status, reply) = post_events(api, ns, None, EVENT).await;
+    assert_eq!(status, 202, "{reply}");
+    eventually("the delivery", Duration::from_secs(60), || async {
+        (receiver.counts() == (1, 1)).then_some(())
+    })
+    .await;
+}
+
 /// Whether the deliverer consumer has nothing pending, handed out or waiting to be redelivered.
 async fn deliverer_idle(nats: &NatsServer) -> bool {
     let client = async_nats::connect(nats.url.as_str()).await.unwrap();
@@ -745,14 +761,7 @@ async fn an_existing_stream_keeps_the_limits_its_operator_set() {
     );
 
     // And it works with it.
-    let client = cp.client().await;
-    let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
-    let (status, reply) = post_events(op.op.listen_addr, &ns, None, EVENT).await;
-    assert_eq!(status, 202, "{reply}");
-    eventually("the delivery", Duration::from_secs(60), || async {
-        (receiver.counts() == (1, 1)).then_some(())
-    })
-    .await;
+    delivers_one_event(cp, &ns, op.op.listen_addr).await;
     op.stop().await;
 
     // A second start finds nothing to change.
@@ -816,14 +825,7 @@ async fn a_stream_named_otherwise_moves_to_subjects_under_its_own_name() {
         let info = consumer.info().await.unwrap();
         assert_eq!(info.config.filter_subject, filter, "{name}");
     }
-    let client = cp.client().await;
-    let receiver = counting_webhook(&client, &ns, "w", SECRET).await;
-    let (status, reply) = post_events(op.op.listen_addr, &ns, None, EVENT).await;
-    assert_eq!(status, 202, "{reply}");
-    eventually("the delivery", Duration::from_secs(60), || async {
-        (receiver.counts() == (1, 1)).then_some(())
-    })
-    .await;
+    delivers_one_event(cp, &ns, op.op.listen_addr).await;
     let stored: std::collections::HashMap<String, usize> = stream
         .info_with_subjects(">")
         .await
