@@ -15,8 +15,12 @@
 # ports (6443, the kubelet's and kube-proxy's): one per machine, held by a lock.
 # Local images: hookrelay.local/pause:1 (the sandbox), hookrelay.local/coredns:<version> and
 # hookrelay.local/probe:1, a static Go program: `probe serve [ADDR]` (HTTP, default :8080, answers
-# with its host name), `probe get URL`, `probe api PATH` (GET from the API server with the Pod's
-# ServiceAccount token), `probe lookup NAME`. Use imagePullPolicy: Never.
+# with its host name), `probe receive ADDR SECRET [CERT KEY]` (a webhook receiver that checks
+# X-Webhook-Signature and prints one line per delivery), `probe get URL`, `probe post URL
+# TOKEN_FILE BODY` (prints the status and the reply), `probe api PATH` (GET from the API server
+# with the Pod's ServiceAccount token), `probe lookup NAME`. Use imagePullPolicy: Never.
+#
+#   hack/cluster.sh load DIR IMAGE.tar...   import image tarballs (hack/image.sh) into the node
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -84,18 +88,24 @@ build_probe() {
   mkdir -p "$dir"
   [ -f "$dir/go.mod" ] || (cd "$dir" && go mod init hookrelay.dev/probe >/dev/null 2>&1)
   cat >"$dir/main.go.new" <<'GO'
-// probe serve [ADDR] | get URL | api PATH | lookup NAME: a Pod's server and client in one binary.
+// probe serve [ADDR] | receive ADDR SECRET [CERT KEY] | get URL | post URL TOKEN_FILE BODY |
+// api PATH | lookup NAME: a Pod's servers and clients in one binary.
 package main
 
 import (
+	"bytes"
+	"crypto/hmac"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -111,6 +121,59 @@ func main() {
 		http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintf(w, "hello from %s\n", host) })
 		fmt.Fprintln(os.Stderr, http.ListenAndServe(addr, nil))
 		os.Exit(1)
+	case "receive":
+		// A webhook receiver: verifies X-Webhook-Signature (lowercase hex HMAC-SHA256 of the raw
+		// body keyed by SECRET) and prints one line per request, "delivery <X-Webhook-Delivery>
+		// <body>" (answered 200) or "refused <reason>" (answered 401); https with CERT and KEY.
+		if len(args) < 4 {
+			usage()
+		}
+		secret := []byte(args[2])
+		var out sync.Mutex
+		http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+			body, err := io.ReadAll(r.Body)
+			mac := hmac.New(sha256.New, secret)
+			mac.Write(body)
+			want := hex.EncodeToString(mac.Sum(nil))
+			got := r.Header.Get("X-Webhook-Signature")
+			out.Lock()
+			defer out.Unlock()
+			switch {
+			case err != nil:
+				fmt.Printf("refused unreadable body: %v\n", err)
+				w.WriteHeader(http.StatusBadRequest)
+			case !hmac.Equal([]byte(want), []byte(got)):
+				fmt.Printf("refused bad signature %q on %s\n", got, r.Header.Get("X-Webhook-Delivery"))
+				w.WriteHeader(http.StatusUnauthorized)
+			default:
+				fmt.Printf("delivery %s %s\n", r.Header.Get("X-Webhook-Delivery"), bytes.TrimSpace(body))
+			}
+		})
+		if len(args) > 5 {
+			fmt.Fprintln(os.Stderr, http.ListenAndServeTLS(args[1], args[3], args[4], nil))
+		} else {
+			fmt.Fprintln(os.Stderr, http.ListenAndServe(args[1], nil))
+		}
+		os.Exit(1)
+	case "post":
+		// POST BODY (JSON) to URL with the bearer token read from TOKEN_FILE (a projected
+		// ServiceAccount token), and print "status <code> <response body>" whatever the code.
+		if len(args) < 5 {
+			usage()
+		}
+		token, err := os.ReadFile(args[2])
+		check(err)
+		req, err := http.NewRequest("POST", args[1], strings.NewReader(args[3]))
+		check(err)
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
+		c := http.Client{Timeout: 10 * time.Second}
+		resp, err := c.Do(req)
+		check(err)
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		check(err)
+		fmt.Printf("status %d %s\n", resp.StatusCode, bytes.TrimSpace(body))
 	case "get":
 		c := http.Client{Timeout: 10 * time.Second}
 		show(c.Get(args[1]))
@@ -134,9 +197,13 @@ func main() {
 			fmt.Println(a)
 		}
 	default:
-		fmt.Fprintln(os.Stderr, "usage: probe serve [ADDR] | get URL | api PATH | lookup NAME")
-		os.Exit(2)
+		usage()
 	}
+}
+
+func usage() {
+	fmt.Fprintln(os.Stderr, "usage: probe serve [ADDR] | receive ADDR SECRET [CERT KEY] | get URL | post URL TOKEN_FILE BODY | api PATH | lookup NAME")
+	os.Exit(2)
 }
 
 // check exits 1 on err, saying it.
@@ -430,9 +497,18 @@ start() {
   done
   mkdir -p "$D"
   D=$(cd "$D" && pwd)
-  if ! mkdir "$LOCK" 2>/dev/null; then
-    die "a cluster is running (or was not stopped) in $(cat "$LOCK/dir" 2>/dev/null || echo '?'): hack/cluster.sh stop that DIR first"
-  fi
+  local waited=0
+  until mkdir "$LOCK" 2>/dev/null; do
+    local other
+    other=$(cat "$LOCK/dir" 2>/dev/null || echo '?')
+    # A cluster whose kubeconfig is gone is being stopped (by its watchdog, say): wait for it.
+    if [ -f "$other/kubeconfig" ] || [ $waited -ge 60 ]; then
+      die "a cluster is running (or was not stopped) in $other: hack/cluster.sh stop that DIR first"
+    fi
+    [ $waited -gt 0 ] || log "waiting for the cluster in $other to stop"
+    sleep 0.5
+    waited=$((waited + 1))
+  done
   echo "$D" >"$LOCK/dir"
   trap on_start_exit EXIT
   trap 'exit 130' INT TERM # so that the EXIT trap tears down an interrupted start too
@@ -614,6 +690,12 @@ stop() {
   log "stopped"
 }
 
+load() { # load IMAGE.tar...: into the running cluster's containerd, for imagePullPolicy: Never
+  [ -f "$D/kubeconfig" ] || die "no cluster runs in $D"
+  local tar
+  for tar in "$@"; do ctr_ images import "$tar" >/dev/null; done
+}
+
 status() {
   local n pid
   for n in etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy; do
@@ -628,5 +710,6 @@ case "${1:-}" in
   start) D=${2:?usage: $0 start DIR [OWNER_PID]}; start "${3:-}" ;;
   stop) D=${2:?usage: $0 stop DIR}; stop ;;
   status) D=${2:?usage: $0 status DIR}; status ;;
-  *) echo "usage: $0 start DIR [OWNER_PID] | stop DIR | status DIR" >&2; exit 2 ;;
+  load) D=${2:?usage: $0 load DIR IMAGE.tar...}; shift 2; load "$@" ;;
+  *) echo "usage: $0 start DIR [OWNER_PID] | stop DIR | status DIR | load DIR IMAGE.tar..." >&2; exit 2 ;;
 esac

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, lints, unit tests, and the end-to-end tests against a real
-# kube-apiserver + etcd (built once per machine by hack/control-plane.sh, then cached).
+# Runs every test: formatting, lints, unit tests, the end-to-end tests against a real
+# kube-apiserver + etcd, and the cluster tests on a real one-node cluster (kubelet, containerd,
+# kube-proxy, CoreDNS; needs root) with hookrelay's image made from the release binary. The Go
+# binaries are built once per machine by hack/control-plane.sh and cached by version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "control plane binaries"
-BIN=$(hack/control-plane.sh build)
+step "control plane and node binaries"
+BIN=$(hack/control-plane.sh build-node)
 export PATH="$BIN:$PATH"
 
 step "nats-server (JetStream, for --ingest-mode jetstream)"
@@ -44,5 +46,5 @@ echo "kube-apiserver /version: $(kubectl --kubeconfig "$RUN_DIR/kubeconfig" get 
 echo "etcd: $("$BIN/etcd" --version | head -1)"
 echo "kubectl: $(kubectl version --client | head -1)  helm: $(helm version --short)"
 
-step "cargo test"
+step "cargo test (the cluster tests start and stop their own one-node cluster)"
 HOOKRELAY_TEST_KUBECONFIG="$RUN_DIR/kubeconfig" cargo test --locked -- --nocapture

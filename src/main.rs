@@ -29,6 +29,16 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// GET each URL (http only) and exit non-zero unless every answer is 2xx: the chart's
+    /// `helm test`, and a health check for the image, which has no shell or curl.
+    Check {
+        /// Such as http://hookrelay.hookrelay.svc:9090/readyz.
+        #[arg(required = true, value_name = "URL")]
+        urls: Vec<String>,
+        /// How long each request may take, in seconds.
+        #[arg(long, default_value_t = 5)]
+        timeout_seconds: u64,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -76,7 +86,46 @@ fn main() -> anyhow::Result<()> {
             println!("hookrelay {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Check {
+            urls,
+            timeout_seconds,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(check(urls, std::time::Duration::from_secs(timeout_seconds)))
+        }
     }
+}
+
+/// `hookrelay check`: one line per URL, and an error naming the ones that failed.
+async fn check(urls: Vec<String>, timeout: std::time::Duration) -> anyhow::Result<()> {
+    // The TLS stack wants a provider even for http.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let mut failed = Vec::new();
+    for url in urls {
+        match client.get(&url).send().await {
+            Ok(reply) if reply.status().is_success() => println!("{url}: {}", reply.status()),
+            Ok(reply) => {
+                println!("{url}: {}", reply.status());
+                failed.push(url);
+            }
+            Err(e) => {
+                println!("{url}: {e}");
+                failed.push(url);
+            }
+        }
+    }
+    anyhow::ensure!(
+        failed.is_empty(),
+        "not answered with 2xx: {}",
+        failed.join(", ")
+    );
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

@@ -22,7 +22,7 @@ use kube::Api;
 use serde_json::{Value, json};
 
 use crate::support::{
-    ControlPlane, CountingReceiver, Kubectl, OperatorArgs, api_call, control_plane, create_event,
+    ControlPlane, CountingReceiver, OperatorArgs, api_call, control_plane, create_event,
     create_webhook, eventually, repo_root, wait_phase,
 };
 
@@ -68,33 +68,12 @@ fn private_control_plane() -> &'static ControlPlane {
 
 static PRIVATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn helm(cp: &ControlPlane, args: &[&str]) -> Kubectl {
-    tokio::process::Command::new(cp.bin.join("helm"))
-        .args(args)
-        .env("KUBECONFIG", &cp.kubeconfig)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("helm runs")
-        .into()
-}
-
-async fn helm_ok(cp: &ControlPlane, args: &[&str]) -> String {
-    let out = helm(cp, args).await;
-    assert!(
-        out.success,
-        "helm {args:?} failed: {}{}",
-        out.stdout, out.stderr
-    );
-    out.stdout
-}
-
 /// `helm template` of the chart as release `release` in `namespace`.
 async fn render(cp: &ControlPlane, release: &str, namespace: &str, extra: &[&str]) -> String {
     let chart = chart();
     let mut args = vec!["template", release, chart.as_str(), "-n", namespace];
     args.extend(extra);
-    helm_ok(cp, &args).await
+    cp.helm_ok(&args).await
 }
 
 /// The objects of a multi-document YAML stream (comment-only documents dropped).
@@ -249,7 +228,7 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
     for extra in [vec![], vec!["-f", all_on.as_str()]] {
         let mut args = vec!["lint", chart.as_str(), "--strict"];
         args.extend(&extra);
-        let out = helm(cp, &args).await;
+        let out = cp.helm(&args).await;
         assert!(
             out.success,
             "helm lint {extra:?}: {}{}",
@@ -287,7 +266,9 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
             "Service",
             "Deployment",
             "ValidatingAdmissionPolicy",
-            "ValidatingAdmissionPolicyBinding"
+            "ValidatingAdmissionPolicyBinding",
+            // `helm test`'s
+            "Pod"
         ],
         "{defaults}"
     );
@@ -511,11 +492,9 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
 #[tokio::test]
 async fn the_values_schema_refuses_a_wrong_type_and_an_unknown_key() {
     let cp = control_plane();
-    let wrong_type = helm(
-        cp,
-        &["template", "x", &chart(), "--set", "replicaCount=two"],
-    )
-    .await;
+    let wrong_type = cp
+        .helm(&["template", "x", &chart(), "--set", "replicaCount=two"])
+        .await;
     assert!(!wrong_type.success);
     assert!(
         wrong_type
@@ -524,11 +503,9 @@ async fn the_values_schema_refuses_a_wrong_type_and_an_unknown_key() {
         "{}",
         wrong_type.stderr
     );
-    let unknown = helm(
-        cp,
-        &["template", "x", &chart(), "--set", "config.maxInflight=5"],
-    )
-    .await;
+    let unknown = cp
+        .helm(&["template", "x", &chart(), "--set", "config.maxInflight=5"])
+        .await;
     assert!(!unknown.success);
     assert!(
         unknown
@@ -537,28 +514,24 @@ async fn the_values_schema_refuses_a_wrong_type_and_an_unknown_key() {
         "{}",
         unknown.stderr
     );
-    let not_an_enum = helm(
-        cp,
-        &["template", "x", &chart(), "--set", "config.ingestMode=fast"],
-    )
-    .await;
+    let not_an_enum = cp
+        .helm(&["template", "x", &chart(), "--set", "config.ingestMode=fast"])
+        .await;
     assert!(!not_an_enum.success);
     assert!(
         not_an_enum.stderr.contains("at '/config/ingestMode'"),
         "{}",
         not_an_enum.stderr
     );
-    let no_nats_url = helm(
-        cp,
-        &[
+    let no_nats_url = cp
+        .helm(&[
             "template",
             "x",
             &chart(),
             "--set",
             "config.ingestMode=jetstream",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert!(!no_nats_url.success);
     assert!(
         no_nats_url
@@ -698,7 +671,7 @@ async fn install_upgrade_and_uninstall_leave_only_the_crds() {
     let cp = control_plane();
     let ns = cp.namespace("chart-life").await;
     let release = "hookrelay-life";
-    helm_ok(cp, &["install", release, &chart(), "-n", &ns]).await;
+    cp.helm_ok(&["install", release, &chart(), "-n", &ns]).await;
     let args_of = |out: String| -> Vec<String> { serde_json::from_str(&out).unwrap() };
     let live_args = args_of(
         cp.kubectl_ok(
@@ -732,20 +705,17 @@ async fn install_upgrade_and_uninstall_leave_only_the_crds() {
         );
     }
 
-    helm_ok(
-        cp,
-        &[
-            "upgrade",
-            release,
-            &chart(),
-            "-n",
-            &ns,
-            "--set",
-            "config.maxInFlight=64",
-            "--set",
-            "replicaCount=2",
-        ],
-    )
+    cp.helm_ok(&[
+        "upgrade",
+        release,
+        &chart(),
+        "-n",
+        &ns,
+        "--set",
+        "config.maxInFlight=64",
+        "--set",
+        "replicaCount=2",
+    ])
     .await;
     let live = cp
         .kubectl_ok(
@@ -770,7 +740,7 @@ async fn install_upgrade_and_uninstall_leave_only_the_crds() {
         "{args:?}"
     );
 
-    helm_ok(cp, &["uninstall", release, "-n", &ns]).await;
+    cp.helm_ok(&["uninstall", release, "-n", &ns]).await;
     assert_eq!(
         release_objects(cp, release, &ns).await,
         Vec::<String>::new()
@@ -800,18 +770,15 @@ async fn watch_namespaces_mode_grants_only_the_listed_namespaces() {
     let listed = cp.namespace("chart-listed").await;
     let other = cp.namespace("chart-unlisted").await;
     let release = "hookrelay-scoped";
-    helm_ok(
-        cp,
-        &[
-            "install",
-            release,
-            &chart(),
-            "-n",
-            &ns,
-            "--set",
-            &format!("watchNamespaces={{{listed}}}"),
-        ],
-    )
+    cp.helm_ok(&[
+        "install",
+        release,
+        &chart(),
+        "-n",
+        &ns,
+        "--set",
+        &format!("watchNamespaces={{{listed}}}"),
+    ])
     .await;
     let token = cp
         .service_account_token_without_audience(&ns, release)
@@ -892,7 +859,7 @@ async fn watch_namespaces_mode_grants_only_the_listed_namespaces() {
         .await,
         "no"
     );
-    helm_ok(cp, &["uninstall", release, "-n", &ns]).await;
+    cp.helm_ok(&["uninstall", release, "-n", &ns]).await;
 }
 
 #[tokio::test]
@@ -902,7 +869,7 @@ async fn the_support_role_acts_on_deliveries_but_neither_changes_webhooks_nor_ro
     let team = cp.namespace("chart-roles-team").await;
     let other = cp.namespace("chart-roles-other").await;
     let release = "hookrelay-roles";
-    helm_ok(cp, &["install", release, &chart(), "-n", &ns]).await;
+    cp.helm_ok(&["install", release, &chart(), "-n", &ns]).await;
     let webhooks = "webhooks.hookrelay.dev";
 
     // Support, bound in `team` only.
@@ -1024,7 +991,7 @@ async fn the_support_role_acts_on_deliveries_but_neither_changes_webhooks_nor_ro
             "{verb} webhooks"
         );
     }
-    helm_ok(cp, &["uninstall", release, "-n", &ns]).await;
+    cp.helm_ok(&["uninstall", release, "-n", &ns]).await;
 }
 
 #[tokio::test]
@@ -1033,7 +1000,7 @@ async fn the_admission_policy_lets_the_operator_write_only_the_secrets_its_api_g
     let ns = cp.namespace("chart-policy").await;
     let team = cp.namespace("chart-policy-team").await;
     let release = "hookrelay-policy";
-    helm_ok(cp, &["install", release, &chart(), "-n", &ns]).await;
+    cp.helm_ok(&["install", release, &chart(), "-n", &ns]).await;
     let token = cp
         .service_account_token_without_audience(&ns, release)
         .await;
@@ -1229,7 +1196,7 @@ async fn the_admission_policy_lets_the_operator_write_only_the_secrets_its_api_g
         .kubectl_as(&bystander, &["delete", "secret", "database", "-n", &team])
         .await;
     assert!(out.success, "{}", out.stderr);
-    helm_ok(cp, &["uninstall", release, "-n", &ns]).await;
+    cp.helm_ok(&["uninstall", release, "-n", &ns]).await;
 }
 
 /// The Deployment's arguments that a local run can use: its own loopback addresses replace the
@@ -1249,7 +1216,8 @@ async fn the_operator_does_its_whole_job_with_the_charts_rbac_and_nothing_more()
     let cp = private_control_plane();
     apply_chart_crds(cp).await;
     let ns = cp.namespace("hookrelay").await;
-    helm_ok(cp, &["install", "hookrelay", &chart(), "-n", &ns]).await;
+    cp.helm_ok(&["install", "hookrelay", &chart(), "-n", &ns])
+        .await;
     let chart_args: Vec<String> = serde_json::from_str(
         &cp.kubectl_ok(
             &[
@@ -1565,7 +1533,7 @@ async fn the_operator_does_its_whole_job_with_the_charts_rbac_and_nothing_more()
 
     operator.child.start_kill().unwrap();
     operator.child.wait().await.unwrap();
-    helm_ok(cp, &["uninstall", "hookrelay", "-n", &ns]).await;
+    cp.helm_ok(&["uninstall", "hookrelay", "-n", &ns]).await;
 }
 
 /// The CRDs as they were before DocumentEvent targets gained `heldSince`.

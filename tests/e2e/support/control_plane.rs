@@ -122,6 +122,29 @@ impl ControlPlane {
         out.stdout
     }
 
+    /// Runs the real helm (built with the control plane) against this API server.
+    pub async fn helm(&self, args: &[&str]) -> Kubectl {
+        tokio::process::Command::new(self.bin.join("helm"))
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("helm runs")
+            .into()
+    }
+
+    /// Like `helm` but the command must succeed.
+    pub async fn helm_ok(&self, args: &[&str]) -> String {
+        let out = self.helm(args).await;
+        assert!(
+            out.success,
+            "helm {args:?} failed: {}{}",
+            out.stdout, out.stderr
+        );
+        out.stdout
+    }
+
     /// kubectl with another kubeconfig (a token's, say).
     pub async fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Kubectl {
         run_kubectl(self.bin.join("kubectl"), kubeconfig, args, None).await

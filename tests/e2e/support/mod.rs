@@ -47,8 +47,8 @@ pub use self::{
     process::rss_mib,
     receivers::{Blackhole, CountingReceiver, Received, Receiver, ReceiverKind},
     resources::{
-        counting_webhook, create_event, create_webhook, grant, grant_hookrelay, set_paused,
-        wait_phase, wait_ready, wait_ready_reason,
+        counting_webhook, create_event, create_webhook, create_webhook_to, grant, grant_hookrelay,
+        set_paused, wait_phase, wait_ready, wait_ready_reason,
     },
 };
 

@@ -52,7 +52,7 @@ impl NatsCerts {
 }
 
 /// The nats-server binary, built (or found cached) by `hack/nats.sh build`.
-fn nats_server_bin() -> PathBuf {
+pub fn nats_server_bin() -> PathBuf {
     let bin = std::process::Command::new(repo_root().join("hack/nats.sh"))
         .arg("build")
         .output()

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 /// Runs `cmd` to completion, panicking with its output unless it succeeds; returns its stdout.
-pub(super) fn run_ok(cmd: &mut Command) -> String {
+pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));

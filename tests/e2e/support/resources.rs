@@ -22,6 +22,19 @@ pub async fn create_webhook(
     secret: &str,
     delivery: serde_json::Value,
 ) {
+    let target = serde_json::json!({"url": url});
+    create_webhook_to(client, ns, name, target, secret, delivery).await
+}
+
+/// [`create_webhook`] with the spec's target given as `{"url": ...}` or `{"serviceRef": ...}`.
+pub async fn create_webhook_to(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    target: serde_json::Value,
+    secret: &str,
+    delivery: serde_json::Value,
+) {
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
     let s: k8s_openapi::api::core::v1::Secret = serde_json::from_value(
         // Labelled as a signing Secret: the operator reads no other.
@@ -30,9 +43,15 @@ pub async fn create_webhook(
     .unwrap();
     secrets.create(&PostParams::default(), &s).await.unwrap();
     let webhooks: Api<hookrelay::crd::Webhook> = Api::namespaced(client.clone(), ns);
+    let mut spec = serde_json::json!({
+        "events": ["*"], "secretRef": {"name": format!("{name}-secret")}, "delivery": delivery
+    });
+    for (field, value) in target.as_object().expect("a target object") {
+        spec[field] = value.clone();
+    }
     let w: hookrelay::crd::Webhook = serde_json::from_value(serde_json::json!({
         "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "metadata": {"name": name},
-        "spec": {"url": url, "events": ["*"], "secretRef": {"name": format!("{name}-secret")}, "delivery": delivery}
+        "spec": spec
     }))
     .unwrap();
     webhooks.create(&PostParams::default(), &w).await.unwrap();
