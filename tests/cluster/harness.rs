@@ -520,6 +520,11 @@ impl PodReceiver {
         }
     }
 
+    /// A CA that signed nothing any receiver serves.
+    pub fn unrelated_ca() -> String {
+        serving_certificate("unrelated.invalid").0
+    }
+
     /// The `serviceRef` of a Webhook delivering here.
     pub fn service_ref(&self) -> Value {
         let mut r = json!({"name": self.name, "port": "http", "path": "/hooks"});

@@ -3,7 +3,9 @@
 //!
 //! There is no kube-proxy here: the operator runs with the `--test-address-map` test seam
 //! mapping the test control plane's ClusterIP range (10.0.0.0/24) onto 127.0.0.1, applied after
-//! the egress decision; each Service's port is the loopback receiver's port.
+//! the egress decision; each Service's port is the loopback receiver's port. Deliveries to
+//! receiver Pods through real Services, over http and https, are the cluster tests'
+//! (tests/cluster/service_ref.rs); here are the Webhook's states and refusals.
 
 use std::{
     sync::{Arc, Mutex},
@@ -73,55 +75,6 @@ async fn create_webhook_with(client: &Client, ns: &str, name: &str, spec: Value)
     }))
     .unwrap();
     webhooks.create(&PostParams::default(), &w).await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_service_ref_webhook_delivers_to_its_service_in_every_ingest_mode() {
-    let cp = control_plane();
-    let client = cp.client().await;
-    for mode in INGEST_MODES {
-        let ns = cp.namespace("svc-deliver").await;
-        let receiver = Receiver::start(ReceiverKind::Python, STANDARD_SECRET, &[]).await;
-        let port = receiver.addr.port();
-        let cluster_ip = create_service(&client, &ns, "receiver", cluster_ip_service(port)).await;
-        assert!(cluster_ip.starts_with("10.0.0."), "{cluster_ip}");
-        let op = operator(cp, mode, &ns).await;
-        create_webhook_with(
-            &client,
-            &ns,
-            "to-service",
-            json!({"serviceRef": {"name": "receiver", "port": "http", "path": "/webhooks/file-conversion"}}),
-        )
-        .await;
-        let message = wait_ready_reason(&client, &ns, "to-service", "True", "Routed").await;
-        assert!(
-            message.contains(&format!(
-                "http://receiver.{ns}.svc:{port}/webhooks/file-conversion"
-            )),
-            "{message}"
-        );
-        // `kubectl get` shows the Service where a url Webhook shows its URL.
-        let table = cp
-            .kubectl_ok(&["get", "webhook", "to-service", "-n", &ns], None)
-            .await;
-        let header = table.lines().next().unwrap_or_default();
-        let row = table.lines().nth(1).unwrap_or_default();
-        let service_column = header.find("SERVICE").unwrap();
-        assert_eq!(
-            row.get(service_column..service_column + 8),
-            Some("receiver"),
-            "{table}"
-        );
-        op.post_event(&ns, "document.completed", json!({"document_id": 7}))
-            .await;
-        let got = receiver.wait_ok(1).await;
-        let r = &got[0];
-        assert!(r.hex_ok, "{mode:?}: {r:?}");
-        assert_eq!(r.standard_ok, Some(true), "{mode:?}: {r:?}");
-        assert_eq!(r.path, "/webhooks/file-conversion", "{mode:?}");
-        assert_eq!(r.event.as_deref(), Some("document.completed"), "{mode:?}");
-        op.op.stop().await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -587,141 +540,5 @@ async fn the_rest_api_takes_and_returns_service_ref_and_headers() {
     assert!(updated.get("service_ref").is_none(), "{updated}");
     // This operator allows no private range: the loopback url is refused.
     wait_ready_reason(&client, &ns, &id, "False", "EgressNotAllowed").await;
-    op.op.stop().await;
-}
-
-/// A CA (PEM) and a TLS acceptor whose certificate that CA issued for `host`.
-fn tls_for(host: &str) -> (String, tokio_rustls::TlsAcceptor) {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let issuer =
-        rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![host.to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![CertificateDer::from_pem_slice(cert.pem().as_bytes()).unwrap()],
-        PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
-    )
-    .unwrap();
-    (
-        issuer.pem(),
-        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-    )
-}
-
-/// An https receiver: records the head of each request it got over TLS and answers 200.
-async fn tls_receiver(
-    acceptor: tokio_rustls::TlsAcceptor,
-) -> (Arc<Mutex<Vec<String>>>, std::net::SocketAddr) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let heads: Arc<Mutex<Vec<String>>> = Arc::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let record = heads.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, record) = (acceptor.clone(), record.clone());
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                record
-                    .lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&buf).into_owned());
-                let _ = tls
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                    .await;
-                let _ = tls.shutdown().await;
-            });
-        }
-    });
-    (heads, addr)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ca_bundle_delivers_over_https_trusting_only_that_ca() {
-    let cp = control_plane();
-    let client = cp.client().await;
-    let ns = cp.namespace("svc-https").await;
-    let (ca, acceptor) = tls_for(&format!("secure.{ns}.svc"));
-    let (other_ca, _) = tls_for(&format!("secure.{ns}.svc"));
-    let (heads, addr) = tls_receiver(acceptor).await;
-    create_service(&client, &ns, "secure", cluster_ip_service(addr.port())).await;
-    // Without --allow-http: https is what a caBundle gives.
-    let op = ModeOperator::start(cp, IngestMode::Durable, &[&ns], |args| {
-        args.allow_http = false;
-        args.allow_cidrs = Vec::new();
-        args.test_address_map =
-            vec![("10.0.0.0/24".parse().unwrap(), "127.0.0.1".parse().unwrap())];
-    })
-    .await;
-    for (name, bundle) in [("trusted", &ca), ("untrusted", &other_ca)] {
-        create_webhook_with(
-            &client,
-            &ns,
-            name,
-            json!({
-                "serviceRef": {"name": "secure", "port": addr.port(), "path": format!("/{name}"), "caBundle": bundle},
-                "delivery": {"maxAttempts": 1}
-            }),
-        )
-        .await;
-        let message = wait_ready_reason(&client, &ns, name, "True", "Routed").await;
-        assert!(
-            message.contains(&format!("https://secure.{ns}.svc:{}/{name}", addr.port())),
-            "{message}"
-        );
-    }
-    op.post_event(&ns, "document.completed", json!({"document_id": 1}))
-        .await;
-    let head = eventually("an https delivery", WAIT, || async {
-        heads.lock().unwrap().first().cloned()
-    })
-    .await;
-    assert!(head.starts_with("POST /trusted HTTP/1.1"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains(&format!("host: secure.{ns}.svc:{}", addr.port())),
-        "{head}"
-    );
-    // The Webhook whose caBundle did not issue the certificate fails its attempt.
-    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
-    let error = eventually("the untrusted attempt recorded", WAIT, || async {
-        let w = webhooks.get("untrusted").await.ok()?;
-        w.status?.recent_deliveries.first()?.error.clone()
-    })
-    .await;
-    assert!(
-        error.to_ascii_lowercase().contains("certificate"),
-        "{error}"
-    );
-    assert!(
-        heads
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|h| !h.contains("/untrusted")),
-        "{:?}",
-        heads.lock().unwrap()
-    );
     op.op.stop().await;
 }
