@@ -26,6 +26,7 @@ pub mod operator;
 pub mod ports;
 #[cfg(test)]
 mod proptest_support;
+pub mod receiver;
 pub mod routing;
 pub mod status;
 pub mod telemetry;

@@ -29,6 +29,17 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Receive webhooks: check each delivery's signatures with the Webhook's secret and print
+    /// it as a JSON line, answering 200 when valid and 401 when not. For a first Webhook and for
+    /// looking at what a Webhook sends.
+    Receive {
+        /// Address to listen on (POST anywhere; GET /healthz for probes).
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen_addr: std::net::SocketAddr,
+        /// The Webhook's signing secret, as its Secret holds it (`whsec_...` or text).
+        #[arg(long, env = "HOOKRELAY_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: String,
+    },
     /// GET each URL (http only) and exit non-zero unless every answer is 2xx: the chart's
     /// `helm test`, and a health check for the image, which has no shell or curl.
     Check {
@@ -85,6 +96,22 @@ fn main() -> anyhow::Result<()> {
         Command::Version => {
             println!("hookrelay {}", env!("CARGO_PKG_VERSION"));
             Ok(())
+        }
+        Command::Receive {
+            listen_addr,
+            secret,
+        } => {
+            let signer = hookrelay::wire::Signer::new(secret.as_bytes(), None)
+                .map_err(|e| anyhow::anyhow!("--secret: {e}"))?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind(listen_addr).await?;
+                eprintln!("receiving on {listen_addr}: one JSON line per request");
+                let shutdown = CancellationToken::new();
+                tokio::spawn(shutdown_on_signal(shutdown.clone()));
+                hookrelay::receiver::serve(listener, signer, shutdown).await?;
+                Ok(())
+            })
         }
         Command::Check {
             urls,

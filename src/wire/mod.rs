@@ -11,4 +11,4 @@ mod signer;
 pub use headers::{CustomHeaders, custom_headers, is_reserved_header};
 pub use payload::{EventBody, timestamp_of};
 pub use service::ServiceTarget;
-pub use signer::{MIN_SECRET_BYTES, SecretError, Signatures, Signer};
+pub use signer::{MIN_SECRET_BYTES, SecretError, Signatures, Signer, Verified};

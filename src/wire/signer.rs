@@ -116,12 +116,64 @@ impl Signer {
     }
 }
 
-fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+/// What a receiver finds when it checks an attempt's signature headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// `X-Webhook-Signature` is the body's HMAC under the secret's text.
+    pub hex: bool,
+    /// `webhook-signature` holds a valid `v1` signature under the decoded `whsec_` key; None
+    /// when the attempt carries none.
+    pub standard: Option<bool>,
+}
+
+impl Verified {
+    /// Every signature the attempt carries is valid.
+    pub fn ok(&self) -> bool {
+        self.hex && self.standard != Some(false)
+    }
+}
+
+impl Signer {
+    /// Checks an attempt as a receiver holding this secret would, in constant time: `hex` is
+    /// the `X-Webhook-Signature` header, `standard` the `webhook-signature` one (space-separated
+    /// `v1,<base64>` entries, one of which must match) with the `webhook-id` and
+    /// `webhook-timestamp` it signs. Every key of the signer (the previous one too) is tried.
+    pub fn verify(
+        &self,
+        body: &[u8],
+        hex: Option<&str>,
+        standard: Option<(&str, &str, &str)>,
+    ) -> Verified {
+        let keys = || std::iter::once(&self.current).chain(self.previous.as_ref());
+        let hex = hex
+            .and_then(|h| hex::decode(h).ok())
+            .is_some_and(|sig| keys().any(|k| mac(&k.raw, &[body]).verify_slice(&sig).is_ok()));
+        let standard = standard.map(|(header, id, timestamp)| {
+            let signed = [id.as_bytes(), b".", timestamp.as_bytes(), b".", body];
+            header
+                .split_whitespace()
+                .filter_map(|entry| entry.strip_prefix("v1,"))
+                .filter_map(|b64| BASE64.decode(b64).ok())
+                .any(|sig| {
+                    keys()
+                        .filter_map(|k| k.standard.as_deref())
+                        .any(|key| mac(key, &signed).verify_slice(&sig).is_ok())
+                })
+        });
+        Verified { hex, standard }
+    }
+}
+
+fn mac(key: &[u8], parts: &[&[u8]]) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
     for part in parts {
         mac.update(part);
     }
-    mac.finalize().into_bytes().into()
+    mac
+}
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    mac(key, parts).finalize().into_bytes().into()
 }
 
 fn standard_mac(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> [u8; 32] {
@@ -132,6 +184,61 @@ fn standard_mac(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verify_accepts_what_sign_produced_and_refuses_a_changed_body_or_key() {
+        let secret = b"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let signer = Signer::new(secret, None).unwrap();
+        let sigs = signer.sign("msg_1", 1_700_000_000, BODY);
+        let standard = sigs.standard.as_deref().unwrap();
+        let good = signer.verify(
+            BODY,
+            Some(&sigs.hex),
+            Some((standard, "msg_1", "1700000000")),
+        );
+        assert_eq!(
+            good,
+            Verified {
+                hex: true,
+                standard: Some(true)
+            }
+        );
+        assert!(good.ok());
+        let changed = signer.verify(
+            b"{}",
+            Some(&sigs.hex),
+            Some((standard, "msg_1", "1700000000")),
+        );
+        assert_eq!(
+            changed,
+            Verified {
+                hex: false,
+                standard: Some(false)
+            }
+        );
+        // The standard signature covers the id and the timestamp too.
+        let replayed = signer.verify(
+            BODY,
+            Some(&sigs.hex),
+            Some((standard, "msg_2", "1700000000")),
+        );
+        assert_eq!(
+            replayed,
+            Verified {
+                hex: true,
+                standard: Some(false)
+            }
+        );
+        assert!(!replayed.ok());
+        let other = Signer::new(b"another-secret-of-enough-bytes", None).unwrap();
+        assert!(!other.verify(BODY, Some(&sigs.hex), None).ok());
+        // No signature, or one that is not hex, is not valid.
+        assert!(!signer.verify(BODY, None, None).ok());
+        assert!(!signer.verify(BODY, Some("zz"), None).ok());
+        // During a rotation the previous key's signatures still verify.
+        let rotated = Signer::new(b"the-new-secret-0123456789", Some(secret)).unwrap();
+        assert!(rotated.verify(BODY, Some(&sigs.hex), None).ok());
+    }
 
     const BODY: &[u8] = br#"{"event":"document.completed","timestamp":"2023-06-15T10:35:00Z","data":{"document_id":123}}"#;
 

@@ -24,6 +24,8 @@ pub const IMAGE: &str = "hookrelay.local/hookrelay";
 pub const TAG: &str = "test";
 /// The same image under another tag, for `helm upgrade` to a new image.
 pub const UPGRADE_TAG: &str = "upgrade";
+/// The chart's default `image.repository`.
+const PUBLISHED_IMAGE: &str = "ghcr.io/hookrelay/hookrelay";
 /// `hack/cluster.sh`'s probe: a webhook receiver and an HTTP client in one static binary.
 const PROBE_IMAGE: &str = "hookrelay.local/probe:1";
 const NATS_IMAGE: &str = "hookrelay.local/nats:1";
@@ -110,17 +112,38 @@ fn release_binary() -> PathBuf {
     binary
 }
 
+/// The chart's appVersion: its default image tag.
+fn chart_app_version() -> String {
+    let chart = std::fs::read_to_string(repo_root().join("charts/hookrelay/Chart.yaml")).unwrap();
+    chart
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .expect("an appVersion")
+        .trim()
+        .trim_matches('"')
+        .to_owned()
+}
+
 fn load_images(dir: &std::path::Path) {
     let images = dir.join("test-images");
     std::fs::create_dir_all(&images).unwrap();
     let binary = release_binary();
     let mut tars = Vec::new();
-    for tag in [TAG, UPGRADE_TAG] {
-        let tar = images.join(format!("hookrelay-{tag}.tar"));
+    // Also under the name the chart's defaults pull, for what runs as a user would write it.
+    let published = format!("{PUBLISHED_IMAGE}:{}", chart_app_version());
+    for (i, name) in [
+        format!("{IMAGE}:{TAG}"),
+        format!("{IMAGE}:{UPGRADE_TAG}"),
+        published,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let tar = images.join(format!("hookrelay-{i}.tar"));
         run_ok(
             Command::new(script("image.sh"))
                 .arg("hookrelay")
-                .arg(format!("{IMAGE}:{tag}"))
+                .arg(name)
                 .arg(&binary)
                 .arg(&tar),
         );
@@ -207,6 +230,13 @@ impl Namespaces {
             names.push(name);
         }
         Namespaces { names }
+    }
+
+    /// Namespaces something else made (a command under test), to be deleted the same way.
+    pub fn adopt(names: &[&str]) -> Namespaces {
+        Namespaces {
+            names: names.iter().map(|n| n.to_string()).collect(),
+        }
     }
 
     pub fn get(&self, i: usize) -> &str {

@@ -21,5 +21,6 @@ mod harness;
 
 mod handover;
 mod install;
+mod quick_start;
 mod service_ref;
 mod upgrade;

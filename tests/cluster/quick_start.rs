@@ -1,0 +1,105 @@
+//! The README's quick start, run command by command as it is written, on the cluster, with the
+//! image built here under the chart's default name: the receiver's log ends with a verified
+//! delivery of the event.
+
+use std::time::Duration;
+
+use crate::{
+    harness::{Namespaces, Release, cluster, one_at_a_time},
+    support::{eventually, repo_root},
+};
+
+/// The commands of the README's "Quick start on a cluster" block, in order.
+fn quick_start_commands() -> Vec<String> {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let section = readme
+        .split_once("\n## Quick start on a cluster\n")
+        .expect("a 'Quick start on a cluster' section")
+        .1;
+    let block = section
+        .split_once("```sh\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("a sh block in the quick start")
+        .0;
+    block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Runs `command` with bash from the repository's root, kubectl and helm of the cluster first
+/// on the PATH: (succeeded, stdout and stderr).
+async fn shell(command: &str) -> (bool, String) {
+    let path = format!(
+        "{}:{}",
+        cluster().bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = tokio::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", command])
+        .current_dir(repo_root())
+        .env("KUBECONFIG", &cluster().kubeconfig)
+        .env("PATH", path)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("bash runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn the_readme_quick_start_runs_as_written_and_ends_with_a_verified_delivery() {
+    let _one = one_at_a_time().await;
+    let commands = quick_start_commands();
+    assert!(commands.len() >= 8, "{commands:?}");
+    assert!(
+        commands[0].starts_with("helm install hookrelay"),
+        "{commands:?}"
+    );
+    // What the quick start makes, removed however the test ends.
+    let _made = (
+        Namespaces::adopt(&["hookrelay", "docs"]),
+        Release {
+            name: "hookrelay".into(),
+            namespace: "hookrelay".into(),
+        },
+    );
+    let (last, steps) = commands.split_last().expect("commands");
+    for command in steps {
+        let (ok, output) = shell(command).await;
+        assert!(ok, "{command}\n{output}");
+        eprintln!("$ {command}\n{output}");
+    }
+    assert!(
+        last.starts_with("kubectl logs"),
+        "the quick start ends with the receiver's log: {last}"
+    );
+    let line = eventually(
+        "the receiver's log to show a verified delivery",
+        Duration::from_secs(60),
+        || async {
+            let (ok, output) = shell(last).await;
+            output
+                .lines()
+                .find(|l| ok && l.contains(r#""verified":true"#))
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    eprintln!("$ {last}\n{line}");
+    let delivery: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(delivery["event"], "document.completed");
+    assert_eq!(delivery["webhook_signature"], true, "whsec_: both schemes");
+    assert_eq!(
+        delivery["body"]["data"]["filename"],
+        "important_document.pdf"
+    );
+    assert_eq!(delivery["path"], "/webhooks/documents");
+}
