@@ -21,6 +21,10 @@
 # with the Pod's ServiceAccount token), `probe lookup NAME`. Use imagePullPolicy: Never.
 #
 #   hack/cluster.sh load DIR IMAGE.tar...   import image tarballs (hack/image.sh) into the node
+#   hack/cluster.sh sysctls                 the values of the sysctls a cluster changes
+#   hack/cluster.sh leftovers               once a cluster stopped: anything it left (lock,
+#                                           iptables, bridge, netns, mounts, cgroups,
+#                                           processes); exits 1 if there is any
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -43,6 +47,7 @@ KUBERNETES_IP=10.96.0.1 # the first IP of SERVICE_CIDR: the `kubernetes` Service
 DNS_IP=10.96.0.10
 POD_CIDR=10.244.0.0/24
 CLUSTER_CIDR=10.244.0.0/16
+UNREACHABLE="$SERVICE_CIDR $CLUSTER_CIDR" # routed nowhere off the node (see start)
 BRIDGE=hookrelay0
 CNI_NAME=hookrelay
 PAUSE_IMAGE=hookrelay.local/pause:1
@@ -529,6 +534,11 @@ start() {
     [ -e "/proc/sys/${s//.//}" ] && echo "$s $(sysctl -n "$s")" >>"$D/sysctl.saved"
   done
   sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1
+  # Nothing addressed to the cluster's ranges may leave the machine. A packet to a ClusterIP that
+  # kube-proxy has not programmed yet (a Service a second old) would otherwise follow the default
+  # route out, and a kept-alive connection would stay there; unreachable, it fails at once and
+  # is retried once the rules exist. The bridge's own /24 is more specific than CLUSTER_CIDR.
+  for r in $UNREACHABLE; do ip route replace unreachable "$r"; done
   make_pki "$host"
   write_configs "$host"
   log "PKI and configs written"
@@ -663,6 +673,7 @@ stop() {
   # of the kubelet, kube-proxy and the bridge plugin.
   for n in $(ip netns list 2>/dev/null | awk '$1 ~ /^cni-/ {print $1}'); do ip netns delete "$n" || true; done
   ip link delete "$BRIDGE" 2>/dev/null || true
+  for n in $UNREACHABLE; do ip route del unreachable "$n" 2>/dev/null || true; done
   local ipt rules
   for ipt in iptables ip6tables; do
     command -v "$ipt-save" >/dev/null || continue
@@ -690,6 +701,44 @@ stop() {
   log "stopped"
 }
 
+sysctls() { # the values of what the cluster changes, one "name value" per line
+  local s
+  for s in $SYSCTLS; do
+    [ -e "/proc/sys/${s//.//}" ] && echo "$s $(sysctl -n "$s")"
+  done
+  return 0
+}
+
+leftovers() { # what a stopped cluster left behind; exits 1 if anything (waits for a stop first)
+  local found=0 waited=0 rules
+  while [ -d "$LOCK" ] && [ $waited -lt 60 ]; do sleep 0.5; waited=$((waited + 1)); done
+  [ ! -d "$LOCK" ] || { echo "lock: $LOCK ($(cat "$LOCK/dir" 2>/dev/null))"; found=1; }
+  rules=$(iptables-save 2>/dev/null || true)
+  if grep -q -e KUBE- -e CNI- <<<"$rules"; then
+    echo "iptables: $(grep -c -e KUBE- -e CNI- <<<"$rules") rules or chains named KUBE-* or CNI-*"
+    found=1
+  fi
+  if ip link show "$BRIDGE" >/dev/null 2>&1; then echo "bridge: $BRIDGE"; found=1; fi
+  local r
+  for r in $UNREACHABLE; do
+    if ip route show type unreachable | grep -q "^unreachable $r"; then echo "route: unreachable $r"; found=1; fi
+  done
+  if ip netns list 2>/dev/null | grep -q '^cni-'; then echo "network namespaces: $(ip netns list | grep -c '^cni-')"; found=1; fi
+  # Clusters live in DIRs named hookrelay-cluster* (the tests') and in $RUN.
+  local mounts
+  mounts=$(awk '$2 ~ /hookrelay-cluster/ {print $2}' /proc/self/mounts)
+  if [ -n "$mounts" ]; then echo "mounts: $(head -5 <<<"$mounts" | tr '\n' ' ')"; found=1; fi
+  local c
+  for c in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods*; do
+    [ ! -d "$c" ] || { echo "cgroup: $c"; found=1; }
+  done
+  if pgrep -f -- hookrelay-cluster >/dev/null; then
+    echo "processes: $(pgrep -a -f -- hookrelay-cluster | cut -c1-120 | tr '\n' ';')"
+    found=1
+  fi
+  return $found
+}
+
 load() { # load IMAGE.tar...: into the running cluster's containerd, for imagePullPolicy: Never
   [ -f "$D/kubeconfig" ] || die "no cluster runs in $D"
   local tar
@@ -711,5 +760,7 @@ case "${1:-}" in
   stop) D=${2:?usage: $0 stop DIR}; stop ;;
   status) D=${2:?usage: $0 status DIR}; status ;;
   load) D=${2:?usage: $0 load DIR IMAGE.tar...}; shift 2; load "$@" ;;
-  *) echo "usage: $0 start DIR [OWNER_PID] | stop DIR | status DIR | load DIR IMAGE.tar..." >&2; exit 2 ;;
+  sysctls) sysctls ;;
+  leftovers) leftovers ;;
+  *) echo "usage: $0 start DIR [OWNER_PID] | stop DIR | status DIR | load DIR IMAGE.tar... | sysctls | leftovers" >&2; exit 2 ;;
 esac

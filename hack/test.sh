@@ -47,4 +47,12 @@ echo "etcd: $("$BIN/etcd" --version | head -1)"
 echo "kubectl: $(kubectl version --client | head -1)  helm: $(helm version --short)"
 
 step "cargo test (the cluster tests start and stop their own one-node cluster)"
+SYSCTLS_BEFORE=$(hack/cluster.sh sysctls)
 HOOKRELAY_TEST_KUBECONFIG="$RUN_DIR/kubeconfig" cargo test --locked -- --nocapture
+
+step "the one-node cluster left nothing behind"
+hack/cluster.sh leftovers
+if [ "$(hack/cluster.sh sysctls)" != "$SYSCTLS_BEFORE" ]; then
+  echo "sysctls changed:"; diff <(echo "$SYSCTLS_BEFORE") <(hack/cluster.sh sysctls); exit 1
+fi
+echo "nothing: no lock, iptables rules, bridge, network namespace, mount, cgroup or process; sysctls as before"

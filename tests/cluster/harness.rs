@@ -813,21 +813,29 @@ pub async fn what_the_operator_saw() -> String {
     let webhooks = cluster()
         .kubectl(&["get", "webhooks", "-A", "-o", columns], None)
         .await;
-    let logs = cluster()
+    let pods = cluster()
         .kubectl(
             &[
-                "logs",
+                "get",
+                "pods",
                 "-A",
                 "-l",
-                "app.kubernetes.io/name=hookrelay",
-                "--tail=30",
-                "--prefix",
+                "app.kubernetes.io/name=hookrelay,app.kubernetes.io/component!=test",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.namespace} {.metadata.name}{\"\\n\"}{end}",
             ],
             None,
         )
         .await;
+    let mut logs = String::new();
+    for (namespace, pod) in pods.stdout.lines().filter_map(|l| l.split_once(' ')) {
+        let log = cluster()
+            .kubectl(&["logs", "-n", namespace, pod, "--tail=30"], None)
+            .await;
+        logs += &format!("--- {namespace}/{pod}\n{}{}", log.stdout, log.stderr);
+    }
     format!(
-        "Webhooks:\n{}{}\noperator logs:\n{}{}",
-        webhooks.stdout, webhooks.stderr, logs.stdout, logs.stderr
+        "Webhooks:\n{}{}\noperator logs:\n{logs}",
+        webhooks.stdout, webhooks.stderr
     )
 }
