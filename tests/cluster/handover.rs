@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use serde_json::json;
 
 use crate::{
     harness::{
-        LeaseWatch, Namespaces, PodReceiver, Release, Tally, cluster, one_at_a_time, steady_load,
+        LeaseWatch, Namespaces, Release, Tally, cluster, one_at_a_time, receiving_webhook,
+        steady_load,
     },
-    support::{create_webhook_to, eventually},
+    support::eventually,
 };
 
 const SECRET: &str = "handover-signing-secret";
@@ -27,17 +27,14 @@ async fn deleting_the_leading_pod_mid_load_hands_over_the_lease_drains_in_grace_
     let _one = one_at_a_time().await;
     let ns = Namespaces::create(&["hookrelay-ha", "docs"]).await;
     let release = Release::install(ns.get(0), "hookrelay", &["replicaCount=2"]).await;
-    let receiver = PodReceiver::start(ns.get(1), "receiver", SECRET, true).await;
-    let target = json!({"serviceRef": receiver.service_ref()});
-    let client = cluster().client().await;
-    create_webhook_to(&client, ns.get(1), "all", target, SECRET, json!({})).await;
+    let receiver = receiving_webhook(ns.get(1), "all", SECRET).await;
     let first = eventually("a leader", Duration::from_secs(60), || release.leader()).await;
     let lease = LeaseWatch::start(&release);
 
     let load = steady_load(ns.get(1), EVENTS, PER_SECOND);
     // A third of the way in, with deliveries in flight.
     tokio::time::sleep(Duration::from_millis(EVENTS * 1000 / PER_SECOND / 3)).await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &release.namespace);
+    let pods: Api<Pod> = Api::namespaced(cluster().client().await, &release.namespace);
     let exits = watch_exit(pods.clone(), first.clone());
     let deleted = Instant::now();
     cluster()
@@ -76,12 +73,7 @@ async fn deleting_the_leading_pod_mid_load_hands_over_the_lease_drains_in_grace_
     );
     assert_eq!(tally.lost, 0, "{tally:?}");
     assert!(received.refused.is_empty(), "{:?}", received.refused);
-    let replacement: Vec<String> = release
-        .pods()
-        .await
-        .into_iter()
-        .filter_map(|p| p.metadata.name)
-        .collect();
+    let replacement = release.pod_names().await;
     assert!(replacement.contains(&second), "{second} in {replacement:?}");
     assert!(
         gone < GRACE - Duration::from_secs(5),

@@ -16,7 +16,9 @@ use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
 use kube::{Api, api::ListParams};
 use serde_json::{Value, json};
 
-use crate::support::{ControlPlane, eventually, nats::nats_server_bin, process::run_ok, repo_root};
+use crate::support::{
+    ControlPlane, create_webhook_to, eventually, nats::nats_server_bin, process::run_ok, repo_root,
+};
 
 /// hookrelay's image as the tests import it: the release binary in the Dockerfile's layout.
 pub const IMAGE: &str = "hookrelay.local/hookrelay";
@@ -322,6 +324,25 @@ impl Release {
         cluster().helm_ok(&args).await;
     }
 
+    /// `helm test` of the release (the chart's test Pod); whether it passed, and its output.
+    pub async fn helm_test(&self) -> crate::support::Kubectl {
+        let args = [
+            "test",
+            &self.name,
+            "-n",
+            &self.namespace,
+            "--timeout",
+            "90s",
+        ];
+        cluster().helm(&args).await
+    }
+
+    /// The names of [`Release::pods`].
+    pub async fn pod_names(&self) -> Vec<String> {
+        let pods = self.pods().await;
+        pods.into_iter().filter_map(|p| p.metadata.name).collect()
+    }
+
     /// `http://<service>.<namespace>.svc:<port>`: the API and ingest, or `-metrics`.
     pub fn url(&self, service_suffix: &str, port: u16) -> String {
         format!(
@@ -448,6 +469,30 @@ async fn run_once(
     log
 }
 
+/// Waits (up to 90 s) until Pod `name` is Ready.
+async fn wait_pod_ready(namespace: &str, name: &str) {
+    let pod = format!("pod/{name}");
+    let args = [
+        "wait",
+        "-n",
+        namespace,
+        "--for=condition=Ready",
+        &pod,
+        "--timeout=90s",
+    ];
+    cluster().kubectl_ok(&args, None).await;
+}
+
+/// A receiver Pod `<webhook>-hooks` over https (its CA in the `caBundle`, as the chart's defaults
+/// allow no plain http) and a Ready Webhook `webhook` for every event type delivering to it.
+pub async fn receiving_webhook(namespace: &str, webhook: &str, secret: &str) -> PodReceiver {
+    let receiver = PodReceiver::start(namespace, &format!("{webhook}-hooks"), secret, true).await;
+    let target = json!({"serviceRef": receiver.service_ref()});
+    let client = cluster().client().await;
+    create_webhook_to(&client, namespace, webhook, target, secret, json!({})).await;
+    receiver
+}
+
 /// A Pod's log.
 pub async fn logs(namespace: &str, pod: &str) -> String {
     cluster()
@@ -530,19 +575,7 @@ impl PodReceiver {
             }),
         )
         .await;
-        cluster()
-            .kubectl_ok(
-                &[
-                    "wait",
-                    "-n",
-                    namespace,
-                    "--for=condition=Ready",
-                    &format!("pod/{name}"),
-                    "--timeout=90s",
-                ],
-                None,
-            )
-            .await;
+        wait_pod_ready(namespace, name).await;
         PodReceiver {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
@@ -649,19 +682,7 @@ pub async fn start_nats(namespace: &str) -> String {
         }),
     )
     .await;
-    cluster()
-        .kubectl_ok(
-            &[
-                "wait",
-                "-n",
-                namespace,
-                "--for=condition=Ready",
-                "pod/nats",
-                "--timeout=90s",
-            ],
-            None,
-        )
-        .await;
+    wait_pod_ready(namespace, "nats").await;
     format!("nats://nats.{namespace}.svc:4222")
 }
 

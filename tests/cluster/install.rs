@@ -12,9 +12,9 @@ use serde_json::json;
 use crate::{
     harness::{
         IMAGE, Namespaces, PodReceiver, Release, TAG, cluster, get_from_pod, one_at_a_time,
-        post_from_pod, ready_column,
+        post_from_pod, ready_column, receiving_webhook,
     },
-    support::{create_webhook_to, grant_hookrelay},
+    support::grant_hookrelay,
 };
 
 #[tokio::test]
@@ -23,7 +23,8 @@ async fn a_durable_install_runs_restricted_pods_takes_events_from_pods_and_passe
     let ns = Namespaces::create(&["hookrelay", "docs"]).await;
     let release = Release::install(ns.get(0), "hookrelay", &[]).await;
     assert_runs_restricted(&release, 1).await;
-    let receiver = receiver_and_webhook(ns.get(1)).await;
+    let receiver = receiving_webhook(ns.get(1), "billing", SECRET).await;
+    assert_eq!(ready_column(ns.get(1), "billing").await, "True");
 
     let reply = ingest_from_pods(&release, ns.get(1), &receiver).await;
     // Durable: the reply names the DocumentEvent it stored.
@@ -36,16 +37,7 @@ async fn a_durable_install_runs_restricted_pods_takes_events_from_pods_and_passe
 
     page_and_metrics(&release, ns.get(1)).await;
 
-    let passed = cluster()
-        .helm(&[
-            "test",
-            &release.name,
-            "-n",
-            &release.namespace,
-            "--timeout",
-            "90s",
-        ])
-        .await;
+    let passed = release.helm_test().await;
     assert!(
         passed.success,
         "helm test: {}{}",
@@ -79,16 +71,7 @@ async fn a_durable_install_runs_restricted_pods_takes_events_from_pods_and_passe
             None,
         )
         .await;
-    let failed = cluster()
-        .helm(&[
-            "test",
-            &release.name,
-            "-n",
-            &release.namespace,
-            "--timeout",
-            "60s",
-        ])
-        .await;
+    let failed = release.helm_test().await;
     assert!(
         !failed.success,
         "helm test passes with no operator Pod: {}",
@@ -108,7 +91,8 @@ async fn a_jetstream_install_with_nats_in_the_cluster_takes_events_from_pods_and
     )
     .await;
     assert_runs_restricted(&release, 1).await;
-    let receiver = receiver_and_webhook(ns.get(1)).await;
+    let receiver = receiving_webhook(ns.get(1), "billing", SECRET).await;
+    assert_eq!(ready_column(ns.get(1), "billing").await, "True");
     let reply = ingest_from_pods(&release, ns.get(1), &receiver).await;
     assert_eq!(
         reply["accepted"], 1,
@@ -149,25 +133,7 @@ async fn assert_runs_restricted(release: &Release, replicas: usize) {
     }
 }
 
-const SECRET: &str = "quick-start-secret";
-
-/// A receiver Pod over https (its CA in the Webhook's `caBundle`, as the chart's defaults allow
-/// no plain http) and a Webhook `billing` to it, which `kubectl get wh` shows Ready.
-async fn receiver_and_webhook(namespace: &str) -> PodReceiver {
-    let receiver = PodReceiver::start(namespace, "billing-hooks", SECRET, true).await;
-    let target = json!({"serviceRef": receiver.service_ref()});
-    create_webhook_to(
-        &cluster().client().await,
-        namespace,
-        "billing",
-        target,
-        SECRET,
-        json!({}),
-    )
-    .await;
-    assert_eq!(ready_column(namespace, "billing").await, "True");
-    receiver
-}
+const SECRET: &str = "install-signing-secret";
 
 /// From Pods of `namespace`: one event posted with the token of a ServiceAccount that may create
 /// events there (202, then delivered, signed), one with a ServiceAccount without rights (403,

@@ -3,14 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use crate::{
     harness::{
-        IMAGE, LeaseWatch, Namespaces, PodReceiver, Release, Tally, UPGRADE_TAG, cluster,
-        one_at_a_time, steady_load,
+        IMAGE, LeaseWatch, Namespaces, Release, Tally, UPGRADE_TAG, one_at_a_time,
+        receiving_webhook, steady_load,
     },
-    support::{create_webhook_to, eventually},
+    support::eventually,
 };
 
 const SECRET: &str = "upgrade-signing-secret";
@@ -22,16 +20,8 @@ async fn helm_upgrade_to_a_new_image_and_values_under_load_loses_no_event() {
     let _one = one_at_a_time().await;
     let ns = Namespaces::create(&["hookrelay-up", "docs"]).await;
     let release = Release::install(ns.get(0), "hookrelay", &["replicaCount=2"]).await;
-    let receiver = PodReceiver::start(ns.get(1), "receiver", SECRET, true).await;
-    let target = json!({"serviceRef": receiver.service_ref()});
-    let client = cluster().client().await;
-    create_webhook_to(&client, ns.get(1), "all", target, SECRET, json!({})).await;
-    let before: Vec<String> = release
-        .pods()
-        .await
-        .into_iter()
-        .filter_map(|p| p.metadata.name)
-        .collect();
+    let receiver = receiving_webhook(ns.get(1), "all", SECRET).await;
+    let before = release.pod_names().await;
     eventually("a leader", Duration::from_secs(60), || release.leader()).await;
     let lease = LeaseWatch::start(&release);
 
