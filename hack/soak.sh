@@ -23,7 +23,7 @@ FAULTS=(faults_control_plane:: faults_receivers:: abuse:: crash:: leader::killin
   rate_limit_and_ordering::jetstream_ordering_holds_across)
 for round in $(seq "$ROUNDS"); do
   printf '\n==> round %s of %s\n' "$round" "$ROUNDS"
-  cargo test --locked --test e2e -- --nocapture "${FAULTS[@]}" 2>&1 |
+  cargo test --locked --features test-seams --test e2e -- --nocapture "${FAULTS[@]}" 2>&1 |
     tee target/soak-round.log | grep -E '^FIGURES|^test result|FAILED|panicked' || true
   grep -oE 'FIGURES.*' target/soak-round.log | sed "s/^/round=$round /" >>"$LOG"
   grep -q '^test result: ok' target/soak-round.log || { echo "round $round failed: target/soak-round.log" >&2; exit 1; }

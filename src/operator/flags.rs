@@ -258,13 +258,14 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
 
-    /// TEST SEAM, never for production (hidden from --help, and absent from release builds):
+    /// TEST SEAM, never for production (hidden from --help; only in builds with the cargo feature
+    /// `test-seams`, which the tests use and releases do not):
     /// FROM=TO pairs, FROM an IP address or CIDR range, TO an IP address; a delivery the egress
     /// policy allowed to an address FROM covers connects to TO instead (tests map a Service's
     /// ClusterIP onto a loopback receiver, as there is no kube-proxy there). The operator logs
     /// a warning at start while it is set.
-    #[cfg_attr(not(debug_assertions), arg(skip))]
-    #[cfg_attr(debug_assertions, arg(
+    #[cfg_attr(not(feature = "test-seams"), arg(skip))]
+    #[cfg_attr(feature = "test-seams", arg(
         long = "test-address-map",
         env = "HOOKRELAY_TEST_ADDRESS_MAP",
         value_delimiter = ',',
@@ -274,13 +275,14 @@ pub struct RunArgs {
     ))]
     pub test_address_map: Vec<(IpNet, std::net::IpAddr)>,
 
-    /// TEST SEAM, never for production (hidden from --help, and absent from release builds):
+    /// TEST SEAM, never for production (hidden from --help; only in builds with the cargo feature
+    /// `test-seams`, which the tests use and releases do not):
     /// NAME=IP pairs (repeatable, a name several times for several addresses); deliveries
     /// resolve NAME to IP instead of asking the system resolver, and the egress policy judges
     /// IP as any resolved address (tests make a name resolve to a blocked address at connect
     /// time, without DNS). The operator logs a warning at start while it is set.
-    #[cfg_attr(not(debug_assertions), arg(skip))]
-    #[cfg_attr(debug_assertions, arg(
+    #[cfg_attr(not(feature = "test-seams"), arg(skip))]
+    #[cfg_attr(feature = "test-seams", arg(
         long = "test-resolve",
         env = "HOOKRELAY_TEST_RESOLVE",
         value_delimiter = ',',

@@ -35,7 +35,7 @@ pub enum Error {
     )]
     CrdMissing { crd: String },
     #[error(
-        "{variable} is set, but it is a test seam and this is a release build, which has none: unset it"
+        "{variable} is set, but it is a test seam and this build has none (they exist only with the cargo feature test-seams): unset it"
     )]
     TestSeamInRelease { variable: &'static str },
     #[error("cannot reach the Kubernetes API: {0}")]
@@ -642,7 +642,7 @@ fn check_flags(args: &RunArgs) -> Result<(), Error> {
             lease: args.lease_duration,
         });
     }
-    if !cfg!(debug_assertions)
+    if !cfg!(feature = "test-seams")
         && let Some(variable) = TEST_SEAM_VARIABLES
             .into_iter()
             .find(|v| std::env::var_os(v).is_some())

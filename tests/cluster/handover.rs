@@ -63,13 +63,14 @@ async fn deleting_the_leading_pod_mid_load_hands_over_the_lease_drains_in_grace_
         .await;
     let tally = Tally::of(sent, &received);
     eprintln!(
-        "hand-over: {tally:?}; Lease from {first} to {second} in {:.1} s (holders {:?}, {} samples without one); \
-         the deleted Pod gone after {:.1} s (grace {} s), exit code {exit_code:?}",
+        "FIGURES handover: {tally} lease_handed_over_s={:.1} samples_without_holder={} \
+         deleted_pod_gone_s={:.1} grace_s={} exit_code={} holders={:?}",
         handed_over.as_secs_f64(),
-        lease.holders(),
         lease.without_holder(),
         gone.as_secs_f64(),
         GRACE.as_secs(),
+        exit_code.map_or("unseen".to_owned(), |c| c.to_string()),
+        lease.holders(),
     );
     assert_eq!(tally.lost, 0, "{tally:?}");
     assert!(received.refused.is_empty(), "{:?}", received.refused);

@@ -813,6 +813,17 @@ pub struct Tally {
     pub lost: u64,
 }
 
+impl std::fmt::Display for Tally {
+    /// The common part of a `FIGURES` line (as RELIABILITY.md quotes them).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sent={} delivered={} duplicates={} lost={}",
+            self.sent, self.delivered, self.duplicates, self.lost
+        )
+    }
+}
+
 impl Tally {
     pub fn of(sent: u64, received: &Received) -> Tally {
         let seqs = received.seqs();

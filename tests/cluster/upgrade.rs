@@ -43,8 +43,7 @@ async fn helm_upgrade_to_a_new_image_and_values_under_load_loses_no_event() {
     let tally = Tally::of(sent, &received);
     let holders = lease.holders();
     eprintln!(
-        "upgrade under load: {tally:?}; helm upgrade --wait took {:.1} s; Lease holders in turn {holders:?} \
-         ({} samples without one)",
+        "FIGURES upgrade: {tally} helm_upgrade_s={:.1} samples_without_holder={} holders={holders:?}",
         upgraded.as_secs_f64(),
         lease.without_holder()
     );

@@ -1,4 +1,11 @@
 //! End-to-end tests against a real kube-apiserver and etcd (see `support`).
+//!
+//! Built with the cargo feature `test-seams` (`cargo test --features test-seams`, as
+//! `hack/test.sh` runs them): the SSRF and `serviceRef` tests start the operator binary with its
+//! hidden test flags, which other builds do not have.
+
+#[cfg(not(feature = "test-seams"))]
+compile_error!("the e2e tests need the operator's test seams: cargo test --features test-seams");
 
 mod abuse;
 mod api;

@@ -432,8 +432,9 @@ fn release_binary() -> std::path::PathBuf {
 }
 
 /// The test seams (`--test-address-map`, `--test-resolve`: connect or resolve elsewhere than
-/// the egress policy judged) are in debug builds only, where the tests use them: the release
-/// binary has no such flags, and refuses to start while their environment variables are set.
+/// the egress policy judged) exist only with the cargo feature `test-seams`, which the tests
+/// build with: the release binary has no such flags, and refuses to start while their
+/// environment variables are set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_release_binary_has_no_test_seams() {
     let cp = control_plane();
