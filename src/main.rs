@@ -29,8 +29,10 @@ enum Command {
     },
     /// Print the version.
     Version,
-    /// Receive webhooks: check each delivery's signatures with the Webhook's secret and print
-    /// it as a JSON line, answering 200 when valid and 401 when not. For a first Webhook and for
+    /// Receive webhooks, check their signatures and print each as a JSON line.
+    ///
+    /// Checks both signature schemes of every delivery with the Webhook's secret, prints one JSON
+    /// line per request and answers 200 when valid, 401 when not. For a first Webhook and for
     /// looking at what a Webhook sends.
     Receive {
         /// Address to listen on (POST anywhere; GET /healthz for probes).
@@ -40,8 +42,10 @@ enum Command {
         #[arg(long, env = "HOOKRELAY_WEBHOOK_SECRET", hide_env_values = true)]
         secret: String,
     },
-    /// GET each URL (http only) and exit non-zero unless every answer is 2xx: the chart's
-    /// `helm test`, and a health check for the image, which has no shell or curl.
+    /// GET URLs and fail unless every answer is 2xx (a health check).
+    ///
+    /// Over plain http only. The chart's `helm test` runs it, and it is a health check for the
+    /// image, which has no shell or curl.
     Check {
         /// Such as http://hookrelay.hookrelay.svc:9090/readyz.
         #[arg(required = true, value_name = "URL")]
