@@ -15,6 +15,7 @@ mod control_plane;
 mod crash;
 mod crds;
 mod delivery;
+mod example_receivers;
 mod faults_control_plane;
 mod faults_receivers;
 mod filter_suspension_rotation;

@@ -1,0 +1,3 @@
+module hookrelay.dev/examples/receiver
+
+go 1.22
