@@ -97,8 +97,26 @@ mod tests {
             .collect();
         assert_eq!(
             columns,
-            ["URL", "Service", "Events", "Ready", "Last Delivery", "Age"]
+            [
+                "URL",
+                "Service",
+                "Events",
+                "Ready",
+                "Reason",
+                "Last Delivery",
+                "Age",
+                "Message"
+            ]
         );
+        // The Ready message is long: `kubectl get -o wide` shows it, the default view does not.
+        let wide: Vec<_> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .filter(|c| c.priority.unwrap_or(0) > 0)
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(wide, ["Message"]);
         let de = DocumentEvent::crd();
         assert_eq!(
             de.spec.names.short_names,

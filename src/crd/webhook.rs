@@ -108,6 +108,11 @@ pub const MAX_HEADER_VALUE: usize = 1024;
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
         name = "Last Delivery",
         type_ = "date",
         json_path = ".status.recentDeliveries[0].time"
@@ -116,6 +121,12 @@ pub const MAX_HEADER_VALUE: usize = 1024;
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase")]

@@ -140,11 +140,19 @@ async fn kubectl_get_webhooks_shows_the_printer_columns() {
             "SERVICE",
             "EVENTS",
             "READY",
+            "REASON",
             "LAST DELIVERY",
             "AGE"
         ],
         "{table}"
     );
+    // The Ready condition's message only with -o wide: it is long.
+    let wide = cp
+        .kubectl_ok(&["get", "webhooks", "-n", &ns, "-o", "wide"], None)
+        .await;
+    let wide_header = wide.lines().next().unwrap_or_default();
+    assert!(wide_header.trim_end().ends_with("MESSAGE"), "{wide}");
+    assert!(!table.contains("MESSAGE"), "{table}");
     let row = table.lines().nth(1).unwrap();
     assert!(
         row.contains("https://your-application.com/webhooks/file-conversion"),
