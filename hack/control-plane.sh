@@ -160,8 +160,17 @@ GO
 
 build_helm() {
   log "building helm v$HELM_VERSION"
+  # As helm's Makefile does: the Kubernetes version `helm template` and `helm lint` assume
+  # (.Capabilities.KubeVersion, checked against a chart's kubeVersion) is the one of the
+  # client-go helm is built with; without these flags it would be v1.20.
+  local gomod minor
+  gomod=$(go mod download -json "helm.sh/helm/v3@v$HELM_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  minor=$(awk '$1 == "k8s.io/client-go" {print $2}' "$gomod" | cut -d. -f2)
+  [ -n "$minor" ] || { echo "no k8s.io/client-go in $gomod" >&2; exit 1; }
+  local k8s="-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$minor"
+  k8s="$k8s -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor"
   GOBIN="$SRC/helm-bin" go install -p 2 -trimpath \
-    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION" \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION $k8s" \
     "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
   mv "$SRC/helm-bin/helm" "$BIN/helm"
 }

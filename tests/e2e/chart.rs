@@ -1691,3 +1691,61 @@ async fn a_crd_upgrade_with_held_events_in_flight_delivers_them_all() {
     );
     operator.stop().await;
 }
+
+#[tokio::test]
+async fn security_contexts_and_extra_volumes_are_values_and_older_clusters_are_refused() {
+    let cp = control_plane();
+    let deployment = |yaml: &str| {
+        objects(yaml)
+            .into_iter()
+            .find(|o| o["kind"] == "Deployment")
+            .expect("a Deployment")
+    };
+    // The defaults meet the restricted profile, as UID 65532.
+    let defaults = deployment(&render(cp, "hookrelay-sc", "sc", &[]).await);
+    let pod = &defaults["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let container = &pod["containers"][0];
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert!(container.get("volumeMounts").is_none(), "{container}");
+    // OpenShift's restricted SCC assigns the UID: null removes it, the rest stays.
+    let openshift = deployment(
+        &render(
+            cp,
+            "hookrelay-sc",
+            "sc",
+            &[
+                "--set",
+                "podSecurityContext.runAsUser=null",
+                "--set",
+                "podSecurityContext.runAsGroup=null",
+                "--set",
+                "extraVolumes[0].name=corp-ca",
+                "--set",
+                "extraVolumes[0].configMap.name=corp-ca",
+                "--set",
+                "extraVolumeMounts[0].name=corp-ca",
+                "--set",
+                "extraVolumeMounts[0].mountPath=/etc/corp-ca",
+            ],
+        )
+        .await,
+    );
+    let pod = &openshift["spec"]["template"]["spec"];
+    assert!(pod["securityContext"].get("runAsUser").is_none(), "{pod}");
+    assert!(pod["securityContext"].get("runAsGroup").is_none(), "{pod}");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["volumes"][0]["configMap"]["name"], "corp-ca");
+    assert_eq!(
+        pod["containers"][0]["volumeMounts"][0]["mountPath"],
+        "/etc/corp-ca"
+    );
+    // CEL rules in CRDs and ValidatingAdmissionPolicy v1 need 1.30: an older cluster is refused
+    // by helm itself, naming the constraint.
+    let old = cp
+        .helm(&["template", "x", &chart(), "--kube-version", "1.29.0"])
+        .await;
+    assert!(!old.success);
+    assert!(old.stderr.contains(">=1.30.0-0"), "{}", old.stderr);
+}
