@@ -50,10 +50,10 @@ async fn run(seconds: u64, with_dead: bool) -> Duration {
     let op = Operator::start(
         cp,
         &[
-            "--namespace",
+            "--watch-namespace",
             &ns,
-            "--allow-http",
-            "--allow-cidr",
+            "--egress-allow-http",
+            "--egress-allow-cidr",
             "127.0.0.0/8",
         ],
     );

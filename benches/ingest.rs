@@ -45,10 +45,10 @@ async fn run(mode: &str, n: usize, batch: usize) -> f64 {
     let op = Operator::start(
         cp,
         &[
-            "--namespace",
+            "--watch-namespace",
             &ns,
-            "--allow-http",
-            "--allow-cidr",
+            "--egress-allow-http",
+            "--egress-allow-cidr",
             "127.0.0.0/8",
             "--ingest-mode",
             mode,

@@ -435,10 +435,10 @@ async fn start_operator(
         "--disable-auth",
         "--direct-queue",
         "100000",
-        "--allow-http",
-        "--allow-cidr",
+        "--egress-allow-http",
+        "--egress-allow-cidr",
         "127.0.0.0/8",
-        "--namespace",
+        "--watch-namespace",
         ns,
     ];
     if let Some(nats) = &nats {

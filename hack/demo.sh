@@ -49,7 +49,7 @@ echo "receiver listening on $RECEIVER (verifies X-Webhook-Signature and webhook-
 step "start the operator (log: $RUN_DIR/operator.log)"
 METRICS_ADDR=127.0.0.1:${METRICS_PORT:-19090}
 # Local demo: plain http to loopback is allowed explicitly; only namespace demo is watched.
-"$HOOKRELAY" run --metrics-addr "$METRICS_ADDR" --listen-addr "127.0.0.1:${API_PORT:-18081}" --namespace demo --allow-http --allow-cidr 127.0.0.0/8 \
+"$HOOKRELAY" run --metrics-addr "$METRICS_ADDR" --listen-addr "127.0.0.1:${API_PORT:-18081}" --watch-namespace demo --egress-allow-http --egress-allow-cidr 127.0.0.0/8 \
   >"$RUN_DIR/operator.log" 2>&1 &
 OPERATOR_PID=$!
 for _ in $(seq 150); do

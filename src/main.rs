@@ -20,6 +20,10 @@ enum Command {
         /// Log format.
         #[arg(long, env = "HOOKRELAY_LOG_FORMAT", value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// Log level: error, warn, info, debug or trace, or per-module directives such as
+        /// `info,hookrelay::delivery=debug`. Default: `RUST_LOG` when set, else info.
+        #[arg(long, env = "HOOKRELAY_LOG_LEVEL", value_parser = parse_log_level)]
+        log_level: Option<String>,
     },
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD into a directory.
     Crds {
@@ -63,15 +67,25 @@ enum LogFormat {
 }
 
 fn main() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    // SAFETY: nothing else runs yet; the runtimes start below.
+    let renamed = unsafe { operator::adopt_renamed_flags(&argv) };
     match Cli::parse().command {
-        Command::Run { args, log_format } => {
+        Command::Run {
+            args,
+            log_format,
+            log_level,
+        } => {
             let runtime = tokio::runtime::Runtime::new()?;
             // OpenTelemetry's batch exporter is a task of the runtime.
             let traces = {
                 let _runtime = runtime.enter();
                 hookrelay::telemetry::provider().map_err(anyhow::Error::msg)?
             };
-            init_tracing(log_format, traces.as_ref());
+            init_tracing(log_format, log_level, traces.as_ref());
+            for warning in renamed {
+                tracing::warn!("{warning}");
+            }
             let result = runtime.block_on(run(*args));
             if let Some(traces) = traces {
                 // The last spans are sent before the process exits (bounded: a dead collector
@@ -190,10 +204,22 @@ async fn shutdown_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-fn init_tracing(format: LogFormat, traces: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
-    let filter = hookrelay::telemetry::log_filter(
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    );
+/// `--log-level`: tracing's filter directives, refused with the parser's reason.
+fn parse_log_level(directives: &str) -> Result<String, String> {
+    EnvFilter::try_new(directives)
+        .map(|_| directives.to_owned())
+        .map_err(|e| format!("not a log level or filter: {e}"))
+}
+
+fn init_tracing(
+    format: LogFormat,
+    level: Option<String>,
+    traces: Option<&opentelemetry_sdk::trace::SdkTracerProvider>,
+) {
+    let filter = hookrelay::telemetry::log_filter(match level {
+        Some(directives) => EnvFilter::new(directives),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    });
     // Colours only for a person at a terminal, never in files or pipes that are grepped.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let logs = match format {

@@ -209,7 +209,7 @@
       return;
     }
     main.append(loading('the watched namespaces'));
-    // In --namespace mode the person picks from the watched list; in all-namespaces mode (or
+    // In --watch-namespace mode the person picks from the watched list; in all-namespaces mode (or
     // against a hookrelay without /api/namespaces) they type one.
     let watched = null;
     let problem = null;

@@ -165,10 +165,10 @@ pub struct SyncFigure {
 
 fn operator_args(ns: &str) -> [&str; 5] {
     [
-        "--namespace",
+        "--watch-namespace",
         ns,
-        "--allow-http",
-        "--allow-cidr",
+        "--egress-allow-http",
+        "--egress-allow-cidr",
         "127.0.0.0/8",
     ]
 }

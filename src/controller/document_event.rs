@@ -313,7 +313,7 @@ impl DocumentEventController {
     }
 
     /// How long attempts being sent may finish when a term of leadership ends (it must be well
-    /// within `--lease-duration` minus `--renew-deadline`, the time before another replica can
+    /// within `--lease-duration` minus `--lease-renew-deadline`, the time before another replica can
     /// lead), and the leadership that fences each attempt: none is sent once it has ended.
     pub fn with_leadership(mut self, leadership: Leadership, step_down_grace: Duration) -> Self {
         self.term.leadership = leadership;

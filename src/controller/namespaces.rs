@@ -1,5 +1,5 @@
 //! Keeps [`KnownNamespaces`] true from a watch of the Namespaces' metadata (all-namespaces
-//! mode only: with `--namespace` the watched list is the answer).
+//! mode only: with `--watch-namespace` the watched list is the answer).
 
 use std::collections::HashSet;
 

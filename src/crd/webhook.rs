@@ -215,7 +215,7 @@ pub struct ServiceRef {
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("must start with /, such as /webhooks"))]
     pub path: String,
     /// PEM CA certificates that sign the Service's certificate: deliveries then use https
-    /// (trusting only these), otherwise plain http (which needs `--allow-http`).
+    /// (trusting only these), otherwise plain http (which needs `--egress-allow-http`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 65536))]
     #[x_kube(validation = Rule::new("self.contains('-----BEGIN CERTIFICATE-----')")

@@ -1,7 +1,7 @@
 //! The egress guard: which addresses deliveries may reach.
 //!
 //! Loopback, link-local (cloud metadata), private and other special-purpose ranges are refused
-//! unless an `--allow-cidr` covers the address; plain http only with `--allow-http`. URLs are
+//! unless an `--egress-allow-cidr` covers the address; plain http only with `--egress-allow-http`. URLs are
 //! checked when a Webhook is reconciled (scheme, literal addresses), and every resolved address is
 //! checked again at connect time, so DNS cannot rebind a name to a blocked address.
 
@@ -17,9 +17,9 @@ use url::{Host, Url};
 pub enum EgressDenied {
     #[error("not an absolute http(s) URL: {0}")]
     InvalidUrl(String),
-    #[error("plain http is not allowed (the operator runs without --allow-http); use https")]
+    #[error("plain http is not allowed (the operator runs without --egress-allow-http); use https")]
     PlainHttp,
-    #[error("{ip} is a {range} address, refused unless --allow-cidr covers it")]
+    #[error("{ip} is a {range} address, refused unless --egress-allow-cidr covers it")]
     BlockedAddress { ip: IpAddr, range: &'static str },
 }
 
@@ -54,7 +54,7 @@ pub fn redact_url(url: &str) -> String {
     parsed.to_string()
 }
 
-/// Egress policy from `--allow-http` and `--allow-cidr`.
+/// Egress policy from `--egress-allow-http` and `--egress-allow-cidr`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EgressPolicy {
     pub allow_http: bool,
@@ -358,7 +358,7 @@ mod tests {
         assert!(policy.check_ip(ip("10.2.0.1")).is_err());
         assert!(
             policy.check_ip(ip("::1")).is_err(),
-            "IPv6 loopback needs its own --allow-cidr"
+            "IPv6 loopback needs its own --egress-allow-cidr"
         );
     }
 

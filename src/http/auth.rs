@@ -211,7 +211,7 @@ impl Authorizer {
             .is_some_and(|k| k.contains("").is_some())
     }
 
-    /// The watched namespaces (`--namespace`); empty: all.
+    /// The watched namespaces (`--watch-namespace`); empty: all.
     pub fn watched(&self) -> &[String] {
         &self.watched
     }

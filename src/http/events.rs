@@ -15,7 +15,7 @@ use super::{ApiState, NamespaceQuery, error::ApiError, is_object_name, namespace
 use crate::crd::{DocumentEvent, TargetState};
 
 /// `GET /api/namespaces`: the namespaces this operator watches. Any authenticated caller may
-/// ask: it reveals configuration (the `--namespace` flag), not data.
+/// ask: it reveals configuration (the `--watch-namespace` flag), not data.
 pub async fn namespaces(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,

@@ -215,7 +215,7 @@ pub fn refuse_unwatched(namespace: &str, watched: &[String]) -> Result<(), ApiEr
         // Which namespaces it watches is not said: they are other tenants' (GET /api/namespaces
         // lists those the caller may use).
         format!(
-            "namespace {namespace:?} is not watched by this hookrelay: nothing there would be delivered; use a namespace it watches (GET /api/namespaces lists those you may use) or add it to hookrelay's --namespace flag"
+            "namespace {namespace:?} is not watched by this hookrelay: nothing there would be delivered; use a namespace it watches (GET /api/namespaces lists those you may use) or add it to hookrelay's --watch-namespace flag"
         ),
     ))
 }
@@ -557,7 +557,7 @@ mod tests {
         assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(refused.code, "namespace_not_watched");
         assert!(
-            !refused.message.contains("a, b") && refused.message.contains("--namespace"),
+            !refused.message.contains("a, b") && refused.message.contains("--watch-namespace"),
             "{}",
             refused.message
         );

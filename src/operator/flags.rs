@@ -131,12 +131,23 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
 
-    /// Watch only this namespace (repeatable); all namespaces when absent.
-    #[arg(long = "namespace", env = "HOOKRELAY_NAMESPACE", value_delimiter = ',')]
+    /// Watch only this namespace (repeatable or comma-separated); all namespaces when absent.
+    /// (Formerly --namespace, still accepted.)
+    #[arg(
+        long = "watch-namespace",
+        alias = "namespace",
+        env = "HOOKRELAY_WATCH_NAMESPACE",
+        value_delimiter = ','
+    )]
     pub namespaces: Vec<String>,
 
-    /// Allow plain-http webhook URLs (otherwise only https).
-    #[arg(long, env = "HOOKRELAY_ALLOW_HTTP")]
+    /// Egress: allow deliveries over plain http (otherwise only https). (Formerly --allow-http,
+    /// still accepted.)
+    #[arg(
+        long = "egress-allow-http",
+        alias = "allow-http",
+        env = "HOOKRELAY_EGRESS_ALLOW_HTTP"
+    )]
     pub allow_http: bool,
 
     /// Delete delivered DocumentEvents this long after completion; 0 keeps them (at most 365d).
@@ -208,17 +219,21 @@ pub struct RunArgs {
 
     /// The leader steps down (its leader-only work stops; the process keeps serving and
     /// campaigns again) when it could not renew for this long; shorter than --lease-duration.
-    #[arg(long, env = "HOOKRELAY_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// (Formerly --renew-deadline, still accepted.)
+    #[arg(long = "lease-renew-deadline", alias = "renew-deadline", env = "HOOKRELAY_LEASE_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub renew_deadline: Duration,
 
-    /// How often the Lease is renewed, or tried by a standby.
-    #[arg(long, env = "HOOKRELAY_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    /// How often the Lease is renewed, or tried by a standby (not a delivery retry: those are
+    /// each Webhook's spec.delivery). (Formerly --retry-period, still accepted.)
+    #[arg(long = "lease-retry-period", alias = "retry-period", env = "HOOKRELAY_LEASE_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
     pub retry_period: Duration,
 
-    /// A private or special range deliveries may reach, e.g. 10.0.0.0/8 (repeatable).
+    /// Egress: a private or special range deliveries may reach, e.g. 10.0.0.0/8 (repeatable or
+    /// comma-separated). (Formerly --allow-cidr, still accepted.)
     #[arg(
-        long = "allow-cidr",
-        env = "HOOKRELAY_ALLOW_CIDR",
+        long = "egress-allow-cidr",
+        alias = "allow-cidr",
+        env = "HOOKRELAY_EGRESS_ALLOW_CIDR",
         value_delimiter = ',',
         value_name = "CIDR"
     )]
@@ -291,6 +306,53 @@ pub struct RunArgs {
         hide = true
     ))]
     pub test_resolve: Vec<(String, std::net::IpAddr)>,
+}
+
+/// Flags renamed because their old names misled (`--namespace` is what to watch, `--allow-*`
+/// govern egress, `--retry-period` is the Lease's): (old, new). The old names, and their
+/// environment variables, still work for a release, with a warning at start.
+pub const RENAMED_FLAGS: [(&str, &str); 5] = [
+    ("namespace", "watch-namespace"),
+    ("allow-http", "egress-allow-http"),
+    ("allow-cidr", "egress-allow-cidr"),
+    ("renew-deadline", "lease-renew-deadline"),
+    ("retry-period", "lease-retry-period"),
+];
+
+/// A flag's environment variable: `HOOKRELAY_` and the name in upper snake case.
+fn env_name(flag: &str) -> String {
+    format!("HOOKRELAY_{}", flag.to_uppercase().replace('-', "_"))
+}
+
+/// Which renamed flags `args` or the environment use under their old names, as warnings. An old
+/// environment variable is copied to the new one (unless that is set), since a flag reads one.
+///
+/// # Safety
+/// Sets environment variables: call it before any other thread exists.
+pub unsafe fn adopt_renamed_flags(args: &[String]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (old, new) in RENAMED_FLAGS {
+        let flag = format!("--{old}");
+        if args
+            .iter()
+            .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
+        {
+            warnings.push(format!(
+                "--{old} is now --{new}; the old name goes in a later release"
+            ));
+        }
+        let (old_env, new_env) = (env_name(old), env_name(new));
+        if let Some(value) = std::env::var_os(&old_env) {
+            if std::env::var_os(&new_env).is_none() {
+                // SAFETY: the caller guarantees no other thread reads or writes the environment.
+                unsafe { std::env::set_var(&new_env, value) };
+            }
+            warnings.push(format!(
+                "{old_env} is now {new_env}; the old name goes in a later release"
+            ));
+        }
+    }
+    warnings
 }
 
 impl RunArgs {
@@ -407,6 +469,59 @@ pub fn parse_size(value: &str) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Run {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    #[test]
+    fn renamed_flags_are_read_under_both_names_and_the_old_ones_are_warned_about() {
+        let new = [
+            "run",
+            "--watch-namespace=docs,billing",
+            "--egress-allow-http",
+            "--egress-allow-cidr=10.0.0.0/8",
+            "--lease-renew-deadline=7s",
+            "--lease-retry-period=1s",
+        ];
+        let old = [
+            "run",
+            "--namespace=docs,billing",
+            "--allow-http",
+            "--allow-cidr=10.0.0.0/8",
+            "--renew-deadline=7s",
+            "--retry-period=1s",
+        ];
+        for argv in [new, old] {
+            let args = Run::try_parse_from(argv).expect("parses").args;
+            assert_eq!(args.namespaces, ["docs", "billing"], "{argv:?}");
+            assert!(args.allow_http);
+            assert_eq!(args.allow_cidrs, ["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+            assert_eq!(args.renew_deadline, Duration::from_secs(7));
+            assert_eq!(args.retry_period, Duration::from_secs(1));
+        }
+        let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // SAFETY: none of these tests set the HOOKRELAY_ variables this reads.
+        let warned = unsafe { adopt_renamed_flags(&argv(&old)) };
+        assert_eq!(warned.len(), 5, "{warned:?}");
+        assert!(
+            warned[0].contains("--namespace is now --watch-namespace"),
+            "{warned:?}"
+        );
+        assert!(unsafe { adopt_renamed_flags(&argv(&new)) }.is_empty());
+        // The old names are not advertised.
+        let help = format!(
+            "{}",
+            <Run as clap::CommandFactory>::command().render_long_help()
+        );
+        assert!(
+            help.contains("--egress-allow-cidr") && !help.contains("--allow-cidr "),
+            "{help}"
+        );
+    }
 
     #[test]
     fn sizes_are_read_with_decimal_and_binary_units() {

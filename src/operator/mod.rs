@@ -12,7 +12,10 @@ mod flags;
 mod supervise;
 mod tasks;
 
-pub use flags::{MAX_PERIOD, RunArgs, TEST_SEAM_VARIABLES, parse_period, parse_size};
+pub use flags::{
+    MAX_PERIOD, RENAMED_FLAGS, RunArgs, TEST_SEAM_VARIABLES, adopt_renamed_flags, parse_period,
+    parse_size,
+};
 pub use supervise::{Essential, IntoTaskResult, supervise};
 use tasks::{deliver_document_events, publish_leadership, serial_lane, start_election};
 
@@ -50,7 +53,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error(
-        "leader election needs --retry-period < --renew-deadline < --lease-duration (got {retry:?}, {renew:?}, {lease:?})"
+        "leader election needs --lease-retry-period < --lease-renew-deadline < --lease-duration (got {retry:?}, {renew:?}, {lease:?})"
     )]
     LeaseTimings {
         retry: Duration,

@@ -4,7 +4,7 @@ use std::{net::IpAddr, sync::Arc};
 
 /// A Service a Webhook names: its deliveries go to exactly its ClusterIP, the one private
 /// address the egress policy lets through for it (named by the Webhook's author, in the
-/// Webhook's own namespace), whatever `--allow-cidr` says.
+/// Webhook's own namespace), whatever `--egress-allow-cidr` says.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceTarget {
     /// `<service>.<namespace>.svc`: the URL's host, and the name the Service's certificate is

@@ -392,7 +392,7 @@ async fn namespaces_not_watched_are_refused_with_422() {
     let message = body["error"]["message"].as_str().unwrap();
     // Which namespaces it watches is not said: they are other tenants'.
     assert!(
-        !message.contains(&ns) && message.contains("--namespace"),
+        !message.contains(&ns) && message.contains("--watch-namespace"),
         "{message}"
     );
     let (status, body) = api_call(

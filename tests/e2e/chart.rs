@@ -416,8 +416,8 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
     );
     let args = container_args(deployment(&every_objects));
     for expected in [
-        format!("--namespace={team_a}"),
-        format!("--namespace={team_b}"),
+        format!("--watch-namespace={team_a}"),
+        format!("--watch-namespace={team_b}"),
         "--tls-cert-file=/etc/hookrelay/tls/tls.crt".to_owned(),
         "--leader-elect".to_owned(),
         format!("--lease-namespace={ns}"),
@@ -1235,7 +1235,9 @@ async fn the_operator_does_its_whole_job_with_the_charts_rbac_and_nothing_more()
     )
     .unwrap();
     assert!(
-        !chart_args.iter().any(|a| a.starts_with("--namespace")),
+        !chart_args
+            .iter()
+            .any(|a| a.starts_with("--watch-namespace")),
         "cluster-wide: {chart_args:?}"
     );
     let args = local_args(&chart_args);

@@ -29,7 +29,7 @@ const STANDARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const WAIT: Duration = Duration::from_secs(60);
 
 /// An operator in `mode` for `ns` that reaches Services through the test seam, and nothing
-/// private otherwise: no `--allow-cidr`, so a ClusterIP gets through only as a `serviceRef`.
+/// private otherwise: no `--egress-allow-cidr`, so a ClusterIP gets through only as a `serviceRef`.
 async fn operator(cp: &ControlPlane, mode: IngestMode, ns: &str) -> ModeOperator {
     ModeOperator::start(cp, mode, &[ns], |args| {
         args.allow_cidrs = Vec::new();

@@ -1,8 +1,8 @@
 //! SSRF, end to end: every spelling of a blocked address is refused, each with
 //! its reason in the Webhook's status, and a loopback receiver (the canary) sees no request.
 //!
-//! The operator runs as in production for loopback (no `--allow-cidr 127.0.0.0/8`), with
-//! `--allow-http`, and with the test seams pointing every address it might wrongly allow at the
+//! The operator runs as in production for loopback (no `--egress-allow-cidr 127.0.0.0/8`), with
+//! `--egress-allow-http`, and with the test seams pointing every address it might wrongly allow at the
 //! canary: `--test-address-map 0.0.0.0/0=127.0.0.1,::/0=::1` (every URL carries the canary's
 //! port), so a private, link-local or metadata address the guard let through would land on the
 //! canary instead of leaving the machine. Names are answered by `--test-resolve`. Addresses
@@ -139,7 +139,7 @@ fn system_name_resolving_to_loopback() -> Option<String> {
     })
 }
 
-/// The controls' address: allowed by `--allow-cidr`, nothing listens there, and the address map
+/// The controls' address: allowed by `--egress-allow-cidr`, nothing listens there, and the address map
 /// sends it (like every address) to 127.0.0.1, where the control receiver listens. So a control
 /// is delivered only through the seams these tests rely on, and never leaves loopback.
 const CONTROL_IP: &str = "127.0.0.4";
@@ -690,7 +690,7 @@ fn addresses_outside_loopback_are_refused_by_the_decision_function() {
             other => panic!("{ip}: {other:?}"),
         }
     }
-    // An --allow-cidr opens exactly its range, in every spelling.
+    // An --egress-allow-cidr opens exactly its range, in every spelling.
     let open = EgressPolicy::new(true, vec!["10.1.0.0/16".parse().unwrap()]);
     assert!(open.check_url("http://10.1.2.3/").is_ok());
     assert!(open.check_url("http://[::ffff:10.1.2.3]/").is_ok());

@@ -444,7 +444,7 @@ async fn the_release_binary_has_no_test_seams() {
     let run = async |args: &[&str], env: &[(&str, &str)]| {
         let child = tokio::process::Command::new(&binary)
             .arg("run")
-            .args(["--namespace", &ns, "--metrics-addr", "127.0.0.1:0"])
+            .args(["--watch-namespace", &ns, "--metrics-addr", "127.0.0.1:0"])
             .args(["--listen-addr", "127.0.0.1:0"])
             .args(args)
             .env("KUBECONFIG", &cp.kubeconfig)
@@ -505,7 +505,7 @@ async fn a_nats_password_in_the_url_stays_out_of_the_connect_error() {
     );
 }
 
-/// With every namespace served (no `--namespace`), one valid token asking about 1,000
+/// With every namespace served (no `--watch-namespace`), one valid token asking about 1,000
 /// namespaces that do not exist, 50 at a time, while another caller lists its Webhooks: once
 /// the operator has listed the namespaces, each is refused (403, as a review's no would be)
 /// before any SubjectAccessReview, and the other caller is served throughout. (Namespaces that

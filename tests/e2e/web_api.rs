@@ -78,7 +78,7 @@ async fn namespaces_lists_the_watched_ones_each_caller_may_use() {
     assert_eq!(body["error"]["code"], "unauthorized");
     op.stop().await;
 
-    // Without --namespace, every namespace is watched. This operator would deliver the events
+    // Without --watch-namespace, every namespace is watched. This operator would deliver the events
     // of the tests running beside this one: it is kept a standby (another holder has the
     // Lease), which serves the API but neither delivers nor writes status.
     let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =

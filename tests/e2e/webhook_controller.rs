@@ -327,12 +327,12 @@ async fn the_egress_policy_is_reported_in_the_ready_condition() {
             .unwrap();
     }
     let plain = wait_ready(&webhooks, "plain", "False", "EgressNotAllowed").await;
-    assert!(plain.contains("--allow-http"), "{plain}");
+    assert!(plain.contains("--egress-allow-http"), "{plain}");
     let metadata = wait_ready(&webhooks, "metadata", "False", "EgressNotAllowed").await;
     assert!(metadata.contains("link-local"), "{metadata}");
     let private = wait_ready(&webhooks, "private", "False", "EgressNotAllowed").await;
     assert!(
-        private.contains("private") && private.contains("--allow-cidr"),
+        private.contains("private") && private.contains("--egress-allow-cidr"),
         "{private}"
     );
     // Fixing the URL fixes the condition.

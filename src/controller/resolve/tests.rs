@@ -107,7 +107,7 @@ fn egress_policy_blocks_plain_http_and_private_addresses() {
     );
     assert_eq!(r.ready.reason, ready_reason::EGRESS_NOT_ALLOWED);
     assert!(
-        r.ready.message.contains("--allow-http"),
+        r.ready.message.contains("--egress-allow-http"),
         "{}",
         r.ready.message
     );
@@ -285,7 +285,7 @@ fn a_service_ref_is_blocked_until_the_service_and_port_exist_and_allowed() {
     );
     assert_eq!(r, SERVICE_NOT_ALLOWED);
     assert!(m.contains("headless"), "{m}");
-    // Plain http needs --allow-http, as for a url.
+    // Plain http needs --egress-allow-http, as for a url.
     let (r, m) = reason(
         Some(&service(
             "ClusterIP",

@@ -29,19 +29,19 @@ use super::{
 
 /// The flags of one operator binary run, and its environment; [`OperatorArgs::start`] runs it.
 ///
-/// Every run gets `--namespace NS --allow-http --allow-cidr 127.0.0.0/8 --disable-auth` unless
+/// Every run gets `--watch-namespace NS --egress-allow-http --egress-allow-cidr 127.0.0.0/8 --disable-auth` unless
 /// a method below changes that; then, in this order, the ingest mode, the NATS URL, leader
 /// election, the lease timings and any other flags.
 #[derive(Clone, Debug)]
 pub struct OperatorArgs {
-    /// `--namespace`; None watches every namespace.
+    /// `--watch-namespace`; None watches every namespace.
     namespaces: Option<String>,
     allow_cidrs: Vec<String>,
     disable_auth: bool,
     mode: Option<String>,
     nats_url: Option<String>,
     leader_elect: bool,
-    /// `--lease-duration`, `--renew-deadline`, `--retry-period`.
+    /// `--lease-duration`, `--lease-renew-deadline`, `--lease-retry-period`.
     lease: Option<[String; 3]>,
     extra: Vec<String>,
     env: Vec<(String, String)>,
@@ -57,7 +57,7 @@ impl OperatorArgs {
         }
     }
 
-    /// Watching every namespace (no `--namespace`), otherwise as [`OperatorArgs::new`].
+    /// Watching every namespace (no `--watch-namespace`), otherwise as [`OperatorArgs::new`].
     pub fn cluster_wide() -> Self {
         Self {
             namespaces: None,
@@ -79,7 +79,7 @@ impl OperatorArgs {
         self
     }
 
-    /// `--allow-cidr` for each of `cidrs` instead of 127.0.0.0/8. None: private ranges,
+    /// `--egress-allow-cidr` for each of `cidrs` instead of 127.0.0.0/8. None: private ranges,
     /// loopback included, are refused as in production.
     pub fn allow_cidrs(mut self, cidrs: &[&str]) -> Self {
         self.allow_cidrs = cidrs.iter().map(|c| c.to_string()).collect();
@@ -104,7 +104,7 @@ impl OperatorArgs {
         self
     }
 
-    /// `--lease-duration`, `--renew-deadline` and `--retry-period`.
+    /// `--lease-duration`, `--lease-renew-deadline` and `--lease-retry-period`.
     pub fn lease(mut self, duration: &str, renew_deadline: &str, retry_period: &str) -> Self {
         self.lease = Some([duration, renew_deadline, retry_period].map(str::to_owned));
         self
@@ -140,11 +140,11 @@ impl OperatorArgs {
     pub fn to_args(&self) -> Vec<String> {
         let mut args = Vec::new();
         if let Some(namespaces) = &self.namespaces {
-            args.extend(["--namespace".to_owned(), namespaces.clone()]);
+            args.extend(["--watch-namespace".to_owned(), namespaces.clone()]);
         }
-        args.push("--allow-http".to_owned());
+        args.push("--egress-allow-http".to_owned());
         for cidr in &self.allow_cidrs {
-            args.extend(["--allow-cidr".to_owned(), cidr.clone()]);
+            args.extend(["--egress-allow-cidr".to_owned(), cidr.clone()]);
         }
         if self.disable_auth {
             args.push("--disable-auth".to_owned());
@@ -166,9 +166,9 @@ impl OperatorArgs {
             args.extend([
                 "--lease-duration".to_owned(),
                 duration.clone(),
-                "--renew-deadline".to_owned(),
+                "--lease-renew-deadline".to_owned(),
                 renew_deadline.clone(),
-                "--retry-period".to_owned(),
+                "--lease-retry-period".to_owned(),
                 retry_period.clone(),
             ]);
         }
