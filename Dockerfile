@@ -7,8 +7,13 @@ COPY src ./src
 COPY benches ./benches
 COPY docs ./docs
 COPY web ./web
+# `hookrelay version` prints these: docker build --build-arg COMMIT=$(git rev-parse --short=12 HEAD)
+# --build-arg BUILD_DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ) .
+ARG COMMIT=unknown
+ARG BUILD_DATE=unknown
 # --locked: exactly the dependencies of Cargo.lock, as CI builds them (hack/test.sh).
-RUN cargo build --release --locked --bin hookrelay
+RUN HOOKRELAY_BUILD_COMMIT=$COMMIT HOOKRELAY_BUILD_DATE=$BUILD_DATE \
+    cargo build --release --locked --bin hookrelay
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/hookrelay /hookrelay

@@ -158,3 +158,23 @@ async fn the_operator_starts_ready_with_every_existing_webhook_routed() {
     assert!(body.contains("\"/api/events\""), "{body}");
     assert!(op.child.try_wait().unwrap().is_none(), "operator exited");
 }
+
+/// `hookrelay version` names the version, the commit and the build date (the build gives the last
+/// two; `cargo test` does not, so they are unknown here, and say so rather than being empty).
+#[tokio::test]
+async fn version_prints_the_version_the_commit_and_the_build_date() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+        .arg("version")
+        .output()
+        .await
+        .expect("hookrelay runs");
+    assert!(out.status.success());
+    let line = String::from_utf8_lossy(&out.stdout);
+    let expected = format!(
+        "hookrelay {} (commit {}, built {})",
+        env!("CARGO_PKG_VERSION"),
+        option_env!("HOOKRELAY_BUILD_COMMIT").unwrap_or("unknown"),
+        option_env!("HOOKRELAY_BUILD_DATE").unwrap_or("unknown")
+    );
+    assert_eq!(line.trim(), expected);
+}
