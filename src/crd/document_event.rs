@@ -58,12 +58,16 @@ fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DocumentEventStatus {
+    /// Pending (not routed yet), Delivering, Delivered (every target succeeded), Failed (a
+    /// target exhausted its attempts or its hold) or NoSubscribers (no Webhook matched).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<EventPhase>,
     /// One entry per target Webhook, fixed when the event is first routed.
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["webhook".into()]))]
     pub deliveries: Vec<TargetDelivery>,
+    /// When every delivery reached its end (Delivered, Failed or NoSubscribers); retention counts
+    /// from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
 }
@@ -85,18 +89,24 @@ pub struct TargetDelivery {
     pub webhook: String,
     /// Delivery id, stable across retries.
     pub id: String,
+    /// Where this delivery stands.
     pub state: TargetState,
+    /// Attempts made so far.
     pub attempts: i32,
+    /// The HTTP status of the last attempt, when the receiver answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_status: Option<i32>,
+    /// When the last attempt was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_attempt_time: Option<Time>,
+    /// When the next retry is due, while retrying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_time: Option<Time>,
     /// Since when the delivery has been held (its Webhook paused or not Ready); it fails once
     /// held longer than the operator's `--max-hold`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_since: Option<Time>,
+    /// Why the last attempt failed (never a secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

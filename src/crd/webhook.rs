@@ -429,7 +429,9 @@ pub struct WebhookStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Suspension {
+    /// When deliveries were suspended.
     pub since: Time,
+    /// Why, with the failing time that led to it.
     pub reason: String,
 }
 
@@ -437,6 +439,7 @@ pub struct Suspension {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BlockedKey {
+    /// The ordering key.
     pub key: String,
     /// The retrying delivery.
     pub delivery_id: String,
@@ -451,10 +454,15 @@ pub struct BlockedKey {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryStats {
+    /// Deliveries that succeeded.
     pub succeeded: i64,
+    /// Deliveries that failed for good (attempts or hold exhausted).
     pub failed: i64,
+    /// Failed attempts since the last successful one.
     pub consecutive_failures: i64,
+    /// When the last attempt succeeded.
     pub last_success_time: Option<Time>,
+    /// When the last attempt failed.
     pub last_failure_time: Option<Time>,
     /// The first failed attempt after the last success: every attempt since has failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -467,15 +475,23 @@ pub struct DeliveryStats {
 pub struct DeliveryRecord {
     /// Delivery id, the same on every retry (`X-Webhook-Delivery`, `webhook-id`).
     pub id: String,
+    /// The event type.
     pub event: String,
     /// Where the event came from: a DocumentEvent name, `ingest`, `test` or `redeliver`.
     pub source: String,
+    /// Which attempt of the delivery this was (1 the first; 0 a delivery that failed without
+    /// one, such as a hold that ran out).
     pub attempt: i32,
+    /// How the attempt ended.
     pub outcome: Outcome,
+    /// The receiver's HTTP status, when it answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_status: Option<i32>,
+    /// How long the attempt took, in milliseconds.
     pub duration_ms: i64,
+    /// When the attempt was made.
     pub time: Time,
+    /// Why the attempt failed (never a secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

@@ -129,7 +129,7 @@ async fn a_person_uses_the_delivery_log_page_in_chromium() {
         .arg(repo_root().join("tests/browser/page.py"))
         .args(["--base", &format!("http://{api}")])
         .args(["--token", &token])
-        .args(["--watch-namespace", &ns])
+        .args(["--namespace", &ns])
         .args(["--webhook", "failing"])
         .args(["--failed-delivery", &failed_delivery])
         .args(["--readonly-token", &reader])
