@@ -17,7 +17,10 @@ use kube::{Api, api::ListParams};
 use serde_json::{Value, json};
 
 use crate::support::{
-    ControlPlane, create_webhook_to, eventually, nats::nats_server_bin, process::run_ok, repo_root,
+    ControlPlane, create_webhook_to, eventually,
+    nats::nats_server_bin,
+    process::{release_binary, run_ok},
+    repo_root,
 };
 
 /// hookrelay's image as the tests import it: the release binary in the Dockerfile's layout.
@@ -91,27 +94,6 @@ pub fn cluster() -> &'static Cluster {
             },
         }
     })
-}
-
-/// The release binary the image is made of: `HOOKRELAY_TEST_RELEASE_BINARY`, else the one of
-/// this target directory (`cargo build --release --bin hookrelay`, as `hack/test.sh` does first).
-fn release_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("HOOKRELAY_TEST_RELEASE_BINARY") {
-        return PathBuf::from(path);
-    }
-    // This test binary is <target>/debug/deps/cluster-<hash>.
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .expect("a binary under <target>/debug/deps");
-    let binary = target.join("release/hookrelay");
-    assert!(
-        binary.is_file(),
-        "{} is missing: build it first (cargo build --release --bin hookrelay)",
-        binary.display()
-    );
-    binary
 }
 
 /// The chart's appVersion: its default image tag.
@@ -351,23 +333,19 @@ impl Release {
         )
     }
 
-    /// The release's operator Pods, not being deleted, by name.
+    /// The release's operator Pods (not `helm test`'s), not being deleted.
     pub async fn pods(&self) -> Vec<Pod> {
         let pods: Api<Pod> = Api::namespaced(cluster().client().await, &self.namespace);
-        let selector = format!("app.kubernetes.io/instance={}", self.name);
+        let selector = format!(
+            "app.kubernetes.io/instance={},app.kubernetes.io/component!=test",
+            self.name
+        );
         pods.list(&ListParams::default().labels(&selector))
             .await
             .expect("pods listed")
             .items
             .into_iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter(|p| {
-                p.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("app.kubernetes.io/component"))
-                    != Some(&"test".to_owned())
-            })
             .collect()
     }
 

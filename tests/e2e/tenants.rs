@@ -417,20 +417,6 @@ async fn one_namespace_cannot_take_more_than_its_share_of_the_stream() {
     op.op.stop().await;
 }
 
-/// The release binary, as `hack/test.sh` builds it (`cargo build --release`) before the tests.
-fn release_binary() -> std::path::PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| crate::support::repo_root().join("target"));
-    let binary = target.join("release/hookrelay");
-    assert!(
-        binary.exists(),
-        "{} is missing: build it with cargo build --release (hack/test.sh does)",
-        binary.display()
-    );
-    binary
-}
-
 /// The test seams (`--test-address-map`, `--test-resolve`: connect or resolve elsewhere than
 /// the egress policy judged) exist only with the cargo feature `test-seams`, which the tests
 /// build with: the release binary has no such flags, and refuses to start while their
@@ -439,7 +425,7 @@ fn release_binary() -> std::path::PathBuf {
 async fn the_release_binary_has_no_test_seams() {
     let cp = control_plane();
     let ns = cp.namespace("no-seams").await;
-    let binary = release_binary();
+    let binary = crate::support::process::release_binary();
     // (exited successfully, its output); a binary still running after 20 s took the seam.
     let run = async |args: &[&str], env: &[(&str, &str)]| {
         let child = tokio::process::Command::new(&binary)

@@ -27,3 +27,21 @@ pub fn rss_mib(pid: u32) -> f64 {
         .expect("VmRSS in /proc/<pid>/status");
     kib / 1024.0
 }
+
+/// The release binary, as `hack/test.sh` builds it (`cargo build --release --bin hookrelay`)
+/// before the tests: `release/hookrelay` of the target directory this test binary is in
+/// (`<target>/debug/deps/<test>-<hash>`).
+pub fn release_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("a test binary under <target>/debug/deps");
+    let binary = target.join("release/hookrelay");
+    assert!(
+        binary.is_file(),
+        "{} is missing: build it first with cargo build --release --bin hookrelay (hack/test.sh does)",
+        binary.display()
+    );
+    binary
+}
