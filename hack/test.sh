@@ -25,6 +25,9 @@ hack/browser.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "docs: every relative link resolves"
+hack/check-docs.sh
+
 step "cargo clippy (the product as released, then every target with the tests' seams)"
 cargo clippy --locked --lib --bins -- -D warnings
 cargo clippy --all-targets --locked --features test-seams -- -D warnings
