@@ -2,8 +2,8 @@
 //! under one prefix, the name of its stream (`--nats-stream`) lowercased, so that two
 //! installations with different streams on one NATS account neither collide (nats-server
 //! refuses two streams taking the same subjects) nor read each other's events, and so that an
-//! account's permissions can give each installation its own subjects and nothing else (README
-//! "A least-privilege NATS user").
+//! account's permissions can give each installation its own subjects and nothing else
+//! (docs/ingest-modes.md, "A least-privilege NATS user").
 //!
 //! The default stream, `HOOKRELAY`, keeps the prefix `hookrelay.` that every subject had before
 //! the prefix followed the stream: existing installations with the default stream keep their
@@ -177,8 +177,8 @@ impl Subjects {
         Some(WebhookKey::new(namespace, name))
     }
 
-    /// What a NATS user running this installation needs, and nothing more (README "A
-    /// least-privilege NATS user"): publishing to its subjects, the JetStream API of its stream
+    /// What a NATS user running this installation needs, and nothing more (docs/ingest-modes.md,
+    /// "A least-privilege NATS user"): publishing to its subjects, the JetStream API of its stream
     /// and its consumers (the durable ones and the ephemeral ordered ones of recover and
     /// search), and acks of its stream's messages; subscribing to its own inboxes. The list is
     /// what the operator was seen to use against a real nats-server (every publish and
@@ -331,18 +331,18 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_lists_exactly_the_permissions_of_the_default_stream() {
-        let readme = include_str!("../../../README.md");
-        let snippet = readme
+    fn the_permissions_guide_lists_exactly_the_permissions_of_the_default_stream() {
+        let guide = include_str!("../../../docs/ingest-modes.md");
+        let snippet = guide
             .split("<!-- nats-permissions HOOKRELAY -->")
             .nth(1)
             .and_then(|rest| rest.split("```").nth(1))
-            .expect("README has the least-privilege snippet");
+            .expect("docs/ingest-modes.md has the least-privilege snippet");
         let permissions = Subjects::for_stream("HOOKRELAY").unwrap().permissions();
         let config = permissions.to_config(6);
         assert!(
             snippet.contains(&config),
-            "README's snippet:\n{snippet}\nshould hold:\n{config}"
+            "docs/ingest-modes.md's snippet:\n{snippet}\nshould hold:\n{config}"
         );
         // Another stream: its own subjects, API and inboxes, none of the default's.
         let staging = Subjects::for_stream("HOOKRELAY_STAGING")
