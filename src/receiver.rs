@@ -1,7 +1,7 @@
 //! `hookrelay receive`: a webhook receiver that checks every delivery's signatures with the
 //! Webhook's secret and prints one JSON line per request. For a first Webhook (the README's
 //! quick start runs it as a Deployment) and for looking at what a Webhook sends; a receiver of
-//! your own verifies the same way (see the README, "Deliveries").
+//! your own verifies the same way (see docs/receiving.md).
 
 use std::{
     sync::Arc,

@@ -806,7 +806,7 @@ impl WebhookController {
             tracing::warn!(
                 webhook = %key,
                 secret,
-                "this Webhook's signing secret is shorter than 16 bytes and no longer signs: replace it with a strong one (see the README's upgrade notes)"
+                "this Webhook's signing secret is shorter than 16 bytes and no longer signs: replace it with a strong one (see docs/operating.md, \"Upgrading to this version\")"
             );
         } else if reason == ready_reason::SECRET_NOT_FOUND
             && self.leadership.is_leader()

@@ -236,7 +236,7 @@ pub enum BusError {
     #[error(transparent)]
     StreamName(#[from] InvalidStreamName),
     #[error(
-        "cannot create or update the JetStream {what}: {why} (is JetStream enabled on the server, and may this NATS user use the stream's API? README \"A least-privilege NATS user\" lists what it needs)"
+        "cannot create or update the JetStream {what}: {why} (is JetStream enabled on the server, and may this NATS user use the stream's API? docs/ingest-modes.md, \"A least-privilege NATS user\", lists what it needs)"
     )]
     Setup { what: String, why: String },
     #[error("the JetStream {consumer} consumer stopped: {why}")]
