@@ -31,6 +31,9 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<std::path::PathBuf>,
     },
+    /// Print the OpenAPI document of the versioned REST API (`/api/v1`), as served at
+    /// `/api/v1/openapi.json`.
+    Openapi,
     /// Print the version.
     Version,
     /// Receive webhooks, check their signatures and print each as a JSON line.
@@ -114,6 +117,10 @@ fn main() -> anyhow::Result<()> {
             for (name, yaml) in hookrelay::crd::crd_files() {
                 std::fs::write(dir.join(name), yaml)?;
             }
+            Ok(())
+        }
+        Command::Openapi => {
+            println!("{}", hookrelay::http::v1::openapi_json());
             Ok(())
         }
         Command::Version => {

@@ -65,7 +65,18 @@ impl FromStr for EventType {
 
 /// What a Webhook subscribes to: one event type, or `*` for all of them.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+    utoipa::ToSchema,
 )]
 pub enum WebhookEvent {
     #[serde(rename = "*")]

@@ -4,6 +4,7 @@
 //! caches, and the reviews in flight are limited so that a flood of bogus tokens cannot use up
 //! the operator's share of the API server (API Priority and Fairness) that its watches need.
 
+use crate::http::error::Problem;
 use std::{
     num::NonZeroU32,
     sync::{
@@ -369,7 +370,7 @@ impl KubeAuth {
         ));
         let mut error = ApiError::new(
             axum::http::StatusCode::TOO_MANY_REQUESTS,
-            "too_many_reviews",
+            Problem::TooManyReviews,
             format!(
                 "{identity} asked about too many namespaces or actions at once ({IDENTITY_REVIEW_BURST}, then {IDENTITY_REVIEWS_PER_SECOND} a second, not answered from the cache); retry later"
             ),

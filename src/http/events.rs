@@ -20,7 +20,17 @@ pub async fn namespaces(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = state.auth.authenticate(&headers).await?;
+    let (all, visible) = visible_namespaces(&state, &headers).await?;
+    Ok(Json(namespaces_json(all, &visible)))
+}
+
+/// Whether this operator watches every namespace, and the watched namespaces the caller may
+/// list Webhooks in.
+pub(super) async fn visible_namespaces(
+    state: &ApiState,
+    headers: &HeaderMap,
+) -> Result<(bool, Vec<String>), ApiError> {
+    let caller = state.auth.authenticate(headers).await?;
     // The watched namespaces are the tenants: each caller sees those it may list Webhooks in.
     let watched = state.auth.watched();
     let answers = futures::future::join_all(
@@ -37,7 +47,7 @@ pub async fn namespaces(
             Err(e) => return Err(e),
         }
     }
-    Ok(Json(namespaces_json(watched.is_empty(), &visible)))
+    Ok((watched.is_empty(), visible))
 }
 
 fn namespaces_json(all: bool, visible: &[String]) -> Value {
@@ -53,8 +63,19 @@ pub async fn document_event(
     Query(q): Query<NamespaceQuery>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = state.auth.authenticate(&headers).await?;
-    let namespace = namespace_for(&q, &caller)?;
+    let de = read_document_event(&state, &name, &q, &headers).await?;
+    Ok(Json(document_event_json(&de)))
+}
+
+/// DocumentEvent `name` of the query's namespace, for a caller RBAC lets `get` it there.
+pub(super) async fn read_document_event(
+    state: &ApiState,
+    name: &str,
+    q: &NamespaceQuery,
+    headers: &HeaderMap,
+) -> Result<DocumentEvent, ApiError> {
+    let caller = state.auth.authenticate(headers).await?;
+    let namespace = namespace_for(q, &caller)?;
     state
         .auth
         .authorize(&caller, "get", "documentevents", &namespace)
@@ -65,16 +86,15 @@ pub async fn document_event(
         ))
     };
     // An id that is no object name could reach another API path (`x%2Fstatus`).
-    if !is_object_name(&name) {
+    if !is_object_name(name) {
         return Err(not_found());
     }
     let events: Api<DocumentEvent> = Api::namespaced(state.client.clone(), &namespace);
-    let de = events
-        .get_opt(&name)
+    events
+        .get_opt(name)
         .await
         .map_err(|e| ApiError::from_kube(e, "document event"))?
-        .ok_or_else(not_found)?;
-    Ok(Json(document_event_json(&de)))
+        .ok_or_else(not_found)
 }
 
 fn document_event_json(de: &DocumentEvent) -> Value {
@@ -122,7 +142,7 @@ fn document_event_json(de: &DocumentEvent) -> Value {
 
 /// Who created the DocumentEvent: the field manager of its creation (`hookrelay-ingest` for
 /// `POST /api/events`, `kubectl-create` for kubectl); null when the API server recorded none.
-fn source_of(de: &DocumentEvent) -> Option<String> {
+pub(super) fn source_of(de: &DocumentEvent) -> Option<String> {
     // Status writes are on the status subresource; of the others (the spec is immutable) the
     // earliest is the creation.
     de.metadata

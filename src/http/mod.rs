@@ -9,6 +9,7 @@ mod health;
 mod ingest;
 mod recover;
 mod serve;
+pub mod v1;
 pub mod web;
 mod webhooks;
 
@@ -21,6 +22,7 @@ pub use ingest::{
 };
 pub use serve::{ServeLimits, Tls, serve};
 
+use crate::http::error::Problem;
 use std::{sync::Arc, time::Duration};
 
 use axum::{
@@ -154,7 +156,7 @@ pub fn take_webhook_token(
     let retry_after = wait.as_secs_f64().ceil().max(1.0) as u64;
     let mut error = ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
+        Problem::RateLimited,
         format!("{limit}; retry in {retry_after} s"),
     );
     error.retry_after = Some(retry_after);
@@ -172,7 +174,7 @@ pub async fn read_body(body: Body) -> Result<Bytes, ApiError> {
             if too_large {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
+                    Problem::PayloadTooLarge,
                     format!(
                         "the body is larger than {MAX_BODY_BYTES} bytes; send less per request"
                     ),
@@ -211,7 +213,7 @@ pub fn refuse_unwatched(namespace: &str, watched: &[String]) -> Result<(), ApiEr
     }
     Err(ApiError::new(
         StatusCode::UNPROCESSABLE_ENTITY,
-        "namespace_not_watched",
+        Problem::NamespaceNotWatched,
         // Which namespaces it watches is not said: they are other tenants' (GET /api/namespaces
         // lists those the caller may use).
         format!(
@@ -296,7 +298,7 @@ fn refuse_if_stopping(state: &ApiState, what: &str) -> Result<(), ApiError> {
     if state.shutdown.is_cancelled() {
         let mut error = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
+            Problem::ShuttingDown,
             format!("this replica is stopping: {what} is not started; retry"),
         );
         error.retry_after = Some(1);
@@ -308,7 +310,7 @@ fn refuse_if_stopping(state: &ApiState, what: &str) -> Result<(), ApiError> {
 fn not_leader(what: &str) -> ApiError {
     let mut error = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "not_leader",
+        Problem::NotLeader,
         format!(
             "this replica is a standby: {what} runs on the leader only (the holder of the Lease hookrelay); retry, or send it to the leader"
         ),
@@ -344,6 +346,7 @@ pub fn api_router(state: Arc<ApiState>) -> Router {
             "/api/webhooks/{id}/deliveries/{delivery_id}/redeliver",
             post(webhooks::redeliver),
         )
+        .merge(v1::routes())
         // Every /api route authenticates before any extractor reads the body.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -353,13 +356,17 @@ pub fn api_router(state: Arc<ApiState>) -> Router {
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { axum::Json(v1::openapi()) }),
+        )
         // The page's files hold no data: served without auth (its API calls carry the token).
         .merge(web::router())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                Problem::MethodNotAllowed,
                 "this endpoint does not take that method",
             )
         })
@@ -371,6 +378,7 @@ pub fn api_router(state: Arc<ApiState>) -> Router {
         .layer(middleware::from_fn(move |req, next| {
             count_requests(metrics.clone(), req, next)
         }))
+        .layer(middleware::from_fn(v1::problem_details))
         .with_state(state)
 }
 
@@ -393,7 +401,7 @@ async fn limit_request_time(limit: Duration, req: Request, next: Next) -> Respon
         Ok(response) => response,
         Err(_) => ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
+            Problem::RequestTimeout,
             format!(
                 "the request took longer than {}s (hookrelay's --request-timeout); send the body at once and retry",
                 limit.as_secs_f64()
@@ -413,7 +421,7 @@ async fn json_body_errors(req: Request, next: Next) -> Response {
     match response.status() {
         StatusCode::PAYLOAD_TOO_LARGE if !is_json => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            Problem::PayloadTooLarge,
             format!(
                 "the body is larger than {MAX_BODY_BYTES} bytes; send less per request (at most {MAX_EVENTS_PER_REQUEST} events)"
             ),
@@ -422,7 +430,7 @@ async fn json_body_errors(req: Request, next: Next) -> Response {
         status if status.is_client_error() && !is_json && status != StatusCode::NOT_FOUND => {
             ApiError::new(
                 status,
-                "bad_request",
+                Problem::BadRequest,
                 status.canonical_reason().unwrap_or("bad request"),
             )
             .into_response()

@@ -9,6 +9,7 @@
 //! a recover up to 1,000 failed ones), so at most [`HISTORY_READS`] of them read at once on a
 //! replica, the others waiting up to [`HISTORY_READ_WAIT`] for a turn (503 then).
 
+use crate::http::error::Problem;
 use std::{sync::Arc, time::Duration};
 
 use axum::{
@@ -89,7 +90,7 @@ impl HistoryReads {
             _ => {
                 let mut error = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "history_busy",
+                    Problem::HistoryBusy,
                     format!(
                         "{n} searches and recovers are reading the retained deliveries on this replica, the most it runs at once (each holds up to {LIST_PAGE} DocumentEvents in memory); none ended within {wait} s: retry in a second",
                         n = self.at_once,
@@ -109,10 +110,10 @@ pub struct RecoverQuery {
 }
 
 /// `since`: an RFC 3339 time; 400 saying how to write one otherwise.
-fn parse_since(since: Option<&str>) -> Result<Timestamp, ApiError> {
+pub(super) fn parse_since(since: Option<&str>) -> Result<Timestamp, ApiError> {
     const FORMAT: &str =
         "an RFC 3339 time such as 2026-01-31T12:00:00Z (UTC, or an offset written %2B01:00)";
-    let bad = |why: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", why);
+    let bad = |why: String| ApiError::new(StatusCode::BAD_REQUEST, Problem::InvalidQuery, why);
     match since {
         None | Some("") => Err(bad(format!(
             "give ?since= with {FORMAT}: deliveries that failed since then are sent again"
@@ -157,7 +158,7 @@ async fn scan_events(
 fn stream_unavailable(why: String) -> ApiError {
     let mut error = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "jetstream_unavailable",
+        Problem::JetstreamUnavailable,
         format!("the JetStream stream could not be read: {why}; retry"),
     );
     error.retry_after = Some(1);
@@ -174,13 +175,25 @@ pub async fn recover(
 ) -> Result<Json<Value>, ApiError> {
     let c = caller_for_action(&state, &q, &headers, "recover").await?;
     let since = parse_since(r.since.as_deref())?;
-    let w = c.webhook(&id).await?;
+    let (queued, truncated) = recover_failed(&state, &c, &id, since).await?;
+    Ok(Json(json!({"queued": queued, "truncated": truncated})))
+}
+
+/// Queues again the deliveries to Webhook `id` that failed since `since`, at most
+/// [`MAX_RECOVERED`]; returns how many, and whether there were more.
+pub(super) async fn recover_failed(
+    state: &ApiState,
+    c: &Caller,
+    id: &str,
+    since: k8s_openapi::jiff::Timestamp,
+) -> Result<(usize, bool), ApiError> {
+    let w = c.webhook(id).await?;
     // The DocumentEvent controller owns their status and runs on the leader only.
-    require_leader(&state, "recover")?;
+    require_leader(state, "recover")?;
     take_webhook_token(
         &state.recover_limiter,
         &c.namespace,
-        &id,
+        id,
         &format!(
             "recover calls for webhook {id} are limited to {RECOVER_BURST} at once, then one every {} s (each may send {MAX_RECOVERED} deliveries again)",
             RECOVER_EVERY.as_secs()
@@ -192,7 +205,7 @@ pub async fn recover(
     let mut failed = Vec::new();
     let mut truncated = false;
     let complete = scan_events(&Api::namespaced(state.client.clone(), &c.namespace), |de| {
-        if let Some(target) = history::failed_delivery(&de, &id, &webhook_uid, since) {
+        if let Some(target) = history::failed_delivery(&de, id, &webhook_uid, since) {
             if failed.len() == MAX_RECOVERED {
                 truncated = true;
                 return false;
@@ -208,7 +221,7 @@ pub async fn recover(
     if !failed.is_empty() {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let recovery = Recovery {
-            webhook: id.clone(),
+            webhook: id.to_owned(),
             deliveries: failed,
             queued: tx,
         };
@@ -230,7 +243,7 @@ pub async fn recover(
     if let Some(bus) = &state.bus
         && queued < MAX_RECOVERED
     {
-        let key = WebhookKey::new(&c.namespace, &id);
+        let key = WebhookKey::new(&c.namespace, id);
         let from_stream =
             history::recover_from_stream(bus, &key, &webhook_uid, since, MAX_RECOVERED - queued)
                 .await
@@ -239,7 +252,7 @@ pub async fn recover(
         truncated |= from_stream.truncated;
     }
     tracing::info!(webhook = %id, namespace = %c.namespace, %since, queued, "recover: failed deliveries queued again");
-    Ok(Json(json!({"queued": queued, "truncated": truncated})))
+    Ok((queued, truncated))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -251,7 +264,7 @@ pub struct SearchQuery {
 impl SearchQuery {
     /// None: no search asked (the recent deliveries); a bad query is 400.
     pub fn lookup(&self) -> Result<Option<Lookup>, ApiError> {
-        let bad = |why: &str| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", why);
+        let bad = |why: &str| ApiError::new(StatusCode::BAD_REQUEST, Problem::InvalidQuery, why);
         match (self.document_id.as_deref(), self.delivery_id.as_deref()) {
             (None, None) => Ok(None),
             (Some(_), Some(_)) => Err(bad("give either document_id or delivery_id, not both")),
@@ -336,13 +349,40 @@ pub async fn search(
     w: &Webhook,
     lookup: Lookup,
 ) -> Result<Json<Value>, ApiError> {
+    let (found, truncated) = find_deliveries(state, c, w, lookup).await?;
+    let found: Vec<Value> = found
+        .iter()
+        .map(|found| match found {
+            Found::Recorded(r) => record_json(r),
+            Found::Stored(de, t) => target_json(de, t),
+        })
+        .collect();
+    Ok(Json(json!({"deliveries": found, "truncated": truncated})))
+}
+
+/// A delivery found in what is retained: an attempt record (JetStream mode's stream), or where
+/// a DocumentEvent's delivery stands now.
+pub(super) enum Found {
+    Recorded(DeliveryRecord),
+    Stored(Arc<DocumentEvent>, TargetDelivery),
+}
+
+/// The deliveries to `w` that match `lookup`, at most [`MAX_FOUND`], and whether the search
+/// stopped before the end of what is retained.
+pub(super) async fn find_deliveries(
+    state: &ApiState,
+    c: &Caller,
+    w: &Webhook,
+    lookup: Lookup,
+) -> Result<(Vec<Found>, bool), ApiError> {
     let _reading = state.history_reads.enter().await?;
     let name = w.name_any();
     let webhook_uid = w.metadata.uid.clone().unwrap_or_default();
     let mut found = Vec::new();
     let complete = scan_events(&Api::namespaced(state.client.clone(), &c.namespace), |de| {
         if let Some(t) = history::matching_delivery(&de, &name, &webhook_uid, &lookup) {
-            found.push(target_json(&de, t));
+            let t = t.clone();
+            found.push(Found::Stored(Arc::new(de), t));
         }
         found.len() < MAX_FOUND
     })
@@ -356,14 +396,10 @@ pub async fn search(
             .await
             .map_err(stream_unavailable)?;
         truncated |= !complete;
-        found.extend(
-            records
-                .iter()
-                .take(MAX_FOUND - found.len())
-                .map(record_json),
-        );
+        let room = MAX_FOUND - found.len();
+        found.extend(records.into_iter().take(room).map(Found::Recorded));
     }
-    Ok(Json(json!({"deliveries": found, "truncated": truncated})))
+    Ok((found, truncated))
 }
 
 #[cfg(test)]
@@ -404,7 +440,7 @@ mod tests {
         let e = reads.enter().await.unwrap_err();
         assert_eq!(waited.elapsed(), Duration::from_secs(2));
         assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!((e.code, e.retry_after), ("history_busy", Some(1)));
+        assert_eq!((e.code, e.retry_after), (Problem::HistoryBusy, Some(1)));
         assert!(
             e.message.contains("2 searches and recovers"),
             "{}",

@@ -2,6 +2,7 @@
 //! A Webhook's `id` is its name; `POST` generates a `whsec_` secret into a Secret owned by the
 //! Webhook and returns it once.
 
+use crate::http::error::Problem;
 use std::sync::Arc;
 
 use axum::{
@@ -20,7 +21,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     ApiState, NamespaceQuery,
-    caller::{caller, caller_for_action},
+    caller::{Caller, caller, caller_for_action},
     error::ApiError,
     is_delivery_id, read_body,
 };
@@ -100,7 +101,7 @@ fn with_activity(mut json: Value, w: &Webhook, in_flight: usize) -> Value {
 }
 
 /// `url` with credentials and query values masked; a URL with neither is shown as written.
-fn masked_url(url: &str) -> String {
+pub(super) fn masked_url(url: &str) -> String {
     let secret_bearing = match url::Url::parse(url) {
         Ok(u) => !u.username().is_empty() || u.password().is_some() || u.query().is_some(),
         Err(_) => url.contains('@') || url.contains('?'),
@@ -115,7 +116,7 @@ fn masked_url(url: &str) -> String {
 /// The share of the retained recent attempts (`status.recentDeliveries`) that succeeded; None
 /// without any. Each attempt counts, a failed one that is retried included: it is what the
 /// receiver answered.
-fn success_rate(recent: &[DeliveryRecord]) -> Option<f64> {
+pub(super) fn success_rate(recent: &[DeliveryRecord]) -> Option<f64> {
     if recent.is_empty() {
         return None;
     }
@@ -127,7 +128,7 @@ fn success_rate(recent: &[DeliveryRecord]) -> Option<f64> {
 }
 
 /// The latest attempt: from the counters, which outlive the recent history, or the history.
-fn last_delivery_at(status: &WebhookStatus) -> Option<k8s_openapi::jiff::Timestamp> {
+pub(super) fn last_delivery_at(status: &WebhookStatus) -> Option<k8s_openapi::jiff::Timestamp> {
     let stats = &status.delivery_stats;
     [&stats.last_success_time, &stats.last_failure_time]
         .into_iter()
@@ -186,6 +187,15 @@ fn spec_fields(body: &[u8], require: bool) -> Result<Map<String, Value>, ApiErro
             "expected a JSON object with url, events and description",
         ));
     };
+    spec_of(obj, require)
+}
+
+/// The Webhook spec fields of a request's JSON object (see [`spec_fields`]); with `require`,
+/// an endpoint and `events` must be there.
+pub(super) fn spec_of(
+    obj: Map<String, Value>,
+    require: bool,
+) -> Result<Map<String, Value>, ApiError> {
     let mut spec = Map::new();
     for (field, value) in obj {
         let ok = match (field.as_str(), &value) {
@@ -279,7 +289,7 @@ pub async fn get(
 }
 
 /// Attempts this replica's engine is sending to `w` now.
-fn in_flight(state: &ApiState, namespace: &str, w: &Webhook) -> usize {
+pub(super) fn in_flight(state: &ApiState, namespace: &str, w: &Webhook) -> usize {
     state
         .dispatcher
         .in_flight(&crate::keys::WebhookKey::new(namespace, &w.name_any()))
@@ -292,7 +302,20 @@ pub async fn create(
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let c = caller(&state, &q, &headers, "create").await?;
-    let mut spec = spec_fields(&read_body(body).await?, true)?;
+    let spec = spec_fields(&read_body(body).await?, true)?;
+    let (created, secret_value) = create_webhook(&state, &c, spec).await?;
+    let mut reply = to_json(&created);
+    reply["secret"] = Value::String(secret_value);
+    Ok((StatusCode::CREATED, Json(reply)))
+}
+
+/// Creates a Webhook with `spec` and a generated `whsec_` secret in a Secret it owns; returns
+/// both. A Secret that cannot be made leaves no Webhook behind.
+pub(super) async fn create_webhook(
+    state: &ApiState,
+    c: &Caller,
+    mut spec: Map<String, Value>,
+) -> Result<(Webhook, String), ApiError> {
     let id = format!("wh-{}", random_name(10));
     let secret_name = format!("{id}-secret");
     spec.insert(
@@ -333,9 +356,7 @@ pub async fn create(
         return Err(ApiError::from_kube(e, "secret"));
     }
     c.acted("create", &format!("webhook {id}"));
-    let mut reply = to_json(&created);
-    reply["secret"] = Value::String(secret_value);
-    Ok((StatusCode::CREATED, Json(reply)))
+    Ok((created, secret_value))
 }
 
 pub async fn update(
@@ -346,27 +367,46 @@ pub async fn update(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let spec = spec_fields(&read_body(body).await?, false)?;
-    // Pausing or unpausing alone is an action of its own, which a role may allow without
-    // allowing every other change.
-    let c = match (spec.len(), spec.get("paused")) {
+    let c = caller_for_change(&state, &q, &headers, &spec).await?;
+    let updated = patch_webhook(&c, &id, spec).await?;
+    Ok(Json(to_json(&updated)))
+}
+
+/// The caller of a change to a Webhook's spec. Pausing or unpausing alone is an action of its
+/// own, which a role may allow without allowing every other change.
+pub(super) async fn caller_for_change(
+    state: &ApiState,
+    q: &NamespaceQuery,
+    headers: &HeaderMap,
+    spec: &Map<String, Value>,
+) -> Result<Caller, ApiError> {
+    match (spec.len(), spec.get("paused")) {
         (1, Some(Value::Bool(paused))) => {
             let verb = if *paused { "pause" } else { "resume" };
-            caller_for_action(&state, &q, &headers, verb).await?
+            caller_for_action(state, q, headers, verb).await
         }
-        _ => caller(&state, &q, &headers, "update").await?,
-    };
-    c.webhook(&id).await?;
+        _ => caller(state, q, headers, "update").await,
+    }
+}
+
+/// Merges `spec` into Webhook `id` (null removes a field).
+pub(super) async fn patch_webhook(
+    c: &Caller,
+    id: &str,
+    spec: Map<String, Value>,
+) -> Result<Webhook, ApiError> {
+    c.webhook(id).await?;
     let patch = json!({
         "metadata": {"annotations": {(CHANGED_BY_ANNOTATION): c.user}},
         "spec": spec,
     });
     let updated = c
         .api
-        .patch(&id, &c.patch_params(), &Patch::Merge(&patch))
+        .patch(id, &c.patch_params(), &Patch::Merge(&patch))
         .await
         .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
     c.acted("update", &format!("webhook {id}"));
-    Ok(Json(to_json(&updated)))
+    Ok(updated)
 }
 
 /// `POST /api/webhooks/{id}/resume`: records the resume in `status.resumedAt`, from which the
@@ -379,7 +419,18 @@ pub async fn resume(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let c = caller_for_action(&state, &q, &headers, "resume").await?;
-    c.webhook(&id).await?;
+    let (updated, now) = resume_webhook(&c, &id).await?;
+    let mut reply = to_json(&updated);
+    reply["resumed_at"] = Value::String(now.to_string());
+    Ok(Json(reply))
+}
+
+/// Records a resume in the Webhook's `status.resumedAt`; returns the Webhook and that time.
+pub(super) async fn resume_webhook(
+    c: &Caller,
+    id: &str,
+) -> Result<(Webhook, k8s_openapi::jiff::Timestamp), ApiError> {
+    c.webhook(id).await?;
     let now = k8s_openapi::jiff::Timestamp::now();
     let patch = json!({
         "apiVersion": "hookrelay.dev/v1alpha1",
@@ -389,20 +440,18 @@ pub async fn resume(
     let updated = c
         .api
         .patch_status(
-            &id,
+            id,
             &PatchParams::apply(&c.manager()).force(),
             &Patch::Apply(&patch),
         )
         .await
         .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
     c.acted("resume", &format!("webhook {id}"));
-    let mut reply = to_json(&updated);
-    reply["resumed_at"] = Value::String(now.to_string());
-    Ok(Json(reply))
+    Ok((updated, now))
 }
 
 /// How long a rotated-out secret keeps signing unless the request says otherwise.
-const DEFAULT_GRACE_SECONDS: u64 = 24 * 3600;
+pub(super) const DEFAULT_GRACE_SECONDS: u64 = 24 * 3600;
 /// The longest grace period a rotation may ask for.
 const MAX_GRACE_SECONDS: u64 = 7 * 24 * 3600;
 
@@ -449,13 +498,46 @@ pub async fn rotate_secret(
 ) -> Result<Json<Value>, ApiError> {
     let c = caller_for_action(&state, &q, &headers, "rotate").await?;
     let grace = grace_seconds(grace.grace_seconds.as_deref(), &read_body(body).await?)?;
-    let w = c.webhook(&id).await?;
+    let rotation = rotate_webhook_secret(&state, &c, &id, grace).await?;
+    let mut reply = to_json(&rotation.webhook);
+    reply["secret"] = Value::String(rotation.secret);
+    reply["previous_expires_at"] = json!(rotation.previous_expires_at.map(|t| t.to_string()));
+    Ok(Json(reply))
+}
+
+/// A rotated secret: the new one (shown once) and when the old one stops signing (None: at
+/// once).
+pub(super) struct Rotation {
+    pub(super) webhook: Webhook,
+    pub(super) secret: String,
+    pub(super) previous_expires_at: Option<k8s_openapi::jiff::Timestamp>,
+}
+
+/// Checks a rotation's grace period: at most [`MAX_GRACE_SECONDS`].
+pub(super) fn check_grace(grace: u64) -> Result<u64, ApiError> {
+    if grace > MAX_GRACE_SECONDS {
+        return Err(ApiError::invalid(format!(
+            "grace_seconds must be a whole number of seconds from 0 to {MAX_GRACE_SECONDS} (7 days), not {grace}"
+        )));
+    }
+    Ok(grace)
+}
+
+/// Replaces the API-generated secret of Webhook `id`; the old one keeps signing for `grace`
+/// seconds.
+pub(super) async fn rotate_webhook_secret(
+    state: &ApiState,
+    c: &Caller,
+    id: &str,
+    grace: u64,
+) -> Result<Rotation, ApiError> {
+    let w = c.webhook(id).await?;
     let secret_name = &w.spec.secret_ref.name;
     let secrets: Api<Secret> = Api::namespaced(state.client.clone(), &c.namespace);
     let not_generated = || {
         ApiError::new(
             StatusCode::CONFLICT,
-            "secret_not_generated",
+            Problem::SecretNotGenerated,
             format!(
                 "webhook {id} signs with Secret {secret_name}, which the API did not generate: rotate that Secret itself (the new value under key {:?}, the old one under \"previous\" while receivers move)",
                 w.spec.secret_ref.key
@@ -510,14 +592,11 @@ pub async fn rotate_secret(
         .await
         .map_err(|e| ApiError::from_kube(e, &format!("secret {secret_name}")))?;
     c.acted("rotate", &format!("webhook {id}"));
-    let mut reply = to_json(&w);
-    reply["secret"] = Value::String(new);
-    reply["previous_expires_at"] = if grace == 0 {
-        Value::Null
-    } else {
-        Value::String(expires_text)
-    };
-    Ok(Json(reply))
+    Ok(Rotation {
+        webhook: w,
+        secret: new,
+        previous_expires_at: (grace != 0).then_some(expires),
+    })
 }
 
 pub async fn delete(
@@ -527,9 +606,15 @@ pub async fn delete(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let c = caller(&state, &q, &headers, "delete").await?;
-    let w = c.webhook(&id).await?;
+    delete_webhook(&state, &c, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes Webhook `id` and the Secret the API generated for it.
+pub(super) async fn delete_webhook(state: &ApiState, c: &Caller, id: &str) -> Result<(), ApiError> {
+    let w = c.webhook(id).await?;
     c.api
-        .delete(&id, &DeleteParams::default())
+        .delete(id, &DeleteParams::default())
         .await
         .map_err(|e| ApiError::from_kube(e, &format!("webhook {id}")))?;
     // The Secret the API generated goes with it (garbage collection would too, where it runs).
@@ -545,7 +630,7 @@ pub async fn delete(
             .await;
     }
     c.acted("delete", &format!("webhook {id}"));
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 pub async fn deliveries(
@@ -581,11 +666,21 @@ pub async fn test(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let c = caller_for_action(&state, &q, &headers, "test").await?;
-    let w = c.webhook(&id).await?;
+    let (delivery_id, report) = test_delivery(&state, &c, &id).await?;
+    Ok(Json(attempt_json(&delivery_id, &report)))
+}
+
+/// Sends one signed test event to Webhook `id` now; returns its delivery id and outcome.
+pub(super) async fn test_delivery(
+    state: &ApiState,
+    c: &Caller,
+    id: &str,
+) -> Result<(String, AttemptReport), ApiError> {
+    let w = c.webhook(id).await?;
     super::take_webhook_token(
         &state.test_limiter,
         &c.namespace,
-        &id,
+        id,
         &format!("test deliveries to webhook {id} are limited to 1 a second (bursts of 3)"),
     )?;
     let event = w
@@ -607,15 +702,15 @@ pub async fn test(
     );
     let delivery_id = format!("msg_test_{}", hex::encode(rand::random::<[u8; 12]>()));
     let report = attempt_once(
-        &state,
+        state,
         &c.namespace,
-        &id,
+        id,
         delivery_id.clone(),
         body,
         Source::Test,
     )
     .await?;
-    Ok(Json(attempt_json(&delivery_id, &report)))
+    Ok((delivery_id, report))
 }
 
 /// `POST /api/webhooks/{id}/deliveries/{delivery_id}/redeliver`: the same event, same delivery
@@ -627,8 +722,19 @@ pub async fn redeliver(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let c = caller_for_action(&state, &q, &headers, "redeliver").await?;
-    let w = c.webhook(&id).await?;
-    if !is_delivery_id(&delivery_id) {
+    let report = redeliver_delivery(&state, &c, &id, &delivery_id).await?;
+    Ok(Json(attempt_json(&delivery_id, &report)))
+}
+
+/// Sends the event of a recent delivery to Webhook `id` again, under the same delivery id.
+pub(super) async fn redeliver_delivery(
+    state: &ApiState,
+    c: &Caller,
+    id: &str,
+    delivery_id: &str,
+) -> Result<AttemptReport, ApiError> {
+    let w = c.webhook(id).await?;
+    if !is_delivery_id(delivery_id) {
         return Err(ApiError::not_found(format!(
             "no delivery {delivery_id:?}: delivery ids look like msg_0123abcd..."
         )));
@@ -670,16 +776,15 @@ pub async fn redeliver(
         )));
     }
     let body = EventBody::from(&de);
-    let report = attempt_once(
-        &state,
+    attempt_once(
+        state,
         &c.namespace,
-        &id,
-        delivery_id.clone(),
+        id,
+        delivery_id.to_owned(),
         body,
         Source::Redeliver,
     )
-    .await?;
-    Ok(Json(attempt_json(&delivery_id, &report)))
+    .await
 }
 
 async fn attempt_once(
@@ -727,13 +832,13 @@ async fn attempt_once(
             // A person is waiting: say at once why nothing can be sent rather than "try again".
             Refusal::NotReady(why) => ApiError::new(
                 StatusCode::CONFLICT,
-                "webhook_not_ready",
+                Problem::WebhookNotReady,
                 format!("nothing was sent to webhook {id}: {why}"),
             ),
             Refusal::Busy => {
                 let mut error = ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "busy",
+                    Problem::Busy,
                     format!(
                         "every delivery slot of webhook {id} (or of its namespace) is taken; nothing was sent, retry later"
                     ),

@@ -10,6 +10,7 @@ compile_error!("the e2e tests need the operator's test seams: cargo test --featu
 mod abuse;
 mod api;
 mod api_hardening;
+mod api_v1;
 mod chart;
 mod control_plane;
 mod crash;

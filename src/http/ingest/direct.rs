@@ -1,6 +1,7 @@
 //! Direct ingest: admission to a bounded queue (global, and a share per namespace), the window
 //! of recent idempotency keys, and the dispatch of admitted deliveries.
 
+use crate::http::error::Problem;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -213,7 +214,7 @@ impl DirectIngest {
             // silently drop events for Webhooks not listed yet.
             let mut error = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "not_ready",
+                Problem::NotReady,
                 format!(
                     "hookrelay is still loading its Webhooks (waiting for: {}); retry in a second",
                     readiness.pending().join(", ")
@@ -274,7 +275,7 @@ impl DirectIngest {
             if needed > limit {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_many_deliveries",
+                    Problem::TooManyDeliveries,
                     format!(
                         "this request makes {needed} deliveries, more than {what} ({limit}); send fewer events per request"
                     ),
@@ -285,7 +286,7 @@ impl DirectIngest {
         // than fill the queue and refuse seconds later.
         if let Some((webhook, waited)) = slow {
             return Err(queue_full(
-                "queue_slow",
+                Problem::QueueSlow,
                 format!(
                     "deliveries to webhook {webhook} wait {} ms in line, more than {} ms (--direct-max-queue-delay): it cannot take events this fast; retry later or use durable ingest",
                     waited.as_millis(),
@@ -296,7 +297,7 @@ impl DirectIngest {
         let permits = u32::try_from(needed).unwrap_or(u32::MAX);
         let Ok(global) = self.queue.clone().try_acquire_many_owned(permits) else {
             return Err(queue_full(
-                "queue_full",
+                Problem::QueueFull,
                 format!(
                     "the direct delivery queue is full ({} deliveries in flight, all namespaces); retry later or use durable ingest",
                     self.capacity
@@ -305,7 +306,7 @@ impl DirectIngest {
         };
         let Some(share) = self.take_share(namespace, needed) else {
             return Err(queue_full(
-                "namespace_queue_full",
+                Problem::NamespaceQueueFull,
                 format!(
                     "namespace {namespace} holds its whole share of the direct queue ({} deliveries, --direct-queue-per-namespace), for example for a paused Webhook; retry later or use durable ingest",
                     self.per_namespace
@@ -381,7 +382,7 @@ impl DirectIngest {
     }
 }
 
-fn queue_full(code: &'static str, message: String) -> ApiError {
+fn queue_full(code: Problem, message: String) -> ApiError {
     let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message);
     error.retry_after = Some(1);
     error
@@ -588,7 +589,7 @@ mod tests {
             .expect("refused before the sync");
         assert_eq!(
             (e.status, e.code, e.retry_after),
-            (StatusCode::SERVICE_UNAVAILABLE, "not_ready", Some(1))
+            (StatusCode::SERVICE_UNAVAILABLE, Problem::NotReady, Some(1))
         );
         assert!(e.message.contains("secrets, webhooks"), "{}", e.message);
         readiness.mark_ready("secrets");
@@ -627,7 +628,7 @@ mod tests {
             (e.status, e.code, e.retry_after),
             (
                 StatusCode::TOO_MANY_REQUESTS,
-                "namespace_queue_full",
+                Problem::NamespaceQueueFull,
                 Some(1)
             )
         );
@@ -651,7 +652,7 @@ mod tests {
             .expect("too large");
         assert_eq!(
             (e.status, e.code),
-            (StatusCode::PAYLOAD_TOO_LARGE, "too_many_deliveries")
+            (StatusCode::PAYLOAD_TOO_LARGE, Problem::TooManyDeliveries)
         );
         // Space comes back when deliveries end, and idle namespaces leave the map.
         drop(first);
@@ -680,7 +681,7 @@ mod tests {
             .expect("global queue full");
         assert_eq!(
             (e.status, e.code),
-            (StatusCode::TOO_MANY_REQUESTS, "queue_full")
+            (StatusCode::TOO_MANY_REQUESTS, Problem::QueueFull)
         );
     }
 
@@ -729,7 +730,7 @@ mod tests {
             .expect("conflict");
         assert_eq!(
             (e.status, e.code),
-            (StatusCode::CONFLICT, "idempotency_conflict")
+            (StatusCode::CONFLICT, Problem::IdempotencyConflict)
         );
 
         // Keys are scoped to the namespace.
@@ -794,7 +795,7 @@ mod tests {
             .expect("the line of a/slow does not drain in time");
         assert_eq!(
             (e.status, e.code, e.retry_after),
-            (StatusCode::TOO_MANY_REQUESTS, "queue_slow", Some(1))
+            (StatusCode::TOO_MANY_REQUESTS, Problem::QueueSlow, Some(1))
         );
         assert!(
             e.message.contains("slow") && e.message.contains("--direct-max-queue-delay"),

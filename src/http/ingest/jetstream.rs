@@ -4,6 +4,7 @@
 //! published, instead of waiting behind the others until `--request-timeout` cuts it off with
 //! part of its events stored and the client not told which.
 
+use crate::http::error::Problem;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -94,7 +95,7 @@ pub(super) async fn jetstream(
     }) {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "event_too_large",
+            Problem::EventTooLarge,
             format!(
                 "event {index} would take {size} bytes as a work item, more than the NATS server's max_payload ({max_payload} bytes); send a smaller event (or raise the server's max_payload); nothing of this request was stored"
             ),
@@ -124,7 +125,7 @@ pub(super) async fn jetstream(
     if let Err(over) = bus.shares.take(namespace, share) {
         let mut error = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "namespace_quota",
+            Problem::NamespaceQuota,
             format!("{}; nothing of this request was stored", over.message),
         );
         error.retry_after = Some(over.retry_after.as_secs().clamp(1, 3600));
@@ -265,7 +266,7 @@ fn not_stored(e: &async_nats::jetstream::context::PublishError) -> ApiError {
 fn full(why: &str) -> ApiError {
     let mut error = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "jetstream_full",
+        Problem::JetstreamFull,
         format!(
             "{why}: the stream is full and takes events again as stored ones age out; retry later. Whoever runs NATS raises the stream's limits (nats stream edit --max-bytes/--max-msgs; --nats-max-bytes and --nats-max-messages apply when hookrelay creates the stream)"
         ),
@@ -281,7 +282,7 @@ const FULL_RETRY_AFTER: u64 = 30;
 fn unavailable(e: &dyn std::fmt::Display) -> ApiError {
     let mut error = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "jetstream_unavailable",
+        Problem::JetstreamUnavailable,
         format!("JetStream did not store the event ({e}); retry in a second"),
     );
     error.retry_after = Some(1);
@@ -338,7 +339,7 @@ impl PublishBudget {
         if let Some(why) = refusal {
             let mut error = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "jetstream_busy",
+                Problem::JetstreamBusy,
                 format!("{why}; nothing of this request was stored, retry it in a second"),
             );
             error.retry_after = Some(1);

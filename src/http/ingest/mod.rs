@@ -5,6 +5,7 @@
 //! queue that answers 429 when full; at-most-once across an operator restart. JetStream: each
 //! event stored in a NATS JetStream stream before the 202, delivered by every replica.
 
+use crate::http::error::Problem;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use axum::{
@@ -271,7 +272,7 @@ pub(super) fn store_deadline(state: &ApiState) -> tokio::time::Instant {
 pub(super) fn out_of_time() -> ApiError {
     let mut error = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "ingest_slow",
+        Problem::IngestSlow,
         "storing the events took more than half of hookrelay's --request-timeout, so the rest were not stored; retry them in a second, or send fewer per request",
     );
     error.retry_after = Some(1);
@@ -281,7 +282,7 @@ pub(super) fn out_of_time() -> ApiError {
 pub(super) fn idempotency_conflict(key: &str) -> ApiError {
     ApiError::new(
         StatusCode::CONFLICT,
-        "idempotency_conflict",
+        Problem::IdempotencyConflict,
         format!(
             "idempotency key {key:?} was already used for a different event (type, timestamp or data differ); use a new key for a new event"
         ),
@@ -361,7 +362,7 @@ pub(super) fn partly_stored(
 }
 
 /// The code of a store whose answer did not come in time: the event may have been stored.
-pub(super) const OUTCOME_UNKNOWN: &str = "outcome_unknown";
+pub(super) const OUTCOME_UNKNOWN: Problem = Problem::OutcomeUnknown;
 
 #[cfg(test)]
 mod tests {
