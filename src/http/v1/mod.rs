@@ -694,6 +694,15 @@ mod tests {
     }
 
     #[test]
+    fn the_api_guide_lists_every_problem_type() {
+        let guide = include_str!("../../../docs/api.md");
+        for problem in Problem::ALL {
+            let row = format!("| `{}` | {} |", problem.code(), problem.title());
+            assert!(guide.contains(&row), "docs/api.md lacks the row {row}");
+        }
+    }
+
+    #[test]
     fn every_operation_has_an_id_a_tag_and_problem_responses() {
         let doc: Value = serde_json::from_str(&openapi_json()).unwrap();
         let mut ids = std::collections::BTreeSet::new();
