@@ -612,6 +612,7 @@ impl DocumentEventController {
         let de = &event.de;
         self.forget(&key);
         let mut status = de.status.clone().unwrap_or_default();
+        status.observed_generation = de.metadata.generation;
         let cancel = CancellationToken::new();
         let finished = matches!(
             status.phase,
@@ -882,7 +883,8 @@ impl DocumentEventController {
     }
 }
 
-/// Derives `phase` and `completionTime` from the targets; returns whether the phase changed.
+/// Derives `phase`, the `Delivered` condition and `completionTime` from the targets; returns
+/// whether the phase changed.
 fn set_phase(status: &mut DocumentEventStatus) -> bool {
     let phase = if status.deliveries.is_empty() {
         EventPhase::NoSubscribers
@@ -898,10 +900,78 @@ fn set_phase(status: &mut DocumentEventStatus) -> bool {
         EventPhase::Delivering
     };
     let finished = phase != EventPhase::Delivering;
+    let now = Timestamp::now();
     if finished && status.completion_time.is_none() {
-        status.completion_time = Some(Time(Timestamp::now()));
+        status.completion_time = Some(Time(now));
     }
+    let condition = delivered_condition(phase, &status.deliveries);
+    crate::crd::merge_condition(
+        &mut status.conditions,
+        &condition,
+        status.observed_generation,
+        now,
+    );
     status.phase.replace(phase) != Some(phase)
+}
+
+/// The `Delivered` condition of an event in `phase`: its reason is the phase, its message the
+/// counts and the first failure.
+fn delivered_condition(
+    phase: EventPhase,
+    targets: &[TargetDelivery],
+) -> crate::crd::ConditionState {
+    let count = |state| targets.iter().filter(|t| t.state == state).count();
+    let total = targets.len();
+    let (succeeded, failed, held) = (
+        count(TargetState::Succeeded),
+        count(TargetState::Failed),
+        count(TargetState::Held),
+    );
+    let first_failure = || {
+        targets
+            .iter()
+            .find(|t| t.state == TargetState::Failed)
+            .map(|t| match &t.error {
+                Some(error) => format!("; webhook {}: {error}", t.webhook),
+                None => format!("; webhook {}", t.webhook),
+            })
+            .unwrap_or_default()
+    };
+    let (status, reason, message) = match phase {
+        EventPhase::Delivered => (
+            true,
+            "Delivered",
+            format!("delivered to every matching Webhook ({total})"),
+        ),
+        EventPhase::NoSubscribers => (
+            false,
+            "NoSubscribers",
+            "no Webhook of this namespace subscribes to the event (or its filters refused it)"
+                .to_owned(),
+        ),
+        EventPhase::Failed => (
+            false,
+            "Failed",
+            format!(
+                "{failed} of {total} deliveries failed for good{}",
+                first_failure()
+            ),
+        ),
+        EventPhase::Delivering | EventPhase::Pending => (
+            false,
+            "Delivering",
+            format!(
+                "{succeeded} of {total} delivered, {held} held (Webhook paused or not Ready), {} waiting for an attempt{}",
+                total - succeeded - failed - held,
+                if failed > 0 {
+                    first_failure()
+                } else {
+                    String::new()
+                }
+            ),
+        ),
+    };
+    crate::crd::ConditionState::new("Delivered", status, reason, message)
 }
 
 /// Delivers one event to one Webhook until it succeeds or fails for good, reporting each step
@@ -1284,5 +1354,65 @@ mod tests {
         s.deliveries[1].state = TargetState::Succeeded;
         set_phase(&mut s);
         assert_eq!(s.phase, Some(EventPhase::Delivered));
+    }
+
+    #[test]
+    fn the_delivered_condition_follows_the_targets_with_the_generation() {
+        let delivered = |s: &DocumentEventStatus| {
+            let c = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Delivered")
+                .unwrap();
+            (
+                c.status.clone(),
+                c.reason.clone(),
+                c.message.clone(),
+                c.observed_generation,
+            )
+        };
+        let mut failing = target(TargetState::Pending);
+        failing.webhook = "b".into();
+        let mut s = DocumentEventStatus {
+            observed_generation: Some(1),
+            deliveries: vec![
+                target(TargetState::Succeeded),
+                failing,
+                target(TargetState::Held),
+            ],
+            ..Default::default()
+        };
+        set_phase(&mut s);
+        let (status, reason, message, generation) = delivered(&s);
+        assert_eq!(
+            (status.as_str(), reason.as_str(), generation),
+            ("False", "Delivering", Some(1))
+        );
+        assert!(message.starts_with("1 of 3 delivered, 1 held"), "{message}");
+        let since = s.conditions[0].last_transition_time.clone();
+
+        s.deliveries[1].state = TargetState::Failed;
+        s.deliveries[1].error = Some("HTTP 500".into());
+        s.deliveries[2].state = TargetState::Succeeded;
+        set_phase(&mut s);
+        let (status, reason, message, _) = delivered(&s);
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "Failed"));
+        assert_eq!(
+            message,
+            "1 of 3 deliveries failed for good; webhook b: HTTP 500"
+        );
+        assert_eq!(
+            s.conditions[0].last_transition_time, since,
+            "still False: no transition"
+        );
+
+        s.deliveries[1].state = TargetState::Succeeded;
+        set_phase(&mut s);
+        assert_eq!(delivered(&s).0, "True");
+        assert_eq!(s.conditions.len(), 1);
+
+        let mut none = DocumentEventStatus::default();
+        set_phase(&mut none);
+        assert_eq!(delivered(&none).1, "NoSubscribers");
     }
 }

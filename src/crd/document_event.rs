@@ -1,7 +1,7 @@
 // `printcolumn(...)` repeats `type_ = ...` by design; clippy reads it as a duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,12 @@ pub const ACCEPTED_AT_ANNOTATION: &str = "hookrelay.dev/accepted-at";
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Delivered\")].message",
+        priority = 1
     )
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: create a new DocumentEvent"))]
@@ -58,6 +64,16 @@ fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DocumentEventStatus {
+    /// The generation the status describes (the spec is immutable: always the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Delivered`: True once every delivery succeeded; False while delivering (reason
+    /// `Delivering`), when a delivery failed for good (`Failed`) or when no Webhook matched
+    /// (`NoSubscribers`), with the counts and the first failure in its message. For `kubectl
+    /// wait --for=condition=Delivered`.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
     /// Pending (not routed yet), Delivering, Delivered (every target succeeded), Failed (a
     /// target exhausted its attempts or its hold) or NoSubscribers (no Webhook matched).
     #[serde(default, skip_serializing_if = "Option::is_none")]

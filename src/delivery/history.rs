@@ -393,9 +393,9 @@ mod tests {
         );
         de.metadata.uid = Some(uid.into());
         de.status = Some(DocumentEventStatus {
-            phase: None,
             deliveries: targets,
             completion_time: Some(Time(at(500))),
+            ..Default::default()
         });
         de
     }

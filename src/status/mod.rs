@@ -759,6 +759,7 @@ mod tests {
                 error: None,
             }],
             completion_time: None,
+            ..Default::default()
         }
     }
 

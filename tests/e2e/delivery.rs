@@ -161,6 +161,16 @@ async fn receivers_from_the_contract_and_standard_webhooks_verify_every_delivery
         "{refused:?}"
     );
     let doc = wait_phase(&client, &ns, "doc-123", "Failed").await;
+    let failed = &doc.status.as_ref().unwrap().conditions[0];
+    assert_eq!(
+        (failed.status.as_str(), failed.reason.as_str()),
+        ("False", "Failed")
+    );
+    assert!(
+        failed.message.contains("webhook wrong: HTTP 401"),
+        "the Delivered condition names the failure: {}",
+        failed.message
+    );
     let to_wrong = doc
         .status
         .unwrap()
@@ -286,6 +296,33 @@ async fn a_failing_endpoint_gets_retries_with_the_same_id_and_growing_gaps() {
     let doc = wait_phase(&client, &ns, "doc-1", "Delivered").await;
     // Finished: no attempt may follow the success.
     assert_eq!(receiver.results().await.len(), 3);
+    // The Delivered condition says so, for the generation it saw, and kubectl can wait on it.
+    let waited = cp
+        .kubectl_ok(
+            &[
+                "wait",
+                "--for=condition=Delivered",
+                "documentevent/doc-1",
+                "-n",
+                &ns,
+                "--timeout=10s",
+            ],
+            None,
+        )
+        .await;
+    assert!(waited.contains("condition met"), "{waited}");
+    let status = doc.status.clone().unwrap();
+    let delivered = &status.conditions[0];
+    assert_eq!(
+        (
+            delivered.type_.as_str(),
+            delivered.status.as_str(),
+            delivered.reason.as_str()
+        ),
+        ("Delivered", "True", "Delivered")
+    );
+    assert_eq!(delivered.observed_generation, doc.metadata.generation);
+    assert_eq!(status.observed_generation, doc.metadata.generation);
     let target = &doc.status.unwrap().deliveries[0];
     assert_eq!(
         (target.attempts, target.http_status, target.id.as_str()),
