@@ -53,12 +53,13 @@ pub fn crds_yaml() -> String {
 mod tests {
     use super::*;
 
-    /// crds/ and the Helm chart's copy are generated from these types; regenerate with
-    /// `cargo run -- crds --dir crds` and `cargo run -- crds --dir charts/hookrelay/crds`.
+    /// crds/ and the Helm chart's copy (files/crds/, which templates/crds.yaml renders) are
+    /// generated from these types; regenerate with `cargo run -- crds --dir crds` and
+    /// `cargo run -- crds --dir charts/hookrelay/files/crds`.
     #[test]
     fn crds_directory_matches_the_rust_types() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        for copy in ["crds", "charts/hookrelay/crds"] {
+        for copy in ["crds", "charts/hookrelay/files/crds"] {
             let dir = root.join(copy);
             for (name, yaml) in crd_files() {
                 let on_disk = std::fs::read_to_string(dir.join(&name)).unwrap_or_default();
@@ -67,7 +68,8 @@ mod tests {
                     "{copy}/{name} is out of date with src/crd: run `cargo run -- crds --dir {copy}`"
                 );
             }
-            // Nothing else either: a file there that no type generates would be applied too.
+            // Nothing else either: a file there that no type generates would be applied (or, in the
+            // chart, rendered) too.
             let mut files: Vec<String> = std::fs::read_dir(&dir)
                 .unwrap_or_else(|e| panic!("{copy}: {e}"))
                 .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
@@ -77,6 +79,12 @@ mod tests {
             expected.sort();
             assert_eq!(files, expected, "{copy} holds exactly the generated CRDs");
         }
+        // Helm installs a chart's crds/ on every first install, whatever the values say, and
+        // never upgrades it: the chart's CRDs are a template (crds.enabled, crds.keep) instead.
+        assert!(
+            !root.join("charts/hookrelay/crds").exists(),
+            "charts/hookrelay/crds must not exist: the chart renders files/crds/ in templates/crds.yaml"
+        );
     }
 
     /// Every property `kubectl explain` shows says what it is in hookrelay's words: none is

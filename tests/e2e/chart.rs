@@ -68,6 +68,13 @@ fn private_control_plane() -> &'static ControlPlane {
 
 static PRIVATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// `--set crds.enabled=false`, for releases in a cluster whose CRDs were applied apart from
+/// Helm: the shared control plane's (the harness applies crds/ with kubectl, as a platform team
+/// that manages CRDs itself would), and the private one's where a test applies them. A release
+/// rendering them there would be refused: they belong to no release (see
+/// `an_earlier_charts_crds_fail_the_upgrade_clearly_until_adopted`).
+const CRDS_APPLIED_APART: [&str; 2] = ["--set", "crds.enabled=false"];
+
 /// `helm template` of the chart as release `release` in `namespace`.
 async fn render(cp: &ControlPlane, release: &str, namespace: &str, extra: &[&str]) -> String {
     let chart = chart();
@@ -196,10 +203,10 @@ async fn apply_stub_crds(cp: &ControlPlane) {
     .await;
 }
 
-/// The chart's CRDs, as the chart README's upgrade step applies them.
+/// The chart's CRDs, as the chart README tells to apply them with `crds.enabled=false`.
 async fn apply_chart_crds(cp: &ControlPlane) {
     let crds = repo_root()
-        .join("charts/hookrelay/crds")
+        .join("charts/hookrelay/files/crds")
         .display()
         .to_string();
     cp.kubectl_ok(
@@ -253,6 +260,9 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
         kinds(&default_objects),
         [
             "ServiceAccount",
+            // crds.enabled (the default): the release's own, in Helm's install order.
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
             "ClusterRole",
             "ClusterRole",
             "ClusterRole",
@@ -671,7 +681,16 @@ async fn install_upgrade_and_uninstall_leave_only_the_crds() {
     let cp = control_plane();
     let ns = cp.namespace("chart-life").await;
     let release = "hookrelay-life";
-    cp.helm_ok(&["install", release, &chart(), "-n", &ns]).await;
+    cp.helm_ok(&[
+        "install",
+        release,
+        &chart(),
+        "-n",
+        &ns,
+        CRDS_APPLIED_APART[0],
+        CRDS_APPLIED_APART[1],
+    ])
+    .await;
     let args_of = |out: String| -> Vec<String> { serde_json::from_str(&out).unwrap() };
     let live_args = args_of(
         cp.kubectl_ok(
@@ -711,6 +730,8 @@ async fn install_upgrade_and_uninstall_leave_only_the_crds() {
         &chart(),
         "-n",
         &ns,
+        CRDS_APPLIED_APART[0],
+        CRDS_APPLIED_APART[1],
         "--set",
         "config.maxInFlight=64",
         "--set",
@@ -750,7 +771,8 @@ async fn install_upgrade_and_uninstall_leave_only_the_crds() {
         .kubectl_ok(&["get", "secrets", "-n", &ns, "-o", "name"], None)
         .await;
     assert_eq!(secrets.trim(), "", "left in {ns}");
-    // Helm keeps the CRDs (and with them every Webhook and DocumentEvent).
+    // The CRDs were not the release's: they stay (what a release's own do on uninstall is
+    // `uninstalling_keeps_the_releases_crds_and_webhooks_unless_crds_keep_is_off`).
     cp.kubectl_ok(
         &[
             "get",
@@ -776,6 +798,8 @@ async fn watch_namespaces_mode_grants_only_the_listed_namespaces() {
         &chart(),
         "-n",
         &ns,
+        CRDS_APPLIED_APART[0],
+        CRDS_APPLIED_APART[1],
         "--set",
         &format!("watchNamespaces={{{listed}}}"),
     ])
@@ -869,7 +893,16 @@ async fn the_support_role_acts_on_deliveries_but_neither_changes_webhooks_nor_ro
     let team = cp.namespace("chart-roles-team").await;
     let other = cp.namespace("chart-roles-other").await;
     let release = "hookrelay-roles";
-    cp.helm_ok(&["install", release, &chart(), "-n", &ns]).await;
+    cp.helm_ok(&[
+        "install",
+        release,
+        &chart(),
+        "-n",
+        &ns,
+        CRDS_APPLIED_APART[0],
+        CRDS_APPLIED_APART[1],
+    ])
+    .await;
     let webhooks = "webhooks.hookrelay.dev";
 
     // Support, bound in `team` only.
@@ -1000,7 +1033,16 @@ async fn the_admission_policy_lets_the_operator_write_only_the_secrets_its_api_g
     let ns = cp.namespace("chart-policy").await;
     let team = cp.namespace("chart-policy-team").await;
     let release = "hookrelay-policy";
-    cp.helm_ok(&["install", release, &chart(), "-n", &ns]).await;
+    cp.helm_ok(&[
+        "install",
+        release,
+        &chart(),
+        "-n",
+        &ns,
+        CRDS_APPLIED_APART[0],
+        CRDS_APPLIED_APART[1],
+    ])
+    .await;
     let token = cp
         .service_account_token_without_audience(&ns, release)
         .await;
@@ -1216,8 +1258,16 @@ async fn the_operator_does_its_whole_job_with_the_charts_rbac_and_nothing_more()
     let cp = private_control_plane();
     apply_chart_crds(cp).await;
     let ns = cp.namespace("hookrelay").await;
-    cp.helm_ok(&["install", "hookrelay", &chart(), "-n", &ns])
-        .await;
+    cp.helm_ok(&[
+        "install",
+        "hookrelay",
+        &chart(),
+        "-n",
+        &ns,
+        CRDS_APPLIED_APART[0],
+        CRDS_APPLIED_APART[1],
+    ])
+    .await;
     let chart_args: Vec<String> = serde_json::from_str(
         &cp.kubectl_ok(
             &[
@@ -1540,6 +1590,15 @@ async fn the_operator_does_its_whole_job_with_the_charts_rbac_and_nothing_more()
 
 /// The CRDs as they were before DocumentEvent targets gained `heldSince`.
 fn crds_without_held_since() -> String {
+    crd_files_without_held_since()
+        .into_iter()
+        .map(|(_, json)| json)
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+/// Each CRD as `(file name, JSON)` as it was before DocumentEvent targets gained `heldSince`.
+fn crd_files_without_held_since() -> Vec<(String, String)> {
     fn drop_held_since(v: &mut Value) -> bool {
         let mut dropped = false;
         if let Some(map) = v.as_object_mut() {
@@ -1557,16 +1616,16 @@ fn crds_without_held_since() -> String {
         dropped
     }
     let mut dropped = false;
-    let docs: Vec<String> = hookrelay::crd::crd_files()
+    let files: Vec<(String, String)> = hookrelay::crd::crd_files()
         .into_iter()
-        .map(|(_, yaml)| {
+        .map(|(name, yaml)| {
             let mut crd: Value = serde_saphyr::from_str(&yaml).unwrap();
             dropped |= drop_held_since(&mut crd);
-            crd.to_string()
+            (name, crd.to_string())
         })
         .collect();
     assert!(dropped, "the current CRDs have heldSince");
-    docs.join("\n---\n")
+    files
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1639,7 +1698,8 @@ async fn a_crd_upgrade_with_held_events_in_flight_delivers_them_all() {
     .await;
     assert_eq!(receiver.counts().0, 0, "nothing sent while paused");
 
-    // The documented upgrade step, while they are held: the writer's retries then succeed.
+    // The upgrade step the chart README gives for CRDs applied apart from Helm
+    // (crds.enabled=false), while they are held: the writer's retries then succeed.
     apply_chart_crds(cp).await;
     let schema = cp
         .kubectl_ok(
@@ -1750,4 +1810,437 @@ async fn security_contexts_and_extra_volumes_are_values_and_older_clusters_are_r
         .await;
     assert!(!old.success);
     assert!(old.stderr.contains(">=1.30.0-0"), "{}", old.stderr);
+}
+
+/// The CRDs the chart renders from files/crds/ (crds.enabled).
+const CRDS: [&str; 2] = ["documentevents.hookrelay.dev", "webhooks.hookrelay.dev"];
+
+/// A CRD's metadata, or None when the API server has no such CRD.
+async fn crd_metadata(cp: &ControlPlane, name: &str) -> Option<Value> {
+    let out = cp.kubectl(&["get", "crd", name, "-o", "json"], None).await;
+    if !out.success {
+        assert!(out.stderr.contains("NotFound"), "{}", out.stderr);
+        return None;
+    }
+    let crd: Value = serde_json::from_str(&out.stdout).expect("a CRD as JSON");
+    Some(crd["metadata"].clone())
+}
+
+/// Whether the live DocumentEvent CRD has the `heldSince` field the current types have.
+async fn crd_has_held_since(cp: &ControlPlane) -> bool {
+    cp.kubectl_ok(
+        &["get", "crd", "documentevents.hookrelay.dev", "-o", "json"],
+        None,
+    )
+    .await
+    .contains("heldSince")
+}
+
+async fn wait_crds_established(cp: &ControlPlane) {
+    let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
+    let names: Vec<String> = CRDS.iter().map(|n| format!("crd/{n}")).collect();
+    args.extend(names.iter().map(String::as_str));
+    cp.kubectl_ok(&args, None).await;
+}
+
+/// Deletes both CRDs (and so every Webhook and DocumentEvent) and waits until they are gone:
+/// the private control plane's tests each start from the CRDs they need.
+async fn delete_crds(cp: &ControlPlane) {
+    let mut args = vec!["delete", "crd", "--ignore-not-found", "--timeout=60s"];
+    args.extend(CRDS);
+    cp.kubectl_ok(&args, None).await;
+    for name in CRDS {
+        eventually(&format!("{name} deleted"), WAIT, || async {
+            crd_metadata(cp, name).await.is_none().then_some(())
+        })
+        .await;
+    }
+}
+
+/// A Webhook `name` in `ns` (no operator runs: only the API server's validation matters).
+async fn apply_webhook(cp: &ControlPlane, ns: &str, name: &str) {
+    let manifest = json!({
+        "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "metadata": {"name": name},
+        "spec": {"url": "https://receiver.example/h", "events": ["*"], "secretRef": {"name": "signing"}}
+    })
+    .to_string();
+    cp.kubectl_ok(&["apply", "-n", ns, "-f", "-"], Some(&manifest))
+        .await;
+}
+
+/// Runs `command` with bash, the control plane's kubectl and helm first on the PATH.
+async fn shell(cp: &ControlPlane, command: &str) -> crate::support::Kubectl {
+    let path = format!(
+        "{}:{}",
+        cp.bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    tokio::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", command])
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .env("PATH", path)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("bash runs")
+        .into()
+}
+
+/// Every number as a float: helm's fromYaml/toYaml writes `86400.0` as `86400`, the same number.
+fn numbers_as_floats(v: &Value) -> Value {
+    match v {
+        Value::Number(n) => json!(n.as_f64().unwrap()),
+        Value::Array(items) => Value::Array(items.iter().map(numbers_as_floats).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), numbers_as_floats(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+#[tokio::test]
+async fn the_chart_renders_the_generated_crds_labelled_and_kept_and_none_with_crds_disabled() {
+    let cp = control_plane();
+    let crds_of = |yaml: &str| -> Vec<Value> {
+        objects(yaml)
+            .into_iter()
+            .filter(|o| o["kind"] == "CustomResourceDefinition")
+            .collect()
+    };
+    let defaults = render(cp, "hookrelay-crds", "crds-ns", &[]).await;
+    let rendered = crds_of(&defaults);
+    let generated: Vec<Value> = hookrelay::crd::crd_files()
+        .into_iter()
+        .map(|(_, yaml)| serde_saphyr::from_str(&yaml).unwrap())
+        .collect();
+    assert_eq!(rendered.len(), generated.len(), "{defaults}");
+    for crd in &generated {
+        let name = crd["metadata"]["name"].as_str().unwrap();
+        let ours = object(&rendered, "CustomResourceDefinition", name);
+        // What `hookrelay crds` writes, unchanged by the round trip through the template.
+        assert_eq!(
+            numbers_as_floats(&ours["spec"]),
+            numbers_as_floats(&crd["spec"]),
+            "{name}"
+        );
+        let meta = &ours["metadata"];
+        assert_eq!(meta["annotations"]["helm.sh/resource-policy"], "keep");
+        assert_eq!(meta["labels"]["app.kubernetes.io/managed-by"], "Helm");
+        assert_eq!(
+            meta["labels"]["app.kubernetes.io/instance"],
+            "hookrelay-crds"
+        );
+        assert_eq!(meta["labels"]["app.kubernetes.io/name"], "hookrelay");
+        assert!(meta.get("namespace").is_none(), "{meta}");
+    }
+    let names: Vec<&str> = rendered
+        .iter()
+        .map(|c| c["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, CRDS);
+
+    // crds.keep=false: the same CRDs without the annotation, so that uninstall deletes them.
+    let unkept = render(
+        cp,
+        "hookrelay-crds",
+        "crds-ns",
+        &["--set", "crds.keep=false"],
+    )
+    .await;
+    let unkept = crds_of(&unkept);
+    assert_eq!(unkept.len(), 2);
+    for crd in &unkept {
+        assert!(
+            crd["metadata"]["annotations"]
+                .get("helm.sh/resource-policy")
+                .is_none(),
+            "{crd}"
+        );
+    }
+
+    // crds.enabled=false: no CRD, and nothing else missing.
+    let disabled = render(cp, "hookrelay-crds", "crds-ns", &CRDS_APPLIED_APART).await;
+    assert!(crds_of(&disabled).is_empty(), "{disabled}");
+    let without_crds: Vec<String> = kinds(&objects(&defaults))
+        .into_iter()
+        .filter(|k| k != "CustomResourceDefinition")
+        .collect();
+    assert_eq!(kinds(&objects(&disabled)), without_crds);
+
+    // A wrong type is refused by the schema.
+    let wrong = cp
+        .helm(&["template", "x", &chart(), "--set", "crds.keep=maybe"])
+        .await;
+    assert!(!wrong.success);
+    assert!(
+        wrong
+            .stderr
+            .contains("at '/crds/keep': got string, want boolean"),
+        "{}",
+        wrong.stderr
+    );
+}
+
+#[tokio::test]
+async fn uninstalling_keeps_the_releases_crds_and_webhooks_unless_crds_keep_is_off() {
+    let _private = PRIVATE.lock().await;
+    let cp = private_control_plane();
+    delete_crds(cp).await;
+    let ns = cp.namespace("chart-crds").await;
+    let app = cp.namespace("chart-crds-app").await;
+    let release = "hookrelay-crds";
+    cp.helm_ok(&["install", release, &chart(), "-n", &ns]).await;
+    wait_crds_established(cp).await;
+    for name in CRDS {
+        let meta = crd_metadata(cp, name).await.expect("installed");
+        assert_eq!(meta["labels"]["app.kubernetes.io/managed-by"], "Helm");
+        assert_eq!(meta["labels"]["app.kubernetes.io/instance"], release);
+        assert_eq!(meta["annotations"]["meta.helm.sh/release-name"], release);
+        assert_eq!(meta["annotations"]["meta.helm.sh/release-namespace"], *ns);
+        assert_eq!(meta["annotations"]["helm.sh/resource-policy"], "keep");
+    }
+    assert!(crd_has_held_since(cp).await, "the current CRDs");
+    apply_webhook(cp, &app, "kept").await;
+    create_event(
+        &cp.client().await,
+        &app,
+        "kept-event",
+        "document.completed",
+        json!({"document_id": 1}),
+    )
+    .await;
+
+    // An upgrade finds the CRDs its own and goes through.
+    cp.helm_ok(&[
+        "upgrade",
+        release,
+        &chart(),
+        "-n",
+        &ns,
+        "--set",
+        "config.maxInFlight=64",
+    ])
+    .await;
+
+    let out = cp.helm(&["uninstall", release, "-n", &ns]).await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert!(
+        said.contains("kept due to the resource policy")
+            && said.contains("[CustomResourceDefinition] webhooks.hookrelay.dev"),
+        "{said}"
+    );
+    for name in CRDS {
+        assert!(crd_metadata(cp, name).await.is_some(), "{name} kept");
+    }
+    cp.kubectl_ok(&["get", "webhook", "kept", "-n", &app], None)
+        .await;
+    cp.kubectl_ok(&["get", "documentevent", "kept-event", "-n", &app], None)
+        .await;
+
+    // Installed again under the same name and namespace, the release takes its CRDs back.
+    cp.helm_ok(&["install", release, &chart(), "-n", &ns]).await;
+    cp.kubectl_ok(&["get", "webhook", "kept", "-n", &app], None)
+        .await;
+
+    // crds.keep=false: the annotation goes, and uninstall deletes the CRDs and every Webhook.
+    cp.helm_ok(&[
+        "upgrade",
+        release,
+        &chart(),
+        "-n",
+        &ns,
+        "--set",
+        "crds.keep=false",
+    ])
+    .await;
+    for name in CRDS {
+        let meta = crd_metadata(cp, name).await.expect("still installed");
+        assert!(
+            meta["annotations"].get("helm.sh/resource-policy").is_none(),
+            "{meta}"
+        );
+    }
+    cp.helm_ok(&["uninstall", release, "-n", &ns]).await;
+    for name in CRDS {
+        eventually(&format!("{name} deleted by uninstall"), WAIT, || async {
+            crd_metadata(cp, name).await.is_none().then_some(())
+        })
+        .await;
+    }
+    // The resource type is gone with its objects (kubectl says so as its discovery cache has
+    // it or not).
+    let gone = cp.kubectl(&["get", "webhooks", "-n", &app], None).await;
+    assert!(!gone.success, "{}", gone.stdout);
+    assert!(
+        gone.stderr
+            .contains("the server doesn't have a resource type \"webhooks\"")
+            || gone
+                .stderr
+                .contains("the server could not find the requested resource"),
+        "{}",
+        gone.stderr
+    );
+}
+
+/// Copies the directory `from` into `to`, recursively.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The chart as earlier versions had it: the CRDs in crds/ (which Helm installs on the first
+/// install without its ownership labels, and never upgrades), in the form they had before
+/// `heldSince`, and no templates/crds.yaml.
+fn earlier_chart() -> PathBuf {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "hookrelay-earlier-chart-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let chart = dir.join("hookrelay");
+    copy_dir(&repo_root().join("charts/hookrelay"), &chart);
+    std::fs::remove_file(chart.join("templates/crds.yaml")).unwrap();
+    std::fs::remove_dir_all(chart.join("files/crds")).unwrap();
+    std::fs::create_dir_all(chart.join("crds")).unwrap();
+    for (name, json) in crd_files_without_held_since() {
+        std::fs::write(chart.join("crds").join(name), json).unwrap();
+    }
+    chart
+}
+
+/// The adoption command of the chart README's upgrade notes, for `release` in `namespace`.
+fn documented_adoption(release: &str, namespace: &str) -> String {
+    let readme = std::fs::read_to_string(repo_root().join("charts/hookrelay/README.md"))
+        .expect("the chart README");
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("kubectl label crd "))
+        .expect("the chart README gives the adoption command");
+    assert!(
+        line.contains("$RELEASE") && line.contains("$NAMESPACE"),
+        "{line}"
+    );
+    line.replace("$RELEASE", release)
+        .replace("$NAMESPACE", namespace)
+}
+
+#[tokio::test]
+async fn an_earlier_charts_crds_fail_the_upgrade_clearly_until_adopted() {
+    let _private = PRIVATE.lock().await;
+    let cp = private_control_plane();
+    delete_crds(cp).await;
+    let earlier = earlier_chart();
+    let earlier = earlier.to_str().unwrap();
+    let ns = cp.namespace("chart-adopt").await;
+    let app = cp.namespace("chart-adopt-app").await;
+    let release = "hookrelay-adopt";
+    cp.helm_ok(&["install", release, earlier, "-n", &ns]).await;
+    wait_crds_established(cp).await;
+    for name in CRDS {
+        let meta = crd_metadata(cp, name).await.expect("installed from crds/");
+        assert!(
+            meta["labels"].get("app.kubernetes.io/managed-by").is_none(),
+            "{meta}"
+        );
+        assert!(
+            meta["annotations"]
+                .get("meta.helm.sh/release-name")
+                .is_none(),
+            "{meta}"
+        );
+    }
+    assert!(!crd_has_held_since(cp).await, "the earlier CRDs");
+    apply_webhook(cp, &app, "from-before").await;
+
+    // A new release, and the upgrade of the existing one, are refused before anything changes,
+    // with the command that adopts the CRDs for that release.
+    let other_ns = cp.namespace("chart-adopt-other").await;
+    let other = cp
+        .helm(&["install", "hookrelay-other", &chart(), "-n", &other_ns])
+        .await;
+    assert!(!other.success, "{}", other.stdout);
+    assert!(
+        other.stderr.contains("exists but no Helm release owns it")
+            && other
+                .stderr
+                .contains(&documented_adoption("hookrelay-other", &other_ns)),
+        "{}",
+        other.stderr
+    );
+    let refused = cp.helm(&["upgrade", release, &chart(), "-n", &ns]).await;
+    assert!(!refused.success, "{}", refused.stdout);
+    let adoption = documented_adoption(release, &ns);
+    assert!(
+        refused
+            .stderr
+            .contains("exists but no Helm release owns it")
+            && refused.stderr.contains(&adoption),
+        "{}",
+        refused.stderr
+    );
+    assert!(!crd_has_held_since(cp).await, "nothing changed");
+    // The documented adoption, then the upgrade: the release owns the CRDs and upgrades them.
+    let adopted = shell(cp, &adoption).await;
+    assert!(
+        adopted.success,
+        "{adoption}: {}{}",
+        adopted.stdout, adopted.stderr
+    );
+    cp.helm_ok(&["upgrade", release, &chart(), "-n", &ns]).await;
+    for name in CRDS {
+        let meta = crd_metadata(cp, name).await.expect("still there");
+        assert_eq!(meta["labels"]["app.kubernetes.io/managed-by"], "Helm");
+        assert_eq!(meta["labels"]["app.kubernetes.io/instance"], release);
+        assert_eq!(meta["annotations"]["meta.helm.sh/release-name"], release);
+        assert_eq!(meta["annotations"]["helm.sh/resource-policy"], "keep");
+    }
+    assert!(
+        crd_has_held_since(cp).await,
+        "the release upgraded the CRDs"
+    );
+    cp.kubectl_ok(&["get", "webhook", "from-before", "-n", &app], None)
+        .await;
+
+    // A second release in the cluster: refused the first one's CRDs, and fine without them.
+    let second = cp
+        .helm(&["install", "hookrelay-other", &chart(), "-n", &other_ns])
+        .await;
+    assert!(!second.success, "{}", second.stdout);
+    assert!(
+        second.stderr.contains(&format!(
+            "belongs to the Helm release {release} in namespace {ns}"
+        )) && second.stderr.contains("--set crds.enabled=false"),
+        "{}",
+        second.stderr
+    );
+    cp.helm_ok(&[
+        "install",
+        "hookrelay-other",
+        &chart(),
+        "-n",
+        &other_ns,
+        CRDS_APPLIED_APART[0],
+        CRDS_APPLIED_APART[1],
+    ])
+    .await;
+    cp.helm_ok(&["uninstall", "hookrelay-other", "-n", &other_ns])
+        .await;
+    cp.helm_ok(&["uninstall", release, "-n", &ns]).await;
+    for name in CRDS {
+        assert!(crd_metadata(cp, name).await.is_some(), "{name} kept");
+    }
+    let _ = std::fs::remove_dir_all(Path::new(earlier).parent().unwrap());
 }
