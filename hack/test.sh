@@ -43,6 +43,9 @@ step "helm lint (defaults, and every option on)"
 helm lint --strict charts/hookrelay
 helm lint --strict charts/hookrelay -f charts/hookrelay/ci/all-on-values.yaml
 
+step "chart README: what helm-docs generates from README.md.gotmpl and values.yaml, every value described"
+hack/helm-docs.sh check
+
 step "build tests"
 cargo test --locked --features test-seams --no-run
 

@@ -2244,3 +2244,102 @@ async fn an_earlier_charts_crds_fail_the_upgrade_clearly_until_adopted() {
     }
     let _ = std::fs::remove_dir_all(Path::new(earlier).parent().unwrap());
 }
+
+/// One rule of a role: (kind, name with `<fullname>`, API group, resources, names, verbs).
+type RoleRule = (
+    String,
+    String,
+    String,
+    Vec<String>,
+    Vec<String>,
+    Vec<String>,
+);
+
+/// The rules of the chart README's RBAC table.
+fn readme_rbac_rules() -> Vec<RoleRule> {
+    let readme = std::fs::read_to_string(repo_root().join("charts/hookrelay/README.md"))
+        .expect("the chart README");
+    let section = readme
+        .split_once("\n## RBAC\n")
+        .expect("an RBAC section")
+        .1
+        .split_once("\n### ")
+        .expect("a subsection after the table")
+        .0;
+    let list = |cell: &str| -> Vec<String> {
+        let mut items: Vec<String> = cell
+            .split(',')
+            .map(|i| i.trim().trim_matches('`').to_owned())
+            .filter(|i| !i.is_empty())
+            .collect();
+        items.sort();
+        items
+    };
+    section
+        .lines()
+        .filter(|l| l.starts_with("| ClusterRole `") || l.starts_with("| Role `"))
+        .map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let (kind, name) = cells[1].split_once(' ').expect("kind and name");
+            let group = cells[3].trim_matches('`');
+            (
+                kind.to_owned(),
+                name.trim_matches('`').to_owned(),
+                if group == "\"\"" { "" } else { group }.to_owned(),
+                list(cells[4]),
+                list(cells[5]),
+                list(cells[6]),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_chart_readme_lists_every_rule_the_chart_grants_and_no_other() {
+    let cp = control_plane();
+    let release = "hookrelay-doc";
+    // Every role on: the viewer role is off by default.
+    let rendered = render(
+        cp,
+        release,
+        "doc-ns",
+        &["--set", "web.viewerRole.create=true"],
+    )
+    .await;
+    let sorted = |v: &Value| -> Vec<String> {
+        let mut items: Vec<String> = v
+            .as_array()
+            .map(|a| a.iter().map(|i| i.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default();
+        items.sort();
+        items
+    };
+    let mut granted: Vec<RoleRule> = Vec::new();
+    for role in objects(&rendered)
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+    {
+        let name = role["metadata"]["name"].as_str().unwrap();
+        let name = name.replacen(release, "<fullname>", 1);
+        for rule in role["rules"].as_array().unwrap() {
+            let groups = sorted(&rule["apiGroups"]);
+            assert_eq!(groups.len(), 1, "{rule}");
+            granted.push((
+                role["kind"].as_str().unwrap().to_owned(),
+                name.clone(),
+                groups[0].clone(),
+                sorted(&rule["resources"]),
+                sorted(&rule["resourceNames"]),
+                sorted(&rule["verbs"]),
+            ));
+        }
+    }
+    let mut documented = readme_rbac_rules();
+    granted.sort();
+    documented.sort();
+    assert!(granted.len() >= 15, "{rendered}");
+    assert_eq!(
+        documented, granted,
+        "charts/hookrelay/README.md.gotmpl's RBAC table and the rendered roles"
+    );
+}
