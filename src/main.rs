@@ -63,11 +63,6 @@ enum Command {
     },
 }
 
-/// The commit and the date of the build, when the build says them (the Dockerfile's `COMMIT` and
-/// `BUILD_DATE` arguments, `hack/test.sh`); a plain `cargo build` leaves them unknown.
-const BUILD_COMMIT: Option<&str> = option_env!("HOOKRELAY_BUILD_COMMIT");
-const BUILD_DATE: Option<&str> = option_env!("HOOKRELAY_BUILD_DATE");
-
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum LogFormat {
     Text,
@@ -127,8 +122,8 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "hookrelay {} (commit {}, built {})",
                 env!("CARGO_PKG_VERSION"),
-                BUILD_COMMIT.unwrap_or("unknown"),
-                BUILD_DATE.unwrap_or("unknown")
+                hookrelay::metrics::BUILD_COMMIT.unwrap_or("unknown"),
+                hookrelay::metrics::BUILD_DATE.unwrap_or("unknown")
             );
             Ok(())
         }

@@ -1,4 +1,7 @@
-//! Prometheus metrics. Labels are bounded: kinds, outcomes, result classes; never object names.
+//! Prometheus metrics. Labels are bounded: kinds, outcomes, result classes, refusal reasons;
+//! never object names. The one label that is not a fixed set is `namespace` on the delivery
+//! metrics: the namespace of the Webhook delivered to, bounded by the namespaces the operator
+//! watches (only they have Webhooks it routes to), as kube-state-metrics' `namespace` label is.
 
 use std::sync::Arc;
 
@@ -10,10 +13,18 @@ use prometheus_client::{
 
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
+/// The commit and the date of the build, when the build says them (the Dockerfile's `COMMIT`
+/// and `BUILD_DATE` arguments, `hack/test.sh`); a plain `cargo build` leaves them unknown.
+/// `hookrelay version` prints them; `hookrelay_build_info` exports the commit.
+pub const BUILD_COMMIT: Option<&str> = option_env!("HOOKRELAY_BUILD_COMMIT");
+pub const BUILD_DATE: Option<&str> = option_env!("HOOKRELAY_BUILD_DATE");
+
 use crate::crd::Outcome;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeliveryLabels {
+    /// The Webhook's namespace: bounded by the watched namespaces (see the module's doc).
+    pub namespace: String,
     /// `Succeeded`, `Retrying` or `Failed`.
     pub outcome: &'static str,
     /// `2xx`, `3xx`, `4xx`, `5xx`, or `none` when no answer came.
@@ -21,7 +32,7 @@ pub struct DeliveryLabels {
 }
 
 impl DeliveryLabels {
-    pub fn new(outcome: Outcome, http_status: Option<i32>) -> Self {
+    pub fn new(namespace: &str, outcome: Outcome, http_status: Option<i32>) -> Self {
         let outcome = match outcome {
             Outcome::Succeeded => "Succeeded",
             Outcome::Retrying => "Retrying",
@@ -35,10 +46,86 @@ impl DeliveryLabels {
             None => "none",
         };
         Self {
+            namespace: namespace.to_owned(),
             outcome,
             status_class,
         }
     }
+}
+
+/// A Webhook's namespace, on the delivery metrics that have no other label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabels {
+    /// Bounded by the watched namespaces (see the module's doc).
+    pub namespace: String,
+}
+
+impl NamespaceLabels {
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildInfoLabels {
+    /// The crate's version.
+    pub version: &'static str,
+    /// The commit it was built from, or `unknown` (see [`BUILD_COMMIT`]).
+    pub commit: &'static str,
+}
+
+/// Why `POST /api/events` refused a request for lack of room: the error codes clients see.
+/// A fixed set, so that the label is bounded.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum IngestRefusal {
+    /// Direct: the whole direct queue is full (`--direct-queue-size`), all namespaces.
+    queue_full,
+    /// Direct: one Webhook's line does not drain within `--direct-max-queue-delay`.
+    queue_slow,
+    /// Direct: one namespace holds its whole share of the direct queue.
+    namespace_queue_full,
+    /// Direct: one request makes more deliveries than the queue or a namespace's share holds.
+    too_many_deliveries,
+    /// JetStream: the stream is at its limits (503).
+    jetstream_full,
+    /// JetStream: `--nats-max-publishing` events are being stored already (all, or one
+    /// namespace's share).
+    jetstream_busy,
+    /// JetStream: one namespace holds its share of the stream.
+    namespace_quota,
+    /// Durable and JetStream: storing took half of `--request-timeout`; the rest was not
+    /// stored.
+    ingest_slow,
+}
+
+impl IngestRefusal {
+    /// The refusal an API error code stands for, if it is one for lack of room.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Some(match code {
+            "queue_full" => Self::queue_full,
+            "queue_slow" => Self::queue_slow,
+            "namespace_queue_full" => Self::namespace_queue_full,
+            "too_many_deliveries" => Self::too_many_deliveries,
+            "jetstream_full" => Self::jetstream_full,
+            "jetstream_busy" => Self::jetstream_busy,
+            "namespace_quota" => Self::namespace_quota,
+            "ingest_slow" => Self::ingest_slow,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IngestRefusalLabels {
+    pub reason: IngestRefusal,
+}
+
+/// The buckets of `hookrelay_delivery_duration_seconds`: 5 ms to about 41 s.
+fn delivery_duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -103,9 +190,9 @@ pub struct Metrics {
     pub webhooks: Family<WebhookStateLabels, Gauge>,
     pub kube_requests: Family<KubeRequestLabels, Counter>,
     pub deliveries: Family<DeliveryLabels, Counter>,
-    pub delivery_duration: Histogram,
-    /// Deliveries (event x webhook) not finished yet.
-    pub pending_deliveries: Gauge,
+    pub delivery_duration: Family<NamespaceLabels, Histogram, fn() -> Histogram>,
+    /// DocumentEvent deliveries (event x webhook) not finished yet, by the Webhook's namespace.
+    pub pending_deliveries: Family<NamespaceLabels, Gauge>,
     pub http_requests: Family<HttpLabels, Counter>,
     /// 1 while this replica leads (always, without leader election).
     pub leader: Gauge,
@@ -125,6 +212,18 @@ pub struct Metrics {
     /// Direct ingest: deliveries accepted but not finished when the operator stopped (direct
     /// mode keeps them in memory only).
     pub direct_deliveries_lost: Counter,
+    /// 1, labelled with the version and the commit.
+    pub build_info: Family<BuildInfoLabels, Gauge>,
+    /// Delivery slots (`--max-in-flight`) held by attempts talking to their endpoints now.
+    pub delivery_slots_in_use: Gauge,
+    /// `--max-in-flight`: attempts in flight at once, all Webhooks.
+    pub delivery_slots: Gauge,
+    /// Direct ingest: places of the direct queue held by deliveries not finished yet.
+    pub direct_queue_used: Gauge,
+    /// Direct ingest: the direct queue's size (`--direct-queue-size`); 0 in other modes.
+    pub direct_queue_capacity: Gauge,
+    /// `POST /api/events` requests refused for lack of room, by reason.
+    pub ingest_refused: Family<IngestRefusalLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -157,19 +256,22 @@ impl Default for Metrics {
         let deliveries = Family::<DeliveryLabels, Counter>::default();
         registry.register(
             "delivery_attempts",
-            "Delivery attempts by outcome and HTTP status class",
+            "Delivery attempts by the Webhook's namespace (bounded by the watched namespaces), outcome and HTTP status class",
             deliveries.clone(),
         );
-        let delivery_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let delivery_duration =
+            Family::<NamespaceLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                delivery_duration_histogram,
+            );
         registry.register(
             "delivery_duration_seconds",
-            "Time of one delivery attempt, request to response",
+            "Time of one delivery attempt, request to response, by the Webhook's namespace (bounded by the watched namespaces)",
             delivery_duration.clone(),
         );
-        let pending_deliveries = Gauge::default();
+        let pending_deliveries = Family::<NamespaceLabels, Gauge>::default();
         registry.register(
             "pending_deliveries",
-            "Deliveries (event x webhook) not finished yet",
+            "DocumentEvent deliveries (event x webhook) not finished yet, by the Webhook's namespace (bounded by the watched namespaces)",
             pending_deliveries.clone(),
         );
         let http_requests = Family::<HttpLabels, Counter>::default();
@@ -226,6 +328,48 @@ impl Default for Metrics {
             "Direct ingest: deliveries accepted but not finished when the operator stopped (still in line, waiting to retry or held, or abandoned while being sent); direct mode is at-most-once across a restart",
             direct_deliveries_lost.clone(),
         );
+        let build_info = Family::<BuildInfoLabels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "1, labelled with the version and the commit this operator was built from",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&BuildInfoLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                commit: BUILD_COMMIT.unwrap_or("unknown"),
+            })
+            .set(1);
+        let delivery_slots_in_use = Gauge::default();
+        registry.register(
+            "delivery_slots_in_use",
+            "Delivery slots held by attempts talking to their endpoints now, every ingest mode (of hookrelay_delivery_slots)",
+            delivery_slots_in_use.clone(),
+        );
+        let delivery_slots = Gauge::default();
+        registry.register(
+            "delivery_slots",
+            "Delivery attempts in flight at once, all Webhooks (--max-in-flight)",
+            delivery_slots.clone(),
+        );
+        let direct_queue_used = Gauge::default();
+        registry.register(
+            "direct_queue_used",
+            "Direct ingest: places of the direct queue held by deliveries not finished yet (of hookrelay_direct_queue_capacity)",
+            direct_queue_used.clone(),
+        );
+        let direct_queue_capacity = Gauge::default();
+        registry.register(
+            "direct_queue_capacity",
+            "Direct ingest: the direct queue's size (--direct-queue-size); 0 in other ingest modes",
+            direct_queue_capacity.clone(),
+        );
+        let ingest_refused = Family::<IngestRefusalLabels, Counter>::default();
+        registry.register(
+            "ingest_refused",
+            "POST /api/events requests refused for lack of room, by reason (the error code the client got: queue_full, queue_slow, namespace_queue_full, too_many_deliveries, jetstream_full, jetstream_busy, namespace_quota, ingest_slow)",
+            ingest_refused.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             status_patches,
@@ -243,6 +387,12 @@ impl Default for Metrics {
             rate_limited,
             rate_limit_waiting,
             direct_deliveries_lost,
+            build_info,
+            delivery_slots_in_use,
+            delivery_slots,
+            direct_queue_used,
+            direct_queue_capacity,
+            ingest_refused,
         }
     }
 }
@@ -301,8 +451,28 @@ impl Metrics {
     }
 
     pub fn observe_delivery(&self, labels: DeliveryLabels, duration: std::time::Duration) {
+        self.delivery_duration
+            .get_or_create(&NamespaceLabels {
+                namespace: labels.namespace.clone(),
+            })
+            .observe(duration.as_secs_f64());
         self.deliveries.get_or_create(&labels).inc();
-        self.delivery_duration.observe(duration.as_secs_f64());
+    }
+
+    /// Counts a `POST /api/events` refusal if its error `code` is one for lack of room.
+    pub fn observe_ingest_refusal(&self, code: &str) {
+        if let Some(reason) = IngestRefusal::from_code(code) {
+            self.ingest_refused
+                .get_or_create(&IngestRefusalLabels { reason })
+                .inc();
+        }
+    }
+
+    /// The pending-deliveries gauge of `namespace`.
+    pub fn pending_in(&self, namespace: &str) -> Gauge {
+        self.pending_deliveries
+            .get_or_create(&NamespaceLabels::new(namespace))
+            .clone()
     }
 
     /// Status patches so far of `kind` with `result`.
@@ -374,5 +544,98 @@ mod tests {
             text.contains(r#"hookrelay_status_patches_total{kind="Webhook",result="Ok"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn delivery_metrics_are_labelled_with_the_webhooks_namespace() {
+        let m = Metrics::default();
+        let ms = std::time::Duration::from_millis(20);
+        m.observe_delivery(
+            DeliveryLabels::new("team-a", Outcome::Succeeded, Some(204)),
+            ms,
+        );
+        m.observe_delivery(
+            DeliveryLabels::new("team-b", Outcome::Failed, Some(500)),
+            ms,
+        );
+        m.observe_delivery(DeliveryLabels::new("team-b", Outcome::Retrying, None), ms);
+        let text = m.encode();
+        for line in [
+            r#"hookrelay_delivery_attempts_total{namespace="team-a",outcome="Succeeded",status_class="2xx"} 1"#,
+            r#"hookrelay_delivery_attempts_total{namespace="team-b",outcome="Failed",status_class="5xx"} 1"#,
+            r#"hookrelay_delivery_attempts_total{namespace="team-b",outcome="Retrying",status_class="none"} 1"#,
+            r#"hookrelay_delivery_duration_seconds_count{namespace="team-a"} 1"#,
+            r#"hookrelay_delivery_duration_seconds_count{namespace="team-b"} 2"#,
+            r#"hookrelay_delivery_duration_seconds_bucket{le="0.04",namespace="team-b"} 2"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+        m.pending_in("team-a").inc();
+        m.pending_in("team-a").inc();
+        m.pending_in("team-a").dec();
+        assert_eq!(m.pending_in("team-a").get(), 1);
+        assert!(
+            m.encode()
+                .contains(r#"hookrelay_pending_deliveries{namespace="team-a"} 1"#)
+        );
+    }
+
+    #[test]
+    fn build_info_names_the_version_and_the_commit() {
+        let text = Metrics::default().encode();
+        let line = format!(
+            r#"hookrelay_build_info{{version="{}",commit="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION"),
+            BUILD_COMMIT.unwrap_or("unknown")
+        );
+        assert!(text.lines().any(|l| l == line), "{line} in {text}");
+    }
+
+    #[test]
+    fn ingest_refusals_are_counted_by_reason_and_other_errors_are_not() {
+        let m = Metrics::default();
+        for code in ["queue_full", "queue_full", "jetstream_full", "ingest_slow"] {
+            m.observe_ingest_refusal(code);
+        }
+        // Errors that are not for lack of room mint no series.
+        for code in ["invalid", "not_ready", "idempotency_conflict", "forbidden"] {
+            m.observe_ingest_refusal(code);
+        }
+        let text = m.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("hookrelay_ingest_refused_total{"))
+            .collect::<Vec<_>>();
+        let mut expected = [
+            r#"hookrelay_ingest_refused_total{reason="queue_full"} 2"#,
+            r#"hookrelay_ingest_refused_total{reason="jetstream_full"} 1"#,
+            r#"hookrelay_ingest_refused_total{reason="ingest_slow"} 1"#,
+        ];
+        let mut series = series;
+        series.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(series, expected, "{text}");
+        // Every reason is the code the client got.
+        for reason in [
+            "queue_full",
+            "queue_slow",
+            "namespace_queue_full",
+            "too_many_deliveries",
+            "jetstream_full",
+            "jetstream_busy",
+            "namespace_quota",
+            "ingest_slow",
+        ] {
+            let refusal = IngestRefusal::from_code(reason).expect(reason);
+            m.ingest_refused
+                .get_or_create(&IngestRefusalLabels { reason: refusal })
+                .inc();
+            assert!(
+                m.encode().contains(&format!(
+                    r#"hookrelay_ingest_refused_total{{reason="{reason}"}}"#
+                )),
+                "{reason}"
+            );
+        }
     }
 }

@@ -698,7 +698,10 @@ impl DocumentEventController {
             leadership: self.term.leadership.clone(),
             stop: cancel.clone(),
         };
-        self.tasks.metrics.pending_deliveries.inc();
+        self.tasks
+            .metrics
+            .pending_in(&delivery.webhook.namespace)
+            .inc();
         // Live events are taken over in the order they were created; after a restart the
         // list's order (by name) within one second of creation.
         let order = self.tasks.dispatcher.ticket(&delivery, event.created);
@@ -992,7 +995,7 @@ async fn deliver(
         order.as_mut(),
     )
     .await;
-    ctx.metrics.pending_deliveries.dec();
+    ctx.metrics.pending_in(&delivery.webhook.namespace).dec();
 }
 
 /// A delivery's progress goes to the controller, which owns the event's status; it waits in
@@ -1298,7 +1301,7 @@ mod tests {
         }
         // Nothing reads `updates` meanwhile: the one place in the channel is soon taken.
         tokio::time::timeout(Duration::from_secs(10), async {
-            while metrics.pending_deliveries.get() < 20 {
+            while metrics.pending_in("docs").get() < 20 {
                 tokio::task::yield_now().await;
             }
         })

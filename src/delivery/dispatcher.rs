@@ -78,6 +78,24 @@ pub enum RouteCheck {
 #[derive(Debug)]
 pub struct Slots {
     _permits: [tokio::sync::OwnedSemaphorePermit; 3],
+    _in_use: SlotInUse,
+}
+
+/// Counts one global slot in `hookrelay_delivery_slots_in_use` while it is held.
+#[derive(Debug)]
+struct SlotInUse(prometheus_client::metrics::gauge::Gauge);
+
+impl SlotInUse {
+    fn new(metrics: &Metrics) -> Self {
+        metrics.delivery_slots_in_use.inc();
+        Self(metrics.delivery_slots_in_use.clone())
+    }
+}
+
+impl Drop for SlotInUse {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// How a call to [`Dispatcher::send`] ended.
@@ -159,6 +177,7 @@ impl Dispatcher {
         metrics: Metrics,
         config: DispatcherConfig,
     ) -> Self {
+        metrics.delivery_slots.set(config.global.max(1) as i64);
         Self {
             sender,
             routes,
@@ -284,6 +303,7 @@ impl Dispatcher {
         };
         Ok(Slots {
             _permits: [webhook, namespace, global],
+            _in_use: SlotInUse::new(&self.metrics),
         })
     }
 
@@ -458,8 +478,10 @@ impl Dispatcher {
             span.record("error.message", error.as_str());
         }
         drop(span);
-        self.metrics
-            .observe_delivery(DeliveryLabels::new(outcome, http_status), duration);
+        self.metrics.observe_delivery(
+            DeliveryLabels::new(&route.key.namespace, outcome, http_status),
+            duration,
+        );
         let record = DeliveryRecord {
             id: delivery.id.clone(),
             event: delivery.event.event.to_string(),

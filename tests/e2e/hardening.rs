@@ -339,7 +339,7 @@ async fn attempts_waiting_for_a_lane_are_not_sent_once_the_webhook_is_paused() {
         .await;
     }
     eventually("8 in flight and 12 deliveries started", WAIT, || async {
-        (receiver.counts() == (8, 8) && op.op.metrics.pending_deliveries.get() == EVENTS as i64)
+        (receiver.counts() == (8, 8) && op.op.metrics.pending_in(&ns).get() == EVENTS as i64)
             .then_some(())
     })
     .await;

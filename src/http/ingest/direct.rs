@@ -88,6 +88,30 @@ pub struct Admission {
 pub struct DirectPermit {
     _global: OwnedSemaphorePermit,
     _share: NamespaceShare,
+    _used: QueuePlaces,
+}
+
+/// Counts the places of one request in `hookrelay_direct_queue_used` while they are held.
+struct QueuePlaces {
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    count: i64,
+}
+
+impl QueuePlaces {
+    fn take(metrics: &Metrics, count: usize) -> Self {
+        let count = count as i64;
+        metrics.direct_queue_used.inc_by(count);
+        Self {
+            gauge: metrics.direct_queue_used.clone(),
+            count,
+        }
+    }
+}
+
+impl Drop for QueuePlaces {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.count);
+    }
 }
 
 struct NamespaceShare {
@@ -126,8 +150,9 @@ impl DirectIngest {
         }
     }
 
-    /// Count lost direct deliveries in the operator's metrics.
+    /// Count lost direct deliveries, and the queue's size and use, in the operator's metrics.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        metrics.direct_queue_capacity.set(self.capacity as i64);
         self.metrics = metrics;
         self
     }
@@ -374,6 +399,7 @@ impl DirectIngest {
             permit: DirectPermit {
                 _global: global,
                 _share: share,
+                _used: QueuePlaces::take(&self.metrics, needed),
             },
             accepted,
             duplicates,
@@ -664,10 +690,11 @@ mod tests {
 
     #[test]
     fn the_global_queue_still_bounds_every_namespace_together() {
-        let direct = DirectIngest::new(3, 2);
+        let metrics = Metrics::default();
+        let direct = DirectIngest::new(3, 2).with_metrics(metrics.clone());
         let t = table(&[("a", "w"), ("b", "w"), ("c", "w")]);
         let one = || vec![event(r#"{"event":"document.error","data":{}}"#)];
-        let _held: Vec<Admission> = ["a", "b", "c"]
+        let held: Vec<Admission> = ["a", "b", "c"]
             .into_iter()
             .map(|ns| {
                 direct
@@ -683,6 +710,16 @@ mod tests {
             (e.status, e.code),
             (StatusCode::TOO_MANY_REQUESTS, Problem::QueueFull)
         );
+        // The saturation the metrics show: the whole queue used, given back with the permits.
+        assert_eq!(
+            (
+                metrics.direct_queue_used.get(),
+                metrics.direct_queue_capacity.get()
+            ),
+            (3, 3)
+        );
+        drop(held);
+        assert_eq!(metrics.direct_queue_used.get(), 0);
     }
 
     #[test]

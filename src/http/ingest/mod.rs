@@ -258,7 +258,11 @@ pub async fn ingest(
             IngestMode::JetStream => jetstream(&state, &namespace, events).await,
         }
     };
-    tracing::Instrument::instrument(accepted, span).await
+    let reply = tracing::Instrument::instrument(accepted, span).await;
+    if let Err(refused) = &reply {
+        state.metrics.observe_ingest_refusal(refused.code);
+    }
+    reply
 }
 
 /// When a request stops starting new stores: half-way to `--request-timeout` (which counts from
