@@ -81,7 +81,7 @@ pub struct BuildInfoLabels {
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum IngestRefusal {
-    /// Direct: the whole direct queue is full (`--direct-queue-size`), all namespaces.
+    /// Direct: the whole direct queue is full (`--direct-queue`), all namespaces.
     queue_full,
     /// Direct: one Webhook's line does not drain within `--direct-max-queue-delay`.
     queue_slow,
@@ -220,7 +220,7 @@ pub struct Metrics {
     pub delivery_slots: Gauge,
     /// Direct ingest: places of the direct queue held by deliveries not finished yet.
     pub direct_queue_used: Gauge,
-    /// Direct ingest: the direct queue's size (`--direct-queue-size`); 0 in other modes.
+    /// Direct ingest: the direct queue's size (`--direct-queue`); 0 in other modes.
     pub direct_queue_capacity: Gauge,
     /// `POST /api/events` requests refused for lack of room, by reason.
     pub ingest_refused: Family<IngestRefusalLabels, Counter>,
@@ -361,7 +361,7 @@ impl Default for Metrics {
         let direct_queue_capacity = Gauge::default();
         registry.register(
             "direct_queue_capacity",
-            "Direct ingest: the direct queue's size (--direct-queue-size); 0 in other ingest modes",
+            "Direct ingest: the direct queue's size (--direct-queue); 0 in other ingest modes",
             direct_queue_capacity.clone(),
         );
         let ingest_refused = Family::<IngestRefusalLabels, Counter>::default();
