@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, lints, unit tests, the end-to-end tests against a real
-# kube-apiserver + etcd, and the cluster tests on a real one-node cluster (kubelet, containerd,
-# kube-proxy, CoreDNS; needs root) with hookrelay's image made from the release binary. The Go
-# binaries are built once per machine by hack/control-plane.sh and cached by version.
+# kube-apiserver + etcd (the monitoring ones with a real Prometheus too), and the cluster tests
+# on a real one-node cluster (kubelet, containerd, kube-proxy, CoreDNS; needs root) with
+# hookrelay's image made from the release binary. The Go binaries are built once per machine
+# by hack/control-plane.sh, hack/nats.sh and hack/prometheus.sh, cached by version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,10 @@ export PATH="$BIN:$PATH"
 
 step "nats-server (JetStream, for --ingest-mode jetstream)"
 hack/nats.sh build
+
+step "prometheus and promtool (the monitoring tests: the chart's alerts and dashboard)"
+PROMETHEUS_BIN=$(hack/prometheus.sh build)
+"$PROMETHEUS_BIN/prometheus" --version | head -1
 
 step "test receivers (Python and Node, from the contract's verification code)"
 hack/receivers.sh
