@@ -29,7 +29,7 @@ use crate::support::{
 const WAIT: Duration = Duration::from_secs(60);
 const SECRET: &str = "chart-test-signing-secret-0123456789";
 
-fn chart() -> String {
+pub(crate) fn chart() -> String {
     repo_root().join("charts/hookrelay").display().to_string()
 }
 
@@ -76,7 +76,12 @@ static PRIVATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const CRDS_APPLIED_APART: [&str; 2] = ["--set", "crds.enabled=false"];
 
 /// `helm template` of the chart as release `release` in `namespace`.
-async fn render(cp: &ControlPlane, release: &str, namespace: &str, extra: &[&str]) -> String {
+pub(crate) async fn render(
+    cp: &ControlPlane,
+    release: &str,
+    namespace: &str,
+    extra: &[&str],
+) -> String {
     let chart = chart();
     let mut args = vec!["template", release, chart.as_str(), "-n", namespace];
     args.extend(extra);
@@ -84,7 +89,7 @@ async fn render(cp: &ControlPlane, release: &str, namespace: &str, extra: &[&str
 }
 
 /// The objects of a multi-document YAML stream (comment-only documents dropped).
-fn objects(yaml: &str) -> Vec<Value> {
+pub(crate) fn objects(yaml: &str) -> Vec<Value> {
     serde_saphyr::from_multiple::<Value>(yaml)
         .expect("helm renders YAML")
         .into_iter()
@@ -487,6 +492,7 @@ async fn the_chart_lints_and_renders_valid_manifests_with_defaults_and_every_opt
     for created in [
         "servicemonitor.monitoring.coreos.com/hookrelay-every created (server dry run)",
         "prometheusrule.monitoring.coreos.com/hookrelay-every created (server dry run)",
+        "configmap/hookrelay-every-dashboard created (server dry run)",
         "certificate.cert-manager.io/hookrelay-every created (server dry run)",
         "networkpolicy.networking.k8s.io/hookrelay-every created (server dry run)",
         "poddisruptionbudget.policy/hookrelay-every created (server dry run)",

@@ -24,6 +24,7 @@ mod hardening;
 mod ingest;
 mod jetstream;
 mod leader;
+mod monitoring;
 mod operator;
 mod rate_limit_and_ordering;
 mod recover;

@@ -14,6 +14,7 @@
 //!   ([`InProcess`], [`ModeOperator`]).
 //! - [`receivers`]: the endpoints Webhooks deliver to.
 //! - [`nats`]: nats-server for `--ingest-mode jetstream`.
+//! - [`prometheus`]: a real Prometheus scraping an operator, and promtool.
 //! - [`http`]: raw HTTP to the operator's API, ingest, metrics and probes.
 //! - [`resources`]: the Kubernetes objects tests create and the states they wait for.
 //! - [`process`]: running helper programs and reading a process's memory.
@@ -25,6 +26,7 @@ pub mod http;
 pub mod nats;
 pub mod operator;
 pub mod process;
+pub mod prometheus;
 pub mod receivers;
 pub mod resources;
 
@@ -45,6 +47,7 @@ pub use self::{
         local_args, one_leader,
     },
     process::rss_mib,
+    prometheus::{Prometheus, ScrapeTarget, promtool},
     receivers::{Blackhole, CountingReceiver, Received, Receiver, ReceiverKind},
     resources::{
         counting_webhook, create_event, create_webhook, create_webhook_to, grant, grant_hookrelay,
