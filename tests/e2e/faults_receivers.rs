@@ -25,16 +25,14 @@ use tokio::{
 
 use crate::support::{
     CountingReceiver, InProcess, ModeOperator, NatsServer, Operator, OperatorArgs, control_plane,
-    create_webhook, eventually, free_port, metric, rss_mib,
+    create_webhook, eventually, free_port, metric_with, rss_mib,
 };
 
 const SECRET: &str = "a-signing-secret-for-receiver-faults";
-const RETRYING_NO_ANSWER: &str =
-    "hookrelay_delivery_attempts_total{outcome=\"Retrying\",status_class=\"none\"}";
-const SUCCEEDED: &str =
-    "hookrelay_delivery_attempts_total{outcome=\"Succeeded\",status_class=\"2xx\"}";
-const FAILED_NO_ANSWER: &str =
-    "hookrelay_delivery_attempts_total{outcome=\"Failed\",status_class=\"none\"}";
+const ATTEMPTS: &str = "hookrelay_delivery_attempts_total";
+const RETRYING_NO_ANSWER: &[(&str, &str)] = &[("outcome", "Retrying"), ("status_class", "none")];
+const SUCCEEDED: &[(&str, &str)] = &[("outcome", "Succeeded"), ("status_class", "2xx")];
+const FAILED_NO_ANSWER: &[(&str, &str)] = &[("outcome", "Failed"), ("status_class", "none")];
 
 /// Events of the contract's shape, each with its own idempotency `id` (a re-sent batch is then
 /// deduplicated, and its deliveries keep their ids).
@@ -337,7 +335,9 @@ async fn receiver_down_then_back(mode: IngestMode) -> (usize, usize, usize, f64)
     );
 
     // Metrics: the refused attempts counted as retries, the successes, no final failure.
-    let retried = metric(metrics, RETRYING_NO_ANSWER).await.unwrap_or(0.0);
+    let retried = metric_with(metrics, ATTEMPTS, RETRYING_NO_ANSWER)
+        .await
+        .unwrap_or(0.0);
     assert!(
         retried >= EVENTS as f64,
         "{mode:?}: {retried} retries counted"
@@ -346,13 +346,15 @@ async fn receiver_down_then_back(mode: IngestMode) -> (usize, usize, usize, f64)
         &format!("{mode:?}: every success counted"),
         Duration::from_secs(30),
         || async {
-            let n = metric(metrics, SUCCEEDED).await?;
+            let n = metric_with(metrics, ATTEMPTS, SUCCEEDED).await?;
             (n >= EVENTS as f64).then_some(n)
         },
     )
     .await;
     assert_eq!(
-        metric(metrics, FAILED_NO_ANSWER).await.unwrap_or(0.0),
+        metric_with(metrics, ATTEMPTS, FAILED_NO_ANSWER)
+            .await
+            .unwrap_or(0.0),
         0.0,
         "{mode:?}: no delivery failed for good"
     );
@@ -514,7 +516,9 @@ async fn receivers_that_hang_or_trickle_time_out_and_do_not_hold_up_other_webhoo
         || async { (trickling_body.open() == 0).then_some(()) },
     )
     .await;
-    let timeouts = metric(metrics, RETRYING_NO_ANSWER).await.unwrap_or(0.0);
+    let timeouts = metric_with(metrics, ATTEMPTS, RETRYING_NO_ANSWER)
+        .await
+        .unwrap_or(0.0);
     assert!(timeouts >= 2.0, "{timeouts} timed-out attempts counted");
     let (delivered, requests) = good.counts();
     eprintln!(
@@ -555,8 +559,10 @@ async fn answered(op: &Operator, n: usize) {
         ),
         Duration::from_secs(150),
         || async move {
-            let ok = metric(addr, SUCCEEDED).await.unwrap_or(0.0);
-            let failed = metric(addr, FAILED_NO_ANSWER).await.unwrap_or(0.0);
+            let ok = metric_with(addr, ATTEMPTS, SUCCEEDED).await.unwrap_or(0.0);
+            let failed = metric_with(addr, ATTEMPTS, FAILED_NO_ANSWER)
+                .await
+                .unwrap_or(0.0);
             (ok >= n as f64 && failed >= n as f64).then_some(())
         },
     )

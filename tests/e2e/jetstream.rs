@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 
 use crate::support::{
     CountingReceiver, InProcess, ModeOperator, NatsServer, OperatorArgs, Receiver, ReceiverKind,
-    control_plane, create_webhook, eventually, ingest_args, metric, one_leader, post_events,
-    wait_ready_reason,
+    control_plane, create_webhook, eventually, ingest_args, metric, metric_with, one_leader,
+    post_events, wait_ready_reason,
 };
 use crate::support::{counting_webhook, set_paused};
 
@@ -402,13 +402,20 @@ async fn two_replicas_record_every_attempt_in_the_webhook_status() {
     )
     .await;
     // A replica counts an attempt once the answer is back, just after the receiver counted it.
-    let attempts = "hookrelay_delivery_attempts_total{outcome=\"Succeeded\",status_class=\"2xx\"}";
+    let (attempts, succeeded) = (
+        "hookrelay_delivery_attempts_total",
+        &[("outcome", "Succeeded"), ("status_class", "2xx")],
+    );
     let (by_leader, by_follower) = eventually(
         "every request counted as an attempt",
         Duration::from_secs(30),
         || async {
-            let by_leader = metric(leader.metrics_addr, attempts).await.unwrap_or(0.0);
-            let by_follower = metric(follower.metrics_addr, attempts).await.unwrap_or(0.0);
+            let by_leader = metric_with(leader.metrics_addr, attempts, succeeded)
+                .await
+                .unwrap_or(0.0);
+            let by_follower = metric_with(follower.metrics_addr, attempts, succeeded)
+                .await
+                .unwrap_or(0.0);
             (by_leader + by_follower == receiver.counts().1 as f64)
                 .then_some((by_leader, by_follower))
         },

@@ -126,3 +126,23 @@ pub async fn metric_sum(addr: SocketAddr, family: &str) -> Option<f64> {
             .sum(),
     )
 }
+
+/// The sum of the series of `family` in an operator's /metrics whose labels include each of
+/// `labels`, whatever their other labels: such as `hookrelay_delivery_attempts_total` with
+/// `outcome="Succeeded"` in every namespace. None when no series has them.
+pub async fn metric_with(addr: SocketAddr, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics").await?;
+    let matching: Vec<f64> = body
+        .lines()
+        .filter_map(|l| {
+            let (set, value) = l.strip_prefix(family)?.strip_prefix('{')?.split_once('}')?;
+            let has =
+                |(k, v): &(&str, &str)| set.split(',').any(|pair| pair == format!("{k}=\"{v}\""));
+            labels
+                .iter()
+                .all(has)
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .collect();
+    (!matching.is_empty()).then(|| matching.iter().sum())
+}

@@ -40,7 +40,7 @@ use std::{
 #[allow(unused_imports)]
 pub use self::{
     control_plane::{ControlPlane, Kubectl, OWN_CONTROL_PLANES, OwnControlPlane, control_plane},
-    http::{api_call, http_get, http_post, metric, metric_sum, post_events, readyz},
+    http::{api_call, http_get, http_post, metric, metric_sum, metric_with, post_events, readyz},
     nats::NatsServer,
     operator::{
         INGEST_MODES, InProcess, ModeOperator, Operator, OperatorArgs, default_args, ingest_args,
