@@ -20,6 +20,7 @@ pub const BUILD_COMMIT: Option<&str> = option_env!("HOOKRELAY_BUILD_COMMIT");
 pub const BUILD_DATE: Option<&str> = option_env!("HOOKRELAY_BUILD_DATE");
 
 use crate::crd::Outcome;
+use crate::http::Problem;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeliveryLabels {
@@ -76,51 +77,11 @@ pub struct BuildInfoLabels {
     pub commit: &'static str,
 }
 
-/// Why `POST /api/events` refused a request for lack of room: the error codes clients see.
-/// A fixed set, so that the label is bounded.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum IngestRefusal {
-    /// Direct: the whole direct queue is full (`--direct-queue`), all namespaces.
-    queue_full,
-    /// Direct: one Webhook's line does not drain within `--direct-max-queue-delay`.
-    queue_slow,
-    /// Direct: one namespace holds its whole share of the direct queue.
-    namespace_queue_full,
-    /// Direct: one request makes more deliveries than the queue or a namespace's share holds.
-    too_many_deliveries,
-    /// JetStream: the stream is at its limits (503).
-    jetstream_full,
-    /// JetStream: `--nats-max-publishing` events are being stored already (all, or one
-    /// namespace's share).
-    jetstream_busy,
-    /// JetStream: one namespace holds its share of the stream.
-    namespace_quota,
-    /// Durable and JetStream: storing took half of `--request-timeout`; the rest was not
-    /// stored.
-    ingest_slow,
-}
-
-impl IngestRefusal {
-    /// The refusal an API error code stands for, if it is one for lack of room.
-    pub fn from_code(code: &str) -> Option<Self> {
-        Some(match code {
-            "queue_full" => Self::queue_full,
-            "queue_slow" => Self::queue_slow,
-            "namespace_queue_full" => Self::namespace_queue_full,
-            "too_many_deliveries" => Self::too_many_deliveries,
-            "jetstream_full" => Self::jetstream_full,
-            "jetstream_busy" => Self::jetstream_busy,
-            "namespace_quota" => Self::namespace_quota,
-            "ingest_slow" => Self::ingest_slow,
-            _ => return None,
-        })
-    }
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IngestRefusalLabels {
-    pub reason: IngestRefusal,
+    /// The problem code the client got, one of those for lack of room
+    /// ([`Problem::is_lack_of_room`]): a fixed set, so that the label is bounded.
+    pub reason: &'static str,
 }
 
 /// The buckets of `hookrelay_delivery_duration_seconds`: 5 ms to about 41 s.
@@ -459,11 +420,13 @@ impl Metrics {
         self.deliveries.get_or_create(&labels).inc();
     }
 
-    /// Counts a `POST /api/events` refusal if its error `code` is one for lack of room.
-    pub fn observe_ingest_refusal(&self, code: &str) {
-        if let Some(reason) = IngestRefusal::from_code(code) {
+    /// Counts a `POST /api/events` refusal if its problem is one for lack of room.
+    pub fn observe_ingest_refusal(&self, problem: Problem) {
+        if problem.is_lack_of_room() {
             self.ingest_refused
-                .get_or_create(&IngestRefusalLabels { reason })
+                .get_or_create(&IngestRefusalLabels {
+                    reason: problem.code(),
+                })
                 .inc();
         }
     }
@@ -594,15 +557,25 @@ mod tests {
     #[test]
     fn ingest_refusals_are_counted_by_reason_and_other_errors_are_not() {
         let m = Metrics::default();
-        for code in ["queue_full", "queue_full", "jetstream_full", "ingest_slow"] {
-            m.observe_ingest_refusal(code);
+        for problem in [
+            Problem::QueueFull,
+            Problem::QueueFull,
+            Problem::JetstreamFull,
+            Problem::IngestSlow,
+        ] {
+            m.observe_ingest_refusal(problem);
         }
         // Errors that are not for lack of room mint no series.
-        for code in ["invalid", "not_ready", "idempotency_conflict", "forbidden"] {
-            m.observe_ingest_refusal(code);
+        for problem in [
+            Problem::Invalid,
+            Problem::NotReady,
+            Problem::IdempotencyConflict,
+            Problem::Forbidden,
+        ] {
+            m.observe_ingest_refusal(problem);
         }
         let text = m.encode();
-        let series = text
+        let mut series = text
             .lines()
             .filter(|l| l.starts_with("hookrelay_ingest_refused_total{"))
             .collect::<Vec<_>>();
@@ -611,31 +584,27 @@ mod tests {
             r#"hookrelay_ingest_refused_total{reason="jetstream_full"} 1"#,
             r#"hookrelay_ingest_refused_total{reason="ingest_slow"} 1"#,
         ];
-        let mut series = series;
         series.sort_unstable();
         expected.sort_unstable();
         assert_eq!(series, expected, "{text}");
-        // Every reason is the code the client got.
-        for reason in [
-            "queue_full",
-            "queue_slow",
-            "namespace_queue_full",
-            "too_many_deliveries",
-            "jetstream_full",
-            "jetstream_busy",
-            "namespace_quota",
-            "ingest_slow",
-        ] {
-            let refusal = IngestRefusal::from_code(reason).expect(reason);
-            m.ingest_refused
-                .get_or_create(&IngestRefusalLabels { reason: refusal })
-                .inc();
-            assert!(
-                m.encode().contains(&format!(
-                    r#"hookrelay_ingest_refused_total{{reason="{reason}"}}"#
-                )),
-                "{reason}"
-            );
-        }
+        // The alerts and the dashboard name these eight.
+        let lack_of_room: Vec<&str> = Problem::ALL
+            .iter()
+            .filter(|p| p.is_lack_of_room())
+            .map(|p| p.code())
+            .collect();
+        assert_eq!(
+            lack_of_room,
+            [
+                "too_many_deliveries",
+                "namespace_quota",
+                "queue_full",
+                "namespace_queue_full",
+                "queue_slow",
+                "ingest_slow",
+                "jetstream_full",
+                "jetstream_busy",
+            ]
+        );
     }
 }

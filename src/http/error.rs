@@ -77,6 +77,24 @@ problems! {
     Unavailable => "unavailable", "A dependency is unavailable; retry later";
 }
 
+impl Problem {
+    /// Refusals for lack of room (the queue, the stream, a namespace's share, time to store):
+    /// a client retries them later, and `hookrelay_ingest_refused_total` counts them by code.
+    pub fn is_lack_of_room(self) -> bool {
+        matches!(
+            self,
+            Problem::TooManyDeliveries
+                | Problem::NamespaceQuota
+                | Problem::QueueFull
+                | Problem::NamespaceQueueFull
+                | Problem::QueueSlow
+                | Problem::IngestSlow
+                | Problem::JetstreamFull
+                | Problem::JetstreamBusy
+        )
+    }
+}
+
 impl PartialEq<&str> for Problem {
     fn eq(&self, code: &&str) -> bool {
         self.code() == *code

@@ -14,7 +14,7 @@ pub mod web;
 mod webhooks;
 
 pub use auth::{AuthSettings, Authorizer, Caller};
-pub use error::ApiError;
+pub use error::{ApiError, Problem};
 pub use health::metrics_router;
 pub use ingest::{
     DirectIngest, IngestEvent, IngestMode, MAX_EVENTS_PER_REQUEST, PublishBudget,
@@ -22,7 +22,6 @@ pub use ingest::{
 };
 pub use serve::{ServeLimits, Tls, serve};
 
-use crate::http::error::Problem;
 use std::{sync::Arc, time::Duration};
 
 use axum::{
