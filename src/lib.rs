@@ -17,6 +17,7 @@
 pub mod controller;
 pub mod crd;
 pub mod delivery;
+pub mod emit;
 pub mod health;
 pub mod http;
 pub mod keys;

@@ -49,6 +49,42 @@ enum Command {
         #[arg(long, env = "HOOKRELAY_WEBHOOK_SECRET", hide_env_values = true)]
         secret: String,
     },
+    /// Send events to hookrelay's ingest API (POST /api/v1/events) with a token from a file.
+    ///
+    /// For a Job, a CronJob or a sidecar of a producer in the cluster, with the Pod's projected
+    /// ServiceAccount token (audience hookrelay), read for each request. Prints the API's answer.
+    /// Refusals for lack of room (429, 503) and lost connections are retried after Retry-After;
+    /// any other refusal fails at once with the API's problem details.
+    Emit {
+        /// hookrelay's API, such as http://hookrelay.hookrelay.svc:8080.
+        #[arg(long, env = "HOOKRELAY_API_URL")]
+        api_url: String,
+        /// The namespace whose Webhooks receive the events. Default: the token's ServiceAccount's.
+        #[arg(long, env = "HOOKRELAY_NAMESPACE")]
+        namespace: Option<String>,
+        /// The file holding the bearer token.
+        #[arg(
+            long,
+            env = "HOOKRELAY_TOKEN_FILE",
+            default_value = "/var/run/secrets/hookrelay/token"
+        )]
+        token_file: std::path::PathBuf,
+        /// Sent as Idempotency-Key (a single event): a repeat creates nothing twice.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Attempts after the first, for refusals worth retrying.
+        #[arg(long, default_value_t = 5)]
+        retries: u32,
+        /// How long each request may take, in seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout_seconds: u64,
+        /// PEM CA certificates of an https API (the chart's tls.* certificate).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<std::path::PathBuf>,
+        /// One event, {"event":"document.completed","data":{...}}, or an array; - reads stdin.
+        #[arg(value_name = "JSON")]
+        events: String,
+    },
     /// GET URLs and fail unless every answer is 2xx (a health check).
     ///
     /// Over plain http only. The chart's `helm test` runs it, and it is a health check for the
@@ -142,6 +178,38 @@ fn main() -> anyhow::Result<()> {
                 hookrelay::receiver::serve(listener, signer, shutdown).await?;
                 Ok(())
             })
+        }
+        Command::Emit {
+            api_url,
+            namespace,
+            token_file,
+            idempotency_key,
+            retries,
+            timeout_seconds,
+            ca_file,
+            events,
+        } => {
+            let body = if events == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                events
+            };
+            let emit = hookrelay::emit::Emit {
+                api_url,
+                namespace,
+                token_file,
+                idempotency_key,
+                body,
+                retries,
+                timeout: std::time::Duration::from_secs(timeout_seconds),
+                ca_file,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let accepted = runtime.block_on(hookrelay::emit::emit(&emit))?;
+            println!("{accepted}");
+            Ok(())
         }
         Command::Check {
             urls,
