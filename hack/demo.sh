@@ -59,9 +59,10 @@ for _ in $(seq 150); do
 done
 echo "operator ready: $(curl -s "http://$METRICS_ADDR/readyz")"
 
-step "the public examples validate (server-side dry run; nothing is ever sent to their URLs)"
+step "the example manifests validate (server-side dry run; they run for real on a cluster: examples/README.md)"
 kubectl create namespace docs
-kubectl apply --dry-run=server -n docs -f examples/secret.yaml -f examples/webhook.yaml -f examples/webhook-all-events.yaml
+kubectl apply --dry-run=server -n docs -f examples/webhook.yaml -f examples/webhook-all-events.yaml \
+  -f examples/webhook-rate-limited-ordered.yaml -f examples/webhook-service-ref.yaml -f examples/ingest-job.yaml
 
 step "a Webhook for the local receiver, and the contract's two events as DocumentEvents"
 kubectl create namespace demo

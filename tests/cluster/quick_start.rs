@@ -1,12 +1,14 @@
 //! The README's quick start, run command by command as it is written, on the cluster, with the
 //! image built here under the chart's default name: the receiver's log ends with a verified
-//! delivery of the event.
+//! delivery of the event. Then every manifest of `examples/`, as written, on the same cluster:
+//! each Webhook becomes Ready and delivers to the quick start's receiver, and the ingest Job
+//! posts its event with its projected token.
 
 use std::time::Duration;
 
 use crate::{
     harness::{Namespaces, Release, cluster, one_at_a_time, what_the_operator_saw},
-    support::{repo_root, within},
+    support::{examples, repo_root, within},
 };
 
 /// The commands of the README's "Quick start on a cluster" block, in order.
@@ -103,10 +105,16 @@ async fn the_readme_quick_start_runs_as_written_and_ends_with_a_verified_deliver
         },
     );
     let (last, steps) = commands.split_last().expect("commands");
+    let started = std::time::Instant::now();
     for command in steps {
+        let step = std::time::Instant::now();
         let (ok, output) = shell(command).await;
         assert!(ok, "{command}\n{output}");
-        eprintln!("$ {command}\n{output}");
+        // How long a newcomer waits at each step (the figures of the walk-through).
+        eprintln!(
+            "$ {command}   [{:.1} s]\n{output}",
+            step.elapsed().as_secs_f64()
+        );
     }
     assert!(
         last.starts_with("kubectl logs"),
@@ -131,7 +139,10 @@ async fn the_readme_quick_start_runs_as_written_and_ends_with_a_verified_deliver
             what_the_operator_saw().await
         );
     };
-    eprintln!("$ {last}\n{line}");
+    eprintln!(
+        "$ {last}\n{line}\nthe quick start, install to a verified delivery: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let delivery: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
     assert_eq!(delivery["event"], "document.completed");
     assert_eq!(delivery["webhook_signature"], true, "whsec_: both schemes");
@@ -140,4 +151,109 @@ async fn the_readme_quick_start_runs_as_written_and_ends_with_a_verified_deliver
         "important_document.pdf"
     );
     assert_eq!(delivery["path"], "/webhooks/documents");
+
+    the_examples_run_as_written_with_the_quick_starts_receiver(last).await;
+}
+
+/// Applies every example as its comments say, in the quick start's namespace `docs`: the
+/// Webhooks first, then (once they are Ready) what makes events; every event reaches every
+/// Webhook that subscribes to it, signed, and `kubectl wait` sees each event Delivered.
+async fn the_examples_run_as_written_with_the_quick_starts_receiver(receiver_log: &str) {
+    let examples = examples();
+    let run = |command: String| async move {
+        let (ok, output) = shell(&command).await;
+        assert!(ok, "{command}\n{output}\n{}", what_the_operator_saw().await);
+        eprintln!("$ {command}\n{output}");
+        output
+    };
+    for example in examples.iter().filter(|e| !e.emits) {
+        run(format!(
+            "kubectl {} -n docs -f {}",
+            example.verb,
+            example.relative()
+        ))
+        .await;
+    }
+    run("kubectl wait -n docs --for=condition=Ready webhook/file-conversion webhook/audit-log webhook/document-sync webhook/billing --timeout=60s".into()).await;
+    for example in examples.iter().filter(|e| e.emits) {
+        run(format!(
+            "kubectl {} -n docs -f {}",
+            example.verb,
+            example.relative()
+        ))
+        .await;
+    }
+    run("kubectl wait -n docs --for=condition=Complete job/emit-uploaded --timeout=120s".into())
+        .await;
+    let emitted = run("kubectl logs -n docs job/emit-uploaded".into()).await;
+    assert!(emitted.contains(r#""accepted":1"#), "{emitted}");
+
+    // Where each event must arrive: (path, event type, document id).
+    let mut expected = Vec::new();
+    for (path, types) in [
+        (
+            "/webhooks/file-conversion",
+            &["document.completed", "document.error"][..],
+        ),
+        (
+            "/webhooks/audit",
+            &["document.completed", "document.error", "document.uploaded"],
+        ),
+        (
+            "/webhooks/document-sync",
+            &["document.completed", "document.error", "document.uploaded"],
+        ),
+        ("/webhooks/billing", &["document.completed"]),
+        (
+            "/webhooks/documents",
+            &["document.error", "document.uploaded"],
+        ),
+    ] {
+        for event in types {
+            let document = match *event {
+                "document.completed" => 123,
+                "document.error" => 124,
+                _ => 125,
+            };
+            expected.push((path, *event, document));
+        }
+    }
+    let arrived = within(Duration::from_secs(90), || async {
+        let (_, log) = shell(receiver_log).await;
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|(path, event, document)| {
+                !lines.iter().any(|l| {
+                    l["path"] == *path
+                        && l["event"] == *event
+                        && l["body"]["data"]["document_id"] == *document
+                        && l["verified"] == true
+                })
+            })
+            .collect();
+        if missing.is_empty() {
+            Some(lines)
+        } else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            None
+        }
+    })
+    .await;
+    let Some(lines) = arrived else {
+        let (_, log) = shell(receiver_log).await;
+        panic!(
+            "not every example event reached every subscribed Webhook, verified:\n{log}\n{}",
+            what_the_operator_saw().await
+        );
+    };
+    assert!(
+        lines.iter().all(|l| l["verified"] == true),
+        "every delivery verifies: {lines:?}"
+    );
+    run("kubectl wait -n docs --for=condition=Delivered documentevents --all --timeout=60s".into())
+        .await;
 }

@@ -60,6 +60,49 @@ pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A manifest of `examples/` and how to use it as written.
+pub struct Example {
+    pub path: std::path::PathBuf,
+    /// `create` for DocumentEvents (they have a generateName), else `apply`.
+    pub verb: &'static str,
+    /// It makes events (a DocumentEvent, the ingest Job): to use once the Webhooks are Ready.
+    pub emits: bool,
+}
+
+impl Example {
+    pub fn path(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    /// The path from the repository's root, as a README writes it (`examples/webhook.yaml`).
+    pub fn relative(&self) -> String {
+        let relative = self.path.strip_prefix(repo_root()).unwrap_or(&self.path);
+        relative.to_string_lossy().into_owned()
+    }
+}
+
+/// Every manifest of `examples/` (not its subfolders), by name.
+pub fn examples() -> Vec<Example> {
+    let mut files: Vec<_> = std::fs::read_dir(repo_root().join("examples"))
+        .expect("examples/")
+        .map(|e| e.expect("an entry of examples/").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let event = name.starts_with("document-event");
+            Example {
+                verb: if event { "create" } else { "apply" },
+                emits: event || name.starts_with("ingest-"),
+                path,
+            }
+        })
+        .collect()
+}
+
 /// Polls `check` until it returns Some, or panics after `timeout` naming what was awaited.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, check: F) -> T
 where
