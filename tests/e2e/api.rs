@@ -148,7 +148,7 @@ async fn the_contract_requests_behave_as_the_contract_says() {
     assert!(got.get("secret").is_none(), "{got}");
 
     // One applied with kubectl is listed by GET /api/webhooks.
-    // A strong value, labelled as a signing Secret (hardening items 19 and 6).
+    // A strong value (16 bytes at least), labelled as a signing Secret: hookrelay signs with nothing else.
     cp.kubectl_ok(
         &[
             "create",
@@ -371,7 +371,7 @@ async fn bad_requests_get_their_status_codes_and_change_nothing() {
     let op = operator(cp, &ns, IngestMode::Durable, 100).await;
     let api = op.op.listen_addr;
     let token = token_with(cp, &ns, "admin", "*", ALL).await;
-    // A strong value, labelled as a signing Secret (hardening items 19 and 6).
+    // A strong value (16 bytes at least), labelled as a signing Secret: hookrelay signs with nothing else.
     cp.kubectl_ok(
         &[
             "create",
@@ -802,7 +802,7 @@ async fn direct_ingest_delivers_from_memory_and_answers_429_when_full() {
     let q = format!("?namespace={ns}");
     let (receiver, addr) = CountingReceiver::start().await;
     let dead = crate::support::Blackhole::start().await;
-    // A strong value, labelled as a signing Secret (hardening items 19 and 6).
+    // A strong value (16 bytes at least), labelled as a signing Secret: hookrelay signs with nothing else.
     cp.kubectl_ok(
         &[
             "create",

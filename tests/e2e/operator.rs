@@ -25,7 +25,7 @@ async fn apply_webhook(
     paused: bool,
 ) {
     if let Some(secret) = secret {
-        // Labelled as a signing Secret, which hardening item 6 requires.
+        // Labelled as a signing Secret: hookrelay signs with labelled Secrets only.
         let manifest = json!({
             "apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": format!("{name}-secret"), "labels": {"hookrelay.dev/signing-secret": "true"}},

@@ -32,7 +32,7 @@ fn webhook(name: &str, url: &str, events: &[&str]) -> Webhook {
 
 fn secret(name: &str, value: &str) -> Secret {
     serde_json::from_value(json!({
-        // Labelled as a signing Secret, which hardening item 6 requires.
+        // Labelled as a signing Secret: hookrelay signs with labelled Secrets only.
         "metadata": {"name": name, "labels": {"hookrelay.dev/signing-secret": "true"}},
         "stringData": {"secret": value}
     }))
