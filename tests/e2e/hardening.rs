@@ -91,7 +91,7 @@ async fn only_target(
     e.status?.deliveries.into_iter().next()
 }
 
-// Item 6: a Secret signs only when it carries the opt-in label, followed live both ways; the
+// A Secret signs only when it carries the opt-in label, followed live both ways; the
 // operator warns once per Webhook whose Secret exists without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_secrets_labelled_for_signing_sign_and_the_upgrade_warning_comes_once() {
@@ -193,7 +193,7 @@ async fn only_secrets_labelled_for_signing_sign_and_the_upgrade_warning_comes_on
     );
 }
 
-// Item 12: a namespace whose endpoints never answer holds at most its share of the slots, and
+// A namespace whose endpoints never answer holds at most its share of the slots, and
 // another namespace's events all go out meanwhile. The same in jetstream mode, where
 // the tarpit namespace also has a paused Webhook with many held deliveries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,7 +307,7 @@ async fn dead_endpoints_cannot_take_every_slot(ingest: Option<IngestMode>) {
     );
 }
 
-// Item 13: deliveries that were waiting for a lane when their Webhook was paused are held, not
+// Deliveries that were waiting for a lane when their Webhook was paused are held, not
 // sent to the paused Webhook.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_waiting_for_a_lane_are_not_sent_once_the_webhook_is_paused() {
@@ -392,7 +392,7 @@ async fn attempts_waiting_for_a_lane_are_not_sent_once_the_webhook_is_paused() {
     .await;
 }
 
-// Item 16: a held delivery fails after --max-hold, so its event finishes and retention
+// A held delivery fails after --max-hold, so its event finishes and retention
 // deletes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_held_longer_than_max_hold_fails_and_its_event_is_retired() {
@@ -451,7 +451,7 @@ async fn a_delivery_held_longer_than_max_hold_fails_and_its_event_is_retired() {
     );
 }
 
-// Item 17: a retention the timers cannot hold is refused at startup, with the limit named.
+// A retention the timers cannot hold is refused at startup, with the limit named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn periods_longer_than_a_year_are_refused_at_startup() {
     for flag in [
@@ -475,7 +475,7 @@ async fn periods_longer_than_a_year_are_refused_at_startup() {
     }
 }
 
-// Item 17: SIGTERM ends a busy operator (an attempt to an endpoint that never answers in
+// SIGTERM ends a busy operator (an attempt to an endpoint that never answers in
 // flight) with exit code 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_a_busy_operator_with_exit_code_zero() {
@@ -651,7 +651,7 @@ async fn stopping_in_direct_mode_starts_no_attempt_and_records_those_in_flight()
     assert_eq!(lost, Some(41.0), "hookrelay_direct_deliveries_lost_total");
 }
 
-// Item 19 (a): a secret shorter than 16 bytes does not sign.
+// A secret shorter than 16 bytes does not sign.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_secret_is_invalid() {
     let cp = control_plane();
@@ -683,7 +683,7 @@ async fn a_short_secret_is_invalid() {
     wait_ready_reason(&client, &ns, "empty", "False", "SecretInvalid").await;
 }
 
-// Item 19 (b): credentials in a URL never appear in the condition, the Events, a DocumentEvent's
+// Credentials in a URL never appear in the condition, the Events, a DocumentEvent's
 // status or the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_in_a_url_are_redacted_everywhere_they_are_shown() {
@@ -747,7 +747,7 @@ async fn credentials_in_a_url_are_redacted_everywhere_they_are_shown() {
     );
 }
 
-// Item 19 (c): `localhost.` and `*.localhost` are loopback, refused without an allowed range.
+// `localhost.` and `*.localhost` are loopback, refused without an allowed range.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn localhost_with_a_dot_or_a_subdomain_is_loopback() {
     let cp = control_plane();
