@@ -11,17 +11,20 @@ use crate::{
     support::{examples, repo_root, within},
 };
 
-/// The commands of the README's "Quick start on a cluster" block, in order.
-fn quick_start_commands() -> Vec<String> {
+/// The commands of the `nth` sh block of the README's "Quick start on a cluster", in order:
+/// the first makes a delivery, the second opens the page.
+fn quick_start_commands(nth: usize) -> Vec<String> {
     let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
     let section = readme
         .split_once("\n## Quick start on a cluster\n")
         .expect("a 'Quick start on a cluster' section")
         .1;
+    let section = section.split("\n## ").next().unwrap_or_default();
     let block = section
-        .split_once("```sh\n")
-        .and_then(|(_, rest)| rest.split_once("```"))
-        .expect("a sh block in the quick start")
+        .split("```sh\n")
+        .nth(nth + 1)
+        .and_then(|rest| rest.split_once("```"))
+        .unwrap_or_else(|| panic!("sh block {nth} of the quick start"))
         .0;
     block
         .lines()
@@ -72,7 +75,7 @@ async fn shell(command: &str) -> (bool, String) {
 #[tokio::test]
 async fn the_readme_quick_start_runs_as_written_and_ends_with_a_verified_delivery() {
     let _one = one_at_a_time().await;
-    let commands = quick_start_commands();
+    let commands = quick_start_commands(0);
     assert!(commands.len() >= 8, "{commands:?}");
     assert!(
         commands[0].starts_with("helm install hookrelay"),
@@ -152,7 +155,81 @@ async fn the_readme_quick_start_runs_as_written_and_ends_with_a_verified_deliver
     );
     assert_eq!(delivery["path"], "/webhooks/documents");
 
+    the_page_shows_it_with_the_readmes_token().await;
     the_examples_run_as_written_with_the_quick_starts_receiver(last).await;
+}
+
+/// The README's second block: a token of a ServiceAccount bound to `view`, and a port-forward
+/// to the API, through which the page and the Webhooks it lists are served.
+async fn the_page_shows_it_with_the_readmes_token() {
+    let commands = quick_start_commands(1);
+    let (forward, setup) = commands.split_last().expect("commands");
+    assert!(forward.starts_with("kubectl port-forward"), "{commands:?}");
+    let mut token = String::new();
+    for command in setup {
+        let (ok, output) = shell(command).await;
+        assert!(ok, "{command}\n{output}");
+        if command.starts_with("kubectl create token") {
+            token = output.trim().to_owned();
+        }
+    }
+    assert!(token.starts_with("ey"), "a token: {token}");
+    // The README's local port, unless another process here has it.
+    let port = crate::support::free_port();
+    let forward = forward.replace("8080:8080", &format!("{port}:8080"));
+    let path = format!(
+        "{}:{}",
+        cluster().bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let _forwarding = tokio::process::Command::new("bash")
+        .args(["-c", &format!("exec {forward}")])
+        .env("KUBECONFIG", &cluster().kubeconfig)
+        .env("PATH", path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl port-forward starts");
+    // reqwest is built without a TLS provider of its own; plain http needs one installed all the same.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let page = within(Duration::from_secs(30), || async {
+        let reply = client.get(format!("{base}/ui/")).send().await.ok()?;
+        let ok = reply.status().is_success();
+        let text = reply.text().await.ok()?;
+        if !ok {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        ok.then_some(text)
+    })
+    .await
+    .expect("the page through the port-forward within 30 s");
+    assert!(page.contains("<html"), "{page}");
+    // What the page asks for with the token: the Webhooks of docs, the quick start's among them.
+    let reply = client
+        .get(format!("{base}/api/webhooks?namespace=docs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("the API answers");
+    assert_eq!(reply.status(), 200);
+    let listed: serde_json::Value = serde_json::from_str(&reply.text().await.unwrap()).unwrap();
+    let receiver = listed["webhooks"]
+        .as_array()
+        .and_then(|w| w.iter().find(|w| w["id"] == "receiver").cloned())
+        .unwrap_or_else(|| panic!("the quick start's Webhook listed: {listed}"));
+    assert_eq!(receiver["ready"], true, "{receiver}");
+    assert!(receiver["last_delivery_at"].is_string(), "{receiver}");
+    // The same token may read, not write: `view` gives no more.
+    let refused = client
+        .delete(format!("{base}/api/v1/webhooks/receiver?namespace=docs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("the API answers");
+    assert_eq!(refused.status(), 403);
 }
 
 /// Applies every example as its comments say, in the quick start's namespace `docs`: the
