@@ -143,9 +143,21 @@ pub struct HttpLabels {
     pub code: u16,
 }
 
-/// Every metric the operator exports, cheap to clone into each task.
-#[derive(Clone)]
-pub struct Metrics {
+/// Every metric the operator exports, shared by every task: a clone (one per request and per
+/// delivery) is one reference count, not one per metric.
+#[derive(Clone, Default)]
+pub struct Metrics(Arc<MetricFamilies>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricFamilies;
+
+    fn deref(&self) -> &MetricFamilies {
+        &self.0
+    }
+}
+
+/// The metrics themselves, reached through [`Metrics`].
+pub struct MetricFamilies {
     registry: Arc<Registry>,
     pub status_patches: Family<StatusPatchLabels, Counter>,
     pub webhooks: Family<WebhookStateLabels, Gauge>,
@@ -193,7 +205,7 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-impl Default for Metrics {
+impl Default for MetricFamilies {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("hookrelay");
         let status_patches = Family::<StatusPatchLabels, Counter>::default();
@@ -358,7 +370,7 @@ impl Default for Metrics {
     }
 }
 
-impl Metrics {
+impl MetricFamilies {
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
