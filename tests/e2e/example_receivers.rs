@@ -20,6 +20,33 @@ const STANDARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const PLAIN_SECRET: &str = "a-plain-text-secret-of-32-bytes!";
 const LANGUAGES: [&str; 5] = ["python", "node", "go", "java", "php"];
 
+/// The Go receiver of `dir`, built once per test process (what `go run .` builds).
+async fn go_receiver(dir: &std::path::Path) -> std::path::PathBuf {
+    static BUILT: tokio::sync::OnceCell<std::path::PathBuf> = tokio::sync::OnceCell::const_new();
+    BUILT
+        .get_or_init(|| async {
+            let binary =
+                std::env::temp_dir().join(format!("hookrelay-receiver-go-{}", std::process::id()));
+            let out = tokio::process::Command::new("go")
+                .args(["build", "-o"])
+                .arg(&binary)
+                .arg(".")
+                .current_dir(dir)
+                .env("GOTOOLCHAIN", "local")
+                .output()
+                .await
+                .expect("go runs");
+            assert!(
+                out.status.success(),
+                "go build of the Go receiver: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            binary
+        })
+        .await
+        .clone()
+}
+
 /// One example receiver process on a loopback port, and the JSON lines it printed.
 struct ExampleReceiver {
     _child: tokio::process::Child,
@@ -36,14 +63,15 @@ impl ExampleReceiver {
         let mut cmd = match language {
             "python" => tokio::process::Command::new("python3"),
             "node" => tokio::process::Command::new("node"),
-            "go" => tokio::process::Command::new("go"),
+            // Built, then run: `go run` would leave its child running when it is killed.
+            "go" => tokio::process::Command::new(go_receiver(&dir.join("go")).await),
             "java" => tokio::process::Command::new("java"),
             _ => tokio::process::Command::new("php"),
         };
         match language {
             "python" => cmd.arg("receiver.py"),
             "node" => cmd.arg("receiver.js"),
-            "go" => cmd.args(["run", "."]).current_dir(dir.join("go")),
+            "go" => &mut cmd,
             "java" => cmd.arg("Receiver.java"),
             _ => cmd.args(["-S", &listen, "receiver.php"]),
         };
