@@ -35,8 +35,8 @@ def default_files():
     return [f for f in files if os.path.isfile(f)]
 
 
-def prose_lines(path):
-    """(line number, text) of the lines outside fenced code blocks, code spans blanked out."""
+def outside_fences(path):
+    """(line number, line) of the lines outside fenced code blocks, as written."""
     fence = None
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -48,7 +48,13 @@ def prose_lines(path):
                 if m and m.group(1).startswith(fence):
                     fence = None
                 continue
-            yield number, CODE_SPAN.sub(lambda s: " " * len(s.group(0)), line.rstrip("\n"))
+            yield number, line.rstrip("\n")
+
+
+def prose_lines(path):
+    """(line number, text) of the lines outside fenced code blocks, code spans blanked out."""
+    for number, line in outside_fences(path):
+        yield number, CODE_SPAN.sub(lambda s: " " * len(s.group(0)), line)
 
 
 def slug(text):
@@ -65,24 +71,14 @@ anchors_cache = {}
 def anchors(path):
     if path not in anchors_cache:
         seen, found = {}, set()
-        fence = None
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                m = FENCE.match(line)
-                if fence is None and m:
-                    fence = m.group(1)[0] * len(m.group(1))
-                    continue
-                if fence is not None:
-                    if m and m.group(1).startswith(fence):
-                        fence = None
-                    continue
-                found.update(HTML_ANCHOR.findall(line))
-                h = HEADING.match(line)
-                if h:
-                    base = slug(h.group(2))
-                    n = seen.get(base, 0)
-                    seen[base] = n + 1
-                    found.add(base if n == 0 else f"{base}-{n}")
+        for _, line in outside_fences(path):
+            found.update(HTML_ANCHOR.findall(line))
+            h = HEADING.match(line)
+            if h:
+                base = slug(h.group(2))
+                n = seen.get(base, 0)
+                seen[base] = n + 1
+                found.add(base if n == 0 else f"{base}-{n}")
         anchors_cache[path] = found
     return anchors_cache[path]
 
