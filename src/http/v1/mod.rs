@@ -70,10 +70,16 @@ pub fn routes() -> Router<Arc<ApiState>> {
 /// Answers every error under `/api/v1` (the handlers', authentication's, the router's
 /// fallbacks', the body and time limits') as RFC 9457 problem details.
 pub async fn problem_details(req: Request, next: Next) -> Response {
-    let versioned = req.uri().path().starts_with(PREFIX);
-    let instance = req.uri().path().to_owned();
+    // Only a versioned path is kept: every other request (ingest among them) allocates nothing.
+    let instance = req
+        .uri()
+        .path()
+        .starts_with(PREFIX)
+        .then(|| req.uri().path().to_owned());
     let mut response = next.run(req).await;
-    if versioned && let Some(error) = response.extensions_mut().remove::<ApiError>() {
+    if let Some(instance) = instance
+        && let Some(error) = response.extensions_mut().remove::<ApiError>()
+    {
         return error.problem_response(&instance);
     }
     response
