@@ -247,7 +247,15 @@ async fn a_direct_event_sent_twice_with_one_key_is_delivered_once() {
 }
 
 /// Namespace `a` with a paused Webhook, `b` with a live one; direct queue 8, 2 per namespace.
-async fn paused_and_live(hold: Duration) -> (InProcess, String, String, CountingReceiver) {
+async fn paused_and_live(
+    hold: Duration,
+) -> (
+    InProcess,
+    String,
+    String,
+    CountingReceiver,
+    std::net::SocketAddr,
+) {
     let cp = control_plane();
     let a = cp.namespace("share-a").await;
     let b = cp.namespace("share-b").await;
@@ -290,12 +298,12 @@ async fn paused_and_live(hold: Duration) -> (InProcess, String, String, Counting
         (route.state == RouteState::Paused).then_some(())
     })
     .await;
-    (op, a, b, receiver)
+    (op, a, b, receiver, addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_holding_its_share_of_the_direct_queue_does_not_block_another() {
-    let (op, a, b, receiver) = paused_and_live(Duration::from_secs(3600)).await;
+    let (op, a, b, receiver, _) = paused_and_live(Duration::from_secs(3600)).await;
     let event = r#"{"event":"document.completed","data":{"document_id":1}}"#;
 
     // a's two deliveries are held (paused), filling a's share.
@@ -332,9 +340,75 @@ async fn a_namespace_holding_its_share_of_the_direct_queue_does_not_block_anothe
     assert_eq!(status, 429);
 }
 
+// One event to more Webhooks than a namespace's share of the direct queue cannot be split, so
+// it is admitted whole; a request of several such events can be, so it is refused with 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_event_fanning_out_past_the_namespace_share_is_delivered_to_every_webhook() {
+    let (op, _a, b, receiver, addr) = paused_and_live(Duration::from_secs(3600)).await;
+    let client = control_plane().client().await;
+    for i in 0..4 {
+        create_webhook(
+            &client,
+            &b,
+            &format!("wide-{i}"),
+            &format!("http://{addr}/b{i}"),
+            SECRET,
+            json!({}),
+        )
+        .await;
+    }
+    eventually(
+        "b's five webhooks routed",
+        Duration::from_secs(30),
+        || async {
+            let table = op.op.routes.snapshot();
+            (0..4)
+                .all(|i| {
+                    table
+                        .get(&WebhookKey::new(&b, &format!("wide-{i}")))
+                        .is_some()
+                })
+                .then_some(())
+        },
+    )
+    .await;
+
+    let event = r#"{"event":"document.completed","data":{"document_id":1}}"#;
+    let (status, reply) = post_events(op.op.listen_addr, &b, None, event).await;
+    assert_eq!(
+        (status, reply["deliveries"].as_u64()),
+        (202, Some(5)),
+        "five deliveries against a share of two: {reply}"
+    );
+    eventually("all five delivered", Duration::from_secs(30), || async {
+        (receiver.counts() == (5, 5)).then_some(())
+    })
+    .await;
+
+    let two = format!("[{event},{event}]");
+    let (status, refused) = post_events(op.op.listen_addr, &b, None, &two).await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (413, Some("too_many_deliveries")),
+        "{refused}"
+    );
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("a request of one event is admitted"),
+        "{refused}"
+    );
+    assert_eq!(
+        receiver.counts(),
+        (5, 5),
+        "nothing of the refused request went out"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_direct_delivery_gives_its_place_back_after_direct_max_hold() {
-    let (op, a, _b, _receiver) = paused_and_live(Duration::from_secs(1)).await;
+    let (op, a, ..) = paused_and_live(Duration::from_secs(1)).await;
     let event = r#"{"event":"document.completed","data":{"document_id":1}}"#;
     for _ in 0..2 {
         let (status, _) = post_events(op.op.listen_addr, &a, None, event).await;

@@ -226,6 +226,37 @@ impl DirectIngest {
         })
     }
 
+    /// The places in the queue a request of `events` new events making `needed` deliveries
+    /// holds. One event is never too large: an event fanning out to more Webhooks than the
+    /// namespace's share (or the queue) holds that whole share, so it is admitted once the
+    /// namespace holds nothing else, and other namespaces keep the rest of the queue. Its
+    /// deliveries share one body, so what it costs is bounded by the namespace's Webhooks.
+    /// A request of several events that can never fit is 413: it must be split.
+    fn places_for(&self, needed: usize, events: usize) -> Result<usize, ApiError> {
+        let most = self.per_namespace.min(self.capacity);
+        if needed <= most {
+            return Ok(needed);
+        }
+        if events <= 1 {
+            return Ok(most);
+        }
+        let (limit, what) = if needed > self.capacity {
+            (self.capacity, "the direct queue holds (--direct-queue)")
+        } else {
+            (
+                self.per_namespace,
+                "one namespace may hold in the direct queue (--direct-queue-per-namespace)",
+            )
+        };
+        Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Problem::TooManyDeliveries,
+            format!(
+                "this request of {events} events makes {needed} deliveries, more than {what} ({limit}); send fewer events per request: a request of one event is admitted whatever its fan-out"
+            ),
+        ))
+    }
+
     /// Checks readiness, idempotency keys and capacity (before building anything), then
     /// builds the deliveries of `events`, each with the routes that take it.
     pub fn admit(
@@ -290,23 +321,7 @@ impl DirectIngest {
                 }
             }
         }
-        for (limit, what) in [
-            (self.capacity, "the direct queue holds"),
-            (
-                self.per_namespace,
-                "one namespace may hold in the direct queue (--direct-queue-per-namespace)",
-            ),
-        ] {
-            if needed > limit {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    Problem::TooManyDeliveries,
-                    format!(
-                        "this request makes {needed} deliveries, more than {what} ({limit}); send fewer events per request"
-                    ),
-                ));
-            }
-        }
+        let places = self.places_for(needed, new_events.len())?;
         // A line that does not drain in time: refuse now, while latency is still low, rather
         // than fill the queue and refuse seconds later.
         if let Some((webhook, waited)) = slow {
@@ -319,7 +334,7 @@ impl DirectIngest {
                 ),
             ));
         }
-        let permits = u32::try_from(needed).unwrap_or(u32::MAX);
+        let permits = u32::try_from(places).unwrap_or(u32::MAX);
         let Ok(global) = self.queue.clone().try_acquire_many_owned(permits) else {
             return Err(queue_full(
                 Problem::QueueFull,
@@ -329,14 +344,19 @@ impl DirectIngest {
                 ),
             ));
         };
-        let Some(share) = self.take_share(namespace, needed) else {
-            return Err(queue_full(
-                Problem::NamespaceQueueFull,
+        let Some(share) = self.take_share(namespace, places) else {
+            let message = if places < needed {
+                format!(
+                    "this event fans out to {needed} Webhooks, more than namespace {namespace}'s share of the direct queue ({} deliveries, --direct-queue-per-namespace): it is admitted once the namespace's other deliveries have ended; retry later, or use jetstream or durable ingest for large fan-outs",
+                    self.per_namespace
+                )
+            } else {
                 format!(
                     "namespace {namespace} holds its whole share of the direct queue ({} deliveries, --direct-queue-per-namespace), for example for a paused Webhook; retry later or use durable ingest",
                     self.per_namespace
-                ),
-            ));
+                )
+            };
+            return Err(queue_full(Problem::NamespaceQueueFull, message));
         };
 
         // Record the keys now that the events will be dispatched. A concurrent request with
@@ -399,7 +419,7 @@ impl DirectIngest {
             permit: DirectPermit {
                 _global: global,
                 _share: share,
-                _used: QueuePlaces::take(&self.metrics, needed),
+                _used: QueuePlaces::take(&self.metrics, places),
             },
             accepted,
             duplicates,
@@ -686,6 +706,63 @@ mod tests {
         drop((second, b));
         assert_eq!(direct.namespaces_holding(), 0);
         assert!(direct.admit(&ready(), "a", routed(&t, "a", two())).is_ok());
+    }
+
+    #[test]
+    fn one_event_fanning_out_past_the_share_is_admitted_once_its_namespace_is_idle() {
+        let metrics = Metrics::default();
+        let direct = DirectIngest::new(8, 2).with_metrics(metrics.clone());
+        let names: Vec<String> = (0..5).map(|i| format!("w{i}")).collect();
+        let mut routes: Vec<(&str, &str)> = names.iter().map(|n| ("a", n.as_str())).collect();
+        routes.push(("b", "w"));
+        let t = table(&routes);
+        let one = || vec![event(r#"{"event":"document.error","data":{}}"#)];
+
+        // Five deliveries, past a share of two: admitted whole, holding the whole share.
+        let wide = direct
+            .admit(&ready(), "a", routed(&t, "a", one()))
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(wide.deliveries.len(), 5);
+        assert_eq!(direct.held_by("a"), 2);
+        assert_eq!(metrics.direct_queue_used.get(), 2);
+        // Other namespaces keep the rest of the queue.
+        assert!(direct.admit(&ready(), "b", routed(&t, "b", one())).is_ok());
+
+        // While it is delivered, the next one waits its turn with 429, told why.
+        let e = direct
+            .admit(&ready(), "a", routed(&t, "a", one()))
+            .err()
+            .expect("the namespace holds its share");
+        assert_eq!(
+            (e.status, e.code, e.retry_after),
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                Problem::NamespaceQueueFull,
+                Some(1)
+            )
+        );
+        assert!(
+            e.message.contains("fans out to 5 Webhooks"),
+            "{}",
+            e.message
+        );
+        drop(wide);
+        assert!(direct.admit(&ready(), "a", routed(&t, "a", one())).is_ok());
+
+        // Several events past the share can be split, so they are 413.
+        let e = direct
+            .admit(&ready(), "a", routed(&t, "a", [one(), one()].concat()))
+            .err()
+            .expect("two events of five deliveries each");
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::PAYLOAD_TOO_LARGE, Problem::TooManyDeliveries)
+        );
+        assert!(
+            e.message.contains("a request of one event is admitted"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
