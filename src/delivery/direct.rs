@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::task::AbortHandle;
+use tokio::{
+    sync::{Notify, futures::Notified},
+    task::AbortHandle,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
@@ -41,6 +44,9 @@ pub struct DirectLines {
     tasks: TaskTracker,
     /// Deliveries that workers and retry tasks gave up because of the stop.
     given_up: AtomicUsize,
+    /// Told each time a delivery leaves a line or a request's queue space comes back, so that
+    /// a request waiting for room tries again (one waiter per move).
+    moved: Notify,
 }
 
 #[derive(Default)]
@@ -85,6 +91,16 @@ impl Lost {
 }
 
 impl DirectLines {
+    /// Completes at the next move of a delivery (see [`DirectLines::moved_on`]).
+    pub fn moved(&self) -> Notified<'_> {
+        self.moved.notified()
+    }
+
+    /// Wakes one request waiting for room: a delivery left its line, or queue space came back.
+    pub fn moved_on(&self) {
+        self.moved.notify_one();
+    }
+
     /// How long the oldest delivery in `webhook`'s line has waited (zero for an empty line).
     pub fn oldest_wait(&self, webhook: &WebhookKey, now: Instant) -> Duration {
         let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
@@ -131,6 +147,8 @@ impl DirectLines {
         let lines = &mut *guard;
         if let Some(line) = lines.by_webhook.get_mut(webhook) {
             if let Some(queued) = line.waiting.pop_front() {
+                drop(guard);
+                self.moved_on();
                 return Some(queued);
             }
             line.workers -= 1;

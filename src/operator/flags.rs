@@ -117,10 +117,11 @@ pub struct RunArgs {
     #[arg(long, env = "HOOKRELAY_DIRECT_MAX_HOLD", default_value = "60s", value_parser = humantime::parse_duration)]
     pub direct_max_hold: Duration,
 
-    /// Direct ingest answers 429 for a Webhook whose oldest delivery in line has waited longer
-    /// than this: back-pressure while latency is still low, not seconds later when the queue
-    /// is full. At 5ms the p99 at saturation stays near 12 ms, and no request is refused at
-    /// rates the operator sustains (BENCHMARKS.md); raise it for bursts to slow receivers.
+    /// How long a direct delivery may wait in its Webhook's line, and how long a request may
+    /// wait for room: an event for a Webhook whose oldest delivery in line has waited longer
+    /// (or finding the queue full) is held up to this long for deliveries to move on, then
+    /// answered 429. Back-pressure while latency is still low, not seconds later when the
+    /// queue is full (BENCHMARKS.md); raise it for bursts to slow receivers.
     #[arg(long, env = "HOOKRELAY_DIRECT_MAX_QUEUE_DELAY", default_value = "5ms", value_parser = humantime::parse_duration)]
     pub direct_max_queue_delay: Duration,
 

@@ -31,9 +31,10 @@ use crate::{
 };
 
 /// The longest a direct delivery may wait in its Webhook's line before new events for that
-/// Webhook get 429: past it the line does not drain in time, and accepting more would only
-/// turn the excess into seconds of latency before refusing anyway.
-pub const DEFAULT_MAX_QUEUE_DELAY: Duration = Duration::from_millis(100);
+/// Webhook wait for room, and the longest they wait before 429: past it the line does not
+/// drain in time, and accepting more would only turn the excess into latency before refusing
+/// anyway.
+pub const DEFAULT_MAX_QUEUE_DELAY: Duration = Duration::from_millis(5);
 
 /// The event id of a keyed direct event (delivery ids derive from it): deterministic, so that a
 /// repeat outside the in-memory window still carries the same delivery ids.
@@ -91,19 +92,22 @@ pub struct DirectPermit {
     _used: QueuePlaces,
 }
 
-/// Counts the places of one request in `hookrelay_direct_queue_used` while they are held.
+/// Counts the places of one request in `hookrelay_direct_queue_used` while they are held, and
+/// wakes a request waiting for room when they come back (dropped after the permits).
 struct QueuePlaces {
     gauge: prometheus_client::metrics::gauge::Gauge,
     count: i64,
+    lines: Arc<DirectLines>,
 }
 
 impl QueuePlaces {
-    fn take(metrics: &Metrics, count: usize) -> Self {
+    fn take(metrics: &Metrics, count: usize, lines: &Arc<DirectLines>) -> Self {
         let count = count as i64;
         metrics.direct_queue_used.inc_by(count);
         Self {
             gauge: metrics.direct_queue_used.clone(),
             count,
+            lines: lines.clone(),
         }
     }
 }
@@ -111,6 +115,7 @@ impl QueuePlaces {
 impl Drop for QueuePlaces {
     fn drop(&mut self) {
         self.gauge.dec_by(self.count);
+        self.lines.moved_on();
     }
 }
 
@@ -258,12 +263,57 @@ impl DirectIngest {
     }
 
     /// Checks readiness, idempotency keys and capacity (before building anything), then
-    /// builds the deliveries of `events`, each with the routes that take it.
+    /// builds the deliveries of `events`, each with the routes that take it. Lack of room is
+    /// answered at once; see [`DirectIngest::admit_within`] for waiting for it.
     pub fn admit(
         &self,
         readiness: &Readiness,
         namespace: &str,
-        events: Vec<RoutedEvent>,
+        mut events: Vec<RoutedEvent>,
+    ) -> Result<Admission, ApiError> {
+        self.try_admit(readiness, namespace, &mut events)
+    }
+
+    /// [`DirectIngest::admit`], but a request refused for lack of room (the queue or the
+    /// namespace's share full, a line not draining in time) waits up to `wait` for deliveries
+    /// to move on and tries again, before it is answered 429. With keep-alive clients this is
+    /// backpressure: a client sending faster than the Webhooks take is slowed to their pace
+    /// instead of refused, and a refusal (which costs as much to answer as an acceptance) is
+    /// left for load that stays too high for `wait`.
+    pub async fn admit_within(
+        &self,
+        readiness: &Readiness,
+        namespace: &str,
+        mut events: Vec<RoutedEvent>,
+        wait: Duration,
+    ) -> Result<Admission, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the try, so that a delivery moving on in between wakes it.
+            let moved = self.lines.moved();
+            let mut moved = std::pin::pin!(moved);
+            moved.as_mut().enable();
+            match self.try_admit(readiness, namespace, &mut events) {
+                Err(refused)
+                    if matches!(
+                        refused.code,
+                        Problem::QueueSlow | Problem::QueueFull | Problem::NamespaceQueueFull
+                    ) && tokio::time::Instant::now() < deadline =>
+                {
+                    // Past the deadline, one last try.
+                    let _ = tokio::time::timeout_at(deadline, moved).await;
+                }
+                reply => return reply,
+            }
+        }
+    }
+
+    /// One try at admission. `events` is taken only when admitted.
+    fn try_admit(
+        &self,
+        readiness: &Readiness,
+        namespace: &str,
+        events: &mut Vec<RoutedEvent>,
     ) -> Result<Admission, ApiError> {
         if !readiness.is_ready() {
             // Before the first full list the routing table is incomplete: routing now would
@@ -282,34 +332,26 @@ impl DirectIngest {
         let accepted = events.len();
         let keyed = events.iter().any(|r| r.event.key.is_some());
         let ns: Arc<str> = namespace.into();
-        let mut duplicates = Vec::new();
-        let mut new_events = Vec::new();
-        for (index, routed) in events.into_iter().enumerate() {
-            let RoutedEvent {
-                event: e,
-                fingerprint,
-                targets,
-            } = routed;
-            if let Some(key) = &e.key {
+        // Events whose key was accepted with the same content: not dispatched again.
+        let mut repeats = Vec::new();
+        for (index, routed) in events.iter().enumerate() {
+            if let Some(key) = &routed.event.key {
                 match self.recent.of(&ns).get(key.as_str()) {
-                    Some(r) if r.fingerprint == fingerprint => {
-                        duplicates.push(index);
-                        continue;
-                    }
+                    Some(r) if r.fingerprint == routed.fingerprint => repeats.push(index),
                     Some(_) => return Err(idempotency_conflict(key)),
                     None => {}
                 }
             }
-            new_events.push((index, e, fingerprint, targets));
         }
+        let is_new = |index: &usize| repeats.binary_search(index).is_err();
 
         // Capacity first: count the deliveries, build them only once there is room. The same
         // pass finds a line that does not drain in time.
         let now = Instant::now();
         let mut needed = 0;
         let mut slow = None;
-        for (_, _, _, targets) in &new_events {
-            for route in targets {
+        for (_, routed) in events.iter().enumerate().filter(|(i, _)| is_new(i)) {
+            for route in &routed.targets {
                 needed += 1;
                 // A rate-limited line is meant to wait: it is bounded by the queue, not by
                 // --direct-max-queue-delay.
@@ -321,7 +363,7 @@ impl DirectIngest {
                 }
             }
         }
-        let places = self.places_for(needed, new_events.len())?;
+        let places = self.places_for(needed, accepted - repeats.len())?;
         // A line that does not drain in time: refuse now, while latency is still low, rather
         // than fill the queue and refuse seconds later.
         if let Some((webhook, waited)) = slow {
@@ -364,7 +406,17 @@ impl DirectIngest {
         let recent = self.recent.of(&ns);
         let mut recorded = Vec::new();
         let mut to_send = Vec::new();
-        for (index, e, fingerprint, targets) in new_events {
+        let mut duplicates = Vec::new();
+        let new_events = std::mem::take(events)
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| is_new(i));
+        for (index, routed) in new_events {
+            let RoutedEvent {
+                event: e,
+                fingerprint,
+                targets,
+            } = routed;
             if let Some(key) = &e.key {
                 let entry = recent
                     .entry(Arc::from(key.as_str()))
@@ -383,6 +435,7 @@ impl DirectIngest {
             }
             to_send.push((e, targets));
         }
+        duplicates.extend_from_slice(&repeats);
         duplicates.sort_unstable();
 
         let mut deliveries = Vec::with_capacity(needed);
@@ -419,7 +472,7 @@ impl DirectIngest {
             permit: DirectPermit {
                 _global: global,
                 _share: share,
-                _used: QueuePlaces::take(&self.metrics, places),
+                _used: QueuePlaces::take(&self.metrics, places, &self.lines),
             },
             accepted,
             duplicates,
@@ -528,7 +581,10 @@ pub(super) async fn direct(
             targets,
         });
     }
-    let admission = state.direct.admit(&state.readiness, namespace, routed)?;
+    let direct = &state.direct;
+    let admission = direct
+        .admit_within(&state.readiness, namespace, routed, direct.max_queue_delay)
+        .await?;
     let count = admission.deliveries.len();
     let permit = Arc::new(admission.permit);
     let since = Instant::now();
@@ -762,6 +818,76 @@ mod tests {
             e.message.contains("a request of one event is admitted"),
             "{}",
             e.message
+        );
+    }
+
+    // Paused time: the waits are the code's, not the machine's.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_finding_no_room_waits_for_deliveries_to_move_on_before_429() {
+        let direct = DirectIngest::new(1, 1);
+        let t = table(&[("a", "w")]);
+        let one = || {
+            routed(
+                &t,
+                "a",
+                vec![event(r#"{"event":"document.error","data":{}}"#)],
+            )
+        };
+        let held = direct
+            .admit(&ready(), "a", one())
+            .unwrap_or_else(|e| panic!("{e:?}"));
+
+        // Nothing moves on: refused once the wait is over, not before.
+        let started = tokio::time::Instant::now();
+        let e = direct
+            .admit_within(&ready(), "a", one(), Duration::from_millis(50))
+            .await
+            .err()
+            .expect("no room");
+        assert_eq!(
+            (e.status, e.code, started.elapsed()),
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                Problem::QueueFull,
+                Duration::from_millis(50)
+            )
+        );
+
+        // Room comes back: admitted then, long before the wait is over.
+        let started = tokio::time::Instant::now();
+        let release = async {
+            tokio::task::yield_now().await;
+            drop(held);
+        };
+        let readiness = ready();
+        let (admitted, ()) = tokio::join!(
+            direct.admit_within(&readiness, "a", one(), Duration::from_secs(3600)),
+            release
+        );
+        let admitted = admitted.unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(
+            (admitted.deliveries.len(), started.elapsed()),
+            (1, Duration::ZERO)
+        );
+
+        // What cannot come with waiting is answered at once.
+        let e = direct
+            .admit_within(
+                &ready(),
+                "a",
+                routed(
+                    &t,
+                    "a",
+                    vec![event(r#"{"event":"document.error","data":{}}"#); 2],
+                ),
+                Duration::from_secs(3600),
+            )
+            .await
+            .err()
+            .expect("two deliveries never fit a share of one");
+        assert_eq!(
+            (e.code, started.elapsed()),
+            (Problem::TooManyDeliveries, Duration::ZERO)
         );
     }
 
