@@ -403,7 +403,9 @@ impl DirectIngest {
 
         // Record the keys now that the events will be dispatched. A concurrent request with
         // the same key may have come first.
-        let recent = self.recent.of(&ns);
+        // Looked up only for keyed requests: most carry no key, and the window's lookup is
+        // not free.
+        let recent = keyed.then(|| self.recent.of(&ns));
         let mut recorded = Vec::new();
         let mut to_send = Vec::new();
         let mut duplicates = Vec::new();
@@ -417,7 +419,7 @@ impl DirectIngest {
                 fingerprint,
                 targets,
             } = routed;
-            if let Some(key) = &e.key {
+            if let (Some(key), Some(recent)) = (&e.key, &recent) {
                 let entry = recent
                     .entry(Arc::from(key.as_str()))
                     .or_insert_with(|| RecentEvent { fingerprint });
