@@ -188,6 +188,11 @@ pub struct HttpSender {
     service_clients: ServiceClients,
 }
 
+/// Idle connections kept per endpoint: as many as attempts may be in flight to one namespace
+/// by default (`--max-in-flight-per-namespace`), so that the connections a fan-out opened are
+/// used again by the next one instead of closed and opened again.
+const MAX_IDLE_PER_HOST: usize = 128;
+
 fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .user_agent(USER_AGENT)
@@ -195,7 +200,7 @@ fn client_builder() -> reqwest::ClientBuilder {
         .no_proxy()
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(32)
+        .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
         .tcp_nodelay(true)
 }
 
