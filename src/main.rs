@@ -3,13 +3,6 @@ use hookrelay::operator::{self, RunArgs};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, Layer, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
-/// mimalloc instead of the system allocator: each delivery allocates its request, its headers
-/// and its attempt record on one worker thread and frees them on another, and glibc's malloc
-/// spent 15% of the operator's CPU at saturation on that, part of it waiting for arena locks
-/// (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A Kubernetes operator that delivers signed webhooks for document events.
 #[derive(Parser, Debug)]
 #[command(name = "hookrelay", version, about, long_about = None)]
