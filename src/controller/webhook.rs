@@ -180,7 +180,19 @@ impl<V: PartialEq> Referenced<V> {
             .cloned()
             .collect()
     }
+
+    /// How many Webhooks reference `object`, and the first `n` of them by name: what a message
+    /// can name without growing with the namespace.
+    fn some_referrers(&self, object: &NamespacedName, n: usize) -> (usize, Vec<Arc<str>>) {
+        let names = self.referrers.get(object);
+        let count = names.map_or(0, BTreeSet::len);
+        let first = names.into_iter().flatten().take(n).cloned().collect();
+        (count, first)
+    }
 }
+
+/// The most Webhooks a shared-Secret warning names.
+const SHARED_NAMED: usize = 5;
 
 pub struct WebhookController {
     routes: Routes,
@@ -757,17 +769,28 @@ impl WebhookController {
             let Some(secret) = refs.get(&key.namespace, name) else {
                 continue;
             };
-            let users = refs.referrers(&(key.namespace.clone(), Arc::from(name)));
-            if secret.binding.is_bound() || users.len() < 2 {
+            // Counted, and at most a few named: with thousands of Webhooks on one Secret, a
+            // note listing them all for each of them grew with the square of their number.
+            let (count, named) =
+                refs.some_referrers(&(key.namespace.clone(), Arc::from(name)), SHARED_NAMED);
+            if secret.binding.is_bound() || count < 2 {
                 continue;
             }
             if !self.shared_warned.insert((uid.clone(), Arc::from(name))) {
                 continue;
             }
-            let users = users.join(",");
-            notes.push(format!(
-                "the {kind} Secret {name} is used by Webhooks {users} and bound to none: any Webhook of this namespace may use it; bind it with the annotation {WEBHOOKS_ANNOTATION}: {users}"
-            ));
+            let listed = named.join(",");
+            let note = if count <= SHARED_NAMED {
+                format!(
+                    "the {kind} Secret {name} is used by Webhooks {listed} and bound to none: any Webhook of this namespace may use it; bind it with the annotation {WEBHOOKS_ANNOTATION}: {listed}"
+                )
+            } else {
+                format!(
+                    "the {kind} Secret {name} is used by {count} Webhooks ({listed} and {} more) and bound to none: any Webhook of this namespace may use it; bind it with the annotation {WEBHOOKS_ANNOTATION} listing the Webhooks that may",
+                    count - named.len()
+                )
+            };
+            notes.push(note);
         }
         for note in notes {
             tracing::warn!(webhook = %key, "{note}");
