@@ -303,10 +303,6 @@ impl StatusWriter {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = false;
-        // The last look for due slots filled every place in flight: more may be due, so each
-        // finished patch starts the next at once rather than at the next tick (10,000 new
-        // Webhooks are Ready at the pace the API server answers, not 32 per tick).
-        let mut backlog = false;
         loop {
             let touched = tokio::select! {
                 _ = shutdown.cancelled(), if !stopping => {
@@ -331,12 +327,6 @@ impl StatusWriter {
                 },
                 Some(done) = in_flight.next() => {
                     self.finish(done);
-                    if backlog && self.leadership.is_leader() {
-                        let now = Instant::now();
-                        let due;
-                        (due, backlog) = self.due(now, in_flight.len());
-                        in_flight.extend(due.into_iter().map(|key| self.start(key, now)));
-                    }
                     None
                 }
                 _ = tick.tick() => {
@@ -358,8 +348,7 @@ impl StatusWriter {
                     }
                     self.forget_idle(now);
                     if leads {
-                        let due;
-                        (due, backlog) = self.due(now, in_flight.len());
+                        let due = self.due(now, in_flight.len());
                         in_flight.extend(due.into_iter().map(|key| self.start(key, now)));
                     }
                     let pending = self.slots.values().any(|s| s.content.is_some() && s.failures == 0);
@@ -372,23 +361,19 @@ impl StatusWriter {
                     None
                 }
             };
-            // A new update for an object not written lately goes out at once, or as soon as a
-            // place in flight is free.
+            // A new update for an object not written lately goes out at once.
             let now = Instant::now();
             if let Some(key) = touched
                 && self.leadership.is_leader()
+                && in_flight.len() < self.config.max_in_flight
                 && self
                     .slots
                     .get(&key)
                     .is_some_and(|s| s.is_due(now, self.config.min_interval))
+                && (!matches!(key, SlotKey::Event(_))
+                    || self.event_patches_in_flight() < self.config.max_event_patches_in_flight)
             {
-                let events_full = matches!(key, SlotKey::Event(_))
-                    && self.event_patches_in_flight() >= self.config.max_event_patches_in_flight;
-                if in_flight.len() < self.config.max_in_flight && !events_full {
-                    in_flight.push(self.start(key, now));
-                } else {
-                    backlog = true;
-                }
+                in_flight.push(self.start(key, now));
             }
         }
         while let Some(done) = in_flight.next().await {
@@ -396,25 +381,23 @@ impl StatusWriter {
         }
     }
 
-    /// The slots to patch now, within the bounds on patches in flight (`in_flight` of them),
-    /// and whether a due slot was left out for lack of a place.
-    fn due(&self, now: Instant, in_flight: usize) -> (Vec<SlotKey>, bool) {
+    /// The slots to patch now, within the bounds on patches in flight (`in_flight` of them).
+    fn due(&self, now: Instant, in_flight: usize) -> Vec<SlotKey> {
         let mut room = self.config.max_in_flight.saturating_sub(in_flight);
         let mut event_room = self
             .config
             .max_event_patches_in_flight
             .saturating_sub(self.event_patches_in_flight());
-        let (mut due, mut more) = (Vec::new(), false);
+        let mut due = Vec::new();
         for (key, slot) in &self.slots {
+            if room == 0 {
+                break;
+            }
             if !slot.is_due(now, self.config.min_interval) {
                 continue;
             }
-            if room == 0 {
-                return (due, true);
-            }
             if matches!(key, SlotKey::Event(_)) {
                 if event_room == 0 {
-                    more = true;
                     continue;
                 }
                 event_room -= 1;
@@ -422,7 +405,7 @@ impl StatusWriter {
             room -= 1;
             due.push(key.clone());
         }
-        (due, more)
+        due
     }
 
     fn event_patches_in_flight(&self) -> usize {
@@ -906,7 +889,7 @@ mod tests {
             "a DocumentEvent's status is the leader's to write"
         );
         assert!(
-            writer.due(Instant::now(), 0).0.len() == 1,
+            writer.due(Instant::now(), 0).len() == 1,
             "kept for when it leads"
         );
 
@@ -1011,8 +994,7 @@ mod tests {
             }),
         });
         let now = Instant::now();
-        let (due, more) = writer.due(now, 0);
-        assert!(more, "three more events are due");
+        let due = writer.due(now, 0);
         let events = due
             .iter()
             .filter(|k| matches!(k, SlotKey::Event(_)))
@@ -1026,54 +1008,8 @@ mod tests {
             .collect();
         assert_eq!(
             writer.due(now, 2),
-            (
-                vec![SlotKey::Deliveries(WebhookKey::new("docs", "w"))],
-                true
-            )
+            vec![SlotKey::Deliveries(WebhookKey::new("docs", "w"))]
         );
-    }
-
-    // Paused time: a patch started at a later tick would show as time passing.
-    #[tokio::test(start_paused = true)]
-    async fn a_backlog_is_written_at_the_pace_the_api_server_answers_not_per_tick() {
-        let config = WriterConfig {
-            min_interval: Duration::from_secs(1),
-            event_first_delay: Duration::ZERO,
-            patch_timeout: Duration::from_secs(5),
-            max_in_flight: 2,
-            max_event_patches_in_flight: 2,
-        };
-        let (tx, writer, mut handle) = writer_with(config, Leadership::always());
-        for i in 0..6 {
-            tx.send(Update::EventStatus {
-                key: EventKey {
-                    namespace: "docs".into(),
-                    name: format!("e{i}").into(),
-                },
-                uid: format!("uid-{i}"),
-                status: delivered(),
-            })
-            .await;
-        }
-        let stop = CancellationToken::new();
-        let run = tokio::spawn(writer.run(stop.clone()));
-        let start = tokio::time::Instant::now();
-        let mut patched = Vec::new();
-        for _ in 0..6 {
-            let (request, send) = next(&mut handle).await.expect("a patch");
-            patched.push((request.uri().path().to_owned(), start.elapsed()));
-            respond(send, 200, event_object("uid"));
-        }
-        assert!(
-            patched.iter().all(|(_, at)| at.is_zero()),
-            "every patch started as the one before it finished: {patched:?}"
-        );
-        let mut names: Vec<_> = patched.into_iter().map(|(path, _)| path).collect();
-        names.sort();
-        names.dedup();
-        assert_eq!(names.len(), 6, "{names:?}");
-        stop.cancel();
-        run.await.unwrap();
     }
 
     #[tokio::test]
