@@ -668,6 +668,20 @@ mod tests {
             .collect()
     }
 
+    /// A 429 for a namespace holding its share, with Retry-After, its message saying `why`.
+    fn assert_share_full(admitted: Result<Admission, ApiError>, why: &str) {
+        let e = admitted.err().expect("the namespace holds its share");
+        assert_eq!(
+            (e.status, e.code, e.retry_after),
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                Problem::NamespaceQueueFull,
+                Some(1)
+            )
+        );
+        assert!(e.message.contains(why), "{}", e.message);
+    }
+
     fn ready() -> Readiness {
         let r = Readiness::new(&["webhooks"]);
         r.mark_ready("webhooks");
@@ -724,22 +738,9 @@ mod tests {
             .admit(&ready(), "a", routed(&t, "a", two()))
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(direct.held_by("a"), 4);
-        let e = direct
-            .admit(&ready(), "a", routed(&t, "a", two()))
-            .err()
-            .expect("a's share is full");
-        assert_eq!(
-            (e.status, e.code, e.retry_after),
-            (
-                StatusCode::TOO_MANY_REQUESTS,
-                Problem::NamespaceQueueFull,
-                Some(1)
-            )
-        );
-        assert!(
-            e.message.contains("--direct-queue-per-namespace"),
-            "{}",
-            e.message
+        assert_share_full(
+            direct.admit(&ready(), "a", routed(&t, "a", two())),
+            "--direct-queue-per-namespace",
         );
         // Another namespace is not affected.
         let b = direct
@@ -787,22 +788,9 @@ mod tests {
         assert!(direct.admit(&ready(), "b", routed(&t, "b", one())).is_ok());
 
         // While it is delivered, the next one waits its turn with 429, told why.
-        let e = direct
-            .admit(&ready(), "a", routed(&t, "a", one()))
-            .err()
-            .expect("the namespace holds its share");
-        assert_eq!(
-            (e.status, e.code, e.retry_after),
-            (
-                StatusCode::TOO_MANY_REQUESTS,
-                Problem::NamespaceQueueFull,
-                Some(1)
-            )
-        );
-        assert!(
-            e.message.contains("fans out to 5 Webhooks"),
-            "{}",
-            e.message
+        assert_share_full(
+            direct.admit(&ready(), "a", routed(&t, "a", one())),
+            "fans out to 5 Webhooks",
         );
         drop(wide);
         assert!(direct.admit(&ready(), "a", routed(&t, "a", one())).is_ok());
