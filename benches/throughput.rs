@@ -11,8 +11,8 @@
 //!   fixed rates an open loop (sent at the rate whatever the answers). Latency is from the POST
 //!   being sent to the receiver's arrival.
 //!
-//! Also (BENCHMARKS.md, "How it works"): the operator's CPU, memory and status patches per
-//! run (`throughput/cost.rs`), fan-out of one event to 1, 100 and 1,000 Webhooks
+//! Also (BENCHMARKS.md, "How it works"): the operator's CPU (and nats-server's, in JetStream
+//! runs), memory and status patches per run (`throughput/cost.rs`), fan-out of one event to 1, 100 and 1,000 Webhooks
 //! (`throughput/fanout.rs`), and N Webhooks to Ready (`throughput/webhooks.rs`).
 //!
 //! Prints two tables and writes them as JSON to `target/bench/throughput.json`.
@@ -477,7 +477,7 @@ async fn operator_scenarios(
 ) -> Vec<Figure> {
     let cp = control_plane();
     let ns = cp.namespace(&format!("throughput-{mode}")).await;
-    let (op, _nats) = start_operator(cp, mode, &ns).await;
+    let (op, nats) = start_operator(cp, mode, &ns).await;
     create_webhook(
         &cp.client().await,
         &ns,
@@ -499,7 +499,7 @@ async fn operator_scenarios(
             None => format!("{mode}, saturation"),
             Some(rate) => format!("{mode}, {rate}/s"),
         };
-        let probe = cost::Probe::start(&op).await;
+        let probe = cost::Probe::start(&op, nats.as_ref().map(NatsServer::pid)).await;
         let figure = measure(&scenario, &load, arrivals, rate, settings).await;
         costs.push(probe.finish(&scenario, figure.delivered, 1).await);
         figures.push(figure);
@@ -792,9 +792,11 @@ fn print_second_table(
     }
     for c in costs {
         println!(
-            "| {}: operator | {} CPU-ms per 1,000 deliveries, peak RSS {:.1} MiB | generator + receiver: {} CPU-ms per 1,000 | - | {} deliveries in {:.1} s, {:.2} cores; RSS {:.1} -> {:.1} MiB; {:.2} Webhook status patches/s per Webhook, {} DocumentEvent patches, {} API requests |",
+            "| {}: operator | {} CPU-ms per 1,000 deliveries{}, peak RSS {:.1} MiB | generator + receiver: {} CPU-ms per 1,000 | - | {} deliveries in {:.1} s, {:.2} cores; RSS {:.1} -> {:.1} MiB; {:.2} Webhook status patches/s per Webhook, {} DocumentEvent patches, {} API requests |",
             c.scenario,
             ms(c.cpu_ms_per_1000_deliveries),
+            c.nats_cpu_ms_per_1000_deliveries
+                .map_or_else(String::new, |n| format!(" (nats-server: {n:.2} more)")),
             c.peak_rss_mib,
             ms(generator_cpu_per_1000),
             c.deliveries,

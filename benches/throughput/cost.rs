@@ -114,11 +114,15 @@ pub struct OperatorCost {
     pub event_status_patches: f64,
     /// API requests of every verb the operator made during the run (watches count once).
     pub kube_api_requests: f64,
+    /// nats-server's CPU over the same run, per 1,000 deliveries (JetStream runs only).
+    pub nats_cpu_ms_per_1000_deliveries: Option<f64>,
 }
 
 /// Samples the operator before a run, and its peak memory during it.
 pub struct Probe {
     pid: u32,
+    /// nats-server's process and its CPU time at the start.
+    nats: Option<(u32, Duration)>,
     metrics: SocketAddr,
     before: Counters,
     stop_sampling: tokio::sync::oneshot::Sender<()>,
@@ -126,8 +130,10 @@ pub struct Probe {
 }
 
 impl Probe {
-    pub async fn start(op: &Operator) -> Probe {
+    /// `nats` is nats-server's process id, for its CPU beside the operator's.
+    pub async fn start(op: &Operator, nats: Option<u32>) -> Probe {
         let (pid, metrics) = (pid(op), op.metrics_addr);
+        let nats = nats.map(|nats| (nats, cpu_time(nats)));
         let before = Counters::read(pid, metrics).await;
         let (stop_sampling, mut stopped) = tokio::sync::oneshot::channel();
         let peak_rss = tokio::spawn(async move {
@@ -142,6 +148,7 @@ impl Probe {
         });
         Probe {
             pid,
+            nats,
             metrics,
             before,
             stop_sampling,
@@ -157,13 +164,16 @@ impl Probe {
         let seconds = (after.at - self.before.at).as_secs_f64();
         let cpu_ms = (after.cpu - self.before.cpu).as_secs_f64() * 1000.0;
         let webhook_patches = after.webhook_patches - self.before.webhook_patches;
+        let per_1000 = |ms: f64| (deliveries > 0).then(|| ms / deliveries as f64 * 1000.0);
+        let nats_cpu_ms = self
+            .nats
+            .map(|(nats, before)| (cpu_time(nats) - before).as_secs_f64() * 1000.0);
         OperatorCost {
             scenario: scenario.to_owned(),
             seconds,
             deliveries,
             cpu_ms,
-            cpu_ms_per_1000_deliveries: (deliveries > 0)
-                .then(|| cpu_ms / deliveries as f64 * 1000.0),
+            cpu_ms_per_1000_deliveries: per_1000(cpu_ms),
             cores: cpu_ms / 1000.0 / seconds,
             rss_before_mib: self.before.rss_mib,
             rss_after_mib: after.rss_mib,
@@ -173,6 +183,7 @@ impl Probe {
             webhook_patches_per_webhook_per_s: webhook_patches / webhooks.max(1) as f64 / seconds,
             event_status_patches: after.event_patches - self.before.event_patches,
             kube_api_requests: after.kube_requests - self.before.kube_requests,
+            nats_cpu_ms_per_1000_deliveries: nats_cpu_ms.and_then(per_1000),
         }
     }
 }

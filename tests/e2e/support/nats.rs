@@ -74,6 +74,12 @@ fn spawn(bin: &Path, port: u16, store: &Path, extra: &[String]) -> std::process:
 }
 
 impl NatsServer {
+    /// The server's process id: the throughput bench reads its CPU time beside the operator's.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub async fn start() -> NatsServer {
         Self::start_with(|_| Vec::new()).await
     }
