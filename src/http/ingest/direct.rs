@@ -287,25 +287,31 @@ impl DirectIngest {
         mut events: Vec<RoutedEvent>,
         wait: Duration,
     ) -> Result<Admission, ApiError> {
+        let waits = |reply: &Result<Admission, ApiError>| {
+            matches!(reply, Err(refused) if matches!(
+                refused.code,
+                Problem::QueueSlow | Problem::QueueFull | Problem::NamespaceQueueFull
+            ))
+        };
+        // Most requests find room: they register no waiter.
+        let first = self.try_admit(readiness, namespace, &mut events);
+        if !waits(&first) {
+            return first;
+        }
         let deadline = tokio::time::Instant::now() + wait;
-        loop {
+        while tokio::time::Instant::now() < deadline {
             // Registered before the try, so that a delivery moving on in between wakes it.
             let moved = self.lines.moved();
             let mut moved = std::pin::pin!(moved);
             moved.as_mut().enable();
-            match self.try_admit(readiness, namespace, &mut events) {
-                Err(refused)
-                    if matches!(
-                        refused.code,
-                        Problem::QueueSlow | Problem::QueueFull | Problem::NamespaceQueueFull
-                    ) && tokio::time::Instant::now() < deadline =>
-                {
-                    // Past the deadline, one last try.
-                    let _ = tokio::time::timeout_at(deadline, moved).await;
-                }
-                reply => return reply,
+            let reply = self.try_admit(readiness, namespace, &mut events);
+            if !waits(&reply) {
+                return reply;
             }
+            let _ = tokio::time::timeout_at(deadline, moved).await;
         }
+        // Past the deadline, one last try.
+        self.try_admit(readiness, namespace, &mut events)
     }
 
     /// One try at admission. `events` is taken only when admitted.
