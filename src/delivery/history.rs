@@ -271,8 +271,10 @@ pub async fn recover_from_stream(
     // Records of attempts at or after `since` are published after it.
     let records = subjects.attempts(key);
     let scanned = scan(stream, vec![records], Some(since), MAX_SCANNED, |m| {
-        if let Ok((_, uid, record)) = records::decode(subjects, &m.subject, &m.payload) {
-            outcomes.record(webhook_uid, &uid, &record);
+        if let Ok((_, uid, records)) = records::decode(subjects, &m.subject, &m.payload) {
+            for record in &records {
+                outcomes.record(webhook_uid, &uid, record);
+            }
         }
         true
     })
@@ -357,11 +359,11 @@ pub async fn search_stream(
         None,
         MAX_SCANNED,
         |m| {
-            if let Ok((_, uid, record)) = records::decode(subjects, &m.subject, &m.payload)
+            if let Ok((_, uid, records)) = records::decode(subjects, &m.subject, &m.payload)
                 && uid == webhook_uid
-                && ids.contains(&record.id)
             {
-                found.push(record);
+                let wanted = records.into_iter().filter(|r| ids.contains(&r.id));
+                found.extend(wanted.take(MAX_FOUND.saturating_sub(found.len())));
             }
             found.len() < MAX_FOUND
         },

@@ -7,8 +7,16 @@
 //! the number of replicas). A record is acked once the writer has taken it; what a leader had
 //! not acked when it stopped is handed to the next one. A record whose publish fails (NATS
 //! down) goes to the local writer instead, which writes it if this replica leads.
+//!
+//! Records of one Webhook that are waiting together travel as one message (at most
+//! [`MAX_BATCH`]): with a few publishes in flight at once, records gather while the stream
+//! answers, so that under load a message carries many attempts and each costs the stream a
+//! fraction of a store, a hand-out and an ack; when idle, each record goes alone at once.
 
-use std::time::Duration;
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    time::Duration,
+};
 
 use async_nats::{
     HeaderMap,
@@ -29,23 +37,38 @@ use crate::{
     status::{StatusSender, Update},
 };
 
-/// Publishes awaiting their acknowledgement at once, per replica.
-const MAX_PUBLISHING: usize = 256;
+/// Publishes awaiting their acknowledgement at once, per replica. Few, so that records gather
+/// into batches while they wait rather than each taking a publish of its own.
+const MAX_PUBLISHING: usize = 16;
+/// Records in one message at most.
+pub const MAX_BATCH: usize = 256;
+/// The most one record takes in a message (an error of 256 four-byte characters, ids, times),
+/// rounded up: a batch stays within the server's `max_payload`.
+const MAX_RECORD_BYTES: usize = 2048;
 /// A publish whose acknowledgement did not come is sent again this many times in all (the
 /// message id makes a repeat harmless) before the record goes to the local writer.
 const PUBLISH_TRIES: usize = 2;
 /// At shutdown, the recorder keeps taking records while they come at least this often.
 const DRAIN_IDLE: Duration = Duration::from_millis(500);
 
-/// The body of an attempt record message.
+/// The body of an attempt record message: the records of one Webhook, oldest first.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct AttemptBody {
-    /// The uid of the Webhook the attempt was made for (a namesake never gets its records).
+    /// The uid of the Webhook the attempts were made for (a namesake never gets its records).
     uid: String,
-    record: DeliveryRecord,
+    records: Vec<DeliveryRecord>,
 }
 
-/// An attempt record as published.
+/// What an attempt record message may hold: a batch, or one record as releases before
+/// batching published it (still in the stream after an upgrade, for `--nats-max-age`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StoredBody {
+    Batch(AttemptBody),
+    One { uid: String, record: DeliveryRecord },
+}
+
+/// Attempt records as published: one message for records of one Webhook.
 #[derive(Debug)]
 pub struct AttemptMessage {
     pub subject: String,
@@ -54,12 +77,18 @@ pub struct AttemptMessage {
 }
 
 impl AttemptMessage {
-    pub fn new(subjects: &Subjects, key: &WebhookKey, uid: &str, record: &DeliveryRecord) -> Self {
+    /// `records` (at least one) of the Webhook `key` whose uid is `uid`.
+    pub fn new(
+        subjects: &Subjects,
+        key: &WebhookKey,
+        uid: &str,
+        records: &[&DeliveryRecord],
+    ) -> Self {
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", msg_id(record).as_str());
+        headers.insert("Nats-Msg-Id", msg_id(records).as_str());
         let body = AttemptBody {
             uid: uid.to_owned(),
-            record: record.clone(),
+            records: records.iter().map(|r| (*r).clone()).collect(),
         };
         Self {
             subject: subjects.attempts(key),
@@ -71,29 +100,41 @@ impl AttemptMessage {
     }
 }
 
-/// The message id of a record: a publish sent again is deduplicated, while every attempt,
-/// including a manual redelivery that reuses a delivery id and attempt number, is its own.
-fn msg_id(record: &DeliveryRecord) -> String {
-    format!(
+/// The message id of a batch: its first record's attempt and how many follow it. A publish
+/// sent again is deduplicated, while every attempt, including a manual redelivery that reuses
+/// a delivery id and attempt number, starts a batch of its own or is in one.
+fn msg_id(records: &[&DeliveryRecord]) -> String {
+    let first = records.first().expect("a batch holds a record");
+    let id = format!(
         "{}/{}/{}",
-        record.id,
-        record.attempt,
-        record.time.0.as_nanosecond()
-    )
+        first.id,
+        first.attempt,
+        first.time.0.as_nanosecond()
+    );
+    match records.len() {
+        1 => id,
+        n => format!("{id}+{}", n - 1),
+    }
 }
 
-/// The Webhook, its uid and the record a message carries.
+/// The Webhook, its uid and the records a message carries, oldest first.
 pub fn decode(
     subjects: &Subjects,
     subject: &str,
     payload: &[u8],
-) -> Result<(WebhookKey, String, DeliveryRecord), String> {
+) -> Result<(WebhookKey, String, Vec<DeliveryRecord>), String> {
     let key = subjects
         .attempts_of(subject)
         .ok_or_else(|| format!("{subject} is not an attempt record subject"))?;
-    let body: AttemptBody =
+    let body: StoredBody =
         serde_json::from_slice(payload).map_err(|e| format!("not an attempt record: {e}"))?;
-    Ok((key, body.uid, body.record))
+    Ok(match body {
+        StoredBody::Batch(AttemptBody { uid, records }) if !records.is_empty() => {
+            (key, uid, records)
+        }
+        StoredBody::Batch(_) => return Err("an attempt record message without records".into()),
+        StoredBody::One { uid, record } => (key, uid, vec![record]),
+    })
 }
 
 /// Publishes the attempt records it is sent; see the module documentation.
@@ -131,52 +172,119 @@ impl AttemptRelay {
     /// Publishes until `stop`, then publishes what was already sent to it and returns.
     pub async fn run(mut self, stop: CancellationToken) {
         let mut publishing = FuturesUnordered::new();
+        let per_message = records_per_message(self.context.client().max_payload());
+        let mut taken = Vec::with_capacity(per_message);
         loop {
             tokio::select! {
                 biased;
                 Some(failed) = publishing.next(), if !publishing.is_empty() => {
                     self.settle(failed).await;
                 }
-                update = self.rx.recv(), if publishing.len() < MAX_PUBLISHING => match update {
-                    Some(update) => publishing.push(publish(self.context.clone(), self.subjects.clone(), update)),
-                    None => break,
-                },
+                n = self.rx.recv_many(&mut taken, per_message), if publishing.len() < MAX_PUBLISHING => {
+                    if n == 0 {
+                        break;
+                    }
+                    for batch in batches(taken.drain(..)) {
+                        publishing.push(publish(self.context.clone(), self.subjects.clone(), batch));
+                    }
+                }
                 _ = stop.cancelled() => break,
             }
         }
         // The producers have stopped: what they sent is still published.
         self.rx.close();
-        while let Some(update) = self.rx.recv().await {
-            publishing.push(publish(self.context.clone(), self.subjects.clone(), update));
+        while self.rx.recv_many(&mut taken, per_message).await > 0 {
+            for batch in batches(taken.drain(..)) {
+                publishing.push(publish(self.context.clone(), self.subjects.clone(), batch));
+            }
         }
         while let Some(failed) = publishing.next().await {
             self.settle(failed).await;
         }
     }
 
-    /// Counts a finished publish; a failed one goes to the local writer.
-    async fn settle(&self, failed: Option<Update>) {
-        let path = if failed.is_some() {
-            "local_fallback"
-        } else {
-            "published"
+    /// Counts a finished publish's records; those not stored go to the local writer.
+    async fn settle(&self, published: Published) {
+        let (path, count) = match &published {
+            Published::Stored(n) => ("published", *n),
+            Published::NotStored(batch) => ("local_fallback", batch.records.len()),
         };
         self.metrics
             .attempt_records
             .get_or_create(&AttemptRecordLabels { path })
-            .inc();
-        if let Some(update) = failed {
-            self.local.send(update).await;
+            .inc_by(count as u64);
+        if let Published::NotStored(batch) = published {
+            for update in batch.into_updates() {
+                self.local.send(update).await;
+            }
         }
     }
 }
 
-/// Publishes one attempt record; hands it back if JetStream did not store it.
-async fn publish(context: Context, subjects: Subjects, update: Update) -> Option<Update> {
-    let Update::DeliveryAttempt { key, uid, record } = &update else {
-        return Some(update);
-    };
-    let message = AttemptMessage::new(&subjects, key, uid, record);
+/// Records one message may carry under a server's `max_payload`.
+fn records_per_message(max_payload: usize) -> usize {
+    (max_payload / MAX_RECORD_BYTES).clamp(1, MAX_BATCH)
+}
+
+/// The records of one Webhook (one uid) taken together, in the order they came.
+#[derive(Debug)]
+struct Batch {
+    key: WebhookKey,
+    uid: String,
+    records: Vec<Box<DeliveryRecord>>,
+}
+
+impl Batch {
+    fn into_updates(self) -> impl Iterator<Item = Update> {
+        let Batch { key, uid, records } = self;
+        records
+            .into_iter()
+            .map(move |record| Update::DeliveryAttempt {
+                key: key.clone(),
+                uid: uid.clone(),
+                record,
+            })
+    }
+}
+
+/// Groups the attempt records among `updates` by Webhook and uid, keeping their order within
+/// each group (only attempt records are relayed: anything else is ignored).
+fn batches(updates: impl Iterator<Item = Update>) -> Vec<Batch> {
+    let mut batches: Vec<Batch> = Vec::new();
+    let mut index: HashMap<(WebhookKey, String), usize> = HashMap::new();
+    for update in updates {
+        let Update::DeliveryAttempt { key, uid, record } = update else {
+            continue;
+        };
+        let at = match index.entry((key, uid)) {
+            Entry::Occupied(at) => *at.get(),
+            Entry::Vacant(vacant) => {
+                let (key, uid) = vacant.key().clone();
+                batches.push(Batch {
+                    key,
+                    uid,
+                    records: Vec::new(),
+                });
+                *vacant.insert(batches.len() - 1)
+            }
+        };
+        batches[at].records.push(record);
+    }
+    batches
+}
+
+/// How a publish of a batch ended.
+enum Published {
+    /// Stored in the stream: that many records.
+    Stored(usize),
+    /// Not stored: for the local writer.
+    NotStored(Batch),
+}
+
+/// Publishes one batch; hands it back if JetStream did not store it.
+async fn publish(context: Context, subjects: Subjects, batch: Batch) -> Published {
+    let records: Vec<&DeliveryRecord> = batch.records.iter().map(|r| &**r).collect();
+    let message = AttemptMessage::new(&subjects, &batch.key, &batch.uid, &records);
     let mut why = String::new();
     for _ in 0..PUBLISH_TRIES {
         let published = context
@@ -188,15 +296,17 @@ async fn publish(context: Context, subjects: Subjects, update: Update) -> Option
             .await;
         match published {
             Ok(ack) => match ack.await {
-                Ok(_) => return None,
+                Ok(_) => return Published::Stored(records.len()),
                 Err(e) => why = e.to_string(),
             },
             Err(e) => why = e.to_string(),
         }
     }
-    tracing::warn!(webhook = %key.name, namespace = %key.namespace, delivery = %record.id, error = %why,
-        "attempt record not published to JetStream; the local status writer takes it (written only if this replica leads)");
-    Some(update)
+    let (key, first) = (&batch.key, records[0]);
+    tracing::warn!(webhook = %key.name, namespace = %key.namespace, delivery = %first.id, records = records.len(), error = %why,
+        "attempt records not published to JetStream; the local status writer takes them (written only if this replica leads)");
+    drop(records);
+    Published::NotStored(batch)
 }
 
 /// While this replica leads, takes every replica's attempt records from the `recorder`
@@ -268,7 +378,7 @@ pub async fn record_attempts(
     }
 }
 
-/// Hands one record to the status writer, then acks it.
+/// Hands a message's records to the status writer, then acks it.
 async fn take(
     subjects: &Subjects,
     local: &StatusSender,
@@ -276,18 +386,21 @@ async fn take(
     received: &prometheus_client::metrics::counter::Counter,
 ) {
     match decode(subjects, &message.subject, &message.payload) {
-        Ok((key, uid, record)) => {
-            local
-                .send(Update::DeliveryAttempt {
-                    key,
-                    uid,
-                    record: Box::new(record),
-                })
-                .await;
-            received.inc();
+        Ok((key, uid, records)) => {
+            let count = records.len() as u64;
+            for record in records {
+                local
+                    .send(Update::DeliveryAttempt {
+                        key: key.clone(),
+                        uid: uid.clone(),
+                        record: Box::new(record),
+                    })
+                    .await;
+            }
+            received.inc_by(count);
             if let Err(e) = message.ack().await {
-                // Redelivered after the ack wait: the record may be counted twice, never lost.
-                tracing::warn!(error = %e, "JetStream recorder: could not ack an attempt record");
+                // Redelivered after the ack wait: the records may be counted twice, never lost.
+                tracing::warn!(error = %e, "JetStream recorder: could not ack attempt records");
             }
         }
         Err(why) => {
@@ -328,39 +441,136 @@ mod tests {
     #[test]
     fn a_record_round_trips_with_its_webhook_and_uid() {
         let key = WebhookKey::new("docs", "file.conversion");
-        let m = AttemptMessage::new(&subjects(), &key, "uid-1", &record(2, 1000));
+        let m = AttemptMessage::new(&subjects(), &key, "uid-1", &[&record(2, 1000)]);
         assert_eq!(m.subject, "hookrelay.attempts.docs.file.conversion");
         let (decoded_key, uid, decoded) = decode(&subjects(), &m.subject, &m.payload).unwrap();
         assert_eq!(decoded_key, key);
         assert_eq!(uid, "uid-1");
-        assert_eq!(decoded, record(2, 1000));
+        assert_eq!(decoded, vec![record(2, 1000)]);
         // Another installation's records are not this one's.
         let staging = Subjects::for_stream("STAGING").unwrap();
-        let m = AttemptMessage::new(&staging, &key, "uid-1", &record(2, 1000));
+        let m = AttemptMessage::new(&staging, &key, "uid-1", &[&record(2, 1000)]);
         assert_eq!(m.subject, "staging.attempts.docs.file.conversion");
         assert!(decode(&subjects(), &m.subject, &m.payload).is_err());
         assert!(decode(&staging, &m.subject, &m.payload).is_ok());
     }
 
     #[test]
-    fn the_message_id_names_one_attempt() {
+    fn a_batch_round_trips_in_order_and_a_single_record_of_earlier_releases_still_reads() {
         let key = WebhookKey::new("docs", "w");
-        let id = |r: &DeliveryRecord| {
+        let batch = [record(1, 1000), record(2, 1003), record(3, 1010)];
+        let m = AttemptMessage::new(&subjects(), &key, "uid-1", &batch.each_ref());
+        let (_, uid, decoded) = decode(&subjects(), &m.subject, &m.payload).unwrap();
+        assert_eq!((uid.as_str(), decoded.as_slice()), ("uid-1", &batch[..]));
+        // The body releases before batching published: one record, not a list.
+        let earlier = serde_json::json!({"uid": "uid-0", "record": record(4, 2000)});
+        let payload = serde_json::to_vec(&earlier).unwrap();
+        let (_, uid, decoded) = decode(&subjects(), &m.subject, &payload).unwrap();
+        assert_eq!((uid.as_str(), decoded), ("uid-0", vec![record(4, 2000)]));
+        // A batch of nothing is no record at all.
+        let empty = serde_json::json!({"uid": "uid-0", "records": []});
+        let payload = serde_json::to_vec(&empty).unwrap();
+        assert!(decode(&subjects(), &m.subject, &payload).is_err());
+    }
+
+    #[test]
+    fn the_message_id_names_one_attempt_or_the_first_of_a_batch_and_its_length() {
+        let key = WebhookKey::new("docs", "w");
+        let id = |records: &[&DeliveryRecord]| {
             header(
-                &AttemptMessage::new(&subjects(), &key, "uid", r),
+                &AttemptMessage::new(&subjects(), &key, "uid", records),
                 "Nats-Msg-Id",
             )
             .map(str::to_owned)
         };
         // A republish of the same record is deduplicated by the stream.
-        assert_eq!(id(&record(1, 1000)), id(&record(1, 1000)));
+        assert_eq!(id(&[&record(1, 1000)]), id(&[&record(1, 1000)]));
         assert_eq!(
-            id(&record(1, 1000)).as_deref(),
+            id(&[&record(1, 1000)]).as_deref(),
             Some("msg_0123/1/1000000000000")
         );
         // Another attempt, or the same id and number at another time (a redelivery), is not.
-        assert_ne!(id(&record(1, 1000)), id(&record(2, 1000)));
-        assert_ne!(id(&record(1, 1000)), id(&record(1, 1001)));
+        assert_ne!(id(&[&record(1, 1000)]), id(&[&record(2, 1000)]));
+        assert_ne!(id(&[&record(1, 1000)]), id(&[&record(1, 1001)]));
+        // A batch is named by its first attempt and how many follow it.
+        assert_eq!(
+            id(&[&record(1, 1000), &record(2, 1001)]).as_deref(),
+            Some("msg_0123/1/1000000000000+1")
+        );
+        assert_ne!(
+            id(&[&record(1, 1000), &record(2, 1001)]),
+            id(&[&record(1, 1000)])
+        );
+    }
+
+    fn attempt(namespace: &str, name: &str, uid: &str, second: i64) -> Update {
+        Update::DeliveryAttempt {
+            key: WebhookKey::new(namespace, name),
+            uid: uid.into(),
+            record: Box::new(record(1, second)),
+        }
+    }
+
+    #[test]
+    fn records_taken_together_are_grouped_per_webhook_and_uid_in_their_order() {
+        let updates = vec![
+            attempt("docs", "a", "u1", 1),
+            attempt("docs", "b", "u2", 2),
+            attempt("docs", "a", "u1", 3),
+            // A namesake in another namespace, and a Webhook recreated under the same name.
+            attempt("other", "a", "u3", 4),
+            attempt("docs", "a", "u4", 5),
+            attempt("docs", "a", "u1", 6),
+        ];
+        let seconds = |b: &Batch| {
+            b.records
+                .iter()
+                .map(|r| r.time.0.as_second())
+                .collect::<Vec<_>>()
+        };
+        let grouped = batches(updates.into_iter());
+        let shape: Vec<_> = grouped
+            .iter()
+            .map(|b| {
+                (
+                    b.key.namespace.as_ref(),
+                    b.key.name.as_ref(),
+                    b.uid.as_str(),
+                    seconds(b),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                ("docs", "a", "u1", vec![1, 3, 6]),
+                ("docs", "b", "u2", vec![2]),
+                ("other", "a", "u3", vec![4]),
+                ("docs", "a", "u4", vec![5]),
+            ]
+        );
+        // What could not be stored goes back to the local writer as the updates it came as.
+        let back: Vec<_> = grouped.into_iter().next().unwrap().into_updates().collect();
+        assert_eq!(back.len(), 3);
+        assert!(
+            matches!(&back[2], Update::DeliveryAttempt { key, uid, record } if key.name.as_ref() == "a" && uid == "u1" && record.time.0.as_second() == 6)
+        );
+    }
+
+    #[test]
+    fn a_full_batch_fits_the_servers_max_payload() {
+        // The default max_payload (1 MiB) takes a full batch; a small one fewer, never none.
+        assert_eq!(records_per_message(1024 * 1024), MAX_BATCH);
+        assert_eq!(records_per_message(64 * 1024), 32);
+        assert_eq!(records_per_message(100), 1);
+        // A record with the longest error there is, in the characters JSON writes longest
+        // (control characters, six bytes each), stays within the bound the batch size is
+        // computed from.
+        let mut longest = record(1, 1);
+        longest.id = "x".repeat(80);
+        longest.error = Some("\u{1}".repeat(crate::status::MAX_ERROR_CHARS));
+        let one = serde_json::to_vec(&longest).unwrap().len();
+        assert!(one < MAX_RECORD_BYTES, "{one} bytes");
     }
 
     #[test]
@@ -369,7 +579,7 @@ mod tests {
             &subjects(),
             &WebhookKey::new("docs", "w"),
             "u",
-            &record(1, 5),
+            &[&record(1, 5)],
         )
         .payload;
         for subject in [
