@@ -994,3 +994,104 @@ async fn a_dead_namespace_on_two_replicas_does_not_stop_another_namespaces_event
         "namespace B's event took {took:.1} s behind namespace A's dead endpoint"
     );
 }
+
+/// One event routed to more Webhooks than the NATS client waits for publish acks of at once by
+/// default (5,000) is stored whole, and the stream still takes events after it: the router
+/// awaits its work items' acks in rounds instead of holding them all while it publishes more,
+/// which stopped every publish of the process for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_to_more_webhooks_than_the_clients_default_ack_limit_is_routed_whole() {
+    use hookrelay::{
+        delivery::jetstream as bus,
+        keys::WebhookKey,
+        routing::{Route, RouteState, Routes},
+        wire::EventBody,
+    };
+    const WEBHOOKS: usize = 6_000;
+    let nats = NatsServer::start().await;
+    let config = bus::BusConfig {
+        url: nats.url.clone(),
+        creds: None,
+        tls: Default::default(),
+        stream: "HOOKRELAY".into(),
+        max_age: Duration::from_secs(3600),
+        max_bytes: 1 << 30,
+        max_messages: 1_000_000,
+        max_ack_pending: 10_000,
+        max_bytes_per_namespace: 0,
+    };
+    let connected = bus::connect(&config).await.unwrap();
+    let routes = Routes::default();
+    routes.update(|table| {
+        for i in 0..WEBHOOKS {
+            table.apply(Route {
+                key: WebhookKey::new("wide", &format!("w{i}")),
+                uid: format!("uid-{i}"),
+                generation: 1,
+                version: 0,
+                url: format!("http://127.0.0.1:9/w{i}"),
+                events: vec![hookrelay::crd::WebhookEvent::All],
+                signer: None,
+                delivery: Default::default(),
+                state: RouteState::Active,
+                service: None,
+                headers: Default::default(),
+                filter: None,
+                ordering: None,
+                superseded: Default::default(),
+            });
+        }
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let router = tokio::spawn(bus::route_events(
+        connected.clone(),
+        routes,
+        hookrelay::metrics::Metrics::default(),
+        async {},
+        stop.clone(),
+    ));
+    let publish = |id: &str| {
+        let body = EventBody::new(
+            hookrelay::crd::EventType::Completed,
+            "2023-06-15T10:35:00Z",
+            &Default::default(),
+        );
+        let message = bus::EventMessage::new(&connected.subjects, "wide", id, id, &body, None);
+        let context = connected.context.clone();
+        async move {
+            let ack = context
+                .publish_with_headers(message.subject, message.headers, message.body)
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(30), ack).await
+        }
+    };
+    assert!(matches!(publish("first").await, Ok(Ok(_))));
+    let work_items = || async {
+        subjects(&nats)
+            .await
+            .iter()
+            .filter(|(s, _)| s.starts_with("hookrelay.deliveries.wide."))
+            .map(|(_, n)| *n)
+            .sum::<usize>()
+    };
+    eventually(
+        "every work item of the event stored",
+        Duration::from_secs(120),
+        || async { (work_items().await == WEBHOOKS).then_some(()) },
+    )
+    .await;
+    // The process still publishes: a second event is stored and routed as well.
+    assert!(
+        matches!(publish("second").await, Ok(Ok(_))),
+        "the stream stopped taking events after a wide fan-out"
+    );
+    eventually(
+        "the second event's work items",
+        Duration::from_secs(120),
+        || async { (work_items().await == 2 * WEBHOOKS).then_some(()) },
+    )
+    .await;
+    stop.cancel();
+    router.await.unwrap().unwrap();
+}

@@ -146,6 +146,17 @@ pub const HELD_SINCE_HEADER: &str = "Hookrelay-Held-Since";
 /// How long the stream remembers message ids: a retried publish within it is a duplicate.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
 
+/// Publish acks the client keeps waiting for at once, every task of this process together.
+///
+/// The client's own default (5,000) makes a publish wait for an earlier one's ack to be
+/// received, and a task that publishes several messages before awaiting their acks (ingest's
+/// request, an event's work items) holds its acks while it waits: at 5,000 an event routed to
+/// 5,000 Webhooks stopped every publish of the process for good. Every publisher bounds
+/// itself instead (ingest by `--nats-max-publishing`, the router by
+/// `ACKS_PER_ROUND` per event being routed, the relay by its publishes in flight, a
+/// park or a move by one per message in hand), so this is only a backstop.
+pub const ACKS_IN_FLIGHT: usize = 1 << 20;
+
 /// Ack wait of both consumers; a message in hand is kept alive well within it.
 pub const ACK_WAIT: Duration = Duration::from_secs(30);
 
@@ -359,7 +370,9 @@ pub async fn connect(config: &BusConfig) -> Result<Bus, BusError> {
             why,
         }
     })?;
-    let context = jetstream::new(client);
+    let context = jetstream::context::ContextBuilder::new()
+        .max_ack_inflight(ACKS_IN_FLIGHT)
+        .build(client);
     let setup = |what: &str, e: &dyn std::fmt::Display| BusError::Setup {
         what: what.to_owned(),
         why: e.to_string(),

@@ -29,6 +29,9 @@ use super::{
 
 /// Events one replica routes at once.
 const ROUTING_AT_ONCE: usize = 256;
+/// Work items of one event published before their acks are awaited: an event to 10,000
+/// Webhooks is stored in rounds, so that what one event waits for stays bounded.
+pub const ACKS_PER_ROUND: usize = 256;
 /// On stop, how long events being routed may take to finish.
 const ROUTING_DRAIN: Duration = Duration::from_secs(5);
 /// How soon an event this replica's table is behind on is offered again (to any replica).
@@ -153,7 +156,7 @@ async fn route_one(
         parsed: OnceLock::new(),
     });
     let targets = routes.targets(namespace, event, input, metrics).await;
-    let mut acks = Vec::new();
+    let mut acks = Vec::with_capacity(targets.len().min(ACKS_PER_ROUND));
     for route in &targets {
         let id = delivery_id(event_id, &route.uid);
         let mut headers = HeaderMap::new();
@@ -174,6 +177,11 @@ async fn route_one(
             .await
             .map_err(|e| e.to_string())?;
         acks.push(ack);
+        if acks.len() == ACKS_PER_ROUND {
+            for ack in acks.drain(..) {
+                ack.await.map_err(|e| e.to_string())?;
+            }
+        }
     }
     for ack in acks {
         ack.await.map_err(|e| e.to_string())?;
