@@ -115,6 +115,14 @@ pub struct AttemptRecordLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ParkLabels {
+    /// Why a work item left the consumer to come back later: `retry`, `held`, `busy` (its
+    /// namespace's places in hand were taken, or its slots did not turn over), `elsewhere`
+    /// (this replica could not judge it) or `turn` (its rate-limit turn is far off).
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FilterLabels {
     /// `matched`, `not_matched`, `error` (the expression failed on the event, say a missing
     /// field: not delivered, like `not_matched`), `timeout` or `over_budget` (the event's or
@@ -176,6 +184,7 @@ pub struct MetricFamilies {
     pub webhooks_degraded: Gauge,
     /// Attempt records relayed through JetStream (`--ingest-mode jetstream`).
     pub attempt_records: Family<AttemptRecordLabels, Counter>,
+    pub jetstream_parked: Family<ParkLabels, Counter>,
     /// `spec.filter` evaluations in the routing step, by result.
     pub filter_evaluations: Family<FilterLabels, Counter>,
     /// Deliveries that had to wait for their turn under a Webhook's `rateLimit`.
@@ -277,6 +286,12 @@ impl Default for MetricFamilies {
             "JetStream mode: attempt records published to the stream, given to the local status writer because the publish failed (local_fallback), or received by the leader",
             attempt_records.clone(),
         );
+        let jetstream_parked = Family::<ParkLabels, Counter>::default();
+        registry.register(
+            "jetstream_parked",
+            "JetStream mode: work items parked in the stream to come back later, by reason",
+            jetstream_parked.clone(),
+        );
         let filter_evaluations = Family::<FilterLabels, Counter>::default();
         registry.register(
             "filter_evaluations",
@@ -356,6 +371,7 @@ impl Default for MetricFamilies {
             routing_view_stale,
             webhooks_degraded,
             attempt_records,
+            jetstream_parked,
             filter_evaluations,
             rate_limited,
             rate_limit_waiting,

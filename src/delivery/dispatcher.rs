@@ -219,6 +219,11 @@ impl Dispatcher {
             .await;
     }
 
+    /// The metrics the dispatcher counts in, for the sources that drive its deliveries.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Whether this replica's view of the Webhooks can be trusted now (see `ViewHealth`).
     pub fn view_is_fresh(&self) -> bool {
         self.routes.view().is_fresh()

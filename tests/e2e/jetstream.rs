@@ -995,6 +995,77 @@ async fn a_dead_namespace_on_two_replicas_does_not_stop_another_namespaces_event
     );
 }
 
+/// `hookrelay_jetstream_parked_total{reason="busy"}` of an operator.
+async fn parked_busy(metrics: std::net::SocketAddr) -> f64 {
+    metric_with(
+        metrics,
+        "hookrelay_jetstream_parked_total",
+        &[("reason", "busy")],
+    )
+    .await
+    .unwrap_or(0.0)
+}
+
+/// More deliveries than a namespace has slots wait in hand for them while the namespace's
+/// attempts keep up (everything it has in hand turns over within the wait), rather than being
+/// parked in the stream and coming back a second or more later; a namespace whose endpoint is
+/// too slow to turn them over is parked, keeping its share of the consumer small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_waiting_for_slots_that_turn_over_stay_in_hand_and_slow_ones_are_parked() {
+    let cp = control_plane();
+    let flowing = cp.namespace("js-turnover").await;
+    let slow = cp.namespace("js-turnover-slow").await;
+    let nats = NatsServer::start().await;
+    let client = cp.client().await;
+    let op = OperatorArgs::new(&format!("{flowing},{slow}"))
+        .mode("jetstream")
+        .nats(&nats.url)
+        .arg("--max-in-flight-per-namespace", "4")
+        .start(cp);
+    op.wait_ready().await;
+
+    // 4 slots, 100 ms an answer: 40 attempts a second; 60 deliveries take about 1.5 s, so
+    // most wait longer than a second for their slots.
+    let (receiver, addr) = CountingReceiver::start_slow(Duration::from_millis(100)).await;
+    for i in 0..4 {
+        let url = format!("http://{addr}/w{i}");
+        create_webhook(&client, &flowing, &format!("w{i}"), &url, SECRET, json!({})).await;
+    }
+    let batch = format!("[{}]", vec![EVENT; 15].join(","));
+    let (status, reply) = post_events(op.listen_addr, &flowing, None, &batch).await;
+    assert_eq!(status, 202, "{reply}");
+    eventually("60 deliveries", Duration::from_secs(60), || async {
+        (receiver.counts().0 == 60).then_some(())
+    })
+    .await;
+    assert_eq!(receiver.counts(), (60, 60), "each delivered once");
+    assert_eq!(
+        parked_busy(op.metrics_addr).await,
+        0.0,
+        "deliveries whose slots turn over were parked"
+    );
+
+    // 4 slots, 1.5 s an answer: under 3 attempts a second against 12 in hand.
+    let (slow_receiver, slow_addr) =
+        CountingReceiver::start_slow(Duration::from_millis(1_500)).await;
+    let url = format!("http://{slow_addr}/slow");
+    create_webhook(&client, &slow, "slow", &url, SECRET, json!({})).await;
+    let batch = format!("[{}]", vec![EVENT; 12].join(","));
+    let (status, reply) = post_events(op.listen_addr, &slow, None, &batch).await;
+    assert_eq!(status, 202, "{reply}");
+    eventually(
+        "the slow namespace's deliveries parked",
+        Duration::from_secs(30),
+        || async { (parked_busy(op.metrics_addr).await > 0.0).then_some(()) },
+    )
+    .await;
+    eventually("12 slow deliveries", Duration::from_secs(120), || async {
+        (slow_receiver.counts().0 == 12).then_some(())
+    })
+    .await;
+    assert_eq!(slow_receiver.counts(), (12, 12), "each delivered once");
+}
+
 /// One event routed to more Webhooks than the NATS client waits for publish acks of at once by
 /// default (5,000) is stored whole, and the stream still takes events after it: the router
 /// awaits its work items' acks in rounds instead of holding them all while it publishes more,

@@ -3,7 +3,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI32, AtomicU64, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -20,6 +23,7 @@ use crate::{
         Delivery, Dispatcher, Keeper, KeyedLimits, Parked, RouteCheck, Slots, Ticket, Wait, drive,
         reserve_until,
     },
+    metrics::ParkLabels,
     routing::Route,
 };
 
@@ -78,12 +82,14 @@ impl Bus {
 /// How many work items one replica keeps in hand, so that no namespace (nor held deliveries)
 /// can take the consumer's `max_ack_pending` places from the others.
 ///
-/// A namespace whose deliveries flow (a fan-out to 1,000 healthy Webhooks) keeps up to half of
-/// `max_ack_pending` in hand while they wait for their slots: parking them would cost a round
-/// trip through the stream and at least a second. A namespace whose deliveries do not get slots
-/// (endpoints that never answer) is *congested*: an item that waited [`SLOT_WAIT_IN_HAND`] for
-/// slots is parked, and for [`CONGESTION_MEMORY`] the namespace keeps no more than twice its
-/// slots in hand on this replica. Every replica counts its own, so a share of the consumer is
+/// A namespace whose deliveries flow (a fan-out to 10,000 healthy Webhooks) keeps up to half
+/// of `max_ack_pending` in hand while they wait for their slots: parking them would cost a
+/// round trip through the stream and at least a second. A namespace whose items in hand do
+/// not move (endpoints that never answer, or take long) is *congested*: an item that waited
+/// [`SLOT_WAIT_IN_HAND`] for slots while fewer attempts of its namespace finished than it has
+/// items in hand is parked, and for [`CONGESTION_MEMORY`] the namespace keeps no more than
+/// twice its slots in hand on this replica. So an item waits in hand only while everything its
+/// namespace has in hand turns over within each such wait. Every replica counts its own, so a share of the consumer is
 /// taken once per replica: bounded by the slots, it holds across replicas while replicas ×
 /// twice the slots stays below `max_ack_pending` (39 replicas at the defaults).
 #[derive(Clone, Copy, Debug)]
@@ -98,8 +104,8 @@ pub struct InHandLimits {
     pub held_per_namespace: usize,
 }
 
-/// An item that waits this long for its delivery slots is parked, and its namespace is
-/// congested (see [`InHandLimits`]).
+/// An item that waits this long for its delivery slots while they do not turn over is parked,
+/// and its namespace is congested (see [`InHandLimits`]).
 pub const SLOT_WAIT_IN_HAND: Duration = Duration::from_secs(1);
 /// How long a namespace stays congested after an item last waited too long for slots.
 pub const CONGESTION_MEMORY: Duration = Duration::from_secs(10);
@@ -136,6 +142,9 @@ impl InHandLimits {
             .max(1)
     }
 }
+
+/// Namespaces whose finished attempts are counted before those nobody holds are forgotten.
+const FINISHED_COUNTERS_KEPT: usize = 1024;
 
 /// Whether a namespace last marked congested at `marked` still is at `now`.
 fn still_congested(marked: Option<Instant>, now: Instant) -> bool {
@@ -201,6 +210,7 @@ pub async fn deliver_work(
         in_hand: KeyedLimits::new(limits.per_namespace),
         congested_in_hand: KeyedLimits::new(limits.congested_per_namespace),
         congested: Mutex::default(),
+        finished: Mutex::default(),
         held: KeyedLimits::new(limits.held_per_namespace),
         stop: stop.clone(),
     });
@@ -250,6 +260,8 @@ struct Deliverer {
     congested_in_hand: KeyedLimits<Arc<str>>,
     /// When each namespace last had an item wait too long for its slots.
     congested: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Attempts finished per namespace by this replica's work items, counted by those in hand.
+    finished: Mutex<HashMap<Arc<str>, Arc<AtomicU64>>>,
     /// Held messages in hand per namespace on this replica.
     held: KeyedLimits<Arc<str>>,
     stop: CancellationToken,
@@ -258,6 +270,12 @@ struct Deliverer {
 impl Deliverer {
     /// Parks the work item (see [`park::park`]).
     async fn park(&self, message: &jetstream::Message, sequence: u64, item: &WorkItem, park: Park) {
+        let reason = park.reason();
+        self.dispatcher
+            .metrics()
+            .jetstream_parked
+            .get_or_create(&ParkLabels { reason })
+            .inc();
         park::park(
             &self.context,
             &self.stream,
@@ -281,6 +299,25 @@ impl Deliverer {
         let now = Instant::now();
         congested.retain(|_, at| still_congested(Some(*at), now));
         congested.insert(namespace.clone(), now);
+    }
+
+    /// Work items of `namespace` this replica has in hand.
+    fn in_hand_of(&self, namespace: &Arc<str>) -> u64 {
+        let places = self.in_hand.get(namespace, 0, |_| false);
+        (self.in_hand.permits() - places.available_permits()) as u64
+    }
+
+    /// The counter of attempts finished in `namespace`, shared by its items in hand. Counters
+    /// nobody holds go once there are many (a namespace counts only while it has items in hand).
+    fn finished_in(&self, namespace: &Arc<str>) -> Arc<AtomicU64> {
+        let mut finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(counter) = finished.get(namespace) {
+            return counter.clone();
+        }
+        if finished.len() >= FINISHED_COUNTERS_KEPT {
+            finished.retain(|_, counter| Arc::strong_count(counter) > 1);
+        }
+        finished.entry(namespace.clone()).or_default().clone()
     }
 
     /// On the serial lane: an ordered work item waits for its event's release from here (see
@@ -377,6 +414,8 @@ impl Deliverer {
             item: &item,
             ordered,
             held_place: Mutex::default(),
+            attempts: AtomicI32::new(target.attempts),
+            finished: self.finished_in(&item.delivery.webhook.namespace),
         };
         // Kept in hand while waiting, holding or sending, so that it is not redelivered to
         // another replica meanwhile.
@@ -464,6 +503,10 @@ struct WorkItemKeeper<'a> {
     ordered: bool,
     /// A held place of its namespace, while it is held in hand.
     held_place: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+    /// Attempts spent as last stored: one more is an attempt finished.
+    attempts: AtomicI32,
+    /// Attempts finished in its namespace on this replica (see [`InHandLimits`]).
+    finished: Arc<AtomicU64>,
 }
 
 impl WorkItemKeeper<'_> {
@@ -529,6 +572,9 @@ impl Keeper for WorkItemKeeper<'_> {
     }
 
     async fn store(&self, target: &TargetDelivery) {
+        if self.attempts.fetch_max(target.attempts, Ordering::Relaxed) < target.attempts {
+            self.finished.fetch_add(1, Ordering::Relaxed);
+        }
         if target.state != TargetState::Held {
             // No longer held: its held place goes back to the namespace.
             self.held_place
@@ -566,18 +612,29 @@ impl Keeper for WorkItemKeeper<'_> {
                     slots.map_err(|after| Wait::RateTurn { after })
                 }
             },
-            // A place in hand is not kept waiting on stuck endpoints.
-            Lane::Shared => tokio::select! {
-                biased;
-                _ = stop.cancelled() => Err(Wait::Busy),
-                slots = dispatcher.reserve_within_turn(delivery, None) => {
-                    slots.map_err(|after| Wait::RateTurn { after })
+            // A place in hand waits while what its namespace has in hand turns over (a large
+            // fan-out flowing), not on stuck or slow endpoints.
+            Lane::Shared => {
+                let slots = dispatcher.reserve_within_turn(delivery, None);
+                tokio::pin!(slots);
+                loop {
+                    let before = self.finished.load(Ordering::Relaxed);
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return Err(Wait::Busy),
+                        slots = &mut slots => {
+                            return slots.map_err(|after| Wait::RateTurn { after });
+                        }
+                        _ = tokio::time::sleep(SLOT_WAIT_IN_HAND) => {
+                            let finished = self.finished.load(Ordering::Relaxed) - before;
+                            if finished < self.deliverer.in_hand_of(&delivery.webhook.namespace) {
+                                self.deliverer.mark_congested(&delivery.webhook.namespace);
+                                return Err(Wait::Busy);
+                            }
+                        }
+                    }
                 }
-                _ = tokio::time::sleep(SLOT_WAIT_IN_HAND) => {
-                    self.deliverer.mark_congested(&delivery.webhook.namespace);
-                    Err(Wait::Busy)
-                }
-            },
+            }
         }
     }
 

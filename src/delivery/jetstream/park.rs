@@ -38,6 +38,19 @@ pub(super) enum Park {
     Turn { after: Duration },
 }
 
+impl Park {
+    /// The `reason` label of `hookrelay_jetstream_parked_total`.
+    pub(super) fn reason(&self) -> &'static str {
+        match self {
+            Park::Retry { .. } => "retry",
+            Park::Held { .. } => "held",
+            Park::Busy => "busy",
+            Park::Elsewhere => "elsewhere",
+            Park::Turn { .. } => "turn",
+        }
+    }
+}
+
 /// The delay before a parked work item comes back, and the headers it comes back with.
 /// `jitter` in [0, 1) picks the point in the second half of a recheck's backoff.
 fn park_plan(item: &WorkItem, park: &Park, jitter: f64) -> (Duration, u32, u32, Option<u64>) {
