@@ -13,7 +13,9 @@
 //!
 //! Also (BENCHMARKS.md, "How it works"): the operator's CPU (and nats-server's, in JetStream
 //! runs), memory and status patches per run (`throughput/cost.rs`), fan-out of one event to 1, 100 and 1,000 Webhooks
-//! (`throughput/fanout.rs`), and N Webhooks to Ready (`throughput/webhooks.rs`).
+//! (`throughput/fanout.rs`), N Webhooks to Ready (`throughput/webhooks.rs`), and, when
+//! JetStream is measured, the floor under it: one event stored, handed out and acked by a
+//! nats-server with nothing else around it (`throughput/nats_floor.rs`).
 //!
 //! Prints two tables and writes them as JSON to `target/bench/throughput.json`.
 //!
@@ -40,6 +42,8 @@ mod cost;
 mod fanout;
 #[path = "throughput/generator.rs"]
 mod generator;
+#[path = "throughput/nats_floor.rs"]
+mod nats_floor;
 #[path = "throughput/webhooks.rs"]
 mod webhooks;
 
@@ -621,6 +625,7 @@ async fn main() {
     let mut figures = Vec::new();
     let mut costs = Vec::new();
     let mut generator_cpu_per_1000 = None;
+    let mut nats_floor = None;
     if scenarios.iter().any(|s| s == "modes") {
         let ceiling_load = Arc::new(Load::new(
             format!("http://{receiver}/hook"),
@@ -639,6 +644,9 @@ async fn main() {
             (ceiling.delivered > 0).then(|| cpu_ms / ceiling.delivered as f64 * 1000.0);
         let api_writes = api_write_ceiling(&settings).await;
         figures.extend([ceiling, api_writes]);
+        if modes.iter().any(|m| m == "jetstream") {
+            nats_floor = Some(nats_floor::measure(settings.seconds, settings.connections).await);
+        }
         for mode in ["direct", "durable", "jetstream"] {
             if modes.iter().any(|m| m == mode) {
                 figures.extend(
@@ -692,6 +700,7 @@ async fn main() {
         webhook_sync.as_ref(),
         &costs,
         generator_cpu_per_1000,
+        nats_floor.as_ref(),
     );
 
     let dir = std::env::var_os("CARGO_TARGET_DIR")
@@ -708,6 +717,7 @@ async fn main() {
         "max_in_flight": settings.max_in_flight,
         "figures": figures,
         "generator_cpu_ms_per_1000_requests": generator_cpu_per_1000,
+        "jetstream_floor": nats_floor,
         "operator_costs": costs,
         "fanout": fanout,
         "webhook_sync": webhook_sync,
@@ -746,9 +756,16 @@ fn print_second_table(
     sync: Option<&webhooks::SyncFigure>,
     costs: &[cost::OperatorCost],
     generator_cpu_per_1000: Option<f64>,
+    nats_floor: Option<&nats_floor::NatsFloor>,
 ) {
     println!("\n| scenario | figure | same-run ceiling | target | notes |");
     println!("|---|---|---|---|---|");
+    if let Some(f) = nats_floor {
+        println!(
+            "| ceiling: JetStream store + hand-out + ack, nothing else | {:.0} events/s | - | - | nats-server {:.2} CPU-ms per 1,000, its client {:.2}; {} events |",
+            f.events_per_s, f.nats_cpu_ms_per_1000, f.client_cpu_ms_per_1000, f.events
+        );
+    }
     for f in fanout.iter().filter(|f| !f.scenario.starts_with("ceiling")) {
         let ceiling = fanout
             .iter()

@@ -148,13 +148,13 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
 
 /// Publish acks the client keeps waiting for at once, every task of this process together.
 ///
-/// The client's own default (5,000) makes a publish wait for an earlier one's ack to be
-/// received, and a task that publishes several messages before awaiting their acks (ingest's
-/// request, an event's work items) holds its acks while it waits: at 5,000 an event routed to
-/// 5,000 Webhooks stopped every publish of the process for good. Every publisher bounds
-/// itself instead (ingest by `--nats-max-publishing`, the router by
-/// `ACKS_PER_ROUND` per event being routed, the relay by its publishes in flight, a
-/// park or a move by one per message in hand), so this is only a backstop.
+/// Past the client's own default (5,000) a publish waits until an earlier publish's ack has
+/// been awaited, so a task that publishes several messages before awaiting their acks (an
+/// ingest request, an event's work items) can wait on itself: an event routed to more than
+/// 5,000 Webhooks stopped every publish of the process for good. Every publisher bounds itself
+/// instead (ingest by `--nats-max-publishing`, the router by `ACKS_PER_ROUND` per event being
+/// routed, the relay by its publishes in flight, a park or a move by one per message in hand),
+/// so this is only a backstop.
 pub const ACKS_IN_FLIGHT: usize = 1 << 20;
 
 /// Ack wait of both consumers; a message in hand is kept alive well within it.
