@@ -231,7 +231,7 @@ fn records_per_message(max_payload: usize) -> usize {
 struct Batch {
     key: WebhookKey,
     uid: String,
-    records: Vec<Box<DeliveryRecord>>,
+    records: Vec<DeliveryRecord>,
 }
 
 impl Batch {
@@ -242,7 +242,7 @@ impl Batch {
             .map(move |record| Update::DeliveryAttempt {
                 key: key.clone(),
                 uid: uid.clone(),
-                record,
+                record: Box::new(record),
             })
     }
 }
@@ -268,7 +268,7 @@ fn batches(updates: impl Iterator<Item = Update>) -> Vec<Batch> {
                 *vacant.insert(batches.len() - 1)
             }
         };
-        batches[at].records.push(record);
+        batches[at].records.push(*record);
     }
     batches
 }
@@ -283,7 +283,7 @@ enum Published {
 
 /// Publishes one batch; hands it back if JetStream did not store it.
 async fn publish(context: Context, subjects: Subjects, batch: Batch) -> Published {
-    let records: Vec<&DeliveryRecord> = batch.records.iter().map(|r| &**r).collect();
+    let records: Vec<&DeliveryRecord> = batch.records.iter().collect();
     let message = AttemptMessage::new(&subjects, &batch.key, &batch.uid, &records);
     let mut why = String::new();
     for _ in 0..PUBLISH_TRIES {

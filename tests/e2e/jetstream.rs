@@ -1031,7 +1031,7 @@ async fn deliveries_waiting_for_slots_that_turn_over_stay_in_hand_and_slow_ones_
         let url = format!("http://{addr}/w{i}");
         create_webhook(&client, &flowing, &format!("w{i}"), &url, SECRET, json!({})).await;
     }
-    let batch = format!("[{}]", vec![EVENT; 15].join(","));
+    let batch = format!("[{}]", [EVENT; 15].join(","));
     let (status, reply) = post_events(op.listen_addr, &flowing, None, &batch).await;
     assert_eq!(status, 202, "{reply}");
     eventually("60 deliveries", Duration::from_secs(60), || async {
@@ -1050,7 +1050,7 @@ async fn deliveries_waiting_for_slots_that_turn_over_stay_in_hand_and_slow_ones_
         CountingReceiver::start_slow(Duration::from_millis(1_500)).await;
     let url = format!("http://{slow_addr}/slow");
     create_webhook(&client, &slow, "slow", &url, SECRET, json!({})).await;
-    let batch = format!("[{}]", vec![EVENT; 12].join(","));
+    let batch = format!("[{}]", [EVENT; 12].join(","));
     let (status, reply) = post_events(op.listen_addr, &slow, None, &batch).await;
     assert_eq!(status, 202, "{reply}");
     eventually(
