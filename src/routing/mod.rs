@@ -108,8 +108,8 @@ pub struct Route {
 impl Route {
     /// An active route of `namespace`/`name` for every event type to `url`, uid
     /// `uid-<namespace>-<name>`, no signer (tests set what they need on top).
-    #[cfg(test)]
-    pub(crate) fn for_tests(namespace: &str, name: &str, url: &str) -> Route {
+    #[cfg(any(test, feature = "test-seams"))]
+    pub fn for_tests(namespace: &str, name: &str, url: &str) -> Route {
         Route {
             key: WebhookKey::new(namespace, name),
             uid: format!("uid-{namespace}-{name}"),

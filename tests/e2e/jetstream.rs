@@ -1074,8 +1074,7 @@ async fn deliveries_waiting_for_slots_that_turn_over_stay_in_hand_and_slow_ones_
 async fn an_event_to_more_webhooks_than_the_clients_default_ack_limit_is_routed_whole() {
     use hookrelay::{
         delivery::jetstream as bus,
-        keys::WebhookKey,
-        routing::{Route, RouteState, Routes},
+        routing::{Route, Routes},
         wire::EventBody,
     };
     const WEBHOOKS: usize = 6_000;
@@ -1095,22 +1094,12 @@ async fn an_event_to_more_webhooks_than_the_clients_default_ack_limit_is_routed_
     let routes = Routes::default();
     routes.update(|table| {
         for i in 0..WEBHOOKS {
-            table.apply(Route {
-                key: WebhookKey::new("wide", &format!("w{i}")),
-                uid: format!("uid-{i}"),
-                generation: 1,
-                version: 0,
-                url: format!("http://127.0.0.1:9/w{i}"),
-                events: vec![hookrelay::crd::WebhookEvent::All],
-                signer: None,
-                delivery: Default::default(),
-                state: RouteState::Active,
-                service: None,
-                headers: Default::default(),
-                filter: None,
-                ordering: None,
-                superseded: Default::default(),
-            });
+            let name = format!("w{i}");
+            table.apply(Route::for_tests(
+                "wide",
+                &name,
+                &format!("http://127.0.0.1:9/{name}"),
+            ));
         }
     });
     let stop = tokio_util::sync::CancellationToken::new();
