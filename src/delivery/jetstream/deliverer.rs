@@ -89,9 +89,10 @@ impl Bus {
 /// [`SLOT_WAIT_IN_HAND`] for slots while fewer attempts of its namespace finished than it has
 /// items in hand is parked, and for [`CONGESTION_MEMORY`] the namespace keeps no more than
 /// twice its slots in hand on this replica. So an item waits in hand only while everything its
-/// namespace has in hand turns over within each such wait. Every replica counts its own, so a share of the consumer is
-/// taken once per replica: bounded by the slots, it holds across replicas while replicas ×
-/// twice the slots stays below `max_ack_pending` (39 replicas at the defaults).
+/// namespace has in hand turns over within each such wait. Every replica counts its own, so a
+/// share of the consumer is taken once per replica: bounded by the slots, it holds across
+/// replicas while replicas × twice the slots stays below `max_ack_pending` (39 replicas at the
+/// defaults).
 #[derive(Clone, Copy, Debug)]
 pub struct InHandLimits {
     /// Messages of one namespace in hand (sending, waiting for its turn or slots, holding); the
