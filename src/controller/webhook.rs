@@ -776,6 +776,12 @@ impl WebhookController {
             if secret.binding.is_bound() || count < 2 {
                 continue;
             }
+            // The warning goes to the Webhooks it names: with thousands on one Secret, one
+            // Event on each at every start of the operator would be thousands of writes to the
+            // API server for one fact about the Secret.
+            if !named.iter().any(|named| **named == *key.name) {
+                continue;
+            }
             if !self.shared_warned.insert((uid.clone(), Arc::from(name))) {
                 continue;
             }

@@ -175,6 +175,64 @@ async fn warnings(client: &kube::Client, namespace: &str, name: &str, reason: &s
         .collect()
 }
 
+/// A Secret bound to none and shared by more Webhooks than its warning names, all there before
+/// the operator starts (as after a restart): the `SecretShared` warning goes to the Webhooks it
+/// names (at most five, first by name) with how many share it; the others get none, rather than
+/// one Event per Webhook at every start (thousands of writes for one fact about the Secret).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_shared_by_many_webhooks_is_warned_about_on_the_five_it_names() {
+    use k8s_openapi::api::core::v1::Secret;
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = cp.namespace("shared-many").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), &ns);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "shared", "labels": {"hookrelay.dev/signing-secret": "true"}},
+        "stringData": {"secret": SECRET},
+    }))
+    .unwrap();
+    secrets.create(&Default::default(), &secret).await.unwrap();
+    let names: Vec<String> = (1..=7).map(|i| format!("shared-{i}")).collect();
+    for name in &names {
+        let w: Webhook = serde_json::from_value(json!({
+            "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook", "metadata": {"name": name},
+            "spec": {"url": "http://127.0.0.1:9/h", "events": ["*"], "secretRef": {"name": "shared"}},
+        }))
+        .unwrap();
+        webhooks.create(&Default::default(), &w).await.unwrap();
+    }
+    let op = ModeOperator::start(cp, hookrelay::http::IngestMode::Durable, &[&ns], |_| {}).await;
+    for name in &names {
+        wait_ready(&webhooks, name).await;
+    }
+    for name in &names[..5] {
+        let notes = eventually(
+            "a SecretShared warning",
+            Duration::from_secs(30),
+            || async {
+                let notes = warnings(&client, &ns, name, "SecretShared").await;
+                (!notes.is_empty()).then_some(notes)
+            },
+        )
+        .await;
+        // Counted as the operator finds them: "used by Webhooks shared-1,shared-2" or "used by 7
+        // Webhooks (... and 2 more)".
+        assert!(
+            notes[0].contains("the signing Secret shared is used by")
+                && notes[0].contains("bound to none"),
+            "{notes:?}"
+        );
+    }
+    // The warnings of the five are written; whatever the other two were sent would be by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for name in &names[5..] {
+        let notes = warnings(&client, &ns, name, "SecretShared").await;
+        assert!(notes.is_empty(), "{name} was warned too: {notes:?}");
+    }
+    op.op.stop().await;
+}
+
 /// A linear filter over a large event (480 KB) with a filter budget of 20 ms: the filter is
 /// evaluated off the request and delivery workers, gives up at its budget, and the event is
 /// not delivered to that Webhook, which gets a FilterFailed warning Event; the Webhook without
