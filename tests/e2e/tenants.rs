@@ -207,15 +207,7 @@ async fn a_secret_shared_by_many_webhooks_is_warned_about_on_the_five_it_names()
         wait_ready(&webhooks, name).await;
     }
     for name in &names[..5] {
-        let notes = eventually(
-            "a SecretShared warning",
-            Duration::from_secs(30),
-            || async {
-                let notes = warnings(&client, &ns, name, "SecretShared").await;
-                (!notes.is_empty()).then_some(notes)
-            },
-        )
-        .await;
+        let notes = shared_warnings(&client, &ns, name).await;
         // Counted as the operator finds them: "used by Webhooks shared-1,shared-2" or "used by 7
         // Webhooks (... and 2 more)".
         assert!(
@@ -231,6 +223,19 @@ async fn a_secret_shared_by_many_webhooks_is_warned_about_on_the_five_it_names()
         assert!(notes.is_empty(), "{name} was warned too: {notes:?}");
     }
     op.op.stop().await;
+}
+
+/// The `SecretShared` warnings recorded on Webhook `name`, once there is one.
+async fn shared_warnings(client: &kube::Client, namespace: &str, name: &str) -> Vec<String> {
+    eventually(
+        "a SecretShared warning",
+        Duration::from_secs(30),
+        || async {
+            let notes = warnings(client, namespace, name, "SecretShared").await;
+            (!notes.is_empty()).then_some(notes)
+        },
+    )
+    .await
 }
 
 /// A linear filter over a large event (480 KB) with a filter budget of 20 ms: the filter is
@@ -385,15 +390,7 @@ async fn a_webhook_cannot_sign_with_or_send_the_headers_of_a_secret_bound_to_ano
         wait_ready(&webhooks, name).await;
     }
     for name in ["shared-1", "shared-2"] {
-        let notes = eventually(
-            "a SecretShared warning",
-            Duration::from_secs(30),
-            || async {
-                let notes = warnings(&client, &ns, name, "SecretShared").await;
-                (!notes.is_empty()).then_some(notes)
-            },
-        )
-        .await;
+        let notes = shared_warnings(&client, &ns, name).await;
         assert!(
             notes[0].contains("team-b-secret") && notes[0].contains("hookrelay.dev/webhooks"),
             "{notes:?}"
