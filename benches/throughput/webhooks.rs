@@ -12,7 +12,7 @@ use hookrelay::crd::Webhook;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client, ResourceExt,
-    api::PostParams,
+    api::{Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
@@ -71,6 +71,39 @@ pub async fn create_webhooks(
         .try_collect::<Vec<_>>()
         .await
         .expect("webhooks created");
+}
+
+/// The ceiling under "all Ready": a plain client writing one condition into the status of each
+/// of the Webhooks `w00000`... below `n` the way the operator writes `Ready` (server-side
+/// apply to the status subresource, `CREATE_CONCURRENCY` at a time), under a field manager and
+/// a condition type of its own. Returns how long the API server took.
+pub async fn apply_status_conditions(client: &Client, ns: &str, n: usize) -> Duration {
+    let webhooks: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    let params = PatchParams::apply("hookrelay-bench-ceiling").force();
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (webhooks, params) = (webhooks.clone(), params.clone());
+            let status = json!({
+                "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook",
+                "status": {"conditions": [{
+                    "type": "BenchCeiling", "status": "True", "reason": "Measured",
+                    "message": "written by the bench's ceiling",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z",
+                }]},
+            });
+            async move {
+                webhooks
+                    .patch_status(&format!("w{i:05}"), &params, &Patch::Apply(&status))
+                    .await
+                    .map(|_| ())
+            }
+        })
+        .buffer_unordered(CREATE_CONCURRENCY)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("status conditions applied");
+    started.elapsed()
 }
 
 /// Waits until the operator's routing table holds `n` active Webhooks.
@@ -162,6 +195,9 @@ pub struct SyncFigure {
     /// A fresh operator: from its start until `/readyz` (every route loaded).
     pub restart_ready_s: f64,
     pub restart_rss_mib: f64,
+    /// The ceiling for all Ready: the API server taking one status write per Webhook from a
+    /// plain client, with no operator running.
+    pub status_ceiling_s: f64,
 }
 
 fn operator_args(ns: &str) -> [&str; 5] {
@@ -217,6 +253,9 @@ pub async fn sync(n: usize) -> SyncFigure {
     let restart_ready = restarted.elapsed();
     // Readiness implies a complete routing table.
     wait_routed(op.metrics_addr, n).await;
+    let restart_rss = cost::memory(cost::pid(&op)).0;
+    drop(op);
+    let status_ceiling = apply_status_conditions(&client, &ns, n).await;
     let figure = SyncFigure {
         webhooks: n,
         created_s: created.as_secs_f64(),
@@ -228,10 +267,11 @@ pub async fn sync(n: usize) -> SyncFigure {
         status_patches,
         kube_api_requests,
         restart_ready_s: restart_ready.as_secs_f64(),
-        restart_rss_mib: cost::memory(cost::pid(&op)).0,
+        restart_rss_mib: restart_rss,
+        status_ceiling_s: status_ceiling.as_secs_f64(),
     };
     eprintln!(
-        "{n} Webhooks: created in {created:.2?}, routed {routed:.2?}, Ready {all_ready:.2?}; RSS {rss:.1} MiB (peak {peak:.1}); restart ready in {restart_ready:.2?}"
+        "{n} Webhooks: created in {created:.2?}, routed {routed:.2?}, Ready {all_ready:.2?}; RSS {rss:.1} MiB (peak {peak:.1}); restart ready in {restart_ready:.2?}; the API server applied {n} status conditions in {status_ceiling:.2?}"
     );
     figure
 }

@@ -13,7 +13,7 @@ pub use delivery_log::{
 };
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -222,6 +222,8 @@ struct Slot {
     not_before: Option<Instant>,
     in_flight: bool,
     failures: u32,
+    /// In `StatusWriter::waiting`.
+    queued: bool,
 }
 
 impl Slot {
@@ -254,6 +256,12 @@ pub struct StatusWriter {
     slots: HashMap<SlotKey, Slot>,
     /// DocumentEvent status patches in flight (see `max_event_patches_in_flight`).
     event_patches_in_flight: usize,
+    /// Webhook status parts that were due when no patch could start, oldest first: each
+    /// finished patch hands its place to the next of them, so that many Webhooks changing at
+    /// once (all becoming Ready at a start) are written at the API server's pace rather than
+    /// the tick's. DocumentEvent patches wait for the tick instead, which paces them against
+    /// ingest's creates.
+    waiting: VecDeque<SlotKey>,
     /// Delivery logs of Webhooks (by uid), seeded from their status on first use.
     logs: HashMap<WebhookKey, (String, DeliveryLog)>,
     /// Only the leader writes: a standby drops what it is told (the Webhook controller decides
@@ -291,6 +299,7 @@ pub fn channel(
         config,
         slots: HashMap::new(),
         event_patches_in_flight: 0,
+        waiting: VecDeque::new(),
         logs: HashMap::new(),
         leadership,
     };
@@ -361,17 +370,29 @@ impl StatusWriter {
                     None
                 }
             };
-            // A new update for an object not written lately goes out at once.
             let now = Instant::now();
+            if !self.leadership.is_leader() {
+                continue;
+            }
+            // A new update for an object not written lately goes out at once, or waits for a
+            // place if it is a Webhook's.
             if let Some(key) = touched
-                && self.leadership.is_leader()
-                && in_flight.len() < self.config.max_in_flight
                 && self
                     .slots
                     .get(&key)
                     .is_some_and(|s| s.is_due(now, self.config.min_interval))
-                && (!matches!(key, SlotKey::Event(_))
-                    || self.event_patches_in_flight() < self.config.max_event_patches_in_flight)
+            {
+                let room = in_flight.len() < self.config.max_in_flight;
+                if !matches!(key, SlotKey::Event(_)) {
+                    self.wait_for_room(key);
+                } else if room
+                    && self.event_patches_in_flight() < self.config.max_event_patches_in_flight
+                {
+                    in_flight.push(self.start(key, now));
+                }
+            }
+            while in_flight.len() < self.config.max_in_flight
+                && let Some(key) = self.next_waiting(now)
             {
                 in_flight.push(self.start(key, now));
             }
@@ -406,6 +427,31 @@ impl StatusWriter {
             due.push(key.clone());
         }
         due
+    }
+
+    /// Queues a due Webhook status part for the next place among the patches in flight.
+    fn wait_for_room(&mut self, key: SlotKey) {
+        if let Some(slot) = self.slots.get_mut(&key)
+            && !slot.queued
+        {
+            slot.queued = true;
+            self.waiting.push_back(key);
+        }
+    }
+
+    /// The oldest waiting Webhook status part that is still due (the tick may have written
+    /// the others meanwhile).
+    fn next_waiting(&mut self, now: Instant) -> Option<SlotKey> {
+        while let Some(key) = self.waiting.pop_front() {
+            let Some(slot) = self.slots.get_mut(&key) else {
+                continue;
+            };
+            slot.queued = false;
+            if slot.is_due(now, self.config.min_interval) {
+                return Some(key);
+            }
+        }
+        None
     }
 
     fn event_patches_in_flight(&self) -> usize {
@@ -1012,15 +1058,10 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_deleted_webhook_is_forgotten() {
-        let (_tx, mut writer, _handle) = writer();
-        let webhook = WebhookKey::new("docs", "w");
-        writer
-            .logs
-            .insert(webhook.clone(), ("uid".into(), DeliveryLog::default()));
-        writer.merge(Update::WebhookReady {
-            key: webhook.clone(),
+    /// The Webhook `key` is Ready.
+    fn ready(key: &WebhookKey) -> Update {
+        Update::WebhookReady {
+            key: key.clone(),
             update: Box::new(ReadyUpdate {
                 generation: 1,
                 condition: Condition {
@@ -1034,7 +1075,60 @@ mod tests {
                 event: None,
                 suspended: None,
             }),
-        });
+        }
+    }
+
+    /// Many Webhooks becoming Ready at once (as at a start) are written as fast as the API
+    /// server answers: each answered patch makes room for the next, without waiting for the
+    /// writer's tick. (Time is paused: it only moves when every task waits on a timer.)
+    #[tokio::test(start_paused = true)]
+    async fn webhook_status_waiting_for_room_goes_out_as_patches_finish() {
+        let (tx, writer, mut handle) = writer();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(writer.run(stop.clone()));
+        let started = tokio::time::Instant::now();
+        let webhooks: Vec<_> = (0..12)
+            .map(|i| WebhookKey::new("docs", &format!("w{i}")))
+            .collect();
+        for webhook in &webhooks {
+            tx.send(ready(webhook)).await;
+        }
+        let mut patched = Vec::new();
+        for _ in &webhooks {
+            let (request, send) = next(&mut handle).await.expect("a Ready patch");
+            assert_eq!(request.method(), "PATCH");
+            let path = request.uri().path().to_string();
+            let name = path.rsplit('/').nth(1).unwrap_or_default().to_string();
+            patched.push(path);
+            let webhook = serde_json::json!({
+                "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook",
+                "metadata": {"name": name, "namespace": "docs"},
+                "spec": {"url": "http://127.0.0.1:9/", "events": ["*"], "secretRef": {"name": "s"}},
+            });
+            respond(send, 200, webhook);
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "12 patches through 4 places took {:?}: they waited for the tick",
+            started.elapsed()
+        );
+        // Oldest first.
+        let expected: Vec<_> = (0..12)
+            .map(|i| format!("/apis/hookrelay.dev/v1alpha1/namespaces/docs/webhooks/w{i}/status"))
+            .collect();
+        assert_eq!(patched, expected);
+        stop.cancel();
+        run.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_deleted_webhook_is_forgotten() {
+        let (_tx, mut writer, _handle) = writer();
+        let webhook = WebhookKey::new("docs", "w");
+        writer
+            .logs
+            .insert(webhook.clone(), ("uid".into(), DeliveryLog::default()));
+        writer.merge(ready(&webhook));
         assert_eq!((writer.logs.len(), writer.slots.len()), (1, 1));
         assert_eq!(
             writer.merge(Update::WebhookDeleted {
