@@ -810,7 +810,7 @@ fn print_second_table(
     }
     for c in costs {
         println!(
-            "| {}: operator | {} CPU-ms per 1,000 deliveries{}, peak RSS {:.1} MiB | generator + receiver: {} CPU-ms per 1,000 | - | {} deliveries in {:.1} s, {:.2} cores; RSS {:.1} -> {:.1} MiB; {:.2} Webhook status patches/s per Webhook, {} DocumentEvent patches, {} API requests |",
+            "| {}: operator | {} CPU-ms per 1,000 deliveries{}, peak RSS {:.1} MiB | generator + receiver: {} CPU-ms per 1,000 | - | {} deliveries in {:.1} s, {:.2} cores; RSS {:.1} -> {:.1} MiB; {:.2} Webhook status patches/s per Webhook, {} DocumentEvent patches, {} API requests{} |",
             c.scenario,
             ms(c.cpu_ms_per_1000_deliveries),
             c.nats_cpu_ms_per_1000_deliveries
@@ -824,7 +824,9 @@ fn print_second_table(
             c.rss_after_mib,
             c.webhook_patches_per_webhook_per_s,
             c.event_status_patches,
-            c.kube_api_requests
+            c.kube_api_requests,
+            c.nats_cpu_ms_per_1000_deliveries
+                .map_or_else(String::new, |_| format!(", {} work items parked", c.parked)),
         );
     }
 }

@@ -69,6 +69,7 @@ pub async fn metric_sum(addr: SocketAddr, prefix: &str) -> f64 {
 const WEBHOOK_PATCHES: &str = "hookrelay_status_patches_total{kind=\"Webhook\",result=\"Ok\"}";
 const EVENT_PATCHES: &str = "hookrelay_status_patches_total{kind=\"DocumentEvent\",result=\"Ok\"}";
 const KUBE_REQUESTS: &str = "hookrelay_kube_api_requests_total{";
+const PARKED: &str = "hookrelay_jetstream_parked_total{";
 
 /// The operator's counters at one moment.
 struct Counters {
@@ -78,6 +79,7 @@ struct Counters {
     webhook_patches: f64,
     event_patches: f64,
     kube_requests: f64,
+    parked: f64,
 }
 
 impl Counters {
@@ -89,6 +91,7 @@ impl Counters {
             webhook_patches: metric_sum(metrics, WEBHOOK_PATCHES).await,
             event_patches: metric_sum(metrics, EVENT_PATCHES).await,
             kube_requests: metric_sum(metrics, KUBE_REQUESTS).await,
+            parked: metric_sum(metrics, PARKED).await,
         }
     }
 }
@@ -114,6 +117,8 @@ pub struct OperatorCost {
     pub event_status_patches: f64,
     /// API requests of every verb the operator made during the run (watches count once).
     pub kube_api_requests: f64,
+    /// JetStream work items parked during the run (sent back through the stream to wait).
+    pub parked: f64,
     /// nats-server's CPU over the same run, per 1,000 deliveries (JetStream runs only).
     pub nats_cpu_ms_per_1000_deliveries: Option<f64>,
 }
@@ -183,6 +188,7 @@ impl Probe {
             webhook_patches_per_webhook_per_s: webhook_patches / webhooks.max(1) as f64 / seconds,
             event_status_patches: after.event_patches - self.before.event_patches,
             kube_api_requests: after.kube_requests - self.before.kube_requests,
+            parked: after.parked - self.before.parked,
             nats_cpu_ms_per_1000_deliveries: nats_cpu_ms.and_then(per_1000),
         }
     }
