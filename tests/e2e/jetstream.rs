@@ -79,10 +79,18 @@ async fn jetstream_ingest_answers_after_the_publish_and_delivers_a_signed_event(
     assert_eq!(status, 202, "{reply}");
     assert_eq!(reply["mode"], "jetstream", "{reply}");
     assert_eq!(reply["accepted"], 1, "{reply}");
-    // Stored before the reply.
+    // Stored before the reply: routed by the replica that took it in, as its one work item;
+    // the event itself goes to no router.
+    let stored = subjects(&nats).await;
     assert_eq!(
-        subjects(&nats).await.get(&format!("hookrelay.events.{ns}")),
-        Some(&1)
+        stored.get(&format!("hookrelay.deliveries.{ns}.w")),
+        Some(&1),
+        "{stored:?}"
+    );
+    assert_eq!(
+        stored.get(&format!("hookrelay.events.{ns}")),
+        None,
+        "{stored:?}"
     );
 
     let received = receiver.wait_ok(1).await;
@@ -629,7 +637,7 @@ async fn a_full_stream_refuses_ingest_with_503_and_every_event_taken_is_delivere
     );
 
     // One event a request, as a client sends them, until the stream is full: each event takes
-    // three messages (the event, its work item, the attempt record).
+    // two messages (its work item, routed as it is taken in, and the attempt record).
     let mut accepted = 0;
     let refusal = loop {
         assert!(accepted < MAX_MESSAGES, "never refused");
@@ -841,7 +849,7 @@ async fn a_stream_named_otherwise_moves_to_subjects_under_its_own_name() {
         .await
         .unwrap();
     assert_eq!(
-        stored.get(&format!("orders.events.{ns}")),
+        stored.get(&format!("orders.deliveries.{ns}.w")),
         Some(&1),
         "{stored:?}"
     );

@@ -155,11 +155,23 @@ fn kubeconfig_through(cp: &ControlPlane, proxy: SocketAddr) -> TempFile {
     TempFile(path)
 }
 
-/// POSTs one event (document_id `id`) to `/api/events`: the status code, None without an
-/// answer within 15 s (refused connection, or a process that is gone).
-async fn post_event(http: &reqwest::Client, addr: SocketAddr, ns: &str, id: &str) -> Option<u16> {
-    let body = json!([{"event": "document.completed", "timestamp": "2023-06-15T10:35:00Z",
-                       "data": {"document_id": id}}]);
+/// POSTs one event (document_id `id`) to `/api/events`, with `id` as its key when `keyed`:
+/// the status code, None without an answer within 15 s (refused connection, or a process that
+/// is gone). In JetStream mode a keyed event is stored for the router of any replica, an
+/// unkeyed one routed by the replica that takes it in.
+async fn post_event(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    ns: &str,
+    id: &str,
+    keyed: bool,
+) -> Option<u16> {
+    let mut event = json!({"event": "document.completed", "timestamp": "2023-06-15T10:35:00Z",
+                           "data": {"document_id": id}});
+    if keyed {
+        event["id"] = id.into();
+    }
+    let body = json!([event]);
     let response = http
         .post(format!("http://{addr}/api/events?namespace={ns}"))
         .header("content-type", "application/json")
@@ -224,8 +236,9 @@ fn watch_partitioned(
 
 /// `replicas` JetStream replicas sharing one nats-server: A reaches the API server directly
 /// and leads; the others go through a [`TcpProxy`] each. B's proxy is cut, then a Webhook is
-/// created (B never sees it) and 200 events are posted to A: the stream's consumers hand each
-/// to any replica, B included, and every one must be delivered.
+/// created (B never sees it) and 200 events are posted to A, half of them keyed: the keyed ones
+/// are routed by any replica's router, the others by A as it takes them in, and the stream's
+/// consumers hand their work to any replica, B included. Every one must be delivered.
 async fn partitioned_replica_loses_no_event(test: &str, replicas: usize) {
     let cp = control_plane();
     let ns = cp.namespace("replicas-cut").await;
@@ -282,7 +295,14 @@ async fn partitioned_replica_loses_no_event(test: &str, replicas: usize) {
     let http = reqwest::Client::new();
     let mut not_accepted = Vec::new();
     for i in 0..PARTITION_EVENTS {
-        let status = post_event(&http, a.listen_addr, &ns, &format!("cut-{i:03}")).await;
+        let status = post_event(
+            &http,
+            a.listen_addr,
+            &ns,
+            &format!("cut-{i:03}"),
+            i % 2 == 0,
+        )
+        .await;
         if status != Some(202) {
             not_accepted.push((i, status));
         }
@@ -474,7 +494,8 @@ async fn leader_through_outage(test: &str, mode: &str) {
                 let (http, posted, ns) = (http.clone(), posted.clone(), ns.clone());
                 posts.push(tokio::spawn(async move {
                     let sent_at = Instant::now();
-                    let status = post_event(&http, listen, &ns, &format!("p{p}-{i:04}")).await;
+                    let status =
+                        post_event(&http, listen, &ns, &format!("p{p}-{i:04}"), false).await;
                     posted.lock().unwrap().push((p, sent_at, status));
                 }));
                 i += 1;
@@ -711,7 +732,7 @@ async fn a_leader_paused_past_its_lease_writes_and_delivers_nothing_after_the_ne
     let http = reqwest::Client::new();
     let mut not_accepted = Vec::new();
     for i in 0..PAUSED_EVENTS {
-        let status = post_event(&http, new.listen_addr, &ns, &format!("pause-{i:03}")).await;
+        let status = post_event(&http, new.listen_addr, &ns, &format!("pause-{i:03}"), false).await;
         if status != Some(202) {
             not_accepted.push((i, status));
         }

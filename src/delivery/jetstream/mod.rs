@@ -6,7 +6,14 @@
 //!
 //! - `<prefix>.events.<namespace>`: what ingest publishes (the contract-shaped body; the event id
 //!   and type in headers). The `router` consumer turns each event into one work item per target
-//!   and acks the event once every work item is stored.
+//!   and acks the event once every work item is stored. An unkeyed event whose targets are all
+//!   on the shared lane, at most [`ROUTED_AT_INGEST_PER_REQUEST`] work items a request, is
+//!   routed by the replica that takes it in instead, while its view of the Webhooks is fresh:
+//!   ingest stores its work items before the 202 and the event itself is never stored, so each
+//!   delivery costs one store and one hand-out rather than two. Keyed events (a repeat is
+//!   checked against the stored event), ordered and rate-limited Webhooks' events (their work
+//!   items carry the event's stream sequence) and large fan-outs (stored in rounds) still go
+//!   through the router.
 //! - `<prefix>.deliveries.<namespace>.<webhook>`: one work item per target (the body, the
 //!   delivery id, the Webhook's name and uid in headers). The `deliverer` consumer makes one
 //!   attempt per hand-out of the message.
@@ -95,7 +102,7 @@ pub use deliverer::{
 };
 pub use messages::{EventMessage, keyed_event_id, keyed_msg_id};
 pub use quota::{NamespaceShares, OverShare};
-pub use router::{route_events, work_lane};
+pub use router::{ROUTED_AT_INGEST_PER_REQUEST, route_events, work_item, work_lane};
 use stream::set_up_stream;
 pub use stream::{StreamRoom, ingest_refusal, is_full, stream_update};
 pub use subjects::{InvalidStreamName, MAX_STREAM_NAME, NatsPermissions, Subjects};

@@ -32,6 +32,10 @@ const ROUTING_AT_ONCE: usize = 256;
 /// Work items of one event published before their acks are awaited: an event to 10,000
 /// Webhooks is stored in rounds, so that what one event waits for stays bounded.
 pub const ACKS_PER_ROUND: usize = 256;
+/// Work items one ingest request may store itself, all its events together (see the module's
+/// documentation). An event that would take more (a large fan-out) goes to the router, which
+/// stores its work items in rounds, so that a request's reply never waits on thousands of acks.
+pub const ROUTED_AT_INGEST_PER_REQUEST: usize = ACKS_PER_ROUND;
 /// On stop, how long events being routed may take to finish.
 const ROUTING_DRAIN: Duration = Duration::from_secs(5);
 /// How soon an event this replica's table is behind on is offered again (to any replica).
@@ -158,20 +162,15 @@ async fn route_one(
     let targets = routes.targets(namespace, event, input, metrics).await;
     let mut acks = Vec::with_capacity(targets.len().min(ACKS_PER_ROUND));
     for route in &targets {
-        let id = delivery_id(event_id, &route.uid);
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id.as_str());
-        if let Some(sequence) = event_sequence {
-            headers.insert(EVENT_SEQUENCE_HEADER, sequence.to_string().as_str());
-        }
-        headers.insert(DELIVERY_ID_HEADER, id.as_str());
-        headers.insert(WEBHOOK_UID_HEADER, route.uid.as_str());
-        headers.insert(WEBHOOK_VERSION_HEADER, route.version.to_string().as_str());
-        headers.insert(EVENT_TYPE_HEADER, event.as_str());
-        if let Some(trace) = &trace {
-            headers.insert(TRACEPARENT, trace.as_str());
-        }
-        let subject = subjects.work(work_lane(route), namespace, &route.key.name);
+        let (subject, headers) = work_item(
+            subjects,
+            namespace,
+            event_id,
+            event,
+            event_sequence,
+            trace.as_deref(),
+            route,
+        );
         let ack = context
             .publish_with_headers(subject, headers, message.payload.clone())
             .await
@@ -187,6 +186,35 @@ async fn route_one(
         ack.await.map_err(|e| e.to_string())?;
     }
     message.ack().await.map_err(|e| e.to_string())
+}
+
+/// The work item of event `event_id` for `route`: its subject and headers (its body is the
+/// event's). The router stores one per target; JetStream ingest stores them itself for events
+/// it routes at once (then without `event_sequence`, which only ordered Webhooks need).
+pub fn work_item(
+    subjects: &Subjects,
+    namespace: &str,
+    event_id: &str,
+    event: EventType,
+    event_sequence: Option<u64>,
+    trace: Option<&str>,
+    route: &Route,
+) -> (String, HeaderMap) {
+    let id = delivery_id(event_id, &route.uid);
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id.as_str());
+    if let Some(sequence) = event_sequence {
+        headers.insert(EVENT_SEQUENCE_HEADER, sequence.to_string().as_str());
+    }
+    headers.insert(DELIVERY_ID_HEADER, id.as_str());
+    headers.insert(WEBHOOK_UID_HEADER, route.uid.as_str());
+    headers.insert(WEBHOOK_VERSION_HEADER, route.version.to_string().as_str());
+    headers.insert(EVENT_TYPE_HEADER, event.as_str());
+    if let Some(trace) = trace {
+        headers.insert(TRACEPARENT, trace);
+    }
+    let subject = subjects.work(work_lane(route), namespace, &route.key.name);
+    (subject, headers)
 }
 
 /// What a filter reads of an event's body.

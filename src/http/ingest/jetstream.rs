@@ -10,6 +10,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use async_nats::jetstream::context::{PublishAckFuture, PublishError};
 use axum::{Json, http::StatusCode};
 use serde_json::{Value, json};
 
@@ -19,7 +20,8 @@ use super::{
 };
 use crate::{
     delivery::jetstream::{
-        Bus, CONTENT_HEADER, DUPLICATE_WINDOW, EventMessage, is_full, keyed_event_id, keyed_msg_id,
+        Bus, CONTENT_HEADER, DUPLICATE_WINDOW, EventMessage, Lane, ROUTED_AT_INGEST_PER_REQUEST,
+        is_full, keyed_event_id, keyed_msg_id, work_item, work_lane,
     },
     http::{ApiError, ApiState},
     wire::EventBody,
@@ -29,6 +31,27 @@ use crate::{
 enum Published {
     Stored { id: String },
     Duplicate { id: String },
+}
+
+/// One event of a request on its way to the stream.
+struct Outgoing {
+    id: String,
+    key: Option<String>,
+    content: String,
+    /// The event as the router would read it.
+    message: EventMessage,
+    /// The event, when this replica routes it itself.
+    routed_here: Option<Arc<IngestEvent>>,
+}
+
+/// How one event of a request was sent to the stream.
+enum Sent {
+    /// Not sent: the request ran out of time first.
+    Late,
+    /// As an event, for the router.
+    Event(Result<PublishAckFuture, PublishError>),
+    /// As its work items, routed here.
+    WorkItems(Vec<Result<PublishAckFuture, PublishError>>),
 }
 
 /// What a work item and its parked copies carry beyond the event's own headers (delivery id,
@@ -54,11 +77,29 @@ pub(super) async fn jetstream(
     // a Webhook its caller saw Ready here is never missed by a replica that lags.
     let table = state.routes.snapshot();
     let seen = table.seen(namespace);
+    // Unkeyed events this replica can route itself are stored only as their work items: one
+    // store and one hand-out per delivery instead of two. It routes with its own table, which
+    // has seen at least what it has (what the router's check asks of any replica). Keyed
+    // events go to the router: a repeat of a key is checked against the stored event.
+    let route_here = !keyed && state.routes.view().is_fresh();
+    let mut items_left = ROUTED_AT_INGEST_PER_REQUEST;
     let mut messages = Vec::with_capacity(total);
-    // Each event is stored once, and once more as a work item per Webhook that takes its type.
+    // Each event is stored once (unless routed here), and once more as a work item per Webhook
+    // that takes its type, at most.
     let mut copies = Vec::with_capacity(total);
-    for e in events {
-        copies.push(1 + table.lookup(namespace, e.event).count() as u64);
+    for mut e in events {
+        let count = table.lookup(namespace, e.event).count();
+        // Ordered and rate-limited Webhooks' work items carry their event's stream sequence:
+        // those events go to the router.
+        let here = route_here
+            && count <= items_left
+            && table
+                .lookup(namespace, e.event)
+                .all(|route| work_lane(route) == Lane::Shared);
+        if here {
+            items_left -= count;
+        }
+        copies.push(1 + count as u64);
         let timestamp = e
             .timestamp
             .clone()
@@ -83,16 +124,31 @@ pub(super) async fn jetstream(
             Some(&content),
         )
         .routed_after(seen);
-        messages.push((id, e.key, content, message));
+        let key = e.key.take();
+        // Filters read the timestamp the event is stored with.
+        e.timestamp = Some(timestamp);
+        let routed_here = here.then(|| Arc::new(e));
+        messages.push(Outgoing {
+            id,
+            key,
+            content,
+            message,
+            routed_here,
+        });
     }
     // Each event becomes work items (and parked copies) with more headers: one that would not
     // fit the server's max_payload then could never be routed, and would hold the router's ack
     // floor back for good. Refused now, whole, saying why.
     let max_payload = bus.context.client().max_payload();
-    if let Some((index, size)) = messages.iter().enumerate().find_map(|(i, (_, _, _, m))| {
-        let size = m.body.len() + header_bytes(&m.headers) + WORK_ITEM_HEADROOM;
-        (size > max_payload).then_some((i, size))
-    }) {
+    if let Some((index, size)) =
+        messages
+            .iter()
+            .enumerate()
+            .find_map(|(i, Outgoing { message: m, .. })| {
+                let size = m.body.len() + header_bytes(&m.headers) + WORK_ITEM_HEADROOM;
+                (size > max_payload).then_some((i, size))
+            })
+    {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             Problem::EventTooLarge,
@@ -103,13 +159,28 @@ pub(super) async fn jetstream(
     }
     // A stream at its share of its limits takes nothing more: what it holds must still be
     // routed and delivered within the rest.
-    let bytes = messages
+    // What this request adds to the stream: each event, or each of its work items.
+    let (stored_messages, bytes) = messages
         .iter()
-        .map(|(_, _, _, m)| (m.subject.len() + m.body.len() + header_bytes(&m.headers)) as u64)
-        .sum();
+        .zip(&copies)
+        .map(
+            |(
+                Outgoing {
+                    message: m,
+                    routed_here,
+                    ..
+                },
+                copies,
+            )| {
+                let stored = if routed_here.is_some() { copies - 1 } else { 1 };
+                let size = (m.subject.len() + m.body.len() + header_bytes(&m.headers)) as u64;
+                (stored, stored * size)
+            },
+        )
+        .fold((0, 0), |(n, b), (stored, size)| (n + stored, b + size));
     if let Some(why) = bus
         .room
-        .ingest_refusal(&bus.stream, total as u64, bytes)
+        .ingest_refusal(&bus.stream, stored_messages, bytes)
         .await
     {
         return Err(full(&format!("{why}; nothing of this request was stored")));
@@ -118,7 +189,7 @@ pub(super) async fn jetstream(
     let share = messages
         .iter()
         .zip(&copies)
-        .map(|((_, _, _, m), copies)| {
+        .map(|(Outgoing { message: m, .. }, copies)| {
             (m.subject.len() + m.body.len() + header_bytes(&m.headers)) as u64 * copies
         })
         .sum();
@@ -131,25 +202,63 @@ pub(super) async fn jetstream(
         error.retry_after = Some(over.retry_after.as_secs().clamp(1, 3600));
         return Err(error);
     }
+    // The work items of the events routed here continue ingest's trace, as the router's do.
+    let trace = crate::telemetry::traceparent(&tracing::Span::current());
     let mut pending = Vec::with_capacity(total);
-    for (id, key, content, message) in messages {
-        if tokio::time::Instant::now() >= deadline {
+    for outgoing in messages {
+        let sent = if tokio::time::Instant::now() >= deadline {
             // Not published: the client is told to send it again.
-            pending.push((String::new(), None, String::new(), None));
-            continue;
-        }
-        let ack = bus
-            .context
-            .publish_with_headers(message.subject, message.headers, message.body)
-            .await;
-        pending.push((id, key, content, Some(ack)));
+            Sent::Late
+        } else if let Some(event) = &outgoing.routed_here {
+            let targets = state
+                .routes
+                .targets(namespace, event.event, event.clone(), &state.metrics)
+                .await;
+            let mut acks = Vec::with_capacity(targets.len());
+            for route in &targets {
+                let (subject, headers) = work_item(
+                    &bus.subjects,
+                    namespace,
+                    &outgoing.id,
+                    event.event,
+                    None,
+                    trace.as_deref(),
+                    route,
+                );
+                let body = outgoing.message.body.clone();
+                acks.push(
+                    bus.context
+                        .publish_with_headers(subject, headers, body)
+                        .await,
+                );
+            }
+            Sent::WorkItems(acks)
+        } else {
+            let message = &outgoing.message;
+            Sent::Event(
+                bus.context
+                    .publish_with_headers(
+                        message.subject.clone(),
+                        message.headers.clone(),
+                        message.body.clone(),
+                    )
+                    .await,
+            )
+        };
+        pending.push((outgoing, sent));
     }
     let mut results = Vec::with_capacity(total);
-    for (id, key, content, ack) in pending {
-        let result = match ack {
-            None => Err(out_of_time()),
-            Some(Err(e)) => Err(not_stored(&e)),
-            Some(Ok(ack)) => match ack.await {
+    for (
+        Outgoing {
+            id, key, content, ..
+        },
+        sent,
+    ) in pending
+    {
+        let result = match sent {
+            Sent::Late => Err(out_of_time()),
+            Sent::Event(Err(e)) => Err(not_stored(&e)),
+            Sent::Event(Ok(ack)) => match ack.await {
                 // Sent, but not confirmed: it may be in the stream.
                 Err(e) if !is_full(&e) => Err(unconfirmed(&e)),
                 Err(e) => Err(not_stored(&e)),
@@ -160,6 +269,9 @@ pub(super) async fn jetstream(
                 },
                 Ok(_) => Ok(Published::Stored { id }),
             },
+            Sent::WorkItems(acks) => work_items_stored(acks)
+                .await
+                .map(|()| Published::Stored { id }),
         };
         results.push(result);
     }
@@ -209,6 +321,47 @@ pub(super) async fn jetstream(
         .into();
     }
     Ok((StatusCode::ACCEPTED, Json(reply)))
+}
+
+/// Whether every work item of an event routed here was stored. (A duplicate is the client
+/// library's own retry of a publish: the event is unkeyed, so its delivery ids are new.) When
+/// only some were, the event reaches some of its Webhooks: the client is told the outcome is
+/// unknown, as for an event whose publish was not confirmed.
+async fn work_items_stored(
+    acks: Vec<Result<PublishAckFuture, PublishError>>,
+) -> Result<(), ApiError> {
+    let mut stored = 0;
+    let mut failed = None;
+    for ack in acks {
+        let error = match ack {
+            Err(e) => not_stored(&e),
+            Ok(ack) => match ack.await {
+                Ok(_) => {
+                    stored += 1;
+                    continue;
+                }
+                Err(e) if !is_full(&e) => unconfirmed(&e),
+                Err(e) => not_stored(&e),
+            },
+        };
+        failed.get_or_insert(error);
+    }
+    match failed {
+        None => Ok(()),
+        Some(error) if stored == 0 || error.code == OUTCOME_UNKNOWN => Err(error),
+        Some(error) => {
+            let mut unknown = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                OUTCOME_UNKNOWN,
+                format!(
+                    "JetStream stored {stored} of the event's deliveries but not the others ({}), so it reaches some of its Webhooks; sending it again delivers it to those twice, with new delivery ids",
+                    error.message
+                ),
+            );
+            unknown.retry_after = Some(1);
+            Err(unknown)
+        }
+    }
 }
 
 /// Whether the stored event at `sequence` (the one a duplicate publish matched) has `content`.
