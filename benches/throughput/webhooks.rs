@@ -51,26 +51,37 @@ pub async fn create_webhooks(
     url: impl Fn(usize) -> String,
 ) {
     let webhooks: Api<Webhook> = Api::namespaced(client.clone(), ns);
+    each_concurrently(range, "webhooks created", |i| {
+        let webhooks = webhooks.clone();
+        let webhook: Webhook = serde_json::from_value(json!({
+            "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook",
+            "metadata": {"name": format!("w{i:05}")},
+            "spec": {"url": url(i), "events": ["*"], "secretRef": {"name": secret}},
+        }))
+        .unwrap();
+        async move {
+            webhooks
+                .create(&PostParams::default(), &webhook)
+                .await
+                .map(|_| ())
+        }
+    })
+    .await;
+}
+
+/// Runs `request` for every index of `range`, `CREATE_CONCURRENCY` at a time; panics saying
+/// `what` did not happen if one fails.
+async fn each_concurrently<F, R>(range: std::ops::Range<usize>, what: &str, request: F)
+where
+    F: FnMut(usize) -> R,
+    R: Future<Output = Result<(), kube::Error>>,
+{
     futures::stream::iter(range)
-        .map(|i| {
-            let webhooks = webhooks.clone();
-            let webhook: Webhook = serde_json::from_value(json!({
-                "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook",
-                "metadata": {"name": format!("w{i:05}")},
-                "spec": {"url": url(i), "events": ["*"], "secretRef": {"name": secret}},
-            }))
-            .unwrap();
-            async move {
-                webhooks
-                    .create(&PostParams::default(), &webhook)
-                    .await
-                    .map(|_| ())
-            }
-        })
+        .map(request)
         .buffer_unordered(CREATE_CONCURRENCY)
         .try_collect::<Vec<_>>()
         .await
-        .expect("webhooks created");
+        .unwrap_or_else(|e| panic!("not all {what}: {e}"));
 }
 
 /// The ceiling under "all Ready": a plain client writing one condition into the status of each
@@ -81,28 +92,24 @@ pub async fn apply_status_conditions(client: &Client, ns: &str, n: usize) -> Dur
     let webhooks: Api<Webhook> = Api::namespaced(client.clone(), ns);
     let params = PatchParams::apply("hookrelay-bench-ceiling").force();
     let started = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let (webhooks, params) = (webhooks.clone(), params.clone());
-            let status = json!({
-                "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook",
-                "status": {"conditions": [{
-                    "type": "BenchCeiling", "status": "True", "reason": "Measured",
-                    "message": "written by the bench's ceiling",
-                    "lastTransitionTime": "2026-01-01T00:00:00Z",
-                }]},
-            });
-            async move {
-                webhooks
-                    .patch_status(&format!("w{i:05}"), &params, &Patch::Apply(&status))
-                    .await
-                    .map(|_| ())
-            }
-        })
-        .buffer_unordered(CREATE_CONCURRENCY)
-        .try_collect::<Vec<_>>()
-        .await
-        .expect("status conditions applied");
+    each_concurrently(0..n, "status conditions applied", |i| {
+        let (webhooks, params) = (webhooks.clone(), params.clone());
+        let status = json!({
+            "apiVersion": "hookrelay.dev/v1alpha1", "kind": "Webhook",
+            "status": {"conditions": [{
+                "type": "BenchCeiling", "status": "True", "reason": "Measured",
+                "message": "written by the bench's ceiling",
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+            }]},
+        });
+        async move {
+            webhooks
+                .patch_status(&format!("w{i:05}"), &params, &Patch::Apply(&status))
+                .await
+                .map(|_| ())
+        }
+    })
+    .await;
     started.elapsed()
 }
 
