@@ -124,6 +124,19 @@ pub fn link_trace(span: &tracing::Span, traceparent: Option<&str>) {
     }
 }
 
+/// The span of routing the event `event_id` (of type `event`, in `namespace`) to its Webhooks:
+/// a child of the current span (ingest's) unless given another parent; each attempt's span is
+/// its child.
+pub fn route_span(namespace: &str, event: crate::crd::EventType, event_id: &str) -> tracing::Span {
+    tracing::info_span!(
+        target: TARGET,
+        "route",
+        hookrelay.namespace = namespace,
+        hookrelay.event = event.as_str(),
+        hookrelay.event_id = event_id,
+    )
+}
+
 /// The `traceparent` of `span`, to send on; None when the span is not exported.
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
     if span.is_disabled() {

@@ -743,13 +743,16 @@ async fn two_installations_on_one_nats_account_deliver_each_their_own_events() {
             .all(|s| s.starts_with("hookrelay_staging.")),
         "{subjects_b:?}"
     );
+    // Routed as they were taken in: stored as their work items, on each stream's own subjects.
     assert_eq!(
-        subjects_a.get(&format!("hookrelay.events.{ns_a}")),
-        Some(&20)
+        subjects_a.get(&format!("hookrelay.deliveries.{ns_a}.w")),
+        Some(&20),
+        "{subjects_a:?}"
     );
     assert_eq!(
-        subjects_b.get(&format!("hookrelay_staging.events.{ns_b}")),
-        Some(&15)
+        subjects_b.get(&format!("hookrelay_staging.deliveries.{ns_b}.w")),
+        Some(&15),
+        "{subjects_b:?}"
     );
     for (name, filter) in &filters_a {
         assert!(filter.starts_with("hookrelay."), "{name}: {filter}");

@@ -143,13 +143,7 @@ async fn route_one(
     };
     let event_sequence = message.info().map(|i| i.stream_sequence).ok();
     // The route span continues the ingest trace; each work item carries it to its attempts.
-    let span = tracing::info_span!(
-        target: crate::telemetry::TARGET,
-        "route",
-        hookrelay.namespace = namespace,
-        hookrelay.event = event.as_str(),
-        hookrelay.event_id = event_id,
-    );
+    let span = crate::telemetry::route_span(namespace, event, event_id);
     crate::telemetry::continue_trace(&span, header(headers, TRACEPARENT));
     let trace = crate::telemetry::traceparent(&span);
     // The payload is the body hookrelay published; it is parsed only when a filter needs it,

@@ -454,14 +454,7 @@ impl DirectIngest {
                 Some(key) => keyed_direct_event_id(namespace, key),
                 None => hex::encode(rand::random::<[u8; 16]>()),
             };
-            // A child of the ingest span (the current one); its attempts are its children.
-            let span = tracing::info_span!(
-                target: crate::telemetry::TARGET,
-                "route",
-                hookrelay.namespace = namespace,
-                hookrelay.event = e.event.as_str(),
-                hookrelay.event_id = event_id.as_str(),
-            );
+            let span = crate::telemetry::route_span(namespace, e.event, &event_id);
             let trace: Option<Arc<str>> = crate::telemetry::traceparent(&span).map(Arc::from);
             deliveries.extend(targets.iter().map(|route| Delivery {
                 webhook: route.key.clone(),

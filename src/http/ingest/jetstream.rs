@@ -202,8 +202,6 @@ pub(super) async fn jetstream(
         error.retry_after = Some(over.retry_after.as_secs().clamp(1, 3600));
         return Err(error);
     }
-    // The work items of the events routed here continue ingest's trace, as the router's do.
-    let trace = crate::telemetry::traceparent(&tracing::Span::current());
     let mut pending = Vec::with_capacity(total);
     for outgoing in messages {
         let sent = if tokio::time::Instant::now() >= deadline {
@@ -214,6 +212,9 @@ pub(super) async fn jetstream(
                 .routes
                 .targets(namespace, event.event, event.clone(), &state.metrics)
                 .await;
+            // A child of the ingest span, as the router's is of the ingest trace.
+            let span = crate::telemetry::route_span(namespace, event.event, &outgoing.id);
+            let trace = crate::telemetry::traceparent(&span);
             let mut acks = Vec::with_capacity(targets.len());
             for route in &targets {
                 let (subject, headers) = work_item(
