@@ -382,10 +382,9 @@ impl StatusWriter {
                     .get(&key)
                     .is_some_and(|s| s.is_due(now, self.config.min_interval))
             {
-                let room = in_flight.len() < self.config.max_in_flight;
                 if !matches!(key, SlotKey::Event(_)) {
                     self.wait_for_room(key);
-                } else if room
+                } else if in_flight.len() < self.config.max_in_flight
                     && self.event_patches_in_flight() < self.config.max_event_patches_in_flight
                 {
                     in_flight.push(self.start(key, now));

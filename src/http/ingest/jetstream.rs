@@ -88,14 +88,14 @@ pub(super) async fn jetstream(
     // that takes its type, at most.
     let mut copies = Vec::with_capacity(total);
     for mut e in events {
-        let count = table.lookup(namespace, e.event).count();
         // Ordered and rate-limited Webhooks' work items carry their event's stream sequence:
         // those events go to the router.
-        let here = route_here
-            && count <= items_left
-            && table
-                .lookup(namespace, e.event)
-                .all(|route| work_lane(route) == Lane::Shared);
+        let (count, all_shared) = table
+            .lookup(namespace, e.event)
+            .fold((0, true), |(count, shared), route| {
+                (count + 1, shared && work_lane(route) == Lane::Shared)
+            });
+        let here = route_here && all_shared && count <= items_left;
         if here {
             items_left -= count;
         }
